@@ -1,0 +1,1 @@
+"""petalflow Prefect flows: they wire tasks together and own the parameters."""

@@ -1,0 +1,149 @@
+"""The ``petalflow`` command line: ``train`` runs the train-and-register flow, ``predict``
+classifies images with a registered model.
+
+Options are validated (through the flow's TrainParams) before any work starts; a bad value is
+reported with the option's name and what is allowed, and the exit status is 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from pydantic import ValidationError
+
+from tasks.params import DEFAULT_MODEL_NAME, TrainParams, cli_option
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad option or argument: reported before any work starts."""
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    fields = TrainParams.model_fields
+    for name, field in fields.items():
+        option = cli_option(name)
+        help_text = f"{field.description} (default: {field.default})"
+        if field.annotation is bool:
+            p.add_argument(option, dest=name, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
+        else:
+            # Values stay strings here; TrainParams validates and converts them, so every
+            # entry point (CLI, UI, API) refuses the same values with the same message.
+            p.add_argument(option, dest=name, default=None, metavar=name.upper(), help=help_text)
+    p.add_argument("--summary-json", type=Path, default=None,
+                   help="Also write the run summary (JSON) to this file.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="petalflow",
+        description="Transfer-learning image classifier pipeline (Prefect + TF Hub + MLflow).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="Download, train, evaluate and register a model.")
+    _add_train_options(train)
+    pred = sub.add_parser("predict", help="Classify images with a registered model.")
+    pred.add_argument("--model", default=None,
+                      help="Model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a "
+                           f"local model folder (default: models:/{DEFAULT_MODEL_NAME}@champion)")
+    pred.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                      help="Registered model name used for the default --model.")
+    pred.add_argument("--input", nargs="+", required=True,
+                      help="Image files, folders (searched recursively) or glob patterns.")
+    pred.add_argument("--output", type=Path, required=True, help="CSV file to write.")
+    pred.add_argument("--batch-size", type=int, default=64, help="Images per batch (default 64).")
+    return parser
+
+
+def train_params_from_args(args: argparse.Namespace) -> TrainParams:
+    """TrainParams from parsed options; raises UsageError naming the offending option."""
+    given = {name: getattr(args, name) for name in TrainParams.model_fields
+             if getattr(args, name, None) is not None}
+    try:
+        return TrainParams(**given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(part) for part in err["loc"]]
+            option = cli_option(loc[0]) if loc else "options"
+            problems.append(f"{option}: {err['msg']}" + (
+                f" (got {err['input']!r})" if loc and not isinstance(err["input"], dict) else ""
+            ))
+        raise UsageError("invalid option(s):\n  " + "\n  ".join(problems)) from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    params = train_params_from_args(args)
+    if args.summary_json is not None and not args.summary_json.parent.exists():
+        raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
+    from flows.train_flow import train_and_register
+
+    summary = train_and_register(params)
+    text = json.dumps(summary, indent=2, ensure_ascii=False)
+    print(text)
+    if args.summary_json is not None:
+        args.summary_json.write_text(text + "\n")
+    return 0
+
+
+def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
+    """Files named, image files under folders (recursively, sorted) and glob matches."""
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            for sub in sorted(path.rglob("*")):
+                if sub.is_file() and sub.suffix.lower() in IMAGE_SUFFIXES and not any(
+                    part.startswith(".") for part in sub.relative_to(path).parts
+                ):
+                    yield sub
+        elif path.is_file():
+            yield path
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise UsageError(f"--input: {item!r} is not a file, folder or matching pattern")
+            for match in matches:
+                if Path(match).is_file():
+                    yield Path(match)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise UsageError("--batch-size: must be at least 1")
+    if not args.output.parent.exists():
+        raise UsageError(f"--output: folder {args.output.parent} does not exist")
+    files = list(iter_inputs(args.input))
+    if not files:
+        raise UsageError("--input: no image files found")
+    from tasks.predict import predict_files
+
+    model_uri = args.model or f"models:/{args.model_name}@champion"
+    n, errors = predict_files(model_uri, files, args.output, args.batch_size)
+    print(f"classified {n - errors} of {n} images ({errors} errors) -> {args.output}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_predict(args)
+    except UsageError as exc:
+        print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Scan a folder-per-class dataset into a manifest, quarantine what cannot be read, split it.
+
+The manifest is a pandas DataFrame with one row per file found under a class folder:
+``path`` (relative, POSIX), ``label`` (class folder name), ``sha256``, ``size`` (bytes), ``width``,
+``height`` (decoded pixels, 0 when quarantined), ``status`` (``ok`` or ``quarantined``),
+``reason`` (why it was quarantined, empty when ok) and, after ``split_dataset``, ``split``
+(``train``/``val``/``test``, empty for quarantined rows).
+
+Class order is the sorted class folder names; it travels with the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from prefect import task
+
+from tasks.errors import DatasetError
+from tasks.images import SUPPORTED_FORMATS
+
+MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "status", "reason"]
+MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
+MIN_PER_SPLIT = 1
+
+
+def _sha256_bytes(path: Path) -> tuple[str, int]:
+    data = path.read_bytes()
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """Sorted class names and (relative path, label) of every file under each class folder.
+
+    Files are found recursively (nested folders belong to their top class folder); files lying
+    directly in ``data_root`` (LICENSE.txt, README) are not part of any class and are ignored.
+    """
+    data_root = Path(data_root)
+    classes = sorted(
+        p.name for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    files: list[tuple[str, str]] = []
+    for label in classes:
+        for dirpath, dirnames, filenames in os.walk(data_root / label):
+            dirnames.sort()
+            for name in sorted(filenames):
+                rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
+                files.append((rel, label))
+    return classes, files
+
+
+def _header_check(path: Path) -> tuple[Optional[str], int, int]:
+    """(reason or None, width, height) from the file header alone, without decoding pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            fmt, (width, height) = im.format, im.size
+    except UnidentifiedImageError:
+        return "not an image file", 0, 0
+    except Exception as exc:  # noqa: BLE001 - any header failure means unusable
+        return f"unreadable image header: {exc}", 0, 0
+    if fmt not in SUPPORTED_FORMATS:
+        return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})", 0, 0
+    if width * height > MAX_PIXELS:
+        return f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})", width, height
+    return None, width, height
+
+
+def check_decodable(paths: list[str]) -> list[Optional[str]]:
+    """Decode each file with TensorFlow (the training decoder); None if fine, else the reason.
+
+    Decoding runs in parallel through tf.data with errors skipped, and the indices that did not
+    come out are then decoded eagerly one by one to get their error message.
+    """
+    import tensorflow as tf
+
+    from tasks.images import decoded_shape
+
+    if not paths:
+        return []
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.range(len(paths), dtype=tf.int64), tf.constant(paths))
+    )
+    ds = ds.map(
+        lambda i, p: (i, decoded_shape(tf.io.read_file(p))),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False,
+    ).ignore_errors()
+    good = {int(i) for i, _ in ds.as_numpy_iterator()}
+    reasons: list[Optional[str]] = [None] * len(paths)
+    for idx in set(range(len(paths))) - good:
+        try:
+            decoded_shape(tf.io.read_file(paths[idx]))
+            reasons[idx] = "could not be decoded"
+        except Exception as exc:  # noqa: BLE001 - TF raises several error types
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reasons[idx] = f"undecodable image: {message[:200]}"
+    return reasons
+
+
+def scan_dataset(data_root: Path) -> pd.DataFrame:
+    """Walk the class folders of ``data_root`` into a manifest; never raises for a bad file.
+
+    Hidden files, empty files, non-images, unsupported formats, huge images, undecodable bytes
+    and images that appear under two different labels are kept in the manifest with
+    ``status='quarantined'`` and a ``reason``.
+    """
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise DatasetError(f"dataset folder {data_root} does not exist")
+    _classes, files = list_class_files(data_root)
+    rows = []
+    for rel, label in files:
+        path = data_root / rel
+        row = dict(path=rel, label=label, sha256="", size=0, width=0, height=0,
+                   status="ok", reason="")
+        try:
+            row["sha256"], row["size"] = _sha256_bytes(path)
+        except OSError as exc:
+            row.update(status="quarantined", reason=f"unreadable file: {exc}")
+            rows.append(row)
+            continue
+        if any(part.startswith(".") for part in Path(rel).parts):
+            row.update(status="quarantined", reason="hidden file")
+        elif row["size"] == 0:
+            row.update(status="quarantined", reason="empty file")
+        else:
+            reason, row["width"], row["height"] = _header_check(path)
+            if reason:
+                row.update(status="quarantined", reason=reason)
+        rows.append(row)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    manifest = manifest.astype({"size": "int64", "width": "int64", "height": "int64"})
+
+    candidates = manifest.index[manifest["status"] == "ok"]
+    reasons = check_decodable([str(data_root / p) for p in manifest.loc[candidates, "path"]])
+    for idx, reason in zip(candidates, reasons):
+        if reason:
+            manifest.loc[idx, ["status", "reason"]] = ["quarantined", reason]
+
+    # The same bytes under two labels cannot be right for both: quarantine every copy.
+    ok = manifest[manifest["status"] == "ok"]
+    labels_per_hash = ok.groupby("sha256")["label"].nunique()
+    conflicted = set(labels_per_hash[labels_per_hash > 1].index)
+    if conflicted:
+        for idx in ok.index[ok["sha256"].isin(conflicted)]:
+            others = sorted(set(ok.loc[ok["sha256"] == ok.loc[idx, "sha256"], "label"]))
+            manifest.loc[idx, ["status", "reason"]] = [
+                "quarantined", f"same image found under labels {', '.join(others)}"
+            ]
+    manifest.loc[manifest["status"] != "ok", ["width", "height"]] = 0
+    return manifest
+
+
+def class_names(manifest: pd.DataFrame) -> list[str]:
+    """Sorted labels that have at least one usable image: index i is model output i."""
+    return sorted(manifest.loc[manifest["status"] == "ok", "label"].unique().tolist())
+
+
+def _rank(seed: int, sha: str) -> str:
+    return hashlib.sha256(f"{seed}:{sha}".encode()).hexdigest()
+
+
+def split_dataset(
+    manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int
+) -> pd.DataFrame:
+    """Add a ``split`` column: stratified per class, deterministic in ``seed``.
+
+    Files with identical bytes form one group and always land in the same split. Each class needs
+    at least one group in each split; raises DatasetError naming the class otherwise, and when
+    fewer than two classes have usable images.
+    """
+    manifest = manifest.copy()
+    manifest["split"] = ""
+    ok = manifest[manifest["status"] == "ok"]
+    all_labels = sorted(manifest["label"].unique().tolist())
+    usable = class_names(manifest)
+    if len(usable) < 2:
+        raise DatasetError(
+            f"need at least 2 classes with usable images, found {len(usable)} "
+            f"({', '.join(usable) or 'none'}); put each class's images in its own subfolder"
+        )
+    for label in all_labels:
+        groups = sorted(ok.loc[ok["label"] == label, "sha256"].unique(), key=lambda s: _rank(seed, s))
+        n = len(groups)
+        n_test = max(MIN_PER_SPLIT, round(n * test_fraction))
+        n_val = max(MIN_PER_SPLIT, round(n * val_fraction))
+        if n - n_test - n_val < 1:
+            need = 2 * MIN_PER_SPLIT + 1
+            raise DatasetError(
+                f"class {label!r} has {n} distinct usable images; at least {need} are needed to "
+                f"split it into train/val/test (val_fraction={val_fraction}, "
+                f"test_fraction={test_fraction}). Add images or remove the class folder."
+            )
+        assignment = {}
+        for i, sha in enumerate(groups):
+            assignment[sha] = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
+        rows = ok.index[ok["label"] == label]
+        manifest.loc[rows, "split"] = ok.loc[rows, "sha256"].map(assignment)
+    return manifest
+
+
+def dataset_fingerprint(manifest: pd.DataFrame) -> str:
+    """sha256 over the sorted (path, label, sha256) of the usable rows: identifies the data."""
+    ok = manifest[manifest["status"] == "ok"].sort_values(["label", "path"])
+    digest = hashlib.sha256()
+    for path, label, sha in ok[["path", "label", "sha256"]].itertuples(index=False):
+        digest.update(f"{path}\t{label}\t{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def dataset_counts(manifest: pd.DataFrame) -> dict:
+    """found / used / quarantined counts, per split and the quarantine reasons."""
+    used = manifest[manifest["status"] == "ok"]
+    counts = {
+        "found": int(len(manifest)),
+        "used": int(len(used)),
+        "quarantined": int((manifest["status"] != "ok").sum()),
+        "classes": class_names(manifest),
+    }
+    if "split" in manifest:
+        counts["splits"] = {s: int((used["split"] == s).sum()) for s in ("train", "val", "test")}
+    quarantined = manifest[manifest["status"] != "ok"]
+    counts["quarantine_reasons"] = {
+        row.path: row.reason for row in quarantined.itertuples(index=False)
+    }
+    return counts
+
+
+def prepare_dataset(
+    data_root: Path, out_dir: Path, val_fraction: float, test_fraction: float, seed: int
+) -> dict:
+    """Scan, split and fingerprint ``data_root``; write ``manifest.csv`` and ``dataset.json``.
+
+    Returns the dataset description (also in dataset.json): data_root, manifest path, classes,
+    fingerprint and counts.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = split_dataset(scan_dataset(data_root), val_fraction, test_fraction, seed)
+    manifest_path = out_dir / "manifest.csv"
+    tmp = out_dir / f".manifest.{os.getpid()}.csv"
+    manifest.to_csv(tmp, index=False)
+    os.replace(tmp, manifest_path)  # concurrent runs never see a half-written manifest
+    info = {
+        "data_root": str(Path(data_root).resolve()),
+        "manifest": str(manifest_path.resolve()),
+        "classes": class_names(manifest),
+        "fingerprint": dataset_fingerprint(manifest),
+        "counts": dataset_counts(manifest),
+    }
+    tmp = out_dir / f".dataset.{os.getpid()}.json"
+    tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+    os.replace(tmp, out_dir / "dataset.json")
+    return info
+
+
+def load_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest CSV back with the right dtypes (empty strings stay strings)."""
+    return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "path": str, "split": str})
+
+
+@task(name="scan-and-split")
+def prepare_dataset_task(
+    data_root: str, out_dir: str, val_fraction: float, test_fraction: float, seed: int
+) -> dict:
+    return prepare_dataset(Path(data_root), Path(out_dir), val_fraction, test_fraction, seed)

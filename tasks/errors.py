@@ -1,0 +1,25 @@
+"""Named errors: each says what went wrong and what to do. Only TransientError is retried."""
+
+
+class PetalflowError(Exception):
+    """Base of every error petalflow raises on purpose (bad input, bad data, failed gate)."""
+
+
+class TransientError(PetalflowError):
+    """An I/O failure that may succeed when tried again (network drop, 5xx, server down)."""
+
+
+class DownloadError(PetalflowError):
+    """A download failed for a reason retrying cannot fix (404, 403, bad URL)."""
+
+
+class ChecksumMismatch(PetalflowError):
+    """The downloaded bytes are not the archive that was asked for."""
+
+
+class ArchiveError(PetalflowError):
+    """The archive is unreadable or unsafe (traversal, links, devices, too large)."""
+
+
+class DatasetError(PetalflowError):
+    """The dataset cannot be trained on as it is (too few classes or images)."""

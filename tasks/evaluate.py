@@ -1,0 +1,174 @@
+"""Evaluate the exported model on the held-out test split.
+
+Runs the exact artifact that will be registered (the serving SavedModel) on the test files and
+writes pandas tables: per-class precision/recall/F1/support and the confusion matrix (CSV), a
+confusion-matrix PNG and a markdown report, all in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from prefect import task
+
+from tasks.train import split_files
+
+EVAL_BATCH = 64
+
+
+def classification_tables(
+    y_true: Sequence[int], y_pred: Sequence[int], class_names: list[str]
+) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """(metrics, per-class table, confusion matrix) for integer labels indexing class_names.
+
+    Confusion matrix: rows are true classes, columns predicted classes, in class_names order.
+    """
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    n = len(class_names)
+    cm = np.zeros((n, n), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, 0.0)
+        recall = np.where(support > 0, tp / support, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    per_class = pd.DataFrame(
+        {"class": class_names, "precision": precision, "recall": recall, "f1": f1,
+         "support": support}
+    )
+    confusion = pd.DataFrame(cm, index=pd.Index(class_names, name="true"),
+                             columns=pd.Index(class_names, name="predicted"))
+    metrics = {
+        "test_accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "test_macro_precision": float(precision.mean()),
+        "test_macro_recall": float(recall.mean()),
+        "test_macro_f1": float(f1.mean()),
+        "test_images": int(cm.sum()),
+    }
+    return metrics, per_class, confusion
+
+
+def plot_confusion(confusion: pd.DataFrame, path: Path) -> None:
+    """Write the confusion matrix as an annotated PNG heat map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(confusion)
+    fig, ax = plt.subplots(figsize=(2 + 0.8 * n, 1.5 + 0.8 * n), dpi=100)
+    ax.imshow(confusion.values, cmap="Blues")
+    ax.set_xticks(range(n), confusion.columns, rotation=45, ha="right")
+    ax.set_yticks(range(n), confusion.index)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    peak = confusion.values.max() or 1
+    for i in range(n):
+        for j in range(n):
+            v = confusion.values[i, j]
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > peak / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown_report(metrics: dict, per_class: pd.DataFrame, confusion: pd.DataFrame) -> str:
+    """Human-readable evaluation summary (for the Prefect UI and MLflow)."""
+    lines = [
+        "# Test-set evaluation",
+        "",
+        f"**Accuracy {metrics['test_accuracy']:.4f}** on {metrics['test_images']} held-out images; "
+        f"macro F1 {metrics['test_macro_f1']:.4f}.",
+        "",
+        "## Per class",
+        "",
+        markdown_table(per_class.round(3)),
+        "",
+        "## Confusion matrix (rows: true, columns: predicted)",
+        "",
+        markdown_table(confusion.reset_index().rename(columns={"true": "true \\ predicted"})),
+    ]
+    return "\n".join(lines)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A GitHub-style markdown table of ``frame`` (no index)."""
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|")
+
+    header = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def evaluate_model(export_dir: Path, data_info: dict, out_dir: Path) -> dict:
+    """Classify the test split with the exported model; write tables and return the metrics.
+
+    Returns {"metrics": {...}, "files": {name: path}}; files are per_class.csv, confusion.csv,
+    confusion.png, predictions.csv and report.md in ``out_dir``.
+    """
+    from tasks.serving import ImageClassifier
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, y_true = split_files(data_info, "test")
+    model = ImageClassifier(str(export_dir))
+    if model.class_names != data_info["classes"]:
+        raise ValueError("exported model's classes differ from the dataset's")
+    frames = []
+    for i in range(0, len(paths), EVAL_BATCH):
+        chunk = paths[i : i + EVAL_BATCH]
+        frames.append(model.predict_bytes([Path(p).read_bytes() for p in chunk]))
+    preds = pd.concat(frames, ignore_index=True)
+    index = {name: i for i, name in enumerate(model.class_names)}
+    y_pred = preds["label"].map(lambda name: index.get(name, -1)).to_numpy()
+    failed = int((y_pred < 0).sum())
+    y_pred = np.where(y_pred < 0, (y_true + 1) % len(index), y_pred)  # an error counts as wrong
+    metrics, per_class, confusion = classification_tables(y_true, y_pred, model.class_names)
+    metrics["test_errors"] = failed
+    preds.insert(0, "path", paths)
+    preds.insert(1, "true_label", [model.class_names[i] for i in y_true])
+    files = {
+        "per_class": out_dir / "per_class.csv",
+        "confusion": out_dir / "confusion.csv",
+        "confusion_png": out_dir / "confusion.png",
+        "predictions": out_dir / "predictions.csv",
+        "report": out_dir / "report.md",
+    }
+    per_class.to_csv(files["per_class"], index=False)
+    confusion.to_csv(files["confusion"])
+    preds.to_csv(files["predictions"], index=False)
+    plot_confusion(confusion, files["confusion_png"])
+    files["report"].write_text(markdown_report(metrics, per_class, confusion))
+    result = {"metrics": metrics, "files": {k: str(v) for k, v in files.items()}}
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+@task(name="evaluate-model")
+def evaluate_model_task(export_dir: str, data_info: dict, out_dir: str, run_id: str) -> dict:
+    """Thin wrapper: logs the evaluation to MLflow and publishes it as Prefect artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from tasks.registry import log_evaluation
+
+    result = evaluate_model(Path(export_dir), data_info, Path(out_dir))
+    log_evaluation(run_id, result)
+    create_markdown_artifact(
+        markdown=Path(result["files"]["report"]).read_text(), key="test-evaluation",
+        description="Test-set accuracy, per-class metrics and confusion matrix",
+    )
+    per_class = pd.read_csv(result["files"]["per_class"])
+    create_table_artifact(
+        table=per_class.round(4).to_dict(orient="records"), key="per-class-metrics",
+        description="Per-class precision / recall / F1 on the test split",
+    )
+    return result

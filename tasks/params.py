@@ -1,0 +1,159 @@
+"""The one typed, validated parameter model of the train-and-register flow.
+
+Prefect renders this model as the run form in the UI (titles and descriptions are user
+documentation); the CLI builds the same model from its options, so every entry point validates
+the same way before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_DATA_URL = (
+    "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+)
+DEFAULT_BACKBONE = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
+DEFAULT_MODEL_NAME = "petalflow-classifier"
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_URL_SCHEMES = ("http://", "https://", "file://")
+
+
+class TrainParams(BaseModel):
+    """Everything one train-and-register run needs; frozen so a run cannot drift mid-way."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_url: str = Field(
+        DEFAULT_DATA_URL,
+        title="Dataset URL or path",
+        description="http(s):// or file:// URL, or a local path, of a .tgz/.tar/.zip archive or of "
+        "a folder with one subfolder per class.",
+    )
+    data_sha256: Optional[str] = Field(
+        None,
+        title="Dataset sha256",
+        description="Expected sha256 of the archive (64 hex digits). A mismatch fails the run "
+        "without retrying; leave empty to accept any archive (its hash is still recorded).",
+    )
+    backbone: str = Field(
+        DEFAULT_BACKBONE,
+        title="Backbone (TF Hub handle)",
+        description="TF Hub image feature-vector handle: a tfhub.dev/Kaggle URL or a local "
+        "SavedModel folder. Inputs are float32 images in [0, 1].",
+    )
+    image_size: int = Field(
+        224, ge=32, le=1024, title="Image size (px)",
+        description="Square side the images are resized to; must match what the backbone expects.",
+    )
+    epochs: int = Field(5, ge=1, le=500, title="Epochs", description="Epochs of head training.")
+    batch_size: int = Field(32, ge=1, le=4096, title="Batch size", description="Images per batch.")
+    learning_rate: float = Field(
+        0.003, gt=0, le=1.0, title="Learning rate", description="Adam learning rate of the head."
+    )
+    augment: bool = Field(
+        False,
+        title="Augment",
+        description="Random flip, rotation, zoom and contrast on training batches. Off lets the "
+        "frozen backbone's features be computed once and cached (much faster).",
+    )
+    val_fraction: float = Field(
+        0.15, gt=0, lt=0.5, title="Validation fraction",
+        description="Share of each class held out for validation (0 < f < 0.5).",
+    )
+    test_fraction: float = Field(
+        0.15, gt=0, lt=0.5, title="Test fraction",
+        description="Share of each class held out for the final test (0 < f < 0.5).",
+    )
+    fine_tune_layers: int = Field(
+        0, ge=0, le=1000, title="Fine-tune layers",
+        description="Unfreeze the top N backbone layers after the head has converged "
+        "(0 = backbone fully frozen). BatchNorm stays in inference mode.",
+    )
+    fine_tune_epochs: int = Field(
+        2, ge=1, le=100, title="Fine-tune epochs",
+        description="Epochs of the fine-tuning phase (used only when fine_tune_layers > 0).",
+    )
+    fine_tune_learning_rate: float = Field(
+        1e-5, gt=0, le=0.1, title="Fine-tune learning rate",
+        description="Low learning rate for the fine-tuning phase.",
+    )
+    model_name: str = Field(
+        DEFAULT_MODEL_NAME, title="Registered model name",
+        description="MLflow registered model name (letters, digits, '.', '_', '-').",
+    )
+    min_accuracy: float = Field(
+        0.5, ge=0, le=1, title="Minimum test accuracy",
+        description="Quality gate: the new version becomes 'champion' only at or above this "
+        "test accuracy and only if it beats the current champion; otherwise 'challenger'.",
+    )
+    seed: int = Field(42, ge=0, le=2**31 - 1, title="Seed", description="Split and init seed.")
+    experiment_name: str = Field(
+        "petalflow", min_length=1, max_length=200, title="MLflow experiment",
+        description="MLflow experiment the run is logged to.",
+    )
+    max_extract_bytes: int = Field(
+        20 * 1024**3, ge=1024, title="Extraction size limit (bytes)",
+        description="Refuse archives whose members add up to more than this (zip bombs).",
+    )
+
+    @field_validator("data_url")
+    @classmethod
+    def _check_data_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must be an http(s):// or file:// URL or a local path")
+        if "://" in value and not value.lower().startswith(_URL_SCHEMES):
+            raise ValueError(
+                f"unsupported URL scheme in {value!r}; allowed: http://, https://, file://, "
+                "or a local path"
+            )
+        return value
+
+    @field_validator("data_sha256")
+    @classmethod
+    def _check_sha(cls, value: Optional[str]) -> Optional[str]:
+        if value is None or value.strip() == "":
+            return None
+        value = value.strip().lower()
+        if not _SHA256.match(value):
+            raise ValueError("must be 64 hexadecimal digits (a sha256 digest)")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _check_backbone(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must be a TF Hub handle (URL) or a local SavedModel folder")
+        if "://" not in value and not Path(value).expanduser().is_dir():
+            raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel folder")
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _check_model_name(cls, value: str) -> str:
+        if not _MODEL_NAME.match(value):
+            raise ValueError(
+                "must start with a letter or digit and use only letters, digits, '.', '_', '-' "
+                "(at most 100 characters)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "TrainParams":
+        if self.val_fraction + self.test_fraction >= 0.8:
+            raise ValueError(
+                "val_fraction + test_fraction must leave at least 20% of each class for training"
+            )
+        return self
+
+
+def cli_option(field: str) -> str:
+    """The CLI spelling of a parameter field, e.g. ``image_size`` -> ``--image-size``."""
+    return "--" + field.replace("_", "-")

@@ -1,0 +1,327 @@
+"""MLflow tracking and model registry: runs, metrics, the registered model and its aliases.
+
+The tracking server is reached through the standard ``MLFLOW_TRACKING_URI`` (and
+``MLFLOW_TRACKING_USERNAME``/``PASSWORD`` for an authenticated server); without it petalflow uses
+an embedded SQLite store under ``./mlflow``. Aliases: ``champion`` is the version users pull;
+a new version takes it only if it passes the quality gate and beats the current champion's test
+accuracy, otherwise it is tagged ``challenger``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from prefect import task
+
+from tasks.params import TrainParams
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+LOCAL_STORE_DIR = "mlflow"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the embedded SQLite store ./mlflow/mlflow.db."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = Path(LOCAL_STORE_DIR).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def _client():
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    return mlflow.MlflowClient()
+
+
+def code_version() -> str:
+    """git commit of the petalflow checkout (+"-dirty" with local changes), else the version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return "petalflow-" + version("petalflow")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def ensure_experiment(client, name: str) -> str:
+    """Experiment id of ``name``, created if missing (artifacts under ./mlflow for the local store)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (Path(LOCAL_STORE_DIR).resolve() / "artifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created concurrently by another run: use that one
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None) -> str:
+    """Create the MLflow run of this training; log parameters and provenance; return its id."""
+    client = _client()
+    exp_id = ensure_experiment(client, cfg.experiment_name)
+    tags = {
+        "petalflow.dataset_fingerprint": data_info["fingerprint"],
+        "petalflow.data_url": cfg.data_url,
+        "petalflow.backbone": cfg.backbone,
+        "petalflow.class_names": json.dumps(data_info["classes"], ensure_ascii=False),
+        "petalflow.code_version": code_version(),
+        "mlflow.source.name": "petalflow train",
+    }
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param
+
+    params = [Param(k, str(v)) for k, v in cfg.model_dump().items()]
+    counts = data_info["counts"]
+    params += [Param("dataset_" + k, str(counts[k])) for k in ("found", "used", "quarantined")]
+    client.log_batch(run_id, params=params)
+    client.log_artifact(run_id, data_info["manifest"], "dataset")
+    return run_id
+
+
+def log_epoch(run_id: str, epoch: int, metrics: dict) -> None:
+    """Per-epoch training metrics (loss, accuracy, val_loss, val_accuracy) at step ``epoch``."""
+    from mlflow.entities import Metric
+    import time
+
+    client = _client()
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
+             if isinstance(v, (int, float))]
+    client.log_batch(run_id, metrics=items)
+
+
+def log_training(run_id: str, record: dict) -> None:
+    client = _client()
+    client.set_tag(run_id, "petalflow.device", record["device"])
+    client.log_metric(run_id, "train_seconds", record["seconds"])
+    client.log_text(run_id, json.dumps(record, indent=2), "training/train.json")
+
+
+def log_evaluation(run_id: str, evaluation: dict) -> None:
+    """Test metrics plus the per-class/confusion CSVs, confusion PNG and report."""
+    from mlflow.entities import Metric
+    import time
+
+    client = _client()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
+                                      for k, v in evaluation["metrics"].items()])
+    for path in evaluation["files"].values():
+        client.log_artifact(run_id, path, "evaluation")
+
+
+def finish_run(run_id: str, status: str = "FINISHED") -> None:
+    _client().set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------- model logging
+
+
+def _tiny_png_base64() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 160, 96)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _PetalflowFlavor:
+    """Flavor for ``mlflow.models.Model.log``: copies the exported SavedModel into the MLflow
+    model folder and declares ``tasks.serving`` as its pyfunc loader (no pickled objects)."""
+
+    @staticmethod
+    def save_model(path, mlflow_model, saved_model_dir, signature=None, input_example=None,
+                   **_ignored):
+        import mlflow
+        import pandas as pd
+        import tensorflow as tf
+        from mlflow import pyfunc
+        from mlflow.models.utils import _save_example
+        from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
+
+        from tasks.serving import SAVED_MODEL_DIR
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(saved_model_dir, path / SAVED_MODEL_DIR)
+        if signature is not None:
+            mlflow_model.signature = signature
+        if input_example is not None:
+            _save_example(mlflow_model, input_example, str(path))
+        reqs = [f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
+                f"pandas=={pd.__version__}", "petalflow"]
+        (path / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        import yaml
+
+        (path / "conda.yaml").write_text(yaml.safe_dump(_mlflow_conda_env(additional_pip_deps=reqs)))
+        _PythonEnv.current().to_yaml(str(path / "python_env.yaml"))
+        mlflow_model.add_flavor("petalflow", saved_model_dir=SAVED_MODEL_DIR,
+                                signature_def_key="serving_default")
+        pyfunc.add_to_model(mlflow_model, loader_module="tasks.serving", data=SAVED_MODEL_DIR,
+                            conda_env="conda.yaml", python_env="python_env.yaml")
+        mlflow_model.save(str(path / "MLmodel"))
+
+
+def model_signature(class_names: list[str]):
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    from tasks.model import PROB_PREFIX
+
+    inputs = Schema([ColSpec("string", "image")])
+    outputs = Schema(
+        [ColSpec("string", "label"), ColSpec("float", "probability"), ColSpec("string", "error")]
+        + [ColSpec("float", PROB_PREFIX + c) for c in class_names]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _version_for_run(client, name: str, run_id: str):
+    versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    ready = [v for v in versions if v.status == "READY"]
+    return max(ready, key=lambda v: int(v.version)) if ready else None
+
+
+def current_champion(client, name: str):
+    """(version, test_accuracy) of the current champion, or (None, None)."""
+    try:
+        mv = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # noqa: BLE001 - no registered model or no alias yet
+        return None, None
+    acc = mv.tags.get("test_accuracy")
+    if acc is None and mv.run_id:
+        acc = client.get_run(mv.run_id).data.metrics.get("test_accuracy")
+    return mv, (float(acc) if acc is not None else None)
+
+
+def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Optional[float]) -> tuple:
+    """(alias, reason): champion only when the gate passes and the champion is beaten."""
+    if accuracy < min_accuracy:
+        return CHALLENGER, f"test accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}"
+    if champion_accuracy is not None and accuracy <= champion_accuracy:
+        return CHALLENGER, (f"test accuracy {accuracy:.4f} does not beat the champion's "
+                            f"{champion_accuracy:.4f}")
+    if champion_accuracy is None:
+        return CHAMPION, f"first model to pass the gate ({accuracy:.4f} >= {min_accuracy})"
+    return CHAMPION, f"test accuracy {accuracy:.4f} beats the champion's {champion_accuracy:.4f}"
+
+
+def register_model(
+    run_id: str, export_dir: Path, cfg: TrainParams, data_info: dict, metrics: dict
+) -> dict:
+    """Log the exported model to ``run_id``, register a version, set the alias; idempotent.
+
+    A retry after a successful registration finds the version already made from this run and
+    reuses it, so no duplicate is created. The alias is set only once the version is READY.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.models import Model
+
+    client = _client()
+    name = cfg.model_name
+    try:
+        client.create_registered_model(name, description="petalflow image classifier")
+    except Exception:  # noqa: BLE001 - it exists already
+        pass
+    mv = _version_for_run(client, name, run_id)
+    if mv is None:
+        meta = json.loads((Path(export_dir) / "petalflow.json").read_text())
+        with mlflow.start_run(run_id=run_id):
+            info = Model.log(
+                artifact_path=None,
+                name=MODEL_ARTIFACT,
+                flavor=_PetalflowFlavor,
+                registered_model_name=name,
+                saved_model_dir=str(export_dir),
+                signature=model_signature(data_info["classes"]),
+                input_example=pd.DataFrame({"image": [_tiny_png_base64()]}),
+                metadata={k: meta[k] for k in ("class_names", "image_size", "backbone",
+                                               "fingerprint")},
+                validate_serving_input=False,
+            )
+        mv = client.get_model_version(name, str(info.registered_model_version))
+    version = str(mv.version)
+    accuracy = float(metrics["test_accuracy"])
+    version_tags = {
+        "test_accuracy": f"{accuracy:.6f}",
+        "dataset_fingerprint": data_info["fingerprint"],
+        "data_url": cfg.data_url,
+        "backbone": cfg.backbone,
+        "image_size": str(cfg.image_size),
+        "class_names": json.dumps(data_info["classes"], ensure_ascii=False),
+        "params": cfg.model_dump_json(),
+        "code_version": code_version(),
+    }
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+    aliases = set(client.get_model_version(name, version).aliases or [])
+    champion, champion_acc = current_champion(client, name)
+    if champion is not None and str(champion.version) == version:
+        alias, reason = CHAMPION, "this version is already the champion (retried registration)"
+    elif CHALLENGER in aliases:
+        alias, reason = CHALLENGER, "this version is already the challenger (retried registration)"
+    else:
+        alias, reason = decide_alias(accuracy, cfg.min_accuracy, champion_acc)
+        client.set_registered_model_alias(name, alias, version)
+    return {
+        "model_name": name,
+        "model_version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "alias": alias,
+        "alias_reason": reason,
+        "previous_champion": str(champion.version) if champion is not None else None,
+        "previous_champion_accuracy": champion_acc,
+    }
+
+
+# --------------------------------------------------------------------------- Prefect tasks
+# MLflow calls cross the network when a tracking server is used: retried (3 s, 10 s, 30 s).
+_MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30])
+
+
+@task(name="start-mlflow-run", **_MLFLOW_RETRY)
+def start_run_task(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None) -> str:
+    return start_run(cfg, data_info, run_name)
+
+
+@task(name="register-model", **_MLFLOW_RETRY)
+def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: dict,
+                        metrics: dict) -> dict:
+    return register_model(run_id, Path(export_dir), cfg, data_info, metrics)
+
+
+@task(name="finish-mlflow-run", **_MLFLOW_RETRY)
+def finish_run_task(run_id: str, status: str = "FINISHED") -> None:
+    finish_run(run_id, status)

@@ -1,0 +1,272 @@
+"""Train the head (and optionally fine-tune the top of the backbone), resumably.
+
+Inputs are the dataset description written by ``tasks.dataset.prepare_dataset`` and the run's
+TrainParams; outputs are files in ``workdir``: cached backbone features (``features/``),
+per-epoch checkpoints (``checkpoints/``), the exported serving SavedModel (``export/``) and
+``train.json`` (history, device, epochs). A rerun with the same workdir resumes from the last
+complete checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from prefect import task
+
+from tasks.dataset import load_manifest
+from tasks.params import TrainParams
+
+EpochHook = Callable[[int, int, dict], None]
+
+
+def configure_device() -> str:
+    """Use the GPU when one is visible (memory growth on), else the CPU; return its name."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised in this process: keep its settings
+            pass
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"GPU:0 ({details.get('device_name', 'unknown')})"
+    return "CPU"
+
+
+def split_files(data_info: dict, split: str) -> tuple[list[str], np.ndarray]:
+    """Absolute file paths and label indices (into data_info['classes']) of one split."""
+    manifest = load_manifest(Path(data_info["manifest"]))
+    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
+    index = {name: i for i, name in enumerate(data_info["classes"])}
+    root = Path(data_info["data_root"])
+    paths = [str(root / p) for p in rows["path"]]
+    return paths, np.array([index[label] for label in rows["label"]], dtype=np.int32)
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> tuple:
+    """Backbone features [n, dim] for ``paths``, computed once and cached in ``cache`` (.npz)."""
+    from tasks.inputs import image_dataset
+
+    if cache.exists():
+        with np.load(cache) as data:
+            if list(data["paths"]) == list(paths):
+                return data["features"], data["labels"]
+    import tensorflow as tf
+
+    ds = image_dataset(paths, None, cfg.image_size, max(cfg.batch_size, 64))
+    extract = tf.function(lambda x: backbone(x, training=False))
+    chunks = [extract(batch).numpy() for batch in ds]
+    features = np.concatenate(chunks).astype(np.float32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save_npz(cache, features=features, labels=labels, paths=np.array(paths))
+    return features, labels
+
+
+def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: str):
+    """Per epoch: add validation metrics, checkpoint, then report to the hook."""
+    from tasks.model import keras
+
+    class EpochEnd(keras().callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            logs.update(validate())
+            epoch_var.assign(epoch + 1)
+            manager.save(checkpoint_number=epoch + 1)
+            if hook:
+                hook(epoch + 1, total, {"phase": phase, **{n: float(v) for n, v in logs.items()}})
+
+    return EpochEnd()
+
+
+def _validate_on_features(head, val_x, val_y):
+    from tasks.model import keras
+
+    def validate() -> dict:
+        probs = head.predict(val_x, verbose=0, batch_size=1024)
+        loss = keras().losses.sparse_categorical_crossentropy(val_y, probs)
+        return {
+            "val_loss": float(np.mean(loss)),
+            "val_accuracy": float(np.mean(np.argmax(probs, axis=1) == val_y)),
+        }
+
+    return validate
+
+
+def _validate_on_images(classifier, val_paths, val_y, cfg: TrainParams):
+    from tasks.inputs import image_dataset
+
+    def validate() -> dict:
+        ds = image_dataset(val_paths, val_y, cfg.image_size, max(cfg.batch_size, 64))
+        val_loss, val_acc = classifier.evaluate(ds, verbose=0)
+        return {"val_loss": float(val_loss), "val_accuracy": float(val_acc)}
+
+    return validate
+
+
+def train_model(
+    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None
+) -> dict:
+    """Train on ``data_info``'s train split; return the training record (also in train.json).
+
+    Phase 1 trains the head over the frozen backbone for ``cfg.epochs``: on cached features when
+    augmentation is off, else on augmented image batches. Phase 2 (``fine_tune_layers > 0``)
+    unfreezes the top layers and trains end to end at ``fine_tune_learning_rate``.
+    ``on_epoch_end(epoch, total_epochs, metrics)`` is called after every checkpoint.
+    """
+    import tensorflow as tf
+
+    from tasks.inputs import image_dataset
+    from tasks.model import (
+        build_classifier, build_head, export_serving_model, feature_dim, keras,
+        load_backbone, unfreeze_top_layers,
+    )
+
+    k = keras()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    device = configure_device()
+    k.utils.set_random_seed(cfg.seed)
+
+    classes = data_info["classes"]
+    train_paths, train_y = split_files(data_info, "train")
+    val_paths, val_y = split_files(data_info, "val")
+
+    backbone = load_backbone(cfg.backbone, trainable=cfg.fine_tune_layers > 0)
+    backbone.trainable = False
+    dim = feature_dim(backbone, cfg.image_size)
+    head = build_head(dim, len(classes), seed=cfg.seed)
+    classifier = build_classifier(backbone, head, cfg.image_size)
+
+    total = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_layers else 0)
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    head_opt = k.optimizers.Adam(cfg.learning_rate)
+    tune_opt = k.optimizers.Adam(cfg.fine_tune_learning_rate)
+    ckpt = tf.train.Checkpoint(
+        head=head, backbone=backbone, epoch=epoch_var, head_opt=head_opt, tune_opt=tune_opt
+    )
+    manager = tf.train.CheckpointManager(ckpt, str(workdir / "checkpoints"), max_to_keep=2)
+    resumed_from = 0
+    if manager.latest_checkpoint:
+        # CheckpointManager records a checkpoint only after its files are complete, so a
+        # checkpoint half-written when the process died is never the latest one.
+        ckpt.restore(manager.latest_checkpoint)
+        resumed_from = int(epoch_var.numpy())
+
+    val_x, val_y = cached_features(backbone, val_paths, val_y, cfg, workdir / "features" / "val.npz")
+    history: dict[str, list] = {}
+
+    def record(h):
+        for name, values in (h.history if h else {}).items():
+            history.setdefault(name, []).extend(float(v) for v in values)
+
+    loss = "sparse_categorical_crossentropy"
+    start = int(epoch_var.numpy())
+    if start < cfg.epochs:
+        cb = _epoch_end_callback(_validate_on_features(head, val_x, val_y), manager, epoch_var,
+                                 total, on_epoch_end, "head")
+        if cfg.augment:
+            classifier.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
+            train_ds = image_dataset(train_paths, train_y, cfg.image_size, cfg.batch_size,
+                                     shuffle=True, augment=True, seed=cfg.seed)
+            record(classifier.fit(train_ds, epochs=cfg.epochs, initial_epoch=start,
+                                  callbacks=[cb], verbose=0))
+        else:
+            train_x, train_y = cached_features(
+                backbone, train_paths, train_y, cfg, workdir / "features" / "train.npz"
+            )
+            head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
+            record(head.fit(train_x, train_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                            initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0))
+
+    tuned_layers: list[str] = []
+    if cfg.fine_tune_layers:
+        backbone.trainable = True
+        tuned_layers = unfreeze_top_layers(backbone, cfg.fine_tune_layers)
+        start = int(epoch_var.numpy())
+        if start < total:
+            # Recompile so the new trainable set takes effect, with a low learning rate.
+            classifier.compile(optimizer=tune_opt, loss=loss, metrics=["accuracy"])
+            # The backbone now changes, so cached validation features go stale: use images.
+            cb = _epoch_end_callback(_validate_on_images(classifier, val_paths, val_y, cfg),
+                                     manager, epoch_var, total, on_epoch_end, "fine-tune")
+            train_ds = image_dataset(train_paths, train_y, cfg.image_size, cfg.batch_size,
+                                     shuffle=True, augment=cfg.augment, seed=cfg.seed)
+            record(classifier.fit(train_ds, epochs=total, initial_epoch=start, callbacks=[cb],
+                                  verbose=0))
+
+    export_dir = workdir / "export"
+    staging = workdir / "export.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    export_serving_model(
+        classifier, classes, cfg.image_size, staging,
+        metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
+    )
+    shutil.rmtree(export_dir, ignore_errors=True)
+    os.replace(staging, export_dir)
+
+    record_ = {
+        "export_dir": str(export_dir),
+        "device": device,
+        "epochs": total,
+        "resumed_from_epoch": resumed_from,
+        "history": history,
+        "fine_tuned_layers": tuned_layers,
+        "train_images": len(train_paths),
+        "val_images": len(val_paths),
+        "seconds": round(time.time() - started, 2),
+    }
+    (workdir / "train.json").write_text(json.dumps(record_, indent=2))
+    return record_
+
+
+def run_key(cfg: TrainParams, fingerprint: str) -> str:
+    """Identifies a training: same data and same training parameters -> same key (and workdir),
+    so a retried or restarted run finds its checkpoints."""
+    import hashlib
+
+    relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "experiment_name",
+                                       "data_url", "data_sha256", "max_extract_bytes"})
+    blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@task(name="train-model")
+def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: str) -> dict:
+    """Thin wrapper: per-epoch metrics go to MLflow and to a Prefect progress artifact."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from tasks.registry import log_epoch, log_training
+
+    progress_id = create_progress_artifact(
+        progress=0.0, description=f"Training {cfg.model_name}: epochs completed (%)"
+    )
+
+    def on_epoch_end(epoch: int, total: int, metrics: dict) -> None:
+        log_epoch(run_id, epoch, {k: v for k, v in metrics.items() if k != "phase"})
+        update_progress_artifact(progress_id, progress=100.0 * epoch / total)
+        from prefect.logging import get_run_logger
+
+        get_run_logger().info(
+            "epoch %d/%d (%s): %s", epoch, total, metrics.get("phase"),
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+        )
+
+    record = train_model(data_info, cfg, Path(workdir), on_epoch_end=on_epoch_end)
+    update_progress_artifact(progress_id, progress=100.0)
+    log_training(run_id, record)
+    return record

@@ -1,0 +1,196 @@
+"""Download and extraction: real HTTP from a local server, archives built by the tests."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tasks.download import download_archive, extract_archive, find_data_root
+from tasks.errors import ArchiveError, ChecksumMismatch, DownloadError, TransientError
+from tests.helpers import make_dataset, make_tgz, make_zip, serve_directory
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def archive_dir(tmp_path) -> Path:
+    d = tmp_path / "served"
+    d.mkdir()
+    make_tgz(make_dataset(tmp_path / "src", per_class=3), d / "data.tgz")
+    return d
+
+
+def test_http_download_verifies_and_reuses(archive_dir, tmp_path):
+    sha = _sha(archive_dir / "data.tgz")
+    dest = tmp_path / "downloads"
+    assert not dest.exists()
+    with serve_directory(archive_dir) as url:
+        got = download_archive(f"{url}/data.tgz", dest, sha)
+        assert _sha(got) == sha
+        assert not list(dest.rglob("*.part"))
+        mtime = got.stat().st_mtime_ns
+        again = download_archive(f"{url}/data.tgz", dest, sha)
+    assert again == got and again.stat().st_mtime_ns == mtime  # reused, not fetched again
+
+
+def test_checksum_mismatch_fails_and_leaves_no_partial_file(archive_dir, tmp_path):
+    dest = tmp_path / "downloads"
+    with serve_directory(archive_dir) as url:
+        with pytest.raises(ChecksumMismatch, match="expected 0{64}"):
+            download_archive(f"{url}/data.tgz", dest, "0" * 64)
+    assert [p for p in dest.rglob("*") if p.is_file() and p.name != ".lock"] == []
+
+
+def test_404_is_a_permanent_error(archive_dir, tmp_path):
+    with serve_directory(archive_dir) as url:
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            download_archive(f"{url}/missing.tgz", tmp_path / "d")
+
+
+def test_unreachable_server_is_transient(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(TransientError, match=f"127.0.0.1:{port}"):
+        download_archive(f"http://127.0.0.1:{port}/x.tgz", tmp_path / "d", timeout_s=5)
+
+
+def test_local_path_and_file_url(archive_dir, tmp_path):
+    archive = archive_dir / "data.tgz"
+    assert download_archive(str(archive), tmp_path / "d", _sha(archive)) == archive.resolve()
+    assert download_archive(archive.as_uri(), tmp_path / "d") == archive.resolve()
+    with pytest.raises(ChecksumMismatch):
+        download_archive(str(archive), tmp_path / "d", "1" * 64)
+    with pytest.raises(DownloadError, match="does not exist"):
+        download_archive(str(tmp_path / "nope.tgz"), tmp_path / "d")
+
+
+def test_extracts_tgz_and_zip_and_finds_class_folders(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=2)
+    for maker, name in ((make_tgz, "a.tgz"), (make_zip, "a.zip")):
+        archive = maker(src, tmp_path / name)
+        root = extract_archive(archive, tmp_path / "datasets")
+        assert sorted(p.name for p in root.iterdir()) == ["blue", "green", "red"]
+    assert not list((tmp_path / "datasets").glob(".staging-*"))
+
+
+def _tar_with(tmp_path: Path, add) -> Path:
+    path = tmp_path / "evil.tar"
+    with tarfile.open(path, "w") as tar:
+        add(tar)
+    return path
+
+
+def _file(tar, name, data=b"x", kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+@pytest.mark.parametrize(
+    "add, message",
+    [
+        (lambda t: _file(t, "photos/../../escaped.txt"), r"\.\."),
+        (lambda t: _file(t, "/tmp/petalflow-absolute.txt"), "absolute"),
+        (lambda t: _file(t, "photos/link", kind=tarfile.SYMTYPE, linkname="/etc/passwd"), "link"),
+        (lambda t: _file(t, "photos/hard", kind=tarfile.LNKTYPE, linkname="photos/x"), "link"),
+        (lambda t: _file(t, "photos/dev", kind=tarfile.CHRTYPE), "device"),
+    ],
+)
+def test_unsafe_tar_is_refused_and_nothing_written_outside(tmp_path, add, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    archive = _tar_with(work, lambda t: (_file(t, "photos/ok/a.txt"), add(t)))
+    datasets = work / "datasets"
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(ArchiveError, match=message):
+        extract_archive(archive, datasets)
+    after = set(tmp_path.rglob("*"))
+    # Only the (empty) datasets folder and its lock file may appear; no dataset, no escapee.
+    assert {p for p in after - before if p.name != ".lock" and not p.name.endswith(".lock")} <= {
+        datasets}
+    assert not Path("/tmp/petalflow-absolute.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_zip_traversal_and_bomb_refused(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("photos/a/ok.txt", "fine")
+        zf.writestr("../../zip-escaped.txt", "bad")
+    with pytest.raises(ArchiveError, match=r"\.\."):
+        extract_archive(evil, tmp_path / "datasets")
+    assert not (tmp_path.parent / "zip-escaped.txt").exists()
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("photos/a/zeros.bin", b"\0" * 5_000_000)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ArchiveError, match="more than 1000000 bytes"):
+        extract_archive(bomb, tmp_path / "datasets2", max_bytes=1_000_000)
+    assert [p for p in (tmp_path / "datasets2").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_truncated_and_non_archives_are_refused(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    good = make_tgz(src, tmp_path / "good.tgz")
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ArchiveError):
+        extract_archive(cut, tmp_path / "datasets")
+    text = tmp_path / "notes.tgz"
+    text.write_text("not an archive")
+    with pytest.raises(ArchiveError, match="neither a tar"):
+        extract_archive(text, tmp_path / "datasets")
+    assert [p for p in (tmp_path / "datasets").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_find_data_root_descends_wrappers(tmp_path):
+    make_dataset(tmp_path / "outer" / "flower_photos", per_class=1)
+    (tmp_path / "outer" / "flower_photos" / "LICENSE.txt").write_text("cc-by")
+    assert find_data_root(tmp_path / "outer") == tmp_path / "outer" / "flower_photos"
+
+
+def test_download_task_does_not_retry_checksum_mismatch(archive_dir, tmp_path, prefect_harness):
+    """The Prefect task retries network errors only: a bad checksum is asked for once."""
+    from prefect import flow
+
+    from tasks.download import download_archive_task
+
+    hits = []
+
+
+    @flow
+    def fetch(url: str, sha: str):
+        return download_archive_task(url, str(tmp_path / "dl"), sha)
+
+    import http.server
+
+    original = http.server.SimpleHTTPRequestHandler.do_GET
+
+    def counting_get(self):
+        hits.append(self.path)
+        return original(self)
+
+    http.server.SimpleHTTPRequestHandler.do_GET = counting_get
+    try:
+        with serve_directory(archive_dir) as url:
+            state = fetch(f"{url}/data.tgz", "0" * 64, return_state=True)
+    finally:
+        http.server.SimpleHTTPRequestHandler.do_GET = original
+    assert state.is_failed()
+    assert hits == ["/data.tgz"]
+    assert not list((tmp_path / "dl").rglob("*.part"))
