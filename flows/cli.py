@@ -47,12 +47,15 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="petalflow",
+        allow_abbrev=False,
         description="Transfer-learning image classifier pipeline (Prefect + TF Hub + MLflow).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="Download, train, evaluate and register a model.")
+    train = sub.add_parser("train", help="Download, train, evaluate and register a model.",
+                           allow_abbrev=False)
     _add_train_options(train)
-    pred = sub.add_parser("predict", help="Classify images with a registered model.")
+    pred = sub.add_parser("predict", help="Classify images with a registered model.",
+                          allow_abbrev=False)
     pred.add_argument("--model", default=None,
                       help="Model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a "
                            f"local model folder (default: models:/{DEFAULT_MODEL_NAME}@champion)")
@@ -86,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = train_params_from_args(args)
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
+    _warm_imports()
     from flows.train_flow import train_and_register
 
     summary = train_and_register(params)
@@ -133,9 +137,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_defaults() -> None:
+    """Environment defaults for a CLI run (set here, never at import time)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    # The temporary server's telemetry heartbeat only logs lock errors on SQLite.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _warm_imports() -> None:
+    """Import TensorFlow, TF Hub and MLflow on a side thread while Prefect's temporary server
+    starts (a subprocess): on a small machine this hides several seconds of start-up."""
+    import threading
+
+    def work():
+        try:
+            import mlflow  # noqa: F401
+            import tensorflow  # noqa: F401
+            import tensorflow_hub  # noqa: F401
+        except Exception:  # noqa: BLE001 - the real import reports any problem later
+            pass
+
+    threading.Thread(target=work, name="warm-imports", daemon=True).start()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_defaults()
     try:
         if args.command == "train":
             return cmd_train(args)

@@ -247,12 +247,16 @@ def prepare_dataset(
     tmp = out_dir / f".manifest.{os.getpid()}.csv"
     manifest.to_csv(tmp, index=False)
     os.replace(tmp, manifest_path)  # concurrent runs never see a half-written manifest
+    folders, _files = list_class_files(Path(data_root))
+    counts = dataset_counts(manifest)
+    # A class folder with no files at all is ignored (reported), not an error.
+    counts["empty_class_folders"] = sorted(set(folders) - set(manifest["label"]))
     info = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),
         "classes": class_names(manifest),
         "fingerprint": dataset_fingerprint(manifest),
-        "counts": dataset_counts(manifest),
+        "counts": counts,
     }
     tmp = out_dir / f".dataset.{os.getpid()}.json"
     tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False))

@@ -94,8 +94,10 @@ def unfreeze_top_layers(backbone, n: int) -> list[str]:
     top = order[-n:] if n > 0 else []
     keep = [w for w, layer in zip(weights, layer_of) if layer in top]
     frozen = [w for w, layer in zip(weights, layer_of) if layer not in top]
-    backbone._trainable_weights = keep  # noqa: SLF001
-    backbone._non_trainable_weights = frozen + list(backbone._non_trainable_weights)  # noqa: SLF001
+    # Mutate the layer's own (untracked) lists in place: assigning new lists would make Keras
+    # track them and re-file every variable by its `trainable` flag, undoing the split.
+    backbone._trainable_weights[:] = keep  # noqa: SLF001
+    backbone._non_trainable_weights[:0] = frozen  # noqa: SLF001
     return top
 
 
@@ -123,7 +125,9 @@ class _Serving:
         class PetalflowClassifier(tf.Module):
             def __init__(self):
                 super().__init__(name="petalflow_classifier")
-                self.classifier = classifier
+                # Track the variables, not the Keras model: saving a Keras object also traces
+                # and stores every layer's call functions, which doubles export and load time.
+                self.classifier_variables = list(classifier.variables)
                 self.class_names = tf.Variable(list(class_names), trainable=False, dtype=tf.string)
 
             def _classify(self, raw_bytes_or_b64, is_base64: bool):
@@ -144,7 +148,11 @@ class _Serving:
                 idx, images = ds.batch(SERVING_BATCH).reduce(
                     empty, lambda acc, b: (tf.concat([acc[0], b[0]], 0),
                                            tf.concat([acc[1], b[1]], 0)))
-                probs_all = tf.cast(self.classifier(images, training=False), tf.float32)
+                probs_all = tf.cond(  # an all-bad batch must not reach the network (empty input)
+                    tf.shape(images)[0] > 0,
+                    lambda: tf.cast(classifier(images, training=False), tf.float32),
+                    lambda: tf.zeros([0, num_classes], tf.float32),
+                )
                 idx_all = tf.reshape(idx, [-1, 1])
                 ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
                 probs_full = tf.scatter_nd(idx_all, probs_all, tf.stack([n, num_classes]))

@@ -139,6 +139,14 @@ def train_model(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    timings: dict[str, float] = {}
+    mark = [started]
+
+    def lap(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - mark[0], 3)
+        mark[0] = now
+
     device = configure_device()
     k.utils.set_random_seed(cfg.seed)
 
@@ -151,6 +159,7 @@ def train_model(
     dim = feature_dim(backbone, cfg.image_size)
     head = build_head(dim, len(classes), seed=cfg.seed)
     classifier = build_classifier(backbone, head, cfg.image_size)
+    lap("load_backbone")
 
     total = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_layers else 0)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -168,6 +177,7 @@ def train_model(
         resumed_from = int(epoch_var.numpy())
 
     val_x, val_y = cached_features(backbone, val_paths, val_y, cfg, workdir / "features" / "val.npz")
+    lap("val_features")
     history: dict[str, list] = {}
 
     def record(h):
@@ -189,10 +199,12 @@ def train_model(
             train_x, train_y = cached_features(
                 backbone, train_paths, train_y, cfg, workdir / "features" / "train.npz"
             )
+            lap("train_features")
             head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
             record(head.fit(train_x, train_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
                             initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0))
 
+    lap("train_head")
     tuned_layers: list[str] = []
     if cfg.fine_tune_layers:
         backbone.trainable = True
@@ -209,6 +221,7 @@ def train_model(
             record(classifier.fit(train_ds, epochs=total, initial_epoch=start, callbacks=[cb],
                                   verbose=0))
 
+    lap("fine_tune")
     export_dir = workdir / "export"
     staging = workdir / "export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -218,6 +231,7 @@ def train_model(
     )
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(staging, export_dir)
+    lap("export")
 
     record_ = {
         "export_dir": str(export_dir),
@@ -229,6 +243,7 @@ def train_model(
         "train_images": len(train_paths),
         "val_images": len(val_paths),
         "seconds": round(time.time() - started, 2),
+        "timings": timings,
     }
     (workdir / "train.json").write_text(json.dumps(record_, indent=2))
     return record_

@@ -1,0 +1,64 @@
+"""Bad options are refused before any work starts, naming the option and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.cli import main
+from tasks.params import TrainParams
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
+        (["--epochs", "many"], "--epochs: Input should be a valid integer"),
+        (["--batch-size", "-3"], "--batch-size"),
+        (["--image-size", "7"], "--image-size: Input should be greater than or equal to 32"),
+        (["--val-fraction", "0.6"], "--val-fraction: Input should be less than 0.5"),
+        (["--val-fraction", "0.45", "--test-fraction", "0.45"], "at least 20%"),
+        (["--data-sha256", "abc"], "--data-sha256: Value error, must be 64 hexadecimal digits"),
+        (["--data-url", "ftp://example.org/x.tgz"], "--data-url: Value error, unsupported URL"),
+        (["--backbone", "/no/such/savedmodel"], "--backbone: Value error"),
+        (["--model-name", "bad name!"], "--model-name"),
+        (["--min-accuracy", "1.5"], "--min-accuracy: Input should be less than or equal to 1"),
+        (["--fine-tune-layers", "-1"], "--fine-tune-layers"),
+        (["--learning-rate", "0"], "--learning-rate: Input should be greater than 0"),
+    ],
+)
+def test_bad_train_options_are_refused_before_work(workspace, capsys, argv, needle):
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "petalflow train: error: invalid option(s)" in err and needle in err
+    # Nothing was started: no download folder, no MLflow store.
+    assert not (workspace / "home").exists() and not (workspace / "mlflow").exists()
+
+
+def test_unknown_option_and_bad_boolean(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epoch", "3"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+
+
+def test_augment_flag_and_defaults_parse(workspace, monkeypatch):
+    from flows import cli
+
+    seen = {}
+
+    def fake_flow(params):  # stands in for the flow: this test is about parsing only
+        seen["params"] = params
+        return {"ok": True}
+
+    monkeypatch.setattr("flows.train_flow.train_and_register", fake_flow)
+    assert cli.main(["train", "--augment", "--epochs", "3", "--data-sha256", "A" * 64]) == 0
+    assert seen["params"] == TrainParams(augment=True, epochs=3, data_sha256="a" * 64)
+
+
+def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys):
+    out = workspace / "p.csv"
+    assert main(["predict", "--input", str(workspace / "nothing*.jpg"), "--output", str(out)]) == 2
+    assert "--input" in capsys.readouterr().err
+    assert main(["predict", "--input", str(workspace), "--output",
+                 str(workspace / "no" / "dir.csv")]) == 2
+    assert not out.exists()

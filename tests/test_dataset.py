@@ -1,0 +1,116 @@
+"""Scan, quarantine and split on tiny folders written by the tests."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.dataset import (
+    dataset_counts, dataset_fingerprint, prepare_dataset, scan_dataset, split_dataset,
+)
+from tasks.errors import DatasetError
+from tests.helpers import make_dataset, write_image
+
+
+def _status(manifest, path):
+    row = manifest[manifest["path"] == path].iloc[0]
+    return row["status"], row["reason"]
+
+
+def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4)
+    (root / "red" / "empty.jpg").write_bytes(b"")
+    (root / "red" / "notes.txt").write_text("not an image")
+    big = write_image(tmp_path / "big.jpg", (220, 40, 40), size=(64, 64), noise=60).read_bytes()
+    (root / "red" / "truncated.jpg").write_bytes(big[: int(len(big) * 0.7)])
+    (root / "red" / ".DS_Store").write_bytes(b"\0\1\2")
+    write_image(root / "green" / "png_named.jpg", (40, 200, 60), fmt="PNG", seed=7)
+    write_image(root / "green" / "gif.jpg", (40, 200, 60), fmt="GIF", seed=8)
+    write_image(root / "green" / "nested" / "deep.bmp", (40, 200, 60), fmt="BMP", seed=9)
+    Image.new("CMYK", (16, 16), (0, 200, 200, 0)).save(root / "blue" / "cmyk.jpg", "JPEG")
+    Image.new("L", (16, 16), 90).save(root / "blue" / "gray.jpg", "JPEG")
+    Image.fromarray(np.full((9, 9), 40000, np.uint16)).save(root / "blue" / "deep16.png")
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "blue" / "pic.webp", "WEBP")
+    (root / "LICENSE.txt").write_text("not in a class folder: ignored")
+
+    m = scan_dataset(root)
+    assert _status(m, "red/empty.jpg") == ("quarantined", "empty file")
+    assert _status(m, "red/notes.txt") == ("quarantined", "not an image file")
+    assert _status(m, "red/.DS_Store") == ("quarantined", "hidden file")
+    status, reason = _status(m, "red/truncated.jpg")
+    assert status == "quarantined" and reason.startswith("undecodable image")
+    assert _status(m, "blue/pic.webp")[1].startswith("unsupported image format WEBP")
+    for used in ("green/png_named.jpg", "green/gif.jpg", "green/nested/deep.bmp",
+                 "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png"):
+        assert _status(m, used) == ("ok", ""), used
+    counts = dataset_counts(m)
+    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 11
+    assert counts["quarantined"] == 5
+    assert "LICENSE.txt" not in set(m["path"])
+    ok = m[m["status"] == "ok"]
+    assert (ok["width"] > 0).all() and (ok["height"] > 0).all()
+
+
+def test_same_image_under_two_labels_is_quarantined(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4)
+    shutil.copy(root / "red" / "000.jpg", root / "blue" / "stolen.jpg")
+    m = scan_dataset(root)
+    assert _status(m, "blue/stolen.jpg")[0] == "quarantined"
+    assert _status(m, "red/000.jpg")[1] == "same image found under labels blue, red"
+
+
+def test_split_is_stratified_deterministic_and_keeps_duplicates_together(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=20)
+    for i in range(3):  # the same bytes three times in one class
+        shutil.copy(root / "red" / "000.jpg", root / "red" / f"dup{i}.jpg")
+    m = scan_dataset(root)
+    a = split_dataset(m, 0.2, 0.2, seed=1)
+    b = split_dataset(m, 0.2, 0.2, seed=1)
+    c = split_dataset(m, 0.2, 0.2, seed=2)
+    assert a["split"].tolist() == b["split"].tolist()
+    assert a["split"].tolist() != c["split"].tolist()
+    for label in ("blue", "green", "red"):
+        sizes = a[a["label"] == label]["split"].value_counts()
+        assert sizes["test"] == 4 and sizes["val"] == 4
+    assert a.groupby("sha256")["split"].nunique().max() == 1
+    assert dataset_fingerprint(a) == dataset_fingerprint(b)
+
+
+def test_fingerprint_changes_with_the_data(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4)
+    before = dataset_fingerprint(scan_dataset(root))
+    write_image(root / "red" / "new.jpg", (200, 0, 0), seed=99)
+    assert dataset_fingerprint(scan_dataset(root)) != before
+
+
+def test_one_class_is_a_clear_error(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=5, colours={"only": (1, 2, 3)})
+    with pytest.raises(DatasetError, match="at least 2 classes"):
+        split_dataset(scan_dataset(root), 0.15, 0.15, 0)
+
+
+def test_class_too_small_to_split_is_named(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=6)
+    for extra in (root / "green").glob("00[2-5].jpg"):
+        extra.unlink()
+    with pytest.raises(DatasetError, match="class 'green' has 2 distinct usable images"):
+        split_dataset(scan_dataset(root), 0.15, 0.15, 0)
+
+
+def test_empty_class_folder_is_ignored_and_reported(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4)
+    (root / "empty class").mkdir()
+    info = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    assert info["counts"]["empty_class_folders"] == ["empty class"]
+
+
+def test_class_names_with_spaces_and_non_ascii(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4,
+                        colours={"blühende rose": (200, 0, 0), "wild daisy": (0, 0, 200)})
+    m = split_dataset(scan_dataset(root), 0.25, 0.25, 0)
+    assert sorted(m["label"].unique()) == ["blühende rose", "wild daisy"]
+    assert (m["status"] == "ok").all()

@@ -1,0 +1,221 @@
+"""The whole train-and-register flow: Prefect (test server), real HTTP download from a local
+server, a tiny exported Hub backbone and MLflow on a temporary SQLite store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tasks.params import TrainParams
+from tests.helpers import (
+    COLOURS, make_dataset, make_random_label_dataset, make_tgz, serve_directory, write_image,
+)
+
+pytestmark = pytest.mark.e2e
+MODEL = "petalflow-classifier"
+
+
+def _params(url: str, archive: Path, backbone: Path, **kw) -> TrainParams:
+    base = dict(data_url=url, data_sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
+                backbone=str(backbone), image_size=32, epochs=6, batch_size=8,
+                learning_rate=0.05, min_accuracy=0.8, val_fraction=0.2, test_fraction=0.2)
+    return TrainParams(**{**base, **kw})
+
+
+def _serve_dataset(tmp: Path, builder, name: str, **kw):
+    src = builder(tmp / f"{name}-src", **kw)
+    served = tmp / "served"
+    served.mkdir(exist_ok=True)
+    return make_tgz(src, served / f"{name}.tgz")
+
+
+def _client():
+    import mlflow
+
+    from tasks.registry import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_backbone, prefect_harness):
+    """One successful flow run (with one corrupt image in the data) in its own workspace."""
+    from flows.train_flow import train_and_register
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("PETALFLOW_HOME", str(tmp / "home"))
+        src = make_dataset(tmp / "src", per_class=12)
+        (src / "red" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+        served = tmp / "served"
+        served.mkdir()
+        archive = make_tgz(src, served / "photos.tgz")
+        assert not (tmp / "mlflow").exists() and not (tmp / "home").exists()
+        with serve_directory(served) as url:
+            summary = train_and_register(_params(f"{url}/photos.tgz", archive, tiny_backbone))
+        yield tmp, summary
+
+
+def test_flow_registers_a_champion_and_reports_counts(trained):
+    _tmp, summary = trained
+    assert summary["model_name"] == MODEL and summary["model_version"] == "1"
+    assert summary["alias"] == "champion"
+    assert summary["test_metrics"]["test_accuracy"] >= 0.8
+    ds = summary["dataset"]
+    assert (ds["found"], ds["used"], ds["quarantined"]) == (37, 36, 1)
+    assert ds["quarantine_reasons"] == {"red/corrupt.jpg": ds["quarantine_reasons"]["red/corrupt.jpg"]}
+    assert ds["classes"] == sorted(COLOURS)
+
+
+def test_champion_pulled_by_alias_classifies_new_images(trained, tmp_path, monkeypatch):
+    import base64
+
+    import mlflow
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    _client()
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    images, truth = [], []
+    for c, (name, rgb) in enumerate(sorted(COLOURS.items())):
+        for i in range(3):  # images the model has never seen
+            path = write_image(tmp_path / f"{name}{i}.png", rgb, size=(50, 40), fmt="PNG",
+                               seed=10_000 + c * 10 + i)
+            images.append(base64.b64encode(path.read_bytes()).decode())
+            truth.append(name)
+    out = model.predict(pd.DataFrame({"image": images}))
+    assert out["label"].tolist() == truth
+    assert (out["error"] == "").all()
+    meta = model.metadata.metadata
+    assert meta["class_names"] == sorted(COLOURS) and meta["image_size"] == 32
+
+
+def test_mlflow_run_holds_metrics_artifacts_and_provenance(trained, monkeypatch):
+    tmp, summary = trained
+    monkeypatch.chdir(tmp)
+    client = _client()
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 6
+    assert run.data.tags["petalflow.dataset_fingerprint"] == summary["dataset"]["fingerprint"]
+    assert run.data.params["epochs"] == "6"
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion.png", "evaluation/per_class.csv",
+            "evaluation/confusion.csv"} <= names
+    mv = client.get_model_version(MODEL, "1")
+    assert mv.tags["dataset_fingerprint"] == summary["dataset"]["fingerprint"]
+    assert json.loads(mv.tags["class_names"]) == sorted(COLOURS)
+    assert mv.tags["code_version"]
+
+
+def test_prefect_artifacts_show_progress_and_evaluation(trained):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["test-evaluation"]))
+        )
+        assert arts and "Accuracy" in arts[0].data
+        progress = [a for a in client.read_artifacts() if a.type == "progress"]
+        assert progress and progress[-1].data == 100.0
+
+
+def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
+    from flows.cli import main
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    folder = tmp_path / "incoming"
+    write_image(folder / "a.jpg", COLOURS["red"], seed=5)
+    write_image(folder / "sub" / "b.png", COLOURS["blue"], fmt="PNG", seed=6)
+    (folder / "broken.jpg").write_bytes(b"nope")
+    out = tmp_path / "pred.csv"
+    assert not out.exists()
+    assert main(["predict", "--input", str(folder), "--output", str(out)]) == 0
+    table = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert list(table.columns) == ["label", "probability", "error", "prob_blue", "prob_green",
+                                   "prob_red"]
+    assert table.loc[str(folder / "a.jpg"), "label"] == "red"
+    assert table.loc[str(folder / "sub" / "b.png"), "label"] == "blue"
+    assert table.loc[str(folder / "broken.jpg"), "error"] == "undecodable image"
+
+
+def test_retried_registration_makes_no_duplicate_version(trained, monkeypatch):
+    from tasks.dataset import load_manifest  # noqa: F401 - data_info comes from the summary
+    from tasks.registry import register_model
+
+    tmp, summary = trained
+    monkeypatch.chdir(tmp)
+    workdir = Path(summary["workdir"])
+    data_info = json.loads(next((tmp / "home" / "manifests").rglob("dataset.json")).read_text())
+    cfg = TrainParams(**json.loads(_client().get_model_version(MODEL, "1").tags["params"]))
+    again = register_model(summary["mlflow_run_id"], workdir / "export", cfg, data_info,
+                           summary["test_metrics"])
+    assert again["model_version"] == "1" and again["alias"] == "champion"
+    assert len(_client().search_model_versions(f"name='{MODEL}'")) == 1
+
+
+def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harness):
+    """random labels first (gate 0: champion), a learnable model beats it, then a model failing
+    the gate and a worse model both become challenger while the champion stays."""
+    from flows.train_flow import train_and_register
+
+    served = {
+        "noise": _serve_dataset(workspace, make_random_label_dataset, "noise", per_class=20),
+        "good": _serve_dataset(workspace, make_dataset, "good", per_class=12),
+    }
+    with serve_directory(workspace / "served") as url:
+        def run(name, **kw):
+            return train_and_register(
+                _params(f"{url}/{name}.tgz", served[name], tiny_backbone, **kw))
+
+        first = run("noise", min_accuracy=0.0)
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        best = run("good")
+        assert (best["model_version"], best["alias"]) == ("2", "champion")
+        assert best["previous_champion"] == "1"
+        gated = run("noise", min_accuracy=0.9, seed=7)
+        assert (gated["model_version"], gated["alias"]) == ("3", "challenger")
+        assert "below --min-accuracy" in gated["alias_reason"]
+        worse = run("noise", min_accuracy=0.0, seed=8)
+        assert (worse["model_version"], worse["alias"]) == ("4", "challenger")
+        assert "does not beat" in worse["alias_reason"]
+    client = _client()
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "4"
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 4
+
+
+def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
+    """The README's command, as a subprocess: ephemeral Prefect, embedded MLflow, --summary-json."""
+    archive = _serve_dataset(workspace, make_dataset, "cli", per_class=12)
+    summary_path = workspace / "summary.json"
+    exe = Path(sys.executable).with_name("petalflow")
+    with serve_directory(workspace / "served") as url:
+        proc = subprocess.run(
+            [str(exe), "train", "--data-url", f"{url}/cli.tgz", "--data-sha256",
+             hashlib.sha256(archive.read_bytes()).hexdigest(), "--backbone", str(tiny_backbone),
+             "--image-size", "32", "--epochs", "6", "--batch-size", "8", "--learning-rate",
+             "0.05", "--val-fraction", "0.2", "--test-fraction", "0.2", "--min-accuracy", "0.8",
+             "--summary-json", str(summary_path)],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "PREFECT_API_URL": ""},
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["alias"] == "champion", summary["alias_reason"]
+    assert summary["dataset"]["used"] == 36
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["mlflow_run_id"] == summary[
+        "mlflow_run_id"]
+    assert (workspace / "mlflow" / "mlflow.db").exists()

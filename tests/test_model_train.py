@@ -1,0 +1,162 @@
+"""Training, freezing, fine-tuning, resuming and the exported serving model (tiny backbone)."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tasks.dataset import prepare_dataset
+from tasks.params import TrainParams
+from tasks.train import train_model
+from tests.helpers import COLOURS, make_dataset, png_bytes
+
+
+@pytest.fixture(scope="module")
+def data_info(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("data")
+    root = make_dataset(tmp / "photos", per_class=12)
+    return prepare_dataset(root, tmp / "manifest", 0.2, 0.2, seed=0)
+
+
+def _cfg(backbone, **kw) -> TrainParams:
+    base = dict(backbone=str(backbone), image_size=32, epochs=6, batch_size=8,
+                learning_rate=0.05, seed=0)
+    return TrainParams(**{**base, **kw})
+
+
+def _variables(saved_model_dir) -> dict:
+    """name -> value of a SavedModel's variables (the export lists its own explicitly)."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    variables = getattr(loaded, "classifier_variables", None) or loaded.variables
+    return {v.name: v.numpy() for v in variables}
+
+
+def _backbone_vars_after(export_dir, backbone_names) -> dict:
+    exported = _variables(export_dir)
+    found = {n: v for n, v in exported.items() if n in backbone_names}
+    assert set(found) == set(backbone_names), "every backbone variable is in the export"
+    return found
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_backbone_stays_frozen(tmp_path, tiny_backbone, data_info, augment):
+    before = _variables(tiny_backbone)
+    record = train_model(data_info, _cfg(tiny_backbone, augment=augment), tmp_path / "w")
+    after = _backbone_vars_after(record["export_dir"], set(before))
+    for name, value in before.items():
+        np.testing.assert_allclose(after[name], value, err_msg=name)
+    assert record["history"]["loss"][-1] < record["history"]["loss"][0]
+
+
+def test_fine_tuning_changes_only_the_top_layers(tmp_path, tiny_backbone, data_info):
+    before = _variables(tiny_backbone)
+    cfg = _cfg(tiny_backbone, epochs=2, fine_tune_layers=1, fine_tune_epochs=2,
+               fine_tune_learning_rate=0.05)
+    record = train_model(data_info, cfg, tmp_path / "w")
+    assert record["fine_tuned_layers"] == ["top_dense"]
+    after = _backbone_vars_after(record["export_dir"], set(before))
+    changed = {n for n in before if not np.allclose(before[n], after[n])}
+    assert changed and all(n.startswith("top_dense/") for n in changed)
+    # BatchNorm statistics stay put: BN runs in inference mode during fine-tuning.
+    for name in before:
+        if "moving_" in name:
+            np.testing.assert_allclose(after[name], before[name], err_msg=name)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_from_last_checkpoint(tmp_path, tiny_backbone, data_info):
+    cfg = _cfg(tiny_backbone, epochs=5)
+    workdir = tmp_path / "w"
+    seen = []
+
+    def crash_after_two(epoch, total, metrics):
+        seen.append(epoch)
+        if epoch == 2:
+            raise Interrupt("simulated kill")
+
+    with pytest.raises(Interrupt):
+        train_model(data_info, cfg, workdir, on_epoch_end=crash_after_two)
+    assert not (workdir / "export").exists()
+    # A checkpoint being written when the process died: files without an index entry.
+    (workdir / "checkpoints" / "ckpt-3.index").write_bytes(b"half")
+    (workdir / "checkpoints" / "ckpt-3.data-00000-of-00001").write_bytes(b"garbage")
+
+    resumed = []
+    record = train_model(data_info, cfg, workdir, on_epoch_end=lambda e, t, m: resumed.append(e))
+    assert record["resumed_from_epoch"] == 2
+    assert resumed == [3, 4, 5]
+    assert len(record["history"]["loss"]) == 3
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_backbone, data_info):
+    record = train_model(data_info, _cfg(tiny_backbone), tmp_path_factory.mktemp("w"))
+    return record["export_dir"]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _image(fmt, rgb=(220, 40, 40), mode="RGB", size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    img = Image.new("RGB", size, rgb)
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
+    from tasks.serving import ImageClassifier
+
+    model = ImageClassifier(exported)
+    assert model.class_names == sorted(COLOURS)
+    images = {
+        "red jpeg": _image("JPEG", COLOURS["red"]),
+        "green png rgba": _image("PNG", COLOURS["green"], mode="RGBA"),
+        "blue gif": _image("GIF", COLOURS["blue"]),
+        "blue bmp": _image("BMP", COLOURS["blue"], size=(500, 300)),
+        "garbage": b"this is not an image",
+        "red png gray": _image("PNG", COLOURS["red"], mode="L"),
+    }
+    frame = model.predict(pd.DataFrame({"image": [_b64(v) for v in images.values()]}))
+    assert list(frame.columns) == ["label", "probability", "error", "prob_blue", "prob_green",
+                                   "prob_red"]
+    got = dict(zip(images, frame.to_dict("records")))
+    assert got["red jpeg"]["label"] == "red" and got["red jpeg"]["error"] == ""
+    assert got["green png rgba"]["label"] == "green"
+    assert got["blue gif"]["label"] == "blue"
+    assert got["blue bmp"]["label"] == "blue"
+    assert got["garbage"]["label"] == "" and got["garbage"]["error"] == "undecodable image"
+    assert got["red png gray"]["error"] == ""  # grayscale converted, classified
+    ok = frame[frame["error"] == ""]
+    np.testing.assert_allclose(ok[["prob_blue", "prob_green", "prob_red"]].sum(axis=1), 1.0,
+                               rtol=1e-5)
+    np.testing.assert_allclose(ok["probability"],
+                               ok[["prob_blue", "prob_green", "prob_red"]].max(axis=1))
+    # Raw bytes and base64 go through the same graph.
+    raw = model.predict_bytes([images["red jpeg"], b"", images["blue gif"]])
+    assert raw["label"].tolist() == ["red", "", "blue"]
+    # A batch of nothing but bad rows still answers, row by row.
+    bad = model.predict(pd.DataFrame({"image": ["@@not base64@@", _b64(b"nope")]}))
+    assert bad["error"].tolist() == ["undecodable image"] * 2
+
+
+def test_no_python_objects_are_stored_in_the_export(exported):
+    from pathlib import Path
+
+    files = [p for p in Path(exported).rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".pkl", ".pickle", ".h5", ".keras"}]
+    blob = b"".join(p.read_bytes() for p in files if p.suffix == ".pb")
+    assert b"Lambda" not in blob and b"PyFunc" not in blob and b"EagerPyFunc" not in blob
