@@ -67,8 +67,12 @@ def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> t
                 return data["features"], data["labels"]
     import tensorflow as tf
 
-    ds = image_dataset(paths, None, cfg.image_size, max(cfg.batch_size, 64))
-    extract = tf.function(lambda x: backbone(x, training=False))
+    ds = image_dataset(paths, None, cfg.image_size, cfg.batch_size)
+    size = cfg.image_size
+    extract = tf.function(  # one trace for every batch size, the last partial one included
+        lambda x: backbone(x, training=False),
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
+    )
     chunks = [extract(batch).numpy() for batch in ds]
     features = np.concatenate(chunks).astype(np.float32)
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,213 @@
+"""Benchmark: petalflow train + predict against a plain in-memory Keras baseline, same machine,
+same invocation, same data split.
+
+For each variant (augmentation off, augmentation on) it runs, as subprocesses:
+  (a) ``petalflow train`` on the archive served over a local HTTP server (fresh PETALFLOW_HOME and
+      embedded MLflow store each time, so nothing is reused), then ``petalflow predict`` on the
+      test split's images;
+  (b) ``bench/baseline.py``: every image of the same split decoded into one NumPy array, frozen
+      backbone + Dense head, Adam, ``model.fit`` for the same number of epochs.
+It measures wall time and peak resident memory of each whole process tree (polled from /proc,
+children included) and test accuracy, and prints/writes the ratios.
+
+    .venv/bin/python bench/run_bench.py --archive ARCHIVE.tgz --backbone SAVEDMODEL_DIR \
+        [--epochs 5] [--repeats 1] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(entry))
+    return out
+
+
+def _tree_rss_kib(root: int) -> int:
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+        stack.extend(_children(pid))
+    return total
+
+
+def measure(cmd: list[str], cwd: Path, env: dict, log: Path) -> dict:
+    """Run ``cmd``; return wall seconds, peak RSS (MiB) of its process tree, and exit code."""
+    started = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        peak = [0]
+
+        def poll():
+            while proc.poll() is None:
+                peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        rc = proc.wait()
+        watcher.join()
+    wall = time.perf_counter() - started
+    if rc != 0:
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n--- {log}:\n"
+                         + log.read_text()[-4000:])
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(peak[0] / 1024, 1)}
+
+
+class Server:
+    """python -m http.server on a free loopback port, serving the archive's folder."""
+
+    def __init__(self, folder: Path):
+        import socket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(self.port)],
+            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def run_petalflow(url, sha, args, augment: bool, work: Path, env: dict) -> dict:
+    work.mkdir(parents=True)
+    env = {**env, "PETALFLOW_HOME": str(work / "home")}
+    summary = work / "summary.json"
+    train_cmd = [str(BIN / "petalflow"), "train", "--data-url", url, "--data-sha256", sha,
+                 "--backbone", args.backbone, "--epochs", str(args.epochs),
+                 "--augment" if augment else "--no-augment", "--summary-json", str(summary),
+                 *args.extra]
+    train = measure(train_cmd, work, env, work / "train.log")
+    s = json.loads(summary.read_text())
+    manifest = next((work / "home" / "manifests").rglob("manifest.csv"))
+    data_root = Path(json.loads(next((work / "home" / "manifests").rglob("dataset.json"))
+                                .read_text())["data_root"])
+    m = pd.read_csv(manifest, keep_default_na=False)
+    test = m[(m["status"] == "ok") & (m["split"] == "test")]
+    listing = work / "test_images"
+    listing.mkdir()
+    for rel in test["path"]:  # links keep predict's input to exactly the test split
+        dst = listing / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(data_root / rel)
+    pred_csv = work / "predictions.csv"
+    pred_cmd = [str(BIN / "petalflow"), "predict", "--model", s["model_uri"], "--input",
+                str(listing), "--output", str(pred_csv)]
+    predict = measure(pred_cmd, work, env, work / "predict.log")
+    preds = pd.read_csv(pred_csv, keep_default_na=False)
+    truth = preds["path"].map(lambda p: Path(p).relative_to(listing).parts[0])
+    return {
+        "train": train, "predict": predict,
+        "wall_s": round(train["wall_s"] + predict["wall_s"], 2),
+        "peak_rss_mib": max(train["peak_rss_mib"], predict["peak_rss_mib"]),
+        "test_accuracy": s["test_metrics"]["test_accuracy"],
+        "predict_accuracy": float((preds["label"] == truth).mean()),
+        "test_images": int(len(test)),
+        "train_timings": json.loads((Path(s["workdir"]) / "train.json").read_text())["timings"],
+        "manifest": str(manifest), "data_root": str(data_root),
+    }
+
+
+def run_baseline(pf: dict, args, work: Path, env: dict) -> dict:
+    out = work / "baseline.json"
+    cmd = [sys.executable, str(REPO / "bench" / "baseline.py"), "--manifest", pf["manifest"],
+           "--data-root", pf["data_root"], "--backbone", args.backbone, "--epochs",
+           str(args.epochs), "--json", str(out)]
+    res = measure(cmd, work, env, work / "baseline.log")
+    res["test_accuracy"] = json.loads(out.read_text())["test_accuracy"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--archive", required=True, type=Path)
+    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--variants", default="off,on", help="augmentation variants: off,on")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("extra", nargs="*", help="extra petalflow train options (after --)")
+    args = ap.parse_args()
+    args.backbone = str(Path(args.backbone).resolve())
+    archive = args.archive.resolve()
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+                          f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB",
+               "python": platform.python_version(), "runs": []}
+    server = Server(archive.parent)
+    url = f"http://127.0.0.1:{server.port}/{archive.name}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="petalflow-bench-") as tmp:
+            for r in range(args.repeats):
+                for variant in args.variants.split(","):
+                    work = Path(tmp) / f"r{r}-aug-{variant}"
+                    pf = run_petalflow(url, sha, args, variant == "on", work / "petalflow", env)
+                    base = run_baseline(pf, args, work, env)
+                    row = {
+                        "repeat": r, "augment": variant, "petalflow": pf, "baseline": base,
+                        "wall_ratio": round(pf["wall_s"] / base["wall_s"], 3),
+                        "train_only_wall_ratio": round(pf["train"]["wall_s"] / base["wall_s"], 3),
+                        "memory_ratio": round(pf["peak_rss_mib"] / base["peak_rss_mib"], 3),
+                    }
+                    for key in ("manifest", "data_root"):
+                        pf.pop(key)
+                    results["runs"].append(row)
+                    print(json.dumps(row, indent=2), flush=True)
+    finally:
+        server.close()
+    print("\n| augment | petalflow acc | baseline acc | petalflow wall s (train+predict) | "
+          "baseline wall s | wall ratio | train-only ratio | petalflow peak MiB | "
+          "baseline peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in results["runs"]:
+        pf, b = row["petalflow"], row["baseline"]
+        print(f"| {row['augment']} | {pf['test_accuracy']:.4f} | {b['test_accuracy']:.4f} | "
+              f"{pf['wall_s']} ({pf['train']['wall_s']} + {pf['predict']['wall_s']}) | "
+              f"{b['wall_s']} | {row['wall_ratio']} | {row['train_only_wall_ratio']} | "
+              f"{pf['peak_rss_mib']} | {b['peak_rss_mib']} | {row['memory_ratio']} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
