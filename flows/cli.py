@@ -1,5 +1,6 @@
 """The ``petalflow`` command line: ``train`` runs the train-and-register flow, ``predict``
-classifies images with a registered model.
+classifies images with a registered model, ``pull`` saves one for offline use and ``models``
+lists the registered versions.
 
 Options are validated (through the flow's TrainParams) before any work starts; a bad value is
 reported with the option's name and what is allowed, and the exit status is 2.
@@ -8,7 +9,6 @@ reported with the option's name and what is allowed, and the exit status is 2.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import os
@@ -63,8 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Registered model name used for the default --model.")
     pred.add_argument("--input", nargs="+", required=True,
                       help="Image files, folders (searched recursively) or glob patterns.")
-    pred.add_argument("--output", type=Path, required=True, help="CSV file to write.")
+    pred.add_argument("--output", type=Path, required=True, help="File to write (CSV or JSON).")
+    pred.add_argument("--format", choices=("csv", "json"), default="csv",
+                      help="Output format (default csv).")
+    pred.add_argument("--top-k", type=int, default=0,
+                      help="Also write the k best labels and their probabilities (default 0).")
     pred.add_argument("--batch-size", type=int, default=64, help="Images per batch (default 64).")
+    pull = sub.add_parser("pull", help="Download a registered model for offline use.",
+                          allow_abbrev=False)
+    pull.add_argument("--model", default=None,
+                      help=f"Model URI (default: models:/{DEFAULT_MODEL_NAME}@champion).")
+    pull.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    pull.add_argument("--dest", type=Path, required=True,
+                      help="Folder to save the model in; use it later as --model DIR.")
+    models = sub.add_parser("models", help="List a registered model's versions and aliases.",
+                            allow_abbrev=False)
+    models.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     return parser
 
 
@@ -121,9 +135,23 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
                     yield Path(match)
 
 
+def _progress(total: int):
+    """A progress bar on a terminal (stderr), nothing otherwise: (advance, close)."""
+    if not sys.stderr.isatty():
+        return (lambda n: None), (lambda: None)
+    from rich.progress import Progress
+
+    progress = Progress(transient=True)
+    task_id = progress.add_task("classifying", total=total)
+    progress.start()
+    return (lambda n: progress.advance(task_id, n)), progress.stop
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise UsageError("--batch-size: must be at least 1")
+    if args.top_k < 0:
+        raise UsageError("--top-k: must be 0 or more")
     if not args.output.parent.exists():
         raise UsageError(f"--output: folder {args.output.parent} does not exist")
     files = list(iter_inputs(args.input))
@@ -132,8 +160,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tasks.predict import predict_files
 
     model_uri = args.model or f"models:/{args.model_name}@champion"
-    n, errors = predict_files(model_uri, files, args.output, args.batch_size)
+    advance, close = _progress(len(files))
+    try:
+        n, errors = predict_files(model_uri, files, args.output, args.batch_size,
+                                  fmt=args.format, top_k=args.top_k, on_batch=advance)
+    finally:
+        close()
     print(f"classified {n - errors} of {n} images ({errors} errors) -> {args.output}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from tasks.registry import pull_model
+
+    uri = args.model or f"models:/{args.model_name}@champion"
+    path = pull_model(uri, args.dest)
+    print(f"saved {uri} to {path}; use it offline with: petalflow predict --model {path} ...")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from tasks.registry import list_model_versions
+
+    table = list_model_versions(args.model_name)
+    if table.empty:
+        print(f"no versions registered under {args.model_name!r}")
+        return 1
+    with pd.option_context("display.width", 160, "display.max_columns", 10):
+        print(table.to_string(index=False))
     return 0
 
 
@@ -166,9 +222,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     _quiet_defaults()
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        return cmd_predict(args)
+        commands = {"train": cmd_train, "predict": cmd_predict, "pull": cmd_pull,
+                    "models": cmd_models}
+        return commands[args.command](args)
     except UsageError as exc:
         print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,52 +1,125 @@
-"""Batch prediction with a registered model: files in, one CSV row per image out."""
+"""Batch prediction with a registered model: files in, one row per image out (CSV or JSON).
+
+Files are read, encoded and classified ``batch_size`` at a time and rows are written as they
+come, so memory stays bounded however large the folder.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Optional, Sequence
+
+import pandas as pd
+
+from tasks.model import PROB_PREFIX
 
 
 def load_model(model_uri: str):
     """pyfunc model from a models:/ or runs:/ URI (via the configured MLflow) or a local folder."""
     import mlflow
 
-    from tasks.registry import _client
+    from tasks.registry import configure_mlflow
 
     if not Path(model_uri).expanduser().exists():
-        _client()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
-    return mlflow.pyfunc.load_model(str(model_uri))
+        configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
+    return mlflow.pyfunc.load_model(str(Path(model_uri).expanduser())
+                                    if Path(model_uri).expanduser().exists() else model_uri)
 
 
-def predict_files(model_uri: str, files: Sequence[Path], output: Path, batch_size: int = 64):
-    """Classify ``files`` in batches, streaming rows to ``output`` (CSV); return (rows, errors).
+def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:
+    """Add top<i>_label / top<i>_probability (i = 1..k) from the prob_<class> columns."""
+    prob_cols = [c for c in frame.columns if c.startswith(PROB_PREFIX)]
+    names = [c[len(PROB_PREFIX):] for c in prob_cols]
+    k = min(k, len(prob_cols))
+    probs = frame[prob_cols].to_numpy()
+    order = (-probs).argsort(axis=1, kind="stable")[:, :k]
+    ok = (frame["error"] == "").to_numpy()
+    for i in range(k):
+        frame[f"top{i + 1}_label"] = [names[j] if good else "" for j, good in zip(order[:, i], ok)]
+        frame[f"top{i + 1}_probability"] = [
+            float(probs[r, j]) if good else 0.0 for r, (j, good) in enumerate(zip(order[:, i], ok))
+        ]
+    return frame
 
-    Columns: path, label, probability, error, prob_<class> for each class.
-    """
-    import pandas as pd
 
+def _encode(path: Path) -> str:
     from tasks.serving import encode_files
 
+    try:
+        return encode_files([path])[0]
+    except OSError:
+        return ""  # unreadable file: the model reports it as an error row
+
+
+class _Writer:
+    """Streams rows to CSV or to a JSON array, into ``<output>.part`` renamed when complete."""
+
+    def __init__(self, output: Path, fmt: str):
+        self.output, self.fmt = output, fmt
+        self.tmp = output.with_name(output.name + ".part")
+        self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
+        self.csv = None
+        self.first = True
+        if fmt == "json":
+            self.fh.write("[\n")
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.fmt == "csv":
+            if self.csv is None:
+                self.csv = csv.writer(self.fh)
+                self.csv.writerow(frame.columns)
+            self.csv.writerows(frame.itertuples(index=False))
+            return
+        for record in frame.to_dict(orient="records"):
+            clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                     for k, v in record.items()}
+            self.fh.write(("" if self.first else ",\n") + json.dumps(clean, ensure_ascii=False))
+            self.first = False
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.fh.write("\n]\n")
+        self.fh.close()
+        os.replace(self.tmp, self.output)
+
+
+def predict_files(
+    model_uri: str,
+    files: Sequence[Path],
+    output: Path,
+    batch_size: int = 64,
+    fmt: str = "csv",
+    top_k: int = 0,
+    on_batch: Optional[Callable[[int], None]] = None,
+) -> tuple[int, int]:
+    """Classify ``files`` in batches, streaming rows to ``output``; return (rows, errors).
+
+    Columns: path, label, probability, error, prob_<class> for each class, then
+    top<i>_label/top<i>_probability when ``top_k`` > 0.
+    """
     model = load_model(model_uri)
     rows = errors = 0
-    tmp = output.with_name(output.name + ".part")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = None
+    writer = _Writer(Path(output), fmt)
+    try:
         for start in range(0, len(files), batch_size):
             chunk = files[start : start + batch_size]
-            images = []
-            for path in chunk:
-                try:
-                    images.append(encode_files([path])[0])
-                except OSError:
-                    images.append("")
-            frame = model.predict(pd.DataFrame({"image": images}))
+            frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in chunk]}))
+            frame = frame.reset_index(drop=True)
+            if top_k:
+                frame = add_top_k(frame, top_k)
             frame.insert(0, "path", [str(p) for p in chunk])
-            if writer is None:
-                writer = csv.writer(fh)
-                writer.writerow(frame.columns)
-            writer.writerows(frame.itertuples(index=False))
+            writer.write(frame)
             rows += len(frame)
             errors += int((frame["error"] != "").sum())
-    tmp.replace(output)
+            if on_batch:
+                on_batch(len(chunk))
+    except BaseException:
+        writer.fh.close()
+        writer.tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
     return rows, errors

@@ -38,12 +38,20 @@ def tracking_uri() -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
-def _client():
+def configure_mlflow() -> str:
+    """Point the mlflow library at the tracking/registry store; return the tracking URI."""
     import mlflow
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    return uri
+
+
+def _client():
+    import mlflow
+
+    configure_mlflow()
     return mlflow.MlflowClient()
 
 
@@ -187,6 +195,10 @@ class _PetalflowFlavor:
         _PythonEnv.current().to_yaml(str(path / "python_env.yaml"))
         mlflow_model.add_flavor("petalflow", saved_model_dir=SAVED_MODEL_DIR,
                                 signature_def_key="serving_default")
+        # Also loadable with mlflow.tensorflow.load_model (returns the serving signature).
+        mlflow_model.add_flavor("tensorflow", code=None, saved_model_dir=SAVED_MODEL_DIR,
+                                meta_graph_tags=["serve"], signature_def_key="serving_default",
+                                model_type="tf1-estimator")
         pyfunc.add_to_model(mlflow_model, loader_module="tasks.serving", data=SAVED_MODEL_DIR,
                             conda_env="conda.yaml", python_env="python_env.yaml")
         mlflow_model.save(str(path / "MLmodel"))
@@ -304,6 +316,45 @@ def register_model(
         "previous_champion": str(champion.version) if champion is not None else None,
         "previous_champion_accuracy": champion_acc,
     }
+
+
+def list_model_versions(name: str):
+    """pandas table of a registered model's versions: version, aliases, test accuracy, created,
+    dataset fingerprint, run id (newest first). Reads the registry only; TensorFlow not needed."""
+    import pandas as pd
+
+    client = _client()
+    rows = []
+    try:  # search results do not carry aliases; the registered model does
+        alias_map = client.get_registered_model(name).aliases or {}
+    except Exception:  # noqa: BLE001 - no such model: empty table
+        alias_map = {}
+    aliases_of: dict[str, list[str]] = {}
+    for alias, version in alias_map.items():
+        aliases_of.setdefault(str(version), []).append(alias)
+    for mv in client.search_model_versions(f"name='{name}'"):
+        rows.append({
+            "version": int(mv.version),
+            "aliases": ",".join(sorted(aliases_of.get(str(mv.version), []))),
+            "test_accuracy": float(mv.tags["test_accuracy"]) if "test_accuracy" in mv.tags
+            else None,
+            "created": pd.to_datetime(mv.creation_timestamp, unit="ms", utc=True),
+            "dataset_fingerprint": mv.tags.get("dataset_fingerprint", "")[:12],
+            "run_id": mv.run_id,
+        })
+    columns = ["version", "aliases", "test_accuracy", "created", "dataset_fingerprint", "run_id"]
+    return pd.DataFrame(rows, columns=columns).sort_values("version", ascending=False,
+                                                           ignore_index=True)
+
+
+def pull_model(model_uri: str, dest: Path) -> Path:
+    """Download a registered model (any MLflow model URI) into ``dest`` for offline use."""
+    import mlflow
+
+    configure_mlflow()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
 
 
 # --------------------------------------------------------------------------- Prefect tasks

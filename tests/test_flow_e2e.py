@@ -219,3 +219,132 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["mlflow_run_id"] == summary[
         "mlflow_run_id"]
     assert (workspace / "mlflow" / "mlflow.db").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion --env-manager local`, a real subprocess."""
+    import base64
+    import time
+
+    import httpx
+
+    tmp, _summary = trained
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "model server did not become healthy"
+            time.sleep(1)
+        images = {
+            "red": write_image(tmp_path / "r.jpg", COLOURS["red"], seed=31),
+            "blue": write_image(tmp_path / "b.png", COLOURS["blue"], fmt="PNG", seed=32),
+        }
+        b64 = [base64.b64encode(p.read_bytes()).decode() for p in images.values()]
+        b64.append(base64.b64encode(b"not an image").decode())
+        split = {"dataframe_split": {"columns": ["image"], "data": [[v] for v in b64]}}
+        records = {"dataframe_records": [{"image": v} for v in b64]}
+        for payload in (split, records):
+            resp = httpx.post(f"{url}/invocations", json=payload, timeout=60)
+            assert resp.status_code == 200, resp.text
+            rows = resp.json()["predictions"]
+            assert [r["label"] for r in rows] == ["red", "blue", ""]
+            assert rows[2]["error"] == "undecodable image"
+            probs = [rows[0][f"prob_{c}"] for c in COLOURS]
+            assert rows[0]["probability"] == pytest.approx(max(probs))
+            assert abs(sum(rows[0][f"prob_{c}"] for c in COLOURS) - 1.0) < 1e-4
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
+    from flows.cli import main
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    folder = tmp_path / "in"
+    for i, name in enumerate(("red", "green")):
+        write_image(folder / f"{name}.jpg", COLOURS[name], seed=40 + i)
+    out = tmp_path / "p.json"
+    assert main(["predict", "--input", str(folder / "*.jpg"), "--output", str(out),
+                 "--format", "json", "--top-k", "2"]) == 0
+    rows = {Path(r["path"]).stem: r for r in json.loads(out.read_text())}
+    assert rows["red"]["label"] == rows["red"]["top1_label"] == "red"
+    assert rows["green"]["top1_label"] == "green" and rows["green"]["top2_label"] != "green"
+    assert rows["red"]["top1_probability"] >= rows["red"]["top2_probability"]
+
+    dest = tmp_path / "offline"
+    assert main(["pull", "--dest", str(dest)]) == 0
+    model_dir = next(p.parent for p in dest.rglob("MLmodel"))
+    # Offline: a tracking URI that cannot work proves the local folder needs no server.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    out_csv = tmp_path / "offline.csv"
+    assert main(["predict", "--model", str(model_dir), "--input", str(folder), "--output",
+                 str(out_csv)]) == 0
+    table = pd.read_csv(out_csv, keep_default_na=False)
+    assert sorted(table["label"]) == ["green", "red"]
+
+
+def test_models_command_lists_versions(trained, monkeypatch, capsys):
+    from flows.cli import main
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "champion" in out and "test_accuracy" in out
+
+
+def test_registered_model_runs_no_code_from_the_model(trained, monkeypatch):
+    """The MLmodel names petalflow's installed loader; the model folder holds no pickles and
+    no Python; metadata is readable without TensorFlow."""
+    import yaml
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    from tasks.registry import pull_model
+
+    path = pull_model(f"models:/{MODEL}@champion", tmp / "inspect")
+    mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "tasks.serving"
+    assert "code" not in mlmodel["flavors"]["python_function"]
+    assert mlmodel["metadata"]["class_names"] == sorted(COLOURS)
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".pkl", ".pickle", ".py", ".cloudpickle"}]
+    graph = b"".join(p.read_bytes() for p in files if p.suffix == ".pb")
+    assert b"PyFunc" not in graph and b"Lambda" not in graph
+
+
+def test_mlflow_package_is_not_shadowed_by_the_mlflow_folder():
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.__file__)"],
+                         cwd=repo, capture_output=True, text=True, check=True).stdout
+    assert "site-packages" in out
