@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}  # what petalflow predict picks up
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -156,6 +158,26 @@ def run_baseline(pf: dict, args, work: Path, env: dict) -> dict:
     return res
 
 
+def run_predict_throughput(model_uri: str, folder: Path, work: Path, env: dict) -> dict:
+    """petalflow predict on a whole folder vs the plain one-by-one mlflow.tensorflow loop."""
+    n = sum(1 for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    out = work / "throughput"
+    out.mkdir(parents=True)
+    pf = measure([str(BIN / "petalflow"), "predict", "--model", model_uri, "--input", str(folder),
+                  "--output", str(out / "all.csv")], work, env, out / "petalflow.log")
+    plain = measure([sys.executable, str(REPO / "bench" / "plain_predict.py"), "--model",
+                     model_uri, "--folder", str(folder), "--json", str(out / "plain.json")],
+                    work, env, out / "plain.log")
+    plain_loop = json.loads((out / "plain.json").read_text())
+    return {
+        "images": n,
+        "petalflow_predict": {**pf, "images_per_s": round(n / pf["wall_s"], 1)},
+        "plain_one_by_one": {**plain, "images_per_s": round(n / plain["wall_s"], 1),
+                             "loop_only_images_per_s": round(plain_loop["loop_images_per_s"], 1)},
+        "ratio": round(plain["wall_s"] / pf["wall_s"], 2),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archive", required=True, type=Path)
@@ -164,6 +186,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--variants", default="off,on", help="augmentation variants: off,on")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-throughput", action="store_true",
+                    help="skip the prediction-throughput comparison")
     ap.add_argument("extra", nargs="*", help="extra petalflow train options (after --)")
     args = ap.parse_args()
     args.backbone = str(Path(args.backbone).resolve())
@@ -189,6 +213,13 @@ def main() -> None:
                         "train_only_wall_ratio": round(pf["train"]["wall_s"] / base["wall_s"], 3),
                         "memory_ratio": round(pf["peak_rss_mib"] / base["peak_rss_mib"], 3),
                     }
+                    if not args.no_throughput and "throughput" not in results:
+                        model_uri = "models:/petalflow-classifier/1"
+                        tp_env = {**env, "MLFLOW_TRACKING_URI":
+                                  f"sqlite:///{work / 'petalflow' / 'mlflow' / 'mlflow.db'}"}
+                        results["throughput"] = run_predict_throughput(
+                            model_uri, Path(pf["data_root"]), work, tp_env)
+                        print(json.dumps(results["throughput"], indent=2), flush=True)
                     for key in ("manifest", "data_root"):
                         pf.pop(key)
                     results["runs"].append(row)
@@ -205,6 +236,13 @@ def main() -> None:
               f"{pf['wall_s']} ({pf['train']['wall_s']} + {pf['predict']['wall_s']}) | "
               f"{b['wall_s']} | {row['wall_ratio']} | {row['train_only_wall_ratio']} | "
               f"{pf['peak_rss_mib']} | {b['peak_rss_mib']} | {row['memory_ratio']} |")
+    if "throughput" in results:
+        tp = results["throughput"]
+        print(f"\nprediction throughput on {tp['images']} images (whole command, load included): "
+              f"petalflow predict {tp['petalflow_predict']['images_per_s']} images/s, plain "
+              f"one-by-one {tp['plain_one_by_one']['images_per_s']} images/s "
+              f"(loop only {tp['plain_one_by_one']['loop_only_images_per_s']}), "
+              f"ratio {tp['ratio']}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -9,7 +9,6 @@ reported with the option's name and what is allowed, and the exit status is 2.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -20,7 +19,6 @@ from pydantic import ValidationError
 
 from tasks.params import DEFAULT_MODEL_NAME, TrainParams, cli_option
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
 EXIT_USAGE = 2
 
 
@@ -114,27 +112,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
-    """Files named, image files under folders (recursively, sorted) and glob matches."""
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            for sub in sorted(path.rglob("*")):
-                if sub.is_file() and sub.suffix.lower() in IMAGE_SUFFIXES and not any(
-                    part.startswith(".") for part in sub.relative_to(path).parts
-                ):
-                    yield sub
-        elif path.is_file():
-            yield path
-        else:
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise UsageError(f"--input: {item!r} is not a file, folder or matching pattern")
-            for match in matches:
-                if Path(match).is_file():
-                    yield Path(match)
-
-
 def _progress(total: int):
     """A progress bar on a terminal (stderr), nothing otherwise: (advance, close)."""
     if not sys.stderr.isatty():
@@ -154,10 +131,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("--top-k: must be 0 or more")
     if not args.output.parent.exists():
         raise UsageError(f"--output: folder {args.output.parent} does not exist")
-    files = list(iter_inputs(args.input))
+    from tasks.predict import iter_inputs, predict_files
+
+    try:
+        files = list(iter_inputs(args.input))
+    except FileNotFoundError as exc:
+        raise UsageError(f"--input: {exc}") from None
     if not files:
         raise UsageError("--input: no image files found")
-    from tasks.predict import predict_files
 
     model_uri = args.model or f"models:/{args.model_name}@champion"
     advance, close = _progress(len(files))
@@ -218,6 +199,11 @@ def _warm_imports() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
+        from flows.stack import main as stack_main
+
+        return stack_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_defaults()

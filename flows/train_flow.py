@@ -1,19 +1,23 @@
 """train-and-register: from a dataset URL to a registered, usable MLflow model.
 
 Inputs: one ``TrainParams`` (dataset URL/sha256, TF Hub backbone, training options, model name,
-quality gate). Steps: download -> extract -> scan/split (quarantine bad files) -> MLflow run ->
-train (resumable, per-epoch metrics) -> evaluate on the test split -> register a model version and
-move the ``champion`` alias only if it passes the gate and beats the current champion.
-Output: the run summary (MLflow run id, model name/version, alias decision, test metrics,
-dataset counts). Files live under ``$PETALFLOW_HOME`` (default ``./.petalflow``).
+quality gate, ``force``). Steps: download -> extract -> scan/split (quarantine bad files) ->
+"nothing to do" if the champion was trained on the same data with the same parameters (unless
+``force``) -> MLflow run -> train (the ``train-model`` flow; resumable, per-epoch metrics) ->
+evaluate on the test split -> register a version; ``champion`` moves only if it passes the gate
+and beats the current champion. Output: the run summary (MLflow run id, model name/version, alias
+decision, test metrics, dataset counts). Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
 
-Run it with ``petalflow train [options]`` (ephemeral Prefect, no server needed) or deploy it
-with ``prefect deploy --prefect-file deployment.yaml --all``.
+Run it with ``petalflow train [options]`` (ephemeral Prefect: everything in one process) or deploy
+it with ``prefect deploy --prefect-file deployment.yaml --all``: then the parent runs on the ``cpu``
+pool and starts the ``train-model/train-gpu`` deployment on the ``gpu`` pool for the training step,
+handing it paths (never objects) and reading its result back from the shared working folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -23,13 +27,50 @@ from tasks.dataset import prepare_dataset_task
 from tasks.download import download_archive_task, extract_archive_task
 from tasks.evaluate import evaluate_model_task
 from tasks.params import TrainParams
-from tasks.registry import finish_run_task, register_model_task, start_run_task
+from tasks.registry import (
+    finish_run_task, register_model_task, start_run_task, unchanged_since_champion_task,
+)
 from tasks.train import run_key, train_model_task
+
+TRAIN_DEPLOYMENT_ENV = "PETALFLOW_TRAIN_DEPLOYMENT"
+DEFAULT_TRAIN_DEPLOYMENT = "train-model/train-gpu"
 
 
 def petalflow_home() -> Path:
     """Where downloads, extracted datasets and run working folders live."""
     return Path(os.environ.get("PETALFLOW_HOME", ".petalflow")).resolve()
+
+
+@flow(name="train-model", log_prints=True)
+def train_model_flow(data_info: dict, params: TrainParams, workdir: str, run_id: str) -> dict:
+    """The training step as its own flow, so a deployment can run it on the GPU work pool.
+
+    Reads the dataset description and writes checkpoints, the exported model and train.json
+    under ``workdir``; returns the training record.
+    """
+    return train_model_task(data_info, params, workdir, run_id)
+
+
+def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str) -> dict:
+    """Train through the GPU deployment when this flow itself runs from a deployment, else
+    in this process. Only locations cross the boundary: the record comes back as train.json."""
+    from prefect.runtime import deployment
+
+    if deployment.id is None:
+        return train_model_flow(data_info, params, workdir, run_id)
+    from prefect.deployments import run_deployment
+
+    name = os.environ.get(TRAIN_DEPLOYMENT_ENV, DEFAULT_TRAIN_DEPLOYMENT)
+    child = run_deployment(
+        name=name,
+        parameters={"data_info": data_info, "params": params.model_dump(mode="json"),
+                    "workdir": workdir, "run_id": run_id},
+        timeout=None,
+        as_subflow=True,
+    )
+    if not child.state or not child.state.is_completed():
+        raise RuntimeError(f"training run {child.name} ({name}) ended {child.state_name}")
+    return json.loads((Path(workdir) / "train.json").read_text())
 
 
 @flow(name="train-and-register", log_prints=True)
@@ -45,11 +86,25 @@ def train_and_register(params: TrainParams = TrainParams()) -> dict:
     counts = data_info["counts"]
     logger.info("dataset: %d classes, %d files found, %d used, %d quarantined",
                 len(data_info["classes"]), counts["found"], counts["used"], counts["quarantined"])
+    dataset = {
+        "fingerprint": data_info["fingerprint"],
+        "classes": data_info["classes"],
+        **{k: counts[k] for k in ("found", "used", "quarantined", "splits",
+                                  "quarantine_reasons", "empty_class_folders")},
+    }
+    if not params.force:
+        same = unchanged_since_champion_task(params, data_info)
+        if same is not None:
+            logger.info("nothing to do: champion version %s was trained on this data with these "
+                        "parameters (set force to retrain)", same["model_version"])
+            return {"status": "nothing to do", "alias": "champion", **same,
+                    "alias_reason": "unchanged data and parameters; champion kept",
+                    "dataset": dataset}
     key = run_key(params, data_info["fingerprint"])
     workdir = home / "runs" / key
     run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}")
     try:
-        record = train_model_task(data_info, params, str(workdir), run_id)
+        record = run_training(data_info, params, str(workdir), run_id)
         evaluation = evaluate_model_task(record["export_dir"], data_info,
                                          str(workdir / "evaluation"), run_id)
         registration = register_model_task(run_id, record["export_dir"], params, data_info,
@@ -58,25 +113,17 @@ def train_and_register(params: TrainParams = TrainParams()) -> dict:
         finish_run_task(run_id, "FAILED")
         raise
     finish_run_task(run_id)
-    summary = {
+    logger.info("registered %s version %s as %s (%s)", registration["model_name"],
+                registration["model_version"], registration["alias"], registration["alias_reason"])
+    return {
+        "status": "trained",
         "mlflow_run_id": run_id,
         **registration,
         "test_metrics": evaluation["metrics"],
-        "dataset": {
-            "fingerprint": data_info["fingerprint"],
-            "classes": data_info["classes"],
-            "found": counts["found"],
-            "used": counts["used"],
-            "quarantined": counts["quarantined"],
-            "splits": counts["splits"],
-            "quarantine_reasons": counts["quarantine_reasons"],
-        },
+        "dataset": dataset,
         "training": {k: record[k] for k in ("device", "epochs", "resumed_from_epoch", "seconds")},
         "workdir": str(workdir),
     }
-    logger.info("registered %s version %s as %s (%s)", registration["model_name"],
-                registration["model_version"], registration["alias"], registration["alias_reason"])
-    return summary
 
 
 def _split_key(params: TrainParams, data_root: str) -> str:

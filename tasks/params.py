@@ -97,6 +97,12 @@ class TrainParams(BaseModel):
         "petalflow", min_length=1, max_length=200, title="MLflow experiment",
         description="MLflow experiment the run is logged to.",
     )
+    force: bool = Field(
+        False,
+        title="Force retraining",
+        description="Retrain even when the dataset fingerprint and the training parameters are "
+        "the same as the current champion's (otherwise the run ends early: nothing to do).",
+    )
     max_extract_bytes: int = Field(
         20 * 1024**3, ge=1024, title="Extraction size limit (bytes)",
         description="Refuse archives whose members add up to more than this (zip bombs).",

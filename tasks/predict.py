@@ -7,15 +7,41 @@ come, so memory stays bounded however large the folder.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import pandas as pd
 
 from tasks.model import PROB_PREFIX
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
+
+
+def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
+    """Files named, image files under folders (recursively, sorted, hidden ones skipped) and
+    glob matches; raises FileNotFoundError for an item that matches nothing."""
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            for sub in sorted(path.rglob("*")):
+                if sub.is_file() and sub.suffix.lower() in IMAGE_SUFFIXES and not any(
+                    part.startswith(".") for part in sub.relative_to(path).parts
+                ):
+                    yield sub
+        elif path.is_file():
+            yield path
+        else:
+            matches = sorted(glob.glob(str(path), recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"{item!r} is not a file, folder or matching pattern")
+            for match in matches:
+                if Path(match).is_file():
+                    yield Path(match)
 
 
 def load_model(model_uri: str):

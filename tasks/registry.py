@@ -21,6 +21,7 @@ from typing import Optional
 from prefect import task
 
 from tasks.params import TrainParams
+from tasks.train import run_key
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -293,6 +294,7 @@ def register_model(
         "image_size": str(cfg.image_size),
         "class_names": json.dumps(data_info["classes"], ensure_ascii=False),
         "params": cfg.model_dump_json(),
+        "run_key": run_key(cfg, data_info["fingerprint"]),
         "code_version": code_version(),
     }
     for key, value in version_tags.items():
@@ -316,6 +318,18 @@ def register_model(
         "previous_champion": str(champion.version) if champion is not None else None,
         "previous_champion_accuracy": champion_acc,
     }
+
+
+def unchanged_since_champion(cfg: TrainParams, data_info: dict) -> Optional[dict]:
+    """The champion's description if it was trained on the same data with the same training
+    parameters (same run key), else None: retraining would reproduce it."""
+    client = _client()
+    champion, accuracy = current_champion(client, cfg.model_name)
+    if champion is None or champion.tags.get("run_key") != run_key(cfg, data_info["fingerprint"]):
+        return None
+    return {"model_name": cfg.model_name, "model_version": str(champion.version),
+            "model_uri": f"models:/{cfg.model_name}/{champion.version}",
+            "champion_accuracy": accuracy}
 
 
 def list_model_versions(name: str):
@@ -371,6 +385,11 @@ def start_run_task(cfg: TrainParams, data_info: dict, run_name: Optional[str] = 
 def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: dict,
                         metrics: dict) -> dict:
     return register_model(run_id, Path(export_dir), cfg, data_info, metrics)
+
+
+@task(name="check-unchanged", **_MLFLOW_RETRY)
+def unchanged_since_champion_task(cfg: TrainParams, data_info: dict) -> Optional[dict]:
+    return unchanged_since_champion(cfg, data_info)
 
 
 @task(name="finish-mlflow-run", **_MLFLOW_RETRY)

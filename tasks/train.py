@@ -259,7 +259,7 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
     import hashlib
 
     relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "experiment_name",
-                                       "data_url", "data_sha256", "max_extract_bytes"})
+                                       "data_url", "data_sha256", "max_extract_bytes", "force"})
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -1,0 +1,42 @@
+"""Plain prediction baseline: load the registered model with ``mlflow.tensorflow.load_model``
+and classify a folder's images one by one (the naive loop a user would write).
+
+    python bench/plain_predict.py --model models:/NAME/1 --folder DIR --json OUT.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--folder", required=True, type=Path)
+    ap.add_argument("--json", required=True, type=Path)
+    args = ap.parse_args()
+    started = time.time()
+    import mlflow
+    import tensorflow as tf
+
+    infer = mlflow.tensorflow.load_model(args.model)
+    suffixes = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}  # the images petalflow predict takes
+    files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in suffixes)
+    loop_start = time.time()
+    labels = []
+    for path in files:
+        out = infer(image=tf.constant([base64.b64encode(path.read_bytes()).decode()]))
+        labels.append(out["label"].numpy()[0].decode())
+    loop = time.time() - loop_start
+    result = {"images": len(files), "loop_s": loop, "loop_images_per_s": len(files) / loop,
+              "seconds_in_script": time.time() - started}
+    args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

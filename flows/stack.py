@@ -1,0 +1,245 @@
+"""Run the petalflow stack on one machine: Prefect server + MLflow tracking server, the ``cpu``
+and ``gpu`` process work pools with one worker each, and the deployments of deployment.yaml.
+
+    petalflow stack up [--prefect-port 4200] [--mlflow-port 5000]   # start all, wait for health
+    petalflow stack deploy                                          # (re)deploy deployment.yaml
+    petalflow stack status
+    petalflow stack down                                            # stop all cleanly
+
+Everything binds to 127.0.0.1 unless ``--host`` says otherwise. State lives in ``--stack-dir``
+(default ``.petalflow/stack``): ``prefect/`` (PREFECT_HOME, SQLite database), ``logs/*.log``,
+``pids/*.pid`` and ``env`` (the variables a shell needs to talk to the stack). MLflow keeps its
+SQLite backend and artifacts under ``mlflow/``. Every start waits for its health check.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+POOLS = {"cpu": "download, scan, evaluation, registration", "gpu": "training"}
+
+
+@dataclass
+class Stack:
+    """Locations and ports of one stack; every path is absolute."""
+
+    stack_dir: Path = field(default_factory=lambda: Path(".petalflow/stack").resolve())
+    host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    mlflow_dir: Path = field(default_factory=lambda: (REPO / "mlflow").resolve())
+    petalflow_home: Path = field(default_factory=lambda: Path(".petalflow").resolve())
+    repo: Path = REPO
+
+    @property
+    def prefect_api(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def logs(self) -> Path:
+        return self.stack_dir / "logs"
+
+    @property
+    def pids(self) -> Path:
+        return self.stack_dir / "pids"
+
+    def env(self) -> dict:
+        """Environment for every process of the stack (and for a shell that uses it)."""
+        bin_dir = str(Path(sys.executable).parent)
+        return {
+            **os.environ,
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            "PREFECT_HOME": str(self.stack_dir / "prefect"),
+            "PREFECT_API_URL": self.prefect_api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "PETALFLOW_HOME": str(self.petalflow_home),
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+
+    def bin(self, name: str) -> str:
+        return str(Path(sys.executable).parent / name)
+
+
+def _start(stack: Stack, name: str, cmd: list[str], cwd: Optional[Path] = None) -> int:
+    stack.logs.mkdir(parents=True, exist_ok=True)
+    stack.pids.mkdir(parents=True, exist_ok=True)
+    pidfile = stack.pids / f"{name}.pid"
+    if pidfile.exists() and _alive(int(pidfile.read_text())):
+        return int(pidfile.read_text())
+    log = open(stack.logs / f"{name}.log", "ab")
+    proc = subprocess.Popen(cmd, cwd=cwd or stack.repo, env=stack.env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    return proc.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child counts as dead
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def _wait(what: str, check, timeout_s: float, stack: Stack, name: str) -> None:
+    deadline = time.time() + timeout_s
+    pid = int((stack.pids / f"{name}.pid").read_text())
+    while time.time() < deadline:
+        if not _alive(pid):
+            raise RuntimeError(f"{what} exited; see {stack.logs / (name + '.log')}")
+        try:
+            if check():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} not healthy after {timeout_s:.0f}s; see "
+                       f"{stack.logs / (name + '.log')}")
+
+
+def start_prefect_server(stack: Stack, timeout_s: float = 120) -> None:
+    _start(stack, "prefect-server", [stack.bin("prefect"), "server", "start", "--host",
+                                      stack.host, "--port", str(stack.prefect_port)])
+    _wait("Prefect server", lambda: httpx.get(f"{stack.prefect_api}/health", timeout=3)
+          .status_code == 200, timeout_s, stack, "prefect-server")
+
+
+def start_mlflow_server(stack: Stack, timeout_s: float = 120) -> None:
+    stack.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    _start(stack, "mlflow-server", [
+        stack.bin("mlflow"), "server", "--host", stack.host, "--port", str(stack.mlflow_port),
+        "--backend-store-uri", f"sqlite:///{stack.mlflow_dir / 'mlflow.db'}",
+        "--artifacts-destination", (stack.mlflow_dir / "artifacts").as_uri(),
+        "--workers", "1",
+    ])
+    _wait("MLflow server", lambda: httpx.get(f"{stack.mlflow_uri}/health", timeout=3)
+          .status_code == 200, timeout_s, stack, "mlflow-server")
+
+
+def _prefect(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([stack.bin("prefect"), "--no-prompt", *args], cwd=stack.repo,
+                          env=stack.env(), capture_output=True, text=True, check=check,
+                          timeout=300)
+
+
+def create_pools(stack: Stack) -> None:
+    """Process work pools ``cpu`` and ``gpu`` (idempotent); ``gpu`` runs one training at a time."""
+    for pool, purpose in POOLS.items():
+        got = httpx.get(f"{stack.prefect_api}/work_pools/{pool}", timeout=10)
+        if got.status_code == 404:
+            _prefect(stack, "work-pool", "create", pool, "--type", "process")
+    _prefect(stack, "work-pool", "set-concurrency-limit", "gpu", "1")
+
+
+def deploy(stack: Stack) -> str:
+    """``prefect deploy --prefect-file deployment.yaml --all`` with the stock CLI."""
+    out = _prefect(stack, "deploy", "--prefect-file", str(stack.repo / "deployment.yaml"),
+                   "--all")
+    return out.stdout
+
+
+def start_workers(stack: Stack, timeout_s: float = 120) -> None:
+    for pool in POOLS:
+        _start(stack, f"worker-{pool}", [stack.bin("prefect"), "worker", "start", "--pool", pool,
+                                         "--type", "process"])
+    for pool in POOLS:
+        _wait(f"worker for pool {pool}", lambda p=pool: httpx.get(
+            f"{stack.prefect_api}/work_pools/{p}", timeout=3).json().get("status") == "READY",
+            timeout_s, stack, f"worker-{pool}")
+
+
+def write_env_file(stack: Stack) -> Path:
+    path = stack.stack_dir / "env"
+    keys = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PETALFLOW_HOME", "PREFECT_HOME")
+    env = stack.env()
+    path.write_text("".join(f"export {k}={env[k]}\n" for k in keys))
+    return path
+
+
+def up(stack: Stack) -> None:
+    start_prefect_server(stack)
+    start_mlflow_server(stack)
+    create_pools(stack)
+    deploy(stack)
+    start_workers(stack)
+    write_env_file(stack)
+
+
+def down(stack: Stack, timeout_s: float = 30) -> list[str]:
+    """Stop workers first, then the servers: SIGTERM to each process group, SIGKILL if needed."""
+    stopped = []
+    order = ["worker-cpu", "worker-gpu", "mlflow-server", "prefect-server"]
+    for name in order:
+        pidfile = stack.pids / f"{name}.pid"
+        if not pidfile.exists():
+            continue
+        pid = int(pidfile.read_text())
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.time() + timeout_s
+            while _alive(pid) and time.time() < deadline:
+                time.sleep(0.2)
+            if _alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+        pidfile.unlink(missing_ok=True)
+        stopped.append(name)
+    return stopped
+
+
+def status(stack: Stack) -> dict:
+    out = {}
+    for name in ("prefect-server", "mlflow-server", "worker-cpu", "worker-gpu"):
+        pidfile = stack.pids / f"{name}.pid"
+        out[name] = "running" if pidfile.exists() and _alive(int(pidfile.read_text())) else "stopped"
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="petalflow stack", description=__doc__.splitlines()[0],
+                                 allow_abbrev=False)
+    ap.add_argument("action", choices=("up", "down", "deploy", "status"))
+    ap.add_argument("--host", default=os.environ.get("PETALFLOW_STACK_HOST", "127.0.0.1"))
+    ap.add_argument("--prefect-port", type=int,
+                    default=int(os.environ.get("PETALFLOW_PREFECT_PORT", 4200)))
+    ap.add_argument("--mlflow-port", type=int,
+                    default=int(os.environ.get("PETALFLOW_MLFLOW_PORT", 5000)))
+    ap.add_argument("--stack-dir", type=Path, default=Path(".petalflow/stack"))
+    args = ap.parse_args(argv)
+    stack = Stack(stack_dir=args.stack_dir.resolve(), host=args.host,
+                  prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    if args.action == "up":
+        up(stack)
+        print(f"Prefect UI   http://{stack.host}:{stack.prefect_port}\n"
+              f"MLflow UI    {stack.mlflow_uri}\nlogs         {stack.logs}\n"
+              f"shell setup  source {stack.stack_dir / 'env'}")
+    elif args.action == "deploy":
+        print(deploy(stack))
+    elif args.action == "down":
+        print("stopped: " + (", ".join(down(stack)) or "nothing was running"))
+    else:
+        print(json.dumps(status(stack), indent=2))
+    return 0

@@ -1,0 +1,150 @@
+"""The deployed stack, end to end: a real Prefect server and a real MLflow server on free
+loopback ports with temporary homes, the `cpu` and `gpu` work pools, deployment.yaml deployed with
+the stock CLI, one worker per pool, and runs triggered through the REST endpoint the UI's Run
+button uses. Everything started here is stopped here, pass or fail."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.stack import Stack, create_pools, deploy, down, start_mlflow_server, \
+    start_prefect_server, start_workers
+from tests.helpers import make_dataset, make_tgz, serve_directory
+
+pytestmark = pytest.mark.e2e
+MODEL = "petalflow-classifier"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("stack")
+    st = Stack(stack_dir=tmp / "stack", prefect_port=_free_port(), mlflow_port=_free_port(),
+               mlflow_dir=tmp / "mlflow", petalflow_home=tmp / "home")
+    with pytest.MonkeyPatch.context() as mp:
+        # The scheduler creates upcoming runs within seconds instead of a minute.
+        mp.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "2")
+        mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
+        try:
+            start_prefect_server(st)
+            start_mlflow_server(st)
+            create_pools(st)
+            deploy(st)
+            start_workers(st)
+            yield st
+        finally:
+            down(st)
+
+
+def _api(st: Stack, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, f"{st.prefect_api}{path}", timeout=30, **kw)
+
+
+def _deployment(st: Stack, flow: str, name: str) -> dict:
+    resp = _api(st, "GET", f"/deployments/name/{flow}/{name}")
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def _run_button(st: Stack, deployment_id: str, parameters: dict) -> httpx.Response:
+    """What the UI's Run button sends."""
+    return _api(st, "POST", f"/deployments/{deployment_id}/create_flow_run",
+                json={"parameters": parameters, "state": {"type": "SCHEDULED"}})
+
+
+def _wait_final(st: Stack, flow_run_id: str, timeout_s: float = 420) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        run = _api(st, "GET", f"/flow_runs/{flow_run_id}").json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    logs = "\n".join(p.read_text()[-3000:] for p in st.logs.glob("*.log"))
+    raise AssertionError(f"flow run {flow_run_id} did not finish:\n{logs}")
+
+
+def _children(st: Stack, parent_id: str) -> list[dict]:
+    task_runs = _api(st, "POST", "/task_runs/filter", json={
+        "flow_runs": {"id": {"any_": [parent_id]}}}).json()
+    ids = [t["id"] for t in task_runs]
+    if not ids:
+        return []
+    return _api(st, "POST", "/flow_runs/filter", json={
+        "flow_runs": {"parent_task_run_id": {"any_": ids}}}).json()
+
+
+def _mlflow(st: Stack):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=st.mlflow_uri, registry_uri=st.mlflow_uri)
+
+
+def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_path,
+                                                                      tiny_backbone):
+    src = make_dataset(tmp_path / "src", per_class=12)
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = make_tgz(src, served / "photos.tgz")
+    train = _deployment(stack, "train-and-register", "train")
+    weekly = _deployment(stack, "train-and-register", "retrain-weekly")
+
+    # The server enforces the parameter schema: a bad value never becomes a run.
+    bad = _run_button(stack, train["id"], {"params": {"epochs": 0}})
+    assert bad.status_code in (409, 422), bad.text
+    assert "epochs" in bad.text
+
+    with serve_directory(served) as url:
+        params = {"params": {
+            "data_url": f"{url}/photos.tgz",
+            "data_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+            "backbone": str(tiny_backbone), "image_size": 32, "epochs": 6, "batch_size": 8,
+            "learning_rate": 0.05, "val_fraction": 0.2, "test_fraction": 0.2,
+            "min_accuracy": 0.8,
+        }}
+        created = _run_button(stack, train["id"], params)
+        assert created.status_code == 201, created.text
+        run = _wait_final(stack, created.json()["id"])
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+        assert run["work_pool_name"] == "cpu"
+        children = _children(stack, run["id"])
+        training = [c for c in children if c["deployment_id"] ==
+                    _deployment(stack, "train-model", "train-gpu")["id"]]
+        assert len(training) == 1 and training[0]["work_pool_name"] == "gpu"
+        assert training[0]["state"]["type"] == "COMPLETED"
+
+        client = _mlflow(stack)
+        champion = client.get_model_version_by_alias(MODEL, "champion")
+        assert str(champion.version) == "1"
+
+        # The weekly schedule exists, with its timezone, and the scheduler made upcoming runs.
+        schedules = weekly["schedules"]
+        assert schedules and schedules[0]["schedule"]["cron"] == "0 3 * * 1"
+        assert schedules[0]["schedule"]["timezone"] == "Europe/Berlin"
+        deadline = time.time() + 60
+        while True:
+            upcoming = _api(stack, "POST", "/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [weekly["id"]]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+            if upcoming or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert upcoming, "the scheduler created no upcoming retrain-weekly runs"
+
+        # A retrain on unchanged data and parameters finishes without training.
+        again = _run_button(stack, weekly["id"], params)
+        assert again.status_code == 201, again.text
+        rerun = _wait_final(stack, again.json()["id"])
+        assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
+        assert not _children(stack, rerun["id"]), "no training subflow on unchanged data"
+        assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
