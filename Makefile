@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean browser stack-up stack-down
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/petalflow train $(ARGS)
 
+## Debian's Chromium for the browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "install Debian's chromium package (sudo apt-get install chromium)"; exit 1; fi; }
+
 ## The whole test suite (offline, CPU only).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## Unit tests only (skips the end-to-end flow tests).
@@ -32,6 +39,13 @@ test-fast: $(STAMP)
 ## Benchmark against a plain Keras baseline: make bench ARCHIVE=path.tgz BACKBONE=dir
 bench: $(STAMP)
 	$(BIN)/python bench/run_bench.py --archive "$(ARCHIVE)" --backbone "$(BACKBONE)" $(ARGS)
+
+## Prefect server + MLflow server + cpu/gpu pools and workers + deployments, on 127.0.0.1.
+stack-up: $(STAMP)
+	$(BIN)/petalflow stack up $(ARGS)
+
+stack-down:
+	$(BIN)/petalflow stack down $(ARGS)
 
 clean:
 	rm -rf .petalflow .pytest_cache

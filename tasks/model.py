@@ -60,6 +60,7 @@ def build_head(dim: int, num_classes: int, dropout: float = 0.2, seed: int = 0):
             k.layers.Dense(
                 num_classes,
                 activation="softmax",
+                dtype="float32",  # softmax in float32 even under a mixed-precision policy
                 kernel_initializer=k.initializers.GlorotUniform(seed=seed),
                 name="classes",
             ),

@@ -41,6 +41,19 @@ def configure_device() -> str:
     return "CPU"
 
 
+def use_mixed_precision() -> bool:
+    """float16 compute for the head on GPUs with tensor cores (compute capability >= 7.0).
+
+    The Hub backbone runs its saved float32 graph either way; on the CPU nothing changes."""
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability and capability >= (7, 0):
+            return True
+    return False
+
+
 def split_files(data_info: dict, split: str) -> tuple[list[str], np.ndarray]:
     """Absolute file paths and label indices (into data_info['classes']) of one split."""
     manifest = load_manifest(Path(data_info["manifest"]))
@@ -143,6 +156,8 @@ def train_model(
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    mixed = use_mixed_precision()
+    k.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     timings: dict[str, float] = {}
     mark = [started]
 
@@ -240,6 +255,7 @@ def train_model(
     record_ = {
         "export_dir": str(export_dir),
         "device": device,
+        "mixed_precision": mixed,
         "epochs": total,
         "resumed_from_epoch": resumed_from,
         "history": history,

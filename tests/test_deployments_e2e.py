@@ -148,3 +148,72 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
         assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
         assert not _children(stack, rerun["id"]), "no training subflow on unchanged data"
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone):
+    """Headless Chromium opens the Prefect UI, opens the `train` deployment, starts a custom run
+    from the run form and sees the run reach Completed in the UI."""
+    import json as _json
+    from urllib.parse import quote
+
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium package is required (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    src = make_dataset(tmp_path / "src", per_class=12, seed=3)
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = make_tgz(src, served / "ui.tgz")
+    ui = stack.prefect_api[: -len("/api")]
+    train = _deployment(stack, "train-and-register", "train")
+    before = {r["id"] for r in _api(stack, "POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [train["id"]]}}}).json()}
+    with serve_directory(served) as url, sync_playwright() as pw:
+        params = {"params": {
+            "data_url": f"{url}/ui.tgz",
+            "data_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+            "backbone": str(tiny_backbone), "image_size": 32, "epochs": 4, "batch_size": 8,
+            "learning_rate": 0.05, "val_fraction": 0.2, "test_fraction": 0.2,
+            "min_accuracy": 0.0, "force": True,
+        }}
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{ui}/deployments", wait_until="networkidle")
+            page.get_by_role("link", name="train", exact=True).first.click()
+            run_button = page.get_by_role("button", name="Run", exact=True)
+            run_button.wait_for(timeout=30_000)
+            run_button.click()
+            page.get_by_text("Custom run", exact=True).click()
+            page.wait_for_url("**/run?parameters=**", timeout=30_000)
+            # The run form, prefilled the way the UI's own links do, then one field edited.
+            page.goto(page.url.split("?")[0] + "?parameters="
+                      + quote(quote(_json.dumps(params))), wait_until="networkidle")
+            epochs = page.locator(
+                "xpath=//*[normalize-space(text())='Epochs (Optional)']/following::input[1]")
+            epochs.wait_for(timeout=30_000)
+            epochs.fill("5")
+            page.get_by_role("button", name="Submit").click()
+            deadline = time.time() + 60
+            new = []
+            while not new and time.time() < deadline:
+                runs = _api(stack, "POST", "/flow_runs/filter", json={
+                    "deployments": {"id": {"any_": [train["id"]]}}}).json()
+                new = [r for r in runs if r["id"] not in before]
+                time.sleep(1)
+            assert len(new) == 1, "the UI's Submit created no run"
+            assert new[0]["parameters"]["params"]["epochs"] == 5
+            page.goto(f"{ui}/runs/flow-run/{new[0]['id']}", wait_until="networkidle")
+            page.get_by_text("Completed").first.wait_for(timeout=420_000)
+            page.screenshot(path=str(tmp_path / "completed.png"))
+        except Exception:
+            page.screenshot(path="/tmp/petalflow-ui-failure.png", full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert _wait_final(stack, new[0]["id"])["state"]["type"] == "COMPLETED"
