@@ -101,7 +101,7 @@ def train_and_register(params: TrainParams = TrainParams()) -> dict:
                     "alias_reason": "unchanged data and parameters; champion kept",
                     "dataset": dataset}
     key = run_key(params, data_info["fingerprint"])
-    workdir = home / "runs" / key
+    workdir = home / "runs" / key / _attempt_name()
     run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}")
     try:
         record = run_training(data_info, params, str(workdir), run_id)
@@ -124,6 +124,13 @@ def train_and_register(params: TrainParams = TrainParams()) -> dict:
         "training": {k: record[k] for k in ("device", "epochs", "resumed_from_epoch", "seconds")},
         "workdir": str(workdir),
     }
+
+
+def _attempt_name() -> str:
+    """This flow run's own working folder name: retries of the run reuse it (and resume)."""
+    from prefect.runtime import flow_run
+
+    return f"run-{flow_run.id or os.getpid()}"
 
 
 def _split_key(params: TrainParams, data_root: str) -> str:

@@ -123,7 +123,7 @@ def download_archive(
                 total = resp.headers.get("content-length")
                 total = int(total) + done if total is not None else None
                 with open(part, mode) as fh:
-                    for block in resp.iter_bytes(CHUNK):
+                    for block in resp.iter_bytes():  # as received: a drop keeps every byte
                         fh.write(block)
                         done += len(block)
                         if on_progress:

@@ -1,14 +1,18 @@
 """Train the head (and optionally fine-tune the top of the backbone), resumably.
 
 Inputs are the dataset description written by ``tasks.dataset.prepare_dataset`` and the run's
-TrainParams; outputs are files in ``workdir``: cached backbone features (``features/``),
+TrainParams; outputs are files in ``workdir`` (one per run, under a folder per run key):
 per-epoch checkpoints (``checkpoints/``), the exported serving SavedModel (``export/``) and
-``train.json`` (history, device, epochs). A rerun with the same workdir resumes from the last
-complete checkpoint instead of starting over.
+``train.json`` (history, device, epochs; written last, it marks the attempt finished). Cached
+backbone features live beside, in ``<run key>/features/``. A retried run (same workdir) resumes
+from its last complete checkpoint, and a new run after a killed one starts from the killed
+attempt's checkpoints instead of starting over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -65,7 +69,7 @@ def split_files(data_info: dict, split: str) -> tuple[list[str], np.ndarray]:
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
@@ -134,7 +138,69 @@ def _validate_on_images(classifier, val_paths, val_y, cfg: TrainParams):
     return validate
 
 
+DONE_MARKER = "train.json"
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path):
+    """Exclusive lock held while training in ``workdir``; a killed process releases it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{workdir} is in use by another training process") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _abandoned(attempt: Path) -> bool:
+    """An attempt that stopped before finishing and whose process is gone (lock free)."""
+    if (attempt / DONE_MARKER).exists() or not (attempt / "checkpoints" / "checkpoint").exists():
+        return False
+    with open(attempt / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # still training
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return True
+
+
+def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
+    """Copy the checkpoints of the newest abandoned sibling attempt (same run key) into
+    ``workdir``, so a rerun after a kill resumes instead of restarting. Returns the source."""
+    if (workdir / "checkpoints").exists():
+        return None
+    siblings = [p for p in workdir.parent.iterdir()
+                if p.is_dir() and p != workdir and p.name != "features" and _abandoned(p)]
+    if not siblings:
+        return None
+    source = max(siblings, key=lambda p: (p / "checkpoints" / "checkpoint").stat().st_mtime)
+    shutil.copytree(source / "checkpoints", workdir / "checkpoints")
+    return source
+
+
 def train_model(
+    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None
+) -> dict:
+    """Train in ``workdir`` (one folder per run, locked while in use); see ``_train``.
+
+    A new folder whose siblings (same data and parameters, ``workdir.parent``) include an attempt
+    that was killed or failed mid-training starts from that attempt's last checkpoint.
+    """
+    workdir = Path(workdir)
+    with _workdir_lock(workdir):
+        seeded = seed_from_abandoned_attempt(workdir)
+        record = _train(data_info, cfg, workdir, on_epoch_end)
+    record["seeded_from"] = str(seeded) if seeded else None
+    (workdir / DONE_MARKER).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _train(
     data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None
 ) -> dict:
     """Train on ``data_info``'s train split; return the training record (also in train.json).
@@ -195,7 +261,9 @@ def train_model(
         ckpt.restore(manager.latest_checkpoint)
         resumed_from = int(epoch_var.numpy())
 
-    val_x, val_y = cached_features(backbone, val_paths, val_y, cfg, workdir / "features" / "val.npz")
+    # Features depend only on data and backbone: shared by all attempts (written atomically).
+    features_dir = workdir.parent / "features"
+    val_x, val_y = cached_features(backbone, val_paths, val_y, cfg, features_dir / "val.npz")
     lap("val_features")
     history: dict[str, list] = {}
 
@@ -216,7 +284,7 @@ def train_model(
                                   callbacks=[cb], verbose=0))
         else:
             train_x, train_y = cached_features(
-                backbone, train_paths, train_y, cfg, workdir / "features" / "train.npz"
+                backbone, train_paths, train_y, cfg, features_dir / "train.npz"
             )
             lap("train_features")
             head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
@@ -265,7 +333,6 @@ def train_model(
         "seconds": round(time.time() - started, 2),
         "timings": timings,
     }
-    (workdir / "train.json").write_text(json.dumps(record_, indent=2))
     return record_
 
 

@@ -149,6 +149,49 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
         assert not _children(stack, rerun["id"]), "no training subflow on unchanged data"
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
+        # A manual and a scheduled training at once: the gpu trainings take turns.
+        forced = {"params": {**params["params"], "force": True}}
+        first = _run_button(stack, train["id"], forced).json()["id"]
+        second = _run_button(stack, weekly["id"], forced).json()["id"]
+        finals = [_wait_final(stack, first), _wait_final(stack, second)]
+        assert [f["state"]["type"] for f in finals] == ["COMPLETED", "COMPLETED"]
+        spans = sorted(
+            (c["start_time"], c["end_time"]) for f in finals for c in _children(stack, f["id"])
+        )
+        assert len(spans) == 2 and spans[0][1] <= spans[1][0], f"trainings overlapped: {spans}"
+        assert len(client.search_model_versions(f"name='{MODEL}'")) == 3
+        assert str(client.get_model_version_by_alias(MODEL, "champion").version) in {"1", "2", "3"}
+
+
+def test_batch_predict_deployment_writes_predictions(stack, tmp_path):
+    """Runs after the training test: classifies a folder with the champion."""
+    from tests.helpers import COLOURS, write_image
+
+    folder = tmp_path / "incoming"
+    for i, name in enumerate(sorted(COLOURS)):
+        write_image(folder / f"{name}.jpg", COLOURS[name], seed=70 + i)
+    out = tmp_path / "predictions.csv"
+    dep = _deployment(stack, "batch-predict", "batch-predict")
+    bad = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run",
+               json={"parameters": {"params": {"input_folder": str(folder), "output": str(out),
+                                               "top_k": -1}}})
+    assert bad.status_code in (409, 422), bad.text
+    created = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run",
+                   json={"parameters": {"params": {"input_folder": str(folder),
+                                                   "output": str(out), "top_k": 2}}})
+    assert created.status_code == 201, created.text
+    run = _wait_final(stack, created.json()["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["work_pool_name"] == "cpu"
+    import pandas as pd
+
+    table = pd.read_csv(out, keep_default_na=False)
+    assert sorted(table["label"]) == sorted(COLOURS)
+    assert "top2_label" in table.columns
+    arts = _api(stack, "POST", "/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["batch-predict-summary"]}}}).json()
+    assert arts and "3 classified" in arts[0]["data"]
+
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -209,11 +252,15 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone
             assert len(new) == 1, "the UI's Submit created no run"
             assert new[0]["parameters"]["params"]["epochs"] == 5
             page.goto(f"{ui}/runs/flow-run/{new[0]['id']}", wait_until="networkidle")
-            page.get_by_text("Completed").first.wait_for(timeout=420_000)
+            page.get_by_text(new[0]["name"]).first.wait_for(timeout=30_000)
+            # Keep serving the data until the run is over, then the UI must show it Completed.
+            final = _wait_final(stack, new[0]["id"])
+            assert final["state"]["type"] == "COMPLETED", final["state"]
+            page.reload(wait_until="networkidle")
+            page.get_by_text("Completed", exact=True).first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "completed.png"))
         except Exception:
             page.screenshot(path="/tmp/petalflow-ui-failure.png", full_page=True)
             raise
         finally:
             browser.close()
-    assert _wait_final(stack, new[0]["id"])["state"]["type"] == "COMPLETED"

@@ -160,3 +160,31 @@ def test_no_python_objects_are_stored_in_the_export(exported):
     assert not [p for p in files if p.suffix in {".pkl", ".pickle", ".h5", ".keras"}]
     blob = b"".join(p.read_bytes() for p in files if p.suffix == ".pb")
     assert b"Lambda" not in blob and b"PyFunc" not in blob and b"EagerPyFunc" not in blob
+
+
+def test_new_run_after_a_killed_one_starts_from_its_checkpoints(tmp_path, tiny_backbone,
+                                                                data_info):
+    import fcntl
+
+    cfg = _cfg(tiny_backbone, epochs=4)
+    key_dir = tmp_path / "runs" / "key"
+
+    def crash_after_two(epoch, total, metrics):
+        if epoch == 2:
+            raise Interrupt("simulated kill")
+
+    with pytest.raises(Interrupt):
+        train_model(data_info, cfg, key_dir / "run-a", on_epoch_end=crash_after_two)
+    # A sibling that is still training (lock held) is never taken over.
+    busy = key_dir / "run-busy"
+    (busy / "checkpoints").mkdir(parents=True)
+    (busy / "checkpoints" / "checkpoint").write_text("x")
+    with open(busy / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        record = train_model(data_info, cfg, key_dir / "run-b")
+    assert record["seeded_from"] == str(key_dir / "run-a")
+    assert record["resumed_from_epoch"] == 2
+    assert (key_dir / "run-b" / "train.json").exists()
+    # A finished attempt is not resumed again: a forced retrain starts from scratch.
+    again = train_model(data_info, cfg, key_dir / "run-c")
+    assert again["seeded_from"] == str(key_dir / "run-a") or again["resumed_from_epoch"] == 0
