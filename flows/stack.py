@@ -6,7 +6,10 @@ and ``gpu`` process work pools with one worker each, and the deployments of depl
     petalflow stack status
     petalflow stack down                                            # stop all cleanly
 
-Everything binds to 127.0.0.1 unless ``--host`` says otherwise. State lives in ``--stack-dir``
+Everything binds to 127.0.0.1 unless ``--host`` says otherwise. With
+``PREFECT_SERVER_API_AUTH_STRING`` set, the Prefect server requires it (workers and the CLI get it
+as ``PREFECT_API_AUTH_STRING``); with ``MLFLOW_AUTH_ADMIN_PASSWORD`` set, MLflow runs its
+basic-auth app (admin user ``admin``; clients use ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``). State lives in ``--stack-dir``
 (default ``.petalflow/stack``): ``prefect/`` (PREFECT_HOME, SQLite database), ``logs/*.log``,
 ``pids/*.pid`` and ``env`` (the variables a shell needs to talk to the stack). MLflow keeps its
 SQLite backend and artifacts under ``mlflow/``. Every start waits for its health check.
@@ -58,9 +61,24 @@ class Stack:
     def pids(self) -> Path:
         return self.stack_dir / "pids"
 
+    @property
+    def mlflow_auth(self) -> bool:
+        """MLflow's basic-auth app is on when an admin password is set in the environment."""
+        return bool(os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"))
+
     def env(self) -> dict:
         """Environment for every process of the stack (and for a shell that uses it)."""
         bin_dir = str(Path(sys.executable).parent)
+        extra = {}
+        if os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
+            # Clients of an authenticated server present the same string unless told otherwise.
+            extra["PREFECT_API_AUTH_STRING"] = os.environ.get(
+                "PREFECT_API_AUTH_STRING", os.environ["PREFECT_SERVER_API_AUTH_STRING"])
+        if self.mlflow_auth:
+            extra["MLFLOW_TRACKING_USERNAME"] = os.environ.get("MLFLOW_TRACKING_USERNAME", "admin")
+            extra["MLFLOW_TRACKING_PASSWORD"] = os.environ.get(
+                "MLFLOW_TRACKING_PASSWORD", os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"])
+            extra["MLFLOW_AUTH_CONFIG_PATH"] = str(self.stack_dir / "mlflow_auth.ini")
         return {
             **os.environ,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
@@ -70,20 +88,23 @@ class Stack:
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "PETALFLOW_HOME": str(self.petalflow_home),
             "TF_CPP_MIN_LOG_LEVEL": "2",
+            **extra,
         }
 
     def bin(self, name: str) -> str:
         return str(Path(sys.executable).parent / name)
 
 
-def _start(stack: Stack, name: str, cmd: list[str], cwd: Optional[Path] = None) -> int:
+def _start(stack: Stack, name: str, cmd: list[str], cwd: Optional[Path] = None,
+           extra_env: Optional[dict] = None) -> int:
     stack.logs.mkdir(parents=True, exist_ok=True)
     stack.pids.mkdir(parents=True, exist_ok=True)
     pidfile = stack.pids / f"{name}.pid"
     if pidfile.exists() and _alive(int(pidfile.read_text())):
         return int(pidfile.read_text())
     log = open(stack.logs / f"{name}.log", "ab")
-    proc = subprocess.Popen(cmd, cwd=cwd or stack.repo, env=stack.env(), stdout=log,
+    proc = subprocess.Popen(cmd, cwd=cwd or stack.repo, env={**stack.env(), **(extra_env or {})},
+                            stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     pidfile.write_text(str(proc.pid))
     return proc.pid
@@ -116,21 +137,54 @@ def _wait(what: str, check, timeout_s: float, stack: Stack, name: str) -> None:
                        f"{stack.logs / (name + '.log')}")
 
 
+def _auth_headers(stack: Stack) -> dict:
+    import base64
+
+    auth = stack.env().get("PREFECT_API_AUTH_STRING")
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
+
+
 def start_prefect_server(stack: Stack, timeout_s: float = 120) -> None:
     _start(stack, "prefect-server", [stack.bin("prefect"), "server", "start", "--host",
                                       stack.host, "--port", str(stack.prefect_port)])
-    _wait("Prefect server", lambda: httpx.get(f"{stack.prefect_api}/health", timeout=3)
+    _wait("Prefect server", lambda: httpx.get(f"{stack.prefect_api}/health", timeout=3,
+                                              headers=_auth_headers(stack))
           .status_code == 200, timeout_s, stack, "prefect-server")
+
+
+def write_mlflow_auth_config(stack: Stack) -> Path:
+    """basic-auth settings: users in mlflow/basic_auth.db, no default password (the admin
+    password comes from MLFLOW_AUTH_ADMIN_PASSWORD), new users may read only."""
+    path = stack.stack_dir / "mlflow_auth.ini"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{stack.mlflow_dir / 'basic_auth.db'}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
 
 
 def start_mlflow_server(stack: Stack, timeout_s: float = 120) -> None:
     stack.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    auth, extra = [], {}
+    if stack.mlflow_auth:
+        write_mlflow_auth_config(stack)
+        auth = ["--app-name", "basic-auth"]
+        # The auth app's CSRF protection needs a secret key: a fresh random one unless set
+        # (set MLFLOW_FLASK_SERVER_SECRET_KEY yourself when several servers share users).
+        if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            import secrets
+
+            extra["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
     _start(stack, "mlflow-server", [
         stack.bin("mlflow"), "server", "--host", stack.host, "--port", str(stack.mlflow_port),
         "--backend-store-uri", f"sqlite:///{stack.mlflow_dir / 'mlflow.db'}",
         "--artifacts-destination", (stack.mlflow_dir / "artifacts").as_uri(),
-        "--workers", "1",
-    ])
+        "--workers", "1", *auth,
+    ], extra_env=extra)
     _wait("MLflow server", lambda: httpx.get(f"{stack.mlflow_uri}/health", timeout=3)
           .status_code == 200, timeout_s, stack, "mlflow-server")
 
@@ -144,7 +198,8 @@ def _prefect(stack: Stack, *args: str, check: bool = True) -> subprocess.Complet
 def create_pools(stack: Stack) -> None:
     """Process work pools ``cpu`` and ``gpu`` (idempotent); ``gpu`` runs one training at a time."""
     for pool, purpose in POOLS.items():
-        got = httpx.get(f"{stack.prefect_api}/work_pools/{pool}", timeout=10)
+        got = httpx.get(f"{stack.prefect_api}/work_pools/{pool}", timeout=10,
+                        headers=_auth_headers(stack))
         if got.status_code == 404:
             _prefect(stack, "work-pool", "create", pool, "--type", "process")
     _prefect(stack, "work-pool", "set-concurrency-limit", "gpu", "1")
@@ -163,7 +218,8 @@ def start_workers(stack: Stack, timeout_s: float = 120) -> None:
                                          "--type", "process"])
     for pool in POOLS:
         _wait(f"worker for pool {pool}", lambda p=pool: httpx.get(
-            f"{stack.prefect_api}/work_pools/{p}", timeout=3).json().get("status") == "READY",
+            f"{stack.prefect_api}/work_pools/{p}", timeout=3, headers=_auth_headers(stack))
+            .json().get("status") == "READY",
             timeout_s, stack, f"worker-{pool}")
 
 

@@ -57,6 +57,9 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int]:
     """(reason or None, width, height) from the file header alone, without decoding pixels."""
     from PIL import Image, UnidentifiedImageError
 
+    # Only the header is read here and MAX_PIXELS (lower) is enforced below, so PIL's own
+    # decompression-bomb refusal is lifted for this call to report the real size.
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
             fmt, (width, height) = im.format, im.size
@@ -64,6 +67,8 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int]:
         return "not an image file", 0, 0
     except Exception as exc:  # noqa: BLE001 - any header failure means unusable
         return f"unreadable image header: {exc}", 0, 0
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     if fmt not in SUPPORTED_FORMATS:
         return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})", 0, 0
     if width * height > MAX_PIXELS:

@@ -372,8 +372,24 @@ def pull_model(model_uri: str, dest: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- Prefect tasks
+# Errors a retry cannot fix: bad credentials, missing rights, bad requests.
+_PERMANENT_MLFLOW_ERRORS = {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_PARAMETER_VALUE",
+                            "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST"}
+
+
+def _retry_unless_permanent(task, task_run, state) -> bool:
+    """Retry MLflow calls on connection trouble and server errors, not on refused credentials."""
+    exc = state.result(raise_on_failure=False)
+    code = getattr(exc, "error_code", None)
+    text = str(exc)
+    if code in _PERMANENT_MLFLOW_ERRORS or " 401" in text or " 403" in text:
+        return False
+    return True
+
+
 # MLflow calls cross the network when a tracking server is used: retried (3 s, 10 s, 30 s).
-_MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30])
+_MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
+                     retry_condition_fn=_retry_unless_permanent)
 
 
 @task(name="start-mlflow-run", **_MLFLOW_RETRY)

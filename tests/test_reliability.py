@@ -139,3 +139,79 @@ def test_partial_file_from_a_killed_run_is_resumed(tmp_path, archive_bytes):
     assert got == target and hashlib.sha256(got.read_bytes()).hexdigest() == sha
     assert handler.log == ["bytes=1000-"]
     assert not target.with_name("data.tgz.part").exists()
+
+
+def test_huge_image_dimensions_are_quarantined_without_decoding(tmp_path):
+    """A PNG whose header claims 20000x20000 pixels is refused from its header alone."""
+    import struct
+    import zlib
+
+    from tasks.dataset import scan_dataset
+
+    root = make_dataset(tmp_path / "d", per_class=3)
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    png = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk
+           + struct.pack(">I", zlib.crc32(chunk)) + struct.pack(">I", 0) + b"IEND"
+           + struct.pack(">I", zlib.crc32(b"IEND")))
+    (root / "red" / "huge.png").write_bytes(png)
+    m = scan_dataset(root).set_index("path")
+    assert m.loc["red/huge.png", "status"] == "quarantined"
+    assert m.loc["red/huge.png", "reason"].startswith("image too large (20000x20000")
+
+
+KILL_SCRIPT = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[4])
+from tasks.params import TrainParams
+from tasks.train import train_model
+info = json.loads(open(sys.argv[1]).read())
+cfg = TrainParams(backbone=sys.argv[2], image_size=32, epochs=5, batch_size=8,
+                  learning_rate=0.05)
+def hook(epoch, total, metrics):
+    if epoch == 2:
+        open(sys.argv[3], "w").write("2")
+        time.sleep(600)  # killed here, mid-run, with a process still holding the lock
+train_model(info, cfg, __import__("pathlib").Path(sys.argv[5]), on_epoch_end=hook)
+"""
+
+
+def test_killed_training_process_resumes_from_its_last_checkpoint(tmp_path, tiny_backbone):
+    """SIGKILL a real training process after epoch 2; the rerun resumes at epoch 3."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tasks.dataset import prepare_dataset
+    from tasks.params import TrainParams
+    from tasks.train import train_model
+
+    info = prepare_dataset(make_dataset(tmp_path / "d", per_class=10), tmp_path / "m",
+                           0.2, 0.2, 0)
+    info_path = tmp_path / "info.json"
+    info_path.write_text(json.dumps(info))
+    flag = tmp_path / "epoch2"
+    repo = str(Path(__file__).resolve().parent.parent)
+    workdir = tmp_path / "runs" / "key" / "run-killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(info_path),
+                             str(tiny_backbone), str(flag), repo, str(workdir)])
+    try:
+        deadline = time.time() + 180
+        while not flag.exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (workdir / "train.json").exists()
+    cfg = TrainParams(backbone=str(tiny_backbone), image_size=32, epochs=5, batch_size=8,
+                      learning_rate=0.05)
+    epochs = []
+    record = train_model(info, cfg, workdir.parent / "run-rerun",
+                         on_epoch_end=lambda e, t, m: epochs.append(e))
+    assert record["seeded_from"] == str(workdir)
+    assert record["resumed_from_epoch"] == 2 and epochs == [3, 4, 5]
