@@ -121,6 +121,21 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies do not count)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
 def _wait(what: str, check, timeout_s: float, stack: Stack, name: str) -> None:
     deadline = time.time() + timeout_s
     pid = int((stack.pids / f"{name}.pid").read_text())
@@ -249,16 +264,22 @@ def down(stack: Stack, timeout_s: float = 30) -> list[str]:
         if not pidfile.exists():
             continue
         pid = int(pidfile.read_text())
-        if _alive(pid):
+        # Each service leads its own process group (servers fork workers): stop the group, and
+        # wait until no member is left, so the port is really free when this returns.
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + timeout_s
+        while (_alive(pid) or _group_alive(pid)) and time.time() < deadline:
+            time.sleep(0.2)
+        if _alive(pid) or _group_alive(pid):
             try:
-                os.killpg(pid, signal.SIGTERM)
+                os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            deadline = time.time() + timeout_s
-            while _alive(pid) and time.time() < deadline:
+            while _group_alive(pid) and time.time() < deadline + 10:
                 time.sleep(0.2)
-            if _alive(pid):
-                os.killpg(pid, signal.SIGKILL)
         pidfile.unlink(missing_ok=True)
         stopped.append(name)
     return stopped

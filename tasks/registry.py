@@ -45,7 +45,8 @@ def configure_mlflow() -> str:
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI", uri))
+    # The registry follows the tracking URI unless MLFLOW_REGISTRY_URI says otherwise (MLflow
+    # reads that variable itself); setting it here would pin a stale registry into os.environ.
     return uri
 
 

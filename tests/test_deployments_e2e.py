@@ -186,7 +186,9 @@ def test_batch_predict_deployment_writes_predictions(stack, tmp_path):
     import pandas as pd
 
     table = pd.read_csv(out, keep_default_na=False)
-    assert sorted(table["label"]) == sorted(COLOURS)
+    # This test is about the deployment path; model quality is tested elsewhere.
+    assert len(table) == 3 and (table["error"] == "").all()
+    assert set(table["label"]) <= set(COLOURS)
     assert "top2_label" in table.columns
     arts = _api(stack, "POST", "/artifacts/filter", json={
         "artifacts": {"key": {"any_": ["batch-predict-summary"]}}}).json()

@@ -42,7 +42,6 @@ def _client():
     from tasks.registry import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
     return mlflow.MlflowClient()
 
 
