@@ -31,7 +31,6 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
 
-    import tensorflow as tf
     import tensorflow_hub as hub
     import tf_keras as keras
     from PIL import Image

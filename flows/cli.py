@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 from pydantic import ValidationError
 
@@ -189,7 +189,7 @@ def _warm_imports() -> None:
 
     def work():
         try:
-            import mlflow  # noqa: F401
+            import mlflow  # noqa: F401  (imported for its side effect: warm module cache)
             import tensorflow  # noqa: F401
             import tensorflow_hub  # noqa: F401
         except Exception:  # noqa: BLE001 - the real import reports any problem later

@@ -114,6 +114,15 @@ def serve_directory(directory: Path):
         server.server_close()
 
 
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for servers the tests start)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def png_bytes(rgb=(10, 20, 30), size=(8, 8), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, rgb if mode == "RGB" else rgb[0]).save(buf, "PNG")

@@ -6,7 +6,6 @@ button uses. Everything started here is stopped here, pass or fail."""
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 from pathlib import Path
 
@@ -15,22 +14,17 @@ import pytest
 
 from flows.stack import Stack, create_pools, deploy, down, start_mlflow_server, \
     start_prefect_server, start_workers
-from tests.helpers import make_dataset, make_tgz, serve_directory
+from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
-    st = Stack(stack_dir=tmp / "stack", prefect_port=_free_port(), mlflow_port=_free_port(),
+    st = Stack(stack_dir=tmp / "stack", prefect_port=free_port(), mlflow_port=free_port(),
                mlflow_dir=tmp / "mlflow", petalflow_home=tmp / "home")
     with pytest.MonkeyPatch.context() as mp:
         # The scheduler creates upcoming runs within seconds instead of a minute.

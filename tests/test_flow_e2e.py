@@ -15,7 +15,8 @@ import pytest
 
 from tasks.params import TrainParams
 from tests.helpers import (
-    COLOURS, make_dataset, make_random_label_dataset, make_tgz, serve_directory, write_image,
+    COLOURS, free_port, make_dataset, make_random_label_dataset, make_tgz, serve_directory,
+    write_image,
 )
 
 pytestmark = pytest.mark.e2e
@@ -152,7 +153,6 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
 
 
 def test_retried_registration_makes_no_duplicate_version(trained, monkeypatch):
-    from tasks.dataset import load_manifest  # noqa: F401 - data_info comes from the summary
     from tasks.registry import register_model
 
     tmp, summary = trained
@@ -220,14 +220,6 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     assert (workspace / "mlflow" / "mlflow.db").exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
     """`mlflow models serve -m models:/NAME@champion --env-manager local`, a real subprocess."""
     import base64
@@ -236,7 +228,7 @@ def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
     import httpx
 
     tmp, _summary = trained
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"}

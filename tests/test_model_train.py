@@ -13,7 +13,7 @@ from PIL import Image
 from tasks.dataset import prepare_dataset
 from tasks.params import TrainParams
 from tasks.train import train_model
-from tests.helpers import COLOURS, make_dataset, png_bytes
+from tests.helpers import COLOURS, make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ servers on free loopback ports. Everything started here is stopped here."""
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
-import socket
 import subprocess
 import time
 
@@ -14,16 +12,11 @@ import httpx
 import pytest
 
 from flows.stack import Stack, create_pools, down, start_mlflow_server, start_prefect_server
-from tests.helpers import make_dataset, make_tgz, serve_directory
+from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mlflow_basic_auth_refuses_anonymous_and_accepts_the_pipeline(
@@ -33,7 +26,7 @@ def test_mlflow_basic_auth_refuses_anonymous_and_accepts_the_pipeline(
 
     password = secrets.token_urlsafe(16)
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", password)
-    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=_free_port(),
+    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=free_port(),
                mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PETALFLOW_HOME", str(tmp_path / "home"))
@@ -77,7 +70,7 @@ def test_mlflow_basic_auth_refuses_anonymous_and_accepts_the_pipeline(
 def test_prefect_server_auth_string_refuses_a_worker_without_it(tmp_path, monkeypatch):
     auth = "admin:" + secrets.token_urlsafe(12)
     monkeypatch.setenv("PREFECT_SERVER_API_AUTH_STRING", auth)
-    st = Stack(stack_dir=tmp_path / "stack", prefect_port=_free_port(),
+    st = Stack(stack_dir=tmp_path / "stack", prefect_port=free_port(),
                mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")
     try:
         start_prefect_server(st)
@@ -117,7 +110,7 @@ def test_registration_survives_an_mlflow_outage_and_fails_clearly_if_it_lasts(
     # MLflow's own HTTP retries off: the Prefect task's retries are what is under test.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=_free_port(),
+    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=free_port(),
                mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", st.mlflow_uri)
     cfg = TrainParams(backbone=str(tiny_backbone), image_size=32, epochs=6, batch_size=8,
