@@ -88,6 +88,9 @@ class Stack:
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "PETALFLOW_HOME": str(self.petalflow_home),
             "TF_CPP_MIN_LOG_LEVEL": "2",
+            # Heartbeats let the zombie automation crash runs whose worker died.
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get(
+                "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),
             **extra,
         }
 
@@ -238,6 +241,43 @@ def start_workers(stack: Stack, timeout_s: float = 120) -> None:
             timeout_s, stack, f"worker-{pool}")
 
 
+ZOMBIE_AUTOMATION = "petalflow: crash flow runs that stop sending heartbeats"
+
+
+def create_zombie_automation(stack: Stack, within_s: int = 90) -> None:
+    """Mark a flow run Crashed when its heartbeats stop (its worker or machine died), instead of
+    leaving it Running forever. Flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    seconds (30 in this stack); ``within_s`` must exceed it. Idempotent (matched by name)."""
+    existing = httpx.post(f"{stack.prefect_api}/automations/filter", json={}, timeout=10,
+                          headers=_auth_headers(stack)).json()
+    if any(a["name"] == ZOMBIE_AUTOMATION for a in existing):
+        return
+    automation = {
+        "name": ZOMBIE_AUTOMATION,
+        "description": "A flow run that sent a heartbeat must send another (or finish) within "
+                       f"{within_s} s; otherwise its process is gone and the run is Crashed.",
+        "enabled": True,
+        "trigger": {
+            "type": "event",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                       "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                       "prefect.flow-run.Crashed"],
+            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+            "for_each": ["prefect.resource.id"],
+            "posture": "Proactive",
+            "threshold": 1,
+            "within": within_s,
+        },
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": "Flow run marked as crashed: its heartbeats stopped (the "
+                                "worker or its machine died)."}],
+    }
+    resp = httpx.post(f"{stack.prefect_api}/automations/", json=automation, timeout=10,
+                      headers=_auth_headers(stack))
+    resp.raise_for_status()
+
+
 def write_env_file(stack: Stack) -> Path:
     path = stack.stack_dir / "env"
     keys = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PETALFLOW_HOME", "PREFECT_HOME")
@@ -250,6 +290,7 @@ def up(stack: Stack) -> None:
     start_prefect_server(stack)
     start_mlflow_server(stack)
     create_pools(stack)
+    create_zombie_automation(stack)
     deploy(stack)
     start_workers(stack)
     write_env_file(stack)

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.stack import Stack, create_pools, deploy, down, start_mlflow_server, \
-    start_prefect_server, start_workers
+from flows.stack import Stack, create_pools, create_zombie_automation, deploy, down, \
+    start_mlflow_server, start_prefect_server, start_workers
 from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +34,8 @@ def stack(tmp_path_factory):
             start_prefect_server(st)
             start_mlflow_server(st)
             create_pools(st)
+            # Heartbeats every 30 s (the minimum); a run silent for 45 s is Crashed.
+            create_zombie_automation(st, within_s=45)
             deploy(st)
             start_workers(st)
             yield st
@@ -52,9 +54,20 @@ def _deployment(st: Stack, flow: str, name: str) -> dict:
 
 
 def _run_button(st: Stack, deployment_id: str, parameters: dict) -> httpx.Response:
-    """What the UI's Run button sends."""
-    return _api(st, "POST", f"/deployments/{deployment_id}/create_flow_run",
-                json={"parameters": parameters, "state": {"type": "SCHEDULED"}})
+    """What the UI's Run button sends (again after a 5xx: SQLite-backed servers can answer
+    'database is locked' under concurrent writes, and the UI lets the user click again)."""
+    for _attempt in range(5):
+        resp = _api(st, "POST", f"/deployments/{deployment_id}/create_flow_run",
+                    json={"parameters": parameters, "state": {"type": "SCHEDULED"}})
+        if resp.status_code < 500:
+            return resp
+        time.sleep(2)
+    return resp
+
+
+def _started(resp: httpx.Response) -> str:
+    assert resp.status_code == 201, resp.text
+    return resp.json()["id"]
 
 
 def _wait_final(st: Stack, flow_run_id: str, timeout_s: float = 420) -> dict:
@@ -145,8 +158,8 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
 
         # A manual and a scheduled training at once: the gpu trainings take turns.
         forced = {"params": {**params["params"], "force": True}}
-        first = _run_button(stack, train["id"], forced).json()["id"]
-        second = _run_button(stack, weekly["id"], forced).json()["id"]
+        first = _started(_run_button(stack, train["id"], forced))
+        second = _started(_run_button(stack, weekly["id"], forced))
         finals = [_wait_final(stack, first), _wait_final(stack, second)]
         assert [f["state"]["type"] for f in finals] == ["COMPLETED", "COMPLETED"]
         spans = sorted(
@@ -260,3 +273,87 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone
             raise
         finally:
             browser.close()
+
+
+def _stop_workers(st: Stack) -> None:
+    """Kill both workers and the flow processes they started, as a dead machine would."""
+    import os
+    import signal
+
+    def descendants(root: int) -> list[int]:
+        found, stack_ = [], [root]
+        while stack_:
+            pid = stack_.pop()
+            found.append(pid)
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{entry}/stat") as fh:
+                            if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                                stack_.append(int(entry))
+                    except (OSError, ValueError):
+                        continue
+        return found
+
+    victims = []
+    for pool in ("cpu", "gpu"):
+        pidfile = st.pids / f"worker-{pool}.pid"
+        victims += descendants(int(pidfile.read_text()))
+        pidfile.unlink()
+    for pid in victims:  # all at once, no chance to clean up: like pulling the plug
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_backbone):
+    """Runs last: kills the workers mid-training. The zombie automation marks the runs
+    Crashed (not Running forever); with workers back, a rerun resumes and completes."""
+    src = make_dataset(tmp_path / "src", per_class=12, seed=5)
+    served = tmp_path / "served"
+    served.mkdir()
+    archive = make_tgz(src, served / "z.tgz")
+    train = _deployment(stack, "train-and-register", "train")
+    gpu = _deployment(stack, "train-model", "train-gpu")
+    with serve_directory(served) as url:
+        params = {"params": {
+            "data_url": f"{url}/z.tgz",
+            "data_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+            "backbone": str(tiny_backbone), "image_size": 32, "epochs": 60, "batch_size": 8,
+            "learning_rate": 0.05, "val_fraction": 0.2, "test_fraction": 0.2,
+            "min_accuracy": 0.0, "force": True,
+        }}
+        parent_id = _started(_run_button(stack, train["id"], params))
+        deadline = time.time() + 240
+        child = None
+        while time.time() < deadline:  # wait until training has run a few epochs
+            kids = [c for c in _children(stack, parent_id) if c["deployment_id"] == gpu["id"]]
+            if kids and kids[0]["state"]["type"] == "RUNNING" and list(
+                    (stack.petalflow_home / "runs").glob(f"*/run-{parent_id}/checkpoints/ckpt-*")):
+                child = kids[0]
+                break
+            time.sleep(0.5)
+        assert child is not None, "training never started"
+        _stop_workers(stack)
+        crashed = {}
+        deadline = time.time() + 180
+        while time.time() < deadline and len(crashed) < 2:
+            for run_id in (parent_id, child["id"]):
+                state = _api(stack, "GET", f"/flow_runs/{run_id}").json()["state"]
+                if state["type"] == "CRASHED":
+                    crashed[run_id] = state
+            time.sleep(2)
+        assert set(crashed) == {parent_id, child["id"]}, "runs left Running after the workers died"
+        assert "heartbeat" in crashed[parent_id]["message"]
+
+        start_workers(stack)
+        rerun = _started(_run_button(stack, train["id"], params))
+        final = _wait_final(stack, rerun)
+        assert final["state"]["type"] == "COMPLETED", final["state"]
+    record = next(p for p in (stack.petalflow_home / "runs").rglob("train.json")
+                  if rerun in str(p))
+    import json as _json
+
+    resumed = _json.loads(record.read_text())
+    assert resumed["resumed_from_epoch"] >= 1 and resumed["seeded_from"]
