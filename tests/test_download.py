@@ -193,3 +193,23 @@ def test_download_task_does_not_retry_checksum_mismatch(archive_dir, tmp_path, p
     assert state.is_failed()
     assert hits == ["/data.tgz"]
     assert not list((tmp_path / "dl").rglob("*.part"))
+
+
+def test_zip_absolute_path_and_symlink_are_refused(tmp_path):
+    import stat as stat_mod
+
+    absolute = tmp_path / "abs.zip"
+    with zipfile.ZipFile(absolute, "w") as zf:
+        zf.writestr("/tmp/petalflow-zip-absolute.txt", "bad")
+    with pytest.raises(ArchiveError, match="absolute"):
+        extract_archive(absolute, tmp_path / "d1")
+    assert not Path("/tmp/petalflow-zip-absolute.txt").exists()
+
+    link = tmp_path / "link.zip"
+    with zipfile.ZipFile(link, "w") as zf:
+        info = zipfile.ZipInfo("photos/a/evil")
+        info.external_attr = (stat_mod.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(ArchiveError, match="link"):
+        extract_archive(link, tmp_path / "d2")
+    assert [p for p in (tmp_path / "d2").iterdir() if not p.name.endswith(".lock")] == []

@@ -339,3 +339,43 @@ def test_mlflow_package_is_not_shadowed_by_the_mlflow_folder():
     out = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.__file__)"],
                          cwd=repo, capture_output=True, text=True, check=True).stdout
     assert "site-packages" in out
+
+
+def test_registration_failing_after_upload_leaves_no_alias(trained, monkeypatch):
+    """The version is created, then the registry call that follows fails: the version must not
+    carry an alias, the champion stays, and the retried task finishes the job."""
+    import mlflow
+
+    from tasks.registry import register_model
+
+    tmp, summary = trained
+    monkeypatch.chdir(tmp)
+    data_info = json.loads(next((tmp / "home" / "manifests").rglob("dataset.json")).read_text())
+    client = _client()
+    cfg = TrainParams(**{**json.loads(client.get_model_version(MODEL, "1").tags["params"]),
+                         "seed": 99})
+    from tasks.registry import start_run
+
+    run_id = start_run(cfg, data_info)
+    original = mlflow.MlflowClient.set_model_version_tag
+    calls = []
+
+    def flaky_tag(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionError("registry went away after the upload")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", flaky_tag)
+    export = Path(summary["workdir"]) / "export"
+    with pytest.raises(ConnectionError):
+        register_model(run_id, export, cfg, data_info, {"test_accuracy": 1.0})
+    versions = client.search_model_versions(f"name='{MODEL}' and run_id='{run_id}'")
+    assert len(versions) == 1
+    new_version = str(versions[0].version)
+    assert not client.get_model_version(MODEL, new_version).aliases
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    # The retry reuses that version (no duplicate) and only then decides the alias.
+    again = register_model(run_id, export, cfg, data_info, {"test_accuracy": 1.0})
+    assert again["model_version"] == new_version
+    assert len(client.search_model_versions(f"name='{MODEL}' and run_id='{run_id}'")) == 1
