@@ -249,6 +249,14 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone
             epochs = page.locator(
                 "xpath=//*[normalize-space(text())='Epochs (Optional)']/following::input[1]")
             epochs.wait_for(timeout=30_000)
+            # A bad value typed into the form is refused: no run is created.
+            epochs.fill("0")
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_timeout(3000)
+            assert "/run" in page.url
+            refused = [r for r in _api(stack, "POST", "/flow_runs/filter", json={
+                "deployments": {"id": {"any_": [train["id"]]}}}).json() if r["id"] not in before]
+            assert refused == [], "a run was created with epochs=0"
             epochs.fill("5")
             page.get_by_role("button", name="Submit").click()
             deadline = time.time() + 60
