@@ -91,6 +91,16 @@ def _children(st: Stack, parent_id: str) -> list[dict]:
         "flow_runs": {"parent_task_run_id": {"any_": ids}}}).json()
 
 
+def _tiny_params(url: str, archive: Path, backbone: Path, **overrides) -> dict:
+    """The `train` deployment's parameters for a tiny offline dataset and backbone."""
+    return {"params": {
+        "data_url": url, "data_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+        "backbone": str(backbone), "image_size": 32, "epochs": 6, "batch_size": 8,
+        "learning_rate": 0.05, "val_fraction": 0.2, "test_fraction": 0.2, "min_accuracy": 0.8,
+        **overrides,
+    }}
+
+
 def _mlflow(st: Stack):
     import mlflow
 
@@ -112,13 +122,7 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
     assert "epochs" in bad.text
 
     with serve_directory(served) as url:
-        params = {"params": {
-            "data_url": f"{url}/photos.tgz",
-            "data_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
-            "backbone": str(tiny_backbone), "image_size": 32, "epochs": 6, "batch_size": 8,
-            "learning_rate": 0.05, "val_fraction": 0.2, "test_fraction": 0.2,
-            "min_accuracy": 0.8,
-        }}
+        params = _tiny_params(f"{url}/photos.tgz", archive, tiny_backbone)
         created = _run_button(stack, train["id"], params)
         assert created.status_code == 201, created.text
         run = _wait_final(stack, created.json()["id"])
@@ -224,13 +228,8 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone
     before = {r["id"] for r in _api(stack, "POST", "/flow_runs/filter", json={
         "deployments": {"id": {"any_": [train["id"]]}}}).json()}
     with serve_directory(served) as url, sync_playwright() as pw:
-        params = {"params": {
-            "data_url": f"{url}/ui.tgz",
-            "data_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
-            "backbone": str(tiny_backbone), "image_size": 32, "epochs": 4, "batch_size": 8,
-            "learning_rate": 0.05, "val_fraction": 0.2, "test_fraction": 0.2,
-            "min_accuracy": 0.0, "force": True,
-        }}
+        params = _tiny_params(f"{url}/ui.tgz", archive, tiny_backbone, epochs=4,
+                              min_accuracy=0.0, force=True)
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
@@ -325,13 +324,8 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
     train = _deployment(stack, "train-and-register", "train")
     gpu = _deployment(stack, "train-model", "train-gpu")
     with serve_directory(served) as url:
-        params = {"params": {
-            "data_url": f"{url}/z.tgz",
-            "data_sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
-            "backbone": str(tiny_backbone), "image_size": 32, "epochs": 60, "batch_size": 8,
-            "learning_rate": 0.05, "val_fraction": 0.2, "test_fraction": 0.2,
-            "min_accuracy": 0.0, "force": True,
-        }}
+        params = _tiny_params(f"{url}/z.tgz", archive, tiny_backbone, epochs=60,
+                              min_accuracy=0.0, force=True)
         parent_id = _started(_run_button(stack, train["id"], params))
         deadline = time.time() + 240
         child = None
