@@ -82,12 +82,13 @@ def unfreeze_top_layers(backbone, n: int) -> list[str]:
     """Make only the top ``n`` layers of a ``hub.KerasLayer(trainable=True)`` trainable.
 
     A Hub SavedModel exposes variables, not layers; its variables come in topological order and
-    are named ``<layer>/<weight>``, so the last ``n`` distinct ``<layer>`` prefixes are the top
-    layers. Returns those layer names (top last). Variables of lower layers are moved to the
-    layer's non-trainable weights, so the optimizer never sees them.
+    are named ``<layer path>/<weight>`` (``block_16_project/kernel`` from Keras exports,
+    ``MobilenetV2/expanded_conv_16/project/weights`` from TF-Slim ones), so the last ``n``
+    distinct layer paths are the top layers. Returns those layer paths (top last). Variables of
+    lower layers are moved to the layer's non-trainable weights: the optimizer never sees them.
     """
     weights = list(backbone._trainable_weights)  # noqa: SLF001 - hub exposes no per-layer API
-    layer_of = [w.name.split("/")[0] for w in weights]
+    layer_of = [w.name.rsplit("/", 1)[0] if "/" in w.name else w.name for w in weights]
     order: list[str] = []
     for name in layer_of:
         if name not in order:
