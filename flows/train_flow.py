@@ -102,7 +102,7 @@ def train_and_register(params: TrainParams = TrainParams()) -> dict:
                     "dataset": dataset}
     key = run_key(params, data_info["fingerprint"])
     workdir = home / "runs" / key / _attempt_name()
-    run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}")
+    run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", archive=archive)
     try:
         record = run_training(data_info, params, str(workdir), run_id)
         evaluation = evaluate_model_task(record["export_dir"], data_info,

@@ -94,8 +94,10 @@ def ensure_experiment(client, name: str) -> str:
         return exp.experiment_id
 
 
-def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None) -> str:
-    """Create the MLflow run of this training; log parameters and provenance; return its id."""
+def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
+              archive: Optional[str] = None) -> str:
+    """Create the MLflow run of this training; log parameters and provenance (dataset
+    fingerprint, data URL, the downloaded archive's sha256, backbone, classes, code version)."""
     client = _client()
     exp_id = ensure_experiment(client, cfg.experiment_name)
     tags = {
@@ -106,6 +108,10 @@ def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None)
         "petalflow.code_version": code_version(),
         "mlflow.source.name": "petalflow train",
     }
+    if archive and Path(archive).is_file():
+        from tasks.download import sha256_file
+
+        tags["petalflow.archive_sha256"] = sha256_file(Path(archive))
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
@@ -394,8 +400,9 @@ _MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
 
 
 @task(name="start-mlflow-run", **_MLFLOW_RETRY)
-def start_run_task(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None) -> str:
-    return start_run(cfg, data_info, run_name)
+def start_run_task(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
+                   archive: Optional[str] = None) -> str:
+    return start_run(cfg, data_info, run_name, archive)
 
 
 @task(name="register-model", **_MLFLOW_RETRY)

@@ -109,6 +109,9 @@ def test_mlflow_run_holds_metrics_artifacts_and_provenance(trained, monkeypatch)
     assert run.info.status == "FINISHED"
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 6
     assert run.data.tags["petalflow.dataset_fingerprint"] == summary["dataset"]["fingerprint"]
+    archive = tmp / "served" / "photos.tgz"
+    assert run.data.tags["petalflow.archive_sha256"] == hashlib.sha256(
+        archive.read_bytes()).hexdigest()
     assert run.data.params["epochs"] == "6"
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion.png", "evaluation/per_class.csv",
