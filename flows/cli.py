@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="petalflow",
         allow_abbrev=False,
         description="Transfer-learning image classifier pipeline (Prefect + TF Hub + MLflow).",
+        epilog="Also: petalflow stack up|down|deploy|status — run the Prefect and MLflow servers, "
+               "work pools, workers and deployments (petalflow stack --help).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="Download, train, evaluate and register a model.",
