@@ -113,73 +113,70 @@ def _normalise_base64(image):
     return tf.strings.regex_replace(image, "/", "_")
 
 
-class _Serving:
-    """Builds the tf.Module exported for serving (a factory, so TF is imported lazily)."""
+def _serving_module(classifier, class_names: Sequence[str], image_size: int):
+    """The tf.Module exported for serving (defined here so TF is imported lazily)."""
+    import tensorflow as tf
 
-    @staticmethod
-    def make(classifier, class_names: Sequence[str], image_size: int):
-        import tensorflow as tf
+    from tasks.images import decode_image
 
-        from tasks.images import decode_image
+    num_classes = len(class_names)
 
-        num_classes = len(class_names)
+    class PetalflowClassifier(tf.Module):
+        def __init__(self):
+            super().__init__(name="petalflow_classifier")
+            # Track the variables, not the Keras model: saving a Keras object also traces
+            # and stores every layer's call functions, which doubles export and load time.
+            self.classifier_variables = list(classifier.variables)
+            self.class_names = tf.Variable(list(class_names), trainable=False, dtype=tf.string)
 
-        class PetalflowClassifier(tf.Module):
-            def __init__(self):
-                super().__init__(name="petalflow_classifier")
-                # Track the variables, not the Keras model: saving a Keras object also traces
-                # and stores every layer's call functions, which doubles export and load time.
-                self.classifier_variables = list(classifier.variables)
-                self.class_names = tf.Variable(list(class_names), trainable=False, dtype=tf.string)
+        def _classify(self, raw_bytes_or_b64, is_base64: bool):
+            n = tf.shape(raw_bytes_or_b64, out_type=tf.int64)[0]
 
-            def _classify(self, raw_bytes_or_b64, is_base64: bool):
-                n = tf.shape(raw_bytes_or_b64, out_type=tf.int64)[0]
+            def load(i, item):
+                data = tf.io.decode_base64(_normalise_base64(item)) if is_base64 else item
+                return i, decode_image(data, image_size)
 
-                def load(i, item):
-                    data = tf.io.decode_base64(_normalise_base64(item)) if is_base64 else item
-                    return i, decode_image(data, image_size)
+            ds = tf.data.Dataset.zip(
+                (tf.data.Dataset.range(n), tf.data.Dataset.from_tensor_slices(raw_bytes_or_b64))
+            )
+            # A bad row is skipped here and reported through `error`, never failing the batch.
+            ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+            # Decode everything first and run the network once, outside any loop: inside a
+            # loop body TensorFlow skips the CPU graph optimisations (about 5x slower).
+            empty = (tf.zeros([0], tf.int64), tf.zeros([0, image_size, image_size, 3]))
+            idx, images = ds.batch(SERVING_BATCH).reduce(
+                empty, lambda acc, b: (tf.concat([acc[0], b[0]], 0),
+                                       tf.concat([acc[1], b[1]], 0)))
+            probs_all = tf.cond(  # an all-bad batch must not reach the network (empty input)
+                tf.shape(images)[0] > 0,
+                lambda: tf.cast(classifier(images, training=False), tf.float32),
+                lambda: tf.zeros([0, num_classes], tf.float32),
+            )
+            idx_all = tf.reshape(idx, [-1, 1])
+            ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
+            probs_full = tf.scatter_nd(idx_all, probs_all, tf.stack([n, num_classes]))
+            best = tf.argmax(probs_full, axis=1)
+            names = tf.convert_to_tensor(self.class_names)
+            out = {
+                "label": tf.where(ok, tf.gather(names, best), ""),
+                "probability": tf.where(ok, tf.reduce_max(probs_full, axis=1), 0.0),
+                "error": tf.where(ok, "", ERROR_UNDECODABLE),
+            }
+            for c, name in enumerate(class_names):
+                out[PROB_PREFIX + name] = probs_full[:, c]
+            return out
 
-                ds = tf.data.Dataset.zip(
-                    (tf.data.Dataset.range(n), tf.data.Dataset.from_tensor_slices(raw_bytes_or_b64))
-                )
-                # A bad row is skipped here and reported through `error`, never failing the batch.
-                ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
-                # Decode everything first and run the network once, outside any loop: inside a
-                # loop body TensorFlow skips the CPU graph optimisations (about 5x slower).
-                empty = (tf.zeros([0], tf.int64), tf.zeros([0, image_size, image_size, 3]))
-                idx, images = ds.batch(SERVING_BATCH).reduce(
-                    empty, lambda acc, b: (tf.concat([acc[0], b[0]], 0),
-                                           tf.concat([acc[1], b[1]], 0)))
-                probs_all = tf.cond(  # an all-bad batch must not reach the network (empty input)
-                    tf.shape(images)[0] > 0,
-                    lambda: tf.cast(classifier(images, training=False), tf.float32),
-                    lambda: tf.zeros([0, num_classes], tf.float32),
-                )
-                idx_all = tf.reshape(idx, [-1, 1])
-                ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
-                probs_full = tf.scatter_nd(idx_all, probs_all, tf.stack([n, num_classes]))
-                best = tf.argmax(probs_full, axis=1)
-                names = tf.convert_to_tensor(self.class_names)
-                out = {
-                    "label": tf.where(ok, tf.gather(names, best), ""),
-                    "probability": tf.where(ok, tf.reduce_max(probs_full, axis=1), 0.0),
-                    "error": tf.where(ok, "", ERROR_UNDECODABLE),
-                }
-                for c, name in enumerate(class_names):
-                    out[PROB_PREFIX + name] = probs_full[:, c]
-                return out
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image")])
+        def serve(self, image):
+            """image: base64-encoded image files -> label, probability, error, prob_<class>."""
+            return self._classify(image, True)
 
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image")])
-            def serve(self, image):
-                """image: base64-encoded image files -> label, probability, error, prob_<class>."""
-                return self._classify(image, True)
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def classify_bytes(self, image_bytes):
+            """The same on raw (not base64) encoded image bytes."""
+            return self._classify(image_bytes, False)
 
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-            def classify_bytes(self, image_bytes):
-                """The same on raw (not base64) encoded image bytes."""
-                return self._classify(image_bytes, False)
-
-        return PetalflowClassifier()
+    return PetalflowClassifier()
 
 
 def export_serving_model(
@@ -194,7 +191,7 @@ def export_serving_model(
     """
     import tensorflow as tf
 
-    module = _Serving.make(classifier, class_names, image_size)
+    module = _serving_module(classifier, class_names, image_size)
     path = Path(path)
     tf.saved_model.save(
         module,
