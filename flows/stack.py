@@ -162,6 +162,28 @@ def _auth_headers(stack: Stack) -> dict:
     return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
 
 
+RETRYABLE_STATUS = {429, 502, 503}
+
+
+def prefect_request(stack: Stack, method: str, path: str, attempts: int = 6,
+                    **kw) -> httpx.Response:
+    """One call to the stack's Prefect REST API, with its auth header, retried like Prefect's
+    own client does on 429/502/503: a SQLite-backed server answers 503 when concurrent writes
+    collide ("database is locked"), which is transient. Other statuses are returned as they are."""
+    kw.setdefault("timeout", 30)
+    headers = {**_auth_headers(stack), **kw.pop("headers", {})}
+    for attempt in range(attempts):
+        resp = httpx.request(method, f"{stack.prefect_api}{path}", headers=headers, **kw)
+        if resp.status_code not in RETRYABLE_STATUS or attempt == attempts - 1:
+            return resp
+        try:
+            delay = float(resp.headers.get("Retry-After", ""))
+        except ValueError:
+            delay = min(2.0 ** attempt, 10.0)
+        time.sleep(delay)
+    return resp
+
+
 def start_prefect_server(stack: Stack, timeout_s: float = 120) -> None:
     _start(stack, "prefect-server", [stack.bin("prefect"), "server", "start", "--host",
                                       stack.host, "--port", str(stack.prefect_port)])
@@ -216,10 +238,11 @@ def _prefect(stack: Stack, *args: str, check: bool = True) -> subprocess.Complet
 def create_pools(stack: Stack) -> None:
     """Process work pools ``cpu`` and ``gpu`` (idempotent); ``gpu`` runs one training at a time."""
     for pool, purpose in POOLS.items():
-        got = httpx.get(f"{stack.prefect_api}/work_pools/{pool}", timeout=10,
-                        headers=_auth_headers(stack))
+        got = prefect_request(stack, "GET", f"/work_pools/{pool}")
         if got.status_code == 404:
             _prefect(stack, "work-pool", "create", pool, "--type", "process")
+        else:
+            got.raise_for_status()
     _prefect(stack, "work-pool", "set-concurrency-limit", "gpu", "1")
 
 
@@ -235,8 +258,8 @@ def start_workers(stack: Stack, timeout_s: float = 120) -> None:
         _start(stack, f"worker-{pool}", [stack.bin("prefect"), "worker", "start", "--pool", pool,
                                          "--type", "process"])
     for pool in POOLS:
-        _wait(f"worker for pool {pool}", lambda p=pool: httpx.get(
-            f"{stack.prefect_api}/work_pools/{p}", timeout=3, headers=_auth_headers(stack))
+        _wait(f"worker for pool {pool}", lambda p=pool: prefect_request(
+            stack, "GET", f"/work_pools/{p}", attempts=1, timeout=3)
             .json().get("status") == "READY",
             timeout_s, stack, f"worker-{pool}")
 
@@ -248,9 +271,9 @@ def create_zombie_automation(stack: Stack, within_s: int = 90) -> None:
     """Mark a flow run Crashed when its heartbeats stop (its worker or machine died), instead of
     leaving it Running forever. Flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY
     seconds (30 in this stack); ``within_s`` must exceed it. Idempotent (matched by name)."""
-    existing = httpx.post(f"{stack.prefect_api}/automations/filter", json={}, timeout=10,
-                          headers=_auth_headers(stack)).json()
-    if any(a["name"] == ZOMBIE_AUTOMATION for a in existing):
+    found = prefect_request(stack, "POST", "/automations/filter", json={})
+    found.raise_for_status()
+    if any(a["name"] == ZOMBIE_AUTOMATION for a in found.json()):
         return
     automation = {
         "name": ZOMBIE_AUTOMATION,
@@ -273,8 +296,7 @@ def create_zombie_automation(stack: Stack, within_s: int = 90) -> None:
                      "message": "Flow run marked as crashed: its heartbeats stopped (the "
                                 "worker or its machine died)."}],
     }
-    resp = httpx.post(f"{stack.prefect_api}/automations/", json=automation, timeout=10,
-                      headers=_auth_headers(stack))
+    resp = prefect_request(stack, "POST", "/automations/", json=automation)
     resp.raise_for_status()
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from flows.stack import Stack, create_pools, create_zombie_automation, deploy, down, \
-    start_mlflow_server, start_prefect_server, start_workers
+    prefect_request, start_mlflow_server, start_prefect_server, start_workers
 from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,8 @@ def stack(tmp_path_factory):
 
 
 def _api(st: Stack, method: str, path: str, **kw) -> httpx.Response:
-    return httpx.request(method, f"{st.prefect_api}{path}", timeout=30, **kw)
+    """Prefect REST call, retried on 503 as Prefect's client does (SQLite busy under load)."""
+    return prefect_request(st, method, path, **kw)
 
 
 def _deployment(st: Stack, flow: str, name: str) -> dict:
@@ -54,15 +55,9 @@ def _deployment(st: Stack, flow: str, name: str) -> dict:
 
 
 def _run_button(st: Stack, deployment_id: str, parameters: dict) -> httpx.Response:
-    """What the UI's Run button sends (again after a 5xx: SQLite-backed servers can answer
-    'database is locked' under concurrent writes, and the UI lets the user click again)."""
-    for _attempt in range(5):
-        resp = _api(st, "POST", f"/deployments/{deployment_id}/create_flow_run",
-                    json={"parameters": parameters, "state": {"type": "SCHEDULED"}})
-        if resp.status_code < 500:
-            return resp
-        time.sleep(2)
-    return resp
+    """What the UI's Run button sends."""
+    return _api(st, "POST", f"/deployments/{deployment_id}/create_flow_run",
+                json={"parameters": parameters, "state": {"type": "SCHEDULED"}})
 
 
 def _started(resp: httpx.Response) -> str:
