@@ -6,6 +6,8 @@ button uses. Everything started here is stopped here, pass or fail."""
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -182,11 +184,18 @@ def test_batch_predict_deployment_writes_predictions(stack, tmp_path):
                json={"parameters": {"params": {"input_folder": str(folder), "output": str(out),
                                                "top_k": -1}}})
     assert bad.status_code in (409, 422), bad.text
-    created = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run",
-                   json={"parameters": {"params": {"input_folder": str(folder),
-                                                   "output": str(out), "top_k": 2}}})
-    assert created.status_code == 201, created.text
-    run = _wait_final(stack, created.json()["id"])
+    # The stock CLI, as in the README: only the fields that differ from the defaults.
+    cli = subprocess.run(
+        [stack.bin("prefect"), "--no-prompt", "deployment", "run", "batch-predict/batch-predict",
+         "--param", "params=" + json.dumps({"input_folder": str(folder), "output": str(out),
+                                            "top_k": 2}),
+         "--watch", "--watch-timeout", "400"],
+        env=stack.env(), capture_output=True, text=True, timeout=450)
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+    runs = _api(stack, "POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [dep["id"]]}}}).json()
+    assert len(runs) == 1, runs
+    run = runs[0]
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["work_pool_name"] == "cpu"
     import pandas as pd
@@ -207,7 +216,7 @@ CHROMIUM = "/usr/bin/chromium"
 def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone):
     """Headless Chromium opens the Prefect UI, opens the `train` deployment, starts a custom run
     from the run form and sees the run reach Completed in the UI."""
-    import json as _json
+
     from urllib.parse import quote
 
     if not Path(CHROMIUM).exists():
@@ -239,7 +248,7 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone
             page.wait_for_url("**/run?parameters=**", timeout=30_000)
             # The run form, prefilled the way the UI's own links do, then one field edited.
             page.goto(page.url.split("?")[0] + "?parameters="
-                      + quote(quote(_json.dumps(params))), wait_until="networkidle")
+                      + quote(quote(json.dumps(params))), wait_until="networkidle")
             epochs = page.locator(
                 "xpath=//*[normalize-space(text())='Epochs (Optional)']/following::input[1]")
             epochs.wait_for(timeout=30_000)
@@ -350,7 +359,5 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
         assert final["state"]["type"] == "COMPLETED", final["state"]
     record = next(p for p in (stack.petalflow_home / "runs").rglob("train.json")
                   if rerun in str(p))
-    import json as _json
-
-    resumed = _json.loads(record.read_text())
+    resumed = json.loads(record.read_text())
     assert resumed["resumed_from_epoch"] >= 1 and resumed["seeded_from"]
