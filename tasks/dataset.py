@@ -33,6 +33,15 @@ def _sha256_bytes(path: Path) -> tuple[str, int]:
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
+# Folders archivers add beside the data (macOS Finder zips carry resource forks in __MACOSX/).
+NOT_CLASS_FOLDERS = {"__MACOSX"}
+
+
+def is_class_folder(path: Path) -> bool:
+    """A visible folder that is not archiver metadata."""
+    return path.is_dir() and not path.name.startswith(".") and path.name not in NOT_CLASS_FOLDERS
+
+
 def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Sorted class names and (relative path, label) of every file under each class folder.
 
@@ -40,9 +49,7 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     directly in ``data_root`` (LICENSE.txt, README) are not part of any class and are ignored.
     """
     data_root = Path(data_root)
-    classes = sorted(
-        p.name for p in data_root.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
+    classes = sorted(p.name for p in data_root.iterdir() if is_class_folder(p))
     files: list[tuple[str, str]] = []
     for label in classes:
         for dirpath, dirnames, filenames in os.walk(data_root / label):

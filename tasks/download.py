@@ -249,13 +249,17 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
 def find_data_root(folder: Path) -> Path:
     """Descend wrapper folders (``flower_photos/``) to the folder that holds the class folders.
 
-    A folder is a wrapper when it has exactly one visible subfolder and no other visible entry
-    except plain text files (LICENSE.txt, README).
+    A folder is a wrapper when it has exactly one class-like subfolder and no other visible entry
+    except plain text files (LICENSE.txt, README); hidden entries and archiver metadata
+    (``__MACOSX/``) do not count.
     """
+    from tasks.dataset import NOT_CLASS_FOLDERS, is_class_folder
+
     folder = Path(folder)
     while True:
-        visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
-        subdirs = [p for p in visible if p.is_dir()]
+        visible = [p for p in folder.iterdir()
+                   if not p.name.startswith(".") and p.name not in NOT_CLASS_FOLDERS]
+        subdirs = [p for p in visible if is_class_folder(p)]
         others = [p for p in visible if not p.is_dir() and p.suffix.lower() not in {".txt", ".md"}]
         if len(subdirs) == 1 and not others:
             folder = subdirs[0]

@@ -163,6 +163,24 @@ def test_find_data_root_descends_wrappers(tmp_path):
     assert find_data_root(tmp_path / "outer") == tmp_path / "outer" / "flower_photos"
 
 
+def test_macos_zip_metadata_is_neither_a_wrapper_nor_a_class(tmp_path):
+    """Finder's "Compress" adds __MACOSX/ with ._* resource forks beside the data folder."""
+    from tasks.dataset import scan_dataset
+
+    src = make_dataset(tmp_path / "src", per_class=2)
+    archive = make_zip(src, tmp_path / "photos.zip")
+    with zipfile.ZipFile(archive, "a") as zf:
+        for name in ("red", "green"):
+            zf.writestr(f"__MACOSX/photos/{name}/._000.jpg", b"\x00\x05\x16\x07AppleDouble")
+        zf.writestr("photos/red/.DS_Store", b"\x00\x00\x00\x01Bud1")
+    root = extract_archive(archive, tmp_path / "datasets")
+    assert root.name == "photos"
+    manifest = scan_dataset(root)
+    assert sorted(manifest["label"].unique()) == sorted(p.name for p in src.iterdir())
+    assert not manifest["path"].str.contains("__MACOSX").any()
+    assert (manifest["status"] == "ok").sum() == 2 * len(list(src.iterdir()))
+
+
 def test_download_task_does_not_retry_checksum_mismatch(archive_dir, tmp_path, prefect_harness):
     """The Prefect task retries network errors only: a bad checksum is asked for once."""
     from prefect import flow
