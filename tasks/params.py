@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_DATA_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
+# Published digest of the flowers archive (228,813,984 bytes; TensorFlow Datasets' checksum
+# record for tf_flowers), used when that URL is given without a digest of its own.
+KNOWN_ARCHIVE_SHA256 = {
+    url: "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+    for url in (DEFAULT_DATA_URL,
+                "http://download.tensorflow.org/example_images/flower_photos.tgz",
+                "https://download.tensorflow.org/example_images/flower_photos.tgz")
+}
 DEFAULT_BACKBONE = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 DEFAULT_MODEL_NAME = "petalflow-classifier"
 
@@ -39,7 +47,8 @@ class TrainParams(BaseModel):
         None,
         title="Dataset sha256",
         description="Expected sha256 of the archive (64 hex digits). A mismatch fails the run "
-        "without retrying; leave empty to accept any archive (its hash is still recorded).",
+        "without retrying. Empty: the published digest when the URL is TensorFlow's "
+        "flower_photos.tgz, otherwise any archive is accepted (its hash is still recorded).",
     )
     backbone: str = Field(
         DEFAULT_BACKBONE,
@@ -107,6 +116,16 @@ class TrainParams(BaseModel):
         20 * 1024**3, ge=1024, title="Extraction size limit (bytes)",
         description="Refuse archives whose members add up to more than this (zip bombs).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_digest(cls, data):
+        """Fill in the published digest of a well-known archive when none is given."""
+        if isinstance(data, dict) and not str(data.get("data_sha256") or "").strip():
+            known = KNOWN_ARCHIVE_SHA256.get(str(data.get("data_url", DEFAULT_DATA_URL)).strip())
+            if known:
+                data = {**data, "data_sha256": known}
+        return data
 
     @field_validator("data_url")
     @classmethod

@@ -62,3 +62,13 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
     assert main(["predict", "--input", str(workspace), "--output",
                  str(workspace / "no" / "dir.csv")]) == 2
     assert not out.exists()
+
+
+def test_default_flowers_url_is_pinned_to_its_published_digest():
+    from tasks.params import DEFAULT_DATA_URL, KNOWN_ARCHIVE_SHA256
+
+    pinned = KNOWN_ARCHIVE_SHA256[DEFAULT_DATA_URL]
+    assert TrainParams().data_sha256 == pinned
+    assert TrainParams(data_sha256="").data_sha256 == pinned
+    assert TrainParams(data_sha256="B" * 64).data_sha256 == "b" * 64  # the user's wins
+    assert TrainParams(data_url="https://example.org/other.tgz").data_sha256 is None
