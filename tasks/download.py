@@ -205,13 +205,27 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
         raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
 
 
+def zip_member_name(info: zipfile.ZipInfo) -> str:
+    """The member's name as its author wrote it. Zips made without the UTF-8 flag (Info-ZIP,
+    Windows, macOS) usually still hold UTF-8 bytes, which zipfile reads as cp437: "Crème"
+    would become "Cr├¿me" and a class would be renamed. Such names are decoded as UTF-8 when
+    they are valid UTF-8, as cp437 otherwise."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
+
+
 def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
+            names = {id(info): zip_member_name(info) for info in infos}
             declared = 0
             for info in infos:
-                _check_member_name(info.filename)
+                _check_member_name(names[id(info)])
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
                     raise ArchiveError(f"archive member {info.filename!r} is a link; refusing")
@@ -227,9 +241,9 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
             written = 0
             root = dest.resolve()
             for info in infos:
-                out = (dest / info.filename).resolve()
+                out = (dest / names[id(info)]).resolve()
                 if root != out and root not in out.parents:
-                    raise ArchiveError(f"archive member {info.filename!r} escapes the target")
+                    raise ArchiveError(f"archive member {names[id(info)]!r} escapes the target")
                 if info.is_dir():
                     out.mkdir(parents=True, exist_ok=True)
                     continue

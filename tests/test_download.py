@@ -181,6 +181,29 @@ def test_macos_zip_metadata_is_neither_a_wrapper_nor_a_class(tmp_path):
     assert (manifest["status"] == "ok").sum() == 2 * len(list(src.iterdir()))
 
 
+class _LegacyNameInfo(zipfile.ZipInfo):
+    """Writes the name's cp437 bytes without the UTF-8 flag, as Info-ZIP and Windows do."""
+
+    def _encodeFilenameFlags(self):
+        return self.filename.encode("cp437"), self.flag_bits
+
+
+def test_zip_names_without_the_utf8_flag_keep_their_accents(tmp_path):
+    from tests.helpers import write_image
+
+    img = tmp_path / "x.jpg"
+    write_image(img, (200, 30, 30), seed=1)
+    archive = tmp_path / "legacy.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        utf8 = "photos/Crème brûlée/0.jpg".encode("utf-8").decode("cp437")  # UTF-8 bytes
+        zf.writestr(_LegacyNameInfo(utf8), img.read_bytes())
+        zf.writestr(_LegacyNameInfo("photos/café/0.jpg"), img.read_bytes())  # real cp437
+    with zipfile.ZipFile(archive) as zf:
+        assert not any(i.flag_bits & 0x800 for i in zf.infolist())
+    root = extract_archive(archive, tmp_path / "datasets")
+    assert sorted(p.name for p in root.iterdir()) == ["Crème brûlée", "café"]
+
+
 def test_download_task_does_not_retry_checksum_mismatch(archive_dir, tmp_path, prefect_harness):
     """The Prefect task retries network errors only: a bad checksum is asked for once."""
     from prefect import flow
