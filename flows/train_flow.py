@@ -3,7 +3,7 @@
 Inputs: one ``TrainParams`` (dataset URL/sha256, TF Hub backbone, training options, model name,
 quality gate, ``force``). Steps: download -> extract -> scan/split (quarantine bad files) ->
 "nothing to do" if the champion was trained on the same data with the same parameters (unless
-``force``) -> MLflow run -> train (the ``train-model`` flow; resumable, per-epoch metrics) ->
+``force``) -> fetch the backbone into the shared TF Hub cache -> MLflow run -> train (the ``train-model`` flow; resumable, per-epoch metrics) ->
 evaluate on the test split -> register a version; ``champion`` moves only if it passes the gate
 and beats the current champion. Output: the run summary (MLflow run id, model name/version, alias
 decision, test metrics, dataset counts). Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
@@ -20,11 +20,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from prefect import flow, get_run_logger
 
 from tasks.dataset import prepare_dataset_task
-from tasks.download import download_archive_task, extract_archive_task
+from tasks.download import download_archive_task, extract_archive_task, fetch_backbone_task
 from tasks.evaluate import evaluate_model_task
 from tasks.params import TrainParams
 from tasks.registry import (
@@ -42,29 +43,32 @@ def petalflow_home() -> Path:
 
 
 @flow(name="train-model", log_prints=True)
-def train_model_flow(data_info: dict, params: TrainParams, workdir: str, run_id: str) -> dict:
+def train_model_flow(data_info: dict, params: TrainParams, workdir: str, run_id: str,
+                     backbone_path: Optional[str] = None) -> dict:
     """The training step as its own flow, so a deployment can run it on the GPU work pool.
 
-    Reads the dataset description and writes checkpoints, the exported model and train.json
-    under ``workdir``; returns the training record.
+    Reads the dataset description (and the backbone's local copy, both on the shared
+    PETALFLOW_HOME) and writes checkpoints, the exported model and train.json under
+    ``workdir``; returns the training record.
     """
-    return train_model_task(data_info, params, workdir, run_id)
+    return train_model_task(data_info, params, workdir, run_id, backbone_path)
 
 
-def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str) -> dict:
+def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str,
+                 backbone_path: str) -> dict:
     """Train through the GPU deployment when this flow itself runs from a deployment, else
     in this process. Only locations cross the boundary: the record comes back as train.json."""
     from prefect.runtime import deployment
 
     if deployment.id is None:
-        return train_model_flow(data_info, params, workdir, run_id)
+        return train_model_flow(data_info, params, workdir, run_id, backbone_path)
     from prefect.deployments import run_deployment
 
     name = os.environ.get(TRAIN_DEPLOYMENT_ENV, DEFAULT_TRAIN_DEPLOYMENT)
     child = run_deployment(
         name=name,
         parameters={"data_info": data_info, "params": params.model_dump(mode="json"),
-                    "workdir": workdir, "run_id": run_id},
+                    "workdir": workdir, "run_id": run_id, "backbone_path": backbone_path},
         timeout=None,
         as_subflow=True,
     )
@@ -100,11 +104,12 @@ def train_and_register(params: TrainParams = TrainParams()) -> dict:
             return {"status": "nothing to do", "alias": "champion", **same,
                     "alias_reason": "unchanged data and parameters; champion kept",
                     "dataset": dataset}
+    backbone_path = fetch_backbone_task(params.backbone, str(home / "tfhub"))
     key = run_key(params, data_info["fingerprint"])
     workdir = home / "runs" / key / _attempt_name()
     run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", archive=archive)
     try:
-        record = run_training(data_info, params, str(workdir), run_id)
+        record = run_training(data_info, params, str(workdir), run_id, backbone_path)
         evaluation = evaluate_model_task(record["export_dir"], data_info,
                                          str(workdir / "evaluation"), run_id)
         registration = register_model_task(run_id, record["export_dir"], params, data_info,

@@ -327,6 +327,19 @@ def download_archive_task(url: str, downloads_dir: str, sha256: Optional[str] = 
     return str(download_archive(url, Path(downloads_dir), sha256))
 
 
+# Network I/O as well: the backbone is fetched once into the shared TF Hub cache, before training.
+@task(
+    name="fetch-backbone",
+    retries=4,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_condition_fn=_retry_only_transient,
+)
+def fetch_backbone_task(handle: str, cache_dir: str) -> str:
+    from tasks.model import fetch_backbone
+
+    return fetch_backbone(handle, Path(cache_dir))
+
+
 @task(name="extract-archive")
 def extract_archive_task(archive: str, datasets_dir: str, max_bytes: int) -> str:
     return str(extract_archive(Path(archive), Path(datasets_dir), max_bytes))

@@ -23,3 +23,7 @@ class ArchiveError(PetalflowError):
 
 class DatasetError(PetalflowError):
     """The dataset cannot be trained on as it is (too few classes or images)."""
+
+
+class BackboneError(PetalflowError):
+    """The backbone handle cannot be used (404, not a SavedModel) and retrying will not help."""

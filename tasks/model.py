@@ -26,6 +26,49 @@ def keras():
     return tf_keras
 
 
+BACKBONE_FETCH_TIMEOUT_S = 60  # per socket operation; TF Hub's own download has none
+
+
+def fetch_backbone(handle: str, cache_dir: Path) -> str:
+    """The local SavedModel folder of a TF Hub handle, downloading it into ``cache_dir`` first
+    when it is a URL (TF Hub's own resolver: atomic, locked, reused by every later run).
+
+    Network trouble raises TransientError (the task retries it); a handle that does not exist
+    or is not a SavedModel raises BackboneError (no retry).
+    """
+    import socket
+    import urllib.error
+
+    from tasks.errors import BackboneError, TransientError
+
+    if "://" not in handle:
+        path = Path(handle).expanduser().resolve()
+    else:
+        import tensorflow_hub as hub
+
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        os.environ["TFHUB_CACHE_DIR"] = str(cache_dir)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(BACKBONE_FETCH_TIMEOUT_S)
+        try:
+            path = Path(hub.resolve(handle))
+        except urllib.error.HTTPError as exc:
+            if exc.code in (408, 429) or exc.code >= 500:
+                raise TransientError(f"HTTP {exc.code} fetching backbone {handle}") from exc
+            raise BackboneError(
+                f"HTTP {exc.code} fetching backbone {handle}; check --backbone") from exc
+        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as exc:
+            raise TransientError(f"network error fetching backbone {handle}: {exc}") from exc
+        except Exception as exc:  # a download that is not a model archive, a bad tar...
+            raise BackboneError(f"cannot fetch backbone {handle}: {exc}") from exc
+        finally:
+            socket.setdefaulttimeout(previous)
+    if not (path / "saved_model.pb").is_file():
+        raise BackboneError(
+            f"backbone {handle} is not a TF Hub SavedModel (no saved_model.pb in {path})")
+    return str(path)
+
+
 def load_backbone(handle: str, trainable: bool = False):
     """``hub.KerasLayer`` over a TF Hub handle (URL or local SavedModel folder).
 

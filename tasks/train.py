@@ -184,9 +184,13 @@ def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
 
 
 def train_model(
-    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None
+    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None,
+    backbone_path: Optional[str] = None,
 ) -> dict:
     """Train in ``workdir`` (one folder per run, locked while in use); see ``_train``.
+
+    ``backbone_path`` is the local copy of ``cfg.backbone`` (from ``fetch_backbone``); without
+    it the handle is loaded directly.
 
     A new folder whose siblings (same data and parameters, ``workdir.parent``) include an attempt
     that was killed or failed mid-training starts from that attempt's last checkpoint.
@@ -194,14 +198,15 @@ def train_model(
     workdir = Path(workdir)
     with _workdir_lock(workdir):
         seeded = seed_from_abandoned_attempt(workdir)
-        record = _train(data_info, cfg, workdir, on_epoch_end)
+        record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path)
     record["seeded_from"] = str(seeded) if seeded else None
     (workdir / DONE_MARKER).write_text(json.dumps(record, indent=2))
     return record
 
 
 def _train(
-    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None
+    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None,
+    backbone_path: Optional[str] = None,
 ) -> dict:
     """Train on ``data_info``'s train split; return the training record (also in train.json).
 
@@ -239,7 +244,7 @@ def _train(
     train_paths, train_y = split_files(data_info, "train")
     val_paths, val_y = split_files(data_info, "val")
 
-    backbone = load_backbone(cfg.backbone, trainable=cfg.fine_tune_layers > 0)
+    backbone = load_backbone(backbone_path or cfg.backbone, trainable=cfg.fine_tune_layers > 0)
     backbone.trainable = False
     dim = feature_dim(backbone, cfg.image_size)
     head = build_head(dim, len(classes), seed=cfg.seed)
@@ -348,7 +353,8 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
 
 
 @task(name="train-model")
-def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: str) -> dict:
+def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: str,
+                     backbone_path: Optional[str] = None) -> dict:
     """Thin wrapper: per-epoch metrics go to MLflow and to a Prefect progress artifact."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -368,7 +374,8 @@ def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: st
             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
         )
 
-    record = train_model(data_info, cfg, Path(workdir), on_epoch_end=on_epoch_end)
+    record = train_model(data_info, cfg, Path(workdir), on_epoch_end=on_epoch_end,
+                         backbone_path=backbone_path)
     update_progress_artifact(progress_id, progress=100.0)
     log_training(run_id, record)
     return record

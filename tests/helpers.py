@@ -52,6 +52,14 @@ def make_tgz(folder: Path, archive: Path, arcname: str = "photos") -> Path:
     return archive
 
 
+def make_hub_tarball(saved_model: Path, archive: Path) -> Path:
+    """A SavedModel as TF Hub serves it over HTTP: a .tar.gz of the model folder's contents."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(Path(saved_model).iterdir()):
+            tar.add(path, arcname=path.name)
+    return archive
+
+
 def make_zip(folder: Path, archive: Path, arcname: str = "photos") -> Path:
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(folder.rglob("*")):

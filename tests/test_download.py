@@ -254,3 +254,45 @@ def test_zip_absolute_path_and_symlink_are_refused(tmp_path):
     with pytest.raises(ArchiveError, match="link"):
         extract_archive(link, tmp_path / "d2")
     assert [p for p in (tmp_path / "d2").iterdir() if not p.name.endswith(".lock")] == []
+
+
+# --------------------------------------------------------------------------- backbone fetch
+
+
+def test_backbone_is_fetched_over_http_once_then_served_from_the_cache(tiny_backbone, tmp_path):
+    from tasks.model import fetch_backbone
+    from tests.helpers import make_hub_tarball
+
+    served = tmp_path / "served"
+    served.mkdir()
+    make_hub_tarball(tiny_backbone, served / "tiny.tar.gz")
+    cache = tmp_path / "tfhub"
+    with serve_directory(served) as url:
+        path = Path(fetch_backbone(f"{url}/tiny.tar.gz", cache))
+    assert cache in path.parents and (path / "saved_model.pb").is_file()
+    # The server is gone: the cached copy is used without the network.
+    assert Path(fetch_backbone(f"{url}/tiny.tar.gz", cache)) == path
+    assert fetch_backbone(str(tiny_backbone), cache) == str(tiny_backbone.resolve())
+
+
+def test_backbone_fetch_errors_say_what_to_fix_and_only_network_trouble_is_transient(
+        tmp_path):
+    from tasks.errors import BackboneError
+    from tasks.model import fetch_backbone
+    from tests.helpers import free_port
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "page.tar.gz").write_text("<html>not a model</html>")
+    (tmp_path / "not_a_model").mkdir()
+    cache = tmp_path / "tfhub"
+    with serve_directory(served) as url:
+        with pytest.raises(BackboneError, match="HTTP 404.*--backbone"):
+            fetch_backbone(f"{url}/missing.tar.gz", cache)
+        with pytest.raises(BackboneError, match="cannot fetch backbone"):
+            fetch_backbone(f"{url}/page.tar.gz", cache)
+    with pytest.raises(TransientError, match="network error fetching backbone"):
+        fetch_backbone(f"http://127.0.0.1:{free_port()}/gone.tar.gz", cache)
+    with pytest.raises(BackboneError, match="not a TF Hub SavedModel"):
+        fetch_backbone(str(tmp_path / "not_a_model"), cache)
+    assert not list(cache.glob("*/saved_model.pb"))  # nothing half-fetched is left to trust

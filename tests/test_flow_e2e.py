@@ -15,15 +15,15 @@ import pytest
 
 from tasks.params import TrainParams
 from tests.helpers import (
-    COLOURS, free_port, make_dataset, make_random_label_dataset, make_tgz, serve_directory,
-    write_image,
+    COLOURS, free_port, make_dataset, make_hub_tarball, make_random_label_dataset, make_tgz,
+    serve_directory, write_image,
 )
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
 
 
-def _params(url: str, archive: Path, backbone: Path, **kw) -> TrainParams:
+def _params(url: str, archive: Path, backbone, **kw) -> TrainParams:
     base = dict(data_url=url, data_sha256=hashlib.sha256(archive.read_bytes()).hexdigest(),
                 backbone=str(backbone), image_size=32, epochs=6, batch_size=8,
                 learning_rate=0.05, min_accuracy=0.8, val_fraction=0.2, test_fraction=0.2)
@@ -48,7 +48,8 @@ def _client():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_backbone, prefect_harness):
-    """One successful flow run (with one corrupt image in the data) in its own workspace."""
+    """One successful flow run (with one corrupt image in the data) in its own workspace; the
+    backbone, like the data, comes over HTTP (TF Hub's compressed-model format)."""
     from flows.train_flow import train_and_register
 
     tmp = tmp_path_factory.mktemp("e2e")
@@ -61,9 +62,11 @@ def trained(tmp_path_factory, tiny_backbone, prefect_harness):
         served = tmp / "served"
         served.mkdir()
         archive = make_tgz(src, served / "photos.tgz")
+        make_hub_tarball(tiny_backbone, served / "backbone.tar.gz")
         assert not (tmp / "mlflow").exists() and not (tmp / "home").exists()
         with serve_directory(served) as url:
-            summary = train_and_register(_params(f"{url}/photos.tgz", archive, tiny_backbone))
+            summary = train_and_register(_params(f"{url}/photos.tgz", archive,
+                                                 f"{url}/backbone.tar.gz"))
         yield tmp, summary
 
 
@@ -76,6 +79,8 @@ def test_flow_registers_a_champion_and_reports_counts(trained):
     assert (ds["found"], ds["used"], ds["quarantined"]) == (37, 36, 1)
     assert ds["quarantine_reasons"] == {"red/corrupt.jpg": ds["quarantine_reasons"]["red/corrupt.jpg"]}
     assert ds["classes"] == sorted(COLOURS)
+    # The backbone was fetched once into the shared TF Hub cache under PETALFLOW_HOME.
+    assert len(list((_tmp / "home" / "tfhub").glob("*/saved_model.pb"))) == 1
 
 
 def test_champion_pulled_by_alias_classifies_new_images(trained, tmp_path, monkeypatch):
