@@ -26,6 +26,9 @@ from tasks.images import SUPPORTED_FORMATS
 MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "status", "reason"]
 MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
 MIN_PER_SPLIT = 1
+# A folder none of whose files is an image (by content or by name) is not a class: notes/, docs/.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif",
+                  ".tiff", ".heic", ".heif", ".avif", ".jxl"}
 
 
 def _sha256_bytes(path: Path) -> tuple[str, int]:
@@ -169,6 +172,19 @@ def scan_dataset(data_root: Path) -> pd.DataFrame:
     return manifest
 
 
+def image_free_folders(manifest: pd.DataFrame) -> list[str]:
+    """Folders with files but not one image among them (no usable image, no image-like name,
+    nothing PIL recognised): they are reported and skipped, not treated as classes."""
+    skipped = []
+    for label, rows in manifest.groupby("label", sort=True):
+        recognised = (rows["status"] == "ok") | ~rows["reason"].isin(
+            ["not an image file", "hidden file", "empty file"])
+        image_named = rows["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        if not (recognised | image_named).any():
+            skipped.append(str(label))
+    return skipped
+
+
 def class_names(manifest: pd.DataFrame) -> list[str]:
     """Sorted labels that have at least one usable image: index i is model output i."""
     return sorted(manifest.loc[manifest["status"] == "ok", "label"].unique().tolist())
@@ -197,7 +213,10 @@ def split_dataset(
             f"need at least 2 classes with usable images, found {len(usable)} "
             f"({', '.join(usable) or 'none'}); put each class's images in its own subfolder"
         )
+    skipped = set(image_free_folders(manifest))
     for label in all_labels:
+        if label in skipped:
+            continue
         groups = sorted(ok.loc[ok["label"] == label, "sha256"].unique(), key=lambda s: _rank(seed, s))
         n = len(groups)
         n_test = max(MIN_PER_SPLIT, round(n * test_fraction))
@@ -262,7 +281,8 @@ def prepare_dataset(
     folders, _files = list_class_files(Path(data_root))
     counts = dataset_counts(manifest)
     # A class folder with no files at all is ignored (reported), not an error.
-    counts["empty_class_folders"] = sorted(set(folders) - set(manifest["label"]))
+    counts["empty_class_folders"] = sorted(
+        set(folders) - set(manifest["label"]) | set(image_free_folders(manifest)))
     info = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),

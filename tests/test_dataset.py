@@ -108,6 +108,24 @@ def test_empty_class_folder_is_ignored_and_reported(tmp_path):
     assert info["counts"]["empty_class_folders"] == ["empty class"]
 
 
+def test_folder_without_any_image_is_skipped_but_unreadable_images_are_an_error(tmp_path):
+    root = make_dataset(tmp_path / "d", per_class=4)
+    (root / "docs").mkdir()
+    (root / "docs" / "README.md").write_text("how these photos were taken")
+    (root / "docs" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    info = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    assert info["counts"]["empty_class_folders"] == ["docs"]
+    assert info["counts"]["found"] == info["counts"]["used"] + info["counts"]["quarantined"]
+
+    # Files named as images that cannot be read: a class the user meant, so say so.
+    (root / "black").mkdir()
+    for i in range(4):
+        (root / "black" / f"{i}.jpg").write_text("not really a jpeg")
+    with pytest.raises(DatasetError, match="class 'black' has 0 distinct usable images"):
+        prepare_dataset(root, tmp_path / "out2", 0.25, 0.25, 0)
+
+
 def test_class_names_with_spaces_and_non_ascii(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4,
                         colours={"blühende rose": (200, 0, 0), "wild daisy": (0, 0, 200)})
