@@ -21,14 +21,11 @@ import pandas as pd
 from prefect import task
 
 from tasks.errors import DatasetError
-from tasks.images import SUPPORTED_FORMATS
+from tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "status", "reason"]
 MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
 MIN_PER_SPLIT = 1
-# A folder none of whose files is an image (by content or by name) is not a class: notes/, docs/.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif",
-                  ".tiff", ".heic", ".heif", ".avif", ".jxl"}
 
 
 def _sha256_bytes(path: Path) -> tuple[str, int]:

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 # Formats TensorFlow decodes natively; anything else is quarantined by the scan.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+# File names that look like images (supported or not): folder inputs of `predict` are these, so
+# an unsupported format is reported on its row instead of silently skipped; a dataset folder with
+# none of them (and no recognisable image) is not a class.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp",
+                            ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl"})
 
 
 def decode_image(image_bytes, image_size: int):

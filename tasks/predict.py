@@ -16,10 +16,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import pandas as pd
 
+from tasks.images import IMAGE_SUFFIXES
 from tasks.model import PROB_PREFIX
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:

@@ -149,10 +149,14 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
     write_image(folder / "a.jpg", COLOURS["red"], seed=5)
     write_image(folder / "sub" / "b.png", COLOURS["blue"], fmt="PNG", seed=6)
     (folder / "broken.jpg").write_bytes(b"nope")
+    (folder / "scan.tiff").write_bytes(b"II*\x00 a format the model does not read")
+    (folder / "notes.txt").write_text("not an image: skipped, not a row")
     out = tmp_path / "pred.csv"
     assert not out.exists()
     assert main(["predict", "--input", str(folder), "--output", str(out)]) == 0
     table = pd.read_csv(out, keep_default_na=False).set_index("path")
+    assert len(table) == 4 and str(folder / "notes.txt") not in table.index
+    assert table.loc[str(folder / "scan.tiff"), "error"] == "undecodable image"
     assert list(table.columns) == ["label", "probability", "error", "prob_blue", "prob_green",
                                    "prob_red"]
     assert table.loc[str(folder / "a.jpg"), "label"] == "red"
