@@ -47,7 +47,8 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
         import tensorflow_hub as hub
 
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        os.environ["TFHUB_CACHE_DIR"] = str(cache_dir)
+        previous_cache = os.environ.get("TFHUB_CACHE_DIR")
+        os.environ["TFHUB_CACHE_DIR"] = str(cache_dir)  # read by hub.resolve, restored below
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(BACKBONE_FETCH_TIMEOUT_S)
         try:
@@ -63,6 +64,10 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
             raise BackboneError(f"cannot fetch backbone {handle}: {exc}") from exc
         finally:
             socket.setdefaulttimeout(previous)
+            if previous_cache is None:
+                os.environ.pop("TFHUB_CACHE_DIR", None)
+            else:
+                os.environ["TFHUB_CACHE_DIR"] = previous_cache
     if not (path / "saved_model.pb").is_file():
         raise BackboneError(
             f"backbone {handle} is not a TF Hub SavedModel (no saved_model.pb in {path})")
