@@ -4,8 +4,8 @@ Inputs: one ``TrainParams`` (dataset URL/sha256, TF Hub backbone, training optio
 quality gate, ``force``). Steps: download -> extract -> scan/split (quarantine bad files) ->
 "nothing to do" if the champion was trained on the same data with the same parameters (unless
 ``force``) -> fetch the backbone into the shared TF Hub cache -> MLflow run -> train (the
-``train-model`` flow; resumable, per-epoch metrics) -> evaluate on the test split -> register a version; ``champion`` moves only if it passes the gate
-and beats the current champion. Output: the run summary (MLflow run id, model name/version, alias
+``train-model`` flow; resumable, per-epoch metrics) -> evaluate on the test split -> register a
+version; ``champion`` moves only if it passes the gate and beats the current champion. Output: the run summary (MLflow run id, model name/version, alias
 decision, test metrics, dataset counts). Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
 
 Run it with ``petalflow train [options]`` (ephemeral Prefect: everything in one process) or deploy
