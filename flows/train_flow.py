@@ -5,8 +5,9 @@ quality gate, ``force``). Steps: download -> extract -> scan/split (quarantine b
 "nothing to do" if the champion was trained on the same data with the same parameters (unless
 ``force``) -> fetch the backbone into the shared TF Hub cache -> MLflow run -> train (the
 ``train-model`` flow; resumable, per-epoch metrics) -> evaluate on the test split -> register a
-version; ``champion`` moves only if it passes the gate and beats the current champion. Output: the run summary (MLflow run id, model name/version, alias
-decision, test metrics, dataset counts). Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
+version; ``champion`` moves only if it passes the gate and beats the current champion. Output: the
+run summary (MLflow run id, model name/version, alias decision, test metrics, dataset counts).
+Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
 
 Run it with ``petalflow train [options]`` (ephemeral Prefect: everything in one process) or deploy
 it with ``prefect deploy --prefect-file deployment.yaml --all``: then the parent runs on the ``cpu``
