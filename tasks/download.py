@@ -64,13 +64,19 @@ def local_source(url: str) -> Optional[Path]:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock so two runs never write the same download or dataset."""
+def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Exclusive advisory lock on ``path`` (created if missing) for the ``with`` block, so two
+    runs never write the same download, dataset or training folder; a killed process releases
+    it. ``wait=False`` does not block: it yields False at once when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -111,7 +117,7 @@ def download_archive(
     target_dir = Path(downloads_dir) / key
     target = target_dir / _archive_name(url)
     part = target.with_name(target.name + ".part")
-    with _file_lock(target_dir / ".lock"):
+    with file_lock(target_dir / ".lock"):
         if target.exists():
             if sha256 is None or sha256_file(target) == sha256:
                 return target
@@ -295,7 +301,7 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
     datasets_dir = Path(datasets_dir)
     datasets_dir.mkdir(parents=True, exist_ok=True)
     target = datasets_dir / sha256_file(archive)
-    with _file_lock(datasets_dir / f".{target.name}.lock"):
+    with file_lock(datasets_dir / f".{target.name}.lock"):
         if target.is_dir():
             return find_data_root(target)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=datasets_dir))

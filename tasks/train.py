@@ -12,7 +12,6 @@ attempt's checkpoints instead of starting over.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ import numpy as np
 from prefect import task
 
 from tasks.dataset import load_manifest
+from tasks.download import file_lock
 from tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
@@ -144,29 +144,18 @@ DONE_MARKER = "train.json"
 @contextlib.contextmanager
 def _workdir_lock(workdir: Path):
     """Exclusive lock held while training in ``workdir``; a killed process releases it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{workdir} is in use by another training process") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(workdir / ".lock", wait=False) as held:
+        if not held:
+            raise RuntimeError(f"{workdir} is in use by another training process")
+        yield
 
 
 def _abandoned(attempt: Path) -> bool:
     """An attempt that stopped before finishing and whose process is gone (lock free)."""
     if (attempt / DONE_MARKER).exists() or not (attempt / "checkpoints" / "checkpoint").exists():
         return False
-    with open(attempt / ".lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False  # still training
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return True
+    with file_lock(attempt / ".lock", wait=False) as free:  # held: still training
+        return free
 
 
 def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
