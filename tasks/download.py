@@ -29,7 +29,9 @@ from urllib.parse import unquote, urlparse
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from tasks.errors import ArchiveError, ChecksumMismatch, DownloadError, TransientError
+from tasks.errors import (
+    ArchiveError, ChecksumMismatch, DownloadError, TransientError, is_transient_status,
+)
 
 CHUNK = 1 << 20
 
@@ -131,7 +133,7 @@ def download_archive(
                 if resp.status_code == 416:  # our .part is already complete or bogus
                     part.unlink(missing_ok=True)
                     raise TransientError(f"range not satisfiable for {url}; restarting download")
-                if resp.status_code >= 500 or resp.status_code == 429:
+                if is_transient_status(resp.status_code):
                     raise TransientError(f"HTTP {resp.status_code} from {url}")
                 if resp.status_code >= 400:
                     raise DownloadError(f"HTTP {resp.status_code} from {url}; check --data-url")

@@ -9,6 +9,11 @@ class TransientError(PetalflowError):
     """An I/O failure that may succeed when tried again (network drop, 5xx, server down)."""
 
 
+def is_transient_status(code: int) -> bool:
+    """HTTP statuses worth retrying: request timeout, rate limit, server errors."""
+    return code in (408, 429) or code >= 500
+
+
 class DownloadError(PetalflowError):
     """A download failed for a reason retrying cannot fix (404, 403, bad URL)."""
 

@@ -39,7 +39,7 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
     import socket
     import urllib.error
 
-    from tasks.errors import BackboneError, TransientError
+    from tasks.errors import BackboneError, TransientError, is_transient_status
 
     if "://" not in handle:
         path = Path(handle).expanduser().resolve()
@@ -54,7 +54,7 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
         try:
             path = Path(hub.resolve(handle))
         except urllib.error.HTTPError as exc:
-            if exc.code in (408, 429) or exc.code >= 500:
+            if is_transient_status(exc.code):
                 raise TransientError(f"HTTP {exc.code} fetching backbone {handle}") from exc
             raise BackboneError(
                 f"HTTP {exc.code} fetching backbone {handle}; check --backbone") from exc
