@@ -42,6 +42,11 @@ def is_class_folder(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith(".") and path.name not in NOT_CLASS_FOLDERS
 
 
+def class_folders(data_root: Path) -> list[str]:
+    """Sorted names of the candidate class folders directly under ``data_root``."""
+    return sorted(p.name for p in Path(data_root).iterdir() if is_class_folder(p))
+
+
 def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Sorted class names and (relative path, label) of every file under each class folder.
 
@@ -49,7 +54,7 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     directly in ``data_root`` (LICENSE.txt, README) are not part of any class and are ignored.
     """
     data_root = Path(data_root)
-    classes = sorted(p.name for p in data_root.iterdir() if is_class_folder(p))
+    classes = class_folders(data_root)
     files: list[tuple[str, str]] = []
     for label in classes:
         for dirpath, dirnames, filenames in os.walk(data_root / label):
@@ -275,11 +280,11 @@ def prepare_dataset(
     tmp = out_dir / f".manifest.{os.getpid()}.csv"
     manifest.to_csv(tmp, index=False)
     os.replace(tmp, manifest_path)  # concurrent runs never see a half-written manifest
-    folders, _files = list_class_files(Path(data_root))
     counts = dataset_counts(manifest)
-    # A class folder with no files at all is ignored (reported), not an error.
+    # Folders without files, or without a single image, are ignored (reported), not an error:
+    # after a successful split they are exactly the folders that yielded no class.
     counts["empty_class_folders"] = sorted(
-        set(folders) - set(manifest["label"]) | set(image_free_folders(manifest)))
+        set(class_folders(data_root)) - set(class_names(manifest)))
     info = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),

@@ -275,12 +275,11 @@ def find_data_root(folder: Path) -> Path:
     except plain text files (LICENSE.txt, README); hidden entries and archiver metadata
     (``__MACOSX/``) do not count.
     """
-    from tasks.dataset import NOT_CLASS_FOLDERS, is_class_folder
+    from tasks.dataset import is_class_folder
 
     folder = Path(folder)
     while True:
-        visible = [p for p in folder.iterdir()
-                   if not p.name.startswith(".") and p.name not in NOT_CLASS_FOLDERS]
+        visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
         subdirs = [p for p in visible if is_class_folder(p)]
         others = [p for p in visible if not p.is_dir() and p.suffix.lower() not in {".txt", ".md"}]
         if len(subdirs) == 1 and not others:
