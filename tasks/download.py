@@ -229,17 +229,16 @@ def zip_member_name(info: zipfile.ZipInfo) -> str:
 def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            names = {id(info): zip_member_name(info) for info in infos}
+            members = [(info, zip_member_name(info)) for info in zf.infolist()]
             declared = 0
-            for info in infos:
-                _check_member_name(names[id(info)])
+            for info, name in members:
+                _check_member_name(name)
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
-                    raise ArchiveError(f"archive member {info.filename!r} is a link; refusing")
+                    raise ArchiveError(f"archive member {name!r} is a link; refusing")
                 kind = stat.S_IFMT(mode)  # 0 when the zip records permissions only
                 if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
-                    raise ArchiveError(f"archive member {info.filename!r} is a special file")
+                    raise ArchiveError(f"archive member {name!r} is a special file")
                 declared += info.file_size
                 if declared > max_bytes:
                     raise ArchiveError(
@@ -248,10 +247,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                     )
             written = 0
             root = dest.resolve()
-            for info in infos:
-                out = (dest / names[id(info)]).resolve()
+            for info, name in members:
+                out = (dest / name).resolve()
                 if root != out and root not in out.parents:
-                    raise ArchiveError(f"archive member {names[id(info)]!r} escapes the target")
+                    raise ArchiveError(f"archive member {name!r} escapes the target")
                 if info.is_dir():
                     out.mkdir(parents=True, exist_ok=True)
                     continue
