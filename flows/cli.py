@@ -134,6 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not args.output.parent.exists():
         raise UsageError(f"--output: folder {args.output.parent} does not exist")
     from tasks.predict import iter_inputs, predict_files
+    from tasks.registry import champion_uri
 
     try:
         files = list(iter_inputs(args.input))
@@ -142,10 +143,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise UsageError("--input: no image files found")
 
-    model_uri = args.model or f"models:/{args.model_name}@champion"
+    model_uri = args.model or champion_uri(args.model_name)
     advance, close = _progress(len(files))
     try:
-        n, errors = predict_files(model_uri, files, args.output, args.batch_size,
+        n, errors, _labels = predict_files(model_uri, files, args.output, args.batch_size,
                                   fmt=args.format, top_k=args.top_k, on_batch=advance)
     finally:
         close()
@@ -154,9 +155,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tasks.registry import pull_model
+    from tasks.registry import champion_uri, pull_model
 
-    uri = args.model or f"models:/{args.model_name}@champion"
+    uri = args.model or champion_uri(args.model_name)
     path = pull_model(uri, args.dest)
     print(f"saved {uri} to {path}; use it offline with: petalflow predict --model {path} ...")
     return 0

@@ -53,23 +53,20 @@ def predict_folder_task(params: PredictParams) -> dict:
 
     from tasks.evaluate import markdown_table
     from tasks.predict import iter_inputs, predict_files
+    from tasks.registry import champion_uri
 
     files = list(iter_inputs([params.input_folder]))
-    uri = params.model_uri or f"models:/{params.model_name}@champion"
-    rows, errors = predict_files(uri, files, Path(params.output), params.batch_size,
-                                 fmt=params.format, top_k=params.top_k)
-    if params.format == "csv":
-        table = pd.read_csv(params.output, keep_default_na=False)
-    else:
-        table = pd.read_json(params.output)
-    labels = table[table["error"] == ""]["label"].value_counts().rename_axis("label")
+    uri = params.model_uri or champion_uri(params.model_name)
+    rows, errors, labels = predict_files(uri, files, Path(params.output), params.batch_size,
+                                         fmt=params.format, top_k=params.top_k)
     summary = {"model_uri": uri, "images": rows, "errors": errors, "output": params.output,
-               "labels": {str(k): int(v) for k, v in labels.items()}}
+               "labels": labels}
     create_markdown_artifact(
         key="batch-predict-summary",
         markdown=(f"# Batch prediction\n\n{rows} images from `{params.input_folder}` with "
                   f"`{uri}`: {rows - errors} classified, {errors} errors. Output: "
-                  f"`{params.output}`.\n\n" + markdown_table(labels.reset_index())),
+                  f"`{params.output}`.\n\n"
+                  + markdown_table(pd.DataFrame(list(labels.items()), columns=["label", "count"]))),
         description="Images per predicted label",
     )
     return summary

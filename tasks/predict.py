@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
+from collections import Counter
 import json
 import math
 import os
@@ -48,10 +49,11 @@ def load_model(model_uri: str):
 
     from tasks.registry import configure_mlflow
 
-    if not Path(model_uri).expanduser().exists():
-        configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
-    return mlflow.pyfunc.load_model(str(Path(model_uri).expanduser())
-                                    if Path(model_uri).expanduser().exists() else model_uri)
+    local = Path(model_uri).expanduser()
+    if local.exists():
+        return mlflow.pyfunc.load_model(str(local))
+    configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
+    return mlflow.pyfunc.load_model(model_uri)
 
 
 def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -119,14 +121,16 @@ def predict_files(
     fmt: str = "csv",
     top_k: int = 0,
     on_batch: Optional[Callable[[int], None]] = None,
-) -> tuple[int, int]:
-    """Classify ``files`` in batches, streaming rows to ``output``; return (rows, errors).
+) -> tuple[int, int, dict[str, int]]:
+    """Classify ``files`` in batches, streaming rows to ``output``; return (rows, errors,
+    images per predicted label), counted as the rows are written.
 
     Columns: path, label, probability, error, prob_<class> for each class, then
     top<i>_label/top<i>_probability when ``top_k`` > 0.
     """
     model = load_model(model_uri)
     rows = errors = 0
+    labels: Counter[str] = Counter()
     writer = _Writer(Path(output), fmt)
     try:
         for start in range(0, len(files), batch_size):
@@ -139,6 +143,7 @@ def predict_files(
             writer.write(frame)
             rows += len(frame)
             errors += int((frame["error"] != "").sum())
+            labels.update(frame.loc[frame["error"] == "", "label"].astype(str))
             if on_batch:
                 on_batch(len(chunk))
     except BaseException:
@@ -146,4 +151,4 @@ def predict_files(
         writer.tmp.unlink(missing_ok=True)
         raise
     writer.close()
-    return rows, errors
+    return rows, errors, dict(labels.most_common())

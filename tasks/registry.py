@@ -29,6 +29,11 @@ MODEL_ARTIFACT = "model"
 LOCAL_STORE_DIR = "mlflow"
 
 
+def champion_uri(model_name: str) -> str:
+    """The model URI of ``model_name``'s current champion."""
+    return f"models:/{model_name}@{CHAMPION}"
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the embedded SQLite store ./mlflow/mlflow.db."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
