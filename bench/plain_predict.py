@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from tasks.images import IMAGE_SUFFIXES  # the images petalflow predict takes
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -24,8 +26,7 @@ def main() -> None:
     import tensorflow as tf
 
     infer = mlflow.tensorflow.load_model(args.model)
-    suffixes = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}  # the images petalflow predict takes
-    files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in suffixes)
+    files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     loop_start = time.time()
     labels = []
     for path in files:

@@ -30,30 +30,16 @@ from pathlib import Path
 
 import pandas as pd
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp"}  # what petalflow predict picks up
+from flows.stack import descendant_pids
+from tasks.images import IMAGE_SUFFIXES  # what petalflow predict picks up
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(entry))
-    return out
-
-
 def _tree_rss_kib(root: int) -> int:
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
+    total = 0
+    for pid in descendant_pids(root):
         try:
             with open(f"/proc/{pid}/status") as fh:
                 for line in fh:
@@ -62,7 +48,6 @@ def _tree_rss_kib(root: int) -> int:
                         break
         except OSError:
             continue
-        stack.extend(_children(pid))
     return total
 
 

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import httpx
 
@@ -124,8 +124,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any process of the group is still running (zombies do not count)."""
+def _processes() -> Iterator[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc/<pid>/stat."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -133,10 +133,26 @@ def _group_alive(pgid: int) -> bool:
             with open(f"/proc/{entry}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()
         except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            continue  # exited meanwhile
+        yield int(entry), fields[0], int(fields[1]), int(fields[2])
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group is still running (zombies do not count)."""
+    return any(group == pgid and state != "Z" for _pid, state, _ppid, group in _processes())
+
+
+def descendant_pids(root: int) -> list[int]:
+    """``root`` and every process below it (one pass over /proc)."""
+    children: dict[int, list[int]] = {}
+    for pid, _state, ppid, _group in _processes():
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def _wait(what: str, check, timeout_s: float, stack: Stack, name: str) -> None:
@@ -187,8 +203,7 @@ def prefect_request(stack: Stack, method: str, path: str, attempts: int = 6,
 def start_prefect_server(stack: Stack, timeout_s: float = 120) -> None:
     _start(stack, "prefect-server", [stack.bin("prefect"), "server", "start", "--host",
                                       stack.host, "--port", str(stack.prefect_port)])
-    _wait("Prefect server", lambda: httpx.get(f"{stack.prefect_api}/health", timeout=3,
-                                              headers=_auth_headers(stack))
+    _wait("Prefect server", lambda: prefect_request(stack, "GET", "/health", attempts=1, timeout=3)
           .status_code == 200, timeout_s, stack, "prefect-server")
 
 

@@ -291,25 +291,12 @@ def _stop_workers(st: Stack) -> None:
     import os
     import signal
 
-    def descendants(root: int) -> list[int]:
-        found, stack_ = [], [root]
-        while stack_:
-            pid = stack_.pop()
-            found.append(pid)
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        with open(f"/proc/{entry}/stat") as fh:
-                            if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                                stack_.append(int(entry))
-                    except (OSError, ValueError):
-                        continue
-        return found
+    from flows.stack import descendant_pids
 
     victims = []
     for pool in ("cpu", "gpu"):
         pidfile = st.pids / f"worker-{pool}.pid"
-        victims += descendants(int(pidfile.read_text()))
+        victims += descendant_pids(int(pidfile.read_text()))
         pidfile.unlink()
     for pid in victims:  # all at once, no chance to clean up: like pulling the plug
         try:
