@@ -47,6 +47,7 @@ def make_random_label_dataset(root: Path, per_class: int = 12, seed: int = 0) ->
 
 
 def make_tgz(folder: Path, archive: Path, arcname: str = "photos") -> Path:
+    archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=arcname)
     return archive
@@ -54,6 +55,7 @@ def make_tgz(folder: Path, archive: Path, arcname: str = "photos") -> Path:
 
 def make_hub_tarball(saved_model: Path, archive: Path) -> Path:
     """A SavedModel as TF Hub serves it over HTTP: a .tar.gz of the model folder's contents."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "w:gz") as tar:
         for path in sorted(Path(saved_model).iterdir()):
             tar.add(path, arcname=path.name)
@@ -61,6 +63,7 @@ def make_hub_tarball(saved_model: Path, archive: Path) -> Path:
 
 
 def make_zip(folder: Path, archive: Path, arcname: str = "photos") -> Path:
+    archive.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted(folder.rglob("*")):
             zf.write(path, f"{arcname}/{path.relative_to(folder).as_posix()}")

@@ -108,7 +108,6 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
                                                                       tiny_backbone):
     src = make_dataset(tmp_path / "src", per_class=12)
     served = tmp_path / "served"
-    served.mkdir()
     archive = make_tgz(src, served / "photos.tgz")
     train = _deployment(stack, "train-and-register", "train")
     weekly = _deployment(stack, "train-and-register", "retrain-weekly")
@@ -225,7 +224,6 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone
 
     src = make_dataset(tmp_path / "src", per_class=12, seed=3)
     served = tmp_path / "served"
-    served.mkdir()
     archive = make_tgz(src, served / "ui.tgz")
     ui = stack.prefect_api[: -len("/api")]
     train = _deployment(stack, "train-and-register", "train")
@@ -310,7 +308,6 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
     Crashed (not Running forever); with workers back, a rerun resumes and completes."""
     src = make_dataset(tmp_path / "src", per_class=12, seed=5)
     served = tmp_path / "served"
-    served.mkdir()
     archive = make_tgz(src, served / "z.tgz")
     train = _deployment(stack, "train-and-register", "train")
     gpu = _deployment(stack, "train-model", "train-gpu")

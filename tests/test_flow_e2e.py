@@ -33,7 +33,6 @@ def _params(url: str, archive: Path, backbone, **kw) -> TrainParams:
 def _serve_dataset(tmp: Path, builder, name: str, **kw):
     src = builder(tmp / f"{name}-src", **kw)
     served = tmp / "served"
-    served.mkdir(exist_ok=True)
     return make_tgz(src, served / f"{name}.tgz")
 
 
@@ -60,7 +59,6 @@ def trained(tmp_path_factory, tiny_backbone, prefect_harness):
         src = make_dataset(tmp / "src", per_class=12)
         (src / "red" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
         served = tmp / "served"
-        served.mkdir()
         archive = make_tgz(src, served / "photos.tgz")
         make_hub_tarball(tiny_backbone, served / "backbone.tar.gz")
         assert not (tmp / "mlflow").exists() and not (tmp / "home").exists()

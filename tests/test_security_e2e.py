@@ -39,7 +39,6 @@ def test_mlflow_basic_auth_refuses_anonymous_and_accepts_the_pipeline(
 
         src = make_dataset(tmp_path / "src", per_class=12)
         served = tmp_path / "served"
-        served.mkdir()
         archive = make_tgz(src, served / "p.tgz")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", st.mlflow_uri)
         with serve_directory(served) as url:
