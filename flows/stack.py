@@ -31,6 +31,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = {"cpu": "download, scan, evaluation, registration", "gpu": "training"}
+# Every process the stack starts, in start order (stopped in reverse: workers first).
+SERVICES = ("prefect-server", "mlflow-server", *(f"worker-{pool}" for pool in POOLS))
 
 
 @dataclass
@@ -336,8 +338,7 @@ def up(stack: Stack) -> None:
 def down(stack: Stack, timeout_s: float = 30) -> list[str]:
     """Stop workers first, then the servers: SIGTERM to each process group, SIGKILL if needed."""
     stopped = []
-    order = ["worker-cpu", "worker-gpu", "mlflow-server", "prefect-server"]
-    for name in order:
+    for name in reversed(SERVICES):
         pidfile = stack.pids / f"{name}.pid"
         if not pidfile.exists():
             continue
@@ -365,7 +366,7 @@ def down(stack: Stack, timeout_s: float = 30) -> list[str]:
 
 def status(stack: Stack) -> dict:
     out = {}
-    for name in ("prefect-server", "mlflow-server", "worker-cpu", "worker-gpu"):
+    for name in SERVICES:
         pidfile = stack.pids / f"{name}.pid"
         out[name] = "running" if pidfile.exists() and _alive(int(pidfile.read_text())) else "stopped"
     return out
