@@ -26,13 +26,18 @@ from typing import Optional
 from prefect import flow, get_run_logger
 
 from tasks.dataset import prepare_dataset_task
-from tasks.download import download_archive_task, extract_archive_task, fetch_backbone_task
-from tasks.evaluate import evaluate_model_task
-from tasks.params import TrainParams
-from tasks.registry import (
-    finish_run_task, register_model_task, start_run_task, unchanged_since_champion_task,
+from tasks.download import (
+    describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
 )
-from tasks.train import run_key, train_model_task
+from tasks.evaluate import evaluate_model_task
+from tasks.params import TrainParams, expected_sha256
+from tasks.registry import (
+    champion_info_task, compare_with_champion_task, finish_run_task, register_model_task,
+    start_run_task, unchanged_since_champion_task,
+)
+from tasks.report import publish_result_task, state_message
+from tasks.params import run_key
+from tasks.train import train_model_task
 
 TRAIN_DEPLOYMENT_ENV = "PETALFLOW_TRAIN_DEPLOYMENT"
 DEFAULT_TRAIN_DEPLOYMENT = "train-model/train-gpu"
@@ -79,10 +84,16 @@ def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str
 
 
 @flow(name="train-and-register", log_prints=True)
-def train_and_register(params: TrainParams = TrainParams()) -> dict:
+def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
-    archive = download_archive_task(params.data_url, str(home / "downloads"), params.data_sha256)
+    archive = download_archive_task(params.data_url, str(home / "downloads"),
+                                    expected_sha256(params))
+    source = describe_source_task(params.data_url, archive)
+    if source["kind"] == "http":
+        logger.info("dataset %s: %s (sha256 %s, ETag %s, Last-Modified %s)", params.data_url,
+                    source["outcome"], source["sha256"][:12], source.get("etag"),
+                    source.get("last_modified"))
     data_root = extract_archive_task(archive, str(home / "datasets"), params.max_extract_bytes)
     data_info = prepare_dataset_task(
         data_root, str(home / "manifests" / _split_key(params, data_root)),
@@ -100,36 +111,51 @@ def train_and_register(params: TrainParams = TrainParams()) -> dict:
     if not params.force:
         same = unchanged_since_champion_task(params, data_info)
         if same is not None:
-            logger.info("nothing to do: champion version %s was trained on this data with these "
-                        "parameters (set force to retrain)", same["model_version"])
-            return {"status": "nothing to do", "alias": "champion", **same,
-                    "alias_reason": "unchanged data and parameters; champion kept",
-                    "dataset": dataset}
+            summary = {"status": "nothing to do", "alias": "champion", **same,
+                       "alias_reason": "unchanged data and parameters; champion kept",
+                       "dataset": dataset, "source": source}
+            return _finish(summary)
     backbone_path = fetch_backbone_task(params.backbone, str(home / "tfhub"))
     key = run_key(params, data_info["fingerprint"])
     workdir = home / "runs" / key / _attempt_name()
-    run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", archive=archive)
+    run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)
     try:
         record = run_training(data_info, params, str(workdir), run_id, backbone_path)
         evaluation = evaluate_model_task(record["export_dir"], data_info,
                                          str(workdir / "evaluation"), run_id)
+        champion = champion_info_task(params.model_name)
+        comparison = compare_with_champion_task(champion, data_info, str(workdir))
         registration = register_model_task(run_id, record["export_dir"], params, data_info,
-                                           evaluation["metrics"])
+                                           evaluation["metrics"], comparison, source)
     except BaseException:
         finish_run_task(run_id, "FAILED")
         raise
     finish_run_task(run_id)
-    logger.info("registered %s version %s as %s (%s)", registration["model_name"],
-                registration["model_version"], registration["alias"], registration["alias_reason"])
-    return {
+    summary = {
         "status": "trained",
         "mlflow_run_id": run_id,
         **registration,
+        "comparison": comparison,
         "test_metrics": evaluation["metrics"],
         "dataset": dataset,
-        "training": {k: record[k] for k in ("device", "epochs", "resumed_from_epoch", "seconds")},
+        "source": source,
+        "training": {k: record[k] for k in ("device", "epochs", "resumed_from_epoch",
+                                            "seeded_from", "seconds")},
         "workdir": str(workdir),
+        "manifest": data_info["manifest"],
     }
+    return _finish(summary, str(workdir / "evaluation"))
+
+
+def _finish(summary: dict, evaluation_dir: Optional[str] = None):
+    """Publish the result (artifacts, model card) and end the run with a state whose message
+    says what happened; the summary is the run's result."""
+    from prefect.states import Completed
+
+    summary["links"] = publish_result_task(summary, evaluation_dir)
+    message = state_message(summary)
+    get_run_logger().info(message)
+    return Completed(message=message, data=summary)
 
 
 def _attempt_name() -> str:

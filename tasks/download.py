@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -88,6 +89,34 @@ def _archive_name(url: str) -> str:
     return name if name and name not in {".", ".."} else "archive"
 
 
+SOURCE_RECORD = "source.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _validators(headers) -> dict:
+    """The HTTP validators a server sent (None where it sent none)."""
+    return {"etag": headers.get("etag"), "last_modified": headers.get("last-modified")}
+
+
+def source_record(archive: Path) -> dict:
+    """What is known about the source of a downloaded archive: url, sha256, the server's
+    validators (etag, last_modified), how this run got it (``outcome``: downloaded /
+    not modified / unchanged bytes / pinned copy) and when it was checked. Empty for local files."""
+    return _read_json(Path(archive).with_name(SOURCE_RECORD))
+
+
 def download_archive(
     url: str,
     downloads_dir: Path,
@@ -98,8 +127,16 @@ def download_archive(
     """Fetch ``url`` into ``downloads_dir`` and return the verified local path.
 
     A local path or file:// URL is used in place (verified when ``sha256`` is given); a folder is
-    returned as is. Raises ChecksumMismatch (bad bytes, ``.part`` removed), DownloadError (4xx,
-    unreachable file) or TransientError (connection drop, timeout, 5xx: safe to retry).
+    returned as is. With ``sha256`` (pinned: "exactly these bytes") a verified copy on disk is
+    reused without asking the server. Without it the copy of the URL is revalidated on every
+    call with a conditional request (If-None-Match / If-Modified-Since from the last answer):
+    304 reuses it without a body; 200 downloads the new bytes beside the old copy, verifies them
+    and switches atomically (the old copy stays usable until then); a server that sends no
+    validator is downloaded and compared by hash. ``source.json`` beside the copy records the
+    validators, the sha256 and the outcome (see ``source_record``).
+
+    Raises ChecksumMismatch (bad bytes, ``.part`` removed), DownloadError (4xx, unreachable
+    file) or TransientError (connection drop, timeout, 5xx: safe to retry).
     """
     source = local_source(url)
     if source is not None:
@@ -109,59 +146,149 @@ def download_archive(
             actual = sha256_file(source)
             if actual != sha256:
                 raise ChecksumMismatch(
-                    f"sha256 of {url} is {actual}, expected {sha256}; check --data-sha256"
+                    f"sha256 of {url} is {actual}, expected {sha256} (the dataset sha256 "
+                    "parameter, --data-sha256 on the command line)"
                 )
         return source.resolve()
-
-    import httpx
 
     key = sha256 or hashlib.sha256(url.encode()).hexdigest()[:24]
     target_dir = Path(downloads_dir) / key
     target = target_dir / _archive_name(url)
-    part = target.with_name(target.name + ".part")
+    record_path = target_dir / SOURCE_RECORD
     with file_lock(target_dir / ".lock"):
-        if target.exists():
-            if sha256 is None or sha256_file(target) == sha256:
+        known = _read_json(record_path) if target.exists() else {}
+        if target.exists() and sha256:
+            if sha256_file(target) == sha256:
+                _write_json(record_path, {**known, "url": url, "sha256": sha256,
+                                          "outcome": "pinned copy", "checked_at": _now()})
                 return target
             target.unlink()  # a corrupt copy on disk: fetch again
-        offset = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        try:
-            with httpx.stream(
-                "GET", url, headers=headers, timeout=timeout_s, follow_redirects=True
-            ) as resp:
-                if resp.status_code == 416:  # our .part is already complete or bogus
-                    part.unlink(missing_ok=True)
-                    raise TransientError(f"range not satisfiable for {url}; restarting download")
-                if is_transient_status(resp.status_code):
-                    raise TransientError(f"HTTP {resp.status_code} from {url}")
-                if resp.status_code >= 400:
-                    raise DownloadError(f"HTTP {resp.status_code} from {url}; check --data-url")
-                mode = "ab" if resp.status_code == 206 and offset else "wb"
-                done = offset if mode == "ab" else 0
-                total = resp.headers.get("content-length")
-                total = int(total) + done if total is not None else None
-                with open(part, mode) as fh:
-                    for block in resp.iter_bytes():  # as received: a drop keeps every byte
-                        fh.write(block)
-                        done += len(block)
-                        if on_progress:
-                            on_progress(done, total)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                if total is not None and done < total:
-                    raise TransientError(f"connection to {url} closed after {done}/{total} bytes")
-        except httpx.TransportError as exc:  # drops, resets, timeouts: keep the .part, resume
-            raise TransientError(f"network error downloading {url}: {exc}") from exc
+            known = {}
+        fetched = _fetch(url, target, known, timeout_s, on_progress, pinned=bool(sha256))
+        if fetched is None:  # 304: the copy on disk is current
+            _write_json(record_path, {**known, "url": url, "outcome": "not modified",
+                                      "checked_at": _now()})
+            return target
+        part, validators = fetched
         actual = sha256_file(part)
         if sha256 and actual != sha256:
             part.unlink(missing_ok=True)
+            Path(str(part) + ".json").unlink(missing_ok=True)
             raise ChecksumMismatch(
                 f"sha256 of {url} is {actual}, expected {sha256}; the partial file was removed. "
-                "Check --data-sha256 or the URL."
+                "Check the dataset sha256 (data_sha256, --data-sha256 on the command line) or "
+                "the URL."
             )
-        os.replace(part, target)
+        outcome = "downloaded"
+        if known.get("sha256") == actual and target.exists():
+            outcome = "unchanged bytes"  # no validators (or new ones), same content
+            part.unlink()
+        else:
+            os.replace(part, target)  # atomic switch: readers see the old or the new copy
+        _write_json(record_path, {"url": url, "sha256": actual, **validators,
+                                  "outcome": outcome, "checked_at": _now()})
+        Path(str(part) + ".json").unlink(missing_ok=True)
         return target
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
+           pinned: bool = False):
+    """One conditional GET of ``url``: None on 304, else (``.part`` path, validators).
+
+    An interrupted ``.part`` is resumed with Range + If-Range (its own validators), so a source
+    that changed in between is fetched whole instead of being spliced; without validators it is
+    resumed only for a pinned download, whose digest check catches a splice."""
+    import httpx
+
+    part = target.with_name(target.name + ".part")
+    part_meta_path = Path(str(part) + ".json")
+    part_meta = _read_json(part_meta_path) if part.exists() else {}
+    headers = {}
+    if known.get("etag"):
+        headers["If-None-Match"] = known["etag"]
+    if known.get("last_modified"):
+        headers["If-Modified-Since"] = known["last_modified"]
+    offset = part.stat().st_size if part.exists() else 0
+    resume_with = part_meta.get("etag") or part_meta.get("last_modified")
+    if offset and (resume_with or pinned):
+        headers["Range"] = f"bytes={offset}-"
+        if resume_with:
+            headers["If-Range"] = resume_with
+    try:
+        with httpx.stream(
+            "GET", url, headers=headers, timeout=timeout_s, follow_redirects=True
+        ) as resp:
+            if resp.status_code == 304 and known:
+                return None
+            if resp.status_code == 416:  # our .part is already complete or bogus
+                part.unlink(missing_ok=True)
+                raise TransientError(f"range not satisfiable for {url}; restarting download")
+            if is_transient_status(resp.status_code):
+                raise TransientError(f"HTTP {resp.status_code} from {url}")
+            if resp.status_code >= 400 or resp.status_code == 304:
+                raise DownloadError(f"HTTP {resp.status_code} from {url}; check the dataset URL")
+            validators = _validators(resp.headers)
+            resumed = resp.status_code == 206 and offset > 0
+            if not resumed:
+                _write_json(part_meta_path, validators)
+            mode = "ab" if resumed else "wb"
+            done = offset if resumed else 0
+            total = resp.headers.get("content-length")
+            total = int(total) + done if total is not None else None
+            with open(part, mode) as fh:
+                for block in resp.iter_bytes():  # as received: a drop keeps every byte
+                    fh.write(block)
+                    done += len(block)
+                    if on_progress:
+                        on_progress(done, total)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if total is not None and done < total:
+                raise TransientError(f"connection to {url} closed after {done}/{total} bytes")
+    except httpx.TransportError as exc:  # drops, resets, timeouts: keep the .part, resume
+        raise TransientError(f"network error downloading {url}: {exc}") from exc
+    return part, (part_meta if resumed else validators)
+
+
+def folder_listing_fingerprint(folder: Path) -> str:
+    """A cheap fingerprint of a folder source: sha256 over (relative path, size, mtime) of every
+    file below it. It changes when a file is added, removed, renamed or rewritten; computing it
+    reads no file contents (the dataset fingerprint, which does, is computed by the scan)."""
+    digest = hashlib.sha256()
+    folder = Path(folder)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            rel = path.relative_to(folder).as_posix()
+            digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def describe_source(url: str, archive: Path) -> dict:
+    """Provenance of what a run trains on, for MLflow, the summary and change detection:
+    ``kind`` (http / file / folder), ``sha256`` of the archive (None for a folder), the HTTP
+    validators and outcome for a URL, and the listing fingerprint of a folder."""
+    archive = Path(archive)
+    if archive.is_dir():
+        return {"kind": "folder", "url": url, "sha256": None,
+                "listing_fingerprint": folder_listing_fingerprint(archive)}
+    if local_source(url) is not None:
+        return {"kind": "file", "url": url, "sha256": sha256_file(archive)}
+    record = source_record(archive)
+    return {"kind": "http", "url": url, "sha256": record.get("sha256") or sha256_file(archive),
+            "etag": record.get("etag"), "last_modified": record.get("last_modified"),
+            "outcome": record.get("outcome"), "checked_at": record.get("checked_at")}
 
 
 # --------------------------------------------------------------------------- extraction
@@ -331,6 +458,11 @@ def _retry_only_transient(task, task_run, state) -> bool:
 )
 def download_archive_task(url: str, downloads_dir: str, sha256: Optional[str] = None) -> str:
     return str(download_archive(url, Path(downloads_dir), sha256))
+
+
+@task(name="describe-source")
+def describe_source_task(url: str, archive: str) -> dict:
+    return {"path": archive, **describe_source(url, Path(archive))}
 
 
 # Network I/O as well: the backbone is fetched once into the shared TF Hub cache, before training.

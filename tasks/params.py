@@ -46,9 +46,10 @@ class TrainParams(BaseModel):
     data_sha256: Optional[str] = Field(
         None,
         title="Dataset sha256",
-        description="Expected sha256 of the archive (64 hex digits). A mismatch fails the run "
-        "without retrying. Empty: the published digest when the URL is TensorFlow's "
-        "flower_photos.tgz, otherwise any archive is accepted (its hash is still recorded).",
+        description="Pin the archive to exactly these bytes (64 hex digits): a mismatch fails "
+        "the run without retrying, and a pinned copy on disk is reused without asking the "
+        "server. Empty (the default): the URL is revalidated every run and new data is "
+        "trained on; TensorFlow's flower_photos.tgz is checked against its published digest.",
     )
     backbone: str = Field(
         DEFAULT_BACKBONE,
@@ -101,6 +102,13 @@ class TrainParams(BaseModel):
         description="Quality gate: the new version becomes 'champion' only at or above this "
         "test accuracy and only if it beats the current champion; otherwise 'challenger'.",
     )
+    min_improvement: float = Field(
+        0.0, ge=0, le=1, title="Minimum improvement over the champion",
+        description="When the champion has the same classes it is evaluated on this run's test "
+        "split; the new version takes 'champion' only if its test accuracy beats the "
+        "champion's by more than 0 and by at least this (0: strictly better; a tie keeps the "
+        "champion).",
+    )
     seed: int = Field(42, ge=0, le=2**31 - 1, title="Seed", description="Split and init seed.")
     experiment_name: str = Field(
         "petalflow", min_length=1, max_length=200, title="MLflow experiment",
@@ -116,16 +124,6 @@ class TrainParams(BaseModel):
         20 * 1024**3, ge=1024, title="Extraction size limit (bytes)",
         description="Refuse archives whose members add up to more than this (zip bombs).",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_digest(cls, data):
-        """Fill in the published digest of a well-known archive when none is given."""
-        if isinstance(data, dict) and not str(data.get("data_sha256") or "").strip():
-            known = KNOWN_ARCHIVE_SHA256.get(str(data.get("data_url", DEFAULT_DATA_URL)).strip())
-            if known:
-                data = {**data, "data_sha256": known}
-        return data
 
     @field_validator("data_url")
     @classmethod
@@ -177,6 +175,25 @@ class TrainParams(BaseModel):
                 "val_fraction + test_fraction must leave at least 20% of each class for training"
             )
         return self
+
+
+def expected_sha256(params: TrainParams) -> Optional[str]:
+    """The digest the archive must have: the user's pin, else the published digest of a
+    well-known archive (applied at run time, so the run form's default stays empty)."""
+    return params.data_sha256 or KNOWN_ARCHIVE_SHA256.get(params.data_url)
+
+
+def run_key(cfg: TrainParams, fingerprint: str) -> str:
+    """Identifies a training: same data and same training parameters -> same key (and workdir),
+    so a retried or restarted run finds its checkpoints."""
+    import hashlib
+    import json
+
+    relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "min_improvement",
+                                       "experiment_name", "data_url", "data_sha256",
+                                       "max_extract_bytes", "force"})
+    blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def cli_option(field: str) -> str:

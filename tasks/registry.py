@@ -20,8 +20,7 @@ from typing import Optional
 
 from prefect import task
 
-from tasks.params import TrainParams
-from tasks.train import run_key
+from tasks.params import TrainParams, run_key
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -80,6 +79,19 @@ def code_version() -> str:
             return "unknown"
 
 
+def artifact_location(uri: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: beside the database for a SQLite store
+    (``mlflow/artifacts`` for the embedded one), the server's choice for a tracking server.
+
+    Decided from the URI, not from the environment: ``mlflow.set_tracking_uri`` itself sets
+    MLFLOW_TRACKING_URI, and MLflow's default for a SQLite store is ``./mlruns`` of whatever
+    folder the process runs in."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
 def ensure_experiment(client, name: str) -> str:
     """Experiment id of ``name``, created if missing (artifacts under ./mlflow for the local store)."""
     exp = client.get_experiment_by_name(name)
@@ -87,9 +99,7 @@ def ensure_experiment(client, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (Path(LOCAL_STORE_DIR).resolve() / "artifacts").as_uri()
+    location = artifact_location(tracking_uri())
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - created concurrently by another run: use that one
@@ -100,9 +110,10 @@ def ensure_experiment(client, name: str) -> str:
 
 
 def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
-              archive: Optional[str] = None) -> str:
+              source: Optional[dict] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
-    fingerprint, data URL, the downloaded archive's sha256, backbone, classes, code version)."""
+    fingerprint, data URL, the archive's sha256 and the server's validators, backbone, classes,
+    code version)."""
     client = _client()
     exp_id = ensure_experiment(client, cfg.experiment_name)
     tags = {
@@ -113,10 +124,10 @@ def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
         "petalflow.code_version": code_version(),
         "mlflow.source.name": "petalflow train",
     }
-    if archive and Path(archive).is_file():
-        from tasks.download import sha256_file
-
-        tags["petalflow.archive_sha256"] = sha256_file(Path(archive))
+    for key in ("sha256", "etag", "last_modified", "outcome", "listing_fingerprint"):
+        if source and source.get(key):
+            name = "archive_sha256" if key == "sha256" else f"source_{key}"
+            tags[f"petalflow.{name}"] = str(source[key])
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
@@ -159,6 +170,28 @@ def log_evaluation(run_id: str, evaluation: dict) -> None:
                                       for k, v in evaluation["metrics"].items()])
     for path in evaluation["files"].values():
         client.log_artifact(run_id, path, "evaluation")
+
+
+def run_links(summary: dict) -> dict:
+    """Links to the run and the model version in the MLflow UI (a tracking server only)."""
+    from tasks.report import mlflow_links
+
+    uri = tracking_uri()
+    run_id = summary.get("mlflow_run_id")
+    experiment_id = None
+    if run_id and uri.lower().startswith(("http://", "https://")):
+        experiment_id = _client().get_run(run_id).info.experiment_id
+    return mlflow_links(uri, run_id, experiment_id, summary["model_name"],
+                        summary.get("model_version"))
+
+
+def log_model_card(summary: dict, card: str) -> None:
+    """The model card beside the version's run (model_card.md) and as the version's
+    description in the registry."""
+    client = _client()
+    client.log_text(summary["mlflow_run_id"], card, "model_card.md")
+    client.update_model_version(summary["model_name"], summary["model_version"],
+                                description=card)
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
@@ -237,35 +270,100 @@ def _version_for_run(client, name: str, run_id: str):
     return max(ready, key=lambda v: int(v.version)) if ready else None
 
 
+def _is_missing(exc: Exception) -> bool:
+    """True only for MLflow's answers "no such registered model" and "no such alias"."""
+    code = getattr(exc, "error_code", None)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc).lower()
+
+
 def current_champion(client, name: str):
-    """(version, test_accuracy) of the current champion, or (None, None)."""
+    """(version, test_accuracy) of the current champion, or (None, None) when the model or its
+    alias does not exist. Any other error (server down, refused credentials, a 5xx) propagates:
+    "could not ask" is not "there is none", or a registry hiccup would promote a worse model."""
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
-    except Exception:  # noqa: BLE001 - no registered model or no alias yet
-        return None, None
+    except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException/RestException
+        if _is_missing(exc):
+            return None, None
+        raise
     acc = mv.tags.get("test_accuracy")
     if acc is None and mv.run_id:
         acc = client.get_run(mv.run_id).data.metrics.get("test_accuracy")
     return mv, (float(acc) if acc is not None else None)
 
 
-def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Optional[float]) -> tuple:
-    """(alias, reason): champion only when the gate passes and the champion is beaten."""
-    if accuracy < min_accuracy:
-        return CHALLENGER, f"test accuracy {accuracy:.4f} is below --min-accuracy {min_accuracy}"
-    if champion_accuracy is not None and accuracy <= champion_accuracy:
-        return CHALLENGER, (f"test accuracy {accuracy:.4f} does not beat the champion's "
-                            f"{champion_accuracy:.4f}")
+def champion_info(model_name: str) -> Optional[dict]:
+    """The current champion as plain data (version, class names, stored test accuracy, model
+    URI, the source it was trained on), or None when there is none."""
+    client = _client()
+    mv, accuracy = current_champion(client, model_name)
+    if mv is None:
+        return None
+    classes = mv.tags.get("class_names")
+    return {
+        "version": str(mv.version),
+        "model_uri": f"models:/{model_name}/{mv.version}",
+        "class_names": json.loads(classes) if classes else None,
+        "stored_test_accuracy": accuracy,
+        "dataset_fingerprint": mv.tags.get("dataset_fingerprint"),
+        "data_url": mv.tags.get("data_url"),
+        "archive_sha256": mv.tags.get("archive_sha256"),
+        "listing_fingerprint": mv.tags.get("listing_fingerprint"),
+        "run_key": mv.tags.get("run_key"),
+    }
+
+
+def download_model(model_uri: str, dest: Path) -> str:
+    """Download a registered petalflow model and return its SavedModel folder (for evaluating
+    the champion with the same code as the challenger)."""
+    from tasks.serving import SAVED_MODEL_DIR
+
+    path = pull_model(model_uri, Path(dest))
+    saved = path / SAVED_MODEL_DIR
+    if not (saved / "saved_model.pb").is_file():
+        raise ValueError(f"{model_uri} holds no petalflow SavedModel ({SAVED_MODEL_DIR}/)")
+    return str(saved)
+
+
+PRECISION = 6  # accuracies are stored (tags) and compared at this many decimals
+
+
+def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Optional[float],
+                 min_improvement: float = 0.0, basis: str = "") -> tuple:
+    """(alias, reason). ``champion_accuracy`` is the champion's accuracy on the *same* test
+    split (None: no champion, or one with other classes, which ``basis`` then says). The new
+    version becomes champion when it passes the gate and, against a champion, beats it by more
+    than 0 and by at least ``min_improvement``; both figures are rounded to the same precision
+    first, so a tie is a tie and keeps the champion."""
+    acc = round(float(accuracy), PRECISION)
+    if acc < min_accuracy:
+        return CHALLENGER, f"test accuracy {acc:.4f} is below --min-accuracy {min_accuracy}"
     if champion_accuracy is None:
-        return CHAMPION, f"first model to pass the gate ({accuracy:.4f} >= {min_accuracy})"
-    return CHAMPION, f"test accuracy {accuracy:.4f} beats the champion's {champion_accuracy:.4f}"
+        why = basis or "first model to pass the gate"
+        return CHAMPION, f"{why} ({acc:.4f} >= {min_accuracy})"
+    champ = round(float(champion_accuracy), PRECISION)
+    margin = round(acc - champ, PRECISION)
+    on = f" on {basis}" if basis else ""
+    if margin <= 0:
+        return CHALLENGER, (f"test accuracy {acc:.4f} does not beat the champion's "
+                            f"{champ:.4f}{on}")
+    if margin < min_improvement:
+        return CHALLENGER, (f"test accuracy {acc:.4f} beats the champion's {champ:.4f}{on} by "
+                            f"{margin:.4f}, less than --min-improvement {min_improvement}")
+    return CHAMPION, f"test accuracy {acc:.4f} beats the champion's {champ:.4f}{on}"
 
 
 def register_model(
-    run_id: str, export_dir: Path, cfg: TrainParams, data_info: dict, metrics: dict
+    run_id: str, export_dir: Path, cfg: TrainParams, data_info: dict, metrics: dict,
+    comparison: Optional[dict] = None, source: Optional[dict] = None,
 ) -> dict:
     """Log the exported model to ``run_id``, register a version, set the alias; idempotent.
 
+    ``comparison`` (from ``compare_with_champion``) holds the champion's version and its
+    accuracy on this run's test split; without it the champion's stored figure is used and the
+    reason says so. ``source`` (``tasks.download.describe_source``) is recorded on the version.
     A retry after a successful registration finds the version already made from this run and
     reuses it, so no duplicate is created. The alias is set only once the version is READY.
     """
@@ -299,7 +397,7 @@ def register_model(
     version = str(mv.version)
     accuracy = float(metrics["test_accuracy"])
     version_tags = {
-        "test_accuracy": f"{accuracy:.6f}",
+        "test_accuracy": f"{accuracy:.{PRECISION}f}",
         "dataset_fingerprint": data_info["fingerprint"],
         "data_url": cfg.data_url,
         "backbone": cfg.backbone,
@@ -309,17 +407,40 @@ def register_model(
         "run_key": run_key(cfg, data_info["fingerprint"]),
         "code_version": code_version(),
     }
+    source_tags = {"sha256": "archive_sha256", "etag": "source_etag",
+                   "last_modified": "source_last_modified",
+                   "listing_fingerprint": "listing_fingerprint"}
+    for key, tag in source_tags.items():
+        if source and source.get(key):
+            version_tags[tag] = str(source[key])
+    if comparison and comparison.get("champion_accuracy") is not None:
+        version_tags["champion_compared"] = str(comparison["champion_version"])
+        version_tags["champion_accuracy_same_split"] = (
+            f"{comparison['champion_accuracy']:.{PRECISION}f}")
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
 
     aliases = set(client.get_model_version(name, version).aliases or [])
-    champion, champion_acc = current_champion(client, name)
+    champion, stored_acc = current_champion(client, name)
+    compared = (comparison or {}).get("champion_version")
+    champion_acc = stored_acc
     if champion is not None and str(champion.version) == version:
         alias, reason = CHAMPION, "this version is already the champion (retried registration)"
     elif CHALLENGER in aliases:
         alias, reason = CHALLENGER, "this version is already the challenger (retried registration)"
+    elif comparison is not None and str(champion.version if champion else None) != str(compared):
+        alias, reason = CHALLENGER, (
+            f"the champion changed during this run (compared with version {compared}, now "
+            f"{champion.version if champion else 'none'}); not promoted, compare again")
+        client.set_registered_model_alias(name, alias, version)
     else:
-        alias, reason = decide_alias(accuracy, cfg.min_accuracy, champion_acc)
+        if comparison is not None:
+            champion_acc = comparison.get("champion_accuracy")
+            basis = comparison.get("basis", "")
+        else:
+            basis = "the champion's stored figure (its own test split)" if champion else ""
+        alias, reason = decide_alias(accuracy, cfg.min_accuracy, champion_acc,
+                                     cfg.min_improvement, basis)
         client.set_registered_model_alias(name, alias, version)
     return {
         "model_name": name,
@@ -330,6 +451,29 @@ def register_model(
         "previous_champion": str(champion.version) if champion is not None else None,
         "previous_champion_accuracy": champion_acc,
     }
+
+
+def compare_with_champion(champion: Optional[dict], data_info: dict, workdir: Path) -> dict:
+    """What the new version is compared with. Same classes: the champion is downloaded and
+    evaluated on this run's test split with the challenger's code path (``evaluate_model``).
+    Other classes (or no champion): no figure, and ``basis`` says why."""
+    from tasks.evaluate import evaluate_model
+
+    n_test = data_info["counts"].get("splits", {}).get("test")
+    if champion is None:
+        return {"champion_version": None, "champion_accuracy": None,
+                "basis": "first model to pass the gate"}
+    if champion.get("class_names") != data_info["classes"]:
+        return {"champion_version": champion["version"], "champion_accuracy": None,
+                "basis": (f"the class list changed (champion v{champion['version']}: "
+                          f"{', '.join(champion.get('class_names') or ['unknown'])}); promoted on "
+                          "the gate alone")}
+    saved = download_model(champion["model_uri"], Path(workdir) / "champion-model")
+    result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation")
+    return {"champion_version": champion["version"],
+            "champion_accuracy": result["metrics"]["test_accuracy"],
+            "champion_metrics": result["metrics"],
+            "basis": f"this run's test split ({n_test} images)"}
 
 
 def unchanged_since_champion(cfg: TrainParams, data_info: dict) -> Optional[dict]:
@@ -406,14 +550,25 @@ _MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
 
 @task(name="start-mlflow-run", **_MLFLOW_RETRY)
 def start_run_task(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
-                   archive: Optional[str] = None) -> str:
-    return start_run(cfg, data_info, run_name, archive)
+                   source: Optional[dict] = None) -> str:
+    return start_run(cfg, data_info, run_name, source)
 
 
 @task(name="register-model", **_MLFLOW_RETRY)
 def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: dict,
-                        metrics: dict) -> dict:
-    return register_model(run_id, Path(export_dir), cfg, data_info, metrics)
+                        metrics: dict, comparison: Optional[dict] = None,
+                        source: Optional[dict] = None) -> dict:
+    return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison, source)
+
+
+@task(name="read-champion", **_MLFLOW_RETRY)
+def champion_info_task(model_name: str) -> Optional[dict]:
+    return champion_info(model_name)
+
+
+@task(name="evaluate-champion", **_MLFLOW_RETRY)
+def compare_with_champion_task(champion: Optional[dict], data_info: dict, workdir: str) -> dict:
+    return compare_with_champion(champion, data_info, Path(workdir))
 
 
 @task(name="check-unchanged", **_MLFLOW_RETRY)

@@ -150,9 +150,15 @@ def _workdir_lock(workdir: Path):
         yield
 
 
+SEEDED_MARKER = "seeded-into.txt"
+
+
 def _abandoned(attempt: Path) -> bool:
-    """An attempt that stopped before finishing and whose process is gone (lock free)."""
-    if (attempt / DONE_MARKER).exists() or not (attempt / "checkpoints" / "checkpoint").exists():
+    """An attempt that stopped before finishing, whose process is gone (lock free) and whose
+    checkpoints have not seeded another attempt yet."""
+    if (attempt / DONE_MARKER).exists() or (attempt / SEEDED_MARKER).exists():
+        return False
+    if not (attempt / "checkpoints" / "checkpoint").exists():
         return False
     with file_lock(attempt / ".lock", wait=False) as free:  # held: still training
         return free
@@ -160,7 +166,10 @@ def _abandoned(attempt: Path) -> bool:
 
 def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
     """Copy the checkpoints of the newest abandoned sibling attempt (same run key) into
-    ``workdir``, so a rerun after a kill resumes instead of restarting. Returns the source."""
+    ``workdir``, so a rerun after a kill resumes instead of restarting. Returns the source.
+
+    A killed attempt seeds at most one later attempt: the source is marked, so the attempt
+    after that (a forced retrain of the same data, say) starts from scratch."""
     if (workdir / "checkpoints").exists():
         return None
     siblings = [p for p in workdir.parent.iterdir()
@@ -169,12 +178,13 @@ def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
         return None
     source = max(siblings, key=lambda p: (p / "checkpoints" / "checkpoint").stat().st_mtime)
     shutil.copytree(source / "checkpoints", workdir / "checkpoints")
+    (source / SEEDED_MARKER).write_text(str(workdir) + "\n")
     return source
 
 
 def train_model(
     data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None,
-    backbone_path: Optional[str] = None,
+    backbone_path: Optional[str] = None, resume_killed: bool = True,
 ) -> dict:
     """Train in ``workdir`` (one folder per run, locked while in use); see ``_train``.
 
@@ -182,11 +192,12 @@ def train_model(
     it the handle is loaded directly.
 
     A new folder whose siblings (same data and parameters, ``workdir.parent``) include an attempt
-    that was killed or failed mid-training starts from that attempt's last checkpoint.
+    that was killed or failed mid-training starts from that attempt's last checkpoint, unless
+    ``resume_killed`` is False (a forced retrain starts fresh).
     """
     workdir = Path(workdir)
     with _workdir_lock(workdir):
-        seeded = seed_from_abandoned_attempt(workdir)
+        seeded = seed_from_abandoned_attempt(workdir) if resume_killed else None
         record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path)
     record["seeded_from"] = str(seeded) if seeded else None
     (workdir / DONE_MARKER).write_text(json.dumps(record, indent=2))
@@ -330,17 +341,6 @@ def _train(
     return record_
 
 
-def run_key(cfg: TrainParams, fingerprint: str) -> str:
-    """Identifies a training: same data and same training parameters -> same key (and workdir),
-    so a retried or restarted run finds its checkpoints."""
-    import hashlib
-
-    relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "experiment_name",
-                                       "data_url", "data_sha256", "max_extract_bytes", "force"})
-    blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 @task(name="train-model")
 def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: str,
                      backbone_path: Optional[str] = None) -> dict:
@@ -364,7 +364,7 @@ def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: st
         )
 
     record = train_model(data_info, cfg, Path(workdir), on_epoch_end=on_epoch_end,
-                         backbone_path=backbone_path)
+                         backbone_path=backbone_path, resume_killed=not cfg.force)
     update_progress_artifact(progress_id, progress=100.0)
     log_training(run_id, record)
     return record

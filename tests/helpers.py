@@ -138,3 +138,86 @@ def png_bytes(rgb=(10, 20, 30), size=(8, 8), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, rgb if mode == "RGB" else rgb[0]).save(buf, "PNG")
     return buf.getvalue()
+
+
+class _Revalidating(http.server.BaseHTTPRequestHandler):
+    """Serves the files of a dict {path: bytes} the test can change at any time, with an ETag
+    (sha256 of the bytes) and a Last-Modified (bumped on each change), answering conditional
+    requests with 304 like a real static file server. Counts requests and body bytes sent."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        site = self.server.site
+        site.requests.append((self.path, self.headers.get("If-None-Match"),
+                              self.headers.get("If-Modified-Since")))
+        body = site.files.get(self.path)
+        if body is None:
+            self.send_error(404)
+            return
+        import email.utils
+        import hashlib
+
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        modified = email.utils.formatdate(site.mtimes[self.path], usegmt=True)
+        if site.validators:
+            inm = self.headers.get("If-None-Match")
+            ims = self.headers.get("If-Modified-Since")
+            if (inm and inm == etag) or (not inm and ims and ims == modified):
+                self.send_response(304)
+                self.send_header("ETag", etag)
+                self.end_headers()
+                return
+        self.send_response(200)
+        if site.validators:
+            self.send_header("ETag", etag)
+            self.send_header("Last-Modified", modified)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        site.body_bytes += len(body)
+
+
+class ChangingSite:
+    """State of a ``revalidating_server``: put new bytes behind a path with ``put``."""
+
+    def __init__(self, validators: bool = True):
+        self.files: dict[str, bytes] = {}
+        self.mtimes: dict[str, float] = {}
+        self.requests: list[tuple] = []
+        self.body_bytes = 0
+        self.validators = validators
+        self.url = ""
+
+    def put(self, path: str, data: bytes) -> str:
+        import time
+
+        self.files[path] = data
+        self.mtimes[path] = max(time.time(), self.mtimes.get(path, 0) + 1)
+        return self.url + path
+
+    @property
+    def conditional(self) -> int:
+        return sum(1 for _p, inm, ims in self.requests if inm or ims)
+
+
+@contextmanager
+def revalidating_server(validators: bool = True):
+    """A real HTTP server on a free loopback port whose content the test changes (ChangingSite).
+    ``validators=False``: a server that sends neither ETag nor Last-Modified."""
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+        allow_reuse_address = True
+
+    server = Server(("127.0.0.1", 0), _Revalidating)
+    server.site = ChangingSite(validators)
+    server.site.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.site
+    finally:
+        server.shutdown()
+        server.server_close()

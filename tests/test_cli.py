@@ -64,11 +64,16 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
     assert not out.exists()
 
 
-def test_default_flowers_url_is_pinned_to_its_published_digest():
-    from tasks.params import DEFAULT_DATA_URL, KNOWN_ARCHIVE_SHA256
+def test_default_flowers_url_is_pinned_at_run_time_not_in_the_form_default():
+    """The UI's run form starts from the dump of TrainParams(): nothing dataset-specific may be
+    filled in there, or a user who types their own URL submits the flowers digest with it."""
+    from tasks.params import DEFAULT_DATA_URL, KNOWN_ARCHIVE_SHA256, expected_sha256
 
     pinned = KNOWN_ARCHIVE_SHA256[DEFAULT_DATA_URL]
-    assert TrainParams().data_sha256 == pinned
-    assert TrainParams(data_sha256="").data_sha256 == pinned
-    assert TrainParams(data_sha256="B" * 64).data_sha256 == "b" * 64  # the user's wins
-    assert TrainParams(data_url="https://example.org/other.tgz").data_sha256 is None
+    assert TrainParams().model_dump(mode="json")["data_sha256"] is None
+    assert expected_sha256(TrainParams()) == pinned
+    assert expected_sha256(TrainParams(data_sha256="")) == pinned
+    assert expected_sha256(TrainParams(data_sha256="B" * 64)) == "b" * 64  # the user's wins
+    # What the form submits after the user changed only the URL: no digest is applied.
+    typed = {**TrainParams().model_dump(mode="json"), "data_url": "https://example.org/o.tgz"}
+    assert expected_sha256(TrainParams(**typed)) is None

@@ -296,3 +296,110 @@ def test_backbone_fetch_errors_say_what_to_fix_and_only_network_trouble_is_trans
     with pytest.raises(BackboneError, match="not a TF Hub SavedModel"):
         fetch_backbone(str(tmp_path / "not_a_model"), cache)
     assert not list(cache.glob("*/saved_model.pb"))  # nothing half-fetched is left to trust
+
+
+# --------------------------------------------------------------------------- change detection
+
+
+def _two_archives(tmp_path: Path) -> tuple[bytes, bytes]:
+    old = make_tgz(make_dataset(tmp_path / "old", per_class=3), tmp_path / "old.tgz")
+    new = make_tgz(make_dataset(tmp_path / "new", per_class=2, seed=9), tmp_path / "new.tgz")
+    return old.read_bytes(), new.read_bytes()
+
+
+def test_unchanged_source_is_revalidated_without_a_body(tmp_path):
+    from tasks.download import source_record
+    from tests.helpers import revalidating_server
+
+    old, _new = _two_archives(tmp_path)
+    dest = tmp_path / "downloads"
+    with revalidating_server() as site:
+        url = site.put("/data.tgz", old)
+        first = download_archive(url, dest)
+        assert site.body_bytes == len(old) and source_record(first)["outcome"] == "downloaded"
+        mtime = first.stat().st_mtime_ns
+        again = download_archive(url, dest)
+    assert again == first and again.stat().st_mtime_ns == mtime
+    assert site.body_bytes == len(old)  # the second request got a 304, no body
+    assert len(site.requests) == 2 and site.requests[1][1]  # it sent If-None-Match
+    record = source_record(again)
+    assert record["outcome"] == "not modified" and record["sha256"] == hashlib.sha256(
+        old).hexdigest()
+    assert record["etag"] and record["last_modified"]
+
+
+def test_changed_source_is_downloaded_beside_the_old_copy_and_switched(tmp_path, monkeypatch):
+    import tasks.download as download
+    from tasks.download import source_record
+    from tests.helpers import revalidating_server
+
+    old, new = _two_archives(tmp_path)
+    dest = tmp_path / "downloads"
+    with revalidating_server() as site:
+        url = site.put("/data.tgz", old)
+        first = download_archive(url, dest)
+        site.put("/data.tgz", new)
+        # While the new bytes arrive, the old copy is still there and intact.
+        seen = []
+        real_replace = download.os.replace
+
+        def watching_replace(src, dst):
+            if Path(dst) == first:
+                seen.append(hashlib.sha256(Path(dst).read_bytes()).hexdigest())
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(download.os, "replace", watching_replace)
+        got = download_archive(url, dest)
+    assert got == first  # same place: a later run finds the newest verified copy
+    assert seen == [hashlib.sha256(old).hexdigest()]
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == hashlib.sha256(new).hexdigest()
+    assert source_record(got)["outcome"] == "downloaded"
+    assert not list(dest.rglob("*.part"))
+
+
+def test_server_without_validators_is_downloaded_and_compared_by_hash(tmp_path):
+    from tasks.download import source_record
+    from tests.helpers import revalidating_server
+
+    old, new = _two_archives(tmp_path)
+    dest = tmp_path / "downloads"
+    with revalidating_server(validators=False) as site:
+        url = site.put("/data.tgz", old)
+        download_archive(url, dest)
+        same = download_archive(url, dest)
+        assert source_record(same)["outcome"] == "unchanged bytes"
+        assert site.conditional == 0  # nothing to revalidate with
+        site.put("/data.tgz", new)
+        changed = download_archive(url, dest)
+    assert source_record(changed)["outcome"] == "downloaded"
+    assert changed.read_bytes() == new
+
+
+def test_pinned_digest_means_exactly_these_bytes(tmp_path):
+    from tests.helpers import revalidating_server
+
+    old, new = _two_archives(tmp_path)
+    pin = hashlib.sha256(old).hexdigest()
+    dest = tmp_path / "downloads"
+    with revalidating_server() as site:
+        url = site.put("/data.tgz", old)
+        got = download_archive(url, dest, pin)
+        site.put("/data.tgz", new)
+        # The pinned copy on disk is reused without asking the server...
+        assert download_archive(url, dest, pin) == got and len(site.requests) == 1
+        # ...and new bytes behind the URL are refused when they are asked for.
+        with pytest.raises(ChecksumMismatch, match="dataset sha256"):
+            download_archive(url, tmp_path / "elsewhere", pin)
+    assert got.read_bytes() == old
+
+
+def test_folder_listing_fingerprint_changes_with_the_folder(tmp_path):
+    from tasks.download import describe_source
+
+    src = make_dataset(tmp_path / "src", per_class=2)
+    before = describe_source(str(src), src)
+    assert before["kind"] == "folder" and before["sha256"] is None
+    assert describe_source(str(src), src) == before
+    (src / "red" / "extra.jpg").write_bytes((src / "red" / "000.jpg").read_bytes())
+    assert describe_source(str(src), src)["listing_fingerprint"] != before[
+        "listing_fingerprint"]

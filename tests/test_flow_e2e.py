@@ -177,8 +177,9 @@ def test_retried_registration_makes_no_duplicate_version(trained, monkeypatch):
 
 
 def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harness):
-    """random labels first (gate 0: champion), a learnable model beats it, then a model failing
-    the gate and a worse model both become challenger while the champion stays."""
+    """random labels first (gate 0: champion), a learnable model with other classes replaces it
+    (the class list changed: the gate decides), then a model failing the gate and a worse model
+    on the champion's classes both become challenger while the champion stays."""
     from flows.train_flow import train_and_register
 
     served = {
@@ -195,12 +196,15 @@ def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harne
         best = run("good")
         assert (best["model_version"], best["alias"]) == ("2", "champion")
         assert best["previous_champion"] == "1"
+        assert "class list changed" in best["alias_reason"]
         gated = run("noise", min_accuracy=0.9, seed=7)
         assert (gated["model_version"], gated["alias"]) == ("3", "challenger")
         assert "below --min-accuracy" in gated["alias_reason"]
-        worse = run("noise", min_accuracy=0.0, seed=8)
+        # Same classes as the champion: both are measured on this run's test split.
+        worse = run("good", min_accuracy=0.0, learning_rate=1e-5, epochs=1)
         assert (worse["model_version"], worse["alias"]) == ("4", "challenger")
         assert "does not beat" in worse["alias_reason"]
+        assert "this run's test split" in worse["alias_reason"]
     client = _client()
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "4"
@@ -228,6 +232,9 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["mlflow_run_id"] == summary[
         "mlflow_run_id"]
     assert (workspace / "mlflow" / "mlflow.db").exists()
+    # Where the README says the files go: artifacts under mlflow/artifacts/, no ./mlruns.
+    assert list((workspace / "mlflow" / "artifacts").rglob("MLmodel"))
+    assert not (workspace / "mlruns").exists()
 
 
 def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):

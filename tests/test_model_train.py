@@ -182,9 +182,27 @@ def test_new_run_after_a_killed_one_starts_from_its_checkpoints(tmp_path, tiny_b
     with open(busy / ".lock", "a+") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         record = train_model(data_info, cfg, key_dir / "run-b")
+    (busy / "train.json").write_text("{}")  # the busy attempt finished meanwhile
     assert record["seeded_from"] == str(key_dir / "run-a")
     assert record["resumed_from_epoch"] == 2
     assert (key_dir / "run-b" / "train.json").exists()
-    # A finished attempt is not resumed again: a forced retrain starts from scratch.
+    # The killed attempt has seeded run-b: it seeds nothing else, the next attempt starts fresh.
     again = train_model(data_info, cfg, key_dir / "run-c")
-    assert again["seeded_from"] == str(key_dir / "run-a") or again["resumed_from_epoch"] == 0
+    assert again["seeded_from"] is None and again["resumed_from_epoch"] == 0
+
+
+def test_forced_retrain_does_not_resume_a_killed_attempt(tmp_path, tiny_backbone, data_info):
+    cfg = _cfg(tiny_backbone, epochs=3)
+    key_dir = tmp_path / "runs" / "key"
+
+    def crash_after_one(epoch, total, metrics):
+        if epoch == 1:
+            raise Interrupt("simulated kill")
+
+    with pytest.raises(Interrupt):
+        train_model(data_info, cfg, key_dir / "run-a", on_epoch_end=crash_after_one)
+    fresh = train_model(data_info, cfg, key_dir / "run-b", resume_killed=False)
+    assert fresh["seeded_from"] is None and fresh["resumed_from_epoch"] == 0
+    # The killed attempt was not consumed: a normal rerun still resumes from it.
+    resumed = train_model(data_info, cfg, key_dir / "run-c")
+    assert resumed["seeded_from"] == str(key_dir / "run-a") and resumed["resumed_from_epoch"] == 1

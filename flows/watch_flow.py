@@ -1,0 +1,46 @@
+"""watch-data: retrain when the data changes, not only on a clock.
+
+Inputs: the same ``TrainParams`` the triggered training will use (only ``data_url``,
+``data_sha256`` and ``model_name`` matter to the check). Steps: revalidate the source (the
+conditional request of the train flow's download step; new bytes are kept for the training) ->
+compare it with what the champion was trained on -> when it differs, emit the Prefect event
+``petalflow.dataset.changed`` (once per source state), which the ``train`` deployment's trigger
+in deployment.yaml turns into a training run with these parameters. Output: the decision, also
+the final state's message.
+
+Deployed as ``watch-data`` (interval schedule, default 15 min) by ``deployment.yaml``.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from flows.train_flow import petalflow_home
+from tasks.download import describe_source_task, download_archive_task
+from tasks.params import TrainParams, expected_sha256
+from tasks.registry import champion_info_task
+from tasks.watch import announce_change_task, check_source_task
+
+
+@flow(name="watch-data", log_prints=True)
+def watch_data(params: TrainParams = TrainParams()):
+    from prefect.states import Completed
+
+    home = petalflow_home()
+    archive = download_archive_task(params.data_url, str(home / "downloads"),
+                                    expected_sha256(params))
+    source = describe_source_task(params.data_url, archive)
+    champion = champion_info_task(params.model_name)
+    check = check_source_task(source, champion, str(home / "watch"))
+    result = {**check, "data_url": params.data_url, "event_id": None}
+    if not check["changed"]:
+        message = f"unchanged: {check['reason']}"
+    elif check["announced_at"]:
+        message = (f"changed ({check['reason']}); already announced at {check['announced_at']}, "
+                   "not announced again")
+    else:
+        result["event_id"] = announce_change_task(params, source, check["reason"],
+                                                  str(home / "watch"))
+        message = f"changed ({check['reason']}); emitted petalflow.dataset.changed"
+    get_run_logger().info(message)
+    return Completed(message=message, data=result)

@@ -1,0 +1,209 @@
+"""What a run tells its user: the model card of a registered version and the one-screen result
+of a run (trained, or nothing to do), as markdown. Plain functions over the run summary and the
+files the stages wrote; publishing them (MLflow, Prefect artifacts) is done by thin tasks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+from prefect import task
+
+from tasks.dataset import load_manifest
+
+
+def artifact_key(prefix: str, model_name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) stable per model name."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-") or "model"
+    return f"{prefix}-{slug}"[:100]
+
+
+def mlflow_links(tracking_uri: str, run_id: Optional[str], experiment_id: Optional[str],
+                 model_name: str, version: Optional[str]) -> dict:
+    """Links into the MLflow UI when the tracking store is a server (http/https), else {}."""
+    if not tracking_uri.lower().startswith(("http://", "https://")):
+        return {}
+    base = tracking_uri.rstrip("/")
+    links = {}
+    if run_id and experiment_id:
+        links["MLflow run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    if version:
+        links["Model version"] = f"{base}/#/models/{model_name}/versions/{version}"
+    return links
+
+
+def _table(frame: pd.DataFrame) -> str:
+    from tasks.evaluate import markdown_table
+
+    return markdown_table(frame)
+
+
+def class_counts(manifest_path: str) -> pd.DataFrame:
+    """Images per class and split (train/val/test/quarantined) from the run's manifest."""
+    manifest = load_manifest(Path(manifest_path))
+    manifest["column"] = manifest["split"].where(manifest["status"] == "ok", "quarantined")
+    table = pd.crosstab(manifest["label"], manifest["column"])
+    for col in ("train", "val", "test", "quarantined"):
+        if col not in table:
+            table[col] = 0
+    table = table[["train", "val", "test", "quarantined"]]
+    return table.rename_axis(None, axis=1).reset_index().rename(columns={"label": "class"})
+
+
+def _source_lines(source: dict) -> list[str]:
+    lines = [f"- Source: `{source.get('url')}` ({source.get('kind')})"]
+    if source.get("sha256"):
+        lines.append(f"- Archive sha256: `{source['sha256']}`")
+    if source.get("kind") == "http":
+        lines.append(f"- ETag: `{source.get('etag') or 'none sent'}`; Last-Modified: "
+                     f"`{source.get('last_modified') or 'none sent'}`; this run: "
+                     f"{source.get('outcome') or 'unknown'}")
+    if source.get("listing_fingerprint"):
+        lines.append(f"- Folder listing fingerprint: `{source['listing_fingerprint']}`")
+    return lines
+
+
+def _comparison_lines(summary: dict) -> list[str]:
+    comparison = summary.get("comparison") or {}
+    acc = summary["test_metrics"]["test_accuracy"]
+    lines = ["## Champion comparison", ""]
+    champ = comparison.get("champion_accuracy")
+    if champ is None:
+        lines.append(f"- No like-for-like figure: {comparison.get('basis', 'no champion')}.")
+        lines.append(f"- This version: test accuracy {acc:.4f}.")
+    else:
+        lines += [
+            f"Both measured on {comparison.get('basis')}, same code path:",
+            "",
+            "| model | test accuracy |",
+            "|---|---|",
+            f"| this version (v{summary['model_version']}) | {acc:.4f} |",
+            f"| champion v{comparison.get('champion_version')} | {champ:.4f} |",
+        ]
+    lines += ["", f"**Decision: {summary['alias']}** — {summary['alias_reason']}", ""]
+    return lines
+
+
+def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None) -> str:
+    """The model card of a registered version: data source and validators, fingerprint, images
+    per class, quarantined files by reason, per-class metrics, confusion matrix, the champion
+    comparison and the decision."""
+    ds = summary["dataset"]
+    metrics = summary["test_metrics"]
+    evaluation = Path(evaluation_dir)
+    lines = [
+        f"# Model card: {summary['model_name']} version {summary['model_version']}",
+        "",
+        f"**{summary['alias']}** — {summary['alias_reason']}",
+        "",
+    ]
+    for name, url in (links or {}).items():
+        lines.append(f"- [{name}]({url})")
+    lines += ["", "## Data", ""]
+    lines += _source_lines(summary.get("source") or {})
+    lines += [
+        f"- Dataset fingerprint: `{ds['fingerprint']}`",
+        f"- Files: {ds['found']} found = {ds['used']} used + {ds['quarantined']} quarantined; "
+        f"splits {ds.get('splits')}",
+        "",
+        "### Images per class",
+        "",
+        _table(class_counts(summary["manifest"])),
+        "",
+    ]
+    reasons = Counter(_reason_kind(r) for r in ds.get("quarantine_reasons", {}).values())
+    if reasons:
+        lines += ["### Quarantined files by reason", "",
+                  _table(pd.DataFrame(sorted(reasons.items()), columns=["reason", "files"])), ""]
+        examples = list(ds["quarantine_reasons"].items())[:20]
+        lines += [f"- `{p}`: {r}" for p, r in examples]
+        lines.append("")
+    if ds.get("empty_class_folders"):
+        lines += [f"Skipped folders without images: {', '.join(ds['empty_class_folders'])}", ""]
+    lines += _comparison_lines(summary)
+    lines += [
+        "## Test metrics",
+        "",
+        f"Accuracy **{metrics['test_accuracy']:.4f}** on {metrics['test_images']} held-out "
+        f"images; macro F1 {metrics['test_macro_f1']:.4f}.",
+        "",
+    ]
+    per_class = evaluation / "per_class.csv"
+    if per_class.exists():
+        lines += [_table(pd.read_csv(per_class).round(4)), ""]
+    confusion = evaluation / "confusion.csv"
+    if confusion.exists():
+        frame = pd.read_csv(confusion)
+        frame = frame.rename(columns={frame.columns[0]: "true \\ predicted"})
+        lines += ["## Confusion matrix", "", "![confusion matrix](evaluation/confusion.png)", "",
+                  _table(frame), ""]
+    return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    """A reason without its file-specific details ("undecodable image: ..." -> kind)."""
+    return reason.split(":")[0].split("(")[0].strip()
+
+
+def run_result(summary: dict, links: Optional[dict] = None) -> str:
+    """One screen for the run the user started: what happened and where to look next."""
+    status = summary["status"]
+    lines = [f"# {summary['model_name']}: {status}", ""]
+    if status == "nothing to do":
+        lines += [
+            f"Champion version {summary['model_version']} was trained on this data "
+            "(same dataset fingerprint) with these training parameters, so nothing was "
+            "trained. Set **force** to retrain anyway.",
+            "",
+        ]
+    else:
+        acc = summary["test_metrics"]["test_accuracy"]
+        lines += [
+            f"- Registered **version {summary['model_version']}** as **{summary['alias']}**",
+            f"- Decision: {summary['alias_reason']}",
+            f"- Test accuracy {acc:.4f} on {summary['test_metrics']['test_images']} images",
+        ]
+    ds = summary["dataset"]
+    lines.append(f"- Data: {ds['found']} files found, {ds['used']} used, "
+                 f"{ds['quarantined']} quarantined; fingerprint `{ds['fingerprint'][:12]}`")
+    src = summary.get("source") or {}
+    if src:
+        lines.append(f"- Source `{src.get('url')}`: {src.get('outcome') or src.get('kind')}")
+    for name, url in (links or {}).items():
+        lines.append(f"- [{name}]({url})")
+    return "\n".join(lines) + "\n"
+
+
+def state_message(summary: dict) -> str:
+    """The final state's message: what ``prefect deployment run --watch`` and the UI show."""
+    if summary["status"] == "nothing to do":
+        return (f"nothing to do: champion v{summary['model_version']} of "
+                f"{summary['model_name']} was trained on this data with these parameters "
+                "(set force to retrain)")
+    return (f"registered {summary['model_name']} v{summary['model_version']} as "
+            f"{summary['alias']}: {summary['alias_reason']}")
+
+
+@task(name="publish-result")
+def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> dict:
+    """Model card (MLflow run + version description + Prefect artifact) and run result
+    (Prefect artifact) for the run the user started. Returns the links it used."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.registry import log_model_card, run_links
+
+    name = summary["model_name"]
+    links = run_links(summary)
+    if summary["status"] == "trained" and evaluation_dir:
+        card = model_card(summary, evaluation_dir, links)
+        log_model_card(summary, card)
+        create_markdown_artifact(markdown=card, key=artifact_key("model-card", name),
+                                 description=f"Model card of {name} v{summary['model_version']}")
+    create_markdown_artifact(markdown=run_result(summary, links),
+                             key=artifact_key("train-result", name),
+                             description=state_message(summary))
+    return links

@@ -1,0 +1,115 @@
+"""Retraining on an event: tell whether a dataset source differs from what the champion was
+trained on, and announce it as the Prefect event ``petalflow.dataset.changed``.
+
+The check is the cheap one the train flow makes first (a conditional request for a URL, whose
+new bytes are kept for the training run; the listing of a folder); the event carries the train
+flow's parameters, and ``deployment.yaml`` wires a trigger from it to the ``train`` deployment.
+A user's own export job can emit the same event (see the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from prefect import task
+
+from tasks.params import TrainParams
+
+EVENT = "petalflow.dataset.changed"
+RESOURCE_PREFIX = "petalflow.dataset."
+
+
+def resource_id(data_url: str) -> str:
+    """The event's resource id for a dataset source: stable per URL or path."""
+    return RESOURCE_PREFIX + hashlib.sha256(data_url.encode()).hexdigest()[:16]
+
+
+def source_state(source: dict) -> Optional[str]:
+    """What identifies the content of a source: the archive's sha256, or a folder's listing
+    fingerprint."""
+    return source.get("sha256") or source.get("listing_fingerprint")
+
+
+def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool, str]:
+    """(changed, reason): does ``source`` differ from what the champion was trained on?"""
+    state = source_state(source)
+    if champion is None:
+        return True, "no champion yet"
+    if champion.get("data_url") != source["url"]:
+        return True, f"the champion v{champion['version']} was trained on {champion.get('data_url')}"
+    trained_on = champion.get("archive_sha256") or champion.get("listing_fingerprint")
+    if trained_on is None:
+        return True, f"the champion v{champion['version']} records no source digest"
+    if trained_on != state:
+        return True, (f"source is {state[:12]}, the champion v{champion['version']} was trained "
+                      f"on {trained_on[:12]}")
+    return False, f"source unchanged since the champion v{champion['version']} ({state[:12]})"
+
+
+def _state_file(watch_dir: Path, data_url: str) -> Path:
+    return Path(watch_dir) / (resource_id(data_url) + ".json")
+
+
+def already_announced(watch_dir: Path, source: dict) -> Optional[str]:
+    """When this very source state was announced before: its time, else None. A changed
+    source is announced once; the weekly retraining is the safety net if that run failed."""
+    try:
+        last = json.loads(_state_file(watch_dir, source["url"]).read_text())
+    except (OSError, ValueError):
+        return None
+    return last.get("announced_at") if last.get("state") == source_state(source) else None
+
+
+def remember_announcement(watch_dir: Path, source: dict, event_id: str) -> None:
+    import datetime
+
+    path = _state_file(watch_dir, source["url"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"state": source_state(source), "event_id": event_id,
+                               "announced_at": now}))
+    os.replace(tmp, path)
+
+
+def event_payload(params: TrainParams) -> dict:
+    """The train flow's parameters for the triggered run: those that differ from the
+    defaults, plus the data URL."""
+    return {"params": {**params.model_dump(mode="json", exclude_defaults=True),
+                       "data_url": params.data_url}}
+
+
+def emit_dataset_changed(params: TrainParams, source: dict, reason: str) -> str:
+    """Emit ``petalflow.dataset.changed`` for ``params.data_url``; returns the event id."""
+    from prefect.events import emit_event
+
+    event = emit_event(
+        event=EVENT,
+        resource={"prefect.resource.id": resource_id(params.data_url),
+                  "prefect.resource.name": params.data_url,
+                  "petalflow.data_url": params.data_url},
+        payload={**event_payload(params), "reason": reason,
+                 "source_state": source_state(source)},
+    )
+    if event is None:
+        raise RuntimeError("Prefect events are disabled here; cannot announce the change")
+    return str(event.id)
+
+
+@task(name="check-source")
+def check_source_task(source: dict, champion: Optional[dict], watch_dir: str) -> dict:
+    """Thin wrapper: {"changed", "reason", "announced_at"} for the watch flow."""
+    changed, reason = differs_from_champion(source, champion)
+    announced = already_announced(Path(watch_dir), source) if changed else None
+    return {"changed": changed, "reason": reason, "announced_at": announced}
+
+
+@task(name="announce-change")
+def announce_change_task(params: TrainParams, source: dict, reason: str, watch_dir: str) -> str:
+    event_id = emit_dataset_changed(params, source, reason)
+    remember_announcement(Path(watch_dir), source, event_id)
+    return event_id

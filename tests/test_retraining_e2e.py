@@ -1,0 +1,226 @@
+"""Retraining that follows the data: a real HTTP server whose archive changes behind the same URL
+(it sends ETag/Last-Modified and counts requests), the real flow on the Prefect test server,
+MLflow on a SQLite store or a real MLflow server, and promotion that compares like with like."""
+
+from __future__ import annotations
+
+import http.server
+import socketserver
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tasks.params import TrainParams
+from tests.helpers import make_dataset, make_tgz, revalidating_server
+
+pytestmark = pytest.mark.e2e
+MODEL = "petalflow-classifier"
+
+
+def _params(url: str, backbone, **kw) -> TrainParams:
+    base = dict(data_url=url, backbone=str(backbone), image_size=32, epochs=6, batch_size=8,
+                learning_rate=0.05, min_accuracy=0.5, val_fraction=0.2, test_fraction=0.2)
+    return TrainParams(**{**base, **kw})
+
+
+def _archive(tmp: Path, name: str, per_class: int, seed: int) -> bytes:
+    src = make_dataset(tmp / f"{name}-src", per_class=per_class, seed=seed)
+    return make_tgz(src, tmp / f"{name}.tgz").read_bytes()
+
+
+def _client():
+    import mlflow
+
+    from tasks.registry import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbone,
+                                                          prefect_harness):
+    from flows.train_flow import train_and_register
+
+    first_bytes = _archive(workspace, "v1", per_class=12, seed=0)
+    newer = _archive(workspace, "v2", per_class=15, seed=4)  # other photos, more per class
+    with revalidating_server() as site:
+        url = site.put("/export/photos.tgz", first_bytes)
+        first = train_and_register(_params(url, tiny_backbone))
+        assert (first["status"], first["model_version"]) == ("trained", "1")
+        assert first["source"]["outcome"] == "downloaded" and first["source"]["etag"]
+        downloaded = site.body_bytes
+
+        same = train_and_register(_params(url, tiny_backbone))
+        assert same["status"] == "nothing to do"
+        assert same["source"]["outcome"] == "not modified"
+        assert site.body_bytes == downloaded, "an unchanged source was downloaded again"
+        assert site.requests[-1][1] == first["source"]["etag"]  # If-None-Match sent
+
+        site.put("/export/photos.tgz", newer)
+        changed = train_and_register(_params(url, tiny_backbone))
+    assert changed["status"] == "trained" and changed["model_version"] == "2"
+    assert changed["source"]["outcome"] == "downloaded"
+    assert changed["dataset"]["fingerprint"] != first["dataset"]["fingerprint"]
+    assert changed["dataset"]["used"] == 45 and first["dataset"]["used"] == 36
+    assert site.body_bytes == downloaded + len(newer)
+    # Validators and the archive's digest are on the MLflow run and the version.
+    client = _client()
+    run = client.get_run(changed["mlflow_run_id"])
+    assert run.data.tags["petalflow.source_etag"] == changed["source"]["etag"]
+    assert run.data.tags["petalflow.source_last_modified"] == changed["source"]["last_modified"]
+    mv = client.get_model_version(MODEL, "2")
+    assert mv.tags["archive_sha256"] == changed["source"]["sha256"]
+    # Same classes: the champion was evaluated on the new split, and both figures are named.
+    assert changed["comparison"]["champion_version"] == "1"
+    assert changed["comparison"]["champion_accuracy"] is not None
+    assert "this run's test split" in changed["alias_reason"]
+    # The model card is logged with the version's run and is the version's description.
+    card = client.download_artifacts(changed["mlflow_run_id"], "model_card.md")
+    text = Path(card).read_text()
+    for needle in ("ETag", changed["dataset"]["fingerprint"], "Images per class",
+                   "Confusion matrix", "Champion comparison", changed["alias_reason"]):
+        assert needle in text, needle
+    assert mv.description.startswith("# Model card")
+
+
+def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promoted(
+        workspace, tiny_backbone, prefect_harness):
+    """The champion's stored accuracy was measured on another split (here: a figure far below
+    what it scores now); the challenger beats that figure but loses on this run's split."""
+    from flows.train_flow import train_and_register
+
+    data = _archive(workspace, "d", per_class=12, seed=0)
+    with revalidating_server() as site:
+        url = site.put("/d.tgz", data)
+        champion = train_and_register(_params(url, tiny_backbone))
+        assert champion["alias"] == "champion"
+        client = _client()
+        client.set_model_version_tag(MODEL, "1", "test_accuracy", "0.100000")
+        weak = train_and_register(_params(url, tiny_backbone, learning_rate=1e-4, epochs=1,
+                                          min_accuracy=0.0))
+    challenger_acc = weak["test_metrics"]["test_accuracy"]
+    champion_now = weak["comparison"]["champion_accuracy"]
+    assert 0.1 < challenger_acc < champion_now, (challenger_acc, champion_now)
+    assert (weak["model_version"], weak["alias"]) == ("2", "challenger")
+    assert f"{challenger_acc:.4f}" in weak["alias_reason"]
+    assert f"{champion_now:.4f}" in weak["alias_reason"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+
+
+def test_a_tie_keeps_the_champion_and_min_improvement_is_honoured(workspace, tiny_backbone,
+                                                                  prefect_harness):
+    from flows.train_flow import train_and_register
+
+    data = _archive(workspace, "t", per_class=12, seed=0)
+    with revalidating_server() as site:
+        url = site.put("/t.tgz", data)
+        first = train_and_register(_params(url, tiny_backbone))
+        again = train_and_register(_params(url, tiny_backbone, force=True))
+    # Same data, same parameters: the same figure on the same split is a tie, not a win.
+    assert again["test_metrics"]["test_accuracy"] == pytest.approx(
+        again["comparison"]["champion_accuracy"])
+    assert again["alias"] == "challenger" and "does not beat" in again["alias_reason"]
+    assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == first[
+        "model_version"]
+
+
+class _FailAliasReads(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of a real MLflow server that answers 503 to reads of a model alias
+    (what an overloaded or restarting registry does) and passes everything else through."""
+
+    upstream = ""
+    failed: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _proxy(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if "registered-models/alias" in self.path and self.command == "GET":
+            type(self).failed.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "content-length", "connection")}
+        resp = httpx.request(self.command, self.upstream + self.path, content=body,
+                             headers=headers, timeout=60)
+        self.send_response(resp.status_code)
+        for key, value in resp.headers.items():
+            if key.lower() not in ("content-length", "transfer-encoding", "connection",
+                                   "content-encoding"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(resp.content)))
+        self.end_headers()
+        self.wfile.write(resp.content)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _proxy
+
+
+@contextmanager
+def _alias_failing_proxy(upstream: str):
+    handler = type("H", (_FailAliasReads,), {"upstream": upstream, "failed": []})
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
+        tmp_path, monkeypatch, tiny_backbone, prefect_harness):
+    from flows.stack import Stack, down, start_mlflow_server
+    from flows.train_flow import train_and_register
+    from tasks import registry
+
+    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=_free_port(),
+               mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PETALFLOW_HOME", str(tmp_path / "home"))
+    # MLflow's own HTTP retries would hide the 503 for minutes; the task's retries remain.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    for t in (registry.champion_info_task, registry.unchanged_since_champion_task):
+        monkeypatch.setattr(t, "retry_delay_seconds", [0, 0, 0])
+    data = _archive(tmp_path, "r", per_class=12, seed=0)
+    try:
+        start_mlflow_server(st)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", st.mlflow_uri)
+        with revalidating_server() as site:
+            url = site.put("/r.tgz", data)
+            first = train_and_register(_params(url, tiny_backbone))
+            assert first["alias"] == "champion"
+            with _alias_failing_proxy(st.mlflow_uri) as (proxy, handler):
+                monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy)
+                state = train_and_register(_params(url, tiny_backbone, force=True,
+                                                   min_accuracy=0.0), return_state=True)
+        assert state.is_failed(), state
+        assert "503" in str(state.result(raise_on_failure=False))
+        assert len(handler.failed) == 4  # the first try and the task's three retries
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking_uri=st.mlflow_uri, registry_uri=st.mlflow_uri)
+        versions = client.search_model_versions(f"name='{MODEL}'")
+        assert [str(v.version) for v in versions] == ["1"]
+        assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+        runs = client.search_runs([client.get_experiment_by_name("petalflow").experiment_id],
+                                  order_by=["attributes.start_time DESC"])
+        assert runs[0].info.status == "FAILED"  # the attempt is recorded, not lost
+    finally:
+        down(st)
+
+
+def _free_port() -> int:
+    from tests.helpers import free_port
+
+    return free_port()
