@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -20,10 +21,60 @@ from pydantic import ValidationError
 from tasks.params import DEFAULT_MODEL_NAME, TrainParams, cli_option
 
 EXIT_USAGE = 2
+# Exit statuses of `petalflow train` (documented in the README).
+EXIT_FAILED = 1      # anything not listed below (the message says what)
+EXIT_SOURCE = 3      # dataset download: unreachable, HTTP error, checksum mismatch
+EXIT_DATA = 4        # archive or dataset unusable (unsafe/unreadable archive, too few images)
+EXIT_BACKBONE = 5    # backbone handle unusable or unreachable
+EXIT_REGISTRY = 6    # MLflow tracking server or registry refused or unreachable
+
+OFFLINE_HINT = ("offline, or behind a proxy? --data-url and --backbone take local copies: a "
+                "path, a file:// URL or a URL on your network (see the README).")
 
 
 class UsageError(Exception):
     """A bad option or argument: reported before any work starts."""
+
+
+class RunFailed(Exception):
+    """A flow run ended Failed; carries what a user needs: message, hint, exit status."""
+
+    def __init__(self, message: str, hint: str = "", code: int = EXIT_FAILED):
+        super().__init__(message)
+        self.hint, self.code = hint, code
+
+
+def explain_failure(exc: BaseException) -> RunFailed:
+    """The one message, hint and exit status for a failed run's exception."""
+    from tasks.errors import (
+        ArchiveError, BackboneError, ChecksumMismatch, DatasetError, DownloadError,
+        TransientError,
+    )
+
+    text = str(exc).strip() or type(exc).__name__
+    name = type(exc).__name__
+    if isinstance(exc, ChecksumMismatch):
+        return RunFailed(text, "the archive behind the URL is not the one pinned: drop "
+                         "--data-sha256 to follow the URL, or fix the URL.", EXIT_SOURCE)
+    if isinstance(exc, (DownloadError, TransientError)) and "backbone" in text:
+        return RunFailed(text, OFFLINE_HINT, EXIT_BACKBONE)
+    if isinstance(exc, TransientError):
+        return RunFailed(text, OFFLINE_HINT, EXIT_SOURCE)
+    if isinstance(exc, DownloadError):
+        return RunFailed(text, "check --data-url (the URL or path of a .tgz/.tar/.zip archive or "
+                         "of a folder with one subfolder per class).", EXIT_SOURCE)
+    if isinstance(exc, BackboneError):
+        return RunFailed(text, "--backbone must be a TF Hub image feature-vector handle or a "
+                         "local SavedModel folder; " + OFFLINE_HINT, EXIT_BACKBONE)
+    if isinstance(exc, (ArchiveError, DatasetError)):
+        return RunFailed(text, "see the README's 'petalflow train' section for the layout "
+                         "petalflow expects (one subfolder of images per class).", EXIT_DATA)
+    module = type(exc).__module__
+    if module.startswith(("mlflow", "requests")) or name in ("MlflowException", "RestException"):
+        return RunFailed(f"MLflow: {text}", "check MLFLOW_TRACKING_URI (unset: the embedded "
+                         "store under mlflow/) and MLFLOW_TRACKING_USERNAME/PASSWORD.",
+                         EXIT_REGISTRY)
+    return RunFailed(f"{name}: {text}", "run again with --verbose for the traceback.")
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
@@ -40,6 +91,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             p.add_argument(option, dest=name, default=None, metavar=name.upper(), help=help_text)
     p.add_argument("--summary-json", type=Path, default=None,
                    help="Also write the run summary (JSON) to this file.")
+    p.add_argument("--verbose", action="store_true",
+                   help="Show tracebacks (by default a failure prints one message and a hint).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +159,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     _warm_imports()
     from flows.train_flow import train_and_register
 
-    summary = train_and_register(params)
+    if not args.verbose:
+        _console_without_tracebacks()
+    state = train_and_register(params, return_state=True)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if args.verbose and isinstance(exc, BaseException):
+            raise exc
+        if isinstance(exc, BaseException):
+            raise explain_failure(exc)
+        raise RunFailed(state.message or f"the run ended {state.name}")
+    summary = state.result()
     text = json.dumps(summary, indent=2, ensure_ascii=False)
     print(text)
     if args.summary_json is not None:
@@ -185,6 +248,22 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+class _NoTracebacks(logging.Filter):
+    """Console only: a failure's log line stays, its traceback goes (it is in the run's logs
+    on the Prefect server, and --verbose shows it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _console_without_tracebacks() -> None:
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoTracebacks) for f in handler.filters):
+            handler.addFilter(_NoTracebacks())
+
+
 def _warm_imports() -> None:
     """Import TensorFlow, TF Hub and MLflow on a side thread while Prefect's temporary server
     starts (a subprocess): on a small machine this hides several seconds of start-up."""
@@ -217,6 +296,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RunFailed as exc:
+        print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.code
 
 
 if __name__ == "__main__":  # pragma: no cover

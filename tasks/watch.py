@@ -38,7 +38,9 @@ def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool,
     """(changed, reason): does ``source`` differ from what the champion was trained on?"""
     state = source_state(source)
     if champion is None:
-        return True, "no champion yet"
+        # The first model is trained on purpose (the `train` deployment, `petalflow train`):
+        # a freshly started stack must not start a heavy training on the default data.
+        return False, "no champion yet: train a first model; the watch follows changes after it"
     if champion.get("data_url") != source["url"]:
         return True, f"the champion v{champion['version']} was trained on {champion.get('data_url')}"
     trained_on = champion.get("archive_sha256") or champion.get("listing_fingerprint")

@@ -21,6 +21,12 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def any_size_backbone(tmp_path_factory) -> Path:
+    """A tiny backbone with no fixed input size: works at the form's default image size."""
+    return export_tiny_backbone(tmp_path_factory.mktemp("hub") / "any_size", image_size=None)
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect server (SQLite) for the whole test session."""
     from prefect.testing.utilities import prefect_test_harness

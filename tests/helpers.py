@@ -11,6 +11,7 @@ import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -70,8 +71,9 @@ def make_zip(folder: Path, archive: Path, arcname: str = "photos") -> Path:
     return archive
 
 
-def export_tiny_backbone(path: Path, image_size: int = 32, seed: int = 0) -> Path:
-    """A TF-Hub-style image feature-vector SavedModel: [b, s, s, 3] in [0, 1] -> [b, 16].
+def export_tiny_backbone(path: Path, image_size: Optional[int] = 32, seed: int = 0) -> Path:
+    """A TF-Hub-style image feature-vector SavedModel: [b, s, s, 3] in [0, 1] -> [b, 16]
+    (``image_size=None``: any square size, like a backbone that declares none).
 
     Conv + BatchNorm + ReLU + global pooling + Dense, random but fixed weights: enough to tell
     colours apart, and it has BatchNorm statistics to prove inference mode.
@@ -81,7 +83,7 @@ def export_tiny_backbone(path: Path, image_size: int = 32, seed: int = 0) -> Pat
     import tf_keras as keras
 
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((image_size, image_size, 3))
+    inputs = keras.Input((image_size, image_size, 3))  # None, None: any size
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="conv1")(inputs)
     x = keras.layers.BatchNormalization(name="conv1_bn")(x)
     x = keras.layers.ReLU(name="relu1")(x)

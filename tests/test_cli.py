@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from flows.cli import main
@@ -46,9 +49,11 @@ def test_augment_flag_and_defaults_parse(workspace, monkeypatch):
 
     seen = {}
 
-    def fake_flow(params):  # stands in for the flow: this test is about parsing only
+    def fake_flow(params, return_state=False):  # stands in for the flow: parsing only
+        from prefect.states import Completed
+
         seen["params"] = params
-        return {"ok": True}
+        return Completed(data={"ok": True})
 
     monkeypatch.setattr("flows.train_flow.train_and_register", fake_flow)
     assert cli.main(["train", "--augment", "--epochs", "3", "--data-sha256", "A" * 64]) == 0
@@ -77,3 +82,47 @@ def test_default_flowers_url_is_pinned_at_run_time_not_in_the_form_default():
     # What the form submits after the user changed only the URL: no digest is applied.
     typed = {**TrainParams().model_dump(mode="json"), "data_url": "https://example.org/o.tgz"}
     assert expected_sha256(TrainParams(**typed)) is None
+
+
+def test_known_failures_get_one_message_a_hint_and_their_exit_status():
+    from flows.cli import (
+        EXIT_BACKBONE, EXIT_DATA, EXIT_REGISTRY, EXIT_SOURCE, explain_failure,
+    )
+    from tasks.errors import (
+        BackboneError, ChecksumMismatch, DatasetError, DownloadError, TransientError,
+    )
+
+    offline = explain_failure(TransientError("network error downloading https://x/y.tgz"))
+    assert offline.code == EXIT_SOURCE and "--data-url" in offline.hint
+    assert "--backbone" in offline.hint
+    assert explain_failure(DownloadError("HTTP 404 from u")).code == EXIT_SOURCE
+    pinned = explain_failure(ChecksumMismatch("sha256 of u is a, expected b"))
+    assert pinned.code == EXIT_SOURCE and "--data-sha256" in pinned.hint
+    hub = explain_failure(TransientError("network error fetching backbone https://tfhub.dev/x"))
+    assert hub.code == EXIT_BACKBONE
+    assert explain_failure(BackboneError("not a SavedModel")).code == EXIT_BACKBONE
+    assert explain_failure(DatasetError("need at least 2 classes")).code == EXIT_DATA
+    import mlflow
+
+    assert explain_failure(mlflow.exceptions.MlflowException("refused")).code == EXIT_REGISTRY
+
+
+def test_cli_failure_prints_one_message_and_no_traceback(workspace, tiny_backbone):
+    """A dataset URL that answers 404: exit status 3, the error once, a hint, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.helpers import serve_directory
+
+    (workspace / "served").mkdir()
+    exe = Path(sys.executable).with_name("petalflow")
+    with serve_directory(workspace / "served") as url:
+        proc = subprocess.run(
+            [str(exe), "train", "--data-url", f"{url}/missing.tgz", "--backbone",
+             str(tiny_backbone)],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PREFECT_API_URL": ""})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.count("petalflow train: error: HTTP 404") == 1
+    assert "hint: check --data-url" in proc.stderr

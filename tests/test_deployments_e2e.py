@@ -209,79 +209,172 @@ def test_batch_predict_deployment_writes_predictions(stack, tmp_path):
     assert arts and "3 classified" in arts[0]["data"]
 
 
+def _new_runs(st: Stack, deployment_id: str, before: set, timeout_s: float = 120) -> list:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        runs = _api(st, "POST", "/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [deployment_id]}}}).json()
+        new = [r for r in runs if r["id"] not in before]
+        if new:
+            return new
+        time.sleep(2)
+    return []
+
+
+def _run_ids(st: Stack, deployment_id: str) -> set:
+    return {r["id"] for r in _api(st, "POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [deployment_id]}}}).json()}
+
+
+def test_schedule_fires_watch_data_whose_event_trains_a_new_version(stack, tmp_path,
+                                                                    tiny_backbone):
+    """watch-data on a short interval (a schedule with the user's parameters) sees data that
+    differs from what the champion was trained on, emits petalflow.dataset.changed, and the
+    trigger of deployment.yaml starts a `train` run that registers a new version."""
+    src = make_dataset(tmp_path / "src", per_class=12, seed=11)
+    served = tmp_path / "served"
+    archive = make_tgz(src, served / "watched.tgz")
+    watch = _deployment(stack, "watch-data", "watch-data")
+    train = _deployment(stack, "train-and-register", "train")
+    assert watch["schedules"][0]["schedule"]["interval"] == 900
+    client = _mlflow(stack)
+    versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
+    train_before, watch_before = _run_ids(stack, train["id"]), _run_ids(stack, watch["id"])
+    with serve_directory(served) as url:
+        params = _tiny_params(f"{url}/watched.tgz", archive, tiny_backbone, min_accuracy=0.0)
+        params["params"].pop("data_sha256")  # followed, not pinned
+        resp = _api(stack, "POST", f"/deployments/{watch['id']}/schedules", json=[{
+            "schedule": {"interval": 5}, "active": True, "parameters": params}])
+        assert resp.status_code == 201, resp.text
+        schedule_id = resp.json()[0]["id"]
+        try:
+            fired = _new_runs(stack, watch["id"], watch_before)
+            assert fired, "the schedule created no watch-data run"
+            done = _wait_final(stack, sorted(fired, key=lambda r: r["expected_start_time"])[0][
+                "id"])
+        finally:
+            _api(stack, "DELETE", f"/deployments/{watch['id']}/schedules/{schedule_id}")
+        assert done["state"]["type"] == "COMPLETED", done["state"]
+        assert "emitted petalflow.dataset.changed" in done["state"]["message"]
+        triggered = _new_runs(stack, train["id"], train_before)
+        assert len(triggered) == 1, triggered
+        assert triggered[0]["parameters"]["params"]["data_url"] == f"{url}/watched.tgz"
+        final = _wait_final(stack, triggered[0]["id"])
+    assert final["state"]["type"] == "COMPLETED", final["state"]
+    assert final["state"]["message"].startswith("registered petalflow-classifier v")
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
+    # The run the user (here: the trigger) started carries its result and the model card.
+    arts = _api(stack, "POST", "/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["model-card-petalflow-classifier"]}}}).json()
+    assert arts and arts[0]["flow_run_id"] == triggered[0]["id"]
+
+
+def test_an_export_job_emits_the_event_with_the_stock_cli_and_a_train_run_follows(
+        stack, tmp_path, tiny_backbone):
+    """What the README tells a user's own export job to run after refreshing the data."""
+    src = make_dataset(tmp_path / "src", per_class=12, seed=12)
+    served = tmp_path / "served"
+    archive = make_tgz(src, served / "exported.tgz")
+    train = _deployment(stack, "train-and-register", "train")
+    client = _mlflow(stack)
+    versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
+    before = _run_ids(stack, train["id"])
+    with serve_directory(served) as url:
+        params = _tiny_params(f"{url}/exported.tgz", archive, tiny_backbone, min_accuracy=0.0)
+        cli = subprocess.run(
+            [stack.bin("prefect"), "--no-prompt", "event", "emit", "petalflow.dataset.changed",
+             "--resource-id", "petalflow.dataset.my-export",
+             "--payload", json.dumps(params)],
+            env=stack.env(), capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        started = _new_runs(stack, train["id"], before)
+        assert len(started) == 1, "the event started no train run"
+        final = _wait_final(stack, started[0]["id"])
+    assert final["state"]["type"] == "COMPLETED", final["state"]
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 
-def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, tiny_backbone):
-    """Headless Chromium opens the Prefect UI, opens the `train` deployment, starts a custom run
-    from the run form and sees the run reach Completed in the UI."""
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
-    from urllib.parse import quote
 
+def _field(page, title: str):
+    """The input under a run-form field's label, found by its title as a person reads it."""
+    return page.locator(
+        f"xpath=//*[normalize-space(text())='{title} (Optional)']/following::input[1]")
+
+
+def _open_custom_run_form(page, ui: str) -> None:
+    page.goto(f"{ui}/deployments", wait_until="networkidle")
+    page.get_by_role("link", name="train", exact=True).first.click()
+    run_button = page.get_by_role("button", name="Run", exact=True)
+    run_button.wait_for(timeout=30_000)
+    run_button.click()
+    page.get_by_text("Custom run", exact=True).click()
+    _field(page, "Dataset URL or path").wait_for(timeout=30_000)
+
+
+def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_backbone):
+    """Headless Chromium opens the Prefect UI, opens the `train` deployment's run form, changes
+    only the dataset URL and the backbone as a person would (typing into the fields), submits,
+    and the run completes and registers a version; the run page shows the result. A bad value
+    typed into the form is refused. The screenshots go to docs/screenshots/ (the README's)."""
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium package is required (.ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
-    src = make_dataset(tmp_path / "src", per_class=12, seed=3)
+    src = make_dataset(tmp_path / "src", per_class=20, seed=3)
     served = tmp_path / "served"
-    archive = make_tgz(src, served / "ui.tgz")
+    make_tgz(src, served / "ui.tgz")
     ui = stack.prefect_api[: -len("/api")]
     train = _deployment(stack, "train-and-register", "train")
-    before = {r["id"] for r in _api(stack, "POST", "/flow_runs/filter", json={
-        "deployments": {"id": {"any_": [train["id"]]}}}).json()}
+    client = _mlflow(stack)
+    versions_before = len(client.search_model_versions(f"name='{MODEL}'"))
+    before = _run_ids(stack, train["id"])
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with serve_directory(served) as url, sync_playwright() as pw:
-        params = _tiny_params(f"{url}/ui.tgz", archive, tiny_backbone, epochs=4,
-                              min_accuracy=0.0, force=True)
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{ui}/deployments", wait_until="networkidle")
-            page.get_by_role("link", name="train", exact=True).first.click()
-            run_button = page.get_by_role("button", name="Run", exact=True)
-            run_button.wait_for(timeout=30_000)
-            run_button.click()
-            page.get_by_text("Custom run", exact=True).click()
-            page.wait_for_url("**/run?parameters=**", timeout=30_000)
-            # The run form, prefilled the way the UI's own links do, then one field edited.
-            page.goto(page.url.split("?")[0] + "?parameters="
-                      + quote(quote(json.dumps(params))), wait_until="networkidle")
-            epochs = page.locator(
-                "xpath=//*[normalize-space(text())='Epochs (Optional)']/following::input[1]")
-            epochs.wait_for(timeout=30_000)
             # A bad value typed into the form is refused: no run is created.
-            epochs.fill("0")
+            _open_custom_run_form(page, ui)
+            _field(page, "Epochs").fill("0")
             page.get_by_role("button", name="Submit").click()
             page.wait_for_timeout(3000)
             assert "/run" in page.url
-            refused = [r for r in _api(stack, "POST", "/flow_runs/filter", json={
-                "deployments": {"id": {"any_": [train["id"]]}}}).json() if r["id"] not in before]
-            assert refused == [], "a run was created with epochs=0"
-            epochs.fill("5")
+            assert _run_ids(stack, train["id"]) == before, "a run was created with epochs=0"
+
+            # A fresh form: only the dataset URL and the backbone change.
+            _open_custom_run_form(page, ui)
+            _field(page, "Dataset URL or path").fill(f"{url}/ui.tgz")
+            _field(page, "Backbone (TF Hub handle)").fill(str(any_size_backbone))
+            page.screenshot(path=str(SCREENSHOTS / "ui-run-form.png"))
             page.get_by_role("button", name="Submit").click()
-            deadline = time.time() + 60
-            new = []
-            while not new and time.time() < deadline:
-                runs = _api(stack, "POST", "/flow_runs/filter", json={
-                    "deployments": {"id": {"any_": [train["id"]]}}}).json()
-                new = [r for r in runs if r["id"] not in before]
-                time.sleep(1)
+            new = _new_runs(stack, train["id"], before, timeout_s=60)
             assert len(new) == 1, "the UI's Submit created no run"
-            assert new[0]["parameters"]["params"]["epochs"] == 5
-            page.goto(f"{ui}/runs/flow-run/{new[0]['id']}", wait_until="networkidle")
-            page.get_by_text(new[0]["name"]).first.wait_for(timeout=30_000)
-            # Keep serving the data until the run is over, then the UI must show it Completed.
+            sent = new[0]["parameters"]["params"]
+            assert sent["data_url"] == f"{url}/ui.tgz"
+            assert sent["backbone"] == str(any_size_backbone)
+            assert not sent.get("data_sha256"), "the form submitted a digest the user never typed"
             final = _wait_final(stack, new[0]["id"])
             assert final["state"]["type"] == "COMPLETED", final["state"]
-            page.reload(wait_until="networkidle")
+            assert final["state"]["message"].startswith("registered petalflow-classifier v")
+            page.goto(f"{ui}/runs/flow-run/{new[0]['id']}", wait_until="networkidle")
             page.get_by_text("Completed", exact=True).first.wait_for(timeout=60_000)
-            page.screenshot(path=str(tmp_path / "completed.png"))
+            page.screenshot(path=str(SCREENSHOTS / "ui-run-completed.png"))
+            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("train-result-petalflow-classifier").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(SCREENSHOTS / "ui-run-artifacts.png"), full_page=True)
         except Exception:
-            page.screenshot(path="/tmp/petalflow-ui-failure.png", full_page=True)
+            page.screenshot(path=str(tmp_path / "ui-failure.png"), full_page=True)
             raise
         finally:
             browser.close()
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
 
 
 def _stop_workers(st: Stack) -> None:
@@ -312,8 +405,9 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
     train = _deployment(stack, "train-and-register", "train")
     gpu = _deployment(stack, "train-model", "train-gpu")
     with serve_directory(served) as url:
+        # Not forced: a forced retrain starts fresh, this rerun must resume the killed attempt.
         params = _tiny_params(f"{url}/z.tgz", archive, tiny_backbone, epochs=60,
-                              min_accuracy=0.0, force=True)
+                              min_accuracy=0.0)
         parent_id = _started(_run_button(stack, train["id"], params))
         deadline = time.time() + 240
         child = None
