@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -240,6 +241,53 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# Lines TensorFlow's native code writes to stderr on every start (twice: before and after its
+# logger is set up), whatever TF_CPP_MIN_LOG_LEVEL says; and on a machine without an NVIDIA
+# device, the CUDA probe's error lines. Kept out of the console, nothing else is.
+_TF_BANNER = re.compile(r"All log messages before absl::InitializeLog|port\.cc:\d+\] oneDNN custom "
+                        r"operations|cudart_stub\.cc:\d+\] Could not find cuda drivers")
+_NO_GPU_NOISE = re.compile(r"cuda_platform\.cc:\d+\] failed call to cuInit|cuda_executor\.cc|"
+                           r"cuda_diagnostics\.cc|computation_placer\.cc")
+
+
+def has_nvidia_device() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def filter_native_stderr() -> None:
+    """Route file descriptor 2 through a filter that drops TensorFlow's start-up banner (and
+    the CUDA probe's errors on a machine without an NVIDIA device); Python's own stderr keeps
+    writing to the terminal directly (progress bars still see a TTY)."""
+    import threading
+
+    patterns = [_TF_BANNER] + ([] if has_nvidia_device() else [_NO_GPU_NOISE])
+    terminal = os.dup(2)
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(os.dup(terminal), "w", buffering=1, encoding="utf-8",
+                           errors="replace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                text = line.decode("utf-8", "replace")
+                if not any(p.search(text) for p in patterns):
+                    os.write(terminal, line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:  # let the last native lines through before the process ends
+        os.dup2(terminal, 2)
+        thread.join(timeout=1)
+
+    import atexit
+
+    atexit.register(restore)
+
+
 def _quiet_defaults() -> None:
     """Environment defaults for a CLI run (set here, never at import time)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -281,6 +329,9 @@ def _warm_imports() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The console script. Called with ``argv`` (tests, other Python code), it leaves the
+    process's stderr alone; as the ``petalflow`` command it filters TensorFlow's native noise."""
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
         from flows.stack import main as stack_main
@@ -289,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_defaults()
+    if command_line and not getattr(args, "verbose", False):
+        filter_native_stderr()
     try:
         commands = {"train": cmd_train, "predict": cmd_predict, "pull": cmd_pull,
                     "models": cmd_models}

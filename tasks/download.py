@@ -37,6 +37,17 @@ from tasks.errors import (
 CHUNK = 1 << 20
 
 
+def human_bytes(n: int) -> str:
+    """``21474836480`` -> ``20 GiB (21474836480 bytes)``: readable, and still exact."""
+    value, unit = float(n), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    shown = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+    return f"{shown} {unit} ({n} bytes)" if unit != "bytes" else f"{n} bytes"
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks.
 
@@ -331,7 +342,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
                 total += member.size
                 if total > max_bytes:
                     raise ArchiveError(
-                        f"archive expands to more than {max_bytes} bytes; refusing (raise "
+                        f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
                         "--max-extract-bytes if this is expected)"
                     )
             # filter="data" is the second line of defence (strips modes, refuses escapes).
@@ -369,7 +380,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                 declared += info.file_size
                 if declared > max_bytes:
                     raise ArchiveError(
-                        f"archive expands to more than {max_bytes} bytes; refusing (raise "
+                        f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
                         "--max-extract-bytes if this is expected)"
                     )
             written = 0
@@ -387,7 +398,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                         written += len(block)
                         if written > max_bytes:  # headers can lie; count what really comes out
                             raise ArchiveError(
-                                f"archive expands to more than {max_bytes} bytes; refusing"
+                                f"archive expands to more than {human_bytes(max_bytes)}; refusing"
                             )
                         dst.write(block)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error) as exc:

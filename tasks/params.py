@@ -121,8 +121,9 @@ class TrainParams(BaseModel):
         "the same as the current champion's (otherwise the run ends early: nothing to do).",
     )
     max_extract_bytes: int = Field(
-        20 * 1024**3, ge=1024, title="Extraction size limit (bytes)",
-        description="Refuse archives whose members add up to more than this (zip bombs).",
+        20 * 1024**3, ge=1024, title="Extraction size limit (bytes; default 20 GiB)",
+        description="Refuse archives whose members add up to more than this many bytes (zip "
+        "bombs). 20 GiB = 21474836480; 1 GiB = 1073741824.",
     )
 
     @field_validator("data_url")

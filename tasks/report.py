@@ -33,6 +33,9 @@ def mlflow_links(tracking_uri: str, run_id: Optional[str], experiment_id: Option
         links["MLflow run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
     if version:
         links["Model version"] = f"{base}/#/models/{model_name}/versions/{version}"
+    if run_id:
+        links["Confusion matrix"] = (f"{base}/get-artifact?path=evaluation%2Fconfusion.png"
+                                     f"&run_uuid={run_id}")
     return links
 
 
@@ -88,7 +91,8 @@ def _comparison_lines(summary: dict) -> list[str]:
     return lines
 
 
-def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None) -> str:
+def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
+               image_url: str = "evaluation/confusion.png") -> str:
     """The model card of a registered version: data source and validators, fingerprint, images
     per class, quarantined files by reason, per-class metrics, confusion matrix, the champion
     comparison and the decision."""
@@ -139,7 +143,7 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None)
     if confusion.exists():
         frame = pd.read_csv(confusion)
         frame = frame.rename(columns={frame.columns[0]: "true \\ predicted"})
-        lines += ["## Confusion matrix", "", "![confusion matrix](evaluation/confusion.png)", "",
+        lines += ["## Confusion matrix", "", f"![confusion matrix]({image_url})", "",
                   _table(frame), ""]
     return "\n".join(lines)
 
@@ -199,9 +203,13 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     name = summary["model_name"]
     links = run_links(summary)
     if summary["status"] == "trained" and evaluation_dir:
-        card = model_card(summary, evaluation_dir, links)
-        log_model_card(summary, card)
-        create_markdown_artifact(markdown=card, key=artifact_key("model-card", name),
+        # In MLflow the card sits beside evaluation/ (a relative link); elsewhere the image is
+        # linked where it can be fetched: the tracking server, else the file on disk.
+        log_model_card(summary, model_card(summary, evaluation_dir, links))
+        image = links.get("Confusion matrix") or (
+            Path(evaluation_dir, "confusion.png").resolve().as_uri())
+        create_markdown_artifact(markdown=model_card(summary, evaluation_dir, links, image),
+                                 key=artifact_key("model-card", name),
                                  description=f"Model card of {name} v{summary['model_version']}")
     create_markdown_artifact(markdown=run_result(summary, links),
                              key=artifact_key("train-result", name),

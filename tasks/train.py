@@ -74,8 +74,24 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def log(message: str, *args) -> None:
+    """To the Prefect run's log inside a run (console and UI), else to this module's logger."""
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().info(message, *args)
+    except Exception:  # noqa: BLE001 - outside a flow or task run
+        import logging
+
+        logging.getLogger(__name__).info(message, *args)
+
+
+PROGRESS_EVERY_S = 5.0
+
+
 def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> tuple:
-    """Backbone features [n, dim] for ``paths``, computed once and cached in ``cache`` (.npz)."""
+    """Backbone features [n, dim] for ``paths``, computed once and cached in ``cache`` (.npz).
+    While computing, a progress line every few seconds (images done, images/s)."""
     from tasks.inputs import image_dataset
 
     if cache.exists():
@@ -90,8 +106,18 @@ def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> t
         lambda x: backbone(x, training=False),
         input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
     )
-    chunks = [extract(batch).numpy() for batch in ds]
+    chunks, done, started = [], 0, time.time()
+    last = started
+    for batch in ds:
+        chunks.append(extract(batch).numpy())
+        done += len(chunks[-1])
+        now = time.time()
+        if now - last >= PROGRESS_EVERY_S and done < len(paths):
+            last = now
+            log("features (%s): %d/%d images, %.0f images/s", cache.stem, done, len(paths),
+                done / (now - started))
     features = np.concatenate(chunks).astype(np.float32)
+    log("features (%s): %d images in %.1f s", cache.stem, done, time.time() - started)
     cache.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save_npz(cache, features=features, labels=labels, paths=np.array(paths))
     return features, labels
@@ -238,6 +264,7 @@ def _train(
         mark[0] = now
 
     device = configure_device()
+    log("training on %s", device)
     k.utils.set_random_seed(cfg.seed)
 
     classes = data_info["classes"]

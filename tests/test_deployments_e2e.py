@@ -148,10 +148,20 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
             time.sleep(2)
         assert upcoming, "the scheduler created no upcoming retrain-weekly runs"
 
-        # A retrain on unchanged data and parameters finishes without training.
-        again = _run_button(stack, weekly["id"], params)
-        assert again.status_code == 201, again.text
-        rerun = _wait_final(stack, again.json()["id"])
+        # A retrain on unchanged data and parameters finishes without training; the stock
+        # CLI's --watch shows why (the run's final log line and state message).
+        before_weekly = _run_ids(stack, weekly["id"])
+        cli = subprocess.run(
+            [stack.bin("prefect"), "--no-prompt", "deployment", "run",
+             "train-and-register/retrain-weekly", "--param",
+             "params=" + json.dumps(params["params"]), "--watch", "--watch-timeout", "400"],
+            env=stack.env(), capture_output=True, text=True, timeout=450)
+        assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+        assert "nothing to do: champion v1" in cli.stdout + cli.stderr
+        [again] = [r for r in _new_runs(stack, weekly["id"], before_weekly)
+                   if r["state"]["type"] != "SCHEDULED"]
+        rerun = _wait_final(stack, again["id"])
+        assert rerun["state"]["message"].startswith("nothing to do")
         assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
         assert not _children(stack, rerun["id"]), "no training subflow on unchanged data"
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
@@ -290,8 +300,25 @@ def test_an_export_job_emits_the_event_with_the_stock_cli_and_a_train_run_follow
         started = _new_runs(stack, train["id"], before)
         assert len(started) == 1, "the event started no train run"
         final = _wait_final(stack, started[0]["id"])
-    assert final["state"]["type"] == "COMPLETED", final["state"]
-    assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
+        assert final["state"]["type"] == "COMPLETED", final["state"]
+        assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
+
+        # The README's other way: one HTTP call to the Prefect API.
+        import datetime
+        import uuid
+
+        before = _run_ids(stack, train["id"])
+        posted = _api(stack, "POST", "/events", json=[{
+            "id": str(uuid.uuid4()),
+            "occurred": datetime.datetime.now(datetime.timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"),
+            "event": "petalflow.dataset.changed",
+            "resource": {"prefect.resource.id": "petalflow.dataset.my-export"},
+            "payload": params}])
+        assert posted.status_code == 204, posted.text
+        started = _new_runs(stack, train["id"], before)
+        assert len(started) == 1, "the posted event started no train run"
+        assert _wait_final(stack, started[0]["id"])["state"]["type"] == "COMPLETED"
 
 
 CHROMIUM = "/usr/bin/chromium"
