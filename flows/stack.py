@@ -87,6 +87,10 @@ class Stack:
             "PREFECT_HOME": str(self.stack_dir / "prefect"),
             "PREFECT_API_URL": self.prefect_api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # `prefect deployment run --watch` streams a run's logs only when the server
+            # publishes them.
+            "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+            "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "PETALFLOW_HOME": str(self.petalflow_home),
             "TF_CPP_MIN_LOG_LEVEL": "2",

@@ -38,14 +38,14 @@ CHUNK = 1 << 20
 
 
 def human_bytes(n: int) -> str:
-    """``21474836480`` -> ``20 GiB (21474836480 bytes)``: readable, and still exact."""
+    """``21474836480`` -> ``21474836480 bytes (20 GiB)``: exact, and readable."""
     value, unit = float(n), "bytes"
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if value < 1024 or unit == "TiB":
             break
         value /= 1024
     shown = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
-    return f"{shown} {unit} ({n} bytes)" if unit != "bytes" else f"{n} bytes"
+    return f"{n} bytes ({shown} {unit})" if unit != "bytes" else f"{n} bytes"
 
 
 def sha256_file(path: Path) -> str:

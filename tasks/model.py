@@ -13,8 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-ERROR_UNDECODABLE = "undecodable image"
-PROB_PREFIX = "prob_"
+from tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 SERVING_BATCH = 64
 
 
@@ -249,8 +248,3 @@ def export_serving_model(
     meta = dict(metadata, class_names=list(class_names), image_size=image_size)
     (path / "petalflow.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     return path
-
-
-def output_columns(class_names: Sequence[str]) -> list[str]:
-    """Column order of a prediction table: label, probability, error, prob_<class>..."""
-    return ["label", "probability", "error"] + [PROB_PREFIX + c for c in class_names]

@@ -209,45 +209,51 @@ def _tiny_png_base64() -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class _PetalflowFlavor:
-    """Flavor for ``mlflow.models.Model.log``: copies the exported SavedModel into the MLflow
-    model folder and declares ``tasks.serving`` as its pyfunc loader (no pickled objects)."""
+def model_requirements() -> list[str]:
+    """What a registered model needs, pinned to the versions that produced it: the loader
+    travels inside the model, so petalflow itself is not among them."""
+    from importlib.metadata import version
 
-    @staticmethod
-    def save_model(path, mlflow_model, saved_model_dir, signature=None, input_example=None,
-                   **_ignored):
-        import mlflow
-        import pandas as pd
-        import tensorflow as tf
-        from mlflow import pyfunc
-        from mlflow.models.utils import _save_example
-        from mlflow.utils.environment import _mlflow_conda_env, _PythonEnv
+    return [f"{name}=={version(name)}" for name in ("mlflow", "tensorflow", "pandas", "numpy")]
 
-        from tasks.serving import SAVED_MODEL_DIR
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(saved_model_dir, path / SAVED_MODEL_DIR)
-        if signature is not None:
-            mlflow_model.signature = signature
-        if input_example is not None:
-            _save_example(mlflow_model, input_example, str(path))
-        reqs = [f"mlflow=={mlflow.__version__}", f"tensorflow=={tf.__version__}",
-                f"pandas=={pd.__version__}", "petalflow"]
-        (path / "requirements.txt").write_text("\n".join(reqs) + "\n")
-        import yaml
+def log_model(export_dir: Path, class_names: list[str], registered_model_name: str):
+    """Log the exported SavedModel as a self-contained pyfunc model (public MLflow API only):
+    the SavedModel as its data, ``tasks/serving.py`` as its loader (``code_paths``, importable
+    as ``petalflow_serving``), requirements pinned by ``model_requirements``. Returns ModelInfo.
+    Call inside the run (``mlflow.start_run(run_id=...)``)."""
+    import tempfile
 
-        (path / "conda.yaml").write_text(yaml.safe_dump(_mlflow_conda_env(additional_pip_deps=reqs)))
-        _PythonEnv.current().to_yaml(str(path / "python_env.yaml"))
-        mlflow_model.add_flavor("petalflow", saved_model_dir=SAVED_MODEL_DIR,
-                                signature_def_key="serving_default")
-        # Also loadable with mlflow.tensorflow.load_model (returns the serving signature).
-        mlflow_model.add_flavor("tensorflow", code=None, saved_model_dir=SAVED_MODEL_DIR,
-                                meta_graph_tags=["serve"], signature_def_key="serving_default",
-                                model_type="tf1-estimator")
-        pyfunc.add_to_model(mlflow_model, loader_module="tasks.serving", data=SAVED_MODEL_DIR,
-                            conda_env="conda.yaml", python_env="python_env.yaml")
-        mlflow_model.save(str(path / "MLmodel"))
+    import mlflow
+    import pandas as pd
+
+    from tasks import serving
+
+    meta = json.loads((Path(export_dir) / "petalflow.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        loader = Path(tmp) / f"{serving.LOADER_MODULE}.py"
+        shutil.copyfile(serving.__file__, loader)
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            loader_module=serving.LOADER_MODULE,
+            data_path=str(export_dir),
+            code_paths=[str(loader)],
+            pip_requirements=model_requirements(),
+            registered_model_name=registered_model_name,
+            signature=model_signature(class_names),
+            input_example=pd.DataFrame({"image": [_tiny_png_base64()]}),
+            metadata={k: meta[k] for k in ("class_names", "image_size", "backbone",
+                                           "fingerprint")},
+        )
+
+
+def saved_model_dir(model_dir: Path) -> Path:
+    """The SavedModel folder inside a downloaded petalflow model (any version: the pyfunc
+    flavor's ``data`` says where)."""
+    import yaml
+
+    mlmodel = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())
+    return Path(model_dir) / mlmodel["flavors"]["python_function"]["data"]
 
 
 def model_signature(class_names: list[str]):
@@ -318,12 +324,9 @@ def champion_info(model_name: str) -> Optional[dict]:
 def download_model(model_uri: str, dest: Path) -> str:
     """Download a registered petalflow model and return its SavedModel folder (for evaluating
     the champion with the same code as the challenger)."""
-    from tasks.serving import SAVED_MODEL_DIR
-
-    path = pull_model(model_uri, Path(dest))
-    saved = path / SAVED_MODEL_DIR
+    saved = saved_model_dir(pull_model(model_uri, Path(dest)))
     if not (saved / "saved_model.pb").is_file():
-        raise ValueError(f"{model_uri} holds no petalflow SavedModel ({SAVED_MODEL_DIR}/)")
+        raise ValueError(f"{model_uri} holds no petalflow SavedModel ({saved.name}/)")
     return str(saved)
 
 
@@ -368,8 +371,6 @@ def register_model(
     reuses it, so no duplicate is created. The alias is set only once the version is READY.
     """
     import mlflow
-    import pandas as pd
-    from mlflow.models import Model
 
     client = _client()
     name = cfg.model_name
@@ -379,20 +380,8 @@ def register_model(
         pass
     mv = _version_for_run(client, name, run_id)
     if mv is None:
-        meta = json.loads((Path(export_dir) / "petalflow.json").read_text())
         with mlflow.start_run(run_id=run_id):
-            info = Model.log(
-                artifact_path=None,
-                name=MODEL_ARTIFACT,
-                flavor=_PetalflowFlavor,
-                registered_model_name=name,
-                saved_model_dir=str(export_dir),
-                signature=model_signature(data_info["classes"]),
-                input_example=pd.DataFrame({"image": [_tiny_png_base64()]}),
-                metadata={k: meta[k] for k in ("class_names", "image_size", "backbone",
-                                               "fingerprint")},
-                validate_serving_input=False,
-            )
+            info = log_model(Path(export_dir), data_info["classes"], name)
         mv = client.get_model_version(name, str(info.registered_model_version))
     version = str(mv.version)
     accuracy = float(metrics["test_accuracy"])

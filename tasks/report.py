@@ -214,4 +214,25 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     create_markdown_artifact(markdown=run_result(summary, links),
                              key=artifact_key("train-result", name),
                              description=state_message(summary))
+    announce_result(summary)
     return links
+
+
+def announce_result(summary: dict) -> None:
+    """The outcome as an event related to this flow run: `prefect deployment run --watch`
+    streams the run's events, so its user reads the outcome there, whatever the server's log
+    streaming settings."""
+    from prefect.events import emit_event
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    emit_event(
+        event="petalflow.train.finished",
+        resource={"prefect.resource.id": f"petalflow.train.{flow_run.id}",
+                  "prefect.resource.name": state_message(summary)},
+        related=[{"prefect.resource.id": f"prefect.flow-run.{flow_run.id}",
+                  "prefect.resource.role": "flow-run"}],
+        payload={k: summary.get(k) for k in ("status", "model_name", "model_version", "alias",
+                                             "alias_reason")},
+    )

@@ -1,9 +1,11 @@
 """Load an exported petalflow model and classify encoded images: the one prediction code path.
 
-Used by evaluation, ``petalflow predict`` and MLflow's pyfunc (this module is the registered
-model's ``loader_module``): ``mlflow.pyfunc.load_model(...)`` and ``mlflow models serve`` call
-``_load_pyfunc``. Loading runs ``tf.saved_model.load`` only (no pickle, no Keras Lambda layers,
-no Python code stored in the model); all preprocessing is inside the SavedModel's graph.
+Used by evaluation, ``petalflow predict`` and MLflow's pyfunc: this file travels inside every
+registered model (MLflow ``code_paths``, as ``petalflow_serving.py``) and is its
+``loader_module``, so ``mlflow.pyfunc.load_model(...)`` and ``mlflow models serve`` need only the
+model's own requirements (mlflow, tensorflow, pandas, numpy), not petalflow. It must therefore
+import nothing from petalflow. Loading runs ``tf.saved_model.load`` only (no pickle, no Keras
+Lambda layers); all preprocessing is inside the SavedModel's graph.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-SAVED_MODEL_DIR = "tfmodel"
+LOADER_MODULE = "petalflow_serving"  # this file's name inside a registered model
+ERROR_UNDECODABLE = "undecodable image"
+PROB_PREFIX = "prob_"
+
+
+def output_columns(class_names: Sequence[str]) -> list[str]:
+    """Column order of a prediction table: label, probability, error, prob_<class>..."""
+    return ["label", "probability", "error"] + [PROB_PREFIX + c for c in class_names]
 
 
 def read_metadata(saved_model_dir: Path) -> dict:
@@ -43,8 +52,6 @@ class ImageClassifier:
 
     @property
     def columns(self) -> list[str]:
-        from tasks.model import output_columns
-
         return output_columns(self.class_names)
 
     def _to_frame(self, outputs: dict, index=None) -> pd.DataFrame:

@@ -108,23 +108,34 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextmanager
-def serve_directory(directory: Path):
-    """A real HTTP server on a free loopback port serving ``directory``; yields its base URL."""
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
+def serve_handler(handler):
+    """A real threaded HTTP server on a free loopback port with ``handler``; yields the server
+    (its URL is ``base_url(server)``). Stopped on exit."""
 
     class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         daemon_threads = True
         allow_reuse_address = True
 
     server = Server(("127.0.0.1", 0), handler)
-    server.requests = []
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
+
+
+def base_url(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@contextmanager
+def serve_directory(directory: Path):
+    """A real HTTP server on a free loopback port serving ``directory``; yields its base URL."""
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
+    with serve_handler(handler) as server:
+        yield base_url(server)
 
 
 def free_port() -> int:
@@ -208,18 +219,7 @@ class ChangingSite:
 def revalidating_server(validators: bool = True):
     """A real HTTP server on a free loopback port whose content the test changes (ChangingSite).
     ``validators=False``: a server that sends neither ETag nor Last-Modified."""
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-        allow_reuse_address = True
-
-    server = Server(("127.0.0.1", 0), _Revalidating)
-    server.site = ChangingSite(validators)
-    server.site.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_handler(_Revalidating) as server:
+        server.site = ChangingSite(validators)
+        server.site.url = base_url(server)
         yield server.site
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -155,9 +155,10 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
             [stack.bin("prefect"), "--no-prompt", "deployment", "run",
              "train-and-register/retrain-weekly", "--param",
              "params=" + json.dumps(params["params"]), "--watch", "--watch-timeout", "400"],
-            env=stack.env(), capture_output=True, text=True, timeout=450)
+            env={**stack.env(), "COLUMNS": "200"}, capture_output=True, text=True, timeout=450)
         assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
-        assert "nothing to do: champion v1" in cli.stdout + cli.stderr
+        watched = " ".join((cli.stdout + cli.stderr).split())
+        assert "nothing to do: champion v1" in watched, watched[-4000:]
         [again] = [r for r in _new_runs(stack, weekly["id"], before_weekly)
                    if r["state"]["type"] != "SCHEDULED"]
         rerun = _wait_final(stack, again["id"])
@@ -274,9 +275,13 @@ def test_schedule_fires_watch_data_whose_event_trains_a_new_version(stack, tmp_p
     assert final["state"]["message"].startswith("registered petalflow-classifier v")
     assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
     # The run the user (here: the trigger) started carries its result and the model card.
-    arts = _api(stack, "POST", "/artifacts/filter", json={
-        "artifacts": {"key": {"any_": ["model-card-petalflow-classifier"]}}}).json()
-    assert arts and arts[0]["flow_run_id"] == triggered[0]["id"]
+    arts = _api(stack, "POST", "/artifacts/filter", json={"artifacts": {
+        "key": {"any_": ["model-card-petalflow-classifier", "train-result-petalflow-classifier"]},
+        "flow_run_id": {"any_": [triggered[0]["id"]]}}}).json()
+    assert {a["key"] for a in arts} == {"model-card-petalflow-classifier",
+                                        "train-result-petalflow-classifier"}
+    card = next(a for a in arts if a["key"].startswith("model-card"))["data"]
+    assert "Champion comparison" in card and "Images per class" in card
 
 
 def test_an_export_job_emits_the_event_with_the_stock_cli_and_a_train_run_follows(
@@ -330,7 +335,8 @@ SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 def _field(page, title: str):
     """The input under a run-form field's label, found by its title as a person reads it."""
     return page.locator(
-        f"xpath=//*[normalize-space(text())='{title} (Optional)']/following::input[1]")
+        f"xpath=//*[normalize-space(text())='{title} (Optional)']"
+        "/following::*[self::input or self::textarea][1]")
 
 
 def _open_custom_run_form(page, ui: str) -> None:
@@ -393,9 +399,12 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
             page.goto(f"{ui}/runs/flow-run/{new[0]['id']}", wait_until="networkidle")
             page.get_by_text("Completed", exact=True).first.wait_for(timeout=60_000)
             page.screenshot(path=str(SCREENSHOTS / "ui-run-completed.png"))
-            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("Artifacts", exact=True).first.click()
             page.get_by_text("train-result-petalflow-classifier").first.wait_for(timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "ui-run-artifacts.png"), full_page=True)
+            page.get_by_text("train-result-petalflow-classifier").first.click()
+            page.get_by_text("Registered version").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(SCREENSHOTS / "ui-run-result.png"), full_page=True)
         except Exception:
             page.screenshot(path=str(tmp_path / "ui-failure.png"), full_page=True)
             raise

@@ -338,24 +338,60 @@ def test_models_command_lists_versions(trained, monkeypatch, capsys):
     assert "champion" in out and "test_accuracy" in out
 
 
-def test_registered_model_runs_no_code_from_the_model(trained, monkeypatch):
-    """The MLmodel names petalflow's installed loader; the model folder holds no pickles and
-    no Python; metadata is readable without TensorFlow."""
+def test_registered_model_carries_its_loader_and_pins_its_requirements(trained, monkeypatch):
+    """The loader travels inside the model (code_paths: petalflow's own serving module, byte
+    for byte), the requirements are pinned and do not name petalflow; no pickles; metadata is
+    readable without TensorFlow."""
     import yaml
 
     tmp, _summary = trained
     monkeypatch.chdir(tmp)
+    from tasks import serving
     from tasks.registry import pull_model
 
     path = pull_model(f"models:/{MODEL}@champion", tmp / "inspect")
     mlmodel = yaml.safe_load((path / "MLmodel").read_text())
-    assert mlmodel["flavors"]["python_function"]["loader_module"] == "tasks.serving"
-    assert "code" not in mlmodel["flavors"]["python_function"]
+    pyfunc = mlmodel["flavors"]["python_function"]
+    assert pyfunc["loader_module"] == "petalflow_serving" and pyfunc["code"] == "code"
+    assert set(mlmodel["flavors"]) == {"python_function"}
     assert mlmodel["metadata"]["class_names"] == sorted(COLOURS)
     files = [p for p in path.rglob("*") if p.is_file()]
-    assert not [p for p in files if p.suffix in {".pkl", ".pickle", ".py", ".cloudpickle"}]
+    assert [p.relative_to(path).as_posix() for p in files if p.suffix == ".py"] == [
+        "code/petalflow_serving.py"]
+    assert (path / "code" / "petalflow_serving.py").read_bytes() == Path(
+        serving.__file__).read_bytes()
+    assert not [p for p in files if p.suffix in {".pkl", ".pickle", ".cloudpickle"}]
     graph = b"".join(p.read_bytes() for p in files if p.suffix == ".pb")
     assert b"PyFunc" not in graph and b"Lambda" not in graph
+    reqs = [r for r in (path / "requirements.txt").read_text().split() if r]
+    assert {r.split("==")[0] for r in reqs} == {"mlflow", "tensorflow", "pandas", "numpy"}
+    assert all("==" in r for r in reqs) and not any("petalflow" in r for r in reqs)
+
+
+def test_versions_registered_before_the_loader_travelled_still_load(trained, tmp_path,
+                                                                     monkeypatch):
+    """The layout of earlier versions (loader_module tasks.serving, SavedModel in tfmodel/)
+    keeps loading with petalflow installed, as `petalflow predict` does."""
+    import shutil
+
+    import yaml
+
+    from tasks.predict import load_model
+
+    tmp, summary = trained
+    old = tmp_path / "old-model"
+    shutil.copytree(Path(summary["workdir"]) / "export", old / "tfmodel")
+    (old / "MLmodel").write_text(yaml.safe_dump({
+        "flavors": {"python_function": {"loader_module": "tasks.serving", "data": "tfmodel",
+                                        "env": {"virtualenv": "python_env.yaml"},
+                                        "python_version": "3.11.7"}},
+        "mlflow_version": "3.17.2"}))
+    images = [write_image(tmp_path / "r.jpg", COLOURS["red"], seed=77)]
+    import base64
+
+    out = load_model(str(old)).predict(pd.DataFrame(
+        {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
+    assert out["label"].tolist() == ["red"]
 
 
 def test_mlflow_package_is_not_shadowed_by_the_mlflow_folder():
@@ -403,3 +439,67 @@ def test_registration_failing_after_upload_leaves_no_alias(trained, monkeypatch)
     again = register_model(run_id, export, cfg, data_info, {"test_accuracy": 1.0})
     assert again["model_version"] == new_version
     assert len(client.search_model_versions(f"name='{MODEL}' and run_id='{run_id}'")) == 1
+
+
+def test_a_bare_environment_built_from_the_models_requirements_serves_it(trained, tmp_path):
+    """Another team's environment: a fresh venv with only the registered version's own
+    requirements.txt installed (no petalflow, from the package index), `mlflow models serve`
+    of models:/NAME@champion from the tracking store, images posted over REST."""
+    import base64
+    import time
+
+    import httpx
+
+    from tasks.registry import pull_model
+
+    tmp, _summary = trained
+    uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"
+    reqs = pull_model(f"models:/{MODEL}@champion", tmp_path / "peek") / "requirements.txt"
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", str(bare)], check=True, timeout=120)
+    pip = subprocess.run([str(bare / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                          "--disable-pip-version-check", "-r", str(reqs)],
+                         capture_output=True, text=True, timeout=1200)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    outside = tmp_path / "elsewhere"  # not the repo: nothing of petalflow on sys.path
+    outside.mkdir()
+    probe = subprocess.run([str(bare / "bin" / "python"), "-c",
+                            "import importlib.util as u; print([m for m in ('tasks', 'flows', "
+                            "'petalflow') if u.find_spec(m)])"],
+                           cwd=outside, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PATH=f"{bare / 'bin'}{os.pathsep}/usr/bin:/bin", MLFLOW_TRACKING_URI=uri)
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [str(bare / "bin" / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=outside, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "model server did not become healthy"
+            time.sleep(1)
+        red = write_image(tmp_path / "r.jpg", COLOURS["red"], seed=81)
+        rows = httpx.post(f"{url}/invocations", timeout=120, json={"dataframe_records": [
+            {"image": base64.b64encode(red.read_bytes()).decode()},
+            {"image": base64.b64encode(b"not an image").decode()}]}).json()["predictions"]
+        assert [r["label"] for r in rows] == ["red", ""]
+        assert rows[1]["error"] == "undecodable image"
+        assert set(rows[0]) == {"label", "probability", "error", "prob_blue", "prob_green",
+                                "prob_red"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -15,11 +15,15 @@ REPO = Path(__file__).resolve().parent.parent
 def test_deployment_yaml_declares_the_deployments_and_pools():
     spec = yaml.safe_load((REPO / "deployment.yaml").read_text())
     deps = {d["name"]: d for d in spec["deployments"]}
-    assert set(deps) == {"train", "retrain-weekly", "train-gpu", "batch-predict"}
+    assert set(deps) == {"train", "retrain-weekly", "watch-data", "train-gpu", "batch-predict"}
     assert deps["train-gpu"]["work_pool"]["name"] == "gpu"
     assert deps["train-gpu"]["concurrency_limit"] == 1
-    assert {deps[n]["work_pool"]["name"] for n in ("train", "retrain-weekly", "batch-predict")} \
-        == {"cpu"}
+    assert {deps[n]["work_pool"]["name"] for n in ("train", "retrain-weekly", "watch-data",
+                                                   "batch-predict")} == {"cpu"}
+    assert deps["watch-data"]["schedules"][0]["interval"] == 900
+    [trigger] = deps["train"]["triggers"]
+    assert trigger["expect"] == ["petalflow.dataset.changed"]
+    assert trigger["parameters"] == {"params": "{{ event.payload.params }}"}
     sched = deps["retrain-weekly"]["schedules"][0]
     assert sched["cron"] == "0 3 * * 1" and sched["timezone"]
     for dep in deps.values():

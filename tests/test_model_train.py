@@ -162,19 +162,23 @@ def test_no_python_objects_are_stored_in_the_export(exported):
     assert b"Lambda" not in blob and b"PyFunc" not in blob and b"EagerPyFunc" not in blob
 
 
+def _killed_after(last_epoch: int):
+    """An epoch hook that stops training like a kill once ``last_epoch`` is checkpointed."""
+    def hook(epoch, total, metrics):
+        if epoch == last_epoch:
+            raise Interrupt("simulated kill")
+
+    return hook
+
+
 def test_new_run_after_a_killed_one_starts_from_its_checkpoints(tmp_path, tiny_backbone,
                                                                 data_info):
     import fcntl
 
     cfg = _cfg(tiny_backbone, epochs=4)
     key_dir = tmp_path / "runs" / "key"
-
-    def crash_after_two(epoch, total, metrics):
-        if epoch == 2:
-            raise Interrupt("simulated kill")
-
     with pytest.raises(Interrupt):
-        train_model(data_info, cfg, key_dir / "run-a", on_epoch_end=crash_after_two)
+        train_model(data_info, cfg, key_dir / "run-a", on_epoch_end=_killed_after(2))
     # A sibling that is still training (lock held) is never taken over.
     busy = key_dir / "run-busy"
     (busy / "checkpoints").mkdir(parents=True)
@@ -194,13 +198,8 @@ def test_new_run_after_a_killed_one_starts_from_its_checkpoints(tmp_path, tiny_b
 def test_forced_retrain_does_not_resume_a_killed_attempt(tmp_path, tiny_backbone, data_info):
     cfg = _cfg(tiny_backbone, epochs=3)
     key_dir = tmp_path / "runs" / "key"
-
-    def crash_after_one(epoch, total, metrics):
-        if epoch == 1:
-            raise Interrupt("simulated kill")
-
     with pytest.raises(Interrupt):
-        train_model(data_info, cfg, key_dir / "run-a", on_epoch_end=crash_after_one)
+        train_model(data_info, cfg, key_dir / "run-a", on_epoch_end=_killed_after(1))
     fresh = train_model(data_info, cfg, key_dir / "run-b", resume_killed=False)
     assert fresh["seeded_from"] is None and fresh["resumed_from_epoch"] == 0
     # The killed attempt was not consumed: a normal rerun still resumes from it.

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import socketserver
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_dataset, make_tgz
+from tests.helpers import base_url, make_dataset, make_tgz, serve_handler
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
@@ -56,17 +54,8 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
 def flaky_server(payload: bytes, drops: int = 0, always_fail: bool = False):
     handler = type("Handler", (_Flaky,), {"payload": payload, "drops": drops,
                                            "always_fail": always_fail, "log": []})
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/data.tgz", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_handler(handler) as server:
+        yield f"{base_url(server)}/data.tgz", handler
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ MLflow on a SQLite store or a real MLflow server, and promotion that compares li
 from __future__ import annotations
 
 import http.server
-import socketserver
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,7 +12,9 @@ import httpx
 import pytest
 
 from tasks.params import TrainParams
-from tests.helpers import make_dataset, make_tgz, revalidating_server
+from tests.helpers import (
+    base_url, free_port, make_dataset, make_tgz, revalidating_server, serve_handler,
+)
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
@@ -165,17 +165,8 @@ class _FailAliasReads(http.server.BaseHTTPRequestHandler):
 @contextmanager
 def _alias_failing_proxy(upstream: str):
     handler = type("H", (_FailAliasReads,), {"upstream": upstream, "failed": []})
-
-    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-
-    server = Server(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_handler(handler) as server:
+        yield base_url(server), handler
 
 
 def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
@@ -184,7 +175,7 @@ def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
     from flows.train_flow import train_and_register
     from tasks import registry
 
-    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=_free_port(),
+    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=free_port(),
                mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PETALFLOW_HOME", str(tmp_path / "home"))
@@ -220,7 +211,3 @@ def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
         down(st)
 
 
-def _free_port() -> int:
-    from tests.helpers import free_port
-
-    return free_port()
