@@ -29,10 +29,10 @@ from tasks.dataset import prepare_dataset_task
 from tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
 )
-from tasks.evaluate import evaluate_model_task
+from tasks.evaluate import compare_with_champion_task, evaluate_model_task
 from tasks.params import TrainParams, expected_sha256
 from tasks.registry import (
-    champion_info_task, compare_with_champion_task, finish_run_task, register_model_task,
+    champion_info_task, finish_run_task, register_model_task,
     start_run_task, unchanged_since_champion_task,
 )
 from tasks.report import publish_result_task, state_message
@@ -87,6 +87,8 @@ def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str
 def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
+    # The backbone first: a wrong handle or image size is refused before any data is fetched.
+    backbone_path = fetch_backbone_task(params.backbone, str(home / "tfhub"), params.image_size)
     archive = download_archive_task(params.data_url, str(home / "downloads"),
                                     expected_sha256(params))
     source = describe_source_task(params.data_url, archive)
@@ -115,7 +117,6 @@ def train_and_register(params: TrainParams = TrainParams()):
                        "alias_reason": "unchanged data and parameters; champion kept",
                        "dataset": dataset, "source": source}
             return _finish(summary)
-    backbone_path = fetch_backbone_task(params.backbone, str(home / "tfhub"))
     key = run_key(params, data_info["fingerprint"])
     workdir = home / "runs" / key / _attempt_name()
     run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)

@@ -12,14 +12,15 @@ Class order is the sorted class folder names; it travels with the model.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 from prefect import task
 
+from tasks.common import write_json
 from tasks.errors import DatasetError
 from tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
@@ -292,15 +293,23 @@ def prepare_dataset(
         "fingerprint": dataset_fingerprint(manifest),
         "counts": counts,
     }
-    tmp = out_dir / f".dataset.{os.getpid()}.json"
-    tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False))
-    os.replace(tmp, out_dir / "dataset.json")
+    write_json(out_dir / "dataset.json", info)
     return info
 
 
 def load_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest CSV back with the right dtypes (empty strings stay strings)."""
     return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "path": str, "split": str})
+
+
+def split_files(data_info: dict, split: str) -> tuple[list[str], np.ndarray]:
+    """Absolute file paths and label indices (into data_info['classes']) of one split."""
+    manifest = load_manifest(Path(data_info["manifest"]))
+    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
+    index = {name: i for i, name in enumerate(data_info["classes"])}
+    root = Path(data_info["data_root"])
+    paths = [str(root / p) for p in rows["path"]]
+    return paths, np.array([index[label] for label in rows["label"]], dtype=np.int32)
 
 
 @task(name="scan-and-split")

@@ -12,10 +12,7 @@ outside its staging folder.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -24,49 +21,18 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 from urllib.parse import unquote, urlparse
 
 from prefect import task
 from prefect.tasks import exponential_backoff
 
+from tasks.common import (  # noqa: F401  (sha256_file, file_lock: used here and re-exported)
+    CHUNK, file_lock, human_bytes, read_json, sha256_file, write_json,
+)
 from tasks.errors import (
     ArchiveError, ChecksumMismatch, DownloadError, TransientError, is_transient_status,
 )
-
-CHUNK = 1 << 20
-
-
-def human_bytes(n: int) -> str:
-    """``21474836480`` -> ``21474836480 bytes (20 GiB)``: exact, and readable."""
-    value, unit = float(n), "bytes"
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    shown = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
-    return f"{n} bytes ({shown} {unit})" if unit != "bytes" else f"{n} bytes"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks.
-
-    Download, extraction and provenance all hash the same archive; the digest is remembered per
-    (device, inode, size, mtime), which a rename into place keeps and any rewrite changes.
-    """
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(CHUNK), b""):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
-
-
-_DIGESTS: dict[tuple, str] = {}
-
 
 def local_source(url: str) -> Optional[Path]:
     """The local path behind a file:// URL or a plain path; None for http(s)."""
@@ -77,43 +43,12 @@ def local_source(url: str) -> Optional[Path]:
     return Path(url).expanduser()
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
-    """Exclusive advisory lock on ``path`` (created if missing) for the ``with`` block, so two
-    runs never write the same download, dataset or training folder; a killed process releases
-    it. ``wait=False`` does not block: it yields False at once when another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _archive_name(url: str) -> str:
     name = Path(unquote(urlparse(url).path)).name
     return name if name and name not in {".", ".."} else "archive"
 
 
 SOURCE_RECORD = "source.json"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _validators(headers) -> dict:
@@ -125,7 +60,7 @@ def source_record(archive: Path) -> dict:
     """What is known about the source of a downloaded archive: url, sha256, the server's
     validators (etag, last_modified), how this run got it (``outcome``: downloaded /
     not modified / unchanged bytes / pinned copy) and when it was checked. Empty for local files."""
-    return _read_json(Path(archive).with_name(SOURCE_RECORD))
+    return read_json(Path(archive).with_name(SOURCE_RECORD))
 
 
 def download_archive(
@@ -167,17 +102,17 @@ def download_archive(
     target = target_dir / _archive_name(url)
     record_path = target_dir / SOURCE_RECORD
     with file_lock(target_dir / ".lock"):
-        known = _read_json(record_path) if target.exists() else {}
+        known = read_json(record_path) if target.exists() else {}
         if target.exists() and sha256:
             if sha256_file(target) == sha256:
-                _write_json(record_path, {**known, "url": url, "sha256": sha256,
+                write_json(record_path, {**known, "url": url, "sha256": sha256,
                                           "outcome": "pinned copy", "checked_at": _now()})
                 return target
             target.unlink()  # a corrupt copy on disk: fetch again
             known = {}
         fetched = _fetch(url, target, known, timeout_s, on_progress, pinned=bool(sha256))
         if fetched is None:  # 304: the copy on disk is current
-            _write_json(record_path, {**known, "url": url, "outcome": "not modified",
+            write_json(record_path, {**known, "url": url, "outcome": "not modified",
                                       "checked_at": _now()})
             return target
         part, validators = fetched
@@ -196,7 +131,7 @@ def download_archive(
             part.unlink()
         else:
             os.replace(part, target)  # atomic switch: readers see the old or the new copy
-        _write_json(record_path, {"url": url, "sha256": actual, **validators,
+        write_json(record_path, {"url": url, "sha256": actual, **validators,
                                   "outcome": outcome, "checked_at": _now()})
         Path(str(part) + ".json").unlink(missing_ok=True)
         return target
@@ -219,7 +154,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
 
     part = target.with_name(target.name + ".part")
     part_meta_path = Path(str(part) + ".json")
-    part_meta = _read_json(part_meta_path) if part.exists() else {}
+    part_meta = read_json(part_meta_path) if part.exists() else {}
     headers = {}
     if known.get("etag"):
         headers["If-None-Match"] = known["etag"]
@@ -247,7 +182,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
             validators = _validators(resp.headers)
             resumed = resp.status_code == 206 and offset > 0
             if not resumed:
-                _write_json(part_meta_path, validators)
+                write_json(part_meta_path, validators)
             mode = "ab" if resumed else "wb"
             done = offset if resumed else 0
             total = resp.headers.get("content-length")
@@ -483,10 +418,15 @@ def describe_source_task(url: str, archive: str) -> dict:
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=_retry_only_transient,
 )
-def fetch_backbone_task(handle: str, cache_dir: str) -> str:
-    from tasks.model import fetch_backbone
+def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] = None) -> str:
+    """The backbone's local SavedModel folder; refuses at once an ``image_size`` it does not
+    take (a BackboneError is not retried)."""
+    from tasks.model import check_image_size, fetch_backbone
 
-    return fetch_backbone(handle, Path(cache_dir))
+    path = fetch_backbone(handle, Path(cache_dir))
+    if image_size is not None:
+        check_image_size(Path(path), handle, image_size)
+    return path
 
 
 @task(name="extract-archive")

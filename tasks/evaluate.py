@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from prefect import task
 
-from tasks.train import split_files
+from tasks.dataset import split_files
+from tasks.registry import MLFLOW_RETRY
 
 EVAL_BATCH = 64
 
@@ -153,6 +154,29 @@ def evaluate_model(export_dir: Path, data_info: dict, out_dir: Path) -> dict:
     return result
 
 
+def compare_with_champion(champion: Optional[dict], data_info: dict, workdir: Path) -> dict:
+    """What the new version is compared with. Same classes: the champion is downloaded and
+    evaluated on this run's test split with the challenger's code path (``evaluate_model``).
+    Other classes (or no champion): no figure, and ``basis`` says why."""
+    from tasks.registry import download_model
+
+    n_test = data_info["counts"].get("splits", {}).get("test")
+    if champion is None:
+        return {"champion_version": None, "champion_accuracy": None,
+                "basis": "first model to pass the gate"}
+    if champion.get("class_names") != data_info["classes"]:
+        return {"champion_version": champion["version"], "champion_accuracy": None,
+                "basis": (f"the class list changed (champion v{champion['version']}: "
+                          f"{', '.join(champion.get('class_names') or ['unknown'])}); promoted on "
+                          "the gate alone")}
+    saved = download_model(champion["model_uri"], Path(workdir) / "champion-model")
+    result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation")
+    return {"champion_version": champion["version"],
+            "champion_accuracy": result["metrics"]["test_accuracy"],
+            "champion_metrics": result["metrics"],
+            "basis": f"this run's test split ({n_test} images)"}
+
+
 @task(name="evaluate-model")
 def evaluate_model_task(export_dir: str, data_info: dict, out_dir: str, run_id: str) -> dict:
     """Thin wrapper: logs the evaluation to MLflow and publishes it as Prefect artifacts."""
@@ -172,3 +196,9 @@ def evaluate_model_task(export_dir: str, data_info: dict, out_dir: str, run_id: 
         description="Per-class precision / recall / F1 on the test split",
     )
     return result
+
+
+# Downloads the champion from the registry: retried like the registry's own calls.
+@task(name="evaluate-champion", **MLFLOW_RETRY)
+def compare_with_champion_task(champion: Optional[dict], data_info: dict, workdir: str) -> dict:
+    return compare_with_champion(champion, data_info, Path(workdir))

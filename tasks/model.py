@@ -73,6 +73,36 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
     return str(path)
 
 
+def declared_input_size(saved_model_dir: Path):
+    """The square input size a backbone's serving signature declares ([batch, S, S, 3]), or
+    None when it declares none (dynamic sizes, or no serving signature). Reads the graph's
+    description only; no weights are loaded."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    for graph in proto.meta_graphs:
+        signature = graph.signature_def.get("serving_default")
+        if signature is None or len(signature.inputs) != 1:
+            continue
+        shape = next(iter(signature.inputs.values())).tensor_shape
+        dims = [d.size for d in shape.dim]
+        if not shape.unknown_rank and len(dims) == 4 and dims[1] == dims[2] and dims[1] > 0:
+            return int(dims[1])
+    return None
+
+
+def check_image_size(saved_model_dir: Path, handle: str, image_size: int) -> None:
+    """Refuse an --image-size the backbone does not take, naming both (BackboneError)."""
+    from tasks.errors import BackboneError
+
+    declared = declared_input_size(saved_model_dir)
+    if declared is not None and declared != image_size:
+        raise BackboneError(
+            f"backbone {handle} takes {declared}x{declared} images but --image-size is "
+            f"{image_size}; set --image-size {declared} (image_size in the run form)")
+
+
 def load_backbone(handle: str, trainable: bool = False):
     """``hub.KerasLayer`` over a TF Hub handle (URL or local SavedModel folder).
 

@@ -54,7 +54,8 @@ def configure_mlflow() -> str:
     return uri
 
 
-def _client():
+def mlflow_client():
+    """An MlflowClient on the configured tracking/registry store."""
     import mlflow
 
     configure_mlflow()
@@ -114,7 +115,7 @@ def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
     """Create the MLflow run of this training; log parameters and provenance (dataset
     fingerprint, data URL, the archive's sha256 and the server's validators, backbone, classes,
     code version)."""
-    client = _client()
+    client = mlflow_client()
     exp_id = ensure_experiment(client, cfg.experiment_name)
     tags = {
         "petalflow.dataset_fingerprint": data_info["fingerprint"],
@@ -145,7 +146,7 @@ def log_epoch(run_id: str, epoch: int, metrics: dict) -> None:
     from mlflow.entities import Metric
     import time
 
-    client = _client()
+    client = mlflow_client()
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, epoch) for k, v in metrics.items()
              if isinstance(v, (int, float))]
@@ -153,7 +154,7 @@ def log_epoch(run_id: str, epoch: int, metrics: dict) -> None:
 
 
 def log_training(run_id: str, record: dict) -> None:
-    client = _client()
+    client = mlflow_client()
     client.set_tag(run_id, "petalflow.device", record["device"])
     client.log_metric(run_id, "train_seconds", record["seconds"])
     client.log_text(run_id, json.dumps(record, indent=2), "training/train.json")
@@ -164,7 +165,7 @@ def log_evaluation(run_id: str, evaluation: dict) -> None:
     from mlflow.entities import Metric
     import time
 
-    client = _client()
+    client = mlflow_client()
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0)
                                       for k, v in evaluation["metrics"].items()])
@@ -172,30 +173,17 @@ def log_evaluation(run_id: str, evaluation: dict) -> None:
         client.log_artifact(run_id, path, "evaluation")
 
 
-def run_links(summary: dict) -> dict:
-    """Links to the run and the model version in the MLflow UI (a tracking server only)."""
-    from tasks.report import mlflow_links
-
-    uri = tracking_uri()
-    run_id = summary.get("mlflow_run_id")
-    experiment_id = None
-    if run_id and uri.lower().startswith(("http://", "https://")):
-        experiment_id = _client().get_run(run_id).info.experiment_id
-    return mlflow_links(uri, run_id, experiment_id, summary["model_name"],
-                        summary.get("model_version"))
-
-
 def log_model_card(summary: dict, card: str) -> None:
     """The model card beside the version's run (model_card.md) and as the version's
     description in the registry."""
-    client = _client()
+    client = mlflow_client()
     client.log_text(summary["mlflow_run_id"], card, "model_card.md")
     client.update_model_version(summary["model_name"], summary["model_version"],
                                 description=card)
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    _client().set_terminated(run_id, status=status)
+    mlflow_client().set_terminated(run_id, status=status)
 
 
 # --------------------------------------------------------------------------- model logging
@@ -303,7 +291,7 @@ def current_champion(client, name: str):
 def champion_info(model_name: str) -> Optional[dict]:
     """The current champion as plain data (version, class names, stored test accuracy, model
     URI, the source it was trained on), or None when there is none."""
-    client = _client()
+    client = mlflow_client()
     mv, accuracy = current_champion(client, model_name)
     if mv is None:
         return None
@@ -372,7 +360,7 @@ def register_model(
     """
     import mlflow
 
-    client = _client()
+    client = mlflow_client()
     name = cfg.model_name
     try:
         client.create_registered_model(name, description="petalflow image classifier")
@@ -442,33 +430,10 @@ def register_model(
     }
 
 
-def compare_with_champion(champion: Optional[dict], data_info: dict, workdir: Path) -> dict:
-    """What the new version is compared with. Same classes: the champion is downloaded and
-    evaluated on this run's test split with the challenger's code path (``evaluate_model``).
-    Other classes (or no champion): no figure, and ``basis`` says why."""
-    from tasks.evaluate import evaluate_model
-
-    n_test = data_info["counts"].get("splits", {}).get("test")
-    if champion is None:
-        return {"champion_version": None, "champion_accuracy": None,
-                "basis": "first model to pass the gate"}
-    if champion.get("class_names") != data_info["classes"]:
-        return {"champion_version": champion["version"], "champion_accuracy": None,
-                "basis": (f"the class list changed (champion v{champion['version']}: "
-                          f"{', '.join(champion.get('class_names') or ['unknown'])}); promoted on "
-                          "the gate alone")}
-    saved = download_model(champion["model_uri"], Path(workdir) / "champion-model")
-    result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation")
-    return {"champion_version": champion["version"],
-            "champion_accuracy": result["metrics"]["test_accuracy"],
-            "champion_metrics": result["metrics"],
-            "basis": f"this run's test split ({n_test} images)"}
-
-
 def unchanged_since_champion(cfg: TrainParams, data_info: dict) -> Optional[dict]:
     """The champion's description if it was trained on the same data with the same training
     parameters (same run key), else None: retraining would reproduce it."""
-    client = _client()
+    client = mlflow_client()
     champion, accuracy = current_champion(client, cfg.model_name)
     if champion is None or champion.tags.get("run_key") != run_key(cfg, data_info["fingerprint"]):
         return None
@@ -482,7 +447,7 @@ def list_model_versions(name: str):
     dataset fingerprint, run id (newest first). Reads the registry only; TensorFlow not needed."""
     import pandas as pd
 
-    client = _client()
+    client = mlflow_client()
     rows = []
     try:  # search results do not carry aliases; the registered model does
         alias_map = client.get_registered_model(name).aliases or {}
@@ -533,38 +498,33 @@ def _retry_unless_permanent(task, task_run, state) -> bool:
 
 
 # MLflow calls cross the network when a tracking server is used: retried (3 s, 10 s, 30 s).
-_MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
+MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
                      retry_condition_fn=_retry_unless_permanent)
 
 
-@task(name="start-mlflow-run", **_MLFLOW_RETRY)
+@task(name="start-mlflow-run", **MLFLOW_RETRY)
 def start_run_task(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
                    source: Optional[dict] = None) -> str:
     return start_run(cfg, data_info, run_name, source)
 
 
-@task(name="register-model", **_MLFLOW_RETRY)
+@task(name="register-model", **MLFLOW_RETRY)
 def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: dict,
                         metrics: dict, comparison: Optional[dict] = None,
                         source: Optional[dict] = None) -> dict:
     return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison, source)
 
 
-@task(name="read-champion", **_MLFLOW_RETRY)
+@task(name="read-champion", **MLFLOW_RETRY)
 def champion_info_task(model_name: str) -> Optional[dict]:
     return champion_info(model_name)
 
 
-@task(name="evaluate-champion", **_MLFLOW_RETRY)
-def compare_with_champion_task(champion: Optional[dict], data_info: dict, workdir: str) -> dict:
-    return compare_with_champion(champion, data_info, Path(workdir))
-
-
-@task(name="check-unchanged", **_MLFLOW_RETRY)
+@task(name="check-unchanged", **MLFLOW_RETRY)
 def unchanged_since_champion_task(cfg: TrainParams, data_info: dict) -> Optional[dict]:
     return unchanged_since_champion(cfg, data_info)
 
 
-@task(name="finish-mlflow-run", **_MLFLOW_RETRY)
+@task(name="finish-mlflow-run", **MLFLOW_RETRY)
 def finish_run_task(run_id: str, status: str = "FINISHED") -> None:
     finish_run(run_id, status)

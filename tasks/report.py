@@ -39,6 +39,19 @@ def mlflow_links(tracking_uri: str, run_id: Optional[str], experiment_id: Option
     return links
 
 
+def run_links(summary: dict) -> dict:
+    """Links to the run and the model version in the MLflow UI (a tracking server only)."""
+    from tasks.registry import mlflow_client, tracking_uri
+
+    uri = tracking_uri()
+    run_id = summary.get("mlflow_run_id")
+    experiment_id = None
+    if run_id and uri.lower().startswith(("http://", "https://")):
+        experiment_id = mlflow_client().get_run(run_id).info.experiment_id
+    return mlflow_links(uri, run_id, experiment_id, summary["model_name"],
+                        summary.get("model_version"))
+
+
 def _table(frame: pd.DataFrame) -> str:
     from tasks.evaluate import markdown_table
 
@@ -198,7 +211,7 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     (Prefect artifact) for the run the user started. Returns the links it used."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.registry import log_model_card, run_links
+    from tasks.registry import log_model_card
 
     name = summary["model_name"]
     links = run_links(summary)

@@ -22,8 +22,8 @@ from typing import Callable, Optional
 import numpy as np
 from prefect import task
 
-from tasks.dataset import load_manifest
-from tasks.download import file_lock
+from tasks.dataset import split_files
+from tasks.common import file_lock
 from tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
@@ -56,16 +56,6 @@ def use_mixed_precision() -> bool:
         if capability and capability >= (7, 0):
             return True
     return False
-
-
-def split_files(data_info: dict, split: str) -> tuple[list[str], np.ndarray]:
-    """Absolute file paths and label indices (into data_info['classes']) of one split."""
-    manifest = load_manifest(Path(data_info["manifest"]))
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
-    index = {name: i for i, name in enumerate(data_info["classes"])}
-    root = Path(data_info["data_root"])
-    paths = [str(root / p) for p in rows["path"]]
-    return paths, np.array([index[label] for label in rows["label"]], dtype=np.int32)
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:

@@ -403,3 +403,17 @@ def test_folder_listing_fingerprint_changes_with_the_folder(tmp_path):
     (src / "red" / "extra.jpg").write_bytes((src / "red" / "000.jpg").read_bytes())
     assert describe_source(str(src), src)["listing_fingerprint"] != before[
         "listing_fingerprint"]
+
+
+def test_wrong_image_size_is_refused_naming_both(tiny_backbone, any_size_backbone, tmp_path):
+    from tasks.download import fetch_backbone_task
+    from tasks.errors import BackboneError
+    from tasks.model import declared_input_size
+
+    assert declared_input_size(tiny_backbone) == 32
+    assert declared_input_size(any_size_backbone) is None
+    with pytest.raises(BackboneError, match=r"takes 32x32 images but --image-size is 224"):
+        fetch_backbone_task.fn(str(tiny_backbone), str(tmp_path), 224)
+    assert fetch_backbone_task.fn(str(tiny_backbone), str(tmp_path), 32) == str(
+        Path(tiny_backbone).resolve())
+    assert fetch_backbone_task.fn(str(any_size_backbone), str(tmp_path), 224)
