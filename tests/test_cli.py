@@ -119,7 +119,7 @@ def test_cli_failure_prints_one_message_and_no_traceback(workspace, tiny_backbon
     with serve_directory(workspace / "served") as url:
         proc = subprocess.run(
             [str(exe), "train", "--data-url", f"{url}/missing.tgz", "--backbone",
-             str(tiny_backbone)],
+             str(tiny_backbone), "--image-size", "32"],
             capture_output=True, text=True, timeout=300,
             env={**os.environ, "PREFECT_API_URL": ""})
     assert proc.returncode == 3, proc.stderr[-3000:]
