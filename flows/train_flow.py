@@ -35,7 +35,7 @@ from tasks.registry import (
     champion_info_task, finish_run_task, register_model_task,
     start_run_task, unchanged_since_champion_task,
 )
-from tasks.report import publish_result_task, state_message
+from tasks.report import publish_result_task, start_progress_task, state_message
 from tasks.params import run_key
 from tasks.train import train_model_task
 
@@ -50,31 +50,36 @@ def petalflow_home() -> Path:
 
 @flow(name="train-model", log_prints=True)
 def train_model_flow(data_info: dict, params: TrainParams, workdir: str, run_id: str,
-                     backbone_path: Optional[str] = None) -> dict:
+                     backbone_path: Optional[str] = None,
+                     progress_artifact_id: Optional[str] = None) -> dict:
     """The training step as its own flow, so a deployment can run it on the GPU work pool.
 
     Reads the dataset description (and the backbone's local copy, both on the shared
     PETALFLOW_HOME) and writes checkpoints, the exported model and train.json under
-    ``workdir``; returns the training record.
+    ``workdir``; returns the training record. Per-epoch progress goes to the progress artifact
+    ``progress_artifact_id`` (the parent run's, so the run the user started shows it).
     """
-    return train_model_task(data_info, params, workdir, run_id, backbone_path)
+    return train_model_task(data_info, params, workdir, run_id, backbone_path,
+                            progress_artifact_id)
 
 
 def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str,
-                 backbone_path: str) -> dict:
+                 backbone_path: str, progress_artifact_id: Optional[str] = None) -> dict:
     """Train through the GPU deployment when this flow itself runs from a deployment, else
     in this process. Only locations cross the boundary: the record comes back as train.json."""
     from prefect.runtime import deployment
 
     if deployment.id is None:
-        return train_model_flow(data_info, params, workdir, run_id, backbone_path)
+        return train_model_flow(data_info, params, workdir, run_id, backbone_path,
+                                progress_artifact_id)
     from prefect.deployments import run_deployment
 
     name = os.environ.get(TRAIN_DEPLOYMENT_ENV, DEFAULT_TRAIN_DEPLOYMENT)
     child = run_deployment(
         name=name,
         parameters={"data_info": data_info, "params": params.model_dump(mode="json"),
-                    "workdir": workdir, "run_id": run_id, "backbone_path": backbone_path},
+                    "workdir": workdir, "run_id": run_id, "backbone_path": backbone_path,
+                    "progress_artifact_id": progress_artifact_id},
         timeout=None,
         as_subflow=True,
     )
@@ -121,7 +126,8 @@ def train_and_register(params: TrainParams = TrainParams()):
     workdir = home / "runs" / key / _attempt_name()
     run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)
     try:
-        record = run_training(data_info, params, str(workdir), run_id, backbone_path)
+        progress = start_progress_task(params.model_name)
+        record = run_training(data_info, params, str(workdir), run_id, backbone_path, progress)
         evaluation = evaluate_model_task(record["export_dir"], data_info,
                                          str(workdir / "evaluation"), run_id)
         champion = champion_info_task(params.model_name)

@@ -205,6 +205,17 @@ def state_message(summary: dict) -> str:
             f"{summary['alias']}: {summary['alias_reason']}")
 
 
+@task(name="start-progress")
+def start_progress_task(model_name: str) -> str:
+    """A progress artifact on the run the user started; the training step (possibly another
+    flow run on the gpu pool) updates it by id."""
+    from prefect.artifacts import create_progress_artifact
+
+    return str(create_progress_artifact(
+        progress=0.0, key=artifact_key("training-progress", model_name),
+        description=f"Training {model_name}: epochs completed (%)"))
+
+
 @task(name="publish-result")
 def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> dict:
     """Model card (MLflow run + version description + Prefect artifact) and run result

@@ -360,25 +360,23 @@ def _train(
 
 @task(name="train-model")
 def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: str,
-                     backbone_path: Optional[str] = None) -> dict:
-    """Thin wrapper: per-epoch metrics go to MLflow and to a Prefect progress artifact."""
+                     backbone_path: Optional[str] = None,
+                     progress_artifact_id: Optional[str] = None) -> dict:
+    """Thin wrapper: per-epoch metrics go to MLflow and to a Prefect progress artifact (the
+    one ``progress_artifact_id`` names, else a new one on this run)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from tasks.registry import log_epoch, log_training
 
-    progress_id = create_progress_artifact(
+    progress_id = progress_artifact_id or create_progress_artifact(
         progress=0.0, description=f"Training {cfg.model_name}: epochs completed (%)"
     )
 
     def on_epoch_end(epoch: int, total: int, metrics: dict) -> None:
         log_epoch(run_id, epoch, {k: v for k, v in metrics.items() if k != "phase"})
         update_progress_artifact(progress_id, progress=100.0 * epoch / total)
-        from prefect.logging import get_run_logger
-
-        get_run_logger().info(
-            "epoch %d/%d (%s): %s", epoch, total, metrics.get("phase"),
-            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
-        )
+        log("epoch %d/%d (%s): %s", epoch, total, metrics.get("phase"),
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
     record = train_model(data_info, cfg, Path(workdir), on_epoch_end=on_epoch_end,
                          backbone_path=backbone_path, resume_killed=not cfg.force)

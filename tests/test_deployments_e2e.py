@@ -275,11 +275,14 @@ def test_schedule_fires_watch_data_whose_event_trains_a_new_version(stack, tmp_p
     assert final["state"]["message"].startswith("registered petalflow-classifier v")
     assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
     # The run the user (here: the trigger) started carries its result and the model card.
+    keys = ["model-card-petalflow-classifier", "train-result-petalflow-classifier",
+            "training-progress-petalflow-classifier"]
     arts = _api(stack, "POST", "/artifacts/filter", json={"artifacts": {
-        "key": {"any_": ["model-card-petalflow-classifier", "train-result-petalflow-classifier"]},
-        "flow_run_id": {"any_": [triggered[0]["id"]]}}}).json()
-    assert {a["key"] for a in arts} == {"model-card-petalflow-classifier",
-                                        "train-result-petalflow-classifier"}
+        "key": {"any_": keys}, "flow_run_id": {"any_": [triggered[0]["id"]]}}}).json()
+    assert {a["key"] for a in arts} == set(keys)
+    # Training ran in a train-gpu run; its progress shows on the run that was started.
+    progress = next(a for a in arts if a["key"].startswith("training-progress"))
+    assert progress["data"] == 100.0
     card = next(a for a in arts if a["key"].startswith("model-card"))["data"]
     assert "Champion comparison" in card and "Images per class" in card
 
