@@ -35,9 +35,9 @@ def main() -> int:
 
     import tensorflow as tf
 
-    from tasks.model import (build_classifier, build_head, feature_dim, keras, load_backbone,
+    from petalflow.tasks.model import (build_classifier, build_head, feature_dim, keras, load_backbone,
                              unfreeze_top_layers)
-    from tasks.train import configure_device
+    from petalflow.tasks.train import configure_device
 
     device = configure_device()
     gpus = tf.config.list_physical_devices("GPU")

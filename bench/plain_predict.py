@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from tasks.images import IMAGE_SUFFIXES  # the images petalflow predict takes
+from petalflow.tasks.images import IMAGE_SUFFIXES  # the images petalflow predict takes
 
 
 def main() -> None:

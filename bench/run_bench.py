@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from flows.stack import descendant_pids
-from tasks.images import IMAGE_SUFFIXES  # what petalflow predict picks up
+from petalflow.flows.stack import descendant_pids
+from petalflow.tasks.images import IMAGE_SUFFIXES  # what petalflow predict picks up
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from pydantic import ValidationError
 
-from tasks.params import DEFAULT_MODEL_NAME, TrainParams, cli_option
+from petalflow.tasks.params import DEFAULT_MODEL_NAME, TrainParams, cli_option
 
 EXIT_USAGE = 2
 # Exit statuses of `petalflow train` (documented in the README).
@@ -47,7 +47,7 @@ class RunFailed(Exception):
 
 def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
-    from tasks.errors import (
+    from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DatasetError, DownloadError,
         TransientError,
     )
@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
     _warm_imports()
-    from flows.train_flow import train_and_register
+    from petalflow.flows.train_flow import train_and_register
 
     if not args.verbose:
         _console_without_tracebacks()
@@ -200,8 +200,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("--top-k: must be 0 or more")
     if not args.output.parent.exists():
         raise UsageError(f"--output: folder {args.output.parent} does not exist")
-    from tasks.predict import iter_inputs, predict_files
-    from tasks.registry import champion_uri
+    from petalflow.tasks.predict import iter_inputs, predict_files
+    from petalflow.tasks.registry import champion_uri
 
     try:
         files = list(iter_inputs(args.input))
@@ -222,7 +222,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tasks.registry import champion_uri, pull_model
+    from petalflow.tasks.registry import champion_uri, pull_model
 
     uri = args.model or champion_uri(args.model_name)
     path = pull_model(uri, args.dest)
@@ -233,7 +233,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from tasks.registry import list_model_versions
+    from petalflow.tasks.registry import list_model_versions
 
     table = list_model_versions(args.model_name)
     if table.empty:
@@ -337,7 +337,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
-        from flows.stack import main as stack_main
+        from petalflow.flows.stack import main as stack_main
 
         return stack_main(argv[1:])
     parser = build_parser()

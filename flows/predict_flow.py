@@ -15,7 +15,7 @@ from typing import Literal, Optional
 from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.params import DEFAULT_MODEL_NAME
+from petalflow.tasks.params import DEFAULT_MODEL_NAME
 
 
 class PredictParams(BaseModel):
@@ -51,9 +51,9 @@ def predict_folder_task(params: PredictParams) -> dict:
     import pandas as pd
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.evaluate import markdown_table
-    from tasks.predict import iter_inputs, predict_files
-    from tasks.registry import champion_uri
+    from petalflow.tasks.evaluate import markdown_table
+    from petalflow.tasks.predict import iter_inputs, predict_files
+    from petalflow.tasks.registry import champion_uri
 
     files = list(iter_inputs([params.input_folder]))
     uri = params.model_uri or champion_uri(params.model_name)

@@ -25,19 +25,19 @@ from typing import Optional
 
 from prefect import flow, get_run_logger
 
-from tasks.dataset import prepare_dataset_task
-from tasks.download import (
+from petalflow.tasks.dataset import prepare_dataset_task
+from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
 )
-from tasks.evaluate import compare_with_champion_task, evaluate_model_task
-from tasks.params import TrainParams, expected_sha256
-from tasks.registry import (
+from petalflow.tasks.evaluate import compare_with_champion_task, evaluate_model_task
+from petalflow.tasks.params import TrainParams, expected_sha256
+from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, register_model_task,
     start_run_task, unchanged_since_champion_task,
 )
-from tasks.report import publish_result_task, start_progress_task, state_message
-from tasks.params import run_key
-from tasks.train import train_model_task
+from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
+from petalflow.tasks.params import run_key
+from petalflow.tasks.train import train_model_task
 
 TRAIN_DEPLOYMENT_ENV = "PETALFLOW_TRAIN_DEPLOYMENT"
 DEFAULT_TRAIN_DEPLOYMENT = "train-model/train-gpu"

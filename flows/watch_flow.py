@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from flows.train_flow import petalflow_home
-from tasks.download import describe_source_task, download_archive_task
-from tasks.params import TrainParams, expected_sha256
-from tasks.registry import champion_info_task
-from tasks.watch import announce_change_task, check_source_task
+from petalflow.flows.train_flow import petalflow_home
+from petalflow.tasks.download import describe_source_task, download_archive_task
+from petalflow.tasks.params import TrainParams, expected_sha256
+from petalflow.tasks.registry import champion_info_task
+from petalflow.tasks.watch import announce_change_task, check_source_task
 
 
 @flow(name="watch-data", log_prints=True)

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from tasks.common import write_json
-from tasks.errors import DatasetError
-from tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
+from petalflow.tasks.common import write_json
+from petalflow.tasks.errors import DatasetError
+from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "status", "reason"]
 MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
@@ -97,7 +97,7 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
     """
     import tensorflow as tf
 
-    from tasks.images import decoded_shape
+    from petalflow.tasks.images import decoded_shape
 
     if not paths:
         return []

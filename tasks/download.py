@@ -27,10 +27,10 @@ from urllib.parse import unquote, urlparse
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from tasks.common import (  # noqa: F401  (sha256_file, file_lock: used here and re-exported)
+from petalflow.tasks.common import (  # noqa: F401  (sha256_file, file_lock: used here and re-exported)
     CHUNK, file_lock, human_bytes, read_json, sha256_file, write_json,
 )
-from tasks.errors import (
+from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DownloadError, TransientError, is_transient_status,
 )
 
@@ -347,7 +347,7 @@ def find_data_root(folder: Path) -> Path:
     except plain text files (LICENSE.txt, README); hidden entries and archiver metadata
     (``__MACOSX/``) do not count.
     """
-    from tasks.dataset import is_class_folder
+    from petalflow.tasks.dataset import is_class_folder
 
     folder = Path(folder)
     while True:
@@ -421,7 +421,7 @@ def describe_source_task(url: str, archive: str) -> dict:
 def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] = None) -> str:
     """The backbone's local SavedModel folder; refuses at once an ``image_size`` it does not
     take (a BackboneError is not retried)."""
-    from tasks.model import check_image_size, fetch_backbone
+    from petalflow.tasks.model import check_image_size, fetch_backbone
 
     path = fetch_backbone(handle, Path(cache_dir))
     if image_size is not None:

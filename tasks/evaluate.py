@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from tasks.dataset import split_files
-from tasks.registry import MLFLOW_RETRY
+from petalflow.tasks.dataset import split_files
+from petalflow.tasks.registry import MLFLOW_RETRY
 
 EVAL_BATCH = 64
 
@@ -116,7 +116,7 @@ def evaluate_model(export_dir: Path, data_info: dict, out_dir: Path) -> dict:
     Returns {"metrics": {...}, "files": {name: path}}; files are per_class.csv, confusion.csv,
     confusion.png, predictions.csv and report.md in ``out_dir``.
     """
-    from tasks.serving import ImageClassifier
+    from petalflow.tasks.serving import ImageClassifier
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def compare_with_champion(champion: Optional[dict], data_info: dict, workdir: Pa
     """What the new version is compared with. Same classes: the champion is downloaded and
     evaluated on this run's test split with the challenger's code path (``evaluate_model``).
     Other classes (or no champion): no figure, and ``basis`` says why."""
-    from tasks.registry import download_model
+    from petalflow.tasks.registry import download_model
 
     n_test = data_info["counts"].get("splits", {}).get("test")
     if champion is None:
@@ -182,7 +182,7 @@ def evaluate_model_task(export_dir: str, data_info: dict, out_dir: str, run_id: 
     """Thin wrapper: logs the evaluation to MLflow and publishes it as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.registry import log_evaluation
+    from petalflow.tasks.registry import log_evaluation
 
     result = evaluate_model(Path(export_dir), data_info, Path(out_dir))
     log_evaluation(run_id, result)

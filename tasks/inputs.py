@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-from tasks.images import decode_image
+from petalflow.tasks.images import decode_image
 
 
 ROTATION = 0.1  # fraction of a full turn, as in Keras RandomRotation(0.1): up to ±36°

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
+from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 SERVING_BATCH = 64
 
 
@@ -38,7 +38,7 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
     import socket
     import urllib.error
 
-    from tasks.errors import BackboneError, TransientError, is_transient_status
+    from petalflow.tasks.errors import BackboneError, TransientError, is_transient_status
 
     if "://" not in handle:
         path = Path(handle).expanduser().resolve()
@@ -94,7 +94,7 @@ def declared_input_size(saved_model_dir: Path):
 
 def check_image_size(saved_model_dir: Path, handle: str, image_size: int) -> None:
     """Refuse an --image-size the backbone does not take, naming both (BackboneError)."""
-    from tasks.errors import BackboneError
+    from petalflow.tasks.errors import BackboneError
 
     declared = declared_input_size(saved_model_dir)
     if declared is not None and declared != image_size:
@@ -194,7 +194,7 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
     """The tf.Module exported for serving (defined here so TF is imported lazily)."""
     import tensorflow as tf
 
-    from tasks.images import decode_image
+    from petalflow.tasks.images import decode_image
 
     num_classes = len(class_names)
 

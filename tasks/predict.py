@@ -17,8 +17,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import pandas as pd
 
-from tasks.images import IMAGE_SUFFIXES
-from tasks.model import PROB_PREFIX
+from petalflow.tasks.images import IMAGE_SUFFIXES
+from petalflow.tasks.model import PROB_PREFIX
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
@@ -43,11 +43,24 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
                     yield Path(match)
 
 
+LEGACY_LOADER = "tasks.serving"  # what versions registered before the loader travelled name
+
+
 def load_model(model_uri: str):
-    """pyfunc model from a models:/ or runs:/ URI (via the configured MLflow) or a local folder."""
+    """pyfunc model from a models:/ or runs:/ URI (via the configured MLflow) or a local folder.
+
+    Versions registered before the loader travelled inside the model name ``tasks.serving``
+    (petalflow's serving module under its old top-level name); it is made importable under
+    that name in this process only, so they keep working."""
+    import sys
+
     import mlflow
 
-    from tasks.registry import configure_mlflow
+    from petalflow.tasks import serving
+
+    sys.modules.setdefault(LEGACY_LOADER, serving)
+
+    from petalflow.tasks.registry import configure_mlflow
 
     local = Path(model_uri).expanduser()
     if local.exists():
@@ -73,7 +86,7 @@ def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:
 
 
 def _encode(path: Path) -> str:
-    from tasks.serving import encode_files
+    from petalflow.tasks.serving import encode_files
 
     try:
         return encode_files([path])[0]

@@ -20,7 +20,7 @@ from typing import Optional
 
 from prefect import task
 
-from tasks.params import TrainParams, run_key
+from petalflow.tasks.params import TrainParams, run_key
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -215,7 +215,7 @@ def log_model(export_dir: Path, class_names: list[str], registered_model_name: s
     import mlflow
     import pandas as pd
 
-    from tasks import serving
+    from petalflow.tasks import serving
 
     meta = json.loads((Path(export_dir) / "petalflow.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
@@ -248,7 +248,7 @@ def model_signature(class_names: list[str]):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    from tasks.model import PROB_PREFIX
+    from petalflow.tasks.model import PROB_PREFIX
 
     inputs = Schema([ColSpec("string", "image")])
     outputs = Schema(

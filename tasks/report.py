@@ -13,7 +13,7 @@ from typing import Optional
 import pandas as pd
 from prefect import task
 
-from tasks.dataset import load_manifest
+from petalflow.tasks.dataset import load_manifest
 
 
 def artifact_key(prefix: str, model_name: str) -> str:
@@ -41,7 +41,7 @@ def mlflow_links(tracking_uri: str, run_id: Optional[str], experiment_id: Option
 
 def run_links(summary: dict) -> dict:
     """Links to the run and the model version in the MLflow UI (a tracking server only)."""
-    from tasks.registry import mlflow_client, tracking_uri
+    from petalflow.tasks.registry import mlflow_client, tracking_uri
 
     uri = tracking_uri()
     run_id = summary.get("mlflow_run_id")
@@ -53,7 +53,7 @@ def run_links(summary: dict) -> dict:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    from tasks.evaluate import markdown_table
+    from petalflow.tasks.evaluate import markdown_table
 
     return markdown_table(frame)
 
@@ -222,7 +222,7 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     (Prefect artifact) for the run the user started. Returns the links it used."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.registry import log_model_card
+    from petalflow.tasks.registry import log_model_card
 
     name = summary["model_name"]
     links = run_links(summary)

@@ -22,9 +22,9 @@ from typing import Callable, Optional
 import numpy as np
 from prefect import task
 
-from tasks.dataset import split_files
-from tasks.common import file_lock
-from tasks.params import TrainParams
+from petalflow.tasks.dataset import split_files
+from petalflow.tasks.common import file_lock
+from petalflow.tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
 
@@ -82,7 +82,7 @@ PROGRESS_EVERY_S = 5.0
 def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> tuple:
     """Backbone features [n, dim] for ``paths``, computed once and cached in ``cache`` (.npz).
     While computing, a progress line every few seconds (images done, images/s)."""
-    from tasks.inputs import image_dataset
+    from petalflow.tasks.inputs import image_dataset
 
     if cache.exists():
         with np.load(cache) as data:
@@ -115,7 +115,7 @@ def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> t
 
 def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: str):
     """Per epoch: add validation metrics, checkpoint, then report to the hook."""
-    from tasks.model import keras
+    from petalflow.tasks.model import keras
 
     class EpochEnd(keras().callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -130,7 +130,7 @@ def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: s
 
 
 def _validate_on_features(head, val_x, val_y):
-    from tasks.model import keras
+    from petalflow.tasks.model import keras
 
     def validate() -> dict:
         probs = head.predict(val_x, verbose=0, batch_size=1024)
@@ -144,7 +144,7 @@ def _validate_on_features(head, val_x, val_y):
 
 
 def _validate_on_images(classifier, val_paths, val_y, cfg: TrainParams):
-    from tasks.inputs import image_dataset
+    from petalflow.tasks.inputs import image_dataset
 
     def validate() -> dict:
         ds = image_dataset(val_paths, val_y, cfg.image_size, max(cfg.batch_size, 64))
@@ -233,8 +233,8 @@ def _train(
     """
     import tensorflow as tf
 
-    from tasks.inputs import image_dataset
-    from tasks.model import (
+    from petalflow.tasks.inputs import image_dataset
+    from petalflow.tasks.model import (
         build_classifier, build_head, export_serving_model, feature_dim, keras,
         load_backbone, unfreeze_top_layers,
     )
@@ -366,7 +366,7 @@ def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: st
     one ``progress_artifact_id`` names, else a new one on this run)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-    from tasks.registry import log_epoch, log_training
+    from petalflow.tasks.registry import log_epoch, log_training
 
     progress_id = progress_artifact_id or create_progress_artifact(
         progress=0.0, description=f"Training {cfg.model_name}: epochs completed (%)"

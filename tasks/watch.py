@@ -17,7 +17,7 @@ from typing import Optional
 
 from prefect import task
 
-from tasks.params import TrainParams
+from petalflow.tasks.params import TrainParams
 
 EVENT = "petalflow.dataset.changed"
 RESOURCE_PREFIX = "petalflow.dataset."

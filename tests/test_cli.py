@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tasks.params import TrainParams
+from petalflow.flows.cli import main
+from petalflow.tasks.params import TrainParams
 
 
 @pytest.mark.parametrize(
@@ -45,7 +45,7 @@ def test_unknown_option_and_bad_boolean(capsys):
 
 
 def test_augment_flag_and_defaults_parse(workspace, monkeypatch):
-    from flows import cli
+    from petalflow.flows import cli
 
     seen = {}
 
@@ -55,7 +55,7 @@ def test_augment_flag_and_defaults_parse(workspace, monkeypatch):
         seen["params"] = params
         return Completed(data={"ok": True})
 
-    monkeypatch.setattr("flows.train_flow.train_and_register", fake_flow)
+    monkeypatch.setattr("petalflow.flows.train_flow.train_and_register", fake_flow)
     assert cli.main(["train", "--augment", "--epochs", "3", "--data-sha256", "A" * 64]) == 0
     assert seen["params"] == TrainParams(augment=True, epochs=3, data_sha256="a" * 64)
 
@@ -72,7 +72,7 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
 def test_default_flowers_url_is_pinned_at_run_time_not_in_the_form_default():
     """The UI's run form starts from the dump of TrainParams(): nothing dataset-specific may be
     filled in there, or a user who types their own URL submits the flowers digest with it."""
-    from tasks.params import DEFAULT_DATA_URL, KNOWN_ARCHIVE_SHA256, expected_sha256
+    from petalflow.tasks.params import DEFAULT_DATA_URL, KNOWN_ARCHIVE_SHA256, expected_sha256
 
     pinned = KNOWN_ARCHIVE_SHA256[DEFAULT_DATA_URL]
     assert TrainParams().model_dump(mode="json")["data_sha256"] is None
@@ -85,10 +85,10 @@ def test_default_flowers_url_is_pinned_at_run_time_not_in_the_form_default():
 
 
 def test_known_failures_get_one_message_a_hint_and_their_exit_status():
-    from flows.cli import (
+    from petalflow.flows.cli import (
         EXIT_BACKBONE, EXIT_DATA, EXIT_REGISTRY, EXIT_SOURCE, explain_failure,
     )
-    from tasks.errors import (
+    from petalflow.tasks.errors import (
         BackboneError, ChecksumMismatch, DatasetError, DownloadError, TransientError,
     )
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.dataset import (
+from petalflow.tasks.dataset import (
     dataset_counts, dataset_fingerprint, prepare_dataset, scan_dataset, split_dataset,
 )
-from tasks.errors import DatasetError
+from petalflow.tasks.errors import DatasetError
 from tests.helpers import make_dataset, write_image
 
 

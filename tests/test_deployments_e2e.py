@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.stack import Stack, create_pools, create_zombie_automation, deploy, down, \
+from petalflow.flows.stack import Stack, create_pools, create_zombie_automation, deploy, down, \
     prefect_request, start_mlflow_server, start_prefect_server, start_workers
 from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
 
@@ -421,7 +421,7 @@ def _stop_workers(st: Stack) -> None:
     import os
     import signal
 
-    from flows.stack import descendant_pids
+    from petalflow.flows.stack import descendant_pids
 
     victims = []
     for pool in ("cpu", "gpu"):

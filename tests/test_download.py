@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.download import download_archive, extract_archive, find_data_root
-from tasks.errors import ArchiveError, ChecksumMismatch, DownloadError, TransientError
+from petalflow.tasks.download import download_archive, extract_archive, find_data_root
+from petalflow.tasks.errors import ArchiveError, ChecksumMismatch, DownloadError, TransientError
 from tests.helpers import make_dataset, make_tgz, make_zip, serve_directory
 
 
@@ -165,7 +165,7 @@ def test_find_data_root_descends_wrappers(tmp_path):
 
 def test_macos_zip_metadata_is_neither_a_wrapper_nor_a_class(tmp_path):
     """Finder's "Compress" adds __MACOSX/ with ._* resource forks beside the data folder."""
-    from tasks.dataset import scan_dataset
+    from petalflow.tasks.dataset import scan_dataset
 
     src = make_dataset(tmp_path / "src", per_class=2)
     archive = make_zip(src, tmp_path / "photos.zip")
@@ -208,7 +208,7 @@ def test_download_task_does_not_retry_checksum_mismatch(archive_dir, tmp_path, p
     """The Prefect task retries network errors only: a bad checksum is asked for once."""
     from prefect import flow
 
-    from tasks.download import download_archive_task
+    from petalflow.tasks.download import download_archive_task
 
     hits = []
 
@@ -260,7 +260,7 @@ def test_zip_absolute_path_and_symlink_are_refused(tmp_path):
 
 
 def test_backbone_is_fetched_over_http_once_then_served_from_the_cache(tiny_backbone, tmp_path):
-    from tasks.model import fetch_backbone
+    from petalflow.tasks.model import fetch_backbone
     from tests.helpers import make_hub_tarball
 
     served = tmp_path / "served"
@@ -277,8 +277,8 @@ def test_backbone_is_fetched_over_http_once_then_served_from_the_cache(tiny_back
 
 def test_backbone_fetch_errors_say_what_to_fix_and_only_network_trouble_is_transient(
         tmp_path):
-    from tasks.errors import BackboneError
-    from tasks.model import fetch_backbone
+    from petalflow.tasks.errors import BackboneError
+    from petalflow.tasks.model import fetch_backbone
     from tests.helpers import free_port
 
     served = tmp_path / "served"
@@ -308,7 +308,7 @@ def _two_archives(tmp_path: Path) -> tuple[bytes, bytes]:
 
 
 def test_unchanged_source_is_revalidated_without_a_body(tmp_path):
-    from tasks.download import source_record
+    from petalflow.tasks.download import source_record
     from tests.helpers import revalidating_server
 
     old, _new = _two_archives(tmp_path)
@@ -329,8 +329,8 @@ def test_unchanged_source_is_revalidated_without_a_body(tmp_path):
 
 
 def test_changed_source_is_downloaded_beside_the_old_copy_and_switched(tmp_path, monkeypatch):
-    import tasks.download as download
-    from tasks.download import source_record
+    import petalflow.tasks.download as download
+    from petalflow.tasks.download import source_record
     from tests.helpers import revalidating_server
 
     old, new = _two_archives(tmp_path)
@@ -358,7 +358,7 @@ def test_changed_source_is_downloaded_beside_the_old_copy_and_switched(tmp_path,
 
 
 def test_server_without_validators_is_downloaded_and_compared_by_hash(tmp_path):
-    from tasks.download import source_record
+    from petalflow.tasks.download import source_record
     from tests.helpers import revalidating_server
 
     old, new = _two_archives(tmp_path)
@@ -394,7 +394,7 @@ def test_pinned_digest_means_exactly_these_bytes(tmp_path):
 
 
 def test_folder_listing_fingerprint_changes_with_the_folder(tmp_path):
-    from tasks.download import describe_source
+    from petalflow.tasks.download import describe_source
 
     src = make_dataset(tmp_path / "src", per_class=2)
     before = describe_source(str(src), src)
@@ -406,9 +406,9 @@ def test_folder_listing_fingerprint_changes_with_the_folder(tmp_path):
 
 
 def test_wrong_image_size_is_refused_naming_both(tiny_backbone, any_size_backbone, tmp_path):
-    from tasks.download import fetch_backbone_task
-    from tasks.errors import BackboneError
-    from tasks.model import declared_input_size
+    from petalflow.tasks.download import fetch_backbone_task
+    from petalflow.tasks.errors import BackboneError
+    from petalflow.tasks.model import declared_input_size
 
     assert declared_input_size(tiny_backbone) == 32
     assert declared_input_size(any_size_backbone) is None

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.params import TrainParams
+from petalflow.tasks.params import TrainParams
 from tests.helpers import (
     COLOURS, free_port, make_dataset, make_hub_tarball, make_random_label_dataset, make_tgz,
     serve_directory, write_image,
@@ -39,7 +39,7 @@ def _serve_dataset(tmp: Path, builder, name: str, **kw):
 def _client():
     import mlflow
 
-    from tasks.registry import tracking_uri
+    from petalflow.tasks.registry import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
@@ -49,7 +49,7 @@ def _client():
 def trained(tmp_path_factory, tiny_backbone, prefect_harness):
     """One successful flow run (with one corrupt image in the data) in its own workspace; the
     backbone, like the data, comes over HTTP (TF Hub's compressed-model format)."""
-    from flows.train_flow import train_and_register
+    from petalflow.flows.train_flow import train_and_register
 
     tmp = tmp_path_factory.mktemp("e2e")
     with pytest.MonkeyPatch.context() as mp:
@@ -139,7 +139,7 @@ def test_prefect_artifacts_show_progress_and_evaluation(trained):
 
 
 def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
-    from flows.cli import main
+    from petalflow.flows.cli import main
 
     tmp, _summary = trained
     monkeypatch.chdir(tmp)
@@ -163,7 +163,7 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
 
 
 def test_retried_registration_makes_no_duplicate_version(trained, monkeypatch):
-    from tasks.registry import register_model
+    from petalflow.tasks.registry import register_model
 
     tmp, summary = trained
     monkeypatch.chdir(tmp)
@@ -180,7 +180,7 @@ def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harne
     """random labels first (gate 0: champion), a learnable model with other classes replaces it
     (the class list changed: the gate decides), then a model failing the gate and a worse model
     on the champion's classes both become challenger while the champion stays."""
-    from flows.train_flow import train_and_register
+    from petalflow.flows.train_flow import train_and_register
 
     served = {
         "noise": _serve_dataset(workspace, make_random_label_dataset, "noise", per_class=20),
@@ -301,7 +301,7 @@ def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
 
 
 def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
-    from flows.cli import main
+    from petalflow.flows.cli import main
 
     tmp, _summary = trained
     monkeypatch.chdir(tmp)
@@ -329,7 +329,7 @@ def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
 
 
 def test_models_command_lists_versions(trained, monkeypatch, capsys):
-    from flows.cli import main
+    from petalflow.flows.cli import main
 
     tmp, _summary = trained
     monkeypatch.chdir(tmp)
@@ -346,8 +346,8 @@ def test_registered_model_carries_its_loader_and_pins_its_requirements(trained, 
 
     tmp, _summary = trained
     monkeypatch.chdir(tmp)
-    from tasks import serving
-    from tasks.registry import pull_model
+    from petalflow.tasks import serving
+    from petalflow.tasks.registry import pull_model
 
     path = pull_model(f"models:/{MODEL}@champion", tmp / "inspect")
     mlmodel = yaml.safe_load((path / "MLmodel").read_text())
@@ -376,7 +376,7 @@ def test_versions_registered_before_the_loader_travelled_still_load(trained, tmp
 
     import yaml
 
-    from tasks.predict import load_model
+    from petalflow.tasks.predict import load_model
 
     tmp, summary = trained
     old = tmp_path / "old-model"
@@ -406,7 +406,7 @@ def test_registration_failing_after_upload_leaves_no_alias(trained, monkeypatch)
     carry an alias, the champion stays, and the retried task finishes the job."""
     import mlflow
 
-    from tasks.registry import register_model
+    from petalflow.tasks.registry import register_model
 
     tmp, summary = trained
     monkeypatch.chdir(tmp)
@@ -414,7 +414,7 @@ def test_registration_failing_after_upload_leaves_no_alias(trained, monkeypatch)
     client = _client()
     cfg = TrainParams(**{**json.loads(client.get_model_version(MODEL, "1").tags["params"]),
                          "seed": 99})
-    from tasks.registry import start_run
+    from petalflow.tasks.registry import start_run
 
     run_id = start_run(cfg, data_info)
     original = mlflow.MlflowClient.set_model_version_tag
@@ -450,7 +450,7 @@ def test_a_bare_environment_built_from_the_models_requirements_serves_it(trained
 
     import httpx
 
-    from tasks.registry import pull_model
+    from petalflow.tasks.registry import pull_model
 
     tmp, _summary = trained
     uri = f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"

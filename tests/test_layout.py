@@ -1,5 +1,6 @@
-"""The code's shape: stage modules import each other one way only, and the registered model's
-loader imports nothing from petalflow."""
+"""The code's shape: stage modules import each other one way only, the registered model's
+loader imports nothing from petalflow, and the installed distribution claims no top-level
+import name but ``petalflow``."""
 
 from __future__ import annotations
 
@@ -10,19 +11,24 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _imports(path: Path, package: str) -> set[str]:
-    """Modules of ``package`` that ``path`` imports anywhere (top level or inside functions)."""
+    """Modules of ``package`` (e.g. ``petalflow.tasks``) that ``path`` imports anywhere (top
+    level or inside functions), by their name inside the package."""
     found = set()
+    prefix = package + "."
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(package):
-            found.add(node.module.split(".")[1] if "." in node.module else node.names[0].name)
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith(prefix):
+                found.add(node.module[len(prefix):].split(".")[0])
+            elif node.module == package:
+                found |= {a.name for a in node.names}
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names
-                      if a.name.startswith(package + ".")}
+            found |= {a.name[len(prefix):].split(".")[0] for a in node.names
+                      if a.name.startswith(prefix)}
     return found
 
 
 def test_stage_modules_import_each_other_one_way():
-    graph = {p.stem: _imports(p, "tasks") - {p.stem}
+    graph = {p.stem: _imports(p, "petalflow.tasks") - {p.stem}
              for p in (REPO / "tasks").glob("*.py") if p.stem != "__init__"}
 
     def reaches(start: str, goal: str, seen=()) -> bool:
@@ -34,12 +40,32 @@ def test_stage_modules_import_each_other_one_way():
 
 
 def test_the_model_loader_imports_nothing_from_petalflow():
-    assert _imports(REPO / "tasks" / "serving.py", "tasks") == set()
-    assert _imports(REPO / "tasks" / "serving.py", "flows") == set()
+    source = (REPO / "tasks" / "serving.py").read_text()
+    assert "petalflow" not in {n.module.split(".")[0] for n in ast.walk(ast.parse(source))
+                               if isinstance(n, ast.ImportFrom) and n.module}
+    assert "import petalflow" not in source
 
 
 def test_flows_import_no_flow_module_but_the_training_one():
     """flows/ holds flows and the CLI: the watch flow reuses the train flow's home folder, the
     CLI starts flows; no flow imports the CLI or the stack runner."""
     for path in (REPO / "flows").glob("*_flow.py"):
-        assert not (_imports(path, "flows") & {"cli", "stack"}), path.name
+        assert not (_imports(path, "petalflow.flows") & {"cli", "stack"}), path.name
+
+
+def test_installing_petalflow_claims_only_the_petalflow_import_name(tmp_path):
+    """From outside the repo (where the repo's folders are not on sys.path), the installed
+    distribution provides petalflow.flows and petalflow.tasks, and no top-level flows or tasks
+    that would clash with the published distributions of those names."""
+    import subprocess
+    import sys
+
+    probe = ("import importlib.util as u, json; print(json.dumps({m: bool(u.find_spec(m)) for m "
+             "in ('petalflow', 'petalflow.flows.cli', 'petalflow.tasks.params', 'flows', "
+             "'tasks')}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout
+    import json
+
+    assert json.loads(out) == {"petalflow": True, "petalflow.flows.cli": True,
+                               "petalflow.tasks.params": True, "flows": False, "tasks": False}

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.dataset import prepare_dataset
-from tasks.params import TrainParams
-from tasks.train import train_model
+from petalflow.tasks.dataset import prepare_dataset
+from petalflow.tasks.params import TrainParams
+from petalflow.tasks.train import train_model
 from tests.helpers import COLOURS, make_dataset
 
 
@@ -118,7 +118,7 @@ def _image(fmt, rgb=(220, 40, 40), mode="RGB", size=(40, 30)) -> bytes:
 
 
 def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
-    from tasks.serving import ImageClassifier
+    from petalflow.tasks.serving import ImageClassifier
 
     model = ImageClassifier(exported)
     assert model.class_names == sorted(COLOURS)

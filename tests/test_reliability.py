@@ -74,7 +74,7 @@ def _read_task_run(task_run_id):
 def test_connection_dropped_twice_then_resumed(prefect_harness, tmp_path, archive_bytes):
     from prefect import flow
 
-    from tasks.download import download_archive_task
+    from petalflow.tasks.download import download_archive_task
 
     sha = hashlib.sha256(archive_bytes).hexdigest()
     quick = download_archive_task.with_options(retry_delay_seconds=[0.1, 0.1, 0.1, 0.1])
@@ -101,7 +101,7 @@ def test_server_that_always_fails_ends_failed_naming_the_url(prefect_harness, tm
                                                              archive_bytes):
     from prefect import flow
 
-    from tasks.download import download_archive_task
+    from petalflow.tasks.download import download_archive_task
 
     quick = download_archive_task.with_options(retries=2, retry_delay_seconds=0)
 
@@ -118,7 +118,7 @@ def test_server_that_always_fails_ends_failed_naming_the_url(prefect_harness, tm
 
 
 def test_partial_file_from_a_killed_run_is_resumed(tmp_path, archive_bytes):
-    from tasks.download import download_archive
+    from petalflow.tasks.download import download_archive
 
     sha = hashlib.sha256(archive_bytes).hexdigest()
     target = tmp_path / "dl" / sha / "data.tgz"
@@ -136,7 +136,7 @@ def test_huge_image_dimensions_are_quarantined_without_decoding(tmp_path):
     import struct
     import zlib
 
-    from tasks.dataset import scan_dataset
+    from petalflow.tasks.dataset import scan_dataset
 
     root = make_dataset(tmp_path / "d", per_class=3)
     ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
@@ -153,8 +153,8 @@ def test_huge_image_dimensions_are_quarantined_without_decoding(tmp_path):
 KILL_SCRIPT = r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[4])
-from tasks.params import TrainParams
-from tasks.train import train_model
+from petalflow.tasks.params import TrainParams
+from petalflow.tasks.train import train_model
 info = json.loads(open(sys.argv[1]).read())
 cfg = TrainParams(backbone=sys.argv[2], image_size=32, epochs=5, batch_size=8,
                   learning_rate=0.05)
@@ -174,9 +174,9 @@ def test_killed_training_process_resumes_from_its_last_checkpoint(tmp_path, tiny
     import sys
     import time
 
-    from tasks.dataset import prepare_dataset
-    from tasks.params import TrainParams
-    from tasks.train import train_model
+    from petalflow.tasks.dataset import prepare_dataset
+    from petalflow.tasks.params import TrainParams
+    from petalflow.tasks.train import train_model
 
     info = prepare_dataset(make_dataset(tmp_path / "d", per_class=10), tmp_path / "m",
                            0.2, 0.2, 0)

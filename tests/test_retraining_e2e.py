@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.params import TrainParams
+from petalflow.tasks.params import TrainParams
 from tests.helpers import (
     base_url, free_port, make_dataset, make_tgz, revalidating_server, serve_handler,
 )
@@ -34,7 +34,7 @@ def _archive(tmp: Path, name: str, per_class: int, seed: int) -> bytes:
 def _client():
     import mlflow
 
-    from tasks.registry import tracking_uri
+    from petalflow.tasks.registry import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
@@ -42,7 +42,7 @@ def _client():
 
 def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbone,
                                                           prefect_harness):
-    from flows.train_flow import train_and_register
+    from petalflow.flows.train_flow import train_and_register
 
     first_bytes = _archive(workspace, "v1", per_class=12, seed=0)
     newer = _archive(workspace, "v2", per_class=15, seed=4)  # other photos, more per class
@@ -90,7 +90,7 @@ def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promot
         workspace, tiny_backbone, prefect_harness):
     """The champion's stored accuracy was measured on another split (here: a figure far below
     what it scores now); the challenger beats that figure but loses on this run's split."""
-    from flows.train_flow import train_and_register
+    from petalflow.flows.train_flow import train_and_register
 
     data = _archive(workspace, "d", per_class=12, seed=0)
     with revalidating_server() as site:
@@ -112,7 +112,7 @@ def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promot
 
 def test_a_tie_keeps_the_champion_and_min_improvement_is_honoured(workspace, tiny_backbone,
                                                                   prefect_harness):
-    from flows.train_flow import train_and_register
+    from petalflow.flows.train_flow import train_and_register
 
     data = _archive(workspace, "t", per_class=12, seed=0)
     with revalidating_server() as site:
@@ -171,9 +171,9 @@ def _alias_failing_proxy(upstream: str):
 
 def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
         tmp_path, monkeypatch, tiny_backbone, prefect_harness):
-    from flows.stack import Stack, down, start_mlflow_server
-    from flows.train_flow import train_and_register
-    from tasks import registry
+    from petalflow.flows.stack import Stack, down, start_mlflow_server
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks import registry
 
     st = Stack(stack_dir=tmp_path / "stack", mlflow_port=free_port(),
                mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")

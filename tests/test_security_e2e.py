@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from flows.stack import Stack, create_pools, down, start_mlflow_server, start_prefect_server
+from petalflow.flows.stack import Stack, create_pools, down, start_mlflow_server, start_prefect_server
 from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
 
 pytestmark = pytest.mark.e2e
@@ -21,8 +21,8 @@ MODEL = "petalflow-classifier"
 
 def test_mlflow_basic_auth_refuses_anonymous_and_accepts_the_pipeline(
         tmp_path, monkeypatch, tiny_backbone, prefect_harness):
-    from flows.train_flow import train_and_register
-    from tasks.params import TrainParams
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.params import TrainParams
 
     password = secrets.token_urlsafe(16)
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", password)
@@ -100,11 +100,11 @@ def test_registration_survives_an_mlflow_outage_and_fails_clearly_if_it_lasts(
     import mlflow
     from prefect import flow
 
-    from tasks.dataset import prepare_dataset
-    from tasks.evaluate import evaluate_model
-    from tasks.params import TrainParams
-    from tasks.registry import register_model_task, start_run
-    from tasks.train import train_model
+    from petalflow.tasks.dataset import prepare_dataset
+    from petalflow.tasks.evaluate import evaluate_model
+    from petalflow.tasks.params import TrainParams
+    from petalflow.tasks.registry import register_model_task, start_run
+    from petalflow.tasks.train import train_model
 
     # MLflow's own HTTP retries off: the Prefect task's retries are what is under test.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
