@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -156,8 +157,15 @@ def train_params_from_args(args: argparse.Namespace) -> TrainParams:
         raise UsageError("invalid option(s):\n  " + "\n  ".join(problems)) from None
 
 
+_STARTED_AT: Optional[float] = None  # when this command started: the run's start-up phase
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from petalflow.tasks.timing import STARTED_ENV
+
     params = train_params_from_args(args)
+    if _STARTED_AT is not None:  # read by this process's flow only (nothing else it starts)
+        os.environ[STARTED_ENV] = str(_STARTED_AT)
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
     _warm_imports()
@@ -335,6 +343,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The console script. Called with ``argv`` (tests, other Python code), it leaves the
     process's stderr alone; as the ``petalflow`` command it filters TensorFlow's native noise."""
     command_line = argv is None
+    global _STARTED_AT
+    _STARTED_AT = _STARTED_AT or time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
         from petalflow.flows.stack import main as stack_main

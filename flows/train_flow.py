@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,10 +33,11 @@ from petalflow.tasks.download import (
 from petalflow.tasks.evaluate import compare_with_champion_task, evaluate_model_task
 from petalflow.tasks.params import TrainParams, expected_sha256
 from petalflow.tasks.registry import (
-    champion_info_task, finish_run_task, register_model_task,
+    champion_info_task, finish_run_task, log_timings_task, register_model_task,
     start_run_task, unchanged_since_champion_task,
 )
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
+from petalflow.tasks.timing import PhaseTimer
 from petalflow.tasks.params import run_key
 from petalflow.tasks.train import train_model_task
 
@@ -92,20 +94,26 @@ def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str
 def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
+    timer = PhaseTimer()
     # The backbone first: a wrong handle or image size is refused before any data is fetched.
-    backbone_path = fetch_backbone_task(params.backbone, str(home / "tfhub"), params.image_size)
-    archive = download_archive_task(params.data_url, str(home / "downloads"),
-                                    expected_sha256(params))
-    source = describe_source_task(params.data_url, archive)
+    with timer.phase("backbone"):
+        backbone_path = fetch_backbone_task(params.backbone, str(home / "tfhub"),
+                                            params.image_size)
+    with timer.phase("download"):
+        archive = download_archive_task(params.data_url, str(home / "downloads"),
+                                        expected_sha256(params))
+        source = describe_source_task(params.data_url, archive)
     if source["kind"] == "http":
         logger.info("dataset %s: %s (sha256 %s, ETag %s, Last-Modified %s)", params.data_url,
                     source["outcome"], source["sha256"][:12], source.get("etag"),
                     source.get("last_modified"))
-    data_root = extract_archive_task(archive, str(home / "datasets"), params.max_extract_bytes)
-    data_info = prepare_dataset_task(
-        data_root, str(home / "manifests" / _split_key(params, data_root)),
-        params.val_fraction, params.test_fraction, params.seed,
-    )
+    with timer.phase("scan"):
+        data_root = extract_archive_task(archive, str(home / "datasets"),
+                                         params.max_extract_bytes)
+        data_info = prepare_dataset_task(
+            data_root, str(home / "manifests" / _split_key(params, data_root)),
+            params.val_fraction, params.test_fraction, params.seed,
+        )
     counts = data_info["counts"]
     logger.info("dataset: %d classes, %d files found, %d used, %d quarantined",
                 len(data_info["classes"]), counts["found"], counts["used"], counts["quarantined"])
@@ -120,20 +128,26 @@ def train_and_register(params: TrainParams = TrainParams()):
         if same is not None:
             summary = {"status": "nothing to do", "alias": "champion", **same,
                        "alias_reason": "unchanged data and parameters; champion kept",
-                       "dataset": dataset, "source": source}
+                       "dataset": dataset, "source": source, "timings": timer.table()}
             return _finish(summary)
     key = run_key(params, data_info["fingerprint"])
     workdir = home / "runs" / key / _attempt_name()
     run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)
     try:
         progress = start_progress_task(params.model_name)
+        training_started = time.perf_counter()
         record = run_training(data_info, params, str(workdir), run_id, backbone_path, progress)
-        evaluation = evaluate_model_task(record["export_dir"], data_info,
-                                         str(workdir / "evaluation"), run_id)
-        champion = champion_info_task(params.model_name)
-        comparison = compare_with_champion_task(champion, data_info, str(workdir))
-        registration = register_model_task(run_id, record["export_dir"], params, data_info,
-                                           evaluation["metrics"], comparison, source)
+        timer.split_training(time.perf_counter() - training_started, record.get("timings"))
+        with timer.phase("evaluation"):
+            evaluation = evaluate_model_task(record["export_dir"], data_info,
+                                             str(workdir / "evaluation"), run_id)
+            champion = champion_info_task(params.model_name)
+            comparison = compare_with_champion_task(champion, data_info, str(workdir))
+        with timer.phase("registration"):
+            registration = register_model_task(run_id, record["export_dir"], params, data_info,
+                                               evaluation["metrics"], comparison, source)
+        timings = timer.table()
+        log_timings_task(run_id, timings)
     except BaseException:
         finish_run_task(run_id, "FAILED")
         raise
@@ -150,6 +164,7 @@ def train_and_register(params: TrainParams = TrainParams()):
                                             "seeded_from", "seconds")},
         "workdir": str(workdir),
         "manifest": data_info["manifest"],
+        "timings": timings,
     }
     return _finish(summary, str(workdir / "evaluation"))
 

@@ -173,6 +173,18 @@ def log_evaluation(run_id: str, evaluation: dict) -> None:
         client.log_artifact(run_id, path, "evaluation")
 
 
+def log_timings(run_id: str, timings: dict) -> None:
+    """The run's per-phase wall times: metrics ``time_<phase>_s`` and ``timings.json``."""
+    from mlflow.entities import Metric
+    import time
+
+    client = mlflow_client()
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"time_{k.replace('-', '_')}_s", float(v), now, 0)
+                                      for k, v in timings.items()])
+    client.log_text(run_id, json.dumps(timings, indent=2), "timings.json")
+
+
 def log_model_card(summary: dict, card: str) -> None:
     """The model card beside the version's run (model_card.md) and as the version's
     description in the registry."""
@@ -523,6 +535,11 @@ def champion_info_task(model_name: str) -> Optional[dict]:
 @task(name="check-unchanged", **MLFLOW_RETRY)
 def unchanged_since_champion_task(cfg: TrainParams, data_info: dict) -> Optional[dict]:
     return unchanged_since_champion(cfg, data_info)
+
+
+@task(name="log-timings", **MLFLOW_RETRY)
+def log_timings_task(run_id: str, timings: dict) -> None:
+    log_timings(run_id, timings)
 
 
 @task(name="finish-mlflow-run", **MLFLOW_RETRY)

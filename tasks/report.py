@@ -192,6 +192,10 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
         lines.append(f"- Source `{src.get('url')}`: {src.get('outcome') or src.get('kind')}")
     for name, url in (links or {}).items():
         lines.append(f"- [{name}]({url})")
+    if summary.get("timings"):
+        from petalflow.tasks.timing import markdown
+
+        lines += ["", "## Time per phase", "", markdown(summary["timings"])]
     return "\n".join(lines) + "\n"
 
 

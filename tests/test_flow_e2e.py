@@ -116,6 +116,8 @@ def test_mlflow_run_holds_metrics_artifacts_and_provenance(trained, monkeypatch)
     assert run.data.tags["petalflow.archive_sha256"] == hashlib.sha256(
         archive.read_bytes()).hexdigest()
     assert run.data.params["epochs"] == "6"
+    assert run.data.metrics["time_download_s"] >= 0 and run.data.metrics["time_epochs_s"] > 0
+    assert "time_start_up_s" not in run.data.metrics  # started in-process, not by the command
     names = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion.png", "evaluation/per_class.csv",
             "evaluation/confusion.csv"} <= names
@@ -235,6 +237,11 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     assert "features (train):" in console
     summary = json.loads(summary_path.read_text())
     assert summary["alias"] == "champion", summary["alias_reason"]
+    # Every overhead has a number: the per-phase table, start-up included for the command.
+    assert set(summary["timings"]) == {"start-up", "backbone", "download", "scan", "features",
+                                       "epochs", "export", "evaluation", "registration", "total"}
+    assert summary["timings"]["total"] >= sum(
+        v for k, v in summary["timings"].items() if k != "total") * 0.9
     assert summary["dataset"]["used"] == 36
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["mlflow_run_id"] == summary[
         "mlflow_run_id"]

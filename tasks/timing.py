@@ -1,0 +1,66 @@
+"""Per-phase wall time of a run, so every overhead has a number (MLflow metrics ``time_<phase>_s``
+and the summary's ``timings``).
+
+Phases: start-up (process start to flow start, when the ``petalflow`` command started the run),
+backbone (fetch + load), download, scan (extract + scan/split), features, epochs, export,
+evaluation (the new model and the champion), registration, and the run's total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Iterator, Optional
+
+STARTED_ENV = "PETALFLOW_STARTED_AT"  # set by the CLI at process start (epoch seconds)
+PHASES = ("start-up", "backbone", "download", "scan", "features", "epochs", "export",
+          "evaluation", "registration")
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per phase: ``with timer.phase("download"): ...``."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.seconds: dict[str, float] = {}
+        cli_start = os.environ.get(STARTED_ENV)
+        if cli_start:
+            self.seconds["start-up"] = max(0.0, self.started - float(cli_start))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - began)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def split_training(self, training_seconds: float, inner: Optional[dict]) -> None:
+        """Break the training step's wall time into backbone load, features, epochs and export
+        from its own record (``train.json`` timings); what is left (process start of a
+        deployed training run, checkpoints restore) counts as epochs."""
+        inner = inner or {}
+        parts = {
+            "backbone": inner.get("load_backbone", 0.0),
+            "features": inner.get("val_features", 0.0) + inner.get("train_features", 0.0),
+            "export": inner.get("export", 0.0),
+        }
+        for name, seconds in parts.items():
+            self.add(name, seconds)
+        self.add("epochs", max(0.0, training_seconds - sum(parts.values())))
+
+    def table(self) -> dict:
+        """{phase: seconds} in pipeline order (phases that did not run are left out), plus
+        the total from flow start."""
+        out = {p: round(self.seconds[p], 2) for p in PHASES if p in self.seconds}
+        out["total"] = round(time.time() - self.started + self.seconds.get("start-up", 0.0), 2)
+        return out
+
+
+def markdown(timings: dict) -> str:
+    rows = "\n".join(f"| {phase} | {seconds:.2f} |" for phase, seconds in timings.items())
+    return "| phase | seconds |\n|---|---|\n" + rows
