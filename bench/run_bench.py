@@ -129,6 +129,7 @@ def run_petalflow(url, sha, args, augment: bool, work: Path, env: dict) -> dict:
         "predict_accuracy": float((preds["label"] == truth).mean()),
         "test_images": int(len(test)),
         "train_timings": json.loads((Path(s["workdir"]) / "train.json").read_text())["timings"],
+        "timings": s.get("timings"),  # the run's per-phase table (flow level)
         "manifest": str(manifest), "data_root": str(data_root),
     }
 
