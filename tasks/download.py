@@ -278,7 +278,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
                 if total > max_bytes:
                     raise ArchiveError(
                         f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
-                        "--max-extract-bytes if this is expected)"
+                        "--max-extract-size if this is expected)"
                     )
             # filter="data" is the second line of defence (strips modes, refuses escapes).
             tar.extractall(dest, members=members, filter="data")
@@ -316,7 +316,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                 if declared > max_bytes:
                     raise ArchiveError(
                         f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
-                        "--max-extract-bytes if this is expected)"
+                        "--max-extract-size if this is expected)"
                     )
             written = 0
             root = dest.resolve()

@@ -120,10 +120,10 @@ class TrainParams(BaseModel):
         description="Retrain even when the dataset fingerprint and the training parameters are "
         "the same as the current champion's (otherwise the run ends early: nothing to do).",
     )
-    max_extract_bytes: int = Field(
-        20 * 1024**3, ge=1024, title="Extraction size limit (bytes; default 20 GiB)",
-        description="Refuse archives whose members add up to more than this many bytes (zip "
-        "bombs). 20 GiB = 21474836480; 1 GiB = 1073741824.",
+    max_extract_size: str = Field(
+        "20 GiB", title="Extraction size limit",
+        description="Refuse archives whose members add up to more than this (zip bombs): a "
+        "size such as 20 GiB, 500 MB or 1.5 TiB, or a number of bytes.",
     )
 
     @field_validator("data_url")
@@ -159,6 +159,16 @@ class TrainParams(BaseModel):
             raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel folder")
         return value
 
+    @field_validator("max_extract_size")
+    @classmethod
+    def _check_size(cls, value) -> str:
+        parse_size(value)  # raises ValueError with the accepted forms
+        return str(value).strip()
+
+    @property
+    def max_extract_bytes(self) -> int:
+        return parse_size(self.max_extract_size)
+
     @field_validator("model_name")
     @classmethod
     def _check_model_name(cls, value: str) -> str:
@@ -178,6 +188,24 @@ class TrainParams(BaseModel):
         return self
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value) -> int:
+    """Bytes in ``value``: "20 GiB", "500MB", "1.5 TiB", "1048576" (at least 1 KiB)."""
+    match = _SIZE.match(str(value))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"{value!r} is not a size: use e.g. 20 GiB, 500 MB, 1.5 TiB or a "
+                         "number of bytes")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size < 1024:
+        raise ValueError(f"{value!r} is below the minimum of 1 KiB")
+    return size
+
+
 def expected_sha256(params: TrainParams) -> Optional[str]:
     """The digest the archive must have: the user's pin, else the published digest of a
     well-known archive (applied at run time, so the run form's default stays empty)."""
@@ -192,7 +220,7 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
 
     relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "min_improvement",
                                        "experiment_name", "data_url", "data_sha256",
-                                       "max_extract_bytes", "force"})
+                                       "max_extract_size", "force"})
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -182,7 +182,8 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
         lines += [
             f"- Registered **version {summary['model_version']}** as **{summary['alias']}**",
             f"- Decision: {summary['alias_reason']}",
-            f"- Test accuracy {acc:.4f} on {summary['test_metrics']['test_images']} images",
+            f"- Test accuracy {acc:.4f} on {summary['test_metrics']['test_images']} images, "
+            f"macro F1 {summary['test_metrics']['test_macro_f1']:.4f}",
         ]
     ds = summary["dataset"]
     lines.append(f"- Data: {ds['found']} files found, {ds['used']} used, "

@@ -126,3 +126,16 @@ def test_cli_failure_prints_one_message_and_no_traceback(workspace, tiny_backbon
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.count("petalflow train: error: HTTP 404") == 1
     assert "hint: check --data-url" in proc.stderr
+
+
+def test_extraction_limit_is_a_size_in_human_units(workspace, capsys):
+    from petalflow.tasks.params import parse_size
+
+    assert TrainParams().model_dump(mode="json")["max_extract_size"] == "20 GiB"  # the form
+    assert TrainParams().max_extract_bytes == 20 * 1024**3
+    assert TrainParams(max_extract_size="500MB").max_extract_bytes == 500_000_000
+    assert TrainParams(max_extract_size="1.5 TiB").max_extract_bytes == int(1.5 * 2**40)
+    assert parse_size("1048576") == 1048576
+    assert main(["train", "--max-extract-size", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-extract-size" in err and "20 GiB, 500 MB" in err
