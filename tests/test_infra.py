@@ -59,3 +59,31 @@ def test_k8s_gpu_job_template_renders_with_user_job_variables():
         assert "image" in str(exc)
     else:
         raise AssertionError("a job without an image must be refused")
+
+
+def test_worker_image_agrees_with_the_readme_pool_and_installs_what_its_worker_needs():
+    """Offline lint of infra/Dockerfile.worker's assumptions: it starts a worker for the pool
+    the README creates, with the worker type's package installed (pinned), and it copies every
+    folder the package maps."""
+    import re
+    import tomllib
+
+    docker = (REPO / "infra" / "Dockerfile.worker").read_text()
+    readme = (REPO / "README.md").read_text()
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", docker, re.M).group(1))
+    pool = cmd[cmd.index("--pool") + 1]
+    kind = cmd[cmd.index("--type") + 1]
+    assert f"prefect work-pool create {pool} --type {kind}" in " ".join(readme.split())
+    assert kind == "kubernetes"
+    install = re.search(r"pip install[^\n]*-e '?\.\[([a-z0-9,]+)\]'?", docker)
+    assert install, "the image must install petalflow with the extra its worker needs"
+    extras = install.group(1).split(",")
+    needed = [r for e in extras for r in pyproject["project"]["optional-dependencies"][e]]
+    assert any(r.startswith("prefect-kubernetes") for r in needed)
+    constraints = (REPO / "constraints.txt").read_text().split()
+    assert any(c.startswith("prefect-kubernetes==") for c in constraints)
+    for folder in pyproject["tool"]["setuptools"]["package-dir"].values():
+        assert re.search(rf"^COPY {folder} \./{folder}$", docker, re.M), folder
+    template = json.loads((REPO / "infra" / "k8s" / "gpu-base-job-template.json").read_text())
+    assert template["variables"]["properties"]["image"]
