@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--top-k", type=int, default=0,
                       help="Also write the k best labels and their probabilities (default 0).")
     pred.add_argument("--batch-size", type=int, default=64, help="Images per batch (default 64).")
+    pred.add_argument("--timing", action="store_true",
+                      help="Also print when the first prediction was written and images/s.")
     pull = sub.add_parser("pull", help="Download a registered model for offline use.",
                           allow_abbrev=False)
     pull.add_argument("--model", default=None,
@@ -161,19 +163,11 @@ _STARTED_AT: Optional[float] = None  # when this command started: the run's star
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from petalflow.tasks.timing import STARTED_ENV
-
     params = train_params_from_args(args)
-    if _STARTED_AT is not None:  # read by this process's flow only (nothing else it starts)
-        os.environ[STARTED_ENV] = str(_STARTED_AT)
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
     _warm_imports()
-    from petalflow.flows.train_flow import train_and_register
-
-    if not args.verbose:
-        _console_without_tracebacks()
-    state = train_and_register(params, return_state=True)
+    state = _run_train_flow(params, quiet=not args.verbose)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         if args.verbose and isinstance(exc, BaseException):
@@ -187,6 +181,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.summary_json is not None:
         args.summary_json.write_text(text + "\n")
     return 0
+
+
+def _run_train_flow(params: TrainParams, quiet: bool):
+    """The flow's final state. For this call only: the command's start time for the run's
+    start-up phase, and (``quiet``) no tracebacks on the console."""
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.timing import STARTED_ENV
+
+    previous = os.environ.get(STARTED_ENV)
+    os.environ[STARTED_ENV] = str(_STARTED_AT or time.time())
+    added = _console_without_tracebacks() if quiet else []
+    try:
+        return train_and_register(params, return_state=True)
+    finally:
+        for handler, filt in added:
+            handler.removeFilter(filt)
+        if previous is None:
+            os.environ.pop(STARTED_ENV, None)
+        else:
+            os.environ[STARTED_ENV] = previous
 
 
 def _progress(total: int):
@@ -220,12 +234,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model_uri = args.model or champion_uri(args.model_name)
     advance, close = _progress(len(files))
+    first_batch: list[float] = []
+
+    def on_batch(count: int) -> None:
+        if not first_batch:
+            first_batch.append(time.time())
+        advance(count)
+
     try:
         n, errors, _labels = predict_files(model_uri, files, args.output, args.batch_size,
-                                  fmt=args.format, top_k=args.top_k, on_batch=advance)
+                                           fmt=args.format, top_k=args.top_k, on_batch=on_batch)
     finally:
         close()
     print(f"classified {n - errors} of {n} images ({errors} errors) -> {args.output}")
+    if args.timing and first_batch:
+        started = _STARTED_AT or first_batch[0]
+        done = time.time()
+        print(f"timing: first prediction written {first_batch[0] - started:.1f} s after the "
+              f"command started; {n} images in {done - started:.1f} s "
+              f"({n / max(done - first_batch[0], 1e-9):.1f} images/s once the first was written)")
     return 0
 
 
@@ -317,10 +344,15 @@ class _NoTracebacks(logging.Filter):
         return True
 
 
-def _console_without_tracebacks() -> None:
+def _console_without_tracebacks() -> list:
+    """Add the filter to the console handlers; returns (handler, filter) pairs to undo it."""
+    added = []
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _NoTracebacks) for f in handler.filters):
-            handler.addFilter(_NoTracebacks())
+            filt = _NoTracebacks()
+            handler.addFilter(filt)
+            added.append((handler, filt))
+    return added
 
 
 def _warm_imports() -> None:
@@ -344,7 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     process's stderr alone; as the ``petalflow`` command it filters TensorFlow's native noise."""
     command_line = argv is None
     global _STARTED_AT
-    _STARTED_AT = _STARTED_AT or time.time()
+    _STARTED_AT = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
         from petalflow.flows.stack import main as stack_main

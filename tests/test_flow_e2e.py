@@ -335,6 +335,27 @@ def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
     assert sorted(table["label"]) == ["green", "red"]
 
 
+def test_predict_timing_line_says_when_the_first_prediction_was_written(trained, tmp_path,
+                                                                        monkeypatch, capsys):
+    import re
+
+    from petalflow.flows.cli import main
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    folder = tmp_path / "t"
+    for i in range(5):
+        write_image(folder / f"{i}.jpg", COLOURS["green"], seed=90 + i)
+    assert main(["predict", "--input", str(folder), "--output", str(tmp_path / "t.csv"),
+                 "--batch-size", "2", "--timing"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("timing:")]
+    assert len(line) == 1
+    first, total = map(float, re.search(
+        r"first prediction written ([0-9.]+) s after the command started; 5 images in "
+        r"([0-9.]+) s", line[0]).groups())
+    assert 0 < first <= total
+
+
 def test_models_command_lists_versions(trained, monkeypatch, capsys):
     from petalflow.flows.cli import main
 
