@@ -3,6 +3,7 @@ server, a tiny exported Hub backbone and MLflow on a temporary SQLite store."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -254,33 +255,14 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
 def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
     """`mlflow models serve -m models:/NAME@champion --env-manager local`, a real subprocess."""
     import base64
-    import time
 
     import httpx
 
     tmp, _summary = trained
-    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow' / 'mlflow.db'}"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "model server did not become healthy"
-            time.sleep(1)
+    with _model_server(bin_dir / "mlflow", env, tmp, tmp_path / "serve.log", 180) as url:
         images = {
             "red": write_image(tmp_path / "r.jpg", COLOURS["red"], seed=31),
             "blue": write_image(tmp_path / "b.png", COLOURS["blue"], fmt="PNG", seed=32),
@@ -298,13 +280,6 @@ def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
             probs = [rows[0][f"prob_{c}"] for c in COLOURS]
             assert rows[0]["probability"] == pytest.approx(max(probs))
             assert abs(sum(rows[0][f"prob_{c}"] for c in COLOURS) - 1.0) < 1e-4
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
@@ -474,7 +449,6 @@ def test_a_bare_environment_built_from_the_models_requirements_serves_it(trained
     requirements.txt installed (no petalflow, from the package index), `mlflow models serve`
     of models:/NAME@champion from the tracking store, images posted over REST."""
     import base64
-    import time
 
     import httpx
 
@@ -496,26 +470,10 @@ def test_a_bare_environment_built_from_the_models_requirements_serves_it(trained
                             "'petalflow') if u.find_spec(m)])"],
                            cwd=outside, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(PATH=f"{bare / 'bin'}{os.pathsep}/usr/bin:/bin", MLFLOW_TRACKING_URI=uri)
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen(
-        [str(bare / "bin" / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=outside, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "model server did not become healthy"
-            time.sleep(1)
+    with _model_server(bare / "bin" / "mlflow", env, outside, tmp_path / "serve.log",
+                       240) as url:
         red = write_image(tmp_path / "r.jpg", COLOURS["red"], seed=81)
         rows = httpx.post(f"{url}/invocations", timeout=120, json={"dataframe_records": [
             {"image": base64.b64encode(red.read_bytes()).decode()},
@@ -524,10 +482,38 @@ def test_a_bare_environment_built_from_the_models_requirements_serves_it(trained
         assert rows[1]["error"] == "undecodable image"
         assert set(rows[0]) == {"label", "probability", "error", "prob_blue", "prob_green",
                                 "prob_red"}
-    finally:
-        proc.terminate()
+
+
+@contextlib.contextmanager
+def _model_server(mlflow_exe: Path, env: dict, cwd: Path, log_path: Path, timeout_s: float):
+    """`mlflow models serve -m models:/NAME@champion --env-manager local` on a free port, as a
+    real subprocess; yields its URL once /ping answers, stops it afterwards."""
+    import time
+
+    import httpx
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(mlflow_exe), "models", "serve", "-m", f"models:/{MODEL}@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.time() + timeout_s
+            while True:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.time() < deadline, "model server did not become healthy"
+                time.sleep(1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
