@@ -180,7 +180,8 @@ def log_timings(run_id: str, timings: dict) -> None:
 
     client = mlflow_client()
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"time_{k.replace('-', '_')}_s", float(v), now, 0)
+    names = {k: "time_" + k.replace("-", "_").replace(" ", "_") + "_s" for k in timings}
+    client.log_batch(run_id, metrics=[Metric(names[k], float(v), now, 0)
                                       for k, v in timings.items()])
     client.log_text(run_id, json.dumps(timings, indent=2), "timings.json")
 

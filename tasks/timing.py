@@ -2,8 +2,9 @@
 and the summary's ``timings``).
 
 Phases: start-up (process start to flow start, when the ``petalflow`` command started the run),
-backbone (fetch + load), download, scan (extract + scan/split), features, epochs, export,
-evaluation (the new model and the champion), registration, and the run's total.
+backbone (fetch + load), download, scan (extract + scan/split), training hand-off (starting the
+training step: a process on the gpu pool when deployed), features, epochs, export, evaluation
+(the new model and the champion), registration, and the run's total.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from typing import Iterator, Optional
 
 STARTED_ENV = "PETALFLOW_STARTED_AT"  # set by the CLI at process start (epoch seconds)
-PHASES = ("start-up", "backbone", "download", "scan", "features", "epochs", "export",
-          "evaluation", "registration")
+PHASES = ("start-up", "backbone", "download", "scan", "training hand-off", "features", "epochs",
+          "export", "evaluation", "registration")
 
 
 class PhaseTimer:
@@ -40,18 +41,20 @@ class PhaseTimer:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def split_training(self, training_seconds: float, inner: Optional[dict]) -> None:
-        """Break the training step's wall time into backbone load, features, epochs and export
-        from its own record (``train.json`` timings); what is left (process start of a
-        deployed training run, checkpoints restore) counts as epochs."""
+        """Break the training step's wall time into backbone load, features, epochs (head and
+        fine-tuning) and export from its own record (``train.json`` timings); what is left is
+        the training hand-off: starting the training run's process when it is a deployment on
+        the gpu pool (imports included), subflow bookkeeping, metrics and checkpoints."""
         inner = inner or {}
         parts = {
             "backbone": inner.get("load_backbone", 0.0),
             "features": inner.get("val_features", 0.0) + inner.get("train_features", 0.0),
+            "epochs": inner.get("train_head", 0.0) + inner.get("fine_tune", 0.0),
             "export": inner.get("export", 0.0),
         }
         for name, seconds in parts.items():
             self.add(name, seconds)
-        self.add("epochs", max(0.0, training_seconds - sum(parts.values())))
+        self.add("training hand-off", max(0.0, training_seconds - sum(parts.values())))
 
     def table(self) -> dict:
         """{phase: seconds} in pipeline order (phases that did not run are left out), plus
