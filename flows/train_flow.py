@@ -31,14 +31,13 @@ from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
 )
 from petalflow.tasks.evaluate import compare_with_champion_task, evaluate_model_task
-from petalflow.tasks.params import TrainParams, expected_sha256
+from petalflow.tasks.params import TrainParams, expected_sha256, run_key
 from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, log_timings_task, register_model_task,
     start_run_task, unchanged_since_champion_task,
 )
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
 from petalflow.tasks.timing import PhaseTimer
-from petalflow.tasks.params import run_key
 from petalflow.tasks.train import train_model_task
 
 TRAIN_DEPLOYMENT_ENV = "PETALFLOW_TRAIN_DEPLOYMENT"

@@ -72,6 +72,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (for the records petalflow writes)."""
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def read_json(path: Path) -> dict:
     """A JSON file's object, or {} when it is missing or unreadable."""
     try:

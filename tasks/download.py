@@ -27,8 +27,8 @@ from urllib.parse import unquote, urlparse
 from prefect import task
 from prefect.tasks import exponential_backoff
 
-from petalflow.tasks.common import (  # noqa: F401  (sha256_file, file_lock: used here and re-exported)
-    CHUNK, file_lock, human_bytes, read_json, sha256_file, write_json,
+from petalflow.tasks.common import (
+    CHUNK, file_lock, human_bytes, read_json, sha256_file, utc_now, write_json,
 )
 from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DownloadError, TransientError, is_transient_status,
@@ -49,6 +49,11 @@ def _archive_name(url: str) -> str:
 
 
 SOURCE_RECORD = "source.json"
+
+
+def _part_record(part: Path) -> Path:
+    """Where the validators of an in-progress ``.part`` download are kept (for If-Range)."""
+    return part.with_name(part.name + ".json")
 
 
 def _validators(headers) -> dict:
@@ -106,20 +111,20 @@ def download_archive(
         if target.exists() and sha256:
             if sha256_file(target) == sha256:
                 write_json(record_path, {**known, "url": url, "sha256": sha256,
-                                          "outcome": "pinned copy", "checked_at": _now()})
+                                          "outcome": "pinned copy", "checked_at": utc_now()})
                 return target
             target.unlink()  # a corrupt copy on disk: fetch again
             known = {}
         fetched = _fetch(url, target, known, timeout_s, on_progress, pinned=bool(sha256))
         if fetched is None:  # 304: the copy on disk is current
             write_json(record_path, {**known, "url": url, "outcome": "not modified",
-                                      "checked_at": _now()})
+                                      "checked_at": utc_now()})
             return target
         part, validators = fetched
         actual = sha256_file(part)
         if sha256 and actual != sha256:
             part.unlink(missing_ok=True)
-            Path(str(part) + ".json").unlink(missing_ok=True)
+            _part_record(part).unlink(missing_ok=True)
             raise ChecksumMismatch(
                 f"sha256 of {url} is {actual}, expected {sha256}; the partial file was removed. "
                 "Check the dataset sha256 (data_sha256, --data-sha256 on the command line) or "
@@ -132,15 +137,9 @@ def download_archive(
         else:
             os.replace(part, target)  # atomic switch: readers see the old or the new copy
         write_json(record_path, {"url": url, "sha256": actual, **validators,
-                                  "outcome": outcome, "checked_at": _now()})
-        Path(str(part) + ".json").unlink(missing_ok=True)
+                                  "outcome": outcome, "checked_at": utc_now()})
+        _part_record(part).unlink(missing_ok=True)
         return target
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
@@ -153,7 +152,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
     import httpx
 
     part = target.with_name(target.name + ".part")
-    part_meta_path = Path(str(part) + ".json")
+    part_meta_path = _part_record(part)
     part_meta = read_json(part_meta_path) if part.exists() else {}
     headers = {}
     if known.get("etag"):

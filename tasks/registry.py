@@ -110,6 +110,19 @@ def ensure_experiment(client, name: str) -> str:
         return exp.experiment_id
 
 
+# How a source description (tasks.download.describe_source) is recorded as tags.
+SOURCE_TAGS = {"sha256": "archive_sha256", "etag": "source_etag",
+               "last_modified": "source_last_modified", "outcome": "source_outcome",
+               "listing_fingerprint": "listing_fingerprint"}
+
+
+def source_tags(source: Optional[dict], with_outcome: bool = True) -> dict:
+    """Tags for what a source description holds: the archive's sha256, the server's
+    validators, the folder listing fingerprint and (run tags only) this run's outcome."""
+    return {tag: str(source[key]) for key, tag in SOURCE_TAGS.items()
+            if source and source.get(key) and (with_outcome or key != "outcome")}
+
+
 def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
               source: Optional[dict] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
@@ -125,10 +138,7 @@ def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
         "petalflow.code_version": code_version(),
         "mlflow.source.name": "petalflow train",
     }
-    for key in ("sha256", "etag", "last_modified", "outcome", "listing_fingerprint"):
-        if source and source.get(key):
-            name = "archive_sha256" if key == "sha256" else f"source_{key}"
-            tags[f"petalflow.{name}"] = str(source[key])
+    tags.update({f"petalflow.{k}": v for k, v in source_tags(source).items()})
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
@@ -397,12 +407,7 @@ def register_model(
         "run_key": run_key(cfg, data_info["fingerprint"]),
         "code_version": code_version(),
     }
-    source_tags = {"sha256": "archive_sha256", "etag": "source_etag",
-                   "last_modified": "source_last_modified",
-                   "listing_fingerprint": "listing_fingerprint"}
-    for key, tag in source_tags.items():
-        if source and source.get(key):
-            version_tags[tag] = str(source[key])
+    version_tags.update(source_tags(source, with_outcome=False))
     if comparison and comparison.get("champion_accuracy") is not None:
         version_tags["champion_compared"] = str(comparison["champion_version"])
         version_tags["champion_accuracy_same_split"] = (

@@ -10,13 +10,12 @@ A user's own export job can emit the same event (see the README).
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Optional
 
 from prefect import task
 
+from petalflow.tasks.common import read_json, utc_now, write_json
 from petalflow.tasks.params import TrainParams
 
 EVENT = "petalflow.dataset.changed"
@@ -59,23 +58,15 @@ def _state_file(watch_dir: Path, data_url: str) -> Path:
 def already_announced(watch_dir: Path, source: dict) -> Optional[str]:
     """When this very source state was announced before: its time, else None. A changed
     source is announced once; the weekly retraining is the safety net if that run failed."""
-    try:
-        last = json.loads(_state_file(watch_dir, source["url"]).read_text())
-    except (OSError, ValueError):
-        return None
+    last = read_json(_state_file(watch_dir, source["url"]))
     return last.get("announced_at") if last.get("state") == source_state(source) else None
 
 
 def remember_announcement(watch_dir: Path, source: dict, event_id: str) -> None:
-    import datetime
-
     path = _state_file(watch_dir, source["url"])
     path.parent.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"state": source_state(source), "event_id": event_id,
-                               "announced_at": now}))
-    os.replace(tmp, path)
+    write_json(path, {"state": source_state(source), "event_id": event_id,
+                      "announced_at": utc_now()})
 
 
 def event_payload(params: TrainParams) -> dict:
