@@ -16,11 +16,11 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from petalflow.tasks.params import DEFAULT_MODEL_NAME, TrainParams, cli_option
+from petalflow.tasks.params import DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option
 
 EXIT_USAGE = 2
 # Exit statuses of `petalflow train` (documented in the README).
@@ -82,20 +82,30 @@ def explain_failure(exc: BaseException) -> RunFailed:
     return RunFailed(f"{name}: {text}", "run again with --verbose for the traceback.")
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    fields = TrainParams.model_fields
-    for name, field in fields.items():
+def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One option per field of a parameter model (the same model the flow and the UI form
+    use): ``--field-name`` (or its CLI spelling), help from the field's description."""
+    for name, field in model.model_fields.items():
         option = cli_option(name)
-        help_text = f"{field.description} (default: {field.default})"
+        default = "required" if field.is_required() else f"default: {field.default}"
+        help_text = f"{field.description} ({default})"
         if field.annotation is bool:
             p.add_argument(option, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text)
+        elif get_origin(field.annotation) is list:
+            p.add_argument(option, dest=name, nargs="+", default=None, help=help_text,
+                           required=field.is_required())
         else:
-            # Values stay strings here; TrainParams validates and converts them, so every
+            # Values stay strings here; the model validates and converts them, so every
             # entry point (CLI, UI, API) refuses the same values with the same message.
-            p.add_argument(option, dest=name, default=None, metavar=name.upper(), help=help_text)
-    p.add_argument("--summary-json", type=Path, default=None,
-                   help="Also write the run summary (JSON) to this file.")
+            choices = get_args(field.annotation) if get_origin(field.annotation) is Literal \
+                else None
+            p.add_argument(option, dest=name, default=None, choices=choices,
+                           required=field.is_required(),
+                           metavar=None if choices else name.upper(), help=help_text)
+
+
+def _add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="Show tracebacks (by default a failure prints one message and a hint).")
 
@@ -111,24 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="Download, train, evaluate and register a model.",
                            allow_abbrev=False)
-    _add_train_options(train)
+    add_params_options(train, TrainParams)
+    train.add_argument("--summary-json", type=Path, default=None,
+                       help="Also write the run summary (JSON) to this file.")
+    _add_common_options(train)
     pred = sub.add_parser("predict", help="Classify images with a registered model.",
                           allow_abbrev=False)
-    pred.add_argument("--model", default=None,
-                      help="Model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., or a "
-                           f"local model folder (default: models:/{DEFAULT_MODEL_NAME}@champion)")
-    pred.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
-                      help="Registered model name used for the default --model.")
-    pred.add_argument("--input", nargs="+", required=True,
-                      help="Image files, folders (searched recursively) or glob patterns.")
-    pred.add_argument("--output", type=Path, required=True, help="File to write (CSV or JSON).")
-    pred.add_argument("--format", choices=("csv", "json"), default="csv",
-                      help="Output format (default csv).")
-    pred.add_argument("--top-k", type=int, default=0,
-                      help="Also write the k best labels and their probabilities (default 0).")
-    pred.add_argument("--batch-size", type=int, default=64, help="Images per batch (default 64).")
+    add_params_options(pred, PredictParams)
     pred.add_argument("--timing", action="store_true",
                       help="Also print when the first prediction was written and images/s.")
+    _add_common_options(pred)
     pull = sub.add_parser("pull", help="Download a registered model for offline use.",
                           allow_abbrev=False)
     pull.add_argument("--model", default=None,
@@ -142,12 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train_params_from_args(args: argparse.Namespace) -> TrainParams:
-    """TrainParams from parsed options; raises UsageError naming the offending option."""
-    given = {name: getattr(args, name) for name in TrainParams.model_fields
+def params_from_args(model: type[BaseModel], args: argparse.Namespace):
+    """The parameter model from parsed options; raises UsageError naming the offending
+    option(s)."""
+    given = {name: getattr(args, name) for name in model.model_fields
              if getattr(args, name, None) is not None}
     try:
-        return TrainParams(**given)
+        return model(**given)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -157,6 +160,10 @@ def train_params_from_args(args: argparse.Namespace) -> TrainParams:
                 f" (got {err['input']!r})" if loc and not isinstance(err["input"], dict) else ""
             ))
         raise UsageError("invalid option(s):\n  " + "\n  ".join(problems)) from None
+
+
+def train_params_from_args(args: argparse.Namespace) -> TrainParams:
+    return params_from_args(TrainParams, args)
 
 
 _STARTED_AT: Optional[float] = None  # when this command started: the run's start-up phase
@@ -216,24 +223,13 @@ def _progress(total: int):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise UsageError("--batch-size: must be at least 1")
-    if args.top_k < 0:
-        raise UsageError("--top-k: must be 0 or more")
-    if not args.output.parent.exists():
-        raise UsageError(f"--output: folder {args.output.parent} does not exist")
-    from petalflow.tasks.predict import iter_inputs, predict_files
-    from petalflow.tasks.registry import champion_uri
+    params = params_from_args(PredictParams, args)
+    from petalflow.tasks.predict import iter_inputs, predict_images
 
-    try:
-        files = list(iter_inputs(args.input))
-    except FileNotFoundError as exc:
-        raise UsageError(f"--input: {exc}") from None
-    if not files:
+    total = sum(1 for _ in iter_inputs(params.input))
+    if not total:
         raise UsageError("--input: no image files found")
-
-    model_uri = args.model or champion_uri(args.model_name)
-    advance, close = _progress(len(files))
+    advance, close = _progress(total)
     first_batch: list[float] = []
 
     def on_batch(count: int) -> None:
@@ -242,11 +238,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         advance(count)
 
     try:
-        n, errors, _labels = predict_files(model_uri, files, args.output, args.batch_size,
-                                           fmt=args.format, top_k=args.top_k, on_batch=on_batch)
+        summary = predict_images(params, on_batch=on_batch)
     finally:
         close()
-    print(f"classified {n - errors} of {n} images ({errors} errors) -> {args.output}")
+    n, errors = summary["images"], summary["errors"]
+    print(f"classified {n - errors} of {n} images ({errors} errors) -> {params.output}")
     if args.timing and first_batch:
         started = _STARTED_AT or first_batch[0]
         done = time.time()

@@ -11,8 +11,9 @@ Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
 
 Run it with ``petalflow train [options]`` (ephemeral Prefect: everything in one process) or deploy
 it with ``prefect deploy --prefect-file deployment.yaml --all``: then the parent runs on the ``cpu``
-pool and starts the ``train-model/train-gpu`` deployment on the ``gpu`` pool for the training step,
-handing it paths (never objects) and reading its result back from the shared working folder.
+pool and (``training_deployment: auto``, the default) starts the ``train-model/train-gpu``
+deployment on the ``gpu`` pool for the training step, handing it paths (never objects) and reading
+its result back from the shared working folder.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
 )
 from petalflow.tasks.evaluate import compare_with_champion_task, evaluate_model_task
-from petalflow.tasks.params import TrainParams, expected_sha256, run_key
+from petalflow.tasks.params import TrainParams, expected_sha256, run_key, training_target
 from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, log_timings_task, register_model_task,
     start_run_task, unchanged_since_champion_task,
@@ -39,10 +40,6 @@ from petalflow.tasks.registry import (
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
 from petalflow.tasks.timing import PhaseTimer
 from petalflow.tasks.train import train_model_task
-
-TRAIN_DEPLOYMENT_ENV = "PETALFLOW_TRAIN_DEPLOYMENT"
-DEFAULT_TRAIN_DEPLOYMENT = "train-model/train-gpu"
-
 
 def petalflow_home() -> Path:
     """Where downloads, extracted datasets and run working folders live."""
@@ -66,18 +63,19 @@ def train_model_flow(data_info: dict, params: TrainParams, workdir: str, run_id:
 
 def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str,
                  backbone_path: str, progress_artifact_id: Optional[str] = None) -> dict:
-    """Train through the GPU deployment when this flow itself runs from a deployment, else
-    in this process. Only locations cross the boundary: the record comes back as train.json."""
+    """Train in this process or as a run of the deployment ``params.training_deployment``
+    names (see ``training_target``). Only locations cross the boundary: the record comes back
+    as train.json in the shared working folder."""
     from prefect.runtime import deployment
 
-    if deployment.id is None:
+    target = training_target(params, from_deployment=deployment.id is not None)
+    if target is None:
         return train_model_flow(data_info, params, workdir, run_id, backbone_path,
                                 progress_artifact_id)
     from prefect.deployments import run_deployment
 
-    name = os.environ.get(TRAIN_DEPLOYMENT_ENV, DEFAULT_TRAIN_DEPLOYMENT)
     child = run_deployment(
-        name=name,
+        name=target,
         parameters={"data_info": data_info, "params": params.model_dump(mode="json"),
                     "workdir": workdir, "run_id": run_id, "backbone_path": backbone_path,
                     "progress_artifact_id": progress_artifact_id},
@@ -85,7 +83,7 @@ def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str
         as_subflow=True,
     )
     if not child.state or not child.state.is_completed():
-        raise RuntimeError(f"training run {child.name} ({name}) ended {child.state_name}")
+        raise RuntimeError(f"training run {child.name} ({target}) ended {child.state_name}")
     return json.loads((Path(workdir) / "train.json").read_text())
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,9 +26,11 @@ KNOWN_ARCHIVE_SHA256 = {
 }
 DEFAULT_BACKBONE = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 DEFAULT_MODEL_NAME = "petalflow-classifier"
+DEFAULT_TRAINING_DEPLOYMENT = "train-model/train-gpu"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+_DEPLOYMENT_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
 _URL_SCHEMES = ("http://", "https://", "file://")
 
 
@@ -120,6 +122,13 @@ class TrainParams(BaseModel):
         description="Retrain even when the dataset fingerprint and the training parameters are "
         "the same as the current champion's (otherwise the run ends early: nothing to do).",
     )
+    training_deployment: str = Field(
+        "auto", title="Where training runs",
+        description="auto: when this run itself comes from a deployment, the training step "
+        "runs as a run of the train-model/train-gpu deployment (the gpu pool), otherwise in "
+        "this process; local: always in this process; or a deployment name "
+        "(flow-name/deployment-name) to hand the training step to.",
+    )
     max_extract_size: str = Field(
         "20 GiB", title="Extraction size limit",
         description="Refuse archives whose members add up to more than this (zip bombs): a "
@@ -157,6 +166,15 @@ class TrainParams(BaseModel):
             raise ValueError("must be a TF Hub handle (URL) or a local SavedModel folder")
         if "://" not in value and not Path(value).expanduser().is_dir():
             raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel folder")
+        return value
+
+    @field_validator("training_deployment")
+    @classmethod
+    def _check_training_deployment(cls, value: str) -> str:
+        value = value.strip()
+        if value not in ("auto", "local") and not _DEPLOYMENT_NAME.match(value):
+            raise ValueError("must be auto, local or a deployment name such as "
+                             "train-model/train-gpu")
         return value
 
     @field_validator("max_extract_size")
@@ -220,11 +238,82 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
 
     relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "min_improvement",
                                        "experiment_name", "data_url", "data_sha256",
-                                       "max_extract_size", "force"})
+                                       "max_extract_size", "force",
+                                       "training_deployment"})
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# CLI spellings that differ from the field name (the rest: ``--field-name``).
+_CLI_NAMES = {"model_uri": "--model"}
+
+
+def training_target(params: TrainParams, from_deployment: bool) -> Optional[str]:
+    """The deployment the training step is handed to, or None to train in this process."""
+    if params.training_deployment == "local":
+        return None
+    if params.training_deployment == "auto":
+        return DEFAULT_TRAINING_DEPLOYMENT if from_deployment else None
+    return params.training_deployment
+
+
 def cli_option(field: str) -> str:
     """The CLI spelling of a parameter field, e.g. ``image_size`` -> ``--image-size``."""
-    return "--" + field.replace("_", "-")
+    return _CLI_NAMES.get(field) or "--" + field.replace("_", "-")
+
+
+class PredictParams(BaseModel):
+    """The one typed, validated parameter model of the batch-predict flow; ``petalflow
+    predict`` builds its options from it (the same way ``train`` does from TrainParams)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_uri: Optional[str] = Field(
+        None, title="Model URI",
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a local model "
+        "folder. Empty: models:/<model_name>@champion.",
+    )
+    model_name: str = Field(DEFAULT_MODEL_NAME, title="Registered model name",
+                            description="Used for the default model URI.")
+    input: list[str] = Field(
+        ..., min_length=1, title="Images",
+        description="Image files, folders (searched recursively) or glob patterns.",
+    )
+    output: str = Field(..., title="Output file",
+                        description="Where the predictions go (CSV or JSON); its folder must "
+                        "exist.")
+    format: Literal["csv", "json"] = Field("csv", title="Format", description="csv or json.")
+    top_k: int = Field(0, ge=0, le=100, title="Top k",
+                       description="Also write the k best labels and their probabilities.")
+    batch_size: int = Field(64, ge=1, le=4096, title="Batch size", description="Images per batch.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_input_folder(cls, data):
+        """``input_folder`` (one folder) is what batch-predict took before ``input``."""
+        if isinstance(data, dict) and "input_folder" in data and "input" not in data:
+            data = {**data, "input": data["input_folder"]}
+            data.pop("input_folder")
+        if isinstance(data, dict) and isinstance(data.get("input"), str):
+            data = {**data, "input": [data["input"]]}
+        return data
+
+    @field_validator("input")
+    @classmethod
+    def _inputs_exist(cls, value: list[str]) -> list[str]:
+        import glob
+
+        missing = [item for item in value if not Path(item).expanduser().exists()
+                   and not glob.glob(str(Path(item).expanduser()), recursive=True)]
+        if missing:
+            raise ValueError("not a file, folder or matching pattern: "
+                             + ", ".join(repr(m) for m in missing))
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_folder_exists(cls, value: str) -> str:
+        folder = Path(value).expanduser().parent
+        if not folder.is_dir():
+            raise ValueError(f"folder {str(folder)!r} does not exist")
+        return value

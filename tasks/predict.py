@@ -165,3 +165,16 @@ def predict_files(
         raise
     writer.close()
     return rows, errors, dict(labels.most_common())
+
+
+def predict_images(params, on_batch: Optional[Callable[[int], None]] = None) -> dict:
+    """The prediction job (``PredictParams`` in, summary out): what the ``batch-predict`` flow
+    runs and what ``petalflow predict`` runs, so both classify the same files the same way."""
+    from petalflow.tasks.registry import champion_uri
+
+    files = list(iter_inputs(params.input))
+    uri = params.model_uri or champion_uri(params.model_name)
+    rows, errors, labels = predict_files(uri, files, Path(params.output), params.batch_size,
+                                         fmt=params.format, top_k=params.top_k, on_batch=on_batch)
+    return {"model_uri": uri, "inputs": list(params.input), "images": rows, "errors": errors,
+            "output": params.output, "labels": labels}

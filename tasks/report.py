@@ -265,3 +265,12 @@ def announce_result(summary: dict) -> None:
         payload={k: summary.get(k) for k in ("status", "model_name", "model_version", "alias",
                                              "alias_reason")},
     )
+
+
+def prediction_markdown(summary: dict) -> str:
+    """The batch-predict artifact: how many images, errors, output, images per label."""
+    inputs = ", ".join(f"`{item}`" for item in summary["inputs"])
+    counts = pd.DataFrame(list(summary["labels"].items()), columns=["label", "count"])
+    return (f"# Batch prediction\n\n{summary['images']} images from {inputs} with "
+            f"`{summary['model_uri']}`: {summary['images'] - summary['errors']} classified, "
+            f"{summary['errors']} errors. Output: `{summary['output']}`.\n\n" + _table(counts))

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pydantic import ValidationError
+
 from petalflow.flows.cli import main
-from petalflow.tasks.params import TrainParams
+from petalflow.tasks.params import TrainParams, run_key
 
 
 @pytest.mark.parametrize(
@@ -139,3 +141,58 @@ def test_extraction_limit_is_a_size_in_human_units(workspace, capsys):
     assert main(["train", "--max-extract-size", "lots"]) == 2
     err = capsys.readouterr().err
     assert "--max-extract-size" in err and "20 GiB, 500 MB" in err
+
+
+def test_training_hand_off_is_an_explicit_parameter():
+    from petalflow.tasks.params import training_target
+
+    assert training_target(TrainParams(), from_deployment=True) == "train-model/train-gpu"
+    assert training_target(TrainParams(), from_deployment=False) is None
+    local = TrainParams(training_deployment="local")
+    assert training_target(local, from_deployment=True) is None
+    named = TrainParams(training_deployment="train-model/train-big-gpu")
+    assert training_target(named, from_deployment=False) == "train-model/train-big-gpu"
+    with pytest.raises(ValidationError, match="deployment name"):
+        TrainParams(training_deployment="gpu please")
+    # Where training runs does not change what is trained: same run key, same checkpoints.
+    assert run_key(local, "f") == run_key(TrainParams(), "f")
+
+
+def test_predict_options_are_generated_from_the_flows_parameter_model(workspace, monkeypatch):
+    """`petalflow predict` and the batch-predict flow take the same PredictParams and run the
+    same job function."""
+    from petalflow.flows import cli
+    from petalflow.flows.predict_flow import PredictParams as FlowParams
+    from petalflow.tasks.params import PredictParams
+
+    assert FlowParams is PredictParams
+    (workspace / "a.jpg").write_bytes(b"not really")
+    seen = {}
+
+    def fake_job(params, on_batch=None):
+        seen["params"] = params
+        on_batch(1)
+        return {"images": 1, "errors": 0}
+
+    monkeypatch.setattr("petalflow.tasks.predict.predict_images", fake_job)
+    out = workspace / "p.json"
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", str(workspace / "a.jpg"),
+                     "--output", str(out), "--format", "json", "--top-k", "2"]) == 0
+    assert seen["params"] == PredictParams(model_uri="models:/m/1",
+                                           input=[str(workspace / "a.jpg")], output=str(out),
+                                           format="json", top_k=2)
+    # What batch-predict took before ``input`` still validates the same way.
+    legacy = PredictParams(input_folder=str(workspace), output=str(out))
+    assert legacy.input == [str(workspace)]
+
+
+def test_predict_refuses_bad_options_naming_them(workspace, capsys):
+    out = workspace / "p.csv"
+    assert main(["predict", "--input", str(workspace), "--output", str(out),
+                 "--top-k", "-1"]) == 2
+    assert "--top-k" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # argparse refuses a choice not offered
+        main(["predict", "--input", str(workspace), "--output", str(out), "--format", "xml"])
+    assert exited.value.code == 2
+    assert "--format: invalid choice: 'xml'" in capsys.readouterr().err
+    assert not out.exists()
