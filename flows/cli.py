@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     pull.add_argument("--dest", type=Path, required=True,
                       help="Folder to save the model in; use it later as --model DIR.")
+    pull.add_argument("--format", choices=("mlflow", "tflite"), default="mlflow",
+                      help="mlflow: the MLflow model (default); tflite: the version's edge model "
+                           "(TensorFlow Lite) with labels.txt and edge.json.")
+    pull.add_argument("--quantization", choices=("int8", "float16"), default="int8",
+                      help="Which edge model with --format tflite (default int8).")
     models = sub.add_parser("models", help="List a registered model's versions and aliases.",
                             allow_abbrev=False)
     models.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
@@ -241,8 +246,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         summary = predict_images(params, on_batch=on_batch)
     finally:
         close()
+    from petalflow.tasks.report import drift_line
+
     n, errors = summary["images"], summary["errors"]
     print(f"classified {n - errors} of {n} images ({errors} errors) -> {params.output}")
+    if params.drift:
+        print(drift_line(summary.get("drift")))
     if args.timing and first_batch:
         started = _STARTED_AT or first_batch[0]
         done = time.time()
@@ -253,9 +262,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from petalflow.tasks.registry import champion_uri, pull_model
+    from petalflow.tasks.registry import champion_uri, pull_edge, pull_model
 
     uri = args.model or champion_uri(args.model_name)
+    if args.format == "tflite":
+        try:
+            path = pull_edge(uri, args.dest, args.quantization)
+        except FileNotFoundError as exc:
+            raise RunFailed(str(exc), "retrain with edge_export on (the default) to get "
+                            "edge models", EXIT_FAILED) from None
+        except ValueError as exc:
+            raise UsageError(f"--model: {exc}") from None
+        print(f"saved the {args.quantization} TFLite model of {uri} to {path} (labels.txt and "
+              f"edge.json beside it: input float32 [1, S, S, 3] in [0, 1], output class "
+              "probabilities in labels.txt order)")
+        return 0
     path = pull_model(uri, args.dest)
     print(f"saved {uri} to {path}; use it offline with: petalflow predict --model {path} ...")
     return 0
@@ -279,7 +300,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 # logger is set up), whatever TF_CPP_MIN_LOG_LEVEL says; and on a machine without an NVIDIA
 # device, the CUDA probe's error lines. Kept out of the console, nothing else is.
 _TF_BANNER = re.compile(r"All log messages before absl::InitializeLog|port\.cc:\d+\] oneDNN custom "
-                        r"operations|cudart_stub\.cc:\d+\] Could not find cuda drivers")
+                        r"operations|cudart_stub\.cc:\d+\] Could not find cuda drivers|"
+                        # the TFLite converter and interpreter (edge models), every run
+                        r"^fully_quantize: \d+, inference_type|"
+                        r"^INFO: Created TensorFlow Lite XNNPACK delegate")
 _NO_GPU_NOISE = re.compile(r"cuda_platform\.cc:\d+\] failed call to cuInit|cuda_executor\.cc|"
                            r"cuda_diagnostics\.cc|computation_placer\.cc")
 

@@ -3,12 +3,16 @@
 Input: one ``PredictParams`` (model URI or name, images: files, folders or patterns, output file,
 format, top-k). Output: the predictions file (the same CSV/JSON as ``petalflow predict``, which
 runs the same job function, ``tasks.predict.predict_images``) and a summary, also published as a
-Prefect markdown artifact (rows, errors, count per predicted label).
+Prefect markdown artifact (rows, errors, count per predicted label). With ``drift`` (default on)
+it also publishes the ``drift-<model>`` artifact and, over the threshold, emits
+``petalflow.drift.detected`` (the ``train`` deployment has a trigger for it, disabled by default).
 
 Deployed as ``batch-predict`` by ``deployment.yaml``; or run ``petalflow predict`` directly.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from prefect import flow, task
 
@@ -34,8 +38,31 @@ def publish_predictions_task(summary: dict) -> None:
                              description="Images per predicted label")
 
 
+@task(name="report-drift", retries=2, retry_delay_seconds=[5, 20])
+def report_drift_task(summary: dict) -> Optional[str]:
+    """The drift-<model> artifact (a history per model in the UI) and, over the threshold,
+    the petalflow.drift.detected event; returns the event id."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from petalflow.tasks.drift import (
+        drift_markdown, emit_drift_detected, model_resource, training_params_of,
+    )
+    from petalflow.tasks.report import artifact_key
+
+    name = model_resource(summary["model_uri"]).rsplit(".", 1)[-1]
+    create_markdown_artifact(key=artifact_key("drift", name), markdown=drift_markdown(summary),
+                             description="How far the classified images are from the training "
+                                         "data")
+    drift = summary.get("drift") or {}
+    if drift.get("available") and drift["drifted"]:
+        return emit_drift_detected(summary, training_params_of(summary["model_uri"]))
+    return None
+
+
 @flow(name="batch-predict", log_prints=True)
 def batch_predict(params: PredictParams) -> dict:
     summary = predict_images_task(params)
     publish_predictions_task(summary)
+    if params.drift:
+        summary["drift_event"] = report_drift_task(summary)
     return summary

@@ -27,11 +27,14 @@ from typing import Optional
 
 from prefect import flow, get_run_logger
 
-from petalflow.tasks.dataset import prepare_dataset_task
+from petalflow.tasks.dataset import DatasetInfo, dataset_summary, prepare_dataset_task
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
 )
-from petalflow.tasks.evaluate import compare_with_champion_task, evaluate_model_task
+from petalflow.tasks.edge import edge_summary
+from petalflow.tasks.evaluate import (
+    compare_with_champion_task, evaluate_edge_task, evaluate_model_task,
+)
 from petalflow.tasks.params import TrainParams, expected_sha256, run_key, training_target
 from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, log_timings_task, register_model_task,
@@ -47,7 +50,7 @@ def petalflow_home() -> Path:
 
 
 @flow(name="train-model", log_prints=True)
-def train_model_flow(data_info: dict, params: TrainParams, workdir: str, run_id: str,
+def train_model_flow(data_info: DatasetInfo, params: TrainParams, workdir: str, run_id: str,
                      backbone_path: Optional[str] = None,
                      progress_artifact_id: Optional[str] = None) -> dict:
     """The training step as its own flow, so a deployment can run it on the GPU work pool.
@@ -61,7 +64,7 @@ def train_model_flow(data_info: dict, params: TrainParams, workdir: str, run_id:
                             progress_artifact_id)
 
 
-def run_training(data_info: dict, params: TrainParams, workdir: str, run_id: str,
+def run_training(data_info: DatasetInfo, params: TrainParams, workdir: str, run_id: str,
                  backbone_path: str, progress_artifact_id: Optional[str] = None) -> dict:
     """Train in this process or as a run of the deployment ``params.training_deployment``
     names (see ``training_target``). Only locations cross the boundary: the record comes back
@@ -114,12 +117,7 @@ def train_and_register(params: TrainParams = TrainParams()):
     counts = data_info["counts"]
     logger.info("dataset: %d classes, %d files found, %d used, %d quarantined",
                 len(data_info["classes"]), counts["found"], counts["used"], counts["quarantined"])
-    dataset = {
-        "fingerprint": data_info["fingerprint"],
-        "classes": data_info["classes"],
-        **{k: counts[k] for k in ("found", "used", "quarantined", "splits",
-                                  "quarantine_reasons", "empty_class_folders")},
-    }
+    dataset = dataset_summary(data_info)
     if not params.force:
         same = unchanged_since_champion_task(params, data_info)
         if same is not None:
@@ -138,11 +136,16 @@ def train_and_register(params: TrainParams = TrainParams()):
         with timer.phase("evaluation"):
             evaluation = evaluate_model_task(record["export_dir"], data_info,
                                              str(workdir / "evaluation"), run_id)
+            edge = None
+            if record.get("edge_dir"):
+                edge = evaluate_edge_task(record["edge_dir"], record["export_dir"], data_info,
+                                          params.image_size, run_id)
             champion = champion_info_task(params.model_name)
             comparison = compare_with_champion_task(champion, data_info, str(workdir))
         with timer.phase("registration"):
             registration = register_model_task(run_id, record["export_dir"], params, data_info,
-                                               evaluation["metrics"], comparison, source)
+                                               evaluation["metrics"], comparison, source,
+                                               edge)
         timings = timer.table()
         log_timings_task(run_id, timings)
     except BaseException:
@@ -155,6 +158,7 @@ def train_and_register(params: TrainParams = TrainParams()):
         **registration,
         "comparison": comparison,
         "test_metrics": evaluation["metrics"],
+        "edge": edge_summary(edge, evaluation["metrics"]["test_accuracy"]) if edge else None,
         "dataset": dataset,
         "source": source,
         "training": {k: record[k] for k in ("device", "epochs", "resumed_from_epoch",

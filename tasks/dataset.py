@@ -19,10 +19,42 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 from prefect import task
+from typing_extensions import TypedDict  # pydantic (Prefect's parameters) needs it before 3.12
 
 from petalflow.tasks.common import write_json
 from petalflow.tasks.errors import DatasetError
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
+
+class DatasetCounts(TypedDict):
+    """How many files the scan found, used and quarantined (and why), per split."""
+
+    found: int
+    used: int
+    quarantined: int
+    classes: list[str]
+    splits: dict[str, int]
+    quarantine_reasons: dict[str, str]  # relative path -> reason
+    empty_class_folders: list[str]  # folders without a single image: skipped, reported
+
+
+class DatasetInfo(TypedDict):
+    """The dataset description every later stage reads (also ``dataset.json``): where the data
+    and its manifest are, the class names in model order, the fingerprint and the counts."""
+
+    data_root: str
+    manifest: str
+    classes: list[str]
+    fingerprint: str
+    counts: DatasetCounts
+
+
+def dataset_summary(info: DatasetInfo) -> dict:
+    """What the run's summary and model card say about the data (no paths)."""
+    counts = info["counts"]
+    return {"fingerprint": info["fingerprint"], "classes": info["classes"],
+            **{k: counts[k] for k in ("found", "used", "quarantined", "splits",
+                                      "quarantine_reasons", "empty_class_folders")}}
+
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "status", "reason"]
 MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
@@ -268,7 +300,7 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
 
 def prepare_dataset(
     data_root: Path, out_dir: Path, val_fraction: float, test_fraction: float, seed: int
-) -> dict:
+) -> DatasetInfo:
     """Scan, split and fingerprint ``data_root``; write ``manifest.csv`` and ``dataset.json``.
 
     Returns the dataset description (also in dataset.json): data_root, manifest path, classes,
@@ -286,7 +318,7 @@ def prepare_dataset(
     # after a successful split they are exactly the folders that yielded no class.
     counts["empty_class_folders"] = sorted(
         set(class_folders(data_root)) - set(class_names(manifest)))
-    info = {
+    info: DatasetInfo = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),
         "classes": class_names(manifest),
@@ -302,7 +334,7 @@ def load_manifest(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "path": str, "split": str})
 
 
-def split_files(data_info: dict, split: str) -> tuple[list[str], np.ndarray]:
+def split_files(data_info: DatasetInfo, split: str) -> tuple[list[str], np.ndarray]:
     """Absolute file paths and label indices (into data_info['classes']) of one split."""
     manifest = load_manifest(Path(data_info["manifest"]))
     rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
@@ -315,5 +347,5 @@ def split_files(data_info: dict, split: str) -> tuple[list[str], np.ndarray]:
 @task(name="scan-and-split")
 def prepare_dataset_task(
     data_root: str, out_dir: str, val_fraction: float, test_fraction: float, seed: int
-) -> dict:
+) -> DatasetInfo:
     return prepare_dataset(Path(data_root), Path(out_dir), val_fraction, test_fraction, seed)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from petalflow.tasks.dataset import split_files
+from petalflow.tasks.dataset import DatasetInfo, split_files
 from petalflow.tasks.registry import MLFLOW_RETRY
 
 EVAL_BATCH = 64
@@ -110,7 +110,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def evaluate_model(export_dir: Path, data_info: dict, out_dir: Path) -> dict:
+def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path) -> dict:
     """Classify the test split with the exported model; write tables and return the metrics.
 
     Returns {"metrics": {...}, "files": {name: path}}; files are per_class.csv, confusion.csv,
@@ -154,7 +154,8 @@ def evaluate_model(export_dir: Path, data_info: dict, out_dir: Path) -> dict:
     return result
 
 
-def compare_with_champion(champion: Optional[dict], data_info: dict, workdir: Path) -> dict:
+def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
+                          workdir: Path) -> dict:
     """What the new version is compared with. Same classes: the champion is downloaded and
     evaluated on this run's test split with the challenger's code path (``evaluate_model``).
     Other classes (or no champion): no figure, and ``basis`` says why."""
@@ -178,7 +179,8 @@ def compare_with_champion(champion: Optional[dict], data_info: dict, workdir: Pa
 
 
 @task(name="evaluate-model")
-def evaluate_model_task(export_dir: str, data_info: dict, out_dir: str, run_id: str) -> dict:
+def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
+                        run_id: str) -> dict:
     """Thin wrapper: logs the evaluation to MLflow and publishes it as Prefect artifacts."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -200,5 +202,26 @@ def evaluate_model_task(export_dir: str, data_info: dict, out_dir: str, run_id: 
 
 # Downloads the champion from the registry: retried like the registry's own calls.
 @task(name="evaluate-champion", **MLFLOW_RETRY)
-def compare_with_champion_task(champion: Optional[dict], data_info: dict, workdir: str) -> dict:
+def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
+                                workdir: str) -> dict:
     return compare_with_champion(champion, data_info, Path(workdir))
+
+
+def evaluate_edge_models(edge_dir: Path, export_dir: Path, data_info: DatasetInfo,
+                         image_size: int) -> dict:
+    """The edge models' test-split accuracy, size and latency (``tasks.edge.evaluate_edge``)."""
+    from petalflow.tasks.edge import evaluate_edge
+
+    paths, y = split_files(data_info, "test")
+    return evaluate_edge(Path(edge_dir), Path(export_dir), paths, y, image_size)
+
+
+@task(name="evaluate-edge-models")
+def evaluate_edge_task(edge_dir: str, export_dir: str, data_info: DatasetInfo,
+                       image_size: int, run_id: str) -> dict:
+    """Thin wrapper: logs the edge models and their figures to the MLflow run."""
+    from petalflow.tasks.registry import log_edge
+
+    description = evaluate_edge_models(Path(edge_dir), Path(export_dir), data_info, image_size)
+    log_edge(run_id, edge_dir, description)
+    return description

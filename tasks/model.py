@@ -197,6 +197,8 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
     from petalflow.tasks.images import decode_image
 
     num_classes = len(class_names)
+    backbone = classifier.get_layer("backbone")
+    feature_width = feature_dim(backbone, image_size)
 
     class PetalflowClassifier(tf.Module):
         def __init__(self):
@@ -206,7 +208,8 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
             self.classifier_variables = list(classifier.variables)
             self.class_names = tf.Variable(list(class_names), trainable=False, dtype=tf.string)
 
-        def _classify(self, raw_bytes_or_b64, is_base64: bool):
+        def _decode(self, raw_bytes_or_b64, is_base64: bool):
+            """(row numbers of the decodable rows, their images, number of rows)."""
             n = tf.shape(raw_bytes_or_b64, out_type=tf.int64)[0]
 
             def load(i, item):
@@ -224,12 +227,15 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
             idx, images = ds.batch(SERVING_BATCH).reduce(
                 empty, lambda acc, b: (tf.concat([acc[0], b[0]], 0),
                                        tf.concat([acc[1], b[1]], 0)))
+            return tf.reshape(idx, [-1, 1]), images, n
+
+        def _classify(self, raw_bytes_or_b64, is_base64: bool):
+            idx_all, images, n = self._decode(raw_bytes_or_b64, is_base64)
             probs_all = tf.cond(  # an all-bad batch must not reach the network (empty input)
                 tf.shape(images)[0] > 0,
                 lambda: tf.cast(classifier(images, training=False), tf.float32),
                 lambda: tf.zeros([0, num_classes], tf.float32),
             )
-            idx_all = tf.reshape(idx, [-1, 1])
             ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
             probs_full = tf.scatter_nd(idx_all, probs_all, tf.stack([n, num_classes]))
             best = tf.argmax(probs_full, axis=1)
@@ -242,6 +248,20 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
             for c, name in enumerate(class_names):
                 out[PROB_PREFIX + name] = probs_full[:, c]
             return out
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def embed_bytes(self, image_bytes):
+            """Raw encoded image bytes -> the backbone's features ([n, dim], zeros where
+            ``ok`` is false: undecodable rows); what drift is measured on."""
+            idx_all, images, n = self._decode(image_bytes, False)
+            feats = tf.cond(
+                tf.shape(images)[0] > 0,
+                lambda: tf.cast(backbone(images, training=False), tf.float32),
+                lambda: tf.zeros([0, feature_width], tf.float32),
+            )
+            ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
+            return {"features": tf.scatter_nd(idx_all, feats, tf.stack([n, feature_width])),
+                    "ok": ok}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image")])
         def serve(self, image):
@@ -273,7 +293,8 @@ def export_serving_model(
     tf.saved_model.save(
         module,
         str(path),
-        signatures={"serving_default": module.serve, "classify_bytes": module.classify_bytes},
+        signatures={"serving_default": module.serve, "classify_bytes": module.classify_bytes,
+                    "embed_bytes": module.embed_bytes},
     )
     meta = dict(metadata, class_names=list(class_names), image_size=image_size)
     (path / "petalflow.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))

@@ -95,6 +95,12 @@ class TrainParams(BaseModel):
         1e-5, gt=0, le=0.1, title="Fine-tune learning rate",
         description="Low learning rate for the fine-tuning phase.",
     )
+    edge_export: bool = Field(
+        True, title="Edge (TFLite) models",
+        description="Also convert the model to TensorFlow Lite (float16, and int8 calibrated on "
+        "training images), evaluate both on the test split and log them with the version "
+        "(petalflow pull --format tflite). About 30 s on a 2-core CPU.",
+    )
     model_name: str = Field(
         DEFAULT_MODEL_NAME, title="Registered model name",
         description="MLflow registered model name (letters, digits, '.', '_', '-').",
@@ -286,6 +292,12 @@ class PredictParams(BaseModel):
     top_k: int = Field(0, ge=0, le=100, title="Top k",
                        description="Also write the k best labels and their probabilities.")
     batch_size: int = Field(64, ge=1, le=4096, title="Batch size", description="Images per batch.")
+    drift: bool = Field(
+        True, title="Measure drift",
+        description="Also measure how far these images are from the model's training data (a "
+        "sample of up to 256 of them, compared with the reference stored with the version); "
+        "over the threshold, batch-predict emits petalflow.drift.detected.",
+    )
 
     @model_validator(mode="before")
     @classmethod

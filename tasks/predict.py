@@ -126,6 +126,9 @@ class _Writer:
         os.replace(self.tmp, self.output)
 
 
+DRIFT_SAMPLE = 256  # images of a prediction job that drift is measured on (seeded sample)
+
+
 def predict_files(
     model_uri: str,
     files: Sequence[Path],
@@ -134,16 +137,22 @@ def predict_files(
     fmt: str = "csv",
     top_k: int = 0,
     on_batch: Optional[Callable[[int], None]] = None,
-) -> tuple[int, int, dict[str, int]]:
-    """Classify ``files`` in batches, streaming rows to ``output``; return (rows, errors,
-    images per predicted label), counted as the rows are written.
+    drift: bool = False,
+) -> dict:
+    """Classify ``files`` in batches, streaming rows to ``output``; return images, errors,
+    images per predicted label (counted as the rows are written) and, with ``drift``, how far
+    a sample of the classified images is from the model's training data (``measure_drift``).
 
     Columns: path, label, probability, error, prob_<class> for each class, then
     top<i>_label/top<i>_probability when ``top_k`` > 0.
     """
+    import random
+
     model = load_model(model_uri)
-    rows = errors = 0
+    rows = errors = classified = 0
     labels: Counter[str] = Counter()
+    sample: list[Path] = []  # reservoir sample of the classified files (bounded memory)
+    rng = random.Random(0)
     writer = _Writer(Path(output), fmt)
     try:
         for start in range(0, len(files), batch_size):
@@ -154,9 +163,16 @@ def predict_files(
                 frame = add_top_k(frame, top_k)
             frame.insert(0, "path", [str(p) for p in chunk])
             writer.write(frame)
+            ok = (frame["error"] == "").to_numpy()
+            for path in (p for p, good in zip(chunk, ok) if good):
+                classified += 1
+                if len(sample) < DRIFT_SAMPLE:
+                    sample.append(path)
+                elif (j := rng.randrange(classified)) < DRIFT_SAMPLE:
+                    sample[j] = path
             rows += len(frame)
-            errors += int((frame["error"] != "").sum())
-            labels.update(frame.loc[frame["error"] == "", "label"].astype(str))
+            errors += int((~ok).sum())
+            labels.update(frame.loc[ok, "label"].astype(str))
             if on_batch:
                 on_batch(len(chunk))
     except BaseException:
@@ -164,7 +180,26 @@ def predict_files(
         writer.tmp.unlink(missing_ok=True)
         raise
     writer.close()
-    return rows, errors, dict(labels.most_common())
+    return {"images": rows, "errors": errors, "labels": dict(labels.most_common()),
+            "drift": measure_drift(model, sample) if drift else None}
+
+
+def measure_drift(model, files: Sequence[Path]) -> dict:
+    """The model's own drift measure (``params={"output": "drift"}``) on ``files``: drift_score,
+    feature_drift, image_drift, threshold, drifted, images; or {"available": False, "reason"}
+    for versions registered without a drift reference."""
+    if not files:
+        return {"available": False, "reason": "no classified image"}
+    try:
+        frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in files]}),
+                              params={"output": "drift"})
+    except Exception as exc:  # noqa: BLE001 - older versions: no reference, no params
+        return {"available": False, "reason": str(exc).splitlines()[0][:300]}
+    if "drift_score" not in frame.columns:
+        return {"available": False, "reason": "this model version does not measure drift "
+                "(registered before drift references existed)"}
+    return {"available": True, **{k: (v.item() if hasattr(v, "item") else v)
+                                  for k, v in frame.iloc[0].to_dict().items()}}
 
 
 def predict_images(params, on_batch: Optional[Callable[[int], None]] = None) -> dict:
@@ -174,7 +209,6 @@ def predict_images(params, on_batch: Optional[Callable[[int], None]] = None) -> 
 
     files = list(iter_inputs(params.input))
     uri = params.model_uri or champion_uri(params.model_name)
-    rows, errors, labels = predict_files(uri, files, Path(params.output), params.batch_size,
-                                         fmt=params.format, top_k=params.top_k, on_batch=on_batch)
-    return {"model_uri": uri, "inputs": list(params.input), "images": rows, "errors": errors,
-            "output": params.output, "labels": labels}
+    result = predict_files(uri, files, Path(params.output), params.batch_size, fmt=params.format,
+                           top_k=params.top_k, on_batch=on_batch, drift=params.drift)
+    return {"model_uri": uri, "inputs": list(params.input), "output": params.output, **result}

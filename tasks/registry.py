@@ -20,6 +20,7 @@ from typing import Optional
 
 from prefect import task
 
+from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.params import TrainParams, run_key
 
 CHAMPION = "champion"
@@ -123,7 +124,7 @@ def source_tags(source: Optional[dict], with_outcome: bool = True) -> dict:
             if source and source.get(key) and (with_outcome or key != "outcome")}
 
 
-def start_run(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
+def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
               source: Optional[dict] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
     fingerprint, data URL, the archive's sha256 and the server's validators, backbone, classes,
@@ -181,6 +182,79 @@ def log_evaluation(run_id: str, evaluation: dict) -> None:
                                       for k, v in evaluation["metrics"].items()])
     for path in evaluation["files"].values():
         client.log_artifact(run_id, path, "evaluation")
+
+
+EDGE_ARTIFACTS = "edge"  # run artifact folder of the TFLite models, labels.txt and edge.json
+
+
+def log_edge(run_id: str, edge_dir: str, description: dict) -> None:
+    """The edge models with their labels and description as run artifacts (``edge/``), and each
+    one's test accuracy, size and latency as metrics ``edge_<format>_<figure>``."""
+    from mlflow.entities import Metric
+    import time
+
+    client = mlflow_client()
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"edge_{fmt}_{key}", float(result[key]), now, 0)
+               for fmt, result in description["models"].items()
+               for key in ("test_accuracy", "size_bytes", "latency_ms") if key in result]
+    client.log_batch(run_id, metrics=metrics)
+    client.log_artifacts(run_id, edge_dir, EDGE_ARTIFACTS)
+
+
+def edge_tags(description: Optional[dict]) -> dict:
+    """Version tags naming the edge models and their test accuracy and size."""
+    if not description:
+        return {}
+    tags = {"edge_formats": ",".join(description["models"])}
+    for fmt, result in description["models"].items():
+        if "test_accuracy" in result:
+            tags[f"edge_{fmt}_test_accuracy"] = f"{result['test_accuracy']:.{PRECISION}f}"
+        tags[f"edge_{fmt}_size_bytes"] = str(result["size_bytes"])
+    return tags
+
+
+def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
+    """Download a version's edge model ``fmt`` (float16 or int8) with labels.txt and edge.json
+    into ``dest`` (each file moved in whole: no half-written model); returns the .tflite file. The version is found from a models:/ or runs:/ URI."""
+    import mlflow
+
+    from petalflow.tasks.edge import FORMATS, model_file
+
+    if fmt not in FORMATS:
+        raise ValueError(f"no edge format {fmt!r}; choose from {', '.join(FORMATS)}")
+    configure_mlflow()
+    run_id = run_of(model_uri)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    names = {a.path.rsplit("/", 1)[-1] for a in
+             mlflow_client().list_artifacts(run_id, EDGE_ARTIFACTS)}
+    if model_file(fmt) not in names:
+        raise FileNotFoundError(f"{model_uri} has no {fmt} edge model (trained with "
+                                "edge_export off, or before edge models existed)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        for name in (model_file(fmt), "labels.txt", "edge.json"):
+            got = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{EDGE_ARTIFACTS}/{name}", dst_path=tmp)
+            os.replace(got, dest / name)
+    return dest / model_file(fmt)
+
+
+def run_of(model_uri: str) -> str:
+    """The MLflow run that produced ``model_uri`` (models:/NAME/VERSION, models:/NAME@ALIAS,
+    runs:/RUN_ID/...)."""
+    client = mlflow_client()
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/"):].split("/", 1)[0]
+    if not model_uri.startswith("models:/"):
+        raise ValueError(f"{model_uri!r}: give a models:/ or runs:/ URI for edge models")
+    name, _, ref = model_uri[len("models:/"):].partition("@")
+    if ref:
+        return client.get_model_version_by_alias(name, ref).run_id
+    name, _, version = model_uri[len("models:/"):].rpartition("/")
+    return client.get_model_version(name, version).run_id
 
 
 def log_timings(run_id: str, timings: dict) -> None:
@@ -269,7 +343,7 @@ def saved_model_dir(model_dir: Path) -> Path:
 
 def model_signature(class_names: list[str]):
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     from petalflow.tasks.model import PROB_PREFIX
 
@@ -278,7 +352,9 @@ def model_signature(class_names: list[str]):
         [ColSpec("string", "label"), ColSpec("float", "probability"), ColSpec("string", "error")]
         + [ColSpec("float", PROB_PREFIX + c) for c in class_names]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    # params {"output": "drift"}: one row saying how far the batch is from the training data.
+    params = ParamSchema([ParamSpec("output", "string", "predictions")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def _version_for_run(client, name: str, run_id: str):
@@ -370,8 +446,9 @@ def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Option
 
 
 def register_model(
-    run_id: str, export_dir: Path, cfg: TrainParams, data_info: dict, metrics: dict,
+    run_id: str, export_dir: Path, cfg: TrainParams, data_info: DatasetInfo, metrics: dict,
     comparison: Optional[dict] = None, source: Optional[dict] = None,
+    edge: Optional[dict] = None,
 ) -> dict:
     """Log the exported model to ``run_id``, register a version, set the alias; idempotent.
 
@@ -408,6 +485,7 @@ def register_model(
         "code_version": code_version(),
     }
     version_tags.update(source_tags(source, with_outcome=False))
+    version_tags.update(edge_tags(edge))
     if comparison and comparison.get("champion_accuracy") is not None:
         version_tags["champion_compared"] = str(comparison["champion_version"])
         version_tags["champion_accuracy_same_split"] = (
@@ -448,7 +526,7 @@ def register_model(
     }
 
 
-def unchanged_since_champion(cfg: TrainParams, data_info: dict) -> Optional[dict]:
+def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Optional[dict]:
     """The champion's description if it was trained on the same data with the same training
     parameters (same run key), else None: retraining would reproduce it."""
     client = mlflow_client()
@@ -521,16 +599,17 @@ MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
 
 
 @task(name="start-mlflow-run", **MLFLOW_RETRY)
-def start_run_task(cfg: TrainParams, data_info: dict, run_name: Optional[str] = None,
+def start_run_task(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
                    source: Optional[dict] = None) -> str:
     return start_run(cfg, data_info, run_name, source)
 
 
 @task(name="register-model", **MLFLOW_RETRY)
-def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: dict,
+def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: DatasetInfo,
                         metrics: dict, comparison: Optional[dict] = None,
-                        source: Optional[dict] = None) -> dict:
-    return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison, source)
+                        source: Optional[dict] = None, edge: Optional[dict] = None) -> dict:
+    return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison, source,
+                          edge)
 
 
 @task(name="read-champion", **MLFLOW_RETRY)
@@ -539,7 +618,7 @@ def champion_info_task(model_name: str) -> Optional[dict]:
 
 
 @task(name="check-unchanged", **MLFLOW_RETRY)
-def unchanged_since_champion_task(cfg: TrainParams, data_info: dict) -> Optional[dict]:
+def unchanged_since_champion_task(cfg: TrainParams, data_info: DatasetInfo) -> Optional[dict]:
     return unchanged_since_champion(cfg, data_info)
 
 

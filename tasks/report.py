@@ -158,7 +158,21 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         frame = frame.rename(columns={frame.columns[0]: "true \\ predicted"})
         lines += ["## Confusion matrix", "", f"![confusion matrix]({image_url})", "",
                   _table(frame), ""]
+    lines += _edge_lines(summary)
     return "\n".join(lines)
+
+
+def _edge_lines(summary: dict) -> list[str]:
+    """The edge models beside the SavedModel: test accuracy, size, latency, how to get one."""
+    rows = summary.get("edge")
+    if not rows:
+        return []
+    return ["## Edge models (TensorFlow Lite)", "",
+            _table(pd.DataFrame(rows)), "",
+            "Latency: ms per image file (decode, resize, classify), batch 1, one thread. "
+            f"`petalflow pull --model models:/{summary['model_name']}/{summary['model_version']} "
+            "--format tflite --dest DIR` fetches the int8 model with labels.txt and edge.json.",
+            ""]
 
 
 def _reason_kind(reason: str) -> str:
@@ -193,6 +207,8 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
         lines.append(f"- Source `{src.get('url')}`: {src.get('outcome') or src.get('kind')}")
     for name, url in (links or {}).items():
         lines.append(f"- [{name}]({url})")
+    if summary.get("edge"):
+        lines += [""] + _edge_lines(summary)
     if summary.get("timings"):
         from petalflow.tasks.timing import markdown
 
@@ -273,4 +289,18 @@ def prediction_markdown(summary: dict) -> str:
     counts = pd.DataFrame(list(summary["labels"].items()), columns=["label", "count"])
     return (f"# Batch prediction\n\n{summary['images']} images from {inputs} with "
             f"`{summary['model_uri']}`: {summary['images'] - summary['errors']} classified, "
-            f"{summary['errors']} errors. Output: `{summary['output']}`.\n\n" + _table(counts))
+            f"{summary['errors']} errors. Output: `{summary['output']}`.\n\n" + _table(counts)
+            + "\n\n" + drift_line(summary.get("drift")) + "\n")
+
+
+def drift_line(drift: Optional[dict]) -> str:
+    """One line on drift for the console and the summary artifact."""
+    if not drift:
+        return "drift: not measured"
+    if not drift.get("available"):
+        return f"drift: not available ({drift.get('reason')})"
+    verdict = "DRIFTED: these images do not look like the training data" if drift["drifted"] \
+        else "like the training data"
+    return (f"drift: score {drift['drift_score']:.3f} (threshold {drift['threshold']:.2f}; "
+            f"features {drift['feature_drift']:.3f}, image statistics "
+            f"{drift['image_drift']:.3f}) on {drift['images']} images: {verdict}")

@@ -19,6 +19,10 @@ import numpy as np
 import pandas as pd
 
 LOADER_MODULE = "petalflow_serving"  # this file's name inside a registered model
+DRIFT_REFERENCE = "drift_reference.json"  # beside the SavedModel, written by training
+# Drift score above which a batch is reported as drifted (chosen by measurement: BENCHMARKS.md).
+DRIFT_THRESHOLD = 0.3
+IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturation")
 ERROR_UNDECODABLE = "undecodable image"
 PROB_PREFIX = "prob_"
 
@@ -49,6 +53,40 @@ class ImageClassifier:
         self._model = tf.saved_model.load(str(saved_model_dir))
         self._serve_b64 = self._model.signatures["serving_default"]
         self._serve_bytes = self._model.signatures["classify_bytes"]
+        self._embed_bytes = self._model.signatures.get("embed_bytes")  # newer exports only
+        reference = Path(saved_model_dir) / DRIFT_REFERENCE
+        self.drift_reference: Optional[dict] = (
+            json.loads(reference.read_text()) if reference.is_file() else None)
+
+    def features(self, images: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """(backbone features [n, dim], decodable [n] bool) of encoded images: what drift
+        compares with the training data."""
+        import tensorflow as tf
+
+        if self._embed_bytes is None:
+            raise ValueError("this model version has no feature output (exported before drift "
+                             "references existed)")
+        feats, ok = [], []
+        for i in range(0, len(images), 64):
+            out = self._embed_bytes(image_bytes=tf.constant(list(images[i:i + 64]), tf.string))
+            feats.append(out["features"].numpy())
+            ok.append(out["ok"].numpy())
+        if not feats:
+            return np.zeros((0, 0), np.float32), np.zeros(0, bool)
+        return np.concatenate(feats), np.concatenate(ok)
+
+    def drift(self, images: Sequence[bytes]) -> dict:
+        """How far a batch of images is from what the model was trained on (``drift_scores``);
+        undecodable images are left out."""
+        if self.drift_reference is None or self._embed_bytes is None:
+            raise ValueError("this model version has no drift reference (registered before "
+                             "drift references existed)")
+        images = [bytes(b) for b in images]
+        features, ok = self.features(images)
+        if not ok.any():
+            raise ValueError("no decodable image to compute drift on")
+        good = [b for b, keep in zip(images, ok) if keep]
+        return drift_scores(self.drift_reference, features[ok], image_statistics(good))
 
     @property
     def columns(self) -> list[str]:
@@ -72,6 +110,8 @@ class ImageClassifier:
         return self._to_frame(self._serve_bytes(image_bytes=tf.constant(list(images), tf.string)))
 
     def predict(self, model_input, params: Optional[dict] = None) -> pd.DataFrame:
+        """Predictions per row; with ``params={"output": "drift"}`` instead one row describing
+        how far the whole batch is from the training data (``drift``)."""
         import tensorflow as tf
 
         if isinstance(model_input, pd.DataFrame):
@@ -89,6 +129,9 @@ class ImageClassifier:
             # pyfunc schema enforcement may hand bytes over for a string column: still base64.
             values = [bytes(v).decode("ascii", "replace") for v in values]
         values = ["" if v is None else str(v) for v in values]
+        if (params or {}).get("output", "predictions") == "drift":
+            raw = [_b64decode(v) for v in values]
+            return pd.DataFrame([self.drift([r for r in raw if r is not None])])
         out = self._serve_b64(image=tf.constant(values, tf.string))
         frame = self._to_frame(out)
         if index is not None:
@@ -96,9 +139,77 @@ class ImageClassifier:
         return frame
 
 
+def image_statistics(images: Sequence[bytes]) -> np.ndarray:
+    """[n, len(IMAGE_STATS)] per encoded image: width, height, aspect (w/h), brightness (mean
+    of RGB in [0, 1]), contrast (std of the gray levels), saturation (mean of max-min over RGB).
+    Images must be decodable."""
+    import tensorflow as tf
+
+    rows = []
+    for data in images:
+        rgb = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+        rgb = rgb.astype(np.float32) / 255.0
+        h, w = rgb.shape[:2]
+        gray = rgb.mean(axis=2)
+        rows.append([w, h, w / max(h, 1), rgb.mean(), gray.std(),
+                     (rgb.max(axis=2) - rgb.min(axis=2)).mean()])
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(IMAGE_STATS))
+
+
+def drift_reference(features: np.ndarray, stats: np.ndarray) -> dict:
+    """What a model was trained on, compactly: per-dimension mean and spread of its backbone
+    features and of the image statistics over a sample of the training split."""
+    def describe(x):
+        x = np.asarray(x, dtype=np.float64)
+        return {"mean": x.mean(axis=0).tolist(), "std": x.std(axis=0).tolist()}
+
+    return {"images": int(len(features)), "features": describe(features),
+            "image_stats": dict(describe(stats), names=list(IMAGE_STATS)),
+            "threshold": DRIFT_THRESHOLD}
+
+
+def _shift(reference: dict, x: np.ndarray) -> float:
+    """Standardised mean shift of a batch from the reference, root-mean-square over the
+    dimensions, with the sampling noise of a batch of n removed (E[z^2] = 1/n without drift):
+    0 when the batch looks like the training data, ~1 when its mean moves by one training
+    standard deviation in every dimension."""
+    mean = np.asarray(reference["mean"])
+    std = np.asarray(reference["std"])
+    keep = std > 1e-6 * max(float(std.max(initial=0.0)), 1e-12)  # constant dimensions say nothing
+    if not keep.any() or len(x) == 0:
+        return 0.0
+    z = (np.asarray(x, dtype=np.float64).mean(axis=0)[keep] - mean[keep]) / std[keep]
+    return float(np.sqrt(max(0.0, float(np.mean(z ** 2)) - 1.0 / len(x))))
+
+
+def drift_scores(reference: dict, features: np.ndarray, stats: np.ndarray) -> dict:
+    """feature_drift, image_drift, drift_score (the larger) and whether it is over the
+    threshold the reference was stored with."""
+    feature = _shift(reference["features"], features)
+    image = _shift(reference["image_stats"], stats)
+    threshold = float(reference.get("threshold", DRIFT_THRESHOLD))
+    score = max(feature, image)
+    return {"drift_score": score, "feature_drift": feature, "image_drift": image,
+            "threshold": threshold, "drifted": bool(score > threshold), "images": int(len(stats))}
+
+
 def _load_pyfunc(data_path: str) -> ImageClassifier:
     """MLflow pyfunc loader hook: ``data_path`` is the model's SavedModel folder."""
     return ImageClassifier(data_path)
+
+
+def _b64decode(value: str) -> Optional[bytes]:
+    """Bytes of a base64 image as the serving signature accepts it (standard or URL-safe, with
+    or without a data: prefix); None when it is not base64."""
+    import binascii
+    import re
+
+    text = re.sub(r"\s", "", re.sub(r"^data:[^,]*,", "", value))
+    text = text.replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def encode_files(paths: Iterable[Path]) -> list[str]:

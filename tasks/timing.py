@@ -3,8 +3,9 @@ and the summary's ``timings``).
 
 Phases: start-up (process start to flow start, when the ``petalflow`` command started the run),
 backbone (fetch + load), download, scan (extract + scan/split), training hand-off (starting the
-training step: a process on the gpu pool when deployed), features, epochs, export, evaluation
-(the new model and the champion), registration, and the run's total.
+training step: a process on the gpu pool when deployed), features, epochs, export, edge export
+(TFLite conversion), evaluation (the new model, its edge models and the champion), registration,
+and the run's total.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Iterator, Optional
 
 STARTED_ENV = "PETALFLOW_STARTED_AT"  # set by the CLI at process start (epoch seconds)
 PHASES = ("start-up", "backbone", "download", "scan", "training hand-off", "features", "epochs",
-          "export", "evaluation", "registration")
+          "export", "edge export", "evaluation", "registration")
 
 
 class PhaseTimer:
@@ -51,6 +52,7 @@ class PhaseTimer:
             "features": inner.get("val_features", 0.0) + inner.get("train_features", 0.0),
             "epochs": inner.get("train_head", 0.0) + inner.get("fine_tune", 0.0),
             "export": inner.get("export", 0.0),
+            "edge export": inner.get("edge_export", 0.0),
         }
         for name, seconds in parts.items():
             self.add(name, seconds)

@@ -22,8 +22,8 @@ from typing import Callable, Optional
 import numpy as np
 from prefect import task
 
-from petalflow.tasks.dataset import split_files
-from petalflow.tasks.common import file_lock
+from petalflow.tasks.dataset import DatasetInfo, split_files
+from petalflow.tasks.common import file_lock, write_json
 from petalflow.tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
@@ -113,6 +113,32 @@ def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> t
     return features, labels
 
 
+DRIFT_SAMPLE = 500  # training images the drift reference describes
+
+
+def training_drift_reference(backbone, train_paths: list, cfg: TrainParams,
+                             train_features: Optional[np.ndarray] = None) -> dict:
+    """The drift reference stored with the model: feature and image statistics of a seeded
+    sample of the training split. Features come from ``train_features`` (already computed,
+    same order as ``train_paths``) when given, else from the backbone."""
+    from petalflow.tasks.serving import drift_reference, image_statistics
+
+    rng = np.random.default_rng(cfg.seed)
+    pick = np.sort(rng.permutation(len(train_paths))[:DRIFT_SAMPLE])
+    paths = [train_paths[i] for i in pick]
+    if train_features is not None:
+        features = np.asarray(train_features)[pick]
+    else:
+        from petalflow.tasks.inputs import image_dataset
+
+        features = np.concatenate([
+            backbone(batch, training=False).numpy()
+            for batch in image_dataset(paths, None, cfg.image_size, 64)
+        ]) if paths else np.zeros((0, 0))
+    stats = image_statistics([Path(p).read_bytes() for p in paths])
+    return drift_reference(features, stats)
+
+
 def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: str):
     """Per epoch: add validation metrics, checkpoint, then report to the hook."""
     from petalflow.tasks.model import keras
@@ -199,8 +225,9 @@ def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
 
 
 def train_model(
-    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None,
-    backbone_path: Optional[str] = None, resume_killed: bool = True,
+    data_info: DatasetInfo, cfg: TrainParams, workdir: Path,
+    on_epoch_end: Optional[EpochHook] = None, backbone_path: Optional[str] = None,
+    resume_killed: bool = True,
 ) -> dict:
     """Train in ``workdir`` (one folder per run, locked while in use); see ``_train``.
 
@@ -221,8 +248,8 @@ def train_model(
 
 
 def _train(
-    data_info: dict, cfg: TrainParams, workdir: Path, on_epoch_end: Optional[EpochHook] = None,
-    backbone_path: Optional[str] = None,
+    data_info: DatasetInfo, cfg: TrainParams, workdir: Path,
+    on_epoch_end: Optional[EpochHook] = None, backbone_path: Optional[str] = None,
 ) -> dict:
     """Train on ``data_info``'s train split; return the training record (also in train.json).
 
@@ -238,6 +265,7 @@ def _train(
         build_classifier, build_head, export_serving_model, feature_dim, keras,
         load_backbone, unfreeze_top_layers,
     )
+    from petalflow.tasks.serving import DRIFT_REFERENCE
 
     k = keras()
     workdir = Path(workdir)
@@ -287,6 +315,7 @@ def _train(
     features_dir = workdir.parent / "features"
     val_x, val_y = cached_features(backbone, val_paths, val_y, cfg, features_dir / "val.npz")
     lap("val_features")
+    train_features = None  # the train split's cached features, when training used them
     history: dict[str, list] = {}
 
     def record(h):
@@ -308,6 +337,7 @@ def _train(
             train_x, train_y = cached_features(
                 backbone, train_paths, train_y, cfg, features_dir / "train.npz"
             )
+            train_features = train_x
             lap("train_features")
             head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
             record(head.fit(train_x, train_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
@@ -338,12 +368,26 @@ def _train(
         classifier, classes, cfg.image_size, staging,
         metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
     )
+    # Features cached before training are the final ones only if the backbone never changed.
+    reusable = train_features if not cfg.fine_tune_layers else None
+    write_json(staging / DRIFT_REFERENCE,
+               training_drift_reference(backbone, train_paths, cfg, reusable))
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(staging, export_dir)
     lap("export")
+    edge_dir = None
+    if cfg.edge_export:
+        from petalflow.tasks.edge import calibration_sample, export_tflite
+
+        edge_dir = workdir / "edge"
+        shutil.rmtree(edge_dir, ignore_errors=True)
+        export_tflite(classifier, classes, cfg.image_size, edge_dir,
+                      calibration_sample(train_paths, seed=cfg.seed))
+        lap("edge_export")
 
     record_ = {
         "export_dir": str(export_dir),
+        "edge_dir": str(edge_dir) if edge_dir else None,
         "device": device,
         "mixed_precision": mixed,
         "epochs": total,
@@ -359,7 +403,7 @@ def _train(
 
 
 @task(name="train-model")
-def train_model_task(data_info: dict, cfg: TrainParams, workdir: str, run_id: str,
+def train_model_task(data_info: DatasetInfo, cfg: TrainParams, workdir: str, run_id: str,
                      backbone_path: Optional[str] = None,
                      progress_artifact_id: Optional[str] = None) -> dict:
     """Thin wrapper: per-epoch metrics go to MLflow and to a Prefect progress artifact (the

@@ -172,7 +172,7 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
     def fake_job(params, on_batch=None):
         seen["params"] = params
         on_batch(1)
-        return {"images": 1, "errors": 0}
+        return {"images": 1, "errors": 0, "drift": None}
 
     monkeypatch.setattr("petalflow.tasks.predict.predict_images", fake_job)
     out = workspace / "p.json"

@@ -233,6 +233,8 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     # probe's errors are filtered out; one line names the device, and the feature pass reports.
     console = proc.stdout + proc.stderr
     assert "oneDNN custom operations" not in console and "absl::InitializeLog" not in console
+    assert "fully_quantize" not in console and "XNNPACK delegate" not in console
+    assert "tf.lite.Interpreter is deprecated" not in console
     if not list(Path("/dev").glob("nvidia[0-9]*")):
         assert "cuInit" not in console and "training on CPU" in console
     assert "features (train):" in console
@@ -241,7 +243,7 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     # Every overhead has a number: the per-phase table, start-up included for the command.
     assert set(summary["timings"]) == {"start-up", "backbone", "download", "scan",
                                        "training hand-off", "features", "epochs", "export",
-                                       "evaluation", "registration", "total"}
+                                       "edge export", "evaluation", "registration", "total"}
     assert summary["timings"]["total"] >= sum(
         v for k, v in summary["timings"].items() if k != "total") * 0.9
     assert summary["dataset"]["used"] == 36
@@ -518,3 +520,122 @@ def _model_server(mlflow_exe: Path, env: dict, cwd: Path, log_path: Path, timeou
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_every_version_carries_edge_models_that_pull_fetches(trained, tmp_path, monkeypatch,
+                                                            capsys):
+    """The run converts the model to TFLite (float16, int8), evaluates both on the test split
+    (summary, version tags, model card) and `petalflow pull --format tflite` fetches one with
+    its labels, which the stock interpreter runs to the SavedModel's label."""
+    import numpy as np
+    import tensorflow as tf
+
+    from petalflow.flows.cli import main
+    from petalflow.tasks.images import decode_image
+    from petalflow.tasks.serving import ImageClassifier
+
+    tmp, summary = trained
+    monkeypatch.chdir(tmp)
+    formats = [row["format"] for row in summary["edge"]]
+    assert formats == ["SavedModel", "TFLite float16", "TFLite int8"]
+    int8 = summary["edge"][2]
+    assert int8["size_mb"] < summary["edge"][0]["size_mb"] and int8["latency_ms"] > 0
+    mv = _client().get_model_version(MODEL, summary["model_version"])
+    assert mv.tags["edge_formats"] == "float16,int8"
+    assert float(mv.tags["edge_int8_test_accuracy"]) == pytest.approx(int8["test_accuracy"],
+                                                                      abs=1e-4)
+    assert "Edge models (TensorFlow Lite)" in mv.description
+
+    dest = tmp_path / "edge"
+    assert main(["pull", "--format", "tflite", "--dest", str(dest)]) == 0
+    printed = capsys.readouterr().out
+    model_path = dest / "model_int8.tflite"
+    assert f"saved the int8 TFLite model of models:/{MODEL}@champion to {model_path}" in printed
+    labels = (dest / "labels.txt").read_text().splitlines()
+    assert labels == sorted(COLOURS)
+    contract = json.loads((dest / "edge.json").read_text())
+    assert contract["input"]["shape"] == [1, 32, 32, 3]
+    photo = write_image(tmp_path / "blue.jpg", COLOURS["blue"], seed=4242)
+    interpreter = tf.lite.Interpreter(model_path=str(model_path))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                           decode_image(photo.read_bytes(), 32).numpy()[None])
+    interpreter.invoke()
+    probs = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0]
+    saved = ImageClassifier(str(next((tmp / "home" / "runs").rglob("export"))))
+    assert labels[int(np.argmax(probs))] == saved.predict_bytes([photo.read_bytes()])["label"][0]
+    assert main(["pull", "--format", "tflite", "--quantization", "float16", "--dest",
+                 str(dest)]) == 0
+    assert (dest / "model_float16.tflite").is_file()
+
+
+def _events(name: str) -> list[dict]:
+    """Events of that name stored by the Prefect server (they arrive asynchronously)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            found = client.request("POST", "/events/filter", json={
+                "filter": {"event": {"name": [name]}, "any_resource": None},
+                "limit": 50}).json()["events"]
+        if found or time.time() > deadline:
+            return found
+        time.sleep(1)
+
+
+def _grayscale_rotated(src: Path, dest: Path) -> Path:
+    from PIL import Image
+
+    for path in sorted(src.rglob("*.jpg")):
+        out = dest / path.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(path).convert("L").convert("RGB").rotate(90, expand=True).save(out)
+    return dest
+
+
+def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
+        trained, tmp_path, monkeypatch, capsys):
+    """New photos like the training ones: a drift score under the threshold, in the summary
+    and the drift artifact, no event. The same photos grayscale and rotated: over it, and
+    petalflow.drift.detected carries the champion's training parameters for a retraining."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from petalflow.flows.cli import main
+    from petalflow.flows.predict_flow import batch_predict
+    from petalflow.tasks.params import PredictParams
+
+    tmp, summary = trained
+    monkeypatch.chdir(tmp)
+    alike = make_dataset(tmp_path / "alike", per_class=4, seed=7)
+    shifted = _grayscale_rotated(alike, tmp_path / "shifted")
+
+    calm = batch_predict(PredictParams(input=[str(alike)], output=str(tmp_path / "a.csv")))
+    assert calm["drift"]["available"] and not calm["drift"]["drifted"]
+    assert calm["drift"]["drift_score"] < calm["drift"]["threshold"]
+    assert calm["drift"]["images"] == 12 and calm["drift_event"] is None
+    assert _events("petalflow.drift.detected") == []
+
+    alarm = batch_predict(PredictParams(input=[str(shifted)], output=str(tmp_path / "s.csv")))
+    drift = alarm["drift"]
+    assert drift["drifted"] and drift["drift_score"] > drift["threshold"]
+    events = _events("petalflow.drift.detected")
+    assert [e["id"] for e in events] == [alarm["drift_event"]]
+    payload = events[0]["payload"]
+    assert events[0]["resource"]["prefect.resource.id"] == f"petalflow.model.{MODEL}"
+    assert payload["drift"]["drift_score"] == pytest.approx(drift["drift_score"])
+    assert payload["params"]["data_url"] == json.loads(
+        _client().get_model_version(MODEL, summary["model_version"]).tags["params"])["data_url"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"drift-{MODEL}"])))
+    texts = [a.data for a in arts]
+    assert any(f"drift score **{drift['drift_score']:.3f}**" in t for t in texts)
+    assert any(f"drift score **{calm['drift']['drift_score']:.3f}**" in t for t in texts)
+
+    # The command measures the same way and says it.
+    assert main(["predict", "--input", str(shifted), "--output", str(tmp_path / "c.csv")]) == 0
+    assert f"drift: score {drift['drift_score']:.3f}" in capsys.readouterr().out

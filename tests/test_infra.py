@@ -21,9 +21,13 @@ def test_deployment_yaml_declares_the_deployments_and_pools():
     assert {deps[n]["work_pool"]["name"] for n in ("train", "retrain-weekly", "watch-data",
                                                    "batch-predict")} == {"cpu"}
     assert deps["watch-data"]["schedules"][0]["interval"] == 900
-    [trigger] = deps["train"]["triggers"]
+    trigger, on_drift = deps["train"]["triggers"]
     assert trigger["expect"] == ["petalflow.dataset.changed"]
     assert trigger["parameters"] == {"params": "{{ event.payload.params }}"}
+    # Drift can start a retraining too, but only once someone turns it on.
+    assert on_drift["expect"] == ["petalflow.drift.detected"] and on_drift["enabled"] is False
+    assert on_drift["match"] == {"prefect.resource.id": "petalflow.model.*"}
+    assert on_drift["parameters"] == {"params": "{{ event.payload.params }}"}
     sched = deps["retrain-weekly"]["schedules"][0]
     assert sched["cron"] == "0 3 * * 1" and sched["timezone"]
     for dep in deps.values():

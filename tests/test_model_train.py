@@ -99,9 +99,63 @@ def test_interrupted_training_resumes_from_last_checkpoint(tmp_path, tiny_backbo
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_backbone, data_info):
-    record = train_model(data_info, _cfg(tiny_backbone), tmp_path_factory.mktemp("w"))
-    return record["export_dir"]
+def trained(tmp_path_factory, tiny_backbone, data_info):
+    return train_model(data_info, _cfg(tiny_backbone), tmp_path_factory.mktemp("w"))
+
+
+@pytest.fixture(scope="module")
+def exported(trained):
+    return trained["export_dir"]
+
+
+def test_edge_models_run_in_the_stock_interpreter_and_agree_with_the_savedmodel(
+        trained, data_info):
+    """Both TFLite models, run with tf.lite.Interpreter on the test images as their contract
+    (edge.json) says, give the SavedModel's labels; labels.txt is in class order."""
+    import json
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    from petalflow.tasks.dataset import split_files
+    from petalflow.tasks.evaluate import evaluate_edge_models
+    from petalflow.tasks.serving import ImageClassifier
+
+    edge = Path(trained["edge_dir"])
+    contract = json.loads((edge / "edge.json").read_text())
+    assert (edge / "labels.txt").read_text().split("\n")[:-1] == data_info["classes"]
+    assert contract["input"]["shape"] == [1, 32, 32, 3]
+    paths, y = split_files(data_info, "test")
+    saved = ImageClassifier(trained["export_dir"]).predict(
+        pd.DataFrame({"image": [_b64(Path(p).read_bytes()) for p in paths]}))
+    labels = contract["labels"]
+    for fmt in ("float16", "int8"):
+        interpreter = tf.lite.Interpreter(model_path=str(edge / f"model_{fmt}.tflite"))
+        interpreter.allocate_tensors()
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        assert list(inp["shape"]) == contract["input"]["shape"] and inp["dtype"] == np.float32
+        predicted = []
+        for path in paths:
+            image = tf.image.resize(tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                                       expand_animations=False) / 255, (32, 32))
+            interpreter.set_tensor(inp["index"], image.numpy()[None].astype(np.float32))
+            interpreter.invoke()
+            predicted.append(labels[int(np.argmax(interpreter.get_tensor(out["index"])))])
+        assert predicted == list(saved["label"]), fmt
+    figures = evaluate_edge_models(edge, Path(trained["export_dir"]), data_info, 32)
+    truth = [data_info["classes"][i] for i in y]
+    for fmt in ("float16", "int8"):
+        result = figures["models"][fmt]
+        expected = np.mean([p == t for p, t in zip(list(saved["label"]), truth)])
+        assert result["test_accuracy"] == pytest.approx(expected)
+        assert result["size_bytes"] == (edge / f"model_{fmt}.tflite").stat().st_size
+        assert result["latency_ms"] > 0
+    assert figures["models"]["int8"]["size_bytes"] < figures["models"]["float16"]["size_bytes"]
+
+
+def test_edge_export_can_be_turned_off(tmp_path, tiny_backbone, data_info):
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False), tmp_path)
+    assert record["edge_dir"] is None and not (tmp_path / "edge").exists()
 
 
 def _b64(data: bytes) -> str:
@@ -205,3 +259,33 @@ def test_forced_retrain_does_not_resume_a_killed_attempt(tmp_path, tiny_backbone
     # The killed attempt was not consumed: a normal rerun still resumes from it.
     resumed = train_model(data_info, cfg, key_dir / "run-c")
     assert resumed["seeded_from"] == str(key_dir / "run-a") and resumed["resumed_from_epoch"] == 1
+
+
+def _shifted(path, size=(40, 30)) -> bytes:
+    """The same photo made grayscale and rotated a quarter turn."""
+    buf = io.BytesIO()
+    Image.open(path).convert("L").convert("RGB").rotate(90, expand=True).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_drift_is_low_on_training_like_images_and_high_on_shifted_ones(trained, data_info):
+    """The version carries its drift reference: photos like the training split score under
+    the threshold, the same photos grayscale and rotated score over it; bad rows are left out."""
+    from pathlib import Path
+
+    from petalflow.tasks.dataset import split_files
+    from petalflow.tasks.serving import DRIFT_THRESHOLD, ImageClassifier
+
+    model = ImageClassifier(trained["export_dir"])
+    assert model.drift_reference["images"] > 0
+    paths = split_files(data_info, "train")[0] + split_files(data_info, "test")[0]
+    alike = model.drift([Path(p).read_bytes() for p in paths] + [b"not an image"])
+    assert alike["images"] == len(paths)
+    assert alike["drift_score"] < DRIFT_THRESHOLD and not alike["drifted"]
+    shifted = model.drift([_shifted(p) for p in paths])
+    assert shifted["drift_score"] > DRIFT_THRESHOLD and shifted["drifted"]
+    assert shifted["image_drift"] > alike["image_drift"]
+    # Over the pyfunc interface (what `mlflow models serve` answers): one row.
+    frame = model.predict(pd.DataFrame({"image": [_b64(_shifted(p)) for p in paths]}),
+                          params={"output": "drift"})
+    assert len(frame) == 1 and bool(frame["drifted"].iloc[0])

@@ -1,0 +1,182 @@
+"""Edge models and drift, measured on a real folder-per-class dataset.
+
+1. ``petalflow train`` on the whole dataset (edge export on, the default) into a fresh
+   PETALFLOW_HOME and SQLite MLflow store; the run's summary holds, per format (SavedModel,
+   TFLite float16, TFLite int8), the test-split accuracy, size and latency. They are printed.
+2. Drift, through the registered model's own interface (``mlflow.pyfunc.load_model(...)
+   .predict(images, params={"output": "drift"})``), on random samples of n images
+   (n = 20, 50, 100, 200; ``--repeats`` samples each):
+   - ``held-out``: the test split (photos the model never saw, same distribution);
+   - ``grayscale``, ``rotated`` (a quarter turn), ``grayscale+rotated``, ``dark`` (x0.4):
+     the same test photos, transformed;
+   - ``unseen class``: a second ``petalflow train`` without one class (``--hold-out-class``,
+     default: the last class folder), whose drift is measured on that class's photos, against
+     its own held-out test photos as the in-distribution reference.
+   The threshold (``DRIFT_THRESHOLD`` in tasks/serving.py) must sit above every held-out score
+   and below the shifted ones: the table shows min / median / max per condition and n.
+
+    .venv/bin/python bench/edge_drift_bench.py --archive flower_photos_1500.tgz \
+        --backbone mobilenet_v2_035_224_feature_vector --json edge_drift.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+SIZES = (20, 50, 100, 200)
+
+
+def train(data_url: str, backbone: str, home: Path, name: str, edge: bool) -> dict:
+    env = dict(os.environ, PETALFLOW_HOME=str(home / "home"),
+               MLFLOW_TRACKING_URI=f"sqlite:///{home / 'mlflow.db'}")
+    home.mkdir(parents=True, exist_ok=True)
+    summary = home / f"{name}.json"
+    cmd = [str(BIN / "petalflow"), "train", "--data-url", data_url, "--backbone", backbone,
+           "--model-name", name, "--summary-json", str(summary)]
+    if not edge:
+        cmd.append("--no-edge-export")
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return json.loads(summary.read_text())
+
+
+def test_files(summary: dict) -> list[Path]:
+    import pandas as pd
+
+    manifest = pd.read_csv(summary["manifest"], keep_default_na=False)
+    root = Path(json.loads((Path(summary["manifest"]).parent / "dataset.json").read_text())
+                ["data_root"])
+    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == "test")]
+    return [root / p for p in rows["path"]]
+
+
+def transform(path: Path, kind: str) -> bytes:
+    from PIL import Image, ImageEnhance
+
+    img = Image.open(path).convert("RGB")
+    if "grayscale" in kind:
+        img = img.convert("L").convert("RGB")
+    if "rotated" in kind:
+        img = img.rotate(90, expand=True)
+    if kind == "dark":
+        img = ImageEnhance.Brightness(img).enhance(0.4)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def scores(model, images: list[bytes], repeats: int, seed: int, threshold: float) -> dict:
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in SIZES:
+        if n > len(images):
+            continue
+        values, parts = [], []
+        for _ in range(repeats):
+            pick = rng.choice(len(images), n, replace=False)
+            frame = model.predict(pd.DataFrame({"image": [
+                base64.b64encode(images[i]).decode() for i in pick]}),
+                params={"output": "drift"})
+            values.append(float(frame["drift_score"].iloc[0]))
+            parts.append((float(frame["feature_drift"].iloc[0]),
+                          float(frame["image_drift"].iloc[0])))
+        out[n] = {"min": min(values), "median": float(np.median(values)), "max": max(values),
+                  "over_threshold": float(np.mean([v > threshold for v in values])),
+                  "feature_median": float(np.median([p[0] for p in parts])),
+                  "image_median": float(np.median([p[1] for p in parts]))}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--archive", type=Path, required=True)
+    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--hold-out-class", default=None)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    import mlflow
+
+    from petalflow.tasks.serving import DRIFT_THRESHOLD
+
+    work = Path(tempfile.mkdtemp(prefix="edge-drift-"))
+    result = {"command": " ".join(sys.argv), "machine": f"{platform.node()} "
+              f"({os.cpu_count()} CPUs)", "threshold": DRIFT_THRESHOLD}
+    try:
+        full = train(str(args.archive.resolve()), args.backbone, work / "full", "edge-bench",
+                     edge=True)
+        result["edge"] = full["edge"]
+        result["timings"] = full["timings"]
+        mlflow.set_tracking_uri(f"sqlite:///{work / 'full' / 'mlflow.db'}")
+        model = mlflow.pyfunc.load_model(full["model_uri"])
+        held_out = test_files(full)
+        conditions = {"held-out": [p.read_bytes() for p in held_out]}
+        for kind in ("grayscale", "rotated", "grayscale+rotated", "dark"):
+            conditions[kind] = [transform(p, kind) for p in held_out]
+        result["drift"] = {k: scores(model, v, args.repeats, 1, DRIFT_THRESHOLD)
+                           for k, v in conditions.items()}
+
+        # Unseen class: train without one class folder, measure on its photos.
+        with tarfile.open(args.archive) as tar:
+            tar.extractall(work / "data", filter="data")
+        root = next(p for p in (work / "data").rglob("*")
+                    if p.is_dir() and sum(1 for c in p.iterdir() if c.is_dir()) >= 2)
+        classes = sorted(c.name for c in root.iterdir() if c.is_dir())
+        held = args.hold_out_class or classes[-1]
+        shutil.move(str(root / held), str(work / held))
+        part = train(str(root), args.backbone, work / "part", "edge-bench-part", edge=False)
+        mlflow.set_tracking_uri(f"sqlite:///{work / 'part' / 'mlflow.db'}")
+        model = mlflow.pyfunc.load_model(part["model_uri"])
+        result["drift"][f"held-out (model without {held})"] = scores(
+            model, [p.read_bytes() for p in test_files(part)], args.repeats, 2, DRIFT_THRESHOLD)
+        result["drift"][f"unseen class {held}"] = scores(
+            model, [p.read_bytes() for p in sorted((work / held).iterdir())], args.repeats, 3,
+            DRIFT_THRESHOLD)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"command: {result['command']}\nmachine: {result['machine']}\n")
+    print("| format | test accuracy | size (MB) | latency (ms/image) |\n|---|---|---|---|")
+    for row in result["edge"]:
+        print(f"| {row['format']} | {row['test_accuracy']:.4f} | {row['size_mb']:.2f} | "
+              f"{row['latency_ms']:.1f} |")
+    print(f"\ndrift score (threshold {DRIFT_THRESHOLD}): min / median / max of "
+          f"{args.repeats} samples\n")
+    print("| condition | " + " | ".join(f"n={n}" for n in SIZES) + " |")
+    print("|---|" + "---|" * len(SIZES))
+    for cond, by_n in result["drift"].items():
+        cells = [f"{v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f}" if (v := by_n.get(n))
+                 else "-" for n in SIZES]
+        print(f"| {cond} | " + " | ".join(cells) + " |")
+    print("\nshare of samples over the threshold; median feature / image drift\n")
+    print("| condition | " + " | ".join(f"n={n}" for n in SIZES) + " |")
+    print("|---|" + "---|" * len(SIZES))
+    for cond, by_n in result["drift"].items():
+        cells = [f"{v['over_threshold']:.0%}; {v['feature_median']:.2f} / "
+                 f"{v['image_median']:.2f}" if (v := by_n.get(n)) else "-" for n in SIZES]
+        print(f"| {cond} | " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Drift at prediction time: report it, and announce it as a Prefect event.
+
+The measure itself travels with the model (``tasks/serving.py``: the version's stored reference
+of its training data, ``drift_scores``); this module turns a prediction job's result into the
+``drift-<model>`` artifact and, over the threshold, the ``petalflow.drift.detected`` event,
+whose payload carries the version's training parameters so a trigger can start a retraining.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+EVENT = "petalflow.drift.detected"
+
+
+def drift_markdown(summary: dict) -> str:
+    """The artifact: the score, its parts, the threshold and what was compared."""
+    drift = summary.get("drift") or {}
+    inputs = ", ".join(f"`{item}`" for item in summary["inputs"])
+    if not drift.get("available"):
+        return (f"# Drift\n\nNot measured for `{summary['model_uri']}`: "
+                f"{drift.get('reason', 'turned off')}.\n")
+    verdict = ("**over the threshold: these images do not look like the training data**"
+               if drift["drifted"] else "under the threshold: like the training data")
+    return "\n".join([
+        "# Drift", "",
+        f"{drift['images']} images from {inputs} compared with what `{summary['model_uri']}` "
+        f"was trained on: drift score **{drift['drift_score']:.3f}** (threshold "
+        f"{drift['threshold']:.2f}), {verdict}.", "",
+        "| measure | value |", "|---|---|",
+        f"| backbone features (standardised mean shift, RMS over dimensions) | "
+        f"{drift['feature_drift']:.3f} |",
+        f"| image statistics (size, aspect, brightness, contrast, saturation) | "
+        f"{drift['image_drift']:.3f} |",
+        f"| drift score (the larger) | {drift['drift_score']:.3f} |", ""])
+
+
+def model_resource(model_uri: str) -> str:
+    """The event's resource id: ``petalflow.model.<name>`` for a registered model URI."""
+    name = model_uri[len("models:/"):].split("@")[0].split("/")[0] \
+        if model_uri.startswith("models:/") else "local"
+    return f"petalflow.model.{name}"
+
+
+def drift_payload(summary: dict, training_params: Optional[dict]) -> dict:
+    return {"model_uri": summary["model_uri"], "inputs": summary["inputs"],
+            "output": summary["output"], "drift": summary["drift"],
+            "params": training_params}
+
+
+def emit_drift_detected(summary: dict, training_params: Optional[dict]) -> str:
+    """Emit ``petalflow.drift.detected``; returns the event id."""
+    from prefect.events import emit_event
+
+    event = emit_event(
+        event=EVENT,
+        resource={"prefect.resource.id": model_resource(summary["model_uri"]),
+                  "prefect.resource.name": summary["model_uri"]},
+        payload=drift_payload(summary, training_params),
+    )
+    if event is None:
+        raise RuntimeError("Prefect events are disabled here; cannot announce the drift")
+    return str(event.id)
+
+
+def training_params_of(model_uri: str) -> Optional[dict]:
+    """The train parameters a registered version was trained with (its ``params`` tag), for
+    a retraining trigger; None for a local folder or a version without the tag."""
+    if not model_uri.startswith("models:/"):
+        return None
+    from petalflow.tasks.registry import mlflow_client
+
+    client = mlflow_client()
+    name, _, alias = model_uri[len("models:/"):].partition("@")
+    if alias:
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = name.rpartition("/")
+        version = client.get_model_version(name, number)
+    raw = (version.tags or {}).get("params")
+    return json.loads(raw) if raw else None

@@ -1,0 +1,182 @@
+"""Edge models: TensorFlow Lite copies of the trained classifier, beside every version.
+
+Two conversions of the same Keras classifier (backbone + head) that training produced:
+``model_float16.tflite`` (weights stored as float16) and ``model_int8.tflite`` (weights and
+activations int8, calibrated on a sample of the training split; input and output stay float32,
+so callers need no scale or zero point). Both take one image ``[1, S, S, 3]`` float32 in [0, 1]
+(decoded RGB, resized to S x S with bilinear resampling, no crop) and return the class
+probabilities ``[1, classes]`` in the order of ``labels.txt``. ``edge.json`` describes that
+contract and, after ``evaluate_edge``, each model's test-split accuracy, size and latency.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+from petalflow.tasks.common import write_json
+
+FORMATS = ("float16", "int8")
+CALIBRATION_IMAGES = 100  # enough for stable activation ranges (measured: BENCHMARKS.md)
+LATENCY_IMAGES = 50
+
+
+def model_file(fmt: str) -> str:
+    return f"model_{fmt}.tflite"
+
+
+def _decode_file(path: str, image_size: int):
+    import tensorflow as tf
+
+    from petalflow.tasks.images import decode_image
+
+    return decode_image(tf.io.read_file(path), image_size)
+
+
+def calibration_sample(paths: Sequence[str], n: int = CALIBRATION_IMAGES, seed: int = 0) -> list:
+    """A fixed, seeded sample of up to ``n`` training files for int8 calibration."""
+    paths = sorted(paths)
+    random.Random(seed).shuffle(paths)
+    return paths[:n]
+
+
+def export_tflite(classifier, class_names: Sequence[str], image_size: int, out_dir: Path,
+                  calibration_paths: Sequence[str]) -> dict:
+    """Convert ``classifier`` (Keras: images -> probabilities) to the two TFLite models in
+    ``out_dir`` with ``labels.txt`` and ``edge.json``; returns the edge description."""
+    import tensorflow as tf
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="image")
+
+    @tf.function(input_signature=[spec])
+    def classify(image):
+        return {"probabilities": tf.cast(classifier(image, training=False), tf.float32)}
+
+    concrete = classify.get_concrete_function()
+
+    def converter():
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], classifier)
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        return conv
+
+    half = converter()
+    half.target_spec.supported_types = [tf.float16]
+    (out_dir / model_file("float16")).write_bytes(half.convert())
+
+    sample = list(calibration_paths)
+
+    def representative():
+        for path in sample:
+            yield [tf.expand_dims(_decode_file(path, image_size), 0)]
+
+    int8 = converter()
+    int8.representative_dataset = representative
+    int8.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    (out_dir / model_file("int8")).write_bytes(int8.convert())
+
+    (out_dir / "labels.txt").write_text("".join(f"{name}\n" for name in class_names),
+                                        encoding="utf-8")
+    description = {
+        "input": {"shape": [1, image_size, image_size, 3], "dtype": "float32",
+                  "range": [0.0, 1.0], "color": "RGB",
+                  "resize": "bilinear to the square size, aspect ratio not kept"},
+        "output": {"shape": [1, len(class_names)], "dtype": "float32",
+                   "meaning": "class probabilities in labels.txt order"},
+        "labels": list(class_names),
+        "calibration_images": len(sample),
+        "models": {fmt: {"file": model_file(fmt),
+                         "size_bytes": (out_dir / model_file(fmt)).stat().st_size}
+                   for fmt in FORMATS},
+    }
+    write_json(out_dir / "edge.json", description)
+    return description
+
+
+def tflite_classifier(model_path: Path, threads: int = 1):
+    """A function image [S, S, 3] float32 -> probabilities, over the stock interpreter."""
+    import warnings
+
+    import numpy as np
+    import tensorflow as tf
+
+    with warnings.catch_warnings():  # its move to ai_edge_litert; the stock one still works
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        interpreter = tf.lite.Interpreter(model_path=str(model_path), num_threads=threads)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+
+    def run(image):
+        interpreter.set_tensor(inp, np.asarray(image, np.float32)[None])
+        interpreter.invoke()
+        return interpreter.get_tensor(out)[0].copy()
+
+    return run
+
+
+def _latency_ms(fn, items) -> float:
+    """Mean milliseconds of ``fn`` per item (the first call, which allocates, not counted)."""
+    fn(items[0])
+    started = time.perf_counter()
+    for item in items:
+        fn(item)
+    return 1000.0 * (time.perf_counter() - started) / len(items)
+
+
+def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], test_y,
+                  image_size: int) -> dict:
+    """Each TFLite model's test-split accuracy, size and CPU latency per image, with the
+    serving SavedModel's size and latency measured the same way: one image file in, its
+    probabilities out (decode included), batch 1, one interpreter thread. Written into
+    ``edge.json`` and returned."""
+    import numpy as np
+    import tensorflow as tf
+
+    edge_dir = Path(edge_dir)
+    description = json.loads((edge_dir / "edge.json").read_text())
+    runners = {fmt: tflite_classifier(edge_dir / model_file(fmt)) for fmt in FORMATS}
+    correct = {fmt: 0 for fmt in FORMATS}
+    for path, label in zip(test_paths, np.asarray(test_y)):  # one image in memory at a time
+        image = _decode_file(path, image_size).numpy()
+        for fmt, run in runners.items():
+            correct[fmt] += int(np.argmax(run(image)) == label)
+    timed = list(test_paths[:LATENCY_IMAGES])
+    results = {}
+    for fmt, run in runners.items():
+        results[fmt] = {
+            "file": model_file(fmt),
+            "test_accuracy": correct[fmt] / max(len(test_paths), 1),
+            "size_bytes": (edge_dir / model_file(fmt)).stat().st_size,
+            "latency_ms": round(_latency_ms(
+                lambda p, run=run: run(_decode_file(p, image_size).numpy()), timed), 3),
+        }
+    # The SavedModel the version serves, through its own signature, one file at a time.
+    serve = tf.saved_model.load(str(export_dir)).signatures["classify_bytes"]
+    saved_ms = _latency_ms(lambda p: serve(image_bytes=tf.stack([tf.io.read_file(p)])), timed)
+    size = sum(f.stat().st_size for f in Path(export_dir).rglob("*") if f.is_file())
+    description["savedmodel"] = {"size_bytes": size, "latency_ms": round(saved_ms, 3)}
+    description["models"] = results
+    description["test_images"] = len(test_paths)
+    description["latency"] = ("ms per image file: decode + resize + classify, batch 1, one "
+                              "interpreter thread")
+    write_json(edge_dir / "edge.json", description)
+    return description
+
+
+def edge_summary(description: dict, savedmodel_accuracy: float) -> list[dict]:
+    """Rows (format, test accuracy, size, latency) for the model card and the artifacts."""
+    saved = description.get("savedmodel", {})
+    rows = [{"format": "SavedModel", "test_accuracy": round(savedmodel_accuracy, 4),
+             "size_mb": round(saved.get("size_bytes", 0) / 1e6, 2),
+             "latency_ms": saved.get("latency_ms")}]
+    for fmt, result in description["models"].items():
+        rows.append({"format": f"TFLite {fmt}",
+                     "test_accuracy": round(result.get("test_accuracy", float("nan")), 4),
+                     "size_mb": round(result["size_bytes"] / 1e6, 2),
+                     "latency_ms": result.get("latency_ms")})
+    return rows
