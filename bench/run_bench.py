@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from petalflow.flows.stack import descendant_pids
+from petalflow.stack import descendant_pids
 from petalflow.tasks.images import IMAGE_SUFFIXES  # what petalflow predict picks up
 
 REPO = Path(__file__).resolve().parent.parent

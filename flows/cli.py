@@ -20,7 +20,9 @@ from typing import Literal, Optional, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from petalflow.tasks.params import DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option
+from petalflow.tasks.params import (
+    CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
+)
 
 EXIT_USAGE = 2
 # Exit statuses of `petalflow train` (documented in the README).
@@ -86,22 +88,25 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
     """One option per field of a parameter model (the same model the flow and the UI form
     use): ``--field-name`` (or its CLI spelling), help from the field's description."""
     for name, field in model.model_fields.items():
+        if name in CLI_HIDDEN:
+            continue
         option = cli_option(name)
-        default = "required" if field.is_required() else f"default: {field.default}"
+        required = field.is_required() or name in CLI_REQUIRED
+        default = "required" if required else f"default: {field.default}"
         help_text = f"{field.description} ({default})"
         if field.annotation is bool:
             p.add_argument(option, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text)
         elif get_origin(field.annotation) is list:
             p.add_argument(option, dest=name, nargs="+", default=None, help=help_text,
-                           required=field.is_required())
+                           required=required)
         else:
             # Values stay strings here; the model validates and converts them, so every
             # entry point (CLI, UI, API) refuses the same values with the same message.
             choices = get_args(field.annotation) if get_origin(field.annotation) is Literal \
                 else None
             p.add_argument(option, dest=name, default=None, choices=choices,
-                           required=field.is_required(),
+                           required=required,
                            metavar=None if choices else name.upper(), help=help_text)
 
 
@@ -399,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _STARTED_AT = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
-        from petalflow.flows.stack import main as stack_main
+        from petalflow.stack import main as stack_main
 
         return stack_main(argv[1:])
     parser = build_parser()

@@ -58,9 +58,15 @@ def export_tflite(classifier, class_names: Sequence[str], image_size: int, out_d
         return {"probabilities": tf.cast(classifier(image, training=False), tf.float32)}
 
     concrete = classify.get_concrete_function()
+    # The converter saves the object it is given to a temporary SavedModel and loads it back:
+    # give it only the variables, not the Keras model with every layer's traced functions
+    # (measured: 13.6 s -> 3 s per conversion for MobileNetV2, same model bytes).
+    holder = tf.Module()
+    holder.variables_ = list(classifier.variables)
+    holder.classify = classify
 
     def converter():
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], classifier)
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         return conv
 

@@ -99,7 +99,7 @@ class TrainParams(BaseModel):
         True, title="Edge (TFLite) models",
         description="Also convert the model to TensorFlow Lite (float16, and int8 calibrated on "
         "training images), evaluate both on the test split and log them with the version "
-        "(petalflow pull --format tflite). About 30 s on a 2-core CPU.",
+        "(petalflow pull --format tflite). About 15 s on a 2-core CPU.",
     )
     model_name: str = Field(
         DEFAULT_MODEL_NAME, title="Registered model name",
@@ -250,8 +250,12 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# CLI spellings that differ from the field name (the rest: ``--field-name``).
+# CLI spellings that differ from the field name (the rest: ``--field-name``); fields the CLI
+# leaves out (an old name another option covers); fields the CLI requires though the flow's
+# schema does not (the flow also accepts the old name instead).
 _CLI_NAMES = {"model_uri": "--model"}
+CLI_HIDDEN = {"input_folder"}
+CLI_REQUIRED = {"input"}
 
 
 def training_target(params: TrainParams, from_deployment: bool) -> Optional[str]:
@@ -282,8 +286,14 @@ class PredictParams(BaseModel):
     model_name: str = Field(DEFAULT_MODEL_NAME, title="Registered model name",
                             description="Used for the default model URI.")
     input: list[str] = Field(
-        ..., min_length=1, title="Images",
-        description="Image files, folders (searched recursively) or glob patterns.",
+        default_factory=list, title="Images",
+        description="Image files, folders (searched recursively) or glob patterns (at least "
+        "one).",
+    )
+    input_folder: Optional[str] = Field(
+        None, title="Input folder (old name)",
+        description="What batch-predict took before Images: one folder, added to Images. "
+        "Kept so existing calls keep working; use Images.",
     )
     output: str = Field(..., title="Output file",
                         description="Where the predictions go (CSV or JSON); its folder must "
@@ -301,14 +311,27 @@ class PredictParams(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _legacy_input_folder(cls, data):
-        """``input_folder`` (one folder) is what batch-predict took before ``input``."""
-        if isinstance(data, dict) and "input_folder" in data and "input" not in data:
-            data = {**data, "input": data["input_folder"]}
-            data.pop("input_folder")
+    def _one_item_is_a_list(cls, data):
         if isinstance(data, dict) and isinstance(data.get("input"), str):
             data = {**data, "input": [data["input"]]}
         return data
+
+    @model_validator(mode="after")
+    def _something_to_classify(self) -> "PredictParams":
+        """``input_folder`` (one folder) is what batch-predict took before ``input``."""
+        if self.input_folder:
+            object.__setattr__(self, "input", [*self.input, self.input_folder])
+            object.__setattr__(self, "input_folder", None)
+        if not self.input:
+            raise ValueError("input: give at least one image file, folder or pattern")
+        return self
+
+    @field_validator("input_folder")
+    @classmethod
+    def _folder_exists(cls, value: Optional[str]) -> Optional[str]:
+        if value and not Path(value).expanduser().is_dir():
+            raise ValueError(f"{value!r} is not a folder")
+        return value or None
 
     @field_validator("input")
     @classmethod

@@ -142,14 +142,19 @@ class ImageClassifier:
 def image_statistics(images: Sequence[bytes]) -> np.ndarray:
     """[n, len(IMAGE_STATS)] per encoded image: width, height, aspect (w/h), brightness (mean
     of RGB in [0, 1]), contrast (std of the gray levels), saturation (mean of max-min over RGB).
-    Images must be decodable."""
+    Images must be decodable. The training reference and every batch use this same function,
+    so the reduced-scale JPEG decode is applied alike on both sides."""
     import tensorflow as tf
 
     rows = []
     for data in images:
-        rgb = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+        if bool(tf.io.is_jpeg(data)):  # JPEG: decoded at 1/4 scale (DCT scaling, ~10x faster)
+            h, w = (int(v) for v in tf.image.extract_jpeg_shape(data)[:2])
+            rgb = tf.io.decode_jpeg(data, channels=3, ratio=4).numpy()
+        else:
+            rgb = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
+            h, w = rgb.shape[:2]
         rgb = rgb.astype(np.float32) / 255.0
-        h, w = rgb.shape[:2]
         gray = rgb.mean(axis=2)
         rows.append([w, h, w / max(h, 1), rgb.mean(), gray.std(),
                      (rgb.max(axis=2) - rgb.min(axis=2)).mean()])

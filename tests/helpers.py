@@ -223,3 +223,32 @@ def revalidating_server(validators: bool = True):
         server.site = ChangingSite(validators)
         server.site.url = base_url(server)
         yield server.site
+
+
+RETRYABLE_STATUS = {429, 502, 503}
+
+
+def prefect_request(stack, method: str, path: str, attempts: int = 6, **kw):
+    """One raw call to a stack's Prefect REST API (what a user's curl or the UI sends), with
+    the stack's auth header, retried on 429/502/503 as Prefect's own client does: a
+    SQLite-backed server answers 503 when concurrent writes collide."""
+    import base64
+    import time
+
+    import httpx
+
+    kw.setdefault("timeout", 30)
+    auth = stack.env().get("PREFECT_API_AUTH_STRING")
+    headers = {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} \
+        if auth else {}
+    headers.update(kw.pop("headers", {}))
+    for attempt in range(attempts):
+        resp = httpx.request(method, f"{stack.prefect_api}{path}", headers=headers, **kw)
+        if resp.status_code not in RETRYABLE_STATUS or attempt == attempts - 1:
+            return resp
+        try:
+            delay = float(resp.headers.get("Retry-After", ""))
+        except ValueError:
+            delay = min(2.0 ** attempt, 10.0)
+        time.sleep(delay)
+    return resp

@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from petalflow.flows.stack import Stack, create_pools, create_zombie_automation, deploy, down, \
-    prefect_request, start_mlflow_server, start_prefect_server, start_workers
-from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
+from petalflow.stack import Stack, create_zombie_automation, deploy, down, \
+    start_mlflow_server, start_prefect_server, start_workers
+from tests.helpers import free_port, make_dataset, make_tgz, prefect_request, serve_directory
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
@@ -35,11 +35,10 @@ def stack(tmp_path_factory):
         try:
             start_prefect_server(st)
             start_mlflow_server(st)
-            create_pools(st)
+            start_workers(st)  # as `petalflow stack up`: the workers create the pools
             # Heartbeats every 30 s (the minimum); a run silent for 45 s is Crashed.
             create_zombie_automation(st, within_s=45)
             deploy(st)
-            start_workers(st)
             yield st
         finally:
             down(st)
@@ -421,7 +420,7 @@ def _stop_workers(st: Stack) -> None:
     import os
     import signal
 
-    from petalflow.flows.stack import descendant_pids
+    from petalflow.stack import descendant_pids
 
     victims = []
     for pool in ("cpu", "gpu"):

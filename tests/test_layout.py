@@ -69,3 +69,11 @@ def test_installing_petalflow_claims_only_the_petalflow_import_name(tmp_path):
 
     assert json.loads(out) == {"petalflow": True, "petalflow.flows.cli": True,
                                "petalflow.tasks.params": True, "flows": False, "tasks": False}
+
+
+def test_flows_folder_holds_flows_and_the_cli_only():
+    """Each module in flows/ defines a Prefect flow, except the command line itself."""
+    for path in sorted((REPO / "flows").glob("*.py")):
+        if path.name in ("__init__.py", "cli.py"):
+            continue
+        assert "@flow(" in path.read_text(), f"{path.name} in flows/ defines no flow"

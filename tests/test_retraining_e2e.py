@@ -171,7 +171,7 @@ def _alias_failing_proxy(upstream: str):
 
 def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
         tmp_path, monkeypatch, tiny_backbone, prefect_harness):
-    from petalflow.flows.stack import Stack, down, start_mlflow_server
+    from petalflow.stack import Stack, down, start_mlflow_server
     from petalflow.flows.train_flow import train_and_register
     from petalflow.tasks import registry
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from petalflow.flows.stack import Stack, create_pools, down, start_mlflow_server, start_prefect_server
+from petalflow.stack import Stack, down, start_mlflow_server, start_prefect_server
 from tests.helpers import free_port, make_dataset, make_tgz, serve_directory
 
 pytestmark = pytest.mark.e2e
@@ -74,7 +74,10 @@ def test_prefect_server_auth_string_refuses_a_worker_without_it(tmp_path, monkey
     try:
         start_prefect_server(st)
         assert httpx.get(f"{st.prefect_api}/work_pools/cpu", timeout=10).status_code == 401
-        create_pools(st)  # the stack's own clients carry the auth string
+        # The stack's environment carries the auth string: the stock CLI gets in with it.
+        subprocess.run([st.bin("prefect"), "--no-prompt", "work-pool", "create", "cpu",
+                        "--type", "process"], env=st.env(), check=True, capture_output=True,
+                       timeout=120)
         env = {k: v for k, v in st.env().items() if k != "PREFECT_API_AUTH_STRING"}
         env["PREFECT_API_AUTH_STRING"] = "admin:not-the-password"
         proc = subprocess.run(

@@ -177,40 +177,23 @@ def _wait(what: str, check, timeout_s: float, stack: Stack, name: str) -> None:
                        f"{stack.logs / (name + '.log')}")
 
 
-def _auth_headers(stack: Stack) -> dict:
-    import base64
+def prefect_client(stack: Stack):
+    """Prefect's own (sync) client for the stack's API, with its auth string; it retries
+    429/502/503 itself (a SQLite-backed server answers 503 when writes collide)."""
+    from prefect.client.orchestration import SyncPrefectClient
 
-    auth = stack.env().get("PREFECT_API_AUTH_STRING")
-    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
-
-
-RETRYABLE_STATUS = {429, 502, 503}
-
-
-def prefect_request(stack: Stack, method: str, path: str, attempts: int = 6,
-                    **kw) -> httpx.Response:
-    """One call to the stack's Prefect REST API, with its auth header, retried like Prefect's
-    own client does on 429/502/503: a SQLite-backed server answers 503 when concurrent writes
-    collide ("database is locked"), which is transient. Other statuses are returned as they are."""
-    kw.setdefault("timeout", 30)
-    headers = {**_auth_headers(stack), **kw.pop("headers", {})}
-    for attempt in range(attempts):
-        resp = httpx.request(method, f"{stack.prefect_api}{path}", headers=headers, **kw)
-        if resp.status_code not in RETRYABLE_STATUS or attempt == attempts - 1:
-            return resp
-        try:
-            delay = float(resp.headers.get("Retry-After", ""))
-        except ValueError:
-            delay = min(2.0 ** attempt, 10.0)
-        time.sleep(delay)
-    return resp
+    return SyncPrefectClient(stack.prefect_api, auth_string=stack.env().get(
+        "PREFECT_API_AUTH_STRING"))
 
 
 def start_prefect_server(stack: Stack, timeout_s: float = 120) -> None:
     _start(stack, "prefect-server", [stack.bin("prefect"), "server", "start", "--host",
                                       stack.host, "--port", str(stack.prefect_port)])
-    _wait("Prefect server", lambda: prefect_request(stack, "GET", "/health", attempts=1, timeout=3)
-          .status_code == 200, timeout_s, stack, "prefect-server")
+    def healthy() -> bool:
+        with prefect_client(stack) as client:
+            return client.api_healthcheck() is None
+
+    _wait("Prefect server", healthy, timeout_s, stack, "prefect-server")
 
 
 def write_mlflow_auth_config(stack: Stack) -> Path:
@@ -256,17 +239,6 @@ def _prefect(stack: Stack, *args: str, check: bool = True) -> subprocess.Complet
                           timeout=300)
 
 
-def create_pools(stack: Stack) -> None:
-    """Process work pools ``cpu`` and ``gpu`` (idempotent); ``gpu`` runs one training at a time."""
-    for pool, purpose in POOLS.items():
-        got = prefect_request(stack, "GET", f"/work_pools/{pool}")
-        if got.status_code == 404:
-            _prefect(stack, "work-pool", "create", pool, "--type", "process")
-        else:
-            got.raise_for_status()
-    _prefect(stack, "work-pool", "set-concurrency-limit", "gpu", "1")
-
-
 def deploy(stack: Stack) -> str:
     """``prefect deploy --prefect-file deployment.yaml --all`` with the stock CLI."""
     out = _prefect(stack, "deploy", "--prefect-file", str(stack.repo / "deployment.yaml"),
@@ -275,50 +247,47 @@ def deploy(stack: Stack) -> str:
 
 
 def start_workers(stack: Stack, timeout_s: float = 120) -> None:
+    """One process worker per pool; a worker creates its pool when it is missing. The ``gpu``
+    pool then gets its limit: one training at a time."""
     for pool in POOLS:
         _start(stack, f"worker-{pool}", [stack.bin("prefect"), "worker", "start", "--pool", pool,
                                          "--type", "process"])
+
+    def ready(pool: str) -> bool:
+        from prefect.exceptions import ObjectNotFound
+
+        with prefect_client(stack) as client:
+            try:
+                return client.read_work_pool(pool).status == "READY"
+            except ObjectNotFound:  # the worker has not created it yet
+                return False
+
     for pool in POOLS:
-        _wait(f"worker for pool {pool}", lambda p=pool: prefect_request(
-            stack, "GET", f"/work_pools/{p}", attempts=1, timeout=3)
-            .json().get("status") == "READY",
-            timeout_s, stack, f"worker-{pool}")
+        _wait(f"worker for pool {pool}", lambda p=pool: ready(p), timeout_s, stack,
+              f"worker-{pool}")
+    _prefect(stack, "work-pool", "set-concurrency-limit", "gpu", "1")
 
 
-ZOMBIE_AUTOMATION = "petalflow: crash flow runs that stop sending heartbeats"
+AUTOMATIONS = REPO / "infra" / "automations"
+ZOMBIE_AUTOMATION_FILE = AUTOMATIONS / "crash-silent-runs.yaml"
 
 
-def create_zombie_automation(stack: Stack, within_s: int = 90) -> None:
+def create_zombie_automation(stack: Stack, within_s: Optional[int] = None) -> None:
     """Mark a flow run Crashed when its heartbeats stop (its worker or machine died), instead of
-    leaving it Running forever. Flow runs send a heartbeat every PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-    seconds (30 in this stack); ``within_s`` must exceed it. Idempotent (matched by name)."""
-    found = prefect_request(stack, "POST", "/automations/filter", json={})
-    found.raise_for_status()
-    if any(a["name"] == ZOMBIE_AUTOMATION for a in found.json()):
-        return
-    automation = {
-        "name": ZOMBIE_AUTOMATION,
-        "description": "A flow run that sent a heartbeat must send another (or finish) within "
-                       f"{within_s} s; otherwise its process is gone and the run is Crashed.",
-        "enabled": True,
-        "trigger": {
-            "type": "event",
-            "after": ["prefect.flow-run.heartbeat"],
-            "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
-                       "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                       "prefect.flow-run.Crashed"],
-            "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
-            "for_each": ["prefect.resource.id"],
-            "posture": "Proactive",
-            "threshold": 1,
-            "within": within_s,
-        },
-        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                     "message": "Flow run marked as crashed: its heartbeats stopped (the "
-                                "worker or its machine died)."}],
-    }
-    resp = prefect_request(stack, "POST", "/automations/", json=automation)
-    resp.raise_for_status()
+    leaving it Running forever: ``infra/automations/crash-silent-runs.yaml``, created with the
+    stock ``prefect automation create`` unless one of that name exists. ``within_s`` overrides
+    its ``within`` (it must exceed the heartbeat period)."""
+    import yaml
+
+    spec = yaml.safe_load(ZOMBIE_AUTOMATION_FILE.read_text())
+    with prefect_client(stack) as client:
+        if client.read_automations_by_name(spec["name"]):
+            return
+    if within_s is None:
+        _prefect(stack, "automation", "create", "--from-file", str(ZOMBIE_AUTOMATION_FILE))
+    else:
+        spec["trigger"]["within"] = within_s
+        _prefect(stack, "automation", "create", "--from-json", json.dumps(spec))
 
 
 def write_env_file(stack: Stack) -> Path:
@@ -332,10 +301,9 @@ def write_env_file(stack: Stack) -> Path:
 def up(stack: Stack) -> None:
     start_prefect_server(stack)
     start_mlflow_server(stack)
-    create_pools(stack)
+    start_workers(stack)  # they create the pools, which `prefect deploy` needs
     create_zombie_automation(stack)
     deploy(stack)
-    start_workers(stack)
     write_env_file(stack)
 
 
