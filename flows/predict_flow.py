@@ -45,11 +45,11 @@ def report_drift_task(summary: dict) -> Optional[str]:
     from prefect.artifacts import create_markdown_artifact
 
     from petalflow.tasks.drift import (
-        drift_markdown, emit_drift_detected, model_resource, training_params_of,
+        drift_markdown, emit_drift_detected, model_name_of, training_params_of,
     )
     from petalflow.tasks.report import artifact_key
 
-    name = model_resource(summary["model_uri"]).rsplit(".", 1)[-1]
+    name = model_name_of(summary["model_uri"])
     create_markdown_artifact(key=artifact_key("drift", name), markdown=drift_markdown(summary),
                              description="How far the classified images are from the training "
                                          "data")

@@ -36,11 +36,16 @@ def drift_markdown(summary: dict) -> str:
         f"| drift score (the larger) | {drift['drift_score']:.3f} |", ""])
 
 
+def model_name_of(model_uri: str) -> str:
+    """The registered model's name in a models:/ URI ("local" for anything else)."""
+    if not model_uri.startswith("models:/"):
+        return "local"
+    return model_uri[len("models:/"):].split("@")[0].split("/")[0]
+
+
 def model_resource(model_uri: str) -> str:
-    """The event's resource id: ``petalflow.model.<name>`` for a registered model URI."""
-    name = model_uri[len("models:/"):].split("@")[0].split("/")[0] \
-        if model_uri.startswith("models:/") else "local"
-    return f"petalflow.model.{name}"
+    """The event's resource id: ``petalflow.model.<name>``."""
+    return f"petalflow.model.{model_name_of(model_uri)}"
 
 
 def drift_payload(summary: dict, training_params: Optional[dict]) -> dict:

@@ -196,3 +196,14 @@ def test_predict_refuses_bad_options_naming_them(workspace, capsys):
     assert exited.value.code == 2
     assert "--format: invalid choice: 'xml'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_drift_event_and_artifact_name_the_model_even_with_dots():
+    from petalflow.tasks.drift import model_name_of, model_resource
+    from petalflow.tasks.report import artifact_key
+
+    assert model_name_of("models:/team.flowers-v2@champion") == "team.flowers-v2"
+    assert model_name_of("models:/team.flowers-v2/3") == "team.flowers-v2"
+    assert model_name_of("/tmp/pulled-model") == "local"
+    assert model_resource("models:/a.b/1") == "petalflow.model.a.b"
+    assert artifact_key("drift", "team.flowers-v2") == "drift-team-flowers-v2"
