@@ -89,3 +89,16 @@ def read_json(path: Path) -> dict:
 
 def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def log(message: str, *args, level: int = 20) -> None:
+    """To the Prefect run's log inside a run (console and UI), else to Python's logging;
+    ``level`` as in ``logging`` (20: INFO, 30: WARNING)."""
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().log(level, message, *args)
+    except Exception:  # noqa: BLE001 - outside a flow or task run
+        import logging
+
+        logging.getLogger("petalflow").log(level, message, *args)

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from petalflow.tasks.common import write_json
+from petalflow.tasks.common import log, write_json
+
 
 FORMATS = ("float16", "int8")
 CALIBRATION_IMAGES = 100  # enough for stable activation ranges (measured: BENCHMARKS.md)
@@ -70,20 +71,34 @@ def export_tflite(classifier, class_names: Sequence[str], image_size: int, out_d
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         return conv
 
-    half = converter()
-    half.target_spec.supported_types = [tf.float16]
-    (out_dir / model_file("float16")).write_bytes(half.convert())
-
     sample = list(calibration_paths)
 
     def representative():
         for path in sample:
             yield [tf.expand_dims(_decode_file(path, image_size), 0)]
 
-    int8 = converter()
-    int8.representative_dataset = representative
-    int8.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    (out_dir / model_file("int8")).write_bytes(int8.convert())
+    def configure(fmt: str, conv):
+        if fmt == "float16":
+            conv.target_spec.supported_types = [tf.float16]
+        else:
+            conv.representative_dataset = representative
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        return conv
+
+    models = {}
+    for fmt in FORMATS:
+        # A backbone with an op TFLite cannot convert (or quantize) costs that edge model
+        # only, never the training run: the reason is recorded and reported instead.
+        try:
+            (out_dir / model_file(fmt)).write_bytes(configure(fmt, converter()).convert())
+        except Exception as exc:  # noqa: BLE001 - any converter failure, reported below
+            (out_dir / model_file(fmt)).unlink(missing_ok=True)
+            reason = " ".join(str(exc).split())[:500] or type(exc).__name__
+            log("edge model %s not produced: %s", fmt, reason, level=30)
+            models[fmt] = {"file": None, "error": f"conversion failed: {reason}"}
+            continue
+        models[fmt] = {"file": model_file(fmt),
+                       "size_bytes": (out_dir / model_file(fmt)).stat().st_size}
 
     (out_dir / "labels.txt").write_text("".join(f"{name}\n" for name in class_names),
                                         encoding="utf-8")
@@ -95,9 +110,7 @@ def export_tflite(classifier, class_names: Sequence[str], image_size: int, out_d
                    "meaning": "class probabilities in labels.txt order"},
         "labels": list(class_names),
         "calibration_images": len(sample),
-        "models": {fmt: {"file": model_file(fmt),
-                         "size_bytes": (out_dir / model_file(fmt)).stat().st_size}
-                   for fmt in FORMATS},
+        "models": models,
     }
     write_json(out_dir / "edge.json", description)
     return description
@@ -145,14 +158,16 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
 
     edge_dir = Path(edge_dir)
     description = json.loads((edge_dir / "edge.json").read_text())
-    runners = {fmt: tflite_classifier(edge_dir / model_file(fmt)) for fmt in FORMATS}
+    runners = {fmt: tflite_classifier(edge_dir / model_file(fmt)) for fmt in FORMATS
+               if description["models"].get(fmt, {}).get("file")}
     correct = {fmt: 0 for fmt in FORMATS}
     for path, label in zip(test_paths, np.asarray(test_y)):  # one image in memory at a time
         image = _decode_file(path, image_size).numpy()
         for fmt, run in runners.items():
             correct[fmt] += int(np.argmax(run(image)) == label)
     timed = list(test_paths[:LATENCY_IMAGES])
-    results = {}
+    results = {fmt: result for fmt, result in description["models"].items()
+               if fmt not in runners}  # not converted: keeps its error
     for fmt, run in runners.items():
         results[fmt] = {
             "file": model_file(fmt),
@@ -181,6 +196,10 @@ def edge_summary(description: dict, savedmodel_accuracy: float) -> list[dict]:
              "size_mb": round(saved.get("size_bytes", 0) / 1e6, 2),
              "latency_ms": saved.get("latency_ms")}]
     for fmt, result in description["models"].items():
+        if result.get("error"):
+            rows.append({"format": f"TFLite {fmt}", "test_accuracy": None, "size_mb": None,
+                         "latency_ms": None, "error": result["error"]})
+            continue
         rows.append({"format": f"TFLite {fmt}",
                      "test_accuracy": round(result.get("test_accuracy", float("nan")), 4),
                      "size_mb": round(result["size_bytes"] / 1e6, 2),

@@ -206,8 +206,12 @@ def edge_tags(description: Optional[dict]) -> dict:
     """Version tags naming the edge models and their test accuracy and size."""
     if not description:
         return {}
-    tags = {"edge_formats": ",".join(description["models"])}
+    made = {fmt: r for fmt, r in description["models"].items() if r.get("file")}
+    tags = {"edge_formats": ",".join(made)}
     for fmt, result in description["models"].items():
+        if result.get("error"):
+            tags[f"edge_{fmt}_error"] = result["error"][:500]
+            continue
         if "test_accuracy" in result:
             tags[f"edge_{fmt}_test_accuracy"] = f"{result['test_accuracy']:.{PRECISION}f}"
         tags[f"edge_{fmt}_size_bytes"] = str(result["size_bytes"])
@@ -230,8 +234,9 @@ def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
     names = {a.path.rsplit("/", 1)[-1] for a in
              mlflow_client().list_artifacts(run_id, EDGE_ARTIFACTS)}
     if model_file(fmt) not in names:
-        raise FileNotFoundError(f"{model_uri} has no {fmt} edge model (trained with "
-                                "edge_export off, or before edge models existed)")
+        raise FileNotFoundError(f"{model_uri} has no {fmt} edge model (its conversion failed: "
+                                f"see the version's tag edge_{fmt}_error; or it was trained "
+                                "with edge_export off, or before edge models existed)")
     import tempfile
 
     with tempfile.TemporaryDirectory(dir=dest) as tmp:

@@ -23,7 +23,7 @@ import numpy as np
 from prefect import task
 
 from petalflow.tasks.dataset import DatasetInfo, split_files
-from petalflow.tasks.common import file_lock, write_json
+from petalflow.tasks.common import file_lock, log, write_json
 from petalflow.tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
@@ -62,18 +62,6 @@ def _atomic_save_npz(path: Path, **arrays) -> None:
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-
-
-def log(message: str, *args) -> None:
-    """To the Prefect run's log inside a run (console and UI), else to this module's logger."""
-    try:
-        from prefect.logging import get_run_logger
-
-        get_run_logger().info(message, *args)
-    except Exception:  # noqa: BLE001 - outside a flow or task run
-        import logging
-
-        logging.getLogger(__name__).info(message, *args)
 
 
 PROGRESS_EVERY_S = 5.0

@@ -289,3 +289,37 @@ def test_drift_is_low_on_training_like_images_and_high_on_shifted_ones(trained, 
     frame = model.predict(pd.DataFrame({"image": [_b64(_shifted(p)) for p in paths]}),
                           params={"output": "drift"})
     assert len(frame) == 1 and bool(frame["drifted"].iloc[0])
+
+
+def test_a_backbone_tflite_cannot_quantize_costs_only_that_edge_model(tmp_path, tiny_backbone,
+                                                                      data_info, monkeypatch):
+    """Training, the float16 model and the figures survive an int8 conversion failure; the
+    reason is recorded where the figures would be (edge.json, summary row, version tag)."""
+    import json
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    from petalflow.tasks.edge import edge_summary
+    from petalflow.tasks.evaluate import evaluate_edge_models
+    from petalflow.tasks.registry import edge_tags
+
+    real = tf.lite.TFLiteConverter.convert
+
+    def convert(self):
+        if self.representative_dataset is not None:
+            raise RuntimeError("op 'FancyOp' has no int8 kernel")
+        return real(self)
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "convert", convert)
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=1), tmp_path)
+    edge = Path(record["edge_dir"])
+    assert (edge / "model_float16.tflite").is_file() and not (edge / "model_int8.tflite").exists()
+    assert "FancyOp" in json.loads((edge / "edge.json").read_text())["models"]["int8"]["error"]
+    figures = evaluate_edge_models(edge, Path(record["export_dir"]), data_info, 32)
+    assert figures["models"]["float16"]["test_accuracy"] >= 0
+    rows = {row["format"]: row for row in edge_summary(figures, 0.9)}
+    assert "FancyOp" in rows["TFLite int8"]["error"] and rows["TFLite float16"]["size_mb"] > 0
+    tags = edge_tags(figures)
+    assert tags["edge_formats"] == "float16" and "FancyOp" in tags["edge_int8_error"]
+    assert "edge_float16_test_accuracy" in tags and "edge_int8_test_accuracy" not in tags
