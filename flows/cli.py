@@ -251,7 +251,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         summary = predict_images(params, on_batch=on_batch)
     finally:
         close()
-    from petalflow.tasks.report import drift_line
+    from petalflow.tasks.drift import drift_line
 
     n, errors = summary["images"], summary["errors"]
     print(f"classified {n - errors} of {n} images ({errors} errors) -> {params.output}")

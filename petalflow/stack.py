@@ -189,6 +189,7 @@ def prefect_client(stack: Stack):
 def start_prefect_server(stack: Stack, timeout_s: float = 120) -> None:
     _start(stack, "prefect-server", [stack.bin("prefect"), "server", "start", "--host",
                                       stack.host, "--port", str(stack.prefect_port)])
+
     def healthy() -> bool:
         with prefect_client(stack) as client:
             return client.api_healthcheck() is None

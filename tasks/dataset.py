@@ -25,6 +25,7 @@ from petalflow.tasks.common import write_json
 from petalflow.tasks.errors import DatasetError
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
+
 class DatasetCounts(TypedDict):
     """How many files the scan found, used and quarantined (and why), per split."""
 

@@ -11,7 +11,22 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from petalflow.tasks.registry import model_version_of, parse_models_uri
+
 EVENT = "petalflow.drift.detected"
+
+
+def drift_line(drift: Optional[dict]) -> str:
+    """One line on drift for the console and the summary artifact."""
+    if not drift:
+        return "drift: not measured"
+    if not drift.get("available"):
+        return f"drift: not available ({drift.get('reason')})"
+    verdict = "DRIFTED: these images do not look like the training data" if drift["drifted"] \
+        else "like the training data"
+    return (f"drift: score {drift['drift_score']:.3f} (threshold {drift['threshold']:.2f}; "
+            f"features {drift['feature_drift']:.3f}, image statistics "
+            f"{drift['image_drift']:.3f}) on {drift['images']} images: {verdict}")
 
 
 def drift_markdown(summary: dict) -> str:
@@ -38,9 +53,8 @@ def drift_markdown(summary: dict) -> str:
 
 def model_name_of(model_uri: str) -> str:
     """The registered model's name in a models:/ URI ("local" for anything else)."""
-    if not model_uri.startswith("models:/"):
-        return "local"
-    return model_uri[len("models:/"):].split("@")[0].split("/")[0]
+    parsed = parse_models_uri(model_uri)
+    return parsed[0] if parsed else "local"
 
 
 def model_resource(model_uri: str) -> str:
@@ -72,16 +86,7 @@ def emit_drift_detected(summary: dict, training_params: Optional[dict]) -> str:
 def training_params_of(model_uri: str) -> Optional[dict]:
     """The train parameters a registered version was trained with (its ``params`` tag), for
     a retraining trigger; None for a local folder or a version without the tag."""
-    if not model_uri.startswith("models:/"):
+    if parse_models_uri(model_uri) is None:
         return None
-    from petalflow.tasks.registry import mlflow_client
-
-    client = mlflow_client()
-    name, _, alias = model_uri[len("models:/"):].partition("@")
-    if alias:
-        version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, _, number = name.rpartition("/")
-        version = client.get_model_version(name, number)
-    raw = (version.tags or {}).get("params")
+    raw = (model_version_of(model_uri).tags or {}).get("params")
     return json.loads(raw) if raw else None

@@ -229,15 +229,21 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
                                        tf.concat([acc[1], b[1]], 0)))
             return tf.reshape(idx, [-1, 1]), images, n
 
-        def _classify(self, raw_bytes_or_b64, is_base64: bool):
+        def _on_decodable(self, raw_bytes_or_b64, is_base64: bool, network, width: int):
+            """(ok [n], ``network``'s float32 outputs [n, width]): the network runs once on
+            the decodable rows; undecodable rows get ok false and zeros."""
             idx_all, images, n = self._decode(raw_bytes_or_b64, is_base64)
-            probs_all = tf.cond(  # an all-bad batch must not reach the network (empty input)
+            values = tf.cond(  # an all-bad batch must not reach the network (empty input)
                 tf.shape(images)[0] > 0,
-                lambda: tf.cast(classifier(images, training=False), tf.float32),
-                lambda: tf.zeros([0, num_classes], tf.float32),
+                lambda: tf.cast(network(images, training=False), tf.float32),
+                lambda: tf.zeros([0, width], tf.float32),
             )
             ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
-            probs_full = tf.scatter_nd(idx_all, probs_all, tf.stack([n, num_classes]))
+            return ok, tf.scatter_nd(idx_all, values, tf.stack([n, width]))
+
+        def _classify(self, raw_bytes_or_b64, is_base64: bool):
+            ok, probs_full = self._on_decodable(raw_bytes_or_b64, is_base64, classifier,
+                                                num_classes)
             best = tf.argmax(probs_full, axis=1)
             names = tf.convert_to_tensor(self.class_names)
             out = {
@@ -253,15 +259,8 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
         def embed_bytes(self, image_bytes):
             """Raw encoded image bytes -> the backbone's features ([n, dim], zeros where
             ``ok`` is false: undecodable rows); what drift is measured on."""
-            idx_all, images, n = self._decode(image_bytes, False)
-            feats = tf.cond(
-                tf.shape(images)[0] > 0,
-                lambda: tf.cast(backbone(images, training=False), tf.float32),
-                lambda: tf.zeros([0, feature_width], tf.float32),
-            )
-            ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
-            return {"features": tf.scatter_nd(idx_all, feats, tf.stack([n, feature_width])),
-                    "ok": ok}
+            ok, features = self._on_decodable(image_bytes, False, backbone, feature_width)
+            return {"features": features, "ok": ok}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image")])
         def serve(self, image):

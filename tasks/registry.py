@@ -220,7 +220,8 @@ def edge_tags(description: Optional[dict]) -> dict:
 
 def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
     """Download a version's edge model ``fmt`` (float16 or int8) with labels.txt and edge.json
-    into ``dest`` (each file moved in whole: no half-written model); returns the .tflite file. The version is found from a models:/ or runs:/ URI."""
+    into ``dest`` (each file moved in whole: no half-written model); returns the .tflite file.
+    The version is found from a models:/ or runs:/ URI."""
     import mlflow
 
     from petalflow.tasks.edge import FORMATS, model_file
@@ -247,19 +248,39 @@ def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
     return dest / model_file(fmt)
 
 
+def parse_models_uri(model_uri: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
+    """(name, alias, version) of models:/NAME@ALIAS or models:/NAME/VERSION (the one not
+    given is None); None for any other URI."""
+    if not model_uri.startswith("models:/"):
+        return None
+    rest = model_uri[len("models:/"):]
+    name, at, alias = rest.partition("@")
+    if at:
+        return name, alias, None
+    name, _, version = rest.rpartition("/")
+    return name, None, version
+
+
+def model_version_of(model_uri: str):
+    """The registry's ModelVersion behind a models:/ URI (by alias or number)."""
+    parsed = parse_models_uri(model_uri)
+    if parsed is None:
+        raise ValueError(f"{model_uri!r} is not a models:/ URI")
+    name, alias, version = parsed
+    client = mlflow_client()
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    return client.get_model_version(name, version)
+
+
 def run_of(model_uri: str) -> str:
     """The MLflow run that produced ``model_uri`` (models:/NAME/VERSION, models:/NAME@ALIAS,
     runs:/RUN_ID/...)."""
-    client = mlflow_client()
     if model_uri.startswith("runs:/"):
         return model_uri[len("runs:/"):].split("/", 1)[0]
-    if not model_uri.startswith("models:/"):
+    if parse_models_uri(model_uri) is None:
         raise ValueError(f"{model_uri!r}: give a models:/ or runs:/ URI for edge models")
-    name, _, ref = model_uri[len("models:/"):].partition("@")
-    if ref:
-        return client.get_model_version_by_alias(name, ref).run_id
-    name, _, version = model_uri[len("models:/"):].rpartition("/")
-    return client.get_model_version(name, version).run_id
+    return model_version_of(model_uri).run_id
 
 
 def log_timings(run_id: str, timings: dict) -> None:

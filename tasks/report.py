@@ -14,6 +14,7 @@ import pandas as pd
 from prefect import task
 
 from petalflow.tasks.dataset import load_manifest
+from petalflow.tasks.drift import drift_line
 
 
 def artifact_key(prefix: str, model_name: str) -> str:
@@ -291,16 +292,3 @@ def prediction_markdown(summary: dict) -> str:
             f"`{summary['model_uri']}`: {summary['images'] - summary['errors']} classified, "
             f"{summary['errors']} errors. Output: `{summary['output']}`.\n\n" + _table(counts)
             + "\n\n" + drift_line(summary.get("drift")) + "\n")
-
-
-def drift_line(drift: Optional[dict]) -> str:
-    """One line on drift for the console and the summary artifact."""
-    if not drift:
-        return "drift: not measured"
-    if not drift.get("available"):
-        return f"drift: not available ({drift.get('reason')})"
-    verdict = "DRIFTED: these images do not look like the training data" if drift["drifted"] \
-        else "like the training data"
-    return (f"drift: score {drift['drift_score']:.3f} (threshold {drift['threshold']:.2f}; "
-            f"features {drift['feature_drift']:.3f}, image statistics "
-            f"{drift['image_drift']:.3f}) on {drift['images']} images: {verdict}")
