@@ -183,16 +183,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = train_params_from_args(args)
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
-    _warm_imports()
-    state = _run_train_flow(params, quiet=not args.verbose)
-    if not state.is_completed():
-        exc = state.result(raise_on_failure=False)
-        if args.verbose and isinstance(exc, BaseException):
-            raise exc
-        if isinstance(exc, BaseException):
-            raise explain_failure(exc)
-        raise RunFailed(state.message or f"the run ended {state.name}")
-    summary = state.result()
+    _warm_imports("mlflow", "tensorflow", "tensorflow_hub")
+    from petalflow.flows.train_flow import train_and_register
+
+    summary = _result(_run_flow(train_and_register, params, quiet=not args.verbose),
+                      args.verbose)
     text = json.dumps(summary, indent=2, ensure_ascii=False)
     print(text)
     if args.summary_json is not None:
@@ -200,17 +195,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_train_flow(params: TrainParams, quiet: bool):
-    """The flow's final state. For this call only: the command's start time for the run's
-    start-up phase, and (``quiet``) no tracebacks on the console."""
-    from petalflow.flows.train_flow import train_and_register
+def _run_flow(flow_fn, params, quiet: bool):
+    """The flow run's final state. For this call only: the command's start time (the run's
+    start-up phase), and (``quiet``) no tracebacks on the console."""
     from petalflow.tasks.timing import STARTED_ENV
 
     previous = os.environ.get(STARTED_ENV)
     os.environ[STARTED_ENV] = str(_STARTED_AT or time.time())
     added = _console_without_tracebacks() if quiet else []
     try:
-        return train_and_register(params, return_state=True)
+        return flow_fn(params, return_state=True)
     finally:
         for handler, filt in added:
             handler.removeFilter(filt)
@@ -220,49 +214,49 @@ def _run_train_flow(params: TrainParams, quiet: bool):
             os.environ[STARTED_ENV] = previous
 
 
-def _progress(total: int):
-    """A progress bar on a terminal (stderr), nothing otherwise: (advance, close)."""
-    if not sys.stderr.isatty():
-        return (lambda n: None), (lambda: None)
-    from rich.progress import Progress
-
-    progress = Progress(transient=True)
-    task_id = progress.add_task("classifying", total=total)
-    progress.start()
-    return (lambda n: progress.advance(task_id, n)), progress.stop
+def _result(state, verbose: bool):
+    """A completed run's result, else RunFailed with the one message for its failure."""
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if verbose and isinstance(exc, BaseException):
+            raise exc
+        if isinstance(exc, BaseException):
+            raise explain_failure(exc)
+        raise RunFailed(state.message or f"the run ended {state.name}")
+    return state.result()
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """The batch-predict flow, run here (a temporary Prefect server unless PREFECT_API_URL is
+    set); the files are checked before anything starts."""
     params = params_from_args(PredictParams, args)
-    from petalflow.tasks.predict import iter_inputs, predict_images
+    from petalflow.tasks.predict import forget_preloaded, iter_inputs, preload_model
 
-    total = sum(1 for _ in iter_inputs(params.input))
-    if not total:
+    if not any(True for _ in iter_inputs(params.input)):
         raise UsageError("--input: no image files found")
-    advance, close = _progress(total)
-    first_batch: list[float] = []
+    from petalflow.tasks.registry import champion_uri
 
-    def on_batch(count: int) -> None:
-        if not first_batch:
-            first_batch.append(time.time())
-        advance(count)
+    uri = params.model_uri or champion_uri(params.model_name)
+    preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
+    from petalflow.flows.predict_flow import batch_predict
 
     try:
-        summary = predict_images(params, on_batch=on_batch)
+        state = _run_flow(batch_predict, params, quiet=not args.verbose)
     finally:
-        close()
+        forget_preloaded(uri)
+    summary = _result(state, args.verbose)
     from petalflow.tasks.drift import drift_line
 
     n, errors = summary["images"], summary["errors"]
     print(f"classified {n - errors} of {n} images ({errors} errors) -> {params.output}")
     if params.drift:
         print(drift_line(summary.get("drift")))
-    if args.timing and first_batch:
-        started = _STARTED_AT or first_batch[0]
-        done = time.time()
-        print(f"timing: first prediction written {first_batch[0] - started:.1f} s after the "
+    first, done = summary.get("first_written_at"), summary.get("finished_at")
+    if args.timing and first:
+        started = _STARTED_AT or first
+        print(f"timing: first prediction written {first - started:.1f} s after the "
               f"command started; {n} images in {done - started:.1f} s "
-              f"({n / max(done - first_batch[0], 1e-9):.1f} images/s once the first was written)")
+              f"({n / max(done - first, 1e-9):.1f} images/s once the first was written)")
     return 0
 
 
@@ -351,10 +345,14 @@ def filter_native_stderr() -> None:
     atexit.register(restore)
 
 
-def _quiet_defaults() -> None:
-    """Environment defaults for a CLI run (set here, never at import time)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+def _environment_defaults() -> None:
+    """The process's environment defaults (``ENV_DEFAULTS``), set here at the entry point and
+    never at import time; inherited by everything the command starts (the stack's servers,
+    workers and their flow runs)."""
+    from petalflow.tasks.common import ENV_DEFAULTS
+
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     # The temporary server's telemetry heartbeat only logs lock errors on SQLite.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -380,18 +378,18 @@ def _console_without_tracebacks() -> list:
     return added
 
 
-def _warm_imports() -> None:
-    """Import TensorFlow, TF Hub and MLflow on a side thread while Prefect's temporary server
-    starts (a subprocess): on a small machine this hides several seconds of start-up."""
+def _warm_imports(*modules: str) -> None:
+    """Import ``modules`` on a side thread while Prefect's temporary server starts (a
+    subprocess): on a small machine this hides several seconds of start-up."""
+    import importlib
     import threading
 
     def work():
-        try:
-            import mlflow  # noqa: F401  (imported for its side effect: warm module cache)
-            import tensorflow  # noqa: F401
-            import tensorflow_hub  # noqa: F401
-        except Exception:  # noqa: BLE001 - the real import reports any problem later
-            pass
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the real import reports any problem later
+                return
 
     threading.Thread(target=work, name="warm-imports", daemon=True).start()
 
@@ -403,13 +401,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     global _STARTED_AT
     _STARTED_AT = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
+    _environment_defaults()
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
         from petalflow.stack import main as stack_main
 
         return stack_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_defaults()
     if command_line and not getattr(args, "verbose", False):
         filter_native_stderr()
     try:

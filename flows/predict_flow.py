@@ -7,7 +7,9 @@ Prefect markdown artifact (rows, errors, count per predicted label). With ``drif
 it also publishes the ``drift-<model>`` artifact and, over the threshold, emits
 ``petalflow.drift.detected`` (the ``train`` deployment has a trigger for it, disabled by default).
 
-Deployed as ``batch-predict`` by ``deployment.yaml``; or run ``petalflow predict`` directly.
+Deployed as ``batch-predict`` by ``deployment.yaml``; ``petalflow predict`` runs this flow too
+(against PREFECT_API_URL when set, so its runs and drift history show in the UI; else in a
+temporary server).
 """
 
 from __future__ import annotations
@@ -20,12 +22,25 @@ from petalflow.tasks.params import PredictParams
 
 __all__ = ["PredictParams", "batch_predict"]
 
+PROGRESS_EVERY_S = 5
+
 
 @task(name="predict-images")
 def predict_images_task(params: PredictParams) -> dict:
+    """Thin wrapper: the job, with a progress line in the run's log every few seconds."""
+    import time
+
+    from petalflow.tasks.common import log
     from petalflow.tasks.predict import predict_images
 
-    return predict_images(params)
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+            last[0] = time.monotonic()
+            log("classified %d of %d images", done, total)
+
+    return predict_images(params, on_batch=progress)
 
 
 @task(name="publish-predictions")

@@ -27,7 +27,7 @@ from typing import Optional
 
 from prefect import flow, get_run_logger
 
-from petalflow.tasks.dataset import DatasetInfo, dataset_summary, prepare_dataset_task
+from petalflow.tasks.dataset import dataset_summary, prepare_dataset_task
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
 )
@@ -42,7 +42,7 @@ from petalflow.tasks.registry import (
 )
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
 from petalflow.tasks.timing import PhaseTimer
-from petalflow.tasks.train import train_model_task
+from petalflow.tasks.train import TrainingJob, train_model_task
 
 def petalflow_home() -> Path:
     """Where downloads, extracted datasets and run working folders live."""
@@ -50,44 +50,30 @@ def petalflow_home() -> Path:
 
 
 @flow(name="train-model", log_prints=True)
-def train_model_flow(data_info: DatasetInfo, params: TrainParams, workdir: str, run_id: str,
-                     backbone_path: Optional[str] = None,
-                     progress_artifact_id: Optional[str] = None) -> dict:
-    """The training step as its own flow, so a deployment can run it on the GPU work pool.
-
-    Reads the dataset description (and the backbone's local copy, both on the shared
-    PETALFLOW_HOME) and writes checkpoints, the exported model and train.json under
-    ``workdir``; returns the training record. Per-epoch progress goes to the progress artifact
-    ``progress_artifact_id`` (the parent run's, so the run the user started shows it).
-    """
-    return train_model_task(data_info, params, workdir, run_id, backbone_path,
-                            progress_artifact_id)
+def train_model_flow(job: TrainingJob) -> dict:
+    """The training step as its own flow, so a deployment (``train-gpu``) can run it on the GPU
+    work pool: reads the dataset description and the backbone's local copy (both on the shared
+    PETALFLOW_HOME), writes checkpoints, the exported model and train.json under
+    ``job.workdir`` and returns the training record."""
+    return train_model_task(job)
 
 
-def run_training(data_info: DatasetInfo, params: TrainParams, workdir: str, run_id: str,
-                 backbone_path: str, progress_artifact_id: Optional[str] = None) -> dict:
-    """Train in this process or as a run of the deployment ``params.training_deployment``
-    names (see ``training_target``). Only locations cross the boundary: the record comes back
-    as train.json in the shared working folder."""
+def run_training(job: TrainingJob) -> dict:
+    """Train in this process, or as a run of the deployment ``job.params.training_deployment``
+    names (``training_target``: ``auto`` means train-gpu when this run is itself deployed).
+    The record comes back as train.json in the shared working folder."""
     from prefect.runtime import deployment
 
-    target = training_target(params, from_deployment=deployment.id is not None)
+    target = training_target(job.params, from_deployment=deployment.id is not None)
     if target is None:
-        return train_model_flow(data_info, params, workdir, run_id, backbone_path,
-                                progress_artifact_id)
+        return train_model_flow(job)
     from prefect.deployments import run_deployment
 
-    child = run_deployment(
-        name=target,
-        parameters={"data_info": data_info, "params": params.model_dump(mode="json"),
-                    "workdir": workdir, "run_id": run_id, "backbone_path": backbone_path,
-                    "progress_artifact_id": progress_artifact_id},
-        timeout=None,
-        as_subflow=True,
-    )
+    child = run_deployment(name=target, parameters={"job": job.model_dump(mode="json")},
+                           timeout=None, as_subflow=True)
     if not child.state or not child.state.is_completed():
         raise RuntimeError(f"training run {child.name} ({target}) ended {child.state_name}")
-    return json.loads((Path(workdir) / "train.json").read_text())
+    return json.loads((Path(job.workdir) / "train.json").read_text())
 
 
 @flow(name="train-and-register", log_prints=True)
@@ -131,7 +117,9 @@ def train_and_register(params: TrainParams = TrainParams()):
     try:
         progress = start_progress_task(params.model_name)
         training_started = time.perf_counter()
-        record = run_training(data_info, params, str(workdir), run_id, backbone_path, progress)
+        record = run_training(TrainingJob(
+            dataset=data_info, params=params, workdir=str(workdir), run_id=run_id,
+            backbone_path=backbone_path, progress_artifact_id=progress))
         timer.split_training(time.perf_counter() - training_started, record.get("timings"))
         with timer.phase("evaluation"):
             evaluation = evaluate_model_task(record["export_dir"], data_info,

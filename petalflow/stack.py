@@ -29,6 +29,8 @@ from typing import Iterator, Optional
 
 import httpx
 
+from petalflow.tasks.common import ENV_DEFAULTS
+
 REPO = Path(__file__).resolve().parent.parent
 POOLS = {"cpu": "download, scan, evaluation, registration", "gpu": "training"}
 # Every process the stack starts, in start order (stopped in reverse: workers first).
@@ -82,6 +84,7 @@ class Stack:
                 "MLFLOW_TRACKING_PASSWORD", os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"])
             extra["MLFLOW_AUTH_CONFIG_PATH"] = str(self.stack_dir / "mlflow_auth.ini")
         return {
+            **ENV_DEFAULTS,  # what the petalflow command sets when the stack is started by it
             **os.environ,
             "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
             "PREFECT_HOME": str(self.stack_dir / "prefect"),
@@ -93,7 +96,6 @@ class Stack:
             "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
             "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "PETALFLOW_HOME": str(self.petalflow_home),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
             # Heartbeats let the zombie automation crash runs whose worker died.
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get(
                 "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"),

@@ -19,7 +19,6 @@ SERVING_BATCH = 64
 
 def keras():
     """tf-keras (Keras 2): the Keras that ``hub.KerasLayer`` works with."""
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     import tf_keras
 
     return tf_keras

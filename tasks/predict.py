@@ -20,6 +20,8 @@ import pandas as pd
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
 
+BatchHook = Callable[[int, int], None]  # (rows written so far, files in the job)
+
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
     """Files named, image files under folders (recursively, sorted, hidden ones skipped) and
@@ -46,12 +48,48 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
 LEGACY_LOADER = "tasks.serving"  # what versions registered before the loader travelled name
 
 
+_PRELOADED: dict = {}  # model URI -> Future of its pyfunc model (``preload_model``)
+
+
+def preload_model(model_uri: str) -> None:
+    """Start loading ``model_uri`` on a side thread; the next ``load_model(model_uri)`` in this
+    process takes the result (once). ``petalflow predict`` overlaps the load (TensorFlow's
+    import included) with the start of its flow run."""
+    import threading
+    from concurrent.futures import Future
+
+    future: Future = Future()
+
+    def work():
+        try:
+            future.set_result(_load_model(model_uri))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the model
+            future.set_exception(exc)
+
+    _PRELOADED[model_uri] = future
+    threading.Thread(target=work, name="preload-model", daemon=True).start()
+
+
+def forget_preloaded(model_uri: str) -> None:
+    """Drop a preload nobody took (the job failed before loading), once its thread is done, so
+    nothing of this command runs on after it."""
+    future = _PRELOADED.pop(model_uri, None)
+    if future is not None:
+        future.exception()  # waits; the error, if any, was the job's to report
+
+
 def load_model(model_uri: str):
-    """pyfunc model from a models:/ or runs:/ URI (via the configured MLflow) or a local folder.
+    """pyfunc model from a models:/ or runs:/ URI (via the configured MLflow) or a local folder
+    (taken from ``preload_model`` when it was started for the same URI).
 
     Versions registered before the loader travelled inside the model name ``tasks.serving``
     (petalflow's serving module under its old top-level name); it is made importable under
     that name in this process only, so they keep working."""
+    future = _PRELOADED.pop(model_uri, None)
+    return future.result() if future is not None else _load_model(model_uri)
+
+
+def _load_model(model_uri: str):
     import sys
 
     import mlflow
@@ -136,19 +174,23 @@ def predict_files(
     batch_size: int = 64,
     fmt: str = "csv",
     top_k: int = 0,
-    on_batch: Optional[Callable[[int], None]] = None,
+    on_batch: Optional[BatchHook] = None,
     drift: bool = False,
 ) -> dict:
     """Classify ``files`` in batches, streaming rows to ``output``; return images, errors,
-    images per predicted label (counted as the rows are written) and, with ``drift``, how far
-    a sample of the classified images is from the model's training data (``measure_drift``).
+    images per predicted label (counted as the rows are written), when the first rows and the
+    last were written (``first_written_at``, ``finished_at``: epoch seconds) and, with
+    ``drift``, how far a sample of the classified images is from the model's training data
+    (``measure_drift``). ``on_batch(done, total)`` is called after each batch is written.
 
     Columns: path, label, probability, error, prob_<class> for each class, then
     top<i>_label/top<i>_probability when ``top_k`` > 0.
     """
     import random
+    import time
 
     model = load_model(model_uri)
+    first_written_at = None
     rows = errors = classified = 0
     labels: Counter[str] = Counter()
     sample: list[Path] = []  # reservoir sample of the classified files (bounded memory)
@@ -163,6 +205,8 @@ def predict_files(
                 frame = add_top_k(frame, top_k)
             frame.insert(0, "path", [str(p) for p in chunk])
             writer.write(frame)
+            writer.fh.flush()
+            first_written_at = first_written_at or time.time()
             ok = (frame["error"] == "").to_numpy()
             for path in (p for p, good in zip(chunk, ok) if good):
                 classified += 1
@@ -174,13 +218,15 @@ def predict_files(
             errors += int((~ok).sum())
             labels.update(frame.loc[ok, "label"].astype(str))
             if on_batch:
-                on_batch(len(chunk))
+                on_batch(rows, len(files))
     except BaseException:
         writer.fh.close()
         writer.tmp.unlink(missing_ok=True)
         raise
     writer.close()
+    finished_at = time.time()
     return {"images": rows, "errors": errors, "labels": dict(labels.most_common()),
+            "first_written_at": first_written_at, "finished_at": finished_at,
             "drift": measure_drift(model, sample) if drift else None}
 
 
@@ -202,9 +248,9 @@ def measure_drift(model, files: Sequence[Path]) -> dict:
                                   for k, v in frame.iloc[0].to_dict().items()}}
 
 
-def predict_images(params, on_batch: Optional[Callable[[int], None]] = None) -> dict:
-    """The prediction job (``PredictParams`` in, summary out): what the ``batch-predict`` flow
-    runs and what ``petalflow predict`` runs, so both classify the same files the same way."""
+def predict_images(params, on_batch: Optional[BatchHook] = None) -> dict:
+    """The prediction job (``PredictParams`` in, summary out) that the ``batch-predict`` flow
+    runs (``petalflow predict`` runs that flow)."""
     from petalflow.tasks.registry import champion_uri
 
     files = list(iter_inputs(params.input))

@@ -21,12 +21,28 @@ from typing import Callable, Optional
 
 import numpy as np
 from prefect import task
+from pydantic import BaseModel, ConfigDict
 
 from petalflow.tasks.dataset import DatasetInfo, split_files
 from petalflow.tasks.common import file_lock, log, write_json
 from petalflow.tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
+
+
+class TrainingJob(BaseModel):
+    """The training step's one parameter: what the train flow hands the ``train-model`` flow,
+    in this process or as a ``train-gpu`` deployment run on another machine, so only
+    locations and plain data (JSON) cross the boundary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetInfo  # the scanned, split dataset (``prepare_dataset``)
+    params: TrainParams
+    workdir: str  # this attempt's folder under the shared PETALFLOW_HOME; train.json lands here
+    run_id: str  # the MLflow run that per-epoch metrics go to
+    backbone_path: Optional[str] = None  # local copy of params.backbone (``fetch_backbone``)
+    progress_artifact_id: Optional[str] = None  # the started run's progress artifact
 
 
 def configure_device() -> str:
@@ -391,27 +407,26 @@ def _train(
 
 
 @task(name="train-model")
-def train_model_task(data_info: DatasetInfo, cfg: TrainParams, workdir: str, run_id: str,
-                     backbone_path: Optional[str] = None,
-                     progress_artifact_id: Optional[str] = None) -> dict:
+def train_model_task(job: TrainingJob) -> dict:
     """Thin wrapper: per-epoch metrics go to MLflow and to a Prefect progress artifact (the
-    one ``progress_artifact_id`` names, else a new one on this run)."""
+    job's ``progress_artifact_id``, else a new one on this run)."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from petalflow.tasks.registry import log_epoch, log_training
 
-    progress_id = progress_artifact_id or create_progress_artifact(
+    cfg = job.params
+    progress_id = job.progress_artifact_id or create_progress_artifact(
         progress=0.0, description=f"Training {cfg.model_name}: epochs completed (%)"
     )
 
     def on_epoch_end(epoch: int, total: int, metrics: dict) -> None:
-        log_epoch(run_id, epoch, {k: v for k, v in metrics.items() if k != "phase"})
+        log_epoch(job.run_id, epoch, {k: v for k, v in metrics.items() if k != "phase"})
         update_progress_artifact(progress_id, progress=100.0 * epoch / total)
         log("epoch %d/%d (%s): %s", epoch, total, metrics.get("phase"),
             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
-    record = train_model(data_info, cfg, Path(workdir), on_epoch_end=on_epoch_end,
-                         backbone_path=backbone_path, resume_killed=not cfg.force)
+    record = train_model(job.dataset, cfg, Path(job.workdir), on_epoch_end=on_epoch_end,
+                         backbone_path=job.backbone_path, resume_killed=not cfg.force)
     update_progress_artifact(progress_id, progress=100.0)
-    log_training(run_id, record)
+    log_training(job.run_id, record)
     return record

@@ -71,6 +71,21 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
     assert not out.exists()
 
 
+def test_predict_with_a_model_that_does_not_exist_says_so_and_writes_nothing(
+        workspace, capsys, prefect_harness):
+    from tests.helpers import write_image
+
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    out = workspace / "p.csv"
+    assert main(["predict", "--input", str(workspace / "in"), "--output", str(out),
+                 "--model-name", "nobody-trained-this"]) == 6
+    err = capsys.readouterr().err
+    assert "petalflow predict: error: MLflow: Registered Model with name=nobody-trained-this " \
+           "not found" in err
+    assert "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
+    assert list(workspace.glob("p.csv*")) == []
+
+
 def test_default_flowers_url_is_pinned_at_run_time_not_in_the_form_default():
     """The UI's run form starts from the dump of TrainParams(): nothing dataset-specific may be
     filled in there, or a user who types their own URL submits the flowers digest with it."""
@@ -158,9 +173,10 @@ def test_training_hand_off_is_an_explicit_parameter():
     assert run_key(local, "f") == run_key(TrainParams(), "f")
 
 
-def test_predict_options_are_generated_from_the_flows_parameter_model(workspace, monkeypatch):
-    """`petalflow predict` and the batch-predict flow take the same PredictParams and run the
-    same job function."""
+def test_predict_options_are_generated_from_the_flows_parameter_model(workspace, monkeypatch,
+                                                                      prefect_harness):
+    """`petalflow predict` runs the batch-predict flow with the PredictParams its options
+    make (the model the flow and the UI form use)."""
     from petalflow.flows import cli
     from petalflow.flows.predict_flow import PredictParams as FlowParams
     from petalflow.tasks.params import PredictParams
@@ -170,9 +186,12 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
     seen = {}
 
     def fake_job(params, on_batch=None):
-        seen["params"] = params
-        on_batch(1)
-        return {"images": 1, "errors": 0, "drift": None}
+        from prefect.runtime import flow_run
+
+        seen["params"], seen["flow"] = params, flow_run.flow_name
+        on_batch(1, 1)
+        return {"images": 1, "errors": 0, "drift": None, "labels": {}, "inputs": params.input,
+                "output": params.output, "model_uri": params.model_uri}
 
     monkeypatch.setattr("petalflow.tasks.predict.predict_images", fake_job)
     out = workspace / "p.json"
@@ -181,6 +200,7 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
     assert seen["params"] == PredictParams(model_uri="models:/m/1",
                                            input=[str(workspace / "a.jpg")], output=str(out),
                                            format="json", top_k=2)
+    assert seen["flow"] == "batch-predict"
     # What batch-predict took before ``input`` still validates the same way.
     legacy = PredictParams(input_folder=str(workspace), output=str(out))
     assert legacy.input == [str(workspace)]

@@ -36,6 +36,21 @@ def test_deployment_yaml_declares_the_deployments_and_pools():
         assert dep["enforce_parameter_schema"] is True
 
 
+def test_environment_defaults_are_set_once_per_entry_point():
+    """The runs a worker starts get the same environment defaults as the petalflow command
+    (deployment.yaml's job variables, one YAML anchor), and no product module sets them on its
+    own (the entry points do)."""
+    from petalflow.tasks.common import ENV_DEFAULTS
+
+    spec = yaml.safe_load((REPO / "deployment.yaml").read_text())
+    for dep in spec["deployments"]:
+        assert dep["work_pool"]["job_variables"]["env"] == ENV_DEFAULTS, dep["name"]
+    setters = [p.relative_to(REPO).as_posix() for folder in ("flows", "tasks", "petalflow")
+               for p in (REPO / folder).rglob("*.py")
+               if any(f'"{key}"' in p.read_text() for key in ENV_DEFAULTS)]
+    assert setters == ["tasks/common.py"]
+
+
 def test_k8s_gpu_job_template_renders_with_user_job_variables():
     from prefect.utilities.templating import apply_values
 
