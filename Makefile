@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast bench clean browser stack-up stack-down
+.PHONY: setup run test test-fast bench clean browser postgres stack-up stack-down
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,16 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "install Debian's chromium package (sudo apt-get install chromium)"; exit 1; fi; }
 
+## Debian's PostgreSQL (initdb, postgres, createdb) for `petalflow stack up --database postgres`
+## and the deployed-stack tests; the stack runs its own private cluster, no system service.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	  else echo "install Debian's postgresql package (sudo apt-get install postgresql)"; exit 1; fi; }
+
 ## The whole test suite (offline, CPU only).
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## Unit tests only (skips the end-to-end flow tests).

@@ -2,6 +2,8 @@
 and ``gpu`` process work pools with one worker each, and the deployments of deployment.yaml.
 
     petalflow stack up [--prefect-port 4200] [--mlflow-port 5000]   # start all, wait for health
+    petalflow stack up --database postgres       # both servers on a private PostgreSQL cluster
+    petalflow stack up --database postgresql://USER:PASSWORD@HOST:PORT   # ... or on your server
     petalflow stack deploy                                          # (re)deploy deployment.yaml
     petalflow stack status
     petalflow stack down                                            # stop all cleanly
@@ -13,12 +15,22 @@ basic-auth app (admin user ``admin``; clients use ``MLFLOW_TRACKING_USERNAME``/`
 (default ``.petalflow/stack``): ``prefect/`` (PREFECT_HOME, SQLite database), ``logs/*.log``,
 ``pids/*.pid`` and ``env`` (the variables a shell needs to talk to the stack). MLflow keeps its
 SQLite backend and artifacts under ``mlflow/``. Every start waits for its health check.
+
+With ``--database postgres`` the stack creates a PostgreSQL cluster in ``postgres/`` under the
+stack folder (Debian's ``postgresql`` package: ``initdb``, then ``postgres`` on a free loopback
+port, kept in ``postgres/port``), and both servers keep their data in it: databases ``prefect``
+and ``mlflow``, created with ``createdb`` and migrated with ``prefect server database upgrade``
+and ``mlflow db upgrade``. With a ``postgresql://`` URL it uses that server the same way. As
+root, the cluster runs as the ``postgres`` system user (PostgreSQL refuses root), so the stack
+folder must be reachable by that user.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +46,8 @@ from petalflow.tasks.common import ENV_DEFAULTS
 REPO = Path(__file__).resolve().parent.parent
 POOLS = {"cpu": "download, scan, evaluation, registration", "gpu": "training"}
 # Every process the stack starts, in start order (stopped in reverse: workers first).
-SERVICES = ("prefect-server", "mlflow-server", *(f"worker-{pool}" for pool in POOLS))
+SERVICES = ("postgres", "prefect-server", "mlflow-server", *(f"worker-{pool}" for pool in POOLS))
+PG_USER = "petalflow"  # the private cluster's superuser (trust authentication, loopback only)
 
 
 @dataclass
@@ -48,6 +61,33 @@ class Stack:
     mlflow_dir: Path = field(default_factory=lambda: (REPO / "mlflow").resolve())
     petalflow_home: Path = field(default_factory=lambda: Path(".petalflow").resolve())
     repo: Path = REPO
+    # "sqlite" (default), "postgres" (a private cluster under stack_dir/postgres) or the
+    # postgresql://user:password@host:port URL of a server to use.
+    database: str = "sqlite"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.stack_dir / "postgres"
+
+    @property
+    def postgres_server(self) -> Optional[str]:
+        """postgresql://… of the server holding both databases (no database name); None on
+        SQLite."""
+        if self.database == "sqlite":
+            return None
+        if self.database == "postgres":
+            port = (self.postgres_dir / "port").read_text().strip()
+            return f"postgresql://{PG_USER}@127.0.0.1:{port}"
+        return self.database.rstrip("/")
+
+    def database_url(self, name: str, driver: str = "") -> Optional[str]:
+        """The URL of database ``name`` (``prefect`` or ``mlflow``) with the SQLAlchemy
+        ``driver`` (``asyncpg`` for Prefect); None on SQLite."""
+        server = self.postgres_server
+        if server is None:
+            return None
+        scheme, rest = server.split("://", 1)
+        return f"{scheme}{'+' + driver if driver else ''}://{rest}/{name}"
 
     @property
     def prefect_api(self) -> str:
@@ -107,7 +147,7 @@ class Stack:
 
 
 def _start(stack: Stack, name: str, cmd: list[str], cwd: Optional[Path] = None,
-           extra_env: Optional[dict] = None) -> int:
+           extra_env: Optional[dict] = None, user_kwargs: Optional[dict] = None) -> int:
     stack.logs.mkdir(parents=True, exist_ok=True)
     stack.pids.mkdir(parents=True, exist_ok=True)
     pidfile = stack.pids / f"{name}.pid"
@@ -116,7 +156,8 @@ def _start(stack: Stack, name: str, cmd: list[str], cwd: Optional[Path] = None,
     log = open(stack.logs / f"{name}.log", "ab")
     proc = subprocess.Popen(cmd, cwd=cwd or stack.repo, env={**stack.env(), **(extra_env or {})},
                             stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            **(user_kwargs or {}))
     pidfile.write_text(str(proc.pid))
     return proc.pid
 
@@ -188,9 +229,89 @@ def prefect_client(stack: Stack):
         "PREFECT_API_AUTH_STRING"))
 
 
+def postgres_tool(name: str) -> str:
+    """A PostgreSQL program (initdb, postgres, createdb, pg_isready) from PATH or Debian's
+    /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name) or next(iter(sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if not found:
+        raise RuntimeError(f"PostgreSQL's {name} not found: install Debian's postgresql "
+                           "package (`make postgres`), or use --database sqlite")
+    return found
+
+
+def _as_postgres_user() -> dict:
+    """Popen arguments that drop root to the postgres system user (PostgreSQL refuses root)."""
+    return {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+
+
+def start_postgres(stack: Stack, timeout_s: float = 60) -> None:
+    """The private cluster: initdb on first use, then the server on the recorded port (a free
+    one the first time), loopback only."""
+    pg = stack.postgres_dir
+    data = pg / "data"
+    if not (data / "PG_VERSION").exists():
+        pg.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(pg, "postgres", "postgres")
+            probe = subprocess.run(["test", "-w", str(pg)], **_as_postgres_user())
+            if probe.returncode:
+                raise RuntimeError(f"the postgres user cannot reach {pg}: choose a --stack-dir "
+                                   "whose parent folders others may enter, or run as a user")
+        subprocess.run([postgres_tool("initdb"), "-D", str(data), "-U", PG_USER,
+                        "--auth=trust", "-E", "UTF8", "--no-instructions"], check=True,
+                       capture_output=True, text=True, **_as_postgres_user())
+    port_file = pg / "port"
+    if not port_file.exists():
+        port_file.write_text(f"{_free_port()}\n")
+    port = port_file.read_text().strip()
+    _start(stack, "postgres", [postgres_tool("postgres"), "-D", str(data), "-p", port,
+                               "-h", "127.0.0.1", "-k", str(pg)], user_kwargs=_as_postgres_user())
+    _wait("PostgreSQL", lambda: subprocess.run(
+        [postgres_tool("pg_isready"), "-q", "-h", "127.0.0.1", "-p", port]).returncode == 0,
+        timeout_s, stack, "postgres")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_databases(stack: Stack) -> None:
+    """Create the ``prefect`` and ``mlflow`` databases if missing (``createdb``) and bring both
+    schemas to the installed versions with the stock tools."""
+    for name in ("prefect", "mlflow"):
+        made = subprocess.run([postgres_tool("createdb"),
+                               f"--maintenance-db={stack.database_url('postgres')}", name],
+                              capture_output=True, text=True)
+        if made.returncode and "already exists" not in made.stderr:
+            raise RuntimeError(f"createdb {name}: {made.stderr.strip()}")
+    _prefect(stack, "server", "database", "upgrade", "-y",
+             extra_env=_prefect_database_env(stack))
+    subprocess.run([stack.bin("mlflow"), "db", "upgrade", stack.database_url("mlflow")],
+                   env=stack.env(), check=True, capture_output=True, text=True, timeout=300)
+
+
+def _prefect_database_env(stack: Stack) -> dict:
+    url = stack.database_url("prefect", "asyncpg")
+    return {"PREFECT_SERVER_DATABASE_CONNECTION_URL": url} if url else {}
+
+
+def start_database(stack: Stack) -> None:
+    """PostgreSQL ready for both servers (nothing to do on SQLite)."""
+    if stack.database == "postgres":
+        start_postgres(stack)
+    if stack.database != "sqlite":
+        prepare_databases(stack)
+
+
 def start_prefect_server(stack: Stack, timeout_s: float = 120) -> None:
     _start(stack, "prefect-server", [stack.bin("prefect"), "server", "start", "--host",
-                                      stack.host, "--port", str(stack.prefect_port)])
+                                      stack.host, "--port", str(stack.prefect_port)],
+           extra_env=_prefect_database_env(stack))
 
     def healthy() -> bool:
         with prefect_client(stack) as client:
@@ -228,7 +349,8 @@ def start_mlflow_server(stack: Stack, timeout_s: float = 120) -> None:
             extra["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
     _start(stack, "mlflow-server", [
         stack.bin("mlflow"), "server", "--host", stack.host, "--port", str(stack.mlflow_port),
-        "--backend-store-uri", f"sqlite:///{stack.mlflow_dir / 'mlflow.db'}",
+        "--backend-store-uri",
+        stack.database_url("mlflow") or f"sqlite:///{stack.mlflow_dir / 'mlflow.db'}",
         "--artifacts-destination", (stack.mlflow_dir / "artifacts").as_uri(),
         "--workers", "1", *auth,
     ], extra_env=extra)
@@ -236,10 +358,11 @@ def start_mlflow_server(stack: Stack, timeout_s: float = 120) -> None:
           .status_code == 200, timeout_s, stack, "mlflow-server")
 
 
-def _prefect(stack: Stack, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def _prefect(stack: Stack, *args: str, check: bool = True,
+             extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
     return subprocess.run([stack.bin("prefect"), "--no-prompt", *args], cwd=stack.repo,
-                          env=stack.env(), capture_output=True, text=True, check=check,
-                          timeout=300)
+                          env={**stack.env(), **(extra_env or {})}, capture_output=True,
+                          text=True, check=check, timeout=300)
 
 
 def deploy(stack: Stack) -> str:
@@ -302,6 +425,7 @@ def write_env_file(stack: Stack) -> Path:
 
 
 def up(stack: Stack) -> None:
+    start_database(stack)
     start_prefect_server(stack)
     start_mlflow_server(stack)
     start_workers(stack)  # they create the pools, which `prefect deploy` needs
@@ -359,9 +483,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--mlflow-port", type=int,
                     default=int(os.environ.get("PETALFLOW_MLFLOW_PORT", 5000)))
     ap.add_argument("--stack-dir", type=Path, default=Path(".petalflow/stack"))
+    ap.add_argument("--database", default=os.environ.get("PETALFLOW_STACK_DATABASE", "sqlite"),
+                    help="sqlite (default), postgres (a private PostgreSQL cluster in the stack "
+                         "folder) or postgresql://USER:PASSWORD@HOST:PORT (your server)")
     args = ap.parse_args(argv)
+    if args.database not in ("sqlite", "postgres") and not args.database.startswith(
+            "postgresql://"):
+        ap.error(f"--database: {args.database!r} is not sqlite, postgres or a postgresql:// URL")
     stack = Stack(stack_dir=args.stack_dir.resolve(), host=args.host,
-                  prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+                  prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
+                  database=args.database)
     if args.action == "up":
         up(stack)
         print(f"Prefect UI   http://{stack.host}:{stack.prefect_port}\n"

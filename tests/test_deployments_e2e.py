@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from petalflow.stack import Stack, create_zombie_automation, deploy, down, \
-    start_mlflow_server, start_prefect_server, start_workers
+    start_database, start_mlflow_server, start_prefect_server, start_workers
 from tests.helpers import free_port, make_dataset, make_tgz, prefect_request, serve_directory
 
 pytestmark = pytest.mark.e2e
@@ -24,15 +24,23 @@ MODEL = "petalflow-classifier"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stack")
+def stack():
+    """The stack as `petalflow stack up --database postgres` starts it: both servers on a
+    private PostgreSQL cluster in the stack folder (a folder the postgres system user can
+    reach when the tests run as root; pytest's own temporary folders are private)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="petalflow-e2e-"))
+    tmp.chmod(0o755)
     st = Stack(stack_dir=tmp / "stack", prefect_port=free_port(), mlflow_port=free_port(),
-               mlflow_dir=tmp / "mlflow", petalflow_home=tmp / "home")
+               mlflow_dir=tmp / "mlflow", petalflow_home=tmp / "home", database="postgres")
     with pytest.MonkeyPatch.context() as mp:
         # The scheduler creates upcoming runs within seconds instead of a minute.
         mp.setenv("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS", "2")
         mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")
         try:
+            start_database(st)
             start_prefect_server(st)
             start_mlflow_server(st)
             start_workers(st)  # as `petalflow stack up`: the workers create the pools
@@ -42,6 +50,7 @@ def stack(tmp_path_factory):
             yield st
         finally:
             down(st)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _api(st: Stack, method: str, path: str, **kw) -> httpx.Response:
@@ -477,3 +486,18 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
                   if rerun in str(p))
     resumed = json.loads(record.read_text())
     assert resumed["resumed_from_epoch"] >= 1 and resumed["seeded_from"]
+
+
+def test_both_servers_keep_their_data_in_postgresql(stack):
+    """What the runs above did is in the private cluster's databases, and neither server wrote
+    a SQLite file."""
+    import psycopg
+
+    with psycopg.connect(stack.database_url("prefect")) as conn:
+        runs = conn.execute("SELECT count(*) FROM flow_run WHERE state_type = 'COMPLETED'"
+                            ).fetchone()[0]
+    with psycopg.connect(stack.database_url("mlflow")) as conn:
+        versions = conn.execute("SELECT count(*) FROM model_versions WHERE name = %s",
+                                (MODEL,)).fetchone()[0]
+    assert runs >= 5 and versions >= 2
+    assert not list(stack.stack_dir.rglob("*.db")) and not list(stack.mlflow_dir.rglob("*.db"))

@@ -49,6 +49,8 @@ def test_environment_defaults_are_set_once_per_entry_point():
                for p in (REPO / folder).rglob("*.py")
                if any(f'"{key}"' in p.read_text() for key in ENV_DEFAULTS)]
     assert setters == ["tasks/common.py"]
+    docker = (REPO / "infra" / "Dockerfile.worker").read_text()  # the image's own entry point
+    assert all(f"{key}={value}" in docker for key, value in ENV_DEFAULTS.items())
 
 
 def test_k8s_gpu_job_template_renders_with_user_job_variables():
