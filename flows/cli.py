@@ -97,6 +97,10 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
         if field.annotation is bool:
             p.add_argument(option, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text)
+        elif _is_model_list(field.annotation):
+            p.add_argument(option, dest=name, default=None, metavar="JSON", required=required,
+                           help=f"{help_text} A JSON list of objects, e.g. "
+                                '\'[{"learning_rate": 0.01}, {"augment": true}]\'.')
         elif get_origin(field.annotation) is list:
             p.add_argument(option, dest=name, nargs="+", default=None, help=help_text,
                            required=required)
@@ -108,6 +112,13 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
             p.add_argument(option, dest=name, default=None, choices=choices,
                            required=required,
                            metavar=None if choices else name.upper(), help=help_text)
+
+
+def _is_model_list(annotation) -> bool:
+    """list[SomeModel]: given on the command line as JSON."""
+    args = get_args(annotation)
+    return get_origin(annotation) is list and bool(args) and isinstance(args[0], type) \
+        and issubclass(args[0], BaseModel)
 
 
 def _add_common_options(p: argparse.ArgumentParser) -> None:
@@ -159,13 +170,21 @@ def params_from_args(model: type[BaseModel], args: argparse.Namespace):
     option(s)."""
     given = {name: getattr(args, name) for name in model.model_fields
              if getattr(args, name, None) is not None}
+    for name, value in list(given.items()):
+        if _is_model_list(model.model_fields[name].annotation):
+            try:
+                given[name] = json.loads(value)
+            except ValueError as exc:
+                raise UsageError(f"{cli_option(name)}: not JSON ({exc}): {value!r}") from None
     try:
         return model(**given)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             loc = [str(part) for part in err["loc"]]
-            option = cli_option(loc[0]) if loc else "options"
+            option = cli_option(loc[0]) + "".join(  # --sweep[0].epochs: where inside a list
+                f"[{part}]" if part.isdigit() else f".{part}" for part in loc[1:]) \
+                if loc else "options"
             problems.append(f"{option}: {err['msg']}" + (
                 f" (got {err['input']!r})" if loc and not isinstance(err["input"], dict) else ""
             ))

@@ -42,7 +42,8 @@ from petalflow.tasks.registry import (
 )
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
 from petalflow.tasks.timing import PhaseTimer
-from petalflow.tasks.train import TrainingJob, train_model_task
+from petalflow.tasks.sweep import publish_sweep_task, rank_candidates
+from petalflow.tasks.train import TrainingJob, feature_cache_dir, train_model_task
 
 def petalflow_home() -> Path:
     """Where downloads, extracted datasets and run working folders live."""
@@ -58,22 +59,51 @@ def train_model_flow(job: TrainingJob) -> dict:
     return train_model_task(job)
 
 
-def run_training(job: TrainingJob) -> dict:
-    """Train in this process, or as a run of the deployment ``job.params.training_deployment``
-    names (``training_target``: ``auto`` means train-gpu when this run is itself deployed).
-    The record comes back as train.json in the shared working folder."""
+def run_trainings(jobs: list[TrainingJob]) -> list[dict]:
+    """Each job's training record (train.json), in order. In this process the jobs train one
+    after another; handed to the deployment ``training_deployment`` names (``training_target``:
+    ``auto`` means train-gpu when this run is itself deployed) they all start at once and run
+    as the pool's workers allow. A failed job raises, unless it is one candidate of several:
+    then its record is ``{"error": why}``."""
     from prefect.runtime import deployment
 
-    target = training_target(job.params, from_deployment=deployment.id is not None)
+    target = training_target(jobs[0].params, from_deployment=deployment.id is not None)
+    records = []
     if target is None:
-        return train_model_flow(job)
+        for job in jobs:
+            try:
+                records.append(train_model_flow(job))
+            except Exception as exc:  # noqa: BLE001 - one candidate of a sweep
+                if len(jobs) == 1:
+                    raise
+                records.append({"error": f"{type(exc).__name__}: {exc}"})
+        return records
     from prefect.deployments import run_deployment
 
-    child = run_deployment(name=target, parameters={"job": job.model_dump(mode="json")},
-                           timeout=None, as_subflow=True)
-    if not child.state or not child.state.is_completed():
-        raise RuntimeError(f"training run {child.name} ({target}) ended {child.state_name}")
-    return json.loads((Path(job.workdir) / "train.json").read_text())
+    runs = [run_deployment(name=target, parameters={"job": job.model_dump(mode="json")},
+                           timeout=0, as_subflow=True) for job in jobs]
+    for job, run in zip(jobs, wait_for_flow_runs([run.id for run in runs])):
+        if run.state is not None and run.state.is_completed():
+            records.append(json.loads((Path(job.workdir) / "train.json").read_text()))
+            continue
+        why = f"training run {run.name} ({target}) ended {run.state_name}" + (
+            f": {run.state.message}" if run.state and run.state.message else "")
+        if len(jobs) == 1:
+            raise RuntimeError(why)
+        records.append({"error": why})
+    return records
+
+
+def wait_for_flow_runs(ids: list, poll_s: float = 2.0) -> list:
+    """The flow runs ``ids``, once every one of them is in a final state."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [client.read_flow_run(i) for i in ids]
+            if all(run.state is not None and run.state.is_final() for run in runs):
+                return runs
+            time.sleep(poll_s)
 
 
 @flow(name="train-and-register", log_prints=True)
@@ -81,10 +111,12 @@ def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
     timer = PhaseTimer()
-    # The backbone first: a wrong handle or image size is refused before any data is fetched.
+    # The backbone first (each one a sweep uses): a wrong handle or image size is refused
+    # before any data is fetched.
+    candidates = params.candidates()
     with timer.phase("backbone"):
-        backbone_path = fetch_backbone_task(params.backbone, str(home / "tfhub"),
-                                            params.image_size)
+        backbones = {(c.backbone, c.image_size): fetch_backbone_task(
+            c.backbone, str(home / "tfhub"), c.image_size) for c in candidates}
     with timer.phase("download"):
         archive = download_archive_task(params.data_url, str(home / "downloads"),
                                         expected_sha256(params))
@@ -111,29 +143,50 @@ def train_and_register(params: TrainParams = TrainParams()):
                        "alias_reason": "unchanged data and parameters; champion kept",
                        "dataset": dataset, "source": source, "timings": timer.table()}
             return _finish(summary)
-    key = run_key(params, data_info["fingerprint"])
-    workdir = home / "runs" / key / _attempt_name()
+    fingerprint = data_info["fingerprint"]
+    key = run_key(params, fingerprint)
     run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)
+    sweep = None
     try:
-        progress = start_progress_task(params.model_name)
+        # One job per configuration; a sweep's candidates are nested MLflow runs and each
+        # shows its own progress (they may train at once).
+        progress = None if params.sweep else start_progress_task(params.model_name)
+        jobs = [TrainingJob(
+            dataset=data_info, params=c,
+            workdir=str(home / "runs" / run_key(c, fingerprint) / _attempt_name()),
+            run_id=start_run_task(c, data_info, run_name=f"candidate-{i + 1}",
+                                  source=source, parent_run_id=run_id)
+            if params.sweep else run_id,
+            backbone_path=backbones[(c.backbone, c.image_size)], progress_artifact_id=progress,
+            features_dir=str(feature_cache_dir(home / "features", c, fingerprint,
+                                               backbones[(c.backbone, c.image_size)])),
+        ) for i, c in enumerate(candidates)]
         training_started = time.perf_counter()
-        record = run_training(TrainingJob(
-            dataset=data_info, params=params, workdir=str(workdir), run_id=run_id,
-            backbone_path=backbone_path, progress_artifact_id=progress))
+        records = run_trainings(jobs)
+        best = 0
+        if params.sweep:
+            sweep = rank_candidates([c.changes() for c in params.sweep], records,
+                                    [job.run_id for job in jobs])
+            for job, rec in zip(jobs, records):
+                finish_run_task(job.run_id, "FAILED" if "error" in rec else "FINISHED")
+            publish_sweep_task(run_id, params.model_name, sweep)
+            best = sweep[0]["candidate"] - 1
+        record, trained = records[best], jobs[best].params
         timer.split_training(time.perf_counter() - training_started, record.get("timings"))
+        workdir = Path(jobs[best].workdir)
         with timer.phase("evaluation"):
             evaluation = evaluate_model_task(record["export_dir"], data_info,
                                              str(workdir / "evaluation"), run_id)
             edge = None
             if record.get("edge_dir"):
                 edge = evaluate_edge_task(record["edge_dir"], record["export_dir"], data_info,
-                                          params.image_size, run_id)
+                                          trained.image_size, run_id)
             champion = champion_info_task(params.model_name)
             comparison = compare_with_champion_task(champion, data_info, str(workdir))
         with timer.phase("registration"):
-            registration = register_model_task(run_id, record["export_dir"], params, data_info,
-                                               evaluation["metrics"], comparison, source,
-                                               edge)
+            registration = register_model_task(run_id, record["export_dir"], trained,
+                                               data_info, evaluation["metrics"], comparison,
+                                               source, edge, request=params)
         timings = timer.table()
         log_timings_task(run_id, timings)
     except BaseException:
@@ -150,7 +203,8 @@ def train_and_register(params: TrainParams = TrainParams()):
         "dataset": dataset,
         "source": source,
         "training": {k: record[k] for k in ("device", "epochs", "resumed_from_epoch",
-                                            "seeded_from", "seconds")},
+                                            "seeded_from", "seconds", "features")},
+        "sweep": sweep,
         "workdir": str(workdir),
         "manifest": data_info["manifest"],
         "timings": timings,

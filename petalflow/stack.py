@@ -46,7 +46,11 @@ from petalflow.tasks.common import ENV_DEFAULTS
 REPO = Path(__file__).resolve().parent.parent
 POOLS = {"cpu": "download, scan, evaluation, registration", "gpu": "training"}
 # Every process the stack starts, in start order (stopped in reverse: workers first).
-SERVICES = ("postgres", "prefect-server", "mlflow-server", *(f"worker-{pool}" for pool in POOLS))
+SERVERS = ("postgres", "prefect-server", "mlflow-server")  # started in this order
+# How many flow runs one worker of each pool runs at once (``prefect worker start --limit``).
+# A run is one Python process with TensorFlow: 1.5-2.5 GB for train and batch-predict on the
+# flowers; a gpu worker trains one candidate at a time, so N gpu workers train N at once.
+WORKER_LIMITS = {"cpu": 2, "gpu": 1}
 PG_USER = "petalflow"  # the private cluster's superuser (trust authentication, loopback only)
 
 
@@ -64,6 +68,7 @@ class Stack:
     # "sqlite" (default), "postgres" (a private cluster under stack_dir/postgres) or the
     # postgresql://user:password@host:port URL of a server to use.
     database: str = "sqlite"
+    workers: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 1})  # workers per pool
 
     @property
     def postgres_dir(self) -> Path:
@@ -372,12 +377,19 @@ def deploy(stack: Stack) -> str:
     return out.stdout
 
 
+def worker_names(stack: Stack) -> list[str]:
+    """``worker-cpu``, ``worker-gpu``, ``worker-gpu-2`` …: one service per worker."""
+    return [f"worker-{pool}" + (f"-{n}" if n > 1 else "")
+            for pool in POOLS for n in range(1, stack.workers.get(pool, 1) + 1)]
+
+
 def start_workers(stack: Stack, timeout_s: float = 120) -> None:
-    """One process worker per pool; a worker creates its pool when it is missing. The ``gpu``
-    pool then gets its limit: one training at a time."""
-    for pool in POOLS:
-        _start(stack, f"worker-{pool}", [stack.bin("prefect"), "worker", "start", "--pool", pool,
-                                         "--type", "process"])
+    """``stack.workers`` process workers per pool, each running at most ``WORKER_LIMITS[pool]``
+    flow runs at once; a worker creates its pool when it is missing."""
+    for name in worker_names(stack):
+        pool = name.split("-")[1]
+        _start(stack, name, [stack.bin("prefect"), "worker", "start", "--pool", pool,
+                             "--type", "process", "--limit", str(WORKER_LIMITS[pool])])
 
     def ready(pool: str) -> bool:
         from prefect.exceptions import ObjectNotFound
@@ -391,7 +403,6 @@ def start_workers(stack: Stack, timeout_s: float = 120) -> None:
     for pool in POOLS:
         _wait(f"worker for pool {pool}", lambda p=pool: ready(p), timeout_s, stack,
               f"worker-{pool}")
-    _prefect(stack, "work-pool", "set-concurrency-limit", "gpu", "1")
 
 
 AUTOMATIONS = REPO / "infra" / "automations"
@@ -437,7 +448,9 @@ def up(stack: Stack) -> None:
 def down(stack: Stack, timeout_s: float = 30) -> list[str]:
     """Stop workers first, then the servers: SIGTERM to each process group, SIGKILL if needed."""
     stopped = []
-    for name in reversed(SERVICES):
+    running = sorted(p.stem for p in stack.pids.glob("worker-*.pid")) if stack.pids.exists() \
+        else []
+    for name in [*running, *reversed(SERVERS)]:
         pidfile = stack.pids / f"{name}.pid"
         if not pidfile.exists():
             continue
@@ -465,7 +478,7 @@ def down(stack: Stack, timeout_s: float = 30) -> list[str]:
 
 def status(stack: Stack) -> dict:
     out = {}
-    for name in SERVICES:
+    for name in [*SERVERS, *worker_names(stack)]:
         pidfile = stack.pids / f"{name}.pid"
         out[name] = "running" if pidfile.exists() and _alive(int(pidfile.read_text())) else "stopped"
     return out
@@ -483,6 +496,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--mlflow-port", type=int,
                     default=int(os.environ.get("PETALFLOW_MLFLOW_PORT", 5000)))
     ap.add_argument("--stack-dir", type=Path, default=Path(".petalflow/stack"))
+    ap.add_argument("--gpu-workers", type=int, default=1,
+                    help="gpu pool workers (one training each; a sweep's candidates spread "
+                         "over them)")
+    ap.add_argument("--cpu-workers", type=int, default=1,
+                    help=f"cpu pool workers ({WORKER_LIMITS['cpu']} runs each)")
     ap.add_argument("--database", default=os.environ.get("PETALFLOW_STACK_DATABASE", "sqlite"),
                     help="sqlite (default), postgres (a private PostgreSQL cluster in the stack "
                          "folder) or postgresql://USER:PASSWORD@HOST:PORT (your server)")
@@ -492,7 +510,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ap.error(f"--database: {args.database!r} is not sqlite, postgres or a postgresql:// URL")
     stack = Stack(stack_dir=args.stack_dir.resolve(), host=args.host,
                   prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
-                  database=args.database)
+                  database=args.database,
+                  workers={"cpu": max(args.cpu_workers, 1), "gpu": max(args.gpu_workers, 1)})
     if args.action == "up":
         up(stack)
         print(f"Prefect UI   http://{stack.host}:{stack.prefect_port}\n"

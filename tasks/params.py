@@ -11,7 +11,9 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 
 DEFAULT_DATA_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -32,6 +34,28 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _DEPLOYMENT_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
 _URL_SCHEMES = ("http://", "https://", "file://")
+
+
+class SweepCandidate(BaseModel):
+    """One configuration of a sweep: the training fields it changes; every other field is the
+    run's own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backbone: Optional[str] = Field(None, title="Backbone (TF Hub handle)")
+    image_size: Optional[int] = Field(None, ge=32, le=1024, title="Image size (px)")
+    epochs: Optional[int] = Field(None, ge=1, le=500, title="Epochs")
+    batch_size: Optional[int] = Field(None, ge=1, le=4096, title="Batch size")
+    learning_rate: Optional[float] = Field(None, gt=0, le=1.0, title="Learning rate")
+    augment: Optional[bool] = Field(None, title="Augment")
+    fine_tune_layers: Optional[int] = Field(None, ge=0, le=1000, title="Fine-tune layers")
+    fine_tune_epochs: Optional[int] = Field(None, ge=1, le=100, title="Fine-tune epochs")
+    fine_tune_learning_rate: Optional[float] = Field(None, gt=0, le=0.1,
+                                                     title="Fine-tune learning rate")
+
+    def changes(self) -> dict:
+        """The fields this candidate sets."""
+        return self.model_dump(exclude_none=True)
 
 
 class TrainParams(BaseModel):
@@ -135,6 +159,15 @@ class TrainParams(BaseModel):
         "this process; local: always in this process; or a deployment name "
         "(flow-name/deployment-name) to hand the training step to.",
     )
+    sweep: list[SweepCandidate] = Field(
+        default_factory=list, max_length=16, title="Sweep",
+        description="Train several configurations and keep the best: each candidate changes "
+        "some of backbone, image_size, epochs, batch_size, learning_rate, augment and the "
+        "fine_tune_* fields (the rest as above). Candidates train at once as runs of the "
+        "training deployment, one per GPU worker (in this process, one after another, when "
+        "training is local); each is a nested MLflow run; the best on validation accuracy is "
+        "evaluated on the test split and registered. Empty: train the one configuration above.",
+    )
     max_extract_size: str = Field(
         "20 GiB", title="Extraction size limit",
         description="Refuse archives whose members add up to more than this (zip bombs): a "
@@ -210,6 +243,35 @@ class TrainParams(BaseModel):
                 "val_fraction + test_fraction must leave at least 20% of each class for training"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> "TrainParams":
+        seen = set()
+        for i, candidate in enumerate(self.sweep):
+            changes = candidate.changes()
+            if not changes:
+                raise ValueError(f"sweep[{i}] changes nothing: give it at least one field")
+            key = tuple(sorted(changes.items()))
+            if key in seen:
+                raise ValueError(f"sweep[{i}] repeats an earlier candidate")
+            seen.add(key)
+            try:
+                self.candidate(i)
+            except ValidationError as exc:  # the field that is wrong, and why
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"sweep[{i}]{'.' + where if where else ''}: "
+                                 f"{first['msg']}") from None
+        return self
+
+    def candidate(self, index: int) -> "TrainParams":
+        """The full parameters of sweep candidate ``index`` (validated like any run's)."""
+        return TrainParams.model_validate({**self.model_dump(exclude={"sweep"}),
+                                           **self.sweep[index].changes()})
+
+    def candidates(self) -> list["TrainParams"]:
+        """What to train: each sweep candidate, or this one configuration."""
+        return [self.candidate(i) for i in range(len(self.sweep))] if self.sweep else [self]
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -125,10 +125,10 @@ def source_tags(source: Optional[dict], with_outcome: bool = True) -> dict:
 
 
 def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
-              source: Optional[dict] = None) -> str:
+              source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
     fingerprint, data URL, the archive's sha256 and the server's validators, backbone, classes,
-    code version)."""
+    code version). A sweep candidate's run is nested under ``parent_run_id``."""
     client = mlflow_client()
     exp_id = ensure_experiment(client, cfg.experiment_name)
     tags = {
@@ -140,11 +140,13 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
         "mlflow.source.name": "petalflow train",
     }
     tags.update({f"petalflow.{k}": v for k, v in source_tags(source).items()})
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # MLflow's own nesting tag
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)) for k, v in cfg.model_dump().items()]
+    params = [Param(k, str(v)[:6000]) for k, v in cfg.model_dump().items()]
     counts = data_info["counts"]
     params += [Param("dataset_" + k, str(counts[k])) for k in ("found", "used", "quarantined")]
     client.log_batch(run_id, params=params)
@@ -169,6 +171,13 @@ def log_training(run_id: str, record: dict) -> None:
     client.set_tag(run_id, "petalflow.device", record["device"])
     client.log_metric(run_id, "train_seconds", record["seconds"])
     client.log_text(run_id, json.dumps(record, indent=2), "training/train.json")
+
+
+def log_sweep(run_id: str, rows: list[dict]) -> None:
+    """A sweep's ranking in its parent run: ``sweep/ranking.json`` and the winner's number."""
+    client = mlflow_client()
+    client.log_text(run_id, json.dumps(rows, indent=2), "sweep/ranking.json")
+    client.set_tag(run_id, "petalflow.sweep_winner", str(rows[0]["candidate"]))
 
 
 def log_evaluation(run_id: str, evaluation: dict) -> None:
@@ -474,9 +483,14 @@ def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Option
 def register_model(
     run_id: str, export_dir: Path, cfg: TrainParams, data_info: DatasetInfo, metrics: dict,
     comparison: Optional[dict] = None, source: Optional[dict] = None,
-    edge: Optional[dict] = None,
+    edge: Optional[dict] = None, request: Optional[TrainParams] = None,
 ) -> dict:
     """Log the exported model to ``run_id``, register a version, set the alias; idempotent.
+
+    ``cfg`` is what was trained; ``request`` (default ``cfg``) the run's parameters, which
+    differ for a sweep (``cfg`` is the winning candidate): the version's ``params`` tag and
+    ``request_key`` describe the request, so the same sweep on the same data is "nothing to do"
+    and a retraining started from the version repeats the sweep.
 
     ``comparison`` (from ``compare_with_champion``) holds the champion's version and its
     accuracy on this run's test split; without it the champion's stored figure is used and the
@@ -506,8 +520,9 @@ def register_model(
         "backbone": cfg.backbone,
         "image_size": str(cfg.image_size),
         "class_names": json.dumps(data_info["classes"], ensure_ascii=False),
-        "params": cfg.model_dump_json(),
+        "params": (request or cfg).model_dump_json(),
         "run_key": run_key(cfg, data_info["fingerprint"]),
+        "request_key": run_key(request or cfg, data_info["fingerprint"]),
         "code_version": code_version(),
     }
     version_tags.update(source_tags(source, with_outcome=False))
@@ -557,7 +572,10 @@ def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Option
     parameters (same run key), else None: retraining would reproduce it."""
     client = mlflow_client()
     champion, accuracy = current_champion(client, cfg.model_name)
-    if champion is None or champion.tags.get("run_key") != run_key(cfg, data_info["fingerprint"]):
+    # request_key: what the run asked for (a sweep); versions from before sweeps have run_key.
+    trained_for = champion.tags.get("request_key") or champion.tags.get("run_key") \
+        if champion is not None else None
+    if champion is None or trained_for != run_key(cfg, data_info["fingerprint"]):
         return None
     return {"model_name": cfg.model_name, "model_version": str(champion.version),
             "model_uri": f"models:/{cfg.model_name}/{champion.version}",
@@ -626,16 +644,17 @@ MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
 
 @task(name="start-mlflow-run", **MLFLOW_RETRY)
 def start_run_task(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
-                   source: Optional[dict] = None) -> str:
-    return start_run(cfg, data_info, run_name, source)
+                   source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
+    return start_run(cfg, data_info, run_name, source, parent_run_id)
 
 
 @task(name="register-model", **MLFLOW_RETRY)
 def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: DatasetInfo,
                         metrics: dict, comparison: Optional[dict] = None,
-                        source: Optional[dict] = None, edge: Optional[dict] = None) -> dict:
+                        source: Optional[dict] = None, edge: Optional[dict] = None,
+                        request: Optional[TrainParams] = None) -> dict:
     return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison, source,
-                          edge)
+                          edge, request)
 
 
 @task(name="read-champion", **MLFLOW_RETRY)

@@ -43,6 +43,32 @@ class TrainingJob(BaseModel):
     run_id: str  # the MLflow run that per-epoch metrics go to
     backbone_path: Optional[str] = None  # local copy of params.backbone (``fetch_backbone``)
     progress_artifact_id: Optional[str] = None  # the started run's progress artifact
+    # Where backbone features are cached (``feature_cache_dir``): shared by every training on
+    # the same data, split and backbone. None: beside the run key's attempts.
+    features_dir: Optional[str] = None
+
+
+def feature_cache_dir(root: Path, params: TrainParams, fingerprint: str,
+                      backbone_path: Optional[str]) -> Path:
+    """The folder under ``root`` for features of this data, split, backbone and image size:
+    what the features depend on, and nothing else (epochs, learning rate, augmentation or the
+    head do not change them), so runs and sweep candidates that differ only there share it.
+    The backbone is identified by its handle and, for a local copy, by the hash of its graph and
+    variable index (a folder replaced in place gets a new cache)."""
+    import hashlib
+
+    from petalflow.tasks.common import sha256_file
+
+    files = {}
+    if backbone_path:
+        for name in ("saved_model.pb", "variables/variables.index"):
+            path = Path(backbone_path) / name
+            files[name] = sha256_file(path) if path.is_file() else None
+    blob = json.dumps({"backbone": params.backbone, "files": files,
+                       "image_size": params.image_size, "fingerprint": fingerprint,
+                       "split": [params.val_fraction, params.test_fraction, params.seed]},
+                      sort_keys=True)
+    return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def configure_device() -> str:
@@ -84,15 +110,24 @@ PROGRESS_EVERY_S = 5.0
 
 
 def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> tuple:
-    """Backbone features [n, dim] for ``paths``, computed once and cached in ``cache`` (.npz).
+    """(features [n, dim], labels, whether they came from the cache) for ``paths``, computed
+    once and cached in ``cache`` (.npz).
     While computing, a progress line every few seconds (images done, images/s)."""
-    from petalflow.tasks.inputs import image_dataset
+    # One process computes, the others (concurrent sweep candidates) wait and read.
+    with file_lock(cache.with_name(cache.name + ".lock")):
+        if cache.exists():
+            with np.load(cache) as data:
+                if list(data["paths"]) == list(paths):
+                    log("features (%s): %d images from the cache %s", cache.stem, len(paths),
+                        cache.parent)
+                    return data["features"], data["labels"], True
+        return (*_compute_features(backbone, paths, labels, cfg, cache), False)
 
-    if cache.exists():
-        with np.load(cache) as data:
-            if list(data["paths"]) == list(paths):
-                return data["features"], data["labels"]
+
+def _compute_features(backbone, paths, labels, cfg: TrainParams, cache: Path) -> tuple:
     import tensorflow as tf
+
+    from petalflow.tasks.inputs import image_dataset
 
     ds = image_dataset(paths, None, cfg.image_size, cfg.batch_size)
     size = cfg.image_size
@@ -231,7 +266,7 @@ def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
 def train_model(
     data_info: DatasetInfo, cfg: TrainParams, workdir: Path,
     on_epoch_end: Optional[EpochHook] = None, backbone_path: Optional[str] = None,
-    resume_killed: bool = True,
+    resume_killed: bool = True, features_dir: Optional[Path] = None,
 ) -> dict:
     """Train in ``workdir`` (one folder per run, locked while in use); see ``_train``.
 
@@ -240,12 +275,14 @@ def train_model(
 
     A new folder whose siblings (same data and parameters, ``workdir.parent``) include an attempt
     that was killed or failed mid-training starts from that attempt's last checkpoint, unless
-    ``resume_killed`` is False (a forced retrain starts fresh).
+    ``resume_killed`` is False (a forced retrain starts fresh). Backbone features are cached
+    in ``features_dir`` (``feature_cache_dir``), by default beside the attempts.
     """
     workdir = Path(workdir)
     with _workdir_lock(workdir):
         seeded = seed_from_abandoned_attempt(workdir) if resume_killed else None
-        record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path)
+        record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path,
+                        Path(features_dir) if features_dir else workdir.parent / "features")
     record["seeded_from"] = str(seeded) if seeded else None
     (workdir / DONE_MARKER).write_text(json.dumps(record, indent=2))
     return record
@@ -253,7 +290,7 @@ def train_model(
 
 def _train(
     data_info: DatasetInfo, cfg: TrainParams, workdir: Path,
-    on_epoch_end: Optional[EpochHook] = None, backbone_path: Optional[str] = None,
+    on_epoch_end: Optional[EpochHook], backbone_path: Optional[str], features_dir: Path,
 ) -> dict:
     """Train on ``data_info``'s train split; return the training record (also in train.json).
 
@@ -315,9 +352,11 @@ def _train(
         ckpt.restore(manager.latest_checkpoint)
         resumed_from = int(epoch_var.numpy())
 
-    # Features depend only on data and backbone: shared by all attempts (written atomically).
-    features_dir = workdir.parent / "features"
-    val_x, val_y = cached_features(backbone, val_paths, val_y, cfg, features_dir / "val.npz")
+    # Features depend only on data, split and backbone: shared (written atomically, locked).
+    reused = []  # the cached feature files this training read instead of computing
+    val_x, val_y, hit = cached_features(backbone, val_paths, val_y, cfg,
+                                        features_dir / "val.npz")
+    reused += ["val"] if hit else []
     lap("val_features")
     train_features = None  # the train split's cached features, when training used them
     history: dict[str, list] = {}
@@ -338,9 +377,10 @@ def _train(
             record(classifier.fit(train_ds, epochs=cfg.epochs, initial_epoch=start,
                                   callbacks=[cb], verbose=0))
         else:
-            train_x, train_y = cached_features(
+            train_x, train_y, hit = cached_features(
                 backbone, train_paths, train_y, cfg, features_dir / "train.npz"
             )
+            reused += ["train"] if hit else []
             train_features = train_x
             lap("train_features")
             head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
@@ -398,6 +438,7 @@ def _train(
         "resumed_from_epoch": resumed_from,
         "history": history,
         "fine_tuned_layers": tuned_layers,
+        "features": {"dir": str(features_dir), "reused": reused},
         "train_images": len(train_paths),
         "val_images": len(val_paths),
         "seconds": round(time.time() - started, 2),
@@ -426,7 +467,8 @@ def train_model_task(job: TrainingJob) -> dict:
             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
     record = train_model(job.dataset, cfg, Path(job.workdir), on_epoch_end=on_epoch_end,
-                         backbone_path=job.backbone_path, resume_killed=not cfg.force)
+                         backbone_path=job.backbone_path, resume_killed=not cfg.force,
+                         features_dir=job.features_dir)
     update_progress_artifact(progress_id, progress=100.0)
     log_training(job.run_id, record)
     return record

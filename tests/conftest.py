@@ -21,6 +21,12 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def other_backbone(tmp_path_factory) -> Path:
+    """A second tiny backbone (other weights): for sweeps over two backbones."""
+    return export_tiny_backbone(tmp_path_factory.mktemp("hub") / "other_backbone", seed=1)
+
+
+@pytest.fixture(scope="session")
 def any_size_backbone(tmp_path_factory) -> Path:
     """A tiny backbone with no fixed input size: works at the form's default image size."""
     return export_tiny_backbone(tmp_path_factory.mktemp("hub") / "any_size", image_size=None)

@@ -488,6 +488,47 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
     assert resumed["resumed_from_epoch"] >= 1 and resumed["seeded_from"]
 
 
+def test_a_sweep_spreads_over_two_gpu_workers_and_registers_the_best(
+        stack, tmp_path, tiny_backbone, other_backbone):
+    """A second gpu worker joins (what `petalflow stack up --gpu-workers 2` starts); a sweep of
+    three candidates over two backbones, started as the UI's Run button does: the candidates
+    are train-gpu runs on the gpu pool that overlap in time, each a nested MLflow run, and the
+    best on validation accuracy is registered."""
+    stack.workers = {**stack.workers, "gpu": 2}
+    start_workers(stack)  # the running workers stay; worker-gpu-2 starts
+    assert (stack.pids / "worker-gpu-2.pid").exists()
+    src = make_dataset(tmp_path / "src", per_class=12)
+    archive = make_tgz(src, tmp_path / "served" / "photos.tgz")
+    train = _deployment(stack, "train-and-register", "train")
+    gpu = _deployment(stack, "train-model", "train-gpu")
+    sweep = [{"learning_rate": 0.05}, {"learning_rate": 0.001, "epochs": 2},
+             {"backbone": str(other_backbone)}]
+    with serve_directory(tmp_path / "served") as url:
+        params = _tiny_params(f"{url}/photos.tgz", archive, tiny_backbone, model_name="swept",
+                              edge_export=False, min_accuracy=0.0, sweep=sweep)
+        run = _wait_final(stack, _started(_run_button(stack, train["id"], params)))
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    trainings = [c for c in _children(stack, run["id"]) if c["deployment_id"] == gpu["id"]]
+    assert len(trainings) == 3
+    assert all(t["state"]["type"] == "COMPLETED" and t["work_pool_name"] == "gpu"
+               for t in trainings)
+    spans = sorted((t["start_time"], t["end_time"]) for t in trainings)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), \
+        f"no two candidates trained at once: {spans}"
+
+    client = _mlflow(stack)
+    champion = client.get_model_version_by_alias("swept", "champion")
+    parent = client.get_run(champion.run_id)
+    winner = int(parent.data.tags["petalflow.sweep_winner"])
+    assert champion.tags["backbone"] == (sweep[winner - 1].get("backbone") or str(tiny_backbone))
+    children = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'"))
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    ranking = json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "sweep/ranking.json", str(tmp_path))).read_text())
+    assert ranking[0]["candidate"] == winner and len(ranking) == 3
+
+
 def test_both_servers_keep_their_data_in_postgresql(stack):
     """What the runs above did is in the private cluster's databases, and neither server wrote
     a SQLite file."""

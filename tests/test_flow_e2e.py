@@ -646,3 +646,65 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     assert f"drift: score {drift['drift_score']:.3f}" in capsys.readouterr().out
     # ... and announces it the same way: it ran the batch-predict flow.
     assert len(_events("petalflow.drift.detected", since, at_least=2)) == 2
+
+
+def test_a_sweep_trains_each_candidate_and_registers_the_best(tmp_path, tiny_backbone,
+                                                              other_backbone, monkeypatch,
+                                                              prefect_harness):
+    """Three candidates over two backbones, in this process: nested MLflow runs, a ranking
+    (summary, table artifact, parent run), the best registered with its own backbone, features
+    computed once per backbone; the same sweep again is "nothing to do"."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from petalflow.flows.train_flow import train_and_register
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PETALFLOW_HOME", str(tmp_path / "home"))
+    archive = make_tgz(make_dataset(tmp_path / "src", per_class=8), tmp_path / "d.tgz")
+    params = _params(str(archive), archive, tiny_backbone, model_name="swept", epochs=3,
+                     edge_export=False, min_accuracy=0.0, sweep=[
+                         {"learning_rate": 0.05},
+                         {"learning_rate": 0.0001, "epochs": 1},
+                         {"backbone": str(other_backbone)}])
+    summary = train_and_register(params)
+    ranking = summary["sweep"]
+    assert sorted(r["candidate"] for r in ranking) == [1, 2, 3]
+    assert all(r["rank"] and not r["error"] for r in ranking)
+    accs = [r["val_accuracy"] for r in ranking]
+    assert accs == sorted(accs, reverse=True)
+    winner = params.candidate(ranking[0]["candidate"] - 1)
+    assert ranking[0]["candidate"] != 2  # one epoch at a tiny learning rate does not win
+
+    client = _client()
+    version = client.get_model_version("swept", summary["model_version"])
+    assert version.tags["backbone"] == winner.backbone
+    assert TrainParams.model_validate_json(version.tags["params"]) == params  # the request
+    children = client.search_runs(
+        [client.get_run(summary["mlflow_run_id"]).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
+    assert sorted(r.info.run_name for r in children) == ["candidate-1", "candidate-2",
+                                                         "candidate-3"]
+    assert all(r.info.status == "FINISHED" and "val_accuracy" in r.data.metrics
+               for r in children)
+    assert {r["mlflow_run_id"] for r in ranking} == {r.info.run_id for r in children}
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.tags["petalflow.sweep_winner"] == str(ranking[0]["candidate"])
+    assert "test_accuracy" in parent.data.metrics  # the winner's test figure, on the parent
+    with get_client(sync_client=True) as prefect:
+        table = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["sweep-swept"])))
+    assert table and table[0].type == "table"
+    assert [row["candidate"] for row in json.loads(table[0].data)] == [
+        r["candidate"] for r in ranking]
+
+    # Candidates 1 and 2 share the tiny backbone: its features were computed once.
+    caches = sorted(p.parent.name for p in (tmp_path / "home" / "features").rglob("val.npz"))
+    assert len(caches) == 2
+    reused = [json.loads(p.read_text())["features"]["reused"]
+              for p in sorted((tmp_path / "home" / "runs").rglob("train.json"))]
+    assert sorted(tuple(sorted(r)) for r in reused) == [(), (), ("train", "val")]
+
+    again = train_and_register(params)
+    assert again["status"] == "nothing to do"

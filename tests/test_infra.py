@@ -17,7 +17,10 @@ def test_deployment_yaml_declares_the_deployments_and_pools():
     deps = {d["name"]: d for d in spec["deployments"]}
     assert set(deps) == {"train", "retrain-weekly", "watch-data", "train-gpu", "batch-predict"}
     assert deps["train-gpu"]["work_pool"]["name"] == "gpu"
-    assert deps["train-gpu"]["concurrency_limit"] == 1
+    # One training per gpu worker (each started with --limit 1), so N workers train N at once.
+    from petalflow.stack import WORKER_LIMITS
+
+    assert "concurrency_limit" not in deps["train-gpu"] and WORKER_LIMITS["gpu"] == 1
     assert {deps[n]["work_pool"]["name"] for n in ("train", "retrain-weekly", "watch-data",
                                                    "batch-predict")} == {"cpu"}
     assert deps["watch-data"]["schedules"][0]["interval"] == 900
@@ -108,3 +111,22 @@ def test_worker_image_agrees_with_the_readme_pool_and_installs_what_its_worker_n
         assert re.search(rf"^COPY {folder} \./{folder}$", docker, re.M), folder
     template = json.loads((REPO / "infra" / "k8s" / "gpu-base-job-template.json").read_text())
     assert template["variables"]["properties"]["image"]
+
+
+def test_stack_options_database_urls_and_worker_names(capsys):
+    import pytest
+
+    from petalflow.stack import Stack, main, worker_names
+
+    with pytest.raises(SystemExit) as exited:
+        main(["status", "--database", "mysql://db/x"])
+    assert exited.value.code == 2
+    assert "--database: 'mysql://db/x' is not sqlite, postgres or a postgresql:// URL" in \
+        capsys.readouterr().err
+    given = Stack(database="postgresql://user:secret@db.internal:5432/")
+    assert given.database_url("mlflow") == "postgresql://user:secret@db.internal:5432/mlflow"
+    assert given.database_url("prefect", "asyncpg") == \
+        "postgresql+asyncpg://user:secret@db.internal:5432/prefect"
+    assert Stack().database_url("prefect") is None  # SQLite: the servers' own defaults
+    assert worker_names(Stack(workers={"cpu": 2, "gpu": 3})) == [
+        "worker-cpu", "worker-cpu-2", "worker-gpu", "worker-gpu-2", "worker-gpu-3"]

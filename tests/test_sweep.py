@@ -1,0 +1,93 @@
+"""Sweeps: the parameter model's candidates, the CLI option, ranking, the shared feature cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from petalflow.tasks.params import TrainParams, run_key
+
+
+def test_sweep_candidates_are_the_run_with_each_candidates_changes(tiny_backbone):
+    base = TrainParams(epochs=3, backbone=str(tiny_backbone), image_size=32)
+    assert base.candidates() == [base]
+    swept = TrainParams(epochs=3, backbone=str(tiny_backbone), image_size=32,
+                        sweep=[{"learning_rate": 0.01}, {"augment": True, "epochs": 1}])
+    first, second = swept.candidates()
+    assert first == TrainParams(epochs=3, backbone=str(tiny_backbone), image_size=32,
+                                learning_rate=0.01)
+    assert (second.augment, second.epochs, second.learning_rate) == (True, 1, base.learning_rate)
+    assert first.sweep == [] and second.sweep == []
+    # Each candidate is its own training (own checkpoints); the request has its own key too.
+    keys = {run_key(p, "f") for p in (base, swept, first, second)}
+    assert len(keys) == 4
+
+
+def test_a_bad_sweep_candidate_is_refused_naming_it(tiny_backbone):
+    with pytest.raises(ValidationError, match=r"sweep\[1\]\.backbone: .*neither a URL nor"):
+        TrainParams(sweep=[{"learning_rate": 0.01}, {"backbone": "/no/such/model"}])
+    with pytest.raises(ValidationError, match=r"sweep\[0\] changes nothing"):
+        TrainParams(sweep=[{}])
+    with pytest.raises(ValidationError, match=r"sweep\[1\] repeats"):
+        TrainParams(sweep=[{"epochs": 2}, {"epochs": 2}])
+    with pytest.raises(ValidationError, match="learning_rate"):
+        TrainParams(sweep=[{"learning_rate": -1}])
+    with pytest.raises(ValidationError, match="extra"):
+        TrainParams(sweep=[{"model_name": "other"}])  # not a training field
+
+
+def test_cli_takes_the_sweep_as_json():
+    from petalflow.flows.cli import UsageError, build_parser, params_from_args
+
+    def parse(*argv):
+        return params_from_args(TrainParams, build_parser().parse_args(["train", *argv]))
+
+    params = parse("--sweep", '[{"learning_rate": 0.01}, {"augment": true}]')
+    assert [c.changes() for c in params.sweep] == [{"learning_rate": 0.01}, {"augment": True}]
+    with pytest.raises(UsageError, match="--sweep: not JSON"):
+        parse("--sweep", "learning_rate=0.01")
+    with pytest.raises(UsageError, match=r"--sweep\[0\]\.epochs: Input should be greater"):
+        parse("--sweep", '[{"epochs": 0}]')
+
+
+def test_candidates_rank_by_validation_accuracy_and_failures_go_last():
+    from petalflow.tasks.sweep import rank_candidates
+
+    def rec(acc, loss):
+        return {"history": {"val_accuracy": [0.1, acc], "val_loss": [2.0, loss]}, "epochs": 2,
+                "seconds": 1.0}
+
+    rows = rank_candidates([{"learning_rate": 0.1}, {"epochs": 3}, {"augment": True},
+                            {"learning_rate": 0.01}],
+                           [rec(0.8, 0.5), {"error": "training run x ended Crashed"},
+                            rec(0.9, 0.7), rec(0.9, 0.4)], ["a", "b", "c", "d"])
+    assert [r["candidate"] for r in rows] == [4, 3, 1, 2]  # tie on accuracy: lower loss first
+    assert [r["rank"] for r in rows] == [1, 2, 3, None]
+    assert rows[0]["changes"] == "learning_rate=0.01" and rows[0]["mlflow_run_id"] == "d"
+    assert rows[-1]["error"] == "training run x ended Crashed"
+    with pytest.raises(RuntimeError, match="every sweep candidate failed: candidate 1: boom"):
+        rank_candidates([{"epochs": 1}], [{"error": "boom"}], ["a"])
+
+
+def test_feature_cache_is_keyed_by_what_features_depend_on(tmp_path, tiny_backbone,
+                                                          any_size_backbone):
+    from petalflow.tasks.train import feature_cache_dir
+
+    base = TrainParams(backbone=str(tiny_backbone), image_size=32)
+
+    def where(params, fingerprint="f", backbone=tiny_backbone):
+        return feature_cache_dir(tmp_path, params, fingerprint, str(backbone))
+
+    same = [TrainParams(backbone=str(tiny_backbone), image_size=32, **change) for change in (
+        {"learning_rate": 0.1}, {"epochs": 9}, {"augment": True}, {"batch_size": 8},
+        {"model_name": "x"}, {"fine_tune_layers": 2})]
+    assert {where(p) for p in same} == {where(base)}
+    different = [where(base, "g"), where(TrainParams(backbone=str(tiny_backbone),
+                                                     image_size=48)),
+                 where(TrainParams(backbone=str(any_size_backbone), image_size=32),
+                       backbone=any_size_backbone),
+                 where(TrainParams(backbone=str(tiny_backbone), image_size=32, seed=1))]
+    assert len({where(base), *different}) == 5
+    json.dumps(str(where(base)))  # a plain path: it travels in the TrainingJob
