@@ -407,24 +407,29 @@ def start_workers(stack: Stack, timeout_s: float = 120) -> None:
 
 AUTOMATIONS = REPO / "infra" / "automations"
 ZOMBIE_AUTOMATION_FILE = AUTOMATIONS / "crash-silent-runs.yaml"
+PENDING_AUTOMATION_FILE = AUTOMATIONS / "crash-stuck-pending-runs.yaml"
 
 
-def create_zombie_automation(stack: Stack, within_s: Optional[int] = None) -> None:
-    """Mark a flow run Crashed when its heartbeats stop (its worker or machine died), instead of
-    leaving it Running forever: ``infra/automations/crash-silent-runs.yaml``, created with the
-    stock ``prefect automation create`` unless one of that name exists. ``within_s`` overrides
-    its ``within`` (it must exceed the heartbeat period)."""
+def create_zombie_automation(stack: Stack, within_s: Optional[int] = None,
+                             pending_within_s: Optional[int] = None) -> None:
+    """Mark a flow run Crashed when its worker or machine died, instead of leaving it Running
+    (heartbeats stop: ``crash-silent-runs.yaml``) or Pending (submitted, never started:
+    ``crash-stuck-pending-runs.yaml``) forever; both created with the stock ``prefect
+    automation create`` unless one of that name exists. ``within_s`` / ``pending_within_s``
+    override their ``within`` (the first must exceed the heartbeat period)."""
     import yaml
 
-    spec = yaml.safe_load(ZOMBIE_AUTOMATION_FILE.read_text())
-    with prefect_client(stack) as client:
-        if client.read_automations_by_name(spec["name"]):
-            return
-    if within_s is None:
-        _prefect(stack, "automation", "create", "--from-file", str(ZOMBIE_AUTOMATION_FILE))
-    else:
-        spec["trigger"]["within"] = within_s
-        _prefect(stack, "automation", "create", "--from-json", json.dumps(spec))
+    for path, within in ((ZOMBIE_AUTOMATION_FILE, within_s),
+                         (PENDING_AUTOMATION_FILE, pending_within_s)):
+        spec = yaml.safe_load(path.read_text())
+        with prefect_client(stack) as client:
+            if client.read_automations_by_name(spec["name"]):
+                continue
+        if within is None:
+            _prefect(stack, "automation", "create", "--from-file", str(path))
+        else:
+            spec["trigger"]["within"] = within
+            _prefect(stack, "automation", "create", "--from-json", json.dumps(spec))
 
 
 def write_env_file(stack: Stack) -> Path:

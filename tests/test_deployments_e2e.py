@@ -44,8 +44,9 @@ def stack():
             start_prefect_server(st)
             start_mlflow_server(st)
             start_workers(st)  # as `petalflow stack up`: the workers create the pools
-            # Heartbeats every 30 s (the minimum); a run silent for 45 s is Crashed.
-            create_zombie_automation(st, within_s=45)
+            # Heartbeats every 30 s (the minimum); a run silent for 45 s is Crashed, and so is
+            # one Pending for 60 s.
+            create_zombie_automation(st, within_s=45, pending_within_s=60)
             deploy(st)
             yield st
         finally:
@@ -486,6 +487,27 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
                   if rerun in str(p))
     resumed = json.loads(record.read_text())
     assert resumed["resumed_from_epoch"] >= 1 and resumed["seeded_from"]
+
+
+def test_a_run_left_pending_by_a_dead_worker_is_crashed(stack):
+    """A worker that dies between submitting a run (Pending) and its start leaves no process
+    to send heartbeats: the Pending automation crashes the run, saying why. (The run is put in
+    Pending here as that worker would have, through the API.)"""
+    dep = _deployment(stack, "batch-predict", "batch-predict")
+    resp = _api(stack, "POST", f"/deployments/{dep['id']}/create_flow_run",
+                json={"parameters": {"params": {"input": ["/nowhere"], "output": "/tmp/x.csv"}},
+                      "state": {"type": "PENDING", "name": "Pending"}})
+    run_id = _started(resp)
+    started = time.time()
+    state = None
+    while time.time() - started < 200:
+        state = _api(stack, "GET", f"/flow_runs/{run_id}").json()["state"]
+        if state["type"] != "PENDING":
+            break
+        time.sleep(3)
+    assert state["type"] == "CRASHED", state
+    assert "stayed Pending" in state["message"]
+    assert time.time() - started >= 55  # not before the automation's 60 s
 
 
 def test_a_sweep_spreads_over_two_gpu_workers_and_registers_the_best(
