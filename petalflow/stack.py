@@ -482,8 +482,12 @@ def down(stack: Stack, timeout_s: float = 30) -> list[str]:
 
 
 def status(stack: Stack) -> dict:
+    """running/stopped per service: the servers, the workers this stack starts and any other
+    worker it started earlier (``--gpu-workers``/``--cpu-workers`` at ``up``)."""
     out = {}
-    for name in [*SERVERS, *worker_names(stack)]:
+    started = sorted(p.stem for p in stack.pids.glob("worker-*.pid")) if stack.pids.exists() \
+        else []
+    for name in dict.fromkeys([*SERVERS, *worker_names(stack), *started]):
         pidfile = stack.pids / f"{name}.pid"
         out[name] = "running" if pidfile.exists() and _alive(int(pidfile.read_text())) else "stopped"
     return out
