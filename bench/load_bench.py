@@ -45,10 +45,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from petalflow.stack import (  # noqa: E402
-    Stack, create_zombie_automation, deploy, descendant_pids, down, start_database,
+    Stack, create_zombie_automation, deploy, descendant_pids, down, free_port, start_database,
     start_mlflow_server, start_prefect_server, start_workers,
 )
-from tests.helpers import free_port, prefect_request  # noqa: E402
+from tests.helpers import prefect_request  # noqa: E402
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 

@@ -249,13 +249,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """The batch-predict flow, run here (a temporary Prefect server unless PREFECT_API_URL is
     set); the files are checked before anything starts."""
     params = params_from_args(PredictParams, args)
-    from petalflow.tasks.predict import forget_preloaded, iter_inputs, preload_model
+    from petalflow.tasks.predict import (
+        forget_preloaded, iter_inputs, model_uri_of, preload_model,
+    )
 
     if not any(True for _ in iter_inputs(params.input)):
         raise UsageError("--input: no image files found")
-    from petalflow.tasks.registry import champion_uri
-
-    uri = params.model_uri or champion_uri(params.model_name)
+    uri = model_uri_of(params)
     preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
     from petalflow.flows.predict_flow import batch_predict
 

@@ -95,14 +95,18 @@ def run_trainings(jobs: list[TrainingJob]) -> list[dict]:
 
 
 def wait_for_flow_runs(ids: list, poll_s: float = 2.0) -> list:
-    """The flow runs ``ids``, once every one of them is in a final state."""
+    """The flow runs ``ids`` (in that order), once every one of them is in a final state; one
+    request per poll."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    only = FlowRunFilter(id=FlowRunFilterId(any_=list(ids)))
     with get_client(sync_client=True) as client:
         while True:
-            runs = [client.read_flow_run(i) for i in ids]
-            if all(run.state is not None and run.state.is_final() for run in runs):
-                return runs
+            runs = {run.id: run for run in client.read_flow_runs(flow_run_filter=only)}
+            if len(runs) == len(ids) and all(
+                    run.state is not None and run.state.is_final() for run in runs.values()):
+                return [runs[i] for i in ids]
             time.sleep(poll_s)
 
 
@@ -151,16 +155,18 @@ def train_and_register(params: TrainParams = TrainParams()):
         # One job per configuration; a sweep's candidates are nested MLflow runs and each
         # shows its own progress (they may train at once).
         progress = None if params.sweep else start_progress_task(params.model_name)
-        jobs = [TrainingJob(
-            dataset=data_info, params=c,
-            workdir=str(home / "runs" / run_key(c, fingerprint) / _attempt_name()),
-            run_id=start_run_task(c, data_info, run_name=f"candidate-{i + 1}",
-                                  source=source, parent_run_id=run_id)
-            if params.sweep else run_id,
-            backbone_path=backbones[(c.backbone, c.image_size)], progress_artifact_id=progress,
-            features_dir=str(feature_cache_dir(home / "features", c, fingerprint,
-                                               backbones[(c.backbone, c.image_size)])),
-        ) for i, c in enumerate(candidates)]
+        jobs = []
+        for i, c in enumerate(candidates):
+            backbone_path = backbones[(c.backbone, c.image_size)]
+            candidate_run = start_run_task(c, data_info, run_name=f"candidate-{i + 1}",
+                                           source=source, parent_run_id=run_id) \
+                if params.sweep else run_id
+            jobs.append(TrainingJob(
+                dataset=data_info, params=c, run_id=candidate_run,
+                workdir=str(home / "runs" / run_key(c, fingerprint) / _attempt_name()),
+                backbone_path=backbone_path, progress_artifact_id=progress,
+                features_dir=str(feature_cache_dir(home / "features", c, fingerprint,
+                                                   backbone_path))))
         training_started = time.perf_counter()
         records = run_trainings(jobs)
         best = 0

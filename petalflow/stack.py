@@ -45,8 +45,8 @@ from petalflow.tasks.common import ENV_DEFAULTS
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = {"cpu": "download, scan, evaluation, registration", "gpu": "training"}
-# Every process the stack starts, in start order (stopped in reverse: workers first).
-SERVERS = ("postgres", "prefect-server", "mlflow-server")  # started in this order
+# The servers, in start order (stopped in reverse, after every worker).
+SERVERS = ("postgres", "prefect-server", "mlflow-server")
 # How many flow runs one worker of each pool runs at once (``prefect worker start --limit``).
 # A run is one Python process with TensorFlow: 1.5-2.5 GB for train and batch-predict on the
 # flowers; a gpu worker trains one candidate at a time, so N gpu workers train N at once.
@@ -268,7 +268,7 @@ def start_postgres(stack: Stack, timeout_s: float = 60) -> None:
                        capture_output=True, text=True, **_as_postgres_user())
     port_file = pg / "port"
     if not port_file.exists():
-        port_file.write_text(f"{_free_port()}\n")
+        port_file.write_text(f"{free_port()}\n")
     port = port_file.read_text().strip()
     _start(stack, "postgres", [postgres_tool("postgres"), "-D", str(data), "-p", port,
                                "-h", "127.0.0.1", "-k", str(pg)], user_kwargs=_as_postgres_user())
@@ -277,7 +277,8 @@ def start_postgres(stack: Stack, timeout_s: float = 60) -> None:
         timeout_s, stack, "postgres")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
     import socket
 
     with socket.socket() as sock:
@@ -383,6 +384,12 @@ def worker_names(stack: Stack) -> list[str]:
             for pool in POOLS for n in range(1, stack.workers.get(pool, 1) + 1)]
 
 
+def _started_workers(stack: Stack) -> list[str]:
+    """The workers this stack folder has pid files for (whatever ``--*-workers`` said)."""
+    return sorted(p.stem for p in stack.pids.glob("worker-*.pid")) if stack.pids.exists() \
+        else []
+
+
 def start_workers(stack: Stack, timeout_s: float = 120) -> None:
     """``stack.workers`` process workers per pool, each running at most ``WORKER_LIMITS[pool]``
     flow runs at once; a worker creates its pool when it is missing."""
@@ -453,9 +460,7 @@ def up(stack: Stack) -> None:
 def down(stack: Stack, timeout_s: float = 30) -> list[str]:
     """Stop workers first, then the servers: SIGTERM to each process group, SIGKILL if needed."""
     stopped = []
-    running = sorted(p.stem for p in stack.pids.glob("worker-*.pid")) if stack.pids.exists() \
-        else []
-    for name in [*running, *reversed(SERVERS)]:
+    for name in [*_started_workers(stack), *reversed(SERVERS)]:
         pidfile = stack.pids / f"{name}.pid"
         if not pidfile.exists():
             continue
@@ -485,9 +490,7 @@ def status(stack: Stack) -> dict:
     """running/stopped per service: the servers, the workers this stack starts and any other
     worker it started earlier (``--gpu-workers``/``--cpu-workers`` at ``up``)."""
     out = {}
-    started = sorted(p.stem for p in stack.pids.glob("worker-*.pid")) if stack.pids.exists() \
-        else []
-    for name in dict.fromkeys([*SERVERS, *worker_names(stack), *started]):
+    for name in dict.fromkeys([*SERVERS, *worker_names(stack), *_started_workers(stack)]):
         pidfile = stack.pids / f"{name}.pid"
         out[name] = "running" if pidfile.exists() and _alive(int(pidfile.read_text())) else "stopped"
     return out

@@ -248,13 +248,18 @@ def measure_drift(model, files: Sequence[Path]) -> dict:
                                   for k, v in frame.iloc[0].to_dict().items()}}
 
 
+def model_uri_of(params) -> str:
+    """The model a prediction job uses: ``model_uri``, else ``model_name``'s champion."""
+    from petalflow.tasks.registry import champion_uri
+
+    return params.model_uri or champion_uri(params.model_name)
+
+
 def predict_images(params, on_batch: Optional[BatchHook] = None) -> dict:
     """The prediction job (``PredictParams`` in, summary out) that the ``batch-predict`` flow
     runs (``petalflow predict`` runs that flow)."""
-    from petalflow.tasks.registry import champion_uri
-
     files = list(iter_inputs(params.input))
-    uri = params.model_uri or champion_uri(params.model_name)
+    uri = model_uri_of(params)
     result = predict_files(uri, files, Path(params.output), params.batch_size, fmt=params.format,
                            top_k=params.top_k, on_batch=on_batch, drift=params.drift)
     return {"model_uri": uri, "inputs": list(params.input), "output": params.output, **result}

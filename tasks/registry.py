@@ -572,10 +572,11 @@ def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Option
     parameters (same run key), else None: retraining would reproduce it."""
     client = mlflow_client()
     champion, accuracy = current_champion(client, cfg.model_name)
+    if champion is None:
+        return None
     # request_key: what the run asked for (a sweep); versions from before sweeps have run_key.
-    trained_for = champion.tags.get("request_key") or champion.tags.get("run_key") \
-        if champion is not None else None
-    if champion is None or trained_for != run_key(cfg, data_info["fingerprint"]):
+    if (champion.tags.get("request_key") or champion.tags.get("run_key")) != run_key(
+            cfg, data_info["fingerprint"]):
         return None
     return {"model_name": cfg.model_name, "model_version": str(champion.version),
             "model_uri": f"models:/{cfg.model_name}/{champion.version}",

@@ -37,17 +37,18 @@ def rank_candidates(changes: list[dict], records: list[dict], run_ids: list[str]
             "error": record.get("error", ""),
         })
     ok = [r for r in rows if not r["error"] and r["val_accuracy"] is not None]
+    failed = [r for r in rows if r["error"] or r["val_accuracy"] is None]
     if not ok:
         raise RuntimeError("every sweep candidate failed: " + "; ".join(
             f"candidate {r['candidate']}: {r['error'] or 'no validation accuracy'}"
             for r in rows))
     ok.sort(key=lambda r: (-r["val_accuracy"], r["val_loss"] if r["val_loss"] is not None
                            else float("inf"), r["candidate"]))
-    failed = [r for r in rows if r not in ok]
-    ranked = ok + failed
-    for rank, row in enumerate(ranked, 1):
-        row["rank"] = rank if row in ok else None
-    return ranked
+    for rank, row in enumerate(ok, 1):
+        row["rank"] = rank
+    for row in failed:
+        row["rank"] = None
+    return ok + failed
 
 
 def sweep_markdown(rows: list[dict]) -> str:

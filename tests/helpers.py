@@ -16,6 +16,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
+from petalflow.stack import free_port  # noqa: F401 - the tests' servers use the stack's own
+
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 
 
@@ -138,13 +140,6 @@ def serve_directory(directory: Path):
         yield base_url(server)
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (for servers the tests start)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(rgb=(10, 20, 30), size=(8, 8), mode="RGB") -> bytes:
