@@ -82,5 +82,9 @@ def image_dataset(
     ds = ds.map(load, num_parallel_calls=workers, deterministic=not shuffle)
     ds = ds.batch(batch_size)
     if augment:
-        ds = ds.map(lambda x, *y: (augment_batch(x, seed), *y), num_parallel_calls=workers)
+        def augmented(images, *label):
+            images = augment_batch(images, seed)
+            return (images, *label) if label else images
+
+        ds = ds.map(augmented, num_parallel_calls=workers)
     return ds.prefetch(1)

@@ -95,8 +95,9 @@ class TrainParams(BaseModel):
     augment: bool = Field(
         False,
         title="Augment",
-        description="Random flip, rotation, zoom and contrast on training batches. Off lets the "
-        "frozen backbone's features be computed once and cached (much faster).",
+        description="Random flip, rotation, zoom and contrast. With a frozen backbone the head "
+        "trains on two augmented copies of the training split besides the plain one, each "
+        "computed once and cached; while fine-tuning, fresh augmentations every epoch.",
     )
     val_fraction: float = Field(
         0.15, gt=0, lt=0.5, title="Validation fraction",

@@ -153,6 +153,34 @@ def test_edge_models_run_in_the_stock_interpreter_and_agree_with_the_savedmodel(
     assert figures["models"]["int8"]["size_bytes"] < figures["models"]["float16"]["size_bytes"]
 
 
+def test_augmentation_trains_on_cached_augmented_copies_of_the_features(tmp_path, tiny_backbone,
+                                                                         data_info):
+    """--augment with a frozen backbone: two augmented copies of the training split's features
+    are computed once, cached beside the plain ones, and reused by the next run."""
+    from petalflow.tasks.train import AUGMENTED_VIEWS, augmented_view_file
+
+    cache = tmp_path / "features"
+    cfg = _cfg(tiny_backbone, epochs=2, augment=True, edge_export=False)
+    first = train_model(data_info, cfg, tmp_path / "a", features_dir=cache)
+    names = [augmented_view_file(cfg.seed, v) for v in range(AUGMENTED_VIEWS)]
+    assert AUGMENTED_VIEWS == 2 and len(set(names)) == 2
+    plain = np.load(cache / "train.npz")
+    copies = [np.load(cache / name) for name in names]
+    for copy in copies:
+        assert list(copy["paths"]) == list(plain["paths"])  # row i is the same photo
+        np.testing.assert_array_equal(copy["labels"], plain["labels"])
+        assert not np.allclose(copy["features"], plain["features"])  # but augmented
+    assert not np.allclose(copies[0]["features"], copies[1]["features"])
+    assert first["features"]["reused"] == []
+
+    again = train_model(data_info, cfg, tmp_path / "b", features_dir=cache)
+    assert sorted(again["features"]["reused"]) == sorted(
+        ["val", "train", *(n.removesuffix(".npz") for n in names)])
+    plain_only = train_model(data_info, _cfg(tiny_backbone, epochs=2, edge_export=False),
+                             tmp_path / "c", features_dir=cache)
+    assert sorted(plain_only["features"]["reused"]) == ["train", "val"]
+
+
 def test_edge_export_can_be_turned_off(tmp_path, tiny_backbone, data_info):
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False), tmp_path)
     assert record["edge_dir"] is None and not (tmp_path / "edge").exists()
