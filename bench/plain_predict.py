@@ -1,4 +1,4 @@
-"""Plain prediction baseline: load the registered model with ``mlflow.tensorflow.load_model``
+"""Plain prediction baseline: load the registered model with ``mlflow.pyfunc.load_model``
 and classify a folder's images one by one (the naive loop a user would write).
 
     python bench/plain_predict.py --model models:/NAME/1 --folder DIR --json OUT.json
@@ -23,15 +23,15 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     import mlflow
-    import tensorflow as tf
+    import pandas as pd
 
-    infer = mlflow.tensorflow.load_model(args.model)
+    model = mlflow.pyfunc.load_model(args.model)
     files = sorted(p for p in args.folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     loop_start = time.time()
     labels = []
     for path in files:
-        out = infer(image=tf.constant([base64.b64encode(path.read_bytes()).decode()]))
-        labels.append(out["label"].numpy()[0].decode())
+        out = model.predict(pd.DataFrame({"image": [base64.b64encode(path.read_bytes()).decode()]}))
+        labels.append(out["label"].iloc[0])
     loop = time.time() - loop_start
     result = {"images": len(files), "loop_s": loop, "loop_images_per_s": len(files) / loop,
               "seconds_in_script": time.time() - started}

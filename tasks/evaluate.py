@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
+from petalflow.tasks.common import release_memory
 from petalflow.tasks.dataset import DatasetInfo, split_files
 from petalflow.tasks.registry import MLFLOW_RETRY
 
-EVAL_BATCH = 64
+EVAL_BATCH = 32
 
 
 def classification_tables(
@@ -187,6 +188,7 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
     from petalflow.tasks.registry import log_evaluation
 
     result = evaluate_model(Path(export_dir), data_info, Path(out_dir))
+    release_memory()  # the loaded model is garbage now: keep the process's peak low
     log_evaluation(run_id, result)
     create_markdown_artifact(
         markdown=Path(result["files"]["report"]).read_text(), key="test-evaluation",
@@ -204,7 +206,9 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
 @task(name="evaluate-champion", **MLFLOW_RETRY)
 def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
                                 workdir: str) -> dict:
-    return compare_with_champion(champion, data_info, Path(workdir))
+    result = compare_with_champion(champion, data_info, Path(workdir))
+    release_memory()
+    return result
 
 
 def evaluate_edge_models(edge_dir: Path, export_dir: Path, data_info: DatasetInfo,
@@ -223,5 +227,6 @@ def evaluate_edge_task(edge_dir: str, export_dir: str, data_info: DatasetInfo,
     from petalflow.tasks.registry import log_edge
 
     description = evaluate_edge_models(Path(edge_dir), Path(export_dir), data_info, image_size)
+    release_memory()
     log_edge(run_id, edge_dir, description)
     return description

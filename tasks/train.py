@@ -24,7 +24,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from petalflow.tasks.dataset import DatasetInfo, split_files
-from petalflow.tasks.common import file_lock, log, write_json
+from petalflow.tasks.common import file_lock, log, release_memory, write_json
 from petalflow.tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
@@ -306,6 +306,10 @@ def train_model(
         seeded = seed_from_abandoned_attempt(workdir) if resume_killed else None
         record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path,
                         Path(features_dir) if features_dir else workdir.parent / "features")
+        from petalflow.tasks.model import keras
+
+        keras().backend.clear_session()  # Keras's global state holds the trained models
+        release_memory()  # the backbone, features and graphs of this training are garbage now
     record["seeded_from"] = str(seeded) if seeded else None
     (workdir / DONE_MARKER).write_text(json.dumps(record, indent=2))
     return record
@@ -445,6 +449,7 @@ def _train(
                training_drift_reference(backbone, train_paths, cfg, reusable))
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(staging, export_dir)
+    release_memory()  # the export's traced serving graph is garbage now
     lap("export")
     edge_dir = None
     if cfg.edge_export:
