@@ -96,8 +96,8 @@ class TrainParams(BaseModel):
         False,
         title="Augment",
         description="Random flip, rotation, zoom and contrast. With a frozen backbone the head "
-        "trains on two augmented copies of the training split besides the plain one, each "
-        "computed once and cached; while fine-tuning, fresh augmentations every epoch.",
+        "also trains on an augmented copy of the training split, computed once and cached; "
+        "while fine-tuning, fresh augmentations every epoch.",
     )
     val_fraction: float = Field(
         0.15, gt=0, lt=0.5, title="Validation fraction",
