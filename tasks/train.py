@@ -128,6 +128,17 @@ def augmented_view_file(seed: int, view: int) -> str:
     return f"train-augmented-{settings}-s{seed}-v{view}.npz"
 
 
+def augmented_copy(backbone, paths, labels, cfg: TrainParams, features_dir: Path,
+                   view: int) -> tuple:
+    """(features, whether they came from the cache, cache name) of augmented copy ``view`` of
+    ``paths``: its file (``augmented_view_file``) and its augmentation seed both follow from
+    ``cfg.seed`` and ``view``."""
+    name = augmented_view_file(cfg.seed, view)
+    features, _, hit = cached_features(backbone, paths, labels, cfg, features_dir / name,
+                                       augment_seed=(cfg.seed * 1000 + view + 1) % 2**31)
+    return features, hit, name.removesuffix(".npz")
+
+
 def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path,
                     augment_seed: Optional[int] = None) -> tuple:
     """(features [n, dim], labels, whether they came from the cache) for ``paths``, computed
@@ -403,20 +414,17 @@ def _train(
         )
         reused += ["train"] if hit else []
         train_features = train_x
-        if cfg.augment:  # plain features + AUGMENTED_VIEWS augmented copies, each cached
-            views = [train_x]
-            for view in range(AUGMENTED_VIEWS):
-                name = augmented_view_file(cfg.seed, view)
-                x, _, hit = cached_features(backbone, train_paths, train_y, cfg,
-                                            features_dir / name,
-                                            augment_seed=(cfg.seed * 1000 + view + 1) % 2**31)
-                views.append(x)
-                reused += [name.removesuffix(".npz")] if hit else []
-            train_x = np.concatenate(views)
-        fit_y = np.tile(train_y, len(train_x) // max(len(train_y), 1))
+        views = [train_x]  # with augmentation, + AUGMENTED_VIEWS augmented copies, each cached
+        for view in range(AUGMENTED_VIEWS if cfg.augment else 0):
+            x, hit, name = augmented_copy(backbone, train_paths, train_y, cfg, features_dir,
+                                          view)
+            views.append(x)
+            reused += [name] if hit else []
+        fit_x = train_x if len(views) == 1 else np.concatenate(views)
+        fit_y = np.tile(train_y, len(views))
         lap("train_features")
         head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
-        record(head.fit(train_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        record(head.fit(fit_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
                         initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0))
 
     lap("train_head")
