@@ -280,7 +280,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from petalflow.tasks.registry import champion_uri, pull_edge, pull_model
+    from petalflow.tasks.params import champion_uri
+    from petalflow.tasks.registry import pull_edge, pull_model
 
     uri = args.model or champion_uri(args.model_name)
     if args.format == "tflite":

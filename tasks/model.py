@@ -189,6 +189,30 @@ def _normalise_base64(image):
     return tf.strings.regex_replace(image, "/", "_")
 
 
+def _frozen_network(classifier, image_size: int):
+    """images [n, size, size, 3] -> (backbone features, class probabilities): one function,
+    weights as constants, the backbone's nested per-layer functions inlined.
+
+    A TF Hub backbone is a SavedModel of ~150 functions (one per layer); exported as they are,
+    loading the serving model deserialises each one. Frozen, the exported graph has ~20
+    functions: measured on MobileNetV2 0.35, load 3.0 -> 0.6 s, first call 1.5 -> 1.0 s, export
+    5.0 -> 3.1 s; outputs within 2e-6 (probabilities) and 2e-5 (features)."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    backbone = classifier.get_layer("backbone")
+    head = classifier.get_layer("head")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
+    def network(images):
+        features = backbone(images, training=False)
+        return features, head(features, training=False)
+
+    return convert_variables_to_constants_v2(network.get_concrete_function())
+
+
 def _serving_module(classifier, class_names: Sequence[str], image_size: int):
     """The tf.Module exported for serving (defined here so TF is imported lazily)."""
     import tensorflow as tf
@@ -196,15 +220,12 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
     from petalflow.tasks.images import decode_image
 
     num_classes = len(class_names)
-    backbone = classifier.get_layer("backbone")
-    feature_width = feature_dim(backbone, image_size)
+    network = _frozen_network(classifier, image_size)
+    feature_width = feature_dim(classifier.get_layer("backbone"), image_size)
 
     class PetalflowClassifier(tf.Module):
         def __init__(self):
             super().__init__(name="petalflow_classifier")
-            # Track the variables, not the Keras model: saving a Keras object also traces
-            # and stores every layer's call functions, which doubles export and load time.
-            self.classifier_variables = list(classifier.variables)
             self.class_names = tf.Variable(list(class_names), trainable=False, dtype=tf.string)
 
         def _decode(self, raw_bytes_or_b64, is_base64: bool):
@@ -234,15 +255,15 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
             idx_all, images, n = self._decode(raw_bytes_or_b64, is_base64)
             values = tf.cond(  # an all-bad batch must not reach the network (empty input)
                 tf.shape(images)[0] > 0,
-                lambda: tf.cast(network(images, training=False), tf.float32),
+                lambda: tf.cast(network(images), tf.float32),
                 lambda: tf.zeros([0, width], tf.float32),
             )
             ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
             return ok, tf.scatter_nd(idx_all, values, tf.stack([n, width]))
 
         def _classify(self, raw_bytes_or_b64, is_base64: bool):
-            ok, probs_full = self._on_decodable(raw_bytes_or_b64, is_base64, classifier,
-                                                num_classes)
+            ok, probs_full = self._on_decodable(raw_bytes_or_b64, is_base64,
+                                                lambda x: network(x)[1], num_classes)
             best = tf.argmax(probs_full, axis=1)
             names = tf.convert_to_tensor(self.class_names)
             out = {
@@ -258,7 +279,8 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
         def embed_bytes(self, image_bytes):
             """Raw encoded image bytes -> the backbone's features ([n, dim], zeros where
             ``ok`` is false: undecodable rows); what drift is measured on."""
-            ok, features = self._on_decodable(image_bytes, False, backbone, feature_width)
+            ok, features = self._on_decodable(image_bytes, False, lambda x: network(x)[0],
+                                              feature_width)
             return {"features": features, "ok": ok}
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image")])

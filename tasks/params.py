@@ -28,12 +28,18 @@ KNOWN_ARCHIVE_SHA256 = {
 }
 DEFAULT_BACKBONE = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_vector/4"
 DEFAULT_MODEL_NAME = "petalflow-classifier"
+CHAMPION = "champion"  # the registry alias of the version that predictions use by default
 DEFAULT_TRAINING_DEPLOYMENT = "train-model/train-gpu"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _DEPLOYMENT_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
 _URL_SCHEMES = ("http://", "https://", "file://")
+
+
+def champion_uri(model_name: str) -> str:
+    """The model URI of ``model_name``'s current champion."""
+    return f"models:/{model_name}@{CHAMPION}"
 
 
 class SweepCandidate(BaseModel):

@@ -167,6 +167,21 @@ class _Writer:
 DRIFT_SAMPLE = 256  # images of a prediction job that drift is measured on (seeded sample)
 
 
+FIRST_BATCH = 8  # images in the first batch, so the first rows are written early
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of ``n`` files: a first one of at most ``FIRST_BATCH``
+    (the model's first call carries its warm-up; measured on MobileNetV2 0.35: 0.7 s for 8
+    images, 1.0 s for 64), then ``batch_size`` at a time."""
+    bounds, start = [], 0
+    while start < n:
+        stop = min(n, start + (min(FIRST_BATCH, batch_size) if start == 0 else batch_size))
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def predict_files(
     model_uri: str,
     files: Sequence[Path],
@@ -197,8 +212,8 @@ def predict_files(
     rng = random.Random(0)
     writer = _Writer(Path(output), fmt)
     try:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
+        for start, stop in batch_bounds(len(files), batch_size):
+            chunk = files[start:stop]
             frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in chunk]}))
             frame = frame.reset_index(drop=True)
             if top_k:
@@ -250,7 +265,7 @@ def measure_drift(model, files: Sequence[Path]) -> dict:
 
 def model_uri_of(params) -> str:
     """The model a prediction job uses: ``model_uri``, else ``model_name``'s champion."""
-    from petalflow.tasks.registry import champion_uri
+    from petalflow.tasks.params import champion_uri
 
     return params.model_uri or champion_uri(params.model_name)
 

@@ -21,17 +21,11 @@ from typing import Optional
 from prefect import task
 
 from petalflow.tasks.dataset import DatasetInfo
-from petalflow.tasks.params import TrainParams, run_key
+from petalflow.tasks.params import CHAMPION, TrainParams, run_key
 
-CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
 LOCAL_STORE_DIR = "mlflow"
-
-
-def champion_uri(model_name: str) -> str:
-    """The model URI of ``model_name``'s current champion."""
-    return f"models:/{model_name}@{CHAMPION}"
 
 
 def tracking_uri() -> str:

@@ -227,3 +227,17 @@ def test_drift_event_and_artifact_name_the_model_even_with_dots():
     assert model_name_of("/tmp/pulled-model") == "local"
     assert model_resource("models:/a.b/1") == "petalflow.model.a.b"
     assert artifact_key("drift", "team.flowers-v2") == "drift-team-flowers-v2"
+
+
+def test_predict_batches_start_small_then_take_the_batch_size():
+    """The first batch is small (its rows are written while the model warms up), then
+    --batch-size at a time; every file is in exactly one batch, in order."""
+    from petalflow.tasks.predict import FIRST_BATCH, batch_bounds
+
+    assert batch_bounds(0, 64) == []
+    assert batch_bounds(5, 64) == [(0, 5)]
+    bounds = batch_bounds(200, 64)
+    assert bounds[0] == (0, FIRST_BATCH) and FIRST_BATCH < 64
+    assert all(stop - start == 64 for start, stop in bounds[1:-1])
+    assert [i for start, stop in bounds for i in range(start, stop)] == list(range(200))
+    assert batch_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]

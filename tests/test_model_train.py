@@ -30,26 +30,32 @@ def _cfg(backbone, **kw) -> TrainParams:
 
 
 def _variables(saved_model_dir) -> dict:
-    """name -> value of a SavedModel's variables (the export lists its own explicitly)."""
+    """name -> value of a SavedModel's variables."""
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(saved_model_dir))
-    variables = getattr(loaded, "classifier_variables", None) or loaded.variables
-    return {v.name: v.numpy() for v in variables}
+    return {v.name: v.numpy() for v in tf.saved_model.load(str(saved_model_dir)).variables}
 
 
-def _backbone_vars_after(export_dir, backbone_names) -> dict:
-    exported = _variables(export_dir)
-    found = {n: v for n, v in exported.items() if n in backbone_names}
-    assert set(found) == set(backbone_names), "every backbone variable is in the export"
-    return found
+def _backbone_vars_after(workdir, backbone_dir) -> dict:
+    """name -> value of the backbone's variables as training left them: its last checkpoint
+    restored into a fresh copy of the backbone (the export holds the weights as constants)."""
+    import tensorflow as tf
+
+    from petalflow.tasks.model import load_backbone
+
+    layer = load_backbone(str(backbone_dir), trainable=True)
+    latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+    status = tf.train.Checkpoint(backbone=layer).restore(latest).expect_partial()
+    status.assert_existing_objects_matched()
+    return {v.name: v.numpy() for v in layer.variables}
 
 
 @pytest.mark.parametrize("augment", [False, True])
 def test_backbone_stays_frozen(tmp_path, tiny_backbone, data_info, augment):
     before = _variables(tiny_backbone)
     record = train_model(data_info, _cfg(tiny_backbone, augment=augment), tmp_path / "w")
-    after = _backbone_vars_after(record["export_dir"], set(before))
+    after = _backbone_vars_after(tmp_path / "w", tiny_backbone)
+    assert set(after) == set(before)
     for name, value in before.items():
         np.testing.assert_allclose(after[name], value, err_msg=name)
     assert record["history"]["loss"][-1] < record["history"]["loss"][0]
@@ -61,7 +67,8 @@ def test_fine_tuning_changes_only_the_top_layers(tmp_path, tiny_backbone, data_i
                fine_tune_learning_rate=0.05)
     record = train_model(data_info, cfg, tmp_path / "w")
     assert record["fine_tuned_layers"] == ["top_dense"]
-    after = _backbone_vars_after(record["export_dir"], set(before))
+    after = _backbone_vars_after(tmp_path / "w", tiny_backbone)
+    assert set(after) == set(before)
     changed = {n for n in before if not np.allclose(before[n], after[n])}
     assert changed and all(n.startswith("top_dense/") for n in changed)
     # BatchNorm statistics stay put: BN runs in inference mode during fine-tuning.
@@ -106,6 +113,43 @@ def trained(tmp_path_factory, tiny_backbone, data_info):
 @pytest.fixture(scope="module")
 def exported(trained):
     return trained["export_dir"]
+
+
+def test_export_computes_what_the_trained_keras_model_computes(trained, tiny_backbone,
+                                                              data_info):
+    """The export holds the network frozen (weights as constants, no variables): its
+    probabilities and features are the trained backbone + head's, restored from the run's
+    last checkpoint, on the same decoded test images."""
+    from pathlib import Path
+
+    import tensorflow as tf
+
+    from petalflow.tasks.dataset import split_files
+    from petalflow.tasks.images import decode_image
+    from petalflow.tasks.model import build_head, load_backbone
+
+    backbone = load_backbone(str(tiny_backbone))
+    head = build_head(int(backbone(tf.zeros([1, 32, 32, 3])).shape[-1]),
+                      len(data_info["classes"]))
+    workdir = Path(trained["export_dir"]).parent
+    status = tf.train.Checkpoint(head=head, backbone=backbone).restore(
+        tf.train.latest_checkpoint(str(workdir / "checkpoints"))).expect_partial()
+    status.assert_existing_objects_matched()
+    paths, _ = split_files(data_info, "test")
+    raw = [Path(p).read_bytes() for p in paths]
+    images = tf.stack([decode_image(r, 32) for r in raw])
+    features = backbone(images, training=False).numpy()
+    probs = head(features, training=False).numpy()
+
+    stored = {name for name, _ in tf.train.list_variables(
+        str(Path(trained["export_dir"]) / "variables" / "variables"))}
+    assert stored == {"_CHECKPOINTABLE_OBJECT_GRAPH", "class_names/.ATTRIBUTES/VARIABLE_VALUE"}
+    loaded = tf.saved_model.load(trained["export_dir"])
+    out = loaded.signatures["classify_bytes"](image_bytes=tf.constant(raw))
+    got = np.stack([out[f"prob_{c}"].numpy() for c in data_info["classes"]], axis=1)
+    np.testing.assert_allclose(got, probs, atol=1e-5)
+    embedded = loaded.signatures["embed_bytes"](image_bytes=tf.constant(raw))
+    np.testing.assert_allclose(embedded["features"].numpy(), features, atol=1e-4)
 
 
 def test_edge_models_run_in_the_stock_interpreter_and_agree_with_the_savedmodel(
