@@ -3,13 +3,13 @@
 size and seed, for the classifier a ``petalflow train`` run trained.
 
 The classifier is rebuilt from the run's last checkpoint (backbone + head, as training built
-it); each int8 conversion is the one ``tasks/edge.py`` makes, with ``calibration_sample(train
-files, n, seed)``. The float16 model and the serving SavedModel's validation accuracy are
+it); each int8 conversion is the one ``tasks/edge.py`` makes (``tflite_converter``), with
+``calibration_sample(train files, n, seed)``. The float16 model's validation accuracy is
 printed for reference.
 
     .venv/bin/python bench/edge_calibration.py --run <PETALFLOW_HOME>/runs/<key>/<attempt> \
         --dataset <PETALFLOW_HOME>/manifests/<id>/dataset.json \
-        --backbone mobilenet_v2_035_224_feature_vector --sizes 16 32 64 100 --seeds 0 1 2 \
+        --backbone mobilenet_v2_035_224_feature_vector --sizes 10 25 50 100 --seeds 0 1 2 \
         --json calibration.json
 """
 
@@ -40,7 +40,9 @@ def main() -> None:
     import tensorflow as tf
 
     from petalflow.tasks.dataset import split_files
-    from petalflow.tasks.edge import _decode_file, calibration_sample, tflite_classifier
+    from petalflow.tasks.edge import (
+        _decode_file, calibration_sample, tflite_classifier, tflite_converter, tflite_source,
+    )
     from petalflow.tasks.model import build_classifier, build_head, feature_dim, load_backbone
 
     size = args.image_size
@@ -55,29 +57,12 @@ def main() -> None:
     val_paths, val_y = split_files(info, "val")
     val_images = [_decode_file(p, size).numpy() for p in val_paths]
 
-    spec = tf.TensorSpec([1, size, size, 3], tf.float32, name="image")
-
-    @tf.function(input_signature=[spec])
-    def classify(image):
-        return {"probabilities": tf.cast(classifier(image, training=False), tf.float32)}
-
-    concrete = classify.get_concrete_function()
-    holder = tf.Module()
-    holder.variables_ = list(classifier.variables)
-    holder.classify = classify
+    source = tflite_source(classifier, size)
 
     def convert(fmt: str, sample=()) -> tuple[bytes, float]:
-        conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
-        conv.experimental_lower_to_saved_model = False
-        conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        if fmt == "float16":
-            conv.target_spec.supported_types = [tf.float16]
-        else:
-            conv.representative_dataset = lambda: (
-                [tf.expand_dims(_decode_file(p, size), 0)] for p in sample)
-            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter = tflite_converter(source, fmt, size, sample)
         started = time.perf_counter()
-        model = conv.convert()
+        model = converter.convert()
         return model, time.perf_counter() - started
 
     def accuracy(model: bytes) -> float:
