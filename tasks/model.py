@@ -221,7 +221,9 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
 
     num_classes = len(class_names)
     network = _frozen_network(classifier, image_size)
-    feature_width = feature_dim(classifier.get_layer("backbone"), image_size)
+    # The head was built over the backbone's features (``build_head(feature_dim(...))``):
+    # its input width is theirs, no need to run the backbone again to find it.
+    feature_width = int(classifier.get_layer("head").input_shape[-1])
 
     class PetalflowClassifier(tf.Module):
         def __init__(self):
