@@ -39,6 +39,7 @@ def main() -> None:
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from petalflow.tasks.dataset import prepare_dataset, split_files
+    from petalflow.tasks.features import FeatureExtractor
     from petalflow.tasks.model import build_head, keras, load_backbone
     from petalflow.tasks.params import TrainParams
     from petalflow.tasks.train import augmented_copy, cached_features
@@ -49,19 +50,19 @@ def main() -> None:
         info = prepare_dataset(args.data_root.resolve(), Path(tmp) / "manifest",
                                cfg.val_fraction, cfg.test_fraction, cfg.seed)
         k.utils.set_random_seed(cfg.seed)
-        backbone = load_backbone(cfg.backbone)
+        extract = FeatureExtractor(load_backbone(cfg.backbone), cfg.image_size)
         feats, seconds = {}, {}
         for split in ("train", "val", "test"):
             paths, labels = split_files(info, split)
             started = time.time()
-            feats[split] = cached_features(backbone, paths, labels, cfg,
+            feats[split] = cached_features(extract, paths, labels, cfg,
                                            Path(tmp) / f"{split}.npz")[:2]
             seconds[split] = round(time.time() - started, 2)
         paths, labels = split_files(info, "train")
         copies = []
         for view in range(max(views)):
             started = time.time()
-            copies.append(augmented_copy(backbone, paths, labels, cfg, Path(tmp), view)[0])
+            copies.append(augmented_copy(extract, paths, labels, cfg, Path(tmp), view)[0])
             seconds[f"augmented copy {view + 1}"] = round(time.time() - started, 2)
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (feats[s] for s in

@@ -128,22 +128,23 @@ def augmented_view_file(seed: int, view: int) -> str:
     return f"train-augmented-{settings}-s{seed}-v{view}.npz"
 
 
-def augmented_copy(backbone, paths, labels, cfg: TrainParams, features_dir: Path,
+def augmented_copy(extract, paths, labels, cfg: TrainParams, features_dir: Path,
                    view: int) -> tuple:
     """(features, whether they came from the cache, cache name) of augmented copy ``view`` of
     ``paths``: its file (``augmented_view_file``) and its augmentation seed both follow from
     ``cfg.seed`` and ``view``."""
     name = augmented_view_file(cfg.seed, view)
-    features, _, hit = cached_features(backbone, paths, labels, cfg, features_dir / name,
+    features, _, hit = cached_features(extract, paths, labels, cfg, features_dir / name,
                                        augment_seed=(cfg.seed * 1000 + view + 1) % 2**31)
     return features, hit, name.removesuffix(".npz")
 
 
-def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path,
+def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
                     augment_seed: Optional[int] = None) -> tuple:
     """(features [n, dim], labels, whether they came from the cache) for ``paths``, computed
-    once and cached in ``cache`` (.npz); with ``augment_seed``, of the images randomly
-    augmented (``augment_batch``) with that seed.
+    by ``extract`` (``tasks.features.FeatureExtractor``: image batch -> features) once and
+    cached in ``cache`` (.npz); with ``augment_seed``, of the images randomly augmented
+    (``augment_batch``) with that seed.
     While computing, a progress line every few seconds (images done, images/s)."""
     # One process computes, the others (concurrent sweep candidates) wait and read.
     with file_lock(cache.with_name(cache.name + ".lock")):
@@ -153,26 +154,19 @@ def cached_features(backbone, paths, labels, cfg: TrainParams, cache: Path,
                     log("features (%s): %d images from the cache %s", cache.stem, len(paths),
                         cache.parent)
                     return data["features"], data["labels"], True
-        return (*_compute_features(backbone, paths, labels, cfg, cache, augment_seed), False)
+        return (*_compute_features(extract, paths, labels, cfg, cache, augment_seed), False)
 
 
-def _compute_features(backbone, paths, labels, cfg: TrainParams, cache: Path,
+def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
                       augment_seed: Optional[int] = None) -> tuple:
-    import tensorflow as tf
-
     from petalflow.tasks.inputs import image_dataset
 
     ds = image_dataset(paths, None, cfg.image_size, cfg.batch_size,  # in order: rows = paths
                        augment=augment_seed is not None, seed=augment_seed or 0)
-    size = cfg.image_size
-    extract = tf.function(  # one trace for every batch size, the last partial one included
-        lambda x: backbone(x, training=False),
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)],
-    )
     chunks, done, started = [], 0, time.time()
     last = started
     for batch in ds:
-        chunks.append(extract(batch).numpy())
+        chunks.append(extract(batch))
         done += len(chunks[-1])
         now = time.time()
         if now - last >= PROGRESS_EVERY_S and done < len(paths):
@@ -180,7 +174,8 @@ def _compute_features(backbone, paths, labels, cfg: TrainParams, cache: Path,
             log("features (%s): %d/%d images, %.0f images/s", cache.stem, done, len(paths),
                 done / (now - started))
     features = np.concatenate(chunks).astype(np.float32)
-    log("features (%s): %d images in %.1f s", cache.stem, done, time.time() - started)
+    log("features (%s): %d images in %.1f s (%s)", cache.stem, done, time.time() - started,
+        getattr(extract, "kind", None) or "tensorflow")
     cache.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save_npz(cache, features=features, labels=labels, paths=np.array(paths))
     return features, labels
@@ -340,6 +335,7 @@ def _train(
     """
     import tensorflow as tf
 
+    from petalflow.tasks.features import FeatureExtractor
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import (
         build_classifier, build_head, export_serving_model, feature_dim, keras,
@@ -393,7 +389,9 @@ def _train(
 
     # Features depend only on data, split and backbone: shared (written atomically, locked).
     reused = []  # the cached feature files this training read instead of computing
-    val_x, val_y, hit = cached_features(backbone, val_paths, val_y, cfg,
+    # On the CPU through TensorFlow Lite (converted on first use: not at all when cached).
+    extract = FeatureExtractor(backbone, cfg.image_size, tflite=device == "CPU")
+    val_x, val_y, hit = cached_features(extract, val_paths, val_y, cfg,
                                         features_dir / "val.npz")
     reused += ["val"] if hit else []
     lap("val_features")
@@ -410,13 +408,13 @@ def _train(
         cb = _epoch_end_callback(_validate_on_features(head, val_x, val_y), manager, epoch_var,
                                  total, on_epoch_end, "head")
         train_x, train_y, hit = cached_features(
-            backbone, train_paths, train_y, cfg, features_dir / "train.npz"
+            extract, train_paths, train_y, cfg, features_dir / "train.npz"
         )
         reused += ["train"] if hit else []
         train_features = train_x
         views = [train_x]  # with augmentation, + AUGMENTED_VIEWS augmented copies, each cached
         for view in range(AUGMENTED_VIEWS if cfg.augment else 0):
-            x, hit, name = augmented_copy(backbone, train_paths, train_y, cfg, features_dir,
+            x, hit, name = augmented_copy(extract, train_paths, train_y, cfg, features_dir,
                                           view)
             views.append(x)
             reused += [name] if hit else []
@@ -479,7 +477,7 @@ def _train(
         "resumed_from_epoch": resumed_from,
         "history": history,
         "fine_tuned_layers": tuned_layers,
-        "features": {"dir": str(features_dir), "reused": reused},
+        "features": {"dir": str(features_dir), "reused": reused, "engine": extract.kind},
         "train_images": len(train_paths),
         "val_images": len(val_paths),
         "seconds": round(time.time() - started, 2),

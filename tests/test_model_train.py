@@ -395,3 +395,69 @@ def test_a_backbone_tflite_cannot_quantize_costs_only_that_edge_model(tmp_path, 
     tags = edge_tags(figures)
     assert tags["edge_formats"] == "float16" and "FancyOp" in tags["edge_int8_error"]
     assert "edge_float16_test_accuracy" in tags and "edge_int8_test_accuracy" not in tags
+
+
+def _decoded_images(data_info, n: int) -> np.ndarray:
+    from petalflow.tasks.dataset import split_files
+    from petalflow.tasks.inputs import image_dataset
+
+    paths, _ = split_files(data_info, "train")
+    return np.concatenate([b.numpy() for b in image_dataset(paths[:n], None, 32, 8)])
+
+
+def test_cpu_training_computes_features_through_tflite_as_tensorflow_would(
+        tmp_path, tiny_backbone, data_info):
+    """On the CPU the frozen backbone's features come from a TFLite copy of it: the same
+    numbers TensorFlow computes (batches that are not a multiple of TFLite's batch included),
+    and what a training records as its engine."""
+    import tensorflow as tf
+
+    from petalflow.tasks.features import TFLITE_BATCH, FeatureExtractor
+    from petalflow.tasks.model import load_backbone
+
+    backbone = load_backbone(str(tiny_backbone))
+    images = _decoded_images(data_info, TFLITE_BATCH + 3)
+    extract = FeatureExtractor(backbone, 32)
+    assert extract.kind is None  # nothing converted before the first batch
+    got = np.concatenate([extract(images[:5]), extract(images[5:])])
+    assert extract.kind == "tflite"
+    want = backbone(tf.constant(images), training=False).numpy()
+    assert got.shape == want.shape == (TFLITE_BATCH + 3, 16)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
+                         tmp_path / "w", features_dir=tmp_path / "features")
+    assert record["features"]["engine"] == "tflite"
+    cached = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
+                         tmp_path / "w2", features_dir=tmp_path / "features")
+    assert cached["features"]["reused"] == ["val", "train"]
+    assert cached["features"]["engine"] is None  # all from the cache: nothing converted
+
+
+def test_a_backbone_tflite_cannot_convert_gets_its_features_from_tensorflow(
+        tmp_path, tiny_backbone, data_info, caplog):
+    """A backbone with an operation TFLite has no kernel for (here a Python function) still
+    trains: its features come from TensorFlow, and the log says why."""
+    import logging
+
+    import tensorflow as tf
+
+    from petalflow.tasks.features import FeatureExtractor
+    from petalflow.tasks.model import keras, load_backbone
+
+    hub_layer = load_backbone(str(tiny_backbone))
+
+    class PyFuncBackbone(keras().layers.Layer):
+        def call(self, images, training=False):
+            features = hub_layer(images, training=False)
+            out = tf.numpy_function(lambda x: np.maximum(x, 0.0), [features], tf.float32)
+            return tf.reshape(out, tf.shape(features))
+
+    backbone = PyFuncBackbone()
+    images = _decoded_images(data_info, 6)
+    extract = FeatureExtractor(backbone, 32)
+    with caplog.at_level(logging.WARNING):
+        got = extract(images)
+    assert extract.kind == "tensorflow"
+    assert "does not convert to TensorFlow Lite" in caplog.text
+    np.testing.assert_allclose(got, hub_layer(tf.constant(images)).numpy(), atol=1e-6)
