@@ -122,6 +122,9 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int]:
     return None, width, height
 
 
+CHECK_BATCH = 512  # indices per Python step of check_decodable
+
+
 def check_decodable(paths: list[str]) -> list[Optional[str]]:
     """Decode each file with TensorFlow (the training decoder); None if fine, else the reason.
 
@@ -142,7 +145,10 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()
-    good = {int(i) for i, _ in ds.as_numpy_iterator()}
+    # The indices that came out, in batches: one Python step per image cost more than the
+    # decoding (6,000 photos: 5.4 s -> BENCHMARKS.md).
+    ds = ds.map(lambda i, _shape: i).batch(CHECK_BATCH)
+    good = {int(i) for batch in ds.as_numpy_iterator() for i in batch}
     reasons: list[Optional[str]] = [None] * len(paths)
     for idx in set(range(len(paths))) - good:
         try:

@@ -20,6 +20,25 @@ def _status(manifest, path):
     return row["status"], row["reason"]
 
 
+
+def test_decodability_is_reported_per_file_across_check_batches(tmp_path, monkeypatch):
+    """The full-decode check reads its results in batches: every file still gets its own
+    answer, bad ones wherever they fall (first, at a batch edge, last)."""
+    import petalflow.tasks.dataset as dataset
+
+    monkeypatch.setattr(dataset, "CHECK_BATCH", 2)
+    good = write_image(tmp_path / "good.jpg", (200, 40, 40), size=(48, 48), noise=60)
+    data = good.read_bytes()
+    bad_at = {0, 3, 4, 8}
+    paths = []
+    for i in range(9):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(data[: len(data) // 2] if i in bad_at else data)
+        paths.append(str(path))
+    reasons = dataset.check_decodable(paths)
+    assert [i for i, r in enumerate(reasons) if r] == sorted(bad_at)
+    assert all(reasons[i].startswith("undecodable image") for i in bad_at)
+
 def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4)
     (root / "red" / "empty.jpg").write_bytes(b"")
