@@ -20,6 +20,7 @@ from typing import Literal, Optional, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
+from petalflow.tasks.common import defer_full_collections
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
 )
@@ -404,12 +405,16 @@ def _warm_imports(*modules: str) -> None:
     import importlib
     import threading
 
+    from petalflow.tasks.common import freeze_start_up
+
     def work():
-        for name in modules:
-            try:
+        try:
+            for name in modules:
                 importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the real import reports any problem later
-                return
+        except Exception:  # noqa: BLE001 - the real import reports any problem later
+            pass
+        finally:
+            freeze_start_up()
 
     threading.Thread(target=work, name="warm-imports", daemon=True).start()
 
@@ -422,6 +427,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _STARTED_AT = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     _environment_defaults()
+    if command_line:
+        defer_full_collections()  # until the command's imports are done (tasks/common.py)
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
         from petalflow.stack import main as stack_main
 

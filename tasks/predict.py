@@ -60,11 +60,19 @@ def preload_model(model_uri: str) -> None:
 
     future: Future = Future()
 
+    from petalflow.tasks.common import freeze_start_up
+
     def work():
+        model, error = None, None
         try:
-            future.set_result(_load_model(model_uri))
+            model = _load_model(model_uri)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the model
-            future.set_exception(exc)
+            error = exc
+        freeze_start_up()  # the imports are done (the console script's collector set-up)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(model)
 
     _PRELOADED[model_uri] = future
     threading.Thread(target=work, name="preload-model", daemon=True).start()

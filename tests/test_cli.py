@@ -241,3 +241,31 @@ def test_predict_batches_start_small_then_take_the_batch_size():
     assert all(stop - start == 64 for start, stop in bounds[1:-1])
     assert [i for start, stop in bounds for i in range(start, stop)] == list(range(200))
     assert batch_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_start_up_defers_full_collections_then_freezes_what_the_imports_made():
+    """The console script's collector set-up: while it starts, no automatic full collection
+    (young objects still collected); afterwards what exists is frozen out of later scans and
+    the threshold is Python's again. A process that never deferred is left alone."""
+    import gc
+
+    from petalflow.tasks.common import defer_full_collections, freeze_start_up
+
+    gc.collect()
+    threshold = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    freeze_start_up()  # not deferred: nothing happens
+    assert gc.get_freeze_count() == frozen and gc.get_threshold() == threshold
+    try:
+        defer_full_collections()
+        young, middle, full = gc.get_threshold()
+        assert (young, middle) == threshold[:2] and full > 10**6
+        defer_full_collections()  # twice: still one threshold to restore
+        freeze_start_up()
+        assert gc.get_threshold() == threshold
+        assert gc.get_freeze_count() > frozen
+        freeze_start_up()  # once only
+        assert gc.get_threshold() == threshold
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
