@@ -126,6 +126,18 @@ def feature_dim(backbone, image_size: int) -> int:
     return int(out.shape[-1])
 
 
+def backbone_weights(backbone):
+    """What a checkpoint holds of the backbone: its variables, in the layer's order, without
+    the TF Hub layer's restored functions, whose traversal made every save slow (MobileNetV2
+    0.35: 0.35-0.40 s per checkpoint with the layer, 0.11 s with its variables, measured).
+    Training checkpoints ``backbone=backbone_weights(layer)``; readers restore the same way."""
+    import tensorflow as tf
+
+    holder = tf.Module()
+    holder.weights_ = list(backbone.variables)
+    return holder
+
+
 def build_head(dim: int, num_classes: int, dropout: float = 0.2, seed: int = 0):
     """Dropout + softmax Dense over the backbone's features: [batch, dim] -> [batch, classes]."""
     k = keras()

@@ -338,7 +338,7 @@ def _train(
     from petalflow.tasks.features import FeatureExtractor
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import (
-        build_classifier, build_head, export_serving_model, feature_dim, keras,
+        backbone_weights, build_classifier, build_head, export_serving_model, feature_dim, keras,
         load_backbone, unfreeze_top_layers,
     )
     from petalflow.tasks.serving import DRIFT_REFERENCE
@@ -376,9 +376,8 @@ def _train(
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     head_opt = k.optimizers.Adam(cfg.learning_rate)
     tune_opt = k.optimizers.Adam(cfg.fine_tune_learning_rate)
-    ckpt = tf.train.Checkpoint(
-        head=head, backbone=backbone, epoch=epoch_var, head_opt=head_opt, tune_opt=tune_opt
-    )
+    ckpt = tf.train.Checkpoint(head=head, backbone=backbone_weights(backbone), epoch=epoch_var,
+                               head_opt=head_opt, tune_opt=tune_opt)
     manager = tf.train.CheckpointManager(ckpt, str(workdir / "checkpoints"), max_to_keep=2)
     resumed_from = 0
     if manager.latest_checkpoint:
