@@ -1,0 +1,106 @@
+"""Interleaved A/B: ``petalflow train`` then ``petalflow predict`` with this checkout's code and
+with another checkout's (an earlier commit), alternating, so both see the same spell of a noisy
+machine. Each run is cold (fresh PETALFLOW_HOME and MLflow store, the archive over local HTTP),
+measured like ``run_bench.py`` (wall time, peak RSS of the process tree), with the train run's
+phase table, test accuracy and the ``--timing`` line of predict (first prediction).
+
+    git worktree add ../petalflow-old <commit>
+    .venv/bin/python bench/ab_bench.py --old ../petalflow-old --archive flower_photos_1500.tgz \
+        --backbone mobilenet_v2_035_224_feature_vector --repeats 2 --json ab.json
+
+Both sides run in this environment (.venv); the old side's ``petalflow`` package is that
+checkout's ``tasks/`` and ``flows/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from run_bench import BIN, Server, measure
+
+# Runs the petalflow CLI with the ``petalflow`` package taken from another checkout.
+OLD_LAUNCHER = """\
+import sys
+import petalflow
+petalflow.__path__[:] = [sys.argv.pop(1)]
+from petalflow.flows import cli
+assert cli.__file__.startswith(petalflow.__path__[0]), cli.__file__
+sys.exit(cli.main())
+"""
+
+
+def old_package(checkout: Path, into: Path) -> Path:
+    """A ``petalflow`` folder whose ``tasks``/``flows`` are ``checkout``'s (as pyproject maps)."""
+    pkg = into / "petalflow"
+    pkg.mkdir(parents=True)
+    for item in (checkout / "petalflow").glob("*.py"):
+        (pkg / item.name).symlink_to(item.resolve())
+    for name in ("tasks", "flows"):
+        (pkg / name).symlink_to((checkout / name).resolve())
+    return pkg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--old", required=True, type=Path, help="the other checkout")
+    ap.add_argument("--archive", required=True, type=Path)
+    ap.add_argument("--backbone", required=True, type=Path)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    archive = args.archive.resolve()
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ab-bench-") as tmp:
+        pkg = old_package(args.old.resolve(), Path(tmp) / "old")
+        launcher = Path(tmp) / "old_cli.py"
+        launcher.write_text(OLD_LAUNCHER)
+        commands = {"old": [str(BIN / "python"), str(launcher), str(pkg)],
+                    "new": [str(BIN / "petalflow")]}
+        server = Server(archive.parent)
+        url = f"http://127.0.0.1:{server.port}/{archive.name}"
+        try:
+            for repeat in range(args.repeats):
+                for code, cmd in commands.items():
+                    work = Path(tempfile.mkdtemp(prefix=f"{code}-", dir=tmp))
+                    env = {**base_env, "PETALFLOW_HOME": str(work / "home")}
+                    train = measure(cmd + ["train", "--data-url", url, "--data-sha256", sha,
+                                           "--backbone", str(args.backbone.resolve()),
+                                           "--summary-json", str(work / "summary.json")],
+                                    work, env, work / "train.log")
+                    summary = json.loads((work / "summary.json").read_text())
+                    dataset = next((work / "home" / "manifests").rglob("dataset.json"))
+                    photos = json.loads(dataset.read_text())["data_root"]
+                    predict = measure(cmd + ["predict", "--model",
+                                             "models:/petalflow-classifier/1", "--input", photos,
+                                             "--output", str(work / "p.csv"), "--timing"],
+                                      work, env, work / "predict.log")
+                    first = re.search(r"first prediction written ([\d.]+) s",
+                                      (work / "predict.log").read_text())
+                    row = {"code": code, "repeat": repeat, "train": train, "predict": predict,
+                           "first_prediction_s": float(first[1]) if first else None,
+                           "test_accuracy": summary["test_metrics"]["test_accuracy"],
+                           "timings": summary["timings"], "edge": summary.get("edge")}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    shutil.rmtree(work)
+        finally:
+            server.close()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
