@@ -2,12 +2,12 @@
 
 On the CPU the backbone runs as a TensorFlow Lite float32 model (the same weights, converted
 once per training on first use), because TFLite's XNNPACK kernels run MobileNetV2 far faster
-there than TensorFlow's graph: MobileNetV2 0.35 at 224 px on 2 cores, 256 decoded photos,
-1,088 images/s (TFLite, 2 threads, batch 8) vs 240-248 images/s (TensorFlow, batch 32), features
-within 1e-4 of TensorFlow's (values up to 6); with decoding, the features of 1,275 photos take
-2.3-2.7 s instead of 7.4-10.4 s, plus 1.8-2.8 s of conversion (``BENCHMARKS.md``). On a GPU,
-or when the backbone has an operation TFLite cannot convert, TensorFlow computes them.
-Serving is unaffected: the exported SavedModel runs the backbone in TensorFlow.
+there than TensorFlow's graph. ``bench/feature_engines.py`` (MobileNetV2 0.35 at 224 px, 2
+cores): the backbone alone 1,009-1,023 vs 197-199 images/s; the features of 1,275 photos with
+their decoding 2.7 s instead of 6.8 s, plus 2.4-2.7 s of conversion; features within 1e-4 of
+TensorFlow's (values up to 6). On a GPU, or when the backbone has an operation TFLite cannot
+convert, TensorFlow computes them. Serving is unaffected: the exported SavedModel runs the
+backbone in TensorFlow.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 
 from petalflow.tasks.common import log
 
-# Images per TFLite call: 8 was fastest on 2 cores (1,088 images/s; 1: 883, 32: 907).
+# Images per TFLite call: 8 was fastest on 2 cores (1,088 images/s; 1: 883, 32: 907;
+# BENCHMARKS.md, feature engines).
 TFLITE_BATCH = 8
 
 
