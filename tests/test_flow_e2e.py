@@ -248,6 +248,8 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     assert summary["timings"]["total"] >= sum(
         v for k, v in summary["timings"].items() if k != "total") * 0.9
     assert summary["dataset"]["used"] == 36
+    if not list(Path("/dev").glob("nvidia[0-9]*")):  # the README: on the CPU, through TFLite
+        assert summary["training"]["features"]["engine"] == "tflite"
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["mlflow_run_id"] == summary[
         "mlflow_run_id"]
     assert (workspace / "mlflow" / "mlflow.db").exists()
