@@ -23,6 +23,15 @@ ENV_DEFAULTS = {
 }
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, which container limits set), not the
+    machine's count: the thread count for TFLite interpreters."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity API on this platform
+        return os.cpu_count() or 1
+
+
 def human_bytes(n: int) -> str:
     """``21474836480`` -> ``21474836480 bytes (20 GiB)``: exact, and readable."""
     value, unit = float(n), "bytes"

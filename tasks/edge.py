@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from petalflow.tasks.common import log, write_json
+from petalflow.tasks.common import log, usable_cpus, write_json
 
 
 FORMATS = ("float16", "int8")
@@ -176,8 +176,6 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
     probabilities out (decode included), batch 1, one interpreter thread. Written into
     ``edge.json`` and returned. The accuracy pass decodes in parallel and gives each
     interpreter every core (it measures answers, not time)."""
-    import os
-
     import numpy as np
     import tensorflow as tf
 
@@ -186,8 +184,7 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
     edge_dir = Path(edge_dir)
     description = json.loads((edge_dir / "edge.json").read_text())
     converted = [fmt for fmt in FORMATS if description["models"].get(fmt, {}).get("file")]
-    threads = os.cpu_count() or 1
-    batch_runners = {fmt: tflite_classifier(edge_dir / model_file(fmt), threads)
+    batch_runners = {fmt: tflite_classifier(edge_dir / model_file(fmt), usable_cpus())
                      for fmt in converted}
     correct = {fmt: 0 for fmt in FORMATS}
     labels = iter(np.asarray(test_y))

@@ -12,11 +12,9 @@ backbone in TensorFlow.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
-from petalflow.tasks.common import log
+from petalflow.tasks.common import log, usable_cpus
 
 # Images per TFLite call: 8 was fastest on 2 cores (1,088 images/s; 1: 883, 32: 907;
 # BENCHMARKS.md, feature engines).
@@ -67,7 +65,7 @@ class FeatureExtractor:
 
         source = tflite_source(self._backbone, self._size, batch=TFLITE_BATCH, output="features")
         blob = tflite_converter(source, "float32", self._size).convert()
-        interpreter, inp, out = tflite_interpreter(os.cpu_count() or 1, model_content=blob)
+        interpreter, inp, out = tflite_interpreter(usable_cpus(), model_content=blob)
 
         def run(images) -> np.ndarray:
             images = np.asarray(images, np.float32)
