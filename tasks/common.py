@@ -124,8 +124,8 @@ def log(message: str, *args, level: int = 20) -> None:
 
 # Python's cycle collector during a command's start-up: importing TensorFlow, Prefect and MLflow
 # creates ~1 million objects, and each automatic full collection scans all of them (8 during
-# the imports, ~1.1 s each at the end, collecting under a thousand objects: imports took
-# 12.3-12.7 s with them, 9.1-9.5 s without, measured). The console script defers full
+# the imports, collecting under a thousand objects: imports took 8.2-8.7 s with them, 5.9-6.5 s
+# without; bench/startup_gc.py, BENCHMARKS.md). The console script defers full
 # collections while it starts (young objects are still collected) and, once its imports are
 # done, freezes what they created (``gc.freeze``: kept, never scanned again), so later
 # collections, ``release_memory``'s included, scan only what the run creates.
