@@ -75,23 +75,11 @@ def main() -> None:
                 for code, cmd in commands.items():
                     work = Path(tempfile.mkdtemp(prefix=f"{code}-", dir=tmp))
                     env = {**base_env, "PETALFLOW_HOME": str(work / "home")}
-                    train = measure(cmd + ["train", "--data-url", url, "--data-sha256", sha,
-                                           "--backbone", str(args.backbone.resolve()),
-                                           "--summary-json", str(work / "summary.json")],
-                                    work, env, work / "train.log")
-                    summary = json.loads((work / "summary.json").read_text())
-                    dataset = next((work / "home" / "manifests").rglob("dataset.json"))
-                    photos = json.loads(dataset.read_text())["data_root"]
-                    predict = measure(cmd + ["predict", "--model",
-                                             "models:/petalflow-classifier/1", "--input", photos,
-                                             "--output", str(work / "p.csv"), "--timing"],
-                                      work, env, work / "predict.log")
-                    first = re.search(r"first prediction written ([\d.]+) s",
-                                      (work / "predict.log").read_text())
-                    row = {"code": code, "repeat": repeat, "train": train, "predict": predict,
-                           "first_prediction_s": float(first[1]) if first else None,
-                           "test_accuracy": summary["test_metrics"]["test_accuracy"],
-                           "timings": summary["timings"], "edge": summary.get("edge")}
+                    try:
+                        row = _pair(cmd, url, sha, args.backbone.resolve(), work, env)
+                    except SystemExit as exc:  # run_bench.measure: a failed command is a row
+                        row = {"failed": str(exc).splitlines()[0][:500]}
+                    row = {"code": code, "repeat": repeat, **row}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     shutil.rmtree(work)
@@ -100,6 +88,26 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
+
+
+def _pair(cmd: list, url: str, sha: str, backbone: Path, work: Path, env: dict) -> dict:
+    """``petalflow train`` then ``petalflow predict`` on the training's photos, measured."""
+    train = measure(cmd + ["train", "--data-url", url, "--data-sha256", sha,
+                           "--backbone", str(backbone),
+                           "--summary-json", str(work / "summary.json")],
+                    work, env, work / "train.log")
+    summary = json.loads((work / "summary.json").read_text())
+    dataset = next((work / "home" / "manifests").rglob("dataset.json"))
+    photos = json.loads(dataset.read_text())["data_root"]
+    predict = measure(cmd + ["predict", "--model", "models:/petalflow-classifier/1",
+                             "--input", photos, "--output", str(work / "p.csv"), "--timing"],
+                      work, env, work / "predict.log")
+    first = re.search(r"first prediction written ([\d.]+) s",
+                      (work / "predict.log").read_text())
+    return {"train": train, "predict": predict,
+            "first_prediction_s": float(first[1]) if first else None,
+            "test_accuracy": summary["test_metrics"]["test_accuracy"],
+            "timings": summary["timings"], "edge": summary.get("edge")}
 
 
 if __name__ == "__main__":

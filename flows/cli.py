@@ -20,7 +20,7 @@ from typing import Literal, Optional, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from petalflow.tasks.common import defer_full_collections
+from petalflow.tasks.common import IMPORT_LOCK, defer_full_collections
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
 )
@@ -203,7 +203,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = train_params_from_args(args)
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
-    _warm_imports("mlflow", "tensorflow", "tensorflow_hub")
+    with IMPORT_LOCK:  # the side thread imports after this thread's Prefect imports
+        _warm_imports("mlflow", "tensorflow", "tensorflow_hub")
+        _import_run_stack("petalflow.flows.train_flow")
     from petalflow.flows.train_flow import train_and_register
 
     summary = _result(_run_flow(train_and_register, params, quiet=not args.verbose),
@@ -257,7 +259,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not any(True for _ in iter_inputs(params.input)):
         raise UsageError("--input: no image files found")
     uri = model_uri_of(params)
-    preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
+    with IMPORT_LOCK:  # the preload imports after this thread's Prefect imports
+        preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
+        _import_run_stack("petalflow.flows.predict_flow")
     from petalflow.flows.predict_flow import batch_predict
 
     try:
@@ -399,18 +403,34 @@ def _console_without_tracebacks() -> list:
     return added
 
 
+def _import_run_stack(flow_module: str) -> None:
+    """Import, on this thread, what the flow run will import from Prefect: the flow's module,
+    the flow and task engines and, when no Prefect API is configured, the temporary server's
+    module (``common.IMPORT_LOCK`` says why)."""
+    import importlib
+
+    importlib.import_module(flow_module)
+    importlib.import_module("prefect.flow_engine")
+    importlib.import_module("prefect.task_engine")
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        importlib.import_module("prefect.server.api.server")
+
+
 def _warm_imports(*modules: str) -> None:
     """Import ``modules`` on a side thread while Prefect's temporary server starts (a
     subprocess): on a small machine this hides several seconds of start-up."""
     import importlib
     import threading
 
-    from petalflow.tasks.common import freeze_start_up
+    from petalflow.tasks.common import IMPORT_LOCK, freeze_start_up
 
     def work():
         try:
-            for name in modules:
-                importlib.import_module(name)
+            with IMPORT_LOCK:
+                for name in modules:
+                    importlib.import_module(name)
         except Exception:  # noqa: BLE001 - the real import reports any problem later
             pass
         finally:

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -120,6 +121,15 @@ def log(message: str, *args, level: int = 20) -> None:
         import logging
 
         logging.getLogger("petalflow").log(level, message, *args)
+
+
+# A command imports its stacks on two threads (Prefect on the main one, MLflow and TensorFlow
+# on a side thread, to overlap Prefect's temporary server start-up). Both stacks import some of
+# the same packages (SQLAlchemy's ORM, OpenTelemetry, ...), and importing a package with
+# circular imports on two threads at once can fail ("cannot import name ... from partially
+# initialized module 'sqlalchemy.orm.util'", seen once in ~20 `petalflow predict` runs): the
+# side thread imports only while holding this lock, which the main thread holds for its own.
+IMPORT_LOCK = threading.Lock()
 
 
 # Python's cycle collector during a command's start-up: importing TensorFlow, Prefect and MLflow

@@ -60,12 +60,13 @@ def preload_model(model_uri: str) -> None:
 
     future: Future = Future()
 
-    from petalflow.tasks.common import freeze_start_up
+    from petalflow.tasks.common import IMPORT_LOCK, freeze_start_up
 
     def work():
         model, error = None, None
         try:
-            model = _load_model(model_uri)
+            with IMPORT_LOCK:  # MLflow's and TensorFlow's imports: one thread at a time
+                model = _load_model(model_uri)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the model
             error = exc
         freeze_start_up()  # the imports are done (the console script's collector set-up)
