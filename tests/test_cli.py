@@ -269,3 +269,25 @@ def test_start_up_defers_full_collections_then_freezes_what_the_imports_made():
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+@pytest.mark.parametrize("api_url, server_module", [("", True), ("http://127.0.0.1:9/api", False)])
+def test_run_stack_imports_the_temporary_servers_module_only_when_it_will_start_one(
+        api_url, server_module):
+    """The main thread's imports before the side thread may import (common.IMPORT_LOCK): the
+    flow and Prefect's engines, and the temporary server's module only without a Prefect API."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys; from petalflow.flows.cli import _import_run_stack; "
+            "_import_run_stack('petalflow.flows.predict_flow'); "
+            "print(json.dumps([m for m in ('petalflow.flows.predict_flow', 'prefect.flow_engine', "
+            "'prefect.task_engine', 'prefect.server.api.server') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PREFECT_API_URL": api_url}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"petalflow.flows.predict_flow", "prefect.flow_engine",
+            "prefect.task_engine"} <= set(loaded)
+    assert ("prefect.server.api.server" in loaded) is server_module
