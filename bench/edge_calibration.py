@@ -44,14 +44,14 @@ def main() -> None:
         _decode_file, calibration_sample, tflite_classifier, tflite_converter, tflite_source,
     )
     from petalflow.tasks.model import (
-        backbone_weights, build_classifier, build_head, feature_dim, load_backbone,
+        variables_only, build_classifier, build_head, feature_dim, load_backbone,
     )
 
     size = args.image_size
     info = json.loads(args.dataset.read_text())
     backbone = load_backbone(str(Path(args.backbone).resolve()))
     head = build_head(feature_dim(backbone, size), len(info["classes"]))
-    status = tf.train.Checkpoint(head=head, backbone=backbone_weights(backbone)).restore(
+    status = tf.train.Checkpoint(head=head, backbone=variables_only(backbone)).restore(
         tf.train.latest_checkpoint(str(args.run / "checkpoints"))).expect_partial()
     status.assert_existing_objects_matched()
     classifier = build_classifier(backbone, head, size)

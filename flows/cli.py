@@ -20,7 +20,7 @@ from typing import Literal, Optional, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from petalflow.tasks.common import IMPORT_LOCK, defer_full_collections
+from petalflow.tasks.common import IMPORT_LOCK, defer_full_collections, freeze_start_up
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
 )
@@ -423,8 +423,6 @@ def _warm_imports(*modules: str) -> None:
     subprocess): on a small machine this hides several seconds of start-up."""
     import importlib
     import threading
-
-    from petalflow.tasks.common import IMPORT_LOCK, freeze_start_up
 
     def work():
         try:

@@ -51,14 +51,15 @@ def tflite_source(model, image_size: int, batch: int = 1, output: str = "probabi
     variables): what ``tflite_converter`` converts; traced once for every format."""
     import tensorflow as tf
 
+    from petalflow.tasks.model import variables_only
+
     spec = tf.TensorSpec([batch, image_size, image_size, 3], tf.float32, name="image")
 
     @tf.function(input_signature=[spec])
     def classify(image):
         return {output: tf.cast(model(image, training=False), tf.float32)}
 
-    holder = tf.Module()  # only the variables, not the Keras model with every layer's functions
-    holder.variables_ = list(model.variables)
+    holder = variables_only(model)  # not the Keras model with every layer's functions
     holder.classify = classify
     return classify.get_concrete_function(), holder
 
@@ -184,15 +185,14 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
     edge_dir = Path(edge_dir)
     description = json.loads((edge_dir / "edge.json").read_text())
     converted = [fmt for fmt in FORMATS if description["models"].get(fmt, {}).get("file")]
-    batch_runners = {fmt: tflite_classifier(edge_dir / model_file(fmt), usable_cpus())
-                     for fmt in converted}
+    accuracy_runners = {fmt: tflite_classifier(edge_dir / model_file(fmt), usable_cpus())
+                        for fmt in converted}
     correct = {fmt: 0 for fmt in FORMATS}
-    labels = iter(np.asarray(test_y))
-    for batch in image_dataset(test_paths, None, image_size, 32):  # streamed, in order
-        for image in batch.numpy():
-            label = next(labels)
-            for fmt, run in batch_runners.items():
-                correct[fmt] += int(np.argmax(run(image)) == label)
+    images = (image for batch in image_dataset(test_paths, None, image_size, 32)  # in order
+              for image in batch.numpy())
+    for image, label in zip(images, np.asarray(test_y)):
+        for fmt, run in accuracy_runners.items():
+            correct[fmt] += int(np.argmax(run(image)) == label)
     runners = {fmt: tflite_classifier(edge_dir / model_file(fmt)) for fmt in converted}
     timed = list(test_paths[:LATENCY_IMAGES])
     results = {fmt: result for fmt, result in description["models"].items()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
+from petalflow.tasks.common import usable_cpus
 from petalflow.tasks.images import decode_image
 
 
@@ -78,7 +78,7 @@ def image_dataset(
 
     # One decode worker per core and a one-batch prefetch: the backbone is the bottleneck, and
     # AUTOTUNE's deeper buffers cost memory (and, on 2 cores, throughput) without gaining speed.
-    workers = max(2, os.cpu_count() or 2)
+    workers = max(2, usable_cpus())
     ds = ds.map(load, num_parallel_calls=workers, deterministic=not shuffle)
     ds = ds.batch(batch_size)
     if augment:

@@ -126,15 +126,16 @@ def feature_dim(backbone, image_size: int) -> int:
     return int(out.shape[-1])
 
 
-def backbone_weights(backbone):
-    """What a checkpoint holds of the backbone: its variables, in the layer's order, without
-    the TF Hub layer's restored functions, whose traversal made every save slow (MobileNetV2
-    0.35: 0.35-0.40 s per checkpoint with the layer, 0.11 s with its variables, measured).
-    Training checkpoints ``backbone=backbone_weights(layer)``; readers restore the same way."""
+def variables_only(layer):
+    """A trackable holding only ``layer``'s variables, in its order, not the layer with its
+    traced functions: what a training checkpoint saves of the backbone (a TF Hub layer's ~150
+    restored functions made every save slow: MobileNetV2 0.35, 0.35-0.40 s per checkpoint with
+    the layer, 0.11 s with its variables) and what a TFLite conversion freezes
+    (``edge.tflite_source``). Readers of a checkpoint restore ``backbone=variables_only(layer)``."""
     import tensorflow as tf
 
     holder = tf.Module()
-    holder.weights_ = list(backbone.variables)
+    holder.weights_ = list(layer.variables)
     return holder
 
 

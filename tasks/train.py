@@ -175,7 +175,7 @@ def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
                 done / (now - started))
     features = np.concatenate(chunks).astype(np.float32)
     log("features (%s): %d images in %.1f s (%s)", cache.stem, done, time.time() - started,
-        getattr(extract, "kind", None) or "tensorflow")
+        extract.kind)
     cache.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save_npz(cache, features=features, labels=labels, paths=np.array(paths))
     return features, labels
@@ -338,7 +338,7 @@ def _train(
     from petalflow.tasks.features import FeatureExtractor
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import (
-        backbone_weights, build_classifier, build_head, export_serving_model, feature_dim, keras,
+        variables_only, build_classifier, build_head, export_serving_model, feature_dim, keras,
         load_backbone, unfreeze_top_layers,
     )
     from petalflow.tasks.serving import DRIFT_REFERENCE
@@ -376,7 +376,7 @@ def _train(
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     head_opt = k.optimizers.Adam(cfg.learning_rate)
     tune_opt = k.optimizers.Adam(cfg.fine_tune_learning_rate)
-    ckpt = tf.train.Checkpoint(head=head, backbone=backbone_weights(backbone), epoch=epoch_var,
+    ckpt = tf.train.Checkpoint(head=head, backbone=variables_only(backbone), epoch=epoch_var,
                                head_opt=head_opt, tune_opt=tune_opt)
     manager = tf.train.CheckpointManager(ckpt, str(workdir / "checkpoints"), max_to_keep=2)
     resumed_from = 0

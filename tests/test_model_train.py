@@ -41,11 +41,11 @@ def _backbone_vars_after(workdir, backbone_dir) -> dict:
     restored into a fresh copy of the backbone (the export holds the weights as constants)."""
     import tensorflow as tf
 
-    from petalflow.tasks.model import backbone_weights, load_backbone
+    from petalflow.tasks.model import variables_only, load_backbone
 
     layer = load_backbone(str(backbone_dir), trainable=True)
     latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
-    status = tf.train.Checkpoint(backbone=backbone_weights(layer)).restore(latest).expect_partial()
+    status = tf.train.Checkpoint(backbone=variables_only(layer)).restore(latest).expect_partial()
     status.assert_existing_objects_matched()
     return {v.name: v.numpy() for v in layer.variables}
 
@@ -126,13 +126,13 @@ def test_export_computes_what_the_trained_keras_model_computes(trained, tiny_bac
 
     from petalflow.tasks.dataset import split_files
     from petalflow.tasks.images import decode_image
-    from petalflow.tasks.model import backbone_weights, build_head, load_backbone
+    from petalflow.tasks.model import variables_only, build_head, load_backbone
 
     backbone = load_backbone(str(tiny_backbone))
     head = build_head(int(backbone(tf.zeros([1, 32, 32, 3])).shape[-1]),
                       len(data_info["classes"]))
     workdir = Path(trained["export_dir"]).parent
-    status = tf.train.Checkpoint(head=head, backbone=backbone_weights(backbone)).restore(
+    status = tf.train.Checkpoint(head=head, backbone=variables_only(backbone)).restore(
         tf.train.latest_checkpoint(str(workdir / "checkpoints"))).expect_partial()
     status.assert_existing_objects_matched()
     paths, _ = split_files(data_info, "test")
