@@ -41,10 +41,10 @@ def main() -> None:
 
     from petalflow.tasks.dataset import split_files
     from petalflow.tasks.edge import (
-        _decode_file, calibration_sample, tflite_classifier, tflite_converter, tflite_source,
+        _decode_file, calibration_sample, tflite_classifier, tflite_converter,
     )
     from petalflow.tasks.model import (
-        variables_only, build_classifier, build_head, feature_dim, load_backbone,
+        build_classifier, build_head, feature_dim, frozen_network, load_backbone, variables_only,
     )
 
     size = args.image_size
@@ -59,10 +59,10 @@ def main() -> None:
     val_paths, val_y = split_files(info, "val")
     val_images = [_decode_file(p, size).numpy() for p in val_paths]
 
-    source = tflite_source(classifier, size)
+    network = frozen_network(classifier, size)
 
     def convert(fmt: str, sample=()) -> tuple[bytes, float]:
-        converter = tflite_converter(source, fmt, size, sample)
+        converter = tflite_converter(network, fmt, size, sample)
         started = time.perf_counter()
         model = converter.convert()
         return model, time.perf_counter() - started

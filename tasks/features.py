@@ -61,10 +61,12 @@ class FeatureExtractor:
         return lambda images: extract(images).numpy().astype(np.float32)
 
     def _tflite_engine(self):
-        from petalflow.tasks.edge import tflite_converter, tflite_interpreter, tflite_source
+        from petalflow.tasks.edge import tflite_converter, tflite_interpreter
+        from petalflow.tasks.model import frozen_function
 
-        source = tflite_source(self._backbone, self._size, batch=TFLITE_BATCH, output="features")
-        blob = tflite_converter(source, "float32", self._size).convert()
+        backbone = self._backbone
+        network = frozen_function(lambda images: backbone(images, training=False), self._size)
+        blob = tflite_converter(network, "float32", self._size, batch=TFLITE_BATCH).convert()
         interpreter, inp, out = tflite_interpreter(usable_cpus(), model_content=blob)
 
         def run(images) -> np.ndarray:

@@ -110,7 +110,10 @@ def load_backbone(handle: str, trainable: bool = False):
     import tensorflow_hub as hub
 
     keras()
-    return hub.KerasLayer(handle, trainable=trainable, name="backbone")
+    # Given the loaded object, not the handle: with a handle, KerasLayer first tries Keras 3's
+    # load context, which imports Keras 3 (~1 s and ~90 MB, then unused); hub.load is the load
+    # it would make next, with the same options (the defaults outside a Keras load).
+    return hub.KerasLayer(hub.load(handle), trainable=trainable, name="backbone")
 
 
 def feature_dim(backbone, image_size: int) -> int:
@@ -130,8 +133,8 @@ def variables_only(layer):
     """A trackable holding only ``layer``'s variables, in its order, not the layer with its
     traced functions: what a training checkpoint saves of the backbone (a TF Hub layer's ~150
     restored functions made every save slow: MobileNetV2 0.35, 0.35-0.40 s per checkpoint with
-    the layer, 0.11 s with its variables) and what a TFLite conversion freezes
-    (``edge.tflite_source``). Readers of a checkpoint restore ``backbone=variables_only(layer)``."""
+    the layer, 0.11 s with its variables). Readers of a checkpoint restore
+    ``backbone=variables_only(layer)``."""
     import tensorflow as tf
 
     holder = tf.Module()
@@ -202,41 +205,48 @@ def _normalise_base64(image):
     return tf.strings.regex_replace(image, "/", "_")
 
 
-def _frozen_network(classifier, image_size: int):
-    """images [n, size, size, 3] -> (backbone features, class probabilities): one function,
-    weights as constants, the backbone's nested per-layer functions inlined.
-
-    A TF Hub backbone is a SavedModel of ~150 functions (one per layer); exported as they are,
-    loading the serving model deserialises each one. Frozen, the exported graph has ~20
-    functions: measured on MobileNetV2 0.35, load 3.0 -> 0.6 s, first call 1.5 -> 1.0 s, export
-    5.0 -> 3.1 s; outputs within 2e-6 (probabilities) and 2e-5 (features)."""
+def frozen_function(fn, image_size: int):
+    """``fn`` (images [n, size, size, 3] float32 -> tensors) traced once and frozen: weights
+    as constants, nested functions inlined. What the serving export and every TFLite
+    conversion (``edge.tflite_converter``) build on."""
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
 
+    spec = tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name="images")
+    return convert_variables_to_constants_v2(
+        tf.function(fn, input_signature=[spec]).get_concrete_function())
+
+
+def frozen_network(classifier, image_size: int):
+    """images [n, size, size, 3] -> (backbone features, class probabilities), frozen
+    (``frozen_function``): exported for serving and converted to the edge models, frozen once
+    for both (freezing MobileNetV2 0.35 takes ~1 s).
+
+    A TF Hub backbone is a SavedModel of ~150 functions (one per layer); exported as they are,
+    loading the serving model deserialises each one. Frozen, the exported graph has ~20
+    functions: measured on MobileNetV2 0.35, load 3.0 -> 0.6 s, first call 1.5 -> 1.0 s, export
+    5.0 -> 3.1 s; outputs within 2e-6 (probabilities) and 2e-5 (features)."""
     backbone = classifier.get_layer("backbone")
     head = classifier.get_layer("head")
 
-    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)])
     def network(images):
         features = backbone(images, training=False)
         return features, head(features, training=False)
 
-    return convert_variables_to_constants_v2(network.get_concrete_function())
+    return frozen_function(network, image_size)
 
 
-def _serving_module(classifier, class_names: Sequence[str], image_size: int):
-    """The tf.Module exported for serving (defined here so TF is imported lazily)."""
+def _serving_module(network, class_names: Sequence[str], image_size: int):
+    """The tf.Module exported for serving over ``network`` (``frozen_network``); defined here
+    so TF is imported lazily."""
     import tensorflow as tf
 
     from petalflow.tasks.images import decode_image
 
     num_classes = len(class_names)
-    network = _frozen_network(classifier, image_size)
-    # The head was built over the backbone's features (``build_head(feature_dim(...))``):
-    # its input width is theirs, no need to run the backbone again to find it.
-    feature_width = int(classifier.get_layer("head").input_shape[-1])
+    feature_width = int(network.outputs[0].shape[-1])
 
     class PetalflowClassifier(tf.Module):
         def __init__(self):
@@ -312,9 +322,10 @@ def _serving_module(classifier, class_names: Sequence[str], image_size: int):
 
 
 def export_serving_model(
-    classifier, class_names: Sequence[str], image_size: int, path: Path, metadata: dict
+    network, class_names: Sequence[str], image_size: int, path: Path, metadata: dict
 ) -> Path:
-    """Save the self-contained serving SavedModel to ``path`` (plus ``petalflow.json`` metadata).
+    """Save the self-contained serving SavedModel of ``network`` (``frozen_network`` of the
+    trained classifier) to ``path`` (plus ``petalflow.json`` metadata).
 
     Signatures: ``serving_default`` (input ``image``: base64 strings) and ``classify_bytes``
     (input ``image_bytes``: raw bytes). Outputs per row: ``label`` (class name, "" on error),
@@ -323,7 +334,7 @@ def export_serving_model(
     """
     import tensorflow as tf
 
-    module = _serving_module(classifier, class_names, image_size)
+    module = _serving_module(network, class_names, image_size)
     path = Path(path)
     tf.saved_model.save(
         module,

@@ -338,8 +338,8 @@ def _train(
     from petalflow.tasks.features import FeatureExtractor
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import (
-        variables_only, build_classifier, build_head, export_serving_model, feature_dim, keras,
-        load_backbone, unfreeze_top_layers,
+        build_classifier, build_head, export_serving_model, feature_dim, frozen_network, keras,
+        load_backbone, unfreeze_top_layers, variables_only,
     )
     from petalflow.tasks.serving import DRIFT_REFERENCE
 
@@ -445,8 +445,9 @@ def _train(
     export_dir = workdir / "export"
     staging = workdir / "export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
+    network = frozen_network(classifier, cfg.image_size)  # for the export and the edge models
     export_serving_model(
-        classifier, classes, cfg.image_size, staging,
+        network, classes, cfg.image_size, staging,
         metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
     )
     # Features cached before training are the final ones only if the backbone never changed.
@@ -463,7 +464,7 @@ def _train(
 
         edge_dir = workdir / "edge"
         shutil.rmtree(edge_dir, ignore_errors=True)
-        export_tflite(classifier, classes, cfg.image_size, edge_dir,
+        export_tflite(network, classes, cfg.image_size, edge_dir,
                       calibration_sample(train_paths, seed=cfg.seed))
         lap("edge_export")
 

@@ -376,14 +376,14 @@ def test_a_backbone_tflite_cannot_quantize_costs_only_that_edge_model(tmp_path, 
     from petalflow.tasks.evaluate import evaluate_edge_models
     from petalflow.tasks.registry import edge_tags
 
-    real = tf.lite.TFLiteConverter.convert
+    real = tf.compat.v1.lite.TFLiteConverter.convert
 
     def convert(self):
         if self.representative_dataset is not None:
             raise RuntimeError("op 'FancyOp' has no int8 kernel")
         return real(self)
 
-    monkeypatch.setattr(tf.lite.TFLiteConverter, "convert", convert)
+    monkeypatch.setattr(tf.compat.v1.lite.TFLiteConverter, "convert", convert)
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1), tmp_path)
     edge = Path(record["edge_dir"])
     assert (edge / "model_float16.tflite").is_file() and not (edge / "model_int8.tflite").exists()
