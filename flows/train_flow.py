@@ -186,7 +186,8 @@ def train_and_register(params: TrainParams = TrainParams()):
             edge = None
             if record.get("edge_dir"):
                 edge = evaluate_edge_task(record["edge_dir"], record["export_dir"], data_info,
-                                          trained.image_size, run_id)
+                                          trained.image_size, run_id,
+                                          evaluation["metrics"].get("serving_latency_ms"))
             champion = champion_info_task(params.model_name)
             comparison = compare_with_champion_task(champion, data_info, str(workdir))
         with timer.phase("registration"):

@@ -15,7 +15,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from petalflow.tasks.common import log, usable_cpus, write_json
 
@@ -24,7 +24,7 @@ FORMATS = ("float16", "int8")
 # Int8 calibration sample. bench/edge_calibration.py (validation split, 3 seeds): 50 images
 # gave the same mean accuracy as 100 (0.850) for 1.6 s less conversion; 10 and 25 gave 0.846.
 CALIBRATION_IMAGES = 50
-LATENCY_IMAGES = 50
+LATENCY_IMAGES = 50  # test files timed one at a time, for every model (and the SavedModel)
 
 
 def model_file(fmt: str) -> str:
@@ -149,7 +149,7 @@ def tflite_classifier(model_path: Path, threads: int = 1):
     return run
 
 
-def _latency_ms(fn, items) -> float:
+def latency_ms(fn, items) -> float:
     """Mean milliseconds of ``fn`` per item (the first call, which allocates, not counted)."""
     fn(items[0])
     started = time.perf_counter()
@@ -159,14 +159,14 @@ def _latency_ms(fn, items) -> float:
 
 
 def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], test_y,
-                  image_size: int) -> dict:
-    """Each TFLite model's test-split accuracy, size and CPU latency per image, with the
-    serving SavedModel's size and latency measured the same way: one image file in, its
-    probabilities out (decode included), batch 1, one interpreter thread. Written into
-    ``edge.json`` and returned. The accuracy pass decodes in parallel and gives each
-    interpreter every core (it measures answers, not time)."""
+                  image_size: int, savedmodel_latency_ms: Optional[float] = None) -> dict:
+    """Each TFLite model's test-split accuracy, size and CPU latency per image (one image file
+    in, its probabilities out, decode included, batch 1, one interpreter thread), beside the
+    serving SavedModel's size and ``savedmodel_latency_ms`` (the evaluation measured it the
+    same way, ``evaluate.evaluate_model``). Written into ``edge.json`` and returned. The
+    accuracy pass decodes in parallel and gives each interpreter every core (it measures
+    answers, not time)."""
     import numpy as np
-    import tensorflow as tf
 
     from petalflow.tasks.inputs import image_dataset
 
@@ -190,14 +190,11 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
             "file": model_file(fmt),
             "test_accuracy": correct[fmt] / max(len(test_paths), 1),
             "size_bytes": (edge_dir / model_file(fmt)).stat().st_size,
-            "latency_ms": round(_latency_ms(
+            "latency_ms": round(latency_ms(
                 lambda p, run=run: run(_decode_file(p, image_size).numpy()), timed), 3),
         }
-    # The SavedModel the version serves, through its own signature, one file at a time.
-    serve = tf.saved_model.load(str(export_dir)).signatures["classify_bytes"]
-    saved_ms = _latency_ms(lambda p: serve(image_bytes=tf.stack([tf.io.read_file(p)])), timed)
     size = sum(f.stat().st_size for f in Path(export_dir).rglob("*") if f.is_file())
-    description["savedmodel"] = {"size_bytes": size, "latency_ms": round(saved_ms, 3)}
+    description["savedmodel"] = {"size_bytes": size, "latency_ms": savedmodel_latency_ms}
     description["models"] = results
     description["test_images"] = len(test_paths)
     description["latency"] = ("ms per image file: decode + resize + classify, batch 1, one "

@@ -17,6 +17,7 @@ from prefect import task
 
 from petalflow.tasks.common import release_memory
 from petalflow.tasks.dataset import DatasetInfo, split_files
+from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
 
 EVAL_BATCH = 32
@@ -111,11 +112,15 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path) -> dict:
+def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path,
+                   latency_images: int = LATENCY_IMAGES) -> dict:
     """Classify the test split with the exported model; write tables and return the metrics.
 
     Returns {"metrics": {...}, "files": {name: path}}; files are per_class.csv, confusion.csv,
-    confusion.png, predictions.csv and report.md in ``out_dir``.
+    confusion.png, predictions.csv and report.md in ``out_dir``. With ``latency_images``, the
+    metrics include ``serving_latency_ms``: the mean time of one image file through the served
+    signature (read, decode, classify; batch 1) over the first ``latency_images`` test files,
+    the way ``edge.evaluate_edge`` times the TFLite models.
     """
     from petalflow.tasks.serving import ImageClassifier
 
@@ -136,6 +141,9 @@ def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path) -> d
     y_pred = np.where(y_pred < 0, (y_true + 1) % len(index), y_pred)  # an error counts as wrong
     metrics, per_class, confusion = classification_tables(y_true, y_pred, model.class_names)
     metrics["test_errors"] = failed
+    if latency_images and paths:
+        metrics["serving_latency_ms"] = round(latency_ms(
+            lambda p: model.classify_raw([Path(p).read_bytes()]), paths[:latency_images]), 3)
     preds.insert(0, "path", paths)
     preds.insert(1, "true_label", [model.class_names[i] for i in y_true])
     files = {
@@ -172,7 +180,8 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                           f"{', '.join(champion.get('class_names') or ['unknown'])}); promoted on "
                           "the gate alone")}
     saved = download_model(champion["model_uri"], Path(workdir) / "champion-model")
-    result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation")
+    result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation",
+                            latency_images=0)
     return {"champion_version": champion["version"],
             "champion_accuracy": result["metrics"]["test_accuracy"],
             "champion_metrics": result["metrics"],
@@ -212,21 +221,25 @@ def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
 
 
 def evaluate_edge_models(edge_dir: Path, export_dir: Path, data_info: DatasetInfo,
-                         image_size: int) -> dict:
-    """The edge models' test-split accuracy, size and latency (``tasks.edge.evaluate_edge``)."""
+                         image_size: int, savedmodel_latency_ms: Optional[float] = None) -> dict:
+    """The edge models' test-split accuracy, size and latency (``tasks.edge.evaluate_edge``),
+    beside the SavedModel's latency as the evaluation measured it (``serving_latency_ms``)."""
     from petalflow.tasks.edge import evaluate_edge
 
     paths, y = split_files(data_info, "test")
-    return evaluate_edge(Path(edge_dir), Path(export_dir), paths, y, image_size)
+    return evaluate_edge(Path(edge_dir), Path(export_dir), paths, y, image_size,
+                         savedmodel_latency_ms)
 
 
 @task(name="evaluate-edge-models")
 def evaluate_edge_task(edge_dir: str, export_dir: str, data_info: DatasetInfo,
-                       image_size: int, run_id: str) -> dict:
+                       image_size: int, run_id: str,
+                       savedmodel_latency_ms: Optional[float] = None) -> dict:
     """Thin wrapper: logs the edge models and their figures to the MLflow run."""
     from petalflow.tasks.registry import log_edge
 
-    description = evaluate_edge_models(Path(edge_dir), Path(export_dir), data_info, image_size)
+    description = evaluate_edge_models(Path(edge_dir), Path(export_dir), data_info, image_size,
+                                       savedmodel_latency_ms)
     release_memory()
     log_edge(run_id, edge_dir, description)
     return description

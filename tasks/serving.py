@@ -101,13 +101,18 @@ class ImageClassifier:
             data[col] = values
         return pd.DataFrame(data, index=index)
 
-    def predict_bytes(self, images: Sequence[bytes]) -> pd.DataFrame:
-        """Classify raw encoded image bytes; undecodable items get an ``error``, not an exception."""
+    def classify_raw(self, images: Sequence[bytes]) -> dict:
+        """The ``classify_bytes`` signature's outputs (tensors) for encoded images: what
+        ``predict_bytes`` tabulates, and what the evaluation's latency figure times."""
         import tensorflow as tf
 
+        return self._serve_bytes(image_bytes=tf.constant(list(images), tf.string))
+
+    def predict_bytes(self, images: Sequence[bytes]) -> pd.DataFrame:
+        """Classify raw encoded image bytes; undecodable items get an ``error``, not an exception."""
         if len(images) == 0:
             return pd.DataFrame({c: [] for c in self.columns})
-        return self._to_frame(self._serve_bytes(image_bytes=tf.constant(list(images), tf.string)))
+        return self._to_frame(self.classify_raw(images))
 
     def predict(self, model_input, params: Optional[dict] = None) -> pd.DataFrame:
         """Predictions per row; with ``params={"output": "drift"}`` instead one row describing

@@ -543,6 +543,8 @@ def test_every_version_carries_edge_models_that_pull_fetches(trained, tmp_path, 
     assert formats == ["SavedModel", "TFLite float16", "TFLite int8"]
     int8 = summary["edge"][2]
     assert int8["size_mb"] < summary["edge"][0]["size_mb"] and int8["latency_ms"] > 0
+    # The SavedModel's latency is the evaluation's own measurement, made the same way.
+    assert summary["edge"][0]["latency_ms"] == summary["test_metrics"]["serving_latency_ms"] > 0
     mv = _client().get_model_version(MODEL, summary["model_version"])
     assert mv.tags["edge_formats"] == "float16,int8"
     assert float(mv.tags["edge_int8_test_accuracy"]) == pytest.approx(int8["test_accuracy"],
