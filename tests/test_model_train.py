@@ -461,3 +461,31 @@ def test_a_backbone_tflite_cannot_convert_gets_its_features_from_tensorflow(
     assert extract.kind == "tensorflow"
     assert "does not convert to TensorFlow Lite" in caplog.text
     np.testing.assert_allclose(got, hub_layer(tf.constant(images)).numpy(), atol=1e-6)
+
+
+def test_feature_width_comes_from_what_the_backbone_declares(tiny_backbone, monkeypatch):
+    """The head's input width is read from the backbone's SavedModel (no call of it); a layer
+    that declares none is run once, and a backbone whose output is not a vector is refused."""
+    import tensorflow as tf
+
+    from petalflow.tasks.model import feature_dim, keras, load_backbone
+
+    backbone = load_backbone(str(tiny_backbone))
+    calls = []
+    monkeypatch.setattr(type(backbone), "call",
+                        lambda self, *a, **k: calls.append(1) or tf.zeros([1, 99]))
+    assert feature_dim(backbone, 32) == 16 and calls == []
+    monkeypatch.undo()
+
+    class Undeclared(keras().layers.Layer):
+        def call(self, images, training=False):
+            return tf.reduce_mean(images, axis=[1, 2])
+
+    assert feature_dim(Undeclared(), 32) == 3
+
+    class Maps(keras().layers.Layer):
+        def call(self, images, training=False):
+            return images
+
+    with pytest.raises(ValueError, match="feature vector"):
+        feature_dim(Maps(), 32)
