@@ -216,7 +216,8 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
 def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
                                 workdir: str) -> dict:
     result = compare_with_champion(champion, data_info, Path(workdir))
-    release_memory()
+    if result.get("champion_accuracy") is not None:  # a champion model was loaded and run
+        release_memory()
     return result
 
 
