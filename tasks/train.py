@@ -189,7 +189,7 @@ def training_drift_reference(backbone, train_paths: list, cfg: TrainParams,
     """The drift reference stored with the model: feature and image statistics of a seeded
     sample of the training split. Features come from ``train_features`` (already computed,
     same order as ``train_paths``) when given, else from the backbone."""
-    from petalflow.tasks.serving import drift_reference, image_statistics
+    from petalflow.tasks.serving import drift_reference, file_statistics
 
     rng = np.random.default_rng(cfg.seed)
     pick = np.sort(rng.permutation(len(train_paths))[:DRIFT_SAMPLE])
@@ -203,7 +203,7 @@ def training_drift_reference(backbone, train_paths: list, cfg: TrainParams,
             backbone(batch, training=False).numpy()
             for batch in image_dataset(paths, None, cfg.image_size, 64)
         ]) if paths else np.zeros((0, 0))
-    stats = image_statistics([Path(p).read_bytes() for p in paths])
+    stats = file_statistics(paths)
     return drift_reference(features, stats)
 
 
