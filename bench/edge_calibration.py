@@ -44,7 +44,7 @@ def main() -> None:
         _decode_file, calibration_sample, tflite_classifier, tflite_converter,
     )
     from petalflow.tasks.model import (
-        build_classifier, build_head, feature_dim, frozen_network, load_backbone, variables_only,
+        build_head, feature_dim, frozen_network, load_backbone, variables_only,
     )
 
     size = args.image_size
@@ -54,12 +54,11 @@ def main() -> None:
     status = tf.train.Checkpoint(head=head, backbone=variables_only(backbone)).restore(
         tf.train.latest_checkpoint(str(args.run / "checkpoints"))).expect_partial()
     status.assert_existing_objects_matched()
-    classifier = build_classifier(backbone, head, size)
     train_paths, _ = split_files(info, "train")
     val_paths, val_y = split_files(info, "val")
     val_images = [_decode_file(p, size).numpy() for p in val_paths]
 
-    network = frozen_network(classifier, size)
+    network = frozen_network(backbone, head, size)
 
     def convert(fmt: str, sample=()) -> tuple[bytes, float]:
         converter = tflite_converter(network, fmt, size, sample)

@@ -237,7 +237,7 @@ def frozen_function(fn, image_size: int):
         tf.function(fn, input_signature=[spec]).get_concrete_function())
 
 
-def frozen_network(classifier, image_size: int):
+def frozen_network(backbone, head, image_size: int):
     """images [n, size, size, 3] -> (backbone features, class probabilities), frozen
     (``frozen_function``): exported for serving and converted to the edge models, frozen once
     for both (freezing MobileNetV2 0.35 takes ~1 s).
@@ -246,9 +246,6 @@ def frozen_network(classifier, image_size: int):
     loading the serving model deserialises each one. Frozen, the exported graph has ~20
     functions: measured on MobileNetV2 0.35, load 3.0 -> 0.6 s, first call 1.5 -> 1.0 s, export
     5.0 -> 3.1 s; outputs within 2e-6 (probabilities) and 2e-5 (features)."""
-    backbone = classifier.get_layer("backbone")
-    head = classifier.get_layer("head")
-
     def network(images):
         features = backbone(images, training=False)
         return features, head(features, training=False)
@@ -346,7 +343,7 @@ def export_serving_model(
     network, class_names: Sequence[str], image_size: int, path: Path, metadata: dict
 ) -> Path:
     """Save the self-contained serving SavedModel of ``network`` (``frozen_network`` of the
-    trained classifier) to ``path`` (plus ``petalflow.json`` metadata).
+    trained backbone and head) to ``path`` (plus ``petalflow.json`` metadata).
 
     Signatures: ``serving_default`` (input ``image``: base64 strings) and ``classify_bytes``
     (input ``image_bytes``: raw bytes). Outputs per row: ``label`` (class name, "" on error),

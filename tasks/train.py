@@ -369,7 +369,6 @@ def _train(
     backbone.trainable = False
     dim = feature_dim(backbone, cfg.image_size)
     head = build_head(dim, len(classes), seed=cfg.seed)
-    classifier = build_classifier(backbone, head, cfg.image_size)
     lap("load_backbone")
 
     total = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_layers else 0)
@@ -431,6 +430,8 @@ def _train(
         tuned_layers = unfreeze_top_layers(backbone, cfg.fine_tune_layers)
         start = int(epoch_var.numpy())
         if start < total:
+            # End to end: the Keras model of backbone and head (the frozen path needs none).
+            classifier = build_classifier(backbone, head, cfg.image_size)
             # Recompile so the new trainable set takes effect, with a low learning rate.
             classifier.compile(optimizer=tune_opt, loss=loss, metrics=["accuracy"])
             # The backbone now changes, so cached validation features go stale: use images.
@@ -445,7 +446,7 @@ def _train(
     export_dir = workdir / "export"
     staging = workdir / "export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    network = frozen_network(classifier, cfg.image_size)  # for the export and the edge models
+    network = frozen_network(backbone, head, cfg.image_size)  # export and edge models
     export_serving_model(
         network, classes, cfg.image_size, staging,
         metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
