@@ -12,6 +12,8 @@ backbone in TensorFlow.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from petalflow.tasks.common import log, usable_cpus
@@ -64,10 +66,13 @@ class FeatureExtractor:
         from petalflow.tasks.edge import tflite_converter, tflite_interpreter
         from petalflow.tasks.model import frozen_function
 
+        started = time.perf_counter()
         backbone = self._backbone
         network = frozen_function(lambda images: backbone(images, training=False), self._size)
         blob = tflite_converter(network, "float32", self._size, batch=TFLITE_BATCH).convert()
         interpreter, inp, out = tflite_interpreter(usable_cpus(), model_content=blob)
+        log("features: the backbone converted to TensorFlow Lite in %.1f s",
+            time.perf_counter() - started)
 
         def run(images) -> np.ndarray:
             images = np.asarray(images, np.float32)
