@@ -24,6 +24,11 @@ DRIFT_REFERENCE = "drift_reference.json"  # beside the SavedModel, written by tr
 DRIFT_THRESHOLD = 0.3
 IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturation")
 ERROR_UNDECODABLE = "undecodable image"
+# Rows per call of the SavedModel: its memory grows with the rows it runs at once (MobileNetV2
+# 0.35 at 224 px: +145 MiB over the loaded model at 8 rows, +343 at 32, +573 at 64, and about
+# 4.8 MB more per row), so a request of any size runs 32 at a time (253 images/s here, 265 at
+# 64; BENCHMARKS.md, prediction memory).
+CALL_ROWS = 32
 PROB_PREFIX = "prob_"
 
 
@@ -67,8 +72,9 @@ class ImageClassifier:
             raise ValueError("this model version has no feature output (exported before drift "
                              "references existed)")
         feats, ok = [], []
-        for i in range(0, len(images), 64):
-            out = self._embed_bytes(image_bytes=tf.constant(list(images[i:i + 64]), tf.string))
+        for i in range(0, len(images), CALL_ROWS):
+            out = self._embed_bytes(
+                image_bytes=tf.constant(list(images[i:i + CALL_ROWS]), tf.string))
             feats.append(out["features"].numpy())
             ok.append(out["ok"].numpy())
         if not feats:
@@ -102,8 +108,8 @@ class ImageClassifier:
         return pd.DataFrame(data, index=index)
 
     def classify_raw(self, images: Sequence[bytes]) -> dict:
-        """The ``classify_bytes`` signature's outputs (tensors) for encoded images: what
-        ``predict_bytes`` tabulates, and what the evaluation's latency figure times."""
+        """The ``classify_bytes`` signature's outputs (tensors) for encoded images, in one
+        call: what the evaluation's latency figure times."""
         import tensorflow as tf
 
         return self._serve_bytes(image_bytes=tf.constant(list(images), tf.string))
@@ -112,7 +118,13 @@ class ImageClassifier:
         """Classify raw encoded image bytes; undecodable items get an ``error``, not an exception."""
         if len(images) == 0:
             return pd.DataFrame({c: [] for c in self.columns})
-        return self._to_frame(self.classify_raw(images))
+        return self._in_calls(list(images), self.classify_raw)
+
+    def _in_calls(self, items: list, call) -> pd.DataFrame:
+        """The prediction table of ``items``, ``CALL_ROWS`` per ``call`` (bounded memory)."""
+        frames = [self._to_frame(call(items[i:i + CALL_ROWS]))
+                  for i in range(0, len(items), CALL_ROWS)]
+        return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
     def predict(self, model_input, params: Optional[dict] = None) -> pd.DataFrame:
         """Predictions per row; with ``params={"output": "drift"}`` instead one row describing
@@ -137,8 +149,8 @@ class ImageClassifier:
         if (params or {}).get("output", "predictions") == "drift":
             raw = [_b64decode(v) for v in values]
             return pd.DataFrame([self.drift([r for r in raw if r is not None])])
-        out = self._serve_b64(image=tf.constant(values, tf.string))
-        frame = self._to_frame(out)
+        frame = self._in_calls(
+            values, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
         if index is not None:
             frame.index = index
         return frame

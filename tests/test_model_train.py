@@ -279,6 +279,29 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     assert bad["error"].tolist() == ["undecodable image"] * 2
 
 
+def test_a_large_request_runs_in_bounded_calls_with_the_same_rows(exported, monkeypatch):
+    """Rows go to the SavedModel CALL_ROWS at a time (its memory grows with the rows of one
+    call); the table is the one a single call gives, in order, on the request's index."""
+    from petalflow.tasks import serving
+
+    model = serving.ImageClassifier(exported)
+    values = [_b64(_image("JPEG", COLOURS[c])) for c in ("red", "green", "blue", "red")]
+    values.insert(2, _b64(b"not an image"))
+    request = pd.DataFrame({"image": values}, index=[10, 11, 12, 13, 14])
+    whole = model.predict(request)
+    calls = []
+    real = model._serve_b64
+    monkeypatch.setattr(model, "_serve_b64", lambda image: calls.append(len(image)) or real(image))
+    monkeypatch.setattr(serving, "CALL_ROWS", 2)
+    chunked = model.predict(request)
+    assert calls == [2, 2, 1]
+    pd.testing.assert_frame_equal(chunked, whole)
+    assert chunked.index.tolist() == [10, 11, 12, 13, 14]
+    assert chunked["error"].tolist() == ["", "", "undecodable image", "", ""]
+    raw = [serving._b64decode(v) for v in values]
+    pd.testing.assert_frame_equal(model.predict_bytes(raw), whole.reset_index(drop=True))
+
+
 def test_no_python_objects_are_stored_in_the_export(exported):
     from pathlib import Path
 
