@@ -25,7 +25,7 @@ DRIFT_THRESHOLD = 0.3
 IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturation")
 ERROR_UNDECODABLE = "undecodable image"
 # Rows per call of the SavedModel: its memory grows with the rows it runs at once (MobileNetV2
-# 0.35 at 224 px: +145 MiB over the loaded model at 8 rows, +343 at 32, +573 at 64, and about
+# 0.35 at 224 px: +145 MiB over the loaded model at 8 rows, +343 at 32, +573-587 at 64, about
 # 4.8 MB more per row), so a request of any size runs 32 at a time (253 images/s here, 265 at
 # 64; BENCHMARKS.md, prediction memory).
 CALL_ROWS = 32
