@@ -163,18 +163,13 @@ def image_statistics(images: Sequence[bytes]) -> np.ndarray:
     so the reduced-scale JPEG decode is applied alike on both sides."""
     import tensorflow as tf
 
-    if len(images) == 0:
-        return np.zeros((0, len(IMAGE_STATS)))
-    data = tf.data.Dataset.from_tensor_slices(tf.constant(list(images), tf.string))
-    return _statistics(data)
+    return _statistics(tf.data.Dataset.from_tensor_slices(tf.constant(list(images), tf.string)))
 
 
 def file_statistics(paths: Sequence[str]) -> np.ndarray:
     """``image_statistics`` of image files, read as they are decoded (bounded memory)."""
     import tensorflow as tf
 
-    if len(paths) == 0:
-        return np.zeros((0, len(IMAGE_STATS)))
     return _statistics(tf.data.Dataset.from_tensor_slices(
         tf.constant([str(p) for p in paths], tf.string)).map(tf.io.read_file))
 
@@ -187,6 +182,7 @@ def _statistics(encoded) -> np.ndarray:
 
     import tensorflow as tf
 
+    # common.usable_cpus, which this file cannot import (it travels without petalflow).
     workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
 
     def row(data):
@@ -206,7 +202,8 @@ def _statistics(encoded) -> np.ndarray:
         return tf.stack([w, h, w / tf.maximum(h, 1.0), *(tf.cast(v, tf.float64) for v in values)])
 
     rows = encoded.map(row, num_parallel_calls=workers, deterministic=True).batch(256)
-    return np.concatenate([batch.numpy() for batch in rows]).reshape(-1, len(IMAGE_STATS))
+    batches = [batch.numpy() for batch in rows]  # none for no images
+    return (np.concatenate(batches) if batches else np.zeros(0)).reshape(-1, len(IMAGE_STATS))
 
 
 def drift_reference(features: np.ndarray, stats: np.ndarray) -> dict:
