@@ -512,3 +512,31 @@ def test_feature_width_comes_from_what_the_backbone_declares(tiny_backbone, monk
 
     with pytest.raises(ValueError, match="feature vector"):
         feature_dim(Maps(), 32)
+
+
+def test_drift_image_statistics_of_each_format_and_of_files(tmp_path):
+    """Width, height, aspect, brightness, contrast and saturation per image: lossless formats
+    give the exact figures of their pixels (RGBA and gray converted to RGB), a JPEG its own
+    size; bytes and the same files give the same rows; no image gives no row."""
+    from petalflow.tasks.serving import IMAGE_STATS, file_statistics, image_statistics
+
+    rgb = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    encoded = {}
+    for fmt in ("PNG", "BMP"):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, fmt)
+        encoded[fmt] = buf.getvalue()
+    encoded["JPEG"] = _image("JPEG", size=(64, 48))
+    stats = image_statistics(list(encoded.values()))
+    assert stats.shape == (3, len(IMAGE_STATS))
+    x = rgb.astype(np.float64) / 255
+    want = [40, 30, 40 / 30, x.mean(), x.mean(axis=2).std(), (x.max(axis=2) - x.min(axis=2)).mean()]
+    np.testing.assert_allclose(stats[0], want, rtol=1e-5)
+    np.testing.assert_allclose(stats[1], want, rtol=1e-5)
+    assert stats[2][:3].tolist() == [64, 48, 64 / 48]
+    paths = []
+    for fmt, data in encoded.items():
+        paths.append(tmp_path / f"image.{fmt.lower()}")
+        paths[-1].write_bytes(data)
+    np.testing.assert_array_equal(file_statistics([str(p) for p in paths]), stats)
+    assert image_statistics([]).shape == file_statistics([]).shape == (0, len(IMAGE_STATS))
