@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, Optional, Sequence, get_args, get_origin
 
@@ -203,13 +204,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = train_params_from_args(args)
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
-    with IMPORT_LOCK:  # the side thread imports after this thread's Prefect imports
-        _warm_imports("mlflow", "tensorflow", "tensorflow_hub")
-        _import_run_stack("petalflow.flows.train_flow")
-    from petalflow.flows.train_flow import train_and_register
+    with _prefect_api() as server:
+        with IMPORT_LOCK:  # the side thread imports after this thread's Prefect imports
+            _warm_imports("mlflow", "tensorflow", "tensorflow_hub")
+            _import_run_stack("petalflow.flows.train_flow")
+        from petalflow.flows.train_flow import train_and_register
 
-    summary = _result(_run_flow(train_and_register, params, quiet=not args.verbose),
-                      args.verbose)
+        state = _run_flow(train_and_register, params, quiet=not args.verbose, server=server)
+    summary = _result(state, args.verbose)
     text = json.dumps(summary, indent=2, ensure_ascii=False)
     print(text)
     if args.summary_json is not None:
@@ -217,10 +219,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_flow(flow_fn, params, quiet: bool):
-    """The flow run's final state. For this call only: the command's start time (the run's
-    start-up phase), and (``quiet``) no tracebacks on the console."""
+@contextmanager
+def _prefect_api():
+    """Prefect's temporary server (``petalflow.temporary_server``), launched now and used by
+    the command's run, when no Prefect API is configured; else nothing (None)."""
+    from petalflow.temporary_server import start_if_needed
+
+    server = start_if_needed()
+    if server is None:
+        yield None
+        return
+    from prefect.logging import get_logger
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    try:  # no UI there (Prefect's own temporary server has none either): no "View at" links
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ""}):
+            try:
+                yield server
+            finally:
+                _send_queued_logs_and_events()  # as prefect_test_harness does before its stop
+    finally:
+        get_logger().info("Stopping temporary server on %s", server.address)
+        server.stop()
+
+
+def _send_queued_logs_and_events(timeout_s: float = 10) -> None:
+    """Send the run's logs and events Prefect still holds in its queues (its workers send them
+    on their own schedule) while the temporary server still answers."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout_s)
+
+
+def _run_flow(flow_fn, params, quiet: bool, server=None):
+    """The flow run's final state (once ``server``, the command's temporary Prefect server,
+    answers). For this call only: the command's start time (the run's start-up phase), and
+    (``quiet``) no tracebacks on the console."""
     from petalflow.tasks.timing import STARTED_ENV
+
+    if server is not None:  # launched at the command's start; Prefect's logging is set up now
+        from prefect.logging import get_logger
+
+        from petalflow.temporary_server import ServerError
+
+        get_logger().info("Starting temporary server on %s", server.address)
+        try:
+            server.wait_ready()
+        except ServerError as exc:
+            raise RunFailed(str(exc), hint="or run against a Prefect server: set PREFECT_API_URL "
+                                           "(`petalflow stack up` starts one)") from None
 
     previous = os.environ.get(STARTED_ENV)
     os.environ[STARTED_ENV] = str(_STARTED_AT or time.time())
@@ -259,15 +308,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not any(True for _ in iter_inputs(params.input)):
         raise UsageError("--input: no image files found")
     uri = model_uri_of(params)
-    with IMPORT_LOCK:  # the preload imports after this thread's Prefect imports
-        preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
-        _import_run_stack("petalflow.flows.predict_flow")
-    from petalflow.flows.predict_flow import batch_predict
+    with _prefect_api() as server:
+        with IMPORT_LOCK:  # the preload imports after this thread's Prefect imports
+            preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
+            _import_run_stack("petalflow.flows.predict_flow")
+        from petalflow.flows.predict_flow import batch_predict
 
-    try:
-        state = _run_flow(batch_predict, params, quiet=not args.verbose)
-    finally:
-        forget_preloaded(uri)
+        try:
+            state = _run_flow(batch_predict, params, quiet=not args.verbose, server=server)
+        finally:
+            forget_preloaded(uri)
     summary = _result(state, args.verbose)
     from petalflow.tasks.drift import drift_line
 

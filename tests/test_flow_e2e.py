@@ -239,6 +239,11 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     if not list(Path("/dev").glob("nvidia[0-9]*")):
         assert "cuInit" not in console and "training on CPU" in console
     assert "features (train):" in console
+    # Prefect's temporary server, launched by the command: said once, no UI links to it (it
+    # has no UI), and every log line reached it before it stopped.
+    assert console.count("Starting temporary server on http://127.0.0.1:") == 1
+    assert console.count("Stopping temporary server on http://127.0.0.1:") == 1
+    assert "View at" not in console and "Error logging to API" not in console
     summary = json.loads(summary_path.read_text())
     assert summary["alias"] == "champion", summary["alias_reason"]
     # Every overhead has a number: the per-phase table, start-up included for the command.

@@ -1,0 +1,133 @@
+"""Prefect's temporary server for one ``petalflow train`` / ``predict`` command, started at the
+command's first moment.
+
+Without a Prefect API (no ``PREFECT_API_URL`` in the environment or the active profile), Prefect
+starts a temporary server itself, but only when the flow run asks for a client: after this
+process has imported Prefect's server module (~1.4 s of imports, needed only to launch it) and
+everything before it; the server then needs ~3 s of its own to answer. Launched here instead,
+with the same command, environment and settings as Prefect's launcher
+(``prefect.server.api.server.SubprocessASGIServer``), it starts while this process imports
+Prefect, MLflow and TensorFlow, and this process never imports the server module. The command
+then points Prefect at it (``PREFECT_API_URL``), waits for its health check before the run,
+and stops it when the command ends, as Prefect does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+from typing import Optional
+
+# uvicorn's exit status when it could not start: its port was taken meanwhile (then launch
+# again on another port, as Prefect does) or the app failed to start (reported).
+_STARTUP_FAILURE = 3
+_ATTEMPTS = 5
+
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _taken(port: int) -> bool:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
+
+
+class ServerError(RuntimeError):
+    """The temporary server exited or did not answer in time."""
+
+
+class TemporaryServer:
+    """One uvicorn process serving Prefect's API (no UI) on a free loopback port."""
+
+    def __init__(self, settings_env: dict, startup_timeout_s: float):
+        self._settings_env = settings_env
+        self.startup_timeout_s = startup_timeout_s
+        self.process: Optional[subprocess.Popen] = None
+        self.port = 0
+        self._launch()
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.address}/api"
+
+    def _launch(self) -> None:
+        import prefect
+
+        self.port = _free_port()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1", **self._settings_env}
+        env.pop("PREFECT_API_URL", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir",
+             str(Path(prefect.__file__).parent.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
+             str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+
+    def wait_ready(self) -> None:
+        """Until the API answers its health check; a clear error if the server exits or does
+        not answer within its start-up timeout."""
+        import httpx
+
+        timeout_s = self.startup_timeout_s
+        deadline = time.monotonic() + timeout_s
+        attempts = 1
+        with httpx.Client() as client:
+            while True:
+                code = self.process.poll()
+                if code == _STARTUP_FAILURE and _taken(self.port) and attempts < _ATTEMPTS:
+                    attempts += 1
+                    self._launch()
+                    continue
+                if code is not None:
+                    raise ServerError(f"Prefect's temporary server exited with status {code} "
+                                       "before it answered (its error is above)")
+                try:
+                    if client.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerError(f"Prefect's temporary server did not answer within "
+                                       f"{timeout_s:.0f} s")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def start_if_needed() -> Optional[TemporaryServer]:
+    """The temporary server, launched now, when Prefect has no API configured and may start
+    one (``PREFECT_SERVER_ALLOW_EPHEMERAL_MODE``); else None. The caller points Prefect at
+    ``api_url`` and stops it."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None
+    return TemporaryServer(settings.to_environment_variables(exclude_unset=True),
+                           settings.server.ephemeral.startup_timeout_seconds)

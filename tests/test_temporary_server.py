@@ -1,0 +1,100 @@
+"""Prefect's temporary server, launched by the command itself (petalflow.temporary_server): real
+uvicorn processes serving Prefect's API, each test in its own Python process (the tests' shared
+Prefect harness would otherwise be the configured API)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Prints, as JSON: whether a server was launched, its health answer, the port(s) it used, and
+# whether its process is gone after stop().
+PROBE = """
+import json, os, socket, sys
+import httpx
+from petalflow import temporary_server as ts
+
+busy = None
+if sys.argv[1] == "busy-port":  # the first port it picks is taken before uvicorn binds it
+    busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen()
+    ports = [busy.getsockname()[1]]
+    real = ts._free_port
+    ts._free_port = lambda: ports.pop() if ports else real()
+server = ts.start_if_needed()
+if server is None:
+    print(json.dumps(None)); sys.exit(0)
+first = server.process
+server.wait_ready()
+health = httpx.get(server.api_url + "/health").status_code
+pid = server.process.pid
+server.stop()
+try:
+    os.kill(pid, 0); gone = False
+except ProcessLookupError:
+    gone = True
+print(json.dumps({"health": health, "port": server.port, "gone": gone,
+                  "busy": busy.getsockname()[1] if busy else None,
+                  "first_status": first.poll() if first is not server.process else None}))
+"""
+
+
+def _probe(env: dict, mode: str = "") -> dict | None:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_without_a_prefect_api_the_server_starts_answers_and_stops():
+    got = _probe({"PREFECT_API_URL": ""})
+    assert got["health"] == 200 and got["gone"] is True
+
+
+@pytest.mark.parametrize("env", [{"PREFECT_API_URL": "http://127.0.0.1:9/api"},
+                                 {"PREFECT_API_URL": "",
+                                  "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}])
+def test_no_server_with_a_prefect_api_or_when_ephemeral_mode_is_off(env):
+    assert _probe(env) is None
+
+
+def test_a_port_taken_before_uvicorn_binds_it_means_another_port_as_prefect_does():
+    got = _probe({"PREFECT_API_URL": ""}, "busy-port")
+    assert got["health"] == 200 and got["gone"] is True
+    assert got["port"] != got["busy"]
+    assert got["first_status"] == 3  # uvicorn's start-up failure: the taken port
+
+
+def test_a_server_that_cannot_start_fails_the_command_clearly_and_writes_nothing(
+        workspace, tmp_path):
+    """The temporary server's database cannot be opened: one message naming the temporary
+    server, a hint, exit status 1, no traceback, no predictions file, the input untouched."""
+    from pathlib import Path
+
+    from tests.helpers import write_image
+
+    image = workspace / "in" / "a.jpg"
+    write_image(image, (200, 30, 30), seed=1)
+    before = image.read_bytes()
+    exe = Path(sys.executable).with_name("petalflow")
+    proc = subprocess.run(
+        [str(exe), "predict", "--input", str(workspace / "in"), "--output",
+         str(workspace / "p.csv"), "--model-name", "any"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PREFECT_API_URL": "",
+             "PREFECT_SERVER_DATABASE_CONNECTION_URL":
+                 f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/prefect.db"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("petalflow predict: error: Prefect's temporary server exited "
+                             "with status 3 before it answered") == 1, proc.stderr[-3000:]
+    assert "unable to open database file" in proc.stderr  # the server's own error, above
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        "petalflow predict: error: Prefect's temporary server exited with status 3 before it "
+        "answered (its error is above)",
+        "hint: or run against a Prefect server: set PREFECT_API_URL (`petalflow stack up` "
+        "starts one)"]
+    assert list(workspace.glob("p.csv*")) == []
+    assert image.read_bytes() == before
