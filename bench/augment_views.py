@@ -1,14 +1,20 @@
 """How many augmented copies of the training features should ``--augment`` train the head on?
 
 Measures what ``AUGMENTED_VIEWS`` (tasks/train.py) was chosen from: on one folder-per-class
-dataset and backbone, the plain features of petalflow's split (seed 42) and up to ``--max-views``
-augmented copies of the training split (the same augmentation and seeds training uses), then
-heads trained exactly as ``petalflow train`` trains them (dropout + dense, Adam, 5 epochs,
-batch 32) on the plain features plus 0, 1, 2, … copies, over several initialisation seeds.
-The choice is made on validation accuracy; test accuracy is printed beside it, not used.
+dataset and backbone, for each split seed in ``--split-seeds`` (petalflow's split with that
+seed, as ``petalflow train --seed`` makes it), the plain features and up to ``max(--views)``
+augmented copies of the training split (``tasks.train.augmented_copy``: the augmentation and
+seeds training uses) and, with ``--mirror``, a mirrored copy (every training photo flipped left
+to right, nothing else); then heads trained exactly as ``petalflow train`` trains them (dropout
++ dense, Adam, 5 epochs, batch 32) on the plain features plus those copies, over
+``--seeds`` initialisation seeds. The choice is made on the splits other than
+``--report-seed`` (the split BENCHMARKS.md reports accuracies on: seed 42, the default), on
+their validation and test photos together; the report split's figures are printed beside it,
+not used.
 
     .venv/bin/python bench/augment_views.py --data-root flower_photos \
-        --backbone mobilenet_v2_035_224_feature_vector --views 0,1,2,4 --seeds 5
+        --backbone mobilenet_v2_035_224_feature_vector --views 0,1,2 --mirror \
+        --split-seeds 1,2,3,42 --seeds 5 --json views.json
 """
 
 from __future__ import annotations
@@ -28,72 +34,104 @@ def main() -> None:
     ap.add_argument("--data-root", required=True, type=Path,
                     help="an extracted folder-per-class dataset")
     ap.add_argument("--backbone", required=True)
-    ap.add_argument("--views", default="0,1,2,4")
+    ap.add_argument("--views", default="0,1,2")
+    ap.add_argument("--mirror", action="store_true",
+                    help="also rows with a mirrored copy (alone, and with one augmented copy)")
+    ap.add_argument("--split-seeds", default="1,2,3,42")
+    ap.add_argument("--report-seed", type=int, default=42)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     views = [int(v) for v in args.views.split(",")]
+    split_seeds = [int(s) for s in args.split_seeds.split(",")]
 
     from petalflow.tasks.common import ENV_DEFAULTS
 
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    import tensorflow as tf
+
     from petalflow.tasks.dataset import prepare_dataset, split_files
     from petalflow.tasks.features import FeatureExtractor
+    from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import build_head, keras, load_backbone
     from petalflow.tasks.params import TrainParams
     from petalflow.tasks.train import augmented_copy, cached_features
 
-    cfg = TrainParams(backbone=str(Path(args.backbone).resolve()))
     k = keras()
-    with tempfile.TemporaryDirectory(prefix="augment-views-") as tmp:
-        info = prepare_dataset(args.data_root.resolve(), Path(tmp) / "manifest",
-                               cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        k.utils.set_random_seed(cfg.seed)
-        extract = FeatureExtractor(load_backbone(cfg.backbone), cfg.image_size)
-        feats, seconds = {}, {}
-        for split in ("train", "val", "test"):
-            paths, labels = split_files(info, split)
-            started = time.time()
-            feats[split] = cached_features(extract, paths, labels, cfg,
-                                           Path(tmp) / f"{split}.npz")[:2]
-            seconds[split] = round(time.time() - started, 2)
-        paths, labels = split_files(info, "train")
-        copies = []
-        for view in range(max(views)):
-            started = time.time()
-            copies.append(augmented_copy(extract, paths, labels, cfg, Path(tmp), view)[0])
-            seconds[f"augmented copy {view + 1}"] = round(time.time() - started, 2)
+    base = TrainParams(backbone=str(Path(args.backbone).resolve()))
+    extract = FeatureExtractor(load_backbone(base.backbone), base.image_size)
 
-    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (feats[s] for s in
-                                                           ("train", "val", "test"))
-    rows = []
-    for n in views:
-        x = np.concatenate([train_x, *copies[:n]])
-        y = np.tile(train_y, n + 1)
-        val, test = [], []
-        for seed in range(1, args.seeds + 1):
-            k.utils.set_random_seed(seed)
-            head = build_head(train_x.shape[1], len(info["classes"]), seed=seed)
-            head.compile(optimizer=k.optimizers.Adam(cfg.learning_rate),
-                         loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-            head.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, shuffle=True, verbose=0)
-            val.append(float(np.mean(np.argmax(head.predict(val_x, verbose=0), 1) == val_y)))
-            test.append(float(np.mean(np.argmax(head.predict(test_x, verbose=0), 1) == test_y)))
-        rows.append({"copies": n, "val_mean": round(float(np.mean(val)), 4),
-                     "val_sd": round(float(np.std(val)), 4),
-                     "test_mean": round(float(np.mean(test)), 4),
-                     "test_sd": round(float(np.std(test)), 4), "val": val, "test": test})
-    print("| augmented copies | validation accuracy (mean ± sd) | test accuracy (mean ± sd) |")
-    print("|---|---|---|")
-    for r in rows:
-        print(f"| {r['copies']} | {r['val_mean']:.4f} ± {r['val_sd']:.4f} | "
-              f"{r['test_mean']:.4f} ± {r['test_sd']:.4f} |")
+    def mirrored(paths):
+        ds = image_dataset(paths, None, base.image_size, base.batch_size)
+        return np.concatenate([extract(tf.image.flip_left_right(b)) for b in ds])
+
+    rows, seconds = [], {}
+    for split_seed in split_seeds:
+        cfg = base.model_copy(update={"seed": split_seed})
+        with tempfile.TemporaryDirectory(prefix="augment-views-") as tmp:
+            info = prepare_dataset(args.data_root.resolve(), Path(tmp) / "manifest",
+                                   cfg.val_fraction, cfg.test_fraction, split_seed)
+            feats = {}
+            for split in ("train", "val", "test"):
+                paths, labels = split_files(info, split)
+                feats[split] = cached_features(extract, paths, labels, cfg,
+                                               Path(tmp) / f"{split}.npz")[:2]
+            paths, labels = split_files(info, "train")
+            started = time.time()
+            copies = [augmented_copy(extract, paths, labels, cfg, Path(tmp), view)[0]
+                      for view in range(max(views))]
+            seconds[f"split {split_seed}: augmented copies"] = round(time.time() - started, 2)
+            started = time.time()
+            mirror = mirrored(paths) if args.mirror else None
+            seconds[f"split {split_seed}: mirrored copy"] = round(time.time() - started, 2)
+
+        (train_x, train_y), (val_x, val_y), (test_x, test_y) = (feats[s] for s in
+                                                               ("train", "val", "test"))
+        variants = {str(n): [train_x, *copies[:n]] for n in views}
+        if args.mirror:
+            variants["mirror"] = [train_x, mirror]
+            variants["mirror + 1"] = [train_x, mirror, *copies[:1]]
+        for name, parts in variants.items():
+            x, y = np.concatenate(parts), np.tile(train_y, len(parts))
+            val, test = [], []
+            for seed in range(1, args.seeds + 1):
+                k.utils.set_random_seed(seed)
+                head = build_head(train_x.shape[1], len(info["classes"]), seed=seed)
+                head.compile(optimizer=k.optimizers.Adam(cfg.learning_rate),
+                             loss="sparse_categorical_crossentropy")
+                head.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, shuffle=True,
+                         verbose=0)
+                val.append(float(np.mean(np.argmax(head.predict(val_x, verbose=0), 1) == val_y)))
+                test.append(float(np.mean(np.argmax(head.predict(test_x, verbose=0), 1)
+                                          == test_y)))
+            rows.append({"split_seed": split_seed, "copies": name,
+                         "val_mean": round(float(np.mean(val)), 4),
+                         "test_mean": round(float(np.mean(test)), 4), "val": val, "test": test})
+            print(json.dumps(rows[-1]), flush=True)
+
+    names = list(dict.fromkeys(r["copies"] for r in rows))
+    choice = [s for s in split_seeds if s != args.report_seed]
+    print(f"\n| training features | choice splits (seeds {', '.join(map(str, choice))}): "
+          f"validation + test, mean | split {args.report_seed}: validation | "
+          f"split {args.report_seed}: test |")
+    print("|---|---|---|---|")
+    summary = []
+    for name in names:
+        mine = [r for r in rows if r["copies"] == name]
+        chosen = [a for r in mine if r["split_seed"] in choice for a in r["val"] + r["test"]]
+        report = [r for r in mine if r["split_seed"] == args.report_seed]
+        summary.append({"copies": name,
+                        "choice_mean": round(float(np.mean(chosen)), 4) if chosen else None,
+                        "report_val": report[0]["val_mean"] if report else None,
+                        "report_test": report[0]["test_mean"] if report else None})
+        s = summary[-1]
+        print(f"| {name} | {s['choice_mean']} | {s['report_val']} | {s['report_test']} |")
     print("features pass seconds:", json.dumps(seconds))
     if args.json:
-        args.json.write_text(json.dumps({"seeds": args.seeds, "rows": rows,
-                                         "feature_seconds": seconds,
-                                         "images": {s: int(len(feats[s][1])) for s in feats}},
+        args.json.write_text(json.dumps({"seeds": args.seeds, "split_seeds": split_seeds,
+                                         "report_seed": args.report_seed, "rows": rows,
+                                         "summary": summary, "feature_seconds": seconds},
                                         indent=2))
 
 
