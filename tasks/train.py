@@ -126,7 +126,9 @@ def augmented_view_file(seed: int, view: int) -> str:
 
     from petalflow.tasks.inputs import CONTRAST, ROTATION, ZOOM
 
-    settings = hashlib.sha256(repr((ROTATION, ZOOM, CONTRAST)).encode()).hexdigest()[:8]
+    # "stateless": copies made before the draws followed from seed and batch (inputs.py) differ
+    settings = hashlib.sha256(repr((ROTATION, ZOOM, CONTRAST, "stateless")).encode()
+                              ).hexdigest()[:8]
     return f"train-augmented-{settings}-s{seed}-v{view}.npz"
 
 

@@ -225,6 +225,29 @@ def test_augmentation_trains_on_cached_augmented_copies_of_the_features(tmp_path
     assert sorted(plain_only["features"]["reused"]) == ["train", "val"]
 
 
+def test_augmented_images_follow_from_the_seed_and_the_batch_alone(data_info):
+    """The augmented pass tf.data runs with parallel calls equals augmenting each batch in order,
+    one at a time, and comes out the same every time: the same data, seed and settings train
+    the same model (stateful random ops gave each batch whichever draws came next)."""
+    from petalflow.tasks.dataset import split_files
+    from petalflow.tasks.inputs import augment_batch, image_dataset
+
+    paths, labels = split_files(data_info, "train")
+    plain = [b for b in image_dataset(paths, None, 32, 4)]
+    assert len(plain) >= 4
+    reference = np.concatenate([augment_batch(b, 7, i).numpy() for i, b in enumerate(plain)])
+    for _ in range(2):
+        got = np.concatenate([b.numpy() for b in image_dataset(paths, None, 32, 4, augment=True,
+                                                                seed=7)])
+        np.testing.assert_array_equal(got, reference)
+    assert not np.allclose(reference, np.concatenate([b.numpy() for b in plain]))
+    other = np.concatenate([augment_batch(b, 8, i).numpy() for i, b in enumerate(plain)])
+    assert not np.allclose(reference, other)  # another seed, other draws
+    with_labels = list(image_dataset(paths, labels, 32, 4, augment=True, seed=7))
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in with_labels]), reference)
+    np.testing.assert_array_equal(np.concatenate([y.numpy() for _, y in with_labels]), labels)
+
+
 def test_edge_export_can_be_turned_off(tmp_path, tiny_backbone, data_info):
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False), tmp_path)
     assert record["edge_dir"] is None and not (tmp_path / "edge").exists()
