@@ -114,8 +114,8 @@ PROGRESS_EVERY_S = 5.0
 # cached, instead of re-decoding and re-running the backbone on fresh augmentations every epoch.
 # Chosen by measurement (``bench/augment_views.py``, BENCHMARKS.md, target 2; flowers, 5 head
 # seeds) on splits other than the one accuracies are reported on (split seeds 1-3, validation
-# and test photos): 0.859 with no copy, 0.864 with 1, 0.863 with 2; a mirrored copy 0.864, a
-# mirrored + an augmented copy 0.867 (within the noise of one copy, for one more pass).
+# and test photos): 0.859 with no copy, 0.864 with 1, 0.865 with 2 (within the noise of one,
+# for one more features pass); a mirrored copy 0.864, a mirrored + an augmented copy 0.864.
 AUGMENTED_VIEWS = 1
 
 
