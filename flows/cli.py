@@ -454,18 +454,14 @@ def _console_without_tracebacks() -> list:
 
 
 def _import_run_stack(flow_module: str) -> None:
-    """Import, on this thread, what the flow run will import from Prefect: the flow's module,
-    the flow and task engines and, when no Prefect API is configured, the temporary server's
-    module (``common.IMPORT_LOCK`` says why)."""
+    """Import, on this thread, what the flow run will import from Prefect: the flow's module
+    and the flow and task engines (``common.IMPORT_LOCK`` says why). Not Prefect's server
+    module: the command's temporary server is a process of its own (``_prefect_api``)."""
     import importlib
 
     importlib.import_module(flow_module)
     importlib.import_module("prefect.flow_engine")
     importlib.import_module("prefect.task_engine")
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value():
-        importlib.import_module("prefect.server.api.server")
 
 
 def _warm_imports(*modules: str) -> None:

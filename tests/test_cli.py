@@ -271,23 +271,28 @@ def test_start_up_defers_full_collections_then_freezes_what_the_imports_made():
         gc.set_threshold(*threshold)
 
 
-@pytest.mark.parametrize("api_url, server_module", [("", True), ("http://127.0.0.1:9/api", False)])
-def test_run_stack_imports_the_temporary_servers_module_only_when_it_will_start_one(
-        api_url, server_module):
-    """The main thread's imports before the side thread may import (common.IMPORT_LOCK): the
-    flow and Prefect's engines, and the temporary server's module only without a Prefect API."""
+def test_the_command_never_imports_prefects_server_module(workspace):
+    """Without a Prefect API the command launches Prefect's temporary server as a process of its
+    own: its own process never imports the server module (~1.4 s of imports and ~50 MiB that
+    Prefect's launcher needs in-process). The run here fails at once (no such model), after the
+    run stack's imports and the server's start."""
     import json
     import subprocess
     import sys
 
-    code = ("import json, sys; from petalflow.flows.cli import _import_run_stack; "
-            "_import_run_stack('petalflow.flows.predict_flow'); "
-            "print(json.dumps([m for m in ('petalflow.flows.predict_flow', 'prefect.flow_engine', "
-            "'prefect.task_engine', 'prefect.server.api.server') if m in sys.modules]))")
+    from tests.helpers import write_image
+
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    code = ("import json, sys; from petalflow.flows.cli import main; "
+            "rc = main(['predict', '--input', 'in', '--output', 'p.csv', '--model-name', 'nobody']); "
+            "print(json.dumps([rc, [m for m in ('petalflow.flows.predict_flow', "
+            "'prefect.flow_engine', 'prefect.task_engine', 'prefect.server.api.server') "
+            "if m in sys.modules]]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PREFECT_API_URL": api_url}, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    loaded = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {"petalflow.flows.predict_flow", "prefect.flow_engine",
-            "prefect.task_engine"} <= set(loaded)
-    assert ("prefect.server.api.server" in loaded) is server_module
+                         cwd=workspace, env={**os.environ, "PREFECT_API_URL": ""}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rc, loaded = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rc == 6, out.stderr[-3000:]  # the registry's "not found", from inside the run
+    assert "Starting temporary server on http://127.0.0.1:" in out.stderr
+    assert loaded == ["petalflow.flows.predict_flow", "prefect.flow_engine",
+                      "prefect.task_engine"]
