@@ -42,6 +42,7 @@ from typing import Iterator, Optional
 import httpx
 
 from petalflow.tasks.common import ENV_DEFAULTS
+from petalflow.temporary_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 POOLS = {"cpu": "download, scan, evaluation, registration", "gpu": "training"}
@@ -275,15 +276,6 @@ def start_postgres(stack: Stack, timeout_s: float = 60) -> None:
     _wait("PostgreSQL", lambda: subprocess.run(
         [postgres_tool("pg_isready"), "-q", "-h", "127.0.0.1", "-p", port]).returncode == 0,
         timeout_s, stack, "postgres")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def prepare_databases(stack: Stack) -> None:

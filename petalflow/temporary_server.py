@@ -29,7 +29,8 @@ _STARTUP_FAILURE = 3
 _ATTEMPTS = 5
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -69,7 +70,7 @@ class TemporaryServer:
     def _launch(self) -> None:
         import prefect
 
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1", **self._settings_env}
         env.pop("PREFECT_API_URL", None)

@@ -22,8 +22,8 @@ busy = None
 if sys.argv[1] == "busy-port":  # the first port it picks is taken before uvicorn binds it
     busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen()
     ports = [busy.getsockname()[1]]
-    real = ts._free_port
-    ts._free_port = lambda: ports.pop() if ports else real()
+    real = ts.free_port
+    ts.free_port = lambda: ports.pop() if ports else real()
 server = ts.start_if_needed()
 if server is None:
     print(json.dumps(None)); sys.exit(0)
