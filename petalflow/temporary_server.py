@@ -4,12 +4,14 @@ command's first moment.
 Without a Prefect API (no ``PREFECT_API_URL`` in the environment or the active profile), Prefect
 starts a temporary server itself, but only when the flow run asks for a client: after this
 process has imported Prefect's server module (~1.4 s of imports, needed only to launch it) and
-everything before it; the server then needs ~3 s of its own to answer. Launched here instead,
-with the same command, environment and settings as Prefect's launcher
-(``prefect.server.api.server.SubprocessASGIServer``), it starts while this process imports
+everything before it; the server then needs ~3 s of its own to answer. Launched here instead
+(the same app and uvicorn options, environment and settings as Prefect's launcher,
+``prefect.server.api.server.SubprocessASGIServer``), it starts while this process imports
 Prefect, MLflow and TensorFlow, and this process never imports the server module. The command
-then points Prefect at it (``PREFECT_API_URL``), waits for its health check before the run,
-and stops it when the command ends, as Prefect does.
+points its run at it (``temporary_settings``), waits for its health check just before the run,
+and stops it when it ends; on Linux the server also ends when the command is killed (the
+kernel's parent-death signal, set by the server process for the thread that launched it: the
+command's main thread).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import subprocess
 import sys
 import time
 from contextlib import closing
-from pathlib import Path
 from typing import Optional
 
 # uvicorn's exit status when it could not start: its port was taken meanwhile (then launch
@@ -68,17 +69,13 @@ class TemporaryServer:
         return f"{self.address}/api"
 
     def _launch(self) -> None:
-        import prefect
-
         self.port = free_port()
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1", **self._settings_env}
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir",
-             str(Path(prefect.__file__).parent.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port",
-             str(self.port), "--log-level", "error", "--lifespan", "on"], env=env)
+            [sys.executable, "-m", "petalflow.temporary_server", str(self.port),
+             str(os.getpid())], env=env)
 
     def wait_ready(self) -> None:
         """Until the API answers its health check; a clear error if the server exits or does
@@ -121,6 +118,26 @@ class TemporaryServer:
         self.process = None
 
 
+def _serve(port: int, parent: int) -> None:
+    """The server process: Prefect's API app under uvicorn, as Prefect's launcher runs it
+    (``uvicorn --factory prefect.server.api.server:create_app --log-level error --lifespan
+    on``), which also ends when the command's process ends, however it ends: a command killed
+    by a signal runs no clean-up, and Prefect's own temporary server outlived it (holding its
+    port and its database)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the command ended before the line above
+        sys.exit(0)
+    import uvicorn
+
+    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
+                port=port, log_level="error", lifespan="on")
+
+
 def start_if_needed() -> Optional[TemporaryServer]:
     """The temporary server, launched now, when Prefect has no API configured and may start
     one (``PREFECT_SERVER_ALLOW_EPHEMERAL_MODE``); else None. The caller points Prefect at
@@ -132,3 +149,7 @@ def start_if_needed() -> Optional[TemporaryServer]:
         return None
     return TemporaryServer(settings.to_environment_variables(exclude_unset=True),
                            settings.server.ephemeral.startup_timeout_seconds)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))

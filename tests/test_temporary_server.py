@@ -68,6 +68,32 @@ def test_a_port_taken_before_uvicorn_binds_it_means_another_port_as_prefect_does
     assert got["first_status"] == 3  # uvicorn's start-up failure: the taken port
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal")
+def test_the_server_ends_when_the_command_is_killed():
+    """A command killed outright (SIGKILL: no clean-up runs) leaves no server behind."""
+    import time
+
+    code = ("import os, signal; from petalflow import temporary_server as ts; "
+            "s = ts.start_if_needed(); s.wait_ready(); print(s.process.pid, flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL)")
+    # (the server shares the command's stdout: read its pid, then wait for the command only)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PREFECT_API_URL": ""})
+    pid = int(proc.stdout.readline())
+    assert proc.wait(timeout=300) == -9
+    proc.stdout.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    pytest.fail(f"the temporary server (pid {pid}) outlived the killed command")
+
+
 def test_a_server_that_cannot_start_fails_the_command_clearly_and_writes_nothing(
         workspace, tmp_path):
     """The temporary server's database cannot be opened: one message naming the temporary
