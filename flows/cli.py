@@ -56,9 +56,13 @@ def explain_failure(exc: BaseException) -> RunFailed:
         ArchiveError, BackboneError, ChecksumMismatch, DatasetError, DownloadError,
         TransientError,
     )
+    from petalflow.temporary_server import ServerError
 
     text = str(exc).strip() or type(exc).__name__
     name = type(exc).__name__
+    if isinstance(exc, ServerError):  # the command's temporary Prefect server, before the run
+        return RunFailed(text, "or run against a Prefect server: set PREFECT_API_URL "
+                         "(`petalflow stack up` starts one)")
     if isinstance(exc, ChecksumMismatch):
         return RunFailed(text, "the archive behind the URL is not the one pinned: drop "
                          "--data-sha256 to follow the URL, or fix the URL.", EXIT_SOURCE)
@@ -268,8 +272,7 @@ def _run_flow(flow_fn, params, quiet: bool, server=None):
         try:
             server.wait_ready()
         except ServerError as exc:
-            raise RunFailed(str(exc), hint="or run against a Prefect server: set PREFECT_API_URL "
-                                           "(`petalflow stack up` starts one)") from None
+            raise explain_failure(exc) from None
 
     previous = os.environ.get(STARTED_ENV)
     os.environ[STARTED_ENV] = str(_STARTED_AT or time.time())

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from petalflow.temporary_server import free_port  # noqa: F401 - the tests' servers use petalflow's own
+from petalflow.temporary_server import free_port  # noqa: F401 - petalflow's own
 
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 60), "red": (220, 40, 40)}
 

@@ -119,6 +119,12 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     assert hub.code == EXIT_BACKBONE
     assert explain_failure(BackboneError("not a SavedModel")).code == EXIT_BACKBONE
     assert explain_failure(DatasetError("need at least 2 classes")).code == EXIT_DATA
+    from petalflow.flows.cli import EXIT_FAILED
+    from petalflow.temporary_server import ServerError
+
+    server = explain_failure(ServerError("Prefect's temporary server did not answer within 20 s"))
+    assert server.code == EXIT_FAILED and str(server).startswith("Prefect's temporary server")
+    assert "PREFECT_API_URL" in server.hint
     import mlflow
 
     assert explain_failure(mlflow.exceptions.MlflowException("refused")).code == EXIT_REGISTRY
