@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from petalflow.tasks.common import log, usable_cpus
+from petalflow.tasks.common import log, release_memory, usable_cpus
 
 # Images per TFLite call: 8 was fastest on 2 cores (1,088 images/s; 1: 883, 32: 907;
 # BENCHMARKS.md, feature engines).
@@ -35,9 +35,18 @@ class FeatureExtractor:
         self._size = image_size
         self._tflite = tflite
         self._run = None
+        self._closed = False
         self.kind = None
 
+    def close(self) -> None:
+        """Drop the engine (the TFLite interpreter, or the traced TensorFlow function) and the
+        backbone: the features are computed; what is left of the training does not need them."""
+        self._run = self._backbone = None
+        self._closed = True
+
     def __call__(self, images) -> np.ndarray:
+        if self._closed:
+            raise RuntimeError("this feature extractor was closed")
         if self._run is None:
             self._run, self.kind = self._engine()
         return self._run(images)
@@ -70,6 +79,8 @@ class FeatureExtractor:
         backbone = self._backbone
         network = frozen_function(lambda images: backbone(images, training=False), self._size)
         blob = tflite_converter(network, "float32", self._size, batch=TFLITE_BATCH).convert()
+        del network  # the frozen graph and the converter's garbage: ~90 MiB, freed before the
+        release_memory()  # features pass instead of staying through the whole training
         interpreter, inp, out = tflite_interpreter(usable_cpus(), model_content=blob)
         log("features: the backbone converted to TensorFlow Lite in %.1f s",
             time.perf_counter() - started)
