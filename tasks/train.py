@@ -188,11 +188,12 @@ def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
 DRIFT_SAMPLE = 500  # training images the drift reference describes
 
 
-def training_drift_reference(backbone, train_paths: list, cfg: TrainParams,
+def training_drift_reference(network, train_paths: list, cfg: TrainParams,
                              train_features: Optional[np.ndarray] = None) -> dict:
     """The drift reference stored with the model: feature and image statistics of a seeded
     sample of the training split. Features come from ``train_features`` (already computed,
-    same order as ``train_paths``) when given, else from the backbone."""
+    same order as ``train_paths``) when given, else from the trained ``network``
+    (``model.frozen_network``: images -> features, probabilities), as serving computes them."""
     from petalflow.tasks.serving import drift_reference, file_statistics
 
     rng = np.random.default_rng(cfg.seed)
@@ -204,7 +205,7 @@ def training_drift_reference(backbone, train_paths: list, cfg: TrainParams,
         from petalflow.tasks.inputs import image_dataset
 
         features = np.concatenate([
-            backbone(batch, training=False).numpy()
+            network(batch)[0].numpy()
             for batch in image_dataset(paths, None, cfg.image_size, 64)
         ]) if paths else np.zeros((0, 0))
     stats = file_statistics(paths)
@@ -451,6 +452,16 @@ def _train(
     staging = workdir / "export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     network = frozen_network(backbone, head, cfg.image_size)  # export and edge models
+    # From here on the frozen network is the model: the loaded backbone (its restored
+    # functions: ~120 MiB for MobileNetV2 0.35), the feature engine and the Keras models (the
+    # head links to the backbone once fine-tuning built a model of both; the checkpoint holds
+    # the head) are garbage, freed before the export's peak instead of after it (BENCHMARKS.md,
+    # target 1). Every checkpoint is written by now.
+    engine = extract.kind
+    extract.close()
+    backbone = head = extract = classifier = cb = train_ds = ckpt = manager = None
+    k.backend.clear_session()  # Keras's global state holds the fine-tuning model it built
+    release_memory()
     export_serving_model(
         network, classes, cfg.image_size, staging,
         metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
@@ -458,7 +469,7 @@ def _train(
     # Features cached before training are the final ones only if the backbone never changed.
     reusable = train_features if not cfg.fine_tune_layers else None
     write_json(staging / DRIFT_REFERENCE,
-               training_drift_reference(backbone, train_paths, cfg, reusable))
+               training_drift_reference(network, train_paths, cfg, reusable))
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(staging, export_dir)
     release_memory()  # the export's traced serving graph is garbage now
@@ -482,7 +493,7 @@ def _train(
         "resumed_from_epoch": resumed_from,
         "history": history,
         "fine_tuned_layers": tuned_layers,
-        "features": {"dir": str(features_dir), "reused": reused, "engine": extract.kind},
+        "features": {"dir": str(features_dir), "reused": reused, "engine": engine},
         "train_images": len(train_paths),
         "val_images": len(val_paths),
         "seconds": round(time.time() - started, 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -75,6 +76,52 @@ def test_fine_tuning_changes_only_the_top_layers(tmp_path, tiny_backbone, data_i
     for name in before:
         if "moving_" in name:
             np.testing.assert_allclose(after[name], before[name], err_msg=name)
+    # Its drift reference describes the fine-tuned backbone's features, as the served model
+    # computes them (not the features cached before fine-tuning).
+    import json
+
+    from petalflow.tasks.serving import DRIFT_REFERENCE, ImageClassifier
+    from petalflow.tasks.dataset import split_files
+
+    export = tmp_path / "w" / "export"
+    reference = json.loads((export / DRIFT_REFERENCE).read_text())
+    paths, _ = split_files(data_info, "train")
+    features, ok = ImageClassifier(str(export)).features([Path(p).read_bytes() for p in paths])
+    assert ok.all() and reference["images"] == len(paths)
+    np.testing.assert_allclose(reference["features"]["mean"], features.mean(axis=0), atol=1e-4)
+
+
+def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_info,
+                                                 monkeypatch):
+    """Once the trained network is frozen, the loaded backbone and the feature engine are
+    garbage before the serving export runs (they would otherwise add their memory to the
+    export's peak); the export and the record are unchanged. (The frozen-backbone training;
+    with fine-tuning, Keras's model of backbone and head can keep it: ARCHITECTURE.md.)"""
+    import gc
+    import weakref
+
+    import petalflow.tasks.model as model
+
+    loaded, alive_at_export = [], []
+    real_load, real_export = model.load_backbone, model.export_serving_model
+
+    def load(*args, **kwargs):
+        layer = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(layer))
+        return layer
+
+    def export(*args, **kwargs):
+        gc.collect()
+        alive_at_export.append([ref() is not None for ref in loaded])
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(model, "load_backbone", load)
+    monkeypatch.setattr(model, "export_serving_model", export)
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
+                         tmp_path / "w", features_dir=tmp_path / "features")
+    assert alive_at_export == [[False]]
+    assert record["features"]["engine"] == "tflite"
+    assert (tmp_path / "w" / "export" / "saved_model.pb").is_file()
 
 
 class Interrupt(Exception):
@@ -468,6 +515,9 @@ def test_cpu_training_computes_features_through_tflite_as_tensorflow_would(
     got = np.concatenate([extract(images[:5]), extract(images[5:])])
     assert extract.kind == "tflite"
     want = backbone(tf.constant(images), training=False).numpy()
+    extract.close()  # the engine and the backbone are dropped: no silent reconversion
+    with pytest.raises(RuntimeError, match="closed"):
+        extract(images[:1])
     assert got.shape == want.shape == (TFLITE_BATCH + 3, 16)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
