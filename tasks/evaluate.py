@@ -20,7 +20,11 @@ from petalflow.tasks.dataset import DatasetInfo, split_files
 from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
 
-EVAL_BATCH = 32
+# Test images per call of the SavedModel. Its memory grows with the rows of a call (serving.py,
+# CALL_ROWS): at 16 the evaluation stays below the training step's peak instead of setting the
+# train command's (~115 MiB less than at 32 for MobileNetV2 0.35; ~7 % fewer images/s;
+# BENCHMARKS.md, target 1).
+EVAL_BATCH = 16
 
 
 def classification_tables(
