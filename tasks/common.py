@@ -165,6 +165,20 @@ def freeze_start_up() -> None:
         gc.set_threshold(young, middle, _DEFERRED_THRESHOLD.pop())
 
 
+def without_autotuning(dataset):
+    """``dataset`` with tf.data's autotuning off. With it on, the end of a pass of a few
+    seconds often sat idle for about a second: the iterator's clean-up waits for one of
+    tf.data's background threads (1,050 photos' features, 8 passes: 4 ended 1.06-1.15 s late,
+    none with autotuning off, passes equally fast; BENCHMARKS.md). petalflow's pipelines set
+    their parallelism and prefetch themselves; a ``tf.data.AUTOTUNE`` left in one then means
+    tf.data's default, about one call per core."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.with_options(options)
+
+
 def release_memory() -> None:
     """Hand memory that a finished step freed back to the operating system: collect Python's
     garbage, then ask glibc's allocator to return its free pages (``malloc_trim``; without it

@@ -21,7 +21,7 @@ import pandas as pd
 from prefect import task
 from typing_extensions import TypedDict  # pydantic (Prefect's parameters) needs it before 3.12
 
-from petalflow.tasks.common import write_json
+from petalflow.tasks.common import without_autotuning, write_json
 from petalflow.tasks.errors import DatasetError
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
@@ -147,7 +147,7 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
     ).ignore_errors()
     # The indices that came out, in batches: one Python step per image cost more than the
     # decoding (6,000 photos: 5.4 s -> BENCHMARKS.md).
-    ds = ds.map(lambda i, _shape: i).batch(CHECK_BATCH)
+    ds = without_autotuning(ds.map(lambda i, _shape: i).batch(CHECK_BATCH))
     good = {int(i) for batch in ds.as_numpy_iterator() for i in batch}
     reasons: list[Optional[str]] = [None] * len(paths)
     for idx in set(range(len(paths))) - good:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from petalflow.tasks.common import usable_cpus
+from petalflow.tasks.common import usable_cpus, without_autotuning
 from petalflow.tasks.images import decode_image
 
 
@@ -71,7 +71,8 @@ def image_dataset(
 ):
     """Batches of float32 images [b, size, size, 3] in [0, 1] (and int labels, when given).
 
-    Files are read and decoded in parallel, batched and prefetched with AUTOTUNE. ``augment``
+    Files are read and decoded in parallel (one worker per core), batched and prefetched one
+    batch ahead, without tf.data's autotuning (``common.without_autotuning``). ``augment``
     applies random augmentation per batch (use it for the training split only).
     """
     import tensorflow as tf
@@ -100,4 +101,4 @@ def image_dataset(
             return augment_batch(images, seed, index), batch_labels
 
         ds = ds.enumerate().map(augmented, num_parallel_calls=workers)
-    return ds.prefetch(1)
+    return without_autotuning(ds.prefetch(1))

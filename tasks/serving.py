@@ -202,6 +202,11 @@ def _statistics(encoded) -> np.ndarray:
         return tf.stack([w, h, w / tf.maximum(h, 1.0), *(tf.cast(v, tf.float64) for v in values)])
 
     rows = encoded.map(row, num_parallel_calls=workers, deterministic=True).batch(256)
+    # Without tf.data's autotuning, as common.without_autotuning (which this file cannot
+    # import) explains: the end of a pass otherwise often waits idle for its clean-up.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    rows = rows.with_options(options)
     batches = [batch.numpy() for batch in rows]  # none for no images
     return (np.concatenate(batches) if batches else np.zeros(0)).reshape(-1, len(IMAGE_STATS))
 

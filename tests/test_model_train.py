@@ -295,6 +295,35 @@ def test_augmented_images_follow_from_the_seed_and_the_batch_alone(data_info):
     np.testing.assert_array_equal(np.concatenate([y.numpy() for _, y in with_labels]), labels)
 
 
+def test_the_input_pipelines_run_without_tf_data_autotuning(data_info, monkeypatch):
+    """Every pipeline petalflow iterates runs with tf.data's autotuning off: the images of the
+    features, the training and the edge evaluation, the scan's decoding check, the drift
+    statistics. With it on, the end of a pass often sat idle for about a second
+    (``common.without_autotuning``)."""
+    import tensorflow as tf
+
+    from petalflow.tasks import dataset
+    from petalflow.tasks.dataset import split_files
+    from petalflow.tasks.inputs import image_dataset
+    from petalflow.tasks.serving import file_statistics
+
+    paths, labels = split_files(data_info, "train")
+    for ds in (image_dataset(paths, None, 32, 4),
+               image_dataset(paths, labels, 32, 4, shuffle=True, augment=True)):
+        assert ds.options().autotune.enabled is False
+    iterated = []
+    real_iter = tf.data.Dataset.__iter__
+
+    def spy(self):
+        iterated.append(self.options().autotune.enabled)
+        return real_iter(self)
+
+    monkeypatch.setattr(tf.data.Dataset, "__iter__", spy)
+    assert dataset.check_decodable(paths[:3]) == [None] * 3
+    assert file_statistics(paths[:3]).shape[0] == 3
+    assert iterated == [False, False]
+
+
 def test_edge_export_can_be_turned_off(tmp_path, tiny_backbone, data_info):
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False), tmp_path)
     assert record["edge_dir"] is None and not (tmp_path / "edge").exists()
