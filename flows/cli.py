@@ -236,8 +236,13 @@ def _prefect_api():
     from prefect.logging import get_logger
     from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    try:  # no UI there (Prefect's own temporary server has none either): no "View at" links
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: ""}):
+    # No UI there (Prefect's own temporary server has none either): no "View at" links. No flow
+    # run heartbeats: they let a lasting server mark runs whose process died as Crashed, and
+    # this one ends with the command; Prefect's heartbeat thread wakes once a second, and the
+    # end of every flow run (two per train command) waited for it, idle (0-1 s, measured).
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url, PREFECT_UI_URL: "",
+                                         "flows.heartbeat_frequency": None}):
             try:
                 yield server
             finally:

@@ -61,6 +61,43 @@ def test_no_server_with_a_prefect_api_or_when_ephemeral_mode_is_off(env):
     assert _probe(env) is None
 
 
+# A flow run through the command's own wiring (cli._prefect_api, cli._run_flow); prints, as
+# JSON, whether a temporary server was used and the heartbeat period its flow run saw.
+HEARTBEAT_PROBE = """
+import json
+from prefect import flow
+from prefect.settings import get_current_settings
+from petalflow.flows import cli
+
+@flow
+def probe(params: dict):
+    return get_current_settings().flows.heartbeat_frequency
+
+with cli._prefect_api() as server:
+    if server is None:  # a configured API: no run needed, the settings are the process's
+        seen = get_current_settings().flows.heartbeat_frequency
+    else:
+        seen = cli._run_flow(probe, {}, quiet=True, server=server).result()
+print(json.dumps({"server": server is not None, "heartbeat": seen}))
+"""
+
+
+def test_runs_on_the_temporary_server_send_no_heartbeats_runs_on_a_real_one_do():
+    """Heartbeats let a lasting server mark runs whose process died as Crashed (the stack's
+    automation); the temporary server ends with the command, and the end of each flow run
+    waited up to a second for Prefect's heartbeat thread."""
+    def probe(env):
+        out = subprocess.run([sys.executable, "-c", HEARTBEAT_PROBE], capture_output=True,
+                             text=True, env={**os.environ, **env}, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert probe({"PREFECT_API_URL": ""}) == {"server": True, "heartbeat": None}
+    assert probe({"PREFECT_API_URL": "http://127.0.0.1:9/api",
+                  "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}) == {"server": False,
+                                                                  "heartbeat": 30}
+
+
 def test_a_port_taken_before_uvicorn_binds_it_means_another_port_as_prefect_does():
     got = _probe({"PREFECT_API_URL": ""}, "busy-port")
     assert got["health"] == 200 and got["gone"] is True
