@@ -30,6 +30,13 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
     started = time.time()
+    phases = {}
+    mark = [started]
+
+    def phase(name: str) -> None:  # seconds since the previous mark, for the JSON
+        now = time.time()
+        phases[name] = round(now - mark[0], 2)
+        mark[0] = now
 
     import tensorflow_hub as hub
     import tf_keras as keras
@@ -49,7 +56,9 @@ def main() -> None:
                 x[i] = np.asarray(im, np.float32) / 255.0
         return x, rows["label"].map(index).to_numpy()
 
+    phase("imports")
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = load("train"), load("val"), load("test")
+    phase("load")
     keras.utils.set_random_seed(42)
     model = keras.Sequential([
         keras.Input((args.image_size, args.image_size, 3)),
@@ -59,11 +68,19 @@ def main() -> None:
     ])
     model.compile(optimizer=keras.optimizers.Adam(), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
+    phase("build")
+    # "epochs" ends when fit's last epoch has ended; "fit clean-up" is what fit takes after that
+    # before it returns: in about two runs of three ~17 s, idle, destroying its tf.data
+    # iterator (a TensorFlow behaviour, traced; BENCHMARKS.md, target 1), else ~0 s.
     model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,
-              batch_size=args.batch_size, verbose=2)
+              batch_size=args.batch_size, verbose=2, callbacks=[keras.callbacks.LambdaCallback(
+                  on_train_end=lambda logs: phase("epochs"))])
+    phase("fit clean-up")
     _, test_acc = model.evaluate(x_test, y_test, verbose=0)
+    phase("evaluate")
     out = {"test_accuracy": float(test_acc), "seconds_in_script": time.time() - started,
-           "train_images": int(len(x_train)), "test_images": int(len(x_test))}
+           "train_images": int(len(x_train)), "test_images": int(len(x_test)),
+           "phases_s": phases}
     Path(args.json).write_text(json.dumps(out, indent=2))
     print(json.dumps(out))
 
