@@ -21,7 +21,9 @@ from typing import Literal, Optional, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from petalflow.tasks.common import IMPORT_LOCK, defer_full_collections, freeze_start_up
+from petalflow.tasks.common import (
+    IMPORT_LOCK, code_version, defer_full_collections, freeze_start_up,
+)
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
 )
@@ -209,6 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
     with _prefect_api() as server:
+        code_version()  # for the run's tags: asked now, while this process is small (common.py)
         with IMPORT_LOCK:  # the side thread imports after this thread's Prefect imports
             _warm_imports("mlflow", "tensorflow", "tensorflow_hub")
             _import_run_stack("petalflow.flows.train_flow")

@@ -4,10 +4,12 @@ human-readable sizes. Stage modules import these; this module imports no stage."
 from __future__ import annotations
 
 import contextlib
+import functools
 import fcntl
 import hashlib
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +33,30 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # no affinity API on this platform
         return os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """git commit of the petalflow checkout (+"-dirty" with local changes), else the version.
+
+    Once per process: the code a process runs is what it loaded, and each call forks this
+    process twice for git. ``petalflow train`` asks at its start, while the process is small:
+    a fork of the running flow's ~1 GB process was counted twice by the benchmark's process-tree
+    RSS when it was sampled before the child's exec."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return "petalflow-" + version("petalflow")
+        except PackageNotFoundError:
+            return "unknown"
 
 
 def human_bytes(n: int) -> str:

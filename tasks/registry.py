@@ -14,12 +14,12 @@ import io
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Optional
 
 from prefect import task
 
+from petalflow.tasks.common import code_version
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
 
@@ -55,24 +55,6 @@ def mlflow_client():
 
     configure_mlflow()
     return mlflow.MlflowClient()
-
-
-def code_version() -> str:
-    """git commit of the petalflow checkout (+"-dirty" with local changes), else the version."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return "petalflow-" + version("petalflow")
-        except PackageNotFoundError:
-            return "unknown"
 
 
 def artifact_location(uri: str) -> Optional[str]:

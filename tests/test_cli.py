@@ -302,3 +302,27 @@ def test_the_command_never_imports_prefects_server_module(workspace):
     assert "Starting temporary server on http://127.0.0.1:" in out.stderr
     assert loaded == ["petalflow.flows.predict_flow", "prefect.flow_engine",
                       "prefect.task_engine"]
+
+
+def test_the_code_version_is_asked_of_git_once_per_process(monkeypatch):
+    """The run's and the version's ``code_version`` tag: git runs (two commands) on the first
+    call only, which ``petalflow train`` makes at its start, while the process is small."""
+    import subprocess
+
+    from petalflow.tasks import common
+
+    calls = []
+    real_run = subprocess.run
+
+    def counted(cmd, *args, **kwargs):
+        calls.append(cmd[:2])
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", counted)
+    common.code_version.cache_clear()
+    try:
+        first = common.code_version()
+        assert common.code_version() == first and first
+        assert calls == [["git", "rev-parse"], ["git", "status"]]
+    finally:
+        common.code_version.cache_clear()
