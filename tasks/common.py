@@ -4,8 +4,8 @@ human-readable sizes. Stage modules import these; this module imports no stage."
 from __future__ import annotations
 
 import contextlib
-import functools
 import fcntl
+import functools
 import hashlib
 import json
 import os
