@@ -317,8 +317,9 @@ def train_model(
         seeded = seed_from_abandoned_attempt(workdir) if resume_killed else None
         record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path,
                         Path(features_dir) if features_dir else workdir.parent / "features")
-        # The features and the export's graphs are garbage now (the backbone and Keras's state
-        # were let go before the export, in _train).
+        # The frozen network, the features and the edge export's converters are garbage now
+        # (the backbone and Keras's state were let go before the export, the serving export's
+        # graph after it, in _train).
         release_memory()
     record["seeded_from"] = str(seeded) if seeded else None
     (workdir / DONE_MARKER).write_text(json.dumps(record, indent=2))
