@@ -304,9 +304,18 @@ def _serving_module(network, class_names: Sequence[str], image_size: int):
             ok = tf.scatter_nd(idx_all, tf.ones([tf.shape(idx_all)[0]], tf.bool), [n])
             return ok, tf.scatter_nd(idx_all, values, tf.stack([n, width]))
 
-        def _classify(self, raw_bytes_or_b64, is_base64: bool):
-            ok, probs_full = self._on_decodable(raw_bytes_or_b64, is_base64,
-                                                lambda x: network(x)[1], num_classes)
+        def _classify(self, raw_bytes_or_b64, is_base64: bool, with_features: bool = False):
+            if with_features:  # one network call: [probabilities | features] per row
+                def both(x):
+                    features, probs = network(x)
+                    return tf.concat([probs, features], axis=1)
+
+                ok, both_full = self._on_decodable(raw_bytes_or_b64, is_base64, both,
+                                                   num_classes + feature_width)
+                probs_full = both_full[:, :num_classes]
+            else:
+                ok, probs_full = self._on_decodable(raw_bytes_or_b64, is_base64,
+                                                    lambda x: network(x)[1], num_classes)
             best = tf.argmax(probs_full, axis=1)
             names = tf.convert_to_tensor(self.class_names)
             out = {
@@ -316,6 +325,8 @@ def _serving_module(network, class_names: Sequence[str], image_size: int):
             }
             for c, name in enumerate(class_names):
                 out[PROB_PREFIX + name] = probs_full[:, c]
+            if with_features:
+                out["features"] = both_full[:, num_classes:]
             return out
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
@@ -333,8 +344,10 @@ def _serving_module(network, class_names: Sequence[str], image_size: int):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
         def classify_bytes(self, image_bytes):
-            """The same on raw (not base64) encoded image bytes."""
-            return self._classify(image_bytes, False)
+            """The same on raw (not base64) encoded image bytes, plus ``features``: the
+            backbone's features of each row from the same pass (zeros for undecodable rows),
+            so a prediction job measures drift without running the backbone again."""
+            return self._classify(image_bytes, False, with_features=True)
 
     return PetalflowClassifier()
 
@@ -348,7 +361,8 @@ def export_serving_model(
     Signatures: ``serving_default`` (input ``image``: base64 strings) and ``classify_bytes``
     (input ``image_bytes``: raw bytes). Outputs per row: ``label`` (class name, "" on error),
     ``probability`` (of that label), ``error`` ("" or a reason) and ``prob_<class>`` for every
-    class in ``class_names`` order.
+    class in ``class_names`` order; ``classify_bytes`` also ``features`` (the backbone's), and
+    ``embed_bytes`` (input ``image_bytes``) the features alone (``features``, ``ok``).
     """
     import tensorflow as tf
 

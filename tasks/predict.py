@@ -1,7 +1,7 @@
 """Batch prediction with a registered model: files in, one row per image out (CSV or JSON).
 
-Files are read, encoded and classified ``batch_size`` at a time and rows are written as they
-come, so memory stays bounded however large the folder.
+Files are read and classified ``batch_size`` at a time and rows are written as they come, so
+memory stays bounded however large the folder.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 from petalflow.tasks.images import IMAGE_SUFFIXES
@@ -141,6 +142,25 @@ def _encode(path: Path) -> str:
         return ""  # unreadable file: the model reports it as an error row
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return b""  # unreadable file: the model reports it as an error row
+
+
+def classifier_with_features(model):
+    """The loaded model's own classifier when its classification pass also gives each image's
+    backbone features (``predict_with_features``: versions exported since it was added), so a
+    job's drift needs no second pass over the backbone; None for earlier versions, which are
+    run through their pyfunc ``predict`` as before."""
+    try:
+        raw = model.get_raw_model()
+    except (AttributeError, NotImplementedError):  # loaders without MLflow's hook
+        return None
+    return raw if getattr(raw, "gives_features", False) else None
+
+
 class _Writer:
     """Streams rows to CSV or to a JSON array, into ``<output>.part`` renamed when complete."""
 
@@ -205,7 +225,8 @@ def predict_files(
     images per predicted label (counted as the rows are written), when the first rows and the
     last were written (``first_written_at``, ``finished_at``: epoch seconds) and, with
     ``drift``, how far a sample of the classified images is from the model's training data
-    (``measure_drift``). ``on_batch(done, total)`` is called after each batch is written.
+    (``drift_of_sample`` on the features the classification gave, or ``measure_drift`` for
+    versions that give none). ``on_batch(done, total)`` is called after each batch is written.
 
     Columns: path, label, probability, error, prob_<class> for each class, then
     top<i>_label/top<i>_probability when ``top_k`` > 0.
@@ -214,16 +235,23 @@ def predict_files(
     import time
 
     model = load_model(model_uri)
+    fused = classifier_with_features(model)
     first_written_at = None
     rows = errors = classified = 0
     labels: Counter[str] = Counter()
-    sample: list[Path] = []  # reservoir sample of the classified files (bounded memory)
+    # Reservoir sample of the classified files (bounded memory), with their features when the
+    # classification pass gives them.
+    sample: list[tuple[Path, Optional[np.ndarray]]] = []
     rng = random.Random(0)
     writer = _Writer(Path(output), fmt)
     try:
         for start, stop in batch_bounds(len(files), batch_size):
             chunk = files[start:stop]
-            frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in chunk]}))
+            if fused is not None:
+                frame, features = fused.predict_with_features([_read(p) for p in chunk])
+            else:
+                frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in chunk]}))
+                features = None
             frame = frame.reset_index(drop=True)
             if top_k:
                 frame = add_top_k(frame, top_k)
@@ -232,12 +260,13 @@ def predict_files(
             writer.fh.flush()
             first_written_at = first_written_at or time.time()
             ok = (frame["error"] == "").to_numpy()
-            for path in (p for p, good in zip(chunk, ok) if good):
+            for row in np.flatnonzero(ok):
                 classified += 1
+                item = (chunk[row], None if features is None else features[row].copy())
                 if len(sample) < DRIFT_SAMPLE:
-                    sample.append(path)
+                    sample.append(item)
                 elif (j := rng.randrange(classified)) < DRIFT_SAMPLE:
-                    sample[j] = path
+                    sample[j] = item
             rows += len(frame)
             errors += int((~ok).sum())
             labels.update(frame.loc[ok, "label"].astype(str))
@@ -249,9 +278,28 @@ def predict_files(
         raise
     writer.close()
     finished_at = time.time()
+    if not drift:
+        measured = None
+    elif fused is not None:
+        measured = drift_of_sample(fused, sample)
+    else:
+        measured = measure_drift(model, [path for path, _ in sample])
     return {"images": rows, "errors": errors, "labels": dict(labels.most_common()),
             "first_written_at": first_written_at, "finished_at": finished_at,
-            "drift": measure_drift(model, sample) if drift else None}
+            "drift": measured}
+
+
+def drift_of_sample(classifier, sample: Sequence[tuple[Path, np.ndarray]]) -> dict:
+    """``measure_drift`` for a sample whose features the classification pass already gave
+    (``classifier_with_features``): the same figures, the backbone not run again."""
+    if not sample:
+        return {"available": False, "reason": "no classified image"}
+    try:
+        measured = classifier.drift_of_features(np.stack([f for _, f in sample]),
+                                                [_read(path) for path, _ in sample])
+    except Exception as exc:  # noqa: BLE001 - e.g. a version without a drift reference
+        return {"available": False, "reason": str(exc).splitlines()[0][:300]}
+    return {"available": True, **measured}
 
 
 def measure_drift(model, files: Sequence[Path]) -> dict:

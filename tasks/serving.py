@@ -59,6 +59,8 @@ class ImageClassifier:
         self._serve_b64 = self._model.signatures["serving_default"]
         self._serve_bytes = self._model.signatures["classify_bytes"]
         self._embed_bytes = self._model.signatures.get("embed_bytes")  # newer exports only
+        # Newer still: classify_bytes also returns each row's backbone features.
+        self.gives_features = "features" in self._serve_bytes.structured_outputs
         reference = Path(saved_model_dir) / DRIFT_REFERENCE
         self.drift_reference: Optional[dict] = (
             json.loads(reference.read_text()) if reference.is_file() else None)
@@ -89,10 +91,22 @@ class ImageClassifier:
                              "drift references existed)")
         images = [bytes(b) for b in images]
         features, ok = self.features(images)
-        if not ok.any():
+        return self.drift_of_features(features[ok], [b for b, keep in zip(images, ok) if keep])
+
+    def drift_of_features(self, features: np.ndarray, images: Sequence[bytes]) -> dict:
+        """``drift`` of decodable images whose backbone features are known already (from
+        ``predict_with_features``): the same figures without running the backbone again."""
+        if self.drift_reference is None:
+            raise ValueError("this model version has no drift reference (registered before "
+                             "drift references existed)")
+        if len(images) == 0:
             raise ValueError("no decodable image to compute drift on")
-        good = [b for b, keep in zip(images, ok) if keep]
-        return drift_scores(self.drift_reference, features[ok], image_statistics(good))
+        return drift_scores(self.drift_reference, np.asarray(features), image_statistics(images))
+
+    def get_raw_model(self) -> "ImageClassifier":
+        """This object: what MLflow's ``PyFuncModel.get_raw_model()`` returns, so a caller can
+        reach ``predict_with_features``."""
+        return self
 
     @property
     def columns(self) -> list[str]:
@@ -119,6 +133,24 @@ class ImageClassifier:
         if len(images) == 0:
             return pd.DataFrame({c: [] for c in self.columns})
         return self._in_calls(list(images), self.classify_raw)
+
+    def predict_with_features(self, images: Sequence[bytes]) -> tuple[pd.DataFrame, np.ndarray]:
+        """``predict_bytes`` of encoded images plus, from the same pass, each row's backbone
+        features ([n, dim], zeros where the row has an error): what ``drift_of_features``
+        compares with the training data. Only where ``gives_features``."""
+        if not self.gives_features:
+            raise ValueError("this model version gives no features with its predictions "
+                             "(exported before they were added)")
+        images = list(images)
+        frames, features = [], []
+        for i in range(0, len(images), CALL_ROWS):
+            out = self.classify_raw(images[i:i + CALL_ROWS])
+            frames.append(self._to_frame(out))
+            features.append(out["features"].numpy())
+        if not frames:
+            return pd.DataFrame({c: [] for c in self.columns}), np.zeros((0, 0), np.float32)
+        frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
+        return frame, np.concatenate(features)
 
     def _in_calls(self, items: list, call) -> pd.DataFrame:
         """The prediction table of ``items``, ``CALL_ROWS`` per ``call`` (bounded memory)."""

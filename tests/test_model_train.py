@@ -485,6 +485,72 @@ def test_drift_is_low_on_training_like_images_and_high_on_shifted_ones(trained, 
     assert len(frame) == 1 and bool(frame["drifted"].iloc[0])
 
 
+def _pyfunc_model(export_dir, dest: Path):
+    """The export as registration logs it (``serving.py`` as the pyfunc loader), loaded back."""
+    import shutil
+
+    import mlflow
+
+    from petalflow.tasks import serving
+    from petalflow.tasks.registry import model_requirements, model_signature
+
+    code = dest / "code"
+    code.mkdir(parents=True)
+    loader = code / f"{serving.LOADER_MODULE}.py"
+    shutil.copyfile(serving.__file__, loader)
+    mlflow.pyfunc.save_model(str(dest / "model"), loader_module=serving.LOADER_MODULE,
+                             data_path=str(export_dir), code_paths=[str(loader)],
+                             pip_requirements=model_requirements(),
+                             signature=model_signature(serving.read_metadata(export_dir)
+                                                       ["class_names"]))
+    return mlflow.pyfunc.load_model(str(dest / "model"))
+
+
+def test_a_prediction_job_takes_drift_features_from_its_classification_pass(
+        trained, data_info, tmp_path, monkeypatch):
+    """A version whose classification pass gives the backbone's features: the job writes the
+    same rows and reports the same drift as the pyfunc model and its drift measure (what
+    earlier versions are still run through), without running the backbone a second time."""
+    from petalflow.tasks import predict
+    from petalflow.tasks.dataset import split_files
+
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    raw = model.get_raw_model()
+    assert predict.classifier_with_features(model) is raw and raw.gives_features
+    paths = [Path(p) for p in split_files(data_info, "train")[0] + split_files(data_info, "test")[0]]
+    assert len(paths) < predict.DRIFT_SAMPLE  # the sample is every classified image
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    files = paths[:5] + [tmp_path / "bad.jpg"] + paths[5:]
+    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+
+    def no_second_pass(self, images):
+        raise AssertionError("the backbone ran again for drift")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(type(raw), "features", no_second_pass)
+        fused = predict.predict_files("m", files, tmp_path / "fused.csv", batch_size=16,
+                                      drift=True)
+    # Earlier loaders have no get_raw_model: their pyfunc predict, then their drift measure.
+    monkeypatch.delattr(type(raw), "get_raw_model")
+    assert predict.classifier_with_features(model) is None
+    before = predict.predict_files("m", files, tmp_path / "before.csv", batch_size=16,
+                                   drift=True)
+
+    assert fused["drift"]["available"] and before["drift"]["available"]
+    assert fused["drift"]["images"] == before["drift"]["images"] == len(paths)
+    for key in ("drift_score", "feature_drift", "image_drift"):
+        assert fused["drift"][key] == pytest.approx(before["drift"][key], rel=1e-4, abs=1e-6)
+    assert fused["drift"]["drifted"] == before["drift"]["drifted"]
+    assert (fused["images"], fused["errors"], fused["labels"]) == \
+        (before["images"], before["errors"], before["labels"]) == (len(files), 1, before["labels"])
+    got, want = pd.read_csv(tmp_path / "fused.csv"), pd.read_csv(tmp_path / "before.csv")
+    assert list(got.columns) == list(want.columns)
+    assert got["label"].fillna("").tolist() == want["label"].fillna("").tolist()
+    assert got["error"].fillna("").tolist()[5] == "undecodable image"
+    probs = [c for c in got.columns if c.startswith("prob")]
+    np.testing.assert_allclose(got[probs].to_numpy(), want[probs].to_numpy(), atol=1e-6)
+
+
 def test_a_backbone_tflite_cannot_quantize_costs_only_that_edge_model(tmp_path, tiny_backbone,
                                                                       data_info, monkeypatch):
     """Training, the float16 model and the figures survive an int8 conversion failure; the
