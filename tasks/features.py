@@ -37,11 +37,15 @@ class FeatureExtractor:
         self._run = None
         self._closed = False
         self.kind = None
+        # The backbone's frozen function the TFLite engine was converted from (None until
+        # then, and for the TensorFlow engine): ``model.frozen_network`` reuses it.
+        self.frozen = None
 
     def close(self) -> None:
-        """Drop the engine (the TFLite interpreter, or the traced TensorFlow function) and the
-        backbone: the features are computed; what is left of the training does not need them."""
-        self._run = self._backbone = None
+        """Drop the engine (the TFLite interpreter, or the traced TensorFlow function), the
+        backbone and its frozen function: the features are computed; what is left of the
+        training does not need them (take ``frozen`` first to keep it)."""
+        self._run = self._backbone = self.frozen = None
         self._closed = True
 
     def __call__(self, images) -> np.ndarray:
@@ -73,14 +77,13 @@ class FeatureExtractor:
 
     def _tflite_engine(self):
         from petalflow.tasks.edge import tflite_converter, tflite_interpreter
-        from petalflow.tasks.model import frozen_function
+        from petalflow.tasks.model import frozen_backbone
 
         started = time.perf_counter()
-        backbone = self._backbone
-        network = frozen_function(lambda images: backbone(images, training=False), self._size)
+        network = frozen_backbone(self._backbone, self._size)
         blob = tflite_converter(network, "float32", self._size, batch=TFLITE_BATCH).convert()
-        del network  # the frozen graph and the converter's garbage: ~90 MiB, freed before the
-        release_memory()  # features pass instead of staying through the whole training
+        self.frozen = network
+        release_memory()  # the converter's garbage, freed before the features pass
         interpreter, inp, out = tflite_interpreter(usable_cpus(), model_content=blob)
         log("features: the backbone converted to TensorFlow Lite in %.1f s",
             time.perf_counter() - started)

@@ -451,7 +451,10 @@ def _train(
     export_dir = workdir / "export"
     staging = workdir / "export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    network = frozen_network(backbone, head, cfg.image_size)  # export and edge models
+    # The export's and the edge models' network: the backbone as the TFLite feature engine
+    # froze it, unless fine-tuning changed it since (or the features all came from the cache).
+    network = frozen_network(backbone, head, cfg.image_size,
+                             features_fn=None if cfg.fine_tune_layers else extract.frozen)
     # From here on the frozen network is the model: the loaded backbone (its restored
     # functions: ~120 MiB for MobileNetV2 0.35), the feature engine and the Keras models (the
     # head links to the backbone once fine-tuning built a model of both; the checkpoint holds

@@ -124,6 +124,35 @@ def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_i
     assert (tmp_path / "w" / "export" / "saved_model.pb").is_file()
 
 
+def test_the_backbone_is_frozen_once_unless_fine_tuning_changed_it(tmp_path, tiny_backbone,
+                                                                   data_info, monkeypatch):
+    """The export's network reuses the backbone the TFLite feature engine froze (freezing
+    MobileNetV2 0.35 takes ~1 s): one freeze per training. When every feature came from the
+    cache the export freezes it; after fine-tuning it freezes the changed backbone again."""
+    import petalflow.tasks.model as model
+
+    frozen = []
+    real = model.frozen_backbone
+
+    def counted(*args, **kwargs):
+        frozen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "frozen_backbone", counted)
+    features = tmp_path / "features"
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
+                         tmp_path / "a", features_dir=features)
+    assert record["features"]["engine"] == "tflite" and len(frozen) == 1
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False,
+                                         learning_rate=0.01), tmp_path / "b",
+                         features_dir=features)
+    assert record["features"]["reused"] == ["val", "train"] and len(frozen) == 2
+    tuned = _cfg(tiny_backbone, epochs=1, fine_tune_layers=1, fine_tune_epochs=1,
+                 fine_tune_learning_rate=0.05, edge_export=False)
+    train_model(data_info, tuned, tmp_path / "c", features_dir=tmp_path / "features-ft")
+    assert len(frozen) == 4
+
+
 class Interrupt(Exception):
     pass
 
@@ -506,6 +535,7 @@ def _pyfunc_model(export_dir, dest: Path):
     return mlflow.pyfunc.load_model(str(dest / "model"))
 
 
+@pytest.mark.filterwarnings("ignore:An input example was not provided")
 def test_a_prediction_job_takes_drift_features_from_its_classification_pass(
         trained, data_info, tmp_path, monkeypatch):
     """A version whose classification pass gives the backbone's features: the job writes the
