@@ -141,7 +141,8 @@ def train_and_register(params: TrainParams = TrainParams()):
                 len(data_info["classes"]), counts["found"], counts["used"], counts["quarantined"])
     dataset = dataset_summary(data_info)
     if not params.force:
-        same = unchanged_since_champion_task(params, data_info)
+        with timer.phase("tracking"):
+            same = unchanged_since_champion_task(params, data_info)
         if same is not None:
             summary = {"status": "nothing to do", "alias": "champion", **same,
                        "alias_reason": "unchanged data and parameters; champion kept",
@@ -149,7 +150,8 @@ def train_and_register(params: TrainParams = TrainParams()):
             return _finish(summary)
     fingerprint = data_info["fingerprint"]
     key = run_key(params, fingerprint)
-    run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)
+    with timer.phase("tracking"):
+        run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)
     sweep = None
     try:
         # One job per configuration; a sweep's candidates are nested MLflow runs and each

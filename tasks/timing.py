@@ -2,10 +2,11 @@
 and the summary's ``timings``).
 
 Phases: start-up (process start to flow start, when the ``petalflow`` command started the run),
-backbone (fetch + load), download, scan (extract + scan/split), training hand-off (starting the
-training step: a process on the gpu pool when deployed), features, epochs, export, edge export
-(TFLite conversion), evaluation (the new model, its edge models and the champion), registration,
-and the run's total.
+backbone (fetch + load), download, scan (extract + scan/split), tracking (MLflow: the store opened,
+and created with its schema on first use; the champion's check; the run started), training
+hand-off (starting the training step: a process on the gpu pool when deployed), features,
+epochs, export, edge export (TFLite conversion), evaluation (the new model, its edge models and
+the champion), registration, and the run's total.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import time
 from typing import Iterator, Optional
 
 STARTED_ENV = "PETALFLOW_STARTED_AT"  # set by the CLI at process start (epoch seconds)
-PHASES = ("start-up", "backbone", "download", "scan", "training hand-off", "features", "epochs",
-          "export", "edge export", "evaluation", "registration")
+PHASES = ("start-up", "backbone", "download", "scan", "tracking", "training hand-off", "features",
+          "epochs", "export", "edge export", "evaluation", "registration")
 
 
 class PhaseTimer:

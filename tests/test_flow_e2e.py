@@ -247,9 +247,10 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     summary = json.loads(summary_path.read_text())
     assert summary["alias"] == "champion", summary["alias_reason"]
     # Every overhead has a number: the per-phase table, start-up included for the command.
-    assert set(summary["timings"]) == {"start-up", "backbone", "download", "scan",
+    assert set(summary["timings"]) == {"start-up", "backbone", "download", "scan", "tracking",
                                        "training hand-off", "features", "epochs", "export",
                                        "edge export", "evaluation", "registration", "total"}
+    assert summary["timings"]["tracking"] > 0  # this run created the MLflow store
     assert summary["timings"]["total"] >= sum(
         v for k, v in summary["timings"].items() if k != "total") * 0.9
     assert summary["dataset"]["used"] == 36
