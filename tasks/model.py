@@ -331,7 +331,8 @@ def _serving_module(network, class_names: Sequence[str], image_size: int):
             if with_features:  # one network call: [probabilities | features] per row
                 def both(x):
                     features, probs = network(x)
-                    return tf.concat([probs, features], axis=1)
+                    return tf.concat([tf.cast(probs, tf.float32), tf.cast(features, tf.float32)],
+                                     axis=1)
 
                 ok, both_full = self._on_decodable(raw_bytes_or_b64, is_base64, both,
                                                    num_classes + feature_width)
