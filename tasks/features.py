@@ -48,6 +48,12 @@ class FeatureExtractor:
         self._run = self._backbone = self.frozen = None
         self._closed = True
 
+    def release_backbone(self) -> None:
+        """Let go of the backbone once the TFLite engine runs: it computes from its own
+        converted copy (the TensorFlow engine still needs the backbone: kept)."""
+        if self.kind == "tflite":
+            self._backbone = None
+
     def __call__(self, images) -> np.ndarray:
         if self._closed:
             raise RuntimeError("this feature extractor was closed")

@@ -167,17 +167,22 @@ def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
 
     ds = image_dataset(paths, None, cfg.image_size, cfg.batch_size,  # in order: rows = paths
                        augment=augment_seed is not None, seed=augment_seed or 0)
-    chunks, done, started = [], 0, time.time()
+    # One array filled batch by batch: no list of batches concatenated (and converted) at the
+    # end, which held the split's features three times over at once (grows with the data).
+    features, done, started = np.zeros((0, 0), np.float32), 0, time.time()
     last = started
     for batch in ds:
-        chunks.append(extract(batch))
-        done += len(chunks[-1])
+        rows = extract(batch)
+        if done == 0:
+            features = np.empty((len(paths), rows.shape[1]), np.float32)
+        features[done:done + len(rows)] = rows
+        done += len(rows)
         now = time.time()
         if now - last >= PROGRESS_EVERY_S and done < len(paths):
             last = now
             log("features (%s): %d/%d images, %.0f images/s", cache.stem, done, len(paths),
                 done / (now - started))
-    features = np.concatenate(chunks).astype(np.float32)
+    features = features[:done]
     log("features (%s): %d images in %.1f s (%s)", cache.stem, done, time.time() - started,
         extract.kind)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -424,6 +429,14 @@ def _train(
         fit_x = train_x if len(views) == 1 else np.concatenate(views)
         fit_y = np.tile(train_y, len(views))
         lap("train_features")
+        if extract.frozen is not None and not cfg.fine_tune_layers:
+            # Every feature is computed and the export reuses the engine's frozen backbone:
+            # the loaded backbone (its restored functions: ~120 MiB for MobileNetV2 0.35) is
+            # freed before the epochs, where with many images the step's peak can be (the
+            # features held for fitting, and Keras's copy of them), not only before the export.
+            extract.release_backbone()
+            backbone = None
+            release_memory()
         head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
         record(head.fit(fit_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
                         initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0))
