@@ -313,33 +313,41 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("mlflow", "tensorflow", "pandas", "numpy")]
 
 
+def pyfunc_arguments(export_dir: Path, class_names: list[str], code_dir: Path) -> dict:
+    """MLflow's pyfunc arguments for an exported SavedModel, as every version is packaged: the
+    SavedModel as its data, ``tasks/serving.py`` as its loader (copied into ``code_dir`` and
+    shipped as ``code_paths``, importable as ``petalflow_serving``), requirements pinned by
+    ``model_requirements``, its signature and metadata (public MLflow API only)."""
+    from petalflow.tasks import serving
+
+    meta = json.loads((Path(export_dir) / "petalflow.json").read_text())
+    loader = Path(code_dir) / f"{serving.LOADER_MODULE}.py"
+    shutil.copyfile(serving.__file__, loader)
+    return dict(
+        loader_module=serving.LOADER_MODULE,
+        data_path=str(export_dir),
+        code_paths=[str(loader)],
+        pip_requirements=model_requirements(),
+        signature=model_signature(class_names),
+        metadata={k: meta[k] for k in ("class_names", "image_size", "backbone", "fingerprint")},
+    )
+
+
 def log_model(export_dir: Path, class_names: list[str], registered_model_name: str):
-    """Log the exported SavedModel as a self-contained pyfunc model (public MLflow API only):
-    the SavedModel as its data, ``tasks/serving.py`` as its loader (``code_paths``, importable
-    as ``petalflow_serving``), requirements pinned by ``model_requirements``. Returns ModelInfo.
-    Call inside the run (``mlflow.start_run(run_id=...)``)."""
+    """Log the exported SavedModel as a self-contained pyfunc model (``pyfunc_arguments``)
+    with an input example, registered as ``registered_model_name``. Returns ModelInfo. Call
+    inside the run (``mlflow.start_run(run_id=...)``)."""
     import tempfile
 
     import mlflow
     import pandas as pd
 
-    from petalflow.tasks import serving
-
-    meta = json.loads((Path(export_dir) / "petalflow.json").read_text())
     with tempfile.TemporaryDirectory() as tmp:
-        loader = Path(tmp) / f"{serving.LOADER_MODULE}.py"
-        shutil.copyfile(serving.__file__, loader)
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
-            loader_module=serving.LOADER_MODULE,
-            data_path=str(export_dir),
-            code_paths=[str(loader)],
-            pip_requirements=model_requirements(),
             registered_model_name=registered_model_name,
-            signature=model_signature(class_names),
             input_example=pd.DataFrame({"image": [_tiny_png_base64()]}),
-            metadata={k: meta[k] for k in ("class_names", "image_size", "backbone",
-                                           "fingerprint")},
+            **pyfunc_arguments(Path(export_dir), class_names, Path(tmp)),
         )
 
 

@@ -525,23 +525,16 @@ def test_drift_is_low_on_training_like_images_and_high_on_shifted_ones(trained, 
 
 
 def _pyfunc_model(export_dir, dest: Path):
-    """The export as registration logs it (``serving.py`` as the pyfunc loader), loaded back."""
-    import shutil
-
+    """The export packaged as registration packages it (``registry.pyfunc_arguments``), saved
+    to a folder and loaded back."""
     import mlflow
 
-    from petalflow.tasks import serving
-    from petalflow.tasks.registry import model_requirements, model_signature
+    from petalflow.tasks.registry import pyfunc_arguments
+    from petalflow.tasks.serving import read_metadata
 
-    code = dest / "code"
-    code.mkdir(parents=True)
-    loader = code / f"{serving.LOADER_MODULE}.py"
-    shutil.copyfile(serving.__file__, loader)
-    mlflow.pyfunc.save_model(str(dest / "model"), loader_module=serving.LOADER_MODULE,
-                             data_path=str(export_dir), code_paths=[str(loader)],
-                             pip_requirements=model_requirements(),
-                             signature=model_signature(serving.read_metadata(export_dir)
-                                                       ["class_names"]))
+    (dest / "code").mkdir(parents=True)
+    mlflow.pyfunc.save_model(str(dest / "model"), **pyfunc_arguments(
+        Path(export_dir), read_metadata(Path(export_dir))["class_names"], dest / "code"))
     return mlflow.pyfunc.load_model(str(dest / "model"))
 
 
