@@ -404,6 +404,9 @@ def _train(
     reused += ["val"] if hit else []
     lap("val_features")
     train_features = None  # the train split's cached features, when training used them
+    # The backbone as the TFLite feature engine froze it, while still the one to export: not
+    # after fine-tuning (which changes it), not when every feature came from the cache.
+    frozen_features = None
     history: dict[str, list] = {}
 
     def record(h):
@@ -429,7 +432,8 @@ def _train(
         fit_x = train_x if len(views) == 1 else np.concatenate(views)
         fit_y = np.tile(train_y, len(views))
         lap("train_features")
-        if extract.frozen is not None and not cfg.fine_tune_layers:
+        frozen_features = None if cfg.fine_tune_layers else extract.frozen
+        if frozen_features is not None:
             # Every feature is computed and the export reuses the engine's frozen backbone:
             # the loaded backbone (its restored functions: ~120 MiB for MobileNetV2 0.35) is
             # freed before the epochs, where with many images the step's peak can be (the
@@ -464,10 +468,8 @@ def _train(
     export_dir = workdir / "export"
     staging = workdir / "export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    # The export's and the edge models' network: the backbone as the TFLite feature engine
-    # froze it, unless fine-tuning changed it since (or the features all came from the cache).
-    network = frozen_network(backbone, head, cfg.image_size,
-                             features_fn=None if cfg.fine_tune_layers else extract.frozen)
+    # The export's and the edge models' network (``frozen_features``: frozen once only).
+    network = frozen_network(backbone, head, cfg.image_size, features_fn=frozen_features)
     # From here on the frozen network is the model: the loaded backbone (its restored
     # functions: ~120 MiB for MobileNetV2 0.35), the feature engine and the Keras models (the
     # head links to the backbone once fine-tuning built a model of both; the checkpoint holds
