@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -155,9 +156,19 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
             decoded_shape(tf.io.read_file(paths[idx]))
             reasons[idx] = "could not be decoded"
         except Exception as exc:  # noqa: BLE001 - TF raises several error types
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            reasons[idx] = f"undecodable image: {message[:200]}"
+            reasons[idx] = f"undecodable image: {_tf_message(exc)[:200]}"
     return reasons
+
+
+def _tf_message(exc: Exception) -> str:
+    """The first line of a TensorFlow error without its op wrapper: "{{function_node
+    __wrapped__DecodeImage_...}} Unknown image file format... [Op:DecodeImage]" reads as
+    "Unknown image file format..."."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text.splitlines()[0])
+    return re.sub(r"\s*\[Op:\w+\]( name:.*)?$", "", line) or type(exc).__name__
 
 
 def scan_dataset(data_root: Path) -> pd.DataFrame:

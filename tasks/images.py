@@ -6,8 +6,9 @@ production (no train/serve skew), and the scan quarantines precisely what traini
 
 from __future__ import annotations
 
-# Formats TensorFlow decodes natively; anything else is quarantined by the scan.
-SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
+# Formats TensorFlow decodes natively; anything else is quarantined by the scan. WebP: still
+# images (TensorFlow's decoder refuses animated ones, which the scan's decode check quarantines).
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 # File names that look like images (supported or not): folder inputs of `predict` are these, so
 # an unsupported format is reported on its row instead of silently skipped; a dataset folder with
 # none of them (and no recognisable image) is not a class.
@@ -16,7 +17,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".
 
 
 def decode_image(image_bytes, image_size: int):
-    """Decode encoded image bytes (JPEG/PNG/GIF first frame/BMP) to float32 [size, size, 3] in [0, 1].
+    """Decode image bytes (JPEG/PNG/GIF first frame/BMP/WebP) to float32 [size, size, 3] in [0, 1].
 
     Grayscale and RGBA are converted to RGB, 16-bit PNGs to 8 bits; the image is resized (bilinear,
     aspect ratio not kept) to a square of ``image_size``. Raises InvalidArgumentError on bytes that

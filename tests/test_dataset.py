@@ -53,6 +53,9 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     Image.new("L", (16, 16), 90).save(root / "blue" / "gray.jpg", "JPEG")
     Image.fromarray(np.full((9, 9), 40000, np.uint16)).save(root / "blue" / "deep16.png")
     Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "blue" / "pic.webp", "WEBP")
+    frames = [Image.new("RGB", (16, 16), (c, 2, 3)) for c in (10, 200)]
+    frames[0].save(root / "blue" / "moving.webp", "WEBP", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "blue" / "scan.tiff", "TIFF")
     (root / "LICENSE.txt").write_text("not in a class folder: ignored")
 
     m = scan_dataset(root)
@@ -61,13 +64,16 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     assert _status(m, "red/.DS_Store") == ("quarantined", "hidden file")
     status, reason = _status(m, "red/truncated.jpg")
     assert status == "quarantined" and reason.startswith("undecodable image")
-    assert _status(m, "blue/pic.webp")[1].startswith("unsupported image format WEBP")
+    assert _status(m, "blue/scan.tiff")[1].startswith("unsupported image format TIFF")
+    # TensorFlow decodes still WebP images, not animated ones: its reason, without op names.
+    assert _status(m, "blue/moving.webp") == (
+        "quarantined", "undecodable image: WebP Animation must be 4 channel RGBA")
     for used in ("green/png_named.jpg", "green/gif.jpg", "green/nested/deep.bmp",
-                 "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png"):
+                 "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png", "blue/pic.webp"):
         assert _status(m, used) == ("ok", ""), used
     counts = dataset_counts(m)
-    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 11
-    assert counts["quarantined"] == 5
+    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 13
+    assert counts["quarantined"] == 6
     assert "LICENSE.txt" not in set(m["path"])
     ok = m[m["status"] == "ok"]
     assert (ok["width"] > 0).all() and (ok["height"] > 0).all()

@@ -391,6 +391,7 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
         "green png rgba": _image("PNG", COLOURS["green"], mode="RGBA"),
         "blue gif": _image("GIF", COLOURS["blue"]),
         "blue bmp": _image("BMP", COLOURS["blue"], size=(500, 300)),
+        "green webp": _image("WEBP", COLOURS["green"]),
         "garbage": b"this is not an image",
         "red png gray": _image("PNG", COLOURS["red"], mode="L"),
     }
@@ -402,6 +403,7 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     assert got["green png rgba"]["label"] == "green"
     assert got["blue gif"]["label"] == "blue"
     assert got["blue bmp"]["label"] == "blue"
+    assert got["green webp"]["label"] == "green"
     assert got["garbage"]["label"] == "" and got["garbage"]["error"] == "undecodable image"
     assert got["red png gray"]["error"] == ""  # grayscale converted, classified
     ok = frame[frame["error"] == ""]
@@ -741,3 +743,4 @@ def test_drift_image_statistics_of_each_format_and_of_files(tmp_path):
         paths[-1].write_bytes(data)
     np.testing.assert_array_equal(file_statistics([str(p) for p in paths]), stats)
     assert image_statistics([]).shape == file_statistics([]).shape == (0, len(IMAGE_STATS))
+
