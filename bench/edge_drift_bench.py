@@ -14,9 +14,15 @@
      its own held-out test photos as the in-distribution reference.
    The threshold (``DRIFT_THRESHOLD`` in tasks/serving.py) must sit above every held-out score
    and below the shifted ones: the table shows min / median / max per condition and n.
+3. Small training sets (``--small N``, repeatable): ``petalflow train`` on N photos per class
+   (seeded pick), drift on the photos it did not get (same distribution, never seen: its drift
+   reference holds only its training split), on them in grayscale, and, from a second model
+   trained on N per class without the held-out class, on that class's photos.
+   ``--skip-full`` runs only this part.
 
     .venv/bin/python bench/edge_drift_bench.py --archive flower_photos_1500.tgz \
-        --backbone mobilenet_v2_035_224_feature_vector --json edge_drift.json
+        --backbone mobilenet_v2_035_224_feature_vector [--small 10 --small 30] \
+        [--skip-full] --json edge_drift.json
 """
 
 from __future__ import annotations
@@ -103,59 +109,114 @@ def scores(model, images: list[bytes], repeats: int, seed: int, threshold: float
     return out
 
 
+def full_and_unseen(args, work: Path, root: Path, held: str, result: dict) -> None:
+    """Parts 1 and 2: the whole archive, then the model trained without ``held``."""
+    import mlflow
+
+    from petalflow.tasks.serving import DRIFT_THRESHOLD
+
+    full = train(str(args.archive.resolve()), args.backbone, work / "full", "edge-bench",
+                 edge=True)
+    result["edge"] = full["edge"]
+    result["timings"] = full["timings"]
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'full' / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(full["model_uri"])
+    held_out = test_files(full)
+    conditions = {"held-out": [p.read_bytes() for p in held_out]}
+    for kind in ("grayscale", "rotated", "grayscale+rotated", "dark"):
+        conditions[kind] = [transform(p, kind) for p in held_out]
+    result["drift"].update({k: scores(model, v, args.repeats, 1, DRIFT_THRESHOLD)
+                            for k, v in conditions.items()})
+
+    # Unseen class: train without one class folder, measure on its photos.
+    data = work / "without"
+    shutil.copytree(root, data, ignore=lambda d, names: [held] if Path(d) == root else [])
+    part = train(str(data), args.backbone, work / "part", "edge-bench-part", edge=False)
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'part' / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model(part["model_uri"])
+    result["drift"][f"held-out (model without {held})"] = scores(
+        model, [p.read_bytes() for p in test_files(part)], args.repeats, 2, DRIFT_THRESHOLD)
+    result["drift"][f"unseen class {held}"] = scores(
+        model, [p.read_bytes() for p in sorted((root / held).iterdir())], args.repeats, 3,
+        DRIFT_THRESHOLD)
+
+
+def small_training_set(args, work: Path, root: Path, classes: list, held: str, per_class: int,
+                       result: dict) -> None:
+    """Part 3: models trained on ``per_class`` photos per class (with and without ``held``);
+    drift on photos they never got."""
+    import mlflow
+
+    from petalflow.tasks.serving import DRIFT_THRESHOLD
+
+    rng = np.random.default_rng(per_class)
+    picked, rest = {}, []
+    for c in classes:
+        files = sorted((root / c).iterdir())
+        order = rng.permutation(len(files))
+        picked[c] = [files[i] for i in order[:per_class]]
+        rest += [files[i] for i in order[per_class:]] if c != held else []
+    for name, keep in (("small", classes), ("small-without", [c for c in classes if c != held])):
+        data = work / f"{name}-{per_class}" / "photos"
+        for c in keep:
+            (data / c).mkdir(parents=True)
+            for f in picked[c]:
+                shutil.copyfile(f, data / c / f.name)
+        summary = train(str(data), args.backbone, work / f"{name}-{per_class}",
+                        f"{name}-{per_class}", edge=False)
+        mlflow.set_tracking_uri(f"sqlite:///{work / f'{name}-{per_class}' / 'mlflow.db'}")
+        model = mlflow.pyfunc.load_model(summary["model_uri"])
+        label = f"{per_class} per class"
+        if name == "small":
+            unseen_rest = [p.read_bytes() for p in rest]
+            result["drift"][f"{label}: photos it never got"] = scores(
+                model, unseen_rest, args.repeats, 4, DRIFT_THRESHOLD)
+            result["drift"][f"{label}: those in grayscale"] = scores(
+                model, [transform(p, "grayscale") for p in rest], args.repeats, 5,
+                DRIFT_THRESHOLD)
+        else:
+            others = set(picked[held])
+            result["drift"][f"{label} without {held}: {held} photos"] = scores(
+                model, [p.read_bytes() for p in sorted((root / held).iterdir())
+                        if p not in others], args.repeats, 6, DRIFT_THRESHOLD)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archive", type=Path, required=True)
     ap.add_argument("--backbone", required=True)
     ap.add_argument("--hold-out-class", default=None)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--small", type=int, action="append", default=[],
+                    help="also train on this many photos per class (repeatable)")
+    ap.add_argument("--skip-full", action="store_true", help="only the --small part")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-    import mlflow
-
     from petalflow.tasks.serving import DRIFT_THRESHOLD
 
     work = Path(tempfile.mkdtemp(prefix="edge-drift-"))
     result = {"command": " ".join(sys.argv), "machine": f"{platform.node()} "
               f"({os.cpu_count()} CPUs)", "threshold": DRIFT_THRESHOLD}
+    result["drift"] = {}
     try:
-        full = train(str(args.archive.resolve()), args.backbone, work / "full", "edge-bench",
-                     edge=True)
-        result["edge"] = full["edge"]
-        result["timings"] = full["timings"]
-        mlflow.set_tracking_uri(f"sqlite:///{work / 'full' / 'mlflow.db'}")
-        model = mlflow.pyfunc.load_model(full["model_uri"])
-        held_out = test_files(full)
-        conditions = {"held-out": [p.read_bytes() for p in held_out]}
-        for kind in ("grayscale", "rotated", "grayscale+rotated", "dark"):
-            conditions[kind] = [transform(p, kind) for p in held_out]
-        result["drift"] = {k: scores(model, v, args.repeats, 1, DRIFT_THRESHOLD)
-                           for k, v in conditions.items()}
-
-        # Unseen class: train without one class folder, measure on its photos.
         with tarfile.open(args.archive) as tar:
             tar.extractall(work / "data", filter="data")
         root = next(p for p in (work / "data").rglob("*")
                     if p.is_dir() and sum(1 for c in p.iterdir() if c.is_dir()) >= 2)
         classes = sorted(c.name for c in root.iterdir() if c.is_dir())
         held = args.hold_out_class or classes[-1]
-        shutil.move(str(root / held), str(work / held))
-        part = train(str(root), args.backbone, work / "part", "edge-bench-part", edge=False)
-        mlflow.set_tracking_uri(f"sqlite:///{work / 'part' / 'mlflow.db'}")
-        model = mlflow.pyfunc.load_model(part["model_uri"])
-        result["drift"][f"held-out (model without {held})"] = scores(
-            model, [p.read_bytes() for p in test_files(part)], args.repeats, 2, DRIFT_THRESHOLD)
-        result["drift"][f"unseen class {held}"] = scores(
-            model, [p.read_bytes() for p in sorted((work / held).iterdir())], args.repeats, 3,
-            DRIFT_THRESHOLD)
+        if not args.skip_full:
+            full_and_unseen(args, work, root, held, result)
+        for n in args.small:
+            small_training_set(args, work, root, classes, held, n, result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"command: {result['command']}\nmachine: {result['machine']}\n")
     print("| format | test accuracy | size (MB) | latency (ms/image) |\n|---|---|---|---|")
-    for row in result["edge"]:
+    for row in result.get("edge", []):
         print(f"| {row['format']} | {row['test_accuracy']:.4f} | {row['size_mb']:.2f} | "
               f"{row['latency_ms']:.1f} |")
     print(f"\ndrift score (threshold {DRIFT_THRESHOLD}): min / median / max of "

@@ -22,6 +22,13 @@ LOADER_MODULE = "petalflow_serving"  # this file's name inside a registered mode
 DRIFT_REFERENCE = "drift_reference.json"  # beside the SavedModel, written by training
 # Drift score above which a batch is reported as drifted (chosen by measurement: BENCHMARKS.md).
 DRIFT_THRESHOLD = 0.3
+# Weight, in images, of the features' average spread in each feature's own spread. A small
+# training split leaves many backbone features zero in almost every reference image: their
+# spread, estimated near 0, made any batch's mean "move" by many of them (a reference of 36
+# photos scored 0.3-1.1 on photos like it; the threshold is 0.3). Pulled towards the average
+# by 10 images' worth, scores no longer depend on the reference's size (BENCHMARKS.md, drift
+# on small training sets); with 500 reference images the weight is 2 %.
+SPREAD_PRIOR_IMAGES = 10
 IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturation")
 ERROR_UNDECODABLE = "undecodable image"
 # Rows per call of the SavedModel: its memory grows with the rows it runs at once (MobileNetV2
@@ -255,25 +262,35 @@ def drift_reference(features: np.ndarray, stats: np.ndarray) -> dict:
             "threshold": DRIFT_THRESHOLD}
 
 
-def _shift(reference: dict, x: np.ndarray) -> float:
+def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = None,
+           pooled: bool = False) -> float:
     """Standardised mean shift of a batch from the reference, root-mean-square over the
-    dimensions, with the sampling noise of a batch of n removed (E[z^2] = 1/n without drift):
-    0 when the batch looks like the training data, ~1 when its mean moves by one training
-    standard deviation in every dimension."""
-    mean = np.asarray(reference["mean"])
-    std = np.asarray(reference["std"])
-    keep = std > 1e-6 * max(float(std.max(initial=0.0)), 1e-12)  # constant dimensions say nothing
+    dimensions, with sampling noise removed (without drift, E[z^2] = 1/n for a batch of n
+    beside a reference of ``reference_images``, + 1/that): 0 when the batch looks like the
+    training data, ~1 when its mean moves by one training standard deviation in every
+    dimension. ``pooled`` (dimensions of one kind, like backbone features) pulls each
+    dimension's spread towards their average by ``SPREAD_PRIOR_IMAGES`` (a spread estimated
+    from a few images can be near 0)."""
+    mean = np.asarray(reference["mean"], dtype=np.float64)
+    var = np.asarray(reference["std"], dtype=np.float64) ** 2
+    keep = var > 1e-12 * max(float(var.max(initial=0.0)), 1e-24)  # constant dimensions say nothing
     if not keep.any() or len(x) == 0:
         return 0.0
-    z = (np.asarray(x, dtype=np.float64).mean(axis=0)[keep] - mean[keep]) / std[keep]
-    return float(np.sqrt(max(0.0, float(np.mean(z ** 2)) - 1.0 / len(x))))
+    mean, var = mean[keep], var[keep]
+    m = reference_images or 0
+    spread = (m * var + SPREAD_PRIOR_IMAGES * var.mean()) / (m + SPREAD_PRIOR_IMAGES) \
+        if pooled and m else var
+    z2 = (np.asarray(x, dtype=np.float64).mean(axis=0)[keep] - mean) ** 2 / spread
+    noise = var / spread * (1.0 / len(x) + (1.0 / m if m else 0.0))
+    return float(np.sqrt(max(0.0, float(np.mean(z2 - noise)))))
 
 
 def drift_scores(reference: dict, features: np.ndarray, stats: np.ndarray) -> dict:
     """feature_drift, image_drift, drift_score (the larger) and whether it is over the
     threshold the reference was stored with."""
-    feature = _shift(reference["features"], features)
-    image = _shift(reference["image_stats"], stats)
+    m = reference.get("images")
+    feature = _shift(reference["features"], features, m, pooled=True)
+    image = _shift(reference["image_stats"], stats, m)
     threshold = float(reference.get("threshold", DRIFT_THRESHOLD))
     score = max(feature, image)
     return {"drift_score": score, "feature_drift": feature, "image_drift": image,
