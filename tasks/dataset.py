@@ -37,6 +37,10 @@ class DatasetCounts(TypedDict):
     splits: dict[str, int]
     quarantine_reasons: dict[str, str]  # relative path -> reason
     empty_class_folders: list[str]  # folders without a single image: skipped, reported
+    # A dataset delivered already split (train/, test/, ... each holding the class folders): the
+    # split folders whose class folders were merged, and those without class folders (unused).
+    split_folders: list[str]
+    unlabeled_split_folders: list[str]
 
 
 class DatasetInfo(TypedDict):
@@ -55,7 +59,8 @@ def dataset_summary(info: DatasetInfo) -> dict:
     counts = info["counts"]
     return {"fingerprint": info["fingerprint"], "classes": info["classes"],
             **{k: counts[k] for k in ("found", "used", "quarantined", "splits",
-                                      "quarantine_reasons", "empty_class_folders")}}
+                                      "quarantine_reasons", "empty_class_folders")},
+            **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders")}}
 
 
 MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "status", "reason"]
@@ -82,22 +87,69 @@ def class_folders(data_root: Path) -> list[str]:
     return sorted(p.name for p in Path(data_root).iterdir() if is_class_folder(p))
 
 
+# Names of the folders of a dataset delivered already split (compared in lower case).
+SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "dev", "test",
+                                "testing", "eval", "evaluation"})
+
+
+def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
+    """(split folders holding class folders, split folders without any) when ``data_root`` is
+    a dataset delivered already split: every folder in it is named like a split and one of
+    them, holding class folders, like a training split (``train/cat``, ``test/cat``, ...).
+    Otherwise ([], []): its folders are the classes."""
+    data_root = Path(data_root)
+    names = class_folders(data_root)
+    if not names or any(n.lower() not in SPLIT_FOLDER_NAMES for n in names):
+        return [], []
+    labelled = [n for n in names if class_folders(data_root / n)]
+    if not any(n.lower().startswith("train") for n in labelled):
+        return [], []
+    return labelled, [n for n in names if n not in labelled]
+
+
+def split_layout_note(counts: dict) -> Optional[str]:
+    """One sentence for the log and the run report when the dataset came already split."""
+    merged = counts.get("split_folders") or []
+    if not merged:
+        return None
+    note = (f"the dataset comes already split ({', '.join(f'{s}/' for s in merged)}): each "
+            "class is its folders in all of them, split again by petalflow")
+    unlabeled = counts.get("unlabeled_split_folders") or []
+    if unlabeled:
+        note += (f"; {', '.join(f'{s}/' for s in unlabeled)} holds no class folders (unlabeled "
+                 "images) and is not used")
+    return note
+
+
+def candidate_classes(data_root: Path) -> list[str]:
+    """Sorted names of the folders that could be classes: the class folders, or in a dataset
+    delivered already split, the class folders of its split folders (merged by name)."""
+    data_root = Path(data_root)
+    splits, _unlabeled = split_folders(data_root)
+    if not splits:
+        return class_folders(data_root)
+    return sorted({name for split in splits for name in class_folders(data_root / split)})
+
+
 def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Sorted class names and (relative path, label) of every file under each class folder.
 
     Files are found recursively (nested folders belong to their top class folder); files lying
     directly in ``data_root`` (LICENSE.txt, README) are not part of any class and are ignored.
+    A dataset delivered already split (``split_folders``) has its class folders inside the split
+    folders: a class's files are those of its folders in every split (petalflow splits again).
     """
     data_root = Path(data_root)
-    classes = class_folders(data_root)
+    parents = [data_root / s for s in split_folders(data_root)[0]] or [data_root]
     files: list[tuple[str, str]] = []
-    for label in classes:
-        for dirpath, dirnames, filenames in os.walk(data_root / label):
-            dirnames.sort()
-            for name in sorted(filenames):
-                rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
-                files.append((rel, label))
-    return classes, files
+    for parent in parents:
+        for label in class_folders(parent):
+            for dirpath, dirnames, filenames in os.walk(parent / label):
+                dirnames.sort()
+                for name in sorted(filenames):
+                    rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
+                    files.append((rel, label))
+    return candidate_classes(data_root), files
 
 
 def _header_check(path: Path) -> tuple[Optional[str], int, int]:
@@ -335,7 +387,8 @@ def prepare_dataset(
     # Folders without files, or without a single image, are ignored (reported), not an error:
     # after a successful split they are exactly the folders that yielded no class.
     counts["empty_class_folders"] = sorted(
-        set(class_folders(data_root)) - set(class_names(manifest)))
+        set(candidate_classes(data_root)) - set(class_names(manifest)))
+    counts["split_folders"], counts["unlabeled_split_folders"] = split_folders(data_root)
     info: DatasetInfo = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),

@@ -13,7 +13,7 @@ from typing import Optional
 import pandas as pd
 from prefect import task
 
-from petalflow.tasks.dataset import load_manifest
+from petalflow.tasks.dataset import load_manifest, split_layout_note
 from petalflow.tasks.drift import drift_line
 
 
@@ -142,6 +142,9 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         lines.append("")
     if ds.get("empty_class_folders"):
         lines += [f"Skipped folders without images: {', '.join(ds['empty_class_folders'])}", ""]
+    split_note = split_layout_note(ds)
+    if split_note:
+        lines += [split_note[0].upper() + split_note[1:] + ".", ""]
     lines += _comparison_lines(summary)
     lines += [
         "## Test metrics",

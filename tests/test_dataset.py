@@ -133,6 +133,61 @@ def test_empty_class_folder_is_ignored_and_reported(tmp_path):
     assert info["counts"]["empty_class_folders"] == ["empty class"]
 
 
+def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tmp_path):
+    """train/<class>, Valid/<class>, test/ with unlabeled images (a common download): the
+    classes are the class folders, merged across the splits (not "train" vs "Valid"); the
+    unlabeled test/ is not used, and the run report says both."""
+    from petalflow.tasks.dataset import dataset_summary
+    from petalflow.tasks.report import model_card
+
+    root = tmp_path / "d"
+    make_dataset(root / "train", per_class=6)
+    make_dataset(root / "Valid", per_class=3, seed=1)
+    (root / "Valid" / "purple").mkdir()  # a class folder with nothing in it
+    write_image(root / "test" / "unknown.jpg", (200, 40, 40))
+    (root / "README.txt").write_text("photos, split by the provider")
+    info = prepare_dataset(root, tmp_path / "out", 0.2, 0.2, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    counts = info["counts"]
+    assert counts["split_folders"] == ["Valid", "train"]
+    assert counts["unlabeled_split_folders"] == ["test"]
+    assert counts["empty_class_folders"] == ["purple"]
+    assert counts["used"] == 3 * (6 + 3) and counts["quarantined"] == 0
+    m = scan_dataset(root)
+    assert _status(m, "Valid/red/000.jpg") == ("ok", "")
+    assert m.loc[m["path"] == "Valid/red/000.jpg", "label"].item() == "red"
+    assert m.loc[m["path"] == "train/green/005.jpg", "label"].item() == "green"
+    assert not m["path"].str.startswith("test/").any()
+    summary = dataset_summary(info)
+    assert summary["split_folders"] == ["Valid", "train"]
+    report = model_card({
+        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
+        "dataset": summary, "manifest": info["manifest"], "comparison": {},
+        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
+    }, str(tmp_path / "no-evaluation"))
+    assert ("The dataset comes already split (Valid/, train/): each class is its folders in "
+            "all of them, split again by petalflow; test/ holds no class folders (unlabeled "
+            "images) and is not used.") in report
+
+
+def test_folders_named_like_splits_among_others_are_classes(tmp_path):
+    """Only a dataset whose every folder is named like a split, a training one among them with
+    class folders inside, counts as delivered split: classes "test" and "control" stay classes,
+    and so do "train" and "test" holding images directly."""
+    from petalflow.tasks.dataset import split_folders
+
+    a = tmp_path / "a"
+    make_dataset(a, per_class=4, colours={"test": (200, 40, 40), "control": (40, 40, 200)})
+    (a / "test" / "more").mkdir()  # a nested folder does not make it a split folder
+    write_image(a / "test" / "more" / "x.jpg", (200, 40, 40), seed=5)
+    assert split_folders(a) == ([], [])
+    assert prepare_dataset(a, tmp_path / "out-a", 0.25, 0.25, 0)["classes"] == ["control",
+                                                                                "test"]
+    b = tmp_path / "b"
+    make_dataset(b, per_class=4, colours={"train": (200, 40, 40), "test": (40, 40, 200)})
+    assert split_folders(b) == ([], [])
+
+
 def test_folder_without_any_image_is_skipped_but_unreadable_images_are_an_error(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4)
     (root / "docs").mkdir()
