@@ -778,3 +778,35 @@ def test_feature_drift_does_not_depend_on_how_few_images_the_reference_has():
         assert min(shifted) > DRIFT_THRESHOLD, (m, shifted)
         median[m] = float(np.median(shifted))
     assert abs(median[30] - median[500]) < 0.15 * median[500], median
+
+
+def test_confusion_image_is_drawn_without_matplotlib(tmp_path):
+    """The evaluation's confusion matrix PNG: a cell per (true, predicted) pair, white for 0 to
+    dark blue for the largest count, class names beside it; drawn without importing matplotlib
+    (its ~37 MiB stayed for the rest of the train command)."""
+    import subprocess
+    import sys
+
+    names = ["daisy", "éclair", "a class name far longer than forty characters, cut"]
+    counts = [[5, 0, 1], [0, 7, 0], [2, 0, 9]]
+    out = tmp_path / "confusion.png"
+    code = (
+        "import sys, pandas as pd\n"
+        "from pathlib import Path\n"
+        "from petalflow.tasks.evaluate import plot_confusion\n"
+        f"plot_confusion(pd.DataFrame({counts!r}, index={names!r}, columns={names!r}), "
+        f"Path({str(out)!r}))\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from petalflow.tasks.evaluate import CELL
+
+    img = Image.open(out).convert("RGB")
+    px = np.asarray(img)
+    # The grid's top-right corner: the last column's cells end 12 px from the right edge.
+    right = img.width - 12
+    left = right - 3 * CELL
+    cell = lambda i, j: tuple(px[12 + i * CELL + 3, left + j * CELL + 3])  # noqa: E731
+    assert cell(2, 2) == (8, 48, 107)  # the largest count: darkest
+    assert cell(0, 1) == (247, 251, 255)  # zero: lightest
+    assert sum(cell(0, 0)) < sum(cell(0, 2)) < sum(cell(0, 1))  # 5 darker than 1 than 0
+    assert (px[:, : left - 4] < 128).any()  # class names drawn left of the grid
