@@ -101,7 +101,8 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
         option = cli_option(name)
         required = field.is_required() or name in CLI_REQUIRED
         default = "required" if required else f"default: {field.default}"
-        help_text = f"{field.description} ({default})"
+        # argparse formats help with %: a description's own % signs are literal.
+        help_text = f"{field.description} ({default})".replace("%", "%%")
         if field.annotation is bool:
             p.add_argument(option, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text)

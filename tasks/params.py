@@ -54,6 +54,7 @@ class SweepCandidate(BaseModel):
     batch_size: Optional[int] = Field(None, ge=1, le=4096, title="Batch size")
     learning_rate: Optional[float] = Field(None, gt=0, le=1.0, title="Learning rate")
     augment: Optional[bool] = Field(None, title="Augment")
+    balance_classes: Optional[bool] = Field(None, title="Balance classes")
     fine_tune_layers: Optional[int] = Field(None, ge=0, le=1000, title="Fine-tune layers")
     fine_tune_epochs: Optional[int] = Field(None, ge=1, le=100, title="Fine-tune epochs")
     fine_tune_learning_rate: Optional[float] = Field(None, gt=0, le=0.1,
@@ -104,6 +105,14 @@ class TrainParams(BaseModel):
         description="Random flip, rotation, zoom and contrast. With a frozen backbone the head "
         "also trains on an augmented copy of the training split, computed once and cached; "
         "while fine-tuning, fresh augmentations every epoch.",
+    )
+    balance_classes: bool = Field(
+        True,
+        title="Balance classes",
+        description="Weight each class's training loss by how rare it is in the training "
+        "split (images / (classes x the class's images)), so a class with few photos is not "
+        "neglected; no effect when the classes are the same size (BENCHMARKS.md: class "
+        "balance).",
     )
     val_fraction: float = Field(
         0.15, gt=0, lt=0.5, title="Validation fraction",
@@ -169,7 +178,8 @@ class TrainParams(BaseModel):
     sweep: list[SweepCandidate] = Field(
         default_factory=list, max_length=16, title="Sweep",
         description="Train several configurations and keep the best: each candidate changes "
-        "some of backbone, image_size, epochs, batch_size, learning_rate, augment and the "
+        "some of backbone, image_size, epochs, batch_size, learning_rate, augment, "
+        "balance_classes and the "
         "fine_tune_* fields (the rest as above). Candidates train at once as runs of the "
         "training deployment, one per GPU worker (in this process, one after another, when "
         "training is local); each is a nested MLflow run; the best on validation accuracy is "

@@ -190,6 +190,15 @@ def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
     return features, labels
 
 
+def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
+    """Keras ``class_weight`` that makes every class weigh the same in the loss: images /
+    (classes present x the class's images); 1.0 for each class when they are the same size."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
+    present = counts > 0
+    total, k = int(counts.sum()), int(present.sum())
+    return {int(c): round(total / (k * int(counts[c])), 6) for c in np.flatnonzero(present)}
+
+
 DRIFT_SAMPLE = 500  # training images the drift reference describes
 
 
@@ -414,6 +423,8 @@ def _train(
             history.setdefault(name, []).extend(float(v) for v in values)
 
     loss = "sparse_categorical_crossentropy"
+    # Each class weighs the same in the loss (``balance_classes``; from the training split).
+    weights = class_weights(train_y, len(classes)) if cfg.balance_classes else None
     start = int(epoch_var.numpy())
     if start < cfg.epochs:
         cb = _epoch_end_callback(_validate_on_features(head, val_x, val_y), manager, epoch_var,
@@ -443,7 +454,8 @@ def _train(
             release_memory()
         head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
         record(head.fit(fit_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                        initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0))
+                        initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0,
+                        class_weight=weights))
 
     lap("train_head")
     tuned_layers: list[str] = []
@@ -462,7 +474,7 @@ def _train(
             train_ds = image_dataset(train_paths, train_y, cfg.image_size, cfg.batch_size,
                                      shuffle=True, augment=cfg.augment, seed=cfg.seed)
             record(classifier.fit(train_ds, epochs=total, initial_epoch=start, callbacks=[cb],
-                                  verbose=0))
+                                  verbose=0, class_weight=weights))
 
     lap("fine_tune")
     export_dir = workdir / "export"
@@ -511,6 +523,7 @@ def _train(
         "resumed_from_epoch": resumed_from,
         "history": history,
         "fine_tuned_layers": tuned_layers,
+        "class_weights": {classes[c]: w for c, w in weights.items()} if weights else None,
         "features": {"dir": str(features_dir), "reused": reused, "engine": engine},
         "train_images": len(train_paths),
         "val_images": len(val_paths),

@@ -46,6 +46,33 @@ def test_unknown_option_and_bad_boolean(capsys):
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "predict", "pull", "models"])
+def test_every_command_prints_its_help(command, capsys):
+    """Options and their help come from the parameter models' descriptions: any of them (a
+    literal % sign among them) must still print."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--" in capsys.readouterr().out
+
+
+def test_balance_classes_is_on_unless_turned_off(workspace, monkeypatch):
+    from petalflow.flows import cli
+
+    seen = []
+
+    def fake_flow(params, return_state=False):  # stands in for the flow: parsing only
+        from prefect.states import Completed
+
+        seen.append(params)
+        return Completed(data={"ok": True})
+
+    monkeypatch.setattr("petalflow.flows.train_flow.train_and_register", fake_flow)
+    assert cli.main(["train", "--data-sha256", "A" * 64]) == 0
+    assert cli.main(["train", "--no-balance-classes", "--data-sha256", "A" * 64]) == 0
+    assert [p.balance_classes for p in seen] == [True, False]
+
+
 def test_augment_flag_and_defaults_parse(workspace, monkeypatch):
     from petalflow.flows import cli
 

@@ -810,3 +810,35 @@ def test_confusion_image_is_drawn_without_matplotlib(tmp_path):
     assert cell(0, 1) == (247, 251, 255)  # zero: lightest
     assert sum(cell(0, 0)) < sum(cell(0, 2)) < sum(cell(0, 1))  # 5 darker than 1 than 0
     assert (px[:, : left - 4] < 128).any()  # class names drawn left of the grid
+
+
+def test_class_weights_make_every_class_weigh_the_same():
+    from petalflow.tasks.train import class_weights
+
+    assert class_weights(np.array([0, 0, 0, 1, 2, 2]), 3) == {0: 0.666667, 1: 2.0, 2: 1.0}
+    assert class_weights(np.array([0, 1, 2, 0, 1, 2]), 3) == {0: 1.0, 1: 1.0, 2: 1.0}
+    # A class without training images gets no weight (the others share the total).
+    assert class_weights(np.array([0, 0, 2]), 3) == {0: 0.75, 2: 1.5}
+
+
+def test_training_weighs_a_rare_class_up_unless_told_not_to(tmp_path, tiny_backbone):
+    """red has 4 times fewer photos than green and blue: training weighs its images 4 times
+    as much (the weights in train.json are the ones given to Keras), or not at all when
+    ``balance_classes`` is off."""
+    root = make_dataset(tmp_path / "photos", per_class=20)
+    for extra in sorted((root / "red").glob("*.jpg"))[5:]:
+        extra.unlink()
+    info = prepare_dataset(root, tmp_path / "manifest", 0.2, 0.2, seed=0)
+    from petalflow.tasks.dataset import split_files
+
+    counts = np.bincount(split_files(info, "train")[1], minlength=3)
+    weighted = train_model(info, _cfg(tiny_backbone, epochs=1, edge_export=False),
+                           tmp_path / "a", features_dir=tmp_path / "features")
+    want = {name: round(counts.sum() / (3 * counts[i]), 6)
+            for i, name in enumerate(info["classes"])}
+    assert weighted["class_weights"] == want
+    assert want["red"] > 2.5 * want["green"]
+    plain = train_model(info, _cfg(tiny_backbone, epochs=1, edge_export=False,
+                                   balance_classes=False),
+                        tmp_path / "b", features_dir=tmp_path / "features")
+    assert plain["class_weights"] is None
