@@ -56,7 +56,7 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DatasetError, DownloadError,
-        TransientError,
+        ModelNotFound, TransientError,
     )
     from petalflow.temporary_server import ServerError
 
@@ -84,6 +84,9 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, (ArchiveError, DatasetError)):
         return RunFailed(text, "see the README's 'petalflow train' section for the layout "
                          "petalflow expects (one subfolder of images per class).", EXIT_DATA)
+    if isinstance(exc, ModelNotFound):
+        return RunFailed(text, "`petalflow models --model-name NAME` lists a model's versions "
+                         "and aliases.", EXIT_REGISTRY)
     module = type(exc).__module__
     if module.startswith(("mlflow", "requests")) or name in ("MlflowException", "RestException"):
         return RunFailed(f"MLflow: {text}", "check MLFLOW_TRACKING_URI (unset: the embedded "
@@ -168,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "(TensorFlow Lite) with labels.txt and edge.json.")
     pull.add_argument("--quantization", choices=("int8", "float16"), default="int8",
                       help="Which edge model with --format tflite (default int8).")
+    _add_common_options(pull)
     models = sub.add_parser("models", help="List a registered model's versions and aliases.",
                             allow_abbrev=False)
     models.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    _add_common_options(models)
     return parser
 
 
@@ -521,10 +526,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailed as exc:
-        print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.code
+        failed = exc
+    except Exception as exc:  # noqa: BLE001 - pull and models call MLflow directly
+        if getattr(args, "verbose", False):
+            raise
+        failed = explain_failure(exc)
+    print(f"petalflow {args.command}: error: {failed}", file=sys.stderr)
+    if failed.hint:
+        print(f"hint: {failed.hint}", file=sys.stderr)
+    return failed.code
 
 
 if __name__ == "__main__":  # pragma: no cover

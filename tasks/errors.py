@@ -32,3 +32,7 @@ class DatasetError(PetalflowError):
 
 class BackboneError(PetalflowError):
     """The backbone handle cannot be used (404, not a SavedModel) and retrying will not help."""
+
+
+class ModelNotFound(PetalflowError):
+    """A models:/ URI names a registered model that exists, but not that alias or version."""

@@ -108,13 +108,14 @@ def _load_model(model_uri: str):
 
     sys.modules.setdefault(LEGACY_LOADER, serving)
 
-    from petalflow.tasks.registry import configure_mlflow
+    from petalflow.tasks.registry import configure_mlflow, explaining_missing
 
     local = Path(model_uri).expanduser()
     if local.exists():
         return mlflow.pyfunc.load_model(str(local))
     configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
-    return mlflow.pyfunc.load_model(model_uri)
+    with explaining_missing(model_uri):
+        return mlflow.pyfunc.load_model(model_uri)
 
 
 def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -253,9 +254,10 @@ def model_version_of(model_uri: str):
         raise ValueError(f"{model_uri!r} is not a models:/ URI")
     name, alias, version = parsed
     client = mlflow_client()
-    if alias:
-        return client.get_model_version_by_alias(name, alias)
-    return client.get_model_version(name, version)
+    with explaining_missing(model_uri):
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
 
 
 def run_of(model_uri: str) -> str:
@@ -382,7 +384,7 @@ def _version_for_run(client, name: str, run_id: str):
     return max(ready, key=lambda v: int(v.version)) if ready else None
 
 
-def _is_missing(exc: Exception) -> bool:
+def is_missing(exc: Exception) -> bool:
     """True only for MLflow's answers "no such registered model" and "no such alias"."""
     code = getattr(exc, "error_code", None)
     if code == "RESOURCE_DOES_NOT_EXIST":
@@ -397,7 +399,7 @@ def current_champion(client, name: str):
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException/RestException
-        if _is_missing(exc):
+        if is_missing(exc):
             return None, None
         raise
     acc = mv.tags.get("test_accuracy")
@@ -596,6 +598,53 @@ def list_model_versions(name: str):
                                                            ignore_index=True)
 
 
+def unresolved_model_reason(model_uri: str) -> Optional[str]:
+    """Why ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` does not resolve although NAME
+    is registered: its versions (aliases, test accuracy) and what to pass instead. None when
+    the URI resolves, is not a models:/ URI, or NAME itself is not registered (MLflow's own
+    message says that)."""
+    parsed = parse_models_uri(model_uri)
+    if parsed is None:
+        return None
+    name, alias, version = parsed
+    versions = list_model_versions(name)
+    if versions.empty:
+        return None
+    if (alias and alias in set(",".join(versions["aliases"]).split(","))) or (
+            version and version.isdigit() and int(version) in set(versions["version"])):
+        return None
+
+    def describe(row) -> str:
+        parts = [a for a in row.aliases.split(",") if a]
+        if row.test_accuracy is not None and row.test_accuracy == row.test_accuracy:
+            parts.append(f"test accuracy {row.test_accuracy:.4f}")
+        return f"v{row.version}" + (f" ({', '.join(parts)})" if parts else "")
+
+    listing = ", ".join(describe(row) for row in versions.itertuples(index=False))
+    newest = int(versions["version"].max())
+    what = f"no version with the alias '{alias}'" if alias else f"no version {version}"
+    why = (" (a version takes it only by passing the quality gate, --min-accuracy)"
+           if alias == CHAMPION else "")
+    return (f"registered model {name} has {what}{why}; its versions: {listing}. Pass --model "
+            f"models:/{name}/{newest} to use one of them.")
+
+
+@contextmanager
+def explaining_missing(model_uri: str):
+    """Inside it, MLflow's "not found" for ``model_uri`` becomes ``ModelNotFound`` with
+    ``unresolved_model_reason`` (the model's versions, what to pass instead) when NAME is
+    registered; any other error passes unchanged."""
+    from petalflow.tasks.errors import ModelNotFound
+
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException/RestException
+        reason = unresolved_model_reason(model_uri) if is_missing(exc) else None
+        if reason:
+            raise ModelNotFound(reason) from exc
+        raise
+
+
 def pull_model(model_uri: str, dest: Path) -> Path:
     """Download a registered model (any MLflow model URI) into ``dest`` for offline use."""
     import mlflow
@@ -603,7 +652,9 @@ def pull_model(model_uri: str, dest: Path) -> Path:
     configure_mlflow()
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+    with explaining_missing(model_uri):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                        dst_path=str(dest)))
 
 
 # --------------------------------------------------------------------------- Prefect tasks

@@ -113,6 +113,66 @@ def test_predict_with_a_model_that_does_not_exist_says_so_and_writes_nothing(
     assert list(workspace.glob("p.csv*")) == []
 
 
+def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(workspace, capsys):
+    """A registered model whose versions all stayed challengers has no champion: predict and
+    pull (which default to the champion) say so, list the versions and what to pass; an
+    unknown version the same; an unknown model keeps MLflow's own message. One message and a
+    hint each, exit status 6, no traceback."""
+    from mlflow import MlflowClient
+
+    from petalflow.tasks.registry import configure_mlflow
+
+    configure_mlflow()
+    client = MlflowClient()
+    client.create_registered_model("m")
+    for accuracy in ("0.4000", "0.4500"):
+        version = client.create_model_version("m", source=str(workspace)).version
+        client.set_model_version_tag("m", version, "test_accuracy", accuracy)
+    client.set_registered_model_alias("m", "challenger", "2")
+    cases = [
+        (["pull", "--model-name", "m", "--dest", str(workspace / "pulled")],
+         "registered model m has no version with the alias 'champion' (a version takes it "
+         "only by passing the quality gate, --min-accuracy); its versions: v2 (challenger, "
+         "test accuracy 0.4500), v1 (test accuracy 0.4000). Pass --model models:/m/2 to use "
+         "one of them."),
+        (["pull", "--model", "models:/m/7", "--format", "tflite", "--dest",
+          str(workspace / "pulled")],
+         "registered model m has no version 7; its versions: v2 (challenger, test accuracy "
+         "0.4500), v1 (test accuracy 0.4000). Pass --model models:/m/2 to use one of them."),
+        (["pull", "--model-name", "nobody", "--dest", str(workspace / "pulled")],
+         "MLflow: Registered Model with name=nobody not found"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 6, argv
+        err = capsys.readouterr().err
+        assert f"petalflow pull: error: {message}" in err, err
+        assert "Traceback" not in err and err.count("hint:") == 1
+    assert not (workspace / "pulled").exists() or not any((workspace / "pulled").iterdir())
+
+
+def test_predict_without_a_champion_names_the_versions_and_writes_nothing(
+        workspace, capsys, prefect_harness):
+    from mlflow import MlflowClient
+
+    from petalflow.tasks.registry import configure_mlflow
+    from tests.helpers import write_image
+
+    configure_mlflow()
+    client = MlflowClient()
+    client.create_registered_model("m")
+    client.create_model_version("m", source=str(workspace))
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    out = workspace / "p.csv"
+    assert main(["predict", "--input", str(workspace / "in"), "--output", str(out),
+                 "--model-name", "m"]) == 6
+    err = capsys.readouterr().err
+    assert ("petalflow predict: error: registered model m has no version with the alias "
+            "'champion'") in err
+    assert "its versions: v1. Pass --model models:/m/1 to use one of them." in err
+    assert "Traceback" not in err
+    assert list(workspace.glob("p.csv*")) == []
+
+
 def test_default_flowers_url_is_pinned_at_run_time_not_in_the_form_default():
     """The UI's run form starts from the dump of TrainParams(): nothing dataset-specific may be
     filled in there, or a user who types their own URL submits the flowers digest with it."""
