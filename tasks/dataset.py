@@ -149,7 +149,25 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
                 for name in sorted(filenames):
                     rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
                     files.append((rel, label))
+    _refuse_undecodable_names([rel for rel, _label in files])
     return candidate_classes(data_root), files
+
+
+def _refuse_undecodable_names(paths: list[str]) -> None:
+    """A folder on disk whose file or folder names are not UTF-8 (archives are decoded when
+    extracted: ``download.tar_member_name``) cannot be described in a manifest, JSON or MLflow
+    tags: say which, instead of failing later on an encoding error."""
+    bad = []
+    for rel in paths:
+        try:
+            rel.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    if bad:
+        raise DatasetError(
+            f"{len(bad)} file(s) have names that are not UTF-8, e.g. {', '.join(bad[:3])}: "
+            "rename them (or pack the folder into a .tar/.zip archive, whose Latin-1/cp1252 "
+            "names petalflow decodes)")
 
 
 def _header_check(path: Path) -> tuple[Optional[str], int, int]:

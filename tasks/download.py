@@ -260,12 +260,30 @@ def _archive_kind(path: Path) -> str:
     raise ArchiveError(f"{path.name} is neither a tar (.tar/.tgz/.tar.gz) nor a zip archive")
 
 
+def tar_member_name(name: str) -> str:
+    """The member's name as its author wrote it. tarfile reads names as UTF-8 and keeps bytes
+    that are not UTF-8 (a tar made under a Windows or Latin-1 locale: "café" as b"caf\\xe9")
+    as surrogates, which no manifest, JSON or MLflow tag can hold: the scan failed with a
+    UnicodeEncodeError. Such names are decoded as cp1252 (Latin-1 where cp1252 has no
+    character); valid UTF-8 names are kept."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
             total = 0
             for member in members:
+                member.name = tar_member_name(member.name)
                 _check_member_name(member.name)
                 if member.issym() or member.islnk():
                     raise ArchiveError(f"archive member {member.name!r} is a link; refusing")

@@ -46,6 +46,13 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
                     yield Path(match)
 
 
+def printable_path(path: Path) -> str:
+    """``path`` as the predictions file shows it. A file name that is not UTF-8 (b"ph\\xe9to.jpg"
+    from a Latin-1 system) is still read and classified, and written with its odd bytes
+    escaped ("ph\\xe9to.jpg"): no CSV, JSON or Parquet text can hold them as they are."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 LEGACY_LOADER = "tasks.serving"  # what versions registered before the loader travelled name
 
 
@@ -256,7 +263,7 @@ def predict_files(
             frame = frame.reset_index(drop=True)
             if top_k:
                 frame = add_top_k(frame, top_k)
-            frame.insert(0, "path", [str(p) for p in chunk])
+            frame.insert(0, "path", [printable_path(p) for p in chunk])
             writer.write(frame)
             writer.fh.flush()
             first_written_at = first_written_at or time.time()

@@ -170,6 +170,18 @@ def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tm
             "images) and is not used.") in report
 
 
+def test_a_folder_with_names_that_are_not_utf8_is_refused_naming_them(tmp_path):
+    import os
+
+    root = make_dataset(tmp_path / "d", per_class=4)
+    bad = os.fsencode(root / "red") + b"/caf\xe9.jpg"
+    with open(bad, "wb") as fh:
+        fh.write((root / "red" / "000.jpg").read_bytes())
+    with pytest.raises(DatasetError, match=r"1 file\(s\) have names that are not UTF-8, e.g. "
+                                           r"red/caf\\xe9.jpg: rename them"):
+        prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+
+
 def test_folders_named_like_splits_among_others_are_classes(tmp_path):
     """Only a dataset whose every folder is named like a split, a training one among them with
     class folders inside, counts as delivered split: classes "test" and "control" stay classes,

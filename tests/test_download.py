@@ -204,6 +204,33 @@ def test_zip_names_without_the_utf8_flag_keep_their_accents(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["Crème brûlée", "café"]
 
 
+def test_tar_names_in_latin1_or_cp1252_become_their_characters(tmp_path):
+    """A tar made under a Latin-1/Windows locale stores "café" as b"caf\\xe9" (not UTF-8):
+    extracted as "café" (before: names with surrogates, and the scan died on an encoding
+    error); UTF-8 names (GNU tar's usual) are kept as they are."""
+    from petalflow.tasks.download import tar_member_name
+    from petalflow.tasks.dataset import prepare_dataset
+    from tests.helpers import write_image
+
+    data = write_image(tmp_path / "x.jpg", (200, 30, 30), seed=1).read_bytes()
+    archive = tmp_path / "legacy.tar"
+    with tarfile.open(archive, "w", format=tarfile.GNU_FORMAT, encoding="cp1252") as tar:
+        for i, name in enumerate(["photos/café/0.jpg", "photos/café/été 1.jpg",
+                                  "photos/“quoted”/0.jpg", "photos/“quoted”/1.jpg",
+                                  "photos/café/2.jpg", "photos/“quoted”/2.jpg"]):
+            info = tarfile.TarInfo(name)
+            payload = data + bytes([i])  # distinct files
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    root = extract_archive(archive, tmp_path / "datasets")
+    assert sorted(p.name for p in root.iterdir()) == ["café", "“quoted”"]
+    assert (root / "café" / "été 1.jpg").is_file()
+    info = prepare_dataset(root, tmp_path / "manifest", 0.34, 0.34, 0)
+    assert info["classes"] == ["café", "“quoted”"]
+    assert tar_member_name("photos/Crème/0.jpg") == "photos/Crème/0.jpg"
+    assert tar_member_name(b"caf\x81".decode("utf-8", "surrogateescape")) == "caf\x81"
+
+
 def test_download_task_does_not_retry_checksum_mismatch(archive_dir, tmp_path, prefect_harness):
     """The Prefect task retries network errors only: a bad checksum is asked for once."""
     from prefect import flow

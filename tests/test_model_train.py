@@ -842,3 +842,29 @@ def test_training_weighs_a_rare_class_up_unless_told_not_to(tmp_path, tiny_backb
                                    balance_classes=False),
                         tmp_path / "b", features_dir=tmp_path / "features")
     assert plain["class_weights"] is None
+
+
+def test_a_file_name_that_is_not_utf8_is_classified_and_written_escaped(
+        trained, data_info, tmp_path, monkeypatch):
+    """A photo named on a Latin-1 system (b"ph\\xe9to.jpg") in the folder to classify: the
+    job classifies it like its copy with a plain name and writes its path with the byte
+    escaped, instead of failing the whole job on an encoding error."""
+    import os
+
+    from petalflow.tasks import predict
+    from petalflow.tasks.dataset import split_files
+
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    photo = Path(split_files(data_info, "test")[0][0]).read_bytes()
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "plain.jpg").write_bytes(photo)
+    with open(os.fsencode(folder) + b"/ph\xe9to.jpg", "wb") as fh:
+        fh.write(photo)
+    files = list(predict.iter_inputs([str(folder)]))
+    result = predict.predict_files("m", files, tmp_path / "out.csv", batch_size=16, drift=True)
+    assert (result["images"], result["errors"]) == (2, 0)
+    got = pd.read_csv(tmp_path / "out.csv")
+    assert got["path"].tolist() == [f"{folder}/ph\\xe9to.jpg", f"{folder}/plain.jpg"]
+    assert got["label"].nunique() == 1 and got["probability"].nunique() == 1
