@@ -805,7 +805,7 @@ def test_confusion_image_is_drawn_without_matplotlib(tmp_path):
     # The grid's top-right corner: the last column's cells end 12 px from the right edge.
     right = img.width - 12
     left = right - 3 * CELL
-    cell = lambda i, j: tuple(px[12 + i * CELL + 3, left + j * CELL + 3])  # noqa: E731
+    cell = lambda i, j: tuple(int(v) for v in px[12 + i * CELL + 3, left + j * CELL + 3])  # noqa: E731
     assert cell(2, 2) == (8, 48, 107)  # the largest count: darkest
     assert cell(0, 1) == (247, 251, 255)  # zero: lightest
     assert sum(cell(0, 0)) < sum(cell(0, 2)) < sum(cell(0, 1))  # 5 darker than 1 than 0
