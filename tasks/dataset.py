@@ -87,24 +87,57 @@ def class_folders(data_root: Path) -> list[str]:
     return sorted(p.name for p in Path(data_root).iterdir() if is_class_folder(p))
 
 
-# Names of the folders of a dataset delivered already split (compared in lower case).
-SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "dev", "test",
-                                "testing", "eval", "evaluation"})
+def find_data_root(folder: Path) -> Path:
+    """Descend wrapper folders (``flower_photos/``) to the folder that holds the class folders.
+
+    A folder is a wrapper when it has exactly one class-like subfolder and no other visible entry
+    except plain text files (LICENSE.txt, README); hidden entries and archiver metadata
+    (``__MACOSX/``) do not count.
+    """
+    folder = Path(folder)
+    while True:
+        visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
+        subdirs = [p for p in visible if is_class_folder(p)]
+        others = [p for p in visible if not p.is_dir() and p.suffix.lower() not in {".txt", ".md"}]
+        if len(subdirs) == 1 and not others:
+            folder = subdirs[0]
+            continue
+        return folder
+
+
+# Words that name the folders of a dataset delivered already split, as a whole folder name or
+# one of its words: train/, Testing/, seg_train/, training_set/, seg_pred/ (unlabeled), ...
+SPLIT_WORDS = frozenset({"train", "training", "val", "valid", "validation", "dev", "test",
+                         "testing", "eval", "evaluation", "pred", "predict", "prediction",
+                         "holdout", "unlabeled", "unlabelled"})
+TRAINING_WORDS = frozenset({"train", "training"})
+
+
+def _words(name: str) -> set[str]:
+    return {w for w in re.split(r"[^a-z0-9]+", name.lower()) if w}
 
 
 def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
     """(split folders holding class folders, split folders without any) when ``data_root`` is
     a dataset delivered already split: every folder in it is named like a split and one of
-    them, holding class folders, like a training split (``train/cat``, ``test/cat``, ...).
-    Otherwise ([], []): its folders are the classes."""
+    them, holding class folders (possibly inside a wrapper folder: ``training_set/
+    training_set/cat``), like a training split. Otherwise ([], []): its folders are the
+    classes."""
     data_root = Path(data_root)
     names = class_folders(data_root)
-    if not names or any(n.lower() not in SPLIT_FOLDER_NAMES for n in names):
+    if not names or not all(_words(n) & SPLIT_WORDS for n in names):
         return [], []
-    labelled = [n for n in names if class_folders(data_root / n)]
-    if not any(n.lower().startswith("train") for n in labelled):
+    labelled = [n for n in names if class_folders(find_data_root(data_root / n))]
+    if not any(_words(n) & TRAINING_WORDS for n in labelled):
         return [], []
     return labelled, [n for n in names if n not in labelled]
+
+
+def _class_parents(data_root: Path) -> list[Path]:
+    """The folders whose subfolders are the classes: the split folders' (wrappers descended)
+    for a dataset delivered already split, else ``data_root`` itself."""
+    data_root = Path(data_root)
+    return [find_data_root(data_root / s) for s in split_folders(data_root)[0]] or [data_root]
 
 
 def split_layout_note(counts: dict) -> Optional[str]:
@@ -124,11 +157,7 @@ def split_layout_note(counts: dict) -> Optional[str]:
 def candidate_classes(data_root: Path) -> list[str]:
     """Sorted names of the folders that could be classes: the class folders, or in a dataset
     delivered already split, the class folders of its split folders (merged by name)."""
-    data_root = Path(data_root)
-    splits, _unlabeled = split_folders(data_root)
-    if not splits:
-        return class_folders(data_root)
-    return sorted({name for split in splits for name in class_folders(data_root / split)})
+    return sorted({name for parent in _class_parents(data_root) for name in class_folders(parent)})
 
 
 def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
@@ -140,9 +169,8 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     folders: a class's files are those of its folders in every split (petalflow splits again).
     """
     data_root = Path(data_root)
-    parents = [data_root / s for s in split_folders(data_root)[0]] or [data_root]
     files: list[tuple[str, str]] = []
-    for parent in parents:
+    for parent in _class_parents(data_root):
         for label in class_folders(parent):
             for dirpath, dirnames, filenames in os.walk(parent / label):
                 dirnames.sort()

@@ -30,6 +30,7 @@ from prefect.tasks import exponential_backoff
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, read_json, sha256_file, utc_now, write_json,
 )
+from petalflow.tasks.dataset import find_data_root
 from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DownloadError, TransientError, is_transient_status,
 )
@@ -355,26 +356,6 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                         dst.write(block)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error) as exc:
         raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
-
-
-def find_data_root(folder: Path) -> Path:
-    """Descend wrapper folders (``flower_photos/``) to the folder that holds the class folders.
-
-    A folder is a wrapper when it has exactly one class-like subfolder and no other visible entry
-    except plain text files (LICENSE.txt, README); hidden entries and archiver metadata
-    (``__MACOSX/``) do not count.
-    """
-    from petalflow.tasks.dataset import is_class_folder
-
-    folder = Path(folder)
-    while True:
-        visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
-        subdirs = [p for p in visible if is_class_folder(p)]
-        others = [p for p in visible if not p.is_dir() and p.suffix.lower() not in {".txt", ".md"}]
-        if len(subdirs) == 1 and not others:
-            folder = subdirs[0]
-            continue
-        return folder
 
 
 def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 1024**3) -> Path:

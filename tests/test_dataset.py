@@ -182,6 +182,29 @@ def test_a_folder_with_names_that_are_not_utf8_is_refused_naming_them(tmp_path):
         prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
 
 
+@pytest.mark.parametrize("layout", [
+    # Intel's image-classification download: each split wrapped once more, unlabeled seg_pred.
+    {"seg_train/seg_train": 6, "seg_test/seg_test": 3, "seg_pred/seg_pred": None},
+    # Kaggle's cats and dogs: training_set/training_set/<class>, test_set/test_set/<class>.
+    {"training_set/training_set": 6, "test_set/test_set": 3},
+    {"Training": 6, "Testing": 3},
+])
+def test_split_folders_by_other_names_and_wrapped_once_more(tmp_path, layout):
+    root = tmp_path / "d"
+    for i, (folder, per_class) in enumerate(layout.items()):
+        if per_class is None:
+            write_image(root / folder / "unknown.jpg", (200, 40, 40))
+        else:
+            make_dataset(root / folder, per_class=per_class, seed=i)
+    info = prepare_dataset(root, tmp_path / "out", 0.2, 0.2, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    labelled = sorted(f.split("/")[0] for f, n in layout.items() if n is not None)
+    assert info["counts"]["split_folders"] == labelled
+    assert info["counts"]["unlabeled_split_folders"] == sorted(
+        f.split("/")[0] for f, n in layout.items() if n is None)
+    assert info["counts"]["used"] == 3 * sum(n for n in layout.values() if n)
+
+
 def test_folders_named_like_splits_among_others_are_classes(tmp_path):
     """Only a dataset whose every folder is named like a split, a training one among them with
     class folders inside, counts as delivered split: classes "test" and "control" stay classes,
@@ -198,6 +221,10 @@ def test_folders_named_like_splits_among_others_are_classes(tmp_path):
     b = tmp_path / "b"
     make_dataset(b, per_class=4, colours={"train": (200, 40, 40), "test": (40, 40, 200)})
     assert split_folders(b) == ([], [])
+    c = tmp_path / "c"
+    make_dataset(c, per_class=4, colours={"training shoes": (200, 40, 40),
+                                         "test tubes": (40, 40, 200)})
+    assert split_folders(c) == ([], [])
 
 
 def test_folder_without_any_image_is_skipped_but_unreadable_images_are_an_error(tmp_path):
