@@ -209,6 +209,9 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int]:
         with Image.open(path) as im:
             fmt, (width, height) = im.format, im.size
     except UnidentifiedImageError:
+        if path.suffix.lower() in IMAGE_SUFFIXES:  # named as an image: a format PIL cannot read
+            return (f"unsupported image format ({path.suffix} file; supported: "
+                    f"{', '.join(SUPPORTED_FORMATS)})"), 0, 0
         return "not an image file", 0, 0
     except Exception as exc:  # noqa: BLE001 - any header failure means unusable
         return f"unreadable image header: {exc}", 0, 0
@@ -377,7 +380,8 @@ def split_dataset(
             raise DatasetError(
                 f"class {label!r} has {n} distinct usable images; at least {need} are needed to "
                 f"split it into train/val/test (val_fraction={val_fraction}, "
-                f"test_fraction={test_fraction}). Add images or remove the class folder."
+                f"test_fraction={test_fraction}).{_why_unusable(manifest, label)} Add images "
+                "or remove the class folder."
             )
         assignment = {}
         for i, sha in enumerate(groups):
@@ -385,6 +389,17 @@ def split_dataset(
         rows = ok.index[ok["label"] == label]
         manifest.loc[rows, "split"] = ok.loc[rows, "sha256"].map(assignment)
     return manifest
+
+
+def _why_unusable(manifest: pd.DataFrame, label: str) -> str:
+    """" N of its files were quarantined, mostly: <reason>." for a class's quarantined files
+    (the manifest has them all), or "" when none was."""
+    reasons = manifest.loc[(manifest["label"] == label) & (manifest["status"] != "ok"), "reason"]
+    if reasons.empty:
+        return ""
+    top, count = next(iter(reasons.value_counts().items()))
+    return (f" {len(reasons)} of its files were quarantined"
+            + (f", {count} of them: {top}." if count < len(reasons) else f": {top}."))
 
 
 def dataset_fingerprint(manifest: pd.DataFrame) -> str:

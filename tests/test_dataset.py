@@ -125,6 +125,28 @@ def test_class_too_small_to_split_is_named(tmp_path):
         split_dataset(scan_dataset(root), 0.15, 0.15, 0)
 
 
+def test_a_class_of_photos_in_a_format_pil_cannot_read_says_why_it_is_unusable(tmp_path):
+    """iPhone photos (HEIC): each quarantined as an unsupported image format (not "not an image
+    file"), and the class's error says what happened to its files."""
+    root = make_dataset(tmp_path / "d", per_class=5)
+    (root / "iphone").mkdir()
+    for i in range(4):
+        (root / "iphone" / f"IMG_{i}.HEIC").write_bytes(
+            b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(100 + i))
+    (root / "iphone" / "notes.txt").write_text("from my phone")
+    m = scan_dataset(root)
+    assert _status(m, "iphone/IMG_0.HEIC") == (
+        "quarantined", "unsupported image format (.HEIC file; supported: JPEG, PNG, GIF, BMP, "
+                       "WEBP)")
+    assert _status(m, "iphone/notes.txt") == ("quarantined", "not an image file")
+    with pytest.raises(DatasetError) as exc:
+        split_dataset(m, 0.2, 0.2, 0)
+    assert ("class 'iphone' has 0 distinct usable images; at least 3 are needed to split it "
+            "into train/val/test (val_fraction=0.2, test_fraction=0.2). 5 of its files were "
+            "quarantined, 4 of them: unsupported image format (.HEIC file; supported: JPEG, "
+            "PNG, GIF, BMP, WEBP). Add images or remove the class folder.") == str(exc.value)
+
+
 def test_empty_class_folder_is_ignored_and_reported(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4)
     (root / "empty class").mkdir()
