@@ -61,7 +61,8 @@ def classification_tables(
     return metrics, per_class, confusion
 
 
-CELL = 48  # pixels per cell of the confusion matrix image
+CELL = 48  # pixels per cell of the confusion matrix image, up to GRID_PIXELS / CELL classes
+GRID_PIXELS = 2400  # with more classes the cells shrink so the grid stays this wide
 LABEL_CHARS = 40  # longer class names are cut (with "…") in the image; the CSV has them whole
 
 
@@ -96,39 +97,43 @@ def plot_confusion(confusion: pd.DataFrame, path: Path) -> None:
 
     values = confusion.to_numpy()
     n = len(values)
-    font = _font(13)
+    cell = max(4, min(CELL, GRID_PIXELS // max(n, 1)))  # hundreds of classes: a bounded image
+    counts = cell >= 24  # room for the count in each cell
+    font = _font(13 if cell >= 16 else max(6, cell - 2))
     rows = [_label(x) for x in confusion.index]
     cols = [_label(x) for x in confusion.columns]
     text_w = lambda text: int(font.getlength(text)) + 1  # noqa: E731
+    text_h = int(getattr(font, "size", 11)) + 6  # a line of this font, for rotated labels
     left = max(map(text_w, rows), default=0) + 40
     below = max(map(text_w, cols), default=0) + 40
     top = 12
-    img = Image.new("RGB", (left + n * CELL + 12, top + n * CELL + below), "white")
+    img = Image.new("RGB", (left + n * cell + 12, top + n * cell + below), "white")
     draw = ImageDraw.Draw(img)
     light, dark = np.array([247, 251, 255]), np.array([8, 48, 107])
     peak = values.max(initial=0) or 1
     for i in range(n):
         for j in range(n):
             v = int(values[i, j])
-            x, y = left + j * CELL, top + i * CELL
+            x, y = left + j * cell, top + i * cell
             fill = tuple(int(c) for c in light + (dark - light) * (v / peak))
-            draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=fill)
-            draw.text((x + CELL / 2, y + CELL / 2), str(v), font=font, anchor="mm",
-                      fill="white" if v > peak / 2 else "black")
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=fill)
+            if counts:
+                draw.text((x + cell / 2, y + cell / 2), str(v), font=font, anchor="mm",
+                          fill="white" if v > peak / 2 else "black")
     for i, name in enumerate(rows):
-        draw.text((left - 6, top + i * CELL + CELL / 2), name, font=font, anchor="rm",
+        draw.text((left - 6, top + i * cell + cell / 2), name, font=font, anchor="rm",
                   fill="black")
     for j, name in enumerate(cols):
-        label = Image.new("RGB", (text_w(name), 20), "white")
-        ImageDraw.Draw(label).text((0, 10), name, font=font, anchor="lm", fill="black")
+        label = Image.new("RGB", (text_w(name), text_h), "white")
+        ImageDraw.Draw(label).text((0, text_h / 2), name, font=font, anchor="lm", fill="black")
         label = label.rotate(90, expand=True)
-        img.paste(label, (left + j * CELL + (CELL - label.width) // 2, top + n * CELL + 6))
-    draw.text((left + n * CELL / 2, img.height - 6), "predicted", font=font, anchor="md",
+        img.paste(label, (left + j * cell + (cell - label.width) // 2, top + n * cell + 6))
+    draw.text((left + n * cell / 2, img.height - 6), "predicted", font=font, anchor="md",
               fill="black")
-    title = Image.new("RGB", (text_w("true"), 20), "white")
-    ImageDraw.Draw(title).text((0, 10), "true", font=font, anchor="lm", fill="black")
+    title = Image.new("RGB", (text_w("true"), text_h), "white")
+    ImageDraw.Draw(title).text((0, text_h / 2), "true", font=font, anchor="lm", fill="black")
     title = title.rotate(90, expand=True)
-    img.paste(title, (6, top + (n * CELL - title.height) // 2))
+    img.paste(title, (6, top + (n * cell - title.height) // 2))
     img.save(path)
 
 

@@ -101,6 +101,20 @@ def source_tags(source: Optional[dict], with_outcome: bool = True) -> dict:
             if source and source.get(key) and (with_outcome or key != "outcome")}
 
 
+RUN_TAG_CHARS = 8000  # MLflow's longest run tag value (a varchar(8000) in SQL stores)
+
+
+def class_names_tag(classes: list[str]) -> str:
+    """The run's ``petalflow.class_names`` tag: the JSON list, or when that is longer than a run
+    tag may be (hundreds of classes) its count and as many names as fit; the full list is in the
+    model's metadata and its version's ``class_names`` tag."""
+    text = json.dumps(classes, ensure_ascii=False)
+    if len(text) <= RUN_TAG_CHARS:
+        return text
+    head = f"{len(classes)} classes (the full list is in the model's metadata): "
+    return head + text[: RUN_TAG_CHARS - len(head) - 1] + "…"
+
+
 def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
               source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
@@ -112,7 +126,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
         "petalflow.dataset_fingerprint": data_info["fingerprint"],
         "petalflow.data_url": cfg.data_url,
         "petalflow.backbone": cfg.backbone,
-        "petalflow.class_names": json.dumps(data_info["classes"], ensure_ascii=False),
+        "petalflow.class_names": class_names_tag(data_info["classes"]),
         "petalflow.code_version": code_version(),
         "mlflow.source.name": "petalflow train",
     }

@@ -413,3 +413,19 @@ def test_the_code_version_is_asked_of_git_once_per_process(monkeypatch):
         assert calls == [["git", "rev-parse"], ["git", "status"]]
     finally:
         common.code_version.cache_clear()
+
+
+def test_hundreds_of_class_names_fit_the_runs_tag():
+    """A run tag holds at most 8,000 characters (PostgreSQL stores refuse more): the class list
+    is the tag when it fits, else its count and as many names as fit."""
+    import json
+
+    from petalflow.tasks.registry import RUN_TAG_CHARS, class_names_tag
+
+    few = ["daisy", "éclair"]
+    assert json.loads(class_names_tag(few)) == few
+    many = [f"{i:03d}.A_rather_long_species_name_number_{i}" for i in range(400)]
+    tag = class_names_tag(many)
+    assert len(tag) <= RUN_TAG_CHARS < len(json.dumps(many))
+    assert tag.startswith('400 classes (the full list is in the model\'s metadata): ["000.')
+    assert tag.endswith("…")

@@ -811,6 +811,15 @@ def test_confusion_image_is_drawn_without_matplotlib(tmp_path):
     assert sum(cell(0, 0)) < sum(cell(0, 2)) < sum(cell(0, 1))  # 5 darker than 1 than 0
     assert (px[:, : left - 4] < 128).any()  # class names drawn left of the grid
 
+    # Hundreds of classes: smaller cells (no counts), an image of bounded size.
+    from petalflow.tasks.evaluate import GRID_PIXELS, plot_confusion
+
+    many = [f"class {i}" for i in range(400)]
+    plot_confusion(pd.DataFrame(np.eye(400, dtype=int) * 3, index=many, columns=many),
+                   tmp_path / "many.png")
+    big = Image.open(tmp_path / "many.png")
+    assert GRID_PIXELS <= big.width < GRID_PIXELS + 400 and big.height < GRID_PIXELS + 400
+
 
 def test_class_weights_make_every_class_weigh_the_same():
     from petalflow.tasks.train import class_weights
