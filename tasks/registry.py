@@ -620,6 +620,8 @@ def unresolved_model_reason(model_uri: str) -> Optional[str]:
     parsed = parse_models_uri(model_uri)
     if parsed is None:
         return None
+    import pandas as pd
+
     name, alias, version = parsed
     versions = list_model_versions(name)
     if versions.empty:
@@ -630,7 +632,7 @@ def unresolved_model_reason(model_uri: str) -> Optional[str]:
 
     def describe(row) -> str:
         parts = [a for a in row.aliases.split(",") if a]
-        if row.test_accuracy is not None and row.test_accuracy == row.test_accuracy:
+        if pd.notna(row.test_accuracy):  # versions without the tag read as NaN
             parts.append(f"test accuracy {row.test_accuracy:.4f}")
         return f"v{row.version}" + (f" ({', '.join(parts)})" if parts else "")
 
