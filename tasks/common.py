@@ -117,6 +117,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def printable_name(path) -> str:
+    """A file name or path as text any CSV, JSON or MLflow tag can hold: bytes that are not
+    UTF-8 (a name from a Latin-1 system, b"ph\\xe9to.jpg", read as surrogates) escaped
+    ("ph\\xe9to.jpg"); a UTF-8 name unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second (for the records petalflow writes)."""
     import datetime

@@ -22,7 +22,7 @@ import pandas as pd
 from prefect import task
 from typing_extensions import TypedDict  # pydantic (Prefect's parameters) needs it before 3.12
 
-from petalflow.tasks.common import without_autotuning, write_json
+from petalflow.tasks.common import printable_name, without_autotuning, write_json
 from petalflow.tasks.errors import DatasetError
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
@@ -185,12 +185,7 @@ def _refuse_undecodable_names(paths: list[str]) -> None:
     """A folder on disk whose file or folder names are not UTF-8 (archives are decoded when
     extracted: ``download.tar_member_name``) cannot be described in a manifest, JSON or MLflow
     tags: say which, instead of failing later on an encoding error."""
-    bad = []
-    for rel in paths:
-        try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:
-            bad.append(rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+    bad = [shown for rel in paths if (shown := printable_name(rel)) != rel]
     if bad:
         raise DatasetError(
             f"{len(bad)} file(s) have names that are not UTF-8, e.g. {', '.join(bad[:3])}: "

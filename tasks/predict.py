@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from petalflow.tasks.common import printable_name
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
 
@@ -44,13 +45,6 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
             for match in matches:
                 if Path(match).is_file():
                     yield Path(match)
-
-
-def printable_path(path: Path) -> str:
-    """``path`` as the predictions file shows it. A file name that is not UTF-8 (b"ph\\xe9to.jpg"
-    from a Latin-1 system) is still read and classified, and written with its odd bytes
-    escaped ("ph\\xe9to.jpg"): no CSV, JSON or Parquet text can hold them as they are."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 LEGACY_LOADER = "tasks.serving"  # what versions registered before the loader travelled name
@@ -263,7 +257,8 @@ def predict_files(
             frame = frame.reset_index(drop=True)
             if top_k:
                 frame = add_top_k(frame, top_k)
-            frame.insert(0, "path", [printable_path(p) for p in chunk])
+            # A name that is not UTF-8 is still classified; its path is written escaped.
+            frame.insert(0, "path", [printable_name(p) for p in chunk])
             writer.write(frame)
             writer.fh.flush()
             first_written_at = first_written_at or time.time()
