@@ -154,10 +154,12 @@ def split_layout_note(counts: dict) -> Optional[str]:
     return note
 
 
-def candidate_classes(data_root: Path) -> list[str]:
+def candidate_classes(data_root: Path, parents: Optional[list[Path]] = None) -> list[str]:
     """Sorted names of the folders that could be classes: the class folders, or in a dataset
-    delivered already split, the class folders of its split folders (merged by name)."""
-    return sorted({name for parent in _class_parents(data_root) for name in class_folders(parent)})
+    delivered already split, the class folders of its split folders (merged by name).
+    ``parents``: ``_class_parents(data_root)`` when the caller has them already."""
+    parents = _class_parents(data_root) if parents is None else parents
+    return sorted({name for parent in parents for name in class_folders(parent)})
 
 
 def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
@@ -169,8 +171,9 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     folders: a class's files are those of its folders in every split (petalflow splits again).
     """
     data_root = Path(data_root)
+    parents = _class_parents(data_root)
     files: list[tuple[str, str]] = []
-    for parent in _class_parents(data_root):
+    for parent in parents:
         for label in class_folders(parent):
             for dirpath, dirnames, filenames in os.walk(parent / label):
                 dirnames.sort()
@@ -178,7 +181,7 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
                     rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
                     files.append((rel, label))
     _refuse_undecodable_names([rel for rel, _label in files])
-    return candidate_classes(data_root), files
+    return candidate_classes(data_root, parents), files
 
 
 def _refuse_undecodable_names(paths: list[str]) -> None:
