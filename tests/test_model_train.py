@@ -679,14 +679,32 @@ def test_a_backbone_tflite_cannot_convert_gets_its_features_from_tensorflow(
             out = tf.numpy_function(lambda x: np.maximum(x, 0.0), [features], tf.float32)
             return tf.reshape(out, tf.shape(features))
 
-    backbone = PyFuncBackbone()
     images = _decoded_images(data_info, 6)
-    extract = FeatureExtractor(backbone, 32)
+    extract = FeatureExtractor(PyFuncBackbone(), 32, release_when_frozen=released)
     with caplog.at_level(logging.WARNING):
         got = extract(images)
     assert extract.kind == "tensorflow"
+    assert (extract._backbone is None) == released  # noqa: SLF001
     assert "does not convert to TensorFlow Lite" in caplog.text
     np.testing.assert_allclose(got, hub_layer(tf.constant(images)).numpy(), atol=1e-6)
+
+
+def test_the_frozen_backbone_keeps_no_pass_through_operations(tiny_backbone, data_info):
+    """Freezing a TF Hub backbone leaves chains of Identity and NoOp operations behind (the
+    variable reads'); the frozen function every export and conversion builds on has none
+    but its outputs', and computes what the backbone computes."""
+    import tensorflow as tf
+
+    from petalflow.tasks.model import frozen_backbone, load_backbone
+
+    backbone = load_backbone(str(tiny_backbone))
+    frozen = frozen_backbone(backbone, 32)
+    ops = [op.type for op in frozen.graph.get_operations()]
+    assert "NoOp" not in ops and ops.count("Identity") == len(frozen.outputs) == 1
+    assert frozen.inputs[0].shape.as_list() == [None, 32, 32, 3]
+    images = tf.constant(_decoded_images(data_info, 3))
+    np.testing.assert_allclose(frozen(images)[0].numpy(),
+                               backbone(images, training=False).numpy(), atol=1e-5)
 
 
 def test_feature_width_comes_from_what_the_backbone_declares(tiny_backbone, monkeypatch):
