@@ -407,15 +407,17 @@ def _train(
     # Features depend only on data, split and backbone: shared (written atomically, locked).
     reused = []  # the cached feature files this training read instead of computing
     # On the CPU through TensorFlow Lite (converted on first use: not at all when cached).
-    extract = FeatureExtractor(backbone, cfg.image_size, tflite=device == "CPU")
+    # Without fine-tuning the backbone never changes: the extractor holds the only reference
+    # and lets go of it once frozen (before the conversion: its peak).
+    extract = FeatureExtractor(backbone, cfg.image_size, tflite=device == "CPU",
+                               release_when_frozen=not cfg.fine_tune_layers)
+    if not cfg.fine_tune_layers:
+        backbone = None
     val_x, val_y, hit = cached_features(extract, val_paths, val_y, cfg,
                                         features_dir / "val.npz")
     reused += ["val"] if hit else []
     lap("val_features")
     train_features = None  # the train split's cached features, when training used them
-    # The backbone as the TFLite feature engine froze it, while still the one to export: not
-    # after fine-tuning (which changes it), not when every feature came from the cache.
-    frozen_features = None
     history: dict[str, list] = {}
 
     def record(h):
@@ -443,15 +445,12 @@ def _train(
         fit_x = train_x if len(views) == 1 else np.concatenate(views)
         fit_y = np.tile(train_y, len(views))
         lap("train_features")
-        frozen_features = None if cfg.fine_tune_layers else extract.frozen
-        if frozen_features is not None:
-            # Every feature is computed and the export reuses the engine's frozen backbone:
-            # the loaded backbone (its restored functions: ~120 MiB for MobileNetV2 0.35) is
-            # freed before the epochs, where with many images the step's peak can be (the
-            # features held for fitting, and Keras's copy of them), not only before the export.
-            extract.release_backbone()
-            backbone = None
-            release_memory()
+        if not cfg.fine_tune_layers:
+            # Every feature is computed; the export reuses the backbone the engine froze (frozen
+            # now when every feature came from the cache), and the loaded backbone is freed
+            # before the epochs, where with many images the step's peak can be (the features
+            # held for fitting, and Keras's copy of them), not only before the export.
+            extract.frozen_backbone()
         head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
         record(head.fit(fit_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
                         initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0,
@@ -480,8 +479,10 @@ def _train(
     export_dir = workdir / "export"
     staging = workdir / "export.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    # The export's and the edge models' network (``frozen_features``: frozen once only).
-    network = frozen_network(backbone, head, cfg.image_size, features_fn=frozen_features)
+    # The export's and the edge models' network: the backbone as the feature extractor froze
+    # it (frozen once only), unless fine-tuning changed it.
+    network = frozen_network(backbone, head, cfg.image_size,
+                             features_fn=None if cfg.fine_tune_layers else extract.frozen_backbone())
     # From here on the frozen network is the model: the loaded backbone (its restored
     # functions: ~120 MiB for MobileNetV2 0.35), the feature engine and the Keras models (the
     # head links to the backbone once fine-tuning built a model of both; the checkpoint holds

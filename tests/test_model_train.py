@@ -102,6 +102,7 @@ def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_i
     import gc
     import weakref
 
+    import petalflow.tasks.edge as edge
     import petalflow.tasks.model as model
 
     loaded, alive_at_export = [], []
@@ -117,17 +118,27 @@ def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_i
         alive_at_export.append([ref() is not None for ref in loaded])
         return real_export(*args, **kwargs)
 
-    alive_at_epoch = []
+    alive_at_epoch, alive_at_conversion = [], []
 
     def epoch_end(epoch, total, metrics):
         gc.collect()
         alive_at_epoch.append([ref() is not None for ref in loaded])
 
+    real_converter = edge.tflite_converter
+
+    def converter(*args, **kwargs):
+        gc.collect()
+        alive_at_conversion.append([ref() is not None for ref in loaded])
+        return real_converter(*args, **kwargs)
+
     monkeypatch.setattr(model, "load_backbone", load)
     monkeypatch.setattr(model, "export_serving_model", export)
+    monkeypatch.setattr(edge, "tflite_converter", converter)
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
                          tmp_path / "w", on_epoch_end=epoch_end,
                          features_dir=tmp_path / "features")
+    # Let go of once frozen: before the conversion, the features pass's peak.
+    assert alive_at_conversion == [[False]]
     assert alive_at_epoch == [[False]]
     assert alive_at_export == [[False]]
     assert record["features"]["engine"] == "tflite"
@@ -660,10 +671,13 @@ def test_cpu_training_computes_features_through_tflite_as_tensorflow_would(
     assert cached["features"]["engine"] is None  # all from the cache: nothing converted
 
 
+@pytest.mark.parametrize("released", [False, True])
 def test_a_backbone_tflite_cannot_convert_gets_its_features_from_tensorflow(
-        tmp_path, tiny_backbone, data_info, caplog):
+        tmp_path, tiny_backbone, data_info, caplog, released):
     """A backbone with an operation TFLite has no kernel for (here a Python function) still
-    trains: its features come from TensorFlow, and the log says why."""
+    trains: its features come from TensorFlow, and the log says why; a backbone the
+    extractor let go of once frozen (a training without fine-tuning) runs as its frozen
+    function."""
     import logging
 
     import tensorflow as tf
