@@ -181,6 +181,7 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
     for image, label in zip(images, np.asarray(test_y)):
         for fmt, run in accuracy_runners.items():
             correct[fmt] += int(np.argmax(run(image)) == label)
+    accuracy_runners = images = None  # their interpreters, freed before the timed ones load
     runners = {fmt: tflite_classifier(edge_dir / model_file(fmt)) for fmt in converted}
     timed = list(test_paths[:LATENCY_IMAGES])
     results = {fmt: result for fmt, result in description["models"].items()

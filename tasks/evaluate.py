@@ -21,10 +21,10 @@ from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
 
 # Test images per call of the SavedModel. Its memory grows with the rows of a call (serving.py,
-# CALL_ROWS): at 16 the evaluation stays below the training step's peak instead of setting the
-# train command's (~115 MiB less than at 32 for MobileNetV2 0.35; ~7 % fewer images/s;
-# BENCHMARKS.md, target 1).
-EVAL_BATCH = 16
+# CALL_ROWS): at 8 the evaluation stays below the freeze's peak instead of setting the train
+# command's (MobileNetV2 0.35, first call over the loaded model: +127 MiB at 8, +188 at 16,
+# ~115 more at 32; the evaluation phase no slower; BENCHMARKS.md, target 1).
+EVAL_BATCH = 8
 
 
 def classification_tables(
