@@ -33,9 +33,10 @@ IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturatio
 ERROR_UNDECODABLE = "undecodable image"
 # Rows per call of the SavedModel: its memory grows with the rows it runs at once (MobileNetV2
 # 0.35 at 224 px: +145 MiB over the loaded model at 8 rows, +343 at 32, +573-587 at 64, about
-# 4.8 MB more per row), so a request of any size runs 32 at a time (253 images/s here, 265 at
-# 64; BENCHMARKS.md, prediction memory).
-CALL_ROWS = 32
+# 4.8 MB more per row), so a request of any size runs 16 at a time: `petalflow predict` on
+# 1,500 photos peaks at 1,196 MiB instead of 1,333-1,343 at 32, with 5 % fewer images/s
+# (BENCHMARKS.md, target 1). Each registered model keeps the value it shipped with.
+CALL_ROWS = 16
 PROB_PREFIX = "prob_"
 
 
