@@ -25,6 +25,10 @@ from petalflow.tasks.registry import MLFLOW_RETRY
 # command's (MobileNetV2 0.35, first call over the loaded model: +127 MiB at 8, +188 at 16,
 # ~115 more at 32; the evaluation phase no slower; BENCHMARKS.md, target 1).
 EVAL_BATCH = 8
+# Markdown shows the whole confusion matrix up to this many classes, else its most frequent
+# confusions (``confusion_markdown``).
+MARKDOWN_MATRIX_CLASSES = 20
+TOP_CONFUSIONS = 20
 
 
 def classification_tables(
@@ -151,9 +155,31 @@ def markdown_report(metrics: dict, per_class: pd.DataFrame, confusion: pd.DataFr
         "",
         "## Confusion matrix (rows: true, columns: predicted)",
         "",
-        markdown_table(confusion.reset_index().rename(columns={"true": "true \\ predicted"})),
+        *confusion_markdown(confusion),
     ]
     return "\n".join(lines)
+
+
+def confusion_markdown(confusion: pd.DataFrame) -> list[str]:
+    """Markdown lines for the confusion matrix ``confusion`` (rows: true classes, columns:
+    predicted, in the same order): the whole table up to ``MARKDOWN_MATRIX_CLASSES`` classes;
+    beyond, the ``TOP_CONFUSIONS`` most frequent confusions (a matrix of 400 classes is 160,000
+    cells, ~0.7 MB of markdown in the report, its Prefect artifact and the model card;
+    confusion.csv and confusion.png keep all of it)."""
+    n = len(confusion)
+    if n <= MARKDOWN_MATRIX_CLASSES:
+        return [markdown_table(confusion.rename_axis("true \\ predicted").reset_index())]
+    counts = confusion.to_numpy()
+    np.fill_diagonal(counts := counts.copy(), 0)
+    order = np.argsort(-counts, axis=None, kind="stable")[:TOP_CONFUSIONS]
+    rows = [(confusion.index[i], confusion.columns[j], int(counts[i, j]))
+            for i, j in zip(*np.unravel_index(order, counts.shape)) if counts[i, j] > 0]
+    intro = (f"{n} classes: the whole matrix is in confusion.csv and confusion.png; "
+             f"here, the {len(rows)} most frequent confusions.")
+    if not rows:
+        return [f"{n} classes: no test image was classified as another class."]
+    table = pd.DataFrame(rows, columns=["true", "predicted as", "images"])
+    return [intro, "", markdown_table(table)]
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

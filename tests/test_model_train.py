@@ -812,6 +812,32 @@ def test_feature_drift_does_not_depend_on_how_few_images_the_reference_has():
     assert abs(median[30] - median[500]) < 0.15 * median[500], median
 
 
+def test_the_evaluation_report_lists_the_top_confusions_of_many_classes():
+    """The evaluation's markdown (report.md, its Prefect artifact) carries the whole confusion
+    matrix up to 20 classes; beyond, the most frequent confusions, largest first (a 400-class
+    matrix was ~0.7 MB of markdown)."""
+    from petalflow.tasks.evaluate import classification_tables, markdown_report
+
+    def report(n: int, y_true, y_pred) -> str:
+        names = [f"c{i:02d}" for i in range(n)]
+        metrics, per_class, confusion = classification_tables(np.array(y_true),
+                                                              np.array(y_pred), names)
+        return markdown_report(metrics, per_class, confusion)
+
+    few = report(3, [0, 1, 2, 2], [0, 1, 2, 0])
+    assert "| true \\ predicted | c00 | c01 | c02 |\n|---|---|---|---|\n| c00 | 1 | 0 | 0 |" in few
+    n = 25
+    y_true = list(range(n)) * 2 + [3, 3, 3, 7]
+    y_pred = list(range(n)) * 2 + [4, 4, 4, 1]
+    many = report(n, y_true, y_pred)
+    assert ("25 classes: the whole matrix is in confusion.csv and confusion.png; here, the 2 "
+            "most frequent confusions.\n\n| true | predicted as | images |\n|---|---|---|\n"
+            "| c03 | c04 | 3 |\n| c07 | c01 | 1 |") in many
+    assert "true \\ predicted" not in many
+    assert "no test image was classified as another class" in report(
+        n, list(range(n)), list(range(n)))
+
+
 def test_confusion_image_is_drawn_without_matplotlib(tmp_path):
     """The evaluation's confusion matrix PNG: a cell per (true, predicted) pair, white for 0 to
     dark blue for the largest count, class names beside it; drawn without importing matplotlib
