@@ -297,13 +297,22 @@ def log_timings(run_id: str, timings: dict) -> None:
     client.log_text(run_id, json.dumps(timings, indent=2), "timings.json")
 
 
-def log_model_card(summary: dict, card: str) -> None:
-    """The model card beside the version's run (model_card.md) and as the version's
-    description in the registry."""
+# Characters of a model version's description that MLflow's SQL stores keep: the column is
+# varchar(5000), which PostgreSQL enforces (a longer description fails the update).
+DESCRIPTION_LIMIT = 5000
+
+
+def log_model_card(summary: dict, card: str, description: str) -> None:
+    """The model card beside the version's run (model_card.md), and ``description`` (the
+    card, shortened to ``DESCRIPTION_LIMIT`` when longer) as the version's description in the
+    registry."""
+    if len(description) > DESCRIPTION_LIMIT:
+        raise ValueError(f"a model version's description holds at most {DESCRIPTION_LIMIT} "
+                         f"characters, not {len(description)}")
     client = mlflow_client()
     client.log_text(summary["mlflow_run_id"], card, "model_card.md")
     client.update_model_version(summary["model_name"], summary["model_version"],
-                                description=card)
+                                description=description)
 
 
 def finish_run(run_id: str, status: str = "FINISHED") -> None:

@@ -158,12 +158,51 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         lines += [_table(pd.read_csv(per_class).round(4)), ""]
     confusion = evaluation / "confusion.csv"
     if confusion.exists():
-        frame = pd.read_csv(confusion)
-        frame = frame.rename(columns={frame.columns[0]: "true \\ predicted"})
+        from petalflow.tasks.evaluate import confusion_markdown
+
+        frame = pd.read_csv(confusion, index_col=0, dtype=str, keep_default_na=False)
         lines += ["## Confusion matrix", "", f"![confusion matrix]({image_url})", "",
-                  _table(frame), ""]
+                  *confusion_markdown(frame.astype(int)), ""]
     lines += _edge_lines(summary)
     return "\n".join(lines)
+
+
+def shortened_card(card: str, limit: int) -> str:
+    """``card`` itself when it has at most ``limit`` characters; else its opening (title,
+    decision, links) and its ``## `` sections in order, each whole if it fits, else its lead
+    (the lines before its first table or subsection) if that fits, closed by a line naming
+    what was left out and where the whole card is (the run's ``model_card.md``)."""
+    if len(card) <= limit:
+        return card
+    head, *rest = card.split("\n## ")
+    sections = ["## " + s for s in rest]
+    titles = [s.splitlines()[0][3:].strip() for s in sections]
+
+    def note(left_out: list[str]) -> str:
+        return (f"\n\n*Left out here (the registry keeps {limit:,} characters of a "
+                f"description): {'; '.join(left_out) or 'the rest'}. The whole card is the "
+                "version's run artifact `model_card.md`.*")
+
+    worst = note([f"{t} (its tables)" for t in titles])
+    if len(head) + len(worst) > limit:  # not even the opening fits: cut it
+        return head[:max(0, limit - len(worst))] + note(titles)
+    kept, left_out = [head], []
+    budget = limit - len(head) - len(worst)
+    for title, section in zip(titles, sections):
+        lines = section.splitlines()
+        cut = next((i for i, line in enumerate(lines)
+                    if i and (line.startswith("|") or line.startswith("#"))), len(lines))
+        lead = "\n".join(lines[:cut]).rstrip() + "\n"
+        for part, missing in ((section, None), (lead, f"{title} (its tables)"),
+                              ("", title)):
+            if len(part) + 1 <= budget:
+                break
+        if part:
+            kept.append(part)
+            budget -= len(part) + 1
+        if missing:
+            left_out.append(missing)
+    return "\n".join(kept).rstrip() + note(left_out)
 
 
 def _edge_lines(summary: dict) -> list[str]:
@@ -247,14 +286,15 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     (Prefect artifact) for the run the user started. Returns the links it used."""
     from prefect.artifacts import create_markdown_artifact
 
-    from petalflow.tasks.registry import log_model_card
+    from petalflow.tasks.registry import DESCRIPTION_LIMIT, log_model_card
 
     name = summary["model_name"]
     links = run_links(summary)
     if summary["status"] == "trained" and evaluation_dir:
         # In MLflow the card sits beside evaluation/ (a relative link); elsewhere the image is
         # linked where it can be fetched: the tracking server, else the file on disk.
-        log_model_card(summary, model_card(summary, evaluation_dir, links))
+        card = model_card(summary, evaluation_dir, links)
+        log_model_card(summary, card, shortened_card(card, DESCRIPTION_LIMIT))
         image = links.get("Confusion matrix") or (
             Path(evaluation_dir, "confusion.png").resolve().as_uri())
         create_markdown_artifact(markdown=model_card(summary, evaluation_dir, links, image),

@@ -247,3 +247,35 @@ def prefect_request(stack, method: str, path: str, attempts: int = 6, **kw):
             delay = min(2.0 ** attempt, 10.0)
         time.sleep(delay)
     return resp
+
+
+def many_colours(n: int) -> dict:
+    """``n`` classes named like a user's ("class 00 of the collection", ...), a colour each."""
+    return {f"class {i:02d} of the collection": (5 * i % 256, 40, 255 - 3 * i % 256)
+            for i in range(n)}
+
+
+def many_class_card(tmp: Path, n: int) -> tuple[dict, Path]:
+    """(summary, evaluation folder) for the model card of a dataset of ``n`` classes named
+    like a user's ("class 00 of the collection", ...), 3 photos each, evaluated with a few
+    confusions: what ``report.model_card`` reads."""
+    from petalflow.tasks.dataset import dataset_summary, prepare_dataset
+    from petalflow.tasks.evaluate import classification_tables
+
+    info = prepare_dataset(make_dataset(tmp / "data", per_class=3, colours=many_colours(n)),
+                           tmp / "prepared", 0.2, 0.2, 0)
+    classes = info["classes"]
+    y_true = np.repeat(np.arange(n), 2)
+    y_pred = y_true.copy()
+    y_pred[::7] = (y_pred[::7] + 1) % n  # every seventh image taken for the next class
+    _, per_class, confusion = classification_tables(y_true, y_pred, classes)
+    evaluation = tmp / "evaluation"
+    evaluation.mkdir()
+    per_class.to_csv(evaluation / "per_class.csv", index=False)
+    confusion.to_csv(evaluation / "confusion.csv")
+    summary = {
+        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
+        "dataset": dataset_summary(info), "manifest": info["manifest"], "comparison": {},
+        "test_metrics": {"test_accuracy": 0.857, "test_images": 2 * n, "test_macro_f1": 0.85},
+    }
+    return summary, evaluation

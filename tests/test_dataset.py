@@ -192,6 +192,42 @@ def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tm
             "images) and is not used.") in report
 
 
+def test_a_model_card_of_many_classes_fits_the_registry_and_lists_the_top_confusions(tmp_path):
+    """With 60 classes the card shows the most frequent confusions, not a 60 x 60 matrix, and
+    the registry's description (5,000 characters in MLflow's SQL stores: PostgreSQL refuses
+    more) is the card's opening and the sections that fit, naming the ones left out; a
+    5-class card keeps its whole matrix and is its own description."""
+    from petalflow.tasks.registry import DESCRIPTION_LIMIT
+    from petalflow.tasks.report import model_card, shortened_card
+    from tests.helpers import many_class_card
+
+    summary, evaluation = many_class_card(tmp_path / "many", 60)
+    card = model_card(summary, str(evaluation))
+    assert ("60 classes: the whole matrix is in confusion.csv and confusion.png; here, the 18 "
+            "most frequent confusions.") in card
+    assert "| class 00 of the collection | class 01 of the collection | 1 |" in card
+    assert "true \\ predicted" not in card
+    assert len(card) > DESCRIPTION_LIMIT
+    description = shortened_card(card, DESCRIPTION_LIMIT)
+    assert len(description) <= DESCRIPTION_LIMIT
+    assert description.startswith("# Model card: m version 1\n\n**champion** — first")
+    # Every section keeps at least its lead: the test accuracy's line survives its table.
+    assert [line for line in description.splitlines() if line.startswith("## ")] == \
+        [line for line in card.splitlines() if line.startswith("## ")]
+    assert "Accuracy **0.8570** on 120 held-out images; macro F1 0.8500." in description
+    assert "| class | precision | recall | f1 | support |" in card  # the per-class table
+    assert "| class | precision | recall | f1 | support |" not in description
+    assert description.endswith(
+        "*Left out here (the registry keeps 5,000 characters of a description): Test metrics "
+        "(its tables); Confusion matrix (its tables). The whole card is the version's run "
+        "artifact `model_card.md`.*")
+
+    summary, evaluation = many_class_card(tmp_path / "few", 5)
+    card = model_card(summary, str(evaluation))
+    assert "| true \\ predicted | class 00 of the collection |" in card
+    assert shortened_card(card, DESCRIPTION_LIMIT) == card
+
+
 def test_a_folder_with_names_that_are_not_utf8_is_refused_naming_them(tmp_path):
     import os
 

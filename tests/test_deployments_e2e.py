@@ -16,7 +16,8 @@ import pytest
 
 from petalflow.stack import Stack, create_zombie_automation, deploy, down, \
     start_database, start_mlflow_server, start_prefect_server, start_workers
-from tests.helpers import free_port, make_dataset, make_tgz, prefect_request, serve_directory
+from tests.helpers import free_port, make_dataset, make_tgz, many_colours, prefect_request, \
+    serve_directory
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
@@ -549,6 +550,41 @@ def test_a_sweep_spreads_over_two_gpu_workers_and_registers_the_best(
     ranking = json.loads(Path(client.download_artifacts(
         parent.info.run_id, "sweep/ranking.json", str(tmp_path))).read_text())
     assert ranking[0]["candidate"] == winner and len(ranking) == 3
+
+
+def test_a_dataset_of_many_classes_registers_its_model_card_on_postgresql(stack, tmp_path,
+                                                                         tiny_backbone):
+    """MLflow's registry on PostgreSQL keeps 5,000 characters of a version's description
+    (varchar(5000)) and refuses more; the model card of a 40-class dataset is longer, and the
+    run failed after registering its version. Now the run completes: the version's
+    description is the card shortened to fit, its run keeps the whole card."""
+    import mlflow
+
+    from petalflow.tasks.registry import DESCRIPTION_LIMIT
+
+    name = "petalflow-many-classes"
+    src = make_dataset(tmp_path / "src", per_class=5, colours=many_colours(40))
+    served = tmp_path / "served"
+    archive = make_tgz(src, served / "photos.tgz")
+    train = _deployment(stack, "train-and-register", "train")
+    with serve_directory(served) as url:
+        params = _tiny_params(f"{url}/photos.tgz", archive, tiny_backbone, model_name=name,
+                              min_accuracy=0.0, epochs=2)
+        run = _wait_final(stack, _started(_run_button(stack, train["id"], params)))
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    client = _mlflow(stack)
+    version = client.get_model_version_by_alias(name, "champion")
+    card = Path(client.download_artifacts(version.run_id, "model_card.md", str(tmp_path))
+                ).read_text()
+    assert len(card) > DESCRIPTION_LIMIT and "40 classes: the whole matrix" in card
+    description = version.description
+    assert len(description) <= DESCRIPTION_LIMIT
+    assert description.startswith(f"# Model card: {name} version {version.version}")
+    assert "held-out images; macro F1" in description
+    assert "The whole card is the version's run artifact `model_card.md`.*" in description
+    # What the run could not do before: the whole card is refused as a description.
+    with pytest.raises(mlflow.exceptions.MlflowException, match="value too long"):
+        client.update_model_version(name, version.version, description=card)
 
 
 def test_both_servers_keep_their_data_in_postgresql(stack):
