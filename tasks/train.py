@@ -448,8 +448,9 @@ def _train(
         if not cfg.fine_tune_layers:
             # Every feature is computed; the export reuses the backbone the engine froze (frozen
             # now when every feature came from the cache), and the loaded backbone is freed
-            # before the epochs, where with many images the step's peak can be (the features
-            # held for fitting, and Keras's copy of them), not only before the export.
+            # (unless the TensorFlow engine runs on it) before the epochs, where with many
+            # images the step's peak can be (the features held for fitting, and Keras's copy
+            # of them), not only before the export.
             extract.frozen_backbone()
         head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
         record(head.fit(fit_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
@@ -481,8 +482,8 @@ def _train(
     shutil.rmtree(staging, ignore_errors=True)
     # The export's and the edge models' network: the backbone as the feature extractor froze
     # it (frozen once only), unless fine-tuning changed it.
-    network = frozen_network(backbone, head, cfg.image_size,
-                             features_fn=None if cfg.fine_tune_layers else extract.frozen_backbone())
+    frozen_features = None if cfg.fine_tune_layers else extract.frozen_backbone()
+    network = frozen_network(backbone, head, cfg.image_size, features_fn=frozen_features)
     # From here on the frozen network is the model: the loaded backbone (its restored
     # functions: ~120 MiB for MobileNetV2 0.35), the feature engine and the Keras models (the
     # head links to the backbone once fine-tuning built a model of both; the checkpoint holds
