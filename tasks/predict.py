@@ -26,15 +26,16 @@ BatchHook = Callable[[int, int], None]  # (rows written so far, files in the job
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
-    """Files named, image files under folders (recursively, sorted, hidden ones skipped) and
-    glob matches; raises FileNotFoundError for an item that matches nothing."""
+    """Files named, image files under folders (recursively, sorted, hidden ones skipped;
+    links to missing files included, reported as unreadable like the scan quarantines them)
+    and glob matches; raises FileNotFoundError for an item that matches nothing."""
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
             for sub in sorted(path.rglob("*")):
-                if sub.is_file() and sub.suffix.lower() in IMAGE_SUFFIXES and not any(
-                    part.startswith(".") for part in sub.relative_to(path).parts
-                ):
+                if (sub.is_file() or sub.is_symlink() and not sub.exists()) and \
+                        sub.suffix.lower() in IMAGE_SUFFIXES and not any(
+                            part.startswith(".") for part in sub.relative_to(path).parts):
                     yield sub
         elif path.is_file():
             yield path
@@ -151,6 +152,16 @@ def _read(path: Path) -> bytes:
         return b""  # unreadable file: the model reports it as an error row
 
 
+def unreadable(path: Path) -> str:
+    """Why ``path`` cannot be read ("unreadable file: ...", as the scan quarantines such a
+    file), or "" when it can be opened."""
+    try:
+        with open(path, "rb"):
+            return ""
+    except OSError as exc:
+        return f"unreadable file: {exc.strerror or exc}"
+
+
 def classifier_with_features(model):
     """The loaded model's own classifier when its classification pass also gives each image's
     backbone features (``predict_with_features``: versions exported since it was added), so a
@@ -255,6 +266,11 @@ def predict_files(
                 frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in chunk]}))
                 features = None
             frame = frame.reset_index(drop=True)
+            failed = frame["error"] != ""
+            # A file that could not be read says so, not "undecodable image".
+            frame.loc[failed, "error"] = [unreadable(p) or frame.at[i, "error"]
+                                          for i, p in zip(np.flatnonzero(failed),
+                                                          np.asarray(chunk, object)[failed])]
             if top_k:
                 frame = add_top_k(frame, top_k)
             # A name that is not UTF-8 is still classified; its path is written escaped.

@@ -935,3 +935,27 @@ def test_a_file_name_that_is_not_utf8_is_classified_and_written_escaped(
     got = pd.read_csv(tmp_path / "out.csv")
     assert got["path"].tolist() == [f"{folder}/ph\\xe9to.jpg", f"{folder}/plain.jpg"]
     assert got["label"].nunique() == 1 and got["probability"].nunique() == 1
+
+
+def test_a_link_to_a_missing_photo_is_a_row_saying_it_cannot_be_read(
+        trained, data_info, tmp_path, monkeypatch):
+    """A folder managed by git-annex or DVC holds links whose content was never fetched: the
+    job lists them with "unreadable file: ..." (as the scan quarantines such a file) instead
+    of leaving them out unmentioned; an empty .jpg stays an undecodable image."""
+    from petalflow.tasks import predict
+    from petalflow.tasks.dataset import split_files
+
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(Path(split_files(data_info, "test")[0][0]).read_bytes())
+    (folder / "b.jpg").symlink_to(tmp_path / "annex" / "never-fetched.jpg")
+    (folder / "c.jpg").write_bytes(b"")
+    files = list(predict.iter_inputs([str(folder)]))
+    result = predict.predict_files("m", files, tmp_path / "out.csv", batch_size=16)
+    assert (result["images"], result["errors"]) == (3, 2)
+    got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert got["path"].tolist() == [f"{folder}/{n}.jpg" for n in "abc"]
+    assert got["error"].tolist() == ["", "unreadable file: No such file or directory",
+                                     "undecodable image"]
