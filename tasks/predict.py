@@ -29,22 +29,25 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
     """Files named, image files under folders (recursively, sorted, hidden ones skipped;
     links to missing files included, reported as unreadable like the scan quarantines them)
     and glob matches; raises FileNotFoundError for an item that matches nothing."""
+    def listed(p: Path) -> bool:  # a file, or a link to a missing one (a row saying so)
+        return p.is_file() or (p.is_symlink() and not p.exists())
+
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
             for sub in sorted(path.rglob("*")):
-                if (sub.is_file() or sub.is_symlink() and not sub.exists()) and \
-                        sub.suffix.lower() in IMAGE_SUFFIXES and not any(
-                            part.startswith(".") for part in sub.relative_to(path).parts):
+                if listed(sub) and sub.suffix.lower() in IMAGE_SUFFIXES and not any(
+                    part.startswith(".") for part in sub.relative_to(path).parts
+                ):
                     yield sub
-        elif path.is_file():
+        elif listed(path):
             yield path
         else:
             matches = sorted(glob.glob(str(path), recursive=True))
             if not matches:
                 raise FileNotFoundError(f"{item!r} is not a file, folder or matching pattern")
             for match in matches:
-                if Path(match).is_file():
+                if listed(Path(match)):
                     yield Path(match)
 
 

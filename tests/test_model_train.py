@@ -953,6 +953,9 @@ def test_a_link_to_a_missing_photo_is_a_row_saying_it_cannot_be_read(
     (folder / "b.jpg").symlink_to(tmp_path / "annex" / "never-fetched.jpg")
     (folder / "c.jpg").write_bytes(b"")
     files = list(predict.iter_inputs([str(folder)]))
+    # Named, or matched by a pattern, the link is listed too.
+    assert list(predict.iter_inputs([str(folder / "b.jpg")])) == [folder / "b.jpg"]
+    assert list(predict.iter_inputs([str(folder / "b*")])) == [folder / "b.jpg"]
     result = predict.predict_files("m", files, tmp_path / "out.csv", batch_size=16)
     assert (result["images"], result["errors"]) == (3, 2)
     got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
