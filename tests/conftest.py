@@ -15,6 +15,17 @@ import pytest  # noqa: E402
 from tests.helpers import export_tiny_backbone  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_logging_set_up_for_the_session():
+    """Prefect's console log handler keeps the stream ``sys.stderr`` was when its logging was
+    first set up. Set up inside a test that captures output (``capsys``), it wrote to that
+    test's closed stream ever after: every later log line failed and the next command in the
+    process died of a RecursionError (seen when only ``-k predict`` of test_cli.py ran)."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     return export_tiny_backbone(tmp_path_factory.mktemp("hub") / "tiny_backbone")
