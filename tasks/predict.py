@@ -139,30 +139,26 @@ def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:
     return frame
 
 
-def _encode(path: Path) -> str:
-    from petalflow.tasks.serving import encode_files
+def read_files(paths: Sequence[Path]) -> tuple[list[bytes], list[str]]:
+    """Each file's bytes, and why each file that cannot be read could not ("unreadable file:
+    ...", as the scan quarantines such a file; "" for the others). An unreadable file's bytes
+    are empty: the model reports it as an error row, and the row then says why."""
+    data, unread = [], []
+    for path in paths:
+        try:
+            data.append(Path(path).read_bytes())
+            unread.append("")
+        except OSError as exc:
+            data.append(b"")
+            unread.append(f"unreadable file: {exc.strerror or exc}")
+    return data, unread
 
-    try:
-        return encode_files([path])[0]
-    except OSError:
-        return ""  # unreadable file: the model reports it as an error row
 
+def _base64(data: Sequence[bytes]) -> list[str]:
+    """Files' bytes in the registered model's input format (``serving.encode_files``)."""
+    import base64
 
-def _read(path: Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError:
-        return b""  # unreadable file: the model reports it as an error row
-
-
-def unreadable(path: Path) -> str:
-    """Why ``path`` cannot be read ("unreadable file: ...", as the scan quarantines such a
-    file), or "" when it can be opened."""
-    try:
-        with open(path, "rb"):
-            return ""
-    except OSError as exc:
-        return f"unreadable file: {exc.strerror or exc}"
+    return [base64.b64encode(item).decode("ascii") for item in data]
 
 
 def classifier_with_features(model):
@@ -263,17 +259,15 @@ def predict_files(
     try:
         for start, stop in batch_bounds(len(files), batch_size):
             chunk = files[start:stop]
+            data, unread = read_files(chunk)
             if fused is not None:
-                frame, features = fused.predict_with_features([_read(p) for p in chunk])
+                frame, features = fused.predict_with_features(data)
             else:
-                frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in chunk]}))
+                frame = model.predict(pd.DataFrame({"image": _base64(data)}))
                 features = None
             frame = frame.reset_index(drop=True)
-            failed = frame["error"] != ""
             # A file that could not be read says so, not "undecodable image".
-            frame.loc[failed, "error"] = [unreadable(p) or frame.at[i, "error"]
-                                          for i, p in zip(np.flatnonzero(failed),
-                                                          np.asarray(chunk, object)[failed])]
+            frame.loc[np.array([bool(u) for u in unread]), "error"] = [u for u in unread if u]
             if top_k:
                 frame = add_top_k(frame, top_k)
             # A name that is not UTF-8 is still classified; its path is written escaped.
@@ -318,7 +312,7 @@ def drift_of_sample(classifier, sample: Sequence[tuple[Path, np.ndarray]]) -> di
         return {"available": False, "reason": "no classified image"}
     try:
         measured = classifier.drift_of_features(np.stack([f for _, f in sample]),
-                                                [_read(path) for path, _ in sample])
+                                                read_files([path for path, _ in sample])[0])
     except Exception as exc:  # noqa: BLE001 - e.g. a version without a drift reference
         return {"available": False, "reason": str(exc).splitlines()[0][:300]}
     return {"available": True, **measured}
@@ -331,7 +325,7 @@ def measure_drift(model, files: Sequence[Path]) -> dict:
     if not files:
         return {"available": False, "reason": "no classified image"}
     try:
-        frame = model.predict(pd.DataFrame({"image": [_encode(p) for p in files]}),
+        frame = model.predict(pd.DataFrame({"image": _base64(read_files(files)[0])}),
                               params={"output": "drift"})
     except Exception as exc:  # noqa: BLE001 - older versions: no reference, no params
         return {"available": False, "reason": str(exc).splitlines()[0][:300]}
