@@ -169,17 +169,16 @@ def confusion_markdown(confusion: pd.DataFrame) -> list[str]:
     n = len(confusion)
     if n <= MARKDOWN_MATRIX_CLASSES:
         return [markdown_table(confusion.rename_axis("true \\ predicted").reset_index())]
-    counts = confusion.to_numpy()
-    np.fill_diagonal(counts := counts.copy(), 0)
+    counts = confusion.to_numpy().copy()
+    np.fill_diagonal(counts, 0)  # confusions only
     order = np.argsort(-counts, axis=None, kind="stable")[:TOP_CONFUSIONS]
     rows = [(confusion.index[i], confusion.columns[j], int(counts[i, j]))
             for i, j in zip(*np.unravel_index(order, counts.shape)) if counts[i, j] > 0]
-    intro = (f"{n} classes: the whole matrix is in confusion.csv and confusion.png; "
-             f"here, the {len(rows)} most frequent confusions.")
     if not rows:
         return [f"{n} classes: no test image was classified as another class."]
     table = pd.DataFrame(rows, columns=["true", "predicted as", "images"])
-    return [intro, "", markdown_table(table)]
+    return [f"{n} classes: the whole matrix is in confusion.csv and confusion.png; here, the "
+            f"{len(rows)} most frequent confusions.", "", markdown_table(table)]
 
 
 def markdown_table(frame: pd.DataFrame) -> str:

@@ -193,10 +193,12 @@ def shortened_card(card: str, limit: int) -> str:
         cut = next((i for i, line in enumerate(lines)
                     if i and (line.startswith("|") or line.startswith("#"))), len(lines))
         lead = "\n".join(lines[:cut]).rstrip() + "\n"
-        for part, missing in ((section, None), (lead, f"{title} (its tables)"),
-                              ("", title)):
-            if len(part) + 1 <= budget:
-                break
+        if len(section) < budget:  # each kept part costs its length and a line break
+            part, missing = section, None
+        elif len(lead) < budget:
+            part, missing = lead, f"{title} (its tables)"
+        else:
+            part, missing = "", title
         if part:
             kept.append(part)
             budget -= len(part) + 1
