@@ -242,11 +242,17 @@ def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: s
     return EpochEnd()
 
 
+VALIDATION_ROWS = 4096  # validation features per call of the head
+
+
 def _validate_on_features(head, val_x, val_y):
     from petalflow.tasks.model import keras
 
     def validate() -> dict:
-        probs = head.predict(val_x, verbose=0, batch_size=1024)
+        # Called directly, a chunk at a time: the same probabilities as head.predict, without
+        # its per-call set-up (~35 ms an epoch here, more than the call itself).
+        probs = np.concatenate([head(val_x[i:i + VALIDATION_ROWS], training=False).numpy()
+                                for i in range(0, len(val_x), VALIDATION_ROWS)])
         loss = keras().losses.sparse_categorical_crossentropy(val_y, probs)
         return {
             "val_loss": float(np.mean(loss)),
@@ -394,8 +400,11 @@ def _train(
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     head_opt = k.optimizers.Adam(cfg.learning_rate)
     tune_opt = k.optimizers.Adam(cfg.fine_tune_learning_rate)
-    ckpt = tf.train.Checkpoint(head=head, backbone=variables_only(backbone), epoch=epoch_var,
-                               head_opt=head_opt, tune_opt=tune_opt)
+    # The backbone's variables only when they train: frozen, they are the backbone's own (a
+    # save without them: ~5 ms instead of 50-110 ms for MobileNetV2 0.35, once an epoch).
+    tuned = {"backbone": variables_only(backbone)} if cfg.fine_tune_layers else {}
+    ckpt = tf.train.Checkpoint(head=head, epoch=epoch_var, head_opt=head_opt,
+                               tune_opt=tune_opt, **tuned)
     manager = tf.train.CheckpointManager(ckpt, str(workdir / "checkpoints"), max_to_keep=2)
     resumed_from = 0
     if manager.latest_checkpoint:
