@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Optional, Sequence, get_args, get_origin
+from typing import Callable, Literal, Optional, Sequence, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -219,8 +219,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     with _prefect_api() as server:
         code_version()  # for the run's tags: asked now, while this process is small (common.py)
         with IMPORT_LOCK:  # the side thread imports after this thread's Prefect imports
-            _warm_imports("mlflow", "tensorflow", "tensorflow_hub")
             _import_run_stack("petalflow.flows.train_flow")
+            from petalflow.tasks.registry import store_opener
+
+            # then MLflow's store opened (created on first use) on the same thread
+            _warm_imports("mlflow", "tensorflow", "tensorflow_hub", then=store_opener())
         from petalflow.flows.train_flow import train_and_register
 
         state = _run_flow(train_and_register, params, quiet=not args.verbose, server=server)
@@ -481,17 +484,22 @@ def _import_run_stack(flow_module: str) -> None:
     importlib.import_module("prefect.task_engine")
 
 
-def _warm_imports(*modules: str) -> None:
+def _warm_imports(*modules: str, then: Optional[Callable[[], None]] = None) -> None:
     """Import ``modules`` on a side thread while Prefect's temporary server starts (a
-    subprocess): on a small machine this hides several seconds of start-up."""
+    subprocess): on a small machine this hides several seconds of start-up. ``then`` (which
+    must not raise) runs on that thread after them, whether they were imported or not."""
     import importlib
     import threading
 
     def work():
         try:
             with IMPORT_LOCK:
-                for name in modules:
-                    importlib.import_module(name)
+                try:
+                    for name in modules:
+                        importlib.import_module(name)
+                finally:
+                    if then is not None:
+                        then()
         except Exception:  # noqa: BLE001 - the real import reports any problem later
             pass
         finally:

@@ -14,9 +14,10 @@ import io
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from prefect import task
 
@@ -39,10 +40,48 @@ def tracking_uri() -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+# URI schemes of the SQL stores (MLflow's DATABASE_ENGINES, without importing MLflow).
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+_STORE_OPEN = threading.Event()  # cleared until store_opener's function has run
+_STORE_OPEN.set()
+
+
+def store_opener() -> Optional[Callable[[], None]]:
+    """A function that opens the tracking and registry stores, when the tracking URI is a
+    database (the embedded SQLite store, PostgreSQL, ...), for a side thread to run early:
+    importing MLflow's SQL stores and alembic (~0.5 s) and, on a store's first use, MLflow's
+    creation of its schema (~0.75 s for a new SQLite file). ``petalflow train`` runs it after
+    its side thread's imports, while Prefect's temporary server starts. None for other URIs.
+
+    MLflow keeps one store per URI, so the run's calls use the ones opened there; from now
+    until the function has run, ``configure_mlflow`` waits (two first uses at once would both
+    create the schema). The function never raises: an error is left for the run's own first
+    call to report. Call it with ``common.IMPORT_LOCK`` held (it imports)."""
+    uri = tracking_uri()
+    if uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
+        return None
+
+    def open_stores() -> None:
+        try:
+            import mlflow
+
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+            client.search_registered_models(max_results=1)
+        except Exception:  # noqa: BLE001 - the run's own first call reports it
+            pass
+        finally:
+            _STORE_OPEN.set()
+
+    _STORE_OPEN.clear()
+    return open_stores
+
+
 def configure_mlflow() -> str:
     """Point the mlflow library at the tracking/registry store; return the tracking URI."""
     import mlflow
 
+    _STORE_OPEN.wait()  # store_opener's function, if one is to open the stores first
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking URI unless MLFLOW_REGISTRY_URI says otherwise (MLflow

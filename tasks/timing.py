@@ -3,7 +3,8 @@ and the summary's ``timings``).
 
 Phases: start-up (process start to flow start, when the ``petalflow`` command started the run),
 backbone (fetch + load), download, scan (extract + scan/split), tracking (MLflow: the store opened,
-and created with its schema on first use; the champion's check; the run started), training
+and created with its schema on first use, unless the ``petalflow`` command did that during its
+start-up; the champion's check; the run started), training
 hand-off (starting the training step: a process on the gpu pool when deployed), features,
 epochs, export, edge export (TFLite conversion), evaluation (the new model, its edge models and
 the champion), registration, and the run's total.

@@ -336,11 +336,77 @@ def test_predict_batches_start_small_then_take_the_batch_size():
     assert batch_bounds(5, 2) == [(0, 2), (2, 4), (4, 5)]
 
 
+def test_train_opens_the_mlflow_store_while_it_starts_and_the_run_waits_for_it(workspace):
+    """``petalflow train``'s side thread opens MLflow's store after its imports (the embedded
+    SQLite store is created then, schema and all); until it has, the run's first MLflow call
+    waits: two first uses at once would both create the schema."""
+    import sqlite3
+    import threading
+
+    from petalflow.flows.cli import _warm_imports
+    from petalflow.tasks.registry import configure_mlflow, store_opener
+
+    opener = store_opener()
+    assert opener is not None
+    release = threading.Event()
+
+    def open_when_released():
+        release.wait()
+        opener()
+
+    _warm_imports("mlflow", then=open_when_released)
+    run = threading.Thread(target=configure_mlflow, daemon=True)
+    run.start()
+    database = workspace / "mlflow" / "mlflow.db"
+    try:
+        run.join(1.0)
+        assert run.is_alive(), "configure_mlflow went ahead of the store's opening"
+        assert not database.exists()
+    finally:
+        release.set()  # the side thread holds the import lock until it has run
+    run.join(120)
+    assert not run.is_alive()
+    with sqlite3.connect(database) as db:
+        tables = {name for (name,) in db.execute("select name from sqlite_master")}
+    assert {"alembic_version", "experiments", "runs", "registered_models",
+            "model_versions"} <= tables
+
+
+def test_the_early_store_opening_leaves_errors_and_other_stores_to_the_run(
+        workspace, monkeypatch):
+    """An error while opening the store early is not raised there and releases the waiting run
+    (whose own first call reports it); a tracking server (http) is not opened early; the side
+    thread runs its follow-up even when an import fails."""
+    import threading
+
+    import mlflow
+
+    from petalflow.flows.cli import _warm_imports
+    from petalflow.tasks.registry import configure_mlflow, store_opener
+
+    opener = store_opener()
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("database refused the connection")
+
+    with monkeypatch.context() as m:
+        m.setattr(mlflow, "MlflowClient", refused)
+        opener()  # does not raise
+    configure_mlflow()  # does not wait
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert store_opener() is None
+    done = threading.Event()
+    _warm_imports("petalflow_no_such_module", then=done.set)
+    assert done.wait(60)
+
+
 def test_start_up_defers_full_collections_then_freezes_what_the_imports_made():
     """The console script's collector set-up: while it starts, no automatic full collection
     (young objects still collected); afterwards what exists is frozen out of later scans and
-    the threshold is Python's again. A process that never deferred is left alone."""
+    the threshold is Python's again; the start-up's garbage is collected, not frozen. A
+    process that never deferred is left alone."""
     import gc
+    import weakref
 
     from petalflow.tasks.common import defer_full_collections, freeze_start_up
 
