@@ -187,12 +187,17 @@ def defer_full_collections() -> None:
 
 
 def freeze_start_up() -> None:
-    """After ``defer_full_collections``, once the imports are done: freeze every object alive
-    now out of the collector's scans and restore automatic full collections. Does nothing in
-    a process that did not defer them."""
+    """After ``defer_full_collections``, once the imports are done: collect the start-up's
+    garbage, then freeze every object alive now out of the collector's scans and restore
+    automatic full collections. Does nothing in a process that did not defer them.
+
+    The collection (~0.3 s, on the side thread that imports) keeps the start-up's reference
+    cycles (MLflow's store opening, alembic's migration scripts) from being frozen with the
+    rest, kept for good: 1.3-2.4 MiB of the train command's peak."""
     import gc
 
     if _DEFERRED_THRESHOLD:
+        gc.collect()
         gc.freeze()
         young, middle, _ = gc.get_threshold()
         gc.set_threshold(young, middle, _DEFERRED_THRESHOLD.pop())

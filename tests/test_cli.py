@@ -420,7 +420,16 @@ def test_start_up_defers_full_collections_then_freezes_what_the_imports_made():
         young, middle, full = gc.get_threshold()
         assert (young, middle) == threshold[:2] and full > 10**6
         defer_full_collections()  # twice: still one threshold to restore
+
+        class Node:
+            pass
+
+        garbage = Node()
+        garbage.cycle = garbage
+        gone = weakref.ref(garbage)
+        del garbage
         freeze_start_up()
+        assert gone() is None, "a reference cycle of the start-up was frozen, not collected"
         assert gc.get_threshold() == threshold
         assert gc.get_freeze_count() > frozen
         freeze_start_up()  # once only
