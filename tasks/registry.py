@@ -44,6 +44,7 @@ def tracking_uri() -> str:
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 _STORE_OPEN = threading.Event()  # cleared until store_opener's function has run
 _STORE_OPEN.set()
+_STORE_ERROR: list = []  # what that function raised, for the run's first MLflow call
 
 
 def store_opener() -> Optional[Callable[[], None]]:
@@ -55,8 +56,10 @@ def store_opener() -> Optional[Callable[[], None]]:
 
     MLflow keeps one store per URI, so the run's calls use the ones opened there; from now
     until the function has run, ``configure_mlflow`` waits (two first uses at once would both
-    create the schema). The function never raises: an error is left for the run's own first
-    call to report. Call it with ``common.IMPORT_LOCK`` held (it imports)."""
+    create the schema). The function never raises: its error is raised by the run's first
+    ``configure_mlflow`` instead of opening again (MLflow itself retries a database it cannot
+    reach for ~100 s), so a task's own retries go on as they would have. Call it with
+    ``common.IMPORT_LOCK`` held (it imports)."""
     uri = tracking_uri()
     if uri.split(":", 1)[0].split("+", 1)[0] not in DATABASE_SCHEMES:
         return None
@@ -68,11 +71,12 @@ def store_opener() -> Optional[Callable[[], None]]:
             client = mlflow.MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
             client.search_registered_models(max_results=1)
-        except Exception:  # noqa: BLE001 - the run's own first call reports it
-            pass
+        except Exception as exc:  # noqa: BLE001 - the run's first MLflow call raises it
+            _STORE_ERROR.append(exc)
         finally:
             _STORE_OPEN.set()
 
+    _STORE_ERROR.clear()
     _STORE_OPEN.clear()
     return open_stores
 
@@ -82,6 +86,8 @@ def configure_mlflow() -> str:
     import mlflow
 
     _STORE_OPEN.wait()  # store_opener's function, if one is to open the stores first
+    if _STORE_ERROR:
+        raise _STORE_ERROR.pop()
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking URI unless MLFLOW_REGISTRY_URI says otherwise (MLflow
