@@ -44,7 +44,7 @@ def tracking_uri() -> str:
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 _STORE_OPEN = threading.Event()  # cleared until store_opener's function has run
 _STORE_OPEN.set()
-_STORE_ERROR: list = []  # what that function raised, for the run's first MLflow call
+_STORE_ERROR: list = []  # (URI, what that function raised): for the first MLflow call
 
 
 def store_opener() -> Optional[Callable[[], None]]:
@@ -72,7 +72,7 @@ def store_opener() -> Optional[Callable[[], None]]:
             client.search_experiments(max_results=1)
             client.search_registered_models(max_results=1)
         except Exception as exc:  # noqa: BLE001 - the run's first MLflow call raises it
-            _STORE_ERROR.append(exc)
+            _STORE_ERROR.append((uri, exc))
         finally:
             _STORE_OPEN.set()
 
@@ -86,9 +86,11 @@ def configure_mlflow() -> str:
     import mlflow
 
     _STORE_OPEN.wait()  # store_opener's function, if one is to open the stores first
-    if _STORE_ERROR:
-        raise _STORE_ERROR.pop()
     uri = tracking_uri()
+    if _STORE_ERROR:
+        opened, error = _STORE_ERROR.pop()
+        if opened == uri:
+            raise error
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking URI unless MLFLOW_REGISTRY_URI says otherwise (MLflow
     # reads that variable itself); setting it here would pin a stale registry into os.environ.
