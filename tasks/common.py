@@ -186,18 +186,20 @@ def defer_full_collections() -> None:
         gc.set_threshold(young, middle, 1 << 30)
 
 
-def freeze_start_up() -> None:
+def freeze_start_up(collect: bool = True) -> None:
     """After ``defer_full_collections``, once the imports are done: collect the start-up's
-    garbage, then freeze every object alive now out of the collector's scans and restore
-    automatic full collections. Does nothing in a process that did not defer them.
+    garbage (``collect``), then freeze every object alive now out of the collector's scans and
+    restore automatic full collections. Does nothing in a process that did not defer them.
 
     The collection (~0.3 s, on the side thread that imports) keeps the start-up's reference
     cycles (MLflow's store opening, alembic's migration scripts) from being frozen with the
-    rest, kept for good: 1.3-2.4 MiB of the train command's peak."""
+    rest, kept for good: 1.3-2.4 MiB of the train command's peak. ``petalflow predict``, whose
+    first prediction waits for its side thread, does without it."""
     import gc
 
     if _DEFERRED_THRESHOLD:
-        gc.collect()
+        if collect:
+            gc.collect()
         gc.freeze()
         young, middle, _ = gc.get_threshold()
         gc.set_threshold(young, middle, _DEFERRED_THRESHOLD.pop())

@@ -75,7 +75,9 @@ def preload_model(model_uri: str) -> None:
                 model = _load_model(model_uri)
         except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the model
             error = exc
-        freeze_start_up()  # the imports are done (the console script's collector set-up)
+        # The imports are done (the console script's collector set-up); no collection first:
+        # the first prediction waits for this thread.
+        freeze_start_up(collect=False)
         if error is not None:
             future.set_exception(error)
         else:
