@@ -31,7 +31,7 @@ class FeatureExtractor:
     """
 
     def __init__(self, backbone, image_size: int, tflite: bool = True,
-                 release_when_frozen: bool = False):
+                 release_when_frozen: bool = False, frozen=None):
         self._backbone = backbone
         self._size = image_size
         self._tflite = tflite
@@ -39,9 +39,10 @@ class FeatureExtractor:
         self._run = None
         self._closed = False
         self.kind = None
-        # The backbone's frozen function (``frozen_backbone``; None until then): what the
+        # The backbone's frozen function (``frozen_backbone``; None until then, unless given:
+        # a frozen copy saved by an earlier training, when ``backbone`` is None): what the
         # TFLite engine is converted from and what ``model.frozen_network`` reuses.
-        self.frozen = None
+        self.frozen = frozen
 
     def frozen_backbone(self):
         """The backbone's frozen function (``model.frozen_backbone``), frozen once. With

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
+from petalflow.tasks.common import log
 from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 
 
@@ -278,6 +280,65 @@ def frozen_backbone(backbone, image_size: int):
     """images -> the backbone's features, frozen (``frozen_function``): what the TFLite
     feature engine converts and ``frozen_network`` builds on."""
     return frozen_function(lambda images: backbone(images, training=False), image_size)
+
+
+FROZEN_GRAPH = "frozen.pb"  # save_frozen's files
+FROZEN_SIGNATURE = "frozen.json"
+
+
+def save_frozen(fn, folder: Path) -> bool:
+    """Write ``fn`` (a ``frozen_function``: a GraphDef with its weights as constants) into
+    ``folder``: its graph and its inputs' and outputs' names and shapes. Written into a
+    temporary folder renamed into place, so a reader finds all of it or nothing; a folder
+    already there (another training wrote it) is kept. True when this call wrote it."""
+    import os
+    import tempfile
+
+    folder = Path(folder)
+    if folder.exists():
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        (tmp / FROZEN_GRAPH).write_bytes(fn.graph.as_graph_def().SerializeToString())
+        (tmp / FROZEN_SIGNATURE).write_text(json.dumps({
+            "inputs": [{"name": t.name, "shape": t.shape.as_list()} for t in fn.inputs],
+            "outputs": [t.name for t in fn.outputs],
+        }))
+        os.rename(tmp, folder)
+        return True
+    except OSError:
+        if folder.exists():  # another training renamed its copy into place first
+            return False
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_frozen(folder: Path):
+    """The function ``save_frozen`` wrote into ``folder`` (the same graph: the same outputs, bit
+    for bit); None when there is none, or when it cannot be read: then the folder is removed
+    (it is whole or absent, so unreadable means damaged) for the caller to write it again."""
+    import tensorflow as tf
+    from tensorflow.python.eager.wrap_function import function_from_graph_def
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    try:
+        signature = json.loads((folder / FROZEN_SIGNATURE).read_text())
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.ParseFromString((folder / FROZEN_GRAPH).read_bytes())
+        fn = function_from_graph_def(graph_def, [i["name"] for i in signature["inputs"]],
+                                     signature["outputs"])
+    except Exception as exc:  # noqa: BLE001 - unreadable: frozen again from the backbone
+        log("the frozen backbone in %s cannot be read (%s); the backbone is loaded and frozen "
+            "again", folder, " ".join(str(exc).split())[:200], level=30)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    for tensor, spec in zip(fn.inputs, signature["inputs"]):
+        tensor.set_shape(spec["shape"])  # importing a GraphDef loses the batch dimension's None
+    return fn
 
 
 def frozen_network(backbone, head, image_size: int, features_fn=None):

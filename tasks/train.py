@@ -57,6 +57,15 @@ def feature_cache_dir(root: Path, params: TrainParams, fingerprint: str,
     variable index (a folder replaced in place gets a new cache)."""
     import hashlib
 
+    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(backbone_path),
+                       "image_size": params.image_size, "fingerprint": fingerprint,
+                       "split": [params.val_fraction, params.test_fraction, params.seed]},
+                      sort_keys=True)
+    return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _backbone_files(backbone_path: Optional[str]) -> dict:
+    """The hashes of a local backbone copy's graph and variable index (None: no local copy)."""
     from petalflow.tasks.common import sha256_file
 
     files = {}
@@ -64,9 +73,21 @@ def feature_cache_dir(root: Path, params: TrainParams, fingerprint: str,
         for name in ("saved_model.pb", "variables/variables.index"):
             path = Path(backbone_path) / name
             files[name] = sha256_file(path) if path.is_file() else None
-    blob = json.dumps({"backbone": params.backbone, "files": files,
-                       "image_size": params.image_size, "fingerprint": fingerprint,
-                       "split": [params.val_fraction, params.test_fraction, params.seed]},
+    return files
+
+
+FROZEN_BACKBONES = "frozen-backbones"  # beside the feature caches
+
+
+def frozen_backbone_dir(root: Path, params: TrainParams, backbone_path: Optional[str]) -> Path:
+    """The folder under ``root`` for the backbone frozen at this image size
+    (``model.save_frozen``): what it depends on — the backbone (handle; graph and variable
+    index of a local copy) and the image size — and TensorFlow's version, which wrote it."""
+    import hashlib
+    from importlib.metadata import version
+
+    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(backbone_path),
+                       "image_size": params.image_size, "tensorflow": version("tensorflow")},
                       sort_keys=True)
     return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -242,6 +263,17 @@ def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: s
     return EpochEnd()
 
 
+def _save_frozen_backbone(fn, folder: Path) -> None:
+    """``model.save_frozen``, where a failure (a full or read-only disk) costs the next
+    training its shortcut, not this one its run."""
+    from petalflow.tasks.model import save_frozen
+
+    try:
+        save_frozen(fn, folder)
+    except Exception as exc:  # noqa: BLE001 - a cache, not the training's result
+        log("the frozen backbone was not saved to %s: %s", folder, exc, level=30)
+
+
 VALIDATION_ROWS = 4096  # validation features per call of the head
 
 
@@ -364,7 +396,7 @@ def _train(
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import (
         build_classifier, build_head, export_serving_model, feature_dim, frozen_network, keras,
-        load_backbone, unfreeze_top_layers, variables_only,
+        load_backbone, load_frozen, unfreeze_top_layers, variables_only,
     )
     from petalflow.tasks.serving import DRIFT_REFERENCE
 
@@ -390,9 +422,20 @@ def _train(
     train_paths, train_y = split_files(data_info, "train")
     val_paths, val_y = split_files(data_info, "val")
 
-    backbone = load_backbone(backbone_path or cfg.backbone, trainable=cfg.fine_tune_layers > 0)
-    backbone.trainable = False
-    dim = feature_dim(backbone, cfg.image_size)
+    # Without fine-tuning the backbone is only ever used frozen: a frozen copy an earlier
+    # training saved (``frozen_backbone_dir``, beside the feature caches) replaces loading the
+    # SavedModel and freezing it (MobileNetV2 0.35: ~0.1 s instead of ~3.2 s).
+    frozen_dir = frozen_backbone_dir(features_dir.parent / FROZEN_BACKBONES, cfg, backbone_path)
+    frozen = None if cfg.fine_tune_layers else load_frozen(frozen_dir)
+    if frozen is not None:
+        log("backbone: its frozen copy from %s (no SavedModel load)", frozen_dir)
+        backbone, dim = None, int(frozen.outputs[0].shape[-1])
+    else:
+        backbone = load_backbone(backbone_path or cfg.backbone,
+                                 trainable=cfg.fine_tune_layers > 0)
+        backbone.trainable = False
+        dim = feature_dim(backbone, cfg.image_size)
+    frozen_reused = frozen is not None
     head = build_head(dim, len(classes), seed=cfg.seed)
     lap("load_backbone")
 
@@ -419,7 +462,7 @@ def _train(
     # Without fine-tuning the backbone never changes: the extractor holds the only reference
     # and lets go of it once frozen (before the conversion: its peak).
     extract = FeatureExtractor(backbone, cfg.image_size, tflite=device == "CPU",
-                               release_when_frozen=not cfg.fine_tune_layers)
+                               release_when_frozen=not cfg.fine_tune_layers, frozen=frozen)
     if not cfg.fine_tune_layers:
         backbone = None
     val_x, val_y, hit = cached_features(extract, val_paths, val_y, cfg,
@@ -461,6 +504,8 @@ def _train(
             # images the step's peak can be (the features held for fitting, and Keras's copy
             # of them), not only before the export.
             extract.frozen_backbone()
+            if not frozen_reused:  # for the next training with this backbone
+                _save_frozen_backbone(extract.frozen, frozen_dir)
         head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
         record(head.fit(fit_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
                         initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0,
@@ -500,7 +545,7 @@ def _train(
     # target 1). Every checkpoint is written by now.
     engine = extract.kind
     extract.close()
-    backbone = head = extract = classifier = cb = train_ds = ckpt = manager = None
+    backbone = head = extract = classifier = cb = train_ds = ckpt = manager = frozen = None
     k.backend.clear_session()  # Keras's global state holds the fine-tuning model it built
     release_memory()
     export_serving_model(
@@ -535,7 +580,8 @@ def _train(
         "history": history,
         "fine_tuned_layers": tuned_layers,
         "class_weights": {classes[c]: w for c, w in weights.items()} if weights else None,
-        "features": {"dir": str(features_dir), "reused": reused, "engine": engine},
+        "features": {"dir": str(features_dir), "reused": reused, "engine": engine,
+                     "frozen_backbone": str(frozen_dir) if frozen_reused else None},
         "train_images": len(train_paths),
         "val_images": len(val_paths),
         "seconds": round(time.time() - started, 2),

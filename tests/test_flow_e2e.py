@@ -715,6 +715,13 @@ def test_a_sweep_trains_each_candidate_and_registers_the_best(tmp_path, tiny_bac
     reused = [json.loads(p.read_text())["features"]["reused"]
               for p in sorted((tmp_path / "home" / "runs").rglob("train.json"))]
     assert sorted(tuple(sorted(r)) for r in reused) == [(), (), ("train", "val")]
+    # ... and frozen once: the second of them took the first's frozen copy (no SavedModel load)
+    frozen = sorted((tmp_path / "home" / "features" / "frozen-backbones").iterdir())
+    assert len(frozen) == 2  # one per backbone
+    taken = [json.loads(p.read_text())["features"]["frozen_backbone"]
+             for p in (tmp_path / "home" / "runs").rglob("train.json")]
+    assert len(taken) == 3 and taken.count(None) == 2
+    assert Path(next(t for t in taken if t)) in frozen
 
     again = train_and_register(params)
     assert again["status"] == "nothing to do"

@@ -75,6 +75,57 @@ def test_backbone_stays_frozen(tmp_path, tiny_backbone, data_info, augment):
     assert record["history"]["loss"][-1] < record["history"]["loss"][0]
 
 
+def _probabilities(export_dir, data_info) -> np.ndarray:
+    import tensorflow as tf
+
+    from petalflow.tasks.dataset import split_files
+
+    raw = [Path(p).read_bytes() for p in split_files(data_info, "test")[0]]
+    out = tf.saved_model.load(export_dir).signatures["classify_bytes"](
+        image_bytes=tf.constant(raw))
+    return np.stack([out[f"prob_{c}"].numpy() for c in data_info["classes"]], axis=1)
+
+
+def test_later_trainings_take_the_frozen_backbone_instead_of_loading_it(
+        tmp_path, tiny_backbone, data_info, monkeypatch):
+    """The first training with a backbone saves it frozen beside the feature caches; the next
+    ones (other parameters, other data) take that copy and never load the SavedModel, and
+    their model is the one a training that loaded it makes. Fine-tuning loads it (it trains
+    it); a damaged copy is replaced."""
+    import petalflow.tasks.model as model
+
+    first = train_model(data_info, _cfg(tiny_backbone), tmp_path / "w1")
+    assert first["features"]["frozen_backbone"] is None
+    saved = list((tmp_path / "frozen-backbones").iterdir())
+    assert len(saved) == 1 and {f.name for f in saved[0].iterdir()} == {
+        model.FROZEN_GRAPH, model.FROZEN_SIGNATURE}
+
+    loads = []
+    load_backbone = model.load_backbone
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return load_backbone(*args, **kwargs)
+
+    monkeypatch.setattr(model, "load_backbone", counted)
+    again = train_model(data_info, _cfg(tiny_backbone), tmp_path / "w2")
+    assert loads == [] and again["features"]["frozen_backbone"] == str(saved[0])
+    np.testing.assert_array_equal(_probabilities(again["export_dir"], data_info),
+                                  _probabilities(first["export_dir"], data_info))
+    other = train_model(data_info, _cfg(tiny_backbone, epochs=3, learning_rate=0.02),
+                        tmp_path / "w3")
+    assert loads == [] and other["features"]["frozen_backbone"] == str(saved[0])
+
+    tuned = train_model(data_info, _cfg(tiny_backbone, epochs=1, fine_tune_layers=1,
+                                        fine_tune_epochs=1), tmp_path / "w4")
+    assert len(loads) == 1 and tuned["features"]["frozen_backbone"] is None
+
+    (saved[0] / model.FROZEN_GRAPH).write_bytes(b"not a graph")
+    repaired = train_model(data_info, _cfg(tiny_backbone, epochs=2), tmp_path / "w5")
+    assert len(loads) == 2 and repaired["features"]["frozen_backbone"] is None
+    assert model.load_frozen(saved[0]) is not None  # written again
+
+
 def test_fine_tuning_changes_only_the_top_layers(tmp_path, tiny_backbone, data_info):
     before = _variables(tiny_backbone)
     cfg = _cfg(tiny_backbone, epochs=2, fine_tune_layers=1, fine_tune_epochs=2,
@@ -161,8 +212,11 @@ def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_i
 def test_the_backbone_is_frozen_once_unless_fine_tuning_changed_it(tmp_path, tiny_backbone,
                                                                    data_info, monkeypatch):
     """The export's network reuses the backbone the TFLite feature engine froze (freezing
-    MobileNetV2 0.35 takes ~1 s): one freeze per training. When every feature came from the
-    cache the export freezes it; after fine-tuning it freezes the changed backbone again."""
+    MobileNetV2 0.35 takes ~1 s): one freeze per training, none when an earlier training's
+    frozen copy is there. When every feature came from the cache and there is no frozen copy,
+    the export freezes it; after fine-tuning it freezes the changed backbone again."""
+    import shutil
+
     import petalflow.tasks.model as model
 
     frozen = []
@@ -179,6 +233,11 @@ def test_the_backbone_is_frozen_once_unless_fine_tuning_changed_it(tmp_path, tin
     assert record["features"]["engine"] == "tflite" and len(frozen) == 1
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False,
                                          learning_rate=0.01), tmp_path / "b",
+                         features_dir=features)
+    assert record["features"]["reused"] == ["val", "train"] and len(frozen) == 1
+    shutil.rmtree(tmp_path / "frozen-backbones")
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False,
+                                         learning_rate=0.02), tmp_path / "b2",
                          features_dir=features)
     assert record["features"]["reused"] == ["val", "train"] and len(frozen) == 2
     tuned = _cfg(tiny_backbone, epochs=1, fine_tune_layers=1, fine_tune_epochs=1,
