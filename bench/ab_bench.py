@@ -8,6 +8,9 @@ phase table, test accuracy and the ``--timing`` line of predict (first predictio
     .venv/bin/python bench/ab_bench.py --old ../petalflow-old --archive flower_photos_1500.tgz \
         --backbone mobilenet_v2_035_224_feature_vector --repeats 2 --json ab.json
 
+``--retrain`` adds a third command to each side: ``petalflow train --learning-rate 0.002`` in
+the same PETALFLOW_HOME (a retraining on unchanged data: its features come from the cache).
+
 Both sides run in this environment (.venv); the old side's ``petalflow`` package is that
 checkout's ``tasks/`` and ``flows/``.
 """
@@ -55,6 +58,9 @@ def main() -> None:
     ap.add_argument("--backbone", required=True, type=Path)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--retrain", action="store_true",
+                    help="after predict, train again in the same PETALFLOW_HOME with another "
+                         "learning rate (a retraining on unchanged data: features cached)")
     args = ap.parse_args()
 
     archive = args.archive.resolve()
@@ -76,7 +82,8 @@ def main() -> None:
                     work = Path(tempfile.mkdtemp(prefix=f"{code}-", dir=tmp))
                     env = {**base_env, "PETALFLOW_HOME": str(work / "home")}
                     try:
-                        row = _pair(cmd, url, sha, args.backbone.resolve(), work, env)
+                        row = _pair(cmd, url, sha, args.backbone.resolve(), work, env,
+                                    args.retrain)
                     except SystemExit as exc:  # run_bench.measure: a failed command is a row
                         row = {"failed": str(exc).splitlines()[0][:500]}
                     row = {"code": code, "repeat": repeat, **row}
@@ -90,8 +97,10 @@ def main() -> None:
         args.json.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2))
 
 
-def _pair(cmd: list, url: str, sha: str, backbone: Path, work: Path, env: dict) -> dict:
-    """``petalflow train`` then ``petalflow predict`` on the training's photos, measured."""
+def _pair(cmd: list, url: str, sha: str, backbone: Path, work: Path, env: dict,
+          retrain: bool = False) -> dict:
+    """``petalflow train`` then ``petalflow predict`` on the training's photos, measured; with
+    ``retrain``, then ``petalflow train --learning-rate 0.002`` in the same home."""
     train = measure(cmd + ["train", "--data-url", url, "--data-sha256", sha,
                            "--backbone", str(backbone),
                            "--summary-json", str(work / "summary.json")],
@@ -104,10 +113,20 @@ def _pair(cmd: list, url: str, sha: str, backbone: Path, work: Path, env: dict) 
                       work, env, work / "predict.log")
     first = re.search(r"first prediction written ([\d.]+) s",
                       (work / "predict.log").read_text())
-    return {"train": train, "predict": predict,
-            "first_prediction_s": float(first[1]) if first else None,
-            "test_accuracy": summary["test_metrics"]["test_accuracy"],
-            "timings": summary["timings"], "edge": summary.get("edge")}
+    row = {"train": train, "predict": predict,
+           "first_prediction_s": float(first[1]) if first else None,
+           "test_accuracy": summary["test_metrics"]["test_accuracy"],
+           "timings": summary["timings"], "edge": summary.get("edge")}
+    if retrain:
+        again = measure(cmd + ["train", "--data-url", url, "--data-sha256", sha,
+                               "--backbone", str(backbone), "--learning-rate", "0.002",
+                               "--summary-json", str(work / "retrain.json")],
+                        work, env, work / "retrain.log")
+        summary = json.loads((work / "retrain.json").read_text())
+        row["retrain"] = {**again, "test_accuracy": summary["test_metrics"]["test_accuracy"],
+                          "timings": summary["timings"],
+                          "features": summary["training"]["features"]}
+    return row
 
 
 if __name__ == "__main__":
