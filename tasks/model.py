@@ -291,7 +291,6 @@ def save_frozen(fn, folder: Path) -> bool:
     ``folder``: its graph and its inputs' and outputs' names and shapes. Written into a
     temporary folder renamed into place, so a reader finds all of it or nothing; a folder
     already there (another training wrote it) is kept. True when this call wrote it."""
-    import os
     import tempfile
 
     folder = Path(folder)

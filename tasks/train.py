@@ -82,12 +82,15 @@ FROZEN_BACKBONES = "frozen-backbones"  # beside the feature caches
 def frozen_backbone_dir(root: Path, params: TrainParams, backbone_path: Optional[str]) -> Path:
     """The folder under ``root`` for the backbone frozen at this image size
     (``model.save_frozen``): what it depends on — the backbone (handle; graph and variable
-    index of a local copy) and the image size — and TensorFlow's version, which wrote it."""
+    index of its local copy, or of the handle's own folder) and the image size — and the
+    version of TensorFlow, which wrote it."""
     import hashlib
-    from importlib.metadata import version
 
-    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(backbone_path),
-                       "image_size": params.image_size, "tensorflow": version("tensorflow")},
+    import tensorflow as tf
+
+    local = backbone_path or (params.backbone if Path(params.backbone).is_dir() else None)
+    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(local),
+                       "image_size": params.image_size, "tensorflow": tf.__version__},
                       sort_keys=True)
     return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
