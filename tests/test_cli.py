@@ -218,7 +218,8 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
 
 
 def test_cli_failure_prints_one_message_and_no_traceback(workspace, tiny_backbone):
-    """A dataset URL that answers 404: exit status 3, the error once, a hint, no traceback."""
+    """A dataset URL that answers 404: exit status 3, the error once, a hint, no traceback;
+    the embedded MLflow store exists (created while the command started)."""
     import subprocess
     import sys
 
@@ -236,6 +237,8 @@ def test_cli_failure_prints_one_message_and_no_traceback(workspace, tiny_backbon
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.count("petalflow train: error: HTTP 404") == 1
     assert "hint: check --data-url" in proc.stderr
+    # The embedded store is made as the command starts (README), before any data is fetched.
+    assert (workspace / "mlflow" / "mlflow.db").is_file()
 
 
 def test_extraction_limit_is_a_size_in_human_units(workspace, capsys):
