@@ -126,6 +126,28 @@ def test_later_trainings_take_the_frozen_backbone_instead_of_loading_it(
     assert model.load_frozen(saved[0]) is not None  # written again
 
 
+def test_a_frozen_copy_that_cannot_be_saved_costs_a_warning_not_the_training(
+        tmp_path, tiny_backbone, data_info, monkeypatch, caplog):
+    """A full or read-only disk where the frozen backbone would go: the training completes
+    (its model exported), says why in the log, and the next one loads the backbone again."""
+    import errno
+    import logging
+
+    import petalflow.tasks.model as model
+
+    def no_space(fn, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(model, "save_frozen", no_space)
+    with caplog.at_level(logging.WARNING, logger="petalflow"):
+        record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
+                             tmp_path / "w")
+    assert Path(record["export_dir"], "saved_model.pb").is_file()
+    assert "the frozen backbone was not saved" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert not (tmp_path / "frozen-backbones").exists()
+
+
 def test_fine_tuning_changes_only_the_top_layers(tmp_path, tiny_backbone, data_info):
     before = _variables(tiny_backbone)
     cfg = _cfg(tiny_backbone, epochs=2, fine_tune_layers=1, fine_tune_epochs=2,
