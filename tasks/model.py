@@ -262,18 +262,25 @@ def _without_pass_through(graph_def, inputs, outputs, graph):
     import tensorflow as tf
     from tensorflow.core.protobuf import rewriter_config_pb2
     from tensorflow.lite.python.util import run_graph_optimizations
-    from tensorflow.python.eager.wrap_function import function_from_graph_def
 
     config = tf.compat.v1.ConfigProto()
     config.graph_options.rewrite_options.optimizers.append("dependency")
     config.graph_options.rewrite_options.meta_optimizer_iterations = (
         rewriter_config_pb2.RewriterConfig.ONE)
-    pruned = function_from_graph_def(
+    return _imported_function(
         run_graph_optimizations(graph_def, inputs, outputs, config, graph=graph),
-        [t.name for t in inputs], [t.name for t in outputs])
-    for tensor, original in zip(pruned.inputs, inputs):
-        tensor.set_shape(original.shape)  # importing a GraphDef loses the batch dimension's None
-    return pruned
+        [t.name for t in inputs], [t.name for t in outputs], [t.shape for t in inputs])
+
+
+def _imported_function(graph_def, input_names, output_names, input_shapes):
+    """The function of ``graph_def`` from the tensors ``input_names`` (of ``input_shapes``) to
+    ``output_names``."""
+    from tensorflow.python.eager.wrap_function import function_from_graph_def
+
+    fn = function_from_graph_def(graph_def, list(input_names), list(output_names))
+    for tensor, shape in zip(fn.inputs, input_shapes):
+        tensor.set_shape(shape)  # importing a GraphDef loses the batch dimension's None
+    return fn
 
 
 def frozen_backbone(backbone, image_size: int):
@@ -286,16 +293,16 @@ FROZEN_GRAPH = "frozen.pb"  # save_frozen's files
 FROZEN_SIGNATURE = "frozen.json"
 
 
-def save_frozen(fn, folder: Path) -> bool:
+def save_frozen(fn, folder: Path) -> None:
     """Write ``fn`` (a ``frozen_function``: a GraphDef with its weights as constants) into
     ``folder``: its graph and its inputs' and outputs' names and shapes. Written into a
     temporary folder renamed into place, so a reader finds all of it or nothing; a folder
-    already there (another training wrote it) is kept. True when this call wrote it."""
+    already there (another training wrote it) is kept."""
     import tempfile
 
     folder = Path(folder)
     if folder.exists():
-        return False
+        return
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
@@ -305,11 +312,9 @@ def save_frozen(fn, folder: Path) -> bool:
             "outputs": [t.name for t in fn.outputs],
         }))
         os.rename(tmp, folder)
-        return True
     except OSError:
-        if folder.exists():  # another training renamed its copy into place first
-            return False
-        raise
+        if not folder.exists():  # else another training renamed its copy into place first
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -319,7 +324,6 @@ def load_frozen(folder: Path):
     for bit); None when there is none, or when it cannot be read: then the folder is removed
     (it is whole or absent, so unreadable means damaged) for the caller to write it again."""
     import tensorflow as tf
-    from tensorflow.python.eager.wrap_function import function_from_graph_def
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -328,16 +332,14 @@ def load_frozen(folder: Path):
         signature = json.loads((folder / FROZEN_SIGNATURE).read_text())
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString((folder / FROZEN_GRAPH).read_bytes())
-        fn = function_from_graph_def(graph_def, [i["name"] for i in signature["inputs"]],
-                                     signature["outputs"])
+        return _imported_function(graph_def, [i["name"] for i in signature["inputs"]],
+                                  signature["outputs"],
+                                  [i["shape"] for i in signature["inputs"]])
     except Exception as exc:  # noqa: BLE001 - unreadable: frozen again from the backbone
         log("the frozen backbone in %s cannot be read (%s); the backbone is loaded and frozen "
             "again", folder, " ".join(str(exc).split())[:200], level=30)
         shutil.rmtree(folder, ignore_errors=True)
         return None
-    for tensor, spec in zip(fn.inputs, signature["inputs"]):
-        tensor.set_shape(spec["shape"])  # importing a GraphDef loses the batch dimension's None
-    return fn
 
 
 def frozen_network(backbone, head, image_size: int, features_fn=None):
