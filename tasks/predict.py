@@ -21,6 +21,7 @@ import pandas as pd
 from petalflow.tasks.common import printable_name
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
+from petalflow.tasks.serving import encode_bytes
 
 BatchHook = Callable[[int, int], None]  # (rows written so far, files in the job)
 
@@ -156,13 +157,6 @@ def read_files(paths: Sequence[Path]) -> tuple[list[bytes], list[str]]:
     return data, unread
 
 
-def _base64(data: Sequence[bytes]) -> list[str]:
-    """Files' bytes in the registered model's input format (``serving.encode_files``)."""
-    import base64
-
-    return [base64.b64encode(item).decode("ascii") for item in data]
-
-
 def classifier_with_features(model):
     """The loaded model's own classifier when its classification pass also gives each image's
     backbone features (``predict_with_features``: versions exported since it was added), so a
@@ -265,7 +259,7 @@ def predict_files(
             if fused is not None:
                 frame, features = fused.predict_with_features(data)
             else:
-                frame = model.predict(pd.DataFrame({"image": _base64(data)}))
+                frame = model.predict(pd.DataFrame({"image": encode_bytes(data)}))
                 features = None
             frame = frame.reset_index(drop=True)
             # A file that could not be read says so, not "undecodable image".
@@ -327,7 +321,7 @@ def measure_drift(model, files: Sequence[Path]) -> dict:
     if not files:
         return {"available": False, "reason": "no classified image"}
     try:
-        frame = model.predict(pd.DataFrame({"image": _base64(read_files(files)[0])}),
+        frame = model.predict(pd.DataFrame({"image": encode_bytes(read_files(files)[0])}),
                               params={"output": "drift"})
     except Exception as exc:  # noqa: BLE001 - older versions: no reference, no params
         return {"available": False, "reason": str(exc).splitlines()[0][:300]}

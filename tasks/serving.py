@@ -317,6 +317,6 @@ def _b64decode(value: str) -> Optional[bytes]:
         return None
 
 
-def encode_files(paths: Iterable[Path]) -> list[str]:
-    """base64 strings of the given files' bytes (the registered model's input format)."""
-    return [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
+def encode_bytes(data: Iterable[bytes]) -> list[str]:
+    """base64 strings of encoded images' bytes (the registered model's input format)."""
+    return [base64.b64encode(item).decode("ascii") for item in data]
