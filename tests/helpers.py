@@ -31,6 +31,49 @@ def write_image(path: Path, rgb, size=(24, 20), fmt="JPEG", noise=12, seed=0) ->
     return path
 
 
+# How a camera stores a photo that is displayed upright with EXIF Orientation o: the upright
+# picture turned by the inverse of what the tag says (PIL's exif_transpose undoes it).
+_STORED = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_270}
+
+
+def quadrants(size=(64, 32)) -> Image.Image:
+    """An image that looks different every way it is turned or mirrored: four colours."""
+    w, h = size
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[: h // 2, : w // 2] = (220, 40, 40)
+    arr[: h // 2, w // 2:] = (40, 200, 60)
+    arr[h // 2:, : w // 2] = (30, 60, 220)
+    arr[h // 2:, w // 2:] = (240, 230, 40)
+    return Image.fromarray(arr)
+
+
+def phone_jpeg(upright: Image.Image, orientation: int, byte_order: str = "II",
+               before: tuple = ()) -> bytes:
+    """JPEG bytes of ``upright`` as a phone stores it: the pixels turned, EXIF Orientation
+    ``orientation`` (1-8; None: no EXIF at all) in IFD0 after another tag, in TIFF byte order
+    "II" or "MM", its APP1 after the marker segments ``before`` ((marker, data) pairs)."""
+    import struct
+
+    stored = upright.transpose(_STORED[orientation]) if orientation in _STORED else upright
+    buf = io.BytesIO()
+    stored.save(buf, "JPEG", quality=100, subsampling=0)
+    jpeg = buf.getvalue()
+    assert jpeg[2:4] == b"\xff\xe0"  # PIL writes JFIF's APP0 first: replaced below
+    rest = jpeg[4 + int.from_bytes(jpeg[4:6], "big"):]
+    segments = b"".join(b"\xff" + bytes([m]) + struct.pack(">H", len(d) + 2) + d
+                        for m, d in before)
+    if orientation is not None:
+        e = ">" if byte_order == "MM" else "<"
+        ifd = struct.pack(e + "H", 2) + struct.pack(e + "HHI", 0x010F, 2, 4) + b"Cam\0" \
+            + struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(e + "I", 0)
+        tiff = byte_order.encode() + struct.pack(e + "HI", 42, 8) + ifd
+        segments += b"\xff\xe1" + struct.pack(">H", len(tiff) + 8) + b"Exif\0\0" + tiff
+    return b"\xff\xd8" + segments + rest
+
+
 def make_dataset(root: Path, per_class: int = 12, colours=COLOURS, seed: int = 0) -> Path:
     """root/<class>/<i>.jpg, learnable: each class has its own colour."""
     for c, (name, rgb) in enumerate(sorted(colours.items())):
