@@ -50,16 +50,20 @@ class TrainingJob(BaseModel):
 
 def feature_cache_dir(root: Path, params: TrainParams, fingerprint: str,
                       backbone_path: Optional[str]) -> Path:
-    """The folder under ``root`` for features of this data, split, backbone and image size:
-    what the features depend on, and nothing else (epochs, learning rate, augmentation or the
-    head do not change them), so runs and sweep candidates that differ only there share it.
+    """The folder under ``root`` for features of this data, split, backbone, image size and
+    image decoder (``images.DECODER``): what the features depend on, and nothing else (epochs,
+    learning rate, augmentation or the head do not change them), so runs and sweep candidates
+    that differ only there share it.
     The backbone is identified by its handle and, for a local copy, by the hash of its graph and
     variable index (a folder replaced in place gets a new cache)."""
     import hashlib
 
+    from petalflow.tasks.images import DECODER
+
     blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(backbone_path),
                        "image_size": params.image_size, "fingerprint": fingerprint,
-                       "split": [params.val_fraction, params.test_fraction, params.seed]},
+                       "split": [params.val_fraction, params.test_fraction, params.seed],
+                       "decoder": DECODER},
                       sort_keys=True)
     return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
 

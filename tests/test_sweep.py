@@ -91,3 +91,16 @@ def test_feature_cache_is_keyed_by_what_features_depend_on(tmp_path, tiny_backbo
                  where(TrainParams(backbone=str(tiny_backbone), image_size=32, seed=1))]
     assert len({where(base), *different}) == 5
     json.dumps(str(where(base)))  # a plain path: it travels in the TrainingJob
+
+
+def test_features_of_another_image_decoder_are_not_reused(tmp_path, tiny_backbone,
+                                                          monkeypatch):
+    """Features computed before the decoder changed what it returns (EXIF orientation) are
+    not taken for the new decoder's."""
+    from petalflow.tasks import images
+    from petalflow.tasks.train import feature_cache_dir
+
+    params = TrainParams(backbone=str(tiny_backbone), image_size=32)
+    now = feature_cache_dir(tmp_path, params, "f", str(tiny_backbone))
+    monkeypatch.setattr(images, "DECODER", "before-exif-orientation")
+    assert feature_cache_dir(tmp_path, params, "f", str(tiny_backbone)) != now
