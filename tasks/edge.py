@@ -109,7 +109,8 @@ def export_tflite(network, class_names: Sequence[str], image_size: int, out_dir:
     description = {
         "input": {"shape": [1, image_size, image_size, 3], "dtype": "float32",
                   "range": [0.0, 1.0], "color": "RGB",
-                  "resize": "bilinear to the square size, aspect ratio not kept"},
+                  "resize": "bilinear to the square size, aspect ratio not kept",
+                  "orientation": "upright: a JPEG turned as its EXIF Orientation says first"},
         "output": {"shape": [1, len(class_names)], "dtype": "float32",
                    "meaning": "class probabilities in labels.txt order"},
         "labels": list(class_names),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from petalflow.tasks.dataset import prepare_dataset
 from petalflow.tasks.params import TrainParams
@@ -346,7 +346,8 @@ def test_export_computes_what_the_trained_keras_model_computes(trained, tiny_bac
 def test_edge_models_run_in_the_stock_interpreter_and_agree_with_the_savedmodel(
         trained, data_info):
     """Both TFLite models, run with tf.lite.Interpreter on the test images as their contract
-    (edge.json) says, give the SavedModel's labels; labels.txt is in class order."""
+    (edge.json) says and the README shows (PIL's upright image, TensorFlow's resize), give the
+    SavedModel's labels; labels.txt is in class order."""
     import json
     from pathlib import Path
 
@@ -371,9 +372,9 @@ def test_edge_models_run_in_the_stock_interpreter_and_agree_with_the_savedmodel(
         assert list(inp["shape"]) == contract["input"]["shape"] and inp["dtype"] == np.float32
         predicted = []
         for path in paths:
-            image = tf.image.resize(tf.io.decode_image(tf.io.read_file(path), channels=3,
-                                                       expand_animations=False) / 255, (32, 32))
-            interpreter.set_tensor(inp["index"], image.numpy()[None].astype(np.float32))
+            photo = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+            image = tf.image.resize(np.asarray(photo), (32, 32)) / 255
+            interpreter.set_tensor(inp["index"], image.numpy()[None])
             interpreter.invoke()
             predicted.append(labels[int(np.argmax(interpreter.get_tensor(out["index"])))])
         assert predicted == list(saved["label"]), fmt
@@ -522,6 +523,30 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     # A batch of nothing but bad rows still answers, row by row.
     bad = model.predict(pd.DataFrame({"image": ["@@not base64@@", _b64(b"nope")]}))
     assert bad["error"].tolist() == ["undecodable image"] * 2
+
+
+def test_the_served_model_sees_a_sideways_stored_phone_photo_upright(exported):
+    """A phone's portrait photo (stored sideways, EXIF Orientation 6) gets the features and
+    probabilities of the same photo stored upright, as training saw its photos; the stored
+    pixels without the tag would be another picture to it."""
+    import tensorflow as tf
+
+    from tests.helpers import phone_jpeg, quadrants
+
+    served = tf.saved_model.load(str(exported))
+    rows = [phone_jpeg(quadrants(), None), phone_jpeg(quadrants(), 6),
+            phone_jpeg(quadrants().transpose(Image.Transpose.ROTATE_90), None)]
+    out = served.classify_bytes(tf.constant(rows))
+    features = out["features"].numpy()
+    assert out["error"].numpy().tolist() == [b""] * 3
+    scale = np.abs(features[0]).max()
+    assert scale > 0
+    # The same pixels (quality 100, no chroma subsampling, 16-pixel aligned: the same JPEG
+    # blocks either way): the same features to rounding; sideways ones differ by ~12 %.
+    assert np.abs(features[1] - features[0]).max() < 0.001 * scale
+    assert np.abs(features[2] - features[0]).max() > 0.05 * scale
+    probs = [out[f"prob_{c}"].numpy() for c in sorted(COLOURS)]
+    np.testing.assert_allclose([p[1] for p in probs], [p[0] for p in probs], atol=1e-4)
 
 
 def test_a_large_request_runs_in_bounded_calls_with_the_same_rows(exported, monkeypatch):
