@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from petalflow.tasks.common import usable_cpus, without_autotuning
-from petalflow.tasks.images import decode_image
+from petalflow.tasks.images import decode_image, exif_orientations, exif_window, upright_images
 
 
 ROTATION = 0.1  # fraction of a full turn, as in Keras RandomRotation(0.1): up to ±36°
@@ -68,12 +68,15 @@ def image_dataset(
     shuffle: bool = False,
     augment: bool = False,
     seed: int = 0,
+    exif: bool = True,
 ):
     """Batches of float32 images [b, size, size, 3] in [0, 1] (and int labels, when given).
 
     Files are read and decoded in parallel (one worker per core), batched and prefetched one
     batch ahead, without tf.data's autotuning (``common.without_autotuning``). ``augment``
-    applies random augmentation per batch (use it for the training split only).
+    applies random augmentation per batch (use it for the training split only). Images are
+    turned upright as their EXIF says (``images.upright_images``, a batch at once), unless
+    ``exif`` is False (the scan found no file turned: ``dataset.reads_exif``).
     """
     import tensorflow as tf
 
@@ -85,14 +88,23 @@ def image_dataset(
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
     def load(path, *label):
-        image = decode_image(tf.io.read_file(path), image_size)
+        data = tf.io.read_file(path)
+        image = decode_image(data, image_size)
+        if exif:  # the file's first bytes go along, for its batch's orientations
+            return (image, exif_window(data), *label)
         return (image, *label) if label else image
+
+    def turned(images, windows, *label):
+        images = upright_images(images, exif_orientations(windows))
+        return (images, *label) if label else images
 
     # One decode worker per core and a one-batch prefetch: the backbone is the bottleneck, and
     # AUTOTUNE's deeper buffers cost memory (and, on 2 cores, throughput) without gaining speed.
     workers = max(2, usable_cpus())
     ds = ds.map(load, num_parallel_calls=workers, deterministic=not shuffle)
     ds = ds.batch(batch_size)
+    if exif:
+        ds = ds.map(turned, num_parallel_calls=workers)
     if augment:  # each batch's draws follow from seed and its position (augment_batch)
         def augmented(index, element):
             if labels is None:

@@ -14,9 +14,9 @@ from tests.helpers import phone_jpeg, quadrants
 def _decode(data: bytes, size: int = 32) -> np.ndarray:
     import tensorflow as tf
 
-    from petalflow.tasks.images import decode_image
+    from petalflow.tasks.images import decode_upright
 
-    return decode_image(tf.constant(data), size).numpy()
+    return decode_upright(tf.constant(data), size).numpy()
 
 
 @pytest.mark.parametrize("byte_order", ["II", "MM"])
@@ -86,3 +86,22 @@ def test_other_formats_and_damaged_exif_keep_the_pixels_as_stored():
     for name, data in cases.items():
         assert int(exif_orientation(tf.constant(data))) == 1, name
     assert int(exif_orientation(tf.constant(good))) == 6
+
+
+def test_a_batch_is_read_at_once_with_each_files_own_orientation():
+    """One read for a whole batch (what the pipelines and the served graph do): each row gets
+    its own orientation, whatever the others are, and each image is turned by its own."""
+    import tensorflow as tf
+
+    from petalflow.tasks.images import decode_image, exif_orientations, upright_images
+
+    files = [phone_jpeg(quadrants(), o) for o in (6, None, 3, 8, 1, 2)]
+    png = io.BytesIO()
+    quadrants().save(png, "PNG")
+    files.insert(2, png.getvalue())
+    assert exif_orientations(tf.constant(files)).numpy().tolist() == [6, 1, 1, 3, 8, 1, 2]
+    assert exif_orientations(tf.zeros([0], tf.string)).numpy().tolist() == []
+    images = tf.stack([decode_image(tf.constant(f), 32) for f in files])
+    turned = upright_images(images, exif_orientations(tf.constant(files))).numpy()
+    for got in turned:
+        assert np.abs(got - turned[1]).max() < 0.05  # every one the upright photo
