@@ -28,7 +28,7 @@ from typing import Optional
 from prefect import flow, get_run_logger
 
 from petalflow.tasks.dataset import (
-    dataset_summary, prepare_dataset_task, split_layout_note,
+    dataset_summary, orientation_note, prepare_dataset_task, split_layout_note,
 )
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
@@ -141,6 +141,9 @@ def train_and_register(params: TrainParams = TrainParams()):
     counts = data_info["counts"]
     logger.info("dataset: %d classes, %d files found, %d used, %d quarantined",
                 len(data_info["classes"]), counts["found"], counts["used"], counts["quarantined"])
+    turned_note = orientation_note(counts)
+    if turned_note:
+        logger.info(turned_note)
     split_note = split_layout_note(counts)
     if split_note:
         logger.info(split_note)

@@ -35,6 +35,11 @@ class DatasetCounts(TypedDict):
     quarantined: int
     classes: list[str]
     splits: dict[str, int]
+    # Usable JPEGs whose EXIF Orientation says they are displayed turned (phone photos): the
+    # decoder turns them upright (images.upright_images); and those whose EXIF PIL could not
+    # read. Both 0: training need not read any EXIF.
+    turned: int
+    exif_unreadable: int
     quarantine_reasons: dict[str, str]  # relative path -> reason
     empty_class_folders: list[str]  # folders without a single image: skipped, reported
     # A dataset delivered already split (train/, test/, ... each holding the class folders): the
@@ -63,7 +68,10 @@ def dataset_summary(info: DatasetInfo) -> dict:
             **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders")}}
 
 
-MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "status", "reason"]
+# orientation: a JPEG's EXIF Orientation 1-8 as PIL reads it (1: as stored, or none; 0: EXIF
+# that cannot be read; images.py turns them).
+MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "orientation",
+                    "status", "reason"]
 MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
 MIN_PER_SPLIT = 1
 
@@ -140,6 +148,15 @@ def _class_parents(data_root: Path) -> list[Path]:
     return [find_data_root(data_root / s) for s in split_folders(data_root)[0]] or [data_root]
 
 
+def orientation_note(counts: dict) -> Optional[str]:
+    """One sentence for the log when some photos are stored turned (EXIF Orientation)."""
+    turned = counts.get("turned") or 0
+    if not turned:
+        return None
+    return (f"{turned} photo{'s' if turned > 1 else ''} stored turned (EXIF Orientation, as "
+            "phones store portrait photos): decoded upright, in training as in serving")
+
+
 def split_layout_note(counts: dict) -> Optional[str]:
     """One sentence for the log and the run report when the dataset came already split."""
     merged = counts.get("split_folders") or []
@@ -196,8 +213,12 @@ def _refuse_undecodable_names(paths: list[str]) -> None:
             "names petalflow decodes)")
 
 
-def _header_check(path: Path) -> tuple[Optional[str], int, int]:
-    """(reason or None, width, height) from the file header alone, without decoding pixels."""
+def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
+    """(reason or None, width, height, EXIF orientation) from the file header alone, without
+    decoding pixels. The orientation is PIL's reading of a JPEG's EXIF (1 for other formats or
+    none): PIL reads every segment, the served graph's reader the first few
+    (``images.exif_orientations``), so a dataset PIL finds nothing turned in has nothing the
+    decoder would turn, and training skips reading EXIF for it (``reads_exif``)."""
     from PIL import Image, UnidentifiedImageError
 
     # Only the header is read here and MAX_PIXELS (lower) is enforced below, so PIL's own
@@ -205,21 +226,42 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int]:
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
-            fmt, (width, height) = im.format, im.size
+            fmt, (width, height), mode = im.format, im.size, im.mode
+            orientation = _exif_orientation(im) if fmt == "JPEG" else 1
     except UnidentifiedImageError:
         if path.suffix.lower() in IMAGE_SUFFIXES:  # named as an image: a format PIL cannot read
             return (f"unsupported image format ({path.suffix} file; supported: "
-                    f"{', '.join(SUPPORTED_FORMATS)})"), 0, 0
-        return "not an image file", 0, 0
+                    f"{', '.join(SUPPORTED_FORMATS)})"), 0, 0, 1
+        return "not an image file", 0, 0, 1
     except Exception as exc:  # noqa: BLE001 - any header failure means unusable
-        return f"unreadable image header: {exc}", 0, 0
+        return f"unreadable image header: {exc}", 0, 0, 1
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     if fmt not in SUPPORTED_FORMATS:
-        return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})", 0, 0
+        return (f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})",
+                0, 0, 1)
     if width * height > MAX_PIXELS:
-        return f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})", width, height
-    return None, width, height
+        return (f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})", width, height,
+                orientation)
+    if fmt == "BMP" and mode == "P":
+        # TensorFlow's BMP decoder has no palettes: it reads an 8-bit BMP's palette indices as
+        # grey levels (right for PIL's "L", a grey ramp; other pictures wrong, silently) and
+        # refuses fewer bits. PIL opens any other palette as "P".
+        return ("colour-palette BMP: TensorFlow's decoder reads its palette indices as grey "
+                "levels; save it as a 24-bit BMP or a PNG"), 0, 0, 1
+    return None, width, height, orientation
+
+
+def _exif_orientation(im) -> int:
+    """The EXIF Orientation of an open PIL image: 1-8; 1 without one; 0 when its EXIF cannot be
+    read (then counted as turned, so training reads it as the served graph does)."""
+    if "exif" not in im.info:
+        return 1
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF: leave the decision to the decoder
+        return 0
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 CHECK_BATCH = 512  # indices per Python step of check_decodable
@@ -285,7 +327,7 @@ def scan_dataset(data_root: Path) -> pd.DataFrame:
     for rel, label in files:
         path = data_root / rel
         row = dict(path=rel, label=label, sha256="", size=0, width=0, height=0,
-                   status="ok", reason="")
+                   orientation=1, status="ok", reason="")
         try:
             row["sha256"], row["size"] = _sha256_bytes(path)
         except OSError as exc:
@@ -297,12 +339,13 @@ def scan_dataset(data_root: Path) -> pd.DataFrame:
         elif row["size"] == 0:
             row.update(status="quarantined", reason="empty file")
         else:
-            reason, row["width"], row["height"] = _header_check(path)
+            reason, row["width"], row["height"], row["orientation"] = _header_check(path)
             if reason:
                 row.update(status="quarantined", reason=reason)
         rows.append(row)
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
-    manifest = manifest.astype({"size": "int64", "width": "int64", "height": "int64"})
+    manifest = manifest.astype({"size": "int64", "width": "int64", "height": "int64",
+                                "orientation": "int64"})
 
     candidates = manifest.index[manifest["status"] == "ok"]
     reasons = check_decodable([str(data_root / p) for p in manifest.loc[candidates, "path"]])
@@ -321,6 +364,7 @@ def scan_dataset(data_root: Path) -> pd.DataFrame:
                 "quarantined", f"same image found under labels {', '.join(others)}"
             ]
     manifest.loc[manifest["status"] != "ok", ["width", "height"]] = 0
+    manifest.loc[manifest["status"] != "ok", "orientation"] = 1
     return manifest
 
 
@@ -420,6 +464,9 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
     }
     if "split" in manifest:
         counts["splits"] = {s: int((used["split"] == s).sum()) for s in ("train", "val", "test")}
+    if "orientation" in manifest:
+        counts["turned"] = int((used["orientation"] > 1).sum())
+        counts["exif_unreadable"] = int((used["orientation"] == 0).sum())
     quarantined = manifest[manifest["status"] != "ok"]
     counts["quarantine_reasons"] = {
         row.path: row.reason for row in quarantined.itertuples(index=False)
@@ -462,6 +509,14 @@ def prepare_dataset(
 def load_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest CSV back with the right dtypes (empty strings stay strings)."""
     return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "path": str, "split": str})
+
+
+def reads_exif(data_info: DatasetInfo) -> bool:
+    """Whether decoding this dataset's files must read their EXIF orientation: some are turned
+    or have EXIF PIL could not read, or the scan did not say (the served model always reads
+    it)."""
+    counts = data_info["counts"]
+    return counts.get("turned") != 0 or counts.get("exif_unreadable") != 0
 
 
 def split_files(data_info: DatasetInfo, split: str) -> tuple[list[str], np.ndarray]:

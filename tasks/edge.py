@@ -31,12 +31,10 @@ def model_file(fmt: str) -> str:
     return f"model_{fmt}.tflite"
 
 
-def _decode_file(path: str, image_size: int):
-    import tensorflow as tf
+def _decode_file(path: str, image_size: int, exif: bool = True):
+    from petalflow.tasks.images import file_decoder
 
-    from petalflow.tasks.images import decode_image
-
-    return decode_image(tf.io.read_file(path), image_size)
+    return file_decoder(image_size, exif)(path)
 
 
 def calibration_sample(paths: Sequence[str], n: int = CALIBRATION_IMAGES, seed: int = 0) -> list:
@@ -47,11 +45,12 @@ def calibration_sample(paths: Sequence[str], n: int = CALIBRATION_IMAGES, seed: 
 
 
 def tflite_converter(network, fmt: str, image_size: int, calibration_paths: Sequence[str] = (),
-                     batch: int = 1, output: int = -1):
+                     batch: int = 1, output: int = -1, exif: bool = True):
     """The converter of ``network`` (a frozen function images -> tensors,
     ``model.frozen_function``) to a TFLite model of its output number ``output``, input fixed
     to [batch, S, S, 3]: float32 (as trained), float16 weights, or int8 weights and activations
-    calibrated on ``calibration_paths`` (input and output float32).
+    calibrated on ``calibration_paths`` (input and output float32; decoded as
+    ``images.file_decoder`` with ``exif``).
 
     It converts the frozen graph as it is (TensorFlow's graph-def converter), so one freeze
     serves every format and the serving export, where the converter built from a function
@@ -74,13 +73,13 @@ def tflite_converter(network, fmt: str, image_size: int, calibration_paths: Sequ
     else:
         sample = list(calibration_paths)
         conv.representative_dataset = lambda: (
-            [tf.expand_dims(_decode_file(path, image_size), 0)] for path in sample)
+            [tf.expand_dims(_decode_file(path, image_size, exif), 0)] for path in sample)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return conv
 
 
 def export_tflite(network, class_names: Sequence[str], image_size: int, out_dir: Path,
-                  calibration_paths: Sequence[str]) -> dict:
+                  calibration_paths: Sequence[str], exif: bool = True) -> dict:
     """Convert ``network`` (``model.frozen_network`` of the trained classifier: its second
     output is the class probabilities) to the two TFLite models in ``out_dir`` with
     ``labels.txt`` and ``edge.json``; returns the edge description."""
@@ -93,7 +92,7 @@ def export_tflite(network, class_names: Sequence[str], image_size: int, out_dir:
         # A backbone with an op TFLite cannot convert (or quantize) costs that edge model
         # only, never the training run: the reason is recorded and reported instead.
         try:
-            converter = tflite_converter(network, fmt, image_size, sample)
+            converter = tflite_converter(network, fmt, image_size, sample, exif=exif)
             (out_dir / model_file(fmt)).write_bytes(converter.convert())
         except Exception as exc:  # noqa: BLE001 - any converter failure, reported below
             (out_dir / model_file(fmt)).unlink(missing_ok=True)
@@ -160,7 +159,8 @@ def latency_ms(fn, items) -> float:
 
 
 def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], test_y,
-                  image_size: int, savedmodel_latency_ms: Optional[float] = None) -> dict:
+                  image_size: int, savedmodel_latency_ms: Optional[float] = None,
+                  exif: bool = True) -> dict:
     """Each TFLite model's test-split accuracy, size and CPU latency per image (one image file
     in, its probabilities out, decode included, batch 1, one interpreter thread), beside the
     serving SavedModel's size and ``savedmodel_latency_ms`` (the evaluation measured it the
@@ -177,7 +177,8 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
     accuracy_runners = {fmt: tflite_classifier(edge_dir / model_file(fmt), usable_cpus())
                         for fmt in converted}
     correct = {fmt: 0 for fmt in FORMATS}
-    images = (image for batch in image_dataset(test_paths, None, image_size, 32)  # in order
+    images = (image for batch in image_dataset(test_paths, None, image_size, 32,  # in order
+                                               exif=exif)
               for image in batch.numpy())
     for image, label in zip(images, np.asarray(test_y)):
         for fmt, run in accuracy_runners.items():
@@ -193,7 +194,8 @@ def evaluate_edge(edge_dir: Path, export_dir: Path, test_paths: Sequence[str], t
             "test_accuracy": correct[fmt] / max(len(test_paths), 1),
             "size_bytes": (edge_dir / model_file(fmt)).stat().st_size,
             "latency_ms": round(latency_ms(
-                lambda p, run=run: run(_decode_file(p, image_size).numpy()), timed), 3),
+                lambda p, run=run: run(_decode_file(p, image_size, exif).numpy()), timed),
+                3),
         }
     size = sum(f.stat().st_size for f in Path(export_dir).rglob("*") if f.is_file())
     description["savedmodel"] = {"size_bytes": size, "latency_ms": savedmodel_latency_ms}

@@ -16,7 +16,7 @@ import pandas as pd
 from prefect import task
 
 from petalflow.tasks.common import release_memory
-from petalflow.tasks.dataset import DatasetInfo, split_files
+from petalflow.tasks.dataset import DatasetInfo, reads_exif, split_files
 from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
 
@@ -309,7 +309,7 @@ def evaluate_edge_models(edge_dir: Path, export_dir: Path, data_info: DatasetInf
 
     paths, y = split_files(data_info, "test")
     return evaluate_edge(Path(edge_dir), Path(export_dir), paths, y, image_size,
-                         savedmodel_latency_ms)
+                         savedmodel_latency_ms, reads_exif(data_info))
 
 
 @task(name="evaluate-edge-models")

@@ -23,7 +23,7 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from petalflow.tasks.dataset import DatasetInfo, split_files
+from petalflow.tasks.dataset import DatasetInfo, reads_exif, split_files
 from petalflow.tasks.common import file_lock, log, release_memory, write_json
 from petalflow.tasks.params import TrainParams
 
@@ -161,22 +161,23 @@ def augmented_view_file(seed: int, view: int) -> str:
 
 
 def augmented_copy(extract, paths, labels, cfg: TrainParams, features_dir: Path,
-                   view: int) -> tuple:
+                   view: int, exif: bool = True) -> tuple:
     """(features, whether they came from the cache, cache name) of augmented copy ``view`` of
     ``paths``: its file (``augmented_view_file``) and its augmentation seed both follow from
     ``cfg.seed`` and ``view``."""
     name = augmented_view_file(cfg.seed, view)
     features, _, hit = cached_features(extract, paths, labels, cfg, features_dir / name,
-                                       augment_seed=(cfg.seed * 1000 + view + 1) % 2**31)
+                                       augment_seed=(cfg.seed * 1000 + view + 1) % 2**31,
+                                       exif=exif)
     return features, hit, name.removesuffix(".npz")
 
 
 def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
-                    augment_seed: Optional[int] = None) -> tuple:
+                    augment_seed: Optional[int] = None, exif: bool = True) -> tuple:
     """(features [n, dim], labels, whether they came from the cache) for ``paths``, computed
     by ``extract`` (``tasks.features.FeatureExtractor``: image batch -> features) once and
     cached in ``cache`` (.npz); with ``augment_seed``, of the images randomly augmented
-    (``augment_batch``) with that seed.
+    (``augment_batch``) with that seed. ``exif``: as ``inputs.image_dataset``.
     While computing, a progress line every few seconds (images done, images/s)."""
     # One process computes, the others (concurrent sweep candidates) wait and read.
     with file_lock(cache.with_name(cache.name + ".lock")):
@@ -186,15 +187,16 @@ def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
                     log("features (%s): %d images from the cache %s", cache.stem, len(paths),
                         cache.parent)
                     return data["features"], data["labels"], True
-        return (*_compute_features(extract, paths, labels, cfg, cache, augment_seed), False)
+        return (*_compute_features(extract, paths, labels, cfg, cache, augment_seed, exif),
+                False)
 
 
 def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
-                      augment_seed: Optional[int] = None) -> tuple:
+                      augment_seed: Optional[int] = None, exif: bool = True) -> tuple:
     from petalflow.tasks.inputs import image_dataset
 
     ds = image_dataset(paths, None, cfg.image_size, cfg.batch_size,  # in order: rows = paths
-                       augment=augment_seed is not None, seed=augment_seed or 0)
+                       augment=augment_seed is not None, seed=augment_seed or 0, exif=exif)
     # One array filled batch by batch: no list of batches concatenated (and converted) at the
     # end, which held the split's features three times over at once (grows with the data).
     features, done, started = np.zeros((0, 0), np.float32), 0, time.time()
@@ -231,7 +233,8 @@ DRIFT_SAMPLE = 500  # training images the drift reference describes
 
 
 def training_drift_reference(network, train_paths: list, cfg: TrainParams,
-                             train_features: Optional[np.ndarray] = None) -> dict:
+                             train_features: Optional[np.ndarray] = None,
+                             exif: bool = True) -> dict:
     """The drift reference stored with the model: feature and image statistics of a seeded
     sample of the training split. Features come from ``train_features`` (already computed,
     same order as ``train_paths``) when given, else from the trained ``network``
@@ -248,7 +251,7 @@ def training_drift_reference(network, train_paths: list, cfg: TrainParams,
 
         features = np.concatenate([
             network(batch)[0].numpy()
-            for batch in image_dataset(paths, None, cfg.image_size, 64)
+            for batch in image_dataset(paths, None, cfg.image_size, 64, exif=exif)
         ]) if paths else np.zeros((0, 0))
     stats = file_statistics(paths)
     return drift_reference(features, stats)
@@ -301,11 +304,12 @@ def _validate_on_features(head, val_x, val_y):
     return validate
 
 
-def _validate_on_images(classifier, val_paths, val_y, cfg: TrainParams):
+def _validate_on_images(classifier, val_paths, val_y, cfg: TrainParams, exif: bool = True):
     from petalflow.tasks.inputs import image_dataset
 
     def validate() -> dict:
-        ds = image_dataset(val_paths, val_y, cfg.image_size, max(cfg.batch_size, 64))
+        ds = image_dataset(val_paths, val_y, cfg.image_size, max(cfg.batch_size, 64),
+                           exif=exif)
         val_loss, val_acc = classifier.evaluate(ds, verbose=0)
         return {"val_loss": float(val_loss), "val_accuracy": float(val_acc)}
 
@@ -428,6 +432,7 @@ def _train(
     classes = data_info["classes"]
     train_paths, train_y = split_files(data_info, "train")
     val_paths, val_y = split_files(data_info, "val")
+    exif = reads_exif(data_info)  # False: the scan found no photo to turn upright
 
     # Without fine-tuning the backbone is only ever used frozen: a frozen copy an earlier
     # training saved (``frozen_backbone_dir``, beside the feature caches) replaces loading the
@@ -473,7 +478,7 @@ def _train(
     if not cfg.fine_tune_layers:
         backbone = None
     val_x, val_y, hit = cached_features(extract, val_paths, val_y, cfg,
-                                        features_dir / "val.npz")
+                                        features_dir / "val.npz", exif=exif)
     reused += ["val"] if hit else []
     lap("val_features")
     train_features = None  # the train split's cached features, when training used them
@@ -491,14 +496,14 @@ def _train(
         cb = _epoch_end_callback(_validate_on_features(head, val_x, val_y), manager, epoch_var,
                                  total, on_epoch_end, "head")
         train_x, train_y, hit = cached_features(
-            extract, train_paths, train_y, cfg, features_dir / "train.npz"
+            extract, train_paths, train_y, cfg, features_dir / "train.npz", exif=exif
         )
         reused += ["train"] if hit else []
         train_features = train_x
         views = [train_x]  # with augmentation, + AUGMENTED_VIEWS augmented copies, each cached
         for view in range(AUGMENTED_VIEWS if cfg.augment else 0):
             x, hit, name = augmented_copy(extract, train_paths, train_y, cfg, features_dir,
-                                          view)
+                                          view, exif)
             views.append(x)
             reused += [name] if hit else []
         fit_x = train_x if len(views) == 1 else np.concatenate(views)
@@ -530,10 +535,12 @@ def _train(
             # Recompile so the new trainable set takes effect, with a low learning rate.
             classifier.compile(optimizer=tune_opt, loss=loss, metrics=["accuracy"])
             # The backbone now changes, so cached validation features go stale: use images.
-            cb = _epoch_end_callback(_validate_on_images(classifier, val_paths, val_y, cfg),
+            cb = _epoch_end_callback(_validate_on_images(classifier, val_paths, val_y, cfg,
+                                                         exif),
                                      manager, epoch_var, total, on_epoch_end, "fine-tune")
             train_ds = image_dataset(train_paths, train_y, cfg.image_size, cfg.batch_size,
-                                     shuffle=True, augment=cfg.augment, seed=cfg.seed)
+                                     shuffle=True, augment=cfg.augment, seed=cfg.seed,
+                                     exif=exif)
             record(classifier.fit(train_ds, epochs=total, initial_epoch=start, callbacks=[cb],
                                   verbose=0, class_weight=weights))
 
@@ -562,7 +569,7 @@ def _train(
     # Features cached before training are the final ones only if the backbone never changed.
     reusable = train_features if not cfg.fine_tune_layers else None
     write_json(staging / DRIFT_REFERENCE,
-               training_drift_reference(network, train_paths, cfg, reusable))
+               training_drift_reference(network, train_paths, cfg, reusable, exif))
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(staging, export_dir)
     release_memory()  # the export's traced serving graph is garbage now
@@ -574,7 +581,7 @@ def _train(
         edge_dir = workdir / "edge"
         shutil.rmtree(edge_dir, ignore_errors=True)
         export_tflite(network, classes, cfg.image_size, edge_dir,
-                      calibration_sample(train_paths, seed=cfg.seed))
+                      calibration_sample(train_paths, seed=cfg.seed), exif)
         lap("edge_export")
 
     record_ = {

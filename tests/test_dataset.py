@@ -79,6 +79,60 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     assert (ok["width"] > 0).all() and (ok["height"] > 0).all()
 
 
+def test_a_colour_palette_bmp_is_quarantined_a_grey_one_used(tmp_path):
+    """TensorFlow reads an 8-bit BMP's palette indices as grey levels: right for a grey ramp,
+    another picture for a colour palette (silently): that one is quarantined, saying why."""
+    import tensorflow as tf
+
+    root = make_dataset(tmp_path / "d", per_class=4)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))
+    photo.quantize(64).save(root / "red" / "paint.bmp")
+    photo.convert("L").save(root / "blue" / "scan.bmp")
+    decoded = tf.io.decode_image((root / "red" / "paint.bmp").read_bytes(), channels=3).numpy()
+    assert np.abs(decoded.astype(int) - np.asarray(photo.quantize(64).convert("RGB"))).max() > 50
+    m = scan_dataset(root)
+    assert _status(m, "red/paint.bmp") == (
+        "quarantined", "colour-palette BMP: TensorFlow's decoder reads its palette indices as "
+                       "grey levels; save it as a 24-bit BMP or a PNG")
+    assert _status(m, "blue/scan.bmp") == ("ok", "")
+    grey = tf.io.decode_image((root / "blue" / "scan.bmp").read_bytes(), channels=3).numpy()
+    assert (grey[..., 0] == np.asarray(photo.convert("L"))).all()
+
+
+def test_the_scan_records_each_photos_exif_orientation_and_counts_the_turned(tmp_path):
+    """The manifest says how each file is turned (its EXIF, as PIL reads it), the counts how
+    many usable ones are: training reads EXIF only when some are (``reads_exif``)."""
+    from pathlib import Path
+
+    from petalflow.tasks.dataset import load_manifest, orientation_note, reads_exif
+    from tests.helpers import phone_jpeg, quadrants
+
+    root = make_dataset(tmp_path / "d", per_class=4)
+    plain = prepare_dataset(root, tmp_path / "m1", 0.25, 0.25, 0)
+    assert plain["counts"]["turned"] == 0 and not reads_exif(plain)
+    (root / "red" / "portrait.jpg").write_bytes(phone_jpeg(quadrants(), 6))
+    (root / "red" / "mirrored.jpg").write_bytes(phone_jpeg(quadrants(), 2, "MM"))
+    (root / "red" / "upright.jpg").write_bytes(phone_jpeg(quadrants(), 1))
+    (root / "red" / "broken.jpg").write_bytes(phone_jpeg(quadrants(), 6)[:300])
+    info = prepare_dataset(root, tmp_path / "m2", 0.25, 0.25, 0)
+    m = load_manifest(Path(info["manifest"])).set_index("path")
+    assert m.loc["red/portrait.jpg", "orientation"] == 6
+    assert m.loc["red/mirrored.jpg", "orientation"] == 2
+    assert m.loc["red/upright.jpg", "orientation"] == 1
+    assert m.loc["red/000.jpg", "orientation"] == 1
+    assert m.loc["red/broken.jpg", ["status", "orientation"]].tolist() == ["quarantined", 1]
+    assert info["counts"]["turned"] == 2 and reads_exif(info)
+    assert orientation_note(info["counts"]) == (
+        "2 photos stored turned (EXIF Orientation, as phones store portrait photos): decoded "
+        "upright, in training as in serving")
+    assert orientation_note(plain["counts"]) is None
+    # A dataset description without the counts (an older scan): read EXIF to be safe.
+    assert reads_exif({**info, "counts": {k: v for k, v in plain["counts"].items()
+                                          if k not in ("turned", "exif_unreadable")}})
+    # EXIF PIL cannot read: training reads it as the served graph does.
+    assert reads_exif({**plain, "counts": {**plain["counts"], "exif_unreadable": 1}})
+
+
 def test_same_image_under_two_labels_is_quarantined(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4)
     shutil.copy(root / "red" / "000.jpg", root / "blue" / "stolen.jpg")

@@ -549,6 +549,31 @@ def test_the_served_model_sees_a_sideways_stored_phone_photo_upright(exported):
     np.testing.assert_allclose([p[1] for p in probs], [p[0] for p in probs], atol=1e-4)
 
 
+def test_training_sees_sideways_stored_phone_photos_upright(tmp_path, tiny_backbone):
+    """Photos a phone stored sideways (EXIF Orientation 6) get, in training's feature caches,
+    the features of the same photos stored upright: training reads EXIF when the scan found
+    turned photos."""
+    from tests.helpers import phone_jpeg, quadrants
+
+    root = make_dataset(tmp_path / "photos", per_class=6)
+    for i, size in enumerate([(64, 32), (64, 48), (80, 32), (96, 32)]):
+        (root / "red" / f"upright{i}.jpg").write_bytes(phone_jpeg(quadrants(size), None))
+        (root / "red" / f"phone{i}.jpg").write_bytes(phone_jpeg(quadrants(size), 6))
+    info = prepare_dataset(root, tmp_path / "manifest", 0.2, 0.2, seed=0)
+    assert info["counts"]["turned"] == 4
+    train_model(info, _cfg(tiny_backbone, epochs=1, edge_export=False), tmp_path / "w",
+                features_dir=tmp_path / "features")
+    rows = {}
+    for cache in (tmp_path / "features").glob("*.npz"):
+        with np.load(cache) as data:
+            rows.update({Path(p).name: f for p, f in zip(data["paths"], data["features"])})
+    pairs = [i for i in range(4) if f"upright{i}.jpg" in rows and f"phone{i}.jpg" in rows]
+    assert pairs  # the split put at least one pair in train/val (fixed seed)
+    for i in pairs:
+        upright, phone = rows[f"upright{i}.jpg"], rows[f"phone{i}.jpg"]
+        assert np.abs(phone - upright).max() <= 0.001 * np.abs(upright).max(), i
+
+
 def test_a_large_request_runs_in_bounded_calls_with_the_same_rows(exported, monkeypatch):
     """Rows go to the SavedModel CALL_ROWS at a time (its memory grows with the rows of one
     call); the table is the one a single call gives, in order, on the request's index."""
