@@ -30,8 +30,8 @@ _EXIF_ENTRIES = 64  # IFD0 entries read (cameras write ~10-20; Orientation is am
 
 def exif_window(image_bytes):
     """The first bytes of encoded images (any shape of strings): what ``exif_orientations``
-    reads. Batch them and read them together: per image, reading costs ~0.15 ms in tf.data;
-    per batch of any size about that once."""
+    reads. Batch them and read them together: read one image at a time inside tf.data, the
+    reader cost more than decoding many photos (bench/decode_bench.py, BENCHMARKS.md)."""
     import tensorflow as tf
 
     return tf.strings.substr(image_bytes, 0, EXIF_WINDOW)
@@ -39,8 +39,7 @@ def exif_window(image_bytes):
 
 def _plain(fn):
     """``fn`` as it is when a graph is traced, not converted by AutoGraph (it is plain
-    TensorFlow operations; converting these took ~0.5 s in every graph that called them,
-    the serving export's three signatures among them)."""
+    TensorFlow operations; converting them added ~0.4 s to the serving export)."""
     import tensorflow as tf
 
     return tf.autograph.experimental.do_not_convert(fn)
