@@ -226,7 +226,11 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
-            fmt, (width, height), mode = im.format, im.size, im.mode
+            # A JPEG with more pictures after the photo (a multi-picture MPF segment: cameras'
+            # previews, phones' depth or HDR gain maps) is "MPO" to PIL; TensorFlow decodes
+            # the photo, its first picture.
+            fmt = "JPEG" if im.format == "MPO" else im.format
+            (width, height), mode = im.size, im.mode
             orientation = _exif_orientation(im) if fmt == "JPEG" else 1
     except UnidentifiedImageError:
         if path.suffix.lower() in IMAGE_SUFFIXES:  # named as an image: a format PIL cannot read

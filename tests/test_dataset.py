@@ -133,6 +133,22 @@ def test_the_scan_records_each_photos_exif_orientation_and_counts_the_turned(tmp
     assert reads_exif({**plain, "counts": {**plain["counts"], "exif_unreadable": 1}})
 
 
+def test_a_camera_jpeg_with_more_pictures_is_used_with_its_orientation(tmp_path):
+    """A JPEG carrying further pictures (MPF: a camera's preview, a phone's depth or HDR gain
+    map) is "MPO" to PIL, and was quarantined as an unsupported format: it is a JPEG, its
+    first picture the photo, which TensorFlow decodes; its EXIF orientation is read."""
+    root = make_dataset(tmp_path / "d", per_class=4)
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 48, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(root / "red" / "camera.jpg", "MPO", save_all=True, exif=exif.tobytes(),
+               append_images=[photo.resize((16, 8))])
+    assert Image.open(root / "red" / "camera.jpg").format == "MPO"
+    m = scan_dataset(root).set_index("path")
+    assert m.loc["red/camera.jpg", ["status", "reason", "width", "height", "orientation"]] \
+        .tolist() == ["ok", "", 48, 32, 6]
+
+
 def test_same_image_under_two_labels_is_quarantined(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4)
     shutil.copy(root / "red" / "000.jpg", root / "blue" / "stolen.jpg")
