@@ -110,11 +110,6 @@ def _orientations(windows):
     return tf.where(found, value, one)
 
 
-def exif_orientation(image_bytes):
-    """``exif_orientations`` of one image's bytes (a scalar)."""
-    return exif_orientations(image_bytes[None])[0]
-
-
 def upright_images(images, orientations):
     """``images`` [n, s, s, 3] float32 (square) turned as their EXIF ``orientations`` [n] (1-8)
     say they are displayed (what ``PIL.ImageOps.exif_transpose`` does): transposed for 5-8,

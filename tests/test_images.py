@@ -11,6 +11,15 @@ from PIL import Image, ImageOps
 from tests.helpers import phone_jpeg, quadrants
 
 
+def exif_orientation(data):
+    """``exif_orientations`` of one image's bytes (a scalar tensor)."""
+    import tensorflow as tf
+
+    from petalflow.tasks.images import exif_orientations
+
+    return exif_orientations(tf.reshape(data, [1]))[0]
+
+
 def _decode(data: bytes, size: int = 32) -> np.ndarray:
     import tensorflow as tf
 
@@ -26,7 +35,6 @@ def test_a_photo_stored_sideways_is_decoded_upright_as_exif_says(byte_order):
     ones; and the orientation read is the one PIL reads."""
     import tensorflow as tf
 
-    from petalflow.tasks.images import exif_orientation
 
     upright = quadrants()
     expected = _decode(phone_jpeg(upright, None))
@@ -50,7 +58,6 @@ def test_exif_after_other_segments_is_found_and_in_a_served_graph_too():
     the exported model runs), not only eagerly."""
     import tensorflow as tf
 
-    from petalflow.tasks.images import exif_orientation
 
     data = phone_jpeg(quadrants(), 6, before=((0xE0, b"JFIF\0\1\1\0\0\1\0\1\0\0"),
                                               (0xE2, b"ICC_PROFILE\0" + bytes(3000))))
@@ -67,7 +74,6 @@ def test_other_formats_and_damaged_exif_keep_the_pixels_as_stored():
     short or with offsets past the end, an out-of-range value, bytes that are no image."""
     import tensorflow as tf
 
-    from petalflow.tasks.images import exif_orientation
 
     good = phone_jpeg(quadrants(), 6)
     app1 = good.index(b"Exif")
