@@ -70,6 +70,13 @@ GRID_PIXELS = 2400  # with more classes the cells shrink so the grid stays this 
 LABEL_CHARS = 40  # longer class names are cut (with "…") in the image; the CSV has them whole
 
 
+def read_per_class(path: Path) -> pd.DataFrame:
+    """``per_class.csv`` as ``evaluate_model`` wrote it: class names stay the text they are (read
+    as pandas guesses, a class folder "None" or "NA" became a missing value and "007" the
+    number 7)."""
+    return pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
+
+
 def _font(size: int):
     """DejaVu Sans (matplotlib's font, found without importing matplotlib: it covers accented and
     most non-Latin class names), else Pillow's own font."""
@@ -283,7 +290,7 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
         markdown=Path(result["files"]["report"]).read_text(), key="test-evaluation",
         description="Test-set accuracy, per-class metrics and confusion matrix",
     )
-    per_class = pd.read_csv(result["files"]["per_class"])
+    per_class = read_per_class(result["files"]["per_class"])
     create_table_artifact(
         table=per_class.round(4).to_dict(orient="records"), key="per-class-metrics",
         description="Per-class precision / recall / F1 on the test split",

@@ -155,7 +155,9 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
     ]
     per_class = evaluation / "per_class.csv"
     if per_class.exists():
-        lines += [_table(pd.read_csv(per_class).round(4)), ""]
+        from petalflow.tasks.evaluate import read_per_class
+
+        lines += [_table(read_per_class(per_class).round(4)), ""]
     confusion = evaluation / "confusion.csv"
     if confusion.exists():
         from petalflow.tasks.evaluate import confusion_markdown

@@ -379,3 +379,33 @@ def test_class_names_with_spaces_and_non_ascii(tmp_path):
     m = split_dataset(scan_dataset(root), 0.25, 0.25, 0)
     assert sorted(m["label"].unique()) == ["blühende rose", "wild daisy"]
     assert (m["status"] == "ok").all()
+
+
+def test_class_names_pandas_would_read_as_values_stay_text_in_the_card_and_tables(tmp_path):
+    """Class folders "None" (a defect dataset's "no defect"), "NA", "007" and "010": the
+    manifest, the per-class table (read back for the Prefect artifact) and the model card keep
+    them as named, not as a missing value or the numbers 7 and 10."""
+    from petalflow.tasks.dataset import dataset_summary, load_manifest
+    from petalflow.tasks.evaluate import classification_tables, read_per_class
+    from petalflow.tasks.report import model_card
+
+    colours = {"None": (200, 0, 0), "NA": (0, 200, 0), "007": (0, 0, 200), "010": (200, 200, 0)}
+    info = prepare_dataset(make_dataset(tmp_path / "d", per_class=5, colours=colours),
+                           tmp_path / "prepared", 0.2, 0.2, 0)
+    assert info["classes"] == ["007", "010", "NA", "None"]
+    assert sorted(load_manifest(info["manifest"])["label"].unique()) == info["classes"]
+    _, per_class, confusion = classification_tables([0, 1, 2, 3], [0, 1, 3, 3], info["classes"])
+    evaluation = tmp_path / "evaluation"
+    evaluation.mkdir()
+    per_class.to_csv(evaluation / "per_class.csv", index=False)
+    confusion.to_csv(evaluation / "confusion.csv")
+    assert read_per_class(evaluation / "per_class.csv")["class"].tolist() == info["classes"]
+    card = model_card({
+        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
+        "dataset": dataset_summary(info), "manifest": info["manifest"], "comparison": {},
+        "test_metrics": {"test_accuracy": 0.75, "test_images": 4, "test_macro_f1": 0.67},
+    }, str(evaluation))
+    assert ("| class | precision | recall | f1 | support |\n|---|---|---|---|---|\n"
+            "| 007 | 1.0 | 1.0 | 1.0 | 1 |\n| 010 | 1.0 | 1.0 | 1.0 | 1 |\n"
+            "| NA | 0.0 | 0.0 | 0.0 | 1 |\n| None | 0.5 | 1.0 | 0.6667 | 1 |\n") in card
+    assert "| NA | 0 | 0 | 0 | 1 |" in card  # the confusion matrix: NA taken for None
