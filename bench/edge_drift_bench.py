@@ -85,12 +85,13 @@ def transform(path: Path, kind: str) -> bytes:
     return buf.getvalue()
 
 
-def scores(model, images: list[bytes], repeats: int, seed: int, threshold: float) -> dict:
+def scores(model, images: list[bytes], repeats: int, seed: int, threshold: float,
+           sizes=SIZES) -> dict:
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     out = {}
-    for n in SIZES:
+    for n in sizes:
         if n > len(images):
             continue
         values, parts = [], []
@@ -125,7 +126,7 @@ def full_and_unseen(args, work: Path, root: Path, held: str, result: dict) -> No
     conditions = {"held-out": [p.read_bytes() for p in held_out]}
     for kind in ("grayscale", "rotated", "grayscale+rotated", "dark"):
         conditions[kind] = [transform(p, kind) for p in held_out]
-    result["drift"].update({k: scores(model, v, args.repeats, 1, DRIFT_THRESHOLD)
+    result["drift"].update({k: scores(model, v, args.repeats, 1, DRIFT_THRESHOLD, args.sizes)
                             for k, v in conditions.items()})
 
     # Unseen class: train without one class folder, measure on its photos.
@@ -135,10 +136,11 @@ def full_and_unseen(args, work: Path, root: Path, held: str, result: dict) -> No
     mlflow.set_tracking_uri(f"sqlite:///{work / 'part' / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(part["model_uri"])
     result["drift"][f"held-out (model without {held})"] = scores(
-        model, [p.read_bytes() for p in test_files(part)], args.repeats, 2, DRIFT_THRESHOLD)
+        model, [p.read_bytes() for p in test_files(part)], args.repeats, 2, DRIFT_THRESHOLD,
+        args.sizes)
     result["drift"][f"unseen class {held}"] = scores(
         model, [p.read_bytes() for p in sorted((root / held).iterdir())], args.repeats, 3,
-        DRIFT_THRESHOLD)
+        DRIFT_THRESHOLD, args.sizes)
 
 
 def small_training_set(args, work: Path, root: Path, classes: list, held: str, per_class: int,
@@ -170,15 +172,15 @@ def small_training_set(args, work: Path, root: Path, classes: list, held: str, p
         if name == "small":
             unseen_rest = [p.read_bytes() for p in rest]
             result["drift"][f"{label}: photos it never got"] = scores(
-                model, unseen_rest, args.repeats, 4, DRIFT_THRESHOLD)
+                model, unseen_rest, args.repeats, 4, DRIFT_THRESHOLD, args.sizes)
             result["drift"][f"{label}: those in grayscale"] = scores(
                 model, [transform(p, "grayscale") for p in rest], args.repeats, 5,
-                DRIFT_THRESHOLD)
+                DRIFT_THRESHOLD, args.sizes)
         else:
             others = set(picked[held])
             result["drift"][f"{label} without {held}: {held} photos"] = scores(
                 model, [p.read_bytes() for p in sorted((root / held).iterdir())
-                        if p not in others], args.repeats, 6, DRIFT_THRESHOLD)
+                        if p not in others], args.repeats, 6, DRIFT_THRESHOLD, args.sizes)
 
 
 def main() -> int:
@@ -190,8 +192,11 @@ def main() -> int:
     ap.add_argument("--small", type=int, action="append", default=[],
                     help="also train on this many photos per class (repeatable)")
     ap.add_argument("--skip-full", action="store_true", help="only the --small part")
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                    help="sample sizes n, comma-separated (default: %(default)s)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    args.sizes = tuple(int(n) for n in args.sizes.split(","))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     from petalflow.tasks.serving import DRIFT_THRESHOLD
@@ -221,18 +226,18 @@ def main() -> int:
               f"{row['latency_ms']:.1f} |")
     print(f"\ndrift score (threshold {DRIFT_THRESHOLD}): min / median / max of "
           f"{args.repeats} samples\n")
-    print("| condition | " + " | ".join(f"n={n}" for n in SIZES) + " |")
-    print("|---|" + "---|" * len(SIZES))
+    print("| condition | " + " | ".join(f"n={n}" for n in args.sizes) + " |")
+    print("|---|" + "---|" * len(args.sizes))
     for cond, by_n in result["drift"].items():
         cells = [f"{v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f}" if (v := by_n.get(n))
-                 else "-" for n in SIZES]
+                 else "-" for n in args.sizes]
         print(f"| {cond} | " + " | ".join(cells) + " |")
     print("\nshare of samples over the threshold; median feature / image drift\n")
-    print("| condition | " + " | ".join(f"n={n}" for n in SIZES) + " |")
-    print("|---|" + "---|" * len(SIZES))
+    print("| condition | " + " | ".join(f"n={n}" for n in args.sizes) + " |")
+    print("|---|" + "---|" * len(args.sizes))
     for cond, by_n in result["drift"].items():
         cells = [f"{v['over_threshold']:.0%}; {v['feature_median']:.2f} / "
-                 f"{v['image_median']:.2f}" if (v := by_n.get(n)) else "-" for n in SIZES]
+                 f"{v['image_median']:.2f}" if (v := by_n.get(n)) else "-" for n in args.sizes]
         print(f"| {cond} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

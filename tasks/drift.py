@@ -16,14 +16,25 @@ from petalflow.tasks.registry import model_version_of, parse_models_uri
 EVENT = "petalflow.drift.detected"
 
 
+def too_few(drift: dict) -> bool:
+    """Whether the batch was too small for a verdict (versions registered before the minimum
+    existed give none: their verdict stands)."""
+    return drift["images"] < drift.get("min_images", 0)
+
+
 def drift_line(drift: Optional[dict]) -> str:
     """One line on drift for the console and the summary artifact."""
     if not drift:
         return "drift: not measured"
     if not drift.get("available"):
         return f"drift: not available ({drift.get('reason')})"
-    verdict = "DRIFTED: these images do not look like the training data" if drift["drifted"] \
-        else "like the training data"
+    if drift["drifted"]:
+        verdict = "DRIFTED: these images do not look like the training data"
+    elif too_few(drift):
+        verdict = (f"too few images to tell (a verdict needs {drift['min_images']} or more; "
+                   "the score of a few photos is mostly chance)")
+    else:
+        verdict = "like the training data"
     return (f"drift: score {drift['drift_score']:.3f} (threshold {drift['threshold']:.2f}; "
             f"features {drift['feature_drift']:.3f}, image statistics "
             f"{drift['image_drift']:.3f}) on {drift['images']} images: {verdict}")
@@ -36,8 +47,13 @@ def drift_markdown(summary: dict) -> str:
     if not drift.get("available"):
         return (f"# Drift\n\nNot measured for `{summary['model_uri']}`: "
                 f"{drift.get('reason', 'turned off')}.\n")
-    verdict = ("**over the threshold: these images do not look like the training data**"
-               if drift["drifted"] else "under the threshold: like the training data")
+    if drift["drifted"]:
+        verdict = "**over the threshold: these images do not look like the training data**"
+    elif too_few(drift):
+        verdict = (f"no verdict: too few images to tell (it needs {drift['min_images']} or "
+                   "more)")
+    else:
+        verdict = "under the threshold: like the training data"
     return "\n".join([
         "# Drift", "",
         f"{drift['images']} images from {inputs} compared with what `{summary['model_uri']}` "

@@ -316,8 +316,8 @@ def drift_of_sample(classifier, sample: Sequence[tuple[Path, np.ndarray]]) -> di
 
 def measure_drift(model, files: Sequence[Path]) -> dict:
     """The model's own drift measure (``params={"output": "drift"}``) on ``files``: drift_score,
-    feature_drift, image_drift, threshold, drifted, images; or {"available": False, "reason"}
-    for versions registered without a drift reference."""
+    feature_drift, image_drift, threshold, min_images, drifted, images; or {"available": False,
+    "reason"} for versions registered without a drift reference."""
     if not files:
         return {"available": False, "reason": "no classified image"}
     try:

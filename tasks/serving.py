@@ -29,6 +29,12 @@ DRIFT_THRESHOLD = 0.3
 # by 10 images' worth, scores no longer depend on the reference's size (BENCHMARKS.md, drift
 # on small training sets); with 500 reference images the weight is 2 %.
 SPREAD_PRIOR_IMAGES = 10
+# Images a batch needs for a verdict (chosen by measurement: BENCHMARKS.md, drift on small
+# batches). Photos like the training ones went over the threshold in 33-60 % of samples of 1
+# to 5 images and 7-23 % of samples of 10 (the mean of a few photos moves far by chance), 0-7 %
+# of samples of 20; every grayscale, rotated or darkened sample of 20 went over. A smaller
+# batch gets its score, and "drifted" stays False: too few images to tell.
+DRIFT_MIN_IMAGES = 20
 IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturation")
 ERROR_UNDECODABLE = "undecodable image"
 # Rows per call of the SavedModel: its memory grows with the rows it runs at once (MobileNetV2
@@ -260,7 +266,7 @@ def drift_reference(features: np.ndarray, stats: np.ndarray) -> dict:
 
     return {"images": int(len(features)), "features": describe(features),
             "image_stats": dict(describe(stats), names=list(IMAGE_STATS)),
-            "threshold": DRIFT_THRESHOLD}
+            "threshold": DRIFT_THRESHOLD, "min_images": DRIFT_MIN_IMAGES}
 
 
 def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = None,
@@ -288,14 +294,18 @@ def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = Non
 
 def drift_scores(reference: dict, features: np.ndarray, stats: np.ndarray) -> dict:
     """feature_drift, image_drift, drift_score (the larger) and whether it is over the
-    threshold the reference was stored with."""
+    threshold the reference was stored with: ``drifted`` only for a batch of ``min_images``
+    or more (a smaller one's score is mostly chance)."""
     m = reference.get("images")
     feature = _shift(reference["features"], features, m, pooled=True)
     image = _shift(reference["image_stats"], stats, m)
     threshold = float(reference.get("threshold", DRIFT_THRESHOLD))
+    min_images = int(reference.get("min_images", DRIFT_MIN_IMAGES))
     score = max(feature, image)
     return {"drift_score": score, "feature_drift": feature, "image_drift": image,
-            "threshold": threshold, "drifted": bool(score > threshold), "images": int(len(stats))}
+            "threshold": threshold, "min_images": min_images,
+            "drifted": bool(score > threshold and len(stats) >= min_images),
+            "images": int(len(stats))}
 
 
 def _load_pyfunc(data_path: str) -> ImageClassifier:

@@ -623,7 +623,7 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
 
     tmp, summary = trained
     monkeypatch.chdir(tmp)
-    alike = make_dataset(tmp_path / "alike", per_class=4, seed=7)
+    alike = make_dataset(tmp_path / "alike", per_class=7, seed=7)  # 21: enough for a verdict
     shifted = _grayscale_rotated(alike, tmp_path / "shifted")
 
     # Earlier tests' runs of `petalflow predict` (the same flow) may have announced drift too.
@@ -631,7 +631,16 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     calm = batch_predict(PredictParams(input=[str(alike)], output=str(tmp_path / "a.csv")))
     assert calm["drift"]["available"] and not calm["drift"]["drifted"]
     assert calm["drift"]["drift_score"] < calm["drift"]["threshold"]
-    assert calm["drift"]["images"] == 12 and calm["drift_event"] is None
+    assert calm["drift"]["images"] == 21 and calm["drift_event"] is None
+    assert _events("petalflow.drift.detected", since) == []
+
+    # Three of the shifted photos: a score over the threshold, but too few for a verdict (a
+    # few photos like the training ones score that high by chance): no event.
+    few = [str(p) for p in sorted(shifted.rglob("*.jpg"))[:3]]
+    small = batch_predict(PredictParams(input=few, output=str(tmp_path / "f.csv")))
+    assert small["drift"]["images"] == 3 and small["drift"]["min_images"] == 20
+    assert small["drift"]["drift_score"] > small["drift"]["threshold"]
+    assert not small["drift"]["drifted"] and small["drift_event"] is None
     assert _events("petalflow.drift.detected", since) == []
 
     alarm = batch_predict(PredictParams(input=[str(shifted)], output=str(tmp_path / "s.csv")))
@@ -650,6 +659,8 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     texts = [a.data for a in arts]
     assert any(f"drift score **{drift['drift_score']:.3f}**" in t for t in texts)
     assert any(f"drift score **{calm['drift']['drift_score']:.3f}**" in t for t in texts)
+    assert any(f"drift score **{small['drift']['drift_score']:.3f}** (threshold 0.30), no "
+               "verdict: too few images to tell (it needs 20 or more)." in t for t in texts)
 
     # The command measures the same way and says it.
     assert main(["predict", "--input", str(shifted), "--output", str(tmp_path / "c.csv")]) == 0

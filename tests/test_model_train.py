@@ -681,6 +681,41 @@ def test_drift_is_low_on_training_like_images_and_high_on_shifted_ones(trained, 
     assert len(frame) == 1 and bool(frame["drifted"].iloc[0])
 
 
+def test_a_few_photos_get_a_drift_score_but_no_verdict(trained, data_info):
+    """One to a few photos' mean moves far by chance (photos like the training ones went over
+    the threshold in a third to over half of such samples): a batch under the version's
+    minimum gets its score and "too few images to tell", not "drifted"; the same shifted
+    photos, enough of them, are drifted."""
+    from pathlib import Path
+
+    from petalflow.tasks.dataset import split_files
+    from petalflow.tasks.drift import drift_line, drift_markdown
+    from petalflow.tasks.serving import DRIFT_MIN_IMAGES, DRIFT_THRESHOLD, ImageClassifier
+
+    model = ImageClassifier(trained["export_dir"])
+    assert model.drift_reference["min_images"] == DRIFT_MIN_IMAGES == 20
+    paths = split_files(data_info, "train")[0] + split_files(data_info, "test")[0]
+    shifted = [_shifted(p) for p in paths[:DRIFT_MIN_IMAGES]]
+    few = model.drift(shifted[:3])
+    assert few["images"] == 3 and few["min_images"] == DRIFT_MIN_IMAGES
+    assert few["drift_score"] > DRIFT_THRESHOLD and not few["drifted"]
+    assert drift_line({"available": True, **few}).endswith(
+        "on 3 images: too few images to tell (a verdict needs 20 or more; the score of a few "
+        "photos is mostly chance)")
+    assert "no verdict: too few images to tell (it needs 20 or more)" in drift_markdown(
+        {"drift": {"available": True, **few}, "inputs": ["in"], "model_uri": "m"})
+    enough = model.drift(shifted)
+    assert enough["images"] == DRIFT_MIN_IMAGES and enough["drifted"]
+    assert drift_line({"available": True, **enough}).endswith(
+        "on 20 images: DRIFTED: these images do not look like the training data")
+    assert model.drift([Path(p).read_bytes() for p in paths[:DRIFT_MIN_IMAGES]])[
+        "drifted"] is False
+    # Over the pyfunc interface (what `mlflow models serve` answers) the row says so too.
+    frame = model.predict(pd.DataFrame({"image": [_b64(b) for b in shifted[:3]]}),
+                          params={"output": "drift"})
+    assert frame[["images", "min_images", "drifted"]].iloc[0].tolist() == [3, 20, False]
+
+
 def _pyfunc_model(export_dir, dest: Path):
     """The export packaged as registration packages it (``registry.pyfunc_arguments``), saved
     to a folder and loaded back."""
