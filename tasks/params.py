@@ -139,7 +139,8 @@ class TrainParams(BaseModel):
         True, title="Edge (TFLite) models",
         description="Also convert the model to TensorFlow Lite (float16, and int8 calibrated on "
         "training images), evaluate both on the test split and log them with the version "
-        "(petalflow pull --format tflite). About 15 s on a 2-core CPU.",
+        "(petalflow pull --format tflite). About 2 s on a 2-core CPU (MobileNetV2 0.35, "
+        "225 test photos).",
     )
     model_name: str = Field(
         DEFAULT_MODEL_NAME, title="Registered model name",
