@@ -386,7 +386,8 @@ class PredictParams(BaseModel):
         True, title="Measure drift",
         description="Also measure how far these images are from the model's training data (a "
         "sample of up to 256 of them, compared with the reference stored with the version); "
-        "over the threshold, batch-predict emits petalflow.drift.detected.",
+        "over the threshold, with 20 images or more (fewer get a score, no verdict), "
+        "batch-predict emits petalflow.drift.detected.",
     )
 
     @model_validator(mode="before")
