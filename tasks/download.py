@@ -248,9 +248,37 @@ def _check_member_name(name: str) -> None:
         raise ArchiveError(f"archive member {name!r} points outside the archive ('..')")
 
 
+# What a file that is not an archive often is, by its first bytes: named in the error.
+NOT_ARCHIVES = (
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"Rar!\x1a\x07", "a RAR archive"),
+    (b"\x28\xb5\x2f\xfd", "Zstandard-compressed (.zst)"),
+    (b"\x1f\x8b", "gzip-compressed, but not a tar archive inside"),
+    (b"\xff\xd8\xff", "one JPEG image"),
+    (b"\x89PNG\r\n\x1a\n", "one PNG image"),
+    (b"%PDF", "a PDF document"),
+)
+REPACK = "pack the class folders as .tar.gz or .zip"
+
+
+def _not_an_archive(name: str, head: bytes) -> str:
+    """The error for a file that is neither tar nor zip, saying what it is when its first
+    bytes tell: most often a web page where the archive was expected (a sign-in, a download
+    confirmation or an error page served with status 200)."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text:
+        return (f"{name} is a web page (HTML), not an archive: the URL answered with a page "
+                "(a sign-in, a download confirmation or an error page?) instead of the file; "
+                "use the URL that downloads the archive itself")
+    for magic, kind in NOT_ARCHIVES:
+        if head.startswith(magic):
+            return f"{name} is {kind}, not a tar or zip archive: {REPACK}"
+    return f"{name} is neither a tar (.tar/.tgz/.tar.gz/.tar.bz2/.tar.xz) nor a zip archive"
+
+
 def _archive_kind(path: Path) -> str:
     with open(path, "rb") as fh:
-        head = fh.read(8)
+        head = fh.read(512)
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
     try:
@@ -258,7 +286,7 @@ def _archive_kind(path: Path) -> str:
             return "tar"
     except (OSError, EOFError):
         pass
-    raise ArchiveError(f"{path.name} is neither a tar (.tar/.tgz/.tar.gz) nor a zip archive")
+    raise ArchiveError(_not_an_archive(path.name, head))
 
 
 def tar_member_name(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import tarfile
@@ -154,6 +155,24 @@ def test_truncated_and_non_archives_are_refused(tmp_path):
     text.write_text("not an archive")
     with pytest.raises(ArchiveError, match="neither a tar"):
         extract_archive(text, tmp_path / "datasets")
+    # What a file that is not an archive is, when its first bytes tell.
+    kinds = {
+        "page.zip": (b"\xef\xbb\xbf  <!doctype HTML><html>", "is a web page (HTML), not an "
+                     "archive: the URL answered with a page (a sign-in, a download "
+                     "confirmation or an error page?) instead of the file"),
+        "photos.7z": (b"7z\xbc\xaf\x27\x1c\x00\x04", "is a 7-Zip archive, not a tar or zip "
+                      "archive: pack the class folders as .tar.gz or .zip"),
+        "photos.rar": (b"Rar!\x1a\x07\x01\x00", "is a RAR archive, not a tar or zip archive"),
+        "photos.tar.zst": (b"\x28\xb5\x2f\xfd\x04", "is Zstandard-compressed (.zst), not a tar"),
+        "one.tgz": (gzip.compress(b"just some text"), "is gzip-compressed, but not a tar archive "
+                    "inside, not a tar or zip archive"),
+        "photo.tgz": ((src / "red" / "000.jpg").read_bytes(), "is one JPEG image, not a tar"),
+    }
+    for name, (head, says) in kinds.items():
+        (tmp_path / name).write_bytes(head + bytes(600))
+        with pytest.raises(ArchiveError) as refused:
+            extract_archive(tmp_path / name, tmp_path / "datasets")
+        assert str(refused.value).startswith(f"{name} {says}"), str(refused.value)
     assert [p for p in (tmp_path / "datasets").iterdir() if not p.name.endswith(".lock")] == []
 
 

@@ -86,6 +86,37 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     assert mv.description.startswith("# Model card")
 
 
+def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_champion(
+        workspace, tiny_backbone, prefect_harness):
+    """The archive's URL starts answering 200 with a web page (an expired share link's
+    sign-in page): the run fails saying the URL gave a web page, not an archive; the champion
+    and its version stay; once the URL serves the archive again, nothing needs retraining."""
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.errors import ArchiveError
+
+    data = _archive(workspace, "d", per_class=12, seed=0)
+    page = (b"\n<!DOCTYPE html>\n<html lang=\"en\"><head><title>Sign in</title></head>"
+            b"<body><form>Sign in to download photos.tgz</form></body></html>\n")
+    with revalidating_server() as site:
+        url = site.put("/share/photos.tgz", data)
+        first = train_and_register(_params(url, tiny_backbone))
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        site.put("/share/photos.tgz", page)
+        with pytest.raises(ArchiveError) as failed:
+            train_and_register(_params(url, tiny_backbone))
+        assert str(failed.value) == (
+            "photos.tgz is a web page (HTML), not an archive: the URL answered with a page (a "
+            "sign-in, a download confirmation or an error page?) instead of the file; use the "
+            "URL that downloads the archive itself")
+        client = _client()
+        versions = client.search_model_versions(f"name='{MODEL}'")
+        assert [str(v.version) for v in versions] == ["1"]
+        assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+        site.put("/share/photos.tgz", data)
+        again = train_and_register(_params(url, tiny_backbone))
+    assert again["status"] == "nothing to do" and again["source"]["outcome"] == "downloaded"
+
+
 def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promoted(
         workspace, tiny_backbone, prefect_harness):
     """The champion's stored accuracy was measured on another split (here: a figure far below
