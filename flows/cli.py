@@ -31,7 +31,7 @@ from petalflow.tasks.params import (
 EXIT_USAGE = 2
 # Exit statuses of `petalflow train` (documented in the README).
 EXIT_FAILED = 1      # anything not listed below (the message says what)
-EXIT_SOURCE = 3      # dataset download: unreachable, HTTP error, checksum mismatch
+EXIT_SOURCE = 3      # dataset download: unreachable, HTTP error, checksum mismatch, web page
 EXIT_DATA = 4        # archive or dataset unusable (unsafe/unreadable archive, too few images)
 EXIT_BACKBONE = 5    # backbone handle unusable or unreachable
 EXIT_REGISTRY = 6    # MLflow tracking server or registry refused or unreachable
@@ -56,7 +56,7 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DatasetError, DownloadError,
-        ModelNotFound, TransientError,
+        ModelNotFound, TransientError, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -81,6 +81,10 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, BackboneError):
         return RunFailed(text, "--backbone must be a TF Hub image feature-vector handle or a "
                          "local SavedModel folder; " + OFFLINE_HINT, EXIT_BACKBONE)
+    if isinstance(exc, WebPageNotArchive):
+        return RunFailed(text, "--data-url must lead to the archive's bytes: for a share link, "
+                         "its direct-download form; open it in a browser to see the page.",
+                         EXIT_SOURCE)
     if isinstance(exc, (ArchiveError, DatasetError)):
         return RunFailed(text, "see the README's 'petalflow train' section for the layout "
                          "petalflow expects (one subfolder of images per class).", EXIT_DATA)

@@ -32,7 +32,8 @@ from petalflow.tasks.common import (
 )
 from petalflow.tasks.dataset import find_data_root
 from petalflow.tasks.errors import (
-    ArchiveError, ChecksumMismatch, DownloadError, TransientError, is_transient_status,
+    ArchiveError, ChecksumMismatch, DownloadError, TransientError, WebPageNotArchive,
+    is_transient_status,
 )
 
 def local_source(url: str) -> Optional[Path]:
@@ -261,19 +262,21 @@ NOT_ARCHIVES = (
 REPACK = "pack the class folders as .tar.gz or .zip"
 
 
-def _not_an_archive(name: str, head: bytes) -> str:
+def _not_an_archive(name: str, head: bytes) -> ArchiveError:
     """The error for a file that is neither tar nor zip, saying what it is when its first
     bytes tell: most often a web page where the archive was expected (a sign-in, a download
     confirmation or an error page served with status 200)."""
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text:
-        return (f"{name} is a web page (HTML), not an archive: the URL answered with a page "
-                "(a sign-in, a download confirmation or an error page?) instead of the file; "
-                "use the URL that downloads the archive itself")
+        return WebPageNotArchive(
+            f"{name} is a web page (HTML), not an archive: the URL answered with a page (a "
+            "sign-in, a download confirmation or an error page?) instead of the file; use the "
+            "URL that downloads the archive itself")
     for magic, kind in NOT_ARCHIVES:
         if head.startswith(magic):
-            return f"{name} is {kind}, not a tar or zip archive: {REPACK}"
-    return f"{name} is neither a tar (.tar/.tgz/.tar.gz/.tar.bz2/.tar.xz) nor a zip archive"
+            return ArchiveError(f"{name} is {kind}, not a tar or zip archive: {REPACK}")
+    return ArchiveError(
+        f"{name} is neither a tar (.tar/.tgz/.tar.gz/.tar.bz2/.tar.xz) nor a zip archive")
 
 
 def _archive_kind(path: Path) -> str:
@@ -286,7 +289,7 @@ def _archive_kind(path: Path) -> str:
             return "tar"
     except (OSError, EOFError):
         pass
-    raise ArchiveError(_not_an_archive(path.name, head))
+    raise _not_an_archive(path.name, head)
 
 
 def tar_member_name(name: str) -> str:

@@ -26,6 +26,11 @@ class ArchiveError(PetalflowError):
     """The archive is unreadable or unsafe (traversal, links, devices, too large)."""
 
 
+class WebPageNotArchive(ArchiveError):
+    """Where the archive was expected, the URL gave a web page (a sign-in, a download
+    confirmation or an error page answered with status 200): the source is wrong, not the data."""
+
+
 class DatasetError(PetalflowError):
     """The dataset cannot be trained on as it is (too few classes or images)."""
 

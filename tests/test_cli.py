@@ -194,6 +194,7 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     )
     from petalflow.tasks.errors import (
         BackboneError, ChecksumMismatch, DatasetError, DownloadError, TransientError,
+        WebPageNotArchive,
     )
 
     offline = explain_failure(TransientError("network error downloading https://x/y.tgz"))
@@ -206,6 +207,8 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     assert hub.code == EXIT_BACKBONE
     assert explain_failure(BackboneError("not a SavedModel")).code == EXIT_BACKBONE
     assert explain_failure(DatasetError("need at least 2 classes")).code == EXIT_DATA
+    page = explain_failure(WebPageNotArchive("photos.tgz is a web page (HTML), not an archive"))
+    assert page.code == EXIT_SOURCE and "direct-download form" in page.hint
     from petalflow.flows.cli import EXIT_FAILED
     from petalflow.temporary_server import ServerError
 

@@ -215,6 +215,31 @@ def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harne
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 4
 
 
+def test_cli_train_on_a_url_that_gives_a_sign_in_page_says_so_with_exit_status_3(
+        workspace, tiny_backbone):
+    """What the README promises for a share link that answers with its sign-in page: one error
+    line saying the URL gave a web page, a hint, exit status 3 (the source), no traceback."""
+    served = workspace / "served-page"
+    served.mkdir()
+    (served / "photos.tgz").write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title>"
+                                       "</head><body>Sign in to continue</body></html>\n")
+    exe = Path(sys.executable).with_name("petalflow")
+    with serve_directory(served) as url:
+        proc = subprocess.run(
+            [str(exe), "train", "--data-url", f"{url}/photos.tgz", "--backbone",
+             str(tiny_backbone), "--image-size", "32"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "PREFECT_API_URL": ""},
+        )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert ("petalflow train: error: photos.tgz is a web page (HTML), not an archive: the URL "
+            "answered with a page (a sign-in, a download confirmation or an error page?) "
+            "instead of the file; use the URL that downloads the archive itself") in lines
+    assert ("hint: --data-url must lead to the archive's bytes: for a share link, its "
+            "direct-download form; open it in a browser to see the page.") in lines
+    assert "Traceback" not in proc.stderr
+
+
 def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     """The README's command, as a subprocess: ephemeral Prefect, embedded MLflow, --summary-json."""
     archive = _serve_dataset(workspace, make_dataset, "cli", per_class=12)
