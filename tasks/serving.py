@@ -37,6 +37,10 @@ SPREAD_PRIOR_IMAGES = 10
 DRIFT_MIN_IMAGES = 20
 IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturation")
 ERROR_UNDECODABLE = "undecodable image"
+# A row of the pyfunc input that is not base64 at all: most often a file path or the file's raw
+# bytes, which read as "undecodable image" before.
+ERROR_NOT_BASE64 = ("not base64: the 'image' column takes each image file's bytes "
+                    "base64-encoded (not a path, not raw bytes)")
 # Rows per call of the SavedModel: its memory grows with the rows it runs at once (MobileNetV2
 # 0.35 at 224 px: +145 MiB over the loaded model at 8 rows, +343 at 32, +573-587 at 64, about
 # 4.8 MB more per row), so a request of any size runs 16 at a time: `petalflow predict` on
@@ -197,6 +201,9 @@ class ImageClassifier:
             return pd.DataFrame([self.drift([r for r in raw if r is not None])])
         frame = self._in_calls(
             values, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
+        failed = np.flatnonzero(frame["error"].to_numpy() != "")
+        not_base64 = [i for i in failed if values[i] and _b64decode(values[i]) is None]
+        frame.loc[not_base64, "error"] = ERROR_NOT_BASE64
         if index is not None:
             frame.index = index
         return frame

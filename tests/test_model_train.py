@@ -1141,3 +1141,27 @@ def test_a_link_to_a_missing_photo_is_a_row_saying_it_cannot_be_read(
     assert got["path"].tolist() == [f"{folder}/{n}.jpg" for n in "abc"]
     assert got["error"].tolist() == ["", "unreadable file: No such file or directory",
                                      "undecodable image"]
+
+
+def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
+        trained, data_info, tmp_path):
+    """Another team's code hands the registered model (pyfunc, as `mlflow.pyfunc.load_model`
+    gives it) a file path or the file's raw bytes in the 'image' column: each such row says it
+    is not base64 and what the column takes, instead of "undecodable image"; a base64 row
+    beside them is classified, and base64 of a file that is no image stays undecodable."""
+    import base64
+
+    from petalflow.tasks.dataset import split_files
+
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    path = split_files(data_info, "test")[0][0]
+    photo = Path(path).read_bytes()
+    encoded = base64.b64encode(photo).decode()
+    not_base64 = ("not base64: the 'image' column takes each image file's bytes base64-encoded "
+                  "(not a path, not raw bytes)")
+    got = model.predict(pd.DataFrame({"image": [path, encoded,
+                                                base64.b64encode(b"plain text").decode()]}))
+    assert got["error"].tolist() == [not_base64, "", "undecodable image"]
+    assert got["label"].iloc[1] in data_info["classes"]
+    raw = model.predict(pd.DataFrame({"image": [photo, encoded.encode()]}))
+    assert raw["error"].tolist() == [not_base64, ""]
