@@ -376,8 +376,8 @@ class PredictParams(BaseModel):
         "Kept so existing calls keep working; use Images.",
     )
     output: str = Field(..., title="Output file",
-                        description="Where the predictions go (CSV or JSON); its folder must "
-                        "exist.")
+                        description="Where the predictions go (CSV or JSON): a file, whose "
+                        "folder must exist.")
     format: Literal["csv", "json"] = Field("csv", title="Format", description="csv or json.")
     top_k: int = Field(0, ge=0, le=100, title="Top k",
                        description="Also write the k best labels and their probabilities.")
@@ -429,7 +429,10 @@ class PredictParams(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_folder_exists(cls, value: str) -> str:
-        folder = Path(value).expanduser().parent
-        if not folder.is_dir():
-            raise ValueError(f"folder {str(folder)!r} does not exist")
+        path = Path(value).expanduser()
+        if path.is_dir():  # found after classifying every image, when the file took its place
+            raise ValueError(f"{value!r} is a folder: give a file name in it, such as "
+                             f"{str(Path(value) / 'predictions.csv')!r}")
+        if not path.parent.is_dir():
+            raise ValueError(f"folder {str(path.parent)!r} does not exist")
         return value

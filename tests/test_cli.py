@@ -315,6 +315,10 @@ def test_predict_refuses_bad_options_naming_them(workspace, capsys):
     assert exited.value.code == 2
     assert "--format: invalid choice: 'xml'" in capsys.readouterr().err
     assert not out.exists()
+    # An existing folder as the output: refused before any image is classified.
+    assert main(["predict", "--input", str(workspace), "--output", str(workspace)]) == 2
+    assert (f"  --output: Value error, {str(workspace)!r} is a folder: give a file name in it, "
+            f"such as {str(workspace / 'predictions.csv')!r}") in capsys.readouterr().err
 
 
 def test_drift_event_and_artifact_name_the_model_even_with_dots():
