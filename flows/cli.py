@@ -218,6 +218,9 @@ _STARTED_AT: Optional[float] = None  # when this command started: the run's star
 
 def cmd_train(args: argparse.Namespace) -> int:
     params = train_params_from_args(args)
+    if args.summary_json is not None and args.summary_json.is_dir():
+        raise UsageError(f"--summary-json: {args.summary_json} is a folder: give a file name "
+                         f"in it, such as {args.summary_json / 'summary.json'}")
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
     with _prefect_api() as server:

@@ -39,6 +39,14 @@ def test_bad_train_options_are_refused_before_work(workspace, capsys, argv, need
     assert not (workspace / "home").exists() and not (workspace / "mlflow").exists()
 
 
+def test_a_folder_as_the_summary_file_is_refused_before_work(workspace, capsys):
+    """Found only after training (IsADirectoryError writing the summary) before."""
+    assert main(["train", "--summary-json", str(workspace)]) == 2
+    assert (f"--summary-json: {workspace} is a folder: give a file name in it, such as "
+            f"{workspace / 'summary.json'}") in capsys.readouterr().err
+    assert not (workspace / "home").exists() and not (workspace / "mlflow").exists()
+
+
 def test_unknown_option_and_bad_boolean(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--epoch", "3"])
