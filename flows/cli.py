@@ -362,10 +362,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from petalflow.tasks.errors import DestinationInUse
     from petalflow.tasks.params import champion_uri
     from petalflow.tasks.registry import pull_edge, pull_model
 
     uri = args.model or champion_uri(args.model_name)
+    if Path(args.dest).exists() and not Path(args.dest).is_dir():
+        raise UsageError(f"--dest: {args.dest} is a file, not a folder")
     if args.format == "tflite":
         try:
             path = pull_edge(uri, args.dest, args.quantization)
@@ -378,7 +381,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
               f"edge.json beside it: input float32 [1, S, S, 3] in [0, 1], output class "
               "probabilities in labels.txt order)")
         return 0
-    path = pull_model(uri, args.dest)
+    try:
+        path = pull_model(uri, args.dest)
+    except DestinationInUse as exc:
+        raise UsageError(f"--dest: {exc}") from None
     print(f"saved {uri} to {path}; use it offline with: petalflow predict --model {path} ...")
     return 0
 

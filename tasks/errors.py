@@ -41,3 +41,7 @@ class BackboneError(PetalflowError):
 
 class ModelNotFound(PetalflowError):
     """A models:/ URI names a registered model that exists, but not that alias or version."""
+
+
+class DestinationInUse(PetalflowError):
+    """A folder to save a pulled model into is a file, or holds files that are not a model."""

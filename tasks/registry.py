@@ -717,16 +717,50 @@ def explaining_missing(model_uri: str):
         raise
 
 
+def _pulled_before(folder: Path) -> bool:
+    """Whether ``folder`` holds a model a previous pull saved (its MLmodel, at the top or one
+    folder down for a runs:/ URI)."""
+    return (folder / "MLmodel").is_file() or any(
+        (sub / "MLmodel").is_file() for sub in folder.iterdir() if sub.is_dir())
+
+
 def pull_model(model_uri: str, dest: Path) -> Path:
-    """Download a registered model (any MLflow model URI) into ``dest`` for offline use."""
+    """Download a registered model (any MLflow model URI) into ``dest`` for offline use;
+    returns the model's folder. ``dest`` is a new or empty folder, or one a previous pull
+    filled: replaced whole once the new model is downloaded beside it, so a pull that fails
+    leaves the previous model as it was, and no file of it stays mixed with the new one. A
+    folder holding anything else is refused (``DestinationInUse``), untouched."""
+    import tempfile
+
     import mlflow
 
-    configure_mlflow()
+    from petalflow.tasks.errors import DestinationInUse
+
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    with explaining_missing(model_uri):
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
-                                                        dst_path=str(dest)))
+    if dest.exists() and not dest.is_dir():
+        raise DestinationInUse(f"{dest} is a file, not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not _pulled_before(dest):
+        shown = ", ".join(sorted(p.name for p in dest.iterdir())[:3])
+        raise DestinationInUse(f"{dest} holds other files ({shown}, ...): give a new or empty folder, "
+                         "or one a previous pull filled (it is replaced)")
+    configure_mlflow()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+    try:
+        with explaining_missing(model_uri):
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                           dst_path=str(staging)))
+        inside = got.resolve().relative_to(staging.resolve())
+        if dest.exists():
+            previous = staging.with_name(staging.name + ".previous")
+            os.replace(dest, previous)
+            os.replace(staging, dest)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest / inside
 
 
 # --------------------------------------------------------------------------- Prefect tasks

@@ -347,6 +347,38 @@ def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
     assert sorted(table["label"]) == ["green", "red"]
 
 
+def test_pull_into_a_folder_replaces_a_previous_pull_whole_and_refuses_other_files(
+        trained, tmp_path, monkeypatch, capsys):
+    """`petalflow pull --dest DIR` again (to update an offline copy): the folder holds the new
+    model alone, none of the old files mixed in; a pull that fails leaves the previous copy as
+    it was; a folder of the user's own files, or a file, is refused untouched."""
+    from petalflow.flows.cli import main
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    dest = tmp_path / "offline"
+    assert main(["pull", "--model", f"models:/{MODEL}/1", "--dest", str(dest)]) == 0
+    assert (dest / "MLmodel").is_file()
+    (dest / "left-from-an-older-version.txt").write_text("stale")
+    before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
+    assert main(["pull", "--model", f"models:/{MODEL}/99", "--dest", str(dest)]) == 6
+    assert f"registered model {MODEL} has no version 99" in capsys.readouterr().err
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
+    assert main(["pull", "--dest", str(dest)]) == 0
+    assert (dest / "MLmodel").is_file() and not (dest / "left-from-an-older-version.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["offline"]  # no staging folder left
+
+    photos = tmp_path / "photos"
+    write_image(photos / "mine.jpg", COLOURS["red"], seed=5)
+    assert main(["pull", "--dest", str(photos)]) == 2
+    assert (f"petalflow pull: error: --dest: {photos} holds other files (mine.jpg, ...): give a "
+            "new or empty folder, or one a previous pull filled (it is replaced)"
+            ) in capsys.readouterr().err
+    assert [p.name for p in photos.iterdir()] == ["mine.jpg"]
+    assert main(["pull", "--dest", str(photos / "mine.jpg")]) == 2
+    assert f"--dest: {photos / 'mine.jpg'} is a file, not a folder" in capsys.readouterr().err
+
+
 def test_predict_timing_line_says_when_the_first_prediction_was_written(trained, tmp_path,
                                                                         monkeypatch, capsys):
     import re
