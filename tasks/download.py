@@ -341,11 +341,17 @@ def zip_member_name(info: zipfile.ZipInfo) -> str:
     would become "Cr├¿me" and a class would be renamed. Such names are decoded as UTF-8 when
     they are valid UTF-8, as cp437 otherwise."""
     if info.flag_bits & 0x800:
-        return info.filename
-    try:
-        return info.filename.encode("cp437").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return info.filename
+        name = info.filename
+    else:
+        try:
+            name = info.filename.encode("cp437").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError):
+            name = info.filename
+    # The zip format's separator is "/", but Windows PowerShell 5's Compress-Archive (and
+    # .NET's ZipFile before 4.6.1) wrote "\\": "photos\\cats\\1.jpg" extracted as one file
+    # of that name at the top, and the dataset had no class folder. "\\" is never part of a
+    # folder or file name on Windows, where such zips come from.
+    return name.replace("\\", "/")
 
 
 def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
@@ -373,7 +379,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                 out = (dest / name).resolve()
                 if root != out and root not in out.parents:
                     raise ArchiveError(f"archive member {name!r} escapes the target")
-                if info.is_dir():
+                if name.endswith("/"):  # a folder entry ("\\"-terminated ones too)
                     out.mkdir(parents=True, exist_ok=True)
                     continue
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -404,6 +410,10 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
     datasets_dir.mkdir(parents=True, exist_ok=True)
     target = datasets_dir / sha256_file(archive)
     with file_lock(datasets_dir / f".{target.name}.lock"):
+        if kind == "zip" and target.is_dir() and any("\\" in p.name for p in target.iterdir()):
+            # A zip extracted before "\\" was read as its separator: files named "a\\b\\c.jpg"
+            # at the top, where the classes' folders belong; extracted again, once.
+            shutil.rmtree(target)
         if target.is_dir():
             return find_data_root(target)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=datasets_dir))

@@ -223,6 +223,38 @@ def test_zip_names_without_the_utf8_flag_keep_their_accents(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["Crème brûlée", "café"]
 
 
+def test_a_zip_from_windows_powershell_with_backslash_separators_has_its_class_folders(
+        tmp_path):
+    """Windows PowerShell 5's Compress-Archive writes "photos\\cats\\0.jpg" (and folder
+    entries ending in "\\"): before, each photo became one file of that name at the top and
+    the dataset had no class folder. A dataset extracted that way before is extracted again."""
+    import hashlib
+
+    from petalflow.tasks.dataset import prepare_dataset
+    from tests.helpers import write_image
+
+    archive = tmp_path / "Compress-Archive.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for cls, colour in (("cats", (200, 30, 30)), ("dogs", (30, 30, 200))):
+            zf.writestr(_LegacyNameInfo(f"photos\\{cls}\\"), b"")
+            for i in range(5):
+                image = write_image(tmp_path / "src" / f"{cls}{i}.jpg", colour, seed=i)
+                zf.writestr(_LegacyNameInfo(f"photos\\{cls}\\{i}.jpg"), image.read_bytes())
+    root = extract_archive(archive, tmp_path / "datasets")
+    assert root.name == "photos" and sorted(p.name for p in root.iterdir()) == ["cats", "dogs"]
+    info = prepare_dataset(root, tmp_path / "prepared", 0.2, 0.2, 0)
+    assert info["classes"] == ["cats", "dogs"] and info["counts"]["used"] == 10
+
+    # What the extraction left before: the same archive's folder with the names flat.
+    datasets = tmp_path / "older"
+    stale = datasets / hashlib.sha256(archive.read_bytes()).hexdigest()
+    stale.mkdir(parents=True)
+    (stale / "photos\\cats\\0.jpg").write_bytes(b"flat")
+    root = extract_archive(archive, datasets)
+    assert sorted(p.name for p in root.iterdir()) == ["cats", "dogs"]
+    assert not any("\\" in p.name for p in stale.rglob("*"))
+
+
 def test_tar_names_in_latin1_or_cp1252_become_their_characters(tmp_path):
     """A tar made under a Latin-1/Windows locale stores "café" as b"caf\\xe9" (not UTF-8):
     extracted as "café" (before: names with surrogates, and the scan died on an encoding
