@@ -16,10 +16,26 @@ from petalflow.tasks.registry import model_version_of, parse_models_uri
 EVENT = "petalflow.drift.detected"
 
 
-def too_few(drift: dict) -> bool:
-    """Whether the batch was too small for a verdict (versions registered before the minimum
-    existed give none: their verdict stands)."""
-    return drift["images"] < drift.get("min_images", 0)
+def verdict(drift: dict) -> str:
+    """"drifted", "too few" (a batch under the version's ``min_images``: no verdict; versions
+    registered before the minimum existed judge any batch) or "alike"."""
+    if drift["drifted"]:
+        return "drifted"
+    return "too few" if drift["images"] < drift.get("min_images", 0) else "alike"
+
+
+# How the console line and the drift artifact say each verdict.
+VERDICT_LINE = {
+    "drifted": "DRIFTED: these images do not look like the training data",
+    "too few": "too few images to tell (a verdict needs {min_images} or more; the score of a few "
+               "photos is mostly chance)",
+    "alike": "like the training data",
+}
+VERDICT_MARKDOWN = {
+    "drifted": "**over the threshold: these images do not look like the training data**",
+    "too few": "no verdict: too few images to tell (it needs {min_images} or more)",
+    "alike": "under the threshold: like the training data",
+}
 
 
 def drift_line(drift: Optional[dict]) -> str:
@@ -28,16 +44,10 @@ def drift_line(drift: Optional[dict]) -> str:
         return "drift: not measured"
     if not drift.get("available"):
         return f"drift: not available ({drift.get('reason')})"
-    if drift["drifted"]:
-        verdict = "DRIFTED: these images do not look like the training data"
-    elif too_few(drift):
-        verdict = (f"too few images to tell (a verdict needs {drift['min_images']} or more; "
-                   "the score of a few photos is mostly chance)")
-    else:
-        verdict = "like the training data"
+    said = VERDICT_LINE[verdict(drift)].format(**drift)
     return (f"drift: score {drift['drift_score']:.3f} (threshold {drift['threshold']:.2f}; "
             f"features {drift['feature_drift']:.3f}, image statistics "
-            f"{drift['image_drift']:.3f}) on {drift['images']} images: {verdict}")
+            f"{drift['image_drift']:.3f}) on {drift['images']} images: {said}")
 
 
 def drift_markdown(summary: dict) -> str:
@@ -47,18 +57,12 @@ def drift_markdown(summary: dict) -> str:
     if not drift.get("available"):
         return (f"# Drift\n\nNot measured for `{summary['model_uri']}`: "
                 f"{drift.get('reason', 'turned off')}.\n")
-    if drift["drifted"]:
-        verdict = "**over the threshold: these images do not look like the training data**"
-    elif too_few(drift):
-        verdict = (f"no verdict: too few images to tell (it needs {drift['min_images']} or "
-                   "more)")
-    else:
-        verdict = "under the threshold: like the training data"
+    said = VERDICT_MARKDOWN[verdict(drift)].format(**drift)
     return "\n".join([
         "# Drift", "",
         f"{drift['images']} images from {inputs} compared with what `{summary['model_uri']}` "
         f"was trained on: drift score **{drift['drift_score']:.3f}** (threshold "
-        f"{drift['threshold']:.2f}), {verdict}.", "",
+        f"{drift['threshold']:.2f}), {said}.", "",
         "| measure | value |", "|---|---|",
         f"| backbone features (standardised mean shift, RMS over dimensions) | "
         f"{drift['feature_drift']:.3f} |",
