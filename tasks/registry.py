@@ -717,11 +717,24 @@ def explaining_missing(model_uri: str):
         raise
 
 
+# What an MLflow model folder holds at its top: a folder of nothing else is a previous pull.
+MODEL_FOLDER_NAMES = frozenset({
+    "MLmodel", "conda.yaml", "python_env.yaml", "requirements.txt", "input_example.json",
+    "serving_input_example.json", "registered_model_meta", "code", "data", "artifacts",
+    "metadata"})
+
+
 def _pulled_before(folder: Path) -> bool:
-    """Whether ``folder`` holds a model a previous pull saved (its MLmodel, at the top or one
-    folder down for a runs:/ URI)."""
-    return (folder / "MLmodel").is_file() or any(
-        (sub / "MLmodel").is_file() for sub in folder.iterdir() if sub.is_dir())
+    """Whether ``folder`` holds a model a previous pull saved and nothing else: its MLmodel
+    and model files at the top (or one folder down, for a runs:/ URI). A folder holding the
+    user's own files beside a model is not one: replacing it would delete them."""
+    def model_only(path: Path) -> bool:
+        names = {p.name for p in path.iterdir()}
+        return "MLmodel" in names and names <= MODEL_FOLDER_NAMES
+
+    entries = list(folder.iterdir())
+    return model_only(folder) or (len(entries) == 1 and entries[0].is_dir()
+                                  and model_only(entries[0]))
 
 
 def pull_model(model_uri: str, dest: Path) -> Path:
@@ -739,10 +752,13 @@ def pull_model(model_uri: str, dest: Path) -> Path:
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
         raise DestinationInUse(f"{dest} is a file, not a folder")
+    if dest.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise DestinationInUse(f"{dest} is the current folder or holds it: give a folder of "
+                               "its own, such as ./model")
     if dest.is_dir() and any(dest.iterdir()) and not _pulled_before(dest):
         shown = ", ".join(sorted(p.name for p in dest.iterdir())[:3])
-        raise DestinationInUse(f"{dest} holds other files ({shown}, ...): give a new or empty folder, "
-                         "or one a previous pull filled (it is replaced)")
+        raise DestinationInUse(f"{dest} holds other files ({shown}, ...): give a new or empty "
+                               "folder, or one a previous pull filled (it is replaced)")
     configure_mlflow()
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))

@@ -359,14 +359,28 @@ def test_pull_into_a_folder_replaces_a_previous_pull_whole_and_refuses_other_fil
     dest = tmp_path / "offline"
     assert main(["pull", "--model", f"models:/{MODEL}/1", "--dest", str(dest)]) == 0
     assert (dest / "MLmodel").is_file()
-    (dest / "left-from-an-older-version.txt").write_text("stale")
+    stale = dest / "code" / "from_an_older_version.py"  # a file the new version does not have
+    stale.write_text("# stale")
     before = sorted(p.relative_to(dest) for p in dest.rglob("*"))
     assert main(["pull", "--model", f"models:/{MODEL}/99", "--dest", str(dest)]) == 6
     assert f"registered model {MODEL} has no version 99" in capsys.readouterr().err
     assert sorted(p.relative_to(dest) for p in dest.rglob("*")) == before
     assert main(["pull", "--dest", str(dest)]) == 0
-    assert (dest / "MLmodel").is_file() and not (dest / "left-from-an-older-version.txt").exists()
+    assert (dest / "MLmodel").is_file() and not stale.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["offline"]  # no staging folder left
+    # The user's own file beside a pulled model: not a previous pull, refused untouched.
+    (dest / "notes.md").write_text("mine")
+    assert main(["pull", "--dest", str(dest)]) == 2
+    assert f"--dest: {dest} holds other files (MLmodel, code, conda.yaml, ...)" in \
+        capsys.readouterr().err
+    assert (dest / "notes.md").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # "--dest ." would move the folder the shell stands in
+    assert main(["pull", "--dest", "."]) == 2
+    assert "--dest: . is the current folder or holds it: give a folder of its own, such as " \
+        "./model" in capsys.readouterr().err
+    assert main(["pull", "--dest", "model"]) == 0 and (empty / "model" / "MLmodel").is_file()
 
     photos = tmp_path / "photos"
     write_image(photos / "mine.jpg", COLOURS["red"], seed=5)
