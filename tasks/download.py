@@ -156,7 +156,10 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
     part = target.with_name(target.name + ".part")
     part_meta_path = _part_record(part)
     part_meta = read_json(part_meta_path) if part.exists() else {}
-    headers = {}
+    # The file's bytes as stored, as curl and wget save them: an archive stored with
+    # "Content-Encoding: gzip" (object-store metadata, Apache's AddEncoding for .tgz) was
+    # decoded on the way, saved as the .tar inside and failed its pinned sha256.
+    headers = {"Accept-Encoding": "identity"}
     if known.get("etag"):
         headers["If-None-Match"] = known["etag"]
     if known.get("last_modified"):
@@ -189,7 +192,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
             total = resp.headers.get("content-length")
             total = int(total) + done if total is not None else None
             with open(part, mode) as fh:
-                for block in resp.iter_bytes():  # as received: a drop keeps every byte
+                for block in resp.iter_raw():  # as received: a drop keeps every byte
                     fh.write(block)
                     done += len(block)
                     if on_progress:

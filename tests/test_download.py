@@ -49,6 +49,40 @@ def test_checksum_mismatch_fails_and_leaves_no_partial_file(archive_dir, tmp_pat
     assert [p for p in dest.rglob("*") if p.is_file() and p.name != ".lock"] == []
 
 
+def test_an_archive_stored_with_content_encoding_gzip_is_saved_as_stored(tmp_path):
+    """An object store holding photos.tgz with the metadata "Content-Encoding: gzip" (or
+    Apache's AddEncoding for .tgz) sends it with that header: the bytes saved are the archive's
+    own (what `sha256sum photos.tgz` pins), not the .tar httpx would decode them into."""
+    import http.server
+
+    from tests.helpers import base_url, serve_handler
+
+    data = make_tgz(make_dataset(tmp_path / "src", per_class=3), tmp_path / "p.tgz").read_bytes()
+    asked = []
+
+    class Store(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server API
+            asked.append(self.headers.get("Accept-Encoding"))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-tar")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    with serve_handler(Store) as server:
+        url = f"{base_url(server)}/photos.tgz"
+        pinned = download_archive(url, tmp_path / "pinned", hashlib.sha256(data).hexdigest())
+        followed = download_archive(url, tmp_path / "followed")
+    assert pinned.read_bytes() == data and followed.read_bytes() == data
+    assert asked == ["identity", "identity"]
+    assert sorted(p.name for p in extract_archive(followed, tmp_path / "ds").iterdir()) == \
+        ["blue", "green", "red"]
+
+
 def test_404_is_a_permanent_error(archive_dir, tmp_path):
     with serve_directory(archive_dir) as url:
         with pytest.raises(DownloadError, match="HTTP 404"):
