@@ -27,6 +27,7 @@ from typing import Optional
 
 from prefect import flow, get_run_logger
 
+from petalflow.tasks.common import redact_url
 from petalflow.tasks.dataset import (
     dataset_summary, orientation_note, prepare_dataset_task, split_layout_note,
 )
@@ -128,9 +129,9 @@ def train_and_register(params: TrainParams = TrainParams()):
                                         expected_sha256(params))
         source = describe_source_task(params.data_url, archive)
     if source["kind"] == "http":
-        logger.info("dataset %s: %s (sha256 %s, ETag %s, Last-Modified %s)", params.data_url,
-                    source["outcome"], source["sha256"][:12], source.get("etag"),
-                    source.get("last_modified"))
+        logger.info("dataset %s: %s (sha256 %s, ETag %s, Last-Modified %s)",
+                    redact_url(params.data_url), source["outcome"], source["sha256"][:12],
+                    source.get("etag"), source.get("last_modified"))
     with timer.phase("scan"):
         data_root = extract_archive_task(archive, str(home / "datasets"),
                                          params.max_extract_bytes)

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -122,6 +123,32 @@ def printable_name(path) -> str:
     UTF-8 (a name from a Latin-1 system, b"ph\\xe9to.jpg", read as surrogates) escaped
     ("ph\\xe9to.jpg"); a UTF-8 name unchanged."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+# Query parameters whose values are secrets in the URLs people pass: presigned S3/GCS URLs
+# (X-Amz-Signature, X-Amz-Credential, X-Amz-Security-Token, X-Goog-Signature), Azure SAS
+# (sig), tokens and API keys.
+SECRET_QUERY_KEY = re.compile(r"sig|token|secret|key|credential|passw|pwd|auth|session",
+                              re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` as petalflow records it where others read it (MLflow's run and version tags and
+    parameters, the model card, the flow's log): a user name and password in it as "***", and
+    the values of query parameters that hold secrets. The download uses the URL as given."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return url
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{item.split('=', 1)[0]}=***" if "=" in item and SECRET_QUERY_KEY.search(
+            item.split("=", 1)[0]) else item
+        for item in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def utc_now() -> str:

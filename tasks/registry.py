@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from prefect import task
 
-from petalflow.tasks.common import code_version
+from petalflow.tasks.common import code_version, redact_url
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
 
@@ -162,6 +162,13 @@ def class_names_tag(classes: list[str]) -> str:
     return head + text[: RUN_TAG_CHARS - len(head) - 1] + "…"
 
 
+def recorded_params(cfg: TrainParams, mode: str = "python") -> dict:
+    """``cfg`` as MLflow records it (run parameters, the version's ``params`` tag): its data
+    URL without the secrets it may carry (``common.redact_url``): other teams read the
+    registry."""
+    return {**cfg.model_dump(mode=mode), "data_url": redact_url(cfg.data_url)}
+
+
 def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
               source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
@@ -171,7 +178,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
     exp_id = ensure_experiment(client, cfg.experiment_name)
     tags = {
         "petalflow.dataset_fingerprint": data_info["fingerprint"],
-        "petalflow.data_url": cfg.data_url,
+        "petalflow.data_url": redact_url(cfg.data_url),
         "petalflow.backbone": cfg.backbone,
         "petalflow.class_names": class_names_tag(data_info["classes"]),
         "petalflow.code_version": code_version(),
@@ -184,7 +191,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
     run_id = run.info.run_id
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)[:6000]) for k, v in cfg.model_dump().items()]
+    params = [Param(k, str(v)[:6000]) for k, v in recorded_params(cfg).items()]
     counts = data_info["counts"]
     params += [Param("dataset_" + k, str(counts[k])) for k in ("found", "used", "quarantined")]
     client.log_batch(run_id, params=params)
@@ -572,11 +579,11 @@ def register_model(
     version_tags = {
         "test_accuracy": f"{accuracy:.{PRECISION}f}",
         "dataset_fingerprint": data_info["fingerprint"],
-        "data_url": cfg.data_url,
+        "data_url": redact_url(cfg.data_url),
         "backbone": cfg.backbone,
         "image_size": str(cfg.image_size),
         "class_names": json.dumps(data_info["classes"], ensure_ascii=False),
-        "params": (request or cfg).model_dump_json(),
+        "params": json.dumps(recorded_params(request or cfg, mode="json")),
         "run_key": run_key(cfg, data_info["fingerprint"]),
         "request_key": run_key(request or cfg, data_info["fingerprint"]),
         "code_version": code_version(),

@@ -13,6 +13,7 @@ from typing import Optional
 import pandas as pd
 from prefect import task
 
+from petalflow.tasks.common import redact_url
 from petalflow.tasks.dataset import load_manifest, split_layout_note
 from petalflow.tasks.drift import drift_line
 
@@ -72,7 +73,8 @@ def class_counts(manifest_path: str) -> pd.DataFrame:
 
 
 def _source_lines(source: dict) -> list[str]:
-    lines = [f"- Source: `{source.get('url')}` ({source.get('kind')})"]
+    url = source.get("url")
+    lines = [f"- Source: `{redact_url(url) if url else url}` ({source.get('kind')})"]
     if source.get("sha256"):
         lines.append(f"- Archive sha256: `{source['sha256']}`")
     if source.get("kind") == "http":
@@ -251,7 +253,9 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
                  f"{ds['quarantined']} quarantined; fingerprint `{ds['fingerprint'][:12]}`")
     src = summary.get("source") or {}
     if src:
-        lines.append(f"- Source `{src.get('url')}`: {src.get('outcome') or src.get('kind')}")
+        url = src.get("url")
+        lines.append(f"- Source `{redact_url(url) if url else url}`: "
+                     f"{src.get('outcome') or src.get('kind')}")
     for name, url in (links or {}).items():
         lines.append(f"- [{name}]({url})")
     if summary.get("edge"):

@@ -15,7 +15,7 @@ from typing import Optional
 
 from prefect import task
 
-from petalflow.tasks.common import read_json, utc_now, write_json
+from petalflow.tasks.common import read_json, redact_url, utc_now, write_json
 from petalflow.tasks.params import TrainParams
 
 EVENT = "petalflow.dataset.changed"
@@ -40,8 +40,12 @@ def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool,
         # The first model is trained on purpose (the `train` deployment, `petalflow train`):
         # a freshly started stack must not start a heavy training on the default data.
         return False, "no champion yet: train a first model; the watch follows changes after it"
-    if champion.get("data_url") != source["url"]:
-        return True, f"the champion v{champion['version']} was trained on {champion.get('data_url')}"
+    # Versions record the URL without its secrets (``redact_url``; older ones as given): a
+    # presigned URL whose signature changed still names the same source.
+    trained_url = champion.get("data_url")
+    if trained_url is None or redact_url(trained_url) != redact_url(source["url"]):
+        return True, (f"the champion v{champion['version']} was trained on "
+                      f"{redact_url(trained_url) if trained_url else trained_url}")
     trained_on = champion.get("archive_sha256") or champion.get("listing_fingerprint")
     if trained_on is None:
         return True, f"the champion v{champion['version']} records no source digest"

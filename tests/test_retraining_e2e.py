@@ -5,6 +5,7 @@ MLflow on a SQLite store or a real MLflow server, and promotion that compares li
 from __future__ import annotations
 
 import http.server
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -115,6 +116,43 @@ def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_cha
         site.put("/share/photos.tgz", data)
         again = train_and_register(_params(url, tiny_backbone))
     assert again["status"] == "nothing to do" and again["source"]["outcome"] == "downloaded"
+
+
+def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
+        workspace, tiny_backbone, prefect_harness):
+    """A private archive's URL with a user and password and a presigned query (what other
+    teams read of a version: its tags, parameters, run and model card must not hold them);
+    the download uses them. Its next signature names the same source for the watch."""
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.registry import champion_info
+    from petalflow.tasks.report import run_result
+    from petalflow.tasks.watch import differs_from_champion
+
+    data = _archive(workspace, "d", per_class=12, seed=0)
+    with revalidating_server() as site:
+        query = "X-Amz-Credential=AKIDSECRET1&X-Amz-Expires=3600&X-Amz-Signature=f00dSECRET2"
+        site.put(f"/private/photos.tgz?{query}", data)  # the test server matches the query too
+        host = site.url.split("://", 1)[1]
+        url = f"http://alice:hunter2SECRET3@{host}/private/photos.tgz?{query}"
+        first = train_and_register(_params(url, tiny_backbone))
+    assert (first["model_version"], first["alias"]) == ("1", "champion")
+    client = _client()
+    mv = client.get_model_version(MODEL, "1")
+    run = client.get_run(first["mlflow_run_id"])
+    recorded = json.dumps([mv.tags, mv.description, run.data.tags, run.data.params,
+                           Path(client.download_artifacts(first["mlflow_run_id"],
+                                                          "model_card.md")).read_text()])
+    recorded += run_result(first)  # the run's result artifact in the Prefect UI
+    for secret in ("AKIDSECRET1", "f00dSECRET2", "hunter2SECRET3", "alice"):
+        assert secret not in recorded, secret
+    shown = (f"http://***@{host}/private/photos.tgz?X-Amz-Credential=***&X-Amz-Expires=3600&"
+             "X-Amz-Signature=***")
+    assert mv.tags["data_url"] == run.data.params["data_url"] == shown
+    assert json.loads(mv.tags["params"])["data_url"] == shown
+    assert f"- Source: `{shown}` (http)" in mv.description
+    resigned = {**first["source"], "url": url.replace("f00dSECRET2", "beefSECRET4")}
+    assert differs_from_champion(resigned, champion_info(MODEL)) == (
+        False, f"source unchanged since the champion v1 ({first['source']['sha256'][:12]})")
 
 
 def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promoted(
