@@ -28,7 +28,7 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
-    CHUNK, file_lock, human_bytes, read_json, sha256_file, utc_now, write_json,
+    CHUNK, file_lock, human_bytes, read_json, redact_url, sha256_file, utc_now, write_json,
 )
 from petalflow.tasks.dataset import find_data_root
 from petalflow.tasks.errors import (
@@ -104,7 +104,9 @@ def download_archive(
                 )
         return source.resolve()
 
-    key = sha256 or hashlib.sha256(url.encode()).hexdigest()[:24]
+    # Keyed by the URL without its secrets: a presigned URL's next signature is the same source
+    # (revalidated, not downloaded again into a folder of its own).
+    key = sha256 or hashlib.sha256(redact_url(url).encode()).hexdigest()[:24]
     target_dir = Path(downloads_dir) / key
     target = target_dir / _archive_name(url)
     record_path = target_dir / SOURCE_RECORD
@@ -128,9 +130,9 @@ def download_archive(
             part.unlink(missing_ok=True)
             _part_record(part).unlink(missing_ok=True)
             raise ChecksumMismatch(
-                f"sha256 of {url} is {actual}, expected {sha256}; the partial file was removed. "
-                "Check the dataset sha256 (data_sha256, --data-sha256 on the command line) or "
-                "the URL."
+                f"sha256 of {redact_url(url)} is {actual}, expected {sha256}; the partial file was "
+                "removed. Check the dataset sha256 (data_sha256, --data-sha256 on the command "
+                "line) or the URL."
             )
         outcome = "downloaded"
         if known.get("sha256") == actual and target.exists():
@@ -153,6 +155,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
     resumed only for a pinned download, whose digest check catches a splice."""
     import httpx
 
+    shown = redact_url(url)  # in errors, which reach the flow's state and the Prefect UI
     part = target.with_name(target.name + ".part")
     part_meta_path = _part_record(part)
     part_meta = read_json(part_meta_path) if part.exists() else {}
@@ -178,11 +181,11 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
                 return None
             if resp.status_code == 416:  # our .part is already complete or bogus
                 part.unlink(missing_ok=True)
-                raise TransientError(f"range not satisfiable for {url}; restarting download")
+                raise TransientError(f"range not satisfiable for {shown}; restarting download")
             if is_transient_status(resp.status_code):
-                raise TransientError(f"HTTP {resp.status_code} from {url}")
+                raise TransientError(f"HTTP {resp.status_code} from {shown}")
             if resp.status_code >= 400 or resp.status_code == 304:
-                raise DownloadError(f"HTTP {resp.status_code} from {url}; check the dataset URL")
+                raise DownloadError(f"HTTP {resp.status_code} from {shown}; check the dataset URL")
             validators = _validators(resp.headers)
             resumed = resp.status_code == 206 and offset > 0
             if not resumed:
@@ -200,9 +203,9 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
                 fh.flush()
                 os.fsync(fh.fileno())
             if total is not None and done < total:
-                raise TransientError(f"connection to {url} closed after {done}/{total} bytes")
+                raise TransientError(f"connection to {shown} closed after {done}/{total} bytes")
     except httpx.TransportError as exc:  # drops, resets, timeouts: keep the .part, resume
-        raise TransientError(f"network error downloading {url}: {exc}") from exc
+        raise TransientError(f"network error downloading {shown}: {exc}") from exc
     return part, (part_meta if resumed else validators)
 
 

@@ -124,6 +124,7 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     teams read of a version: its tags, parameters, run and model card must not hold them);
     the download uses them. Its next signature names the same source for the watch."""
     from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.errors import DownloadError
     from petalflow.tasks.registry import champion_info
     from petalflow.tasks.report import run_result
     from petalflow.tasks.watch import differs_from_champion
@@ -135,6 +136,14 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
         host = site.url.split("://", 1)[1]
         url = f"http://alice:hunter2SECRET3@{host}/private/photos.tgz?{query}"
         first = train_and_register(_params(url, tiny_backbone))
+        # Signed again (presigned URLs expire): the same source, revalidated, not downloaded.
+        site.put(f"/private/photos.tgz?{query.replace('f00dSECRET2', 'beefSECRET4')}", data)
+        again = train_and_register(_params(url.replace("f00dSECRET2", "beefSECRET4"),
+                                           tiny_backbone))
+        assert (again["status"], again["source"]["outcome"]) == ("nothing to do", "not modified")
+        # An expired signature: the error (the flow's state, the Prefect UI) names no secret.
+        with pytest.raises(DownloadError) as expired:
+            train_and_register(_params(url.replace("f00dSECRET2", "deadSECRET5"), tiny_backbone))
     assert (first["model_version"], first["alias"]) == ("1", "champion")
     client = _client()
     mv = client.get_model_version(MODEL, "1")
@@ -142,8 +151,9 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     recorded = json.dumps([mv.tags, mv.description, run.data.tags, run.data.params,
                            Path(client.download_artifacts(first["mlflow_run_id"],
                                                           "model_card.md")).read_text()])
-    recorded += run_result(first)  # the run's result artifact in the Prefect UI
-    for secret in ("AKIDSECRET1", "f00dSECRET2", "hunter2SECRET3", "alice"):
+    recorded += run_result(first) + str(expired.value)  # the Prefect UI's result, the error
+    assert str(expired.value).startswith("HTTP 404 from http://***@")
+    for secret in ("AKIDSECRET1", "f00dSECRET2", "hunter2SECRET3", "alice", "deadSECRET5"):
         assert secret not in recorded, secret
     shown = (f"http://***@{host}/private/photos.tgz?X-Amz-Credential=***&X-Amz-Expires=3600&"
              "X-Amz-Signature=***")
