@@ -23,8 +23,9 @@ RESOURCE_PREFIX = "petalflow.dataset."
 
 
 def resource_id(data_url: str) -> str:
-    """The event's resource id for a dataset source: stable per URL or path."""
-    return RESOURCE_PREFIX + hashlib.sha256(data_url.encode()).hexdigest()[:16]
+    """The event's resource id for a dataset source: stable per URL or path (a presigned
+    URL's signatures are one source: its secrets are left out, ``redact_url``)."""
+    return RESOURCE_PREFIX + hashlib.sha256(redact_url(data_url).encode()).hexdigest()[:16]
 
 
 def source_state(source: dict) -> Optional[str]:
@@ -87,8 +88,8 @@ def emit_dataset_changed(params: TrainParams, source: dict, reason: str) -> str:
     event = emit_event(
         event=EVENT,
         resource={"prefect.resource.id": resource_id(params.data_url),
-                  "prefect.resource.name": params.data_url,
-                  "petalflow.data_url": params.data_url},
+                  "prefect.resource.name": redact_url(params.data_url),
+                  "petalflow.data_url": redact_url(params.data_url)},
         payload={**event_payload(params), "reason": reason,
                  "source_state": source_state(source)},
     )

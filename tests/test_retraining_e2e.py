@@ -127,7 +127,7 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     from petalflow.tasks.errors import DownloadError
     from petalflow.tasks.registry import champion_info
     from petalflow.tasks.report import run_result
-    from petalflow.tasks.watch import differs_from_champion
+    from petalflow.tasks.watch import differs_from_champion, resource_id
 
     data = _archive(workspace, "d", per_class=12, seed=0)
     with revalidating_server() as site:
@@ -161,6 +161,7 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     assert json.loads(mv.tags["params"])["data_url"] == shown
     assert f"- Source: `{shown}` (http)" in mv.description
     resigned = {**first["source"], "url": url.replace("f00dSECRET2", "beefSECRET4")}
+    assert resource_id(url) == resource_id(resigned["url"])  # the watch's events: one source
     assert differs_from_champion(resigned, champion_info(MODEL)) == (
         False, f"source unchanged since the champion v1 ({first['source']['sha256'][:12]})")
 
