@@ -488,7 +488,7 @@ def _image(fmt, rgb=(220, 40, 40), mode="RGB", size=(40, 30)) -> bytes:
 
 
 def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
-    from petalflow.tasks.serving import ImageClassifier
+    from petalflow.tasks.serving import ERROR_NOT_BASE64, ImageClassifier
 
     model = ImageClassifier(exported)
     assert model.class_names == sorted(COLOURS)
@@ -522,7 +522,7 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     assert raw["label"].tolist() == ["red", "", "blue"]
     # A batch of nothing but bad rows still answers, row by row.
     bad = model.predict(pd.DataFrame({"image": ["@@not base64@@", _b64(b"nope")]}))
-    assert bad["error"].tolist() == ["undecodable image"] * 2
+    assert bad["error"].tolist() == [ERROR_NOT_BASE64, "undecodable image"]
 
 
 def test_the_served_model_sees_a_sideways_stored_phone_photo_upright(exported):
