@@ -231,11 +231,15 @@ def folder_listing_fingerprint(folder: Path) -> str:
 def describe_source(url: str, archive: Path) -> dict:
     """Provenance of what a run trains on, for MLflow, the summary and change detection:
     ``kind`` (http / file / folder), ``sha256`` of the archive (None for a folder), the HTTP
-    validators and outcome for a URL, and the listing fingerprint of a folder."""
+    validators and outcome for a URL, and the listing fingerprint of a folder.
+
+    Raises ArchiveError (``WebPageNotArchive`` for a sign-in or error page) when a file is no
+    tar or zip archive: the watch must not announce such bytes as new data to train on."""
     archive = Path(archive)
     if archive.is_dir():
         return {"kind": "folder", "url": url, "sha256": None,
                 "listing_fingerprint": folder_listing_fingerprint(archive)}
+    _archive_kind(archive)
     if local_source(url) is not None:
         return {"kind": "file", "url": url, "sha256": sha256_file(archive)}
     record = source_record(archive)

@@ -93,7 +93,8 @@ def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_cha
     sign-in page): the run fails saying the URL gave a web page, not an archive; the champion
     and its version stay; once the URL serves the archive again, nothing needs retraining."""
     from petalflow.flows.train_flow import train_and_register
-    from petalflow.tasks.errors import ArchiveError
+    from petalflow.flows.watch_flow import watch_data
+    from petalflow.tasks.errors import ArchiveError, WebPageNotArchive
 
     data = _archive(workspace, "d", per_class=12, seed=0)
     page = (b"\n<!DOCTYPE html>\n<html lang=\"en\"><head><title>Sign in</title></head>"
@@ -109,6 +110,11 @@ def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_cha
             "photos.tgz is a web page (HTML), not an archive: the URL answered with a page (a "
             "sign-in, a download confirmation or an error page?) instead of the file; use the "
             "URL that downloads the archive itself")
+        # The watch sees new bytes behind the URL, but they are no data: it fails saying so,
+        # and announces nothing (no training started to fail the same way).
+        with pytest.raises(WebPageNotArchive):
+            watch_data(_params(url, tiny_backbone))
+        assert not list((workspace / "home" / "watch").glob("*.json"))  # nothing announced
         client = _client()
         versions = client.search_model_versions(f"name='{MODEL}'")
         assert [str(v.version) for v in versions] == ["1"]
