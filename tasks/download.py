@@ -160,7 +160,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
     part_meta_path = _part_record(part)
     part_meta = read_json(part_meta_path) if part.exists() else {}
     # The file's bytes as stored, as curl and wget save them: an archive stored with
-    # "Content-Encoding: gzip" (object-store metadata, Apache's AddEncoding for .tgz) was
+    # "Content-Encoding: gzip" (S3 or GCS object metadata, `AddEncoding gzip .tgz`) was
     # decoded on the way, saved as the .tar inside and failed its pinned sha256.
     headers = {"Accept-Encoding": "identity"}
     if known.get("etag"):

@@ -50,9 +50,10 @@ def test_checksum_mismatch_fails_and_leaves_no_partial_file(archive_dir, tmp_pat
 
 
 def test_an_archive_stored_with_content_encoding_gzip_is_saved_as_stored(tmp_path):
-    """An object store holding photos.tgz with the metadata "Content-Encoding: gzip" (or
-    Apache's AddEncoding for .tgz) sends it with that header: the bytes saved are the archive's
-    own (what `sha256sum photos.tgz` pins), not the .tar httpx would decode them into."""
+    """An object store holding photos.tgz with the metadata "Content-Encoding: gzip" (or a web
+    server told `AddEncoding gzip .tgz`) sends it with that header: the bytes saved are the
+    archive's own (what `sha256sum photos.tgz` pins), not the .tar httpx would decode them
+    into."""
     import http.server
 
     from tests.helpers import base_url, serve_handler
