@@ -367,11 +367,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from petalflow.tasks.registry import pull_edge, pull_model
 
     uri = args.model or champion_uri(args.model_name)
-    if Path(args.dest).exists() and not Path(args.dest).is_dir():
-        raise UsageError(f"--dest: {args.dest} is a file, not a folder")
     if args.format == "tflite":
         try:
             path = pull_edge(uri, args.dest, args.quantization)
+        except DestinationInUse as exc:
+            raise UsageError(f"--dest: {exc}") from None
         except FileNotFoundError as exc:
             raise RunFailed(str(exc), "retrain with edge_export on (the default) to get "
                             "edge models", EXIT_FAILED) from None

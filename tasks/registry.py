@@ -272,6 +272,16 @@ def edge_tags(description: Optional[dict]) -> dict:
     return tags
 
 
+def _not_a_file(dest: Path) -> Path:
+    """``dest``, a folder to pull into (there or not yet); ``DestinationInUse`` when it is a
+    file."""
+    from petalflow.tasks.errors import DestinationInUse
+
+    if dest.exists() and not dest.is_dir():
+        raise DestinationInUse(f"{dest} is a file, not a folder")
+    return dest
+
+
 def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
     """Download a version's edge model ``fmt`` (float16 or int8) with labels.txt and edge.json
     into ``dest`` (each file moved in whole: no half-written model); returns the .tflite file.
@@ -282,9 +292,9 @@ def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
 
     if fmt not in FORMATS:
         raise ValueError(f"no edge format {fmt!r}; choose from {', '.join(FORMATS)}")
+    dest = _not_a_file(Path(dest))
     configure_mlflow()
     run_id = run_of(model_uri)
-    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     names = {a.path.rsplit("/", 1)[-1] for a in
              mlflow_client().list_artifacts(run_id, EDGE_ARTIFACTS)}
@@ -757,9 +767,7 @@ def pull_model(model_uri: str, dest: Path) -> Path:
 
     from petalflow.tasks.errors import DestinationInUse
 
-    dest = Path(dest)
-    if dest.exists() and not dest.is_dir():
-        raise DestinationInUse(f"{dest} is a file, not a folder")
+    dest = _not_a_file(Path(dest))
     if dest.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
         raise DestinationInUse(f"{dest} is the current folder or holds it: give a folder of "
                                "its own, such as ./model")

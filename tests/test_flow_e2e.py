@@ -391,6 +391,8 @@ def test_pull_into_a_folder_replaces_a_previous_pull_whole_and_refuses_other_fil
     assert [p.name for p in photos.iterdir()] == ["mine.jpg"]
     assert main(["pull", "--dest", str(photos / "mine.jpg")]) == 2
     assert f"--dest: {photos / 'mine.jpg'} is a file, not a folder" in capsys.readouterr().err
+    assert main(["pull", "--format", "tflite", "--dest", str(photos / "mine.jpg")]) == 2
+    assert f"--dest: {photos / 'mine.jpg'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_predict_timing_line_says_when_the_first_prediction_was_written(trained, tmp_path,
