@@ -13,7 +13,7 @@ import re
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 CHUNK = 1 << 20
 
@@ -132,22 +132,27 @@ SECRET_QUERY_KEY = re.compile(r"sig|token|secret|key|credential|passw|pwd|auth|s
                               re.IGNORECASE)
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: Optional[str]) -> Optional[str]:
     """``url`` as petalflow records it where others read it (MLflow's run and version tags and
     parameters, the model card, the flow's log): a user name and password in it as "***", and
-    the values of query parameters that hold secrets. The download uses the URL as given."""
+    the values of query parameters that hold secrets. The download uses the URL as given.
+    Anything but an http(s) URL (a path, None) is returned as it is."""
     from urllib.parse import urlsplit, urlunsplit
 
+    if not url:
+        return url
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https"):
         return url
     netloc = parts.netloc
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = "&".join(
-        f"{item.split('=', 1)[0]}=***" if "=" in item and SECRET_QUERY_KEY.search(
-            item.split("=", 1)[0]) else item
-        for item in parts.query.split("&")) if parts.query else ""
+
+    def hidden(item: str) -> str:
+        key, equals, _value = item.partition("=")
+        return f"{key}=***" if equals and SECRET_QUERY_KEY.search(key) else item
+
+    query = "&".join(hidden(item) for item in parts.query.split("&")) if parts.query else ""
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -73,8 +73,7 @@ def class_counts(manifest_path: str) -> pd.DataFrame:
 
 
 def _source_lines(source: dict) -> list[str]:
-    url = source.get("url")
-    lines = [f"- Source: `{redact_url(url) if url else url}` ({source.get('kind')})"]
+    lines = [f"- Source: `{redact_url(source.get('url'))}` ({source.get('kind')})"]
     if source.get("sha256"):
         lines.append(f"- Archive sha256: `{source['sha256']}`")
     if source.get("kind") == "http":
@@ -253,8 +252,7 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
                  f"{ds['quarantined']} quarantined; fingerprint `{ds['fingerprint'][:12]}`")
     src = summary.get("source") or {}
     if src:
-        url = src.get("url")
-        lines.append(f"- Source `{redact_url(url) if url else url}`: "
+        lines.append(f"- Source `{redact_url(src.get('url'))}`: "
                      f"{src.get('outcome') or src.get('kind')}")
     for name, url in (links or {}).items():
         lines.append(f"- [{name}]({url})")

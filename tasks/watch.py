@@ -46,7 +46,7 @@ def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool,
     trained_url = champion.get("data_url")
     if trained_url is None or redact_url(trained_url) != redact_url(source["url"]):
         return True, (f"the champion v{champion['version']} was trained on "
-                      f"{redact_url(trained_url) if trained_url else trained_url}")
+                      f"{redact_url(trained_url)}")
     trained_on = champion.get("archive_sha256") or champion.get("listing_fingerprint")
     if trained_on is None:
         return True, f"the champion v{champion['version']} records no source digest"
