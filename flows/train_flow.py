@@ -204,7 +204,8 @@ def train_and_register(params: TrainParams = TrainParams()):
         with timer.phase("registration"):
             registration = register_model_task(run_id, record["export_dir"], trained,
                                                data_info, evaluation["metrics"], comparison,
-                                               source, edge, request=params)
+                                               source, edge, request=params,
+                                               majority=evaluation["majority"])
         timings = timer.table()
         log_timings_task(run_id, timings)
     except BaseException:

@@ -529,27 +529,37 @@ PRECISION = 6  # accuracies are stored (tags) and compared at this many decimals
 
 
 def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Optional[float],
-                 min_improvement: float = 0.0, basis: str = "") -> tuple:
+                 min_improvement: float = 0.0, basis: str = "",
+                 majority: Optional[dict] = None) -> tuple:
     """(alias, reason). ``champion_accuracy`` is the champion's accuracy on the *same* test
     split (None: no champion, or one with other classes, which ``basis`` then says). The new
     version becomes champion when it passes the gate and, against a champion, beats it by more
     than 0 and by at least ``min_improvement``; both figures are rounded to the same precision
-    first, so a tie is a tie and keeps the champion."""
+    first, so a tie is a tie and keeps the champion. The gate is ``min_accuracy`` and, with
+    ``majority`` (``evaluate.majority_baseline``), beating the accuracy of answering the test
+    split's most common class for every image: on 95 % "ok" photos a model that never says
+    "defect" scores 0.95, far above any --min-accuracy."""
     acc = round(float(accuracy), PRECISION)
     if acc < min_accuracy:
         return CHALLENGER, f"test accuracy {acc:.4f} is below --min-accuracy {min_accuracy}"
+    if champion_accuracy is not None:
+        champ = round(float(champion_accuracy), PRECISION)
+        margin = round(acc - champ, PRECISION)
+        on = f" on {basis}" if basis else ""
+        if margin <= 0:
+            return CHALLENGER, (f"test accuracy {acc:.4f} does not beat the champion's "
+                                f"{champ:.4f}{on}")
+        if margin < min_improvement:
+            return CHALLENGER, (f"test accuracy {acc:.4f} beats the champion's {champ:.4f}{on} "
+                                f"by {margin:.4f}, less than --min-improvement {min_improvement}")
+    if majority is not None and acc <= round(float(majority["accuracy"]), PRECISION):
+        return CHALLENGER, (f"test accuracy {acc:.4f} does not beat answering "
+                            f"'{majority['class']}', the test split's most common class, for "
+                            f"every image ({majority['accuracy']:.4f}): the model is no better "
+                            "than that guess")
     if champion_accuracy is None:
         why = basis or "first model to pass the gate"
         return CHAMPION, f"{why} ({acc:.4f} >= {min_accuracy})"
-    champ = round(float(champion_accuracy), PRECISION)
-    margin = round(acc - champ, PRECISION)
-    on = f" on {basis}" if basis else ""
-    if margin <= 0:
-        return CHALLENGER, (f"test accuracy {acc:.4f} does not beat the champion's "
-                            f"{champ:.4f}{on}")
-    if margin < min_improvement:
-        return CHALLENGER, (f"test accuracy {acc:.4f} beats the champion's {champ:.4f}{on} by "
-                            f"{margin:.4f}, less than --min-improvement {min_improvement}")
     return CHAMPION, f"test accuracy {acc:.4f} beats the champion's {champ:.4f}{on}"
 
 
@@ -557,6 +567,7 @@ def register_model(
     run_id: str, export_dir: Path, cfg: TrainParams, data_info: DatasetInfo, metrics: dict,
     comparison: Optional[dict] = None, source: Optional[dict] = None,
     edge: Optional[dict] = None, request: Optional[TrainParams] = None,
+    majority: Optional[dict] = None,
 ) -> dict:
     """Log the exported model to ``run_id``, register a version, set the alias; idempotent.
 
@@ -567,7 +578,9 @@ def register_model(
 
     ``comparison`` (from ``compare_with_champion``) holds the champion's version and its
     accuracy on this run's test split; without it the champion's stored figure is used and the
-    reason says so. ``source`` (``tasks.download.describe_source``) is recorded on the version.
+    reason says so. ``majority`` (the evaluation's ``majority``) is part of the gate
+    (``decide_alias``). ``source`` (``tasks.download.describe_source``) is recorded on the
+    version.
     A retry after a successful registration finds the version already made from this run and
     reuses it, so no duplicate is created. The alias is set only once the version is READY.
     """
@@ -628,7 +641,7 @@ def register_model(
         else:
             basis = "the champion's stored figure (its own test split)" if champion else ""
         alias, reason = decide_alias(accuracy, cfg.min_accuracy, champion_acc,
-                                     cfg.min_improvement, basis)
+                                     cfg.min_improvement, basis, majority)
         client.set_registered_model_alias(name, alias, version)
     return {
         "model_name": name,
@@ -826,9 +839,10 @@ def start_run_task(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[
 def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_info: DatasetInfo,
                         metrics: dict, comparison: Optional[dict] = None,
                         source: Optional[dict] = None, edge: Optional[dict] = None,
-                        request: Optional[TrainParams] = None) -> dict:
+                        request: Optional[TrainParams] = None,
+                        majority: Optional[dict] = None) -> dict:
     return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison, source,
-                          edge, request)
+                          edge, request, majority)
 
 
 @task(name="read-champion", **MLFLOW_RETRY)

@@ -156,9 +156,10 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
     ]
     per_class = evaluation / "per_class.csv"
     if per_class.exists():
-        from petalflow.tasks.evaluate import read_per_class
+        from petalflow.tasks.evaluate import majority_baseline, majority_line, read_per_class
 
-        lines += [_table(read_per_class(per_class).round(4)), ""]
+        table = read_per_class(per_class)
+        lines += [majority_line(majority_baseline(table)), "", _table(table.round(4)), ""]
     confusion = evaluation / "confusion.csv"
     if confusion.exists():
         from petalflow.tasks.evaluate import confusion_markdown

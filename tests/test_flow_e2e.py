@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from petalflow.tasks.params import TrainParams
 from tests.helpers import (
@@ -181,12 +183,15 @@ def test_retried_registration_makes_no_duplicate_version(trained, monkeypatch):
 
 
 def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harness):
-    """random labels first (gate 0: champion), a learnable model with other classes replaces it
+    """Other class names first (gate 0: champion), a learnable model with other classes replaces it
     (the class list changed: the gate decides), then a model failing the gate and a worse model
     on the champion's classes both become challenger while the champion stays."""
     from petalflow.flows.train_flow import train_and_register
 
+    renamed = {f"other-{name}": rgb for name, rgb in COLOURS.items()}
     served = {
+        "renamed": _serve_dataset(workspace, make_dataset, "renamed", per_class=12,
+                                  colours=renamed),
         "noise": _serve_dataset(workspace, make_random_label_dataset, "noise", per_class=20),
         "good": _serve_dataset(workspace, make_dataset, "good", per_class=12),
     }
@@ -195,7 +200,7 @@ def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harne
             return train_and_register(
                 _params(f"{url}/{name}.tgz", served[name], tiny_backbone, **kw))
 
-        first = run("noise", min_accuracy=0.0)
+        first = run("renamed", min_accuracy=0.0)
         assert (first["model_version"], first["alias"]) == ("1", "champion")
         best = run("good")
         assert (best["model_version"], best["alias"]) == ("2", "champion")
@@ -213,6 +218,44 @@ def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harne
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "2"
     assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "4"
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 4
+
+
+def test_a_model_that_only_answers_the_common_class_is_registered_but_not_promoted(
+        workspace, tiny_backbone, prefect_harness):
+    """Defect data: 24 "ok" photos, 6 "defect" ones that look exactly the same (so nothing can
+    tell them apart). Trained on the plain loss, the model answers "ok" for every photo: ~0.83
+    on the test split, far above --min-accuracy 0.5. The version is registered (nothing lost),
+    as challenger, the reason and the model card say what the guess scores; no champion."""
+    from PIL import PngImagePlugin
+
+    from petalflow.flows.train_flow import train_and_register
+
+    src = workspace / "defects"
+    grey = np.full((20, 24, 3), 128, np.uint8)
+    for label, n in (("ok", 24), ("defect", 6)):
+        (src / label).mkdir(parents=True)
+        for i in range(n):
+            info = PngImagePlugin.PngInfo()
+            info.add_text("id", f"{label}-{i}")  # same pixels, distinct files
+            Image.fromarray(grey).save(src / label / f"{i:02d}.png", pnginfo=info)
+    archive = make_tgz(src, workspace / "served" / "defects.tgz")
+    with serve_directory(workspace / "served") as url:
+        result = train_and_register(_params(f"{url}/defects.tgz", archive, tiny_backbone,
+                                            min_accuracy=0.5, edge_export=False,
+                                            balance_classes=False))
+    test = result["test_metrics"]
+    assert test["test_majority_accuracy"] > 0.5
+    assert (result["model_version"], result["alias"]) == ("1", "challenger")
+    assert result["alias_reason"].startswith(f"test accuracy {test['test_accuracy']:.4f} does "
+                                             "not beat answering 'ok', the test split's most "
+                                             "common class, for every image (")
+    client = _client()
+    assert str(client.get_model_version_by_alias(MODEL, "challenger").version) == "1"
+    with pytest.raises(Exception, match="champion"):
+        client.get_model_version_by_alias(MODEL, "champion")
+    card = client.get_model_version(MODEL, "1").description
+    assert (f"Answering 'ok' (the most common class) for every image would score "
+            f"{test['test_majority_accuracy']:.4f}") in card
 
 
 def test_cli_train_on_a_url_that_gives_a_sign_in_page_says_so_with_exit_status_3(

@@ -1017,6 +1017,43 @@ def test_the_evaluation_report_lists_the_top_confusions_of_many_classes():
         n, list(range(n)), list(range(n)))
 
 
+def test_a_model_no_better_than_answering_the_most_common_class_is_not_promoted():
+    """On a test split of 18 "ok" photos and 1 "defect", a model that answers "ok" to all 19
+    scores 0.9474: far above --min-accuracy 0.5, and it has learned nothing. The gate asks it to
+    beat that guess; the report says what the guess scores."""
+    from petalflow.tasks.evaluate import (
+        classification_tables, majority_baseline, markdown_report,
+    )
+    from petalflow.tasks.registry import CHALLENGER, CHAMPION, decide_alias
+
+    names = ["defect", "ok"]
+    y_true = np.array([0] + [1] * 18)
+    metrics, per_class, confusion = classification_tables(y_true, np.ones(19, int), names)
+    majority = majority_baseline(per_class)
+    assert majority == {"class": "ok", "accuracy": 18 / 19}
+    assert metrics["test_majority_accuracy"] == 18 / 19
+    assert ("Answering 'ok' (the most common class) for every image would score 0.9474: the "
+            "quality gate promotes only a model that beats it.") in markdown_report(
+                metrics, per_class, confusion)
+
+    alias, reason = decide_alias(metrics["test_accuracy"], 0.5, None, majority=majority)
+    assert alias == CHALLENGER
+    assert reason == ("test accuracy 0.9474 does not beat answering 'ok', the test split's most "
+                      "common class, for every image (0.9474): the model is no better than "
+                      "that guess")
+    # Beating a champion that guessed too is not enough either.
+    assert decide_alias(18 / 19, 0.5, 17 / 19, majority=majority)[0] == CHALLENGER
+    # One more photo right (the defect found): it beats the guess.
+    assert decide_alias(1.0, 0.5, None, majority=majority) == (
+        CHAMPION, "first model to pass the gate (1.0000 >= 0.5)")
+    # Below --min-accuracy says that first.
+    assert "below --min-accuracy 0.99" in decide_alias(18 / 19, 0.99, None,
+                                                       majority=majority)[1]
+    # Balanced classes: the guess scores 1/k, so a tie on the first class is broken by order.
+    _, balanced, _ = classification_tables(np.array([0, 1, 2]), np.array([0, 1, 2]), names + ["x"])
+    assert majority_baseline(balanced) == {"class": "defect", "accuracy": 1 / 3}
+
+
 def test_confusion_image_is_drawn_without_matplotlib(tmp_path):
     """The evaluation's confusion matrix PNG: a cell per (true, predicted) pair, white for 0 to
     dark blue for the largest count, class names beside it; drawn without importing matplotlib
