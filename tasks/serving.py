@@ -41,6 +41,40 @@ ERROR_UNDECODABLE = "undecodable image"
 # bytes, which read as "undecodable image" before.
 ERROR_NOT_BASE64 = ("not base64: the 'image' column takes each image file's bytes "
                     "base64-encoded (not a path, not raw bytes)")
+# A row in a format the model cannot decode says which (by the file's first bytes) instead of
+# ERROR_UNDECODABLE, which then means a damaged file: iPhones store photos as HEIC (and keep
+# the name .jpg after some transfers), scanners TIFF, and photo folders hold Live Photos' videos.
+ERROR_UNSUPPORTED = ("unsupported image format {} (the model reads JPEG, PNG, GIF, BMP and "
+                     "WebP): convert the file first")
+_FTYP_BRANDS = {  # ISO media files: the brand after "ftyp" at byte 4
+    **dict.fromkeys((b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"),
+                    "HEIC/HEIF"),
+    **dict.fromkeys((b"avif", b"avis"), "AVIF"),
+    **dict.fromkeys((b"isom", b"iso2", b"mp41", b"mp42", b"qt  ", b"M4V ", b"3gp4", b"3gp5"),
+                    "MP4/QuickTime video"),
+}
+_MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\xff\x0a", "JPEG XL"),
+          (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"%PDF", "PDF"), (b"8BPS", "PSD"))
+
+
+def unsupported_format(data: bytes) -> Optional[str]:
+    """The name of the format of an image file the model cannot decode, from its first bytes
+    (None: not one of those)."""
+    head = bytes(data[:16])
+    if head[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(head[8:12])
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def _name_failures(frame: pd.DataFrame, raw: Sequence[Optional[bytes]]) -> pd.DataFrame:
+    """``frame`` with each undecodable row of a known unsupported format saying which."""
+    for i in np.flatnonzero(frame["error"].to_numpy() == ERROR_UNDECODABLE):
+        fmt = unsupported_format(raw[i]) if raw[i] else None
+        if fmt:
+            frame.loc[frame.index[i], "error"] = ERROR_UNSUPPORTED.format(fmt)
+    return frame
+
+
 # Rows per call of the SavedModel: its memory grows with the rows it runs at once (MobileNetV2
 # 0.35 at 224 px: +145 MiB over the loaded model at 8 rows, +343 at 32, +573-587 at 64, about
 # 4.8 MB more per row), so a request of any size runs 16 at a time: `petalflow predict` on
@@ -150,7 +184,7 @@ class ImageClassifier:
         """Classify raw encoded image bytes; undecodable items get an ``error``, not an exception."""
         if len(images) == 0:
             return pd.DataFrame({c: [] for c in self.columns})
-        return self._in_calls(list(images), self.classify_raw)
+        return _name_failures(self._in_calls(list(images), self.classify_raw), images)
 
     def predict_with_features(self, images: Sequence[bytes]) -> tuple[pd.DataFrame, np.ndarray]:
         """``predict_bytes`` of encoded images plus, from the same pass, each row's backbone
@@ -168,7 +202,7 @@ class ImageClassifier:
         if not frames:
             return pd.DataFrame({c: [] for c in self.columns}), np.zeros((0, 0), np.float32)
         frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        return frame, np.concatenate(features)
+        return _name_failures(frame, images), np.concatenate(features)
 
     def _in_calls(self, items: list, call) -> pd.DataFrame:
         """The prediction table of ``items``, ``CALL_ROWS`` per ``call`` (bounded memory)."""
@@ -202,8 +236,9 @@ class ImageClassifier:
         frame = self._in_calls(
             values, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
         failed = np.flatnonzero(frame["error"].to_numpy() != "")
-        not_base64 = [i for i in failed if values[i] and _b64decode(values[i]) is None]
-        frame.loc[not_base64, "error"] = ERROR_NOT_BASE64
+        raw = {i: _b64decode(values[i]) if values[i] else None for i in failed}
+        frame.loc[[i for i in failed if values[i] and raw[i] is None], "error"] = ERROR_NOT_BASE64
+        frame = _name_failures(frame, [raw.get(i) for i in range(len(values))])
         if index is not None:
             frame.index = index
         return frame

@@ -1202,3 +1202,44 @@ def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
     assert got["label"].iloc[1] in data_info["classes"]
     raw = model.predict(pd.DataFrame({"image": [photo, encoded.encode()]}))
     assert raw["error"].tolist() == [not_base64, ""]
+
+
+def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_path,
+                                                        monkeypatch):
+    """An iPhone's HEIC photo (often named .jpg after a transfer), an AVIF, a TIFF scan, a
+    Live Photo's video: each row names the format and says to convert the file, over the
+    registered model (pyfunc, base64) and in `petalflow predict`'s CSV, instead of "undecodable
+    image" (which now means a damaged file of a readable format)."""
+    import base64
+
+    from petalflow.tasks import predict
+    from petalflow.tasks.dataset import split_files
+
+    tiff = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tiff, "TIFF")
+    files = {
+        "photo.jpg": Path(split_files(data_info, "test")[0][0]).read_bytes(),
+        "IMG_0001.jpg": b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(200),
+        "pic.avif": b"\0\0\0\x1cftypavif\0\0\0\0avifmif1miaf" + bytes(200),
+        "scan.tif": tiff.getvalue(),
+        "IMG_0002.mov": b"\0\0\0\x14ftypqt  \0\0\0\0qt  " + bytes(200),
+        "cut.jpg": b"\xff\xd8\xff\xe0" + bytes(40),
+    }
+    def unsupported(fmt):
+        return (f"unsupported image format {fmt} (the model reads JPEG, PNG, GIF, BMP and "
+                "WebP): convert the file first")
+    expected = ["", unsupported("HEIC/HEIF"), unsupported("AVIF"), unsupported("TIFF"),
+                unsupported("MP4/QuickTime video"), "undecodable image"]
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
+                                                for b in files.values()]}))
+    assert got["error"].tolist() == expected
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    result = predict.predict_files("m", [folder / n for n in files], tmp_path / "out.csv")
+    assert (result["images"], result["errors"]) == (6, 5)
+    got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert got["error"].tolist() == expected
