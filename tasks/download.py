@@ -319,11 +319,13 @@ def tar_member_name(name: str) -> str:
         return raw.decode("latin-1")
 
 
-def _extract_tar(archive: Path, dest: Path, max_bytes: int) -> None:
+def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
+    """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
+    toward ``max_bytes``)."""
     try:
         with tarfile.open(archive, "r:*") as tar:
             members = tar.getmembers()
-            total = 0
+            total = already
             for member in members:
                 member.name = tar_member_name(member.name)
                 _check_member_name(member.name)
@@ -364,11 +366,13 @@ def zip_member_name(info: zipfile.ZipInfo) -> str:
     return name.replace("\\", "/")
 
 
-def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
+def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
+    """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
+    toward ``max_bytes``)."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [(info, zip_member_name(info)) for info in zf.infolist()]
-            declared = 0
+            declared = already
             for info, name in members:
                 _check_member_name(name)
                 mode = info.external_attr >> 16
@@ -383,7 +387,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
                         f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
                         "--max-extract-size if this is expected)"
                     )
-            written = 0
+            written = already
             root = dest.resolve()
             for info, name in members:
                 out = (dest / name).resolve()
@@ -405,8 +409,57 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int) -> None:
         raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
 
 
+# Names of the archives opened inside an archive (``_open_inner_archives``), longest first.
+INNER_ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar",
+                          ".zip")
+
+
+def _inner_archives(root: Path) -> list[Path]:
+    """The archives in an extracted tree that holds no image at all (a download of a download:
+    Kaggle's zip around a .tgz, a zip of one zip per class); [] as soon as an image is found.
+    macOS metadata (hidden files, ``__MACOSX``) is not counted."""
+    from petalflow.tasks.images import IMAGE_SUFFIXES
+
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__MACOSX" and not d.startswith("."))
+        for name in sorted(filenames):
+            low = name.lower()
+            if os.path.splitext(low)[1] in IMAGE_SUFFIXES:
+                return []
+            if low.endswith(INNER_ARCHIVE_SUFFIXES) and not name.startswith("."):
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def _open_inner_archives(root: Path, max_bytes: int) -> None:
+    """Open, in place and once (not the archives they hold), the archives of an extracted
+    tree without images: each into a folder named after it (``daisy.zip`` -> ``daisy/``),
+    then deleted. What they hold counts toward ``max_bytes`` with the rest of the tree, and
+    each is checked like the outer archive."""
+    inner = _inner_archives(root)
+    if not inner:
+        return
+    used = _tree_bytes(root) - sum(p.stat().st_size for p in inner)
+    for archive in inner:
+        kind = _archive_kind(archive)
+        low = archive.name.lower()
+        stem = archive.name[: -len(next(s for s in INNER_ARCHIVE_SUFFIXES if low.endswith(s)))]
+        dest = archive.with_name(stem or "contents")
+        while dest.exists():
+            dest = dest.with_name(dest.name + "-contents")
+        (_extract_zip if kind == "zip" else _extract_tar)(archive, dest, max_bytes, used)
+        used += _tree_bytes(dest)
+        archive.unlink()
+
+
 def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 1024**3) -> Path:
     """Unpack ``archive`` into ``datasets_dir/<sha256>`` and return the folder of class folders.
+    Archives inside it are opened too when it holds no image (``_open_inner_archives``).
 
     A folder is returned as is (after descending wrappers). Extraction happens in a staging folder
     inside ``datasets_dir`` that is renamed into place only when complete, so a crash never leaves
@@ -424,11 +477,15 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
             # A zip extracted before "\\" was read as its separator: files named "a\\b\\c.jpg"
             # at the top, where the classes' folders belong; extracted again, once.
             shutil.rmtree(target)
+        if target.is_dir() and _inner_archives(target):
+            # Extracted before archives inside archives were opened: extracted again, once.
+            shutil.rmtree(target)
         if target.is_dir():
             return find_data_root(target)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=datasets_dir))
         try:
             (_extract_zip if kind == "zip" else _extract_tar)(archive, staging, max_bytes)
+            _open_inner_archives(staging, max_bytes)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -211,6 +211,65 @@ def test_truncated_and_non_archives_are_refused(tmp_path):
     assert [p for p in (tmp_path / "datasets").iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_archives_inside_the_archive_are_opened_once(tmp_path):
+    """A download of a download: Kaggle's zip around the dataset's .tgz, or a zip of one zip
+    per class. The inner archives are opened in place (one level), so the class folders are
+    found; a tree that holds images is left as it is."""
+    from petalflow.tasks.dataset import scan_dataset
+
+    src = make_dataset(tmp_path / "src", per_class=3)
+    inner = make_tgz(src, tmp_path / "inner" / "flower_photos.tgz", arcname="flower_photos")
+    kaggle = tmp_path / "archive.zip"
+    with zipfile.ZipFile(kaggle, "w") as zf:
+        zf.write(inner, "flower_photos.tgz")
+        zf.writestr("__MACOSX/._flower_photos.tgz", b"\x00\x05\x16\x07AppleDouble")
+    root = extract_archive(kaggle, tmp_path / "datasets")
+    assert root.name == "flower_photos"
+    assert sorted(p.name for p in root.iterdir()) == ["blue", "green", "red"]
+    assert not list(root.parent.glob("*.tgz"))
+
+    per_class = tmp_path / "per-class.zip"
+    with zipfile.ZipFile(per_class, "w") as zf:
+        for name in ("blue", "green", "red"):
+            one = make_zip(src / name, tmp_path / "one" / f"{name}.zip", arcname=name)
+            zf.write(one, f"data/{name}.zip")
+    manifest = scan_dataset(extract_archive(per_class, tmp_path / "datasets"))
+    assert sorted(manifest["label"].unique()) == ["blue", "green", "red"]
+    assert (manifest["status"] == "ok").sum() == 9
+
+    # Images beside an archive: the archive is a file of its class, not opened.
+    mixed = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(mixed, "w") as zf:
+        zf.write(src / "red" / "000.jpg", "photos/red/000.jpg")
+        zf.write(src / "green" / "000.jpg", "photos/green/000.jpg")
+        zf.write(inner, "photos/red/more.tgz")
+    root = extract_archive(mixed, tmp_path / "datasets")
+    assert sorted(p.name for p in (root / "red").iterdir()) == ["000.jpg", "more.tgz"]
+    assert not list((tmp_path / "datasets").glob(".staging-*"))
+
+
+def test_an_archive_inside_the_archive_counts_toward_the_size_limit_and_must_be_one(tmp_path):
+    """The inner archives' contents count toward --max-extract-size with the outer one's (a
+    zip of small zip bombs is refused); an inner "archive" that is none is named; nothing is
+    left in the datasets folder either way."""
+    bomb = tmp_path / "inner.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("photos/a/zeros.bin", b"\0" * 600_000)
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        zf.write(bomb, "one.zip")
+        zf.write(bomb, "two.zip")
+    datasets = tmp_path / "datasets"
+    with pytest.raises(ArchiveError, match="archive expands to more than 1000000 bytes"):
+        extract_archive(outer, datasets, max_bytes=1_000_000)
+    fake = tmp_path / "fake.zip"
+    with zipfile.ZipFile(fake, "w") as zf:
+        zf.writestr("data/photos.tgz", "<!doctype html><html>sign in</html>")
+    with pytest.raises(ArchiveError, match="photos.tgz is a web page"):
+        extract_archive(fake, datasets)
+    assert [p for p in datasets.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_find_data_root_descends_wrappers(tmp_path):
     make_dataset(tmp_path / "outer" / "flower_photos", per_class=1)
     (tmp_path / "outer" / "flower_photos" / "LICENSE.txt").write_text("cc-by")
