@@ -32,6 +32,11 @@ CHAMPION = "champion"  # the registry alias of the version that predictions use 
 DEFAULT_TRAINING_DEPLOYMENT = "train-model/train-gpu"
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A digest as checksum tools print it, which is what gets pasted: `sha256sum` ("HEX  name",
+# "HEX *name"), registries ("sha256:HEX"), `shasum -a 256 --tag` ("SHA256 (name) = HEX"),
+# `openssl dgst -sha256` ("SHA2-256(name)= HEX").
+_PRINTED_SHA256 = (re.compile(r"^(?:sha-?256:)?([0-9a-f]{64})(?:[ \t]+\*?[^\n]+)?$"),
+                   re.compile(r"^sha(?:2-)?-?256 ?\([^\n]*\) ?= ?([0-9a-f]{64})$"))
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _DEPLOYMENT_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
 _URL_SCHEMES = ("http://", "https://", "file://")
@@ -79,7 +84,8 @@ class TrainParams(BaseModel):
     data_sha256: Optional[str] = Field(
         None,
         title="Dataset sha256",
-        description="Pin the archive to exactly these bytes (64 hex digits): a mismatch fails "
+        description="Pin the archive to exactly these bytes (64 hex digits, or a line "
+        "`sha256sum` prints): a mismatch fails "
         "the run without retrying, and a pinned copy on disk is reused without asking the "
         "server. Empty (the default): the URL is revalidated every run and new data is "
         "trained on; TensorFlow's flower_photos.tgz is checked against its published digest.",
@@ -211,9 +217,10 @@ class TrainParams(BaseModel):
         if value is None or value.strip() == "":
             return None
         value = value.strip().lower()
-        if not _SHA256.match(value):
-            raise ValueError("must be 64 hexadecimal digits (a sha256 digest)")
-        return value
+        for printed in _PRINTED_SHA256:
+            if found := printed.match(value):
+                return found.group(1)
+        raise ValueError("must be 64 hexadecimal digits (a sha256 digest)")
 
     @field_validator("backbone")
     @classmethod

@@ -196,6 +196,28 @@ def test_default_flowers_url_is_pinned_at_run_time_not_in_the_form_default():
     assert expected_sha256(TrainParams(**typed)) is None
 
 
+def test_a_digest_pasted_as_checksum_tools_print_it_is_taken(tmp_path):
+    """What `sha256sum`, `shasum -a 256 --tag`, `openssl dgst -sha256` and registries print is
+    what users paste into --data-sha256 (or the form's field): the digest is taken from it; a
+    line with another algorithm's digest or two digests is still refused."""
+    import hashlib
+    import subprocess
+
+    archive = tmp_path / "photos.tgz"
+    archive.write_bytes(b"some archive bytes")
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    printed = subprocess.run(["sha256sum", str(archive)], capture_output=True, text=True,
+                             check=True).stdout
+    for pasted in (printed, printed.replace("  ", " *"), f"sha256:{digest}",
+                   f"SHA256 (photos.tgz) = {digest}", f"SHA2-256(photos.tgz)= {digest}",
+                   f"SHA256(photos.tgz)= {digest.upper()}\n"):
+        assert TrainParams(data_sha256=pasted).data_sha256 == digest, pasted
+    for wrong in (f"md5:{digest}", f"{digest}  a.tgz\n{digest}  b.tgz", "sha512:" + "a" * 128,
+                  f"{digest}0"):
+        with pytest.raises(ValueError, match="must be 64 hexadecimal digits"):
+            TrainParams(data_sha256=wrong)
+
+
 def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     from petalflow.flows.cli import (
         EXIT_BACKBONE, EXIT_DATA, EXIT_REGISTRY, EXIT_SOURCE, explain_failure,
