@@ -359,6 +359,10 @@ def cli_option(field: str) -> str:
     return _CLI_NAMES.get(field) or "--" + field.replace("_", "-")
 
 
+# The prediction file's format when none is given, by its name's suffix (else csv).
+OUTPUT_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
 class PredictParams(BaseModel):
     """The one typed, validated parameter model of the batch-predict flow; ``petalflow
     predict`` builds its options from it (the same way ``train`` does from TrainParams)."""
@@ -385,7 +389,11 @@ class PredictParams(BaseModel):
     output: str = Field(..., title="Output file",
                         description="Where the predictions go (CSV or JSON): a file, whose "
                         "folder must exist.")
-    format: Literal["csv", "json"] = Field("csv", title="Format", description="csv or json.")
+    format: Optional[Literal["csv", "json", "jsonl"]] = Field(
+        None, title="Format",
+        description="csv, json (an array of objects) or jsonl (one object per line). Empty: "
+        "from the output's name (.json: json; .jsonl, .ndjson: jsonl; anything else: csv).",
+    )
     top_k: int = Field(0, ge=0, le=100, title="Top k",
                        description="Also write the k best labels and their probabilities.")
     batch_size: int = Field(64, ge=1, le=4096, title="Batch size", description="Images per batch.")
@@ -412,6 +420,9 @@ class PredictParams(BaseModel):
             object.__setattr__(self, "input_folder", None)
         if not self.input:
             raise ValueError("input: give at least one image file, folder or pattern")
+        if self.format is None:
+            suffix = Path(self.output).suffix.lower()
+            object.__setattr__(self, "format", OUTPUT_FORMATS.get(suffix, "csv"))
         return self
 
     @field_validator("input_folder")
@@ -436,6 +447,9 @@ class PredictParams(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_folder_exists(cls, value: str) -> str:
+        if value.strip() == "-":
+            raise ValueError("'-' (standard output) is not supported: give a file, such as "
+                             "'predictions.csv'")
         path = Path(value).expanduser()
         if path.is_dir():  # found after classifying every image, when the file took its place
             raise ValueError(f"{value!r} is a folder: give a file name in it, such as "

@@ -170,7 +170,8 @@ def classifier_with_features(model):
 
 
 class _Writer:
-    """Streams rows to CSV or to a JSON array, into ``<output>.part`` renamed when complete."""
+    """Streams rows to CSV, a JSON array or JSON lines, into ``<output>.part`` renamed when
+    complete."""
 
     def __init__(self, output: Path, fmt: str):
         self.output, self.fmt = output, fmt
@@ -191,7 +192,11 @@ class _Writer:
         for record in frame.to_dict(orient="records"):
             clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
                      for k, v in record.items()}
-            self.fh.write(("" if self.first else ",\n") + json.dumps(clean, ensure_ascii=False))
+            line = json.dumps(clean, ensure_ascii=False)
+            if self.fmt == "jsonl":
+                self.fh.write(line + "\n")
+                continue
+            self.fh.write(("" if self.first else ",\n") + line)
             self.first = False
 
     def close(self) -> None:

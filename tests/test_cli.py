@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pydantic import ValidationError
@@ -333,6 +335,38 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
     # What batch-predict took before ``input`` still validates the same way.
     legacy = PredictParams(input_folder=str(workspace), output=str(out))
     assert legacy.input == [str(workspace)]
+
+
+def test_predict_writes_the_format_its_output_is_named_for(workspace, capsys):
+    """`--output preds.json` wrote CSV into the .json file; `--output -` wrote a file named
+    "-". The format follows the output's name unless --format says otherwise (.json: a JSON
+    array, .jsonl/.ndjson: one object per line, anything else CSV); "-" is refused."""
+    from petalflow.tasks.params import PredictParams
+    from petalflow.tasks.predict import _Writer
+
+    (workspace / "a.jpg").write_bytes(b"x")
+
+    def fmt(output, **kw):
+        return PredictParams(input=[str(workspace)], output=str(workspace / output), **kw).format
+
+    assert [fmt(n) for n in ("p.csv", "p.json", "p.JSON", "p.jsonl", "p.ndjson", "p.txt", "p")] \
+        == ["csv", "json", "json", "jsonl", "jsonl", "csv", "csv"]
+    assert fmt("p.json", format="csv") == "csv"  # said explicitly: as said
+    assert PredictParams(input=[str(workspace)], output="p.json").model_dump()["format"] == "json"
+    frame = pd.DataFrame({"label": ["a", "b"], "probability": [0.9, 0.8]})
+    for name in ("p.json", "p.jsonl", "p.csv"):
+        writer = _Writer(workspace / name, fmt(name))
+        writer.write(frame)
+        writer.close()
+    assert json.loads((workspace / "p.json").read_text()) == frame.to_dict(orient="records")
+    assert [json.loads(line) for line in (workspace / "p.jsonl").read_text().splitlines()] \
+        == frame.to_dict(orient="records")
+    assert pd.read_csv(workspace / "p.csv").equals(frame)
+    assert main(["predict", "--input", str(workspace), "--output", "-"]) == 2
+    err = capsys.readouterr().err
+    assert ("--output: Value error, '-' (standard output) is not supported: give a file, such as "
+            "'predictions.csv'") in err
+    assert not (workspace / "-").exists()
 
 
 def test_predict_refuses_bad_options_naming_them(workspace, capsys):
