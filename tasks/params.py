@@ -228,7 +228,18 @@ class TrainParams(BaseModel):
         value = value.strip()
         if not value:
             raise ValueError("must be a TF Hub handle (URL) or a local SavedModel folder")
-        if "://" not in value and not Path(value).expanduser().is_dir():
+        if "://" in value:
+            return value
+        path = Path(value).expanduser()
+        if path.name == "saved_model.pb" and path.is_file():  # the SavedModel's own file
+            return str(Path(value).parent)
+        if path.is_file():
+            what = ("a Keras weights file (.h5, .keras) is no TF Hub backbone; "
+                    if path.suffix.lower() in (".h5", ".hdf5", ".keras") else
+                    "extract an archive of one first; ")
+            raise ValueError(f"{value!r} is a file, not a SavedModel folder: {what}give the "
+                             "folder that holds saved_model.pb")
+        if not path.is_dir():
             raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel folder")
         return value
 

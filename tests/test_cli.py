@@ -49,6 +49,26 @@ def test_a_folder_as_the_summary_file_is_refused_before_work(workspace, capsys):
     assert not (workspace / "home").exists() and not (workspace / "mlflow").exists()
 
 
+def test_a_backbone_given_by_its_saved_model_pb_or_as_keras_weights(tmp_path, tiny_backbone):
+    """Pointing --backbone at the SavedModel's saved_model.pb (what a file dialog or tab
+    completion gives) takes its folder; a Keras weights file (.h5, .keras) is named as such,
+    and a downloaded archive of a SavedModel is to be extracted."""
+    from tests.helpers import make_hub_tarball
+
+    pb = tiny_backbone / "saved_model.pb"
+    assert TrainParams(backbone=str(pb)).backbone == str(tiny_backbone)
+    weights = tmp_path / "mobilenet_v2_weights_0.35_224_no_top.h5"
+    weights.write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(ValueError) as refused:
+        TrainParams(backbone=str(weights))
+    assert (f"{str(weights)!r} is a file, not a SavedModel folder: a Keras weights file (.h5, "
+            ".keras) is no TF Hub backbone; give the folder that holds saved_model.pb") in str(
+                refused.value)
+    with pytest.raises(ValueError, match="is a file, not a SavedModel folder: extract an "
+                       "archive of one first; give the folder that holds saved_model.pb"):
+        TrainParams(backbone=str(make_hub_tarball(tiny_backbone, tmp_path / "backbone.tgz")))
+
+
 def test_unknown_option_and_bad_boolean(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--epoch", "3"])
