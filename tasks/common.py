@@ -156,6 +156,27 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def walk_files(top: Path) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) of every folder under ``top``, in sorted order, following
+    linked folders (a class folder linking a folder of photos kept elsewhere: ``os.walk`` and
+    ``Path.rglob`` leave them out): each real folder once, and never a link to a folder it is
+    inside of (a loop)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        keep = []
+        for name in sorted(dirnames):
+            target = os.path.realpath(os.path.join(dirpath, name))
+            if target not in seen and not (real + os.sep).startswith(target + os.sep):
+                keep.append(name)
+        dirnames[:] = keep
+        yield dirpath, sorted(filenames)
+
+
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second (for the records petalflow writes)."""
     import datetime

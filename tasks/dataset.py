@@ -22,7 +22,7 @@ import pandas as pd
 from prefect import task
 from typing_extensions import TypedDict  # pydantic (Prefect's parameters) needs it before 3.12
 
-from petalflow.tasks.common import printable_name, without_autotuning, write_json
+from petalflow.tasks.common import printable_name, walk_files, without_autotuning, write_json
 from petalflow.tasks.errors import DatasetError
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
@@ -192,9 +192,8 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     files: list[tuple[str, str]] = []
     for parent in parents:
         for label in class_folders(parent):
-            for dirpath, dirnames, filenames in os.walk(parent / label):
-                dirnames.sort()
-                for name in sorted(filenames):
+            for dirpath, filenames in walk_files(parent / label):
+                for name in filenames:
                     rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
                     files.append((rel, label))
     _refuse_undecodable_names([rel for rel, _label in files])

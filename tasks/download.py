@@ -28,7 +28,8 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
-    CHUNK, file_lock, human_bytes, read_json, redact_url, sha256_file, utc_now, write_json,
+    CHUNK, file_lock, human_bytes, read_json, redact_url, sha256_file, utc_now, walk_files,
+    write_json,
 )
 from petalflow.tasks.dataset import find_data_root
 from petalflow.tasks.errors import (
@@ -215,9 +216,8 @@ def folder_listing_fingerprint(folder: Path) -> str:
     reads no file contents (the dataset fingerprint, which does, is computed by the scan)."""
     digest = hashlib.sha256()
     folder = Path(folder)
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in sorted(filenames):
+    for dirpath, filenames in walk_files(folder):
+        for name in filenames:
             path = Path(dirpath) / name
             try:
                 st = path.stat()

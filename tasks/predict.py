@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from petalflow.tasks.common import printable_name
+from petalflow.tasks.common import printable_name, walk_files
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
 from petalflow.tasks.serving import encode_bytes
@@ -36,7 +36,7 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            for sub in sorted(path.rglob("*")):
+            for sub in sorted(Path(d) / name for d, names in walk_files(path) for name in names):
                 if listed(sub) and sub.suffix.lower() in IMAGE_SUFFIXES and not any(
                     part.startswith(".") for part in sub.relative_to(path).parts
                 ):

@@ -149,6 +149,33 @@ def test_a_camera_jpeg_with_more_pictures_is_used_with_its_orientation(tmp_path)
         .tolist() == ["ok", "", 48, 32, 6]
 
 
+def test_linked_folders_inside_a_class_are_followed_once_and_loops_are_not(tmp_path):
+    """A folder dataset organised with links (a class folder linking a folder of photos kept
+    elsewhere): its photos were silently left out of the scan, of the folder source's change
+    fingerprint and of `petalflow predict`'s inputs. Linked folders are followed; a link back
+    to a folder already walked (a loop) is not."""
+    import os
+
+    from petalflow.tasks.download import folder_listing_fingerprint
+    from petalflow.tasks.predict import iter_inputs
+
+    elsewhere = make_dataset(tmp_path / "elsewhere", per_class=4)
+    root = make_dataset(tmp_path / "data", per_class=3)
+    os.symlink(elsewhere / "red", root / "red" / "more")
+    os.symlink(root / "red", root / "red" / "loop")  # back to its own class folder
+    os.symlink(root, root / "green" / "up")  # to the dataset's top
+    before = folder_listing_fingerprint(root)
+    manifest = scan_dataset(root)
+    counts = manifest[manifest["status"] == "ok"].groupby("label").size().to_dict()
+    assert counts == {"blue": 3, "green": 3, "red": 7}
+    assert sorted(p for p in manifest["path"] if p.startswith("red/more/")) == [
+        f"red/more/{i:03d}.jpg" for i in range(4)]
+    listed = list(iter_inputs([str(root / "red")]))
+    assert len(listed) == 7 and root / "red" / "more" / "000.jpg" in listed
+    write_image(elsewhere / "red" / "new.jpg", (220, 40, 40), seed=99)
+    assert folder_listing_fingerprint(root) != before
+
+
 def test_same_image_under_two_labels_is_quarantined(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4)
     shutil.copy(root / "red" / "000.jpg", root / "blue" / "stolen.jpg")
