@@ -331,11 +331,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     set); the files are checked before anything starts."""
     params = params_from_args(PredictParams, args)
     from petalflow.tasks.predict import (
-        forget_preloaded, iter_inputs, model_uri_of, preload_model,
+        forget_preloaded, iter_inputs, model_uri_of, no_images_message, preload_model,
     )
 
     if not any(True for _ in iter_inputs(params.input)):
-        raise UsageError("--input: no image files found")
+        raise UsageError(f"--input: {no_images_message(params.input)}")
     uri = model_uri_of(params)
     with _prefect_api() as server:
         with IMPORT_LOCK:  # the preload imports after this thread's Prefect imports

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from petalflow.tasks.common import printable_name, walk_files
+from petalflow.tasks.common import log, printable_name, walk_files
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
 from petalflow.tasks.serving import encode_bytes
@@ -50,6 +50,29 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
             for match in matches:
                 if listed(Path(match)):
                     yield Path(match)
+
+
+def no_images_message(inputs: Sequence[str]) -> str:
+    """Why ``inputs`` gave ``iter_inputs`` no file: how folders are searched, and the files
+    their folders hold that are not named as images (saved without an extension, say)."""
+    message = ("no image files found: a folder's images are found by their names "
+               f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    others = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if not path.is_dir():
+            continue
+        files = [Path(d) / name for d, names in walk_files(path) for name in names
+                 if not any(part.startswith(".")
+                            for part in (Path(d) / name).relative_to(path).parts)]
+        if files:
+            shown = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
+            others.append(f"{item} holds {len(files)} other file"
+                          f"{'s' if len(files) > 1 else ''} ({shown})")
+    if others:
+        message += "; " + "; ".join(others) + (": rename them, or give them as files "
+                                               "(--input FILE...)")
+    return message
 
 
 LEGACY_LOADER = "tasks.serving"  # what versions registered before the loader travelled name
@@ -348,6 +371,8 @@ def predict_images(params, on_batch: Optional[BatchHook] = None) -> dict:
     """The prediction job (``PredictParams`` in, summary out) that the ``batch-predict`` flow
     runs (``petalflow predict`` runs that flow)."""
     files = list(iter_inputs(params.input))
+    if not files:  # a scheduled run on an empty folder writes an empty table, and says why
+        log("%s", no_images_message(params.input), level=30)
     uri = model_uri_of(params)
     result = predict_files(uri, files, Path(params.output), params.batch_size, fmt=params.format,
                            top_k=params.top_k, on_batch=on_batch, drift=params.drift)

@@ -128,6 +128,24 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
     assert not out.exists()
 
 
+def test_predict_on_a_folder_of_files_without_image_names_says_how_to_classify_them(
+        workspace, capsys):
+    """Images saved without an extension (a web API's downloads, a content-addressed store):
+    "no image files found" left the user guessing; the error says how folders are searched,
+    what was left out and how to classify those files."""
+    folder = workspace / "downloads"
+    folder.mkdir()
+    for name in ("img1", "img2", "img3"):
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / ".hidden").write_bytes(b"x")
+    assert main(["predict", "--input", str(folder), "--output", str(workspace / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert ("petalflow predict: error: --input: no image files found: a folder's images are "
+            "found by their names (.avif, .bmp, .gif, .heic, .heif, .jfif, .jpe, .jpeg, .jpg, "
+            f".jxl, .png, .tif, .tiff, .webp); {folder} holds 3 other files (img1, img2, img3): "
+            "rename them, or give them as files (--input FILE...)") in err
+
+
 def test_predict_with_a_model_that_does_not_exist_says_so_and_writes_nothing(
         workspace, capsys, prefect_harness):
     from tests.helpers import write_image

@@ -1205,6 +1205,28 @@ def test_a_link_to_a_missing_photo_is_a_row_saying_it_cannot_be_read(
                                      "undecodable image"]
 
 
+def test_a_prediction_job_on_a_folder_without_image_names_says_why_its_table_is_empty(
+        trained, tmp_path, monkeypatch, caplog):
+    """batch-predict deployed on a schedule: a folder of images saved without an extension
+    gives an empty table, and the run's log says why (as `petalflow predict` refuses it)."""
+    import logging
+
+    from petalflow.tasks import predict
+    from petalflow.tasks.params import PredictParams
+
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    (folder / "photo1").write_bytes(b"\xff\xd8\xff")
+    with caplog.at_level(logging.WARNING, logger="petalflow"):
+        result = predict.predict_images(PredictParams(
+            model_uri="m", input=[str(folder)], output=str(tmp_path / "out.csv")))
+    assert result["images"] == 0
+    assert "no image files found: a folder's images are found by their names" in caplog.text
+    assert f"{folder} holds 1 other file (photo1): rename them" in caplog.text
+
+
 def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
         trained, data_info, tmp_path):
     """Another team's code hands the registered model (pyfunc, as `mlflow.pyfunc.load_model`
