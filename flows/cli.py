@@ -123,10 +123,8 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
         else:
             # Values stay strings here; the model validates and converts them, so every
             # entry point (CLI, UI, API) refuses the same values with the same message.
-            annotation = field.annotation
-            if type(None) in get_args(annotation):  # Optional[Literal[...]]: its choices
-                annotation = next(a for a in get_args(annotation) if a is not type(None))
-            choices = get_args(annotation) if get_origin(annotation) is Literal else None
+            choices = get_args(field.annotation) if get_origin(field.annotation) is Literal \
+                else None
             p.add_argument(option, dest=name, default=None, choices=choices,
                            required=required,
                            metavar=None if choices else name.upper(), help=help_text)

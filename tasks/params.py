@@ -400,9 +400,9 @@ class PredictParams(BaseModel):
     output: str = Field(..., title="Output file",
                         description="Where the predictions go (CSV or JSON): a file, whose "
                         "folder must exist.")
-    format: Optional[Literal["csv", "json", "jsonl"]] = Field(
-        None, title="Format",
-        description="csv, json (an array of objects) or jsonl (one object per line). Empty: "
+    format: Literal["auto", "csv", "json", "jsonl"] = Field(
+        "auto", title="Format",
+        description="csv, json (an array of objects) or jsonl (one object per line); auto: "
         "from the output's name (.json: json; .jsonl, .ndjson: jsonl; anything else: csv).",
     )
     top_k: int = Field(0, ge=0, le=100, title="Top k",
@@ -431,7 +431,7 @@ class PredictParams(BaseModel):
             object.__setattr__(self, "input_folder", None)
         if not self.input:
             raise ValueError("input: give at least one image file, folder or pattern")
-        if self.format is None:
+        if self.format == "auto":
             suffix = Path(self.output).suffix.lower()
             object.__setattr__(self, "format", OUTPUT_FORMATS.get(suffix, "csv"))
         return self
