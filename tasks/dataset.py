@@ -200,6 +200,24 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     return candidate_classes(data_root, parents), files
 
 
+# Names of archives: opened inside a downloaded archive (``download._open_inner_archives``),
+# named in the error for a folder source that holds them instead of class folders.
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
+
+
+def _refuse_a_folder_of_archives(data_root: Path) -> None:
+    """A folder without class files that holds archives (the dataset's .tgz, one zip per
+    class): say to extract them, instead of "found 0 classes"."""
+    names = sorted(name for _, filenames in walk_files(data_root) for name in filenames
+                   if name.lower().endswith(ARCHIVE_SUFFIXES) and not name.startswith("."))
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise DatasetError(
+            f"{data_root} holds archives ({shown}) and no folder of images: extract them "
+            "there (archives are opened inside an archive given as --data-url, not in a "
+            "folder)")
+
+
 def _refuse_undecodable_names(paths: list[str]) -> None:
     """A folder on disk whose file or folder names are not UTF-8 (archives are decoded when
     extracted: ``download.tar_member_name``) cannot be described in a manifest, JSON or MLflow
@@ -326,6 +344,8 @@ def scan_dataset(data_root: Path) -> pd.DataFrame:
     if not data_root.is_dir():
         raise DatasetError(f"dataset folder {data_root} does not exist")
     _classes, files = list_class_files(data_root)
+    if not files:
+        _refuse_a_folder_of_archives(data_root)
     rows = []
     for rel, label in files:
         path = data_root / rel

@@ -31,7 +31,7 @@ from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, read_json, redact_url, sha256_file, utc_now, walk_files,
     write_json,
 )
-from petalflow.tasks.dataset import find_data_root
+from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DownloadError, TransientError, WebPageNotArchive,
     is_transient_status,
@@ -409,11 +409,6 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
         raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
 
 
-# Names of the archives opened inside an archive (``_open_inner_archives``), longest first.
-INNER_ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar",
-                          ".zip")
-
-
 def _inner_archives(root: Path) -> list[Path]:
     """The archives in an extracted tree that holds no image at all (a download of a download:
     Kaggle's zip around a .tgz, a zip of one zip per class); [] as soon as an image is found.
@@ -427,7 +422,7 @@ def _inner_archives(root: Path) -> list[Path]:
             low = name.lower()
             if os.path.splitext(low)[1] in IMAGE_SUFFIXES:
                 return []
-            if low.endswith(INNER_ARCHIVE_SUFFIXES) and not name.startswith("."):
+            if low.endswith(ARCHIVE_SUFFIXES) and not name.startswith("."):
                 found.append(Path(dirpath) / name)
     return found
 
@@ -448,7 +443,7 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
     for archive in inner:
         kind = _archive_kind(archive)
         low = archive.name.lower()
-        stem = archive.name[: -len(next(s for s in INNER_ARCHIVE_SUFFIXES if low.endswith(s)))]
+        stem = archive.name[: -len(next(s for s in ARCHIVE_SUFFIXES if low.endswith(s)))]
         dest = archive.with_name(stem or "contents")
         while dest.exists():
             dest = dest.with_name(dest.name + "-contents")

@@ -176,6 +176,25 @@ def test_linked_folders_inside_a_class_are_followed_once_and_loops_are_not(tmp_p
     assert folder_listing_fingerprint(root) != before
 
 
+def test_a_folder_of_archives_says_to_extract_them(tmp_path):
+    """A folder source holding the dataset's archives (one zip per class, or the .tgz itself)
+    failed as "need at least 2 classes ..., found 0 (none)": petalflow opens the archives inside
+    a downloaded archive, never in the user's own folder; the error says so, naming them."""
+    from tests.helpers import make_tgz, make_zip
+
+    src = make_dataset(tmp_path / "src", per_class=3)
+    folder = tmp_path / "mine" / "data"
+    for name in ("red", "blue", "green"):
+        make_zip(src / name, folder / f"{name}.zip", arcname=name)
+    make_tgz(src, folder / "all.tgz")
+    with pytest.raises(DatasetError) as refused:
+        scan_dataset(folder)
+    assert str(refused.value) == (
+        f"{folder} holds archives (all.tgz, blue.zip, green.zip, ...) and no folder of images: "
+        "extract them there (archives are opened inside an archive given as --data-url, not in "
+        "a folder)")
+
+
 def test_same_image_under_two_labels_is_quarantined(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=4)
     shutil.copy(root / "red" / "000.jpg", root / "blue" / "stolen.jpg")
