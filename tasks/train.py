@@ -23,7 +23,7 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from petalflow.tasks.dataset import DatasetInfo, reads_exif, split_files
+from petalflow.tasks.dataset import DatasetInfo, reads_exif, split_files, split_shas
 from petalflow.tasks.common import file_lock, log, release_memory, write_json
 from petalflow.tasks.params import TrainParams
 
@@ -166,18 +166,22 @@ def augmented_copy(extract, paths, labels, cfg: TrainParams, features_dir: Path,
     ``paths``: its file (``augmented_view_file``) and its augmentation seed both follow from
     ``cfg.seed`` and ``view``."""
     name = augmented_view_file(cfg.seed, view)
-    features, _, hit = cached_features(extract, paths, labels, cfg, features_dir / name,
-                                       augment_seed=(cfg.seed * 1000 + view + 1) % 2**31,
-                                       exif=exif)
+    features, _, hit, _ = cached_features(extract, paths, labels, cfg, features_dir / name,
+                                          augment_seed=(cfg.seed * 1000 + view + 1) % 2**31,
+                                          exif=exif)
     return features, hit, name.removesuffix(".npz")
 
 
 def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
-                    augment_seed: Optional[int] = None, exif: bool = True) -> tuple:
-    """(features [n, dim], labels, whether they came from the cache) for ``paths``, computed
-    by ``extract`` (``tasks.features.FeatureExtractor``: image batch -> features) once and
-    cached in ``cache`` (.npz); with ``augment_seed``, of the images randomly augmented
-    (``augment_batch``) with that seed. ``exif``: as ``inputs.image_dataset``.
+                    augment_seed: Optional[int] = None, exif: bool = True,
+                    bank: Optional[Path] = None, shas: Optional[list] = None) -> tuple:
+    """(features [n, dim], labels, whether they came from the cache, how many came from the
+    feature bank) for ``paths``, computed by ``extract`` (``tasks.features.FeatureExtractor``:
+    image batch -> features) once and cached in ``cache`` (.npz); with ``augment_seed``, of
+    the images randomly augmented (``augment_batch``) with that seed. ``exif``: as
+    ``inputs.image_dataset``. With ``bank`` (``feature_bank_dir``) and the files' ``shas``,
+    the plain features of images computed by earlier trainings (other data, other splits) are
+    taken from the bank and only the others computed (then added to it).
     While computing, a progress line every few seconds (images done, images/s)."""
     # One process computes, the others (concurrent sweep candidates) wait and read.
     with file_lock(cache.with_name(cache.name + ".lock")):
@@ -186,13 +190,72 @@ def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
                 if list(data["paths"]) == list(paths):
                     log("features (%s): %d images from the cache %s", cache.stem, len(paths),
                         cache.parent)
-                    return data["features"], data["labels"], True
-        return (*_compute_features(extract, paths, labels, cfg, cache, augment_seed, exif),
-                False)
+                    return data["features"], data["labels"], True, 0
+        if bank is None or shas is None or augment_seed is not None:
+            features = _compute_features(extract, paths, cfg, cache.stem, augment_seed, exif)
+            banked = 0
+        else:
+            features, banked = _features_with_bank(extract, paths, shas, cfg, cache.stem, bank,
+                                                   exif)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npz(cache, features=features, labels=labels, paths=np.array(paths))
+        return features, labels, False, banked
 
 
-def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
-                      augment_seed: Optional[int] = None, exif: bool = True) -> tuple:
+# Beside the feature caches: each image's plain features by its content (sha256), for one
+# backbone, image size and decoder (what one image's features depend on), in segments of one
+# training's newly computed images each. Data that grew or changed gets new caches (its
+# fingerprint changed) but computes only its new images' features (``cached_features``).
+FEATURE_BANKS = "feature-banks"
+
+
+def feature_bank_dir(root: Path, params: TrainParams, backbone_path: Optional[str]) -> Path:
+    """The feature bank under ``root`` of ``params``' backbone, image size and decoder."""
+    import hashlib
+
+    from petalflow.tasks.images import DECODER
+
+    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(backbone_path),
+                       "image_size": params.image_size, "decoder": DECODER}, sort_keys=True)
+    return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _features_with_bank(extract, paths, shas, cfg: TrainParams, name: str, bank: Path,
+                        exif: bool) -> tuple[np.ndarray, int]:
+    """(features of ``paths``, how many came from ``bank``): the bank's rows for the
+    ``shas`` it holds, the others computed and added to it as a new segment."""
+    import uuid
+
+    wanted = {sha: i for i, sha in enumerate(shas)}
+    found: dict[str, np.ndarray] = {}
+    for segment in sorted(bank.glob("*.npz")) if bank.is_dir() else []:
+        if ".tmp." in segment.name:  # being written
+            continue
+        with np.load(segment) as data:
+            for sha, row in zip(data["shas"], data["features"]):
+                if sha in wanted:
+                    found[str(sha)] = row
+    missing = [i for i, sha in enumerate(shas) if sha not in found]
+    computed = (_compute_features(extract, [paths[i] for i in missing], cfg, name, None, exif)
+                if missing else None)
+    dim = computed.shape[1] if computed is not None else len(next(iter(found.values())))
+    features = np.empty((len(paths), dim), np.float32)
+    for sha, row in found.items():
+        features[wanted[sha]] = row
+    if missing:
+        features[missing] = computed
+        bank.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npz(bank / f"{uuid.uuid4().hex}.npz", features=computed,
+                         shas=np.array([shas[i] for i in missing]))
+    if found:
+        log("features (%s): %d images from earlier trainings (%s), %d computed", name,
+            len(paths) - len(missing), bank, len(missing))
+    return features, len(paths) - len(missing)
+
+
+def _compute_features(extract, paths, cfg: TrainParams, name: str,
+                      augment_seed: Optional[int] = None, exif: bool = True) -> np.ndarray:
+    """The features of ``paths`` through ``extract``, in order."""
     from petalflow.tasks.inputs import image_dataset
 
     ds = image_dataset(paths, None, cfg.image_size, cfg.batch_size,  # in order: rows = paths
@@ -210,14 +273,12 @@ def _compute_features(extract, paths, labels, cfg: TrainParams, cache: Path,
         now = time.time()
         if now - last >= PROGRESS_EVERY_S and done < len(paths):
             last = now
-            log("features (%s): %d/%d images, %.0f images/s", cache.stem, done, len(paths),
+            log("features (%s): %d/%d images, %.0f images/s", name, done, len(paths),
                 done / (now - started))
     features = features[:done]
-    log("features (%s): %d images in %.1f s (%s)", cache.stem, done, time.time() - started,
+    log("features (%s): %d images in %.1f s (%s)", name, done, time.time() - started,
         extract.kind)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_npz(cache, features=features, labels=labels, paths=np.array(paths))
-    return features, labels
+    return features
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
@@ -477,9 +538,13 @@ def _train(
                                release_when_frozen=not cfg.fine_tune_layers, frozen=frozen)
     if not cfg.fine_tune_layers:
         backbone = None
-    val_x, val_y, hit = cached_features(extract, val_paths, val_y, cfg,
-                                        features_dir / "val.npz", exif=exif)
+    bank = feature_bank_dir(features_dir.parent / FEATURE_BANKS, cfg, backbone_path)
+    val_x, val_y, hit, banked = cached_features(
+        extract, val_paths, val_y, cfg, features_dir / "val.npz", exif=exif, bank=bank,
+        shas=split_shas(data_info, "val"))
     reused += ["val"] if hit else []
+    # Images whose plain features came from the bank, and images the backbone ran on.
+    counts = {"from_earlier": banked, "computed": 0 if hit else len(val_paths) - banked}
     lap("val_features")
     train_features = None  # the train split's cached features, when training used them
     history: dict[str, list] = {}
@@ -495,10 +560,12 @@ def _train(
     if start < cfg.epochs:
         cb = _epoch_end_callback(_validate_on_features(head, val_x, val_y), manager, epoch_var,
                                  total, on_epoch_end, "head")
-        train_x, train_y, hit = cached_features(
-            extract, train_paths, train_y, cfg, features_dir / "train.npz", exif=exif
-        )
+        train_x, train_y, hit, banked = cached_features(
+            extract, train_paths, train_y, cfg, features_dir / "train.npz", exif=exif,
+            bank=bank, shas=split_shas(data_info, "train"))
         reused += ["train"] if hit else []
+        counts["from_earlier"] += banked
+        counts["computed"] += 0 if hit else len(train_paths) - banked
         train_features = train_x
         views = [train_x]  # with augmentation, + AUGMENTED_VIEWS augmented copies, each cached
         for view in range(AUGMENTED_VIEWS if cfg.augment else 0):
@@ -594,7 +661,7 @@ def _train(
         "history": history,
         "fine_tuned_layers": tuned_layers,
         "class_weights": {classes[c]: w for c, w in weights.items()} if weights else None,
-        "features": {"dir": str(features_dir), "reused": reused, "engine": engine,
+        "features": {"dir": str(features_dir), "reused": reused, **counts, "engine": engine,
                      "frozen_backbone": str(frozen_dir) if frozen_reused else None},
         "train_images": len(train_paths),
         "val_images": len(val_paths),

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps
 from petalflow.tasks.dataset import prepare_dataset
 from petalflow.tasks.params import TrainParams
 from petalflow.tasks.train import train_model
-from tests.helpers import COLOURS, make_dataset
+from tests.helpers import COLOURS, make_dataset, write_image
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,58 @@ def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_i
     assert (tmp_path / "w" / "export" / "saved_model.pb").is_file()
 
 
+def test_a_training_on_grown_data_computes_only_the_new_images_features(tmp_path,
+                                                                        tiny_backbone):
+    """Scheduled retraining on data that grew: the dataset's fingerprint changed, so its
+    feature caches were new and every image went through the backbone again (at 8x the
+    flowers, ~40 s of a ~50 s run). Features are also kept by image content: a training on
+    the grown data computes the new images' only, and gets the same features as from scratch."""
+    import shutil
+
+    from petalflow.tasks.dataset import split_shas
+    from petalflow.tasks.train import feature_cache_dir
+
+    cfg = _cfg(tiny_backbone, epochs=1, edge_export=False)
+    first = make_dataset(tmp_path / "first", per_class=10)
+    grown = tmp_path / "grown"
+    shutil.copytree(first, grown)
+    for c, name in enumerate(sorted(COLOURS)):
+        for i in range(3):
+            write_image(grown / name / f"new{i}.jpg", COLOURS[name], seed=5000 + 10 * c + i)
+    info_first = prepare_dataset(first, tmp_path / "m1", 0.2, 0.2, seed=0)
+    info_grown = prepare_dataset(grown, tmp_path / "m2", 0.2, 0.2, seed=0)
+
+    def features_of(info, root):
+        return feature_cache_dir(root, cfg, info["fingerprint"], str(tiny_backbone))
+
+    def fitted(info):  # the images whose features a training computes: train and val
+        return split_shas(info, "train") + split_shas(info, "val")
+
+    record = train_model(info_first, cfg, tmp_path / "a",
+                         features_dir=features_of(info_first, tmp_path / "features"))
+    assert (record["features"]["from_earlier"], record["features"]["computed"]) == (
+        0, len(fitted(info_first)))
+    # The grown data's train and val: the first data's images (wherever the new split put
+    # them) come from the bank, unless they were the first training's test photos.
+    seen = set(fitted(info_first))
+    old = sum(sha in seen for sha in fitted(info_grown))
+    assert 0 < len(fitted(info_grown)) - old < old
+    record = train_model(info_grown, cfg, tmp_path / "b",
+                         features_dir=features_of(info_grown, tmp_path / "features"))
+    assert record["features"]["reused"] == []  # new caches: the data changed
+    assert (record["features"]["from_earlier"], record["features"]["computed"]) == (
+        old, len(fitted(info_grown)) - old)
+    scratch = train_model(info_grown, cfg, tmp_path / "c",
+                          features_dir=features_of(info_grown, tmp_path / "scratch"))
+    assert (scratch["features"]["from_earlier"], scratch["features"]["computed"]) == (
+        0, len(fitted(info_grown)))
+    for split in ("val", "train"):
+        with np.load(Path(record["features"]["dir"]) / f"{split}.npz") as got, \
+                np.load(Path(scratch["features"]["dir"]) / f"{split}.npz") as want:
+            assert list(got["paths"]) == list(want["paths"])
+            np.testing.assert_allclose(got["features"], want["features"], atol=1e-5)
+
+
 def test_the_backbone_is_frozen_once_unless_fine_tuning_changed_it(tmp_path, tiny_backbone,
                                                                    data_info, monkeypatch):
     """The export's network reuses the backbone the TFLite feature engine froze (freezing
@@ -264,7 +316,8 @@ def test_the_backbone_is_frozen_once_unless_fine_tuning_changed_it(tmp_path, tin
     assert record["features"]["reused"] == ["val", "train"] and len(frozen) == 2
     tuned = _cfg(tiny_backbone, epochs=1, fine_tune_layers=1, fine_tune_epochs=1,
                  fine_tune_learning_rate=0.05, edge_export=False)
-    train_model(data_info, tuned, tmp_path / "c", features_dir=tmp_path / "features-ft")
+    # (its features computed afresh: no feature bank of the runs above beside them)
+    train_model(data_info, tuned, tmp_path / "c", features_dir=tmp_path / "ft" / "features")
     assert len(frozen) == 4
 
 
