@@ -231,10 +231,13 @@ def _features_with_bank(extract, paths, shas, cfg: TrainParams, name: str, bank:
     for segment in sorted(bank.glob("*.npz")) if bank.is_dir() else []:
         if ".tmp." in segment.name:  # being written
             continue
-        with np.load(segment) as data:
-            for sha, row in zip(data["shas"], data["features"]):
-                if sha in wanted:
-                    found[str(sha)] = row
+        try:
+            with np.load(segment) as data:
+                for sha, row in zip(data["shas"], data["features"]):
+                    if sha in wanted:
+                        found[str(sha)] = row
+        except Exception as exc:  # noqa: BLE001 - a damaged segment costs its features only
+            log("features: skipping the damaged bank segment %s (%s)", segment, exc, level=30)
     missing = [i for i, sha in enumerate(shas) if sha not in found]
     computed = (_compute_features(extract, [paths[i] for i in missing], cfg, name, None, exif)
                 if missing else None)

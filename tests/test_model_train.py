@@ -240,7 +240,7 @@ def test_a_training_on_grown_data_computes_only_the_new_images_features(tmp_path
     import shutil
 
     from petalflow.tasks.dataset import split_shas
-    from petalflow.tasks.train import feature_cache_dir
+    from petalflow.tasks.train import FEATURE_BANKS, feature_bank_dir, feature_cache_dir
 
     cfg = _cfg(tiny_backbone, epochs=1, edge_export=False)
     first = make_dataset(tmp_path / "first", per_class=10)
@@ -272,6 +272,10 @@ def test_a_training_on_grown_data_computes_only_the_new_images_features(tmp_path
     assert record["features"]["reused"] == []  # new caches: the data changed
     assert (record["features"]["from_earlier"], record["features"]["computed"]) == (
         old, len(fitted(info_grown)) - old)
+    # A damaged segment (a disk that filled up) costs its features, not the training.
+    bank = feature_bank_dir(tmp_path / "scratch" / FEATURE_BANKS, cfg, None)  # as trained
+    bank.mkdir(parents=True)
+    (bank / "damaged.npz").write_bytes(b"PK\x03\x04")
     scratch = train_model(info_grown, cfg, tmp_path / "c",
                           features_dir=features_of(info_grown, tmp_path / "scratch"))
     assert (scratch["features"]["from_earlier"], scratch["features"]["computed"]) == (
