@@ -849,6 +849,9 @@ def test_a_sweep_trains_each_candidate_and_registers_the_best(tmp_path, tiny_bac
              for p in (tmp_path / "home" / "runs").rglob("train.json")]
     assert len(taken) == 3 and taken.count(None) == 2
     assert Path(next(t for t in taken if t)) in frozen
+    # ... and each image's features are in its backbone's feature bank, where the README says
+    banks = sorted((tmp_path / "home" / "features" / "feature-banks").iterdir())
+    assert len(banks) == 2 and all(list(bank.glob("*.npz")) for bank in banks)
 
     again = train_and_register(params)
     assert again["status"] == "nothing to do"
