@@ -241,12 +241,16 @@ def _features_with_bank(extract, paths, shas, cfg: TrainParams, name: str, bank:
     missing = [i for i, sha in enumerate(shas) if sha not in found]
     computed = (_compute_features(extract, [paths[i] for i in missing], cfg, name, None, exif)
                 if missing else None)
-    dim = computed.shape[1] if computed is not None else len(next(iter(found.values())))
-    features = np.empty((len(paths), dim), np.float32)
-    for sha, row in found.items():
-        features[wanted[sha]] = row
+    if found:
+        dim = computed.shape[1] if computed is not None else len(next(iter(found.values())))
+        features = np.empty((len(paths), dim), np.float32)
+        for sha, row in found.items():
+            features[wanted[sha]] = row
+        if missing:
+            features[missing] = computed
+    else:  # nothing banked yet: no second array of the split's features
+        features = computed
     if missing:
-        features[missing] = computed
         bank.mkdir(parents=True, exist_ok=True)
         _atomic_save_npz(bank / f"{uuid.uuid4().hex}.npz", features=computed,
                          shas=np.array([shas[i] for i in missing]))
