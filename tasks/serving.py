@@ -47,6 +47,8 @@ ERROR_UNDECODABLE = "undecodable image"
 # bytes, which read as "undecodable image" before.
 ERROR_NOT_BASE64 = ("not base64: the 'image' column takes each image file's bytes "
                     "base64-encoded (not a path, not raw bytes)")
+# A row whose cell is empty, None or NaN (a missing image in the caller's table).
+ERROR_EMPTY = "empty: no image in this row"
 # A row in a format the model cannot decode says which (by the file's first bytes) instead of
 # ERROR_UNDECODABLE, which then means a damaged file: iPhones store photos as HEIC (and keep
 # the name .jpg after some transfers), scanners TIFF, and photo folders hold Live Photos' videos.
@@ -235,7 +237,8 @@ class ImageClassifier:
         if all(isinstance(v, (bytes, bytearray)) for v in values):
             # pyfunc schema enforcement may hand bytes over for a string column: still base64.
             values = [bytes(v).decode("ascii", "replace") for v in values]
-        values = ["" if v is None else str(v) for v in values]
+        values = ["" if v is None or (isinstance(v, float) and v != v) else str(v).strip()
+                  for v in values]  # None and NaN: a missing cell
         if (params or {}).get("output", "predictions") == "drift":
             raw = [_b64decode(v) for v in values]
             return pd.DataFrame([self.drift([r for r in raw if r is not None])])
@@ -244,6 +247,7 @@ class ImageClassifier:
         failed = np.flatnonzero(frame["error"].to_numpy() != "")
         raw = {i: _b64decode(values[i]) if values[i] else None for i in failed}
         frame.loc[[i for i in failed if values[i] and raw[i] is None], "error"] = ERROR_NOT_BASE64
+        frame.loc[[i for i in failed if not values[i]], "error"] = ERROR_EMPTY
         frame = _name_failures(frame, [raw.get(i) for i in range(len(values))])
         if index is not None:
             frame.index = index

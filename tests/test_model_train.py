@@ -1306,6 +1306,9 @@ def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
     assert got["label"].iloc[1] in data_info["classes"]
     raw = model.predict(pd.DataFrame({"image": [photo, encoded.encode()]}))
     assert raw["error"].tolist() == [not_base64, ""]
+    # A missing cell (None, NaN, empty) says so rather than "undecodable image".
+    missing = model.predict(pd.DataFrame({"image": [None, float("nan"), " ", encoded]}))
+    assert missing["error"].tolist() == ["empty: no image in this row"] * 3 + [""]
 
 
 def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_path,
