@@ -160,7 +160,9 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
     assert main(["predict", "--input", str(folder), "--output", str(out)]) == 0
     table = pd.read_csv(out, keep_default_na=False).set_index("path")
     assert len(table) == 4 and str(folder / "notes.txt") not in table.index
-    assert table.loc[str(folder / "scan.tiff"), "error"] == "undecodable image"
+    assert table.loc[str(folder / "scan.tiff"), "error"] == (
+        "unsupported image format TIFF (the model reads JPEG, PNG, GIF, BMP and WebP): convert "
+        "the file first")
     assert list(table.columns) == ["label", "probability", "error", "prob_blue", "prob_green",
                                    "prob_red"]
     assert table.loc[str(folder / "a.jpg"), "label"] == "red"
