@@ -239,13 +239,28 @@ def describe_source(url: str, archive: Path) -> dict:
     if archive.is_dir():
         return {"kind": "folder", "url": url, "sha256": None,
                 "listing_fingerprint": folder_listing_fingerprint(archive)}
-    _archive_kind(archive)
+    contents = {"contents_sha256": zip_contents_digest(archive)} \
+        if _archive_kind(archive) == "zip" else {}
     if local_source(url) is not None:
-        return {"kind": "file", "url": url, "sha256": sha256_file(archive)}
+        return {"kind": "file", "url": url, "sha256": sha256_file(archive), **contents}
     record = source_record(archive)
     return {"kind": "http", "url": url, "sha256": record.get("sha256") or sha256_file(archive),
             "etag": record.get("etag"), "last_modified": record.get("last_modified"),
-            "outcome": record.get("outcome"), "checked_at": record.get("checked_at")}
+            "outcome": record.get("outcome"), "checked_at": record.get("checked_at"),
+            **contents}
+
+
+def zip_contents_digest(archive: Path) -> Optional[str]:
+    """A digest of a zip's files as its directory lists them (name, size, CRC-32; not their
+    times, read without unpacking): the same for a folder zipped again, as servers that zip a
+    folder on every request do, whose bytes differ each time. None when it cannot be read."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            rows = sorted(f"{zip_member_name(i)}\t{i.file_size}\t{i.CRC:08x}"
+                          for i in zf.infolist() if not i.is_dir())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return None
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- extraction

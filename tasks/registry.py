@@ -138,7 +138,8 @@ def ensure_experiment(client, name: str) -> str:
 # How a source description (tasks.download.describe_source) is recorded as tags.
 SOURCE_TAGS = {"sha256": "archive_sha256", "etag": "source_etag",
                "last_modified": "source_last_modified", "outcome": "source_outcome",
-               "listing_fingerprint": "listing_fingerprint"}
+               "listing_fingerprint": "listing_fingerprint",
+               "contents_sha256": "archive_contents_sha256"}
 
 
 def source_tags(source: Optional[dict], with_outcome: bool = True) -> dict:
@@ -512,6 +513,7 @@ def champion_info(model_name: str) -> Optional[dict]:
         "data_url": mv.tags.get("data_url"),
         "archive_sha256": mv.tags.get("archive_sha256"),
         "listing_fingerprint": mv.tags.get("listing_fingerprint"),
+        "archive_contents_sha256": mv.tags.get("archive_contents_sha256"),
         "run_key": mv.tags.get("run_key"),
     }
 

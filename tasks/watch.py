@@ -50,6 +50,11 @@ def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool,
     trained_on = champion.get("archive_sha256") or champion.get("listing_fingerprint")
     if trained_on is None:
         return True, f"the champion v{champion['version']} records no source digest"
+    contents = source.get("contents_sha256")
+    if trained_on != state and contents and contents == champion.get("archive_contents_sha256"):
+        return False, ("the archive's bytes changed, its files did not (the same names, sizes "
+                       f"and CRC-32s as the champion v{champion['version']}'s): zipped again, "
+                       "nothing to retrain")
     if trained_on != state:
         return True, (f"source is {state[:12]}, the champion v{champion['version']} was trained "
                       f"on {trained_on[:12]}")

@@ -14,7 +14,8 @@ import pytest
 
 from petalflow.tasks.params import TrainParams
 from tests.helpers import (
-    base_url, free_port, make_dataset, make_tgz, revalidating_server, serve_handler,
+    COLOURS, base_url, free_port, make_dataset, make_tgz, revalidating_server, serve_handler,
+    write_image,
 )
 
 pytestmark = pytest.mark.e2e
@@ -122,6 +123,46 @@ def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_cha
         site.put("/share/photos.tgz", data)
         again = train_and_register(_params(url, tiny_backbone))
     assert again["status"] == "nothing to do" and again["source"]["outcome"] == "downloaded"
+
+
+def test_a_folder_zipped_anew_on_every_download_is_announced_only_when_its_files_change(
+        workspace, tiny_backbone, prefect_harness):
+    """A server that zips a folder on every request (a cloud drive's or Nextcloud's folder
+    download) gives new bytes each time (the members' times), with the same files: the watch
+    announced new data on every check, and every triggered run ended "nothing to do". It now
+    compares the files (names, sizes, CRC-32s from the zip's directory) with the champion's;
+    one photo changed is announced."""
+    import io
+    import zipfile
+
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.flows.watch_flow import watch_data
+
+    src = make_dataset(workspace / "folder", per_class=12, seed=0)
+
+    def zipped(when: tuple) -> bytes:  # the folder as the server zips it at time ``when``
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for path in sorted(src.rglob("*.jpg")):
+                info = zipfile.ZipInfo(f"photos/{path.relative_to(src).as_posix()}", when)
+                zf.writestr(info, path.read_bytes())
+        return buf.getvalue()
+
+    with revalidating_server(validators=False) as site:
+        url = site.put("/folder.zip", zipped((2026, 11, 1, 10, 0, 0)))
+        first = train_and_register(_params(url, tiny_backbone))
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        site.put("/folder.zip", zipped((2026, 11, 30, 9, 15, 0)))
+        same = watch_data(_params(url, tiny_backbone))
+        assert same["changed"] is False and same["event_id"] is None
+        assert same["reason"] == (
+            "the archive's bytes changed, its files did not (the same names, sizes and CRC-32s "
+            "as the champion v1's): zipped again, nothing to retrain")
+        assert not list((workspace / "home" / "watch").glob("*.json"))  # nothing announced
+        write_image(src / "red" / "000.jpg", COLOURS["red"], seed=4242)  # one photo replaced
+        site.put("/folder.zip", zipped((2026, 11, 30, 9, 30, 0)))
+        changed = watch_data(_params(url, tiny_backbone))
+    assert changed["changed"] is True and changed["event_id"]
 
 
 def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
