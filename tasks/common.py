@@ -171,7 +171,8 @@ def walk_files(top: Path) -> Iterator[tuple[str, list[str]]]:
         keep = []
         for name in sorted(dirnames):
             target = os.path.realpath(os.path.join(dirpath, name))
-            if target not in seen and not (real + os.sep).startswith(target + os.sep):
+            inside = (real + os.sep).startswith(target.rstrip(os.sep) + os.sep)  # "/" too
+            if target not in seen and not inside:
                 keep.append(name)
         dirnames[:] = keep
         yield dirpath, sorted(filenames)

@@ -164,6 +164,7 @@ def test_linked_folders_inside_a_class_are_followed_once_and_loops_are_not(tmp_p
     os.symlink(elsewhere / "red", root / "red" / "more")
     os.symlink(root / "red", root / "red" / "loop")  # back to its own class folder
     os.symlink(root, root / "green" / "up")  # to the dataset's top
+    os.symlink("/", root / "blue" / "everything")  # to the file system's top
     before = folder_listing_fingerprint(root)
     manifest = scan_dataset(root)
     counts = manifest[manifest["status"] == "ok"].groupby("label").size().to_dict()
