@@ -31,8 +31,7 @@ DEFAULT_MODEL_NAME = "petalflow-classifier"
 CHAMPION = "champion"  # the registry alias of the version that predictions use by default
 DEFAULT_TRAINING_DEPLOYMENT = "train-model/train-gpu"
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# A digest as checksum tools print it, which is what gets pasted: `sha256sum` ("HEX  name",
+# A digest as checksum tools print it (or alone), which is what gets pasted: `sha256sum` ("HEX  name",
 # "HEX *name"), registries ("sha256:HEX"), `shasum -a 256 --tag` ("SHA256 (name) = HEX"),
 # `openssl dgst -sha256` ("SHA2-256(name)= HEX").
 _PRINTED_SHA256 = (re.compile(r"^(?:sha-?256:)?([0-9a-f]{64})(?:[ \t]+\*?[^\n]+)?$"),
