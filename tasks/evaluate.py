@@ -63,7 +63,7 @@ def classification_tables(
         "test_images": int(cm.sum()),
         # What answering the most common class for every image would score: the figure a model
         # must beat to have learned anything (0.95 on a split of 95 % "ok" photos).
-        "test_majority_accuracy": float(support.max() / max(cm.sum(), 1)),
+        "test_majority_accuracy": majority_baseline(per_class)["accuracy"],
     }
     return metrics, per_class, confusion
 
