@@ -542,21 +542,29 @@ def reads_exif(data_info: DatasetInfo) -> bool:
     return counts.get("turned") != 0 or counts.get("exif_unreadable") != 0
 
 
-def split_files(data_info: DatasetInfo, split: str) -> tuple[list[str], np.ndarray]:
-    """Absolute file paths and label indices (into data_info['classes']) of one split."""
-    manifest = load_manifest(Path(data_info["manifest"]))
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
+def _split_rows(data_info: DatasetInfo, split: str,
+                manifest: Optional[pd.DataFrame] = None) -> pd.DataFrame:
+    """The manifest's usable rows of one split (the manifest read unless given)."""
+    if manifest is None:
+        manifest = load_manifest(Path(data_info["manifest"]))
+    return manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
+
+
+def split_files(data_info: DatasetInfo, split: str, manifest: Optional[pd.DataFrame] = None
+                ) -> tuple[list[str], np.ndarray]:
+    """Absolute file paths and label indices (into data_info['classes']) of one split
+    (``manifest``: ``load_manifest`` of data_info's, when the caller has read it already)."""
+    rows = _split_rows(data_info, split, manifest)
     index = {name: i for i, name in enumerate(data_info["classes"])}
     root = Path(data_info["data_root"])
     paths = [str(root / p) for p in rows["path"]]
     return paths, np.array([index[label] for label in rows["label"]], dtype=np.int32)
 
 
-def split_shas(data_info: DatasetInfo, split: str) -> list[str]:
+def split_shas(data_info: DatasetInfo, split: str, manifest: Optional[pd.DataFrame] = None
+               ) -> list[str]:
     """The sha256 of each file of ``split_files(data_info, split)``, in the same order."""
-    manifest = load_manifest(Path(data_info["manifest"]))
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)]
-    return rows["sha256"].tolist()
+    return _split_rows(data_info, split, manifest)["sha256"].tolist()
 
 
 @task(name="scan-and-split")

@@ -23,7 +23,9 @@ import numpy as np
 from prefect import task
 from pydantic import BaseModel, ConfigDict
 
-from petalflow.tasks.dataset import DatasetInfo, reads_exif, split_files, split_shas
+from petalflow.tasks.dataset import (
+    DatasetInfo, load_manifest, reads_exif, split_files, split_shas,
+)
 from petalflow.tasks.common import file_lock, log, release_memory, write_json
 from petalflow.tasks.params import TrainParams
 
@@ -498,8 +500,9 @@ def _train(
     k.utils.set_random_seed(cfg.seed)
 
     classes = data_info["classes"]
-    train_paths, train_y = split_files(data_info, "train")
-    val_paths, val_y = split_files(data_info, "val")
+    manifest = load_manifest(Path(data_info["manifest"]))  # read once for every split's rows
+    train_paths, train_y = split_files(data_info, "train", manifest)
+    val_paths, val_y = split_files(data_info, "val", manifest)
     exif = reads_exif(data_info)  # False: the scan found no photo to turn upright
 
     # Without fine-tuning the backbone is only ever used frozen: a frozen copy an earlier
@@ -548,7 +551,7 @@ def _train(
     bank = feature_bank_dir(features_dir.parent / FEATURE_BANKS, cfg, backbone_path)
     val_x, val_y, hit, banked = cached_features(
         extract, val_paths, val_y, cfg, features_dir / "val.npz", exif=exif, bank=bank,
-        shas=split_shas(data_info, "val"))
+        shas=split_shas(data_info, "val", manifest))
     reused += ["val"] if hit else []
     # Images whose plain features came from the bank, and images the backbone ran on.
     counts = {"from_earlier": banked, "computed": 0 if hit else len(val_paths) - banked}
@@ -569,7 +572,7 @@ def _train(
                                  total, on_epoch_end, "head")
         train_x, train_y, hit, banked = cached_features(
             extract, train_paths, train_y, cfg, features_dir / "train.npz", exif=exif,
-            bank=bank, shas=split_shas(data_info, "train"))
+            bank=bank, shas=split_shas(data_info, "train", manifest))
         reused += ["train"] if hit else []
         counts["from_earlier"] += banked
         counts["computed"] += 0 if hit else len(train_paths) - banked
