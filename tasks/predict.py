@@ -36,10 +36,8 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            for sub in sorted(Path(d) / name for d, names in walk_files(path) for name in names):
-                if listed(sub) and sub.suffix.lower() in IMAGE_SUFFIXES and not any(
-                    part.startswith(".") for part in sub.relative_to(path).parts
-                ):
+            for sub in _visible_files(path):
+                if listed(sub) and sub.suffix.lower() in IMAGE_SUFFIXES:
                     yield sub
         elif listed(path):
             yield path
@@ -52,6 +50,13 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
                     yield Path(match)
 
 
+def _visible_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` (linked folders followed), sorted, hidden ones (or in hidden
+    folders) left out: what a folder input is searched in."""
+    return sorted(f for f in (Path(d) / name for d, names in walk_files(folder) for name in names)
+                  if not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
 def no_images_message(inputs: Sequence[str]) -> str:
     """Why ``inputs`` gave ``iter_inputs`` no file: how folders are searched, and the files
     their folders hold that are not named as images (saved without an extension, say)."""
@@ -62,9 +67,7 @@ def no_images_message(inputs: Sequence[str]) -> str:
         path = Path(item).expanduser()
         if not path.is_dir():
             continue
-        files = [Path(d) / name for d, names in walk_files(path) for name in names
-                 if not any(part.startswith(".")
-                            for part in (Path(d) / name).relative_to(path).parts)]
+        files = _visible_files(path)
         if files:
             shown = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
             others.append(f"{item} holds {len(files)} other file"
