@@ -7,6 +7,8 @@
    .predict(images, params={"output": "drift"})``), on random samples of n images
    (n = 20, 50, 100, 200; ``--repeats`` samples each):
    - ``held-out``: the test split (photos the model never saw, same distribution);
+   - ``one class``: held-out photos (validation and test splits) of a single class, the class
+     drawn at random for each sample: photos like the training ones, in another class mix;
    - ``grayscale``, ``rotated`` (a quarter turn), ``grayscale+rotated``, ``dark`` (x0.4):
      the same test photos, transformed;
    - ``unseen class``: a second ``petalflow train`` without one class (``--hold-out-class``,
@@ -60,14 +62,18 @@ def train(data_url: str, backbone: str, home: Path, name: str, edge: bool) -> di
     return json.loads(summary.read_text())
 
 
-def test_files(summary: dict) -> list[Path]:
+def test_files(summary: dict, splits=("test",)) -> list[Path]:
+    return [path for path, _ in labelled_files(summary, splits)]
+
+
+def labelled_files(summary: dict, splits=("test",)) -> list[tuple[Path, str]]:
     import pandas as pd
 
     manifest = pd.read_csv(summary["manifest"], keep_default_na=False)
     root = Path(json.loads((Path(summary["manifest"]).parent / "dataset.json").read_text())
                 ["data_root"])
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == "test")]
-    return [root / p for p in rows["path"]]
+    rows = manifest[(manifest["status"] == "ok") & manifest["split"].isin(splits)]
+    return [(root / p, label) for p, label in zip(rows["path"], rows["label"])]
 
 
 def transform(path: Path, kind: str) -> bytes:
@@ -85,20 +91,24 @@ def transform(path: Path, kind: str) -> bytes:
     return buf.getvalue()
 
 
-def scores(model, images: list[bytes], repeats: int, seed: int, threshold: float,
-           sizes=SIZES) -> dict:
+def scores(model, images, repeats: int, seed: int, threshold: float, sizes=SIZES) -> dict:
+    """Drift of ``repeats`` random samples of n ``images`` for each n in ``sizes``. ``images``
+    is a list of encoded images, or a dict of such lists (one per class): each sample then
+    comes from one of them, drawn at random."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
+    groups = list(images.values()) if isinstance(images, dict) else [images]
     out = {}
     for n in sizes:
-        if n > len(images):
+        if n > min(len(g) for g in groups):
             continue
         values, parts = [], []
         for _ in range(repeats):
-            pick = rng.choice(len(images), n, replace=False)
+            group = groups[rng.integers(len(groups))]
+            pick = rng.choice(len(group), n, replace=False)
             frame = model.predict(pd.DataFrame({"image": [
-                base64.b64encode(images[i]).decode() for i in pick]}),
+                base64.b64encode(group[i]).decode() for i in pick]}),
                 params={"output": "drift"})
             values.append(float(frame["drift_score"].iloc[0]))
             parts.append((float(frame["feature_drift"].iloc[0]),
@@ -106,7 +116,8 @@ def scores(model, images: list[bytes], repeats: int, seed: int, threshold: float
         out[n] = {"min": min(values), "median": float(np.median(values)), "max": max(values),
                   "over_threshold": float(np.mean([v > threshold for v in values])),
                   "feature_median": float(np.median([p[0] for p in parts])),
-                  "image_median": float(np.median([p[1] for p in parts]))}
+                  "image_median": float(np.median([p[1] for p in parts])),
+                  "values": values}
     return out
 
 
@@ -124,6 +135,10 @@ def full_and_unseen(args, work: Path, root: Path, held: str, result: dict) -> No
     model = mlflow.pyfunc.load_model(full["model_uri"])
     held_out = test_files(full)
     conditions = {"held-out": [p.read_bytes() for p in held_out]}
+    by_class: dict = {}
+    for path, label in labelled_files(full, ("val", "test")):
+        by_class.setdefault(label, []).append(path.read_bytes())
+    conditions["one class (held-out photos)"] = by_class
     for kind in ("grayscale", "rotated", "grayscale+rotated", "dark"):
         conditions[kind] = [transform(p, kind) for p in held_out]
     result["drift"].update({k: scores(model, v, args.repeats, 1, DRIFT_THRESHOLD, args.sizes)

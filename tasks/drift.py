@@ -63,6 +63,10 @@ def drift_markdown(summary: dict) -> str:
         f"{drift['images']} images from {inputs} compared with what `{summary['model_uri']}` "
         f"was trained on: drift score **{drift['drift_score']:.3f}** (threshold "
         f"{drift['threshold']:.2f}), {said}.", "",
+        *(["Compared with training photos in this batch's own class mix (the share of its "
+           "images classified as each class): photos of one class, or any mix unlike the "
+           "training split's, are not drifted for that alone.", ""]
+          if drift.get("class_mix") else []),
         "| measure | value |", "|---|---|",
         f"| backbone features (standardised mean shift, RMS over dimensions) | "
         f"{drift['feature_drift']:.3f} |",

@@ -278,9 +278,9 @@ def predict_files(
     first_written_at = None
     rows = errors = classified = 0
     labels: Counter[str] = Counter()
-    # Reservoir sample of the classified files (bounded memory), with their features when the
-    # classification pass gives them.
-    sample: list[tuple[Path, Optional[np.ndarray]]] = []
+    # Reservoir sample of the classified files (bounded memory), with their features and class
+    # probabilities when the classification pass gives the features.
+    sample: list[tuple[Path, Optional[np.ndarray], Optional[np.ndarray]]] = []
     rng = random.Random(0)
     writer = _Writer(Path(output), fmt)
     try:
@@ -289,9 +289,10 @@ def predict_files(
             data, unread = read_files(chunk)
             if fused is not None:
                 frame, features = fused.predict_with_features(data)
+                probabilities = frame[[PROB_PREFIX + c for c in fused.class_names]].to_numpy()
             else:
                 frame = model.predict(pd.DataFrame({"image": encode_bytes(data)}))
-                features = None
+                features = probabilities = None
             frame = frame.reset_index(drop=True)
             # A file that could not be read says so, not "undecodable image".
             frame.loc[np.array([bool(u) for u in unread]), "error"] = [u for u in unread if u]
@@ -305,7 +306,8 @@ def predict_files(
             ok = (frame["error"] == "").to_numpy()
             for row in np.flatnonzero(ok):
                 classified += 1
-                item = (chunk[row], None if features is None else features[row].copy())
+                item = (chunk[row], None if features is None else features[row].copy(),
+                        None if probabilities is None else probabilities[row].copy())
                 if len(sample) < DRIFT_SAMPLE:
                     sample.append(item)
                 elif (j := rng.randrange(classified)) < DRIFT_SAMPLE:
@@ -326,20 +328,27 @@ def predict_files(
     elif fused is not None:
         measured = drift_of_sample(fused, sample)
     else:
-        measured = measure_drift(model, [path for path, _ in sample])
+        measured = measure_drift(model, [path for path, _, _ in sample])
     return {"images": rows, "errors": errors, "labels": dict(labels.most_common()),
             "first_written_at": first_written_at, "finished_at": finished_at,
             "drift": measured}
 
 
-def drift_of_sample(classifier, sample: Sequence[tuple[Path, np.ndarray]]) -> dict:
-    """``measure_drift`` for a sample whose features the classification pass already gave
-    (``classifier_with_features``): the same figures, the backbone not run again."""
+def drift_of_sample(classifier, sample: Sequence[tuple[Path, np.ndarray, np.ndarray]]) -> dict:
+    """``measure_drift`` for a sample whose features and class probabilities the
+    classification pass already gave (``classifier_with_features``): the same figures, the
+    backbone not run again. Versions whose loader has ``drift_of_classified`` compare the
+    sample with training images of its class mix."""
     if not sample:
         return {"available": False, "reason": "no classified image"}
+    features = np.stack([f for _, f, _ in sample])
+    images = read_files([path for path, _, _ in sample])[0]
     try:
-        measured = classifier.drift_of_features(np.stack([f for _, f in sample]),
-                                                read_files([path for path, _ in sample])[0])
+        if hasattr(classifier, "drift_of_classified"):
+            measured = classifier.drift_of_classified(
+                features, np.stack([p for _, _, p in sample]), images)
+        else:  # earlier loaders: the training split's own mix
+            measured = classifier.drift_of_features(features, images)
     except Exception as exc:  # noqa: BLE001 - e.g. a version without a drift reference
         return {"available": False, "reason": str(exc).splitlines()[0][:300]}
     return {"available": True, **measured}

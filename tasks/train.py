@@ -302,13 +302,14 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
 DRIFT_SAMPLE = 500  # training images the drift reference describes
 
 
-def training_drift_reference(network, train_paths: list, cfg: TrainParams,
-                             train_features: Optional[np.ndarray] = None,
+def training_drift_reference(network, train_paths: list, train_labels, num_classes: int,
+                             cfg: TrainParams, train_features: Optional[np.ndarray] = None,
                              exif: bool = True) -> dict:
     """The drift reference stored with the model: feature and image statistics of a seeded
-    sample of the training split. Features come from ``train_features`` (already computed,
-    same order as ``train_paths``) when given, else from the trained ``network``
-    (``model.frozen_network``: images -> features, probabilities), as serving computes them."""
+    sample of the training split, overall and per class (``train_labels``). Features come from
+    ``train_features`` (already computed, same order as ``train_paths``) when given, else from
+    the trained ``network`` (``model.frozen_network``: images -> features, probabilities), as
+    serving computes them."""
     from petalflow.tasks.serving import drift_reference, file_statistics
 
     rng = np.random.default_rng(cfg.seed)
@@ -324,7 +325,7 @@ def training_drift_reference(network, train_paths: list, cfg: TrainParams,
             for batch in image_dataset(paths, None, cfg.image_size, 64, exif=exif)
         ]) if paths else np.zeros((0, 0))
     stats = file_statistics(paths)
-    return drift_reference(features, stats)
+    return drift_reference(features, stats, np.asarray(train_labels)[pick], num_classes)
 
 
 def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: str):
@@ -646,7 +647,8 @@ def _train(
     # Features cached before training are the final ones only if the backbone never changed.
     reusable = train_features if not cfg.fine_tune_layers else None
     write_json(staging / DRIFT_REFERENCE,
-               training_drift_reference(network, train_paths, cfg, reusable, exif))
+               training_drift_reference(network, train_paths, train_y, len(classes), cfg,
+                                        reusable, exif))
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(staging, export_dir)
     release_memory()  # the export's traced serving graph is garbage now

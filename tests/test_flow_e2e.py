@@ -730,8 +730,10 @@ def _grayscale_rotated(src: Path, dest: Path) -> Path:
 def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
         trained, tmp_path, monkeypatch, capsys):
     """New photos like the training ones: a drift score under the threshold, in the summary
-    and the drift artifact, no event. The same photos grayscale and rotated: over it, and
-    petalflow.drift.detected carries the champion's training parameters for a retraining."""
+    and the drift artifact, no event; a folder of new photos of one class too (compared with
+    training photos of that class, not with the training mix). The same photos grayscale and
+    rotated: over it, and petalflow.drift.detected carries the champion's training parameters
+    for a retraining."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -751,6 +753,12 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     assert calm["drift"]["drift_score"] < calm["drift"]["threshold"]
     assert calm["drift"]["images"] == 21 and calm["drift_event"] is None
     assert _events("petalflow.drift.detected", since) == []
+    one_class = make_dataset(tmp_path / "one", per_class=21, seed=8,
+                             colours={"red": COLOURS["red"]})
+    reds = batch_predict(PredictParams(input=[str(one_class)], output=str(tmp_path / "r.csv")))
+    assert reds["labels"] == {"red": 21}
+    assert reds["drift"]["class_mix"] and not reds["drift"]["drifted"], reds["drift"]
+    assert reds["drift_event"] is None and _events("petalflow.drift.detected", since) == []
 
     # Three of the shifted photos: a score over the threshold, but too few for a verdict (a
     # few photos like the training ones score that high by chance): no event.
@@ -777,7 +785,9 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     texts = [a.data for a in arts]
     assert any(f"drift score **{drift['drift_score']:.3f}**" in t for t in texts)
     assert any(f"drift score **{calm['drift']['drift_score']:.3f}**" in t for t in texts)
-    assert any(f"drift score **{small['drift']['drift_score']:.3f}** (threshold 0.30), no "
+    assert any(f"drift score **{reds['drift']['drift_score']:.3f}**" in t
+               and "this batch's own class mix" in t for t in texts)
+    assert any(f"drift score **{small['drift']['drift_score']:.3f}** (threshold 0.25), no "
                "verdict: too few images to tell (it needs 20 or more)." in t for t in texts)
 
     # The command measures the same way and says it.

@@ -773,6 +773,101 @@ def test_a_few_photos_get_a_drift_score_but_no_verdict(trained, data_info):
     assert frame[["images", "min_images", "drifted"]].iloc[0].tolist() == [3, 20, False]
 
 
+def test_photos_of_one_class_are_like_the_training_data(tiny_backbone, tmp_path):
+    """A batch of new photos all of one class (a folder of roses) was "drifted": its mean is
+    that class's, not the training split's mix (on the flowers, held-out photos of one class
+    went over the threshold in 13-87 % of samples of 50). The version's reference describes
+    each class, and the batch is compared with training images of the class mix it is
+    classified as: such photos are like the training data, over every interface; the same
+    photos grayscale and rotated are still drifted."""
+    from petalflow.tasks import predict
+    from petalflow.tasks.serving import DRIFT_THRESHOLD, ImageClassifier, drift_scores
+
+    # Its own model: with 8 training photos per class (``trained``), a class's mean in the
+    # reference is too uncertain for a test on 3 image statistics of plain-colour images.
+    info = prepare_dataset(make_dataset(tmp_path / "photos", per_class=40), tmp_path / "m",
+                           0.2, 0.2, seed=0)
+    model = ImageClassifier(train_model(info, _cfg(tiny_backbone), tmp_path / "w")["export_dir"])
+    assert model.drift_reference["classes"]["counts"] == [24, 24, 24]  # the training split
+    files = [write_image(tmp_path / "red" / f"{i:03d}.jpg", COLOURS["red"], seed=5000 + i)
+             for i in range(24)]
+    photos = [f.read_bytes() for f in files]
+    # What the training split's mix alone would say (the measure before).
+    frame, features = model.predict_with_features(photos)
+    assert (frame["label"] == "red").all()
+    before = drift_scores(model.drift_reference, features, image_statistics_of(photos))
+    assert before["drifted"] and before["drift_score"] > 2 * DRIFT_THRESHOLD, before
+
+    alike = model.drift(photos)
+    assert alike["class_mix"] and alike["images"] == 24
+    assert alike["drift_score"] < DRIFT_THRESHOLD and not alike["drifted"], alike
+    shifted = model.drift([_shifted(f) for f in files])
+    assert shifted["class_mix"] and shifted["drifted"], shifted
+    # Over the pyfunc interface (what `mlflow models serve` answers) ...
+    row = model.predict(pd.DataFrame({"image": [_b64(b) for b in photos]}),
+                        params={"output": "drift"}).iloc[0]
+    assert bool(row["class_mix"]) and not bool(row["drifted"])
+    assert row["drift_score"] == pytest.approx(alike["drift_score"], abs=1e-6)
+    # ... and in a prediction job (`petalflow predict`, `batch-predict`): the same figures,
+    # the class mix taken from the classification pass.
+    sample = [(f, x, p) for f, x, p in zip(files, features, model.probabilities(frame))]
+    job = predict.drift_of_sample(model, sample)
+    assert job["available"] and job["class_mix"] and not job["drifted"]
+    assert job["drift_score"] == pytest.approx(alike["drift_score"], abs=1e-6)
+    # A version whose loader predates the class mix keeps its own measure.
+    earlier = type("EarlierLoader", (), {"drift_of_features": model.drift_of_features})()
+    assert predict.drift_of_sample(earlier, sample)["drift_score"] == pytest.approx(
+        before["drift_score"], abs=1e-6)
+
+
+def image_statistics_of(photos):
+    from petalflow.tasks.serving import image_statistics
+
+    return image_statistics(photos)
+
+
+def test_drift_compares_a_batch_with_training_images_of_its_class_mix():
+    """Two classes of different features and image statistics. A batch of one class, or in
+    another mix than the training split's, classified as such, scores like a batch in the
+    training mix; the same class moved, or photos of a third kind the model takes for one of
+    its classes, are drifted. Without probabilities (or a reference without classes) the
+    batch is compared with the training split as a whole, as before."""
+    from petalflow.tasks.serving import DRIFT_THRESHOLD, drift_reference, drift_scores
+
+    rng = np.random.default_rng(0)
+    centre = {0: rng.normal(0, 1, 64), 1: rng.normal(0, 1, 64), 2: rng.normal(0, 1, 64)}
+    shade = {0: np.full(6, 0.3), 1: np.full(6, 0.7), 2: np.full(6, 0.5)}
+
+    def draw(c, n):
+        return (centre[c] + rng.normal(0, 0.5, (n, 64)), shade[c] + rng.normal(0, 0.05, (n, 6)))
+
+    (f0, s0), (f1, s1) = draw(0, 250), draw(1, 250)
+    labels = np.repeat([0, 1], 250)
+    reference = drift_reference(np.concatenate([f0, f1]), np.concatenate([s0, s1]), labels, 2)
+    assert reference["classes"]["counts"] == [250, 250]
+    one_hot = {c: np.eye(2)[np.full(50, c)] for c in (0, 1)}
+
+    for c in (0, 1):
+        f, s = draw(c, 50)
+        assert drift_scores(reference, f, s)["drifted"]  # against the training mix: "drifted"
+        alike = drift_scores(reference, f, s, one_hot[c])
+        assert alike["class_mix"] and alike["drift_score"] < DRIFT_THRESHOLD / 2, alike
+    (fa, sa), (fb, sb) = draw(0, 40), draw(1, 10)
+    mixed = drift_scores(reference, np.concatenate([fa, fb]), np.concatenate([sa, sb]),
+                         np.concatenate([one_hot[0][:40], one_hot[1][:10]]))
+    assert mixed["drift_score"] < DRIFT_THRESHOLD / 2, mixed
+    f, s = draw(0, 50)
+    assert drift_scores(reference, f + 0.5, s, one_hot[0])["drifted"]  # the class moved
+    assert drift_scores(reference, f, s * 0.5, one_hot[0])["drifted"]  # darker
+    f, s = draw(2, 50)  # another kind of photo, taken for class 0
+    assert drift_scores(reference, f, s, one_hot[0])["drifted"]
+    # A reference without classes (versions registered before) ignores the probabilities.
+    plain = drift_reference(np.concatenate([f0, f1]), np.concatenate([s0, s1]))
+    f, s = draw(0, 50)
+    got = drift_scores(plain, f, s, one_hot[0])
+    assert not got["class_mix"] and got == {**drift_scores(plain, f, s), "class_mix": False}
+
+
 def _pyfunc_model(export_dir, dest: Path):
     """The export packaged as registration packages it (``registry.pyfunc_arguments``), saved
     to a folder and loaded back."""
