@@ -477,8 +477,8 @@ def _train(
     from petalflow.tasks.features import FeatureExtractor
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import (
-        build_classifier, build_head, export_serving_model, feature_dim, frozen_network, keras,
-        load_backbone, load_frozen, unfreeze_top_layers, variables_only,
+        build_classifier, build_head, export_serving_model, feature_dim, frozen_from_signature,
+        frozen_network, keras, load_backbone, load_frozen, unfreeze_top_layers, variables_only,
     )
     from petalflow.tasks.serving import DRIFT_REFERENCE
 
@@ -511,15 +511,23 @@ def _train(
     # SavedModel and freezing it (MobileNetV2 0.35: ~0.1 s instead of ~3.2 s).
     frozen_dir = frozen_backbone_dir(features_dir.parent / FROZEN_BACKBONES, cfg, backbone_path)
     frozen = None if cfg.fine_tune_layers else load_frozen(frozen_dir)
+    frozen_reused = frozen is not None
     if frozen is not None:
         log("backbone: its frozen copy from %s (no SavedModel load)", frozen_dir)
+    elif not cfg.fine_tune_layers and (local := backbone_path or (
+            cfg.backbone if Path(cfg.backbone).is_dir() else None)):
+        # Else frozen from its serving signature, without loading it as a TF Hub layer
+        # (MobileNetV2 0.35: ~0.9 s instead of ~2.7 s), when it is a plain feature-vector model.
+        frozen = frozen_from_signature(Path(local), cfg.image_size)
+        if frozen is not None:
+            log("backbone: frozen from its serving signature (no TF Hub load)")
+    if frozen is not None:
         backbone, dim = None, int(frozen.outputs[0].shape[-1])
     else:
         backbone = load_backbone(backbone_path or cfg.backbone,
                                  trainable=cfg.fine_tune_layers > 0)
         backbone.trainable = False
         dim = feature_dim(backbone, cfg.image_size)
-    frozen_reused = frozen is not None
     head = build_head(dim, len(classes), seed=cfg.seed)
     lap("load_backbone")
 

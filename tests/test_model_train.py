@@ -91,25 +91,33 @@ def test_later_trainings_take_the_frozen_backbone_instead_of_loading_it(
     """The first training with a backbone saves it frozen beside the feature caches; the next
     ones (other parameters, other data) take that copy and never load the SavedModel, and
     their model is the one a training that loaded it makes. Fine-tuning loads it (it trains
-    it); a damaged copy is replaced."""
+    it); a damaged copy is replaced. The first one, and the one replacing the damaged copy,
+    freeze it from its serving signature, not loading it as a TF Hub layer either."""
     import petalflow.tasks.model as model
 
-    first = train_model(data_info, _cfg(tiny_backbone), tmp_path / "w1")
-    assert first["features"]["frozen_backbone"] is None
-    saved = list((tmp_path / "frozen-backbones").iterdir())
-    assert len(saved) == 1 and {f.name for f in saved[0].iterdir()} == {
-        model.FROZEN_GRAPH, model.FROZEN_SIGNATURE}
-
-    loads = []
-    load_backbone = model.load_backbone
+    loads, from_signature = [], []
+    load_backbone, real_from_signature = model.load_backbone, model.frozen_from_signature
 
     def counted(*args, **kwargs):
         loads.append(args)
         return load_backbone(*args, **kwargs)
 
+    def counted_signature(*args, **kwargs):
+        from_signature.append(args)
+        return real_from_signature(*args, **kwargs)
+
     monkeypatch.setattr(model, "load_backbone", counted)
+    monkeypatch.setattr(model, "frozen_from_signature", counted_signature)
+    first = train_model(data_info, _cfg(tiny_backbone), tmp_path / "w1")
+    assert first["features"]["frozen_backbone"] is None
+    assert loads == [] and len(from_signature) == 1
+    saved = list((tmp_path / "frozen-backbones").iterdir())
+    assert len(saved) == 1 and {f.name for f in saved[0].iterdir()} == {
+        model.FROZEN_GRAPH, model.FROZEN_SIGNATURE}
+
     again = train_model(data_info, _cfg(tiny_backbone), tmp_path / "w2")
     assert loads == [] and again["features"]["frozen_backbone"] == str(saved[0])
+    assert len(from_signature) == 1
     np.testing.assert_array_equal(_probabilities(again["export_dir"], data_info),
                                   _probabilities(first["export_dir"], data_info))
     other = train_model(data_info, _cfg(tiny_backbone, epochs=3, learning_rate=0.02),
@@ -122,8 +130,66 @@ def test_later_trainings_take_the_frozen_backbone_instead_of_loading_it(
 
     (saved[0] / model.FROZEN_GRAPH).write_bytes(b"not a graph")
     repaired = train_model(data_info, _cfg(tiny_backbone, epochs=2), tmp_path / "w5")
-    assert len(loads) == 2 and repaired["features"]["frozen_backbone"] is None
+    assert len(loads) == 1 and len(from_signature) == 2
+    assert repaired["features"]["frozen_backbone"] is None
     assert model.load_frozen(saved[0]) is not None  # written again
+
+
+def test_a_plain_backbone_is_frozen_from_its_serving_signature(tiny_backbone, any_size_backbone):
+    """A feature-vector SavedModel's serving signature, read as a graph with only the
+    functions it calls and its variables made constants, computes what its TF Hub layer
+    frozen computes (MobileNetV2 0.35: 0.9 s instead of ~2.7 s, 633 functions restored of
+    which the signature calls 2), in inference mode (the tiny backbone's BatchNorm statistics
+    are not 0 and 1), with a known feature width; also for a backbone of any input size."""
+    import tensorflow as tf
+
+    from petalflow.tasks.model import frozen_backbone, frozen_from_signature, load_backbone
+
+    images = tf.constant(np.random.default_rng(0).random((5, 32, 32, 3)), tf.float32)
+    for backbone in (tiny_backbone, any_size_backbone):
+        fast = frozen_from_signature(backbone, 32)
+        assert fast is not None and fast.outputs[0].shape.as_list() == [None, 16]
+        assert fast.inputs[0].shape.as_list() == [None, 32, 32, 3]
+        layer = load_backbone(str(backbone))
+        want = layer(images, training=False).numpy()
+        np.testing.assert_allclose(fast(images)[0].numpy(), want, atol=1e-5)
+        np.testing.assert_allclose(fast(images)[0].numpy(),
+                                   frozen_backbone(layer, 32)(images)[0].numpy(), atol=1e-5)
+        training_mode = tf.saved_model.load(str(backbone))(images, training=True).numpy()
+        assert np.abs(training_mode - want).max() > 1e-3
+
+
+def test_a_backbone_without_a_plain_serving_signature_is_loaded_as_a_tf_hub_layer(
+        tmp_path, tiny_backbone, data_info, caplog):
+    """A SavedModel whose serving signature is not images -> features (here: two outputs)
+    or that has none is not frozen from it: the training loads it as a TF Hub layer, as
+    before, and its model computes the same as one from the plain backbone."""
+    import tensorflow as tf
+
+    from petalflow.tasks.model import frozen_from_signature
+
+    model = tf.saved_model.load(str(tiny_backbone))
+    spec = tf.TensorSpec([None, 32, 32, 3], tf.float32)
+    both = tf.function(lambda x: {"features": model(x, training=False),
+                                  "mean": tf.reduce_mean(x, axis=[1, 2])}, input_signature=[spec])
+    two_outputs = tmp_path / "two_outputs"
+    tf.saved_model.save(model, str(two_outputs), signatures={"serving_default": both})
+    unnamed = tmp_path / "other_signature"
+    tf.saved_model.save(model, str(unnamed), signatures={"features": both})
+    assert frozen_from_signature(two_outputs, 32) is None
+    assert frozen_from_signature(unnamed, 32) is None
+    assert frozen_from_signature(tiny_backbone, 64) is None  # it declares 32 x 32 images
+
+    with caplog.at_level("INFO"):
+        plain = train_model(data_info, _cfg(tiny_backbone, edge_export=False), tmp_path / "a")
+    assert "backbone: frozen from its serving signature" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        loaded = train_model(data_info, _cfg(two_outputs, edge_export=False), tmp_path / "b")
+    assert "training on" in caplog.text  # (its log is captured)
+    assert "frozen from its serving signature" not in caplog.text
+    np.testing.assert_allclose(_probabilities(loaded["export_dir"], data_info),
+                               _probabilities(plain["export_dir"], data_info), atol=1e-4)
 
 
 def test_a_frozen_copy_that_cannot_be_saved_costs_a_warning_not_the_training(
@@ -220,6 +286,8 @@ def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_i
     monkeypatch.setattr(model, "load_backbone", load)
     monkeypatch.setattr(model, "export_serving_model", export)
     monkeypatch.setattr(edge, "tflite_converter", converter)
+    # A backbone that is not frozen from its serving signature is loaded as a TF Hub layer.
+    monkeypatch.setattr(model, "frozen_from_signature", lambda *args: None)
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
                          tmp_path / "w", on_epoch_end=epoch_end,
                          features_dir=tmp_path / "features")
@@ -297,14 +365,19 @@ def test_the_backbone_is_frozen_once_unless_fine_tuning_changed_it(tmp_path, tin
 
     import petalflow.tasks.model as model
 
-    frozen = []
-    real = model.frozen_backbone
+    frozen = []  # freezes of the backbone: as a TF Hub layer, or from its serving signature
+    real, real_from_signature = model.frozen_backbone, model.frozen_from_signature
 
     def counted(*args, **kwargs):
         frozen.append(1)
         return real(*args, **kwargs)
 
+    def counted_signature(*args, **kwargs):
+        frozen.append(1)
+        return real_from_signature(*args, **kwargs)
+
     monkeypatch.setattr(model, "frozen_backbone", counted)
+    monkeypatch.setattr(model, "frozen_from_signature", counted_signature)
     features = tmp_path / "features"
     record = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
                          tmp_path / "a", features_dir=features)
