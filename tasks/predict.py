@@ -342,8 +342,8 @@ def drift_of_sample(classifier, sample: Sequence[tuple[Path, np.ndarray, np.ndar
     if not sample:
         return {"available": False, "reason": "no classified image"}
     features = np.stack([f for _, f, _ in sample])
-    images = read_files([path for path, _, _ in sample])[0]
     try:
+        images = read_files([path for path, _, _ in sample])[0]
         if hasattr(classifier, "drift_of_classified"):
             measured = classifier.drift_of_classified(
                 features, np.stack([p for _, _, p in sample]), images)

@@ -388,9 +388,9 @@ def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = Non
 
     With the reference's per-class description (``classes``: ``_describe_classes``) and the
     batch's class ``mix`` (the share of its images classified as each class; ``counts``: the
-    reference's images per class), the batch's mean is compared with what training images in that mix
-    average to, not with the training split's own mix: a batch of one class's photos is like
-    the training data. The noise then is the spread within classes."""
+    reference's images per class), the batch's mean is compared with what training images in
+    that mix average to, not with the training split's own mix: a batch of one class's photos
+    is like the training data. The noise then is the spread within classes."""
     mean = np.asarray(reference["mean"], dtype=np.float64)
     var = np.asarray(reference["std"], dtype=np.float64) ** 2
     keep = var > 1e-12 * max(float(var.max(initial=0.0)), 1e-24)  # constant dimensions say nothing
