@@ -138,6 +138,7 @@ def train_and_register(params: TrainParams = TrainParams()):
         data_info = prepare_dataset_task(
             data_root, str(home / "manifests" / _split_key(params, data_root)),
             params.val_fraction, params.test_fraction, params.seed,
+            unchanging=source["kind"] != "folder",  # an extracted archive, never changed
         )
     counts = data_info["counts"]
     logger.info("dataset: %d classes, %d files found, %d used, %d quarantined",

@@ -12,6 +12,7 @@ Class order is the sorted class folder names; it travels with the model.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -22,7 +23,9 @@ import pandas as pd
 from prefect import task
 from typing_extensions import TypedDict  # pydantic (Prefect's parameters) needs it before 3.12
 
-from petalflow.tasks.common import printable_name, walk_files, without_autotuning, write_json
+from petalflow.tasks.common import (
+    log, printable_name, walk_files, without_autotuning, write_json,
+)
 from petalflow.tasks.errors import DatasetError
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 
@@ -497,15 +500,28 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
     return counts
 
 
+# The scan's own version, written into dataset.json: a manifest is reused (``prepare_dataset``
+# with ``unchanging``) only when the scan that wrote it was this one. Raise it with any change
+# to what the scan decides (which files are used or quarantined, the split, the counts).
+SCAN_VERSION = 1
+
+
 def prepare_dataset(
-    data_root: Path, out_dir: Path, val_fraction: float, test_fraction: float, seed: int
+    data_root: Path, out_dir: Path, val_fraction: float, test_fraction: float, seed: int,
+    unchanging: bool = False,
 ) -> DatasetInfo:
     """Scan, split and fingerprint ``data_root``; write ``manifest.csv`` and ``dataset.json``.
 
     Returns the dataset description (also in dataset.json): data_root, manifest path, classes,
-    fingerprint and counts.
+    fingerprint and counts. ``unchanging``: ``data_root`` never changes once written (an
+    archive's extraction, renamed into place whole under the archive's digest), so the
+    description an earlier scan of that very folder wrote into ``out_dir`` (the same split
+    settings) is returned instead of scanning it again: a scheduled run on unchanged data
+    reads no photo.
     """
     out_dir = Path(out_dir)
+    if unchanging and (earlier := _earlier_scan(data_root, out_dir)) is not None:
+        return earlier
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = split_dataset(scan_dataset(data_root), val_fraction, test_fraction, seed)
     manifest_path = out_dir / "manifest.csv"
@@ -525,7 +541,33 @@ def prepare_dataset(
         "fingerprint": dataset_fingerprint(manifest),
         "counts": counts,
     }
-    write_json(out_dir / "dataset.json", info)
+    write_json(out_dir / "dataset.json", {**info, "scan_version": SCAN_VERSION,
+                                          "scanned_folder": _folder_identity(data_root)})
+    return info
+
+
+def _folder_identity(folder: Path) -> list[int]:
+    """(inode, modification time) of ``folder``: an extraction redone in its place (a newer
+    petalflow extracting an old download again) is another folder."""
+    st = os.stat(folder)
+    return [st.st_ino, st.st_mtime_ns]
+
+
+def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
+    """The description in ``out_dir/dataset.json`` when this scan version wrote it for
+    ``data_root`` and its manifest is there; else None."""
+    try:
+        written = json.loads((out_dir / "dataset.json").read_text(encoding="utf-8"))
+        if (written.get("scan_version") != SCAN_VERSION
+                or written["data_root"] != str(Path(data_root).resolve())
+                or written.get("scanned_folder") != _folder_identity(data_root)
+                or not Path(written["manifest"]).is_file()):
+            return None
+        info: DatasetInfo = {key: written[key] for key in DatasetInfo.__annotations__}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    log("scan: %s was scanned before (an extracted archive does not change): its manifest "
+        "is reused", data_root)
     return info
 
 
@@ -569,6 +611,8 @@ def split_shas(data_info: DatasetInfo, split: str, manifest: Optional[pd.DataFra
 
 @task(name="scan-and-split")
 def prepare_dataset_task(
-    data_root: str, out_dir: str, val_fraction: float, test_fraction: float, seed: int
+    data_root: str, out_dir: str, val_fraction: float, test_fraction: float, seed: int,
+    unchanging: bool = False,
 ) -> DatasetInfo:
-    return prepare_dataset(Path(data_root), Path(out_dir), val_fraction, test_fraction, seed)
+    return prepare_dataset(Path(data_root), Path(out_dir), val_fraction, test_fraction, seed,
+                           unchanging)

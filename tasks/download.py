@@ -468,8 +468,11 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
 
 
 def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 1024**3) -> Path:
-    """Unpack ``archive`` into ``datasets_dir/<sha256>`` and return the folder of class folders.
+    """Unpack ``archive`` into ``datasets_dir/<digest>`` and return the folder of class folders.
     Archives inside it are opened too when it holds no image (``_open_inner_archives``).
+    The digest is the archive's sha256, or for a zip the digest of its files
+    (``zip_contents_digest``): a folder zipped anew on every download (new bytes, the same
+    files) is extracted, and scanned (``dataset.prepare_dataset``), once.
 
     A folder is returned as is (after descending wrappers). Extraction happens in a staging folder
     inside ``datasets_dir`` that is renamed into place only when complete, so a crash never leaves
@@ -481,7 +484,8 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
     kind = _archive_kind(archive)
     datasets_dir = Path(datasets_dir)
     datasets_dir.mkdir(parents=True, exist_ok=True)
-    target = datasets_dir / sha256_file(archive)
+    target = datasets_dir / ((zip_contents_digest(archive) if kind == "zip" else None)
+                             or sha256_file(archive))
     with file_lock(datasets_dir / f".{target.name}.lock"):
         if kind == "zip" and target.is_dir() and any("\\" in p.name for p in target.iterdir()):
             # A zip extracted before "\\" was read as its separator: files named "a\\b\\c.jpg"

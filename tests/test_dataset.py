@@ -456,3 +456,39 @@ def test_class_names_pandas_would_read_as_values_stay_text_in_the_card_and_table
             "| 007 | 1.0 | 1.0 | 1.0 | 1 |\n| 010 | 1.0 | 1.0 | 1.0 | 1 |\n"
             "| NA | 0.0 | 0.0 | 0.0 | 1 |\n| None | 0.5 | 1.0 | 0.6667 | 1 |\n") in card
     assert "| NA | 0 | 0 | 0 | 1 |" in card  # the confusion matrix: NA taken for None
+
+
+def test_an_extracted_archive_scanned_before_is_not_scanned_again(tmp_path, monkeypatch):
+    """A scheduled run on an unchanged archive found its extraction in place and scanned every
+    photo again (hash and decode check: 1-3 s for 1,500-6,000 photos, growing with the data)
+    before ending "nothing to do". An extraction never changes, so its manifest is reused:
+    same description, no photo read. Not for a folder source (``unchanging`` false), not after
+    the extraction was redone in its place, nor from another scan version or split."""
+    from petalflow.tasks import dataset
+
+    root = make_dataset(tmp_path / "datasets" / "abc" / "photos", per_class=4)
+    first = dataset.prepare_dataset(root, tmp_path / "m1", 0.25, 0.25, seed=0, unchanging=True)
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dataset, "scan_dataset", no_scan)
+        again = dataset.prepare_dataset(root, tmp_path / "m1", 0.25, 0.25, seed=0,
+                                        unchanging=True)
+        assert again == first
+        for other in (dict(unchanging=False), dict(out=tmp_path / "m2")):
+            with pytest.raises(AssertionError, match="scanned again"):
+                dataset.prepare_dataset(root, other.get("out", tmp_path / "m1"), 0.25, 0.25,
+                                        seed=0, unchanging=other.get("unchanging", True))
+        patched.setattr(dataset, "SCAN_VERSION", dataset.SCAN_VERSION + 1)
+        with pytest.raises(AssertionError, match="scanned again"):
+            dataset.prepare_dataset(root, tmp_path / "m1", 0.25, 0.25, seed=0, unchanging=True)
+
+    # The extraction redone in its place, now with a photo less: scanned again.
+    shutil.rmtree(root)
+    make_dataset(root, per_class=4)
+    (root / "red" / "003.jpg").unlink()
+    redone = dataset.prepare_dataset(root, tmp_path / "m1", 0.25, 0.25, seed=0, unchanging=True)
+    assert redone["counts"]["used"] == first["counts"]["used"] - 1
+    assert redone["fingerprint"] != first["fingerprint"]

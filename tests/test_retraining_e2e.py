@@ -116,6 +116,10 @@ def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_cha
         with pytest.raises(WebPageNotArchive):
             watch_data(_params(url, tiny_backbone))
         assert not list((workspace / "home" / "watch").glob("*.json"))  # nothing announced
+        # The weekly run on it: downloaded (new bytes), not extracted nor scanned again.
+        again = train_and_register(_params(url, tiny_backbone))
+        assert again["status"] == "nothing to do"
+        assert len([p for p in (workspace / "home" / "datasets").iterdir() if p.is_dir()]) == 1
         client = _client()
         versions = client.search_model_versions(f"name='{MODEL}'")
         assert [str(v.version) for v in versions] == ["1"]
@@ -131,7 +135,7 @@ def test_a_folder_zipped_anew_on_every_download_is_announced_only_when_its_files
     download) gives new bytes each time (the members' times), with the same files: the watch
     announced new data on every check, and every triggered run ended "nothing to do". It now
     compares the files (names, sizes, CRC-32s from the zip's directory) with the champion's;
-    one photo changed is announced."""
+    one photo changed is announced. A training on it keeps the one extraction and its scan."""
     import io
     import zipfile
 
@@ -159,6 +163,10 @@ def test_a_folder_zipped_anew_on_every_download_is_announced_only_when_its_files
             "the archive's bytes changed, its files did not (the same names, sizes and CRC-32s "
             "as the champion v1's): zipped again, nothing to retrain")
         assert not list((workspace / "home" / "watch").glob("*.json"))  # nothing announced
+        # The weekly run on it: downloaded (new bytes), not extracted nor scanned again.
+        again = train_and_register(_params(url, tiny_backbone))
+        assert again["status"] == "nothing to do"
+        assert len([p for p in (workspace / "home" / "datasets").iterdir() if p.is_dir()]) == 1
         write_image(src / "red" / "000.jpg", COLOURS["red"], seed=4242)  # one photo replaced
         site.put("/folder.zip", zipped((2026, 11, 30, 9, 30, 0)))
         changed = watch_data(_params(url, tiny_backbone))
