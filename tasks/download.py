@@ -487,10 +487,8 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
     target = datasets_dir / ((zip_contents_digest(archive) if kind == "zip" else None)
                              or sha256_file(archive))
     with file_lock(datasets_dir / f".{target.name}.lock"):
-        if kind == "zip" and target.is_dir() and any("\\" in p.name for p in target.iterdir()):
-            # A zip extracted before "\\" was read as its separator: files named "a\\b\\c.jpg"
-            # at the top, where the classes' folders belong; extracted again, once.
-            shutil.rmtree(target)
+        # (A zip extracted before "\\" was read as its separator, its files named
+        # "a\\b\\c.jpg" at the top, lies under the archive's sha256, no longer used for zips.)
         if target.is_dir() and _inner_archives(target):
             # Extracted before archives inside archives were opened: extracted again, once.
             shutil.rmtree(target)
