@@ -85,6 +85,12 @@ def _backbone_files(backbone_path: Optional[str]) -> dict:
 FROZEN_BACKBONES = "frozen-backbones"  # beside the feature caches
 
 
+def local_backbone(params: TrainParams, backbone_path: Optional[str]) -> Optional[str]:
+    """The backbone's local SavedModel folder: its fetched copy (``fetch_backbone``), else the
+    handle itself when it is a folder; None for a URL not fetched."""
+    return backbone_path or (params.backbone if Path(params.backbone).is_dir() else None)
+
+
 def frozen_backbone_dir(root: Path, params: TrainParams, backbone_path: Optional[str]) -> Path:
     """The folder under ``root`` for the backbone frozen at this image size
     (``model.save_frozen``): what it depends on — the backbone (handle; graph and variable
@@ -94,8 +100,8 @@ def frozen_backbone_dir(root: Path, params: TrainParams, backbone_path: Optional
 
     import tensorflow as tf
 
-    local = backbone_path or (params.backbone if Path(params.backbone).is_dir() else None)
-    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(local),
+    blob = json.dumps({"backbone": params.backbone,
+                       "files": _backbone_files(local_backbone(params, backbone_path)),
                        "image_size": params.image_size, "tensorflow": tf.__version__},
                       sort_keys=True)
     return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -514,8 +520,7 @@ def _train(
     frozen_reused = frozen is not None
     if frozen is not None:
         log("backbone: its frozen copy from %s (no SavedModel load)", frozen_dir)
-    elif not cfg.fine_tune_layers and (local := backbone_path or (
-            cfg.backbone if Path(cfg.backbone).is_dir() else None)):
+    elif not cfg.fine_tune_layers and (local := local_backbone(cfg, backbone_path)):
         # Else frozen from its serving signature, without loading it as a TF Hub layer
         # (MobileNetV2 0.35: ~0.9 s instead of ~2.7 s), when it is a plain feature-vector model.
         frozen = frozen_from_signature(Path(local), cfg.image_size)
