@@ -33,6 +33,7 @@ from petalflow.tasks.dataset import (
 )
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
+    prune_datasets_task, release_run_extractions, source_identity,
 )
 from petalflow.tasks.edge import edge_summary
 from petalflow.tasks.evaluate import (
@@ -113,7 +114,8 @@ def wait_for_flow_runs(ids: list, poll_s: float = 2.0) -> list:
             time.sleep(poll_s)
 
 
-@flow(name="train-and-register", log_prints=True)
+@flow(name="train-and-register", log_prints=True,
+      on_failure=[release_run_extractions], on_crashed=[release_run_extractions])
 def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
@@ -134,7 +136,8 @@ def train_and_register(params: TrainParams = TrainParams()):
                     source.get("etag"), source.get("last_modified"))
     with timer.phase("scan"):
         data_root = extract_archive_task(archive, str(home / "datasets"),
-                                         params.max_extract_bytes)
+                                         params.max_extract_bytes,
+                                         source_identity(params.data_url))
         data_info = prepare_dataset_task(
             data_root, str(home / "manifests" / _split_key(params, data_root)),
             params.val_fraction, params.test_fraction, params.seed,
@@ -157,7 +160,7 @@ def train_and_register(params: TrainParams = TrainParams()):
             summary = {"status": "nothing to do", "alias": "champion", **same,
                        "alias_reason": "unchanged data and parameters; champion kept",
                        "dataset": dataset, "source": source, "timings": timer.table()}
-            return _finish(summary)
+            return _finish(summary, home=home)
     fingerprint = data_info["fingerprint"]
     key = run_key(params, fingerprint)
     with timer.phase("tracking"):
@@ -229,15 +232,17 @@ def train_and_register(params: TrainParams = TrainParams()):
         "manifest": data_info["manifest"],
         "timings": timings,
     }
-    return _finish(summary, str(workdir / "evaluation"))
+    return _finish(summary, home, str(workdir / "evaluation"))
 
 
-def _finish(summary: dict, evaluation_dir: Optional[str] = None):
-    """Publish the result (artifacts, model card) and end the run with a state whose message
-    says what happened; the summary is the run's result."""
+def _finish(summary: dict, home: Path, evaluation_dir: Optional[str] = None):
+    """Publish the result (artifacts, model card), remove the dataset extractions no source
+    uses any more, and end the run with a state whose message says what happened; the summary
+    is the run's result."""
     from prefect.states import Completed
 
     summary["links"] = publish_result_task(summary, evaluation_dir)
+    prune_datasets_task(str(home / "datasets"), str(home / "manifests"))
     message = state_message(summary)
     get_run_logger().info(message)
     return Completed(message=message, data=summary)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -544,6 +545,22 @@ def prepare_dataset(
     write_json(out_dir / "dataset.json", {**info, "scan_version": SCAN_VERSION,
                                           "scanned_folder": _folder_identity(data_root)})
     return info
+
+
+def prune_manifests(manifests_dir: Path) -> int:
+    """Remove the manifests (``prepare_dataset``'s folders) of dataset folders that are gone,
+    such as extractions ``download.prune_extractions`` removed: each run's manifest is in its
+    MLflow run. Returns how many were removed."""
+    removed = 0
+    for described in sorted(Path(manifests_dir).glob("*/dataset.json")):
+        try:
+            root = json.loads(described.read_text(encoding="utf-8"))["data_root"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if not Path(root).exists():
+            shutil.rmtree(described.parent, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _folder_identity(folder: Path) -> list[int]:

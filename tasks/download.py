@@ -28,8 +28,8 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
-    CHUNK, file_lock, human_bytes, read_json, redact_url, sha256_file, utc_now, walk_files,
-    write_json,
+    CHUNK, file_lock, human_bytes, log, read_json, redact_url, sha256_file, utc_now,
+    walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
@@ -467,12 +467,18 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
         archive.unlink()
 
 
-def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 1024**3) -> Path:
+def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 1024**3,
+                    source: Optional[str] = None, holder: Optional[str] = None) -> Path:
     """Unpack ``archive`` into ``datasets_dir/<digest>`` and return the folder of class folders.
     Archives inside it are opened too when it holds no image (``_open_inner_archives``).
     The digest is the archive's sha256, or for a zip the digest of its files
     (``zip_contents_digest``): a folder zipped anew on every download (new bytes, the same
     files) is extracted, and scanned (``dataset.prepare_dataset``), once.
+
+    With ``source`` (the dataset URL or path the archive came from), this extraction becomes
+    that source's current one (``prune_extractions`` keeps it and removes the ones it
+    replaced); with ``holder`` (a run's id) it is held in use until ``release_extractions``
+    (or the process's end): no prune removes it meanwhile.
 
     A folder is returned as is (after descending wrappers). Extraction happens in a staging folder
     inside ``datasets_dir`` that is renamed into place only when complete, so a crash never leaves
@@ -492,16 +498,115 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
         if target.is_dir() and _inner_archives(target):
             # Extracted before archives inside archives were opened: extracted again, once.
             shutil.rmtree(target)
-        if target.is_dir():
-            return find_data_root(target)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=datasets_dir))
-        try:
-            (_extract_zip if kind == "zip" else _extract_tar)(archive, staging, max_bytes)
-            _open_inner_archives(staging, max_bytes)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        if not target.is_dir():
+            staging = Path(tempfile.mkdtemp(prefix=f"{STAGING}{target.name}-", dir=datasets_dir))
+            try:
+                (_extract_zip if kind == "zip" else _extract_tar)(archive, staging, max_bytes)
+                _open_inner_archives(staging, max_bytes)
+                os.replace(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        # Under the extraction's lock, which a prune takes too: never removed in between.
+        if holder is not None:
+            _hold(datasets_dir, target.name, holder)
+        if source is not None:
+            record = _source_record(datasets_dir, source)
+            record.parent.mkdir(exist_ok=True)
+            write_json(record, {"source": source, "extraction": target.name, "at": utc_now()})
     return find_data_root(target)
+
+
+# --------------------------------------------------------------------------- superseded extractions
+
+STAGING = ".staging-"
+REMOVING = ".removing-"
+SOURCES = ".sources"
+_HELD: dict[str, list] = {}  # holder -> open files whose shared locks mark extractions in use
+
+
+def source_identity(url: str) -> str:
+    """What a dataset source is called in the extraction records: its URL without secrets (a
+    presigned URL's next signature is the same source), a local path resolved."""
+    path = local_source(url)
+    return str(path.resolve()) if path is not None else redact_url(url)
+
+
+def _source_record(datasets_dir: Path, source: str) -> Path:
+    return Path(datasets_dir) / SOURCES / (
+        hashlib.sha256(source.encode()).hexdigest()[:24] + ".json")
+
+
+def _in_use_file(datasets_dir: Path, name: str) -> Path:
+    return Path(datasets_dir) / f".{name}.in-use"
+
+
+def _hold(datasets_dir: Path, name: str, holder: str) -> None:
+    """A shared lock on the extraction's in-use file, kept until ``release_extractions``."""
+    import fcntl
+
+    fh = open(_in_use_file(datasets_dir, name), "a+")
+    fcntl.flock(fh, fcntl.LOCK_SH)
+    _HELD.setdefault(holder, []).append(fh)
+
+
+def release_extractions(holder: str) -> None:
+    """Let go of the extractions ``holder`` held (its run is over)."""
+    for fh in _HELD.pop(holder, []):
+        fh.close()  # closing the file releases its lock
+
+
+def current_extractions(datasets_dir: Path) -> set[str]:
+    """The extraction each recorded source used last."""
+    names = set()
+    for record in sorted((Path(datasets_dir) / SOURCES).glob("*.json")):
+        name = read_json(record).get("extraction")
+        if name:
+            names.add(name)
+    return names
+
+
+def prune_extractions(datasets_dir: Path) -> list[tuple[str, int]]:
+    """Remove the extractions no source uses any more (replaced by a newer archive from the same
+    URL or path, or made before extractions were recorded) and staging folders a killed
+    extraction left behind; never one a run holds (``extract_archive``'s ``holder``) or one
+    being extracted. A source's current extraction stays: the next run on unchanged data
+    reuses it and its manifest. Returns (name, bytes) of each folder removed."""
+    datasets_dir = Path(datasets_dir)
+    if not datasets_dir.is_dir():
+        return []
+    keep = current_extractions(datasets_dir)
+    removed = []
+    for entry in sorted(datasets_dir.iterdir()):
+        if entry.name.startswith(REMOVING) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)  # a removal a killed process left half done
+            continue
+        if entry.name.startswith(STAGING):
+            # ".staging-<digest>-XXXX": stale when nobody extracts that digest now.
+            name = entry.name[len(STAGING):].rpartition("-")[0]
+            if not name:
+                continue  # an older version's staging folder: its digest is not known
+        elif entry.name.startswith(".") or entry.name in keep or not entry.is_dir():
+            continue
+        else:
+            name = entry.name
+        try:
+            with file_lock(datasets_dir / f".{name}.lock", wait=False) as extracting_free:
+                if not extracting_free:
+                    continue
+                with file_lock(_in_use_file(datasets_dir, name), wait=False) as unused:
+                    if not unused or not entry.is_dir():
+                        continue
+                    size = _tree_bytes(entry)
+                    trash = datasets_dir / f"{REMOVING}{entry.name}"
+                    os.replace(entry, trash)
+                    if entry.name == name:
+                        _in_use_file(datasets_dir, name).unlink(missing_ok=True)
+            shutil.rmtree(trash, ignore_errors=True)
+        except OSError as exc:  # housekeeping: never fails the run that does it
+            log("datasets: could not remove %s (%s)", entry, exc, level=30)
+            continue
+        removed.append((entry.name, size))
+    return removed
 
 
 # --------------------------------------------------------------------------- Prefect tasks
@@ -548,5 +653,34 @@ def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] =
 
 
 @task(name="extract-archive")
-def extract_archive_task(archive: str, datasets_dir: str, max_bytes: int) -> str:
-    return str(extract_archive(Path(archive), Path(datasets_dir), max_bytes))
+def extract_archive_task(archive: str, datasets_dir: str, max_bytes: int,
+                         source: Optional[str] = None) -> str:
+    """The folder of class folders; the extraction becomes ``source``'s current one and is
+    held in use by this flow run until it ends (``release_run_extractions``)."""
+    from prefect.runtime import flow_run
+
+    return str(extract_archive(Path(archive), Path(datasets_dir), max_bytes, source=source,
+                               holder=str(flow_run.id)))
+
+
+def release_run_extractions(flow, flow_run, state) -> None:
+    """Flow-run hook (failed or crashed runs): this run holds its extraction no longer."""
+    release_extractions(str(flow_run.id))
+
+
+@task(name="prune-datasets")
+def prune_datasets_task(datasets_dir: str, manifests_dir: str) -> list[str]:
+    """At the end of a run: its extraction is no longer held; extractions no source uses any
+    more, and the manifests of dataset folders that are gone, are removed."""
+    from prefect.runtime import flow_run
+
+    from petalflow.tasks.dataset import prune_manifests
+
+    release_extractions(str(flow_run.id))
+    removed = prune_extractions(Path(datasets_dir))
+    prune_manifests(Path(manifests_dir))
+    if removed:
+        log("datasets: removed %d extraction(s) no source uses any more (%s): %s", len(removed),
+            f"{sum(size for _, size in removed) / 2**20:.1f} MiB",
+            ", ".join(name[:12] for name, _ in removed))
+    return [name for name, _ in removed]

@@ -33,6 +33,11 @@ def _archive(tmp: Path, name: str, per_class: int, seed: int) -> bytes:
     return make_tgz(src, tmp / f"{name}.tgz").read_bytes()
 
 
+def _extractions(workspace: Path) -> list[str]:
+    return sorted(p.name for p in (workspace / "home" / "datasets").iterdir()
+                  if p.is_dir() and not p.name.startswith("."))
+
+
 def _client():
     import mlflow
 
@@ -65,6 +70,12 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
         changed = train_and_register(_params(url, tiny_backbone))
     assert changed["status"] == "trained" and changed["model_version"] == "2"
     assert changed["source"]["outcome"] == "downloaded"
+    # One extraction on disk, the new archive's (the first was a whole copy of the old data),
+    # and one manifest, of the new data (the first is in its MLflow run).
+    assert _extractions(workspace) == [changed["source"]["sha256"]]
+    manifests = sorted((workspace / "home" / "manifests").iterdir())
+    assert [(m / "manifest.csv").resolve() for m in manifests] == [
+        Path(changed["manifest"]).resolve()]
     assert changed["dataset"]["fingerprint"] != first["dataset"]["fingerprint"]
     assert changed["dataset"]["used"] == 45 and first["dataset"]["used"] == 36
     assert site.body_bytes == downloaded + len(newer)
@@ -162,7 +173,7 @@ def test_a_folder_zipped_anew_on_every_download_is_announced_only_when_its_files
         # The weekly run on it: downloaded (new bytes), not extracted nor scanned again.
         again = train_and_register(_params(url, tiny_backbone))
         assert again["status"] == "nothing to do"
-        assert len([p for p in (workspace / "home" / "datasets").iterdir() if p.is_dir()]) == 1
+        assert len(_extractions(workspace)) == 1
         write_image(src / "red" / "000.jpg", COLOURS["red"], seed=4242)  # one photo replaced
         site.put("/folder.zip", zipped((2026, 11, 30, 9, 30, 0)))
         changed = watch_data(_params(url, tiny_backbone))
