@@ -33,12 +33,13 @@ from petalflow.tasks.dataset import (
 )
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
-    prune_datasets_task, release_run_extractions, source_identity,
+    source_identity,
 )
 from petalflow.tasks.edge import edge_summary
 from petalflow.tasks.evaluate import (
     compare_with_champion_task, evaluate_edge_task, evaluate_model_task,
 )
+from petalflow.tasks.housekeeping import prune_home_task, release_run_extractions
 from petalflow.tasks.params import TrainParams, expected_sha256, run_key, training_target
 from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, log_timings_task, register_model_task,
@@ -236,13 +237,13 @@ def train_and_register(params: TrainParams = TrainParams()):
 
 
 def _finish(summary: dict, home: Path, evaluation_dir: Optional[str] = None):
-    """Publish the result (artifacts, model card), remove the dataset extractions no source
-    uses any more, and end the run with a state whose message says what happened; the summary
-    is the run's result."""
+    """Publish the result (artifacts, model card), remove the dataset extractions and feature
+    caches no source uses any more (``housekeeping``), and end the run with a state whose
+    message says what happened; the summary is the run's result."""
     from prefect.states import Completed
 
     summary["links"] = publish_result_task(summary, evaluation_dir)
-    prune_datasets_task(str(home / "datasets"), str(home / "manifests"))
+    prune_home_task(str(home))
     message = state_message(summary)
     get_run_logger().info(message)
     return Completed(message=message, data=summary)

@@ -547,20 +547,23 @@ def prepare_dataset(
     return info
 
 
-def prune_manifests(manifests_dir: Path) -> int:
+def prune_manifests(manifests_dir: Path) -> tuple[int, set[str]]:
     """Remove the manifests (``prepare_dataset``'s folders) of dataset folders that are gone,
     such as extractions ``download.prune_extractions`` removed: each run's manifest is in its
-    MLflow run. Returns how many were removed."""
-    removed = 0
+    MLflow run. Returns how many were removed and the fingerprints of the ones kept."""
+    removed, kept = 0, set()
     for described in sorted(Path(manifests_dir).glob("*/dataset.json")):
         try:
-            root = json.loads(described.read_text(encoding="utf-8"))["data_root"]
+            written = json.loads(described.read_text(encoding="utf-8"))
+            root, fingerprint = written["data_root"], written["fingerprint"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if not Path(root).exists():
+        if Path(root).exists():
+            kept.add(fingerprint)
+        else:
             shutil.rmtree(described.parent, ignore_errors=True)
             removed += 1
-    return removed
+    return removed, kept
 
 
 def _folder_identity(folder: Path) -> list[int]:

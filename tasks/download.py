@@ -656,31 +656,9 @@ def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] =
 def extract_archive_task(archive: str, datasets_dir: str, max_bytes: int,
                          source: Optional[str] = None) -> str:
     """The folder of class folders; the extraction becomes ``source``'s current one and is
-    held in use by this flow run until it ends (``release_run_extractions``)."""
+    held in use by this flow run until it ends (``housekeeping``)."""
     from prefect.runtime import flow_run
 
     return str(extract_archive(Path(archive), Path(datasets_dir), max_bytes, source=source,
                                holder=str(flow_run.id)))
 
-
-def release_run_extractions(flow, flow_run, state) -> None:
-    """Flow-run hook (failed or crashed runs): this run holds its extraction no longer."""
-    release_extractions(str(flow_run.id))
-
-
-@task(name="prune-datasets")
-def prune_datasets_task(datasets_dir: str, manifests_dir: str) -> list[str]:
-    """At the end of a run: its extraction is no longer held; extractions no source uses any
-    more, and the manifests of dataset folders that are gone, are removed."""
-    from prefect.runtime import flow_run
-
-    from petalflow.tasks.dataset import prune_manifests
-
-    release_extractions(str(flow_run.id))
-    removed = prune_extractions(Path(datasets_dir))
-    prune_manifests(Path(manifests_dir))
-    if removed:
-        log("datasets: removed %d extraction(s) no source uses any more (%s): %s", len(removed),
-            f"{sum(size for _, size in removed) / 2**20:.1f} MiB",
-            ", ".join(name[:12] for name, _ in removed))
-    return [name for name, _ in removed]

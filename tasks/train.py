@@ -215,6 +215,50 @@ def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
 # training's newly computed images each. Data that grew or changed gets new caches (its
 # fingerprint changed) but computes only its new images' features (``cached_features``).
 FEATURE_BANKS = "feature-banks"
+FEATURE_CACHE_DATA = "data.json"  # in a feature cache: the fingerprint of the data it holds
+
+
+def mark_feature_cache(features_dir: Path, fingerprint: str) -> None:
+    """Say which data ``features_dir`` (``feature_cache_dir``) holds features of, before any
+    is written (``prune_feature_caches`` reads it)."""
+    marker = Path(features_dir) / FEATURE_CACHE_DATA
+    if not marker.is_file():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"fingerprint": fingerprint})
+
+
+def prune_feature_caches(root: Path, fingerprints: set) -> list[tuple[str, int]]:
+    """Remove the feature caches under ``root`` of data whose fingerprint is not in
+    ``fingerprints`` (the data of the manifests still on disk: superseded versions of a
+    dataset), unless a training is computing or reading one (its locks). The feature banks
+    keep every image's features: the same data back costs no backbone pass. Caches written
+    before they were marked stay. Returns (name, bytes) of each one removed."""
+    import contextlib
+
+    removed = []
+    for cache in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
+        if cache.name.startswith(".removing-"):
+            shutil.rmtree(cache, ignore_errors=True)  # a removal a killed process left half done
+            continue
+        marker = cache / FEATURE_CACHE_DATA
+        if cache.name.startswith(".") or not marker.is_file():
+            continue
+        try:
+            if json.loads(marker.read_text()).get("fingerprint") in fingerprints:
+                continue
+            with contextlib.ExitStack() as held:
+                if not all(held.enter_context(file_lock(lock, wait=False))
+                           for lock in sorted(cache.glob("*.lock"))):
+                    continue  # a training computes or reads it now
+                size = sum(f.stat().st_size for f in cache.iterdir() if f.is_file())
+                trash = cache.with_name(f".removing-{cache.name}")
+                os.replace(cache, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        except (OSError, ValueError, AttributeError) as exc:  # never fails the run
+            log("features: could not remove %s (%s)", cache, exc, level=30)
+            continue
+        removed.append((cache.name, size))
+    return removed
 
 
 def feature_bank_dir(root: Path, params: TrainParams, backbone_path: Optional[str]) -> Path:
@@ -563,6 +607,7 @@ def _train(
     if not cfg.fine_tune_layers:
         backbone = None
     bank = feature_bank_dir(features_dir.parent / FEATURE_BANKS, cfg, backbone_path)
+    mark_feature_cache(features_dir, data_info["fingerprint"])
     val_x, val_y, hit, banked = cached_features(
         extract, val_paths, val_y, cfg, features_dir / "val.npz", exif=exif, bank=bank,
         shas=split_shas(data_info, "val", manifest))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -119,69 +118,6 @@ def test_extracts_tgz_and_zip_and_finds_class_folders(tmp_path):
         root = extract_archive(archive, tmp_path / "datasets")
         assert sorted(p.name for p in root.iterdir()) == ["blue", "green", "red"]
     assert not list((tmp_path / "datasets").glob(".staging-*"))
-
-
-def _extractions(datasets: Path) -> list[str]:
-    return sorted(p.name for p in datasets.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def test_an_archive_replaced_behind_its_source_leaves_one_extraction(tmp_path):
-    """Weekly retraining on data that changes: each new archive from the same URL was extracted
-    beside the old ones, which stayed for ever (a full copy of the dataset per version). Once a
-    run ends, the extractions no source uses any more are removed, never one a run still
-    holds, nor another source's current one."""
-    from petalflow.tasks.download import prune_extractions, release_extractions
-
-    datasets = tmp_path / "datasets"
-    url = "https://data.example/photos.tgz"
-    v1 = make_tgz(make_dataset(tmp_path / "v1", per_class=3, seed=1), tmp_path / "v1.tgz")
-    v2 = make_tgz(make_dataset(tmp_path / "v2", per_class=3, seed=2), tmp_path / "v2.tgz")
-    other = make_zip(make_dataset(tmp_path / "o", per_class=3, seed=3), tmp_path / "other.zip")
-    extract_archive(other, datasets, source=str(other))
-    extract_archive(v1, datasets, source=url, holder="run-1")  # run 1: still going
-    root2 = extract_archive(v2, datasets, source=url, holder="run-2")
-    assert len(_extractions(datasets)) == 3
-    release_extractions("run-2")
-    assert prune_extractions(datasets) == []  # v1 is run 1's, v2 and the zip are current
-    release_extractions("run-1")
-    removed = prune_extractions(datasets)
-    assert [name for name, _ in removed] == [_sha(v1)] and removed[0][1] > 0
-    assert _sha(v2) in _extractions(datasets) and len(_extractions(datasets)) == 2
-    assert sorted(p.name for p in root2.iterdir()) == ["blue", "green", "red"]
-    assert not list(datasets.glob(".removing-*"))
-    # The same archive again (a rollback) is extracted again; the one it replaced goes.
-    extract_archive(v1, datasets, source=url)
-    assert [name for name, _ in prune_extractions(datasets)] == [_sha(v2)]
-
-
-def test_prune_leaves_an_extraction_in_progress_and_removes_a_killed_ones_staging(tmp_path):
-    from petalflow.tasks.common import file_lock
-    from petalflow.tasks.download import prune_extractions
-
-    datasets = tmp_path / "datasets"
-    killed = datasets / ".staging-aaaa-x1y2z3"  # its extraction's process was killed
-    going = datasets / ".staging-bbbb-q9w8e7"  # another process extracts this one now
-    stray = datasets / "cccc"  # made before extractions were recorded
-    for folder in (killed, going, stray):
-        (folder / "red").mkdir(parents=True)
-        (folder / "red" / "a.jpg").write_bytes(b"x" * 10)
-    with file_lock(datasets / ".bbbb.lock"):
-        removed = prune_extractions(datasets)
-    assert sorted(name for name, _ in removed) == [".staging-aaaa-x1y2z3", "cccc"]
-    assert going.is_dir() and not killed.exists() and not stray.exists()
-
-
-def test_manifests_of_dataset_folders_that_are_gone_are_removed(tmp_path):
-    from petalflow.tasks.dataset import prepare_dataset, prune_manifests
-
-    kept = make_dataset(tmp_path / "kept", per_class=3, seed=1)
-    gone = make_dataset(tmp_path / "gone", per_class=3, seed=2)
-    prepare_dataset(kept, tmp_path / "manifests" / "k", 0.2, 0.2, 42)
-    prepare_dataset(gone, tmp_path / "manifests" / "g", 0.2, 0.2, 42)
-    shutil.rmtree(gone)
-    assert prune_manifests(tmp_path / "manifests") == 1
-    assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == ["k"]
-    assert (tmp_path / "manifests" / "k" / "manifest.csv").is_file()
 
 
 def _tar_with(tmp_path: Path, add) -> Path:

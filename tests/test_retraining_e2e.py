@@ -76,6 +76,10 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     manifests = sorted((workspace / "home" / "manifests").iterdir())
     assert [(m / "manifest.csv").resolve() for m in manifests] == [
         Path(changed["manifest"]).resolve()]
+    # And one feature cache: the new data's (every image's features stay in the bank).
+    caches = [p.resolve() for p in (workspace / "home" / "features").iterdir()
+              if p.name not in ("feature-banks", "frozen-backbones")]
+    assert caches == [Path(changed["training"]["features"]["dir"]).resolve()]
     assert changed["dataset"]["fingerprint"] != first["dataset"]["fingerprint"]
     assert changed["dataset"]["used"] == 45 and first["dataset"]["used"] == 36
     assert site.body_bytes == downloaded + len(newer)

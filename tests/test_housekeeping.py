@@ -1,0 +1,127 @@
+"""What runs leave on disk: extractions an archive replaced behind its source, their manifests,
+feature caches of superseded data, removed at the end of a run, never while a run uses them."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from petalflow.tasks.download import extract_archive
+from tests.helpers import make_dataset, make_tgz, make_zip
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _extractions(datasets: Path) -> list[str]:
+    return sorted(p.name for p in datasets.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_an_archive_replaced_behind_its_source_leaves_one_extraction(tmp_path):
+    """Weekly retraining on data that changes: each new archive from the same URL was extracted
+    beside the old ones, which stayed for ever (a full copy of the dataset per version). Once a
+    run ends, the extractions no source uses any more are removed, never one a run still
+    holds, nor another source's current one."""
+    from petalflow.tasks.download import prune_extractions, release_extractions
+
+    datasets = tmp_path / "datasets"
+    url = "https://data.example/photos.tgz"
+    v1 = make_tgz(make_dataset(tmp_path / "v1", per_class=3, seed=1), tmp_path / "v1.tgz")
+    v2 = make_tgz(make_dataset(tmp_path / "v2", per_class=3, seed=2), tmp_path / "v2.tgz")
+    other = make_zip(make_dataset(tmp_path / "o", per_class=3, seed=3), tmp_path / "other.zip")
+    extract_archive(other, datasets, source=str(other))
+    extract_archive(v1, datasets, source=url, holder="run-1")  # run 1: still going
+    root2 = extract_archive(v2, datasets, source=url, holder="run-2")
+    assert len(_extractions(datasets)) == 3
+    release_extractions("run-2")
+    assert prune_extractions(datasets) == []  # v1 is run 1's, v2 and the zip are current
+    release_extractions("run-1")
+    removed = prune_extractions(datasets)
+    assert [name for name, _ in removed] == [_sha(v1)] and removed[0][1] > 0
+    assert _sha(v2) in _extractions(datasets) and len(_extractions(datasets)) == 2
+    assert sorted(p.name for p in root2.iterdir()) == ["blue", "green", "red"]
+    assert not list(datasets.glob(".removing-*"))
+    # The same archive again (a rollback) is extracted again; the one it replaced goes.
+    extract_archive(v1, datasets, source=url)
+    assert [name for name, _ in prune_extractions(datasets)] == [_sha(v2)]
+
+
+def test_prune_leaves_an_extraction_in_progress_and_removes_a_killed_ones_staging(tmp_path):
+    from petalflow.tasks.common import file_lock
+    from petalflow.tasks.download import prune_extractions
+
+    datasets = tmp_path / "datasets"
+    killed = datasets / ".staging-aaaa-x1y2z3"  # its extraction's process was killed
+    going = datasets / ".staging-bbbb-q9w8e7"  # another process extracts this one now
+    stray = datasets / "cccc"  # made before extractions were recorded
+    for folder in (killed, going, stray):
+        (folder / "red").mkdir(parents=True)
+        (folder / "red" / "a.jpg").write_bytes(b"x" * 10)
+    with file_lock(datasets / ".bbbb.lock"):
+        removed = prune_extractions(datasets)
+    assert sorted(name for name, _ in removed) == [".staging-aaaa-x1y2z3", "cccc"]
+    assert going.is_dir() and not killed.exists() and not stray.exists()
+
+
+def test_manifests_of_dataset_folders_that_are_gone_are_removed(tmp_path):
+    from petalflow.tasks.dataset import prepare_dataset, prune_manifests
+
+    kept = make_dataset(tmp_path / "kept", per_class=3, seed=1)
+    gone = make_dataset(tmp_path / "gone", per_class=3, seed=2)
+    kept_info = prepare_dataset(kept, tmp_path / "manifests" / "k", 0.2, 0.2, 42)
+    prepare_dataset(gone, tmp_path / "manifests" / "g", 0.2, 0.2, 42)
+    shutil.rmtree(gone)
+    removed, fingerprints = prune_manifests(tmp_path / "manifests")
+    assert removed == 1 and fingerprints == {kept_info["fingerprint"]}
+    assert sorted(p.name for p in (tmp_path / "manifests").iterdir()) == ["k"]
+    assert (tmp_path / "manifests" / "k" / "manifest.csv").is_file()
+
+
+def test_feature_caches_of_superseded_data_go_and_those_in_use_stay(tmp_path):
+    """A feature cache holds one data version's features (a full copy, ~5 KB per image);
+    each new version of a growing dataset made one more and none went away."""
+    from petalflow.tasks.common import file_lock
+    from petalflow.tasks.train import (
+        FEATURE_BANKS, mark_feature_cache, prune_feature_caches,
+    )
+
+    root = tmp_path / "features"
+    for name, fingerprint in (("old", "f1"), ("current", "f2"), ("computing", "f0")):
+        mark_feature_cache(root / name, fingerprint)
+        (root / name / "train.npz").write_bytes(b"x" * 100)
+        (root / name / "train.npz.lock").touch()
+    (root / "unmarked").mkdir()  # written before caches were marked: left alone
+    (root / FEATURE_BANKS / "b").mkdir(parents=True)  # every image's features, by content
+    with file_lock(root / "computing" / "train.npz.lock"):
+        removed = prune_feature_caches(root, {"f2"})
+    assert [name for name, _ in removed] == ["old"] and removed[0][1] > 100
+    assert sorted(p.name for p in root.iterdir()) == [
+        "computing", "current", FEATURE_BANKS, "unmarked"]
+    assert [name for name, _ in prune_feature_caches(root, {"f2"})] == ["computing"]
+
+
+def test_prune_home_after_the_data_changed_behind_its_url(tmp_path):
+    """The whole of it, as the training flow's last task does it."""
+    from petalflow.tasks.dataset import prepare_dataset
+    from petalflow.tasks.housekeeping import prune_home
+    from petalflow.tasks.train import mark_feature_cache
+
+    home = tmp_path / "home"
+    url = "https://data.example/photos.tgz"
+    infos = []
+    for version in (1, 2):
+        archive = make_tgz(make_dataset(tmp_path / f"v{version}", per_class=3, seed=version),
+                           tmp_path / f"v{version}.tgz")
+        root = extract_archive(archive, home / "datasets", source=url)
+        info = prepare_dataset(root, home / "manifests" / f"m{version}", 0.2, 0.2, 42)
+        mark_feature_cache(home / "features" / f"c{version}", info["fingerprint"])
+        infos.append(info)
+    removed = prune_home(home)
+    assert removed["datasets"] == [_sha(tmp_path / "v1.tgz")] and removed["manifests"] == 1
+    assert removed["features"] == ["c1"] and removed["bytes"] > 0
+    assert sorted(p.name for p in (home / "manifests").iterdir()) == ["m2"]
+    assert sorted(p.name for p in (home / "features").iterdir()) == ["c2"]
+    assert Path(infos[1]["manifest"]).is_file()
+    assert prune_home(home) == {"datasets": [], "manifests": 0, "features": [], "bytes": 0}
