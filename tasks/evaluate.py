@@ -8,6 +8,7 @@ confusion-matrix PNG and a markdown report, all in ``out_dir``.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -287,8 +288,11 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                           f"{', '.join(champion.get('class_names') or ['unknown'])}); promoted on "
                           "the gate alone")}
     saved = download_model(champion["model_uri"], Path(workdir) / "champion-model")
-    result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation",
-                            latency_images=0)
+    try:
+        result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation",
+                                latency_images=0)
+    finally:  # a copy of what the registry holds: no run reads it again
+        shutil.rmtree(Path(workdir) / "champion-model", ignore_errors=True)
     return {"champion_version": champion["version"],
             "champion_accuracy": result["metrics"]["test_accuracy"],
             "champion_metrics": result["metrics"],

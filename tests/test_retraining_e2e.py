@@ -93,6 +93,7 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     # Same classes: the champion was evaluated on the new split, and both figures are named.
     assert changed["comparison"]["champion_version"] == "1"
     assert changed["comparison"]["champion_accuracy"] is not None
+    assert not (Path(changed["workdir"]) / "champion-model").exists()  # its download, removed
     assert "this run's test split" in changed["alias_reason"]
     # The model card is logged with the version's run and is the version's description.
     card = client.download_artifacts(changed["mlflow_run_id"], "model_card.md")
