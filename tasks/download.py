@@ -594,7 +594,9 @@ def prune_extractions(datasets_dir: Path) -> list[tuple[str, int]]:
                 if not extracting_free:
                     continue
                 with file_lock(_in_use_file(datasets_dir, name), wait=False) as unused:
-                    if not unused or not entry.is_dir():
+                    # (Read the records again: a run may have made it current meanwhile.)
+                    if (not unused or not entry.is_dir()
+                            or entry.name in current_extractions(datasets_dir)):
                         continue
                     size = _tree_bytes(entry)
                     trash = datasets_dir / f"{REMOVING}{entry.name}"

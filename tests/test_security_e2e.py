@@ -22,6 +22,7 @@ MODEL = "petalflow-classifier"
 def test_mlflow_basic_auth_refuses_anonymous_and_accepts_the_pipeline(
         tmp_path, monkeypatch, tiny_backbone, prefect_harness):
     from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.common import file_lock
     from petalflow.tasks.params import TrainParams
 
     password = secrets.token_urlsafe(16)
@@ -54,6 +55,10 @@ def test_mlflow_basic_auth_refuses_anonymous_and_accepts_the_pipeline(
             assert state.is_failed()
             assert "401" in str(state.result(raise_on_failure=False))
             assert time.time() - started < 60
+            # The failed run let go of its extraction (a flow hook): a later run may prune it.
+            in_use = tmp_path / "home" / "datasets" / f".{params.data_sha256}.in-use"
+            with file_lock(in_use, wait=False) as free:
+                assert in_use.exists() and free
             # The right ones: the pipeline registers its champion.
             monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
             summary = train_and_register(params)
