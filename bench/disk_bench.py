@@ -7,12 +7,12 @@ of every class's photos than the one before (the last is the whole archive; buil
 ``petalflow train`` on each version in turn, served over local HTTP behind the same URL (what a
 weekly run sees), then once more on the last version (a run with nothing to do). After each run
 it records the size of every folder under PETALFLOW_HOME and of the MLflow store, the run's
-wall time and peak RSS (process tree).
+wall time and peak RSS (process tree), and its scan, features and total phases.
 
     git worktree add ../petalflow-old <commit>
     .venv/bin/python bench/disk_bench.py --archive flower_photos_1500.tgz \
         --backbone mobilenet_v2_035_224_feature_vector [--old ../petalflow-old] \
-        [--versions 4] [--added 0.05] [--json disk.json]
+        [--scale 1] [--versions 4] [--added 0.05] [--json disk.json]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from ab_bench import OLD_LAUNCHER, old_package  # noqa: E402
 from grown_data_bench import without_the_last  # noqa: E402
 from run_bench import BIN, Server, measure  # noqa: E402
+from scale_bench import scaled_archive  # noqa: E402
 
 
 def folder_bytes(root: Path) -> int:
@@ -59,6 +60,7 @@ def side(cmd: list, archives: list[Path], served: Path, url: str, backbone: str,
         s = json.loads(summary.read_text())
         row = {"run": i, "status": s["status"], "images": s["dataset"]["used"],
                "wall_s": result["wall_s"], "peak_rss_mib": result["peak_rss_mib"],
+               "phases_s": {k: s["timings"].get(k) for k in ("scan", "features", "total")},
                "mib": sizes(work)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -70,6 +72,8 @@ def main() -> None:
     ap.add_argument("--archive", required=True, type=Path)
     ap.add_argument("--backbone", required=True)
     ap.add_argument("--old", type=Path, default=None, help="another checkout to compare with")
+    ap.add_argument("--scale", type=int, default=1,
+                    help="the archive made this many times larger, as scale_bench.py does")
     ap.add_argument("--versions", type=int, default=4)
     ap.add_argument("--added", type=float, default=0.05)
     ap.add_argument("--json", type=Path, default=None)
@@ -84,7 +88,7 @@ def main() -> None:
               "sides": {}}
     with tempfile.TemporaryDirectory(prefix="petalflow-disk-") as tmp:
         tmp = Path(tmp)
-        full = args.archive.resolve()
+        full = scaled_archive(args.archive.resolve(), args.scale, tmp)
         archives = [without_the_last(full, (args.versions - 1 - k) * args.added,
                                      tmp / f"v{k}.tgz")[0]
                     for k in range(args.versions - 1)] + [full]

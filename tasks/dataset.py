@@ -337,13 +337,18 @@ def _tf_message(exc: Exception) -> str:
     return re.sub(r"\s*\[Op:\w+\]( name:.*)?$", "", line) or type(exc).__name__
 
 
-def scan_dataset(data_root: Path) -> pd.DataFrame:
+def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
     """Walk the class folders of ``data_root`` into a manifest; never raises for a bad file.
 
     Hidden files, empty files, non-images, unsupported formats, huge images, undecodable bytes
     and images that appear under two different labels are kept in the manifest with
     ``status='quarantined'`` and a ``reason``.
+
+    ``known`` (``earlier_verdicts``): sha256 -> (width, height, EXIF orientation) of contents
+    an earlier scan with the same tools found usable; a file with such bytes is hashed but not
+    opened or decoded again (data that grew decodes only its new files).
     """
+    known = known or {}
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise DatasetError(f"dataset folder {data_root} does not exist")
@@ -365,6 +370,9 @@ def scan_dataset(data_root: Path) -> pd.DataFrame:
             row.update(status="quarantined", reason="hidden file")
         elif row["size"] == 0:
             row.update(status="quarantined", reason="empty file")
+        elif row["sha256"] in known:
+            row["width"], row["height"], row["orientation"] = known[row["sha256"]]
+            row["reason"] = KNOWN  # checked by an earlier scan (cleared below)
         else:
             reason, row["width"], row["height"], row["orientation"] = _header_check(path)
             if reason:
@@ -374,11 +382,16 @@ def scan_dataset(data_root: Path) -> pd.DataFrame:
     manifest = manifest.astype({"size": "int64", "width": "int64", "height": "int64",
                                 "orientation": "int64"})
 
-    candidates = manifest.index[manifest["status"] == "ok"]
+    checked = manifest["reason"] == KNOWN
+    manifest.loc[checked, "reason"] = ""
+    candidates = manifest.index[(manifest["status"] == "ok") & ~checked]
     reasons = check_decodable([str(data_root / p) for p in manifest.loc[candidates, "path"]])
     for idx, reason in zip(candidates, reasons):
         if reason:
             manifest.loc[idx, ["status", "reason"]] = ["quarantined", reason]
+    if checked.any():
+        log("scan: %d of %d files have the bytes of images earlier scans checked; %d decoded",
+            int(checked.sum()), len(manifest), len(candidates))
 
     # The same bytes under two labels cannot be right for both: quarantine every copy.
     ok = manifest[manifest["status"] == "ok"]
@@ -505,6 +518,42 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
 # with ``unchanging``) only when the scan that wrote it was this one. Raise it with any change
 # to what the scan decides (which files are used or quarantined, the split, the counts).
 SCAN_VERSION = 1
+KNOWN = "\0known"  # scan_dataset's mark, in ``reason``, of a file whose bytes were checked before
+
+
+def scan_tools() -> str:
+    """What a file's verdict depends on besides its bytes: this scan's version and the decoders
+    (TensorFlow's for the decode check, Pillow's for the header)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tools = [f"scan {SCAN_VERSION}"]
+    for package in ("tensorflow", "pillow"):
+        try:
+            tools.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            tools.append(f"{package} ?")
+    return ", ".join(tools)
+
+
+def earlier_verdicts(manifests_dir: Path) -> dict:
+    """sha256 -> (width, height, EXIF orientation) of every usable image in the manifests under
+    ``manifests_dir`` written with this ``scan_tools()`` (the data's earlier versions and other
+    sources, ``prepare_dataset``'s folders)."""
+    tools, known = scan_tools(), {}
+    for described in sorted(Path(manifests_dir).glob("*/dataset.json")):
+        try:
+            written = json.loads(described.read_text(encoding="utf-8"))
+            if written.get("scan_tools") != tools:
+                continue
+            rows = pd.read_csv(written["manifest"], keep_default_na=False, dtype={"sha256": str},
+                               usecols=["sha256", "width", "height", "orientation", "status"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        rows = rows[rows["status"] == "ok"]
+        known.update(zip(rows["sha256"], zip(rows["width"].astype(int),
+                                             rows["height"].astype(int),
+                                             rows["orientation"].astype(int))))
+    return known
 
 
 def prepare_dataset(
@@ -518,13 +567,15 @@ def prepare_dataset(
     archive's extraction, renamed into place whole under the archive's digest), so the
     description an earlier scan of that very folder wrote into ``out_dir`` (the same split
     settings) is returned instead of scanning it again: a scheduled run on unchanged data
-    reads no photo.
+    reads no photo. Otherwise the scan takes the verdicts of earlier manifests beside
+    ``out_dir`` (``earlier_verdicts``): data that grew or changed decodes only its new files.
     """
     out_dir = Path(out_dir)
     if unchanging and (earlier := _earlier_scan(data_root, out_dir)) is not None:
         return earlier
+    known = earlier_verdicts(out_dir.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = split_dataset(scan_dataset(data_root), val_fraction, test_fraction, seed)
+    manifest = split_dataset(scan_dataset(data_root, known), val_fraction, test_fraction, seed)
     manifest_path = out_dir / "manifest.csv"
     tmp = out_dir / f".manifest.{os.getpid()}.csv"
     manifest.to_csv(tmp, index=False)
@@ -543,6 +594,7 @@ def prepare_dataset(
         "counts": counts,
     }
     write_json(out_dir / "dataset.json", {**info, "scan_version": SCAN_VERSION,
+                                          "scan_tools": scan_tools(),
                                           "scanned_folder": _folder_identity(data_root)})
     return info
 
@@ -578,7 +630,7 @@ def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
     ``data_root`` and its manifest is there; else None."""
     try:
         written = json.loads((out_dir / "dataset.json").read_text(encoding="utf-8"))
-        if (written.get("scan_version") != SCAN_VERSION
+        if (written.get("scan_tools") != scan_tools()
                 or written["data_root"] != str(Path(data_root).resolve())
                 or written.get("scanned_folder") != _folder_identity(data_root)
                 or not Path(written["manifest"]).is_file()):
