@@ -116,7 +116,8 @@ def wait_for_flow_runs(ids: list, poll_s: float = 2.0) -> list:
 
 
 @flow(name="train-and-register", log_prints=True,
-      on_failure=[release_run_extractions], on_crashed=[release_run_extractions])
+      on_failure=[release_run_extractions], on_crashed=[release_run_extractions],
+      on_cancellation=[release_run_extractions])
 def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()

@@ -1,8 +1,9 @@
 """What a run leaves on disk that later runs do not need: dataset extractions no source uses
 any more (``download.prune_extractions``), their manifests (``dataset.prune_manifests``) and
-the feature caches of data no manifest describes (``train.prune_feature_caches``). Done by the
-training flow's last task; a run's own extraction is held until then (``download.extract_archive``'s
-``holder``) and let go of by flow hooks when the run fails or crashes."""
+the feature caches of data no manifest describes (``train.prune_feature_caches``). Done by
+the training flow's last task; a run's own extraction is held until then
+(``download.extract_archive``'s ``holder``) and let go of by flow hooks when the run fails,
+crashes or is cancelled."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def prune_home(home: Path) -> dict:
 
 
 def release_run_extractions(flow, flow_run, state) -> None:
-    """Flow-run hook (failed or crashed runs): this run holds its extraction no longer."""
+    """Flow-run hook (failed, crashed or cancelled runs): this run holds its extraction no
+    longer."""
     release_extractions(str(flow_run.id))
 
 
