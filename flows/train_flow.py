@@ -244,7 +244,7 @@ def _finish(summary: dict, home: Path, evaluation_dir: Optional[str] = None):
     from prefect.states import Completed
 
     summary["links"] = publish_result_task(summary, evaluation_dir)
-    prune_home_task(str(home))
+    summary["housekeeping"] = prune_home_task(str(home))
     message = state_message(summary)
     get_run_logger().info(message)
     return Completed(message=message, data=summary)

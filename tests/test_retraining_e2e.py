@@ -73,6 +73,9 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     # One extraction on disk, the new archive's (the first was a whole copy of the old data),
     # and one manifest, of the new data (the first is in its MLflow run).
     assert _extractions(workspace) == [changed["source"]["sha256"]]
+    assert changed["housekeeping"]["datasets"] == [first["source"]["sha256"]]
+    assert changed["housekeeping"]["manifests"] == 1 and changed["housekeeping"]["bytes"] > 0
+    assert same["housekeeping"] == {"datasets": [], "manifests": 0, "features": [], "bytes": 0}
     manifests = sorted((workspace / "home" / "manifests").iterdir())
     assert [(m / "manifest.csv").resolve() for m in manifests] == [
         Path(changed["manifest"]).resolve()]
@@ -80,6 +83,9 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     caches = [p.resolve() for p in (workspace / "home" / "features").iterdir()
               if p.name not in ("feature-banks", "frozen-backbones")]
     assert caches == [Path(changed["training"]["features"]["dir"]).resolve()]
+    assert [(workspace / "home" / "features" / name).resolve()
+            for name in changed["housekeeping"]["features"]] == [
+        Path(first["training"]["features"]["dir"]).resolve()]
     assert changed["dataset"]["fingerprint"] != first["dataset"]["fingerprint"]
     assert changed["dataset"]["used"] == 45 and first["dataset"]["used"] == 36
     assert site.body_bytes == downloaded + len(newer)
