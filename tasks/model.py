@@ -309,6 +309,7 @@ def frozen_from_signature(saved_model_dir: Path, image_size: int):
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_from_session_graph,
     )
+    from tensorflow.python.util import deprecation
 
     folder = Path(saved_model_dir)
     try:
@@ -324,8 +325,11 @@ def frozen_from_signature(saved_model_dir: Path, image_size: int):
             with tf.compat.v1.Session(graph=loaded) as session:
                 if saver is not None:
                     saver.restore(session, str(folder / "variables" / "variables"))
-                graph_def = convert_variables_to_constants_from_session_graph(
-                    session, loaded.as_graph_def(), [features.split(":")[0]])
+                # (Quiet: the helper calls a deprecated one of TensorFlow's own, and the
+                # warning would be the first training's only one in the user's log.)
+                with deprecation.silence():
+                    graph_def = convert_variables_to_constants_from_session_graph(
+                        session, loaded.as_graph_def(), [features.split(":")[0]])
         with tf.Graph().as_default() as frozen:
             tf.graph_util.import_graph_def(graph_def, name="")
             inputs = [frozen.get_tensor_by_name(image)]

@@ -159,6 +159,28 @@ def test_a_plain_backbone_is_frozen_from_its_serving_signature(tiny_backbone, an
         assert np.abs(training_mode - want).max() > 1e-3
 
 
+def test_freezing_from_the_signature_logs_no_tensorflow_warning(tiny_backbone, monkeypatch):
+    """Every first training's log showed "WARNING | tensorflow - ... extract_sub_graph (from
+    tensorflow.python.framework.graph_util_impl) is deprecated": TensorFlow's own helper
+    calling a deprecated one, nothing the user can act on."""
+    import logging
+
+    from tensorflow.python.util import deprecation
+
+    from petalflow.tasks.model import frozen_from_signature
+
+    monkeypatch.setattr(deprecation, "_PRINTED_WARNING", {})  # as in a fresh process
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        assert frozen_from_signature(tiny_backbone, 32) is not None
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
+
+
 def test_a_backbone_without_a_plain_serving_signature_is_loaded_as_a_tf_hub_layer(
         tmp_path, tiny_backbone, data_info, caplog):
     """A SavedModel whose serving signature is not images -> features (here: two outputs)
