@@ -159,8 +159,7 @@ def train_and_register(params: TrainParams = TrainParams()):
         with timer.phase("tracking"):
             same = unchanged_since_champion_task(params, data_info)
         if same is not None:
-            summary = {"status": "nothing to do", "alias": "champion", **same,
-                       "alias_reason": "unchanged data and parameters; champion kept",
+            summary = {"status": "nothing to do", **same,
                        "dataset": dataset, "source": source, "timings": timer.table()}
             return _finish(summary, home=home)
     fingerprint = data_info["fingerprint"]

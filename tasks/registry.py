@@ -644,6 +644,11 @@ def register_model(
             basis = "the champion's stored figure (its own test split)" if champion else ""
         alias, reason = decide_alias(accuracy, cfg.min_accuracy, champion_acc,
                                      cfg.min_improvement, basis, majority)
+        # The decision and the champion it was made against: a run on the same data with the
+        # same parameters and gate would repeat it (``unchanged_since_champion``).
+        client.set_model_version_tag(name, version, "alias_reason", reason[:DESCRIPTION_LIMIT])
+        client.set_model_version_tag(name, version, "decided_against",
+                                     str(champion.version) if champion is not None else "none")
         client.set_registered_model_alias(name, alias, version)
     return {
         "model_name": name,
@@ -657,19 +662,47 @@ def register_model(
 
 
 def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Optional[dict]:
-    """The champion's description if it was trained on the same data with the same training
-    parameters (same run key), else None: retraining would reproduce it."""
+    """What makes this run pointless, else None: the champion was trained on the same data with
+    the same training parameters (same run key), or the challenger was and was decided against
+    this very champion (or none) with the same gate: retraining would reproduce it and the
+    decision. The description names that version, its alias and why."""
     client = mlflow_client()
     champion, accuracy = current_champion(client, cfg.model_name)
-    if champion is None:
-        return None
+    key = run_key(cfg, data_info["fingerprint"])
     # request_key: what the run asked for (a sweep); versions from before sweeps have run_key.
-    if (champion.tags.get("request_key") or champion.tags.get("run_key")) != run_key(
-            cfg, data_info["fingerprint"]):
+    if champion is not None and (
+            champion.tags.get("request_key") or champion.tags.get("run_key")) == key:
+        return {"model_name": cfg.model_name, "model_version": str(champion.version),
+                "model_uri": f"models:/{cfg.model_name}/{champion.version}",
+                "champion_accuracy": accuracy, "alias": CHAMPION,
+                "alias_reason": "unchanged data and parameters; champion kept"}
+    try:
+        challenger = client.get_model_version_by_alias(cfg.model_name, CHALLENGER)
+    except Exception as exc:  # noqa: BLE001 - as current_champion: only "none" is None
+        if is_missing(exc):
+            return None
+        raise
+    tags = challenger.tags
+    try:
+        gate = {k: json.loads(tags.get("params", "{}")).get(k)
+                for k in ("min_accuracy", "min_improvement")}
+    except ValueError:
         return None
-    return {"model_name": cfg.model_name, "model_version": str(champion.version),
-            "model_uri": f"models:/{cfg.model_name}/{champion.version}",
-            "champion_accuracy": accuracy}
+    if (tags.get("request_key") != key
+            or tags.get("decided_against") != (str(champion.version) if champion else "none")
+            or gate != {"min_accuracy": cfg.min_accuracy,
+                        "min_improvement": cfg.min_improvement}):
+        return None
+    kept = (f"the champion v{champion.version} stays" if champion is not None
+            else "there is no champion")
+    return {"model_name": cfg.model_name, "model_version": str(challenger.version),
+            "model_uri": f"models:/{cfg.model_name}/{challenger.version}",
+            "champion_accuracy": accuracy, "alias": CHALLENGER,
+            "champion_version": str(champion.version) if champion is not None else None,
+            "alias_reason": (
+                f"unchanged data and parameters since the challenger v{challenger.version}, "
+                f"which was not promoted: {tags.get('alias_reason', 'see its model card')}; "
+                f"retraining would repeat it, and {kept}")}
 
 
 def list_model_versions(name: str):

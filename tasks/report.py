@@ -233,7 +233,10 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
     """One screen for the run the user started: what happened and where to look next."""
     status = summary["status"]
     lines = [f"# {summary['model_name']}: {status}", ""]
-    if status == "nothing to do":
+    if status == "nothing to do" and summary.get("alias") == "challenger":
+        lines += [f"Nothing was trained: {summary['alias_reason']}. Set **force** to retrain "
+                  "anyway.", ""]
+    elif status == "nothing to do":
         lines += [
             f"Champion version {summary['model_version']} was trained on this data "
             "(same dataset fingerprint) with these training parameters, so nothing was "
@@ -268,6 +271,8 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
 
 def state_message(summary: dict) -> str:
     """The final state's message: what ``prefect deployment run --watch`` and the UI show."""
+    if summary["status"] == "nothing to do" and summary.get("alias") == "challenger":
+        return f"nothing to do: {summary['alias_reason']} (set force to retrain)"
     if summary["status"] == "nothing to do":
         return (f"nothing to do: champion v{summary['model_version']} of "
                 f"{summary['model_name']} was trained on this data with these parameters "

@@ -263,6 +263,36 @@ def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promot
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
+def test_a_challenger_on_data_that_did_not_change_again_is_not_retrained_every_week(
+        workspace, tiny_backbone, prefect_harness):
+    """The data changed behind the URL and its model did not beat the champion: registered as
+    challenger. Every later scheduled run on the same data with the same parameters trained the
+    same model again and registered one more identical challenger (v3, v4, ... one a week).
+    Such a run now ends "nothing to do", naming the challenger and why it was not promoted;
+    `force` or another gate trains again."""
+    from petalflow.flows.train_flow import train_and_register
+
+    with revalidating_server() as site:
+        url = site.put("/p.tgz", _archive(workspace, "a", per_class=12, seed=0))
+        first = train_and_register(_params(url, tiny_backbone))
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        site.put("/p.tgz", _archive(workspace, "b", per_class=13, seed=0))  # a photo more
+        grown = train_and_register(_params(url, tiny_backbone))
+        assert (grown["model_version"], grown["alias"]) == ("2", "challenger")
+        assert "does not beat" in grown["alias_reason"]
+        weekly = train_and_register(_params(url, tiny_backbone), return_state=True)
+        summary = weekly.result()
+        assert (summary["status"], summary["alias"], summary["model_version"]) == (
+            "nothing to do", "challenger", "2")
+        assert grown["alias_reason"] in summary["alias_reason"]
+        assert "the champion v1 stays" in summary["alias_reason"]
+        assert weekly.message.startswith("nothing to do: unchanged data and parameters since "
+                                         "the challenger v2")
+        other_gate = train_and_register(_params(url, tiny_backbone, min_improvement=0.01))
+        assert (other_gate["status"], other_gate["model_version"]) == ("trained", "3")
+    assert len(_client().search_model_versions(f"name='{MODEL}'")) == 3
+
+
 def test_a_tie_keeps_the_champion_and_min_improvement_is_honoured(workspace, tiny_backbone,
                                                                   prefect_harness):
     from petalflow.flows.train_flow import train_and_register
