@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 from pathlib import Path
@@ -107,6 +108,28 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+REMOVING = ".removing-"  # the prefix of a folder ``set_aside`` for deletion
+
+
+def tree_bytes(root: Path) -> int:
+    """The bytes of the files under ``root``."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
+
+
+def set_aside(folder: Path) -> int:
+    """Rename ``folder`` to ``.removing-<name>`` beside it, in one step (no reader finds it half
+    deleted, no later run takes it), and return its size; ``remove_set_aside`` deletes it."""
+    size = tree_bytes(folder)
+    os.replace(folder, folder.with_name(REMOVING + folder.name))
+    return size
+
+
+def remove_set_aside(root: Path) -> None:
+    """Delete the folders ``set_aside`` under ``root``, those a killed process left too."""
+    for folder in Path(root).glob(REMOVING + "*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -540,11 +540,10 @@ def earlier_verdicts(manifests_dir: Path) -> dict:
     ``manifests_dir`` written with this ``scan_tools()`` (the data's earlier versions and other
     sources, ``prepare_dataset``'s folders)."""
     tools, known = scan_tools(), {}
-    for described in sorted(Path(manifests_dir).glob("*/dataset.json")):
+    for _, written in _descriptions(manifests_dir):
+        if written.get("scan_tools") != tools:
+            continue
         try:
-            written = json.loads(described.read_text(encoding="utf-8"))
-            if written.get("scan_tools") != tools:
-                continue
             rows = pd.read_csv(written["manifest"], keep_default_na=False, dtype={"sha256": str},
                                usecols=["sha256", "width", "height", "orientation", "status"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -604,18 +603,27 @@ def prune_manifests(manifests_dir: Path) -> tuple[int, set[str]]:
     such as extractions ``download.prune_extractions`` removed: each run's manifest is in its
     MLflow run. Returns how many were removed and the fingerprints of the ones kept."""
     removed, kept = 0, set()
+    for folder, written in _descriptions(manifests_dir):
+        if not isinstance(written.get("data_root"), str) or "fingerprint" not in written:
+            continue
+        if Path(written["data_root"]).exists():
+            kept.add(written["fingerprint"])
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed, kept
+
+
+def _descriptions(manifests_dir: Path):
+    """(folder, its dataset.json) for each ``prepare_dataset`` folder under ``manifests_dir``
+    whose description can be read."""
     for described in sorted(Path(manifests_dir).glob("*/dataset.json")):
         try:
             written = json.loads(described.read_text(encoding="utf-8"))
-            root, fingerprint = written["data_root"], written["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             continue
-        if Path(root).exists():
-            kept.add(fingerprint)
-        else:
-            shutil.rmtree(described.parent, ignore_errors=True)
-            removed += 1
-    return removed, kept
+        if isinstance(written, dict):
+            yield described.parent, written
 
 
 def _folder_identity(folder: Path) -> list[int]:

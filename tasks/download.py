@@ -28,8 +28,8 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
-    CHUNK, file_lock, human_bytes, log, read_json, redact_url, sha256_file, utc_now,
-    walk_files, write_json,
+    CHUNK, file_lock, human_bytes, log, read_json, redact_url, remove_set_aside, set_aside,
+    sha256_file, tree_bytes, utc_now, walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
@@ -442,10 +442,6 @@ def _inner_archives(root: Path) -> list[Path]:
     return found
 
 
-def _tree_bytes(root: Path) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(root) for f in files)
-
-
 def _open_inner_archives(root: Path, max_bytes: int) -> None:
     """Open, in place and once (not the archives they hold), the archives of an extracted
     tree without images: each into a folder named after it (``daisy.zip`` -> ``daisy/``),
@@ -454,7 +450,7 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
     inner = _inner_archives(root)
     if not inner:
         return
-    used = _tree_bytes(root) - sum(p.stat().st_size for p in inner)
+    used = tree_bytes(root) - sum(p.stat().st_size for p in inner)
     for archive in inner:
         kind = _archive_kind(archive)
         low = archive.name.lower()
@@ -463,7 +459,7 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
         while dest.exists():
             dest = dest.with_name(dest.name + "-contents")
         (_extract_zip if kind == "zip" else _extract_tar)(archive, dest, max_bytes, used)
-        used += _tree_bytes(dest)
+        used += tree_bytes(dest)
         archive.unlink()
 
 
@@ -519,7 +515,6 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
 # --------------------------------------------------------------------------- superseded extractions
 
 STAGING = ".staging-"
-REMOVING = ".removing-"
 SOURCES = ".sources"
 _HELD: dict[str, list] = {}  # holder -> open files whose shared locks mark extractions in use
 
@@ -576,10 +571,8 @@ def prune_extractions(datasets_dir: Path) -> list[tuple[str, int]]:
         return []
     keep = current_extractions(datasets_dir)
     removed = []
+    remove_set_aside(datasets_dir)  # a removal a killed process left half done
     for entry in sorted(datasets_dir.iterdir()):
-        if entry.name.startswith(REMOVING) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)  # a removal a killed process left half done
-            continue
         if entry.name.startswith(STAGING):
             # ".staging-<digest>-XXXX": stale when nobody extracts that digest now.
             name = entry.name[len(STAGING):].rpartition("-")[0]
@@ -598,16 +591,14 @@ def prune_extractions(datasets_dir: Path) -> list[tuple[str, int]]:
                     if (not unused or not entry.is_dir()
                             or entry.name in current_extractions(datasets_dir)):
                         continue
-                    size = _tree_bytes(entry)
-                    trash = datasets_dir / f"{REMOVING}{entry.name}"
-                    os.replace(entry, trash)
+                    size = set_aside(entry)
                     if entry.name == name:
                         _in_use_file(datasets_dir, name).unlink(missing_ok=True)
-            shutil.rmtree(trash, ignore_errors=True)
         except OSError as exc:  # housekeeping: never fails the run that does it
             log("datasets: could not remove %s (%s)", entry, exc, level=30)
             continue
         removed.append((entry.name, size))
+    remove_set_aside(datasets_dir)
     return removed
 
 

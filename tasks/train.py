@@ -26,7 +26,9 @@ from pydantic import BaseModel, ConfigDict
 from petalflow.tasks.dataset import (
     DatasetInfo, load_manifest, reads_exif, split_files, split_shas,
 )
-from petalflow.tasks.common import file_lock, log, release_memory, write_json
+from petalflow.tasks.common import (
+    file_lock, log, release_memory, remove_set_aside, set_aside, write_json,
+)
 from petalflow.tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
@@ -235,11 +237,11 @@ def prune_feature_caches(root: Path, fingerprints: set) -> list[tuple[str, int]]
     before they were marked stay. Returns (name, bytes) of each one removed."""
     import contextlib
 
+    if not Path(root).is_dir():
+        return []
     removed = []
-    for cache in sorted(Path(root).iterdir()) if Path(root).is_dir() else []:
-        if cache.name.startswith(".removing-"):
-            shutil.rmtree(cache, ignore_errors=True)  # a removal a killed process left half done
-            continue
+    remove_set_aside(root)  # a removal a killed process left half done
+    for cache in sorted(Path(root).iterdir()):
         marker = cache / FEATURE_CACHE_DATA
         if cache.name.startswith(".") or not marker.is_file():
             continue
@@ -250,14 +252,12 @@ def prune_feature_caches(root: Path, fingerprints: set) -> list[tuple[str, int]]
                 if not all(held.enter_context(file_lock(lock, wait=False))
                            for lock in sorted(cache.glob("*.lock"))):
                     continue  # a training computes or reads it now
-                size = sum(f.stat().st_size for f in cache.iterdir() if f.is_file())
-                trash = cache.with_name(f".removing-{cache.name}")
-                os.replace(cache, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+                size = set_aside(cache)
         except (OSError, ValueError, AttributeError) as exc:  # never fails the run
             log("features: could not remove %s (%s)", cache, exc, level=30)
             continue
         removed.append((cache.name, size))
+    remove_set_aside(root)
     return removed
 
 
