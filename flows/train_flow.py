@@ -27,7 +27,7 @@ from typing import Optional
 
 from prefect import flow, get_run_logger
 
-from petalflow.tasks.common import redact_url
+from petalflow.tasks.common import petalflow_home, redact_url
 from petalflow.tasks.dataset import (
     dataset_summary, orientation_note, prepare_dataset_task, split_layout_note,
 )
@@ -39,7 +39,7 @@ from petalflow.tasks.edge import edge_summary
 from petalflow.tasks.evaluate import (
     compare_with_champion_task, evaluate_edge_task, evaluate_model_task,
 )
-from petalflow.tasks.housekeeping import prune_home_task, release_run_extractions
+from petalflow.tasks.housekeeping import end_failed_run, prune_home_task
 from petalflow.tasks.params import TrainParams, expected_sha256, run_key, training_target
 from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, log_timings_task, register_model_task,
@@ -48,12 +48,9 @@ from petalflow.tasks.registry import (
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
 from petalflow.tasks.timing import PhaseTimer
 from petalflow.tasks.sweep import publish_sweep_task, rank_candidates
-from petalflow.tasks.train import TrainingJob, feature_cache_dir, train_model_task
-
-def petalflow_home() -> Path:
-    """Where downloads, extracted datasets and run working folders live."""
-    return Path(os.environ.get("PETALFLOW_HOME", ".petalflow")).resolve()
-
+from petalflow.tasks.train import (
+    TrainingJob, attempt_name, feature_cache_dir, train_model_task,
+)
 
 @flow(name="train-model", log_prints=True)
 def train_model_flow(job: TrainingJob) -> dict:
@@ -116,8 +113,8 @@ def wait_for_flow_runs(ids: list, poll_s: float = 2.0) -> list:
 
 
 @flow(name="train-and-register", log_prints=True,
-      on_failure=[release_run_extractions], on_crashed=[release_run_extractions],
-      on_cancellation=[release_run_extractions])
+      on_failure=[end_failed_run], on_crashed=[end_failed_run],
+      on_cancellation=[end_failed_run])
 def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
@@ -253,7 +250,7 @@ def _attempt_name() -> str:
     """This flow run's own working folder name: retries of the run reuse it (and resume)."""
     from prefect.runtime import flow_run
 
-    return f"run-{flow_run.id or os.getpid()}"
+    return attempt_name(flow_run.id or os.getpid())
 
 
 def _split_key(params: TrainParams, data_root: str) -> str:

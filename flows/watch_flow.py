@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from petalflow.flows.train_flow import petalflow_home
+from petalflow.tasks.common import petalflow_home
 from petalflow.tasks.download import describe_source_task, download_archive_task
 from petalflow.tasks.params import TrainParams, expected_sha256
 from petalflow.tasks.registry import champion_info_task

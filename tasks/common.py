@@ -61,6 +61,11 @@ def code_version() -> str:
             return "unknown"
 
 
+def petalflow_home() -> Path:
+    """Where downloads, extracted datasets and run working folders live (``PETALFLOW_HOME``)."""
+    return Path(os.environ.get("PETALFLOW_HOME", ".petalflow")).resolve()
+
+
 def human_bytes(n: int) -> str:
     """``21474836480`` -> ``21474836480 bytes (20 GiB)``: exact, and readable."""
     value, unit = float(n), "bytes"

@@ -1,9 +1,10 @@
 """What a run leaves on disk that later runs do not need: dataset extractions no source uses
-any more (``download.prune_extractions``), their manifests (``dataset.prune_manifests``) and
-the feature caches of data no manifest describes (``train.prune_feature_caches``). Done by
-the training flow's last task; a run's own extraction is held until then
-(``download.extract_archive``'s ``holder``) and let go of by flow hooks when the run fails,
-crashes or is cancelled."""
+any more (``download.prune_extractions``), their manifests (``dataset.prune_manifests``), the
+feature caches of data no manifest describes (``train.prune_feature_caches``) and the working
+folders of trainings whose run ended (``train.prune_attempts``: their models are in MLflow).
+Done by the training flow's last task; a run's own extraction is held until then
+(``download.extract_archive``'s ``holder``), and flow hooks let go of it and end the run's
+trainings when the run fails, crashes or is cancelled."""
 
 from __future__ import annotations
 
@@ -11,40 +12,53 @@ from pathlib import Path
 
 from prefect import task
 
-from petalflow.tasks.common import log
+from petalflow.tasks.common import log, petalflow_home
 from petalflow.tasks.dataset import prune_manifests
 from petalflow.tasks.download import prune_extractions, release_extractions
-from petalflow.tasks.train import prune_feature_caches
+from petalflow.tasks.train import (
+    attempt_name, end_attempts, prune_attempts, prune_feature_caches,
+)
 
 
-def prune_home(home: Path) -> dict:
-    """Remove what no source's current data needs under ``home`` (PETALFLOW_HOME): returns
-    the names removed per folder and the bytes freed."""
+def prune_home(home: Path, keep_attempts: str = "") -> dict:
+    """Remove what no source's current data needs under ``home`` (PETALFLOW_HOME), and the
+    training attempts whose runs ended but those called ``keep_attempts`` (this run's):
+    returns the names removed per folder and the bytes freed."""
     home = Path(home)
     extractions = prune_extractions(home / "datasets")
     manifests, fingerprints = prune_manifests(home / "manifests")
     features = prune_feature_caches(home / "features", fingerprints)
+    runs = prune_attempts(home / "runs", keep_attempts)
     return {"datasets": [name for name, _ in extractions], "manifests": manifests,
-            "features": [name for name, _ in features],
-            "bytes": sum(size for _, size in extractions + features)}
+            "features": [name for name, _ in features], "runs": [name for name, _ in runs],
+            "bytes": sum(size for _, size in extractions + features + runs)}
 
 
-def release_run_extractions(flow, flow_run, state) -> None:
-    """Flow-run hook (failed, crashed or cancelled runs): this run holds its extraction no
-    longer."""
-    release_extractions(str(flow_run.id))
+def end_run(home: Path, flow_run_id: str) -> None:
+    """The run is over: it holds its extraction no longer, and its finished trainings are
+    done with (``train.end_attempts``)."""
+    release_extractions(flow_run_id)
+    end_attempts(Path(home) / "runs", attempt_name(flow_run_id))
+
+
+def end_failed_run(flow, flow_run, state) -> None:
+    """Flow-run hook (failed, crashed or cancelled runs): ``end_run``."""
+    end_run(petalflow_home(), str(flow_run.id))
 
 
 @task(name="prune-home")
 def prune_home_task(home: str) -> dict:
-    """At the end of a run: its extraction is held no longer, then ``prune_home``."""
+    """At the end of a run: ``end_run``, then ``prune_home`` (this run's attempts stay until
+    the next run)."""
     from prefect.runtime import flow_run
 
-    release_extractions(str(flow_run.id))
-    removed = prune_home(Path(home))
-    if removed["datasets"] or removed["features"]:
+    end_run(Path(home), str(flow_run.id))
+    removed = prune_home(Path(home), attempt_name(flow_run.id))
+    names = [name[:12] for name in removed["datasets"] + removed["features"]] + [
+        f"runs/{name}" for name in removed["runs"]]
+    if names:
         log("removed %d dataset extraction(s) and %d feature cache(s) of data no source "
-            "uses any more (%.1f MiB freed): %s", len(removed["datasets"]),
-            len(removed["features"]), removed["bytes"] / 2**20,
-            ", ".join(name[:12] for name in removed["datasets"] + removed["features"]))
+            "uses any more and %d training folder(s) of ended runs (%.1f MiB freed): %s",
+            len(removed["datasets"]), len(removed["features"]), len(removed["runs"]),
+            removed["bytes"] / 2**20, ", ".join(names))
     return removed

@@ -481,6 +481,57 @@ def seed_from_abandoned_attempt(workdir: Path) -> Optional[Path]:
     return source
 
 
+RUN_ENDED = "run-ended"  # in an attempt: the flow run that trained it has ended
+
+
+def attempt_name(flow_run_id) -> str:
+    """A flow run's own attempt folder name under each run key it trains: retries of the run
+    reuse it (and resume)."""
+    return f"run-{flow_run_id}"
+
+
+def end_attempts(runs_dir: Path, name: str) -> None:
+    """The flow run whose attempts are called ``name`` has ended: its finished trainings
+    (train.json written) are registered in MLflow, or their run failed after training, and no
+    later attempt resumes them, so ``prune_attempts`` may remove them. An unfinished one is
+    left unmarked: its checkpoints seed the next attempt of its run key."""
+    for attempt in Path(runs_dir).glob(f"*/{name}"):
+        if (attempt / DONE_MARKER).is_file():
+            (attempt / RUN_ENDED).touch()
+
+
+def _done_with(attempt: Path) -> bool:
+    return (attempt / RUN_ENDED).is_file() or (attempt / SEEDED_MARKER).is_file()
+
+
+def prune_attempts(runs_dir: Path, keep: str) -> list[tuple[str, int]]:
+    """Remove the training attempts under ``runs_dir`` that no run needs: those whose flow run
+    ended (``end_attempts``) and killed ones whose checkpoints seeded a later attempt; never
+    the attempts called ``keep`` (this run's, there to look at until the next run) nor one a
+    training holds. Attempts of runs killed after their training, and those from before
+    attempts were marked, stay. Returns ("<run key>/<attempt>", bytes) of each one removed."""
+    runs_dir = Path(runs_dir)
+    removed = []
+    for key in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        if not key.is_dir() or key.name.startswith("."):
+            continue
+        remove_set_aside(key)  # a removal a killed process left half done
+        for attempt in sorted(key.iterdir()):
+            if attempt.name == keep or not _done_with(attempt):
+                continue
+            try:
+                with file_lock(attempt / ".lock", wait=False) as free:
+                    if not free or not _done_with(attempt):
+                        continue  # a training uses it again (a retry of its run)
+                    size = set_aside(attempt)
+            except OSError as exc:  # housekeeping: never fails the run that does it
+                log("runs: could not remove %s (%s)", attempt, exc, level=30)
+                continue
+            removed.append((f"{key.name}/{attempt.name}", size))
+        remove_set_aside(key)
+    return removed
+
+
 def train_model(
     data_info: DatasetInfo, cfg: TrainParams, workdir: Path,
     on_epoch_end: Optional[EpochHook] = None, backbone_path: Optional[str] = None,
@@ -498,6 +549,7 @@ def train_model(
     """
     workdir = Path(workdir)
     with _workdir_lock(workdir):
+        (workdir / RUN_ENDED).unlink(missing_ok=True)  # its run is retried: needed again
         seeded = seed_from_abandoned_attempt(workdir) if resume_killed else None
         record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path,
                         Path(features_dir) if features_dir else workdir.parent / "features")

@@ -102,6 +102,49 @@ def test_feature_caches_of_superseded_data_go_and_those_in_use_stay(tmp_path):
     assert [name for name, _ in prune_feature_caches(root, {"f2"})] == ["computing"]
 
 
+def _attempt(runs: Path, key: str, name: str, *files: str) -> Path:
+    folder = runs / key / name
+    (folder / "export").mkdir(parents=True)
+    (folder / "export" / "saved_model.pb").write_bytes(b"x" * 1000)
+    for file in files:
+        (folder / file).write_text("{}")
+    return folder
+
+
+def test_training_folders_of_ended_runs_go_and_those_still_needed_stay(tmp_path):
+    """Each training left its folder under runs/ (the export, edge models, checkpoints and
+    evaluation: a copy of what its MLflow run holds, the model's size each time) and none went
+    away: a weekly retraining added one a week. Once its run has ended, a later run's
+    housekeeping removes it; an attempt still needed stays."""
+    from petalflow.tasks.common import file_lock
+    from petalflow.tasks.train import (
+        DONE_MARKER, SEEDED_MARKER, attempt_name, end_attempts, prune_attempts,
+    )
+
+    runs = tmp_path / "runs"
+    ended = _attempt(runs, "k1", attempt_name("a"), DONE_MARKER)
+    candidate = _attempt(runs, "k2", attempt_name("a"), DONE_MARKER)  # run a's sweep
+    killed = _attempt(runs, "k1", attempt_name("b"))  # killed mid-training: seeds the next
+    seeded = _attempt(runs, "k1", attempt_name("c"), SEEDED_MARKER)  # killed, and it did
+    legacy = _attempt(runs, "k3", attempt_name("d"), DONE_MARKER)  # from before the mark
+    retried = _attempt(runs, "k3", attempt_name("e"), DONE_MARKER)  # its run is retried
+    end_attempts(runs, attempt_name("a"))
+    end_attempts(runs, attempt_name("b"))  # its run failed before training finished
+    end_attempts(runs, attempt_name("e"))
+    mine = _attempt(runs, "k1", attempt_name("f"), DONE_MARKER)  # this run's
+    end_attempts(runs, attempt_name("f"))
+    with file_lock(retried / ".lock"):  # training again
+        removed = prune_attempts(runs, keep=attempt_name("f"))
+    assert sorted(name for name, _ in removed) == [
+        "k1/run-a", "k1/run-c", "k2/run-a"] and all(size > 1000 for _, size in removed)
+    assert not ended.exists() and not candidate.exists() and not seeded.exists()
+    assert killed.is_dir() and legacy.is_dir() and retried.is_dir() and mine.is_dir()
+    assert not list(runs.glob("*/.removing-*"))
+    assert prune_attempts(runs, keep=attempt_name("g")) == [
+        ("k1/run-f", 1002), ("k3/run-e", 1002)]
+    assert prune_attempts(tmp_path / "nothing", keep="") == []
+
+
 def test_prune_home_after_the_data_changed_behind_its_url(tmp_path):
     """The whole of it, as the training flow's last task does it."""
     from petalflow.tasks.dataset import prepare_dataset
@@ -124,4 +167,5 @@ def test_prune_home_after_the_data_changed_behind_its_url(tmp_path):
     assert sorted(p.name for p in (home / "manifests").iterdir()) == ["m2"]
     assert sorted(p.name for p in (home / "features").iterdir()) == ["c2"]
     assert Path(infos[1]["manifest"]).is_file()
-    assert prune_home(home) == {"datasets": [], "manifests": 0, "features": [], "bytes": 0}
+    assert prune_home(home) == {"datasets": [], "manifests": 0, "features": [], "runs": [],
+                                "bytes": 0}

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from petalflow.tasks.dataset import prepare_dataset
 from petalflow.tasks.params import TrainParams
-from petalflow.tasks.train import train_model
+from petalflow.tasks.train import RUN_ENDED, train_model
 from tests.helpers import COLOURS, make_dataset, write_image
 
 
@@ -789,6 +789,10 @@ def test_new_run_after_a_killed_one_starts_from_its_checkpoints(tmp_path, tiny_b
     # The killed attempt has seeded run-b: it seeds nothing else, the next attempt starts fresh.
     again = train_model(data_info, cfg, key_dir / "run-c")
     assert again["seeded_from"] is None and again["resumed_from_epoch"] == 0
+    # Its run ended, then was retried (same folder): needed again until that run ends.
+    (key_dir / "run-c" / RUN_ENDED).touch()
+    train_model(data_info, cfg, key_dir / "run-c")
+    assert not (key_dir / "run-c" / RUN_ENDED).exists()
 
 
 def test_forced_retrain_does_not_resume_a_killed_attempt(tmp_path, tiny_backbone, data_info):

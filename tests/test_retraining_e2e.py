@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from petalflow.tasks.params import TrainParams
+from petalflow.tasks.train import RUN_ENDED, attempt_name
 from tests.helpers import (
     COLOURS, base_url, free_port, make_dataset, make_tgz, revalidating_server, serve_handler,
     write_image,
@@ -75,7 +76,15 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     assert _extractions(workspace) == [changed["source"]["sha256"]]
     assert changed["housekeeping"]["datasets"] == [first["source"]["sha256"]]
     assert changed["housekeeping"]["manifests"] == 1 and changed["housekeeping"]["bytes"] > 0
-    assert same["housekeeping"] == {"datasets": [], "manifests": 0, "features": [], "bytes": 0}
+    # The first training's folder (its export, checkpoints, evaluation: all in its MLflow
+    # run) went once its run had ended and another began; the last run's stays.
+    runs = (workspace / "home" / "runs").resolve()
+    first_attempt = Path(first["workdir"]).relative_to(runs)
+    assert same["housekeeping"]["runs"] == [first_attempt.as_posix()]
+    assert {k: same["housekeeping"][k] for k in ("datasets", "manifests", "features")} == {
+        "datasets": [], "manifests": 0, "features": []} and same["housekeeping"]["bytes"] > 0
+    assert changed["housekeeping"]["runs"] == []
+    assert [p.parent for p in runs.glob("*/*/train.json")] == [Path(changed["workdir"])]
     manifests = sorted((workspace / "home" / "manifests").iterdir())
     assert [(m / "manifest.csv").resolve() for m in manifests] == [
         Path(changed["manifest"]).resolve()]
@@ -390,6 +399,19 @@ def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
         runs = client.search_runs([client.get_experiment_by_name("petalflow").experiment_id],
                                   order_by=["attributes.start_time DESC"])
         assert runs[0].info.status == "FAILED"  # the attempt is recorded, not lost
+        # Its training is done with (a flow hook marked it, as the first run's end did its):
+        # the next run's housekeeping removes both, and leaves the champion as it was.
+        ended = sorted([attempt_name(state.state_details.flow_run_id),
+                        Path(first["workdir"]).name])
+        assert sorted(p.parent.name for p in (tmp_path / "home" / "runs").glob(
+            f"*/*/{RUN_ENDED}")) == ended
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", st.mlflow_uri)
+        with revalidating_server() as site:
+            url = site.put("/r.tgz", data)
+            later = train_and_register(_params(url, tiny_backbone))
+        assert later["status"] == "nothing to do" and later["model_version"] == "1"
+        assert sorted(name.split("/")[1] for name in later["housekeeping"]["runs"]) == ended
+        assert not list((tmp_path / "home" / "runs").glob("*/run-*"))
     finally:
         down(st)
 
