@@ -52,6 +52,7 @@ from petalflow.tasks.train import (
     TrainingJob, attempt_name, feature_cache_dir, train_model_task,
 )
 
+
 @flow(name="train-model", log_prints=True)
 def train_model_flow(job: TrainingJob) -> dict:
     """The training step as its own flow, so a deployment (``train-gpu``) can run it on the GPU
