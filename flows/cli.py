@@ -22,7 +22,7 @@ from typing import Callable, Literal, Optional, Sequence, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from petalflow.tasks.common import (
-    IMPORT_LOCK, code_version, defer_full_collections, freeze_start_up,
+    IMPORT_LOCK, code_version, defer_full_collections, freeze_start_up, require_store,
 )
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
@@ -56,7 +56,7 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DatasetError, DownloadError,
-        ModelNotFound, TransientError, WebPageNotArchive,
+        ModelNotFound, StoreNotFound, TransientError, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -88,6 +88,10 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, (ArchiveError, DatasetError)):
         return RunFailed(text, "see the README's 'petalflow train' section for the layout "
                          "petalflow expects (one subfolder of images per class).", EXIT_DATA)
+    if isinstance(exc, StoreNotFound):
+        return RunFailed(text, "run the command in the folder `petalflow train` ran in (its "
+                         "models are in mlflow/ there), or set MLFLOW_TRACKING_URI to your "
+                         "tracking server.", EXIT_REGISTRY)
     if isinstance(exc, ModelNotFound):
         return RunFailed(text, "`petalflow models --model-name NAME` lists a model's versions "
                          "and aliases.", EXIT_REGISTRY)
@@ -335,6 +339,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not any(True for _ in iter_inputs(params.input)):
         raise UsageError(f"--input: {no_images_message(params.input)}")
     uri = model_uri_of(params)
+    require_store(uri)
     with _prefect_api() as server:
         with IMPORT_LOCK:  # the preload imports after this thread's Prefect imports
             preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
@@ -367,6 +372,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from petalflow.tasks.registry import pull_edge, pull_model
 
     uri = args.model or champion_uri(args.model_name)
+    require_store(uri)
     if args.format == "tflite":
         try:
             path = pull_edge(uri, args.dest, args.quantization)
@@ -394,6 +400,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from petalflow.tasks.registry import list_model_versions
 
+    require_store()
     table = list_model_versions(args.model_name)
     if table.empty:
         print(f"no versions registered under {args.model_name!r}")

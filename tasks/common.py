@@ -66,6 +66,27 @@ def petalflow_home() -> Path:
     return Path(os.environ.get("PETALFLOW_HOME", ".petalflow")).resolve()
 
 
+LOCAL_STORE_DIR = "mlflow"  # the embedded MLflow store: <folder>/mlflow.db, <folder>/artifacts
+
+
+def require_store(model_uri: Optional[str] = None) -> None:
+    """For the commands that only read models (predict, pull, models): with MLFLOW_TRACKING_URI
+    unset, the embedded store must exist in this folder. Opening it would create an empty one,
+    and the command would then say that no such model is registered, when the model is in the
+    store of the folder ``petalflow train`` ran in. Raises StoreNotFound, creating nothing. A
+    ``model_uri`` that is not models:/ or runs:/ (a pulled model's folder) needs no store."""
+    from petalflow.tasks.errors import StoreNotFound
+
+    if model_uri is not None and not model_uri.startswith(("models:", "runs:")):
+        return
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    store = Path(LOCAL_STORE_DIR).resolve() / "mlflow.db"
+    if not store.is_file():
+        raise StoreNotFound(f"no MLflow store here: {store} does not exist and "
+                            "MLFLOW_TRACKING_URI is not set")
+
+
 def human_bytes(n: int) -> str:
     """``21474836480`` -> ``21474836480 bytes (20 GiB)``: exact, and readable."""
     value, unit = float(n), "bytes"

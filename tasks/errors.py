@@ -43,5 +43,10 @@ class ModelNotFound(PetalflowError):
     """A models:/ URI names a registered model that exists, but not that alias or version."""
 
 
+class StoreNotFound(PetalflowError):
+    """A command that reads models found no MLflow store to read: no tracking URI, and no
+    embedded store in the folder it runs in."""
+
+
 class DestinationInUse(PetalflowError):
     """A folder to save a pulled model into is a file, or holds files that are not a model."""

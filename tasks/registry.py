@@ -21,13 +21,12 @@ from typing import Callable, Optional
 
 from prefect import task
 
-from petalflow.tasks.common import code_version, redact_url
+from petalflow.tasks.common import LOCAL_STORE_DIR, code_version, redact_url
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
 
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
-LOCAL_STORE_DIR = "mlflow"
 
 
 def tracking_uri() -> str:

@@ -148,8 +148,10 @@ def test_predict_on_a_folder_of_files_without_image_names_says_how_to_classify_t
 
 def test_predict_with_a_model_that_does_not_exist_says_so_and_writes_nothing(
         workspace, capsys, prefect_harness):
+    from petalflow.tasks.registry import configure_mlflow
     from tests.helpers import write_image
 
+    configure_mlflow()  # a store where other models were trained
     write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
     out = workspace / "p.csv"
     assert main(["predict", "--input", str(workspace / "in"), "--output", str(out),
@@ -159,6 +161,27 @@ def test_predict_with_a_model_that_does_not_exist_says_so_and_writes_nothing(
            "not found" in err
     assert "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
     assert list(workspace.glob("p.csv*")) == []
+
+
+def test_reading_models_in_a_folder_without_a_store_says_where_they_are_and_creates_none(
+        workspace, capsys):
+    """predict, pull and models run in another folder than train (MLFLOW_TRACKING_URI
+    unset) opened ./mlflow/mlflow.db there, created it empty and said the model was not
+    registered, leaving an empty store behind. They say there is no store here, what to do,
+    and create nothing."""
+    from tests.helpers import write_image
+
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    commands = (["predict", "--input", str(workspace / "in"), "--output", "p.csv"],
+                ["pull", "--dest", "pulled"], ["models"])
+    for argv in commands:
+        assert main(argv) == 6, argv
+        err = capsys.readouterr().err
+        assert f"petalflow {argv[0]}: error: no MLflow store here: " \
+               f"{workspace.resolve() / 'mlflow' / 'mlflow.db'} does not exist" in err
+        assert "hint: run the command in the folder `petalflow train` ran in" in err
+        assert "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
+    assert sorted(p.name for p in workspace.iterdir()) == ["in"]  # no store, no output
 
 
 def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(workspace, capsys):
