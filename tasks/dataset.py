@@ -50,6 +50,8 @@ class DatasetCounts(TypedDict):
     # split folders whose class folders were merged, and those without class folders (unused).
     split_folders: list[str]
     unlabeled_split_folders: list[str]
+    # Copies of the class folders nested in the dataset (flowers/flowers/): see nested_copies.
+    nested_copies: list[str]
 
 
 class DatasetInfo(TypedDict):
@@ -69,7 +71,8 @@ def dataset_summary(info: DatasetInfo) -> dict:
     return {"fingerprint": info["fingerprint"], "classes": info["classes"],
             **{k: counts[k] for k in ("found", "used", "quarantined", "splits",
                                       "quarantine_reasons", "empty_class_folders")},
-            **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders")}}
+            **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders",
+                                              "nested_copies")}}
 
 
 # orientation: a JPEG's EXIF Orientation 1-8 as PIL reads it (1: as stored, or none; 0: EXIF
@@ -78,6 +81,7 @@ MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "orien
                     "status", "reason"]
 MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
 MIN_PER_SPLIT = 1
+COPY_OF = "copy of "  # the reason of a file in a nested copy of the class folders (scan_dataset)
 
 
 def _sha256_bytes(path: Path) -> tuple[str, int]:
@@ -145,11 +149,53 @@ def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
     return labelled, [n for n in names if n not in labelled]
 
 
-def _class_parents(data_root: Path) -> list[Path]:
-    """The folders whose subfolders are the classes: the split folders' (wrappers descended)
-    for a dataset delivered already split, else ``data_root`` itself."""
+def nested_copies(parent: Path) -> dict[str, Path]:
+    """The folders among ``parent``'s class folders that hold the class folders again, a copy
+    of the dataset inside it (Kaggle's ``flowers/flowers/daisy``): name -> the folder of its
+    class folders (wrappers descended). Such a folder holds two or more folders, each named
+    like one of its sibling classes, and no file but notes (.txt, .md)."""
+    names = set(class_folders(parent))
+    copies = {}
+    for name in sorted(names):
+        inner = Path(parent) / name
+        while (dirs := _only_folders(inner)) is not None:
+            if len(dirs) == 1:  # a wrapper
+                inner = inner / dirs[0]
+                continue
+            if len(dirs) >= 2 and set(dirs) <= names - {name}:
+                copies[name] = inner
+            break
+    return copies
+
+
+def _only_folders(folder: Path) -> Optional[list[str]]:
+    """The visible folders in ``folder`` when it holds no file but notes, else None: a class
+    folder of images costs its first directory entries, no stat per file."""
+    dirs = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name in NOT_CLASS_FOLDERS:
+                continue
+            if entry.is_dir():
+                dirs.append(entry.name)
+            elif Path(entry.name).suffix.lower() not in {".txt", ".md"}:
+                return None
+    return dirs
+
+
+def _class_parents(data_root: Path) -> list[tuple[Path, list[str], bool]]:
+    """The folders whose subfolders are the classes, each with those subfolders' names and
+    whether it is a copy: the split folders' (wrappers descended) for a dataset delivered
+    already split, else ``data_root`` itself; and the copies of the class folders nested
+    among those (``nested_copies``; the folder holding a copy is no class)."""
     data_root = Path(data_root)
-    return [find_data_root(data_root / s) for s in split_folders(data_root)[0]] or [data_root]
+    tops = [find_data_root(data_root / s) for s in split_folders(data_root)[0]] or [data_root]
+    parents = []
+    for top in tops:
+        copies = nested_copies(top)
+        parents.append((top, [n for n in class_folders(top) if n not in copies], False))
+        parents += [(inner, class_folders(inner), True) for inner in copies.values()]
+    return parents
 
 
 def orientation_note(counts: dict) -> Optional[str]:
@@ -162,25 +208,42 @@ def orientation_note(counts: dict) -> Optional[str]:
 
 
 def split_layout_note(counts: dict) -> Optional[str]:
-    """One sentence for the log and the run report when the dataset came already split."""
+    """One sentence for the log and the run report when the dataset came already split, or
+    holds a copy of its class folders."""
+    notes = []
     merged = counts.get("split_folders") or []
-    if not merged:
-        return None
-    note = (f"the dataset comes already split ({', '.join(f'{s}/' for s in merged)}): each "
-            "class is its folders in all of them, split again by petalflow")
+    if merged:
+        notes.append(f"the dataset comes already split ({', '.join(f'{s}/' for s in merged)}): "
+                     "each class is its folders in all of them, split again by petalflow")
     unlabeled = counts.get("unlabeled_split_folders") or []
     if unlabeled:
-        note += (f"; {', '.join(f'{s}/' for s in unlabeled)} holds no class folders (unlabeled "
-                 "images) and is not used")
-    return note
+        notes.append(f"{', '.join(f'{s}/' for s in unlabeled)} holds no class folders "
+                     "(unlabeled images) and is not used")
+    copies = counts.get("nested_copies") or []
+    if copies:
+        again = sum(reason.startswith(COPY_OF)
+                    for reason in counts.get("quarantine_reasons", {}).values())
+        notes.append(f"{', '.join(f'{s}/' for s in copies)} holds the class folders again (a "
+                     "copy of the dataset inside it): its files count for the classes their "
+                     f"folders are named after, and the {again} with the bytes of a file of the "
+                     "same class outside it are quarantined as copies")
+    return "; ".join(notes) or None
 
 
-def candidate_classes(data_root: Path, parents: Optional[list[Path]] = None) -> list[str]:
+def candidate_classes(data_root: Path, parents: Optional[list] = None) -> list[str]:
     """Sorted names of the folders that could be classes: the class folders, or in a dataset
     delivered already split, the class folders of its split folders (merged by name).
     ``parents``: ``_class_parents(data_root)`` when the caller has them already."""
     parents = _class_parents(data_root) if parents is None else parents
-    return sorted({name for parent in parents for name in class_folders(parent)})
+    return sorted({name for _parent, names, _copy in parents for name in names})
+
+
+def copy_folders(data_root: Path) -> list[str]:
+    """The copies of the class folders nested in ``data_root`` (``nested_copies``), as paths
+    relative to it."""
+    data_root = Path(data_root)
+    return [parent.relative_to(data_root).as_posix()
+            for parent, _names, copy in _class_parents(data_root) if copy]
 
 
 def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
@@ -190,12 +253,14 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     directly in ``data_root`` (LICENSE.txt, README) are not part of any class and are ignored.
     A dataset delivered already split (``split_folders``) has its class folders inside the split
     folders: a class's files are those of its folders in every split (petalflow splits again).
+    A copy of the class folders nested in the dataset (``nested_copies``) is read the same way:
+    its files belong to the classes its folders are named after.
     """
     data_root = Path(data_root)
     parents = _class_parents(data_root)
     files: list[tuple[str, str]] = []
-    for parent in parents:
-        for label in class_folders(parent):
+    for parent, labels, _copy in parents:
+        for label in labels:
             for dirpath, filenames in walk_files(parent / label):
                 for name in filenames:
                     rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
@@ -382,6 +447,20 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
     manifest = manifest.astype({"size": "int64", "width": "int64", "height": "int64",
                                 "orientation": "int64"})
 
+    # A copy of the class folders nested in the dataset: its files with the bytes of a file of
+    # the same class outside it are that file again (neither decoded nor used twice).
+    copies = tuple(f"{folder}/" for folder in copy_folders(data_root))
+    if copies:
+        in_copy = manifest["path"].str.startswith(copies)
+        outside = manifest[(manifest["status"] == "ok") & ~in_copy]
+        originals = {}
+        for row in outside.itertuples(index=False):
+            originals.setdefault((row.label, row.sha256), row.path)
+        for idx in manifest.index[(manifest["status"] == "ok") & in_copy]:
+            original = originals.get((manifest.at[idx, "label"], manifest.at[idx, "sha256"]))
+            if original:
+                manifest.loc[idx, ["status", "reason"]] = ["quarantined", COPY_OF + original]
+
     checked = manifest["reason"] == KNOWN
     manifest.loc[checked, "reason"] = ""
     candidates = manifest.index[(manifest["status"] == "ok") & ~checked]
@@ -517,7 +596,7 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
 # The scan's own version, written into dataset.json: a manifest is reused (``prepare_dataset``
 # with ``unchanging``) only when the scan that wrote it was this one. Raise it with any change
 # to what the scan decides (which files are used or quarantined, the split, the counts).
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: copies of the class folders nested in the dataset (nested_copies)
 KNOWN = "\0known"  # scan_dataset's mark, in ``reason``, of a file whose bytes were checked before
 
 
@@ -585,6 +664,7 @@ def prepare_dataset(
     counts["empty_class_folders"] = sorted(
         set(candidate_classes(data_root)) - set(class_names(manifest)))
     counts["split_folders"], counts["unlabeled_split_folders"] = split_folders(data_root)
+    counts["nested_copies"] = copy_folders(data_root)
     info: DatasetInfo = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),

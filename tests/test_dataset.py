@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from petalflow.tasks.dataset import (
-    dataset_counts, dataset_fingerprint, prepare_dataset, scan_dataset, split_dataset,
+    dataset_counts, dataset_fingerprint, load_manifest, prepare_dataset, scan_dataset,
+    split_dataset, split_layout_note,
 )
 from petalflow.tasks.errors import DatasetError
 from tests.helpers import make_dataset, write_image
@@ -307,6 +308,62 @@ def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tm
     assert ("The dataset comes already split (Valid/, train/): each class is its folders in "
             "all of them, split again by petalflow; test/ holds no class folders (unlabeled "
             "images) and is not used.") in report
+
+
+def test_a_copy_of_the_class_folders_inside_the_dataset_is_no_class(tmp_path):
+    """Kaggle's flowers zip holds flowers/daisy/... and flowers/flowers/daisy/... again: the
+    inner flowers/ was a sixth class holding every photo, each photo was then "the same image
+    under two labels", all were quarantined and the run failed with "found 0 classes; put
+    each class's images in its own subfolder". The copy's files count for the classes its
+    folders are named after; those that are a file of the same class outside it again are
+    quarantined as copies (not decoded, not used twice), others are used."""
+    from petalflow.tasks.dataset import dataset_summary
+    from petalflow.tasks.report import model_card
+
+    root = make_dataset(tmp_path / "flowers", per_class=6)
+    shutil.copytree(root, tmp_path / "copy")
+    shutil.move(tmp_path / "copy", root / "flowers")
+    write_image(root / "flowers" / "red" / "extra.jpg", (250, 10, 10), seed=77)  # only here
+    # A class folder organised in subfolders of its own stays a class, and so does one whose
+    # subfolders are named like other classes but which holds images itself.
+    write_image(root / "purple" / "2019" / "a.jpg", (120, 0, 120), seed=1)
+    write_image(root / "purple" / "2020" / "b.jpg", (130, 0, 130), seed=2)
+    write_image(root / "purple" / "2020" / "c.jpg", (140, 0, 140), seed=6)
+    write_image(root / "mixed" / "m.jpg", (90, 90, 90), seed=3)
+    write_image(root / "mixed" / "red" / "n.jpg", (91, 90, 90), seed=4)
+    write_image(root / "mixed" / "green" / "o.jpg", (92, 90, 90), seed=5)
+    info = prepare_dataset(root, tmp_path / "out", 0.2, 0.2, 0)
+    assert info["classes"] == ["blue", "green", "mixed", "purple", "red"]
+    counts = info["counts"]
+    assert counts["nested_copies"] == ["flowers"] and counts["empty_class_folders"] == []
+    assert counts["found"] == 2 * 18 + 1 + 6 and counts["used"] == 18 + 1 + 6
+    assert counts["quarantine_reasons"]["flowers/red/003.jpg"] == "copy of red/003.jpg"
+    assert len(counts["quarantine_reasons"]) == 18
+    m = load_manifest(info["manifest"])
+    assert m.loc[m["path"] == "flowers/red/extra.jpg", ["label", "status"]].values.tolist() == [
+        ["red", "ok"]]
+    assert m.loc[m["path"] == "mixed/red/n.jpg", "label"].item() == "mixed"
+    assert m.loc[m["path"] == "purple/2020/b.jpg", "label"].item() == "purple"
+    note = ("flowers/ holds the class folders again (a copy of the dataset inside it): its files "
+            "count for the classes their folders are named after, and the 18 with the bytes of a "
+            "file of the same class outside it are quarantined as copies")
+    assert split_layout_note(counts) == note
+    summary = dataset_summary(info)
+    assert summary["nested_copies"] == ["flowers"]
+    report = model_card({
+        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
+        "dataset": summary, "manifest": info["manifest"], "comparison": {},
+        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
+    }, str(tmp_path / "no-evaluation"))
+    assert note[0].upper() + note[1:] + "." in report
+    # The copy inside a wrapper of its own (flowers/flowers/flowers/red) is found the same way.
+    (root / "flowers").rename(tmp_path / "inner")
+    (root / "flowers").mkdir()
+    (tmp_path / "inner").rename(root / "flowers" / "flowers")
+    (root / "flowers" / "NOTES.md").write_text("a copy")
+    again = prepare_dataset(root, tmp_path / "out2", 0.2, 0.2, 0)
+    assert again["counts"]["nested_copies"] == ["flowers/flowers"]
+    assert again["counts"]["used"] == counts["used"] and again["classes"] == info["classes"]
 
 
 def test_a_model_card_of_many_classes_fits_the_registry_and_lists_the_top_confusions(tmp_path):
