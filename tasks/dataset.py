@@ -172,14 +172,17 @@ def _only_folders(folder: Path) -> Optional[list[str]]:
     """The visible folders in ``folder`` when it holds no file but notes, else None: a class
     folder of images costs its first directory entries, no stat per file."""
     dirs = []
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name in NOT_CLASS_FOLDERS:
-                continue
-            if entry.is_dir():
-                dirs.append(entry.name)
-            elif Path(entry.name).suffix.lower() not in {".txt", ".md"}:
-                return None
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or entry.name in NOT_CLASS_FOLDERS:
+                    continue
+                if entry.is_dir():
+                    dirs.append(entry.name)
+                elif Path(entry.name).suffix.lower() not in {".txt", ".md"}:
+                    return None
+    except OSError:  # unreadable: a class folder as before (its files are reported)
+        return None
     return dirs
 
 
