@@ -386,6 +386,7 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
                 "output": params.output, "model_uri": params.model_uri}
 
     monkeypatch.setattr("petalflow.tasks.predict.predict_images", fake_job)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
     out = workspace / "p.json"
     assert cli.main(["predict", "--model", "models:/m/1", "--input", str(workspace / "a.jpg"),
                      "--output", str(out), "--format", "json", "--top-k", "2"]) == 0
@@ -594,8 +595,10 @@ def test_the_command_never_imports_prefects_server_module(workspace):
             "print(json.dumps([rc, [m for m in ('petalflow.flows.predict_flow', "
             "'prefect.flow_engine', 'prefect.task_engine', 'prefect.server.api.server') "
             "if m in sys.modules]]))")
+    store = f"sqlite:///{workspace / 'mlflow.db'}"  # a store, where no such model is registered
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=workspace, env={**os.environ, "PREFECT_API_URL": ""}, timeout=300)
+                         cwd=workspace, env={**os.environ, "PREFECT_API_URL": "",
+                                             "MLFLOW_TRACKING_URI": store}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rc, loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert rc == 6, out.stderr[-3000:]  # the registry's "not found", from inside the run

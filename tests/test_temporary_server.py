@@ -148,6 +148,7 @@ def test_a_server_that_cannot_start_fails_the_command_clearly_and_writes_nothing
          str(workspace / "p.csv"), "--model-name", "any"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PREFECT_API_URL": "",
+             "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",  # a model store
              "PREFECT_SERVER_DATABASE_CONNECTION_URL":
                  f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/prefect.db"})
     assert proc.returncode == 1, proc.stderr[-3000:]
