@@ -151,8 +151,8 @@ def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
 
 def nested_copies(parent: Path) -> dict[str, Path]:
     """The folders among ``parent``'s class folders that hold the class folders again, a copy
-    of the dataset inside it (Kaggle's ``flowers/flowers/daisy``): name -> the folder of its
-    class folders (wrappers descended). Such a folder holds two or more folders, each named
+    of the dataset inside it (``flowers/flowers/daisy`` beside ``flowers/daisy``): name -> the
+    folder of its class folders (wrappers descended). Such a folder holds two or more folders, each named
     like one of its sibling classes, and no file but notes (.txt, .md)."""
     names = set(class_folders(parent))
     copies = {}

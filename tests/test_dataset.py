@@ -311,7 +311,7 @@ def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tm
 
 
 def test_a_copy_of_the_class_folders_inside_the_dataset_is_no_class(tmp_path):
-    """Kaggle's flowers zip holds flowers/daisy/... and flowers/flowers/daisy/... again: the
+    """A flowers zip holding flowers/daisy/... and flowers/flowers/daisy/... again: the
     inner flowers/ was a sixth class holding every photo, each photo was then "the same image
     under two labels", all were quarantined and the run failed with "found 0 classes; put
     each class's images in its own subfolder". The copy's files count for the classes its
