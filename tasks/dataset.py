@@ -241,15 +241,16 @@ def candidate_classes(data_root: Path, parents: Optional[list] = None) -> list[s
     return sorted({name for _parent, names, _copy in parents for name in names})
 
 
-def copy_folders(data_root: Path) -> list[str]:
+def copy_folders(data_root: Path, parents: Optional[list] = None) -> list[str]:
     """The copies of the class folders nested in ``data_root`` (``nested_copies``), as paths
-    relative to it."""
+    relative to it. ``parents``: ``_class_parents(data_root)`` when the caller has them."""
     data_root = Path(data_root)
-    return [parent.relative_to(data_root).as_posix()
-            for parent, _names, copy in _class_parents(data_root) if copy]
+    parents = _class_parents(data_root) if parents is None else parents
+    return [parent.relative_to(data_root).as_posix() for parent, _names, copy in parents if copy]
 
 
-def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+def list_class_files(data_root: Path, parents: Optional[list] = None
+                     ) -> tuple[list[str], list[tuple[str, str]]]:
     """Sorted class names and (relative path, label) of every file under each class folder.
 
     Files are found recursively (nested folders belong to their top class folder); files lying
@@ -260,7 +261,7 @@ def list_class_files(data_root: Path) -> tuple[list[str], list[tuple[str, str]]]
     its files belong to the classes its folders are named after.
     """
     data_root = Path(data_root)
-    parents = _class_parents(data_root)
+    parents = _class_parents(data_root) if parents is None else parents
     files: list[tuple[str, str]] = []
     for parent, labels, _copy in parents:
         for label in labels:
@@ -420,7 +421,8 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise DatasetError(f"dataset folder {data_root} does not exist")
-    _classes, files = list_class_files(data_root)
+    parents = _class_parents(data_root)  # the folder layout, read once for the scan
+    _classes, files = list_class_files(data_root, parents)
     if not files:
         _refuse_a_folder_of_archives(data_root)
     rows = []
@@ -452,7 +454,7 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
 
     # A copy of the class folders nested in the dataset: its files with the bytes of a file of
     # the same class outside it are that file again (neither decoded nor used twice).
-    copies = tuple(f"{folder}/" for folder in copy_folders(data_root))
+    copies = tuple(f"{folder}/" for folder in copy_folders(data_root, parents))
     if copies:
         in_copy = manifest["path"].str.startswith(copies)
         outside = manifest[(manifest["status"] == "ok") & ~in_copy]
@@ -664,10 +666,11 @@ def prepare_dataset(
     counts = dataset_counts(manifest)
     # Folders without files, or without a single image, are ignored (reported), not an error:
     # after a successful split they are exactly the folders that yielded no class.
+    parents = _class_parents(data_root)
     counts["empty_class_folders"] = sorted(
-        set(candidate_classes(data_root)) - set(class_names(manifest)))
+        set(candidate_classes(data_root, parents)) - set(class_names(manifest)))
     counts["split_folders"], counts["unlabeled_split_folders"] = split_folders(data_root)
-    counts["nested_copies"] = copy_folders(data_root)
+    counts["nested_copies"] = copy_folders(data_root, parents)
     info: DatasetInfo = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),
