@@ -69,6 +69,11 @@ def petalflow_home() -> Path:
 LOCAL_STORE_DIR = "mlflow"  # the embedded MLflow store: <folder>/mlflow.db, <folder>/artifacts
 
 
+def local_store_db() -> Path:
+    """The embedded MLflow store's database file in the current folder."""
+    return Path(LOCAL_STORE_DIR).resolve() / "mlflow.db"
+
+
 def require_store(model_uri: Optional[str] = None) -> None:
     """For the commands that only read models (predict, pull, models): with MLFLOW_TRACKING_URI
     unset, the embedded store must exist in this folder. Opening it would create an empty one,
@@ -81,7 +86,7 @@ def require_store(model_uri: Optional[str] = None) -> None:
         return
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return
-    store = Path(LOCAL_STORE_DIR).resolve() / "mlflow.db"
+    store = local_store_db()
     if not store.is_file():
         raise StoreNotFound(f"no MLflow store here: {store} does not exist and "
                             "MLFLOW_TRACKING_URI is not set")

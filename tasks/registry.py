@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from prefect import task
 
-from petalflow.tasks.common import LOCAL_STORE_DIR, code_version, redact_url
+from petalflow.tasks.common import code_version, local_store_db, redact_url
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
 
@@ -34,9 +34,9 @@ def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    store = Path(LOCAL_STORE_DIR).resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    store = local_store_db()
+    store.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store}"
 
 
 # URI schemes of the SQL stores (MLflow's DATABASE_ENGINES, without importing MLflow).
