@@ -55,8 +55,8 @@ class RunFailed(Exception):
 def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
-        ArchiveError, BackboneError, ChecksumMismatch, DatasetError, DownloadError,
-        ModelNotFound, StoreNotFound, TransientError, WebPageNotArchive,
+        ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetError,
+        DownloadError, ModelNotFound, StoreNotFound, TransientError, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -85,6 +85,11 @@ def explain_failure(exc: BaseException) -> RunFailed:
         return RunFailed(text, "--data-url must lead to the archive's bytes: for a share link, "
                          "its direct-download form; open it in a browser to see the page.",
                          EXIT_SOURCE)
+    if isinstance(exc, DamagedArchive):
+        return RunFailed(text, "check that the archive opens where it was made (`unzip -t`, "
+                         "`tar -tf`) and put a whole copy behind --data-url; the datasets "
+                         "already extracted and the registered models are as they were.",
+                         EXIT_DATA)
     if isinstance(exc, (ArchiveError, DatasetError)):
         return RunFailed(text, "see the README's 'petalflow train' section for the layout "
                          "petalflow expects (one subfolder of images per class).", EXIT_DATA)

@@ -12,7 +12,10 @@ outside its staging folder.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import os
 import shutil
 import stat
@@ -33,8 +36,8 @@ from petalflow.tasks.common import (
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
-    ArchiveError, ChecksumMismatch, DownloadError, TransientError, WebPageNotArchive,
-    is_transient_status,
+    ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, TransientError,
+    WebPageNotArchive, is_transient_status,
 )
 
 def local_source(url: str) -> Optional[Path]:
@@ -280,11 +283,20 @@ NOT_ARCHIVES = (
     (b"Rar!\x1a\x07", "a RAR archive"),
     (b"\x28\xb5\x2f\xfd", "Zstandard-compressed (.zst)"),
     (b"\x1f\x8b", "gzip-compressed, but not a tar archive inside"),
+    (b"BZh", "bzip2-compressed, but not a tar archive inside"),
+    (b"\xfd7zXZ\x00", "xz-compressed, but not a tar archive inside"),
     (b"\xff\xd8\xff", "one JPEG image"),
     (b"\x89PNG\r\n\x1a\n", "one PNG image"),
     (b"%PDF", "a PDF document"),
 )
 REPACK = "pack the class folders as .tar.gz or .zip"
+# The compressions a tar comes in: its first bytes, the module that reads it.
+COMPRESSED = ((b"\x1f\x8b", "gzip", gzip.GzipFile), (b"BZh", "bzip2", bz2.BZ2File),
+              (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile))
+# What reading a damaged archive raises (checksums, cut-short streams, bad compressed data);
+# an OSError with an errno is the disk's (full, read-only), not the archive's.
+READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
+               OSError)
 
 
 def _not_an_archive(name: str, head: bytes) -> ArchiveError:
@@ -314,7 +326,53 @@ def _archive_kind(path: Path) -> str:
             return "tar"
     except (OSError, EOFError):
         pass
+    for magic, compression, opener in COMPRESSED:
+        if head.startswith(magic):
+            _check_decompresses(path, compression, opener)
     raise _not_an_archive(path.name, head)
+
+
+def _check_decompresses(path: Path, compression: str, opener, probe: int = 1 << 16) -> None:
+    """DamagedArchive when the start of a compressed file that holds no readable tar does not
+    decompress (a damaged .tgz is no "gzip of something else")."""
+    try:
+        with opener(path) as stream:
+            stream.read(probe)
+    except READ_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise _damaged(path, f"its {compression} data does not decompress: {exc}") from exc
+
+
+def _damaged(archive: Path, detail) -> DamagedArchive:
+    return DamagedArchive(
+        f"archive {archive.name} is damaged ({detail}): it was cut short or its bytes "
+        "changed, on the way or on disk; nothing was extracted")
+
+
+def _read_error(archive: Path, exc: BaseException) -> ArchiveError:
+    """The error for what reading ``archive`` raised: DamagedArchive unless the disk failed."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return ArchiveError(f"cannot extract archive {archive.name}: {exc}")
+    if isinstance(exc, tarfile.FilterError):  # the "data" filter refused a member
+        return ArchiveError(f"archive {archive.name}: {exc}; refusing")
+    if isinstance(exc, zipfile.BadZipFile) and str(exc) == "File is not a zip file":
+        return _damaged(archive, "it begins as a zip, but the table of contents at a zip's "
+                                 "end is missing")
+    return _damaged(archive, exc)
+
+
+def _read_to_end(stream) -> None:
+    """Read a tar's compressed stream past the tar's end, so that its checksum (gzip's CRC-32,
+    xz's check; bzip2's per block) is verified: tarfile stops at the tar's end marker, before
+    it, and a .tgz with a changed byte was extracted as if whole. Data after a complete gzip
+    member that is not another member is ignored, as ``gzip -d`` does (with a warning)."""
+    try:
+        while stream.read(CHUNK):
+            pass
+    except gzip.BadGzipFile as exc:
+        if not str(exc).startswith("Not a gzipped file"):  # else: trailing data, no member
+            raise
 
 
 def tar_member_name(name: str) -> str:
@@ -358,8 +416,9 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
                     )
             # filter="data" is the second line of defence (strips modes, refuses escapes).
             tar.extractall(dest, members=members, filter="data")
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-        raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
+            _read_to_end(tar.fileobj)
+    except READ_ERRORS as exc:
+        raise _read_error(archive, exc) from exc
 
 
 def zip_member_name(info: zipfile.ZipInfo) -> str:
@@ -420,8 +479,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
                                 f"archive expands to more than {human_bytes(max_bytes)}; refusing"
                             )
                         dst.write(block)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error) as exc:
+    except zipfile.LargeZipFile as exc:
         raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
+    except READ_ERRORS as exc:
+        raise _read_error(archive, exc) from exc
 
 
 def _inner_archives(root: Path) -> list[Path]:
@@ -479,12 +540,42 @@ def extract_archive(archive: Path, datasets_dir: Path, max_bytes: int = 20 * 102
     A folder is returned as is (after descending wrappers). Extraction happens in a staging folder
     inside ``datasets_dir`` that is renamed into place only when complete, so a crash never leaves
     a half-extracted dataset that later runs would trust.
+
+    A damaged archive (DamagedArchive) that was downloaded (``source`` a URL) is removed with
+    its record: revalidated, the damaged copy would be kept for as long as the server's
+    validators stay the same; the next run downloads it again.
     """
     archive = Path(archive)
     if archive.is_dir():
         return find_data_root(archive)
+    was = archive.stat()
+    try:
+        return _extract_archive(archive, Path(datasets_dir), max_bytes, source, holder)
+    except DamagedArchive as exc:
+        if source is None or local_source(source) is not None or not _discard(archive, was):
+            raise
+        raise DamagedArchive(f"{exc}; the downloaded copy was removed, and the next run "
+                             "downloads it again") from exc
+
+
+def _discard(archive: Path, was: os.stat_result) -> bool:
+    """Remove a downloaded archive and its record, unless the download has been replaced
+    since ``was`` (another run switched a new copy in)."""
+    with file_lock(archive.parent / ".lock"):
+        try:
+            now = archive.stat()
+        except FileNotFoundError:
+            return False
+        if (now.st_ino, now.st_mtime_ns) != (was.st_ino, was.st_mtime_ns):
+            return False
+        archive.unlink()
+        (archive.parent / SOURCE_RECORD).unlink(missing_ok=True)
+        return True
+
+
+def _extract_archive(archive: Path, datasets_dir: Path, max_bytes: int, source: Optional[str],
+                     holder: Optional[str]) -> Path:
     kind = _archive_kind(archive)
-    datasets_dir = Path(datasets_dir)
     datasets_dir.mkdir(parents=True, exist_ok=True)
     target = datasets_dir / ((zip_contents_digest(archive) if kind == "zip" else None)
                              or sha256_file(archive))

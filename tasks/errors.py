@@ -26,6 +26,11 @@ class ArchiveError(PetalflowError):
     """The archive is unreadable or unsafe (traversal, links, devices, too large)."""
 
 
+class DamagedArchive(ArchiveError):
+    """The archive is a tar or zip that cannot be read to its end: cut short, or its bytes
+    changed on the way or on disk (a checksum inside it disagrees). Nothing was extracted."""
+
+
 class WebPageNotArchive(ArchiveError):
     """Where the archive was expected, the URL gave a web page (a sign-in, a download
     confirmation or an error page answered with status 200): the source is wrong, not the data."""

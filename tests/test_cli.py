@@ -300,6 +300,14 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     assert hub.code == EXIT_BACKBONE
     assert explain_failure(BackboneError("not a SavedModel")).code == EXIT_BACKBONE
     assert explain_failure(DatasetError("need at least 2 classes")).code == EXIT_DATA
+    from petalflow.tasks.errors import ArchiveError, DamagedArchive
+
+    damaged = explain_failure(DamagedArchive("archive p.zip is damaged (Bad CRC-32 for file "
+                                             "'p/a/1.jpg'): ..."))
+    assert damaged.code == EXIT_DATA and "unzip -t" in damaged.hint
+    assert "layout" not in damaged.hint  # the layout is not what is wrong
+    assert "layout" in explain_failure(ArchiveError("archive member '/etc/x' has an absolute "
+                                                    "path")).hint
     page = explain_failure(WebPageNotArchive("photos.tgz is a web page (HTML), not an archive"))
     assert page.code == EXIT_SOURCE and "direct-download form" in page.hint
     from petalflow.flows.cli import EXIT_FAILED

@@ -13,7 +13,7 @@ import pytest
 
 from petalflow.tasks.download import download_archive, extract_archive, find_data_root
 from petalflow.tasks.errors import ArchiveError, ChecksumMismatch, DownloadError, TransientError
-from tests.helpers import make_dataset, make_tgz, make_zip, serve_directory
+from tests.helpers import COLOURS, make_dataset, make_tgz, make_zip, serve_directory
 
 
 def _sha(path: Path) -> str:
@@ -209,6 +209,94 @@ def test_truncated_and_non_archives_are_refused(tmp_path):
             extract_archive(tmp_path / name, tmp_path / "datasets")
         assert str(refused.value).startswith(f"{name} {says}"), str(refused.value)
     assert [p for p in (tmp_path / "datasets").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _changed_byte(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def _damaged_variants(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, what the error says in its parentheses): archives of the same three
+    images per class, cut short or with one byte changed."""
+    src = make_dataset(tmp_path / "src", per_class=3)
+    tgz = make_tgz(src, tmp_path / "good.tgz").read_bytes()
+    stored = make_zip(src, tmp_path / "good.zip").read_bytes()
+    xz = tmp_path / "good.tar.xz"
+    with tarfile.open(xz, "w:xz") as tar:
+        tar.add(src, arcname="photos")
+    xz_bytes = xz.read_bytes()
+    with zipfile.ZipFile(tmp_path / "good.zip") as zf:
+        second = zf.infolist()[1]  # a photo: its bytes start after its local header
+    in_photo = second.header_offset + 30 + len(second.filename) + 100
+    return {
+        # tarfile stops at the tar's end marker, before gzip's CRC-32: this was extracted.
+        "changed.tgz": (_changed_byte(tgz, len(tgz) // 2), "CRC check failed"),
+        "cut-end.tgz": (tgz[:-4], "Compressed file ended before the end-of-stream marker"),
+        "cut.tgz": (tgz[: len(tgz) // 2], "Compressed file ended"),
+        "changed-start.tgz": (_changed_byte(tgz, 40), "its gzip data does not decompress"),
+        "changed.tar.xz": (_changed_byte(xz_bytes, len(xz_bytes) // 2), "Corrupt input data"),
+        "changed.zip": (_changed_byte(stored, in_photo), "Bad CRC-32 for file"),
+        "cut.zip": (stored[: len(stored) // 2], "the table of contents at a zip's end is "
+                    "missing"),
+    }
+
+
+def test_a_damaged_archive_is_called_damaged_and_nothing_is_extracted(tmp_path):
+    """Cut short or with one byte changed: "archive X is damaged (...)", never the layout
+    hint's "cannot read", never extracted as if whole; the user's own file stays."""
+    from petalflow.tasks.errors import DamagedArchive
+
+    datasets = tmp_path / "datasets"
+    for name, (data, detail) in _damaged_variants(tmp_path).items():
+        archive = tmp_path / name
+        archive.write_bytes(data)
+        with pytest.raises(DamagedArchive) as failed:
+            extract_archive(archive, datasets, source=str(archive))
+        text = str(failed.value)
+        assert text.startswith(f"archive {name} is damaged ("), text
+        assert detail in text and text.endswith(
+            "it was cut short or its bytes changed, on the way or on disk; nothing was "
+            "extracted"), text
+        assert archive.read_bytes() == data  # a local archive is the user's: kept
+        assert [p.name for p in datasets.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_data_after_a_whole_tgz_is_ignored_as_gzip_does(tmp_path):
+    src = make_dataset(tmp_path / "src", per_class=3)
+    tgz = make_tgz(src, tmp_path / "good.tgz").read_bytes()
+    for name, tail in (("zeros.tgz", bytes(2000)), ("signed.tgz", b"-- signature --\n")):
+        (tmp_path / name).write_bytes(tgz + tail)
+        root = extract_archive(tmp_path / name, tmp_path / name.replace(".", "-"))
+        assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in src.iterdir())
+
+
+def test_a_damaged_download_is_removed_so_the_next_run_downloads_it_again(tmp_path):
+    """Revalidated, a damaged copy would be kept while the server's validators stay the same
+    (a 304 each time): it is removed with its record, and the next download fetches it."""
+    from petalflow.tasks.download import SOURCE_RECORD, source_identity, source_record
+    from petalflow.tasks.errors import DamagedArchive
+    from tests.helpers import revalidating_server
+
+    good = make_tgz(make_dataset(tmp_path / "src", per_class=3), tmp_path / "g.tgz").read_bytes()
+    damaged = _changed_byte(good, len(good) // 2)
+    dest, datasets = tmp_path / "downloads", tmp_path / "datasets"
+    with revalidating_server() as site:
+        url = site.put("/photos.tgz", damaged)
+        archive = download_archive(url, dest)
+        with pytest.raises(DamagedArchive) as failed:
+            extract_archive(archive, datasets, source=source_identity(url))
+        assert str(failed.value).endswith(
+            "nothing was extracted; the downloaded copy was removed, and the next run "
+            "downloads it again")
+        assert not archive.exists() and not (archive.parent / SOURCE_RECORD).exists()
+        again = download_archive(url, dest)  # the same bytes: the server did not change
+        assert site.body_bytes == 2 * len(damaged) and len(site.requests) == 2
+        assert source_record(again)["outcome"] == "downloaded"
+        assert not site.requests[1][1]  # nothing to revalidate: no If-None-Match
+        site.put("/photos.tgz", good)  # the fixed archive behind the same URL
+        fixed = download_archive(url, dest)
+    root = extract_archive(fixed, datasets, source=source_identity(url))
+    assert sorted(p.name for p in root.iterdir()) == sorted(COLOURS)
 
 
 def test_archives_inside_the_archive_are_opened_once(tmp_path):

@@ -156,6 +156,41 @@ def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_cha
     assert again["status"] == "nothing to do" and again["source"]["outcome"] == "downloaded"
 
 
+def test_a_damaged_archive_behind_the_url_fails_the_run_saying_so_and_keeps_the_champion(
+        workspace, tiny_backbone, prefect_harness):
+    """The URL's archive is replaced by a damaged one (one byte changed: gzip's checksum,
+    after the tar's end, disagrees): the run fails calling it damaged, extracts and trains
+    nothing, keeps the champion and the extraction it was trained on, and removes the damaged
+    download; once a whole archive is behind the URL, it is downloaded and trained."""
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.errors import DamagedArchive
+
+    first_bytes = _archive(workspace, "v1", per_class=12, seed=0)
+    newer = _archive(workspace, "v2", per_class=15, seed=4)
+    middle = len(newer) // 2
+    damaged = newer[:middle] + bytes([newer[middle] ^ 0xFF]) + newer[middle + 1:]
+    with revalidating_server() as site:
+        url = site.put("/export/photos.tgz", first_bytes)
+        first = train_and_register(_params(url, tiny_backbone))
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        site.put("/export/photos.tgz", damaged)
+        with pytest.raises(DamagedArchive) as failed:
+            train_and_register(_params(url, tiny_backbone))
+        assert str(failed.value).startswith("archive photos.tgz is damaged (CRC check failed")
+        assert str(failed.value).endswith("the downloaded copy was removed, and the next run "
+                                          "downloads it again")
+        assert not list((workspace / "home" / "downloads").rglob("photos.tgz"))
+        assert _extractions(workspace) == [first["source"]["sha256"]]
+        client = _client()
+        assert [str(v.version) for v in client.search_model_versions(f"name='{MODEL}'")] == ["1"]
+        assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+        site.put("/export/photos.tgz", newer)
+        fixed = train_and_register(_params(url, tiny_backbone))
+    assert fixed["status"] == "trained" and fixed["model_version"] == "2"
+    assert fixed["source"]["outcome"] == "downloaded"
+    assert fixed["dataset"]["used"] == 45
+
+
 def test_a_folder_zipped_anew_on_every_download_is_announced_only_when_its_files_change(
         workspace, tiny_backbone, prefect_harness):
     """A server that zips a folder on every request (a cloud drive's or Nextcloud's folder
