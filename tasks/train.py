@@ -716,6 +716,10 @@ def _train(
     if cfg.fine_tune_layers:
         backbone.trainable = True
         tuned_layers = unfreeze_top_layers(backbone, cfg.fine_tune_layers)
+        if cfg.fine_tune_layers > len(tuned_layers):
+            log("fine_tune_layers is %d, and the backbone has %d layers with weights: all %d "
+                "are fine-tuned", cfg.fine_tune_layers, len(tuned_layers), len(tuned_layers),
+                level=30)
         start = int(epoch_var.numpy())
         if start < total:
             # End to end: the Keras model of backbone and head (the frozen path needs none).

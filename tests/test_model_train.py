@@ -265,6 +265,19 @@ def test_fine_tuning_changes_only_the_top_layers(tmp_path, tiny_backbone, data_i
     np.testing.assert_allclose(reference["features"]["mean"], features.mean(axis=0), atol=1e-4)
 
 
+def test_more_fine_tune_layers_than_the_backbone_has_tunes_all_and_says_so(
+        tmp_path, tiny_backbone, data_info, caplog):
+    import logging
+
+    cfg = _cfg(tiny_backbone, epochs=1, fine_tune_layers=1000, fine_tune_epochs=1)
+    with caplog.at_level(logging.WARNING, logger="petalflow"):
+        record = train_model(data_info, cfg, tmp_path / "w")
+    layers = record["fine_tuned_layers"]
+    assert len(layers) >= 2 and layers[-1] == "top_dense"
+    assert (f"fine_tune_layers is 1000, and the backbone has {len(layers)} layers with "
+            f"weights: all {len(layers)} are fine-tuned") in caplog.text
+
+
 def test_the_backbone_is_freed_before_the_export(tmp_path, tiny_backbone, data_info,
                                                  monkeypatch):
     """Once every feature is computed by the TFLite engine, the loaded backbone is garbage
