@@ -543,6 +543,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _environment_defaults()
     if command_line:
         defer_full_collections()  # until the command's imports are done (tasks/common.py)
+        if argv[:1] in (["train"], ["predict"]):
+            from petalflow.temporary_server import prelaunch
+
+            prelaunch()  # held until Prefect's settings say whether it is needed
     if argv[:1] == ["stack"]:  # petalflow stack up|down|deploy|status
         from petalflow.stack import main as stack_main
 

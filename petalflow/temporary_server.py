@@ -12,6 +12,13 @@ points its run at it (``temporary_settings``), waits for its health check just b
 and stops it when it ends; on Linux the server also ends when the command is killed (the
 kernel's parent-death signal, set by the server process for the thread that launched it: the
 command's main thread).
+
+The console script launches it earlier still, held (``prelaunch``): as the command starts, before
+this process has imported Prefect (0.7 s) to read its settings, unless the environment or the
+active profile names a Prefect API. A held server imports its modules, then waits for a line on
+its standard input before it touches the database or a port: ``start_if_needed`` lets it go when
+Prefect's settings want a temporary server, and otherwise closes its input, and it exits having
+done nothing but imports (as it does when the command ends first).
 """
 
 from __future__ import annotations
@@ -22,12 +29,15 @@ import subprocess
 import sys
 import time
 from contextlib import closing
+from pathlib import Path
 from typing import Optional
 
 # uvicorn's exit status when it could not start: its port was taken meanwhile (then launch
 # again on another port, as Prefect does) or the app failed to start (reported).
 _STARTUP_FAILURE = 3
 _ATTEMPTS = 5
+_HOLD, _GO = "--held", b"go\n"  # a held server waits for this line before it starts
+_PRELAUNCHED: list = []  # the console script's held server, until start_if_needed takes it
 
 
 def free_port() -> int:
@@ -53,12 +63,12 @@ class ServerError(RuntimeError):
 class TemporaryServer:
     """One uvicorn process serving Prefect's API (no UI) on a free loopback port."""
 
-    def __init__(self, settings_env: dict, startup_timeout_s: float):
+    def __init__(self, settings_env: dict, startup_timeout_s: float, held: bool = False):
         self._settings_env = settings_env
         self.startup_timeout_s = startup_timeout_s
         self.process: Optional[subprocess.Popen] = None
         self.port = 0
-        self._launch()
+        self._launch(held)
 
     @property
     def address(self) -> str:
@@ -68,14 +78,32 @@ class TemporaryServer:
     def api_url(self) -> str:
         return f"{self.address}/api"
 
-    def _launch(self) -> None:
+    def _launch(self, held: bool = False) -> None:
         self.port = free_port()
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                "PREFECT__SERVER_FINAL": "1", **self._settings_env}
         env.pop("PREFECT_API_URL", None)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "petalflow.temporary_server", str(self.port),
-             str(os.getpid())], env=env)
+             str(os.getpid())] + ([_HOLD] if held else []), env=env,
+            stdin=subprocess.PIPE if held else None)
+
+    def release(self, startup_timeout_s: float) -> None:
+        """Let a held server start (``prelaunch``)."""
+        self.startup_timeout_s = startup_timeout_s
+        try:
+            self.process.stdin.write(_GO)
+            self.process.stdin.close()
+        except OSError:  # it has exited: wait_ready reports its status
+            pass
+
+    def cancel(self) -> None:
+        """A held server that is not needed exits without starting."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        self.process = None
 
     def wait_ready(self) -> None:
         """Until the API answers its health check; a clear error if the server exits or does
@@ -118,7 +146,7 @@ class TemporaryServer:
         self.process = None
 
 
-def _serve(port: int, parent: int) -> None:
+def _serve(port: int, parent: int, held: bool = False) -> None:
     """The server process: Prefect's API app under uvicorn, as Prefect's launcher runs it
     (``uvicorn --factory prefect.server.api.server:create_app --log-level error --lifespan
     on``), which also ends when the command's process ends, however it ends: a command killed
@@ -134,6 +162,11 @@ def _serve(port: int, parent: int) -> None:
         sys.exit(0)
     import uvicorn
 
+    if held:
+        import prefect.server.api.server  # noqa: F401 - the imports (creates no file), then wait
+
+        if sys.stdin.buffer.readline() != _GO:  # not needed, or the command ended: nothing done
+            sys.exit(0)
     uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
                 port=port, log_level="error", lifespan="on")
 
@@ -145,11 +178,46 @@ def start_if_needed() -> Optional[TemporaryServer]:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
+    held = _PRELAUNCHED.pop() if _PRELAUNCHED else None
     if settings.api.url or not settings.server.ephemeral.enabled:
+        if held is not None:
+            held.cancel()
         return None
-    return TemporaryServer(settings.to_environment_variables(exclude_unset=True),
-                           settings.server.ephemeral.startup_timeout_seconds)
+    timeout_s = settings.server.ephemeral.startup_timeout_seconds
+    if held is not None:
+        held.release(timeout_s)
+        return held
+    return TemporaryServer(settings.to_environment_variables(exclude_unset=True), timeout_s)
+
+
+def prelaunch() -> None:
+    """Launch the temporary server held, for ``start_if_needed`` to let go or cancel; not when
+    the environment or the active profile (``_api_in_profile``) names a Prefect API. For the
+    console script's process only, as it starts: the server gets this process's environment,
+    and Prefect's settings come from it and the same files (a caller in a process that changed
+    them, with ``temporary_settings``, gets a server launched with them by start_if_needed)."""
+    if os.environ.get("PREFECT_API_URL") or _api_in_profile() or _PRELAUNCHED:
+        return
+    _PRELAUNCHED.append(TemporaryServer({}, 0.0, held=True))
+
+
+def _api_in_profile() -> bool:
+    """Whether Prefect's active profile sets ``PREFECT_API_URL`` (read as Prefect reads it:
+    ``PREFECT_PROFILES_PATH``, else ``profiles.toml`` in ``PREFECT_HOME``; the profile named by
+    ``PREFECT_PROFILE``, else the file's ``active``). Only to skip a launch that would be
+    cancelled: what Prefect's settings say decides (``start_if_needed``)."""
+    import tomllib
+
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    name = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
+    profile = data.get("profiles", {}).get(name, {})
+    return bool(isinstance(profile, dict) and profile.get("PREFECT_API_URL"))
 
 
 if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+    _serve(int(sys.argv[1]), int(sys.argv[2]), held=sys.argv[3:] == [_HOLD])

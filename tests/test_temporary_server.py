@@ -162,3 +162,116 @@ def test_a_server_that_cannot_start_fails_the_command_clearly_and_writes_nothing
         "starts one)"]
     assert list(workspace.glob("p.csv*")) == []
     assert image.read_bytes() == before
+
+
+# The console script's held server (temporary_server.prelaunch): prints, as JSON, what was
+# in the Prefect home (its database) while it was held, and after start_if_needed decided.
+HELD_PROBE = """
+import json, os, sys, time
+import httpx
+from petalflow import temporary_server as ts
+
+home = os.environ["PREFECT_HOME"]
+ts.prelaunch()
+if not ts._PRELAUNCHED:
+    print(json.dumps(None)); sys.exit(0)
+held = ts._PRELAUNCHED[0]
+process = held.process
+time.sleep(float(sys.argv[1]))  # longer than a server takes to start and answer
+while_held = sorted(os.listdir(home))
+if sys.argv[2] == "not-needed":  # Prefect's settings, read after the launch, say no server
+    os.environ["PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"] = "false"
+server = ts.start_if_needed()
+out = {"while_held": while_held, "server": server.process is process if server else None}
+if server is not None:
+    server.wait_ready()
+    out["health"] = httpx.get(server.api_url + "/health").status_code
+    out["after"] = sorted(os.listdir(home))
+    server.stop()
+else:
+    out["status"] = process.wait(timeout=120)
+    out["after"] = sorted(os.listdir(home))
+print(json.dumps(out))
+"""
+
+
+def _held_probe(tmp_path, mode: str, **env) -> dict | None:
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    out = subprocess.run([sys.executable, "-c", HELD_PROBE, "8", mode], capture_output=True,
+                         text=True, timeout=300,
+                         env={**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(home),
+                              **env})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_held_server_starts_only_when_let_go(tmp_path):
+    """Launched as the command starts, it imports and waits: no database, no port, until
+    Prefect's settings (read later by the command) want a temporary server."""
+    got = _held_probe(tmp_path, "needed")
+    assert got["while_held"] == []
+    assert got["server"] is True and got["health"] == 200
+    assert "prefect.db" in got["after"]
+
+
+def test_a_held_server_that_is_not_needed_exits_having_done_nothing(tmp_path):
+    got = _held_probe(tmp_path, "not-needed")
+    assert got == {"while_held": [], "server": None, "status": 0, "after": []}
+
+
+def test_no_held_server_when_the_environment_or_the_active_profile_names_an_api(tmp_path):
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    (home / "profiles.toml").write_text(
+        'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n\n'
+        '[profiles.local]\nPREFECT_LOGGING_LEVEL = "INFO"\n')
+    for env in ({"PREFECT_HOME": str(home)},
+                {"PREFECT_PROFILES_PATH": str(home / "profiles.toml")},
+                {"PREFECT_API_URL": "http://127.0.0.1:9/api"}):
+        code = ("import json; from petalflow import temporary_server as ts; ts.prelaunch(); "
+                "print(json.dumps(len(ts._PRELAUNCHED)))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "PREFECT_API_URL": "", **env})
+        assert out.returncode == 0 and out.stdout.strip() == "0", (env, out.stderr[-2000:])
+    # Another profile made active: launched held (then, not let go, it exits).
+    other = subprocess.run(
+        [sys.executable, "-c", "from petalflow import temporary_server as ts; ts.prelaunch(); "
+         "print(len(ts._PRELAUNCHED)); ts._PRELAUNCHED[0].cancel()"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(home),
+             "PREFECT_PROFILE": "local"})
+    assert other.returncode == 0 and other.stdout.strip() == "1", other.stderr[-2000:]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_command_refused_before_work_leaves_no_server_and_no_database(tmp_path):
+    """The console script launches the held server before it reads its options: a bad option
+    ends the command, and the held server with it, having started nothing."""
+    import time
+    from pathlib import Path
+
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    exe = Path(sys.executable).with_name("petalflow")
+    proc = subprocess.run([str(exe), "train", "--data-url", str(tmp_path), "--epochs", "0"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PREFECT_API_URL": "", "PREFECT_HOME": str(home)})
+    assert proc.returncode == 2 and "--epochs" in proc.stderr
+
+    def servers() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if (entry.name.isdigit() and b"petalflow.temporary_server" in
+                        (entry / "cmdline").read_bytes() and
+                        f"PREFECT_HOME={home}".encode() in (entry / "environ").read_bytes()):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+        return found
+
+    deadline = time.monotonic() + 30
+    while servers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert servers() == [] and list(home.iterdir()) == []
