@@ -538,7 +538,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     process's stderr alone; as the ``petalflow`` command it filters TensorFlow's native noise."""
     command_line = argv is None
     global _STARTED_AT
-    _STARTED_AT = time.time()
+    if command_line:  # the command started with its process
+        from petalflow.tasks.timing import process_started_at
+
+        _STARTED_AT = process_started_at()
+    else:
+        _STARTED_AT = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     _environment_defaults()
     if command_line:

@@ -22,6 +22,21 @@ PHASES = ("start-up", "backbone", "download", "scan", "tracking", "training hand
           "epochs", "export", "edge export", "evaluation", "registration")
 
 
+def process_started_at() -> float:
+    """When this process started, in epoch seconds (Linux: from ``/proc``, to the kernel's
+    clock tick; elsewhere: now). The ``petalflow`` command counts its start-up phase and its
+    first prediction from here: the interpreter's start and the CLI's own imports (~0.15 s)
+    come before its ``main`` runs."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:  # field 22, starttime: ticks after boot
+            ticks = int(fh.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
 class PhaseTimer:
     """Accumulates wall seconds per phase: ``with timer.phase("download"): ...``."""
 

@@ -653,3 +653,21 @@ def test_hundreds_of_class_names_fit_the_runs_tag():
     assert len(tag) <= RUN_TAG_CHARS < len(json.dumps(many))
     assert tag.startswith('400 classes (the full list is in the model\'s metadata): ["000.')
     assert tag.endswith("…")
+
+
+def test_the_command_counts_its_time_from_its_process_start():
+    """The start-up phase and predict's first prediction count from when the process started,
+    not from when the CLI's main ran (after the interpreter's start and the CLI's imports)."""
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(0.6); from petalflow.tasks.timing import "
+            "process_started_at; print(time.time() - process_started_at())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    elapsed = float(out.stdout)
+    if sys.platform.startswith("linux"):
+        assert 0.6 <= elapsed < 5, elapsed
+    else:  # no /proc: counted from the call
+        assert elapsed < 0.1

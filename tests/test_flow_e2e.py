@@ -459,6 +459,22 @@ def test_predict_timing_line_says_when_the_first_prediction_was_written(trained,
         r"first prediction written ([0-9.]+) s after the command started; 5 images in "
         r"([0-9.]+) s", line[0]).groups())
     assert 0 < first <= total
+    # As a command, counted from its process's start: here a process that waits 10 s before
+    # its CLI runs (as the interpreter's start and the CLI's imports come before it; the
+    # first prediction itself comes ~5 s after the CLI starts, so the wait is longer).
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    code = "import sys, time; time.sleep(10); from petalflow.flows.cli import main; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "predict", "--input", str(folder), "--output",
+         str(tmp_path / "t2.csv"), "--timing"], cwd=tmp, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = float(re.search(r"first prediction written ([0-9.]+) s", proc.stdout)[1])
+    assert 10.0 <= first < 60
 
 
 def test_models_command_lists_versions(trained, monkeypatch, capsys):
