@@ -69,6 +69,88 @@ _MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\xff\x0a", "JPEG XL"),
           (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"%PDF", "PDF"), (b"8BPS", "PSD"))
 
 
+# Pixels an image may have: larger ones are refused from their header, never decoded (a
+# 20,000 x 20,000 PNG of 0.3 MB decodes to 1.2 GB, and two decode at once; over ~700 MP
+# TensorFlow's decoder refuses, which read as "undecodable image"). The training scan
+# quarantines the same ones (dataset.MAX_PIXELS, which this file cannot import).
+MAX_PIXELS = 64_000_000
+ERROR_TOO_LARGE = "image too large ({}x{} pixels, limit {}): downscale it first"
+# Bytes of a base64 row decoded to read its header: a JPEG's size comes after its EXIF and
+# colour profile (up to 64 KiB each); a header not read there is not checked.
+_HEADER_BYTES = 1 << 18
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                       0xCF})
+
+
+def header_size(data: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) of a JPEG, PNG, GIF, BMP or WebP file from its header, without decoding
+    it; None when the header cannot be read (another format, damaged, or cut short)."""
+    d = bytes(data[:_HEADER_BYTES])
+
+    def be(at: int, n: int) -> int:
+        return int.from_bytes(d[at:at + n], "big")
+
+    def le(at: int, n: int) -> int:
+        return int.from_bytes(d[at:at + n], "little")
+
+    if d.startswith(b"\x89PNG\r\n\x1a\n") and d[12:16] == b"IHDR" and len(d) >= 24:
+        return be(16, 4), be(20, 4)
+    if d[:6] in (b"GIF87a", b"GIF89a") and len(d) >= 10:
+        return le(6, 2), le(8, 2)
+    if d.startswith(b"BM") and len(d) >= 26:  # a bottom-up bitmap's height is negative
+        return (abs(int.from_bytes(d[18:22], "little", signed=True)),
+                abs(int.from_bytes(d[22:26], "little", signed=True)))
+    if d.startswith(b"RIFF") and d[8:12] == b"WEBP" and len(d) >= 30:
+        chunk = d[12:16]
+        if chunk == b"VP8X":  # extended: the canvas size
+            return 1 + le(24, 3), 1 + le(27, 3)
+        if chunk == b"VP8L":  # lossless: 14 bits each, less one
+            bits = le(21, 4)
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if chunk == b"VP8 ":  # lossy: the key frame's header
+            return le(26, 2) & 0x3FFF, le(28, 2) & 0x3FFF
+        return None
+    if d.startswith(b"\xff\xd8"):  # JPEG: its segments up to the frame header (SOFn)
+        i = 2
+        while i + 9 <= len(d) and d[i] == 0xFF:
+            marker = d[i + 1]
+            if marker == 0xFF:  # a fill byte
+                i += 1
+            elif marker in _JPEG_SOF:
+                return be(i + 7, 2), be(i + 5, 2)
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+                i += 2
+            else:
+                i += 2 + be(i + 2, 2)
+    return None
+
+
+def too_large(data: Optional[bytes]) -> Optional[str]:
+    """ERROR_TOO_LARGE for an image whose header says it has more than MAX_PIXELS pixels."""
+    size = header_size(data) if data else None
+    if size is None or size[0] * size[1] <= MAX_PIXELS:
+        return None
+    return ERROR_TOO_LARGE.format(size[0], size[1], MAX_PIXELS)
+
+
+def _refuse_too_large(rows: list, headers: Sequence[Optional[bytes]], blank) -> dict:
+    """{row: its ERROR_TOO_LARGE} for the rows whose ``headers`` say they are too large, each
+    replaced in ``rows`` by ``blank`` (a value the graph fails to decode: never decoded)."""
+    refused = {}
+    for i, head in enumerate(headers):
+        reason = too_large(head)
+        if reason:
+            refused[i] = reason
+            rows[i] = blank
+    return refused
+
+
+def _say_too_large(frame: pd.DataFrame, refused: dict) -> pd.DataFrame:
+    for i, reason in refused.items():
+        frame.loc[frame.index[i], "error"] = reason
+    return frame
+
+
 def unsupported_format(data: bytes) -> Optional[str]:
     """The name of the format of an image file the model cannot decode, from its first bytes
     (None: not one of those)."""
@@ -137,6 +219,8 @@ class ImageClassifier:
         if self._embed_bytes is None:
             raise ValueError("this model version has no feature output (exported before drift "
                              "references existed)")
+        images = list(images)
+        _refuse_too_large(images, list(images), b"")  # never decoded: not ok
         feats, ok = [], []
         for i in range(0, len(images), CALL_ROWS):
             out = self._embed_bytes(
@@ -217,7 +301,10 @@ class ImageClassifier:
         """Classify raw encoded image bytes; undecodable items get an ``error``, not an exception."""
         if len(images) == 0:
             return pd.DataFrame({c: [] for c in self.columns})
-        return _name_failures(self._in_calls(list(images), self.classify_raw), images)
+        rows = list(images)
+        refused = _refuse_too_large(rows, images, b"")
+        return _say_too_large(_name_failures(self._in_calls(rows, self.classify_raw), images),
+                              refused)
 
     def predict_with_features(self, images: Sequence[bytes]) -> tuple[pd.DataFrame, np.ndarray]:
         """``predict_bytes`` of encoded images plus, from the same pass, each row's backbone
@@ -227,15 +314,17 @@ class ImageClassifier:
             raise ValueError("this model version gives no features with its predictions "
                              "(exported before they were added)")
         images = list(images)
+        rows = list(images)
+        refused = _refuse_too_large(rows, images, b"")
         frames, features = [], []
-        for i in range(0, len(images), CALL_ROWS):
-            out = self.classify_raw(images[i:i + CALL_ROWS])
+        for i in range(0, len(rows), CALL_ROWS):
+            out = self.classify_raw(rows[i:i + CALL_ROWS])
             frames.append(self._to_frame(out))
             features.append(out["features"].numpy())
         if not frames:
             return pd.DataFrame({c: [] for c in self.columns}), np.zeros((0, 0), np.float32)
         frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        return _name_failures(frame, images), np.concatenate(features)
+        return _say_too_large(_name_failures(frame, images), refused), np.concatenate(features)
 
     def _in_calls(self, items: list, call) -> pd.DataFrame:
         """The prediction table of ``items``, ``CALL_ROWS`` per ``call`` (bounded memory)."""
@@ -267,13 +356,16 @@ class ImageClassifier:
         if (params or {}).get("output", "predictions") == "drift":
             raw = [_b64decode(v) for v in values]
             return pd.DataFrame([self.drift([r for r in raw if r is not None])])
+        sent = list(values)
+        refused = _refuse_too_large(sent, [_b64_header(v) if v else None for v in values], "@")
         frame = self._in_calls(
-            values, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
+            sent, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
         failed = np.flatnonzero(frame["error"].to_numpy() != "")
         raw = {i: _b64decode(values[i]) if values[i] else None for i in failed}
         frame.loc[[i for i in failed if values[i] and raw[i] is None], "error"] = ERROR_NOT_BASE64
         frame.loc[[i for i in failed if not values[i]], "error"] = ERROR_EMPTY
-        frame = _name_failures(frame, [raw.get(i) for i in range(len(values))])
+        frame = _say_too_large(_name_failures(frame, [raw.get(i) for i in range(len(values))]),
+                               refused)
         if index is not None:
             frame.index = index
         return frame
@@ -448,18 +540,33 @@ def _load_pyfunc(data_path: str) -> ImageClassifier:
     return ImageClassifier(data_path)
 
 
-def _b64decode(value: str) -> Optional[bytes]:
+def _b64decode(value: str, limit: Optional[int] = None) -> Optional[bytes]:
     """Bytes of a base64 image as the serving signature accepts it (standard or URL-safe, with
-    or without a data: prefix); None when it is not base64."""
+    or without a data: prefix); None when it is not base64. With ``limit``: its first
+    ``limit`` bytes at most, from the start of ``value`` only (a header)."""
     import binascii
     import re
 
+    if limit is not None:
+        value = value[:limit * 2]  # room for a data: prefix and line breaks
     text = re.sub(r"\s", "", re.sub(r"^data:[^,]*,", "", value))
     text = text.replace("-", "+").replace("_", "/")
+    if limit is not None and len(text) > limit // 3 * 4:
+        text = text[:limit // 3 * 4]  # whole 4-character groups: no padding
     try:
         return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         return None
+
+
+def _b64_header(value: str) -> Optional[bytes]:
+    """The first bytes of a base64 row, as many as ``header_size`` needs: 4 KiB, or up to
+    _HEADER_BYTES for a JPEG whose size comes after its EXIF and colour profile."""
+    head = _b64decode(value, 1 << 12)
+    if head and head.startswith(b"\xff\xd8") and header_size(head) is None \
+            and len(head) >= 1 << 12:
+        head = _b64decode(value, _HEADER_BYTES)
+    return head
 
 
 def encode_bytes(data: Iterable[bytes]) -> list[str]:

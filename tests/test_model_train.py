@@ -690,6 +690,48 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     assert bad["error"].tolist() == [ERROR_NOT_BASE64, "undecodable image"]
 
 
+def test_an_image_too_large_to_decode_safely_is_refused_from_its_header(exported):
+    """A 9,000 x 8,000 PNG (72 MP, 0.1 MB of file, 216 MB decoded; a 20,000 x 20,000 one of
+    0.3 MB decodes to 1.2 GB, and over ~700 MP TensorFlow calls it undecodable) is refused
+    with its size, by base64 and bytes alike, never decoded; the training scan quarantines the
+    same ones (one limit)."""
+    from petalflow.tasks import dataset, serving
+
+    assert serving.MAX_PIXELS == dataset.MAX_PIXELS
+    buf = io.BytesIO()
+    Image.new("L", (9000, 8000)).save(buf, "PNG")
+    huge = buf.getvalue()
+    model = serving.ImageClassifier(exported)
+    says = "image too large (9000x8000 pixels, limit 64000000): downscale it first"
+    frame = model.predict(pd.DataFrame({"image": [_b64(huge), _b64(_image("PNG"))]}))
+    assert frame["error"].tolist() == [says, ""] and frame["label"].tolist() == ["", "red"]
+    raw = model.predict_bytes([huge, _image("JPEG")])
+    assert raw["error"].tolist() == [says, ""] and raw["label"].tolist() == ["", "red"]
+    table, features = model.predict_with_features([_image("JPEG"), huge])
+    assert table["error"].tolist() == ["", says] and not features[1].any()
+    assert model.features([huge])[1].tolist() == [False]
+
+
+def test_header_size_reads_each_format_without_decoding():
+    from petalflow.tasks.serving import header_size
+    from tests.helpers import phone_jpeg
+
+    for fmt, kw in (("JPEG", {}), ("JPEG", {"progressive": True}), ("PNG", {}), ("GIF", {}),
+                    ("BMP", {}), ("WEBP", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        Image.new("RGB", (300, 200), (10, 200, 30)).save(buf, fmt, **kw)
+        assert header_size(buf.getvalue()) == (300, 200), (fmt, kw)
+    # A JPEG whose frame header comes after a 60 kB EXIF block and a colour profile.
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240)).save(buf, "JPEG", exif=b"Exif\x00\x00" + bytes(60_000),
+                                      icc_profile=bytes(30_000))
+    assert header_size(buf.getvalue()) == (320, 240)
+    # A phone's photo stored sideways (EXIF orientation 6): the stored size, 80 x 120.
+    assert header_size(phone_jpeg(Image.new("RGB", (120, 80)), 6)) == (80, 120)
+    assert header_size(buf.getvalue()[:500]) is None  # cut before its frame header
+    assert header_size(b"this is not an image") is None and header_size(b"") is None
+
+
 def test_the_served_model_sees_a_sideways_stored_phone_photo_upright(exported):
     """A phone's portrait photo (stored sideways, EXIF Orientation 6) gets the features and
     probabilities of the same photo stored upright, as training saw its photos; the stored
