@@ -158,17 +158,17 @@ def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_cha
 
 def test_a_damaged_archive_behind_the_url_fails_the_run_saying_so_and_keeps_the_champion(
         workspace, tiny_backbone, prefect_harness):
-    """The URL's archive is replaced by a damaged one (one byte changed: gzip's checksum,
-    after the tar's end, disagrees): the run fails calling it damaged, extracts and trains
-    nothing, keeps the champion and the extraction it was trained on, and removes the damaged
-    download; once a whole archive is behind the URL, it is downloaded and trained."""
+    """The URL's archive is replaced by a damaged one (one byte of gzip's CRC-32 changed: it
+    decompresses to the same tar, read whole before this check): the run fails calling it
+    damaged, extracts and trains nothing, keeps the champion and the extraction it was
+    trained on, and removes the damaged download; once a whole archive is behind the URL, it
+    is downloaded and trained."""
     from petalflow.flows.train_flow import train_and_register
     from petalflow.tasks.errors import DamagedArchive
 
     first_bytes = _archive(workspace, "v1", per_class=12, seed=0)
     newer = _archive(workspace, "v2", per_class=15, seed=4)
-    middle = len(newer) // 2
-    damaged = newer[:middle] + bytes([newer[middle] ^ 0xFF]) + newer[middle + 1:]
+    damaged = newer[:-8] + bytes([newer[-8] ^ 0xFF]) + newer[-7:]  # its CRC-32's first byte
     with revalidating_server() as site:
         url = site.put("/export/photos.tgz", first_bytes)
         first = train_and_register(_params(url, tiny_backbone))
