@@ -29,6 +29,8 @@ from petalflow.tasks.common import (
 )
 from petalflow.tasks.errors import DatasetError
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
+# Larger images are quarantined: decoding one would take gigabytes (the served model's limit).
+from petalflow.tasks.serving import MAX_PIXELS
 
 
 class DatasetCounts(TypedDict):
@@ -79,7 +81,6 @@ def dataset_summary(info: DatasetInfo) -> dict:
 # that cannot be read; images.py turns them).
 MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "orientation",
                     "status", "reason"]
-MAX_PIXELS = 64_000_000  # larger images are quarantined: decoding one would take gigabytes
 MIN_PER_SPLIT = 1
 COPY_OF = "copy of "  # the reason of a file in a nested copy of the class folders (scan_dataset)
 

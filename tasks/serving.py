@@ -72,7 +72,7 @@ _MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\xff\x0a", "JPEG XL"),
 # Pixels an image may have: larger ones are refused from their header, never decoded (a
 # 20,000 x 20,000 PNG of 0.3 MB decodes to 1.2 GB, and two decode at once; over ~700 MP
 # TensorFlow's decoder refuses, which read as "undecodable image"). The training scan
-# quarantines the same ones (dataset.MAX_PIXELS, which this file cannot import).
+# quarantines the same ones (dataset.py takes this limit from here).
 MAX_PIXELS = 64_000_000
 ERROR_TOO_LARGE = "image too large ({}x{} pixels, limit {}): downscale it first"
 # Bytes of a base64 row decoded to read its header: a JPEG's size comes after its EXIF and
@@ -360,7 +360,8 @@ class ImageClassifier:
         refused = _refuse_too_large(sent, [_b64_header(v) if v else None for v in values], "@")
         frame = self._in_calls(
             sent, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
-        failed = np.flatnonzero(frame["error"].to_numpy() != "")
+        # (refused rows keep their reason: their whole base64 is not decoded to name it)
+        failed = [i for i in np.flatnonzero(frame["error"].to_numpy() != "") if i not in refused]
         raw = {i: _b64decode(values[i]) if values[i] else None for i in failed}
         frame.loc[[i for i in failed if values[i] and raw[i] is None], "error"] = ERROR_NOT_BASE64
         frame.loc[[i for i in failed if not values[i]], "error"] = ERROR_EMPTY
