@@ -293,8 +293,8 @@ REPACK = "pack the class folders as .tar.gz or .zip"
 # The compressions a tar comes in: its first bytes, the module that reads it.
 COMPRESSED = ((b"\x1f\x8b", "gzip", gzip.GzipFile), (b"BZh", "bzip2", bz2.BZ2File),
               (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile))
-# What reading a damaged archive raises (checksums, cut-short streams, bad compressed data);
-# an OSError with an errno is the disk's (full, read-only), not the archive's.
+# What reading a damaged archive raises (checksums, cut-short streams, bad compressed data),
+# and the disk's errors (``_disk_error``).
 READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError,
                OSError)
 
@@ -339,9 +339,14 @@ def _check_decompresses(path: Path, compression: str, opener, probe: int = 1 << 
         with opener(path) as stream:
             stream.read(probe)
     except READ_ERRORS as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
+        if _disk_error(exc):
             raise
         raise _damaged(path, f"its {compression} data does not decompress: {exc}") from exc
+
+
+def _disk_error(exc: BaseException) -> bool:
+    """An OSError with an errno is the disk's (full, read-only), not the archive's."""
+    return isinstance(exc, OSError) and exc.errno is not None
 
 
 def _damaged(archive: Path, detail) -> DamagedArchive:
@@ -352,7 +357,7 @@ def _damaged(archive: Path, detail) -> DamagedArchive:
 
 def _read_error(archive: Path, exc: BaseException) -> ArchiveError:
     """The error for what reading ``archive`` raised: DamagedArchive unless the disk failed."""
-    if isinstance(exc, OSError) and exc.errno is not None:
+    if _disk_error(exc):
         return ArchiveError(f"cannot extract archive {archive.name}: {exc}")
     if isinstance(exc, tarfile.FilterError):  # the "data" filter refused a member
         return ArchiveError(f"archive {archive.name}: {exc}; refusing")
