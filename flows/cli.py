@@ -56,7 +56,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetError,
-        DownloadError, ModelNotFound, StoreNotFound, TransientError, WebPageNotArchive,
+        DownloadError, ModelNotFound, StoreNotFound, TransientError, UnusableImages,
+        WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -90,6 +91,10 @@ def explain_failure(exc: BaseException) -> RunFailed:
                          "`tar -tf`) and put a whole copy behind --data-url; the datasets "
                          "already extracted and the registered models are as they were.",
                          EXIT_DATA)
+    if isinstance(exc, UnusableImages):
+        return RunFailed(text, "the class folders were found, their images were not usable: "
+                         "convert them to JPEG or PNG (or replace them) and train again; "
+                         "TensorFlow decodes JPEG, PNG, GIF, BMP and WebP.", EXIT_DATA)
     if isinstance(exc, (ArchiveError, DatasetError)):
         return RunFailed(text, "see the README's 'petalflow train' section for the layout "
                          "petalflow expects (one subfolder of images per class).", EXIT_DATA)

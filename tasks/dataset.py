@@ -27,7 +27,7 @@ from typing_extensions import TypedDict  # pydantic (Prefect's parameters) needs
 from petalflow.tasks.common import (
     log, printable_name, walk_files, without_autotuning, write_json,
 )
-from petalflow.tasks.errors import DatasetError
+from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 # Larger images are quarantined: decoding one would take gigabytes (the served model's limit).
 from petalflow.tasks.serving import MAX_PIXELS
@@ -493,17 +493,19 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
     return manifest
 
 
+def _image_files(rows: pd.DataFrame) -> pd.Series:
+    """Which manifest rows are images (usable or not): usable, recognised by PIL, or named
+    like an image; not notes, hidden files or empty files with other names."""
+    recognised = (rows["status"] == "ok") | ~rows["reason"].isin(
+        ["not an image file", "hidden file", "empty file"])
+    return recognised | rows["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+
+
 def image_free_folders(manifest: pd.DataFrame) -> list[str]:
     """Folders with files but not one image among them (no usable image, no image-like name,
     nothing PIL recognised): they are reported and skipped, not treated as classes."""
-    skipped = []
-    for label, rows in manifest.groupby("label", sort=True):
-        recognised = (rows["status"] == "ok") | ~rows["reason"].isin(
-            ["not an image file", "hidden file", "empty file"])
-        image_named = rows["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
-        if not (recognised | image_named).any():
-            skipped.append(str(label))
-    return skipped
+    return [str(label) for label, rows in manifest.groupby("label", sort=True)
+            if not _image_files(rows).any()]
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
@@ -530,10 +532,7 @@ def split_dataset(
     all_labels = sorted(manifest["label"].unique().tolist())
     usable = class_names(manifest)
     if len(usable) < 2:
-        raise DatasetError(
-            f"need at least 2 classes with usable images, found {len(usable)} "
-            f"({', '.join(usable) or 'none'}); put each class's images in its own subfolder"
-        )
+        raise _too_few_classes(manifest, usable)
     skipped = set(image_free_folders(manifest))
     for label in all_labels:
         if label in skipped:
@@ -556,6 +555,28 @@ def split_dataset(
         rows = ok.index[ok["label"] == label]
         manifest.loc[rows, "split"] = ok.loc[rows, "sha256"].map(assignment)
     return manifest
+
+
+def _too_few_classes(manifest: pd.DataFrame, usable: list[str]) -> DatasetError:
+    """The error for fewer than 2 classes with usable images. When other folders hold image
+    files that were all quarantined (a dataset of TIFFs, HEIC photos), it says so, with the
+    commonest reason and one of the files: the layout is right, the files are not (and no
+    manifest is written to look them up in)."""
+    found = (f"need at least 2 classes with usable images, found {len(usable)} "
+             f"({', '.join(usable) or 'none'})")
+    others = manifest[~manifest["label"].isin(usable)]
+    images = others[_image_files(others)]
+    if images.empty:
+        return DatasetError(f"{found}; put each class's images in its own subfolder")
+    labels = sorted(images["label"].astype(str).unique())
+    named = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+    top, count = next(iter(images["reason"].value_counts().items()))
+    example = images.loc[images["reason"] == top, "path"].iloc[0]
+    share = f", {count} of them: " if count < len(images) else ": "
+    return UnusableImages(
+        f"{found}: the {len(images)} image file{'s' if len(images) > 1 else ''} in "
+        f"{named} {'were' if len(images) > 1 else 'was'} quarantined{share}{top}; "
+        f"e.g. {example}")
 
 
 def _why_unusable(manifest: pd.DataFrame, label: str) -> str:

@@ -40,6 +40,12 @@ class DatasetError(PetalflowError):
     """The dataset cannot be trained on as it is (too few classes or images)."""
 
 
+class UnusableImages(DatasetError):
+    """The class folders were found, but too few of them hold an image petalflow can use: their
+    image files were all quarantined (a format TensorFlow cannot decode, such as TIFF or HEIC;
+    damaged bytes). The layout is right; the files are not."""
+
+
 class BackboneError(PetalflowError):
     """The backbone handle cannot be used (404, not a SavedModel) and retrying will not help."""
 

@@ -300,6 +300,13 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     assert hub.code == EXIT_BACKBONE
     assert explain_failure(BackboneError("not a SavedModel")).code == EXIT_BACKBONE
     assert explain_failure(DatasetError("need at least 2 classes")).code == EXIT_DATA
+    from petalflow.tasks.errors import UnusableImages
+
+    tiffs = explain_failure(UnusableImages("need at least 2 classes with usable images, found "
+                                           "0 (none): the 12 image files in a, b were "
+                                           "quarantined: unsupported image format TIFF"))
+    assert tiffs.code == EXIT_DATA and "convert them to JPEG or PNG" in tiffs.hint
+    assert "layout" not in tiffs.hint  # the layout is right
     from petalflow.tasks.errors import ArchiveError, DamagedArchive
 
     damaged = explain_failure(DamagedArchive("archive p.zip is damaged (Bad CRC-32 for file "

@@ -235,6 +235,49 @@ def test_one_class_is_a_clear_error(tmp_path):
         split_dataset(scan_dataset(root), 0.15, 0.15, 0)
 
 
+def test_a_dataset_of_tiffs_says_its_images_are_unusable_not_that_the_layout_is_wrong(tmp_path):
+    """UC Merced's land-use photos are TIFFs in one folder per class: every file quarantined.
+    The error says so, with the reason and a file, not "put each class's images in its own
+    subfolder" (they are); likewise when one class is usable and the others are not."""
+    from petalflow.tasks.errors import UnusableImages
+
+    root = tmp_path / "UCMerced_LandUse" / "Images"
+    for c, (name, rgb) in enumerate([("beach", (230, 210, 150)), ("forest", (20, 120, 30)),
+                                     ("river", (40, 80, 200))]):
+        for i in range(4):
+            write_image(root / name / f"{name}{i:02d}.tif", rgb, fmt="TIFF", seed=10 * c + i)
+    (root.parent / "readme.txt").write_text("21 classes, 100 images each")
+    from petalflow.tasks.dataset import find_data_root
+
+    assert find_data_root(tmp_path / "UCMerced_LandUse") == root
+    with pytest.raises(UnusableImages) as exc:
+        prepare_dataset(root, tmp_path / "out", 0.15, 0.15, 0)
+    assert str(exc.value) == (
+        "need at least 2 classes with usable images, found 0 (none): the 12 image files in "
+        "beach, forest, river were quarantined: unsupported image format TIFF (supported: "
+        "JPEG, PNG, GIF, BMP, WEBP); e.g. beach/beach00.tif")
+
+    for i in range(5):
+        write_image(root / "forest" / f"forest{i:02d}.jpg", (20, 120, 30), seed=50 + i)
+    (root / "river" / "notes.txt").write_text("taken from a plane")
+    with pytest.raises(UnusableImages) as exc:
+        split_dataset(scan_dataset(root), 0.15, 0.15, 0)
+    assert str(exc.value) == (
+        "need at least 2 classes with usable images, found 1 (forest): the 8 image files in "
+        "beach, river were quarantined: unsupported image format TIFF (supported: JPEG, PNG, "
+        "GIF, BMP, WEBP); e.g. beach/beach00.tif")
+
+    # Only notes beside the one class: the layout is what is wrong, and it says so.
+    shutil.rmtree(root / "beach")
+    for tif in (root / "river").glob("*.tif"):
+        tif.unlink()
+    with pytest.raises(DatasetError) as exc:
+        split_dataset(scan_dataset(root), 0.15, 0.15, 0)
+    assert not isinstance(exc.value, UnusableImages)
+    assert str(exc.value).endswith("found 1 (forest); put each class's images in its own "
+                                   "subfolder")
+
+
 def test_class_too_small_to_split_is_named(tmp_path):
     root = make_dataset(tmp_path / "d", per_class=6)
     for extra in (root / "green").glob("00[2-5].jpg"):
