@@ -86,8 +86,9 @@ def download_archive(
     A local path or file:// URL is used in place (verified when ``sha256`` is given); a folder is
     returned as is. With ``sha256`` (pinned: "exactly these bytes") a verified copy on disk is
     reused without asking the server. Without it the copy of the URL is revalidated on every
-    call with a conditional request (If-None-Match / If-Modified-Since from the last answer):
-    304 reuses it without a body; 200 downloads the new bytes beside the old copy, verifies them
+    call: a conditional GET (If-None-Match) when the last answer had an ETag, else a HEAD
+    whose Last-Modified and size must equal the copy's (``_same_by_head``); 304, or the same
+    date and size, reuses it without a body; 200 downloads the new bytes beside the old copy, verifies them
     and switches atomically (the old copy stays usable until then); a server that sends no
     validator is downloaded and compared by hash. ``source.json`` beside the copy records the
     validators, the sha256 and the outcome (see ``source_record``).
@@ -167,10 +168,19 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
     # "Content-Encoding: gzip" (S3 or GCS object metadata, `AddEncoding gzip .tgz`) was
     # decoded on the way, saved as the .tar inside and failed its pinned sha256.
     headers = {"Accept-Encoding": "identity"}
-    if known.get("etag"):
+    if known.get("etag"):  # an entity tag matches exactly or not at all
         headers["If-None-Match"] = known["etag"]
-    if known.get("last_modified"):
-        headers["If-Modified-Since"] = known["last_modified"]
+    elif known.get("last_modified"):
+        # A date is compared for equality, through HEAD: servers answer If-Modified-Since with
+        # "not newer" (python -m http.server, Apache, S3), so an archive replaced by an older
+        # file (mv, cp -p, ln -s, rsync -a of an earlier export) got 304 on every run and its
+        # bytes were never trained on. Only where HEAD tells nothing (a presigned GET URL
+        # refuses it; object stores date every upload anew) is the date sent as before.
+        same = _same_by_head(url, known, target, timeout_s)
+        if same:
+            return None
+        if same is None:
+            headers["If-Modified-Since"] = known["last_modified"]
     offset = part.stat().st_size if part.exists() else 0
     resume_with = part_meta.get("etag") or part_meta.get("last_modified")
     if offset and (resume_with or pinned):
@@ -211,6 +221,24 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
     except httpx.TransportError as exc:  # drops, resets, timeouts: keep the .part, resume
         raise TransientError(f"network error downloading {shown}: {exc}") from exc
     return part, (part_meta if resumed else validators)
+
+
+def _same_by_head(url: str, known: dict, target: Path, timeout_s: float) -> Optional[bool]:
+    """Whether the server's HEAD answer for ``url`` has the recorded Last-Modified and the size
+    of the copy on disk (True), another date or size (False), or tells neither (None: no 2xx
+    answer, no Content-Length, the connection failed: the GET that follows says why)."""
+    import httpx
+
+    try:
+        resp = httpx.head(url, headers={"Accept-Encoding": "identity"}, timeout=timeout_s,
+                          follow_redirects=True)
+        size = int(resp.headers["content-length"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    if not 200 <= resp.status_code < 300 or not target.exists():
+        return None
+    return (resp.headers.get("last-modified") == known["last_modified"]
+            and size == target.stat().st_size)
 
 
 def folder_listing_fingerprint(folder: Path) -> str:

@@ -212,17 +212,21 @@ class _Revalidating(http.server.BaseHTTPRequestHandler):
 
         etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
         modified = email.utils.formatdate(site.mtimes[self.path], usegmt=True)
+        if not site.etag:
+            etag = None
         if site.validators:
             inm = self.headers.get("If-None-Match")
             ims = self.headers.get("If-Modified-Since")
             if (inm and inm == etag) or (not inm and ims and ims == modified):
                 self.send_response(304)
-                self.send_header("ETag", etag)
+                if etag:
+                    self.send_header("ETag", etag)
                 self.end_headers()
                 return
         self.send_response(200)
         if site.validators:
-            self.send_header("ETag", etag)
+            if etag:
+                self.send_header("ETag", etag)
             self.send_header("Last-Modified", modified)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -233,12 +237,13 @@ class _Revalidating(http.server.BaseHTTPRequestHandler):
 class ChangingSite:
     """State of a ``revalidating_server``: put new bytes behind a path with ``put``."""
 
-    def __init__(self, validators: bool = True):
+    def __init__(self, validators: bool = True, etag: bool = True):
         self.files: dict[str, bytes] = {}
         self.mtimes: dict[str, float] = {}
         self.requests: list[tuple] = []
         self.body_bytes = 0
         self.validators = validators
+        self.etag = etag
         self.url = ""
 
     def put(self, path: str, data: bytes) -> str:
@@ -254,11 +259,12 @@ class ChangingSite:
 
 
 @contextmanager
-def revalidating_server(validators: bool = True):
+def revalidating_server(validators: bool = True, etag: bool = True):
     """A real HTTP server on a free loopback port whose content the test changes (ChangingSite).
-    ``validators=False``: a server that sends neither ETag nor Last-Modified."""
+    ``validators=False``: a server that sends neither ETag nor Last-Modified; ``etag=False``:
+    only Last-Modified. It answers GET only (HEAD: 501), as a presigned GET URL does."""
     with serve_handler(_Revalidating) as server:
-        server.site = ChangingSite(validators)
+        server.site = ChangingSite(validators, etag)
         server.site.url = base_url(server)
         yield server.site
 

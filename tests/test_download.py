@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -624,6 +626,73 @@ def test_changed_source_is_downloaded_beside_the_old_copy_and_switched(tmp_path,
     assert hashlib.sha256(got.read_bytes()).hexdigest() == hashlib.sha256(new).hexdigest()
     assert source_record(got)["outcome"] == "downloaded"
     assert not list(dest.rglob("*.part"))
+
+
+def test_an_archive_replaced_by_an_older_file_is_downloaded(tmp_path):
+    """Python's own file server (what `python -m http.server` runs), which dates a file by its
+    mtime and answers If-Modified-Since with "not newer": an archive replaced by an older
+    file of the same size (`mv`, `cp -p`, `ln -sf` to an earlier export) got 304 and was never
+    downloaded. Its date is now compared for equality through HEAD; an unchanged archive
+    still costs no body."""
+    import http.server
+
+    from petalflow.tasks.download import source_record
+    from tests.helpers import base_url, serve_handler
+
+    served, exports = tmp_path / "served", tmp_path / "exports"
+    served.mkdir()
+    exports.mkdir()
+    requests = []
+
+    class Counting(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send_response(self, code, message=None):
+            requests.append((self.command, code))
+            super().send_response(code, message)
+
+    day = 24 * 3600
+    (served / "data.tgz").write_bytes(b"first export " * 100)
+    for i, name in enumerate(["second.tgz", "third.tgz"]):  # made earlier, each 1300 bytes
+        (exports / name).write_bytes(f"{name:<13}".encode() * 100)
+        os.utime(exports / name, (time.time() - (3 - i) * day,) * 2)
+    dest = tmp_path / "downloads"
+    handler = lambda *a, **kw: Counting(*a, directory=str(served), **kw)  # noqa: E731
+    with serve_handler(handler) as server:
+        url = f"{base_url(server)}/data.tgz"
+        first = download_archive(url, dest)
+        assert download_archive(url, dest) == first
+        assert source_record(first)["outcome"] == "not modified"
+        assert requests == [("GET", 200), ("HEAD", 200)]  # no second body
+
+        os.replace(exports / "second.tgz", served / "data.tgz")  # mv: keeps its older date
+        assert download_archive(url, dest).read_bytes() == b"second.tgz   " * 100
+        assert source_record(first)["outcome"] == "downloaded"
+
+        (served / "data.tgz").unlink()
+        (served / "data.tgz").symlink_to(exports / "third.tgz")  # ln -sf: the link's target
+        assert download_archive(url, dest).read_bytes() == b"third.tgz    " * 100
+        assert requests[2:] == [("HEAD", 200), ("GET", 200), ("HEAD", 200), ("GET", 200)]
+
+
+def test_a_dated_source_that_refuses_head_is_revalidated_with_its_date(tmp_path):
+    """A source with Last-Modified and no ETag whose server answers GET only (a presigned GET
+    URL refuses HEAD): the GET carries If-Modified-Since as before, and a 304 costs no body."""
+    from petalflow.tasks.download import source_record
+    from tests.helpers import revalidating_server
+
+    old, new = _two_archives(tmp_path)
+    dest = tmp_path / "downloads"
+    with revalidating_server(etag=False) as site:
+        url = site.put("/data.tgz", old)
+        first = download_archive(url, dest)
+        assert source_record(first)["etag"] is None and source_record(first)["last_modified"]
+        assert download_archive(url, dest) == first
+        assert source_record(first)["outcome"] == "not modified"
+        assert site.body_bytes == len(old) and site.requests[-1][2]  # If-Modified-Since, 304
+        site.put("/data.tgz", new)
+        assert download_archive(url, dest).read_bytes() == new
 
 
 def test_server_without_validators_is_downloaded_and_compared_by_hash(tmp_path):
