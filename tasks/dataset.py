@@ -54,6 +54,10 @@ class DatasetCounts(TypedDict):
     unlabeled_split_folders: list[str]
     # Copies of the class folders nested in the dataset (flowers/flowers/): see nested_copies.
     nested_copies: list[str]
+    # Images lying in the dataset folder itself, outside every class folder: not used (nothing
+    # says what they show), counted and named (the first few) so the loss is seen.
+    loose_images: int
+    loose_image_examples: list[str]
 
 
 class DatasetInfo(TypedDict):
@@ -74,7 +78,8 @@ def dataset_summary(info: DatasetInfo) -> dict:
             **{k: counts[k] for k in ("found", "used", "quarantined", "splits",
                                       "quarantine_reasons", "empty_class_folders")},
             **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders",
-                                              "nested_copies")}}
+                                              "nested_copies", "loose_image_examples")},
+            "loose_images": counts.get("loose_images", 0)}
 
 
 # orientation: a JPEG's EXIF Orientation 1-8 as PIL reads it (1: as stored, or none; 0: EXIF
@@ -212,9 +217,16 @@ def orientation_note(counts: dict) -> Optional[str]:
 
 
 def split_layout_note(counts: dict) -> Optional[str]:
-    """One sentence for the log and the run report when the dataset came already split, or
-    holds a copy of its class folders."""
+    """One sentence for the log and the run report when the dataset came already split, holds
+    a copy of its class folders, or has images outside every class folder."""
     notes = []
+    loose = counts.get("loose_images") or 0
+    if loose:
+        examples = counts.get("loose_image_examples") or []
+        notes.append(f"{loose} image{'s lie' if loose > 1 else ' lies'} in the dataset folder "
+                     f"itself, outside every class folder, and {'are' if loose > 1 else 'is'} "
+                     f"not used (e.g. {', '.join(examples[:3])}): move "
+                     f"{'each' if loose > 1 else 'it'} into its class's folder")
     merged = counts.get("split_folders") or []
     if merged:
         notes.append(f"the dataset comes already split ({', '.join(f'{s}/' for s in merged)}): "
@@ -232,6 +244,14 @@ def split_layout_note(counts: dict) -> Optional[str]:
                      f"folders are named after, and the {again} with the bytes of a file of the "
                      "same class outside it are quarantined as copies")
     return "; ".join(notes) or None
+
+
+def loose_images(data_root: Path) -> list[str]:
+    """Sorted names of the image files lying directly in ``data_root`` (named as images,
+    visible): no class folder says what they show, so they are not used, and reported."""
+    return sorted(p.name for p in Path(data_root).iterdir()
+                  if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+                  and p.is_file())
 
 
 def candidate_classes(data_root: Path, parents: Optional[list] = None) -> list[str]:
@@ -693,6 +713,8 @@ def prepare_dataset(
         set(candidate_classes(data_root, parents)) - set(class_names(manifest)))
     counts["split_folders"], counts["unlabeled_split_folders"] = split_folders(data_root)
     counts["nested_copies"] = copy_folders(data_root, parents)
+    loose = loose_images(data_root)
+    counts["loose_images"], counts["loose_image_examples"] = len(loose), loose[:5]
     info: DatasetInfo = {
         "data_root": str(Path(data_root).resolve()),
         "manifest": str(manifest_path.resolve()),

@@ -316,6 +316,33 @@ def test_empty_class_folder_is_ignored_and_reported(tmp_path):
     assert info["counts"]["empty_class_folders"] == ["empty class"]
 
 
+def test_images_outside_every_class_folder_are_counted_and_named_not_silently_dropped(tmp_path):
+    """Photos left in the dataset folder itself (a class's photos extracted one level too
+    high): not used, as before, but the counts, the summary and the log's note say so."""
+    from petalflow.tasks.dataset import dataset_summary
+
+    root = make_dataset(tmp_path / "d", per_class=4)
+    for i in range(7):
+        write_image(root / f"IMG_{i:04d}.jpg", (250, 250, 0), seed=70 + i)
+    (root / "LICENSE.txt").write_text("CC-BY")
+    (root / ".cover.jpg").write_bytes(b"hidden")
+    info = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    assert info["counts"]["found"] == 12  # the class folders' files, as before
+    summary = dataset_summary(info)
+    assert summary["loose_images"] == 7
+    assert summary["loose_image_examples"] == [f"IMG_{i:04d}.jpg" for i in range(5)]
+    assert split_layout_note(info["counts"]) == (
+        "7 images lie in the dataset folder itself, outside every class folder, and are not "
+        "used (e.g. IMG_0000.jpg, IMG_0001.jpg, IMG_0002.jpg): move each into its class's "
+        "folder")
+
+    for extra in root.glob("IMG_*.jpg"):
+        extra.unlink()
+    info = prepare_dataset(root, tmp_path / "out2", 0.25, 0.25, 0)
+    assert info["counts"]["loose_images"] == 0 and split_layout_note(info["counts"]) is None
+
+
 def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tmp_path):
     """train/<class>, Valid/<class>, test/ with unlabeled images (a common download): the
     classes are the class folders, merged across the splits (not "train" vs "Valid"); the
