@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 from prefect import task
-from typing_extensions import TypedDict  # pydantic (Prefect's parameters) needs it before 3.12
+from typing_extensions import NotRequired, TypedDict  # pydantic needs them before 3.12
 
 from petalflow.tasks.common import (
     log, printable_name, walk_files, without_autotuning, write_json,
@@ -55,9 +55,10 @@ class DatasetCounts(TypedDict):
     # Copies of the class folders nested in the dataset (flowers/flowers/): see nested_copies.
     nested_copies: list[str]
     # Images lying in the dataset folder itself, outside every class folder: not used (nothing
-    # says what they show), counted and named (the first few) so the loss is seen.
-    loose_images: int
-    loose_image_examples: list[str]
+    # says what they show), counted and named (the first few) so the loss is seen. Not in the
+    # descriptions earlier versions wrote (a reused scan gets them from its folder).
+    loose_images: NotRequired[int]
+    loose_image_examples: NotRequired[list[str]]
 
 
 class DatasetInfo(TypedDict):
@@ -774,7 +775,10 @@ def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
                 or not Path(written["manifest"]).is_file()):
             return None
         info: DatasetInfo = {key: written[key] for key in DatasetInfo.__annotations__}
-    except (OSError, ValueError, KeyError, TypeError):
+        if "loose_images" not in info["counts"]:  # written before they were counted
+            loose = loose_images(data_root)
+            info["counts"].update(loose_images=len(loose), loose_image_examples=loose[:5])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     log("scan: %s was scanned before (an extracted archive does not change): its manifest "
         "is reused", data_root)

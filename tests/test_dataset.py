@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 
 import numpy as np
@@ -611,6 +613,29 @@ def test_an_extracted_archive_scanned_before_is_not_scanned_again(tmp_path, monk
         patched.setattr(dataset, "SCAN_VERSION", dataset.SCAN_VERSION + 1)
         with pytest.raises(AssertionError, match="scanned again"):
             dataset.prepare_dataset(root, tmp_path / "m1", 0.25, 0.25, seed=0, unchanging=True)
+
+    # A description written before images outside the class folders were counted (an earlier
+    # petalflow): reused, counted from the folder, and it is a valid training job's dataset.
+    from petalflow.tasks.params import TrainParams
+    from petalflow.tasks.train import TrainingJob
+
+    folder = root.stat()
+    write_image(root / "cover.jpg", (9, 9, 9))  # (the folder's own date kept: the same one)
+    os.utime(root, ns=(folder.st_atime_ns, folder.st_mtime_ns))
+    written = json.loads((tmp_path / "m1" / "dataset.json").read_text())
+    for key in ("loose_images", "loose_image_examples"):
+        del written["counts"][key]
+    (tmp_path / "m1" / "dataset.json").write_text(json.dumps(written))
+    with monkeypatch.context() as patched:
+        patched.setattr(dataset, "scan_dataset", no_scan)
+        older = dataset.prepare_dataset(root, tmp_path / "m1", 0.25, 0.25, seed=0,
+                                        unchanging=True)
+    assert older["counts"]["loose_images"] == 1
+    assert older["counts"]["loose_image_examples"] == ["cover.jpg"]
+    # A job from an earlier flow (a training worker updated first) has no such counts.
+    del older["counts"]["loose_images"], older["counts"]["loose_image_examples"]
+    TrainingJob(dataset=older, params=TrainParams(), workdir="w", run_id="r")
+    (root / "cover.jpg").unlink()
 
     # The extraction redone in its place, now with a photo less: scanned again.
     shutil.rmtree(root)
