@@ -447,6 +447,12 @@ class PredictParams(BaseModel):
     def _inputs_exist(cls, value: list[str]) -> list[str]:
         import glob
 
+        urls = [item for item in value if "://" in item and not Path(item).exists()]
+        if urls:
+            raise ValueError("images are read from files, not URLs: "
+                             + ", ".join(repr(u) for u in urls)
+                             + "; download them first (curl -O URL), or post them to a "
+                             "served model (README: Serving over REST)")
         missing = [item for item in value if not Path(item).expanduser().exists()
                    and not glob.glob(str(Path(item).expanduser()), recursive=True)]
         if missing:

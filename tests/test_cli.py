@@ -126,6 +126,13 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
     assert main(["predict", "--input", str(workspace), "--output",
                  str(workspace / "no" / "dir.csv")]) == 2
     assert not out.exists()
+    capsys.readouterr()
+    # An image's URL: said to be one ("not a file, folder or matching pattern" left it open).
+    assert main(["predict", "--input", "https://example.org/photos/rose.jpg", "--output",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "images are read from files, not URLs: 'https://example.org/photos/rose.jpg'" in err
+    assert "curl -O" in err and not out.exists()
 
 
 def test_predict_on_a_folder_of_files_without_image_names_says_how_to_classify_them(
