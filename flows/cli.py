@@ -92,9 +92,10 @@ def explain_failure(exc: BaseException) -> RunFailed:
                          "already extracted and the registered models are as they were.",
                          EXIT_DATA)
     if isinstance(exc, UnusableImages):
-        return RunFailed(text, "the class folders were found, their images were not usable: "
-                         "convert them to JPEG or PNG (or replace them) and train again; "
-                         "TensorFlow decodes JPEG, PNG, GIF, BMP and WebP.", EXIT_DATA)
+        return RunFailed(text, "the class folders were found, but their images could not "
+                         "be used, for the reason above: fix or replace those files (a format "
+                         "TensorFlow cannot decode, such as TIFF or HEIC: convert them to JPEG "
+                         "or PNG) and train again.", EXIT_DATA)
     if isinstance(exc, (ArchiveError, DatasetError)):
         return RunFailed(text, "see the README's 'petalflow train' section for the layout "
                          "petalflow expects (one subfolder of images per class).", EXIT_DATA)

@@ -312,7 +312,8 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     tiffs = explain_failure(UnusableImages("need at least 2 classes with usable images, found "
                                            "0 (none): the 12 image files in a, b were "
                                            "quarantined: unsupported image format TIFF"))
-    assert tiffs.code == EXIT_DATA and "convert them to JPEG or PNG" in tiffs.hint
+    assert tiffs.code == EXIT_DATA and "for the reason above" in tiffs.hint
+    assert "convert them to JPEG or PNG" in tiffs.hint
     assert "layout" not in tiffs.hint  # the layout is right
     from petalflow.tasks.errors import ArchiveError, DamagedArchive
 
