@@ -14,8 +14,9 @@ kernel's parent-death signal, set by the server process for the thread that laun
 command's main thread).
 
 The console script launches it earlier still, held (``prelaunch``): as the command starts, before
-this process has imported Prefect (0.7 s) to read its settings, unless the environment or the
-active profile names a Prefect API. A held server imports its modules, then waits for a line on
+this process has imported Prefect (0.7 s) to read its settings, unless the environment, the
+active profile or the folder's ``.env``, ``prefect.toml`` or ``pyproject.toml`` names a Prefect
+API. A held server imports its modules, then waits for a line on
 its standard input before it touches the database or a port: ``start_if_needed`` lets it go when
 Prefect's settings want a temporary server, and otherwise closes its input, and it exits having
 done nothing but imports (as it does when the command ends first).
@@ -192,11 +193,13 @@ def start_if_needed() -> Optional[TemporaryServer]:
 
 def prelaunch() -> None:
     """Launch the temporary server held, for ``start_if_needed`` to let go or cancel; not when
-    the environment or the active profile (``_api_in_profile``) names a Prefect API. For the
+    the environment, the active profile (``_api_in_profile``) or the folder's settings files
+    (``_api_in_files``) name a Prefect API. For the
     console script's process only, as it starts: the server gets this process's environment,
     and Prefect's settings come from it and the same files (a caller in a process that changed
     them, with ``temporary_settings``, gets a server launched with them by start_if_needed)."""
-    if os.environ.get("PREFECT_API_URL") or _api_in_profile() or _PRELAUNCHED:
+    if (os.environ.get("PREFECT_API_URL") or _api_in_profile() or _api_in_files()
+            or _PRELAUNCHED):
         return
     _PRELAUNCHED.append(TemporaryServer({}, 0.0, held=True))
 
@@ -217,6 +220,33 @@ def _api_in_profile() -> bool:
     name = os.environ.get("PREFECT_PROFILE") or data.get("active") or "ephemeral"
     profile = data.get("profiles", {}).get(name, {})
     return bool(isinstance(profile, dict) and profile.get("PREFECT_API_URL"))
+
+
+def _api_in_files() -> bool:
+    """Whether the files Prefect also reads settings from, in the folder the command runs in,
+    name an API: ``.env`` (``PREFECT_API_URL=``), ``prefect.toml`` (``[api] url``),
+    ``pyproject.toml`` (``[tool.prefect.api] url``). Like ``_api_in_profile``, only to skip a
+    launch that would be cancelled."""
+    import re
+    import tomllib
+
+    try:
+        dotenv = Path(".env").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        dotenv = ""
+    if re.search(r"^\s*(?:export\s+)?PREFECT_API_URL\s*=\s*['\"]?[^\s'\"#]", dotenv,
+                 re.MULTILINE):
+        return True
+    for name, table in (("prefect.toml", ()), ("pyproject.toml", ("tool", "prefect"))):
+        try:
+            data = tomllib.loads(Path(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in (*table, "api"):
+            data = data.get(key) if isinstance(data, dict) else None
+        if isinstance(data, dict) and data.get("url"):
+            return True
+    return False
 
 
 if __name__ == "__main__":

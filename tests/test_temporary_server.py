@@ -234,6 +234,29 @@ def test_no_held_server_when_the_environment_or_the_active_profile_names_an_api(
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=120, env={**os.environ, "PREFECT_API_URL": "", **env})
         assert out.returncode == 0 and out.stdout.strip() == "0", (env, out.stderr[-2000:])
+    # The folder's settings files, which Prefect reads too (a held server launched there
+    # imported for ~2 s on the other core, then exited unused).
+    code = ("import json; from petalflow import temporary_server as ts; ts.prelaunch(); "
+            "from prefect.settings import get_current_settings as s; "
+            "print(json.dumps([len(ts._PRELAUNCHED), s().api.url])); "
+            "ts._PRELAUNCHED and ts._PRELAUNCHED[0].cancel()")
+    for name, text in ((".env", "# team server\nexport PREFECT_API_URL='http://127.0.0.1:9/api'\n"),
+                       ("prefect.toml", '[api]\nurl = "http://127.0.0.1:9/api"\n'),
+                       ("pyproject.toml", '[project]\nname = "x"\n\n[tool.prefect.api]\n'
+                                          'url = "http://127.0.0.1:9/api"\n'),
+                       (".env", "PREFECT_LOGGING_LEVEL=INFO\n# PREFECT_API_URL=http://x/api\n")):
+        folder = tmp_path / f"folder-{name}-{len(text)}"
+        folder.mkdir()
+        (folder / name).write_text(text)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, cwd=folder,
+                             env={**{k: v for k, v in os.environ.items()
+                                     if k != "PREFECT_API_URL"},
+                                  "PREFECT_HOME": str(tmp_path / "empty-home")})
+        assert out.returncode == 0, out.stderr[-2000:]
+        launched, api = json.loads(out.stdout.strip().splitlines()[-1])
+        assert (launched, api) == ((0, "http://127.0.0.1:9/api") if "9/api" in text
+                                   and "# PREFECT" not in text else (1, None)), (name, out.stdout)
     # Another profile made active: launched held (then, not let go, it exits).
     other = subprocess.run(
         [sys.executable, "-c", "from petalflow import temporary_server as ts; ts.prelaunch(); "
