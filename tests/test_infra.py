@@ -130,3 +130,31 @@ def test_stack_options_database_urls_and_worker_names(capsys):
     assert Stack().database_url("prefect") is None  # SQLite: the servers' own defaults
     assert worker_names(Stack(workers={"cpu": 2, "gpu": 3})) == [
         "worker-cpu", "worker-cpu-2", "worker-gpu", "worker-gpu-2", "worker-gpu-3"]
+
+
+def test_mlflow_artifacts_uris_map_to_the_sqlite_stores_own_folder_only(tmp_path):
+    """The plugin MLflow loads for mlflow-artifacts:/ (pyproject's entry point): a SQLite
+    store's own artifacts folder (where the stack's server keeps them), MLflow's repository for
+    a server, a store without that folder, or a path that would leave it."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+    from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+
+    store = tmp_path / "mlflow"
+    (store / "artifacts").mkdir(parents=True)
+    (store / "mlflow.db").write_bytes(b"")
+    sqlite = f"sqlite:///{store / 'mlflow.db'}"
+    repo = get_artifact_repository("mlflow-artifacts:/1/models/m-1/artifacts",
+                                   tracking_uri=sqlite)
+    assert isinstance(repo, LocalArtifactRepository)
+    assert Path(repo.artifact_dir) == store / "artifacts" / "1" / "models" / "m-1" / "artifacts"
+    served = get_artifact_repository("mlflow-artifacts:/1/x",
+                                     tracking_uri="http://127.0.0.1:5000")
+    assert isinstance(served, MlflowArtifactsRepository)
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    for uri, tracking in (("mlflow-artifacts:/../../etc", sqlite),
+                          ("mlflow-artifacts:/1/x", f"sqlite:///{tmp_path / 'other.db'}")):
+        with pytest.raises(MlflowException, match="must be a valid http or https URI"):
+            get_artifact_repository(uri, tracking_uri=tracking)  # MLflow's refusal, as before

@@ -451,3 +451,60 @@ def test_registry_error_reading_the_alias_fails_the_run_and_moves_no_alias(
         down(st)
 
 
+
+
+def test_models_trained_through_the_stacks_server_are_used_and_trained_on_without_it(
+        tmp_path, monkeypatch, tiny_backbone, prefect_harness):
+    """Train from the stack (its MLflow server keeps artifacts behind itself: experiments get
+    mlflow-artifacts:/ locations, files under mlflow/artifacts/), then, the stack down or its
+    environment not sourced, `petalflow predict` and `train` in that folder use the same
+    mlflow/ store embedded. Both failed with MLflow's "the tracking URI must be a valid http or
+    https URI" (train after 30 s of retries). They now read and write those artifacts in
+    mlflow/artifacts/, and the server, started again, serves what they wrote."""
+    import mlflow
+
+    from petalflow.flows.cli import main
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.stack import Stack, down, start_mlflow_server
+
+    st = Stack(stack_dir=tmp_path / "stack", mlflow_port=free_port(),
+               mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PETALFLOW_HOME", str(tmp_path / "home"))
+    data = _archive(tmp_path, "s", per_class=12, seed=3)
+    with revalidating_server() as site:
+        url = site.put("/s.tgz", data)
+        try:
+            start_mlflow_server(st)
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", st.mlflow_uri)
+            first = train_and_register(_params(url, tiny_backbone))
+            served = mlflow.MlflowClient(st.mlflow_uri, st.mlflow_uri)
+            assert served.get_model_version_download_uri(MODEL, "1").startswith(
+                "mlflow-artifacts:/")
+        finally:
+            down(st)
+        assert first["alias"] == "champion"
+
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the embedded store: ./mlflow/mlflow.db
+        photos = tmp_path / "photos"
+        for name, rgb in COLOURS.items():
+            write_image(photos / f"{name}.jpg", rgb, seed=90)
+        out = tmp_path / "predictions.csv"
+        assert main(["predict", "--input", str(photos), "--output", str(out)]) == 0
+        import csv
+
+        rows = list(csv.DictReader(out.open()))
+        assert len(rows) == len(COLOURS)
+        assert all(r["label"] in COLOURS and r["error"] == "" for r in rows), rows
+
+        second = train_and_register(_params(url, tiny_backbone, force=True, min_accuracy=0.0))
+        assert second["model_version"] == "2"
+    try:
+        start_mlflow_server(st)
+        got = mlflow.artifacts.download_artifacts(
+            f"models:/{MODEL}/2", dst_path=str(tmp_path / "pulled"), tracking_uri=st.mlflow_uri)
+        assert (Path(got) / "MLmodel").is_file()
+        assert served.get_model_version_download_uri(MODEL, "2").startswith(
+            "mlflow-artifacts:/")
+    finally:
+        down(st)
