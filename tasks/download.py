@@ -88,10 +88,10 @@ def download_archive(
     reused without asking the server. Without it the copy of the URL is revalidated on every
     call: a conditional GET (If-None-Match) when the last answer had an ETag, else a HEAD
     whose Last-Modified and size must equal the copy's (``_same_by_head``); 304, or the same
-    date and size, reuses it without a body; 200 downloads the new bytes beside the old copy, verifies them
-    and switches atomically (the old copy stays usable until then); a server that sends no
-    validator is downloaded and compared by hash. ``source.json`` beside the copy records the
-    validators, the sha256 and the outcome (see ``source_record``).
+    date and size, reuses it without a body; 200 downloads the new bytes beside the old copy,
+    verifies them and switches atomically (the old copy stays usable until then); a server
+    that sends no validator is downloaded and compared by hash. ``source.json`` beside the
+    copy records the validators, the sha256 and the outcome (see ``source_record``).
 
     Raises ChecksumMismatch (bad bytes, ``.part`` removed), DownloadError (4xx, unreachable
     file) or TransientError (connection drop, timeout, 5xx: safe to retry).
