@@ -57,6 +57,22 @@ def _taken(port: int) -> bool:
         return False
 
 
+def _healthy(port: int) -> bool:
+    """Whether the API on loopback ``port`` answers its health check. Plain HTTP with the
+    standard library: an httpx client builds a TLS context first (certifi's bundle, ~40 ms of
+    the command's start-up) that a loopback health check never uses."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/api/health")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 class ServerError(RuntimeError):
     """The temporary server exited or did not answer in time."""
 
@@ -109,31 +125,25 @@ class TemporaryServer:
     def wait_ready(self) -> None:
         """Until the API answers its health check; a clear error if the server exits or does
         not answer within its start-up timeout."""
-        import httpx
-
         timeout_s = self.startup_timeout_s
         deadline = time.monotonic() + timeout_s
         attempts = 1
-        with httpx.Client() as client:
-            while True:
-                code = self.process.poll()
-                if code == _STARTUP_FAILURE and _taken(self.port) and attempts < _ATTEMPTS:
-                    attempts += 1
-                    self._launch()
-                    continue
-                if code is not None:
-                    raise ServerError(f"Prefect's temporary server exited with status {code} "
-                                       "before it answered (its error is above)")
-                try:
-                    if client.get(f"{self.api_url}/health", timeout=2).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ServerError(f"Prefect's temporary server did not answer within "
-                                       f"{timeout_s:.0f} s")
-                time.sleep(0.05)
+        while True:
+            code = self.process.poll()
+            if code == _STARTUP_FAILURE and _taken(self.port) and attempts < _ATTEMPTS:
+                attempts += 1
+                self._launch()
+                continue
+            if code is not None:
+                raise ServerError(f"Prefect's temporary server exited with status {code} "
+                                   "before it answered (its error is above)")
+            if _healthy(self.port):
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"Prefect's temporary server did not answer within "
+                                   f"{timeout_s:.0f} s")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process is None:
