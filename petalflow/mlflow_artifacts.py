@@ -23,15 +23,23 @@ from typing import Optional
 from urllib.parse import unquote, urlparse
 
 
-def local_artifacts_root(tracking_uri: Optional[str]) -> Optional[Path]:
-    """``<folder>/artifacts`` for a SQLite tracking URI ``sqlite:///<folder>/<db>`` whose
-    database and artifacts folder exist (the folder that store's server is given as
-    ``--artifacts-destination``: ``mlflow/artifacts`` in the stack), else None."""
+def store_artifacts_dir(tracking_uri: Optional[str]) -> Optional[Path]:
+    """``<folder>/artifacts`` (resolved) for a SQLite tracking URI ``sqlite:///<folder>/<db>``,
+    else None: where petalflow keeps that store's artifacts (``registry.artifact_location``)
+    and its server is given as ``--artifacts-destination`` (``mlflow/artifacts`` in the
+    stack)."""
     if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
         return None
-    db = Path(tracking_uri[len("sqlite:///"):]).resolve()
-    root = db.parent / "artifacts"
-    return root if db.is_file() and root.is_dir() else None
+    return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve()
+
+
+def local_artifacts_root(tracking_uri: Optional[str]) -> Optional[Path]:
+    """``store_artifacts_dir`` when that store's database and artifacts folder exist, else
+    None."""
+    root = store_artifacts_dir(tracking_uri)
+    if root is None or not Path(tracking_uri[len("sqlite:///"):]).is_file():
+        return None
+    return root if root.is_dir() else None
 
 
 def served_artifacts_repository(artifact_uri: str, tracking_uri: Optional[str] = None,
@@ -44,7 +52,7 @@ def served_artifacts_repository(artifact_uri: str, tracking_uri: Optional[str] =
 
     root = local_artifacts_root(tracking_uri or mlflow.get_tracking_uri())
     path = (root / unquote(urlparse(artifact_uri).path).lstrip("/")).resolve() if root else None
-    if path is None or not path.is_relative_to(root.resolve()):
+    if path is None or not path.is_relative_to(root):
         return MlflowArtifactsRepository(artifact_uri, tracking_uri=tracking_uri,
                                          registry_uri=registry_uri)
     from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from prefect import task
 
+from petalflow.mlflow_artifacts import store_artifacts_dir
 from petalflow.tasks.common import code_version, local_store_db, redact_url
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
@@ -111,10 +112,8 @@ def artifact_location(uri: str) -> Optional[str]:
     Decided from the URI, not from the environment: ``mlflow.set_tracking_uri`` itself sets
     MLFLOW_TRACKING_URI, and MLflow's default for a SQLite store is ``./mlruns`` of whatever
     folder the process runs in."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.parent / "artifacts").resolve().as_uri()
-    return None
+    folder = store_artifacts_dir(uri)
+    return folder.as_uri() if folder else None
 
 
 def ensure_experiment(client, name: str) -> str:
