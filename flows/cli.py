@@ -122,16 +122,20 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
             continue
         option = cli_option(name)
         required = field.is_required() or name in CLI_REQUIRED
-        default = "required" if required else f"default: {field.default}"
+        default = "required" if required else \
+            f"default: {field.get_default(call_default_factory=True)}"
         # argparse formats help with %: a description's own % signs are literal.
         help_text = f"{field.description} ({default})".replace("%", "%%")
         if field.annotation is bool:
             p.add_argument(option, dest=name, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text)
         elif _is_model_list(field.annotation):
+            example = '\'[{"learning_rate": 0.01}, {"augment": true}]\''
+            if name == "sweep":  # TrainParams also takes a grid, listed as its combinations
+                example += (', or a grid of every combination, \'{"learning_rate": '
+                            '[0.01, 0.003], "augment": [true, false]}\'')
             p.add_argument(option, dest=name, default=None, metavar="JSON", required=required,
-                           help=f"{help_text} A JSON list of objects, e.g. "
-                                '\'[{"learning_rate": 0.01}, {"augment": true}]\'.')
+                           help=f"{help_text} A JSON list of objects, e.g. {example}.")
         elif get_origin(field.annotation) is list:
             p.add_argument(option, dest=name, nargs="+", default=None, help=help_text,
                            required=required)

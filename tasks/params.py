@@ -39,11 +39,36 @@ _PRINTED_SHA256 = (re.compile(r"^(?:sha-?256:)?([0-9a-f]{64})(?:[ \t]+\*?[^\n]+)
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _DEPLOYMENT_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
 _URL_SCHEMES = ("http://", "https://", "file://")
+MAX_SWEEP = 16  # candidates in one sweep: each is a training (a gpu run when deployed)
 
 
 def champion_uri(model_name: str) -> str:
     """The model URI of ``model_name``'s current champion."""
     return f"models:/{model_name}@{CHAMPION}"
+
+
+def sweep_grid(grid: dict) -> list[dict]:
+    """The candidates of a sweep given as a grid, ``{"learning_rate": [0.01, 0.003],
+    "augment": [true, false]}``: every combination of the fields' values (the first field
+    varying slowest; a single value is a one-value list). Raises ValueError for a field
+    without values or a grid of more than ``MAX_SWEEP`` candidates."""
+    import itertools
+
+    axes = {name: values if isinstance(values, list) else [values]
+            for name, values in grid.items()}
+    if not axes:
+        return []
+    empty = [name for name, values in axes.items() if not values]
+    if empty:
+        raise ValueError(f"the grid gives {', '.join(empty)} no values: list one or more")
+    sizes = [len(values) for values in axes.values()]
+    total = 1
+    for size in sizes:
+        total *= size
+    if total > MAX_SWEEP:
+        raise ValueError(f"the grid makes {' x '.join(map(str, sizes))} = {total} candidates, "
+                         f"more than {MAX_SWEEP}: give fewer values")
+    return [dict(zip(axes, combination)) for combination in itertools.product(*axes.values())]
 
 
 class SweepCandidate(BaseModel):
@@ -182,7 +207,7 @@ class TrainParams(BaseModel):
         "(flow-name/deployment-name) to hand the training step to.",
     )
     sweep: list[SweepCandidate] = Field(
-        default_factory=list, max_length=16, title="Sweep",
+        default_factory=list, max_length=MAX_SWEEP, title="Sweep",
         description="Train several configurations and keep the best: each candidate changes "
         "some of backbone, image_size, epochs, batch_size, learning_rate, augment, "
         "balance_classes and the "
@@ -278,6 +303,12 @@ class TrainParams(BaseModel):
                 "val_fraction + test_fraction must leave at least 20% of each class for training"
             )
         return self
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _expand_grid(cls, value):
+        # A grid ({"field": [values]}), the form sweep tools take: its candidates, listed.
+        return sweep_grid(value) if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _check_sweep(self) -> "TrainParams":

@@ -52,6 +52,39 @@ def test_cli_takes_the_sweep_as_json():
         parse("--sweep", '[{"epochs": 0}]')
 
 
+def test_a_sweep_given_as_a_grid_is_every_combination():
+    """The form sweep tools take ({"field": [values]}): its candidates, first field slowest,
+    validated one by one like a list's; an empty field or more than 16 candidates refused."""
+    from petalflow.flows.cli import UsageError, build_parser, params_from_args
+
+    def parse(*argv):
+        return params_from_args(TrainParams, build_parser().parse_args(["train", *argv]))
+
+    params = parse("--sweep", '{"learning_rate": [0.01, 0.003], "augment": [true, false], '
+                              '"epochs": 3}')
+    assert [c.changes() for c in params.sweep] == [
+        {"learning_rate": 0.01, "augment": True, "epochs": 3},
+        {"learning_rate": 0.01, "augment": False, "epochs": 3},
+        {"learning_rate": 0.003, "augment": True, "epochs": 3},
+        {"learning_rate": 0.003, "augment": False, "epochs": 3}]
+    # What the run records and hands on (MLflow params, events, train-gpu runs) is the list.
+    dumped = params.model_dump(mode="json")["sweep"]
+    assert dumped[3] == {**dict.fromkeys(dumped[3]), "learning_rate": 0.003, "augment": False,
+                         "epochs": 3}
+    assert TrainParams.model_validate({"sweep": dumped}).sweep == params.sweep
+    assert TrainParams(sweep={}).sweep == []
+    with pytest.raises(UsageError, match=r"--sweep: .*the grid makes 3 x 3 x 2 = 18 candidates, "
+                                         r"more than 16"):
+        parse("--sweep", '{"learning_rate": [0.1, 0.01, 0.001], "epochs": [1, 2, 3], '
+                         '"augment": [true, false]}')
+    with pytest.raises(UsageError, match="--sweep: .*the grid gives epochs no values"):
+        parse("--sweep", '{"learning_rate": [0.1], "epochs": []}')
+    with pytest.raises(UsageError, match=r"--sweep\[1\]\.learning_rate: Input should be greater"):
+        parse("--sweep", '{"learning_rate": [0.1, -1]}')
+    with pytest.raises(UsageError, match=r"sweep\[1\] repeats an earlier candidate"):
+        parse("--sweep", '{"epochs": [2, 2]}')
+
+
 def test_candidates_rank_by_validation_accuracy_and_failures_go_last():
     from petalflow.tasks.sweep import rank_candidates
 
