@@ -413,12 +413,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from petalflow.tasks.registry import list_model_versions
+    from petalflow.tasks.registry import list_model_versions, unregistered_name_reason
 
     require_store()
     table = list_model_versions(args.model_name)
     if table.empty:
-        print(f"no versions registered under {args.model_name!r}")
+        print(unregistered_name_reason(args.model_name))
         return 1
     with pd.option_context("display.width", 160, "display.max_columns", 10):
         print(table.to_string(index=False))

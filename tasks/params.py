@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import unquote, urlparse
 
 from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
@@ -404,6 +405,26 @@ def cli_option(field: str) -> str:
 OUTPUT_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
+def model_folder_problem(folder: Path) -> Optional[str]:
+    """What ``folder`` is instead of an MLflow model folder (one holding ``MLmodel``, as
+    ``petalflow pull`` saves it), with what to give; None when it is one."""
+    if (folder / "MLmodel").is_file():
+        return None
+    if not folder.exists():
+        return ("no such folder: give a model folder (`petalflow pull --dest DIR` saves one) "
+                "or a model URI such as models:/NAME@champion")
+    if not folder.is_dir():
+        return "a file, not a folder: give the folder holding the model's MLmodel file"
+    inside = sorted(p.parent for p in folder.glob("*/MLmodel"))
+    if len(inside) == 1:
+        return f"no MLmodel file in this folder; the model is in {inside[0]}: give that folder"
+    if (folder / "saved_model.pb").is_file():
+        return ("a TensorFlow SavedModel, not an MLflow model: give a folder `petalflow "
+                "pull` saved, or a model URI such as models:/NAME@champion")
+    return ("not an MLflow model folder (no MLmodel file in it): give a folder `petalflow "
+            "pull` saved, or a model URI such as models:/NAME@champion")
+
+
 class PredictParams(BaseModel):
     """The one typed, validated parameter model of the batch-predict flow; ``petalflow
     predict`` builds its options from it (the same way ``train`` does from TrainParams)."""
@@ -465,6 +486,22 @@ class PredictParams(BaseModel):
             suffix = Path(self.output).suffix.lower()
             object.__setattr__(self, "format", OUTPUT_FORMATS.get(suffix, "csv"))
         return self
+
+    @field_validator("model_uri")
+    @classmethod
+    def _model_folder_holds_a_model(cls, value: Optional[str]) -> Optional[str]:
+        """A local folder (a path, or a file:// URI) must be an MLflow model: refused here,
+        naming what it is, instead of MLflow's error after the run has started."""
+        if not value or not value.strip():
+            return None
+        value = value.strip()
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not value.startswith("file:"):
+            return value  # models:/, runs:/, s3://, ...: MLflow resolves them
+        path = Path(unquote(urlparse(value).path) if value.startswith("file:") else value)
+        reason = model_folder_problem(path.expanduser())
+        if reason:
+            raise ValueError(reason)  # the CLI and the UI show the value beside it
+        return value
 
     @field_validator("input_folder")
     @classmethod

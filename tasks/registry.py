@@ -733,10 +733,10 @@ def list_model_versions(name: str):
 
 
 def unresolved_model_reason(model_uri: str) -> Optional[str]:
-    """Why ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` does not resolve although NAME
-    is registered: its versions (aliases, test accuracy) and what to pass instead. None when
-    the URI resolves, is not a models:/ URI, or NAME itself is not registered (MLflow's own
-    message says that)."""
+    """Why ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` does not resolve: NAME's versions
+    (aliases, test accuracy) and what to pass instead, or, when NAME has no versions, the
+    names that are registered (``unregistered_name_reason``). None when the URI resolves or is
+    not a models:/ URI."""
     parsed = parse_models_uri(model_uri)
     if parsed is None:
         return None
@@ -745,7 +745,7 @@ def unresolved_model_reason(model_uri: str) -> Optional[str]:
     name, alias, version = parsed
     versions = list_model_versions(name)
     if versions.empty:
-        return None
+        return unregistered_name_reason(name)
     if (alias and alias in set(",".join(versions["aliases"]).split(","))) or (
             version and version.isdigit() and int(version) in set(versions["version"])):
         return None
@@ -763,6 +763,29 @@ def unresolved_model_reason(model_uri: str) -> Optional[str]:
            if alias == CHAMPION else "")
     return (f"registered model {name} has {what}{why}; its versions: {listing}. Pass --model "
             f"models:/{name}/{newest} to use one of them.")
+
+
+def registered_model_names(limit: int = 100) -> list[str]:
+    """The names registered in the configured store (up to ``limit``), sorted."""
+    return sorted(m.name for m in mlflow_client().search_registered_models(max_results=limit))
+
+
+def unregistered_name_reason(name: str) -> str:
+    """What to say when ``name`` has no versions in the configured store: which names it
+    holds (a typo, or another store) or that it holds none yet."""
+    from petalflow.tasks.common import redact_url
+
+    names = registered_model_names()
+    store = redact_url(tracking_uri())
+    if name in names:
+        return f"registered model {name} has no versions in {store}"
+    if not names:
+        return (f"no model is registered in {store}: `petalflow train` registers one, or "
+                f"point MLFLOW_TRACKING_URI at the store that holds {name!r}")
+    shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    return (f"no model named {name!r} is registered in {store}; it holds {shown}: use "
+            f"{'that name' if len(names) == 1 else 'one of those names'}, or point "
+            f"MLFLOW_TRACKING_URI at the store that holds {name!r}")
 
 
 @contextmanager

@@ -140,6 +140,50 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
     assert "curl -O" in err and not out.exists()
 
 
+def test_predict_refuses_a_model_folder_that_is_no_mlflow_model_naming_what_it_is(
+        workspace, capsys):
+    """--model given a folder: MLflow said 'Could not find an "MLmodel" configuration file'
+    after the run had started, with a hint about MLFLOW_TRACKING_URI. Refused at once, exit 2,
+    saying what the folder is and what to give; nothing written."""
+    from tests.helpers import write_image
+
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    out = workspace / "p.csv"
+    hub = workspace / "hub"  # a TF Hub backbone, not a trained model
+    hub.mkdir()
+    (hub / "saved_model.pb").write_bytes(b"")
+    pulled = workspace / "pulled"  # `petalflow pull` of a runs:/ URI: the model one folder down
+    (pulled / "model").mkdir(parents=True)
+    (pulled / "model" / "MLmodel").write_text("flavors: {}\n")
+    cases = {
+        str(workspace): "not an MLflow model folder (no MLmodel file in it): give a folder "
+                        "`petalflow pull` saved, or a model URI such as models:/NAME@champion",
+        str(workspace / "nope"): "no such folder: give a model folder (`petalflow pull --dest "
+                                 "DIR` saves one) or a model URI such as models:/NAME@champion",
+        "petalflow-classifier": "no such folder",  # a name is not a URI
+        str(hub): "a TensorFlow SavedModel, not an MLflow model",
+        (hub / "saved_model.pb").as_uri(): "a file, not a folder",
+        str(pulled): f"no MLmodel file in this folder; the model is in {pulled / 'model'}: "
+                     "give that folder",
+    }
+    for model, message in cases.items():
+        assert main(["predict", "--model", model, "--input", str(workspace / "in"),
+                     "--output", str(out)]) == 2, model
+        err = capsys.readouterr().err
+        assert f"--model: Value error, {message}" in err, err
+        assert f"(got {model!r})" in err and "Traceback" not in err
+    assert not out.exists() and not (workspace / "mlflow").exists()
+    # A folder that is a model passes the check (models:/ and other URIs are MLflow's).
+    from petalflow.tasks.params import PredictParams
+
+    for model in (str(pulled / "model"), (pulled / "model").as_uri(), "models:/m@champion",
+                  "runs:/abc/model", "s3://bucket/model"):
+        assert PredictParams(model_uri=model, input=[str(workspace / "in")],
+                             output=str(out)).model_uri == model
+    assert PredictParams(model_uri=" ", input=[str(workspace / "in")],
+                         output=str(out)).model_uri is None
+
+
 def test_predict_on_a_folder_of_files_without_image_names_says_how_to_classify_them(
         workspace, capsys):
     """Images saved without an extension (a web API's downloads, a content-addressed store):
@@ -169,8 +213,10 @@ def test_predict_with_a_model_that_does_not_exist_says_so_and_writes_nothing(
     assert main(["predict", "--input", str(workspace / "in"), "--output", str(out),
                  "--model-name", "nobody-trained-this"]) == 6
     err = capsys.readouterr().err
-    assert "petalflow predict: error: MLflow: Registered Model with name=nobody-trained-this " \
-           "not found" in err
+    store = f"sqlite:///{(workspace / 'mlflow' / 'mlflow.db').resolve()}"
+    assert (f"petalflow predict: error: no model is registered in {store}: `petalflow train` "
+            "registers one, or point MLFLOW_TRACKING_URI at the store that holds "
+            "'nobody-trained-this'") in err
     assert "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
     assert list(workspace.glob("p.csv*")) == []
 
@@ -199,8 +245,8 @@ def test_reading_models_in_a_folder_without_a_store_says_where_they_are_and_crea
 def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(workspace, capsys):
     """A registered model whose versions all stayed challengers has no champion: predict and
     pull (which default to the champion) say so, list the versions and what to pass; an
-    unknown version the same; an unknown model keeps MLflow's own message. One message and a
-    hint each, exit status 6, no traceback."""
+    unknown version the same; an unknown model name the names the store holds. One message
+    and a hint each, exit status 6, no traceback."""
     from mlflow import MlflowClient
 
     from petalflow.tasks.registry import configure_mlflow
@@ -212,6 +258,7 @@ def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(work
         version = client.create_model_version("m", source=str(workspace)).version
         client.set_model_version_tag("m", version, "test_accuracy", accuracy)
     client.set_registered_model_alias("m", "challenger", "2")
+    store = f"sqlite:///{(workspace / 'mlflow' / 'mlflow.db').resolve()}"
     cases = [
         (["pull", "--model-name", "m", "--dest", str(workspace / "pulled")],
          "registered model m has no version with the alias 'champion' (a version takes it "
@@ -223,7 +270,10 @@ def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(work
          "registered model m has no version 7; its versions: v2 (challenger, test accuracy "
          "0.4500), v1 (test accuracy 0.4000). Pass --model models:/m/2 to use one of them."),
         (["pull", "--model-name", "nobody", "--dest", str(workspace / "pulled")],
-         "MLflow: Registered Model with name=nobody not found"),
+         f"no model named 'nobody' is registered in {store}; it holds m: use that name, or "
+         "point MLFLOW_TRACKING_URI at the store that holds 'nobody'"),
+        (["pull", "--model", "models:/nobody@champion", "--dest", str(workspace / "pulled")],
+         f"no model named 'nobody' is registered in {store}; it holds m: use that name"),
     ]
     for argv, message in cases:
         assert main(argv) == 6, argv
@@ -231,6 +281,10 @@ def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(work
         assert f"petalflow pull: error: {message}" in err, err
         assert "Traceback" not in err and err.count("hint:") == 1
     assert not (workspace / "pulled").exists() or not any((workspace / "pulled").iterdir())
+    assert main(["models", "--model-name", "nobody"]) == 1
+    assert capsys.readouterr().out == (f"no model named 'nobody' is registered in {store}; it "
+                                       "holds m: use that name, or point MLFLOW_TRACKING_URI "
+                                       "at the store that holds 'nobody'\n")
 
 
 def test_predict_without_a_champion_names_the_versions_and_writes_nothing(

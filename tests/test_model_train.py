@@ -1527,7 +1527,7 @@ def test_a_prediction_job_on_a_folder_without_image_names_says_why_its_table_is_
     (folder / "photo1").write_bytes(b"\xff\xd8\xff")
     with caplog.at_level(logging.WARNING, logger="petalflow"):
         result = predict.predict_images(PredictParams(
-            model_uri="m", input=[str(folder)], output=str(tmp_path / "out.csv")))
+            model_uri="models:/m/1", input=[str(folder)], output=str(tmp_path / "out.csv")))
     assert result["images"] == 0
     assert "no image files found: a folder's images are found by their names" in caplog.text
     assert f"{folder} holds 1 other file (photo1): rename them" in caplog.text
