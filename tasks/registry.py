@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import threading
 from contextlib import contextmanager
@@ -24,6 +25,7 @@ from prefect import task
 from petalflow.mlflow_artifacts import store_artifacts_dir
 from petalflow.tasks.common import code_version, local_store_db, redact_url
 from petalflow.tasks.dataset import DatasetInfo
+from petalflow.tasks.errors import is_transient_status
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
 
 CHALLENGER = "challenger"
@@ -865,24 +867,55 @@ def pull_model(model_uri: str, dest: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- Prefect tasks
-# Errors a retry cannot fix: bad credentials, missing rights, bad requests.
-_PERMANENT_MLFLOW_ERRORS = {"UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_PARAMETER_VALUE",
-                            "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST"}
+# MLflow error codes of a server or database that may answer a moment later (MLflow gives a
+# SQL store's OperationalError, "database is locked" or a dropped connection, the first).
+_TRANSIENT_MLFLOW_ERRORS = {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED",
+                            "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED", "ABORTED"}
+# MLflow's message for an answer that was not JSON (a proxy's 502/503 page, say).
+_HTTP_STATUS = re.compile(r"failed with error code (\d{3})")
 
 
-def _retry_unless_permanent(task, task_run, state) -> bool:
-    """Retry MLflow calls on connection trouble and server errors, not on refused credentials."""
-    exc = state.result(raise_on_failure=False)
+def _causes(exc: BaseException):
+    """``exc`` and what it was raised from or while handling, innermost last."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def is_transient_mlflow_error(exc: BaseException) -> bool:
+    """Whether an MLflow call's failure is one of I/O that may pass: the connection refused,
+    dropped or timed out (MLflow raises its own exception while handling requests'), a server
+    error or rate limit answered by the server or a proxy in front of it (after MLflow's own
+    retries of it), a SQL store busy or unreachable. Not: refused credentials, bad requests, missing models, errors MLflow raises
+    before any request (a URI it cannot use) and everything that is not I/O."""
+    import requests
+    from mlflow.exceptions import RestException
+
+    for cause in _causes(exc):
+        # RetryError: MLflow's own retries of a 408/429/5xx answer ran out.
+        if isinstance(cause, (ConnectionError, TimeoutError, requests.ConnectionError,
+                              requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                              requests.exceptions.RetryError)):
+            return True
     code = getattr(exc, "error_code", None)
-    text = str(exc)
-    if code in _PERMANENT_MLFLOW_ERRORS or " 401" in text or " 403" in text:
-        return False
-    return True
+    if code in _TRANSIENT_MLFLOW_ERRORS:
+        return True
+    if code == "INTERNAL_ERROR" and isinstance(exc, RestException):
+        return True  # the server said 500: its database or storage failed this time
+    status = _HTTP_STATUS.search(str(exc))
+    return bool(status) and is_transient_status(int(status[1]))
+
+
+def _retry_if_transient(task, task_run, state) -> bool:
+    """Retry MLflow calls only on I/O that may pass (``is_transient_mlflow_error``)."""
+    return is_transient_mlflow_error(state.result(raise_on_failure=False))
 
 
 # MLflow calls cross the network when a tracking server is used: retried (3 s, 10 s, 30 s).
 MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
-                     retry_condition_fn=_retry_unless_permanent)
+                     retry_condition_fn=_retry_if_transient)
 
 
 @task(name="start-mlflow-run", **MLFLOW_RETRY)

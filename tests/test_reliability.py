@@ -205,3 +205,86 @@ def test_killed_training_process_resumes_from_its_last_checkpoint(tmp_path, tiny
                          on_epoch_end=lambda e, t, m: epochs.append(e))
     assert record["seeded_from"] == str(workdir)
     assert record["resumed_from_epoch"] == 2 and epochs == [3, 4, 5]
+
+
+class _AnswersWith(http.server.BaseHTTPRequestHandler):
+    """Answers every request with ``status`` and ``body`` (JSON when it is a dict)."""
+
+    status, body = 503, "Service Unavailable"
+
+    def log_message(self, *args):
+        pass
+
+    def _answer(self):
+        import json
+
+        cls = type(self)
+        text = json.dumps(cls.body) if isinstance(cls.body, dict) else cls.body
+        data = text.encode()
+        self.send_response(cls.status)
+        self.send_header("Content-Type", "application/json" if isinstance(cls.body, dict)
+                         else "text/html")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _answer  # noqa: N815 - http.server API
+
+
+def test_mlflow_calls_are_retried_on_io_that_may_pass_and_on_nothing_else(
+        tmp_path, monkeypatch):
+    """The MLflow tasks' retry condition, on what real MLflow calls raise: a server that is
+    down, one (or a proxy) answering 5xx or 429, a SQL store busy are retried; refused
+    credentials, a missing model, a 4xx, an error MLflow raises before any request (a URI it
+    cannot use: 3 retries took 43 s to say so) and errors that are not I/O (a TensorFlow or a
+    Python error in the evaluation of the champion) are not."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from petalflow.tasks.registry import is_transient_mlflow_error
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+
+    def raised(tracking_uri: str, call=lambda c: c.get_registered_model("m")):
+        with pytest.raises(Exception) as info:
+            call(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        return info.value
+
+    from petalflow.temporary_server import free_port
+
+    assert is_transient_mlflow_error(raised(f"http://127.0.0.1:{free_port()}"))  # refused
+    answers = [
+        ((503, "Service Unavailable"), True), ((502, "<html>Bad Gateway</html>"), True),
+        ((429, "slow down"), True),
+        ((500, {"error_code": "INTERNAL_ERROR", "message": "database is down"}), True),
+        ((503, {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}), True),
+        ((401, "Unauthorized"), False), ((403, "Forbidden"), False),
+        ((401, {"error_code": "UNAUTHENTICATED", "message": "who are you"}), False),
+        ((404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no model m"}), False),
+        ((400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "bad name"}), False),
+        ((404, "Not Found"), False),
+    ]
+    for (status, body), transient in answers:
+        handler = type("Handler", (_AnswersWith,), {"status": status, "body": body})
+        with serve_handler(handler) as server:
+            exc = raised(base_url(server))
+        assert is_transient_mlflow_error(exc) is transient, (status, body, exc)
+    # A SQL store that is busy: MLflow's code for SQLAlchemy's OperationalError.
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    assert is_transient_mlflow_error(
+        MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE))
+    # Raised before any request: an artifact URI the store's client cannot use (a server's
+    # mlflow-artifacts:/ location read through a SQLite URI whose store is not there).
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere' / 'mlflow.db'}"
+    with pytest.raises(MlflowException, match="must be a valid http or https URI") as info:
+        get_artifact_repository("mlflow-artifacts:/1/m", tracking_uri=elsewhere) \
+            .download_artifacts("m", str(tmp_path))
+    assert not is_transient_mlflow_error(info.value)
+    assert not is_transient_mlflow_error(MlflowException("no such flavor"))
+    assert not is_transient_mlflow_error(ValueError("exported model's classes differ"))
+    assert not is_transient_mlflow_error(KeyError("test_accuracy"))
+    assert not is_transient_mlflow_error(FileNotFoundError("champion/MLmodel"))
