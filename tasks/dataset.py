@@ -137,7 +137,9 @@ TRAINING_WORDS = frozenset({"train", "training"})
 
 
 def _words(name: str) -> set[str]:
-    return {w for w in re.split(r"[^a-z0-9]+", name.lower()) if w}
+    """The words of a folder name, digits dropped: seg_train -> seg, train; test1, val2017 ->
+    test, val."""
+    return {w for w in re.split(r"[^a-z]+", name.lower()) if w}
 
 
 def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
@@ -154,6 +156,69 @@ def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
     if not any(_words(n) & TRAINING_WORDS for n in labelled):
         return [], []
     return labelled, [n for n in names if n not in labelled]
+
+
+# Words that may stand beside a split's name in its folder's: training_set/, test_images/.
+_SPLIT_NAME_FILLERS = frozenset({"set", "data", "dataset", "images", "imgs", "img", "photos",
+                                 "pics", "files", "split"})
+
+
+def _only_split_words(name: str) -> bool:
+    """Whether a folder name says nothing but a split (train/, test1/, val2017/, test_set/);
+    "training shoes" or "test tubes" say more."""
+    words = _words(name) - _SPLIT_NAME_FILLERS
+    return bool(words) and words <= SPLIT_WORDS
+
+
+def unsorted_splits_problem(data_root: Path) -> Optional[str]:
+    """What is wrong when every folder in ``data_root`` is named as nothing but a split, one
+    of them for training (Kaggle's ``train/`` and ``test1/``), and none named for training
+    holds class folders: those folders are no classes (a model telling train/ from test1/
+    apart is what would be trained). Names them, and where the labels seem to be (the
+    images' file names, a table beside them); None for any other layout."""
+    data_root = Path(data_root)
+    names = class_folders(data_root)
+    if len(names) < 2 or not all(_only_split_words(n) for n in names) \
+            or not any(_words(n) & TRAINING_WORDS for n in names) or split_folders(data_root)[0]:
+        return None
+    shown = ", ".join(f"{n}/" for n in names)
+    problem = (f"{shown} are named like the splits of a dataset, not like classes, and no "
+               "training split among them holds class folders: petalflow takes each image's "
+               "class from the folder it is in")
+    training = [n for n in names if _words(n) & TRAINING_WORDS] or names
+    images = [p.name for p in sorted((data_root / training[0]).iterdir())
+              if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    labelled = labels_in_names(images)
+    if labelled:
+        shown = ", ".join(f"{name}: {label}" for label, name in labelled[:3])
+        return (f"{problem}. The file names in {training[0]}/ begin with a label ({shown}): "
+                f"move each image into a folder named after it ({training[0]}/"
+                f"{labelled[0][0]}/, ...) and train on {training[0]}/")
+    table = labels_file_hint(data_root, set(images))
+    if table:
+        return f"{problem}. {table}"
+    return (f"{problem}: sort the images into one folder per class (e.g. {training[0]}/cats/, "
+            f"{training[0]}/dogs/) and train on {training[0]}/ (or, if these folders are "
+            "your classes, name them otherwise)")
+
+
+# A label at the start of a file name, then a number: cat.0.jpg, dog_12.png, Golden Retriever 3.jpg
+_LABELLED_NAME = re.compile(r"^([A-Za-z]+(?:[ _-][A-Za-z]+)*)[ ._-]*\d+\.[A-Za-z0-9]+$")
+
+
+def labels_in_names(names: list[str]) -> list[tuple[str, str]]:
+    """When the file ``names`` carry their label as a prefix (cat.0.jpg, dog_12.png; at least 2
+    labels, 80 % of the names): each label with its first file name, in order; else []."""
+    examples: dict[str, str] = {}
+    matched = 0
+    for name in names:
+        m = _LABELLED_NAME.match(name)
+        if m:
+            matched += 1
+            examples.setdefault(m[1].lower(), name)
+    if len(examples) < 2 or matched < 0.8 * len(names):
+        return []
+    return list(examples.items())
 
 
 def nested_copies(parent: Path) -> dict[str, Path]:
@@ -253,6 +318,41 @@ def loose_images(data_root: Path) -> list[str]:
     return sorted(p.name for p in Path(data_root).iterdir()
                   if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
                   and p.is_file())
+
+
+# A table that labels images (Kaggle's train.csv, labels.txt, annotations.json) names them.
+LABEL_TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".jsonl")
+_LABEL_TABLE_BYTES = 1 << 20  # the part of such a file read to see whether it names images
+
+
+def labels_file_hint(data_root: Path, names: set[str]) -> Optional[str]:
+    """For a dataset whose labels are in a table instead of its folders (``images/`` beside
+    ``labels.csv``): which file, how many of the image file ``names`` it names, and what to
+    do; None when no file in ``data_root`` or one folder below names at least five of them
+    (or all of them, when fewer)."""
+    stems = {Path(n).stem for n in names}
+    if not names:
+        return None
+    need = min(5, len(names))
+    data_root = Path(data_root)
+    tables = [p for pattern in ("*", "*/*") for p in sorted(data_root.glob(pattern))
+              if p.suffix.lower() in LABEL_TABLE_SUFFIXES and p.is_file()
+              and not any(part.startswith(".") for part in p.relative_to(data_root).parts)]
+    for table in tables:
+        try:
+            with open(table, "rb") as fh:
+                text = fh.read(_LABEL_TABLE_BYTES).decode("utf-8", "replace")
+        except OSError:
+            continue
+        tokens = set(re.split(r"[\s,;\t\"'/\\:\[\]{}]+", text))
+        named = len(tokens & names) or len(tokens & stems)
+        if named >= need:
+            return (f"{table.relative_to(data_root).as_posix()} looks like the labels (it names "
+                    f"{named}{'+' if table.stat().st_size > _LABEL_TABLE_BYTES else ''} of the "
+                    f"{len(names)} images), but petalflow takes each image's class from the "
+                    "folder it is in: move the images into one folder per class (e.g. "
+                    "cats/, dogs/) and train on that")
+    return None
 
 
 def candidate_classes(data_root: Path, parents: Optional[list] = None) -> list[str]:
@@ -699,9 +799,18 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     if unchanging and (earlier := _earlier_scan(data_root, out_dir)) is not None:
         return earlier
+    unsorted = unsorted_splits_problem(data_root)
+    if unsorted:
+        raise DatasetError(unsorted)
     known = earlier_verdicts(out_dir.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = split_dataset(scan_dataset(data_root, known), val_fraction, test_fraction, seed)
+    manifest = scan_dataset(data_root, known)
+    usable = class_names(manifest)
+    if len(usable) < 2 and (labels := labels_file_hint(
+            data_root, {Path(p).name for p in manifest["path"]})):
+        raise DatasetError(f"need at least 2 classes with usable images, found {len(usable)} "
+                           f"({', '.join(usable) or 'none'}): {labels}")
+    manifest = split_dataset(manifest, val_fraction, test_fraction, seed)
     manifest_path = out_dir / "manifest.csv"
     tmp = out_dir / f".manifest.{os.getpid()}.csv"
     manifest.to_csv(tmp, index=False)

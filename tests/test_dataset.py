@@ -512,7 +512,7 @@ def test_split_folders_by_other_names_and_wrapped_once_more(tmp_path, layout):
 def test_folders_named_like_splits_among_others_are_classes(tmp_path):
     """Only a dataset whose every folder is named like a split, a training one among them with
     class folders inside, counts as delivered split: classes "test" and "control" stay classes,
-    and so do "train" and "test" holding images directly."""
+    and so do "training shoes" and "test tubes"."""
     from petalflow.tasks.dataset import split_folders
 
     a = tmp_path / "a"
@@ -525,10 +525,75 @@ def test_folders_named_like_splits_among_others_are_classes(tmp_path):
     b = tmp_path / "b"
     make_dataset(b, per_class=4, colours={"train": (200, 40, 40), "test": (40, 40, 200)})
     assert split_folders(b) == ([], [])
+    # ... but "train" and "test" holding images directly are no classes to learn: refused,
+    # saying how to keep them as classes if they are (test_a_split_dataset_whose_labels...).
+    with pytest.raises(DatasetError, match=r"test/, train/ are named like the splits of a "
+                                           r"dataset.*if these folders are your classes, name "
+                                           r"them otherwise"):
+        prepare_dataset(b, tmp_path / "out-b", 0.25, 0.25, 0)
     c = tmp_path / "c"
     make_dataset(c, per_class=4, colours={"training shoes": (200, 40, 40),
                                          "test tubes": (40, 40, 200)})
     assert split_folders(c) == ([], [])
+
+
+def test_a_split_dataset_whose_labels_are_not_folders_is_refused_saying_where_they_are(
+        tmp_path):
+    """Kaggle's dogs-vs-cats (train/cat.0.jpg, train/dog.0.jpg, test1/1.jpg) was trained as
+    two classes, "test1" and "train", and registered; a folder of images beside labels.csv
+    failed as "found 1 (images); put each class's images in its own subfolder". Both are
+    refused before the scan, naming where the labels are; nothing is written."""
+    kaggle = tmp_path / "kaggle"
+    for i in range(6):
+        write_image(kaggle / "train" / f"cat.{i}.jpg", (200, 40, 40), seed=i)
+        write_image(kaggle / "train" / f"dog.{i}.jpg", (40, 40, 200), seed=10 + i)
+        write_image(kaggle / "test1" / f"{i + 1}.jpg", (120, 120, 40), seed=20 + i)
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(kaggle, out, 0.25, 0.25, 0)
+    assert str(info.value) == (
+        "test1/, train/ are named like the splits of a dataset, not like classes, and no "
+        "training split among them holds class folders: petalflow takes each image's class "
+        "from the folder it is in. The file names in train/ begin with a label (cat.0.jpg: "
+        "cat, dog.0.jpg: dog): move each image into a folder named after it (train/cat/, ...) "
+        "and train on train/")
+    assert not out.exists()
+    # The labels in a table beside the splits.
+    table = tmp_path / "table"
+    rows = ["id,label"]
+    for i in range(6):
+        write_image(table / "train_images" / f"{i:04d}.jpg", (200, 40, 40), seed=i)
+        write_image(table / "test_images" / f"{100 + i:04d}.jpg", (40, 40, 200), seed=9 + i)
+        rows.append(f"{i:04d},{'cat' if i % 2 else 'dog'}")
+    (table / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(DatasetError, match=r"test_images/, train_images/ are named like the "
+                                           r"splits.*\. train\.csv looks like the labels \(it "
+                                           r"names 6 of the 6 images\)"):
+        prepare_dataset(table, out, 0.25, 0.25, 0)
+    # One folder of images beside its labels file.
+    flat = tmp_path / "flat"
+    for i in range(8):
+        write_image(flat / "images" / f"img{i}.png", (200, 40, 40), fmt="PNG", seed=i)
+    (flat / "labels.csv").write_text("".join(f"images/img{i}.png,{i % 2}\n" for i in range(8)))
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(flat, out, 0.25, 0.25, 0)
+    assert str(info.value) == (
+        "need at least 2 classes with usable images, found 1 (images): labels.csv looks like "
+        "the labels (it names 8 of the 8 images), but petalflow takes each image's class from "
+        "the folder it is in: move the images into one folder per class (e.g. cats/, dogs/) "
+        "and train on that")
+    assert not (out / "manifest.csv").exists()
+
+
+def test_split_folders_named_with_a_year_or_number_are_splits(tmp_path):
+    """COCO-style train2017/<class>, val2017/<class>: were two classes, "train2017" and
+    "val2017", every class folder inside them merged into one of those two."""
+    root = tmp_path / "d"
+    make_dataset(root / "train2017", per_class=6, seed=1)
+    make_dataset(root / "val2017", per_class=3, seed=2)
+    info = prepare_dataset(root, tmp_path / "out", 0.2, 0.2, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    assert info["counts"]["split_folders"] == ["train2017", "val2017"]
 
 
 def test_folder_without_any_image_is_skipped_but_unreadable_images_are_an_error(tmp_path):
