@@ -586,6 +586,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"petalflow {args.command}: error: {failed}", file=sys.stderr)
     if failed.hint:
         print(f"hint: {failed.hint}", file=sys.stderr)
+    # A run that failed at once (its data) ends once the side thread has made the MLflow store
+    # it was making (a new store appears only whole): it is there, as the README says.
+    registry = sys.modules.get("petalflow.tasks.registry")
+    if registry is not None:
+        registry.wait_for_store(timeout_s=120)
     return failed.code
 
 

@@ -74,6 +74,17 @@ def local_store_db() -> Path:
     return Path(LOCAL_STORE_DIR).resolve() / "mlflow.db"
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def require_store(model_uri: Optional[str] = None) -> None:
     """For the commands that only read models (predict, pull, models): with MLFLOW_TRACKING_URI
     unset, the embedded store must exist in this folder. Opening it would create an empty one,

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
@@ -70,6 +71,7 @@ def store_opener() -> Optional[Callable[[], None]]:
         try:
             import mlflow
 
+            create_sqlite_store(uri)
             client = mlflow.MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)
             client.search_registered_models(max_results=1)
@@ -83,12 +85,65 @@ def store_opener() -> Optional[Callable[[], None]]:
     return open_stores
 
 
+def wait_for_store(timeout_s: float) -> bool:
+    """Wait (at most ``timeout_s``) until ``store_opener``'s function, if one was made, has
+    run; whether it has."""
+    return _STORE_OPEN.wait(timeout_s)
+
+
+_CREATING = ".creating"  # a new SQLite store's file while MLflow creates its schema
+
+
+def create_sqlite_store(uri: str) -> None:
+    """Create the SQLite store ``uri`` names, if its file does not exist yet, whole or not at
+    all. MLflow creates a new store's schema by running every migration it ships (~0.75 s),
+    each committed on its own: a command that ended meanwhile (a run that failed at once on
+    its data, Ctrl-C, a kill) left a store that every later command refused ("table jobs
+    already exists", or "out-of-date database schema"). The schema is created in a file
+    beside it, put in place when complete; one a killed command left there is removed. Any
+    other URI, or a store that exists, is left to MLflow."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path, _, query = uri[len("sqlite:///"):].partition("?")
+    db = Path(path)
+    if not path or path == ":memory:" or db.exists():
+        return
+    import mlflow
+
+    from petalflow.tasks.common import pid_alive
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    for left in db.parent.glob(f".{db.name}.*{_CREATING}"):
+        pid = left.name[len(db.name) + 2:-len(_CREATING)].split("-")[0]
+        try:  # a killed command's (its process gone a minute ago: not one in a container)
+            if (not pid.isdigit() or not pid_alive(int(pid))) \
+                    and time.time() - left.stat().st_mtime > 60:
+                left.unlink()
+        except OSError:
+            pass
+    # A name of its own each time: MLflow keeps the store it opened for a URI for the
+    # process's life, and would answer from that one (its file gone) for the same name.
+    part = db.with_name(f".{db.name}.{os.getpid()}-{os.urandom(4).hex()}{_CREATING}")
+    part_uri = f"sqlite:///{part}" + (f"?{query}" if query else "")
+    try:
+        client = mlflow.MlflowClient(tracking_uri=part_uri, registry_uri=part_uri)
+        client.search_experiments(max_results=1)  # the tracking store: the whole schema
+        client.search_registered_models(max_results=1)
+        try:
+            os.link(part, db)  # in place at once, unless another command's store is there
+        except FileExistsError:
+            pass
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def configure_mlflow() -> str:
     """Point the mlflow library at the tracking/registry store; return the tracking URI."""
     import mlflow
 
     _STORE_OPEN.wait()  # store_opener's function, if one is to open the stores first
     uri = tracking_uri()
+    create_sqlite_store(uri)
     if _STORE_ERROR:
         opened, error = _STORE_ERROR.pop()
         if opened == uri:
@@ -203,7 +258,6 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
 def log_epoch(run_id: str, epoch: int, metrics: dict) -> None:
     """Per-epoch training metrics (loss, accuracy, val_loss, val_accuracy) at step ``epoch``."""
     from mlflow.entities import Metric
-    import time
 
     client = mlflow_client()
     now = int(time.time() * 1000)
@@ -229,7 +283,6 @@ def log_sweep(run_id: str, rows: list[dict]) -> None:
 def log_evaluation(run_id: str, evaluation: dict) -> None:
     """Test metrics plus the per-class/confusion CSVs, confusion PNG and report."""
     from mlflow.entities import Metric
-    import time
 
     client = mlflow_client()
     now = int(time.time() * 1000)
@@ -246,7 +299,6 @@ def log_edge(run_id: str, edge_dir: str, description: dict) -> None:
     """The edge models with their labels and description as run artifacts (``edge/``), and each
     one's test accuracy, size and latency as metrics ``edge_<format>_<figure>``."""
     from mlflow.entities import Metric
-    import time
 
     client = mlflow_client()
     now = int(time.time() * 1000)
@@ -352,7 +404,6 @@ def run_of(model_uri: str) -> str:
 def log_timings(run_id: str, timings: dict) -> None:
     """The run's per-phase wall times: metrics ``time_<phase>_s`` and ``timings.json``."""
     from mlflow.entities import Metric
-    import time
 
     client = mlflow_client()
     now = int(time.time() * 1000)

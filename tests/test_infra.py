@@ -158,3 +158,57 @@ def test_mlflow_artifacts_uris_map_to_the_sqlite_stores_own_folder_only(tmp_path
                           ("mlflow-artifacts:/1/x", f"sqlite:///{tmp_path / 'other.db'}")):
         with pytest.raises(MlflowException, match="must be a valid http or https URI"):
             get_artifact_repository(uri, tracking_uri=tracking)  # MLflow's refusal, as before
+
+
+def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path):
+    """`petalflow train` creates the embedded store on a side thread as it starts. A command
+    that ended while MLflow was creating the schema (its run failed at once on its data, a
+    Ctrl-C, a kill) left a store every later command refused ("table jobs already exists").
+    Here the creating process dies in the middle of MLflow's migrations: no store is left,
+    the next command creates a whole one, and a leftover of a process gone over a minute ago
+    is removed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    from petalflow.tasks.registry import create_sqlite_store
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    # Dies as it records its 20th migration: that migration's tables are there (SQLite
+    # commits DDL at once), its revision is not: reopened in place, MLflow ran it again.
+    dies = ("import os\n"
+            "from alembic.runtime import migration\n"
+            "from petalflow.tasks.registry import store_opener\n"
+            "record, done = migration.HeadMaintainer.update_to_step, []\n"
+            "def dying(self, step):\n"
+            "    done.append(step)\n"
+            "    if len(done) == 20:\n"
+            "        os._exit(9)\n"
+            "    return record(self, step)\n"
+            "migration.HeadMaintainer.update_to_step = dying\n"
+            "store_opener()()\n")
+    proc = subprocess.run([sys.executable, "-c", dies], env={**os.environ,
+                          "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert not db.exists()
+    [left] = db.parent.glob(".mlflow.db.*.creating")
+    create_sqlite_store(uri)  # a minute has not passed: the leftover stays, harmless
+    assert db.is_file() and left.exists()
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert client.search_registered_models() == []
+    client.create_registered_model("m")  # the registry's tables are there too
+    db.unlink()
+    os.utime(left, (time.time() - 120, time.time() - 120))
+    create_sqlite_store(uri)
+    assert db.is_file() and not left.exists()
+    assert sorted(p.name for p in db.parent.iterdir()) == ["mlflow.db"]
+    # An existing store, or another URI, is MLflow's: nothing is created or touched.
+    before = db.stat().st_mtime_ns
+    create_sqlite_store(uri)
+    create_sqlite_store("http://127.0.0.1:5000")
+    assert db.stat().st_mtime_ns == before
