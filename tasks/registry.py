@@ -126,9 +126,8 @@ def create_sqlite_store(uri: str) -> None:
     part = db.with_name(f".{db.name}.{os.getpid()}-{os.urandom(4).hex()}{_CREATING}")
     part_uri = f"sqlite:///{part}" + (f"?{query}" if query else "")
     try:
-        client = mlflow.MlflowClient(tracking_uri=part_uri, registry_uri=part_uri)
-        client.search_experiments(max_results=1)  # the tracking store: the whole schema
-        client.search_registered_models(max_results=1)
+        # The tracking store's creation writes the whole schema (the registry's tables too).
+        mlflow.MlflowClient(tracking_uri=part_uri).search_experiments(max_results=1)
         try:
             os.link(part, db)  # in place at once, unless another command's store is there
         except FileExistsError:
