@@ -355,6 +355,21 @@ def labels_file_hint(data_root: Path, names: set[str]) -> Optional[str]:
     return None
 
 
+def labels_elsewhere(data_root: Path, manifest: pd.DataFrame) -> Optional[str]:
+    """For a dataset without two class folders: where its labels seem to be instead, when
+    images lie in its folder itself with a label at the start of their names (Kaggle's
+    dogs-vs-cats train.zip: cat.0.jpg, dog.0.jpg) or a table names its images; else None."""
+    loose = loose_images(data_root)
+    labelled = labels_in_names(loose)
+    if labelled:
+        shown = ", ".join(f"{name}: {label}" for label, name in labelled[:3])
+        return (f"the {len(loose)} images lie in the dataset folder itself, and their file "
+                f"names begin with a label ({shown}): move each image into a folder named "
+                f"after it ({', '.join(f'{label}/' for label, _ in labelled[:3])}"
+                f"{', ...' if len(labelled) > 3 else ''})")
+    return labels_file_hint(data_root, {Path(p).name for p in manifest["path"]} | set(loose))
+
+
 def candidate_classes(data_root: Path, parents: Optional[list] = None) -> list[str]:
     """Sorted names of the folders that could be classes: the class folders, or in a dataset
     delivered already split, the class folders of its split folders (merged by name).
@@ -806,8 +821,7 @@ def prepare_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = scan_dataset(data_root, known)
     usable = class_names(manifest)
-    if len(usable) < 2 and (labels := labels_file_hint(
-            data_root, {Path(p).name for p in manifest["path"]})):
+    if len(usable) < 2 and (labels := labels_elsewhere(data_root, manifest)):
         raise DatasetError(f"need at least 2 classes with usable images, found {len(usable)} "
                            f"({', '.join(usable) or 'none'}): {labels}")
     manifest = split_dataset(manifest, val_fraction, test_fraction, seed)

@@ -558,6 +558,14 @@ def test_a_split_dataset_whose_labels_are_not_folders_is_refused_saying_where_th
         "cat, dog.0.jpg: dog): move each image into a folder named after it (train/cat/, ...) "
         "and train on train/")
     assert not out.exists()
+    # Its train.zip alone (the folder that holds the images is the dataset's).
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(kaggle / "train", out, 0.25, 0.25, 0)
+    assert str(info.value) == (
+        "need at least 2 classes with usable images, found 0 (none): the 12 images lie in the "
+        "dataset folder itself, and their file names begin with a label (cat.0.jpg: cat, "
+        "dog.0.jpg: dog): move each image into a folder named after it (cat/, dog/)")
+    assert not (out / "manifest.csv").exists()
     # The labels in a table beside the splits.
     table = tmp_path / "table"
     rows = ["id,label"]
