@@ -53,7 +53,16 @@ def publish_predictions_task(summary: dict) -> None:
                              description="Images per predicted label")
 
 
-@task(name="report-drift", retries=2, retry_delay_seconds=[5, 20])
+def _retry_if_transient(task, task_run, state) -> bool:
+    from petalflow.tasks.registry import retry_if_transient
+
+    return retry_if_transient(task, task_run, state)
+
+
+# Prefect's API (the artifact, the event) and MLflow's (the version's parameters): retried on
+# I/O that may pass only.
+@task(name="report-drift", retries=2, retry_delay_seconds=[5, 20],
+      retry_condition_fn=_retry_if_transient)
 def report_drift_task(summary: dict) -> Optional[str]:
     """The drift-<model> artifact (a history per model in the UI) and, over the threshold,
     the petalflow.drift.detected event; returns the event id."""

@@ -934,12 +934,14 @@ def _causes(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
-def is_transient_mlflow_error(exc: BaseException) -> bool:
-    """Whether an MLflow call's failure is one of I/O that may pass: the connection refused,
-    dropped or timed out (MLflow raises its own exception while handling requests'), a server
-    error or rate limit answered by the server or a proxy in front of it (after MLflow's own
-    retries of it), a SQL store busy or unreachable. Not: refused credentials, bad requests, missing models, errors MLflow raises
-    before any request (a URI it cannot use) and everything that is not I/O."""
+def is_transient_io_error(exc: BaseException) -> bool:
+    """Whether a failure of MLflow's or Prefect's client is one of I/O that may pass: the
+    connection refused, dropped or timed out (MLflow raises its own exception while handling
+    requests'), a server error or rate limit answered by the server or a proxy in front of it
+    (after MLflow's own retries of it), a SQL store busy or unreachable. Not: refused
+    credentials, bad requests, missing models, errors MLflow raises before any request (a URI
+    it cannot use) and everything that is not I/O."""
+    import httpx
     import requests
     from mlflow.exceptions import RestException
 
@@ -947,8 +949,10 @@ def is_transient_mlflow_error(exc: BaseException) -> bool:
         # RetryError: MLflow's own retries of a 408/429/5xx answer ran out.
         if isinstance(cause, (ConnectionError, TimeoutError, requests.ConnectionError,
                               requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                              requests.exceptions.RetryError)):
+                              requests.exceptions.RetryError, httpx.TransportError)):
             return True
+        if isinstance(cause, httpx.HTTPStatusError):  # Prefect's client
+            return is_transient_status(cause.response.status_code)
     code = getattr(exc, "error_code", None)
     if code in _TRANSIENT_MLFLOW_ERRORS:
         return True
@@ -958,14 +962,14 @@ def is_transient_mlflow_error(exc: BaseException) -> bool:
     return bool(status) and is_transient_status(int(status[1]))
 
 
-def _retry_if_transient(task, task_run, state) -> bool:
-    """Retry MLflow calls only on I/O that may pass (``is_transient_mlflow_error``)."""
-    return is_transient_mlflow_error(state.result(raise_on_failure=False))
+def retry_if_transient(task, task_run, state) -> bool:
+    """Retry MLflow and Prefect calls only on I/O that may pass (``is_transient_io_error``)."""
+    return is_transient_io_error(state.result(raise_on_failure=False))
 
 
 # MLflow calls cross the network when a tracking server is used: retried (3 s, 10 s, 30 s).
 MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
-                     retry_condition_fn=_retry_if_transient)
+                     retry_condition_fn=retry_if_transient)
 
 
 @task(name="start-mlflow-run", **MLFLOW_RETRY)

@@ -241,7 +241,7 @@ def test_mlflow_calls_are_retried_on_io_that_may_pass_and_on_nothing_else(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from petalflow.tasks.registry import is_transient_mlflow_error
+    from petalflow.tasks.registry import is_transient_io_error
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
@@ -253,7 +253,7 @@ def test_mlflow_calls_are_retried_on_io_that_may_pass_and_on_nothing_else(
 
     from petalflow.temporary_server import free_port
 
-    assert is_transient_mlflow_error(raised(f"http://127.0.0.1:{free_port()}"))  # refused
+    assert is_transient_io_error(raised(f"http://127.0.0.1:{free_port()}"))  # refused
     answers = [
         ((503, "Service Unavailable"), True), ((502, "<html>Bad Gateway</html>"), True),
         ((429, "slow down"), True),
@@ -269,11 +269,11 @@ def test_mlflow_calls_are_retried_on_io_that_may_pass_and_on_nothing_else(
         handler = type("Handler", (_AnswersWith,), {"status": status, "body": body})
         with serve_handler(handler) as server:
             exc = raised(base_url(server))
-        assert is_transient_mlflow_error(exc) is transient, (status, body, exc)
+        assert is_transient_io_error(exc) is transient, (status, body, exc)
     # A SQL store that is busy: MLflow's code for SQLAlchemy's OperationalError.
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-    assert is_transient_mlflow_error(
+    assert is_transient_io_error(
         MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE))
     # Raised before any request: an artifact URI the store's client cannot use (a server's
     # mlflow-artifacts:/ location read through a SQLite URI whose store is not there).
@@ -283,8 +283,18 @@ def test_mlflow_calls_are_retried_on_io_that_may_pass_and_on_nothing_else(
     with pytest.raises(MlflowException, match="must be a valid http or https URI") as info:
         get_artifact_repository("mlflow-artifacts:/1/m", tracking_uri=elsewhere) \
             .download_artifacts("m", str(tmp_path))
-    assert not is_transient_mlflow_error(info.value)
-    assert not is_transient_mlflow_error(MlflowException("no such flavor"))
-    assert not is_transient_mlflow_error(ValueError("exported model's classes differ"))
-    assert not is_transient_mlflow_error(KeyError("test_accuracy"))
-    assert not is_transient_mlflow_error(FileNotFoundError("champion/MLmodel"))
+    assert not is_transient_io_error(info.value)
+    assert not is_transient_io_error(MlflowException("no such flavor"))
+    assert not is_transient_io_error(ValueError("exported model's classes differ"))
+    assert not is_transient_io_error(KeyError("test_accuracy"))
+    assert not is_transient_io_error(FileNotFoundError("champion/MLmodel"))
+    # Prefect's client (report-drift's artifact and event): httpx's errors.
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1:4200/api/artifacts/")
+    assert is_transient_io_error(httpx.ConnectError("refused", request=request))
+    for status, transient in ((503, True), (500, True), (429, True), (422, False),
+                              (404, False)):
+        error = httpx.HTTPStatusError("", request=request,
+                                      response=httpx.Response(status, request=request))
+        assert is_transient_io_error(error) is transient, status
