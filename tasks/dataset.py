@@ -670,21 +670,20 @@ def split_dataset(
     if len(usable) < 2:
         raise _too_few_classes(manifest, usable)
     skipped = set(image_free_folders(manifest))
-    for label in all_labels:
-        if label in skipped:
-            continue
-        groups = sorted(ok.loc[ok["label"] == label, "sha256"].unique(), key=lambda s: _rank(seed, s))
+    groups_of = {label: sorted(ok.loc[ok["label"] == label, "sha256"].unique(),
+                               key=lambda s: _rank(seed, s))
+                 for label in all_labels if label not in skipped}
+
+    def sizes(n: int) -> tuple[int, int]:
+        return (max(MIN_PER_SPLIT, round(n * test_fraction)),
+                max(MIN_PER_SPLIT, round(n * val_fraction)))
+
+    small = {label: len(g) for label, g in groups_of.items() if len(g) - sum(sizes(len(g))) < 1}
+    if small:
+        raise _too_small_to_split(manifest, small, val_fraction, test_fraction)
+    for label, groups in groups_of.items():
         n = len(groups)
-        n_test = max(MIN_PER_SPLIT, round(n * test_fraction))
-        n_val = max(MIN_PER_SPLIT, round(n * val_fraction))
-        if n - n_test - n_val < 1:
-            need = 2 * MIN_PER_SPLIT + 1
-            raise DatasetError(
-                f"class {label!r} has {n} distinct usable images; at least {need} are needed to "
-                f"split it into train/val/test (val_fraction={val_fraction}, "
-                f"test_fraction={test_fraction}).{_why_unusable(manifest, label)} Add images "
-                "or remove the class folder."
-            )
+        n_test, n_val = sizes(n)
         assignment = {}
         for i, sha in enumerate(groups):
             assignment[sha] = "test" if i < n_test else ("val" if i < n_test + n_val else "train")
@@ -713,6 +712,28 @@ def _too_few_classes(manifest: pd.DataFrame, usable: list[str]) -> DatasetError:
         f"{found}: the {len(images)} image file{'s' if len(images) > 1 else ''} in "
         f"{named} {'were' if len(images) > 1 else 'was'} quarantined{share}{top}; "
         f"e.g. {example}")
+
+
+def _too_small_to_split(manifest: pd.DataFrame, small: dict[str, int], val_fraction: float,
+                        test_fraction: float) -> DatasetError:
+    """The error for classes with too few distinct usable images to split: the one class, or
+    every such class (a long-tailed dataset has many: fixing one at a time took a run each),
+    fewest first."""
+    need = 2 * MIN_PER_SPLIT + 1
+    settings = f"val_fraction={val_fraction}, test_fraction={test_fraction}"
+    if len(small) == 1:
+        [(label, n)] = small.items()
+        return DatasetError(
+            f"class {label!r} has {n} distinct usable images; at least {need} are needed to "
+            f"split it into train/val/test ({settings}).{_why_unusable(manifest, label)} Add "
+            "images or remove the class folder.")
+    ranked = sorted(small.items(), key=lambda item: (item[1], item[0]))
+    shown = ", ".join(f"{label!r} ({n})" for label, n in ranked[:10])
+    more = f" and {len(ranked) - 10} more" if len(ranked) > 10 else ""
+    return DatasetError(
+        f"{len(small)} classes have too few distinct usable images to split into "
+        f"train/val/test (at least {need} each, {settings}): {shown}{more}. Add images or "
+        "remove those class folders.")
 
 
 def _why_unusable(manifest: pd.DataFrame, label: str) -> str:

@@ -288,6 +288,23 @@ def test_class_too_small_to_split_is_named(tmp_path):
         split_dataset(scan_dataset(root), 0.15, 0.15, 0)
 
 
+def test_every_class_too_small_to_split_is_named_at_once(tmp_path):
+    """A long-tailed dataset (many classes of a photo or two) named one small class per run:
+    fixing them took a run each. All are named, fewest first (ten, then how many more)."""
+    root = make_dataset(tmp_path / "d", per_class=6)
+    for i in range(14):
+        for j in range(1 + i % 2):
+            write_image(root / f"rare{i:02d}" / f"{j}.jpg", (10 * i, 90, 90 * j), seed=50 + 2 * i + j)
+    (root / "rare99").mkdir()  # no image: skipped, as before, not "too small"
+    with pytest.raises(DatasetError) as info:
+        split_dataset(scan_dataset(root), 0.15, 0.15, 0)
+    assert str(info.value) == (
+        "14 classes have too few distinct usable images to split into train/val/test (at "
+        "least 3 each, val_fraction=0.15, test_fraction=0.15): 'rare00' (1), 'rare02' (1), "
+        "'rare04' (1), 'rare06' (1), 'rare08' (1), 'rare10' (1), 'rare12' (1), 'rare01' (2), "
+        "'rare03' (2), 'rare05' (2) and 4 more. Add images or remove those class folders.")
+
+
 def test_a_class_of_photos_in_a_format_pil_cannot_read_says_why_it_is_unusable(tmp_path):
     """iPhone photos (HEIC): each quarantined as an unsupported image format (not "not an image
     file"), and the class's error says what happened to its files."""
