@@ -170,36 +170,58 @@ def _only_split_words(name: str) -> bool:
     return bool(words) and words <= SPLIT_WORDS
 
 
-def unsorted_splits_problem(data_root: Path) -> Optional[str]:
-    """What is wrong when every folder in ``data_root`` is named as nothing but a split, one
-    of them for training (Kaggle's ``train/`` and ``test1/``), and none named for training
-    holds class folders: those folders are no classes (a model telling train/ from test1/
-    apart is what would be trained). Names them, and where the labels seem to be (the
-    images' file names, a table beside them); None for any other layout."""
+# Folder names of the parts of a dataset that keeps its labels elsewhere: the Oxford-IIIT Pet
+# archives (images/, annotations/), Pascal VOC (JPEGImages/, Annotations/, ImageSets/, ...).
+PART_NAMES = frozenset({
+    "images", "image", "imgs", "img", "jpg", "jpeg", "png", "photos", "pictures", "pics",
+    "annotations", "annotation", "masks", "mask", "labels", "label", "trimaps", "trimap",
+    "segmentations", "segmentation", "xmls", "xml", "bboxes", "boxes", "jpegimages",
+    "imagesets", "segmentationclass", "segmentationobject"})
+
+
+def folders_not_classes_problem(data_root: Path) -> Optional[str]:
+    """What is wrong when the folders in ``data_root`` are no classes: every one named as
+    nothing but a split, one of them for training, and none named for training holds class
+    folders (Kaggle's ``train/`` and ``test1/``), or every one named like a part of a dataset
+    (``images/`` and ``annotations/``). A model telling those folders apart is what would be
+    trained. Names them, and where the labels seem to be (the images' file names, a table
+    beside them); None for any other layout."""
     data_root = Path(data_root)
     names = class_folders(data_root)
-    if len(names) < 2 or not all(_only_split_words(n) for n in names) \
-            or not any(_words(n) & TRAINING_WORDS for n in names) or split_folders(data_root)[0]:
+    if len(names) < 2:
         return None
     shown = ", ".join(f"{n}/" for n in names)
-    problem = (f"{shown} are named like the splits of a dataset, not like classes, and no "
-               "training split among them holds class folders: petalflow takes each image's "
-               "class from the folder it is in")
-    training = [n for n in names if _words(n) & TRAINING_WORDS] or names
-    images = [p.name for p in sorted((data_root / training[0]).iterdir())
-              if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    if all(_only_split_words(n) for n in names) and any(
+            _words(n) & TRAINING_WORDS for n in names) and not split_folders(data_root)[0]:
+        problem = (f"{shown} are named like the splits of a dataset, not like classes, and no "
+                   "training split among them holds class folders")
+        main = next(n for n in names if _words(n) & TRAINING_WORDS)
+    elif all(n.lower() in PART_NAMES for n in names):
+        problem = (f"{shown} are named like the parts of a dataset (its images, annotations, "
+                   "masks), not like classes")
+        main = max(names, key=lambda n: (len(_image_names(data_root / n)), n == "images"))
+    else:
+        return None
+    problem += ": petalflow takes each image's class from the folder it is in"
+    images = _image_names(data_root / main)
     labelled = labels_in_names(images)
     if labelled:
-        shown = ", ".join(f"{name}: {label}" for label, name in labelled[:3])
-        return (f"{problem}. The file names in {training[0]}/ begin with a label ({shown}): "
-                f"move each image into a folder named after it ({training[0]}/"
-                f"{labelled[0][0]}/, ...) and train on {training[0]}/")
+        examples = ", ".join(f"{name}: {label}" for label, name in labelled[:3])
+        return (f"{problem}. The file names in {main}/ begin with a label ({examples}): "
+                f"move each image into a folder named after it ({main}/{labelled[0][0]}/, "
+                f"...) and train on {main}/")
     table = labels_file_hint(data_root, set(images))
     if table:
         return f"{problem}. {table}"
-    return (f"{problem}: sort the images into one folder per class (e.g. {training[0]}/cats/, "
-            f"{training[0]}/dogs/) and train on {training[0]}/ (or, if these folders are "
-            "your classes, name them otherwise)")
+    return (f"{problem}: sort the images into one folder per class (e.g. {main}/cats/, "
+            f"{main}/dogs/) and train on {main}/ (or, if these folders are your classes, name "
+            "them otherwise)")
+
+
+def _image_names(folder: Path) -> list[str]:
+    """Sorted names of the visible image files directly in ``folder``."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 # A label at the start of a file name, then a number: cat.0.jpg, dog_12.png, Golden Retriever 3.jpg
@@ -835,9 +857,9 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     if unchanging and (earlier := _earlier_scan(data_root, out_dir)) is not None:
         return earlier
-    unsorted = unsorted_splits_problem(data_root)
-    if unsorted:
-        raise DatasetError(unsorted)
+    not_classes = folders_not_classes_problem(data_root)
+    if not_classes:
+        raise DatasetError(not_classes)
     known = earlier_verdicts(out_dir.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = scan_dataset(data_root, known)

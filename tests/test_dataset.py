@@ -610,6 +610,37 @@ def test_a_split_dataset_whose_labels_are_not_folders_is_refused_saying_where_th
     assert not (out / "manifest.csv").exists()
 
 
+def test_a_dataset_of_images_and_annotations_folders_is_refused_naming_its_labels(tmp_path):
+    """The Oxford-IIIT Pet archives (TensorFlow's transfer-learning tutorials' dataset):
+    images/Abyssinian_1.jpg, ... and annotations/trimaps/Abyssinian_1.png trained as two
+    classes, "annotations" and "images". Refused before the scan, saying the names hold the
+    labels; images/ alone (its images.tar.gz) is told the same."""
+    root = tmp_path / "pets"
+    breeds = {"Abyssinian": (200, 120, 40), "Bengal": (180, 150, 60),
+              "american_bulldog": (90, 90, 90)}
+    for b, (breed, rgb) in enumerate(breeds.items()):
+        for i in range(1, 5):
+            write_image(root / "images" / f"{breed}_{i}.jpg", rgb, seed=10 * b + i)
+            write_image(root / "annotations" / "trimaps" / f"{breed}_{i}.png", (1, 2, 3),
+                        fmt="PNG", seed=10 * b + i)
+    (root / "annotations" / "list.txt").write_text("Abyssinian_1 1 1 1\n")
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(root, out, 0.25, 0.25, 0)
+    assert str(info.value) == (
+        "annotations/, images/ are named like the parts of a dataset (its images, annotations, "
+        "masks), not like classes: petalflow takes each image's class from the folder it is "
+        "in. The file names in images/ begin with a label (Abyssinian_1.jpg: abyssinian, "
+        "Bengal_1.jpg: bengal, american_bulldog_1.jpg: american_bulldog): move each image "
+        "into a folder named after it (images/abyssinian/, ...) and train on images/")
+    with pytest.raises(DatasetError, match=r"found 0 \(none\): the 12 images lie in the "
+                                           r"dataset folder itself, and their file names begin "
+                                           r"with a label .*\(abyssinian/, bengal/, "
+                                           r"american_bulldog/\)"):
+        prepare_dataset(root / "images", out, 0.25, 0.25, 0)
+    assert not (out / "manifest.csv").exists()
+
+
 def test_split_folders_named_with_a_year_or_number_are_splits(tmp_path):
     """COCO-style train2017/<class>, val2017/<class>: were two classes, "train2017" and
     "val2017", every class folder inside them merged into one of those two."""
