@@ -54,6 +54,7 @@ def sweep_grid(grid: dict) -> list[dict]:
     varying slowest; a single value is a one-value list). Raises ValueError for a field
     without values or a grid of more than ``MAX_SWEEP`` candidates."""
     import itertools
+    import math
 
     axes = {name: values if isinstance(values, list) else [values]
             for name, values in grid.items()}
@@ -63,9 +64,7 @@ def sweep_grid(grid: dict) -> list[dict]:
     if empty:
         raise ValueError(f"the grid gives {', '.join(empty)} no values: list one or more")
     sizes = [len(values) for values in axes.values()]
-    total = 1
-    for size in sizes:
-        total *= size
+    total = math.prod(sizes)
     if total > MAX_SWEEP:
         raise ValueError(f"the grid makes {' x '.join(map(str, sizes))} = {total} candidates, "
                          f"more than {MAX_SWEEP}: give fewer values")

@@ -132,6 +132,9 @@ def create_sqlite_store(uri: str) -> None:
             os.link(part, db)  # in place at once, unless another command's store is there
         except FileExistsError:
             pass
+        except OSError:  # a file system without hard links: renamed, unless one is there
+            if not db.exists():
+                os.replace(part, db)
     finally:
         part.unlink(missing_ok=True)
 
