@@ -554,6 +554,13 @@ def test_folders_named_like_splits_among_others_are_classes(tmp_path):
     assert split_folders(c) == ([], [])
 
 
+def _refused(root, out) -> str:
+    """prepare_dataset's DatasetError for ``root``, as the user reads it."""
+    with pytest.raises(DatasetError) as info:
+        prepare_dataset(root, out, 0.25, 0.25, 0)
+    return str(info.value)
+
+
 def test_a_split_dataset_whose_labels_are_not_folders_is_refused_saying_where_they_are(
         tmp_path):
     """Kaggle's dogs-vs-cats (train/cat.0.jpg, train/dog.0.jpg, test1/1.jpg) was trained as
@@ -566,9 +573,7 @@ def test_a_split_dataset_whose_labels_are_not_folders_is_refused_saying_where_th
         write_image(kaggle / "train" / f"dog.{i}.jpg", (40, 40, 200), seed=10 + i)
         write_image(kaggle / "test1" / f"{i + 1}.jpg", (120, 120, 40), seed=20 + i)
     out = tmp_path / "out"
-    with pytest.raises(DatasetError) as info:
-        prepare_dataset(kaggle, out, 0.25, 0.25, 0)
-    assert str(info.value) == (
+    assert _refused(kaggle, out) == (
         "test1/, train/ are named like the splits of a dataset, not like classes, and no "
         "training split among them holds class folders: petalflow takes each image's class "
         "from the folder it is in. The file names in train/ begin with a label (cat.0.jpg: "
@@ -576,9 +581,7 @@ def test_a_split_dataset_whose_labels_are_not_folders_is_refused_saying_where_th
         "and train on train/")
     assert not out.exists()
     # Its train.zip alone (the folder that holds the images is the dataset's).
-    with pytest.raises(DatasetError) as info:
-        prepare_dataset(kaggle / "train", out, 0.25, 0.25, 0)
-    assert str(info.value) == (
+    assert _refused(kaggle / "train", out) == (
         "need at least 2 classes with usable images, found 0 (none): the 12 images lie in the "
         "dataset folder itself, and their file names begin with a label (cat.0.jpg: cat, "
         "dog.0.jpg: dog): move each image into a folder named after it (cat/, dog/)")
@@ -600,9 +603,7 @@ def test_a_split_dataset_whose_labels_are_not_folders_is_refused_saying_where_th
     for i in range(8):
         write_image(flat / "images" / f"img{i}.png", (200, 40, 40), fmt="PNG", seed=i)
     (flat / "labels.csv").write_text("".join(f"images/img{i}.png,{i % 2}\n" for i in range(8)))
-    with pytest.raises(DatasetError) as info:
-        prepare_dataset(flat, out, 0.25, 0.25, 0)
-    assert str(info.value) == (
+    assert _refused(flat, out) == (
         "need at least 2 classes with usable images, found 1 (images): labels.csv looks like "
         "the labels (it names 8 of the 8 images), but petalflow takes each image's class from "
         "the folder it is in: move the images into one folder per class (e.g. cats/, dogs/) "
@@ -625,9 +626,7 @@ def test_a_dataset_of_images_and_annotations_folders_is_refused_naming_its_label
                         fmt="PNG", seed=10 * b + i)
     (root / "annotations" / "list.txt").write_text("Abyssinian_1 1 1 1\n")
     out = tmp_path / "out"
-    with pytest.raises(DatasetError) as info:
-        prepare_dataset(root, out, 0.25, 0.25, 0)
-    assert str(info.value) == (
+    assert _refused(root, out) == (
         "annotations/, images/ are named like the parts of a dataset (its images, annotations, "
         "masks), not like classes: petalflow takes each image's class from the folder it is "
         "in. The file names in images/ begin with a label (Abyssinian_1.jpg: abyssinian, "
