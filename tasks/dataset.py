@@ -115,7 +115,9 @@ def find_data_root(folder: Path) -> Path:
 
     A folder is a wrapper when it has exactly one class-like subfolder and no other visible entry
     except plain text files (LICENSE.txt, README); hidden entries and archiver metadata
-    (``__MACOSX/``) do not count.
+    (``__MACOSX/``) do not count. So is one whose only subfolder holding images holds the
+    class folders, beside folders and files of no image (Food-101's ``images/`` beside
+    ``meta/``, Stanford Dogs' ``Images/`` beside ``Annotation/``).
     """
     folder = Path(folder)
     while True:
@@ -125,7 +127,42 @@ def find_data_root(folder: Path) -> Path:
         if len(subdirs) == 1 and not others:
             folder = subdirs[0]
             continue
-        return folder
+        inner = _only_part_with_classes(subdirs, others)
+        if inner is None:
+            return folder
+        folder = inner
+
+
+def _only_part_with_classes(subdirs: list[Path], others: list[Path]) -> Optional[Path]:
+    """The one folder of ``subdirs`` that holds images, when the others hold none, no image
+    lies beside them (``others``) and it holds two or more folders with images (the classes);
+    else None."""
+    if len(subdirs) < 2 or any(p.suffix.lower() in IMAGE_SUFFIXES for p in others):
+        return None
+    with_images = []
+    for sub in subdirs:
+        if _holds_an_image(sub):
+            with_images.append(sub)
+            if len(with_images) > 1:  # the classes themselves, as a rule
+                return None
+    if not with_images:
+        return None
+    inner = with_images[0]
+    classes = 0
+    for sub in inner.iterdir():
+        if is_class_folder(sub) and _holds_an_image(sub):
+            classes += 1
+            if classes == 2:
+                return inner
+    return None
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Whether a file named as an image lies anywhere below ``folder`` (stops at the first)."""
+    for _dirpath, names in walk_files(folder):
+        if any(Path(n).suffix.lower() in IMAGE_SUFFIXES for n in names):
+            return True
+    return False
 
 
 # Words that name the folders of a dataset delivered already split, as a whole folder name or

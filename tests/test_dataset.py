@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from petalflow.tasks.dataset import (
-    dataset_counts, dataset_fingerprint, load_manifest, prepare_dataset, scan_dataset,
-    split_dataset, split_layout_note,
+    dataset_counts, dataset_fingerprint, find_data_root, load_manifest, prepare_dataset,
+    scan_dataset, split_dataset, split_layout_note,
 )
 from petalflow.tasks.errors import DatasetError
 from tests.helpers import make_dataset, write_image
@@ -638,6 +638,42 @@ def test_a_dataset_of_images_and_annotations_folders_is_refused_naming_its_label
                                            r"american_bulldog/\)"):
         prepare_dataset(root / "images", out, 0.25, 0.25, 0)
     assert not (out / "manifest.csv").exists()
+
+
+@pytest.mark.parametrize("layout", ["food-101", "stanford-dogs"])
+def test_the_class_folders_inside_the_one_part_holding_images_are_found(tmp_path, layout):
+    """Food-101 (food-101/images/<class>/ beside food-101/meta/*.txt, *.json) and Stanford
+    Dogs with its annotations (Images/<class>/ beside Annotation/<class>/<file without an
+    extension>) were one class, "images", and failed "found 1 (images); put each class's
+    images in its own subfolder". The one folder holding images is descended into, as a
+    wrapper is."""
+    root = tmp_path / "d"
+    if layout == "food-101":
+        make_dataset(root / "food-101" / "images", per_class=4)
+        (root / "food-101" / "meta").mkdir()
+        (root / "food-101" / "meta" / "classes.txt").write_text("blue\ngreen\nred\n")
+        (root / "food-101" / "meta" / "train.json").write_text('{"blue": ["blue/000"]}')
+        images = root / "food-101" / "images"
+    else:
+        make_dataset(root / "Images", per_class=4)
+        for name in ("blue", "green", "red"):
+            (root / "Annotation" / name).mkdir(parents=True)
+            (root / "Annotation" / name / "000").write_text("<annotation/>")
+        images = root / "Images"
+    assert find_data_root(root) == images
+    info = prepare_dataset(find_data_root(root), tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "red"] and info["counts"]["used"] == 12
+    # Not when another folder holds images too (two classes, one of them nested), or when
+    # the one folder with images holds them directly (a single class, an error as before).
+    other = tmp_path / "o"
+    make_dataset(other / "a" / "x", per_class=2)
+    make_dataset(other / "b", per_class=2)
+    assert find_data_root(other) == other
+    single = tmp_path / "s"
+    write_image(single / "images" / "1.jpg", (200, 40, 40))
+    (single / "meta").mkdir()
+    (single / "meta" / "notes.csv").write_text("1.jpg,red\n")
+    assert find_data_root(single) == single
 
 
 def test_split_folders_named_with_a_year_or_number_are_splits(tmp_path):
