@@ -157,6 +157,11 @@ def _only_part_with_classes(subdirs: list[Path], others: list[Path]) -> Optional
     return None
 
 
+def _image_folders(data_root: Path) -> list[str]:
+    """``class_folders`` that hold an image somewhere below (not docs/ or papers/)."""
+    return [n for n in class_folders(data_root) if _holds_an_image(Path(data_root) / n)]
+
+
 def _holds_an_image(folder: Path) -> bool:
     """Whether a file named as an image lies anywhere below ``folder`` (stops at the first)."""
     for _dirpath, names in walk_files(folder):
@@ -181,12 +186,12 @@ def _words(name: str) -> set[str]:
 
 def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
     """(split folders holding class folders, split folders without any) when ``data_root`` is
-    a dataset delivered already split: every folder in it is named like a split and one of
-    them, holding class folders (possibly inside a wrapper folder: ``training_set/
-    training_set/cat``), like a training split. Otherwise ([], []): its folders are the
-    classes."""
+    a dataset delivered already split: every folder in it that holds images is named like a
+    split (Fruits-360's papers/ of PDFs beside them does not count) and one of them, holding
+    class folders (possibly inside a wrapper folder: ``training_set/training_set/cat``), like
+    a training split. Otherwise ([], []): its folders are the classes."""
     data_root = Path(data_root)
-    names = class_folders(data_root)
+    names = _image_folders(data_root)
     if not names or not all(_words(n) & SPLIT_WORDS for n in names):
         return [], []
     labelled = [n for n in names if class_folders(find_data_root(data_root / n))]
@@ -224,7 +229,7 @@ def folders_not_classes_problem(data_root: Path) -> Optional[str]:
     trained. Names them, and where the labels seem to be (the images' file names, a table
     beside them); None for any other layout."""
     data_root = Path(data_root)
-    names = class_folders(data_root)
+    names = _image_folders(data_root)
     if len(names) < 2:
         return None
     shown = ", ".join(f"{n}/" for n in names)

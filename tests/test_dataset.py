@@ -509,21 +509,27 @@ def test_a_folder_with_names_that_are_not_utf8_is_refused_naming_them(tmp_path):
     # Kaggle's cats and dogs: training_set/training_set/<class>, test_set/test_set/<class>.
     {"training_set/training_set": 6, "test_set/test_set": 3},
     {"Training": 6, "Testing": 3},
+    # Fruits-360: Training/, Test/, test-multiple_fruits/ (unlabeled), papers/ of PDFs (was:
+    # not split, as papers/ is named like no split; trained Training, Test, ... as classes).
+    {"Training": 6, "Test": 3, "test-multiple_fruits": None, "papers": "docs"},
 ])
 def test_split_folders_by_other_names_and_wrapped_once_more(tmp_path, layout):
     root = tmp_path / "d"
     for i, (folder, per_class) in enumerate(layout.items()):
         if per_class is None:
             write_image(root / folder / "unknown.jpg", (200, 40, 40))
+        elif per_class == "docs":
+            (root / folder).mkdir(parents=True)
+            (root / folder / "paper.pdf").write_bytes(b"%PDF-1.4\n")
         else:
             make_dataset(root / folder, per_class=per_class, seed=i)
     info = prepare_dataset(root, tmp_path / "out", 0.2, 0.2, 0)
     assert info["classes"] == ["blue", "green", "red"]
-    labelled = sorted(f.split("/")[0] for f, n in layout.items() if n is not None)
-    assert info["counts"]["split_folders"] == labelled
+    counts = {f.split("/")[0]: n for f, n in layout.items() if n != "docs"}
+    assert info["counts"]["split_folders"] == sorted(f for f, n in counts.items() if n)
     assert info["counts"]["unlabeled_split_folders"] == sorted(
-        f.split("/")[0] for f, n in layout.items() if n is None)
-    assert info["counts"]["used"] == 3 * sum(n for n in layout.values() if n)
+        f for f, n in counts.items() if n is None)
+    assert info["counts"]["used"] == 3 * sum(n for n in counts.values() if n)
 
 
 def test_folders_named_like_splits_among_others_are_classes(tmp_path):
