@@ -189,9 +189,12 @@ def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
     a dataset delivered already split: every folder in it that holds images is named like a
     split (Fruits-360's papers/ of PDFs beside them does not count) and one of them, holding
     class folders (possibly inside a wrapper folder: ``training_set/training_set/cat``), like
-    a training split. Otherwise ([], []): its folders are the classes."""
+    a training split; a copy of the split folders among them (Kaggle's chest X-rays:
+    chest_xray/chest_xray/train/...) is none of them. Otherwise ([], []): its folders are the
+    classes."""
     data_root = Path(data_root)
-    names = _image_folders(data_root)
+    copies = nested_copies(data_root)  # a copy of the split folders beside them (chest_xray/)
+    names = [n for n in _image_folders(data_root) if n not in copies]
     if not names or not all(_words(n) & SPLIT_WORDS for n in names):
         return [], []
     labelled = [n for n in names if class_folders(find_data_root(data_root / n))]
@@ -328,12 +331,17 @@ def _class_parents(data_root: Path) -> list[tuple[Path, list[str], bool]]:
     already split, else ``data_root`` itself; and the copies of the class folders nested
     among those (``nested_copies``; the folder holding a copy is no class)."""
     data_root = Path(data_root)
-    tops = [find_data_root(data_root / s) for s in split_folders(data_root)[0]] or [data_root]
+    splits = split_folders(data_root)[0]
+    tops = [find_data_root(data_root / s) for s in splits] or [data_root]
     parents = []
     for top in tops:
         copies = nested_copies(top)
         parents.append((top, [n for n in class_folders(top) if n not in copies], False))
         parents += [(inner, class_folders(inner), True) for inner in copies.values()]
+    if splits:  # a copy of the split folders: each of its splits' class folders, as copies
+        for inner in nested_copies(data_root).values():
+            parents += [(find_data_root(inner / s), class_folders(find_data_root(inner / s)),
+                         True) for s in splits if (inner / s).is_dir()]
     return parents
 
 
@@ -369,7 +377,8 @@ def split_layout_note(counts: dict) -> Optional[str]:
     if copies:
         again = sum(reason.startswith(COPY_OF)
                     for reason in counts.get("quarantine_reasons", {}).values())
-        notes.append(f"{', '.join(f'{s}/' for s in copies)} holds the class folders again (a "
+        notes.append(f"{', '.join(f'{s}/' for s in copies)} "
+                     f"{'holds' if len(copies) == 1 else 'hold'} the class folders again (a "
                      "copy of the dataset inside it): its files count for the classes their "
                      f"folders are named after, and the {again} with the bytes of a file of the "
                      "same class outside it are quarantined as copies")

@@ -682,6 +682,26 @@ def test_the_class_folders_inside_the_one_part_holding_images_are_found(tmp_path
     assert find_data_root(single) == single
 
 
+def test_a_copy_of_the_split_folders_beside_them_is_no_class(tmp_path):
+    """Kaggle's chest X-rays: chest_xray/{train,test,val}/{NORMAL,PNEUMONIA} and a copy of the
+    whole, chest_xray/chest_xray/{train,test,val}/..., beside them: "chest_xray" named like no
+    split, so test, train, val and chest_xray were trained as the classes. The splits are
+    recognised; the copy's files count for their classes, those with the bytes of a file
+    outside it quarantined as copies, and the layout note says so."""
+    root = tmp_path / "d" / "chest_xray"
+    colours = {"NORMAL": (200, 200, 200), "PNEUMONIA": (90, 90, 90)}
+    for i, (split, n) in enumerate({"train": 6, "test": 3, "val": 3}.items()):
+        make_dataset(root / split, per_class=n, colours=colours, seed=i)
+        shutil.copytree(root / split, root / "chest_xray" / split)
+    info = prepare_dataset(find_data_root(tmp_path / "d"), tmp_path / "out", 0.2, 0.2, 0)
+    assert info["classes"] == ["NORMAL", "PNEUMONIA"]
+    counts = info["counts"]
+    assert counts["split_folders"] == ["test", "train", "val"]
+    assert counts["nested_copies"] == ["chest_xray/test", "chest_xray/train", "chest_xray/val"]
+    assert counts["used"] == 24 and counts["quarantined"] == 24
+    assert "chest_xray/val/ hold the class folders again" in split_layout_note(counts)
+
+
 def test_split_folders_named_with_a_year_or_number_are_splits(tmp_path):
     """COCO-style train2017/<class>, val2017/<class>: were two classes, "train2017" and
     "val2017", every class folder inside them merged into one of those two."""
