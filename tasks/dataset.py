@@ -117,7 +117,8 @@ def find_data_root(folder: Path) -> Path:
     except plain text files (LICENSE.txt, README); hidden entries and archiver metadata
     (``__MACOSX/``) do not count. So is one whose only subfolder holding images holds the
     class folders, beside folders and files of no image (Food-101's ``images/`` beside
-    ``meta/``, Stanford Dogs' ``Images/`` beside ``Annotation/``).
+    ``meta/``, Stanford Dogs' ``Images/`` beside ``Annotation/``, Animals-10's ``raw-img/``
+    beside ``translate.py``).
     """
     folder = Path(folder)
     while True:
@@ -135,9 +136,9 @@ def find_data_root(folder: Path) -> Path:
 
 def _only_part_with_classes(subdirs: list[Path], others: list[Path]) -> Optional[Path]:
     """The one folder of ``subdirs`` that holds images, when the others hold none, no image
-    lies beside them (``others``) and it holds two or more folders with images (the classes);
-    else None."""
-    if len(subdirs) < 2 or any(p.suffix.lower() in IMAGE_SUFFIXES for p in others):
+    lies beside them (``others``: Animals-10's translate.py, a labels.csv) and it holds two
+    or more folders with images (the classes); else None."""
+    if not subdirs or any(p.suffix.lower() in IMAGE_SUFFIXES for p in others):
         return None
     with_images = []
     for sub in subdirs:

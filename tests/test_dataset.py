@@ -646,13 +646,13 @@ def test_a_dataset_of_images_and_annotations_folders_is_refused_naming_its_label
     assert not (out / "manifest.csv").exists()
 
 
-@pytest.mark.parametrize("layout", ["food-101", "stanford-dogs"])
+@pytest.mark.parametrize("layout", ["food-101", "stanford-dogs", "animals-10"])
 def test_the_class_folders_inside_the_one_part_holding_images_are_found(tmp_path, layout):
-    """Food-101 (food-101/images/<class>/ beside food-101/meta/*.txt, *.json) and Stanford
+    """Food-101 (food-101/images/<class>/ beside food-101/meta/*.txt, *.json), Stanford
     Dogs with its annotations (Images/<class>/ beside Annotation/<class>/<file without an
-    extension>) were one class, "images", and failed "found 1 (images); put each class's
-    images in its own subfolder". The one folder holding images is descended into, as a
-    wrapper is."""
+    extension>) and Animals-10 (raw-img/<class>/ beside translate.py) were one class and
+    failed "found 1 (images); put each class's images in its own subfolder". The one folder
+    holding images is descended into, as a wrapper is."""
     root = tmp_path / "d"
     if layout == "food-101":
         make_dataset(root / "food-101" / "images", per_class=4)
@@ -660,12 +660,16 @@ def test_the_class_folders_inside_the_one_part_holding_images_are_found(tmp_path
         (root / "food-101" / "meta" / "classes.txt").write_text("blue\ngreen\nred\n")
         (root / "food-101" / "meta" / "train.json").write_text('{"blue": ["blue/000"]}')
         images = root / "food-101" / "images"
-    else:
+    elif layout == "stanford-dogs":
         make_dataset(root / "Images", per_class=4)
         for name in ("blue", "green", "red"):
             (root / "Annotation" / name).mkdir(parents=True)
             (root / "Annotation" / name / "000").write_text("<annotation/>")
         images = root / "Images"
+    else:  # raw-img/<class>/ beside translate.py (a script: no wrapper's note)
+        make_dataset(root / "raw-img", per_class=4)
+        (root / "translate.py").write_text("translate = {'cane': 'dog'}\n")
+        images = root / "raw-img"
     assert find_data_root(root) == images
     info = prepare_dataset(find_data_root(root), tmp_path / "out", 0.25, 0.25, 0)
     assert info["classes"] == ["blue", "green", "red"] and info["counts"]["used"] == 12
