@@ -646,12 +646,12 @@ def test_a_dataset_of_images_and_annotations_folders_is_refused_naming_its_label
     assert not (out / "manifest.csv").exists()
 
 
-@pytest.mark.parametrize("layout", ["food-101", "stanford-dogs", "animals-10"])
+@pytest.mark.parametrize("layout", ["food-101", "stanford-dogs", "animals-10", "petimages"])
 def test_the_class_folders_inside_the_one_part_holding_images_are_found(tmp_path, layout):
     """Food-101 (food-101/images/<class>/ beside food-101/meta/*.txt, *.json), Stanford
     Dogs with its annotations (Images/<class>/ beside Annotation/<class>/<file without an
-    extension>) and Animals-10 (raw-img/<class>/ beside translate.py) were one class and
-    failed "found 1 (images); put each class's images in its own subfolder". The one folder
+    extension>), Animals-10 (raw-img/<class>/ beside translate.py) and Microsoft's cats and
+    dogs (PetImages/<class>/ beside a licence PDF) were one class and failed "found 1 (images); put each class's images in its own subfolder". The one folder
     holding images is descended into, as a wrapper is."""
     root = tmp_path / "d"
     if layout == "food-101":
@@ -666,10 +666,16 @@ def test_the_class_folders_inside_the_one_part_holding_images_are_found(tmp_path
             (root / "Annotation" / name).mkdir(parents=True)
             (root / "Annotation" / name / "000").write_text("<annotation/>")
         images = root / "Images"
-    else:  # raw-img/<class>/ beside translate.py (a script: no wrapper's note)
+    elif layout == "animals-10":  # raw-img/<class>/ beside translate.py (no wrapper's note)
         make_dataset(root / "raw-img", per_class=4)
         (root / "translate.py").write_text("translate = {'cane': 'dog'}\n")
         images = root / "raw-img"
+    else:  # Microsoft's cats and dogs (Keras's example): PetImages/ beside a licence PDF
+        make_dataset(root / "PetImages", per_class=4)
+        (root / "PetImages" / "red" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+        (root / "CDLA-Permissive-2.0.pdf").write_bytes(b"%PDF-1.5\n")
+        (root / "readme[1].txt").write_text("cats and dogs")
+        images = root / "PetImages"
     assert find_data_root(root) == images
     info = prepare_dataset(find_data_root(root), tmp_path / "out", 0.25, 0.25, 0)
     assert info["classes"] == ["blue", "green", "red"] and info["counts"]["used"] == 12
