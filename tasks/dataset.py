@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -158,9 +158,21 @@ def _only_part_with_classes(subdirs: list[Path], others: list[Path]) -> Optional
     return None
 
 
-def _image_folders(data_root: Path) -> list[str]:
-    """``class_folders`` that hold an image somewhere below (not docs/ or papers/)."""
-    return [n for n in class_folders(data_root) if _holds_an_image(Path(data_root) / n)]
+def _named_image_folders(data_root: Path, named: Callable[[str], bool]) -> Optional[list[str]]:
+    """The folders in ``data_root`` that hold images, when each of them is ``named`` (folders
+    of no image, such as docs/ or papers/, and copies of the others left out); else None.
+    Names are tested before folders are walked: a dataset of classes costs the walk of its
+    first folder (to its first image) and a look at that folder's first entry."""
+    data_root = Path(data_root)
+    names = class_folders(data_root)
+
+    def counts(name: str) -> bool:
+        return _holds_an_image(data_root / name) \
+            and _copy_inside(data_root / name, set(names) - {name}) is None
+
+    if any(not named(n) and counts(n) for n in names):
+        return None
+    return [n for n in names if named(n) and counts(n)]
 
 
 def _holds_an_image(folder: Path) -> bool:
@@ -194,9 +206,8 @@ def split_folders(data_root: Path) -> tuple[list[str], list[str]]:
     chest_xray/chest_xray/train/...) is none of them. Otherwise ([], []): its folders are the
     classes."""
     data_root = Path(data_root)
-    copies = nested_copies(data_root)  # a copy of the split folders beside them (chest_xray/)
-    names = [n for n in _image_folders(data_root) if n not in copies]
-    if not names or not all(_words(n) & SPLIT_WORDS for n in names):
+    names = _named_image_folders(data_root, lambda n: bool(_words(n) & SPLIT_WORDS))
+    if not names:
         return [], []
     labelled = [n for n in names if class_folders(find_data_root(data_root / n))]
     if not any(_words(n) & TRAINING_WORDS for n in labelled):
@@ -233,23 +244,22 @@ def folders_not_classes_problem(data_root: Path) -> Optional[str]:
     trained. Names them, and where the labels seem to be (the images' file names, a table
     beside them); None for any other layout."""
     data_root = Path(data_root)
-    names = _image_folders(data_root)
-    if len(names) < 2:
-        return None
-    shown = ", ".join(f"{n}/" for n in names)
-    if all(_only_split_words(n) for n in names) and any(
-            _words(n) & TRAINING_WORDS for n in names) and not split_folders(data_root)[0]:
-        problem = (f"{shown} are named like the splits of a dataset, not like classes, and no "
-                   "training split among them holds class folders")
+    if (names := _named_image_folders(data_root, _only_split_words)) and len(names) > 1 \
+            and any(_words(n) & TRAINING_WORDS for n in names) \
+            and not split_folders(data_root)[0]:
+        problem = (f"{', '.join(f'{n}/' for n in names)} are named like the splits of a "
+                   "dataset, not like classes, and no training split among them holds class "
+                   "folders")
         main = next(n for n in names if _words(n) & TRAINING_WORDS)
-    elif all(n.lower() in PART_NAMES for n in names):
-        problem = (f"{shown} are named like the parts of a dataset (its images, annotations, "
-                   "masks), not like classes")
-        main = max(names, key=lambda n: (len(_image_names(data_root / n)), n == "images"))
+    elif (names := _named_image_folders(data_root, lambda n: n.lower() in PART_NAMES)) \
+            and len(names) > 1:
+        problem = (f"{', '.join(f'{n}/' for n in names)} are named like the parts of a "
+                   "dataset (its images, annotations, masks), not like classes")
+        main = max(names, key=lambda n: (len(loose_images(data_root / n)), n == "images"))
     else:
         return None
     problem += ": petalflow takes each image's class from the folder it is in"
-    images = _image_names(data_root / main)
+    images = loose_images(data_root / main)
     labelled = labels_in_names(images)
     if labelled:
         examples = ", ".join(f"{name}: {label}" for label, name in labelled[:3])
@@ -262,12 +272,6 @@ def folders_not_classes_problem(data_root: Path) -> Optional[str]:
     return (f"{problem}: sort the images into one folder per class (e.g. {main}/cats/, "
             f"{main}/dogs/) and train on {main}/ (or, if these folders are your classes, name "
             "them otherwise)")
-
-
-def _image_names(folder: Path) -> list[str]:
-    """Sorted names of the visible image files directly in ``folder``."""
-    return sorted(p.name for p in folder.iterdir()
-                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 # A label at the start of a file name, then a number: cat.0.jpg, dog_12.png, Golden Retriever 3.jpg
@@ -295,17 +299,21 @@ def nested_copies(parent: Path) -> dict[str, Path]:
     folder of its class folders (wrappers descended). Such a folder holds two or more folders, each named
     like one of its sibling classes, and no file but notes (.txt, .md)."""
     names = set(class_folders(parent))
-    copies = {}
-    for name in sorted(names):
-        inner = Path(parent) / name
-        while (dirs := _only_folders(inner)) is not None:
-            if len(dirs) == 1:  # a wrapper
-                inner = inner / dirs[0]
-                continue
-            if len(dirs) >= 2 and set(dirs) <= names - {name}:
-                copies[name] = inner
-            break
+    copies = {name: inner for name in sorted(names)
+              if (inner := _copy_inside(Path(parent) / name, names - {name})) is not None}
     return copies
+
+
+def _copy_inside(folder: Path, siblings: set[str]) -> Optional[Path]:
+    """The folder (wrappers descended) in which ``folder`` holds two or more folders named
+    like its ``siblings``, and no file but notes: a copy of them; else None."""
+    inner = folder
+    while (dirs := _only_folders(inner)) is not None:
+        if len(dirs) == 1:  # a wrapper
+            inner = inner / dirs[0]
+            continue
+        return inner if len(dirs) >= 2 and set(dirs) <= siblings else None
+    return None
 
 
 def _only_folders(folder: Path) -> Optional[list[str]]:
@@ -766,13 +774,17 @@ def split_dataset(
     return manifest
 
 
-def _too_few_classes(manifest: pd.DataFrame, usable: list[str]) -> DatasetError:
-    """The error for fewer than 2 classes with usable images. When other folders hold image
-    files that were all quarantined (a dataset of TIFFs, HEIC photos), it says so, with the
-    commonest reason and one of the files: the layout is right, the files are not (and no
+def _too_few_classes(manifest: pd.DataFrame, usable: list[str],
+                     labels: Optional[str] = None) -> DatasetError:
+    """The error for fewer than 2 classes with usable images. With ``labels`` (where the
+    labels seem to be instead: ``labels_elsewhere``) it says that. When other folders hold
+    image files that were all quarantined (a dataset of TIFFs, HEIC photos), it says so, with
+    the commonest reason and one of the files: the layout is right, the files are not (and no
     manifest is written to look them up in)."""
     found = (f"need at least 2 classes with usable images, found {len(usable)} "
              f"({', '.join(usable) or 'none'})")
+    if labels:
+        return DatasetError(f"{found}: {labels}")
     others = manifest[~manifest["label"].isin(usable)]
     images = others[_image_files(others)]
     if images.empty:
@@ -917,8 +929,7 @@ def prepare_dataset(
     manifest = scan_dataset(data_root, known)
     usable = class_names(manifest)
     if len(usable) < 2 and (labels := labels_elsewhere(data_root, manifest)):
-        raise DatasetError(f"need at least 2 classes with usable images, found {len(usable)} "
-                           f"({', '.join(usable) or 'none'}): {labels}")
+        raise _too_few_classes(manifest, usable, labels)
     manifest = split_dataset(manifest, val_fraction, test_fraction, seed)
     manifest_path = out_dir / "manifest.csv"
     tmp = out_dir / f".manifest.{os.getpid()}.csv"
