@@ -23,23 +23,29 @@ from typing import Optional
 from urllib.parse import unquote, urlparse
 
 
+def sqlite_database(tracking_uri: Optional[str]) -> Optional[Path]:
+    """The database file a SQLite tracking URI ``sqlite:///<path>[?<query>]`` names, as
+    given (relative to the current folder when relative), else None."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri[len("sqlite:///"):].partition("?")[0]
+    return Path(path) if path else None
+
+
 def store_artifacts_dir(tracking_uri: Optional[str]) -> Optional[Path]:
     """``<folder>/artifacts`` (resolved) for a SQLite tracking URI ``sqlite:///<folder>/<db>``,
     else None: where petalflow keeps that store's artifacts (``registry.artifact_location``)
     and its server is given as ``--artifacts-destination`` (``mlflow/artifacts`` in the
     stack)."""
-    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
-        return None
-    return (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").resolve()
+    db = sqlite_database(tracking_uri)
+    return (db.parent / "artifacts").resolve() if db else None
 
 
 def local_artifacts_root(tracking_uri: Optional[str]) -> Optional[Path]:
     """``store_artifacts_dir`` when that store's database and artifacts folder exist, else
     None."""
-    root = store_artifacts_dir(tracking_uri)
-    if root is None or not Path(tracking_uri[len("sqlite:///"):]).is_file():
-        return None
-    return root if root.is_dir() else None
+    db, root = sqlite_database(tracking_uri), store_artifacts_dir(tracking_uri)
+    return root if db and db.is_file() and root.is_dir() else None
 
 
 def served_artifacts_repository(artifact_uri: str, tracking_uri: Optional[str] = None,

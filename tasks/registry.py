@@ -23,8 +23,8 @@ from typing import Callable, Optional
 
 from prefect import task
 
-from petalflow.mlflow_artifacts import store_artifacts_dir
-from petalflow.tasks.common import code_version, local_store_db, redact_url
+from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
+from petalflow.tasks.common import code_version, local_store_db, pid_alive, redact_url
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
@@ -102,16 +102,12 @@ def create_sqlite_store(uri: str) -> None:
     already exists", or "out-of-date database schema"). The schema is created in a file
     beside it, put in place when complete; one a killed command left there is removed. Any
     other URI, or a store that exists, is left to MLflow."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path, _, query = uri[len("sqlite:///"):].partition("?")
-    db = Path(path)
-    if not path or path == ":memory:" or db.exists():
+    db = sqlite_database(uri)
+    if db is None or db.name == ":memory:" or db.exists():
         return
     import mlflow
 
-    from petalflow.tasks.common import pid_alive
-
+    query = uri.partition("?")[2]
     db.parent.mkdir(parents=True, exist_ok=True)
     for left in db.parent.glob(f".{db.name}.*{_CREATING}"):
         pid = left.name[len(db.name) + 2:-len(_CREATING)].split("-")[0]
@@ -828,8 +824,6 @@ def registered_model_names(limit: int = 100) -> list[str]:
 def unregistered_name_reason(name: str) -> str:
     """What to say when ``name`` has no versions in the configured store: which names it
     holds (a typo, or another store) or that it holds none yet."""
-    from petalflow.tasks.common import redact_url
-
     names = registered_model_names()
     store = redact_url(tracking_uri())
     if name in names:
