@@ -78,6 +78,14 @@ def tflite_converter(network, fmt: str, image_size: int, calibration_paths: Sequ
     return conv
 
 
+def write_labels(out_dir: Path, class_names: Sequence[str]) -> Path:
+    """``labels.txt``: one class name per line (UTF-8), in the order of the model's outputs.
+    A name may hold spaces (Fruits-360's "Apple Braeburn"): a reader takes whole lines."""
+    path = Path(out_dir) / "labels.txt"
+    path.write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    return path
+
+
 def export_tflite(network, class_names: Sequence[str], image_size: int, out_dir: Path,
                   calibration_paths: Sequence[str], exif: bool = True) -> dict:
     """Convert ``network`` (``model.frozen_network`` of the trained classifier: its second
@@ -103,8 +111,7 @@ def export_tflite(network, class_names: Sequence[str], image_size: int, out_dir:
         models[fmt] = {"file": model_file(fmt),
                        "size_bytes": (out_dir / model_file(fmt)).stat().st_size}
 
-    (out_dir / "labels.txt").write_text("".join(f"{name}\n" for name in class_names),
-                                        encoding="utf-8")
+    write_labels(out_dir, class_names)
     description = {
         "input": {"shape": [1, image_size, image_size, 3], "dtype": "float32",
                   "range": [0.0, 1.0], "color": "RGB",

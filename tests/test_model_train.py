@@ -554,6 +554,37 @@ def test_edge_models_run_in_the_stock_interpreter_and_agree_with_the_savedmodel(
     assert figures["models"]["int8"]["size_bytes"] < figures["models"]["float16"]["size_bytes"]
 
 
+def test_readme_edge_snippet_names_classes_whose_names_hold_spaces(trained, data_info, tmp_path,
+                                                                  capsys, monkeypatch):
+    """The README's Python for an edge model, run as written (only the image size is the tiny
+    backbone's), on a pulled model whose classes hold spaces and accents (Fruits-360's "Apple
+    Braeburn"): it prints the whole name of the SavedModel's label for the photo."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from petalflow.tasks.edge import write_labels
+    from petalflow.tasks.serving import ImageClassifier
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Edge models (TensorFlow Lite)", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "(224, 224)" in snippet
+    snippet = snippet.replace("(224, 224)", "(32, 32)")
+    names = ["deep blue", "gr\u00fcn green", "red"]  # the tiny model's classes, renamed
+    edge = tmp_path / "edge-model"
+    shutil.copytree(trained["edge_dir"], edge)
+    write_labels(edge, names)
+    photo = write_image(tmp_path / "photo.jpg", COLOURS["green"], seed=77)
+    saved = ImageClassifier(trained["export_dir"]).predict_bytes([photo.read_bytes()])
+    assert len(data_info["classes"]) == len(names)
+    expected = names[data_info["classes"].index(saved["label"][0])]
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == expected
+
+
 def test_augmentation_trains_on_cached_augmented_copies_of_the_features(tmp_path, tiny_backbone,
                                                                          data_info):
     """--augment with a frozen backbone: an augmented copy of the training split's features is
