@@ -12,6 +12,8 @@ from collections import Counter
 import json
 import math
 import os
+import platform
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -134,10 +136,9 @@ def load_model(model_uri: str):
 
 
 def _load_model(model_uri: str):
-    import sys
+    from petalflow.tasks.common import import_tensorflow_without_keras
 
-    import mlflow
-
+    import_tensorflow_without_keras()  # the model is a frozen graph: no Keras to load it
     from petalflow.tasks import serving
 
     sys.modules.setdefault(LEGACY_LOADER, serving)
@@ -146,10 +147,64 @@ def _load_model(model_uri: str):
 
     local = Path(model_uri).expanduser()
     if local.exists():
-        return mlflow.pyfunc.load_model(str(local))
+        return _load_pyfunc(str(local))
     configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
     with explaining_missing(model_uri):
-        return mlflow.pyfunc.load_model(model_uri)
+        return _load_pyfunc(model_uri)
+
+
+def _load_pyfunc(model_uri: str):
+    """``mlflow.pyfunc.load_model``, its check of the model's requirements against this
+    environment made from the model's ``requirements.txt`` (``requirement_mismatches``):
+    MLflow's maps the modules of every installed package first, 0.32 s of CPU on 2 cores
+    before ``petalflow predict``'s first prediction (BENCHMARKS.md, target 4)."""
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)  # a folder: itself
+    mismatches = requirement_mismatches(Path(path) / "requirements.txt")
+    model = mlflow.pyfunc.load_model(path, suppress_warnings=True)
+    wanted = str(model.metadata.flavors.get("python_function", {}).get("python_version", ""))
+    running = "%d.%d" % sys.version_info[:2]
+    if wanted and wanted.split(".")[:2] != running.split("."):
+        mismatches.append(f"python (current: {platform.python_version()}, required: {wanted})")
+    if mismatches:
+        log("the model %s was saved with other package versions than this environment has "
+            "(it may still work): %s", model_uri, "; ".join(mismatches), level=30)
+    return model
+
+
+def requirement_mismatches(requirements_txt: Path) -> list[str]:
+    """Each line of a model's ``requirements.txt`` (``name==version`` and the like) that this
+    environment does not satisfy, as "name (current: X, required: LINE)"; "current:
+    uninstalled" for a package not installed. Lines that are no requirement (options, paths,
+    URLs) and requirements whose marker excludes this environment are skipped."""
+    from importlib import metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        lines = Path(requirements_txt).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        try:
+            installed = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            found.append(f"{req.name} (current: uninstalled, required: {line})")
+            continue
+        if req.specifier and not req.specifier.contains(installed, prereleases=True):
+            found.append(f"{req.name} (current: {installed}, required: {line})")
+    return found
 
 
 def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:

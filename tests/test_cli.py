@@ -540,6 +540,27 @@ def test_drift_event_and_artifact_name_the_model_even_with_dots():
     assert artifact_key("drift", "team.flowers-v2") == "drift-team-flowers-v2"
 
 
+def test_a_models_requirements_are_checked_against_this_environment(tmp_path):
+    """What ``petalflow predict`` warns about when loading a model: the pins this environment
+    does not satisfy, packages it lacks; not options, paths, comments or other platforms'."""
+    from importlib import metadata
+
+    from petalflow.tasks.predict import requirement_mismatches
+
+    numpy, pandas = metadata.version("numpy"), metadata.version("pandas")
+    path = tmp_path / "requirements.txt"
+    path.write_text("\n".join([
+        "# pinned by the training", f"numpy=={numpy}", "pandas==0.1.0  # too old",
+        f"pandas>={pandas}", "nosuch-package-xyz==1.2", "-r other.txt", "./local/wheel.whl",
+        "tensorflow==1.0; sys_platform == 'nosuch'", "", "mlflow[auth]>=1",
+    ]) + "\n")
+    assert requirement_mismatches(path) == [
+        f"pandas (current: {pandas}, required: pandas==0.1.0)",
+        "nosuch-package-xyz (current: uninstalled, required: nosuch-package-xyz==1.2)",
+    ]
+    assert requirement_mismatches(tmp_path / "missing.txt") == []
+
+
 def test_predict_batches_start_small_then_take_the_batch_size():
     """The first batch is small (its rows are written while the model warms up), then
     --batch-size at a time; every file is in exactly one batch, in order."""

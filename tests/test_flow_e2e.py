@@ -392,6 +392,41 @@ def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
     assert sorted(table["label"]) == ["green", "red"]
 
 
+def test_a_model_pinned_to_other_package_versions_is_used_with_a_warning_naming_them(
+        trained, tmp_path, monkeypatch, caplog):
+    """A pulled model whose requirements.txt pins versions this environment lacks (another
+    team's numpy, a package not installed here) still classifies; the log names each one."""
+    import logging
+    from importlib import metadata
+
+    from petalflow.flows.cli import main
+
+    tmp, _summary = trained
+    monkeypatch.chdir(tmp)
+    dest = tmp_path / "pulled"
+    assert main(["pull", "--dest", str(dest)]) == 0
+    model_dir = next(p.parent for p in dest.rglob("MLmodel"))
+    requirements = model_dir / "requirements.txt"
+    pins = requirements.read_text().splitlines()
+    assert f"numpy=={metadata.version('numpy')}" in pins
+    pins = [line for line in pins if not line.startswith("numpy")]
+    requirements.write_text("\n".join(pins + ["numpy==1.0", "nosuch-package-xyz==2.0"]) + "\n")
+    folder = tmp_path / "in"
+    write_image(folder / "red.jpg", COLOURS["red"], seed=41)
+    out_csv = tmp_path / "pinned.csv"
+    caplog.set_level(logging.WARNING, logger="petalflow")
+    assert main(["predict", "--model", str(model_dir), "--input", str(folder), "--output",
+                 str(out_csv)]) == 0
+    assert list(pd.read_csv(out_csv, keep_default_na=False)["label"]) == ["red"]
+    warned = [r.getMessage() for r in caplog.records if "package versions" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert f"numpy (current: {metadata.version('numpy')}, required: numpy==1.0)" in warned[0]
+    assert "nosuch-package-xyz (current: uninstalled, required: nosuch-package-xyz==2.0)" \
+        in warned[0]
+    for line in pins:  # what this environment satisfies is not named
+        assert line.split("==")[0] + " (" not in warned[0]
+
+
 def test_pull_into_a_folder_replaces_a_previous_pull_whole_and_refuses_other_files(
         trained, tmp_path, monkeypatch, capsys):
     """`petalflow pull --dest DIR` again (to update an offline copy): the folder holds the new

@@ -585,6 +585,62 @@ def test_readme_edge_snippet_names_classes_whose_names_hold_spaces(trained, data
     assert capsys.readouterr().out.strip() == expected
 
 
+def test_the_served_model_loads_and_predicts_in_a_process_that_never_imports_keras(
+        trained, tmp_path):
+    """``petalflow predict`` imports TensorFlow without the Keras TensorFlow imports for its own
+    sake (0.5 s before the first prediction): in a fresh process the exported model loads and
+    gives this process's label, a Keras model saved with its optimizer loads too, no Keras
+    module is imported until asked for, and then tf-keras imports as usual."""
+    import json
+    import subprocess
+    import sys
+
+    from petalflow.tasks.serving import ImageClassifier
+
+    photo = write_image(tmp_path / "photo.jpg", COLOURS["red"], seed=78)
+    expected = ImageClassifier(trained["export_dir"]).predict_bytes([photo.read_bytes()])
+    keras_saved = tmp_path / "keras-with-optimizer"
+    script = f"""
+import json, sys
+import numpy as np
+from petalflow.tasks.common import import_tensorflow_without_keras
+from petalflow.tasks.serving import ImageClassifier
+tf = import_tensorflow_without_keras()
+label = ImageClassifier({trained["export_dir"]!r}).predict_bytes(
+    [open({str(photo)!r}, "rb").read()])["label"][0]
+before = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "tf_keras"))
+import tf_keras
+m = tf_keras.Sequential([tf_keras.layers.Dense(2, input_shape=(3,))])
+m.compile("adam", "mse")
+m.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+tf.saved_model.save(m, {str(keras_saved)!r})
+print(json.dumps({{"label": label, "keras_before": before, "optimizer": type(m.optimizer).__name__,
+                  "tf_keras": tf.keras.__name__}}))
+"""
+    env = {**__import__("os").environ, "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["label"] == expected["label"][0]
+    assert got["keras_before"] == []
+    assert got["optimizer"] == "Adam" and got["tf_keras"].startswith("tf_keras")
+    # A SavedModel holding Keras objects (an optimizer) loads where Keras was never imported.
+    reload = f"""
+import sys
+from petalflow.tasks.common import import_tensorflow_without_keras
+tf = import_tensorflow_without_keras()
+loaded = tf.saved_model.load({str(keras_saved)!r})
+out = loaded.signatures["serving_default"](tf.ones([1, 3]))
+print(list(out.values())[0].shape, any(m.split(".")[0] in ("keras", "tf_keras")
+                                        for m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", reload], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(1, 2) False"
+
+
 def test_augmentation_trains_on_cached_augmented_copies_of_the_features(tmp_path, tiny_backbone,
                                                                          data_info):
     """--augment with a frozen backbone: an augmented copy of the training split's features is
