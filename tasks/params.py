@@ -40,6 +40,38 @@ _PRINTED_SHA256 = (re.compile(r"^(?:sha-?256:)?([0-9a-f]{64})(?:[ \t]+\*?[^\n]+)
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 _DEPLOYMENT_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
 _URL_SCHEMES = ("http://", "https://", "file://")
+# Object stores' own schemes: read through an https URL (presigned for a private object).
+_OBJECT_STORE_HINTS = {
+    "s3": "aws s3 presign s3://BUCKET/KEY --expires-in 604800",
+    "s3a": "aws s3 presign s3://BUCKET/KEY --expires-in 604800",
+    "gs": "gcloud storage sign-url gs://BUCKET/OBJECT --duration 7d",
+    "gcs": "gcloud storage sign-url gs://BUCKET/OBJECT --duration 7d",
+    "az": "an Azure Blob Storage SAS URL",
+    "abfs": "an Azure Blob Storage SAS URL",
+    "abfss": "an Azure Blob Storage SAS URL",
+    "wasb": "an Azure Blob Storage SAS URL",
+    "wasbs": "an Azure Blob Storage SAS URL",
+}
+
+
+def unquoted(value: str) -> str:
+    """A value as typed or pasted, without surrounding spaces and one pair of matching quotes
+    around it (a URL or path copied from a shell command into the UI's form)."""
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        value = value[1:-1].strip()
+    return value
+
+
+def unsupported_scheme(value: str) -> str:
+    """Why a URL with a scheme petalflow does not download is refused, and what to give."""
+    scheme = value.split("://", 1)[0].lower()
+    hint = _OBJECT_STORE_HINTS.get(scheme)
+    if hint:
+        return (f"{scheme}:// is not downloaded directly ({value!r}): give its https URL, "
+                f"presigned for a private object ({hint}), or a path where it is mounted")
+    return (f"unsupported URL scheme in {value!r}; allowed: http://, https://, file://, "
+            "or a local path")
 MAX_SWEEP = 16  # candidates in one sweep: each is a training (a gpu run when deployed)
 
 
@@ -225,14 +257,11 @@ class TrainParams(BaseModel):
     @field_validator("data_url")
     @classmethod
     def _check_data_url(cls, value: str) -> str:
-        value = value.strip()
+        value = unquoted(value)
         if not value:
             raise ValueError("must be an http(s):// or file:// URL or a local path")
         if "://" in value and not value.lower().startswith(_URL_SCHEMES):
-            raise ValueError(
-                f"unsupported URL scheme in {value!r}; allowed: http://, https://, file://, "
-                "or a local path"
-            )
+            raise ValueError(unsupported_scheme(value))
         return value
 
     @field_validator("data_sha256")
@@ -249,7 +278,7 @@ class TrainParams(BaseModel):
     @field_validator("backbone")
     @classmethod
     def _check_backbone(cls, value: str) -> str:
-        value = value.strip()
+        value = unquoted(value)
         if not value:
             raise ValueError("must be a TF Hub handle (URL) or a local SavedModel folder")
         if "://" in value:
@@ -491,9 +520,9 @@ class PredictParams(BaseModel):
     def _model_folder_holds_a_model(cls, value: Optional[str]) -> Optional[str]:
         """A local folder (a path, or a file:// URI) must be an MLflow model: refused here,
         naming what it is, instead of MLflow's error after the run has started."""
-        if not value or not value.strip():
+        if not value or not unquoted(value):
             return None
-        value = value.strip()
+        value = unquoted(value)
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not value.startswith("file:"):
             return value  # models:/, runs:/, s3://, ...: MLflow resolves them
         path = Path(unquote(urlparse(value).path) if value.startswith("file:") else value)
@@ -505,6 +534,7 @@ class PredictParams(BaseModel):
     @field_validator("input_folder")
     @classmethod
     def _folder_exists(cls, value: Optional[str]) -> Optional[str]:
+        value = unquoted(value) if value else value
         if value and not Path(value).expanduser().is_dir():
             raise ValueError(f"{value!r} is not a folder")
         return value or None
@@ -514,6 +544,7 @@ class PredictParams(BaseModel):
     def _inputs_exist(cls, value: list[str]) -> list[str]:
         import glob
 
+        value = [item if Path(item).exists() else unquoted(item) for item in value]
         urls = [item for item in value if "://" in item and not Path(item).exists()]
         if urls:
             raise ValueError("images are read from files, not URLs: "
@@ -530,7 +561,8 @@ class PredictParams(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_folder_exists(cls, value: str) -> str:
-        if value.strip() == "-":
+        value = unquoted(value)
+        if value == "-":
             raise ValueError("'-' (standard output) is not supported: give a file, such as "
                              "'predictions.csv'")
         path = Path(value).expanduser()

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from petalflow.flows.cli import main
 from petalflow.tasks.params import TrainParams, run_key
+from tests.helpers import COLOURS, write_image
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,10 @@ from petalflow.tasks.params import TrainParams, run_key
         (["--val-fraction", "0.45", "--test-fraction", "0.45"], "at least 20%"),
         (["--data-sha256", "abc"], "--data-sha256: Value error, must be 64 hexadecimal digits"),
         (["--data-url", "ftp://example.org/x.tgz"], "--data-url: Value error, unsupported URL"),
+        (["--data-url", "s3://bucket/photos.tgz"],
+         "s3:// is not downloaded directly ('s3://bucket/photos.tgz'): give its https URL, "
+         "presigned for a private object (aws s3 presign"),
+        (["--data-url", "gs://bucket/photos.tgz"], "gcloud storage sign-url"),
         (["--backbone", "/no/such/savedmodel"], "--backbone: Value error"),
         (["--model-name", "bad name!"], "--model-name"),
         (["--min-accuracy", "1.5"], "--min-accuracy: Input should be less than or equal to 1"),
@@ -39,6 +44,29 @@ def test_bad_train_options_are_refused_before_work(workspace, capsys, argv, need
     assert "petalflow train: error: invalid option(s)" in err and needle in err
     # Nothing was started: no download folder, no MLflow store.
     assert not (workspace / "home").exists() and not (workspace / "mlflow").exists()
+
+
+def test_urls_and_paths_pasted_with_their_quotes_are_taken_without_them(tmp_path, tiny_backbone):
+    """Copied from a shell command into the UI's form (or quoted twice in a script): one pair
+    of matching quotes around a URL or path is not part of it; it was "unsupported URL scheme
+    in '"https://…'" and "not a folder" before."""
+    from petalflow.tasks.params import PredictParams
+
+    params = TrainParams(data_url=' "https://example.org/photos.tgz" ',
+                         backbone=f"'{tiny_backbone}'")
+    assert params.data_url == "https://example.org/photos.tgz"
+    assert params.backbone == str(tiny_backbone)
+    assert TrainParams(data_url="'~/photos'").data_url == "~/photos"
+    photos = tmp_path / "photos"
+    write_image(photos / "a.jpg", COLOURS["red"])
+    predict = PredictParams(input=[f'"{photos}"'], output=f'"{tmp_path / "p.csv"}"',
+                            model_uri='"models:/m@champion"')
+    assert predict.input == [str(photos)]
+    assert str(photos) in PredictParams(input_folder=f"'{photos}'", output="p.csv").input
+    assert predict.output == str(tmp_path / "p.csv")
+    assert predict.model_uri == "models:/m@champion"
+    with pytest.raises(ValueError, match="must be an http"):
+        TrainParams(data_url='""')
 
 
 def test_a_folder_as_the_summary_file_is_refused_before_work(workspace, capsys):
