@@ -562,6 +562,9 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
         # refuses fewer bits. PIL opens any other palette as "P".
         return ("colour-palette BMP: TensorFlow's decoder reads its palette indices as grey "
                 "levels; save it as a 24-bit BMP or a PNG"), 0, 0, 1
+    if fmt == "BMP" and mode == "1":  # TensorFlow: "channels ... must be 1, 3 or 4, was 0"
+        return ("1-bit (black and white) BMP: TensorFlow's decoder reads 24/32-bit and 8-bit "
+                "grey BMPs; save it as a PNG or a 24-bit BMP"), 0, 0, 1
     return None, width, height, orientation
 
 

@@ -82,7 +82,7 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     assert (ok["width"] > 0).all() and (ok["height"] > 0).all()
 
 
-def test_a_colour_palette_bmp_is_quarantined_a_grey_one_used(tmp_path):
+def test_a_colour_palette_or_1_bit_bmp_is_quarantined_saying_why_a_grey_one_used(tmp_path):
     """TensorFlow reads an 8-bit BMP's palette indices as grey levels: right for a grey ramp,
     another picture for a colour palette (silently): that one is quarantined, saying why."""
     import tensorflow as tf
@@ -91,12 +91,16 @@ def test_a_colour_palette_bmp_is_quarantined_a_grey_one_used(tmp_path):
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8))
     photo.quantize(64).save(root / "red" / "paint.bmp")
     photo.convert("L").save(root / "blue" / "scan.bmp")
+    photo.convert("1").save(root / "green" / "fax.bmp")  # TensorFlow: "... was 0"
     decoded = tf.io.decode_image((root / "red" / "paint.bmp").read_bytes(), channels=3).numpy()
     assert np.abs(decoded.astype(int) - np.asarray(photo.quantize(64).convert("RGB"))).max() > 50
     m = scan_dataset(root)
     assert _status(m, "red/paint.bmp") == (
         "quarantined", "colour-palette BMP: TensorFlow's decoder reads its palette indices as "
                        "grey levels; save it as a 24-bit BMP or a PNG")
+    assert _status(m, "green/fax.bmp") == (
+        "quarantined", "1-bit (black and white) BMP: TensorFlow's decoder reads 24/32-bit and "
+                       "8-bit grey BMPs; save it as a PNG or a 24-bit BMP")
     assert _status(m, "blue/scan.bmp") == ("ok", "")
     grey = tf.io.decode_image((root / "blue" / "scan.bmp").read_bytes(), channels=3).numpy()
     assert (grey[..., 0] == np.asarray(photo.convert("L"))).all()
