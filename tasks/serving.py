@@ -133,19 +133,47 @@ def too_large(data: Optional[bytes]) -> Optional[str]:
     return ERROR_TOO_LARGE.format(size[0], size[1], MAX_PIXELS)
 
 
-def _refuse_too_large(rows: list, headers: Sequence[Optional[bytes]], blank) -> dict:
-    """{row: its ERROR_TOO_LARGE} for the rows whose ``headers`` say they are too large, each
-    replaced in ``rows`` by ``blank`` (a value the graph fails to decode: never decoded)."""
+# TensorFlow's BMP decoder has no palettes: it reads an 8-bit BMP's palette indices as grey
+# levels (right for a grey ramp, another picture for a colour palette: a prediction made on
+# it is silently wrong) and refuses 1 and 4 bits. The training scan quarantines them too.
+ERROR_PALETTE_BMP = ("{}-bit colour-palette BMP: the model reads 24/32-bit and 8-bit grey "
+                     "BMPs; save it as a 24-bit BMP or a PNG first")
+
+
+def palette_bmp(data: Optional[bytes]) -> Optional[str]:
+    """ERROR_PALETTE_BMP for a BMP of 1, 4 or 8 bits a pixel whose palette is not the grey
+    ramp an 8-bit grey BMP has (index i: grey level i); None for any other file, or a header
+    not read whole."""
+    d = bytes(data[:_HEADER_BYTES]) if data else b""
+    if not d.startswith(b"BM") or len(d) < 50:
+        return None
+    dib, bits = int.from_bytes(d[14:18], "little"), int.from_bytes(d[28:30], "little")
+    if dib < 40 or bits > 8:  # (OS/2's 12-byte header: 24-bit ones only seen)
+        return None
+    if bits < 8:
+        return ERROR_PALETTE_BMP.format(bits)
+    used = int.from_bytes(d[46:50], "little") or 256
+    table = d[14 + dib:14 + dib + 4 * used]
+    if used > 256 or len(table) < 4 * used:
+        return None
+    grey = all(table[4 * i:4 * i + 3] == bytes((i, i, i)) for i in range(used))
+    return None if grey else ERROR_PALETTE_BMP.format(bits)
+
+
+def _refuse_before_decoding(rows: list, headers: Sequence[Optional[bytes]], blank) -> dict:
+    """{row: its reason} for the rows whose ``headers`` say they are too large
+    (ERROR_TOO_LARGE) or a colour-palette BMP (ERROR_PALETTE_BMP), each replaced in ``rows``
+    by ``blank`` (a value the graph fails to decode: never decoded)."""
     refused = {}
     for i, head in enumerate(headers):
-        reason = too_large(head)
+        reason = too_large(head) or palette_bmp(head)
         if reason:
             refused[i] = reason
             rows[i] = blank
     return refused
 
 
-def _say_too_large(frame: pd.DataFrame, refused: dict) -> pd.DataFrame:
+def _say_refused(frame: pd.DataFrame, refused: dict) -> pd.DataFrame:
     for i, reason in refused.items():
         frame.loc[frame.index[i], "error"] = reason
     return frame
@@ -220,7 +248,7 @@ class ImageClassifier:
             raise ValueError("this model version has no feature output (exported before drift "
                              "references existed)")
         images = list(images)
-        _refuse_too_large(images, list(images), b"")  # never decoded: not ok
+        _refuse_before_decoding(images, list(images), b"")  # never decoded: not ok
         feats, ok = [], []
         for i in range(0, len(images), CALL_ROWS):
             out = self._embed_bytes(
@@ -302,8 +330,8 @@ class ImageClassifier:
         if len(images) == 0:
             return pd.DataFrame({c: [] for c in self.columns})
         rows = list(images)
-        refused = _refuse_too_large(rows, images, b"")
-        return _say_too_large(_name_failures(self._in_calls(rows, self.classify_raw), images),
+        refused = _refuse_before_decoding(rows, images, b"")
+        return _say_refused(_name_failures(self._in_calls(rows, self.classify_raw), images),
                               refused)
 
     def predict_with_features(self, images: Sequence[bytes]) -> tuple[pd.DataFrame, np.ndarray]:
@@ -315,7 +343,7 @@ class ImageClassifier:
                              "(exported before they were added)")
         images = list(images)
         rows = list(images)
-        refused = _refuse_too_large(rows, images, b"")
+        refused = _refuse_before_decoding(rows, images, b"")
         frames, features = [], []
         for i in range(0, len(rows), CALL_ROWS):
             out = self.classify_raw(rows[i:i + CALL_ROWS])
@@ -324,7 +352,7 @@ class ImageClassifier:
         if not frames:
             return pd.DataFrame({c: [] for c in self.columns}), np.zeros((0, 0), np.float32)
         frame = frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
-        return _say_too_large(_name_failures(frame, images), refused), np.concatenate(features)
+        return _say_refused(_name_failures(frame, images), refused), np.concatenate(features)
 
     def _in_calls(self, items: list, call) -> pd.DataFrame:
         """The prediction table of ``items``, ``CALL_ROWS`` per ``call`` (bounded memory)."""
@@ -357,7 +385,7 @@ class ImageClassifier:
             raw = [_b64decode(v) for v in values]
             return pd.DataFrame([self.drift([r for r in raw if r is not None])])
         sent = list(values)
-        refused = _refuse_too_large(sent, [_b64_header(v) if v else None for v in values], "@")
+        refused = _refuse_before_decoding(sent, [_b64_header(v) if v else None for v in values], "@")
         frame = self._in_calls(
             sent, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
         # (refused rows keep their reason: their whole base64 is not decoded to name it)
@@ -365,7 +393,7 @@ class ImageClassifier:
         raw = {i: _b64decode(values[i]) if values[i] else None for i in failed}
         frame.loc[[i for i in failed if values[i] and raw[i] is None], "error"] = ERROR_NOT_BASE64
         frame.loc[[i for i in failed if not values[i]], "error"] = ERROR_EMPTY
-        frame = _say_too_large(_name_failures(frame, [raw.get(i) for i in range(len(values))]),
+        frame = _say_refused(_name_failures(frame, [raw.get(i) for i in range(len(values))]),
                                refused)
         if index is not None:
             frame.index = index

@@ -799,6 +799,36 @@ def test_an_image_too_large_to_decode_safely_is_refused_from_its_header(exported
     assert model.features([huge])[1].tolist() == [False]
 
 
+def test_a_colour_palette_bmp_gets_an_error_row_not_a_prediction_made_on_its_indices(exported):
+    """TensorFlow reads an 8-bit BMP's palette indices as grey levels: a colour-palette BMP
+    was classified silently on another picture (and a 1-bit one was "undecodable image"). Both
+    get a row saying what they are; a grey 8-bit BMP (a grey ramp: read right) and a 24-bit
+    one are classified, by base64 and bytes alike."""
+    import tensorflow as tf
+
+    from petalflow.tasks.serving import ImageClassifier
+
+    photo = Image.fromarray(np.random.default_rng(5).integers(0, 255, (24, 24, 3), np.uint8))
+    files = {}
+    for name, image in (("palette", photo.quantize(64)), ("one-bit", photo.convert("1")),
+                        ("grey", photo.convert("L")), ("rgb", photo)):
+        buf = io.BytesIO()
+        image.save(buf, "BMP")
+        files[name] = buf.getvalue()
+    decoded = tf.io.decode_image(files["palette"], channels=3).numpy()
+    assert np.abs(decoded.astype(int) - np.asarray(photo.quantize(64).convert("RGB"))).max() > 50
+    model = ImageClassifier(exported)
+    frame = model.predict(pd.DataFrame({"image": [_b64(b) for b in files.values()]}))
+    assert frame["error"].tolist() == [
+        "8-bit colour-palette BMP: the model reads 24/32-bit and 8-bit grey BMPs; save it as "
+        "a 24-bit BMP or a PNG first",
+        "1-bit colour-palette BMP: the model reads 24/32-bit and 8-bit grey BMPs; save it as "
+        "a 24-bit BMP or a PNG first", "", ""]
+    assert frame["label"].tolist()[:2] == ["", ""] and all(frame["label"].tolist()[2:])
+    raw = model.predict_bytes(list(files.values()))
+    assert raw["error"].tolist() == frame["error"].tolist()
+
+
 def test_header_size_reads_each_format_without_decoding():
     from petalflow.tasks.serving import header_size
     from tests.helpers import phone_jpeg
