@@ -72,6 +72,8 @@ def unsupported_scheme(value: str) -> str:
                 f"presigned for a private object ({hint}), or a path where it is mounted")
     return (f"unsupported URL scheme in {value!r}; allowed: http://, https://, file://, "
             "or a local path")
+
+
 MAX_SWEEP = 16  # candidates in one sweep: each is a training (a gpu run when deployed)
 
 
