@@ -144,7 +144,7 @@ def palette_bmp(data: Optional[bytes]) -> Optional[str]:
     """ERROR_PALETTE_BMP for a BMP of 1, 4 or 8 bits a pixel whose palette is not the grey
     ramp an 8-bit grey BMP has (index i: grey level i); None for any other file, or a header
     not read whole."""
-    d = bytes(data[:_HEADER_BYTES]) if data else b""
+    d = bytes(data[:2048]) if data else b""  # the headers (at most 14 + 124) and a palette
     if not d.startswith(b"BM") or len(d) < 50:
         return None
     dib, bits = int.from_bytes(d[14:18], "little"), int.from_bytes(d[28:30], "little")
