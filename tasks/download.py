@@ -41,10 +41,11 @@ from petalflow.tasks.errors import (
 )
 
 def local_source(url: str) -> Optional[Path]:
-    """The local path behind a file:// URL or a plain path; None for http(s)."""
+    """The local path behind a file: URL (file:///path, file://localhost/path, file:/path) or
+    a plain path; None for http(s)."""
     if url.lower().startswith(("http://", "https://")):
         return None
-    if url.lower().startswith("file://"):
+    if url.lower().startswith("file:"):
         return Path(unquote(urlparse(url).path))
     return Path(url).expanduser()
 

@@ -63,6 +63,24 @@ def unquoted(value: str) -> str:
     return value
 
 
+def file_url_problem(value: str) -> Optional[str]:
+    """Why a ``file:`` URL names no local file, or None: ``file://photos.tgz`` names the host
+    "photos.tgz" and the empty path (which was read as the current folder); a file URL takes
+    three slashes and an absolute path, or ``localhost`` as its host."""
+    if not value.lower().startswith("file:"):
+        return None
+    parsed = urlparse(value)
+    if parsed.netloc.lower() not in ("", "localhost"):
+        path = parsed.netloc + unquote(parsed.path)
+        return (f"{value!r} names the host {parsed.netloc!r}, not a file: a file URL takes three "
+                f"slashes and an absolute path (file:///data/photos.tgz), or give the path "
+                f"itself ({path!r})")
+    if not parsed.path.startswith("/"):
+        return (f"{value!r} has no absolute path: write file:///<absolute path>, or give the "
+                f"path itself ({unquote(parsed.path)!r})")
+    return None
+
+
 def unsupported_scheme(value: str) -> str:
     """Why a URL with a scheme petalflow does not download is refused, and what to give."""
     scheme = value.split("://", 1)[0].lower()
@@ -264,6 +282,9 @@ class TrainParams(BaseModel):
             raise ValueError("must be an http(s):// or file:// URL or a local path")
         if "://" in value and not value.lower().startswith(_URL_SCHEMES):
             raise ValueError(unsupported_scheme(value))
+        problem = file_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("data_sha256")
@@ -527,6 +548,9 @@ class PredictParams(BaseModel):
         value = unquoted(value)
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not value.startswith("file:"):
             return value  # models:/, runs:/, s3://, ...: MLflow resolves them
+        problem = file_url_problem(value)
+        if problem:
+            raise ValueError(problem)
         path = Path(unquote(urlparse(value).path) if value.startswith("file:") else value)
         reason = model_folder_problem(path.expanduser())
         if reason:

@@ -107,10 +107,32 @@ def test_local_path_and_file_url(archive_dir, tmp_path):
     archive = archive_dir / "data.tgz"
     assert download_archive(str(archive), tmp_path / "d", _sha(archive)) == archive.resolve()
     assert download_archive(archive.as_uri(), tmp_path / "d") == archive.resolve()
+    for url in (f"file://localhost{archive}", f"file:{archive}", f"FILE://{archive}"):
+        assert download_archive(url, tmp_path / "d") == archive.resolve(), url
     with pytest.raises(ChecksumMismatch):
         download_archive(str(archive), tmp_path / "d", "1" * 64)
     with pytest.raises(DownloadError, match="does not exist"):
         download_archive(str(tmp_path / "nope.tgz"), tmp_path / "d")
+
+
+def test_a_file_url_with_two_slashes_is_refused_not_read_as_the_current_folder(
+        workspace, capsys):
+    """``file://photos.tgz`` names the host "photos.tgz" and an empty path: it was read as the
+    current folder, scanned as the dataset ("need at least 2 classes ..., put each class's
+    images in its own subfolder"). Refused before any work, saying how to write it."""
+    from petalflow.flows.cli import main
+
+    make_tgz(make_dataset(workspace / "src", per_class=4), workspace / "photos.tgz")
+    for url, path in (("file://photos.tgz", "photos.tgz"), ("file://./photos.tgz",
+                                                            "./photos.tgz")):
+        assert main(["train", "--data-url", url]) == 2
+        err = capsys.readouterr().err
+        assert (f"--data-url: Value error, '{url}' names the host '{path.split('/')[0]}', not a "
+                f"file: a file URL takes three slashes and an absolute path "
+                f"(file:///data/photos.tgz), or give the path itself ('{path}')") in err
+    assert main(["train", "--data-url", "file:photos.tgz"]) == 2
+    assert "has no absolute path" in capsys.readouterr().err
+    assert not (workspace / "mlflow").exists()
 
 
 def test_extracts_tgz_and_zip_and_finds_class_folders(tmp_path):
