@@ -324,38 +324,6 @@ def freeze_start_up(collect: bool = True) -> None:
         gc.set_threshold(young, middle, _DEFERRED_THRESHOLD.pop())
 
 
-# TensorFlow's ``__init__`` imports Keras's optimizers (tf-keras's, or Keras 3's) "so that"
-# Keras's classes register for SavedModel loading; a process that only loads petalflow's
-# exported models (frozen graphs, no Keras object) never needs them: 0.5-0.6 s of the 2.4 s
-# import on 2 cores, on the path to ``petalflow predict``'s first prediction (BENCHMARKS.md,
-# target 4). Keras is imported as usual when something asks for it later (TF Hub, training).
-_KERAS_EAGER_IMPORTS = ("tf_keras.src.optimizers", "keras.src.optimizers")
-
-
-def import_tensorflow_without_keras():
-    """``import tensorflow`` without the Keras import TensorFlow makes for its own sake (it
-    catches the ImportError a ``None`` in ``sys.modules`` raises). Afterwards Keras imports
-    normally. Where TensorFlow is already imported, or refuses to start without that import
-    (another version), the import is the plain one. Call it holding ``IMPORT_LOCK``."""
-    import sys
-
-    if "tensorflow" not in sys.modules:
-        blocked = [name for name in _KERAS_EAGER_IMPORTS if name not in sys.modules]
-        for name in blocked:
-            sys.modules[name] = None
-        try:
-            import tensorflow  # noqa: F401
-        except ImportError:
-            pass  # the plain import below, Keras included
-        finally:
-            for name in blocked:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
-    import tensorflow as tf
-
-    return tf
-
-
 def without_autotuning(dataset):
     """``dataset`` with tf.data's autotuning off. With it on, the end of a pass of a few
     seconds often sat idle for about a second: the iterator's clean-up waits for one of

@@ -136,10 +136,9 @@ def load_model(model_uri: str):
 
 
 def _load_model(model_uri: str):
-    from petalflow.tasks.common import import_tensorflow_without_keras
-
-    import_tensorflow_without_keras()  # the model is a frozen graph: no Keras to load it
     from petalflow.tasks import serving
+
+    serving.import_tensorflow_without_keras()  # the model is a frozen graph: no Keras
 
     sys.modules.setdefault(LEGACY_LOADER, serving)
 

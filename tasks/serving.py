@@ -564,8 +564,43 @@ def drift_scores(reference: dict, features: np.ndarray, stats: np.ndarray,
             "images": int(len(stats)), "class_mix": mix is not None}
 
 
+# TensorFlow's ``__init__`` imports Keras's optimizers (Keras 3's, or tf-keras's with
+# TF_USE_LEGACY_KERAS) so that Keras's classes register for SavedModel loading. This model is
+# a frozen graph with no Keras object: a process that loads it needs no Keras, and importing
+# it costs, on 2 cores, 1.7 s and 165 MiB where Keras 3 is the Keras (any environment built
+# from the model's requirements: `mlflow models serve`, another team's Python) and 0.55 s for
+# tf-keras (`petalflow predict`, before its first prediction; BENCHMARKS.md, target 4).
+# Keras imports as usual when something asks for it later.
+_KERAS_EAGER_IMPORTS = ("keras.src.optimizers", "tf_keras.src.optimizers")
+
+
+def import_tensorflow_without_keras():
+    """``import tensorflow`` without the Keras import TensorFlow makes for its own sake (it
+    catches the ImportError a ``None`` in ``sys.modules`` raises). Afterwards Keras imports
+    normally. Where TensorFlow is already imported, or refuses to start without that import
+    (another version), the import is the plain one."""
+    import sys
+
+    if "tensorflow" not in sys.modules:
+        blocked = [name for name in _KERAS_EAGER_IMPORTS if name not in sys.modules]
+        for name in blocked:
+            sys.modules[name] = None
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            pass  # the plain import below, Keras included
+        finally:
+            for name in blocked:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+    import tensorflow as tf
+
+    return tf
+
+
 def _load_pyfunc(data_path: str) -> ImageClassifier:
     """MLflow pyfunc loader hook: ``data_path`` is the model's SavedModel folder."""
+    import_tensorflow_without_keras()
     return ImageClassifier(data_path)
 
 
