@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -452,12 +453,19 @@ def labels_elsewhere(data_root: Path, manifest: pd.DataFrame) -> Optional[str]:
     return labels_file_hint(data_root, {Path(p).name for p in manifest["path"]} | set(loose))
 
 
+def class_label(folder_name: str) -> str:
+    """The class a folder's name stands for: the name in Unicode's composed form (NFC). Zips
+    made on macOS store "café" decomposed (e + a combining accent), names typed elsewhere
+    composed: the same name to anyone reading it, and one class, not two that look alike."""
+    return unicodedata.normalize("NFC", folder_name)
+
+
 def candidate_classes(data_root: Path, parents: Optional[list] = None) -> list[str]:
     """Sorted names of the folders that could be classes: the class folders, or in a dataset
-    delivered already split, the class folders of its split folders (merged by name).
-    ``parents``: ``_class_parents(data_root)`` when the caller has them already."""
+    delivered already split, the class folders of its split folders (merged by name,
+    ``class_label``). ``parents``: ``_class_parents(data_root)`` when the caller has them."""
     parents = _class_parents(data_root) if parents is None else parents
-    return sorted({name for _parent, names, _copy in parents for name in names})
+    return sorted({class_label(name) for _parent, names, _copy in parents for name in names})
 
 
 def copy_folders(data_root: Path, parents: Optional[list] = None) -> list[str]:
@@ -482,9 +490,10 @@ def list_class_files(data_root: Path, parents: Optional[list] = None
     data_root = Path(data_root)
     parents = _class_parents(data_root) if parents is None else parents
     files: list[tuple[str, str]] = []
-    for parent, labels, _copy in parents:
-        for label in labels:
-            for dirpath, filenames in walk_files(parent / label):
+    for parent, folders, _copy in parents:
+        for folder in folders:
+            label = class_label(folder)
+            for dirpath, filenames in walk_files(parent / folder):
                 for name in filenames:
                     rel = (Path(dirpath) / name).relative_to(data_root).as_posix()
                     files.append((rel, label))

@@ -15,7 +15,7 @@ from petalflow.tasks.dataset import (
     scan_dataset, split_dataset, split_layout_note,
 )
 from petalflow.tasks.errors import DatasetError
-from tests.helpers import make_dataset, write_image
+from tests.helpers import COLOURS, make_dataset, write_image
 
 
 def _status(manifest, path):
@@ -364,6 +364,39 @@ def test_images_outside_every_class_folder_are_counted_and_named_not_silently_dr
         extra.unlink()
     info = prepare_dataset(root, tmp_path / "out2", 0.25, 0.25, 0)
     assert info["counts"]["loose_images"] == 0 and split_layout_note(info["counts"]) is None
+
+
+def test_a_class_name_written_decomposed_and_composed_is_one_class(tmp_path):
+    """"café" from a zip made on macOS (decomposed: e + U+0301) beside "café" typed elsewhere
+    (composed): one class, named in the composed form, not two classes that look the same;
+    a split dataset's folders merge the same way, and no folder is reported empty."""
+    import unicodedata
+
+    from petalflow.tasks.dataset import dataset_counts
+
+    composed = "caf\u00e9"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    root = tmp_path / "d"
+    for i in range(3):
+        write_image(root / composed / f"a{i}.jpg", COLOURS["red"], seed=i)
+        write_image(root / decomposed / f"b{i}.jpg", COLOURS["red"], seed=10 + i)
+        write_image(root / "tea" / f"c{i}.jpg", COLOURS["green"], seed=20 + i)
+    info = prepare_dataset(root, tmp_path / "m", 0.2, 0.2, seed=0)
+    assert info["classes"] == [composed, "tea"]
+    m = scan_dataset(root)
+    assert sorted(m["label"].unique()) == [composed, "tea"]
+    assert (m["label"] == composed).sum() == 6
+    assert dataset_counts(m)["found"] == 9
+    assert info["counts"]["empty_class_folders"] == []
+    split = tmp_path / "split"
+    for i in range(3):
+        write_image(split / "train" / decomposed / f"a{i}.jpg", COLOURS["red"], seed=30 + i)
+        write_image(split / "test" / composed / f"b{i}.jpg", COLOURS["red"], seed=40 + i)
+        write_image(split / "train" / "tea" / f"c{i}.jpg", COLOURS["green"], seed=50 + i)
+        write_image(split / "test" / "tea" / f"d{i}.jpg", COLOURS["green"], seed=60 + i)
+    assert prepare_dataset(split, tmp_path / "m2", 0.2, 0.2, seed=0)["classes"] == [composed,
+                                                                                   "tea"]
 
 
 def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tmp_path):
