@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
-import base64, resource, sys, time
+import base64, json, resource, sys, time
 t0 = time.perf_counter()
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model(sys.argv[1])
@@ -34,10 +34,11 @@ t1 = time.perf_counter()
 image = base64.b64encode(open(sys.argv[2], "rb").read()).decode()
 label = model.predict(pd.DataFrame({"image": [image]}))["label"][0]
 t2 = time.perf_counter()
-print({"load_s": round(t1 - t0, 2), "first_prediction_s": round(t2 - t0, 2),
-       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-       "keras_imported": any(m.split(".")[0] in ("keras", "tf_keras") for m in sys.modules),
-       "label": label})
+print(json.dumps({"load_s": round(t1 - t0, 2), "first_prediction_s": round(t2 - t0, 2),
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+                  "keras_imported": any(m.split(".")[0] in ("keras", "tf_keras")
+                                        for m in sys.modules),
+                  "label": str(label)}))
 """
 
 
@@ -67,7 +68,7 @@ def main() -> None:
                 out = subprocess.run([sys.executable, "-c", PROBE, str(folder), str(args.image)],
                                      env=env, capture_output=True, text=True, check=True)
                 row = {"side": side, "repeat": repeat,
-                       **eval(out.stdout.strip().splitlines()[-1])}  # noqa: S307 - our dict
+                       **json.loads(out.stdout.strip().splitlines()[-1])}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.json:

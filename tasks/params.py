@@ -543,9 +543,9 @@ class PredictParams(BaseModel):
     def _model_folder_holds_a_model(cls, value: Optional[str]) -> Optional[str]:
         """A local folder (a path, or a file:// URI) must be an MLflow model: refused here,
         naming what it is, instead of MLflow's error after the run has started."""
-        if not value or not unquoted(value):
+        value = unquoted(value) if value else ""
+        if not value:
             return None
-        value = unquoted(value)
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not value.startswith("file:"):
             return value  # models:/, runs:/, s3://, ...: MLflow resolves them
         problem = file_url_problem(value)

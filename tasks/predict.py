@@ -146,13 +146,13 @@ def _load_model(model_uri: str):
 
     local = Path(model_uri).expanduser()
     if local.exists():
-        return _load_pyfunc(str(local))
+        return _load_checked(str(local))
     configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
     with explaining_missing(model_uri):
-        return _load_pyfunc(model_uri)
+        return _load_checked(model_uri)
 
 
-def _load_pyfunc(model_uri: str):
+def _load_checked(model_uri: str):
     """``mlflow.pyfunc.load_model``, its check of the model's requirements against this
     environment made from the model's ``requirements.txt`` (``requirement_mismatches``):
     MLflow's maps the modules of every installed package first, 0.32 s of CPU on 2 cores

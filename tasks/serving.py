@@ -332,7 +332,7 @@ class ImageClassifier:
         rows = list(images)
         refused = _refuse_before_decoding(rows, images, b"")
         return _say_refused(_name_failures(self._in_calls(rows, self.classify_raw), images),
-                              refused)
+                            refused)
 
     def predict_with_features(self, images: Sequence[bytes]) -> tuple[pd.DataFrame, np.ndarray]:
         """``predict_bytes`` of encoded images plus, from the same pass, each row's backbone
@@ -385,7 +385,8 @@ class ImageClassifier:
             raw = [_b64decode(v) for v in values]
             return pd.DataFrame([self.drift([r for r in raw if r is not None])])
         sent = list(values)
-        refused = _refuse_before_decoding(sent, [_b64_header(v) if v else None for v in values], "@")
+        headers = [_b64_header(v) if v else None for v in values]
+        refused = _refuse_before_decoding(sent, headers, "@")
         frame = self._in_calls(
             sent, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
         # (refused rows keep their reason: their whole base64 is not decoded to name it)
@@ -394,7 +395,7 @@ class ImageClassifier:
         frame.loc[[i for i in failed if values[i] and raw[i] is None], "error"] = ERROR_NOT_BASE64
         frame.loc[[i for i in failed if not values[i]], "error"] = ERROR_EMPTY
         frame = _say_refused(_name_failures(frame, [raw.get(i) for i in range(len(values))]),
-                               refused)
+                             refused)
         if index is not None:
             frame.index = index
         return frame
