@@ -243,6 +243,18 @@ def walk_files(top: Path) -> Iterator[tuple[str, list[str]]]:
         yield dirpath, sorted(filenames)
 
 
+def local_source(url: str) -> Optional[Path]:
+    """The local path behind a file: URL (file:///path, file://localhost/path, file:/path) or
+    a plain path; None for http(s)."""
+    from urllib.parse import unquote, urlparse
+
+    if url.lower().startswith(("http://", "https://")):
+        return None
+    if url.lower().startswith("file:"):
+        return Path(unquote(urlparse(url).path))
+    return Path(url).expanduser()
+
+
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second (for the records petalflow writes)."""
     import datetime

@@ -31,24 +31,14 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
-    CHUNK, file_lock, human_bytes, log, read_json, redact_url, remove_set_aside, set_aside,
-    sha256_file, tree_bytes, utc_now, walk_files, write_json,
+    CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
+    set_aside, sha256_file, tree_bytes, utc_now, walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, TransientError,
     WebPageNotArchive, is_transient_status,
 )
-
-def local_source(url: str) -> Optional[Path]:
-    """The local path behind a file: URL (file:///path, file://localhost/path, file:/path) or
-    a plain path; None for http(s)."""
-    if url.lower().startswith(("http://", "https://")):
-        return None
-    if url.lower().startswith("file:"):
-        return Path(unquote(urlparse(url).path))
-    return Path(url).expanduser()
-
 
 def _archive_name(url: str) -> str:
     name = Path(unquote(urlparse(url).path)).name

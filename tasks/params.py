@@ -16,6 +16,8 @@ from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
 )
 
+from petalflow.tasks.common import local_source
+
 DEFAULT_DATA_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
 )
@@ -551,8 +553,7 @@ class PredictParams(BaseModel):
         problem = file_url_problem(value)
         if problem:
             raise ValueError(problem)
-        path = Path(unquote(urlparse(value).path) if value.startswith("file:") else value)
-        reason = model_folder_problem(path.expanduser())
+        reason = model_folder_problem(local_source(value))
         if reason:
             raise ValueError(reason)  # the CLI and the UI show the value beside it
         return value
