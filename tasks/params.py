@@ -83,6 +83,15 @@ def file_url_problem(value: str) -> Optional[str]:
     return None
 
 
+def _file_url_path(value: str) -> str:
+    """The path a ``file:`` URL names (what a file manager's "copy link" gives), refused as
+    ``file_url_problem`` says when it names none; any other value as it is."""
+    problem = file_url_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return str(local_source(value)) if value.lower().startswith("file:") else value
+
+
 def unsupported_scheme(value: str) -> str:
     """Why a URL with a scheme petalflow does not download is refused, and what to give."""
     scheme = value.split("://", 1)[0].lower()
@@ -494,7 +503,7 @@ class PredictParams(BaseModel):
     input: list[str] = Field(
         default_factory=list, title="Images",
         description="Image files, folders (searched recursively) or glob patterns (at least "
-        "one).",
+        "one); file:/// URLs are read as the paths they name.",
     )
     input_folder: Optional[str] = Field(
         None, title="Input folder (old name)",
@@ -571,7 +580,8 @@ class PredictParams(BaseModel):
     def _inputs_exist(cls, value: list[str]) -> list[str]:
         import glob
 
-        value = [item if Path(item).exists() else unquoted(item) for item in value]
+        value = [item if Path(item).exists() else _file_url_path(unquoted(item))
+                 for item in value]
         urls = [item for item in value if "://" in item and not Path(item).exists()]
         if urls:
             raise ValueError("images are read from files, not URLs: "
@@ -588,7 +598,7 @@ class PredictParams(BaseModel):
     @field_validator("output")
     @classmethod
     def _output_folder_exists(cls, value: str) -> str:
-        value = unquoted(value)
+        value = _file_url_path(unquoted(value))
         if value == "-":
             raise ValueError("'-' (standard output) is not supported: give a file, such as "
                              "'predictions.csv'")

@@ -794,3 +794,25 @@ def test_the_command_counts_its_time_from_its_process_start():
         assert 0.6 <= elapsed < 5, elapsed
     else:  # no /proc: counted from the call
         assert elapsed < 0.1
+
+
+def test_predict_takes_file_urls_for_its_images_and_output(workspace, capsys):
+    """A file:/// URL (what a file manager's "copy link" gives) was refused as a URL to
+    download, though --data-url and --model take it: read as the path it names, for the
+    images and the output; file://in.jpg (a host, no path) is refused saying so."""
+    from urllib.parse import quote
+
+    from petalflow.tasks.params import PredictParams
+    from tests.helpers import write_image
+
+    folder = workspace / "my photos"
+    write_image(folder / "a.jpg", (200, 30, 30), seed=1)
+    url = "file://" + quote(str(folder))
+    params = PredictParams(input=[url, f"file://localhost{quote(str(folder))}/*.jpg"],
+                           output="file://" + quote(str(workspace / "p.csv")))
+    assert params.input == [str(folder), str(folder / "*.jpg")]
+    assert params.output == str(workspace / "p.csv") and params.format == "csv"
+    out = workspace / "q.csv"
+    assert main(["predict", "--input", "file://a.jpg", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'file://a.jpg' names the host 'a.jpg', not a file" in err and not out.exists()
