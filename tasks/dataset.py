@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import time
 import unicodedata
 from pathlib import Path
 from typing import Callable, Optional
@@ -95,6 +96,67 @@ COPY_OF = "copy of "  # the reason of a file in a nested copy of the class folde
 def _sha256_bytes(path: Path) -> tuple[str, int]:
     data = path.read_bytes()
     return hashlib.sha256(data).hexdigest(), len(data)
+
+
+HASHES_FILE = "file_hashes.csv"  # prepare_dataset's record of FileHashes, beside the manifest
+# A file changed less than this before a scan is not recorded (hashed again next time): a write
+# right after the scan read it can keep its timestamps where they are coarse (FAT: 2 s).
+RACY_NS = 3_000_000_000
+
+
+class FileHashes:
+    """Each file's sha256, read again only when the file may have changed: an earlier scan of
+    the same folder recorded (size, modification time, change time, inode) beside each digest,
+    and a file whose four are the same is not read. A folder source (scheduled retraining on a
+    folder the data grows in) then reads only its new and changed files, not every byte of it
+    on every run. The change time cannot be set by tools that copy times (``cp -p``, rsync,
+    ``touch -d``); a file changed within ``RACY_NS`` of a scan is not recorded by it."""
+
+    def __init__(self, earlier: Optional[dict] = None):
+        self.earlier = earlier or {}  # relative path -> ((size, mtime, ctime, inode), sha256)
+        self.recorded: dict = {}
+        self.read = 0  # files whose bytes were read
+        self._started_ns = time.time_ns()
+
+    def sha256(self, path: Path, rel: str) -> tuple[str, int]:
+        """``rel``'s sha256 and size (``path`` its file). Raises OSError as reading does."""
+        st = path.stat()
+        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        seen = self.earlier.get(rel)
+        if seen is not None and seen[0] == key:
+            sha, size = seen[1], st.st_size
+        else:
+            sha, size = _sha256_bytes(path)
+            self.read += 1
+        if max(st.st_mtime_ns, st.st_ctime_ns) < self._started_ns - RACY_NS:
+            self.recorded[rel] = (key, sha)
+        return sha, size
+
+    def write(self, path: Path) -> None:
+        rows = [(rel, *key, sha) for rel, (key, sha) in self.recorded.items()]
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        pd.DataFrame(rows, columns=["path", "size", "mtime_ns", "ctime_ns", "inode", "sha256"]
+                     ).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+
+
+def earlier_hashes(manifests_dir: Path, data_root: Path) -> dict:
+    """What earlier scans of ``data_root`` (this folder, under any split settings) recorded
+    as ``FileHashes``: relative path -> ((size, mtime, ctime, inode), sha256)."""
+    root, found = str(Path(data_root).resolve()), {}
+    for folder, written in _descriptions(manifests_dir):
+        if written.get("data_root") != root:
+            continue
+        try:
+            rows = pd.read_csv(folder / HASHES_FILE, keep_default_na=False,
+                               dtype={"path": str, "sha256": str})
+            found.update(
+                (row[0], ((int(row[1]), int(row[2]), int(row[3]), int(row[4])), row[5]))
+                for row in rows[["path", "size", "mtime_ns", "ctime_ns", "inode", "sha256"]]
+                .itertuples(index=False))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
 
 
 # Folders archivers add beside the data (macOS Finder zips carry resource forks in __MACOSX/).
@@ -637,7 +699,8 @@ def _tf_message(exc: Exception) -> str:
     return re.sub(r"\s*\[Op:\w+\]( name:.*)?$", "", line) or type(exc).__name__
 
 
-def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
+def scan_dataset(data_root: Path, known: Optional[dict] = None,
+                 hashes: Optional[FileHashes] = None) -> pd.DataFrame:
     """Walk the class folders of ``data_root`` into a manifest; never raises for a bad file.
 
     Hidden files, empty files, non-images, unsupported formats, huge images, undecodable bytes
@@ -646,9 +709,12 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
 
     ``known`` (``earlier_verdicts``): sha256 -> (width, height, EXIF orientation) of contents
     an earlier scan with the same tools found usable; a file with such bytes is hashed but not
-    opened or decoded again (data that grew decodes only its new files).
+    opened or decoded again (data that grew decodes only its new files). ``hashes``
+    (``FileHashes``): the digests an earlier scan of this folder read, reused for files that
+    did not change since; it records this scan's.
     """
     known = known or {}
+    hashes = hashes if hashes is not None else FileHashes()
     data_root = Path(data_root)
     if not data_root.is_dir():
         raise DatasetError(f"dataset folder {data_root} does not exist")
@@ -662,7 +728,7 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None) -> pd.DataFrame:
         row = dict(path=rel, label=label, sha256="", size=0, width=0, height=0,
                    orientation=1, status="ok", reason="")
         try:
-            row["sha256"], row["size"] = _sha256_bytes(path)
+            row["sha256"], row["size"] = hashes.sha256(path, rel)
         except OSError as exc:
             row.update(status="quarantined", reason=f"unreadable file: {exc}")
             rows.append(row)
@@ -938,8 +1004,12 @@ def prepare_dataset(
     if not_classes:
         raise DatasetError(not_classes)
     known = earlier_verdicts(out_dir.parent)
+    hashes = FileHashes(earlier_hashes(out_dir.parent, data_root))
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = scan_dataset(data_root, known)
+    manifest = scan_dataset(data_root, known, hashes)
+    if hashes.earlier:
+        log("scan: %d of %d files read (the others unchanged since an earlier scan of %s)",
+            hashes.read, len(manifest), data_root)
     usable = class_names(manifest)
     if len(usable) < 2 and (labels := labels_elsewhere(data_root, manifest)):
         raise _too_few_classes(manifest, usable, labels)
@@ -965,6 +1035,7 @@ def prepare_dataset(
         "fingerprint": dataset_fingerprint(manifest),
         "counts": counts,
     }
+    hashes.write(out_dir / HASHES_FILE)
     write_json(out_dir / "dataset.json", {**info, "scan_version": SCAN_VERSION,
                                           "scan_tools": scan_tools(),
                                           "scanned_folder": _folder_identity(data_root)})

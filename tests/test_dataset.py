@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -909,3 +910,60 @@ def test_data_that_grew_decodes_only_its_new_files(tmp_path, monkeypatch):
     monkeypatch.setattr(dataset, "scan_tools", lambda: "scan 1, tensorflow 9.9, pillow 12.0")
     dataset.prepare_dataset(grown, tmp_path / "manifests" / "v3", 0.25, 0.25, seed=0)
     assert len(decoded) == 12 + 1 + 2
+
+
+def test_a_folder_scanned_again_reads_only_its_new_and_changed_files(tmp_path, monkeypatch):
+    """A folder source (scheduled retraining on a folder the data grows in) had every byte of
+    every file read and hashed on every run. Files whose size, times and inode an earlier scan
+    of that folder recorded are not read again: a new file, and one rewritten with other bytes
+    of the same size and its old modification time restored (rsync -t, cp -p), are."""
+    import time
+
+    from petalflow.tasks import dataset
+
+    monkeypatch.setattr(dataset, "RACY_NS", 0)  # files made a moment ago count as settled
+    root = make_dataset(tmp_path / "d", per_class=4)
+    changed = write_image(root / "red" / "kept.bmp", COLOURS["red"], fmt="BMP", seed=7)
+    manifests = tmp_path / "manifests"
+    first = prepare_dataset(root, manifests / "a", 0.25, 0.25, seed=1)
+    assert (manifests / "a" / "file_hashes.csv").is_file()  # beside the manifest (README)
+    read = []
+    real = dataset._sha256_bytes
+    monkeypatch.setattr(dataset, "_sha256_bytes", lambda path: read.append(
+        path.relative_to(root).as_posix()) or real(path))
+    assert prepare_dataset(root, manifests / "a", 0.25, 0.25, seed=1) == first
+    assert read == []
+    # Other split settings (another manifest folder) take what the first scan read too.
+    assert prepare_dataset(root, manifests / "b", 0.2, 0.2, seed=2)["fingerprint"] \
+        == first["fingerprint"] and read == []
+
+    time.sleep(0.05)  # past the file system's timestamp tick
+    st = changed.stat()
+    write_image(changed, COLOURS["red"], fmt="BMP", seed=8)  # other pixels, the same size
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert changed.stat().st_size == st.st_size and changed.stat().st_mtime_ns == st.st_mtime_ns
+    write_image(root / "blue" / "new.jpg", COLOURS["blue"], seed=99)
+    grown = prepare_dataset(root, manifests / "a", 0.25, 0.25, seed=1)
+    assert sorted(read) == ["blue/new.jpg", "red/kept.bmp"]
+    manifest = load_manifest(grown["manifest"]).set_index("path")
+    assert manifest.at["red/kept.bmp", "sha256"] == hashlib.sha256(changed.read_bytes()
+                                                                   ).hexdigest()
+    assert grown["counts"]["used"] == first["counts"]["used"] + 1
+    assert grown["fingerprint"] != first["fingerprint"]
+
+
+def test_files_changed_just_before_a_scan_are_read_again_by_the_next(tmp_path):
+    """Where times are coarse (FAT: 2 s), a file rewritten right after a scan read it can keep
+    times the scan recorded: the scan records no file changed within RACY_NS before it."""
+    from petalflow.tasks.dataset import FileHashes
+
+    fresh = write_image(tmp_path / "fresh.jpg", COLOURS["red"])
+    settled = write_image(tmp_path / "settled.jpg", COLOURS["blue"])
+    hashes = FileHashes()
+    hashes._started_ns = settled.stat().st_ctime_ns + 4_000_000_000  # a scan 4 s later
+    hashes.sha256(settled, "settled.jpg")
+    assert list(hashes.recorded) == ["settled.jpg"]
+    hashes = FileHashes()
+    assert hashes.sha256(fresh, "fresh.jpg") == (hashlib.sha256(fresh.read_bytes()).hexdigest(),
+                                                fresh.stat().st_size)
+    assert hashes.recorded == {} and hashes.read == 1
