@@ -464,12 +464,45 @@ def zip_member_name(info: zipfile.ZipInfo) -> str:
     return name.replace("\\", "/")
 
 
+# The compression methods Python's zip reader reads (stored, deflate, bzip2, lzma).
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
+               getattr(zipfile, "ZIP_ZSTANDARD", zipfile.ZIP_STORED)}  # Python 3.14's
+ZIP_METHOD_NAMES = {9: "Deflate64", 93: "Zstandard", 95: "xz", 96: "JPEG", 97: "WavPack",
+                    98: "PPMd", 99: "AES-encrypted"}
+
+
+def _check_zip_readable(name: str, members: list) -> None:
+    """ArchiveError, before anything is extracted, for a zip whose files cannot be read here:
+    password-protected ones (Python's reader stops at the first with "File <ZipInfo ...> is
+    encrypted, password required"), or compressed with a method it lacks (Windows Explorer's
+    Deflate64 for large files: "That compression method is not supported")."""
+    files = [(info, member) for info, member in members if not member.endswith("/")]
+    locked = [member for info, member in files if info.flag_bits & 0x1]
+    if locked:
+        raise ArchiveError(
+            f"{name} is password-protected ({len(locked)} of its {len(files)} files are "
+            f"encrypted, e.g. {locked[0]!r}): petalflow takes no password; extract it yourself "
+            "and give the folder as the data URL, or pack the class folders again without a "
+            "password")
+    unread = [(info.compress_type, member) for info, member in files
+              if info.compress_type not in ZIP_METHODS]
+    if unread:
+        method = unread[0][0]
+        windows = "; Windows Explorer writes it for large files" if method == 9 else ""
+        raise ArchiveError(
+            f"{name} uses a compression Python's zip reader does not read "
+            f"({ZIP_METHOD_NAMES.get(method, 'unknown')}, method {method}; {len(unread)} files, "
+            f"e.g. {unread[0][1]!r}{windows}): pack the class folders again as .tar.gz, or as "
+            ".zip with Deflate (zip -r, or 7-Zip with the Deflate method)")
+
+
 def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
     """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
     toward ``max_bytes``)."""
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [(info, zip_member_name(info)) for info in zf.infolist()]
+            _check_zip_readable(archive.name, members)
             declared = already
             for info, name in members:
                 _check_member_name(name)

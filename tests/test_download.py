@@ -10,6 +10,7 @@ import tarfile
 import time
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -777,3 +778,53 @@ def test_wrong_image_size_is_refused_naming_both(tiny_backbone, any_size_backbon
     assert fetch_backbone_task.fn(str(tiny_backbone), str(tmp_path), 32) == str(
         Path(tiny_backbone).resolve())
     assert fetch_backbone_task.fn(str(any_size_backbone), str(tmp_path), 224)
+
+
+def _zip_with_header_fields(folder: Path, archive: Path, flag_bits: int = 0,
+                            method: Optional[int] = None) -> Path:
+    """``make_zip``'s zip (stored) with every member's general-purpose flags or compression
+    method set in its local and central headers: what an encrypted zip, or Windows Explorer's
+    Deflate64 for large files, says there (neither can be written with zipfile)."""
+    import struct
+
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"photos/{path.relative_to(folder).as_posix()}")
+    data = bytearray(archive.read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(signature)
+        while at != -1:
+            flags, kind = struct.unpack_from("<HH", data, at + flags_at)
+            struct.pack_into("<HH", data, at + flags_at, flags | flag_bits,
+                             kind if method is None else method)
+            at = data.find(signature, at + 4)
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+def test_a_password_protected_or_deflate64_zip_is_refused_saying_what_to_do(tmp_path):
+    """An encrypted zip failed with Python's "File <ZipInfo filename='photos/blue/000.jpg'
+    compress_type=deflate ...> is encrypted, password required for extraction" (a generic
+    error, exit 1) after the files before it were written; Deflate64 (Windows Explorer, large
+    files) with "That compression method is not supported". Both are refused before anything
+    is extracted, saying what the archive is and what to give instead."""
+    src = make_dataset(tmp_path / "src", per_class=3)
+    locked = _zip_with_header_fields(src, tmp_path / "locked.zip", flag_bits=0x1)
+    with pytest.raises(ArchiveError) as refused:
+        extract_archive(locked, tmp_path / "d1")
+    assert str(refused.value) == (
+        "locked.zip is password-protected (9 of its 9 files are encrypted, e.g. "
+        "'photos/blue/000.jpg'): petalflow takes no password; extract it yourself and give the "
+        "folder as the data URL, or pack the class folders again without a password")
+    assert [p for p in (tmp_path / "d1").iterdir() if not p.name.endswith(".lock")] == []
+
+    wide = _zip_with_header_fields(src, tmp_path / "wide.zip", method=9)
+    with pytest.raises(ArchiveError) as refused:
+        extract_archive(wide, tmp_path / "d2")
+    assert str(refused.value) == (
+        "wide.zip uses a compression Python's zip reader does not read (Deflate64, method 9; "
+        "9 files, e.g. 'photos/blue/000.jpg'; Windows Explorer writes it for large files): "
+        "pack the class folders again as .tar.gz, or as .zip with Deflate (zip -r, or 7-Zip "
+        "with the Deflate method)")
+    assert [p for p in (tmp_path / "d2").iterdir() if not p.name.endswith(".lock")] == []
