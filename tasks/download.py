@@ -465,8 +465,9 @@ def zip_member_name(info: zipfile.ZipInfo) -> str:
 
 
 # The compression methods Python's zip reader reads (stored, deflate, bzip2, lzma).
-ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
-               getattr(zipfile, "ZIP_ZSTANDARD", zipfile.ZIP_STORED)}  # Python 3.14's
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+if hasattr(zipfile, "ZIP_ZSTANDARD"):  # Python 3.14 reads Zstandard too
+    ZIP_METHODS.add(zipfile.ZIP_ZSTANDARD)
 ZIP_METHOD_NAMES = {9: "Deflate64", 93: "Zstandard", 95: "xz", 96: "JPEG", 97: "WavPack",
                     98: "PPMd", 99: "AES-encrypted"}
 
@@ -480,8 +481,8 @@ def _check_zip_readable(name: str, members: list) -> None:
     locked = [member for info, member in files if info.flag_bits & 0x1]
     if locked:
         raise ArchiveError(
-            f"{name} is password-protected ({len(locked)} of its {len(files)} files are "
-            f"encrypted, e.g. {locked[0]!r}): petalflow takes no password; extract it yourself "
+            f"{name} is password-protected ({len(locked)} of its {len(files)} files "
+            f"{'is' if len(locked) == 1 else 'are'} encrypted, e.g. {locked[0]!r}): petalflow takes no password; extract it yourself "
             "and give the folder as the data URL, or pack the class folders again without a "
             "password")
     unread = [(info.compress_type, member) for info, member in files
@@ -491,8 +492,8 @@ def _check_zip_readable(name: str, members: list) -> None:
         windows = "; Windows Explorer writes it for large files" if method == 9 else ""
         raise ArchiveError(
             f"{name} uses a compression Python's zip reader does not read "
-            f"({ZIP_METHOD_NAMES.get(method, 'unknown')}, method {method}; {len(unread)} files, "
-            f"e.g. {unread[0][1]!r}{windows}): pack the class folders again as .tar.gz, or as "
+            f"({ZIP_METHOD_NAMES.get(method, 'unknown')}, method {method}; {len(unread)} "
+            f"file{'' if len(unread) == 1 else 's'}, e.g. {unread[0][1]!r}{windows}): pack the class folders again as .tar.gz, or as "
             ".zip with Deflate (zip -r, or 7-Zip with the Deflate method)")
 
 

@@ -570,7 +570,7 @@ class PredictParams(BaseModel):
     @field_validator("input_folder")
     @classmethod
     def _folder_exists(cls, value: Optional[str]) -> Optional[str]:
-        value = unquoted(value) if value else value
+        value = _file_url_path(unquoted(value)) if value else value
         if value and not Path(value).expanduser().is_dir():
             raise ValueError(f"{value!r} is not a folder")
         return value or None

@@ -812,6 +812,7 @@ def test_predict_takes_file_urls_for_its_images_and_output(workspace, capsys):
                            output="file://" + quote(str(workspace / "p.csv")))
     assert params.input == [str(folder), str(folder / "*.jpg")]
     assert params.output == str(workspace / "p.csv") and params.format == "csv"
+    assert PredictParams(input_folder=url, output="p.csv").input == [str(folder)]  # old name
     out = workspace / "q.csv"
     assert main(["predict", "--input", "file://a.jpg", "--output", str(out)]) == 2
     err = capsys.readouterr().err
