@@ -3,7 +3,8 @@
 Inputs: the same ``TrainParams`` the triggered training will use (only ``data_url``,
 ``data_sha256`` and ``model_name`` matter to the check). Steps: revalidate the source (the
 conditional request of the train flow's download step; new bytes are kept for the training) ->
-compare it with what the champion was trained on -> when it differs, emit the Prefect event
+compare it with what the champion was trained on -> when it differs, extract it (as the
+training will: an archive it could not open fails this run instead) and emit the Prefect event
 ``petalflow.dataset.changed`` (once per source state), which the ``train`` deployment's trigger
 in deployment.yaml turns into a training run with these parameters. Output: the decision, also
 the final state's message.
@@ -16,7 +17,9 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from petalflow.tasks.common import petalflow_home
-from petalflow.tasks.download import describe_source_task, download_archive_task
+from petalflow.tasks.download import (
+    describe_source_task, download_archive_task, extract_archive_task, source_identity,
+)
 from petalflow.tasks.params import TrainParams, expected_sha256
 from petalflow.tasks.registry import champion_info_task
 from petalflow.tasks.watch import announce_change_task, check_source_task
@@ -39,6 +42,11 @@ def watch_data(params: TrainParams = TrainParams()):
         message = (f"changed ({check['reason']}); already announced at {check['announced_at']}, "
                    "not announced again")
     else:
+        # Extracted as the training's first step extracts it (found in place there): an
+        # archive the training could not open (damaged, cut short by an upload in progress,
+        # password-protected) fails this run, announced to no training.
+        extract_archive_task(archive, str(home / "datasets"), params.max_extract_bytes,
+                             source_identity(params.data_url))
         result["event_id"] = announce_change_task(params, source, check["reason"],
                                                   str(home / "watch"))
         message = f"changed ({check['reason']}); emitted petalflow.dataset.changed"

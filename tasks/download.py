@@ -261,7 +261,7 @@ def describe_source(url: str, archive: Path) -> dict:
     if archive.is_dir():
         return {"kind": "folder", "url": url, "sha256": None,
                 "listing_fingerprint": folder_listing_fingerprint(archive)}
-    contents = {"contents_sha256": zip_contents_digest(archive, check=True)} \
+    contents = {"contents_sha256": zip_contents_digest(archive)} \
         if _archive_kind(archive) == "zip" else {}
     if local_source(url) is not None:
         return {"kind": "file", "url": url, "sha256": sha256_file(archive), **contents}
@@ -272,19 +272,14 @@ def describe_source(url: str, archive: Path) -> dict:
             **contents}
 
 
-def zip_contents_digest(archive: Path, check: bool = False) -> Optional[str]:
+def zip_contents_digest(archive: Path) -> Optional[str]:
     """A digest of a zip's files as its directory lists them (name, size, CRC-32; not their
     times, read without unpacking): the same for a folder zipped again, as servers that zip a
-    folder on every request do, whose bytes differ each time. None when it cannot be read.
-    ``check``: ArchiveError when its files cannot be extracted here (``_check_zip_readable``),
-    so the watch does not announce a password-protected zip as data to train on."""
+    folder on every request do, whose bytes differ each time. None when it cannot be read."""
     try:
         with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            if check:
-                _check_zip_readable(archive.name, [(i, zip_member_name(i)) for i in infos])
             rows = sorted(f"{zip_member_name(i)}\t{i.file_size}\t{i.CRC:08x}"
-                          for i in infos if not i.is_dir())
+                          for i in zf.infolist() if not i.is_dir())
     except (zipfile.BadZipFile, OSError, EOFError):
         return None
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()

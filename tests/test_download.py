@@ -808,10 +808,7 @@ def test_a_password_protected_or_deflate64_zip_is_refused_saying_what_to_do(tmp_
     compress_type=deflate ...> is encrypted, password required for extraction" (a generic
     error, exit 1) after the files before it were written; Deflate64 (Windows Explorer, large
     files) with "That compression method is not supported". Both are refused before anything
-    is extracted, saying what the archive is and what to give instead; the watch, which
-    describes a source before announcing it, announces neither."""
-    from petalflow.tasks.download import describe_source
-
+    is extracted, saying what the archive is and what to give instead."""
     src = make_dataset(tmp_path / "src", per_class=3)
     locked = _zip_with_header_fields(src, tmp_path / "locked.zip", flag_bits=0x1)
     with pytest.raises(ArchiveError) as refused:
@@ -821,9 +818,6 @@ def test_a_password_protected_or_deflate64_zip_is_refused_saying_what_to_do(tmp_
         "'photos/blue/000.jpg'): petalflow takes no password; extract it yourself and give the "
         "folder as the data URL, or pack the class folders again without a password")
     assert [p for p in (tmp_path / "d1").iterdir() if not p.name.endswith(".lock")] == []
-    # The watch describes a source before announcing it: a locked zip is no new data.
-    with pytest.raises(ArchiveError, match="locked.zip is password-protected"):
-        describe_source(str(locked), locked)
 
     wide = _zip_with_header_fields(src, tmp_path / "wide.zip", method=9)
     with pytest.raises(ArchiveError) as refused:

@@ -162,8 +162,10 @@ def test_a_damaged_archive_behind_the_url_fails_the_run_saying_so_and_keeps_the_
     decompresses to the same tar, read whole before this check): the run fails calling it
     damaged, extracts and trains nothing, keeps the champion and the extraction it was
     trained on, and removes the damaged download; once a whole archive is behind the URL, it
-    is downloaded and trained."""
+    is downloaded and trained. The watch announced the damaged archive as new data (a
+    training started to fail on it); it now fails the same way and announces nothing."""
     from petalflow.flows.train_flow import train_and_register
+    from petalflow.flows.watch_flow import watch_data
     from petalflow.tasks.errors import DamagedArchive
 
     first_bytes = _archive(workspace, "v1", per_class=12, seed=0)
@@ -174,6 +176,11 @@ def test_a_damaged_archive_behind_the_url_fails_the_run_saying_so_and_keeps_the_
         first = train_and_register(_params(url, tiny_backbone))
         assert (first["model_version"], first["alias"]) == ("1", "champion")
         site.put("/export/photos.tgz", damaged)
+        with pytest.raises(DamagedArchive) as watched:
+            watch_data(_params(url, tiny_backbone))
+        assert str(watched.value).startswith("archive photos.tgz is damaged (CRC check failed")
+        assert not list((workspace / "home" / "watch").glob("*.json"))  # nothing announced
+        assert not list((workspace / "home" / "downloads").rglob("photos.tgz"))
         with pytest.raises(DamagedArchive) as failed:
             train_and_register(_params(url, tiny_backbone))
         assert str(failed.value).startswith("archive photos.tgz is damaged (CRC check failed")
