@@ -810,21 +810,21 @@ def test_a_password_protected_or_deflate64_zip_is_refused_saying_what_to_do(tmp_
     files) with "That compression method is not supported". Both are refused before anything
     is extracted, saying what the archive is and what to give instead."""
     src = make_dataset(tmp_path / "src", per_class=3)
-    locked = _zip_with_header_fields(src, tmp_path / "locked.zip", flag_bits=0x1)
-    with pytest.raises(ArchiveError) as refused:
-        extract_archive(locked, tmp_path / "d1")
-    assert str(refused.value) == (
-        "locked.zip is password-protected (9 of its 9 files are encrypted, e.g. "
-        "'photos/blue/000.jpg'): petalflow takes no password; extract it yourself and give the "
-        "folder as the data URL, or pack the class folders again without a password")
-    assert [p for p in (tmp_path / "d1").iterdir() if not p.name.endswith(".lock")] == []
-
-    wide = _zip_with_header_fields(src, tmp_path / "wide.zip", method=9)
-    with pytest.raises(ArchiveError) as refused:
-        extract_archive(wide, tmp_path / "d2")
-    assert str(refused.value) == (
-        "wide.zip uses a compression Python's zip reader does not read (Deflate64, method 9; "
-        "9 files, e.g. 'photos/blue/000.jpg'; Windows Explorer writes it for large files): "
-        "pack the class folders again as .tar.gz, or as .zip with Deflate (zip -r, or 7-Zip "
-        "with the Deflate method)")
-    assert [p for p in (tmp_path / "d2").iterdir() if not p.name.endswith(".lock")] == []
+    cases = [
+        ({"flag_bits": 0x1}, "locked.zip is password-protected (9 of its 9 files are encrypted, "
+         "e.g. 'photos/blue/000.jpg'): petalflow takes no password; extract it yourself and "
+         "give the folder as the data URL, or pack the class folders again without a "
+         "password"),
+        ({"method": 9}, "wide.zip uses a compression Python's zip reader does not read "
+         "(Deflate64, method 9; 9 files, e.g. 'photos/blue/000.jpg'; Windows Explorer writes it "
+         "for large files): pack the class folders again as .tar.gz, or as .zip with Deflate "
+         "(zip -r, or 7-Zip with the Deflate method)"),
+    ]
+    for fields, message in cases:
+        name = message.split(" ", 1)[0]
+        target = tmp_path / name.replace(".", "_")
+        archive = _zip_with_header_fields(src, tmp_path / name, **fields)
+        with pytest.raises(ArchiveError) as refused:
+            extract_archive(archive, target)
+        assert str(refused.value) == message
+        assert [p for p in target.iterdir() if not p.name.endswith(".lock")] == []
