@@ -196,14 +196,16 @@ def train_and_register(params: TrainParams = TrainParams()):
         workdir = Path(jobs[best].workdir)
         with timer.phase("evaluation"):
             evaluation = evaluate_model_task(record["export_dir"], data_info,
-                                             str(workdir / "evaluation"), run_id)
+                                             str(workdir / "evaluation"), run_id,
+                                             str(home / "predictions"))
             edge = None
             if record.get("edge_dir"):
                 edge = evaluate_edge_task(record["edge_dir"], record["export_dir"], data_info,
                                           trained.image_size, run_id,
                                           evaluation["metrics"].get("serving_latency_ms"))
             champion = champion_info_task(params.model_name)
-            comparison = compare_with_champion_task(champion, data_info, str(workdir))
+            comparison = compare_with_champion_task(champion, data_info, str(workdir),
+                                                    str(home / "predictions"))
         with timer.phase("registration"):
             registration = register_model_task(run_id, record["export_dir"], trained,
                                                data_info, evaluation["metrics"], comparison,

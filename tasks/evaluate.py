@@ -8,6 +8,7 @@ confusion-matrix PNG and a markdown report, all in ``out_dir``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,7 +18,7 @@ import pandas as pd
 from prefect import task
 
 from petalflow.tasks.common import release_memory
-from petalflow.tasks.dataset import DatasetInfo, reads_exif, split_files
+from petalflow.tasks.dataset import DatasetInfo, load_manifest, reads_exif, split_files, split_shas
 from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
 
@@ -219,40 +220,103 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+# A model's predictions for the test images, by their sha256 (``evaluate_model``'s ``record``):
+# the champion, compared with each new version on that run's test split, is run only on the
+# images it has not classified before. The test split of data that grew is mostly the one
+# before (``dataset.split_dataset`` ranks each image by its digest), so a retraining on grown
+# data no longer runs the champion over every test image. The records used last are kept.
+PREDICTION_RECORDS = 8
+
+
+def prediction_record(records_dir: Path, run_id: str) -> Path:
+    """Where the predictions of the model trained by MLflow run ``run_id`` are recorded: per
+    TensorFlow version (the runtime that ran the model's graph)."""
+    from importlib.metadata import version
+
+    return Path(records_dir) / f"{run_id}-tensorflow-{version('tensorflow')}.csv"
+
+
+def _read_record(path: Path, columns: list[str]) -> pd.DataFrame:
+    """A record's rows by sha256 (empty when it is missing, unreadable or of other columns)."""
+    try:
+        rows = pd.read_csv(path, keep_default_na=False, index_col="sha256",
+                           dtype={"sha256": str, "label": str, "error": str})
+    except (OSError, ValueError, KeyError):
+        return pd.DataFrame(columns=columns)
+    return rows if list(rows.columns) == columns else pd.DataFrame(columns=columns)
+
+
+def _write_record(path: Path, rows: pd.DataFrame) -> None:
+    """Write a record whole (a concurrent reader sees the old or the new one), then remove the
+    records beside it but the ``PREDICTION_RECORDS`` written or used last."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    rows[~rows.index.duplicated(keep="last")].to_csv(tmp, index_label="sha256")
+    os.replace(tmp, path)
+    records = sorted(path.parent.glob("*.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in records[PREDICTION_RECORDS:]:
+        old.unlink(missing_ok=True)
+
+
+def _all_recorded(data_info: DatasetInfo, record: Path) -> bool:
+    """Whether ``record`` holds a prediction for every test image (by its bytes)."""
+    from petalflow.tasks.serving import output_columns
+
+    known = _read_record(record, output_columns(data_info["classes"])).index
+    return set(split_shas(data_info, "test")) <= set(known)
+
+
 def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path,
-                   latency_images: int = LATENCY_IMAGES) -> dict:
+                   latency_images: int = LATENCY_IMAGES, record: Optional[Path] = None) -> dict:
     """Classify the test split with the exported model; write tables and return the metrics.
 
     Returns {"metrics": {...}, "files": {name: path}}; files are per_class.csv, confusion.csv,
     confusion.png, predictions.csv and report.md in ``out_dir``. With ``latency_images``, the
     metrics include ``serving_latency_ms``: the mean time of one image file through the served
     signature (read, decode, classify; batch 1) over the first ``latency_images`` test files,
-    the way ``edge.evaluate_edge`` times the TFLite models.
+    the way ``edge.evaluate_edge`` times the TFLite models. With ``record``
+    (``prediction_record`` of this model): the images whose bytes it holds predictions for are
+    not run again (the model is not even loaded when it holds them all), and it is written back
+    with this split's.
     """
-    from petalflow.tasks.serving import ImageClassifier
+    from petalflow.tasks.serving import ImageClassifier, output_columns
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths, y_true = split_files(data_info, "test")
-    model = ImageClassifier(str(export_dir))
-    if model.class_names != data_info["classes"]:
-        raise ValueError("exported model's classes differ from the dataset's")
-    frames = []
-    for i in range(0, len(paths), EVAL_BATCH):
-        chunk = paths[i : i + EVAL_BATCH]
-        frames.append(model.predict_bytes([Path(p).read_bytes() for p in chunk]))
-    preds = pd.concat(frames, ignore_index=True)
-    index = {name: i for i, name in enumerate(model.class_names)}
+    manifest = load_manifest(Path(data_info["manifest"]))
+    paths, y_true = split_files(data_info, "test", manifest)
+    shas = split_shas(data_info, "test", manifest)
+    class_names = data_info["classes"]
+    columns = output_columns(class_names)
+    known = _read_record(record, columns) if record is not None else pd.DataFrame(columns=columns)
+    todo = [i for i, sha in enumerate(shas) if sha not in known.index]
+    model = None
+    if todo or (latency_images and paths):
+        model = ImageClassifier(str(export_dir))
+        if model.class_names != class_names:
+            raise ValueError("exported model's classes differ from the dataset's")
+    frames = [known] if len(known) else []
+    for i in range(0, len(todo), EVAL_BATCH):
+        chunk = todo[i : i + EVAL_BATCH]
+        frames.append(model.predict_bytes([Path(paths[j]).read_bytes() for j in chunk])
+                      .set_axis([shas[j] for j in chunk]))
+    rows = pd.concat(frames) if todo else known
+    if record is not None and todo:
+        _write_record(record, rows)
+    elif record is not None and record.exists():
+        os.utime(record)  # used: kept among the last PREDICTION_RECORDS
+    preds = rows[~rows.index.duplicated(keep="last")].loc[shas].reset_index(drop=True)
+    index = {name: i for i, name in enumerate(class_names)}
     y_pred = preds["label"].map(lambda name: index.get(name, -1)).to_numpy()
     failed = int((y_pred < 0).sum())
     y_pred = np.where(y_pred < 0, (y_true + 1) % len(index), y_pred)  # an error counts as wrong
-    metrics, per_class, confusion = classification_tables(y_true, y_pred, model.class_names)
+    metrics, per_class, confusion = classification_tables(y_true, y_pred, class_names)
     metrics["test_errors"] = failed
     if latency_images and paths:
         metrics["serving_latency_ms"] = round(latency_ms(
             lambda p: model.classify_raw([Path(p).read_bytes()]), paths[:latency_images]), 3)
     preds.insert(0, "path", paths)
-    preds.insert(1, "true_label", [model.class_names[i] for i in y_true])
+    preds.insert(1, "true_label", [class_names[i] for i in y_true])
     files = {
         "per_class": out_dir / "per_class.csv",
         "confusion": out_dir / "confusion.csv",
@@ -266,16 +330,19 @@ def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path,
     plot_confusion(confusion, files["confusion_png"])
     files["report"].write_text(markdown_report(metrics, per_class, confusion))
     result = {"metrics": metrics, "majority": majority_baseline(per_class),
-              "files": {k: str(v) for k, v in files.items()}}
+              "files": {k: str(v) for k, v in files.items()},
+              "recorded": len(paths) - len(todo)}  # predictions taken from ``record``
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     return result
 
 
 def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
-                          workdir: Path) -> dict:
+                          workdir: Path, records_dir: Optional[Path] = None) -> dict:
     """What the new version is compared with. Same classes: the champion is downloaded and
-    evaluated on this run's test split with the challenger's code path (``evaluate_model``).
-    Other classes (or no champion): no figure, and ``basis`` says why."""
+    evaluated on this run's test split with the challenger's code path (``evaluate_model``);
+    with ``records_dir``, only on the test images its ``prediction_record`` lacks (not
+    downloaded when it lacks none). Other classes (or no champion): no figure, and ``basis``
+    says why."""
     from petalflow.tasks.registry import download_model
 
     n_test = data_info["counts"].get("splits", {}).get("test")
@@ -287,27 +354,36 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                 "basis": (f"the class list changed (champion v{champion['version']}: "
                           f"{', '.join(champion.get('class_names') or ['unknown'])}); promoted on "
                           "the gate alone")}
-    saved = download_model(champion["model_uri"], Path(workdir) / "champion-model")
+    record = prediction_record(records_dir, champion["run_id"]) \
+        if records_dir is not None and champion.get("run_id") else None
+    folder = Path(workdir) / "champion-model"
     try:
-        result = evaluate_model(Path(saved), data_info, Path(workdir) / "champion-evaluation",
-                                latency_images=0)
+        saved = folder if record is not None and _all_recorded(data_info, record) \
+            else Path(download_model(champion["model_uri"], folder))
+        result = evaluate_model(saved, data_info, Path(workdir) / "champion-evaluation",
+                                latency_images=0, record=record)
     finally:  # a copy of what the registry holds: no run reads it again
-        shutil.rmtree(Path(workdir) / "champion-model", ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
     return {"champion_version": champion["version"],
             "champion_accuracy": result["metrics"]["test_accuracy"],
             "champion_metrics": result["metrics"],
+            # test images the champion had classified before (its prediction record): not run
+            "champion_predictions_recorded": result["recorded"],
             "basis": f"this run's test split ({n_test} images)"}
 
 
 @task(name="evaluate-model")
 def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
-                        run_id: str) -> dict:
-    """Thin wrapper: logs the evaluation to MLflow and publishes it as Prefect artifacts."""
+                        run_id: str, records_dir: Optional[str] = None) -> dict:
+    """Thin wrapper: logs the evaluation to MLflow and publishes it as Prefect artifacts;
+    with ``records_dir``, the predictions are recorded for this run's model
+    (``prediction_record``: compared with later versions as the champion)."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from petalflow.tasks.registry import log_evaluation
 
-    result = evaluate_model(Path(export_dir), data_info, Path(out_dir))
+    record = prediction_record(Path(records_dir), run_id) if records_dir else None
+    result = evaluate_model(Path(export_dir), data_info, Path(out_dir), record=record)
     release_memory()  # the loaded model is garbage now: keep the process's peak low
     log_evaluation(run_id, result)
     create_markdown_artifact(
@@ -325,8 +401,9 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
 # Downloads the champion from the registry: retried like the registry's own calls.
 @task(name="evaluate-champion", **MLFLOW_RETRY)
 def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
-                                workdir: str) -> dict:
-    result = compare_with_champion(champion, data_info, Path(workdir))
+                                workdir: str, records_dir: Optional[str] = None) -> dict:
+    result = compare_with_champion(champion, data_info, Path(workdir),
+                                   Path(records_dir) if records_dir else None)
     if result.get("champion_accuracy") is not None:  # a champion model was loaded and run
         release_memory()
     return result

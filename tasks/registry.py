@@ -564,6 +564,7 @@ def champion_info(model_name: str) -> Optional[dict]:
         "listing_fingerprint": mv.tags.get("listing_fingerprint"),
         "archive_contents_sha256": mv.tags.get("archive_contents_sha256"),
         "run_key": mv.tags.get("run_key"),
+        "run_id": mv.run_id,
     }
 
 

@@ -169,3 +169,25 @@ def test_prune_home_after_the_data_changed_behind_its_url(tmp_path):
     assert Path(infos[1]["manifest"]).is_file()
     assert prune_home(home) == {"datasets": [], "manifests": 0, "features": [], "runs": [],
                                 "bytes": 0}
+
+
+def test_only_the_prediction_records_used_last_are_kept(tmp_path):
+    """Each evaluated version records its test predictions (``evaluate.prediction_record``);
+    the folder keeps the PREDICTION_RECORDS written or used last, not one per version ever."""
+    import os
+
+    import pandas as pd
+
+    from petalflow.tasks.evaluate import PREDICTION_RECORDS, _write_record
+
+    rows = pd.DataFrame({"label": ["a"], "probability": [1.0], "error": [""]}, index=["0" * 64])
+    records = tmp_path / "predictions"
+    records.mkdir()
+    for i in range(PREDICTION_RECORDS + 3):  # written one a second, long ago
+        rows.to_csv(records / f"run{i:02d}.csv", index_label="sha256")
+        os.utime(records / f"run{i:02d}.csv", (1_000_000 + i, 1_000_000 + i))
+    os.utime(records / "run00.csv")  # used just now (a champion compared again)
+    _write_record(records / "run99.csv", rows)
+    kept = sorted(p.name for p in records.glob("*.csv"))
+    assert len(kept) == PREDICTION_RECORDS and "run00.csv" in kept and "run99.csv" in kept
+    assert kept == ["run00.csv"] + [f"run{i:02d}.csv" for i in range(5, 11)] + ["run99.csv"]

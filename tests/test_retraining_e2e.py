@@ -344,6 +344,51 @@ def test_a_challenger_on_data_that_did_not_change_again_is_not_retrained_every_w
     assert len(_client().search_model_versions(f"name='{MODEL}'")) == 3
 
 
+def test_the_champion_runs_only_on_test_images_it_has_not_classified_before(
+        workspace, tiny_backbone, prefect_harness, monkeypatch):
+    """Every retraining ran the champion over the whole test split to compare like with like,
+    though data that grew keeps most of its test images (ranked by their digests). Each
+    version's test predictions are recorded by image digest; the champion now runs only on the
+    images it has not classified, and is not even downloaded when there are none: the same
+    figure as running it over the whole split."""
+    import pandas as pd
+
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks import registry
+    from petalflow.tasks.evaluate import evaluate_model
+
+    def test_shas(summary) -> set:
+        rows = pd.read_csv(summary["manifest"], keep_default_na=False, dtype=str)
+        return set(rows.loc[rows["split"] == "test", "sha256"])
+
+    with revalidating_server() as site:
+        url = site.put("/g.tgz", _archive(workspace, "a", per_class=12, seed=0))
+        first = train_and_register(_params(url, tiny_backbone))
+        before = test_shas(first)
+        site.put("/g.tgz", _archive(workspace, "b", per_class=16, seed=0))  # 4 photos more
+        grown = train_and_register(_params(url, tiny_backbone, min_improvement=1.0))
+        after = test_shas(grown)
+        comparison = grown["comparison"]
+        assert 0 < len(before & after) < len(after)
+        assert comparison["champion_predictions_recorded"] == len(before & after)
+        records = workspace / "home" / "predictions"  # where the README says
+        assert len(list(records.glob(f"{first['mlflow_run_id']}-tensorflow-*.csv"))) == 1
+        # The champion run over the whole split gives the same figure.
+        champion = registry.download_model(first["model_uri"], workspace / "champion")
+        data_info = json.loads((Path(grown["manifest"]).parent / "dataset.json").read_text())
+        whole = evaluate_model(Path(champion), data_info, workspace / "whole", latency_images=0)
+        assert whole["recorded"] == 0
+        assert comparison["champion_accuracy"] == whole["metrics"]["test_accuracy"]
+        assert comparison["champion_metrics"] == whole["metrics"]
+        # Now every test image has the champion's prediction: it is not downloaded at all.
+        monkeypatch.setattr(registry, "download_model", lambda *a: pytest.fail("downloaded"))
+        again = train_and_register(_params(url, tiny_backbone, min_improvement=1.0,
+                                           force=True))
+    assert again["comparison"]["champion_version"] == first["model_version"]
+    assert again["comparison"]["champion_predictions_recorded"] == len(after)
+    assert again["comparison"]["champion_metrics"] == whole["metrics"]
+
+
 def test_a_tie_keeps_the_champion_and_min_improvement_is_honoured(workspace, tiny_backbone,
                                                                   prefect_harness):
     from petalflow.flows.train_flow import train_and_register
