@@ -1004,10 +1004,11 @@ def prepare_dataset(
     if not_classes:
         raise DatasetError(not_classes)
     known = earlier_verdicts(out_dir.parent)
-    hashes = FileHashes(earlier_hashes(out_dir.parent, data_root))
+    # An extraction is scanned once (then its manifest is reused): its files' record is of no use.
+    hashes = None if unchanging else FileHashes(earlier_hashes(out_dir.parent, data_root))
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = scan_dataset(data_root, known, hashes)
-    if hashes.earlier:
+    if hashes is not None and hashes.earlier:
         log("scan: %d of %d files read (the others unchanged since an earlier scan of %s)",
             hashes.read, len(manifest), data_root)
     usable = class_names(manifest)
@@ -1035,7 +1036,8 @@ def prepare_dataset(
         "fingerprint": dataset_fingerprint(manifest),
         "counts": counts,
     }
-    hashes.write(out_dir / HASHES_FILE)
+    if hashes is not None:
+        hashes.write(out_dir / HASHES_FILE)
     write_json(out_dir / "dataset.json", {**info, "scan_version": SCAN_VERSION,
                                           "scan_tools": scan_tools(),
                                           "scanned_folder": _folder_identity(data_root)})

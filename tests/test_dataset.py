@@ -927,6 +927,9 @@ def test_a_folder_scanned_again_reads_only_its_new_and_changed_files(tmp_path, m
     manifests = tmp_path / "manifests"
     first = prepare_dataset(root, manifests / "a", 0.25, 0.25, seed=1)
     assert (manifests / "a" / "file_hashes.csv").is_file()  # beside the manifest (README)
+    # An extraction (never changed, its manifest reused) keeps no such record.
+    prepare_dataset(root, manifests / "x", 0.2, 0.2, seed=3, unchanging=True)
+    assert not (manifests / "x" / "file_hashes.csv").exists()
     read = []
     real = dataset._sha256_bytes
     monkeypatch.setattr(dataset, "_sha256_bytes", lambda path: read.append(
