@@ -12,7 +12,7 @@ wall time and peak RSS (process tree), and its scan, features and total phases.
     git worktree add ../petalflow-old <commit>
     .venv/bin/python bench/disk_bench.py --archive flower_photos_1500.tgz \
         --backbone mobilenet_v2_035_224_feature_vector [--old ../petalflow-old] \
-        [--scale 1] [--versions 4] [--added 0.05] [--json disk.json]
+        [--scale 1] [--versions 4] [--added 0.05] [--old-first] [--json disk.json]
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def side(cmd: list, archives: list[Path], served: Path, url: str, backbone: str,
         s = json.loads(summary.read_text())
         row = {"run": i, "status": s["status"], "images": s["dataset"]["used"],
                "wall_s": result["wall_s"], "peak_rss_mib": result["peak_rss_mib"],
-               "phases_s": {k: s["timings"].get(k) for k in ("scan", "features", "total")},
+               "phases_s": {k: s["timings"].get(k)
+                            for k in ("scan", "features", "evaluation", "total")},
+               "champion_predictions_recorded": (s.get("comparison") or {}).get(
+                   "champion_predictions_recorded"),
                "mib": sizes(work)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -76,6 +79,8 @@ def main() -> None:
                     help="the archive made this many times larger, as scale_bench.py does")
     ap.add_argument("--versions", type=int, default=4)
     ap.add_argument("--added", type=float, default=0.05)
+    ap.add_argument("--old-first", action="store_true",
+                    help="run the --old side first (the order's effect, e.g. a warmer disk)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     backbone = str(Path(args.backbone).resolve())
@@ -102,8 +107,9 @@ def main() -> None:
             launcher = tmp / "old_cli.py"
             launcher.write_text(OLD_LAUNCHER)
             commands["old"] = [str(BIN / "python"), str(launcher), str(pkg)]
+        order = sorted(commands, reverse=args.old_first)  # "new", "old"; or "old" first
         try:
-            for code, cmd in commands.items():
+            for code, cmd in ((code, commands[code]) for code in order):
                 work = tmp / f"work-{code}"
                 work.mkdir()
                 print(f"--- {code}", flush=True)
