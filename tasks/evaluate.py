@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -258,16 +258,9 @@ def _write_record(path: Path, rows: pd.DataFrame) -> None:
         old.unlink(missing_ok=True)
 
 
-def _all_recorded(data_info: DatasetInfo, record: Path) -> bool:
-    """Whether ``record`` holds a prediction for every test image (by its bytes)."""
-    from petalflow.tasks.serving import output_columns
-
-    known = _read_record(record, output_columns(data_info["classes"])).index
-    return set(split_shas(data_info, "test")) <= set(known)
-
-
-def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path,
-                   latency_images: int = LATENCY_IMAGES, record: Optional[Path] = None) -> dict:
+def evaluate_model(export_dir: Union[Path, Callable[[], Path]], data_info: DatasetInfo,
+                   out_dir: Path, latency_images: int = LATENCY_IMAGES,
+                   record: Optional[Path] = None) -> dict:
     """Classify the test split with the exported model; write tables and return the metrics.
 
     Returns {"metrics": {...}, "files": {name: path}}; files are per_class.csv, confusion.csv,
@@ -276,8 +269,8 @@ def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path,
     signature (read, decode, classify; batch 1) over the first ``latency_images`` test files,
     the way ``edge.evaluate_edge`` times the TFLite models. With ``record``
     (``prediction_record`` of this model): the images whose bytes it holds predictions for are
-    not run again (the model is not even loaded when it holds them all), and it is written back
-    with this split's.
+    not run again, and it is written back with this split's. ``export_dir`` may be what
+    fetches the model's folder (a download), called only when some image must be run.
     """
     from petalflow.tasks.serving import ImageClassifier, output_columns
 
@@ -292,7 +285,7 @@ def evaluate_model(export_dir: Path, data_info: DatasetInfo, out_dir: Path,
     todo = [i for i, sha in enumerate(shas) if sha not in known.index]
     model = None
     if todo or (latency_images and paths):
-        model = ImageClassifier(str(export_dir))
+        model = ImageClassifier(str(export_dir() if callable(export_dir) else export_dir))
         if model.class_names != class_names:
             raise ValueError("exported model's classes differ from the dataset's")
     frames = [known] if len(known) else []
@@ -340,8 +333,8 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                           workdir: Path, records_dir: Optional[Path] = None) -> dict:
     """What the new version is compared with. Same classes: the champion is downloaded and
     evaluated on this run's test split with the challenger's code path (``evaluate_model``);
-    with ``records_dir``, only on the test images its ``prediction_record`` lacks (not
-    downloaded when it lacks none). Other classes (or no champion): no figure, and ``basis``
+    with ``records_dir``, only on the test images its ``prediction_record`` lacks (downloaded
+    only then). Other classes (or no champion): no figure, and ``basis``
     says why."""
     from petalflow.tasks.registry import download_model
 
@@ -358,9 +351,8 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
         if records_dir is not None and champion.get("run_id") else None
     folder = Path(workdir) / "champion-model"
     try:
-        saved = folder if record is not None and _all_recorded(data_info, record) \
-            else Path(download_model(champion["model_uri"], folder))
-        result = evaluate_model(saved, data_info, Path(workdir) / "champion-evaluation",
+        result = evaluate_model(lambda: Path(download_model(champion["model_uri"], folder)),
+                                data_info, Path(workdir) / "champion-evaluation",
                                 latency_images=0, record=record)
     finally:  # a copy of what the registry holds: no run reads it again
         shutil.rmtree(folder, ignore_errors=True)
