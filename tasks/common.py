@@ -307,8 +307,8 @@ _DEFERRED_THRESHOLD: list = []  # the full-collection threshold to restore, whil
 
 
 def defer_full_collections() -> None:
-    """No automatic full collections until ``freeze_start_up``; for a command's process only
-    (the console script), never a library caller's."""
+    """No automatic full collections until ``freeze_start_up``; for a command's processes only
+    (the console script and the temporary server it launches), never a library caller's."""
     import gc
 
     young, middle, full = gc.get_threshold()
