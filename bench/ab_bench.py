@@ -12,7 +12,8 @@ phase table, test accuracy and the ``--timing`` line of predict (first predictio
 the same PETALFLOW_HOME (a retraining on unchanged data: its features come from the cache).
 
 Both sides run in this environment (.venv); the old side's ``petalflow`` package is that
-checkout's ``tasks/`` and ``flows/``.
+checkout's ``petalflow/``, ``tasks/`` and ``flows/``, in the command's process and in those it
+starts (``old_side``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ def old_package(checkout: Path, into: Path) -> Path:
     return pkg
 
 
+def old_side(checkout: Path, into: Path) -> tuple[list, dict]:
+    """The command line and environment that run ``checkout``'s petalflow: in the command's
+    process (``OLD_LAUNCHER``) and in those it starts (Prefect's temporary server, ``python -m
+    petalflow.temporary_server``: a ``sitecustomize`` on PYTHONPATH points the package there;
+    before the twenty-seventh session the old side's server ran this checkout's code)."""
+    pkg = old_package(checkout, into)
+    launcher = into / "old_cli.py"
+    launcher.write_text(OLD_LAUNCHER)
+    site = into / "old-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import petalflow\npetalflow.__path__[:] = [{str(pkg)!r}]\n")
+    return [str(BIN / "python"), str(launcher), str(pkg)], {"PYTHONPATH": str(site)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", required=True, type=Path, help="the other checkout")
@@ -69,18 +85,16 @@ def main() -> None:
                 if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     rows = []
     with tempfile.TemporaryDirectory(prefix="ab-bench-") as tmp:
-        pkg = old_package(args.old.resolve(), Path(tmp) / "old")
-        launcher = Path(tmp) / "old_cli.py"
-        launcher.write_text(OLD_LAUNCHER)
-        commands = {"old": [str(BIN / "python"), str(launcher), str(pkg)],
-                    "new": [str(BIN / "petalflow")]}
+        old_cmd, old_env = old_side(args.old.resolve(), Path(tmp) / "old")
+        commands = {"old": old_cmd, "new": [str(BIN / "petalflow")]}
         server = Server(archive.parent)
         url = f"http://127.0.0.1:{server.port}/{archive.name}"
         try:
             for repeat in range(args.repeats):
                 for code, cmd in commands.items():
                     work = Path(tempfile.mkdtemp(prefix=f"{code}-", dir=tmp))
-                    env = {**base_env, "PETALFLOW_HOME": str(work / "home")}
+                    env = {**base_env, "PETALFLOW_HOME": str(work / "home"),
+                           **(old_env if code == "old" else {})}
                     try:
                         row = _pair(cmd, url, sha, args.backbone.resolve(), work, env,
                                     args.retrain)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from ab_bench import OLD_LAUNCHER, old_package  # noqa: E402
+from ab_bench import old_side  # noqa: E402
 from grown_data_bench import without_the_last  # noqa: E402
 from run_bench import BIN, Server, measure  # noqa: E402
 from scale_bench import scaled_archive  # noqa: E402
@@ -101,12 +101,9 @@ def main() -> None:
         served.mkdir()
         server = Server(served)
         url = f"http://127.0.0.1:{server.port}/photos.tgz"
-        commands = {"new": [str(BIN / "petalflow")]}
+        commands, envs = {"new": [str(BIN / "petalflow")]}, {"new": {}}
         if args.old:
-            pkg = old_package(args.old.resolve(), tmp / "old")
-            launcher = tmp / "old_cli.py"
-            launcher.write_text(OLD_LAUNCHER)
-            commands["old"] = [str(BIN / "python"), str(launcher), str(pkg)]
+            commands["old"], envs["old"] = old_side(args.old.resolve(), tmp / "old")
         order = sorted(commands, reverse=args.old_first)  # "new", "old"; or "old" first
         try:
             for code, cmd in ((code, commands[code]) for code in order):
@@ -114,7 +111,8 @@ def main() -> None:
                 work.mkdir()
                 print(f"--- {code}", flush=True)
                 result["sides"][code] = side(cmd, archives, served, url, backbone, work,
-                                             {**env, "PETALFLOW_HOME": str(work / "home")})
+                                             {**env, **envs[code],
+                                              "PETALFLOW_HOME": str(work / "home")})
                 shutil.rmtree(work)
         finally:
             server.close()
