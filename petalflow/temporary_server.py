@@ -174,9 +174,10 @@ def _serve(port: int, parent: int, held: bool = False) -> None:
     from petalflow.tasks.common import defer_full_collections, freeze_start_up
 
     # Importing Prefect's server creates several hundred thousand objects, which each automatic
-    # full collection scans again: 0.6 s of the 3.4 s before the server answered here
-    # (BENCHMARKS.md, target 4). Deferred, then what the imports made is frozen, as the
-    # command's own process does (its uncollected start-up garbage: no change in RSS).
+    # full collection scans again: ~0.5 s of the 3.4 s before the server answered here
+    # (BENCHMARKS.md, "The temporary server's start"). Deferred, then what the imports made is
+    # frozen, as the command's own process does (its uncollected start-up garbage: no change in
+    # RSS).
     defer_full_collections()
     import prefect.server.api.server  # noqa: F401 - the imports (creates no file)
     import uvicorn
