@@ -482,9 +482,9 @@ def _check_zip_readable(name: str, members: list) -> None:
     if locked:
         raise ArchiveError(
             f"{name} is password-protected ({len(locked)} of its {len(files)} files "
-            f"{'is' if len(locked) == 1 else 'are'} encrypted, e.g. {locked[0]!r}): petalflow takes no password; extract it yourself "
-            "and give the folder as the data URL, or pack the class folders again without a "
-            "password")
+            f"{'is' if len(locked) == 1 else 'are'} encrypted, e.g. {locked[0]!r}): petalflow "
+            "takes no password; extract it yourself and give the folder as the data URL, or "
+            "pack the class folders again without a password")
     unread = [(info.compress_type, member) for info, member in files
               if info.compress_type not in ZIP_METHODS]
     if unread:
@@ -493,8 +493,9 @@ def _check_zip_readable(name: str, members: list) -> None:
         raise ArchiveError(
             f"{name} uses a compression Python's zip reader does not read "
             f"({ZIP_METHOD_NAMES.get(method, 'unknown')}, method {method}; {len(unread)} "
-            f"file{'' if len(unread) == 1 else 's'}, e.g. {unread[0][1]!r}{windows}): pack the class folders again as .tar.gz, or as "
-            ".zip with Deflate (zip -r, or 7-Zip with the Deflate method)")
+            f"file{'' if len(unread) == 1 else 's'}, e.g. {unread[0][1]!r}{windows}): pack the "
+            "class folders again as .tar.gz, or as .zip with Deflate (zip -r, or 7-Zip with the "
+            "Deflate method)")
 
 
 def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
