@@ -559,10 +559,7 @@ class PredictParams(BaseModel):
             return None
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not value.startswith("file:"):
             return value  # models:/, runs:/, s3://, ...: MLflow resolves them
-        problem = file_url_problem(value)
-        if problem:
-            raise ValueError(problem)
-        reason = model_folder_problem(local_source(value))
+        reason = model_folder_problem(Path(_file_url_path(value)).expanduser())
         if reason:
             raise ValueError(reason)  # the CLI and the UI show the value beside it
         return value
