@@ -251,7 +251,7 @@ def _write_record(path: Path, rows: pd.DataFrame) -> None:
     records beside it but the ``PREDICTION_RECORDS`` written or used last."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    rows[~rows.index.duplicated(keep="last")].to_csv(tmp, index_label="sha256")
+    rows.to_csv(tmp, index_label="sha256")
     os.replace(tmp, path)
     records = sorted(path.parent.glob("*.csv"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in records[PREDICTION_RECORDS:]:
@@ -294,11 +294,12 @@ def evaluate_model(export_dir: Union[Path, Callable[[], Path]], data_info: Datas
         frames.append(model.predict_bytes([Path(paths[j]).read_bytes() for j in chunk])
                       .set_axis([shas[j] for j in chunk]))
     rows = pd.concat(frames) if todo else known
+    rows = rows[~rows.index.duplicated(keep="last")]  # an image's bytes twice in the split
     if record is not None and todo:
         _write_record(record, rows)
     elif record is not None and record.exists():
         os.utime(record)  # used: kept among the last PREDICTION_RECORDS
-    preds = rows[~rows.index.duplicated(keep="last")].loc[shas].reset_index(drop=True)
+    preds = rows.loc[shas].reset_index(drop=True)
     index = {name: i for i, name in enumerate(class_names)}
     y_pred = preds["label"].map(lambda name: index.get(name, -1)).to_numpy()
     failed = int((y_pred < 0).sum())
@@ -334,8 +335,7 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
     """What the new version is compared with. Same classes: the champion is downloaded and
     evaluated on this run's test split with the challenger's code path (``evaluate_model``);
     with ``records_dir``, only on the test images its ``prediction_record`` lacks (downloaded
-    only then). Other classes (or no champion): no figure, and ``basis``
-    says why."""
+    only then). Other classes (or no champion): no figure, and ``basis`` says why."""
     from petalflow.tasks.registry import download_model
 
     n_test = data_info["counts"].get("splits", {}).get("test")
