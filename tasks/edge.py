@@ -4,7 +4,8 @@ Two conversions of the same Keras classifier (backbone + head) that training pro
 ``model_float16.tflite`` (weights stored as float16) and ``model_int8.tflite`` (weights and
 activations int8, calibrated on a sample of the training split; input and output stay float32,
 so callers need no scale or zero point). Both take one image ``[1, S, S, 3]`` float32 in [0, 1]
-(decoded RGB, resized to S x S with bilinear resampling, no crop) and return the class
+(decoded RGB, resized to S x S with bilinear resampling, antialiased when a side shrinks more
+than 2x, no crop) and return the class
 probabilities ``[1, classes]`` in the order of ``labels.txt``. ``edge.json`` describes that
 contract and, after ``evaluate_edge``, each model's test-split accuracy, size and latency.
 """
@@ -115,7 +116,8 @@ def export_tflite(network, class_names: Sequence[str], image_size: int, out_dir:
     description = {
         "input": {"shape": [1, image_size, image_size, 3], "dtype": "float32",
                   "range": [0.0, 1.0], "color": "RGB",
-                  "resize": "bilinear to the square size, aspect ratio not kept",
+                  "resize": "bilinear to the square size, aspect ratio not kept; antialiased "
+                            "when a side shrinks more than 2x (tf.image.resize antialias=True)",
                   "orientation": "upright: a JPEG turned as its EXIF Orientation says first"},
         "output": {"shape": [1, len(class_names)], "dtype": "float32",
                    "meaning": "class probabilities in labels.txt order"},

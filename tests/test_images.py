@@ -111,3 +111,83 @@ def test_a_batch_is_read_at_once_with_each_files_own_orientation():
     turned = upright_images(images, exif_orientations(tf.constant(files))).numpy()
     for got in turned:
         assert np.abs(got - turned[1]).max() < 0.05  # every one the upright photo
+
+
+def _noisy(size: tuple, seed: int = 0) -> Image.Image:
+    """``quadrants`` at ``size`` with per-pixel noise (a phone photo's sensor noise and fine
+    texture, the detail that plain resizing turns into speckle)."""
+    base = np.asarray(quadrants(size), np.int16)
+    noise = np.random.default_rng(seed).integers(-60, 61, base.shape[:2])[..., None]
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _quadrant_speckle(decoded: np.ndarray) -> float:
+    """How far the decoded pixels stray from their quadrant's colour (std, in [0, 1] units),
+    away from the quadrants' borders."""
+    h, w = decoded.shape[:2]
+    colours = np.asarray(quadrants((2, 2)), float) / 255
+    q = lambda r, c: decoded[r * h // 2 + 2:(r + 1) * h // 2 - 2, c * w // 2 + 2:(c + 1) * w // 2 - 2]
+    return float(np.sqrt(np.mean([np.mean((q(r, c) - colours[r, c]) ** 2)
+                                  for r in (0, 1) for c in (0, 1)])))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_photo_is_shrunk_smoothly_and_small_ones_decode_as_before(fmt):
+    """A photo many times the square's size (a phone's) comes out as the picture, its noise
+    averaged away: plain bilinear resizing reads 4 of every ~1,000 pixels of it here, and the
+    noise came out as speckle (0.062 from the quadrants' colours, against 0.014 now). A JPEG is
+    decoded at a smaller scale first. Images at most twice the square's size decode exactly as
+    plain bilinear resizing did (the flowers', and the features cached for them)."""
+    import tensorflow as tf
+
+    from petalflow.tasks.images import decode_image
+
+    big = tf.constant(_encoded(_noisy((1280, 960)), fmt))
+    graph = tf.function(lambda data: decode_image(data, 32))
+    for got in (decode_image(big, 32).numpy(), graph(big).numpy()):
+        assert got.shape == (32, 32, 3)
+        assert _quadrant_speckle(got) < 0.03, _quadrant_speckle(got)
+    plain = tf.image.resize(tf.io.decode_image(big, channels=3), [32, 32], antialias=False)
+    assert _quadrant_speckle(plain.numpy() / 255) > 0.05  # what it was
+
+    @tf.function
+    def before(data):  # the decoding before large images were shrunk smoothly
+        img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+        img = tf.image.resize(img, [32, 32], method="bilinear", antialias=False)
+        return tf.clip_by_value(img / 255.0, 0.0, 1.0)
+
+    for size in [(64, 48), (40, 64), (32, 32), (20, 16)]:
+        small = tf.constant(_encoded(_noisy(size, seed=1), fmt))
+        assert np.array_equal(graph(small).numpy(), before(small).numpy()), size
+
+
+def test_a_large_jpeg_decoded_at_a_smaller_scale_is_checked_as_strictly():
+    """The scan's check decodes a JPEG at its smallest scale: the size it records is the
+    file's, and a photo cut short or with a damaged marker is refused as the full-size decoder
+    refuses it (the training's decoder, at whatever scale, too)."""
+    import tensorflow as tf
+
+    from petalflow.tasks.images import decode_image, decoded_shape
+
+    data = _encoded(_noisy((1280, 960)), "JPEG")
+    assert decoded_shape(tf.constant(data)).numpy().tolist() == [960, 1280]
+    png = _encoded(_noisy((300, 200)), "PNG")
+    assert decoded_shape(tf.constant(png)).numpy().tolist() == [200, 300]
+    sos = data.index(b"\xff\xda")
+    damaged = {"cut short": data[: len(data) * 9 // 10],
+               "cut in its header": data[: sos - 10],
+               "an unknown marker in its data": data[: sos + 4000] + b"\xff\xae" + data[sos + 4002:]}
+    for name, bad in damaged.items():
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            tf.io.decode_jpeg(bad, channels=3)  # the full-size decoder refuses it ...
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            decoded_shape(tf.constant(bad))  # ... and so does the scan's check, name
+        for size in (32, 224):
+            with pytest.raises(tf.errors.InvalidArgumentError):
+                decode_image(tf.constant(bad), size)
