@@ -15,6 +15,14 @@ first ``--per-class`` photos of every class by file name, photos whose longer si
         --out mobilenet_v2_035_224_feature_vector
     .venv/bin/python bench/make_inputs.py archive --source flower_photos.tgz \
         --out flower_photos_1500.tgz
+
+``phone``: phone-size copies of such an archive's photos (the decoding of large photos,
+BENCHMARKS.md): each enlarged to ``--size`` (Lanczos) with per-pixel noise of ``--noise``
+levels (a sensor's noise, the fine detail the enlargement lacks), JPEG q90, in an
+uncompressed ``.tar`` (JPEGs do not compress); the same folders and file names.
+
+    .venv/bin/python bench/make_inputs.py phone --source flower_photos_1500.tgz \
+        --size 3024x2268 --out flower_photos_1500_phone.tar
 """
 
 from __future__ import annotations
@@ -80,6 +88,34 @@ def make_archive(source: Path, out: Path, per_class: int, max_side: int) -> None
                     dst.addfile(info, io.BytesIO(data))
 
 
+def _phone_copy(job: tuple) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    data, size, noise, seed = job
+    with Image.open(io.BytesIO(data)) as im:
+        big = np.asarray(im.convert("RGB").resize(size, Image.LANCZOS), np.int16)
+    rng = np.random.default_rng(seed)
+    big = big + rng.normal(0, noise, big.shape).astype(np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_phone_archive(source: Path, out: Path, size: tuple, noise: float) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with tarfile.open(source, "r:*") as src:
+        members = sorted((m for m in src.getmembers() if m.isfile()
+                          and m.name.lower().endswith((".jpg", ".jpeg"))), key=lambda m: m.name)
+        jobs = [(src.extractfile(m).read(), size, noise, i) for i, m in enumerate(members)]
+    with ProcessPoolExecutor(os.cpu_count()) as pool, tarfile.open(out, "w") as dst:
+        for m, data in zip(members, pool.map(_phone_copy, jobs, chunksize=8)):
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -93,9 +129,17 @@ def main() -> None:
     a.add_argument("--out", required=True, type=Path)
     a.add_argument("--per-class", type=int, default=300)
     a.add_argument("--max-side", type=int, default=320)
+    ph = sub.add_parser("phone")
+    ph.add_argument("--source", required=True, type=Path)
+    ph.add_argument("--out", required=True, type=Path)
+    ph.add_argument("--size", default="3024x2268", help="WIDTHxHEIGHT")
+    ph.add_argument("--noise", type=float, default=6.0, help="std of the added noise, 0-255")
     args = ap.parse_args()
     if args.what == "backbone":
         make_backbone(args.weights, args.alpha, args.image_size, args.out)
+    elif args.what == "phone":
+        make_phone_archive(args.source, args.out,
+                           tuple(int(v) for v in args.size.split("x")), args.noise)
     else:
         make_archive(args.source, args.out, args.per_class, args.max_side)
     print(args.out)
