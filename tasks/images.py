@@ -155,9 +155,13 @@ def decode_image(image_bytes, image_size: int):
     those of the same photo at its small size, 0.98-1.00 shrunk smoothly). Images at most twice
     the square's size decode as before.
     """
+    return _plain(_decode_image)(image_bytes, image_size)
+
+
+def _decode_image(image_bytes, image_size: int):
     import tensorflow as tf
 
-    img = decode_pixels(image_bytes, image_size)
+    img = _decode_pixels(image_bytes, image_size)
     size = [image_size, image_size]
     img = tf.cond(tf.reduce_max(tf.shape(img)[:2]) > 2 * image_size,
                   lambda: tf.image.resize(img, size, method="bilinear", antialias=True),
@@ -170,6 +174,10 @@ def decode_pixels(image_bytes, image_size: int = 0):
     scales (``JPEG_SCALES``) that keeps ``image_size`` pixels on its shorter side (0: its
     smallest). Which scale does not change whether a JPEG decodes: every scale reads all of its
     coded data (checked on cut-short and damaged files)."""
+    return _plain(_decode_pixels)(image_bytes, image_size)
+
+
+def _decode_pixels(image_bytes, image_size: int = 0):
     import tensorflow as tf
 
     def jpeg():
@@ -215,7 +223,7 @@ def decoded_shape(image_bytes):
     photo) and its size read from its header."""
     import tensorflow as tf
 
-    img = decode_pixels(image_bytes)
+    img = _plain(_decode_pixels)(image_bytes)
     with tf.control_dependencies([img]):
         return tf.cond(tf.io.is_jpeg(image_bytes),
                        lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
