@@ -8,6 +8,7 @@ so whoever pulls it needs no preprocessing code and loading it runs nothing but 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -500,6 +501,10 @@ def _serving_module(network, class_names: Sequence[str], image_size: int):
     turn = tf.function(upright_images, autograph=False, input_signature=[
         tf.TensorSpec([None, image_size, image_size, 3], tf.float32),
         tf.TensorSpec([None], tf.int32)])
+    # The decoding too (its branches for large images are a dozen functions): traced once,
+    # one copy in the SavedModel, instead of once in each signature.
+    decode = tf.function(functools.partial(decode_image, image_size=image_size),
+                         autograph=False, input_signature=[tf.TensorSpec([], tf.string)])
 
     class PetalflowClassifier(tf.Module):
         def __init__(self):
@@ -512,7 +517,7 @@ def _serving_module(network, class_names: Sequence[str], image_size: int):
 
             def load(i, item):
                 data = tf.io.decode_base64(_normalise_base64(item)) if is_base64 else item
-                return i, decode_image(data, image_size), exif_window(data)
+                return i, decode(data), exif_window(data)
 
             ds = tf.data.Dataset.zip(
                 (tf.data.Dataset.range(n), tf.data.Dataset.from_tensor_slices(raw_bytes_or_b64))
