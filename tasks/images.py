@@ -151,8 +151,8 @@ def decode_image(image_bytes, image_size: int):
     and an image still more than twice the square's size on a side is resized with an
     antialiasing filter. Plain bilinear resizing reads 4 pixels for each output pixel: from a
     phone's 4032 x 3024 photo, 4 of every ~240, so fine texture and sensor noise came out as
-    moiré and speckle (the backbone's features of such photos were 0.94 cosine-similar to
-    those of the same photo at its small size, 0.98-1.00 shrunk smoothly). Images at most twice
+    moiré and speckle (the backbone's features of 20 such photos were 0.952 cosine-similar to
+    those of the same photos at their small size, 0.987 shrunk smoothly). Images at most twice
     the square's size decode as before.
     """
     return _plain(_decode_image)(image_bytes, image_size)
