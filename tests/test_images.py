@@ -132,8 +132,11 @@ def _quadrant_speckle(decoded: np.ndarray) -> float:
     away from the quadrants' borders."""
     h, w = decoded.shape[:2]
     colours = np.asarray(quadrants((2, 2)), float) / 255
-    q = lambda r, c: decoded[r * h // 2 + 2:(r + 1) * h // 2 - 2, c * w // 2 + 2:(c + 1) * w // 2 - 2]
-    return float(np.sqrt(np.mean([np.mean((q(r, c) - colours[r, c]) ** 2)
+
+    def inside(r, c):  # quadrant (r, c) without its 2 outer pixels
+        return decoded[r * h // 2 + 2:(r + 1) * h // 2 - 2, c * w // 2 + 2:(c + 1) * w // 2 - 2]
+
+    return float(np.sqrt(np.mean([np.mean((inside(r, c) - colours[r, c]) ** 2)
                                   for r in (0, 1) for c in (0, 1)])))
 
 
@@ -182,7 +185,8 @@ def test_a_large_jpeg_decoded_at_a_smaller_scale_is_checked_as_strictly():
     sos = data.index(b"\xff\xda")
     damaged = {"cut short": data[: len(data) * 9 // 10],
                "cut in its header": data[: sos - 10],
-               "an unknown marker in its data": data[: sos + 4000] + b"\xff\xae" + data[sos + 4002:]}
+               "an unknown marker in its data":
+                   data[: sos + 4000] + b"\xff\xae" + data[sos + 4002:]}
     for name, bad in damaged.items():
         with pytest.raises(tf.errors.InvalidArgumentError):
             tf.io.decode_jpeg(bad, channels=3)  # the full-size decoder refuses it ...
