@@ -223,7 +223,7 @@ def decoded_shape(image_bytes):
     photo) and its size read from its header."""
     import tensorflow as tf
 
-    img = _plain(_decode_pixels)(image_bytes)
+    img = decode_pixels(image_bytes)
     with tf.control_dependencies([img]):
         return tf.cond(tf.io.is_jpeg(image_bytes),
                        lambda: tf.image.extract_jpeg_shape(image_bytes)[:2],
