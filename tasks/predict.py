@@ -396,14 +396,15 @@ def drift_of_sample(classifier, sample: Sequence[tuple[Path, np.ndarray, np.ndar
     if not sample:
         return {"available": False, "reason": "no classified image"}
     features = np.stack([f for _, f, _ in sample])
+    probabilities = np.stack([p for _, _, p in sample])
     paths = [path for path, _, _ in sample]
     try:
         if hasattr(classifier, "drift_of_classified_files"):  # reads the files as it goes
             measured = classifier.drift_of_classified_files(
-                features, np.stack([p for _, _, p in sample]), [str(p) for p in paths])
+                features, probabilities, [str(p) for p in paths])
         elif hasattr(classifier, "drift_of_classified"):  # earlier loaders: every file's bytes
-            measured = classifier.drift_of_classified(
-                features, np.stack([p for _, _, p in sample]), read_files(paths)[0])
+            measured = classifier.drift_of_classified(features, probabilities,
+                                                      read_files(paths)[0])
         else:  # earlier still: the training split's own mix
             measured = classifier.drift_of_features(features, read_files(paths)[0])
     except Exception as exc:  # noqa: BLE001 - e.g. a version without a drift reference
