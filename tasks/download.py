@@ -416,12 +416,49 @@ def tar_member_name(name: str) -> str:
         return raw.decode("latin-1")
 
 
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """A TarInfo whose reading notes on the TarFile why its list of members ended
+    (``petalflow_end``: the exception tarfile took for the archive's end). tarfile ends the
+    list quietly at the end-of-archive block a tar closes with, and just as quietly at a
+    header it cannot read (one changed byte fails its checksum) or at the file's end (a tar
+    cut where a member begins: an upload still in progress, a copy cut short): every member
+    after it was lost, whole class folders among them, and the rest was trained on as if it
+    were the dataset."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError,
+                tarfile.InvalidHeaderError) as exc:
+            tar.petalflow_end = exc
+            raise
+
+
+def _check_tar_ended(archive: Path, tar: tarfile.TarFile, members: list) -> None:
+    """DamagedArchive unless the members ended at the tar's end-of-archive block (a zero
+    block; one is enough, as GNU tar reads it). A compressed tar's own check (gzip's CRC-32,
+    xz's) finds bytes changed on the way; a plain tar has none, nor a tar compressed after it
+    was cut."""
+    end = getattr(tar, "petalflow_end", None)
+    if end is None or isinstance(end, tarfile.EOFHeaderError):
+        return
+    where = f"after {len(members)} member{'s' if len(members) != 1 else ''}"
+    if isinstance(end, tarfile.InvalidHeaderError):
+        detail = f"the header at byte {tar.offset}, {where}, is not a tar header: {end}"
+    else:
+        detail = (f"it ends at byte {tar.offset}, {where}, without the end-of-archive block a "
+                  "tar closes with")
+    raise _damaged(archive, detail)
+
+
 def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
     """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
     toward ``max_bytes``)."""
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with tarfile.open(archive, "r:*", tarinfo=_EndCheckedTarInfo) as tar:
             members = tar.getmembers()
+            _check_tar_ended(archive, tar, members)
             total = already
             for member in members:
                 member.name = tar_member_name(member.name)

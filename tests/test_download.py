@@ -260,7 +260,22 @@ def _damaged_variants(tmp_path: Path) -> dict[str, tuple[bytes, str]]:
     with zipfile.ZipFile(tmp_path / "good.zip") as zf:
         second = zf.infolist()[1]  # a photo: its bytes start after its local header
     in_photo = second.header_offset + 30 + len(second.filename) + 100
+    plain = tmp_path / "good.tar"
+    with tarfile.open(plain, "w") as tar:
+        tar.add(src, arcname="photos")
+    with tarfile.open(plain) as tar:  # where the last class folder's first photo begins
+        members = tar.getmembers()
+    last = [m for m in members if m.isfile()][-3].offset
+    tar_bytes = plain.read_bytes()
+    lost = f"at byte {last}, after {sum(m.offset < last for m in members)} members"
     return {
+        # tarfile ends a plain tar's members quietly where a header is missing or invalid:
+        # these were extracted without their last class folder, and trained on.
+        "cut-at-member.tar": (tar_bytes[:last], f"it ends {lost}, without the end-of-archive "
+                              "block a tar closes with"),
+        "changed-header.tar": (_changed_byte(tar_bytes, last + 2), f"the header {lost}, is "
+                               "not a tar header: bad checksum"),
+        "cut-then-compressed.tgz": (gzip.compress(tar_bytes[:last]), f"it ends {lost},"),
         # tarfile stops at the tar's end marker, before gzip's CRC-32: these were extracted.
         "wrong-crc.tgz": (_wrong_crc(tgz), "CRC check failed"),
         "cut-end.tgz": (tgz[:-4], "Compressed file ended before the end-of-stream marker"),
