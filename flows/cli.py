@@ -369,7 +369,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from petalflow.tasks.drift import drift_line
 
     n, errors = summary["images"], summary["errors"]
-    print(f"classified {n - errors} of {n} images ({errors} errors) -> {params.output}")
+    from petalflow.tasks.registry import model_said
+
+    used = model_said(summary["model_uri"], summary.get("model_version_uri"))
+    print(f"classified {n - errors} of {n} images ({errors} errors) with {used} -> "
+          f"{params.output}")
     if params.drift:
         print(drift_line(summary.get("drift")))
     first, done = summary.get("first_written_at"), summary.get("finished_at")

@@ -79,7 +79,8 @@ def report_drift_task(summary: dict) -> Optional[str]:
                                          "data")
     drift = summary.get("drift") or {}
     if drift.get("available") and drift["drifted"]:
-        return emit_drift_detected(summary, training_params_of(summary["model_uri"]))
+        return emit_drift_detected(summary, training_params_of(
+            summary.get("model_version_uri") or summary["model_uri"]))
     return None
 
 

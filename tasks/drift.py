@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from petalflow.tasks.registry import model_version_of, parse_models_uri
+from petalflow.tasks.registry import model_said, model_version_of, parse_models_uri
 
 EVENT = "petalflow.drift.detected"
 
@@ -54,13 +54,14 @@ def drift_markdown(summary: dict) -> str:
     """The artifact: the score, its parts, the threshold and what was compared."""
     drift = summary.get("drift") or {}
     inputs = ", ".join(f"`{item}`" for item in summary["inputs"])
+    model = model_said(summary["model_uri"], summary.get("model_version_uri"))
     if not drift.get("available"):
-        return (f"# Drift\n\nNot measured for `{summary['model_uri']}`: "
+        return (f"# Drift\n\nNot measured for `{model}`: "
                 f"{drift.get('reason', 'turned off')}.\n")
     said = VERDICT_MARKDOWN[verdict(drift)].format(**drift)
     return "\n".join([
         "# Drift", "",
-        f"{drift['images']} images from {inputs} compared with what `{summary['model_uri']}` "
+        f"{drift['images']} images from {inputs} compared with what `{model}` "
         f"was trained on: drift score **{drift['drift_score']:.3f}** (threshold "
         f"{drift['threshold']:.2f}), {said}.", "",
         *(["Compared with training photos in this batch's own class mix (the share of its "
@@ -87,7 +88,11 @@ def model_resource(model_uri: str) -> str:
 
 
 def drift_payload(summary: dict, training_params: Optional[dict]) -> dict:
-    return {"model_uri": summary["model_uri"], "inputs": summary["inputs"],
+    """The event's payload: ``model_version_uri`` is the version that classified the images
+    (``model_uri``'s alias may name another by now), ``params`` its training parameters."""
+    return {"model_uri": summary["model_uri"],
+            "model_version_uri": summary.get("model_version_uri", summary["model_uri"]),
+            "inputs": summary["inputs"],
             "output": summary["output"], "drift": summary["drift"],
             "params": training_params}
 

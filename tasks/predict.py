@@ -125,8 +125,10 @@ def forget_preloaded(model_uri: str) -> None:
 
 
 def load_model(model_uri: str):
-    """pyfunc model from a models:/ or runs:/ URI (via the configured MLflow) or a local folder
-    (taken from ``preload_model`` when it was started for the same URI).
+    """(pyfunc model, the URI it was loaded from) for a models:/ or runs:/ URI (via the
+    configured MLflow) or a local folder (taken from ``preload_model`` when it was started for
+    the same URI). A registry alias is resolved first and the version it names loaded
+    (``registry.pinned_model_uri``): the second item says which.
 
     Versions registered before the loader travelled inside the model name ``tasks.serving``
     (petalflow's serving module under its old top-level name); it is made importable under
@@ -142,14 +144,15 @@ def _load_model(model_uri: str):
 
     sys.modules.setdefault(LEGACY_LOADER, serving)
 
-    from petalflow.tasks.registry import configure_mlflow, explaining_missing
+    from petalflow.tasks.registry import configure_mlflow, explaining_missing, pinned_model_uri
 
     local = Path(model_uri).expanduser()
     if local.exists():
-        return _load_checked(str(local))
+        return _load_checked(str(local)), model_uri
     configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
+    pinned = pinned_model_uri(model_uri)
     with explaining_missing(model_uri):
-        return _load_checked(model_uri)
+        return _load_checked(pinned), pinned
 
 
 def _load_checked(model_uri: str):
@@ -314,7 +317,8 @@ def predict_files(
     on_batch: Optional[BatchHook] = None,
     drift: bool = False,
 ) -> dict:
-    """Classify ``files`` in batches, streaming rows to ``output``; return images, errors,
+    """Classify ``files`` in batches, streaming rows to ``output``; return the model's URI as
+    loaded (``model_version_uri``: an alias resolved to the version it named), images, errors,
     images per predicted label (counted as the rows are written), when the first rows and the
     last were written (``first_written_at``, ``finished_at``: epoch seconds) and, with
     ``drift``, how far a sample of the classified images is from the model's training data
@@ -327,7 +331,7 @@ def predict_files(
     import random
     import time
 
-    model = load_model(model_uri)
+    model, pinned = load_model(model_uri)
     fused = classifier_with_features(model)
     first_written_at = None
     rows = errors = classified = 0
@@ -383,7 +387,8 @@ def predict_files(
         measured = drift_of_sample(fused, sample)
     else:
         measured = measure_drift(model, [path for path, _, _ in sample])
-    return {"images": rows, "errors": errors, "labels": dict(labels.most_common()),
+    return {"model_version_uri": pinned, "images": rows, "errors": errors,
+            "labels": dict(labels.most_common()),
             "first_written_at": first_written_at, "finished_at": finished_at,
             "drift": measured}
 

@@ -389,6 +389,24 @@ def model_version_of(model_uri: str):
         return client.get_model_version(name, version)
 
 
+def pinned_model_uri(model_uri: str) -> str:
+    """``model_uri`` with a registry alias replaced by the version it names now
+    (models:/NAME@ALIAS -> models:/NAME/VERSION); any other URI as it is. A job that loads
+    the pinned URI uses one version throughout, and can say which: an alias moves whenever
+    a retraining promotes another version."""
+    parsed = parse_models_uri(model_uri)
+    if parsed is None or parsed[1] is None:
+        return model_uri
+    return f"models:/{parsed[0]}/{model_version_of(model_uri).version}"
+
+
+def model_said(model_uri: str, pinned: Optional[str]) -> str:
+    """How a job names the model it used: ``model_uri``, with the version an alias named
+    ("models:/NAME@champion (version 3)")."""
+    parsed = parse_models_uri(pinned) if pinned and pinned != model_uri else None
+    return f"{model_uri} (version {parsed[2]})" if parsed else model_uri
+
+
 def run_of(model_uri: str) -> str:
     """The MLflow run that produced ``model_uri`` (models:/NAME/VERSION, models:/NAME@ALIAS,
     runs:/RUN_ID/...)."""

@@ -16,6 +16,7 @@ from prefect import task
 from petalflow.tasks.common import redact_url
 from petalflow.tasks.dataset import load_manifest, split_layout_note
 from petalflow.tasks.drift import drift_line
+from petalflow.tasks.registry import model_said
 
 
 def artifact_key(prefix: str, model_name: str) -> str:
@@ -344,6 +345,7 @@ def prediction_markdown(summary: dict) -> str:
     inputs = ", ".join(f"`{item}`" for item in summary["inputs"])
     counts = pd.DataFrame(list(summary["labels"].items()), columns=["label", "count"])
     return (f"# Batch prediction\n\n{summary['images']} images from {inputs} with "
-            f"`{summary['model_uri']}`: {summary['images'] - summary['errors']} classified, "
+            f"`{model_said(summary['model_uri'], summary.get('model_version_uri'))}`: "
+            f"{summary['images'] - summary['errors']} classified, "
             f"{summary['errors']} errors. Output: `{summary['output']}`.\n\n" + _table(counts)
             + "\n\n" + drift_line(summary.get("drift")) + "\n")

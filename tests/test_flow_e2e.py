@@ -144,10 +144,10 @@ def test_prefect_artifacts_show_progress_and_evaluation(trained):
         assert progress and progress[-1].data == 100.0
 
 
-def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
+def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch, capsys):
     from petalflow.flows.cli import main
 
-    tmp, _summary = trained
+    tmp, summary = trained
     monkeypatch.chdir(tmp)
     folder = tmp_path / "incoming"
     write_image(folder / "a.jpg", COLOURS["red"], seed=5)
@@ -158,6 +158,9 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
     out = tmp_path / "pred.csv"
     assert not out.exists()
     assert main(["predict", "--input", str(folder), "--output", str(out)]) == 0
+    # Which version classified them: the alias moves with every promotion.
+    assert (f"classified 2 of 4 images (2 errors) with models:/{MODEL}@champion (version "
+            f"{summary['model_version']}) -> {out}\n") in capsys.readouterr().out
     table = pd.read_csv(out, keep_default_na=False).set_index("path")
     assert len(table) == 4 and str(folder / "notes.txt") not in table.index
     assert table.loc[str(folder / "scan.tiff"), "error"] == (
@@ -168,6 +171,21 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch):
     assert table.loc[str(folder / "a.jpg"), "label"] == "red"
     assert table.loc[str(folder / "sub" / "b.png"), "label"] == "blue"
     assert table.loc[str(folder / "broken.jpg"), "error"] == "undecodable image"
+
+
+def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, monkeypatch):
+    from petalflow.tasks.registry import model_said, pinned_model_uri
+
+    tmp, summary = trained
+    monkeypatch.chdir(tmp)
+    version = summary["model_version"]
+    assert pinned_model_uri(f"models:/{MODEL}@champion") == f"models:/{MODEL}/{version}"
+    for as_is in (f"models:/{MODEL}/{version}", "runs:/abc/model", str(tmp / "pulled")):
+        assert pinned_model_uri(as_is) == as_is
+    assert model_said(f"models:/{MODEL}@champion", f"models:/{MODEL}/7") == (
+        f"models:/{MODEL}@champion (version 7)")
+    assert model_said(f"models:/{MODEL}/7", f"models:/{MODEL}/7") == f"models:/{MODEL}/7"
+    assert model_said("runs:/abc/model", None) == "runs:/abc/model"
 
 
 def test_retried_registration_makes_no_duplicate_version(trained, monkeypatch):
@@ -573,7 +591,9 @@ def test_versions_registered_before_the_loader_travelled_still_load(trained, tmp
     images = [write_image(tmp_path / "r.jpg", COLOURS["red"], seed=77)]
     import base64
 
-    out = load_model(str(old)).predict(pd.DataFrame(
+    model, loaded_from = load_model(str(old))
+    assert loaded_from == str(old)
+    out = model.predict(pd.DataFrame(
         {"image": [base64.b64encode(p.read_bytes()).decode() for p in images]}))
     assert out["label"].tolist() == ["red"]
 
@@ -821,6 +841,9 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     assert _events("petalflow.drift.detected", since) == []
 
     alarm = batch_predict(PredictParams(input=[str(shifted)], output=str(tmp_path / "s.csv")))
+    champion = f"models:/{MODEL}/{summary['model_version']}"
+    assert alarm["model_uri"] == f"models:/{MODEL}@champion"
+    assert alarm["model_version_uri"] == champion
     drift = alarm["drift"]
     assert drift["drifted"] and drift["drift_score"] > drift["threshold"]
     events = _events("petalflow.drift.detected", since)
@@ -828,13 +851,16 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     payload = events[0]["payload"]
     assert events[0]["resource"]["prefect.resource.id"] == f"petalflow.model.{MODEL}"
     assert payload["drift"]["drift_score"] == pytest.approx(drift["drift_score"])
+    assert payload["model_version_uri"] == champion  # whose parameters "params" holds
     assert payload["params"]["data_url"] == json.loads(
         _client().get_model_version(MODEL, summary["model_version"]).tags["params"])["data_url"]
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=[f"drift-{MODEL}"])))
     texts = [a.data for a in arts]
-    assert any(f"drift score **{drift['drift_score']:.3f}**" in t for t in texts)
+    assert any(f"drift score **{drift['drift_score']:.3f}**" in t and f"what `models:/{MODEL}"
+               f"@champion (version {summary['model_version']})` was trained on" in t
+               for t in texts)
     assert any(f"drift score **{calm['drift']['drift_score']:.3f}**" in t for t in texts)
     assert any(f"drift score **{reds['drift']['drift_score']:.3f}**" in t
                and "this batch's own class mix" in t for t in texts)
