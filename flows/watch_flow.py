@@ -3,11 +3,12 @@
 Inputs: the same ``TrainParams`` the triggered training will use (only ``data_url``,
 ``data_sha256`` and ``model_name`` matter to the check). Steps: revalidate the source (the
 conditional request of the train flow's download step; new bytes are kept for the training) ->
-compare it with what the champion was trained on -> when it differs, extract it (as the
-training will: an archive it could not open fails this run instead) and emit the Prefect event
-``petalflow.dataset.changed`` (once per source state), which the ``train`` deployment's trigger
-in deployment.yaml turns into a training run with these parameters. Output: the decision, also
-the final state's message.
+compare it with what the champion was trained on -> when it differs (a folder: and nothing in
+it changed for ``watch.QUIET_S``, so that a copy in progress is not trained on), extract it
+(as the training will: an archive it could not open fails this run instead) and emit the Prefect
+event ``petalflow.dataset.changed`` (once per source state), which the ``train`` deployment's
+trigger in deployment.yaml turns into a training run with these parameters. Output: the
+decision, also the final state's message.
 
 Deployed as ``watch-data`` (interval schedule, default 15 min) by ``deployment.yaml``.
 """
@@ -41,6 +42,8 @@ def watch_data(params: TrainParams = TrainParams()):
     elif check["announced_at"]:
         message = (f"changed ({check['reason']}); already announced at {check['announced_at']}, "
                    "not announced again")
+    elif check["settling"]:
+        message = f"changed ({check['reason']}); not announced yet: {check['settling']}"
     else:
         # Extracted as the training's first step extracts it (found in place there): an
         # archive the training could not open (damaged, cut short by an upload in progress,

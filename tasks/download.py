@@ -13,6 +13,7 @@ outside its staging folder.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import gzip
 import hashlib
 import lzma
@@ -232,22 +233,29 @@ def _same_by_head(url: str, known: dict, target: Path, timeout_s: float) -> Opti
             and size == target.stat().st_size)
 
 
-def folder_listing_fingerprint(folder: Path) -> str:
-    """A cheap fingerprint of a folder source: sha256 over (relative path, size, mtime) of every
-    file below it. It changes when a file is added, removed, renamed or rewritten; computing it
-    reads no file contents (the dataset fingerprint, which does, is computed by the scan)."""
+def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
+    """(fingerprint, last change) of a folder source, from one listing that reads no file
+    contents (the dataset fingerprint, which does, is computed by the scan). The fingerprint:
+    sha256 over (relative path, size, mtime) of every file below it, which changes when a
+    file is added, removed, renamed or rewritten. The last change: the latest status-change
+    time (ctime, epoch seconds) of its files and folders, which a copy sets as it writes
+    (``cp -p`` and rsync keep the original mtime, not the ctime); None if none could be read."""
     digest = hashlib.sha256()
     folder = Path(folder)
+    changed = []
     for dirpath, filenames in walk_files(folder):
+        with contextlib.suppress(OSError):
+            changed.append(os.stat(dirpath).st_ctime)  # an entry added, removed or renamed
         for name in filenames:
             path = Path(dirpath) / name
             try:
                 st = path.stat()
             except OSError:
                 continue
+            changed.append(st.st_ctime)
             rel = path.relative_to(folder).as_posix()
             digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    return digest.hexdigest(), max(changed, default=None)
 
 
 def describe_source(url: str, archive: Path) -> dict:
@@ -259,8 +267,9 @@ def describe_source(url: str, archive: Path) -> dict:
     tar or zip archive: the watch must not announce such bytes as new data to train on."""
     archive = Path(archive)
     if archive.is_dir():
+        fingerprint, last_change = folder_listing(archive)
         return {"kind": "folder", "url": url, "sha256": None,
-                "listing_fingerprint": folder_listing_fingerprint(archive)}
+                "listing_fingerprint": fingerprint, "last_change": last_change}
     contents = {"contents_sha256": zip_contents_digest(archive)} \
         if _archive_kind(archive) == "zip" else {}
     if local_source(url) is not None:

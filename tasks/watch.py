@@ -10,6 +10,7 @@ A user's own export job can emit the same event (see the README).
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -61,6 +62,27 @@ def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool,
     return False, f"source unchanged since the champion v{champion['version']} ({state[:12]})"
 
 
+QUIET_S = 120.0  # a changed folder is announced once nothing in it changed for this long
+
+
+def still_changing(source: dict, now: float) -> Optional[str]:
+    """Why a changed folder source is not announced yet: something in it changed less than
+    ``QUIET_S`` ago (``last_change``, the listing's latest ctime): a copy still in progress,
+    of which a training now would take the photos copied so far, a half-written one and a
+    class folder begun as the new data. None once it is quiet, and for an archive (its
+    extraction finds one cut short). A last change far ahead of this clock (a file server's
+    clock) tells nothing: None."""
+    last = source.get("last_change")
+    if source.get("kind") != "folder" or last is None:
+        return None
+    age = now - float(last)
+    if age >= QUIET_S or age < -QUIET_S:
+        return None
+    return (f"something in the folder changed {max(age, 0.0):.0f} s ago (a copy still in "
+            f"progress?): it is announced once nothing in it has changed for {QUIET_S:.0f} s, "
+            "at a later check")
+
+
 def _state_file(watch_dir: Path, data_url: str) -> Path:
     return Path(watch_dir) / (resource_id(data_url) + ".json")
 
@@ -105,10 +127,12 @@ def emit_dataset_changed(params: TrainParams, source: dict, reason: str) -> str:
 
 @task(name="check-source")
 def check_source_task(source: dict, champion: Optional[dict], watch_dir: str) -> dict:
-    """Thin wrapper: {"changed", "reason", "announced_at"} for the watch flow."""
+    """Thin wrapper: {"changed", "reason", "announced_at", "settling"} for the watch flow."""
     changed, reason = differs_from_champion(source, champion)
     announced = already_announced(Path(watch_dir), source) if changed else None
-    return {"changed": changed, "reason": reason, "announced_at": announced}
+    settling = still_changing(source, time.time()) if changed and not announced else None
+    return {"changed": changed, "reason": reason, "announced_at": announced,
+            "settling": settling}
 
 
 @task(name="announce-change")

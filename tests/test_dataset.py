@@ -164,7 +164,7 @@ def test_linked_folders_inside_a_class_are_followed_once_and_loops_are_not(tmp_p
     to a folder already walked (a loop) is not."""
     import os
 
-    from petalflow.tasks.download import folder_listing_fingerprint
+    from petalflow.tasks.download import folder_listing
     from petalflow.tasks.predict import iter_inputs
 
     elsewhere = make_dataset(tmp_path / "elsewhere", per_class=4)
@@ -173,7 +173,7 @@ def test_linked_folders_inside_a_class_are_followed_once_and_loops_are_not(tmp_p
     os.symlink(root / "red", root / "red" / "loop")  # back to its own class folder
     os.symlink(root, root / "green" / "up")  # to the dataset's top
     os.symlink("/", root / "blue" / "everything")  # to the file system's top
-    before = folder_listing_fingerprint(root)
+    before = folder_listing(root)[0]
     manifest = scan_dataset(root)
     counts = manifest[manifest["status"] == "ok"].groupby("label").size().to_dict()
     assert counts == {"blue": 3, "green": 3, "red": 7}
@@ -182,7 +182,7 @@ def test_linked_folders_inside_a_class_are_followed_once_and_loops_are_not(tmp_p
     listed = list(iter_inputs([str(root / "red")]))
     assert len(listed) == 7 and root / "red" / "more" / "000.jpg" in listed
     write_image(elsewhere / "red" / "new.jpg", (220, 40, 40), seed=99)
-    assert folder_listing_fingerprint(root) != before
+    assert folder_listing(root)[0] != before
 
 
 def test_a_folder_of_archives_says_to_extract_them(tmp_path):

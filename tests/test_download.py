@@ -16,7 +16,7 @@ import pytest
 
 from petalflow.tasks.download import download_archive, extract_archive, find_data_root
 from petalflow.tasks.errors import ArchiveError, ChecksumMismatch, DownloadError, TransientError
-from tests.helpers import COLOURS, make_dataset, make_tgz, make_zip, serve_directory
+from tests.helpers import COLOURS, make_dataset, make_tgz, make_zip, serve_directory, write_image
 
 
 def _sha(path: Path) -> str:
@@ -779,6 +779,32 @@ def test_folder_listing_fingerprint_changes_with_the_folder(tmp_path):
     (src / "red" / "extra.jpg").write_bytes((src / "red" / "000.jpg").read_bytes())
     assert describe_source(str(src), src)["listing_fingerprint"] != before[
         "listing_fingerprint"]
+
+
+def test_a_changed_folder_is_announced_once_nothing_in_it_changed_for_a_while(tmp_path):
+    """The listing's last change is the latest ctime of its files and folders (a copy sets
+    it; ``cp -p`` keeps the mtime); the watch waits until it is ``QUIET_S`` old."""
+    import os
+    import time
+
+    from petalflow.tasks.download import describe_source
+    from petalflow.tasks.watch import QUIET_S, still_changing
+
+    src = make_dataset(tmp_path / "src", per_class=2)
+    old = time.time() - 3600
+    write_image(src / "red" / "copied.jpg", COLOURS["red"], seed=3)
+    os.utime(src / "red" / "copied.jpg", (old, old))  # as `cp -p` leaves it
+    now = time.time()
+    source = describe_source(str(src), src)
+    assert now - 5 < source["last_change"] <= time.time()
+    assert still_changing(source, now + 2) == (
+        "something in the folder changed 2 s ago (a copy still in progress?): it is announced "
+        f"once nothing in it has changed for {QUIET_S:.0f} s, at a later check")
+    assert still_changing(source, source["last_change"] + QUIET_S) is None
+    # A file server's clock far ahead of this one says nothing about quiet; an archive's
+    # extraction, not its time, tells whether it is whole.
+    assert still_changing(source, source["last_change"] - QUIET_S - 1) is None
+    assert still_changing({"kind": "http", "last_change": now}, now) is None
 
 
 def test_wrong_image_size_is_refused_naming_both(tiny_backbone, any_size_backbone, tmp_path):

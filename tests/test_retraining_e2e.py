@@ -242,6 +242,39 @@ def test_a_folder_zipped_anew_on_every_download_is_announced_only_when_its_files
     assert changed["changed"] is True and changed["event_id"]
 
 
+def test_a_folder_still_being_copied_into_is_announced_once_it_is_quiet(
+        workspace, tiny_backbone, prefect_harness, monkeypatch):
+    """Photos copied into a folder source arrive one by one: the watch announced the first
+    change it saw, and the training it started took the photos copied so far (a half-written
+    one, a class folder just begun) as the new data. A changed folder is announced once
+    nothing in it has changed for ``watch.QUIET_S``, at a later check."""
+    import re
+    import time
+
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.flows.watch_flow import watch_data
+    from petalflow.tasks import watch
+
+    src = make_dataset(workspace / "folder", per_class=12, seed=0)
+    first = train_and_register(_params(str(src), tiny_backbone))
+    assert (first["model_version"], first["alias"]) == ("1", "champion")
+    write_image(src / "red" / "100.jpg", COLOURS["red"], seed=100)  # the copy has begun
+    state = watch_data(_params(str(src), tiny_backbone), return_state=True)
+    copying = state.result()
+    assert copying["changed"] is True and copying["event_id"] is None
+    assert state.message == f"changed ({copying['reason']}); not announced yet: " + copying[
+        "settling"]
+    assert re.fullmatch(r"something in the folder changed [0-9]+ s ago \(a copy still in "
+                        r"progress\?\): it is announced once nothing in it has changed for "
+                        r"120 s, at a later check", copying["settling"]), copying["settling"]
+    assert not list((workspace / "home" / "watch").glob("*.json"))  # nothing announced
+    monkeypatch.setattr(watch, "QUIET_S", 1.0)
+    time.sleep(1.1)  # the copy is done: quiet
+    quiet = watch_data(_params(str(src), tiny_backbone))
+    assert quiet["changed"] is True and quiet["settling"] is None and quiet["event_id"]
+    assert len(list((workspace / "home" / "watch").glob("*.json"))) == 1
+
+
 def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
         workspace, tiny_backbone, prefect_harness):
     """A private archive's URL with a user and password and a presigned query (what other
