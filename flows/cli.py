@@ -388,13 +388,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     from petalflow.tasks.errors import DestinationInUse
     from petalflow.tasks.params import champion_uri
-    from petalflow.tasks.registry import pull_edge, pull_model
+    from petalflow.tasks.registry import model_said, pinned_model_uri, pull_edge, pull_model
 
     uri = args.model or champion_uri(args.model_name)
     require_store(uri)
+    pinned = pinned_model_uri(uri)  # the version an alias names: pulled, and said
     if args.format == "tflite":
         try:
-            path = pull_edge(uri, args.dest, args.quantization)
+            path = pull_edge(pinned, args.dest, args.quantization)
         except DestinationInUse as exc:
             raise UsageError(f"--dest: {exc}") from None
         except FileNotFoundError as exc:
@@ -402,15 +403,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
                             "edge models", EXIT_FAILED) from None
         except ValueError as exc:
             raise UsageError(f"--model: {exc}") from None
-        print(f"saved the {args.quantization} TFLite model of {uri} to {path} (labels.txt and "
-              f"edge.json beside it: input float32 [1, S, S, 3] in [0, 1], output class "
-              "probabilities in labels.txt order)")
+        print(f"saved the {args.quantization} TFLite model of {model_said(uri, pinned)} to "
+              f"{path} (labels.txt and edge.json beside it: input float32 [1, S, S, 3] in "
+              "[0, 1], output class probabilities in labels.txt order)")
         return 0
     try:
-        path = pull_model(uri, args.dest)
+        path = pull_model(pinned, args.dest)
     except DestinationInUse as exc:
         raise UsageError(f"--dest: {exc}") from None
-    print(f"saved {uri} to {path}; use it offline with: petalflow predict --model {path} ...")
+    print(f"saved {model_said(uri, pinned)} to {path}; use it offline with: petalflow predict "
+          f"--model {path} ...")
     return 0
 
 

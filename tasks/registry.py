@@ -402,9 +402,26 @@ def pinned_model_uri(model_uri: str) -> str:
 
 def model_said(model_uri: str, pinned: Optional[str]) -> str:
     """How a job names the model it used: ``model_uri``, with the version an alias named
-    ("models:/NAME@champion (version 3)")."""
+    ("models:/NAME@champion (version 3)") or, for a folder ``petalflow pull`` saved, the
+    version it is a copy of (MLflow's ``registered_model_meta`` beside its MLmodel)."""
     parsed = parse_models_uri(pinned) if pinned and pinned != model_uri else None
-    return f"{model_uri} (version {parsed[2]})" if parsed else model_uri
+    if parsed:
+        return f"{model_uri} (version {parsed[2]})"
+    pulled = pulled_version(Path(model_uri)) if "://" not in model_uri else None
+    return f"{model_uri} (a copy of {pulled[0]} version {pulled[1]})" if pulled else model_uri
+
+
+def pulled_version(folder: Path) -> Optional[tuple[str, str]]:
+    """(name, version) of the registered version a downloaded model folder is a copy of,
+    from the ``registered_model_meta`` file MLflow writes beside its MLmodel; None for any
+    other folder, or a file that does not say."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((folder / "registered_model_meta").read_text(encoding="utf-8"))
+        return str(meta["model_name"]), str(meta["model_version"])
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        return None
 
 
 def run_of(model_uri: str) -> str:

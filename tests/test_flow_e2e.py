@@ -173,8 +173,8 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch, capsys):
     assert table.loc[str(folder / "broken.jpg"), "error"] == "undecodable image"
 
 
-def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, monkeypatch):
-    from petalflow.tasks.registry import model_said, pinned_model_uri
+def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, tmp_path, monkeypatch):
+    from petalflow.tasks.registry import model_said, pinned_model_uri, pulled_version
 
     tmp, summary = trained
     monkeypatch.chdir(tmp)
@@ -186,6 +186,12 @@ def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, monkeypatc
         f"models:/{MODEL}@champion (version 7)")
     assert model_said(f"models:/{MODEL}/7", f"models:/{MODEL}/7") == f"models:/{MODEL}/7"
     assert model_said("runs:/abc/model", None) == "runs:/abc/model"
+    # A folder of one's own, or whose registered_model_meta does not say: just its path.
+    assert pulled_version(tmp_path) is None and model_said(str(tmp_path), str(tmp_path)) == str(
+        tmp_path)
+    for text in ("::: not yaml", "model_name: only-a-name\n", "- a list\n"):
+        (tmp_path / "registered_model_meta").write_text(text)
+        assert pulled_version(tmp_path) is None, text
 
 
 def test_retried_registration_makes_no_duplicate_version(trained, monkeypatch):
@@ -382,10 +388,10 @@ def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
             assert abs(sum(rows[0][f"prob_{c}"] for c in COLOURS) - 1.0) < 1e-4
 
 
-def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
+def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch, capsys):
     from petalflow.flows.cli import main
 
-    tmp, _summary = trained
+    tmp, summary = trained
     monkeypatch.chdir(tmp)
     folder = tmp_path / "in"
     for i, name in enumerate(("red", "green")):
@@ -399,13 +405,20 @@ def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch):
     assert rows["red"]["top1_probability"] >= rows["red"]["top2_probability"]
 
     dest = tmp_path / "offline"
+    capsys.readouterr()
     assert main(["pull", "--dest", str(dest)]) == 0
+    version = summary["model_version"]
+    assert capsys.readouterr().out.endswith(
+        f"saved models:/{MODEL}@champion (version {version}) to {dest}; use it offline with: "
+        f"petalflow predict --model {dest} ...\n")
     model_dir = next(p.parent for p in dest.rglob("MLmodel"))
     # Offline: a tracking URI that cannot work proves the local folder needs no server.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     out_csv = tmp_path / "offline.csv"
     assert main(["predict", "--model", str(model_dir), "--input", str(folder), "--output",
                  str(out_csv)]) == 0
+    assert (f"classified 2 of 2 images (0 errors) with {model_dir} (a copy of {MODEL} version "
+            f"{version}) -> {out_csv}\n") in capsys.readouterr().out
     table = pd.read_csv(out_csv, keep_default_na=False)
     assert sorted(table["label"]) == ["green", "red"]
 
@@ -750,7 +763,8 @@ def test_every_version_carries_edge_models_that_pull_fetches(trained, tmp_path, 
     assert main(["pull", "--format", "tflite", "--dest", str(dest)]) == 0
     printed = capsys.readouterr().out
     model_path = dest / "model_int8.tflite"
-    assert f"saved the int8 TFLite model of models:/{MODEL}@champion to {model_path}" in printed
+    assert (f"saved the int8 TFLite model of models:/{MODEL}@champion (version "
+            f"{summary['model_version']}) to {model_path}") in printed
     labels = (dest / "labels.txt").read_text().splitlines()
     assert labels == sorted(COLOURS)
     contract = json.loads((dest / "edge.json").read_text())
