@@ -1184,7 +1184,7 @@ def test_a_prediction_job_takes_drift_features_from_its_classification_pass(
     assert len(paths) < predict.DRIFT_SAMPLE  # the sample is every classified image
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     files = paths[:5] + [tmp_path / "bad.jpg"] + paths[5:]
-    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
 
     def no_second_pass(self, images):
         raise AssertionError("the backbone ran again for drift")
@@ -1601,7 +1601,7 @@ def test_a_file_name_that_is_not_utf8_is_classified_and_written_escaped(
     from petalflow.tasks.dataset import split_files
 
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
-    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
     photo = Path(split_files(data_info, "test")[0][0]).read_bytes()
     folder = tmp_path / "in"
     folder.mkdir()
@@ -1625,7 +1625,7 @@ def test_a_link_to_a_missing_photo_is_a_row_saying_it_cannot_be_read(
     from petalflow.tasks.dataset import split_files
 
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
-    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(Path(split_files(data_info, "test")[0][0]).read_bytes())
@@ -1653,7 +1653,7 @@ def test_a_prediction_job_on_a_folder_without_image_names_says_why_its_table_is_
     from petalflow.tasks.params import PredictParams
 
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
-    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
     folder = tmp_path / "incoming"
     folder.mkdir()
     (folder / "photo1").write_bytes(b"\xff\xd8\xff")
@@ -1726,7 +1726,7 @@ def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_
     folder.mkdir()
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    monkeypatch.setattr(predict, "load_model", lambda uri: model)
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
     result = predict.predict_files("m", [folder / n for n in files], tmp_path / "out.csv")
     assert (result["images"], result["errors"]) == (6, 5)
     got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
