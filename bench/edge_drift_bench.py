@@ -11,6 +11,9 @@
      drawn at random for each sample: photos like the training ones, in another class mix;
    - ``grayscale``, ``rotated`` (a quarter turn), ``grayscale+rotated``, ``dark`` (x0.4):
      the same test photos, transformed;
+   - ``phone size`` (enlarged 8x: 2560 x 1920 for a 320 x 240 photo, the same picture; the
+     model's features and accuracy barely move), ``half size`` and ``thumbnail`` (at most
+     80 px a side: the model sees them upscaled, blurred): the same test photos resized;
    - ``unseen class``: a second ``petalflow train`` without one class (``--hold-out-class``,
      default: the last class folder), whose drift is measured on that class's photos, against
      its own held-out test photos as the in-distribution reference.
@@ -86,6 +89,12 @@ def transform(path: Path, kind: str) -> bytes:
         img = img.rotate(90, expand=True)
     if kind == "dark":
         img = ImageEnhance.Brightness(img).enhance(0.4)
+    if kind == "phone size":
+        img = img.resize((img.width * 8, img.height * 8), Image.LANCZOS)
+    if kind == "half size":
+        img = img.resize((img.width // 2, img.height // 2), Image.LANCZOS)
+    if kind == "thumbnail":
+        img.thumbnail((80, 80), Image.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     return buf.getvalue()
@@ -139,7 +148,8 @@ def full_and_unseen(args, work: Path, root: Path, held: str, result: dict) -> No
     for path, label in labelled_files(full, ("val", "test")):
         by_class.setdefault(label, []).append(path.read_bytes())
     conditions["one class (held-out photos)"] = by_class
-    for kind in ("grayscale", "rotated", "grayscale+rotated", "dark"):
+    for kind in ("grayscale", "rotated", "grayscale+rotated", "dark", "phone size", "half size",
+                 "thumbnail"):
         conditions[kind] = [transform(p, kind) for p in held_out]
     result["drift"].update({k: scores(model, v, args.repeats, 1, DRIFT_THRESHOLD, args.sizes)
                             for k, v in conditions.items()})

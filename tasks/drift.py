@@ -71,7 +71,8 @@ def drift_markdown(summary: dict) -> str:
         "| measure | value |", "|---|---|",
         f"| backbone features (standardised mean shift, RMS over dimensions) | "
         f"{drift['feature_drift']:.3f} |",
-        f"| image statistics (size, aspect, brightness, contrast, saturation) | "
+        f"| image statistics (size, as far as the model sees it; aspect, brightness, "
+        f"contrast, saturation) | "
         f"{drift['image_drift']:.3f} |",
         f"| drift score (the larger) | {drift['drift_score']:.3f} |", ""])
 

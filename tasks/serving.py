@@ -40,6 +40,22 @@ SPREAD_PRIOR_IMAGES = 10
 # batch gets its score, and "drifted" stays False: too few images to tell.
 DRIFT_MIN_IMAGES = 20
 IMAGE_STATS = ("width", "height", "aspect", "brightness", "contrast", "saturation")
+# Width and height are compared as the model sees them (a reference with "resolution_of": its
+# input size S): log2(min(side, S) / S), 0 for a side of S or more, -1 for half of S, and only
+# a fall counts (images upscaled more than the training ones were). Compared in pixels, photos
+# of a phone's size against 320-px training photos scored 68.9, "drifted", with backbone
+# features like the training photos' (0.06) and the same accuracy; a batch of 80-px
+# thumbnails, which the model sees blurred, still scores over the threshold (BENCHMARKS.md,
+# drift and image size).
+RESOLUTION_STATS = (0, 1)
+# The least spread (in log2 units: an octave) width and height are standardised by: a batch's
+# sides must fall by half beyond the training photos' to move by one unit (a batch of photos
+# at half the flowers' size, which the model classifies 8 points worse, scores ~0.4; at 3/4,
+# under the threshold). Standardised by the training photos' own spread (0.1 for the flowers,
+# from the few under the input size), the noise of a reference of 10 photos per class put
+# photos like the training ones over the threshold in 40 % of samples of 50; and a training
+# split all at or above the input size (spread 0) still tells thumbnails.
+RESOLUTION_SPREAD = 1.0
 # Pixels the statistics of a lossless image (PNG, BMP, GIF, WebP) are computed on at most: a
 # bigger one is sampled (every s-th pixel of every s-th row), as a JPEG is decoded at 1/4
 # scale. Over every pixel, in float, the statistics of 16 PNGs of 50 MP took 12.5 s and
@@ -473,18 +489,38 @@ def _statistics(encoded) -> np.ndarray:
     return (np.concatenate(batches) if batches else np.zeros(0)).reshape(-1, len(IMAGE_STATS))
 
 
+def resolution_of(stats: np.ndarray, image_stats: dict) -> np.ndarray:
+    """``stats`` (rows of ``image_statistics``) as a reference's ``image_stats`` compares them:
+    with its ``resolution_of`` (the model's input size S), width and height become
+    log2(min(side, S) / S) (``RESOLUTION_STATS``); without it (versions registered before),
+    as they are."""
+    size = image_stats.get("resolution_of")
+    stats = np.array(stats, dtype=np.float64).reshape(-1, len(IMAGE_STATS))
+    if size:
+        sides = stats[:, RESOLUTION_STATS]
+        stats[:, RESOLUTION_STATS] = np.log2(np.clip(sides, 1.0, float(size)) / float(size))
+    return stats
+
+
 def drift_reference(features: np.ndarray, stats: np.ndarray,
-                    labels: Optional[Sequence[int]] = None, num_classes: int = 0) -> dict:
+                    labels: Optional[Sequence[int]] = None, num_classes: int = 0,
+                    image_size: Optional[int] = None) -> dict:
     """What a model was trained on, compactly: per-dimension mean and spread of its backbone
     features and of the image statistics over a sample of the training split. With the
     sample's ``labels`` (of ``num_classes``), also each class's mean and the spread within
-    classes (``classes``): what a batch of a given class mix is expected to look like."""
+    classes (``classes``): what a batch of a given class mix is expected to look like. With
+    the model's input ``image_size``, width and height are described as the model sees them
+    (``resolution_of``)."""
     def describe(x):
         x = np.asarray(x, dtype=np.float64)
         return {"mean": x.mean(axis=0).tolist(), "std": x.std(axis=0).tolist()}
 
+    described = {"names": list(IMAGE_STATS)}
+    if image_size:
+        described["resolution_of"] = int(image_size)
+    stats = resolution_of(stats, described)
     reference = {"images": int(len(features)), "features": describe(features),
-                 "image_stats": dict(describe(stats), names=list(IMAGE_STATS)),
+                 "image_stats": dict(describe(stats), **described),
                  "threshold": DRIFT_THRESHOLD, "min_images": DRIFT_MIN_IMAGES}
     if labels is not None and num_classes > 1 and len(features):
         labels = np.asarray(labels, dtype=np.int64)
@@ -512,7 +548,9 @@ def _describe_classes(x: np.ndarray, labels: np.ndarray, num_classes: int) -> di
 
 def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = None,
            pooled: bool = False, classes: Optional[dict] = None,
-           mix: Optional[np.ndarray] = None, counts: Optional[Sequence[int]] = None) -> float:
+           mix: Optional[np.ndarray] = None, counts: Optional[Sequence[int]] = None,
+           fall_only: Optional[np.ndarray] = None,
+           least_spread: Optional[np.ndarray] = None) -> float:
     """Standardised mean shift of a batch from the reference, root-mean-square over the
     dimensions, with sampling noise removed (without drift, E[z^2] = 1/n for a batch of n
     beside a reference of ``reference_images``, + 1/that): 0 when the batch looks like the
@@ -525,25 +563,36 @@ def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = Non
     batch's class ``mix`` (the share of its images classified as each class; ``counts``: the
     reference's images per class), the batch's mean is compared with what training images in
     that mix average to, not with the training split's own mix: a batch of one class's photos
-    is like the training data. The noise then is the spread within classes."""
+    is like the training data. The noise then is the spread within classes.
+
+    In the dimensions ``fall_only`` marks, a batch whose mean is above the reference's counts
+    as no shift at all (images sharper than the training ones, ``RESOLUTION_STATS``); a
+    dimension with a ``least_spread`` (a standard deviation) is standardised by at least it,
+    and counts even where the reference's images did not vary."""
     mean = np.asarray(reference["mean"], dtype=np.float64)
     var = np.asarray(reference["std"], dtype=np.float64) ** 2
+    floor = (np.zeros_like(var) if least_spread is None
+             else np.asarray(least_spread, dtype=np.float64) ** 2)
     keep = var > 1e-12 * max(float(var.max(initial=0.0)), 1e-24)  # constant dimensions say nothing
+    keep |= floor > 0
     if not keep.any() or len(x) == 0:
         return 0.0
-    mean, var = mean[keep], var[keep]
+    mean, var, floor = mean[keep], var[keep], floor[keep]
     m = reference_images or 0
     spread = (m * var + SPREAD_PRIOR_IMAGES * var.mean()) / (m + SPREAD_PRIOR_IMAGES) \
         if pooled and m else var
+    spread = np.maximum(spread, floor)
     noise_var, reference_noise = var, (1.0 / m if m else 0.0)
     if classes is not None and mix is not None:
         mean = mix @ np.asarray(classes["means"], dtype=np.float64)[:, keep]
         noise_var = np.asarray(classes["within_var"], dtype=np.float64)[keep]
         per_class = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
         reference_noise = float(np.sum(mix ** 2 / per_class))
-    z2 = (np.asarray(x, dtype=np.float64).mean(axis=0)[keep] - mean) ** 2 / spread
-    noise = noise_var / spread * (1.0 / len(x) + reference_noise)
-    return float(np.sqrt(max(0.0, float(np.mean(z2 - noise)))))
+    diff = np.asarray(x, dtype=np.float64).mean(axis=0)[keep] - mean
+    terms = diff ** 2 / spread - noise_var / spread * (1.0 / len(x) + reference_noise)
+    if fall_only is not None:
+        terms[np.asarray(fall_only, dtype=bool)[keep] & (diff > 0)] = 0.0
+    return float(np.sqrt(max(0.0, float(np.mean(terms)))))
 
 
 def drift_scores(reference: dict, features: np.ndarray, stats: np.ndarray,
@@ -568,7 +617,13 @@ def drift_scores(reference: dict, features: np.ndarray, stats: np.ndarray,
                                        "counts": classes["counts"]}
 
     feature = _shift(reference["features"], features, m, pooled=True, **by_class("features"))
-    image = _shift(reference["image_stats"], stats, m, **by_class("image_stats"))
+    described = reference["image_stats"]
+    sides = {}
+    if described.get("resolution_of"):
+        falls = np.isin(np.arange(len(IMAGE_STATS)), RESOLUTION_STATS)
+        sides = {"fall_only": falls, "least_spread": np.where(falls, RESOLUTION_SPREAD, 0.0)}
+    image = _shift(described, resolution_of(stats, described), m, **sides,
+                   **by_class("image_stats"))
     threshold = float(reference.get("threshold", DRIFT_THRESHOLD))
     min_images = int(reference.get("min_images", DRIFT_MIN_IMAGES))
     score = max(feature, image)

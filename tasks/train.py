@@ -375,7 +375,8 @@ def training_drift_reference(network, train_paths: list, train_labels, num_class
             for batch in image_dataset(paths, None, cfg.image_size, 64, exif=exif)
         ]) if paths else np.zeros((0, 0))
     stats = file_statistics(paths)
-    return drift_reference(features, stats, np.asarray(train_labels)[pick], num_classes)
+    return drift_reference(features, stats, np.asarray(train_labels)[pick], num_classes,
+                           image_size=cfg.image_size)
 
 
 def _epoch_end_callback(validate, manager, epoch_var, total: int, hook, phase: str):

@@ -1154,6 +1154,54 @@ def test_drift_compares_a_batch_with_training_images_of_its_class_mix():
     assert not got["class_mix"] and got == {**drift_scores(plain, f, s), "class_mix": False}
 
 
+def test_drift_compares_image_sizes_as_the_model_sees_them():
+    """Width and height are compared as log2(min(side, S) / S) for a model of input size S,
+    and only a fall counts: phone-size photos of what the model was trained on at 320 x 240
+    scored 68.9 on image statistics ("drifted", features 0.06, same accuracy); now 0. Photos
+    smaller than the training ones (thumbnails: the model sees them upscaled, blurred) still
+    drift. A version registered before (no ``resolution_of``) compares pixels, as it did."""
+    from petalflow.tasks.serving import (
+        DRIFT_THRESHOLD, IMAGE_STATS, drift_reference, drift_scores, resolution_of,
+    )
+
+    assert IMAGE_STATS[:2] == ("width", "height")
+    sides = np.array([[448, 224, 1, 0.5, 0.2, 0.3], [112, 56, 2, 0.5, 0.2, 0.3]], np.float64)
+    np.testing.assert_allclose(resolution_of(sides, {"resolution_of": 224})[:, :2],
+                               [[0, 0], [-1, -2]])
+    np.testing.assert_array_equal(resolution_of(sides, {}), sides)  # versions before
+
+    rng = np.random.default_rng(0)
+
+    def photos(n, width, height):  # sizes spread as a real dataset's are
+        w = width * rng.uniform(0.6, 1.1, n)
+        h = height * rng.uniform(0.6, 1.1, n)
+        return np.column_stack([w, h, w / h, rng.normal(0.45, 0.05, (n, 3))])
+
+    features = rng.normal(0, 1, (500, 64))
+    training = photos(500, 320, 240)
+    reference = drift_reference(features, training, image_size=224)
+    assert reference["image_stats"]["resolution_of"] == 224
+    same = rng.normal(0, 1, (50, 64))  # the model sees the same kind of picture
+    phone = drift_scores(reference, same, photos(50, 4032, 3024))
+    assert phone["image_drift"] == 0.0 and not phone["drifted"], phone
+    thumbs = drift_scores(reference, same, photos(50, 80, 60))
+    assert thumbs["image_drift"] > DRIFT_THRESHOLD and thumbs["drifted"], thumbs
+    darker = photos(50, 4032, 3024)
+    darker[:, 3] *= 0.5
+    assert drift_scores(reference, same, darker)["drifted"]  # the other statistics as before
+    # Sides a quarter smaller than the training photos' (standardised by at least
+    # RESOLUTION_SPREAD, an octave) are not drift; a training split all at or above the input
+    # size (no spread in its sides) still tells thumbnails.
+    assert not drift_scores(reference, same, photos(50, 240, 180))["drifted"]
+    large = drift_reference(features, photos(500, 1600, 1200), image_size=224)
+    assert large["image_stats"]["std"][:2] == [0.0, 0.0]
+    assert drift_scores(large, same, photos(50, 80, 60))["drifted"]
+    assert drift_scores(large, same, photos(50, 4032, 3024))["image_drift"] == 0.0
+    before = drift_reference(features, training)  # a version registered before
+    assert "resolution_of" not in before["image_stats"]
+    assert drift_scores(before, same, photos(50, 4032, 3024))["image_drift"] > 10
+
+
 def _pyfunc_model(export_dir, dest: Path):
     """The export packaged as registration packages it (``registry.pyfunc_arguments``), saved
     to a folder and loaded back."""
