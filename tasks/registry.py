@@ -407,7 +407,7 @@ def model_said(model_uri: str, pinned: Optional[str]) -> str:
     parsed = parse_models_uri(pinned) if pinned and pinned != model_uri else None
     if parsed:
         return f"{model_uri} (version {parsed[2]})"
-    pulled = pulled_version(Path(model_uri)) if "://" not in model_uri else None
+    pulled = pulled_version(Path(model_uri)) if Path(model_uri).is_dir() else None
     return f"{model_uri} (a copy of {pulled[0]} version {pulled[1]})" if pulled else model_uri
 
 
