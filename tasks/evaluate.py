@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from prefect import task
 
-from petalflow.tasks.common import release_memory
+from petalflow.tasks.common import log, release_memory
 from petalflow.tasks.dataset import DatasetInfo, load_manifest, reads_exif, split_files, split_shas
 from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
@@ -67,7 +67,47 @@ def classification_tables(
         # must beat to have learned anything (0.95 on a split of 95 % "ok" photos).
         "test_majority_accuracy": majority_baseline(per_class)["accuracy"],
     }
+    metrics["test_accuracy_low"], metrics["test_accuracy_high"] = accuracy_interval(
+        int(tp.sum()), int(cm.sum()))
     return metrics, per_class, confusion
+
+
+def accuracy_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % (Wilson score) interval of an accuracy of ``correct`` in ``n`` test images:
+    where the model's accuracy on photos like them may lie. 8 of 9 right: 0.56-0.98; 194 of
+    225: 0.81-0.90. (0, 1) for no images."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+# Wider than this, a 95 % interval of the test accuracy makes the run warn that its decision
+# rests on too few test images (0.2: about 40-60 images at the accuracies seen here).
+WIDE_INTERVAL = 0.2
+
+
+def interval_words(metrics: dict) -> str:
+    """" (95 % interval 0.57-0.98)" for metrics that hold the interval; "" for others (a
+    summary written before it existed)."""
+    if "test_accuracy_low" not in metrics:
+        return ""
+    return (f" (95 % interval {metrics['test_accuracy_low']:.2f}–"
+            f"{metrics['test_accuracy_high']:.2f})")
+
+
+def few_test_images(metrics: dict) -> Optional[str]:
+    """The warning for a test split too small to judge a model by, else None."""
+    if metrics.get("test_accuracy_high", 1.0) - metrics.get("test_accuracy_low", 0.0) \
+            <= WIDE_INTERVAL:
+        return None
+    return (f"the test split holds {metrics['test_images']} images: its accuracy "
+            f"{metrics['test_accuracy']:.4f} says only that the model's lies in "
+            f"{metrics['test_accuracy_low']:.2f}–{metrics['test_accuracy_high']:.2f} (95 %), and "
+            "the quality gate and the champion decision rest on it; more photos per class, or a "
+            "larger --test-fraction, make them firmer")
 
 
 def majority_baseline(per_class: pd.DataFrame) -> dict:
@@ -166,8 +206,8 @@ def markdown_report(metrics: dict, per_class: pd.DataFrame, confusion: pd.DataFr
     lines = [
         "# Test-set evaluation",
         "",
-        f"**Accuracy {metrics['test_accuracy']:.4f}** on {metrics['test_images']} held-out images; "
-        f"macro F1 {metrics['test_macro_f1']:.4f}.",
+        f"**Accuracy {metrics['test_accuracy']:.4f}** on {metrics['test_images']} held-out images"
+        f"{interval_words(metrics)}; macro F1 {metrics['test_macro_f1']:.4f}.",
         "",
         majority_line(majority_baseline(per_class)),
         "",
@@ -377,6 +417,9 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
     record = prediction_record(Path(records_dir), run_id) if records_dir else None
     result = evaluate_model(Path(export_dir), data_info, Path(out_dir), record=record)
     release_memory()  # the loaded model is garbage now: keep the process's peak low
+    warning = few_test_images(result["metrics"])
+    if warning:
+        log("evaluation: %s", warning, level=30)
     log_evaluation(run_id, result)
     create_markdown_artifact(
         markdown=Path(result["files"]["report"]).read_text(), key="test-evaluation",

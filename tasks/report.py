@@ -112,6 +112,8 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
     """The model card of a registered version: data source and validators, fingerprint, images
     per class, quarantined files by reason, per-class metrics, confusion matrix, the champion
     comparison and the decision."""
+    from petalflow.tasks.evaluate import interval_words
+
     ds = summary["dataset"]
     metrics = summary["test_metrics"]
     evaluation = Path(evaluation_dir)
@@ -152,7 +154,7 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         "## Test metrics",
         "",
         f"Accuracy **{metrics['test_accuracy']:.4f}** on {metrics['test_images']} held-out "
-        f"images; macro F1 {metrics['test_macro_f1']:.4f}.",
+        f"images{interval_words(metrics)}; macro F1 {metrics['test_macro_f1']:.4f}.",
         "",
     ]
     per_class = evaluation / "per_class.csv"
@@ -232,6 +234,8 @@ def _reason_kind(reason: str) -> str:
 
 def run_result(summary: dict, links: Optional[dict] = None) -> str:
     """One screen for the run the user started: what happened and where to look next."""
+    from petalflow.tasks.evaluate import interval_words
+
     status = summary["status"]
     lines = [f"# {summary['model_name']}: {status}", ""]
     if status == "nothing to do" and summary.get("alias") == "challenger":
@@ -249,7 +253,8 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
         lines += [
             f"- Registered **version {summary['model_version']}** as **{summary['alias']}**",
             f"- Decision: {summary['alias_reason']}",
-            f"- Test accuracy {acc:.4f} on {summary['test_metrics']['test_images']} images, "
+            f"- Test accuracy {acc:.4f} on {summary['test_metrics']['test_images']} images"
+            f"{interval_words(summary['test_metrics'])}, "
             f"macro F1 {summary['test_metrics']['test_macro_f1']:.4f}",
         ]
     ds = summary["dataset"]

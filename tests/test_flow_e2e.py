@@ -282,6 +282,10 @@ def test_a_model_that_only_answers_the_common_class_is_registered_but_not_promot
     card = client.get_model_version(MODEL, "1").description
     assert (f"Answering 'ok' (the most common class) for every image would score "
             f"{test['test_majority_accuracy']:.4f}") in card
+    # A test split this small (its 95 % interval wider than 0.2): the card shows the interval.
+    assert test["test_accuracy_high"] - test["test_accuracy_low"] > 0.2
+    assert (f"on {test['test_images']} held-out images (95 % interval "
+            f"{test['test_accuracy_low']:.2f}–{test['test_accuracy_high']:.2f})") in card
 
 
 def test_cli_train_on_a_url_that_gives_a_sign_in_page_says_so_with_exit_status_3(

@@ -1528,6 +1528,40 @@ def test_the_evaluation_report_lists_the_top_confusions_of_many_classes():
         n, list(range(n)), list(range(n)))
 
 
+def test_the_test_accuracy_comes_with_its_interval_and_a_small_split_is_said_to_be_one():
+    """A 58-photo dataset was judged on 9 test images ("1.0000 >= 0.5", champion) with nothing
+    saying that one image is 0.11 of accuracy. The metrics hold the 95 % (Wilson) interval,
+    the report and the model card show it, and a split whose interval is wider than 0.2 gets
+    a warning; the flowers' 225 test images do not."""
+    from petalflow.tasks.evaluate import (
+        accuracy_interval, classification_tables, few_test_images, interval_words,
+        markdown_report,
+    )
+
+    low, high = accuracy_interval(8, 9)
+    assert (round(low, 3), round(high, 3)) == (0.565, 0.980)
+    low, high = accuracy_interval(194, 225)
+    assert (round(low, 2), round(high, 2)) == (0.81, 0.90)
+    assert accuracy_interval(0, 0) == (0.0, 1.0)
+    assert accuracy_interval(5, 5)[1] == 1.0 and accuracy_interval(0, 5)[0] == 0.0
+    names = ["a", "b", "c"]
+    y_true = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    y_pred = y_true.copy()
+    y_pred[0] = 1
+    metrics, per_class, confusion = classification_tables(y_true, y_pred, names)
+    assert interval_words(metrics) == " (95 % interval 0.56–0.98)"
+    assert ("**Accuracy 0.8889** on 9 held-out images (95 % interval 0.56–0.98); macro F1"
+            in markdown_report(metrics, per_class, confusion))
+    assert few_test_images(metrics) == (
+        "the test split holds 9 images: its accuracy 0.8889 says only that the model's lies in "
+        "0.56–0.98 (95 %), and the quality gate and the champion decision rest on it; more "
+        "photos per class, or a larger --test-fraction, make them firmer")
+    many, _, _ = classification_tables(np.repeat([0, 1, 2], 75),
+                                       np.r_[np.repeat([0, 1, 2], 75)[:194], [1] * 31], names)
+    assert many["test_images"] == 225 and few_test_images(many) is None
+    assert interval_words({"test_accuracy": 0.9}) == ""  # a summary from before
+
+
 def test_a_model_no_better_than_answering_the_most_common_class_is_not_promoted():
     """On a test split of 18 "ok" photos and 1 "defect", a model that answers "ok" to all 19
     scores 0.9474: far above --min-accuracy 0.5, and it has learned nothing. The gate asks it to
