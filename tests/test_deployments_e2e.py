@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -580,7 +581,7 @@ def test_a_dataset_of_many_classes_registers_its_model_card_on_postgresql(stack,
     description = version.description
     assert len(description) <= DESCRIPTION_LIMIT
     assert description.startswith(f"# Model card: {name} version {version.version}")
-    assert "held-out images; macro F1" in description
+    assert re.search(r"held-out images \(95 % interval [0-9.]+–[0-9.]+\); macro F1", description)
     assert "The whole card is the version's run artifact `model_card.md`.*" in description
     # What the run could not do before: the whole card is refused as a description.
     with pytest.raises(mlflow.exceptions.MlflowException, match="value too long"):
