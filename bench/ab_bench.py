@@ -99,7 +99,8 @@ def main() -> None:
                         row = _pair(cmd, url, sha, args.backbone.resolve(), work, env,
                                     args.retrain)
                     except SystemExit as exc:  # run_bench.measure: a failed command is a row
-                        row = {"failed": str(exc).splitlines()[0][:500]}
+                        said = str(exc).splitlines()  # the command, then its log's tail
+                        row = {"failed": said[0][:500], "log_tail": "\n".join(said[1:])[-2000:]}
                     row = {"code": code, "repeat": repeat, **row}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
