@@ -90,7 +90,7 @@ WIDE_INTERVAL = 0.2
 
 
 def interval_words(metrics: dict) -> str:
-    """" (95 % interval 0.57-0.98)" for metrics that hold the interval; "" for others (a
+    """" (95 % interval 0.56-0.98)" for metrics that hold the interval; "" for others (a
     summary written before it existed)."""
     if "test_accuracy_low" not in metrics:
         return ""
