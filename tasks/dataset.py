@@ -1060,6 +1060,20 @@ def prune_manifests(manifests_dir: Path) -> tuple[int, set[str]]:
     return removed, kept
 
 
+def described_shas(manifests_dir: Path) -> set[str]:
+    """The sha256 of every usable file the manifests under ``manifests_dir`` describe (after
+    ``prune_manifests``: the data each source has now)."""
+    shas: set[str] = set()
+    for folder, _ in _descriptions(manifests_dir):
+        try:
+            rows = pd.read_csv(folder / "manifest.csv", usecols=["sha256", "status"],
+                               dtype=str, keep_default_na=False)
+        except (OSError, ValueError):
+            continue
+        shas.update(rows.loc[rows["status"] == "ok", "sha256"])
+    return shas
+
+
 def _descriptions(manifests_dir: Path):
     """(folder, its dataset.json) for each ``prepare_dataset`` folder under ``manifests_dir``
     whose description can be read."""

@@ -13,10 +13,11 @@ from pathlib import Path
 from prefect import task
 
 from petalflow.tasks.common import log, petalflow_home
-from petalflow.tasks.dataset import prune_manifests
+from petalflow.tasks.dataset import described_shas, prune_manifests
 from petalflow.tasks.download import prune_extractions, release_extractions
 from petalflow.tasks.train import (
-    attempt_name, end_attempts, prune_attempts, prune_feature_caches,
+    FEATURE_BANKS, attempt_name, compact_feature_banks, end_attempts, prune_attempts,
+    prune_feature_caches,
 )
 
 
@@ -28,10 +29,14 @@ def prune_home(home: Path, keep_attempts: str = "") -> dict:
     extractions = prune_extractions(home / "datasets")
     manifests, fingerprints = prune_manifests(home / "manifests")
     features = prune_feature_caches(home / "features", fingerprints)
+    banks = compact_feature_banks(home / "features" / FEATURE_BANKS,
+                                  described_shas(home / "manifests"))
     runs = prune_attempts(home / "runs", keep_attempts)
     return {"datasets": [name for name, _ in extractions], "manifests": manifests,
             "features": [name for name, _ in features], "runs": [name for name, _ in runs],
-            "bytes": sum(size for _, size in extractions + features + runs)}
+            "feature_bank_rows": sum(rows for _, rows, _ in banks),
+            "bytes": sum(size for _, size in extractions + features + runs)
+            + sum(size for _, _, size in banks)}
 
 
 def end_run(home: Path, flow_run_id: str) -> None:
@@ -56,9 +61,11 @@ def prune_home_task(home: str) -> dict:
     removed = prune_home(Path(home), attempt_name(flow_run.id))
     names = [name[:12] for name in removed["datasets"] + removed["features"]] + [
         f"runs/{name}" for name in removed["runs"]]
-    if names:
+    if names or removed["feature_bank_rows"]:
         log("removed %d dataset extraction(s) and %d feature cache(s) of data no source "
-            "uses any more and %d training folder(s) of ended runs (%.1f MiB freed): %s",
+            "uses any more, %d training folder(s) of ended runs and %d feature bank row(s) of "
+            "images no data holds now (%.1f MiB freed)%s",
             len(removed["datasets"]), len(removed["features"]), len(removed["runs"]),
-            removed["bytes"] / 2**20, ", ".join(names))
+            removed["feature_bank_rows"], removed["bytes"] / 2**20,
+            ": " + ", ".join(names) if names else "")
     return removed

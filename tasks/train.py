@@ -280,16 +280,16 @@ def _features_with_bank(extract, paths, shas, cfg: TrainParams, name: str, bank:
 
     wanted = {sha: i for i, sha in enumerate(shas)}
     found: dict[str, np.ndarray] = {}
-    for segment in sorted(bank.glob("*.npz")) if bank.is_dir() else []:
-        if ".tmp." in segment.name:  # being written
-            continue
-        try:
-            with np.load(segment) as data:
-                for sha, row in zip(data["shas"], data["features"]):
-                    if sha in wanted:
-                        found[str(sha)] = row
-        except Exception as exc:  # noqa: BLE001 - a damaged segment costs its features only
-            log("features: skipping the damaged bank segment %s (%s)", segment, exc, level=30)
+    with file_lock(bank / BANK_LOCK) if bank.is_dir() else contextlib.nullcontext():
+        for segment in _bank_segments(bank):  # not compacted meanwhile (the lock)
+            try:
+                with np.load(segment) as data:
+                    for sha, row in zip(data["shas"], data["features"]):
+                        if sha in wanted:
+                            found[str(sha)] = row
+            except Exception as exc:  # noqa: BLE001 - a damaged segment costs its features only
+                log("features: skipping the damaged bank segment %s (%s)", segment, exc,
+                    level=30)
     missing = [i for i, sha in enumerate(shas) if sha not in found]
     computed = (_compute_features(extract, [paths[i] for i in missing], cfg, name, None, exif)
                 if missing else None)
@@ -310,6 +310,86 @@ def _features_with_bank(extract, paths, shas, cfg: TrainParams, name: str, bank:
         log("features (%s): %d images from earlier trainings (%s), %d computed", name,
             len(paths) - len(missing), bank, len(missing))
     return features, len(paths) - len(missing)
+
+
+BANK_LOCK = ".lock"  # held by a training reading a bank's segments and by its compaction
+# A bank is rewritten as one segment of the rows current data needs (``compact_feature_banks``)
+# once more than half its rows are of images no current data holds (data that rolls: new
+# photos in, old ones out), or once it has more than this many segments (one per training).
+BANK_SEGMENTS = 16
+
+
+def _bank_segments(bank: Path) -> list[Path]:
+    """The complete segments of ``bank`` (not those being written)."""
+    return [p for p in sorted(bank.glob("*.npz")) if ".tmp." not in p.name] \
+        if bank.is_dir() else []
+
+
+def compact_feature_banks(root: Path, current: set) -> list[tuple[str, int, int]]:
+    """Rewrite each feature bank under ``root`` (``FEATURE_BANKS``) whose rows are mostly of
+    images not in ``current`` (the sha256 of the data the manifests on disk describe), or
+    that has more than ``BANK_SEGMENTS`` segments, as one segment of its rows of ``current``
+    images (each once): with scheduled retraining on rolling data a bank grew with the data's
+    history, and every training read all of it. A bank a training is reading (its lock) is
+    left for a later run, and so is every bank when nothing is ``current``. Returns (bank,
+    rows removed, bytes freed) of each one rewritten; never fails the run."""
+    if not current or not Path(root).is_dir():
+        return []
+    done = []
+    for bank in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        try:
+            with file_lock(bank / BANK_LOCK, wait=False) as held:
+                result = _compact_bank(bank, current) if held else None
+        except (OSError, ValueError) as exc:
+            log("features: could not compact the feature bank %s (%s)", bank, exc, level=30)
+            continue
+        if result is not None:
+            done.append((bank.name, *result))
+    return done
+
+
+def _compact_bank(bank: Path, current: set) -> Optional[tuple[int, int]]:
+    """(rows removed, bytes freed) when ``bank`` (locked) needed compacting, else None."""
+    import uuid
+
+    segments = _bank_segments(bank)
+    rows = stale = 0
+    damaged = False
+    for segment in segments:
+        try:
+            with np.load(segment) as data:
+                shas = data["shas"]
+        except Exception:  # noqa: BLE001 - a damaged segment: rewritten without it
+            damaged = True
+            continue
+        rows += len(shas)
+        stale += sum(str(sha) not in current for sha in shas)
+    if not damaged and stale * 2 <= rows and len(segments) <= BANK_SEGMENTS:
+        return None
+    before = sum(p.stat().st_size for p in segments)
+    kept_rows, kept_shas, seen = [], [], set()
+    for segment in segments:
+        try:
+            with np.load(segment) as data:
+                shas, features = data["shas"], data["features"]
+        except Exception:  # noqa: BLE001 - as above
+            continue
+        keep = []
+        for i, sha in enumerate(shas):
+            if str(sha) in current and str(sha) not in seen:
+                seen.add(str(sha))
+                keep.append(i)
+        kept_rows.append(features[keep])
+        kept_shas.append(shas[keep])
+    after = 0
+    if seen:  # written before the old segments go: a process killed between leaves twins
+        merged = bank / f"{uuid.uuid4().hex}.npz"
+        _atomic_save_npz(merged, features=np.concatenate(kept_rows),
+                         shas=np.concatenate(kept_shas))
+        after = merged.stat().st_size
+    for segment in segments:
+        segment.unlink(missing_ok=True)
+    return rows - len(seen), max(0, before - after)
 
 
 def _compute_features(extract, paths, cfg: TrainParams, name: str,

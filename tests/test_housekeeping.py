@@ -168,7 +168,7 @@ def test_prune_home_after_the_data_changed_behind_its_url(tmp_path):
     assert sorted(p.name for p in (home / "features").iterdir()) == ["c2"]
     assert Path(infos[1]["manifest"]).is_file()
     assert prune_home(home) == {"datasets": [], "manifests": 0, "features": [], "runs": [],
-                                "bytes": 0}
+                                "feature_bank_rows": 0, "bytes": 0}
 
 
 def test_only_the_prediction_records_used_last_are_kept(tmp_path):
@@ -191,3 +191,87 @@ def test_only_the_prediction_records_used_last_are_kept(tmp_path):
     kept = sorted(p.name for p in records.glob("*.csv"))
     assert len(kept) == PREDICTION_RECORDS and "run00.csv" in kept and "run99.csv" in kept
     assert kept == ["run00.csv"] + [f"run{i:02d}.csv" for i in range(5, 11)] + ["run99.csv"]
+
+
+def _segment(bank: Path, name: str, shas: list, dim: int = 4) -> dict:
+    """A feature-bank segment as a training writes it: each sha's row is made from the sha."""
+    import numpy as np
+
+    rows = {sha: np.frombuffer(bytes.fromhex(sha)[:4 * dim], np.uint8).astype(np.float32)[:dim]
+            for sha in shas}
+    bank.mkdir(parents=True, exist_ok=True)
+    np.savez(bank / f"{name}.npz", features=np.stack([rows[s] for s in shas]),
+             shas=np.array(shas))
+    return rows
+
+
+def _bank_rows(bank: Path) -> dict:
+    import numpy as np
+
+    rows = {}
+    for segment in sorted(bank.glob("*.npz")):
+        with np.load(segment) as data:
+            rows.update((str(s), r) for s, r in zip(data["shas"], data["features"]))
+    return rows
+
+
+def test_the_feature_bank_holds_what_current_data_needs_as_data_rolls(tmp_path):
+    """Scheduled retraining on rolling data (new photos in, old ones out): each training added
+    a bank segment of its new images' features and none went away, so a bank grew with the
+    data's history, not its size, and every training read all of it. At the end of a run, a
+    bank most of whose rows are of images no current data holds, or with more than
+    BANK_SEGMENTS segments, is rewritten as one segment of the rows current data needs; a bank
+    a training is reading is left for a later run; the rows a training takes are unchanged."""
+    import numpy as np
+
+    from petalflow.tasks.common import file_lock
+    from petalflow.tasks.dataset import prepare_dataset, split_shas
+    from petalflow.tasks.housekeeping import prune_home
+    from petalflow.tasks.train import BANK_LOCK, BANK_SEGMENTS, FEATURE_BANKS, _features_with_bank
+
+    home = tmp_path / "home"
+    root = extract_archive(make_tgz(make_dataset(tmp_path / "photos", per_class=4),
+                                    tmp_path / "photos.tgz"), home / "datasets",
+                           source="https://data.example/photos.tgz")
+    info = prepare_dataset(root, home / "manifests" / "m", 0.2, 0.2, 42)
+    live = sorted({sha for split in ("train", "val", "test") for sha in split_shas(info, split)})
+    assert len(live) == 12
+    gone = [hashlib.sha256(b"gone %d" % i).hexdigest() for i in range(40)]
+    banks = home / "features" / FEATURE_BANKS
+    # Rolled: 13 of its 25 rows are of photos no longer in the data.
+    rolled = {**_segment(banks / "rolled", "a", live[:6] + gone[:10]),
+              **_segment(banks / "rolled", "b", live[6:] + gone[10:13])}
+    # Grown: 11 of its 23 rows stale, under half: left as it is.
+    grown = {**_segment(banks / "grown", "a", live + gone[13:24])}
+    # Many trainings' segments, none stale, five rows twice (two trainings computed them).
+    many = {}
+    for i, sha in enumerate(live + live[:BANK_SEGMENTS + 1 - len(live)]):
+        many.update(_segment(banks / "many", f"s{i:02d}", [sha]))
+    # Being read by a training: left alone.
+    _segment(banks / "busy", "a", live[:2] + gone[24:40])
+    busy_before = sorted(p.name for p in (banks / "busy").glob("*.npz"))
+    with file_lock(banks / "busy" / BANK_LOCK):
+        removed = prune_home(home)
+
+    assert removed["feature_bank_rows"] == 13 + 5 and removed["bytes"] > 18 * 4 * 4
+    for name, rows in (("rolled", rolled), ("many", many)):
+        segments = list((banks / name).glob("*.npz"))
+        assert len(segments) == 1, name
+        kept = _bank_rows(banks / name)
+        assert sorted(kept) == live, name
+        assert all(np.array_equal(kept[sha], rows[sha]) for sha in live), name
+    assert [p.name for p in (banks / "grown").glob("*.npz")] == ["a.npz"]
+    assert sorted(_bank_rows(banks / "grown")) == sorted(grown)
+    assert sorted(p.name for p in (banks / "busy").glob("*.npz")) == busy_before
+
+    # The training's read of a compacted bank: every current image from it, none computed.
+    def no_backbone(*_):
+        raise AssertionError("computed features the bank holds")
+
+    features, banked = _features_with_bank(no_backbone, [f"{s}.jpg" for s in live], live,
+                                           None, "train", banks / "rolled", exif=False)
+    assert banked == 12 and np.array_equal(features, np.stack([rolled[s] for s in live]))
+
+    # Once nobody reads it, the next run's housekeeping compacts the busy bank too.
+    assert prune_home(home)["feature_bank_rows"] == 16
+    assert sorted(_bank_rows(banks / "busy")) == live[:2]
