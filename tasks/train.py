@@ -213,9 +213,10 @@ def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
 
 
 # Beside the feature caches: each image's plain features by its content (sha256), for one
-# backbone, image size and decoder (what one image's features depend on), in segments of one
-# training's newly computed images each. Data that grew or changed gets new caches (its
-# fingerprint changed) but computes only its new images' features (``cached_features``).
+# backbone, image size and decoder (what one image's features depend on), in segments of the
+# images one training computed for one split. Data that grew or changed gets new caches (its
+# fingerprint changed) but computes only its new images' features (``cached_features``); rows
+# of images no data holds any more go once they are most of a bank (``compact_feature_banks``).
 FEATURE_BANKS = "feature-banks"
 FEATURE_CACHE_DATA = "data.json"  # in a feature cache: the fingerprint of the data it holds
 
