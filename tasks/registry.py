@@ -386,16 +386,34 @@ def model_version_of(model_uri: str):
     with explaining_missing(model_uri):
         if alias:
             return client.get_model_version_by_alias(name, alias)
+        if not version.isdigit():  # models:/NAME/latest (or a stage): as MLflow resolves it
+            version = _latest_version(client, model_uri)
         return client.get_model_version(name, version)
 
 
+def _latest_version(client, model_uri: str) -> str:
+    """The version MLflow loads for models:/NAME/latest or models:/NAME/STAGE; none there is
+    ``ModelNotFound`` with ``unresolved_model_reason`` (MLflow says INTERNAL_ERROR)."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    from petalflow.tasks.errors import ModelNotFound
+
+    try:
+        return str(get_model_name_and_version(client, model_uri)[1])
+    except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException
+        if "no versions of model" not in str(exc).lower():
+            raise
+        raise ModelNotFound(unresolved_model_reason(model_uri) or str(exc)) from exc
+
+
 def pinned_model_uri(model_uri: str) -> str:
-    """``model_uri`` with a registry alias replaced by the version it names now
-    (models:/NAME@ALIAS -> models:/NAME/VERSION); any other URI as it is. A job that loads
-    the pinned URI uses one version throughout, and can say which: an alias moves whenever
-    a retraining promotes another version."""
+    """``model_uri`` with a registry alias, or MLflow's ``latest``, replaced by the version it
+    names now (models:/NAME@ALIAS, models:/NAME/latest -> models:/NAME/VERSION); any other
+    URI as it is. A job that loads the pinned URI uses one version throughout, and can say
+    which: an alias moves whenever a retraining promotes another version, ``latest`` with
+    every registration."""
     parsed = parse_models_uri(model_uri)
-    if parsed is None or parsed[1] is None:
+    if parsed is None or not parsed[0] or (parsed[1] is None and parsed[2].isdigit()):
         return model_uri
     return f"models:/{parsed[0]}/{model_version_of(model_uri).version}"
 
@@ -836,6 +854,8 @@ def unresolved_model_reason(model_uri: str) -> Optional[str]:
     if (alias and alias in set(",".join(versions["aliases"]).split(","))) or (
             version and version.isdigit() and int(version) in set(versions["version"])):
         return None
+    if version and version.lower() == "latest":
+        return None  # the model has versions: latest resolves
 
     def describe(row) -> str:
         parts = [a for a in row.aliases.split(",") if a]
@@ -845,7 +865,10 @@ def unresolved_model_reason(model_uri: str) -> Optional[str]:
 
     listing = ", ".join(describe(row) for row in versions.itertuples(index=False))
     newest = int(versions["version"].max())
-    what = f"no version with the alias '{alias}'" if alias else f"no version {version}"
+    what = (f"no version with the alias '{alias}'" if alias else f"no version {version}"
+            if version.isdigit() else
+            f"no version in the stage '{version}' (MLflow's stages are deprecated: petalflow "
+            f"names versions by alias, models:/{name}@{CHAMPION})")
     why = (" (a version takes it only by passing the quality gate, --min-accuracy)"
            if alias == CHAMPION else "")
     return (f"registered model {name} has {what}{why}; its versions: {listing}. Pass --model "

@@ -174,7 +174,10 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch, capsys):
 
 
 def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, tmp_path, monkeypatch):
-    from petalflow.tasks.registry import model_said, pinned_model_uri, pulled_version
+    from petalflow.tasks.drift import training_params_of
+    from petalflow.tasks.registry import (
+        model_said, model_version_of, pinned_model_uri, pulled_version, run_of,
+    )
 
     tmp, summary = trained
     monkeypatch.chdir(tmp)
@@ -182,6 +185,21 @@ def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, tmp_path, 
     assert pinned_model_uri(f"models:/{MODEL}@champion") == f"models:/{MODEL}/{version}"
     for as_is in (f"models:/{MODEL}/{version}", "runs:/abc/model", str(tmp / "pulled")):
         assert pinned_model_uri(as_is) == as_is
+    # MLflow's own "latest" (any case) too: it moves with every registration. What reads the
+    # version behind it (the drift event's training parameters, the TFLite pull's run) failed
+    # with "Parameter 'version' must be an integer, got 'latest'".
+    for latest in (f"models:/{MODEL}/latest", f"models:/{MODEL}/Latest"):
+        assert pinned_model_uri(latest) == f"models:/{MODEL}/{version}"
+        assert str(model_version_of(latest).version) == version
+        assert run_of(latest) == summary["mlflow_run_id"]
+        assert training_params_of(latest)["epochs"] == 6
+    # A stage (deprecated; petalflow sets none) that names no version: what to pass instead.
+    from petalflow.tasks.errors import ModelNotFound
+
+    with pytest.raises(ModelNotFound, match=(
+            rf"^registered model {MODEL} has no version in the stage 'Production' .*"
+            rf"Pass --model models:/{MODEL}/{version} ")):
+        pinned_model_uri(f"models:/{MODEL}/Production")
     assert model_said(f"models:/{MODEL}@champion", f"models:/{MODEL}/7") == (
         f"models:/{MODEL}@champion (version 7)")
     assert model_said(f"models:/{MODEL}/7", f"models:/{MODEL}/7") == f"models:/{MODEL}/7"
