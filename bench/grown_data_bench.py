@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from run_bench import BIN, Server, measure  # noqa: E402
+from run_bench import BIN, measure, served_folder  # noqa: E402
 from scale_bench import scaled_archive  # noqa: E402
 
 
@@ -86,10 +86,7 @@ def main() -> None:
         tmp = Path(tmp)
         full = scaled_archive(args.archive.resolve(), args.scale, tmp)
         before, added = without_the_last(full, args.added, tmp / "before.tgz")
-        served = tmp / "served"
-        served.mkdir()
-        server = Server(served)
-        url = f"http://127.0.0.1:{server.port}/photos.tgz"
+        served, server, url = served_folder(tmp)
         try:
             for repeat in range(args.repeats):
                 shutil.copyfile(before, served / "photos.tgz")

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from ab_bench import old_side  # noqa: E402
-from run_bench import BIN, Server, measure  # noqa: E402
+from run_bench import BIN, measure, served_folder  # noqa: E402
 from scale_bench import scaled_archive  # noqa: E402
 
 COPY = re.compile(r"_q(\d+)(m?)\.[^.]+$")
@@ -126,10 +126,7 @@ def main() -> None:
         share = args.window / len(data)
         old_cmd, old_env = old_side(args.old.resolve(), tmp / "old-code")
         sides = {"new": ([str(BIN / "petalflow")], {}), "old": (old_cmd, old_env)}
-        served = tmp / "served"
-        served.mkdir()
-        server = Server(served)
-        url = f"http://127.0.0.1:{server.port}/photos.tgz"
+        served, server, url = served_folder(tmp)
         try:
             for r in range(args.rounds):
                 photos, spare = window_archive(by_class, data, share, r * share * args.roll,

@@ -108,6 +108,15 @@ class Server:
         self.proc.wait()
 
 
+def served_folder(tmp: Path, name: str = "photos.tgz") -> tuple[Path, "Server", str]:
+    """(an empty folder under ``tmp``, a Server of it, the URL of ``name`` in it): for
+    archives replaced behind one URL."""
+    served = tmp / "served"
+    served.mkdir()
+    server = Server(served)
+    return served, server, f"http://127.0.0.1:{server.port}/{name}"
+
+
 def run_petalflow(url, sha, args, augment: bool, work: Path, env: dict) -> dict:
     work.mkdir(parents=True)
     env = {**env, "PETALFLOW_HOME": str(work / "home")}
