@@ -247,6 +247,10 @@ def test_the_feature_bank_holds_what_current_data_needs_as_data_rolls(tmp_path):
     many = {}
     for i, sha in enumerate(live + live[:BANK_SEGMENTS + 1 - len(live)]):
         many.update(_segment(banks / "many", f"s{i:02d}", [sha]))
+    # A damaged segment (a disk error; a training skips it with a warning): the bank is
+    # rewritten without it.
+    damaged = {**_segment(banks / "damaged", "a", live)}
+    (banks / "damaged" / "b.npz").write_bytes(b"PK\x03\x04 cut short")
     # Being read by a training: left alone.
     _segment(banks / "busy", "a", live[:2] + gone[24:40])
     busy_before = sorted(p.name for p in (banks / "busy").glob("*.npz"))
@@ -254,7 +258,7 @@ def test_the_feature_bank_holds_what_current_data_needs_as_data_rolls(tmp_path):
         removed = prune_home(home)
 
     assert removed["feature_bank_rows"] == 13 + 5 and removed["bytes"] > 18 * 4 * 4
-    for name, rows in (("rolled", rolled), ("many", many)):
+    for name, rows in (("rolled", rolled), ("many", many), ("damaged", damaged)):
         segments = list((banks / name).glob("*.npz"))
         assert len(segments) == 1, name
         kept = _bank_rows(banks / name)
