@@ -119,6 +119,44 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     assert mv.description.startswith("# Model card")
 
 
+def test_data_that_rolls_behind_the_url_keeps_the_feature_bank_to_what_it_needs(
+        workspace, tiny_backbone, prefect_harness):
+    """Scheduled retraining on data that rolls (other photos each time, the old ones gone):
+    the feature bank kept every image's features ever computed, growing with the data's
+    history. Once most of its rows are of photos no data holds now, the run's housekeeping
+    rewrites it with the current data's rows only, and says how many it removed."""
+    import numpy as np
+
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.dataset import load_manifest
+
+    banks = workspace / "home" / "features" / "feature-banks"
+
+    def bank_shas() -> list[str]:
+        shas = []
+        for segment in banks.glob("*/*.npz"):
+            with np.load(segment) as data:
+                shas += [str(s) for s in data["shas"]]
+        return shas
+
+    runs = []
+    with revalidating_server() as site:
+        for seed in (0, 1, 2):  # other photos each time, same classes
+            url = site.put("/export/photos.tgz", _archive(workspace, f"r{seed}", 6, seed))
+            runs.append(train_and_register(_params(url, tiny_backbone)))
+    assert [r["status"] for r in runs] == ["trained"] * 3
+    computed = [r["training"]["features"]["computed"] for r in runs]
+    assert [r["training"]["features"]["from_earlier"] for r in runs] == [0, 0, 0]
+    # The second run's bank: half its rows are the first data's, not most: kept.
+    assert runs[1]["housekeeping"]["feature_bank_rows"] == 0
+    # The third: two data versions' rows of three are gone, the current data's kept.
+    assert runs[2]["housekeeping"]["feature_bank_rows"] == computed[0] + computed[1]
+    current = load_manifest(Path(runs[2]["manifest"]))
+    kept = bank_shas()
+    assert len(kept) == computed[2] and set(kept) <= set(current["sha256"])
+    assert len(list(banks.glob("*/*.npz"))) == 1
+
+
 def test_a_sign_in_page_behind_the_url_fails_the_run_saying_so_and_keeps_the_champion(
         workspace, tiny_backbone, prefect_harness):
     """The archive's URL starts answering 200 with a web page (an expired share link's
