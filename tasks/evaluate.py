@@ -370,6 +370,24 @@ def evaluate_model(export_dir: Union[Path, Callable[[], Path]], data_info: Datas
     return result
 
 
+def class_change(before: Optional[list], after: list, shown: int = 10) -> str:
+    """What changed between two class lists, for a reason a user reads: "gone: roses; new:
+    lilies" (up to ``shown`` names each, then how many more); the order alone: "same classes,
+    another order"; ``before`` unknown (a version registered without its classes): "its
+    classes unknown"."""
+    if not before:
+        return "its classes unknown"
+
+    def names(items: list) -> str:
+        more = f" and {len(items) - shown} more" if len(items) > shown else ""
+        return ", ".join(items[:shown]) + more
+
+    gone = [c for c in before if c not in set(after)]
+    new = [c for c in after if c not in set(before)]
+    parts = ([f"gone: {names(gone)}"] if gone else []) + ([f"new: {names(new)}"] if new else [])
+    return "; ".join(parts) or "same classes, another order"
+
+
 def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                           workdir: Path, records_dir: Optional[Path] = None) -> dict:
     """What the new version is compared with. Same classes: the champion is downloaded and
@@ -384,9 +402,9 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                 "basis": "first model to pass the gate"}
     if champion.get("class_names") != data_info["classes"]:
         return {"champion_version": champion["version"], "champion_accuracy": None,
-                "basis": (f"the class list changed (champion v{champion['version']}: "
-                          f"{', '.join(champion.get('class_names') or ['unknown'])}); promoted on "
-                          "the gate alone")}
+                "basis": (f"the class list changed from champion v{champion['version']}'s ("
+                          f"{class_change(champion.get('class_names'), data_info['classes'])})"
+                          "; promoted on the gate alone")}
     record = prediction_record(records_dir, champion["run_id"]) \
         if records_dir is not None and champion.get("run_id") else None
     folder = Path(workdir) / "champion-model"

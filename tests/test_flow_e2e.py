@@ -249,7 +249,9 @@ def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harne
         best = run("good")
         assert (best["model_version"], best["alias"]) == ("2", "champion")
         assert best["previous_champion"] == "1"
-        assert "class list changed" in best["alias_reason"]
+        assert best["alias_reason"].startswith(
+            "the class list changed from champion v1's (gone: other-blue, other-green, "
+            "other-red; new: blue, green, red); promoted on the gate alone ("), best["alias_reason"]
         gated = run("noise", min_accuracy=0.9, seed=7)
         assert (gated["model_version"], gated["alias"]) == ("3", "challenger")
         assert "below --min-accuracy" in gated["alias_reason"]

@@ -1528,6 +1528,26 @@ def test_the_evaluation_report_lists_the_top_confusions_of_many_classes():
         n, list(range(n)), list(range(n)))
 
 
+def test_a_changed_class_list_says_which_classes_went_and_came():
+    """A retraining whose data lost a class (an upload that missed a folder) is promoted on the
+    gate alone; its reason listed the champion's classes only, and a user with 40 of them had to
+    find the missing one by eye. Now the reason names what went and what came."""
+    from petalflow.tasks.evaluate import class_change, compare_with_champion
+
+    assert class_change(["daisy", "roses", "tulips"], ["daisy", "tulips"]) == "gone: roses"
+    assert class_change(["a", "b"], ["a", "b", "c"]) == "new: c"
+    assert class_change(["a", "b"], ["a", "c"]) == "gone: b; new: c"
+    assert class_change(None, ["a"]) == "its classes unknown"
+    many = [f"c{i:02d}" for i in range(14)]
+    assert class_change(many, []) == "gone: " + ", ".join(many[:10]) + " and 4 more"
+    got = compare_with_champion(
+        {"version": "3", "class_names": ["daisy", "roses", "tulips"]},
+        {"classes": ["daisy", "tulips"], "counts": {"splits": {"test": 9}}}, None, "w")
+    assert got == {"champion_version": "3", "champion_accuracy": None,
+                   "basis": "the class list changed from champion v3's (gone: roses); "
+                            "promoted on the gate alone"}
+
+
 def test_the_test_accuracy_comes_with_its_interval_and_a_small_split_is_said_to_be_one():
     """A 58-photo dataset was judged on 9 test images ("1.0000 >= 0.5", champion) with nothing
     saying that one image is 0.11 of accuracy. The metrics hold the 95 % (Wilson) interval,
