@@ -377,15 +377,17 @@ def class_change(before: Optional[list], after: list, shown: int = 10) -> str:
     classes unknown"."""
     if not before:
         return "its classes unknown"
-
-    def names(items: list) -> str:
-        more = f" and {len(items) - shown} more" if len(items) > shown else ""
-        return ", ".join(items[:shown]) + more
-
     gone = [c for c in before if c not in set(after)]
     new = [c for c in after if c not in set(before)]
-    parts = ([f"gone: {names(gone)}"] if gone else []) + ([f"new: {names(new)}"] if new else [])
+    parts = ([f"gone: {_names(gone, shown)}"] if gone else []) + (
+        [f"new: {_names(new, shown)}"] if new else [])
     return "; ".join(parts) or "same classes, another order"
+
+
+def _names(items: list, shown: int = 10) -> str:
+    """Up to ``shown`` of ``items``, then how many more."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
@@ -401,6 +403,11 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
         return {"champion_version": None, "champion_accuracy": None,
                 "basis": "first model to pass the gate"}
     if champion.get("class_names") != data_info["classes"]:
+        gone = [c for c in champion.get("class_names") or () if c not in data_info["classes"]]
+        if gone:
+            log("classes the champion (v%s) predicts are not in the data any more: %s; once "
+                "this version is promoted, @champion no longer predicts them", champion["version"],
+                _names(gone), level=30)
         return {"champion_version": champion["version"], "champion_accuracy": None,
                 "basis": (f"the class list changed from champion v{champion['version']}'s ("
                           f"{class_change(champion.get('class_names'), data_info['classes'])})"

@@ -1528,7 +1528,7 @@ def test_the_evaluation_report_lists_the_top_confusions_of_many_classes():
         n, list(range(n)), list(range(n)))
 
 
-def test_a_changed_class_list_says_which_classes_went_and_came():
+def test_a_changed_class_list_says_which_classes_went_and_came(caplog):
     """A retraining whose data lost a class (an upload that missed a folder) is promoted on the
     gate alone; its reason listed the champion's classes only, and a user with 40 of them had to
     find the missing one by eye. Now the reason names what went and what came."""
@@ -1540,12 +1540,17 @@ def test_a_changed_class_list_says_which_classes_went_and_came():
     assert class_change(None, ["a"]) == "its classes unknown"
     many = [f"c{i:02d}" for i in range(14)]
     assert class_change(many, []) == "gone: " + ", ".join(many[:10]) + " and 4 more"
-    got = compare_with_champion(
-        {"version": "3", "class_names": ["daisy", "roses", "tulips"]},
-        {"classes": ["daisy", "tulips"], "counts": {"splits": {"test": 9}}}, None, "w")
+    with caplog.at_level("WARNING", logger="petalflow"):
+        got = compare_with_champion(
+            {"version": "3", "class_names": ["daisy", "roses", "tulips"]},
+            {"classes": ["daisy", "tulips"], "counts": {"splits": {"test": 9}}}, None, "w")
     assert got == {"champion_version": "3", "champion_accuracy": None,
                    "basis": "the class list changed from champion v3's (gone: roses); "
                             "promoted on the gate alone"}
+    # And the run's log warns before anything is registered.
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "WARNING", "classes the champion (v3) predicts are not in the data any more: roses; "
+        "once this version is promoted, @champion no longer predicts them")]
 
 
 def test_the_test_accuracy_comes_with_its_interval_and_a_small_split_is_said_to_be_one():
