@@ -316,7 +316,8 @@ def _features_with_bank(extract, paths, shas, cfg: TrainParams, name: str, bank:
 BANK_LOCK = ".lock"  # held by a training reading a bank's segments and by its compaction
 # A bank is rewritten as one segment of the rows current data needs (``compact_feature_banks``)
 # once more than half its rows are of images no current data holds (data that rolls: new
-# photos in, old ones out), or once it has more than this many segments (one per training).
+# photos in, old ones out), or once it has more than this many segments (a training adds one
+# per split whose features it computed).
 BANK_SEGMENTS = 16
 
 
