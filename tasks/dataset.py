@@ -680,12 +680,39 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
     good = {int(i) for batch in ds.as_numpy_iterator() for i in batch}
     reasons: list[Optional[str]] = [None] * len(paths)
     for idx in set(range(len(paths))) - good:
+        reasons[idx] = cut_short(paths[idx])
+        if reasons[idx]:  # said without decoding it again (TensorFlow's log line, twice)
+            continue
         try:
             decoded_shape(tf.io.read_file(paths[idx]))
             reasons[idx] = "could not be decoded"
         except Exception as exc:  # noqa: BLE001 - TF raises several error types
             reasons[idx] = f"undecodable image: {_tf_message(exc)[:200]}"
     return reasons
+
+
+# (format, its signature, what its last bytes hold when whole): a file that begins as one of
+# these and does not end so was cut short.
+ENDINGS = (("JPEG", b"\xff\xd8\xff", b"\xff\xd9"), ("PNG", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"))
+
+
+def cut_short(path: str) -> Optional[str]:
+    """"undecodable image: JPEG cut short (...)" for a JPEG or PNG file that does not end as
+    one does (its end-of-image marker, its IEND chunk; trailing zeros and line ends
+    allowed): TensorFlow says only "Invalid JPEG data or crop window" of the commonest bad
+    image, a copy or download cut short. None otherwise (its decoder's message is the reason)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 64))
+            tail = fh.read().rstrip(b"\x00\r\n")
+    except OSError:
+        return None
+    for name, signature, ending in ENDINGS:
+        if head.startswith(signature) and not tail.endswith(ending):
+            return (f"undecodable image: {name} cut short (the file ends before its image "
+                    "data does: a copy or download that did not finish?)")
+    return None
 
 
 def _tf_message(exc: Exception) -> str:

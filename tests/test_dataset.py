@@ -49,6 +49,8 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     (root / "red" / "notes.txt").write_text("not an image")
     big = write_image(tmp_path / "big.jpg", (220, 40, 40), size=(64, 64), noise=60).read_bytes()
     (root / "red" / "truncated.jpg").write_bytes(big[: int(len(big) * 0.7)])
+    png = write_image(tmp_path / "p.png", (40, 200, 60), fmt="PNG", size=(64, 64), noise=60)
+    (root / "green" / "cut.png").write_bytes(png.read_bytes()[:-200])
     (root / "red" / ".DS_Store").write_bytes(b"\0\1\2")
     write_image(root / "green" / "png_named.jpg", (40, 200, 60), fmt="PNG", seed=7)
     write_image(root / "green" / "gif.jpg", (40, 200, 60), fmt="GIF", seed=8)
@@ -66,8 +68,13 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     assert _status(m, "red/empty.jpg") == ("quarantined", "empty file")
     assert _status(m, "red/notes.txt") == ("quarantined", "not an image file")
     assert _status(m, "red/.DS_Store") == ("quarantined", "hidden file")
-    status, reason = _status(m, "red/truncated.jpg")
-    assert status == "quarantined" and reason.startswith("undecodable image")
+    # A copy cut short, the commonest bad image, is called that (TensorFlow said "Invalid
+    # JPEG data or crop window"); other damage keeps the decoder's message (the animated WebP
+    # below).
+    assert _status(m, "red/truncated.jpg") == (
+        "quarantined", "undecodable image: JPEG cut short (the file ends before its image data "
+        "does: a copy or download that did not finish?)")
+    assert _status(m, "green/cut.png")[1].startswith("undecodable image: PNG cut short (")
     assert _status(m, "blue/scan.tiff")[1].startswith("unsupported image format TIFF")
     # TensorFlow decodes still WebP images, not animated ones: its reason, without op names.
     assert _status(m, "blue/moving.webp") == (
@@ -76,8 +83,8 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
                  "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png", "blue/pic.webp"):
         assert _status(m, used) == ("ok", ""), used
     counts = dataset_counts(m)
-    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 13
-    assert counts["quarantined"] == 6
+    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 14
+    assert counts["quarantined"] == 7
     assert "LICENSE.txt" not in set(m["path"])
     ok = m[m["status"] == "ok"]
     assert (ok["width"] > 0).all() and (ok["height"] > 0).all()
