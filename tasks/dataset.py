@@ -700,7 +700,9 @@ def cut_short(path: str) -> Optional[str]:
     """"undecodable image: JPEG cut short (...)" for a JPEG or PNG file that does not end as
     one does (its end-of-image marker, its IEND chunk; trailing zeros and line ends
     allowed): TensorFlow says only "Invalid JPEG data or crop window" of the commonest bad
-    image, a copy or download cut short. None otherwise (its decoder's message is the reason)."""
+    image, a copy or download cut short. None otherwise (its decoder's message is the reason).
+    Asked only of files the decoder refused: a whole photo may carry data after its end (a
+    phone's motion photo, its video)."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)

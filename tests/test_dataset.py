@@ -51,6 +51,10 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     (root / "red" / "truncated.jpg").write_bytes(big[: int(len(big) * 0.7)])
     png = write_image(tmp_path / "p.png", (40, 200, 60), fmt="PNG", size=(64, 64), noise=60)
     (root / "green" / "cut.png").write_bytes(png.read_bytes()[:-200])
+    # A phone's motion photo: the JPEG, then its video after the end-of-image marker. Whole.
+    (root / "green" / "motion.jpg").write_bytes(
+        write_image(tmp_path / "m.jpg", (40, 200, 60), seed=11).read_bytes()
+        + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     (root / "red" / ".DS_Store").write_bytes(b"\0\1\2")
     write_image(root / "green" / "png_named.jpg", (40, 200, 60), fmt="PNG", seed=7)
     write_image(root / "green" / "gif.jpg", (40, 200, 60), fmt="GIF", seed=8)
@@ -80,10 +84,11 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     assert _status(m, "blue/moving.webp") == (
         "quarantined", "undecodable image: WebP Animation must be 4 channel RGBA")
     for used in ("green/png_named.jpg", "green/gif.jpg", "green/nested/deep.bmp",
-                 "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png", "blue/pic.webp"):
+                 "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png", "blue/pic.webp",
+                 "green/motion.jpg"):
         assert _status(m, used) == ("ok", ""), used
     counts = dataset_counts(m)
-    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 14
+    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 15
     assert counts["quarantined"] == 7
     assert "LICENSE.txt" not in set(m["path"])
     ok = m[m["status"] == "ok"]
