@@ -94,8 +94,12 @@ def interval_words(metrics: dict) -> str:
     summary written before it existed)."""
     if "test_accuracy_low" not in metrics:
         return ""
-    return (f" (95 % interval {metrics['test_accuracy_low']:.2f}–"
-            f"{metrics['test_accuracy_high']:.2f})")
+    return f" (95 % interval {_interval(metrics)})"
+
+
+def _interval(metrics: dict) -> str:
+    """"0.56–0.98": the test accuracy's interval in ``metrics``."""
+    return f"{metrics['test_accuracy_low']:.2f}–{metrics['test_accuracy_high']:.2f}"
 
 
 def few_test_images(metrics: dict) -> Optional[str]:
@@ -105,7 +109,7 @@ def few_test_images(metrics: dict) -> Optional[str]:
         return None
     return (f"the test split holds {metrics['test_images']} images: its accuracy "
             f"{metrics['test_accuracy']:.4f} says only that the model's lies in "
-            f"{metrics['test_accuracy_low']:.2f}–{metrics['test_accuracy_high']:.2f} (95 %), and "
+            f"{_interval(metrics)} (95 %), and "
             "the quality gate and the champion decision rest on it; more photos per class, or a "
             "larger --test-fraction, make them firmer")
 
@@ -377,11 +381,16 @@ def class_change(before: Optional[list], after: list, shown: int = 10) -> str:
     classes unknown"."""
     if not before:
         return "its classes unknown"
-    gone = [c for c in before if c not in set(after)]
-    new = [c for c in after if c not in set(before)]
+    gone, new = _not_in(before, after), _not_in(after, before)
     parts = ([f"gone: {_names(gone, shown)}"] if gone else []) + (
         [f"new: {_names(new, shown)}"] if new else [])
     return "; ".join(parts) or "same classes, another order"
+
+
+def _not_in(items: Sequence, others: Sequence) -> list:
+    """``items`` that are not in ``others``, in their order."""
+    others = set(others)
+    return [item for item in items if item not in others]
 
 
 def _names(items: list, shown: int = 10) -> str:
@@ -403,7 +412,7 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
         return {"champion_version": None, "champion_accuracy": None,
                 "basis": "first model to pass the gate"}
     if champion.get("class_names") != data_info["classes"]:
-        gone = [c for c in champion.get("class_names") or () if c not in data_info["classes"]]
+        gone = _not_in(champion.get("class_names") or (), data_info["classes"])
         if gone:
             log("classes the champion (v%s) predicts are not in the data any more: %s; once "
                 "this version is promoted, @champion no longer predicts them", champion["version"],
