@@ -865,10 +865,13 @@ def unresolved_model_reason(model_uri: str) -> Optional[str]:
 
     listing = ", ".join(describe(row) for row in versions.itertuples(index=False))
     newest = int(versions["version"].max())
-    what = (f"no version with the alias '{alias}'" if alias else f"no version {version}"
-            if version.isdigit() else
-            f"no version in the stage '{version}' (MLflow's stages are deprecated: petalflow "
-            f"names versions by alias, models:/{name}@{CHAMPION})")
+    if alias:
+        what = f"no version with the alias '{alias}'"
+    elif version.isdigit():
+        what = f"no version {version}"
+    else:
+        what = (f"no version in the stage '{version}' (MLflow's stages are deprecated: "
+                f"petalflow names versions by alias, models:/{name}@{CHAMPION})")
     why = (" (a version takes it only by passing the quality gate, --min-accuracy)"
            if alias == CHAMPION else "")
     return (f"registered model {name} has {what}{why}; its versions: {listing}. Pass --model "
