@@ -549,8 +549,7 @@ def _describe_classes(x: np.ndarray, labels: np.ndarray, num_classes: int) -> di
 def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = None,
            pooled: bool = False, classes: Optional[dict] = None,
            mix: Optional[np.ndarray] = None, counts: Optional[Sequence[int]] = None,
-           fall_only: Optional[np.ndarray] = None,
-           least_spread: Optional[np.ndarray] = None) -> float:
+           resolution: Optional[np.ndarray] = None) -> float:
     """Standardised mean shift of a batch from the reference, root-mean-square over the
     dimensions, with sampling noise removed (without drift, E[z^2] = 1/n for a batch of n
     beside a reference of ``reference_images``, + 1/that): 0 when the batch looks like the
@@ -565,19 +564,20 @@ def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = Non
     that mix average to, not with the training split's own mix: a batch of one class's photos
     is like the training data. The noise then is the spread within classes.
 
-    In the dimensions ``fall_only`` marks, a batch whose mean is above the reference's counts
-    as no shift at all (images sharper than the training ones, ``RESOLUTION_STATS``); a
-    dimension with a ``least_spread`` (a standard deviation) is standardised by at least it,
-    and counts even where the reference's images did not vary."""
+    In the dimensions ``resolution`` marks (width and height as the model sees them,
+    ``RESOLUTION_STATS``), a batch whose mean is above the reference's counts as no shift at
+    all (images sharper than the training ones), and the spread is at least
+    ``RESOLUTION_SPREAD``: they count even where the reference's images did not vary."""
     mean = np.asarray(reference["mean"], dtype=np.float64)
     var = np.asarray(reference["std"], dtype=np.float64) ** 2
-    floor = (np.zeros_like(var) if least_spread is None
-             else np.asarray(least_spread, dtype=np.float64) ** 2)
+    falls = (np.zeros(len(var), dtype=bool) if resolution is None
+             else np.asarray(resolution, dtype=bool))
+    floor = np.where(falls, RESOLUTION_SPREAD ** 2, 0.0)
     keep = var > 1e-12 * max(float(var.max(initial=0.0)), 1e-24)  # constant dimensions say nothing
     keep |= floor > 0
     if not keep.any() or len(x) == 0:
         return 0.0
-    mean, var, floor = mean[keep], var[keep], floor[keep]
+    mean, var, floor, falls = mean[keep], var[keep], floor[keep], falls[keep]
     m = reference_images or 0
     spread = (m * var + SPREAD_PRIOR_IMAGES * var.mean()) / (m + SPREAD_PRIOR_IMAGES) \
         if pooled and m else var
@@ -590,8 +590,7 @@ def _shift(reference: dict, x: np.ndarray, reference_images: Optional[int] = Non
         reference_noise = float(np.sum(mix ** 2 / per_class))
     diff = np.asarray(x, dtype=np.float64).mean(axis=0)[keep] - mean
     terms = diff ** 2 / spread - noise_var / spread * (1.0 / len(x) + reference_noise)
-    if fall_only is not None:
-        terms[np.asarray(fall_only, dtype=bool)[keep] & (diff > 0)] = 0.0
+    terms[falls & (diff > 0)] = 0.0
     return float(np.sqrt(max(0.0, float(np.mean(terms)))))
 
 
@@ -618,11 +617,9 @@ def drift_scores(reference: dict, features: np.ndarray, stats: np.ndarray,
 
     feature = _shift(reference["features"], features, m, pooled=True, **by_class("features"))
     described = reference["image_stats"]
-    sides = {}
-    if described.get("resolution_of"):
-        falls = np.isin(np.arange(len(IMAGE_STATS)), RESOLUTION_STATS)
-        sides = {"fall_only": falls, "least_spread": np.where(falls, RESOLUTION_SPREAD, 0.0)}
-    image = _shift(described, resolution_of(stats, described), m, **sides,
+    sides = (np.isin(np.arange(len(IMAGE_STATS)), RESOLUTION_STATS)
+             if described.get("resolution_of") else None)
+    image = _shift(described, resolution_of(stats, described), m, resolution=sides,
                    **by_class("image_stats"))
     threshold = float(reference.get("threshold", DRIFT_THRESHOLD))
     min_images = int(reference.get("min_images", DRIFT_MIN_IMAGES))
