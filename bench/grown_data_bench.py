@@ -29,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -57,16 +58,20 @@ def without_the_last(archive: Path, share: float, out: Path) -> tuple[Path, int]
     return out, len(dropped)
 
 
-def train(url: str, backbone: str, work: Path, env: dict, log: str) -> dict:
+def train(url: str, backbone: str, work: Path, env: dict, log: str,
+          cmd: Optional[list] = None) -> dict:
+    """``petalflow train`` (or ``cmd`` + train: another checkout's) on ``url`` with
+    PETALFLOW_HOME ``work/home``, measured, with its summary's figures."""
     summary = work / f"{log}.json"
-    result = measure([str(BIN / "petalflow"), "train", "--data-url", url, "--backbone", backbone,
-                      "--summary-json", str(summary)],
-                     work, {**env, "PETALFLOW_HOME": str(work / "home")}, work / f"{log}.log")
+    result = measure((cmd or [str(BIN / "petalflow")]) + [
+        "train", "--data-url", url, "--backbone", backbone, "--summary-json", str(summary)],
+        work, {**env, "PETALFLOW_HOME": str(work / "home")}, work / f"{log}.log")
     s = json.loads(summary.read_text())
     features = s["training"]["features"]
     return {**result, "status": s["status"], "timings": s["timings"],
             "from_earlier": features.get("from_earlier"), "computed": features.get("computed"),
-            "test_accuracy": s["test_metrics"]["test_accuracy"]}
+            "test_accuracy": s["test_metrics"]["test_accuracy"],
+            "housekeeping": s.get("housekeeping")}
 
 
 def main() -> None:

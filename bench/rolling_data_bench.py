@@ -36,7 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 from ab_bench import old_side  # noqa: E402
-from run_bench import BIN, measure, served_folder  # noqa: E402
+from grown_data_bench import train  # noqa: E402
+from run_bench import BIN, served_folder  # noqa: E402
 from scale_bench import scaled_archive  # noqa: E402
 
 COPY = re.compile(r"_q(\d+)(m?)\.[^.]+$")
@@ -92,18 +93,6 @@ def bank_state(home: Path) -> dict:
             "bank_segments": len(segments), "bank_rows": rows}
 
 
-def train(cmd: list, url: str, backbone: str, work: Path, env: dict, log: str) -> dict:
-    summary = work / f"{log}.json"
-    result = measure(cmd + ["train", "--data-url", url, "--backbone", backbone,
-                            "--summary-json", str(summary)],
-                     work, env, work / f"{log}.log")
-    s = json.loads(summary.read_text())
-    features = s.get("training", {}).get("features", {})
-    return {**result, "status": s["status"], "features_s": s["timings"].get("features"),
-            "from_earlier": features.get("from_earlier"), "computed": features.get("computed"),
-            "housekeeping": s.get("housekeeping"), **bank_state(Path(env["PETALFLOW_HOME"]))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--old", required=True, type=Path, help="the other checkout")
@@ -139,9 +128,11 @@ def main() -> None:
                     cmd, extra = sides[code]
                     work = tmp / code
                     work.mkdir(exist_ok=True)
-                    env = {**base_env, "PETALFLOW_HOME": str(work / "home"), **extra}
-                    row = {"round": r, "code": code, "photos": photos,
-                           **train(cmd, url, backbone, work, env, f"round{r}")}
+                    trained = train(url, backbone, work, {**base_env, **extra}, f"round{r}",
+                                    cmd)
+                    row = {"round": r, "code": code, "photos": photos, **trained,
+                           "features_s": trained["timings"].get("features"),
+                           **bank_state(work / "home")}
                     rows.append(row)
                     print(f"round {r:2d} {code}: {row['wall_s']:6.2f} s "
                           f"{row['peak_rss_mib']:7.1f} MiB features {row['features_s']} s "
