@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from petalflow.tasks.params import ONE_RUN_FIELDS
 from petalflow.tasks.registry import model_said, model_version_of, parse_models_uri
 
 EVENT = "petalflow.drift.detected"
@@ -115,8 +116,12 @@ def emit_drift_detected(summary: dict, training_params: Optional[dict]) -> str:
 
 def training_params_of(model_uri: str) -> Optional[dict]:
     """The train parameters a registered version was trained with (its ``params`` tag), for
-    a retraining trigger; None for a local folder or a version without the tag."""
+    a retraining trigger; None for a local folder or a version without the tag. The decisions
+    about that one run (``force``, ``allow_dropped_classes``) are not handed on: a retraining
+    on drift trains only on changed data, and decides on its own classes."""
     if parse_models_uri(model_uri) is None:
         return None
     raw = (model_version_of(model_uri).tags or {}).get("params")
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    return {k: v for k, v in json.loads(raw).items() if k not in ONE_RUN_FIELDS}

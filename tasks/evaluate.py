@@ -400,11 +400,15 @@ def _names(items: list, shown: int = 10) -> str:
 
 
 def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
-                          workdir: Path, records_dir: Optional[Path] = None) -> dict:
+                          workdir: Path, records_dir: Optional[Path] = None,
+                          allow_dropped: bool = False) -> dict:
     """What the new version is compared with. Same classes: the champion is downloaded and
     evaluated on this run's test split with the challenger's code path (``evaluate_model``);
     with ``records_dir``, only on the test images its ``prediction_record`` lacks (downloaded
-    only then). Other classes (or no champion): no figure, and ``basis`` says why."""
+    only then). Other classes (or no champion): no figure, and ``basis`` says why. Data that
+    shares classes with the champion but lacks some of its others (a missing class folder)
+    also gets ``held``, why the version may not replace the champion, unless
+    ``allow_dropped``."""
     from petalflow.tasks.registry import download_model
 
     n_test = data_info["counts"].get("splits", {}).get("test")
@@ -412,15 +416,7 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
         return {"champion_version": None, "champion_accuracy": None,
                 "basis": "first model to pass the gate"}
     if champion.get("class_names") != data_info["classes"]:
-        gone = _not_in(champion.get("class_names") or (), data_info["classes"])
-        if gone:
-            log("classes the champion (v%s) predicts are not in the data any more: %s; once "
-                "this version is promoted, @champion no longer predicts them", champion["version"],
-                _names(gone), level=30)
-        return {"champion_version": champion["version"], "champion_accuracy": None,
-                "basis": (f"the class list changed from champion v{champion['version']}'s ("
-                          f"{class_change(champion.get('class_names'), data_info['classes'])})"
-                          "; promoted on the gate alone")}
+        return class_list_changed(champion, data_info["classes"], allow_dropped)
     record = prediction_record(records_dir, champion["run_id"]) \
         if records_dir is not None and champion.get("run_id") else None
     folder = Path(workdir) / "champion-model"
@@ -468,11 +464,40 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
 
 
 # Downloads the champion from the registry: retried like the registry's own calls.
+def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bool) -> dict:
+    """``compare_with_champion`` for data whose class list is not the champion's: promoted on
+    the gate alone, except that data lacking some of the champion's classes while keeping
+    others is ``held`` (not promoted) unless ``allow_dropped``; the run's log says which."""
+    version = champion["version"]
+    known = champion.get("class_names") or ()
+    gone = _not_in(known, classes)
+    kept = len(known) > len(gone)
+    held = bool(gone) and kept and not allow_dropped
+    if gone:
+        log("classes the champion (v%s) predicts are not in the data any more: %s; %s",
+            version, _names(gone),
+            "this run's version does not replace it (allow_dropped_classes lets it)" if held
+            else "once this version is promoted, @champion no longer predicts them", level=30)
+    changed = (f"the class list changed from champion v{version}'s "
+               f"({class_change(champion.get('class_names'), classes)})")
+    result = {"champion_version": version, "champion_accuracy": None,
+              "basis": (f"{changed}; not promoted while it lacks classes the champion predicts"
+                        if held else f"{changed}; promoted on the gate alone"
+                        + (" (allow_dropped_classes)" if gone and kept else ""))}
+    if held:
+        result["held"] = (f"champion v{version} predicts classes this data lacks (gone: "
+                          f"{_names(gone)}): not promoted, so @champion keeps predicting them; "
+                          "put their folders back, or train with allow_dropped_classes "
+                          "(--allow-dropped-classes) to promote a version without them")
+    return result
+
+
 @task(name="evaluate-champion", **MLFLOW_RETRY)
 def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
-                                workdir: str, records_dir: Optional[str] = None) -> dict:
+                                workdir: str, records_dir: Optional[str] = None,
+                                allow_dropped: bool = False) -> dict:
     result = compare_with_champion(champion, data_info, Path(workdir),
-                                   Path(records_dir) if records_dir else None)
+                                   Path(records_dir) if records_dir else None, allow_dropped)
     if result.get("champion_accuracy") is not None:  # a champion model was loaded and run
         release_memory()
     return result

@@ -251,6 +251,15 @@ class TrainParams(BaseModel):
         "champion's by more than 0 and by at least this (0: strictly better; a tie keeps the "
         "champion).",
     )
+    allow_dropped_classes: bool = Field(
+        False, title="Allow dropping classes",
+        description="Let the new version become 'champion' though its data lacks classes the "
+        "champion predicts (a class folder missing or renamed). Off: such a version is "
+        "registered as 'challenger' and the champion kept, so @champion's consumers do not lose "
+        "a class (and its prob_ column) to an upload that missed a folder. Data with none of "
+        "the champion's classes (another problem under the same model name) is promoted on the "
+        "gate alone either way.",
+    )
     seed: int = Field(42, ge=0, le=2**31 - 1, title="Seed", description="Split and init seed.")
     experiment_name: str = Field(
         "petalflow", min_length=1, max_length=200, title="MLflow experiment",
@@ -427,6 +436,11 @@ def expected_sha256(params: TrainParams) -> Optional[str]:
     return params.data_sha256 or KNOWN_ARCHIVE_SHA256.get(params.data_url)
 
 
+# Decisions about one run, not how to train: recorded with the version, but not handed on to
+# a retraining started from it (a drift event's parameters), and not part of the run key.
+ONE_RUN_FIELDS = ("force", "allow_dropped_classes")
+
+
 def run_key(cfg: TrainParams, fingerprint: str) -> str:
     """Identifies a training: same data and same training parameters -> same key (and workdir),
     so a retried or restarted run finds its checkpoints."""
@@ -435,7 +449,7 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
 
     relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "min_improvement",
                                        "experiment_name", "data_url", "data_sha256",
-                                       "max_extract_size", "force",
+                                       "max_extract_size", *ONE_RUN_FIELDS,
                                        "training_deployment"})
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -635,7 +635,7 @@ PRECISION = 6  # accuracies are stored (tags) and compared at this many decimals
 
 def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Optional[float],
                  min_improvement: float = 0.0, basis: str = "",
-                 majority: Optional[dict] = None) -> tuple:
+                 majority: Optional[dict] = None, held: str = "") -> tuple:
     """(alias, reason). ``champion_accuracy`` is the champion's accuracy on the *same* test
     split (None: no champion, or one with other classes, which ``basis`` then says). The new
     version becomes champion when it passes the gate and, against a champion, beats it by more
@@ -643,7 +643,8 @@ def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Option
     first, so a tie is a tie and keeps the champion. The gate is ``min_accuracy`` and, with
     ``majority`` (``evaluate.majority_baseline``), beating the accuracy of answering the test
     split's most common class for every image: on 95 % "ok" photos a model that never says
-    "defect" scores 0.95, far above any --min-accuracy."""
+    "defect" scores 0.95, far above any --min-accuracy. ``held`` (``evaluate.class_list_changed``)
+    keeps a version that passes the gate from replacing the champion, and is the reason."""
     acc = round(float(accuracy), PRECISION)
     if acc < min_accuracy:
         return CHALLENGER, f"test accuracy {acc:.4f} is below --min-accuracy {min_accuracy}"
@@ -662,6 +663,8 @@ def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Option
                             f"'{majority['class']}', the test split's most common class, for "
                             f"every image ({majority['accuracy']:.4f}): the model is no better "
                             "than that guess")
+    if held:
+        return CHALLENGER, f"{held} (test accuracy {acc:.4f} >= {min_accuracy})"
     if champion_accuracy is None:
         why = basis or "first model to pass the gate"
         return CHAMPION, f"{why} ({acc:.4f} >= {min_accuracy})"
@@ -746,7 +749,8 @@ def register_model(
         else:
             basis = "the champion's stored figure (its own test split)" if champion else ""
         alias, reason = decide_alias(accuracy, cfg.min_accuracy, champion_acc,
-                                     cfg.min_improvement, basis, majority)
+                                     cfg.min_improvement, basis, majority,
+                                     (comparison or {}).get("held", ""))
         # The decision and the champion it was made against: a run on the same data with the
         # same parameters and gate would repeat it (``unchanged_since_champion``).
         client.set_model_version_tag(name, version, "alias_reason", reason[:DESCRIPTION_LIMIT])
@@ -787,14 +791,15 @@ def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Option
         raise
     tags = challenger.tags
     try:
-        gate = {k: json.loads(tags.get("params", "{}")).get(k)
-                for k in ("min_accuracy", "min_improvement")}
+        recorded = json.loads(tags.get("params", "{}"))
     except ValueError:
         return None
+    # What decided (a version from before allow_dropped_classes was decided without it: off).
+    fields = ("min_accuracy", "min_improvement", "allow_dropped_classes")
+    gate = {k: recorded.get(k, TrainParams.model_fields[k].default) for k in fields}
     if (tags.get("request_key") != key
             or tags.get("decided_against") != (str(champion.version) if champion else "none")
-            or gate != {"min_accuracy": cfg.min_accuracy,
-                        "min_improvement": cfg.min_improvement}):
+            or gate != {k: getattr(cfg, k) for k in fields}):
         return None
     kept = (f"the champion v{champion.version} stays" if champion is not None
             else "there is no champion")

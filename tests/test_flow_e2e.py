@@ -193,6 +193,12 @@ def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, tmp_path, 
         assert str(model_version_of(latest).version) == version
         assert run_of(latest) == summary["mlflow_run_id"]
         assert training_params_of(latest)["epochs"] == 6
+    # A drift-triggered retraining gets how the version was trained, not that run's decisions:
+    # a champion trained with force retrained on every drift event, changed data or not.
+    recorded = json.loads(model_version_of(f"models:/{MODEL}/{version}").tags["params"])
+    assert {"force", "allow_dropped_classes"} <= set(recorded)
+    assert set(training_params_of(f"models:/{MODEL}@champion")) == set(recorded) - {
+        "force", "allow_dropped_classes"}
     # A stage (deprecated; petalflow sets none) that names no version: what to pass instead.
     from petalflow.tasks.errors import ModelNotFound
 

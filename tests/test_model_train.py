@@ -1529,10 +1529,14 @@ def test_the_evaluation_report_lists_the_top_confusions_of_many_classes():
 
 
 def test_a_changed_class_list_says_which_classes_went_and_came(caplog):
-    """A retraining whose data lost a class (an upload that missed a folder) is promoted on the
-    gate alone; its reason listed the champion's classes only, and a user with 40 of them had to
-    find the missing one by eye. Now the reason names what went and what came."""
+    """A retraining whose data lost a class (an upload that missed a folder) was promoted on
+    the gate alone; its reason listed the champion's classes only, and a user with 40 of them
+    had to find the missing one by eye. Now the reason names what went and what came, and such
+    a version (some of the champion's classes kept, others gone) is held back unless
+    allow_dropped_classes; added classes, or none of the champion's (another problem under the
+    same name), are promoted on the gate alone."""
     from petalflow.tasks.evaluate import class_change, compare_with_champion
+    from petalflow.tasks.registry import CHALLENGER, CHAMPION, decide_alias
 
     assert class_change(["daisy", "roses", "tulips"], ["daisy", "tulips"]) == "gone: roses"
     assert class_change(["a", "b"], ["a", "b", "c"]) == "new: c"
@@ -1540,17 +1544,47 @@ def test_a_changed_class_list_says_which_classes_went_and_came(caplog):
     assert class_change(None, ["a"]) == "its classes unknown"
     many = [f"c{i:02d}" for i in range(14)]
     assert class_change(many, []) == "gone: " + ", ".join(many[:10]) + " and 4 more"
+    champion = {"version": "3", "class_names": ["daisy", "roses", "tulips"]}
+
+    def compare(classes, allow=False):
+        caplog.clear()
+        return compare_with_champion(champion, {"classes": classes,
+                                                "counts": {"splits": {"test": 9}}},
+                                     None, "w", allow_dropped=allow)
+
     with caplog.at_level("WARNING", logger="petalflow"):
-        got = compare_with_champion(
-            {"version": "3", "class_names": ["daisy", "roses", "tulips"]},
-            {"classes": ["daisy", "tulips"], "counts": {"splits": {"test": 9}}}, None, "w")
-    assert got == {"champion_version": "3", "champion_accuracy": None,
-                   "basis": "the class list changed from champion v3's (gone: roses); "
-                            "promoted on the gate alone"}
-    # And the run's log warns before anything is registered.
-    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
-        "WARNING", "classes the champion (v3) predicts are not in the data any more: roses; "
-        "once this version is promoted, @champion no longer predicts them")]
+        held = compare(["daisy", "tulips"])
+        # The run's log warns before anything is registered.
+        assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+            "WARNING", "classes the champion (v3) predicts are not in the data any more: roses; "
+            "this run's version does not replace it (allow_dropped_classes lets it)")]
+        allowed = compare(["daisy", "tulips"], allow=True)
+        assert [r.getMessage() for r in caplog.records] == [
+            "classes the champion (v3) predicts are not in the data any more: roses; once this "
+            "version is promoted, @champion no longer predicts them"]
+        renamed = compare(["a", "b"])
+        added = compare(["daisy", "roses", "sunflowers", "tulips"])
+        assert caplog.records == []
+    reason = ("champion v3 predicts classes this data lacks (gone: roses): not promoted, so "
+              "@champion keeps predicting them; put their folders back, or train with "
+              "allow_dropped_classes (--allow-dropped-classes) to promote a version without them")
+    assert held == {"champion_version": "3", "champion_accuracy": None, "held": reason,
+                    "basis": "the class list changed from champion v3's (gone: roses); not "
+                             "promoted while it lacks classes the champion predicts"}
+    assert decide_alias(0.9, 0.5, None, basis=held["basis"], held=held["held"]) == (
+        CHALLENGER, reason + " (test accuracy 0.9000 >= 0.5)")
+    # The gate still comes first: a version below it is said to be so.
+    assert "below --min-accuracy" in decide_alias(0.4, 0.5, None, held=held["held"])[1]
+    assert allowed == {"champion_version": "3", "champion_accuracy": None,
+                       "basis": "the class list changed from champion v3's (gone: roses); "
+                                "promoted on the gate alone (allow_dropped_classes)"}
+    assert decide_alias(0.9, 0.5, None, basis=allowed["basis"]) == (
+        CHAMPION, allowed["basis"] + " (0.9000 >= 0.5)")
+    assert "held" not in renamed and renamed["basis"] == (
+        "the class list changed from champion v3's (gone: daisy, roses, tulips; new: a, b); "
+        "promoted on the gate alone")
+    assert "held" not in added and added["basis"] == (
+        "the class list changed from champion v3's (new: sunflowers); promoted on the gate alone")
 
 
 def test_the_test_accuracy_comes_with_its_interval_and_a_small_split_is_said_to_be_one():

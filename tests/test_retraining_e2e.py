@@ -415,6 +415,54 @@ def test_a_challenger_on_data_that_did_not_change_again_is_not_retrained_every_w
     assert len(_client().search_model_versions(f"name='{MODEL}'")) == 3
 
 
+def test_a_class_gone_from_the_data_behind_the_url_does_not_take_it_from_the_champion(
+        workspace, tiny_backbone, prefect_harness, caplog):
+    """An upload that missed a class folder, behind the URL the scheduled retraining reads:
+    its model (the class list changed, so no comparison) was promoted on the gate alone, and
+    @champion's consumers lost the class and its prob_ column. Such a version is now
+    registered as challenger, the reason naming the class and what to do; the next run on the
+    same data does not register it again; allow_dropped_classes promotes it. A dataset with
+    none of the champion's classes (another problem under the same name) is still promoted on
+    the gate alone (test_flow_e2e::test_aliases_follow_the_quality_gate)."""
+    from petalflow.flows.train_flow import train_and_register
+
+    two = {k: v for k, v in COLOURS.items() if k != "blue"}
+    src = make_dataset(workspace / "two-src", per_class=12, colours=two, seed=0)
+    missing_blue = make_tgz(src, workspace / "two.tgz").read_bytes()
+    with revalidating_server() as site:
+        url = site.put("/p.tgz", _archive(workspace, "a", per_class=12, seed=0))
+        first = train_and_register(_params(url, tiny_backbone))
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        site.put("/p.tgz", missing_blue)
+        two_class = {"epochs": 30}  # 16 training photos: 6 epochs are 12 steps, too few
+        with caplog.at_level("WARNING", logger="petalflow"):
+            held = train_and_register(_params(url, tiny_backbone, **two_class))
+        assert (held["status"], held["model_version"], held["alias"]) == (
+            "trained", "2", "challenger")
+        assert held["alias_reason"].startswith(
+            "champion v1 predicts classes this data lacks (gone: blue): not promoted, so "
+            "@champion keeps predicting them; put their folders back, or train with "
+            "allow_dropped_classes (--allow-dropped-classes) to promote a version without them "
+            "(test accuracy "), held["alias_reason"]
+        assert ("classes the champion (v1) predicts are not in the data any more: blue"
+                in caplog.text)
+        client = _client()
+        assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+        # A weekly run on the same data: the same decision, not one more challenger.
+        weekly = train_and_register(_params(url, tiny_backbone, **two_class))
+        assert (weekly["status"], weekly["model_version"]) == ("nothing to do", "2")
+        allowed = train_and_register(_params(url, tiny_backbone, allow_dropped_classes=True,
+                                             **two_class))
+    assert (allowed["status"], allowed["model_version"], allowed["alias"]) == (
+        "trained", "3", "champion")
+    assert allowed["alias_reason"].startswith(
+        "the class list changed from champion v1's (gone: blue); promoted on the gate alone "
+        "(allow_dropped_classes) ("), allowed["alias_reason"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "3"
+    assert json.loads(client.get_model_version(MODEL, "3").tags["class_names"]) == [
+        "green", "red"]
+
+
 def test_the_champion_runs_only_on_test_images_it_has_not_classified_before(
         workspace, tiny_backbone, prefect_harness, monkeypatch):
     """Every retraining ran the champion over the whole test split to compare like with like,
