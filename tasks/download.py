@@ -832,12 +832,16 @@ def describe_source_task(url: str, archive: str) -> dict:
 )
 def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] = None) -> str:
     """The backbone's local SavedModel folder; refuses at once an ``image_size`` it does not
-    take (a BackboneError is not retried)."""
-    from petalflow.tasks.model import check_image_size, fetch_backbone
+    take (a BackboneError is not retried), and warns when it looks like a classification
+    model."""
+    from petalflow.tasks.model import check_image_size, classification_warning, fetch_backbone
 
     path = fetch_backbone(handle, Path(cache_dir))
     if image_size is not None:
         check_image_size(Path(path), handle, image_size)
+    warning = classification_warning(Path(path), handle)
+    if warning:
+        log("%s", warning, level=30)
     return path
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from petalflow.tasks.common import log
 from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
@@ -74,23 +74,55 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
     return str(path)
 
 
-def declared_input_size(saved_model_dir: Path):
-    """The square input size a backbone's serving signature declares ([batch, S, S, 3]), or
-    None when it declares none (dynamic sizes, or no serving signature). Reads the graph's
-    description only; no weights are loaded."""
+def _serving_signature(saved_model_dir: Path):
+    """The SavedModel's ``serving_default`` signature with one input, read from the graph's
+    description only (no weights loaded); None when it has none."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
     proto.ParseFromString((Path(saved_model_dir) / "saved_model.pb").read_bytes())
     for graph in proto.meta_graphs:
         signature = graph.signature_def.get("serving_default")
-        if signature is None or len(signature.inputs) != 1:
-            continue
-        shape = next(iter(signature.inputs.values())).tensor_shape
-        dims = [d.size for d in shape.dim]
-        if not shape.unknown_rank and len(dims) == 4 and dims[1] == dims[2] and dims[1] > 0:
-            return int(dims[1])
+        if signature is not None and len(signature.inputs) == 1:
+            return signature
     return None
+
+
+def _dims(tensor_info) -> Optional[list]:
+    shape = tensor_info.tensor_shape
+    return None if shape.unknown_rank else [d.size for d in shape.dim]
+
+
+def declared_input_size(saved_model_dir: Path):
+    """The square input size a backbone's serving signature declares ([batch, S, S, 3]), or
+    None when it declares none (dynamic sizes, or no serving signature)."""
+    signature = _serving_signature(saved_model_dir)
+    dims = _dims(next(iter(signature.inputs.values()))) if signature is not None else None
+    if dims is not None and len(dims) == 4 and dims[1] == dims[2] and dims[1] > 0:
+        return int(dims[1])
+    return None
+
+
+# Output widths of ImageNet classification models: 1000 classes, or 1001 with "background"
+# (TF Hub's and Kaggle's MobileNet, Inception, ResNet and EfficientNet classification handles).
+IMAGENET_CLASS_SCORES = (1000, 1001)
+
+
+def classification_warning(saved_model_dir: Path, handle: str) -> Optional[str]:
+    """What to say when a backbone looks like an ImageNet classification model rather than an
+    image feature vector (its serving signature's one output is 1000 or 1001 wide), else
+    None. Training on it works, on class scores: hence a warning, not a refusal."""
+    signature = _serving_signature(saved_model_dir)
+    if signature is None or len(signature.outputs) != 1:
+        return None
+    dims = _dims(next(iter(signature.outputs.values())))
+    if not dims or len(dims) != 2 or dims[-1] not in IMAGENET_CLASS_SCORES:
+        return None
+    return (f"backbone {handle} outputs {dims[-1]} values per image, as ImageNet "
+            "classification models do (one score per ImageNet class): the head would learn "
+            "your classes from those scores instead of the image features before them. If this "
+            "is a classification model, give the same network's feature-vector model (on TF "
+            "Hub and Kaggle its handle says feature_vector where this one says classification)")
 
 
 def check_image_size(saved_model_dir: Path, handle: str, image_size: int) -> None:

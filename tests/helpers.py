@@ -116,9 +116,11 @@ def make_zip(folder: Path, archive: Path, arcname: str = "photos") -> Path:
     return archive
 
 
-def export_tiny_backbone(path: Path, image_size: Optional[int] = 32, seed: int = 0) -> Path:
-    """A TF-Hub-style image feature-vector SavedModel: [b, s, s, 3] in [0, 1] -> [b, 16]
-    (``image_size=None``: any square size, like a backbone that declares none).
+def export_tiny_backbone(path: Path, image_size: Optional[int] = 32, seed: int = 0,
+                         outputs: int = 16) -> Path:
+    """A TF-Hub-style image feature-vector SavedModel: [b, s, s, 3] in [0, 1] -> [b, outputs]
+    (``image_size=None``: any square size, like a backbone that declares none; ``outputs``
+    1001: shaped like an ImageNet classification model).
 
     Conv + BatchNorm + ReLU + global pooling + Dense, random but fixed weights: enough to tell
     colours apart, and it has BatchNorm statistics to prove inference mode.
@@ -136,8 +138,8 @@ def export_tiny_backbone(path: Path, image_size: Optional[int] = 32, seed: int =
     x = keras.layers.BatchNormalization(name="conv2_bn")(x)
     x = keras.layers.ReLU(name="relu2")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    outputs = keras.layers.Dense(16, activation="relu", name="top_dense")(x)
-    model = keras.Model(inputs, outputs)
+    top = keras.layers.Dense(outputs, activation="relu", name="top_dense")(x)
+    model = keras.Model(inputs, top)
     # Non-trivial BatchNorm statistics, so that training-mode BN would visibly change outputs.
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):

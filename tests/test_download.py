@@ -821,6 +821,27 @@ def test_wrong_image_size_is_refused_naming_both(tiny_backbone, any_size_backbon
     assert fetch_backbone_task.fn(str(any_size_backbone), str(tmp_path), 224)
 
 
+def test_a_classification_backbone_is_said_to_be_one(tiny_backbone, tmp_path, caplog):
+    """A TF Hub *classification* handle where a feature vector belongs (the two differ in one
+    word of the URL) was trained on without a word: the head learnt the new classes from
+    ImageNet's 1001 class scores instead of the image features before them. The fetch now
+    warns, naming what to give instead; a feature vector gets no warning."""
+    from petalflow.tasks.download import fetch_backbone_task
+    from tests.helpers import export_tiny_backbone
+
+    classifier = export_tiny_backbone(tmp_path / "classification", outputs=1001)
+    with caplog.at_level("WARNING", logger="petalflow"):
+        fetch_backbone_task.fn(str(tiny_backbone), str(tmp_path / "cache"), 32)
+        assert caplog.records == []
+        fetch_backbone_task.fn(str(classifier), str(tmp_path / "cache"), 32)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "WARNING", f"backbone {classifier} outputs 1001 values per image, as ImageNet "
+        "classification models do (one score per ImageNet class): the head would learn your "
+        "classes from those scores instead of the image features before them. If this is a "
+        "classification model, give the same network's feature-vector model (on TF Hub and "
+        "Kaggle its handle says feature_vector where this one says classification)")]
+
+
 def _zip_with_header_fields(folder: Path, archive: Path, flag_bits: int = 0,
                             method: Optional[int] = None) -> Path:
     """``make_zip``'s zip (stored) with every member's general-purpose flags or compression
