@@ -427,7 +427,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(unregistered_name_reason(args.model_name))
         return 1
     with pd.option_context("display.width", 160, "display.max_columns", 10):
-        print(table.to_string(index=False))
+        print(table.drop(columns="alias_reason").to_string(index=False))
+    # Why each version that holds an alias got one when it was registered (an alias moved by
+    # hand since, in MLflow's UI, keeps the reason of its registration).
+    reasons = [f"v{row.version}, {row.aliases}; at registration: {row.alias_reason}"
+               for row in table.itertuples() if row.aliases and row.alias_reason]
+    if reasons:
+        print("", *reasons, sep="\n")
     return 0
 
 

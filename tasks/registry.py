@@ -814,8 +814,9 @@ def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Option
 
 
 def list_model_versions(name: str):
-    """pandas table of a registered model's versions: version, aliases, test accuracy, created,
-    dataset fingerprint, run id (newest first). Reads the registry only; TensorFlow not needed."""
+    """pandas table of a registered model's versions: version, aliases, test accuracy, number
+    of classes, created, dataset fingerprint, run id and the alias decision's reason (newest
+    first). Reads the registry only; TensorFlow not needed."""
     import pandas as pd
 
     client = mlflow_client()
@@ -833,11 +834,15 @@ def list_model_versions(name: str):
             "aliases": ",".join(sorted(aliases_of.get(str(mv.version), []))),
             "test_accuracy": float(mv.tags["test_accuracy"]) if "test_accuracy" in mv.tags
             else None,
+            "classes": len(json.loads(mv.tags["class_names"])) if "class_names" in mv.tags
+            else None,
             "created": pd.to_datetime(mv.creation_timestamp, unit="ms", utc=True),
             "dataset_fingerprint": mv.tags.get("dataset_fingerprint", "")[:12],
             "run_id": mv.run_id,
+            "alias_reason": mv.tags.get("alias_reason", ""),
         })
-    columns = ["version", "aliases", "test_accuracy", "created", "dataset_fingerprint", "run_id"]
+    columns = ["version", "aliases", "test_accuracy", "classes", "created",
+               "dataset_fingerprint", "run_id", "alias_reason"]
     return pd.DataFrame(rows, columns=columns).sort_values("version", ascending=False,
                                                            ignore_index=True)
 

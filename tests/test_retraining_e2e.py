@@ -416,7 +416,7 @@ def test_a_challenger_on_data_that_did_not_change_again_is_not_retrained_every_w
 
 
 def test_a_class_gone_from_the_data_behind_the_url_does_not_take_it_from_the_champion(
-        workspace, tiny_backbone, prefect_harness, caplog):
+        workspace, tiny_backbone, prefect_harness, caplog, capsys):
     """An upload that missed a class folder, behind the URL the scheduled retraining reads:
     its model (the class list changed, so no comparison) was promoted on the gate alone, and
     @champion's consumers lost the class and its prob_ column. Such a version is now
@@ -424,6 +424,7 @@ def test_a_class_gone_from_the_data_behind_the_url_does_not_take_it_from_the_cha
     same data does not register it again; allow_dropped_classes promotes it. A dataset with
     none of the champion's classes (another problem under the same name) is still promoted on
     the gate alone (test_flow_e2e::test_aliases_follow_the_quality_gate)."""
+    from petalflow.flows.cli import main
     from petalflow.flows.train_flow import train_and_register
 
     two = {k: v for k, v in COLOURS.items() if k != "blue"}
@@ -451,6 +452,17 @@ def test_a_class_gone_from_the_data_behind_the_url_does_not_take_it_from_the_cha
         # A weekly run on the same data: the same decision, not one more challenger.
         weekly = train_and_register(_params(url, tiny_backbone, **two_class))
         assert (weekly["status"], weekly["model_version"]) == ("nothing to do", "2")
+        # `petalflow models` showed a challenger more accurate than the champion and no why.
+        capsys.readouterr()
+        assert main(["models"]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[0].split() == [
+            "version", "aliases", "test_accuracy", "classes", "created", "dataset_fingerprint",
+            "run_id"]
+        assert [line.split()[:2] + line.split()[3:4] for line in out.splitlines()[1:3]] == [
+            ["2", "challenger", "2"], ["1", "champion", "3"]]
+        assert out.endswith(f"\nv2, challenger; at registration: {held['alias_reason']}\n"
+                            f"v1, champion; at registration: {first['alias_reason']}\n"), out
         allowed = train_and_register(_params(url, tiny_backbone, allow_dropped_classes=True,
                                              **two_class))
     assert (allowed["status"], allowed["model_version"], allowed["alias"]) == (
