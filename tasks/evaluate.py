@@ -434,6 +434,36 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
             "basis": f"this run's test split ({n_test} images)"}
 
 
+def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bool) -> dict:
+    """``compare_with_champion`` for data whose class list is not the champion's: promoted on
+    the gate alone, except that data lacking some of the champion's classes while keeping
+    others is ``held`` (not promoted) unless ``allow_dropped``; the run's log says which."""
+    version = champion["version"]
+    known = champion.get("class_names") or ()
+    gone = _not_in(known, classes)
+    kept = len(known) > len(gone)
+    held = bool(gone) and kept and not allow_dropped
+    if gone:
+        log("classes the champion (v%s) predicts are not in the data any more: %s; %s",
+            version, _names(gone),
+            "this run's version does not replace it (allow_dropped_classes lets it)" if held
+            else "once this version is promoted, @champion no longer predicts them", level=30)
+    basis = (f"the class list changed from champion v{version}'s "
+             f"({class_change(champion.get('class_names'), classes)}); ")
+    if held:
+        basis += "not promoted while it lacks classes the champion predicts"
+    else:
+        basis += "promoted on the gate alone" + (" (allow_dropped_classes)" if gone and kept
+                                                 else "")
+    result = {"champion_version": version, "champion_accuracy": None, "basis": basis}
+    if held:
+        result["held"] = (f"champion v{version} predicts classes this data lacks (gone: "
+                          f"{_names(gone)}): not promoted, so @champion keeps predicting them; "
+                          "put their folders back, or train with allow_dropped_classes "
+                          "(--allow-dropped-classes) to promote a version without them")
+    return result
+
+
 @task(name="evaluate-model")
 def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
                         run_id: str, records_dir: Optional[str] = None) -> dict:
@@ -464,34 +494,6 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
 
 
 # Downloads the champion from the registry: retried like the registry's own calls.
-def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bool) -> dict:
-    """``compare_with_champion`` for data whose class list is not the champion's: promoted on
-    the gate alone, except that data lacking some of the champion's classes while keeping
-    others is ``held`` (not promoted) unless ``allow_dropped``; the run's log says which."""
-    version = champion["version"]
-    known = champion.get("class_names") or ()
-    gone = _not_in(known, classes)
-    kept = len(known) > len(gone)
-    held = bool(gone) and kept and not allow_dropped
-    if gone:
-        log("classes the champion (v%s) predicts are not in the data any more: %s; %s",
-            version, _names(gone),
-            "this run's version does not replace it (allow_dropped_classes lets it)" if held
-            else "once this version is promoted, @champion no longer predicts them", level=30)
-    changed = (f"the class list changed from champion v{version}'s "
-               f"({class_change(champion.get('class_names'), classes)})")
-    result = {"champion_version": version, "champion_accuracy": None,
-              "basis": (f"{changed}; not promoted while it lacks classes the champion predicts"
-                        if held else f"{changed}; promoted on the gate alone"
-                        + (" (allow_dropped_classes)" if gone and kept else ""))}
-    if held:
-        result["held"] = (f"champion v{version} predicts classes this data lacks (gone: "
-                          f"{_names(gone)}): not promoted, so @champion keeps predicting them; "
-                          "put their folders back, or train with allow_dropped_classes "
-                          "(--allow-dropped-classes) to promote a version without them")
-    return result
-
-
 @task(name="evaluate-champion", **MLFLOW_RETRY)
 def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
                                 workdir: str, records_dir: Optional[str] = None,

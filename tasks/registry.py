@@ -843,8 +843,8 @@ def list_model_versions(name: str):
         })
     columns = ["version", "aliases", "test_accuracy", "classes", "created",
                "dataset_fingerprint", "run_id", "alias_reason"]
-    return pd.DataFrame(rows, columns=columns).sort_values("version", ascending=False,
-                                                           ignore_index=True)
+    return pd.DataFrame(rows, columns=columns).astype({"classes": "Int64"}).sort_values(
+        "version", ascending=False, ignore_index=True)
 
 
 def unresolved_model_reason(model_uri: str) -> Optional[str]:
