@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -270,8 +271,14 @@ def describe_source(url: str, archive: Path) -> dict:
         fingerprint, last_change = folder_listing(archive)
         return {"kind": "folder", "url": url, "sha256": None,
                 "listing_fingerprint": fingerprint, "last_change": last_change}
-    contents = {"contents_sha256": zip_contents_digest(archive)} \
-        if _archive_kind(archive) == "zip" else {}
+    try:
+        kind = _archive_kind(archive)
+    except WebPageNotArchive as exc:
+        page = share_page(url)
+        if page is None:
+            raise
+        raise WebPageNotArchive(f"{exc}. This URL is {page}") from None
+    contents = {"contents_sha256": zip_contents_digest(archive)} if kind == "zip" else {}
     if local_source(url) is not None:
         return {"kind": "file", "url": url, "sha256": sha256_file(archive), **contents}
     record = source_record(archive)
@@ -279,6 +286,45 @@ def describe_source(url: str, archive: Path) -> dict:
             "etag": record.get("etag"), "last_modified": record.get("last_modified"),
             "outcome": record.get("outcome"), "checked_at": record.get("checked_at"),
             **contents}
+
+
+# The page a browser shows for a file on a code or file host, and where the file itself is:
+# (host, path pattern, the host's name, the file's path).
+_SHARE_PAGES = (
+    ("github.com", re.compile(r"^/([^/]+/[^/]+)/blob/(.+)$"), "GitHub", r"/\1/raw/\2"),
+    ("huggingface.co", re.compile(r"^/((?:datasets/|spaces/)?[^/]+/[^/]+)/blob/(.+)$"),
+     "Hugging Face", r"/\1/resolve/\2"),
+    ("gitlab.com", re.compile(r"^/(.+?)/-/blob/(.+)$"), "GitLab", r"/\1/-/raw/\2"),
+)
+_DRIVE_ID = re.compile(r"^/file/d/([A-Za-z0-9_-]+)")
+
+
+def share_page(url: str) -> Optional[str]:
+    """What ``url`` is when it is the page a browser shows for a file on GitHub, Hugging Face,
+    GitLab, Dropbox or Google Drive, and where the file itself is; None for any other URL.
+    Built from the URL's host and path only (its query, which may hold a key, is not
+    repeated)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    host = host[4:] if host.startswith("www.") else host
+    for known, pattern, name, file_path in _SHARE_PAGES:
+        if host == known and pattern.match(parts.path):
+            direct = pattern.sub(file_path, parts.path)
+            return (f"{name}'s page for the file; the file itself is at "
+                    f"https://{parts.hostname}{direct}")
+    if host == "dropbox.com" and parse_qs(parts.query).get("dl") != ["1"]:
+        return ("Dropbox's preview page; the file itself comes with dl=1 at the end of the "
+                "link instead of dl=0")
+    if host == "drive.google.com":
+        found = _DRIVE_ID.match(parts.path)
+        drive_id = found.group(1) if found else (parse_qs(parts.query).get("id") or [None])[0]
+        if drive_id:
+            return ("Google Drive's page for the file; the file itself is at "
+                    f"https://drive.usercontent.google.com/download?id={drive_id}"
+                    "&export=download&confirm=t")
+    return None
 
 
 def zip_contents_digest(archive: Path) -> Optional[str]:

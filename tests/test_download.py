@@ -406,6 +406,56 @@ def test_an_archive_inside_the_archive_counts_toward_the_size_limit_and_must_be_
     assert [p for p in datasets.iterdir() if not p.name.endswith(".lock")] == []
 
 
+@pytest.mark.parametrize("url, says", [
+    ("https://github.com/acme/photos/blob/main/data/photos.tgz?raw=false",
+     "GitHub's page for the file; the file itself is at "
+     "https://github.com/acme/photos/raw/main/data/photos.tgz"),
+    ("https://huggingface.co/datasets/acme/photos/blob/main/photos.tgz",
+     "Hugging Face's page for the file; the file itself is at "
+     "https://huggingface.co/datasets/acme/photos/resolve/main/photos.tgz"),
+    ("https://gitlab.com/acme/team/photos/-/blob/v2/photos.tgz",
+     "GitLab's page for the file; the file itself is at "
+     "https://gitlab.com/acme/team/photos/-/raw/v2/photos.tgz"),
+    ("https://www.dropbox.com/scl/fi/abc123/photos.tgz?rlkey=k1&dl=0",
+     "Dropbox's preview page; the file itself comes with dl=1 at the end of the link instead "
+     "of dl=0"),
+    ("https://drive.google.com/file/d/1AbC-dEf_9/view?usp=sharing",
+     "Google Drive's page for the file; the file itself is at "
+     "https://drive.usercontent.google.com/download?id=1AbC-dEf_9&export=download&confirm=t"),
+    ("https://drive.google.com/open?id=1AbC-dEf_9",
+     "Google Drive's page for the file; the file itself is at "
+     "https://drive.usercontent.google.com/download?id=1AbC-dEf_9&export=download&confirm=t"),
+])
+def test_a_share_page_url_is_answered_with_the_url_of_the_file(tmp_path, url, says):
+    """The URL a browser shows for a file on GitHub, Hugging Face, GitLab, Dropbox or Google
+    Drive answers with a page about the file, not the file: the run said only "use the URL
+    that downloads the archive itself". It now names that URL (or the change that makes it)."""
+    from petalflow.tasks.download import describe_source
+    from petalflow.tasks.errors import WebPageNotArchive
+
+    page = tmp_path / "photos.tgz"
+    page.write_bytes(b"<!DOCTYPE html><html><head><title>photos.tgz</title></head></html>")
+    with pytest.raises(WebPageNotArchive) as caught:
+        describe_source(url, page)
+    assert str(caught.value) == (
+        "photos.tgz is a web page (HTML), not an archive: the URL answered with a page (a "
+        "sign-in, a download confirmation or an error page?) instead of the file; use the URL "
+        f"that downloads the archive itself. This URL is {says}")
+
+
+def test_a_page_from_any_other_url_gets_no_such_suggestion(tmp_path):
+    from petalflow.tasks.download import describe_source
+    from petalflow.tasks.errors import WebPageNotArchive
+
+    page = tmp_path / "photos.tgz"
+    page.write_bytes(b"<html>sign in</html>")
+    for url in ("https://files.example.com/blob/main/photos.tgz",
+                "https://github.com/acme/photos/releases/download/v1/photos.tgz"):
+        with pytest.raises(WebPageNotArchive) as caught:
+            describe_source(url, page)
+        assert str(caught.value).endswith("use the URL that downloads the archive itself")
+
+
 def test_find_data_root_descends_wrappers(tmp_path):
     make_dataset(tmp_path / "outer" / "flower_photos", per_class=1)
     (tmp_path / "outer" / "flower_photos" / "LICENSE.txt").write_text("cc-by")
