@@ -112,7 +112,7 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
     """The model card of a registered version: data source and validators, fingerprint, images
     per class, quarantined files by reason, per-class metrics, confusion matrix, the champion
     comparison and the decision."""
-    from petalflow.tasks.evaluate import interval_words
+    from petalflow.tasks.evaluate import accuracy_sentence
 
     ds = summary["dataset"]
     metrics = summary["test_metrics"]
@@ -153,8 +153,7 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
     lines += [
         "## Test metrics",
         "",
-        f"Accuracy **{metrics['test_accuracy']:.4f}** on {metrics['test_images']} held-out "
-        f"images{interval_words(metrics)}; macro F1 {metrics['test_macro_f1']:.4f}.",
+        accuracy_sentence(metrics),
         "",
     ]
     per_class = evaluation / "per_class.csv"

@@ -1609,7 +1609,7 @@ def test_the_test_accuracy_comes_with_its_interval_and_a_small_split_is_said_to_
     y_pred[0] = 1
     metrics, per_class, confusion = classification_tables(y_true, y_pred, names)
     assert interval_words(metrics) == " (95 % interval 0.56–0.98)"
-    assert ("**Accuracy 0.8889** on 9 held-out images (95 % interval 0.56–0.98); macro F1"
+    assert ("Accuracy **0.8889** on 9 held-out images (95 % interval 0.56–0.98); macro F1"
             in markdown_report(metrics, per_class, confusion))
     assert few_test_images(metrics) == (
         "the test split holds 9 images: its accuracy 0.8889 says only that the model's lies in "
