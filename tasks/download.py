@@ -880,12 +880,15 @@ def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] =
     """The backbone's local SavedModel folder; refuses at once an ``image_size`` it does not
     take (a BackboneError is not retried), and warns when it looks like a classification
     model."""
-    from petalflow.tasks.model import check_image_size, classification_warning, fetch_backbone
+    from petalflow.tasks.model import (
+        check_image_size, classification_warning, fetch_backbone, serving_signature,
+    )
 
     path = fetch_backbone(handle, Path(cache_dir))
+    signature = serving_signature(Path(path))
     if image_size is not None:
-        check_image_size(Path(path), handle, image_size)
-    warning = classification_warning(Path(path), handle)
+        check_image_size(signature, handle, image_size)
+    warning = classification_warning(signature, handle)
     if warning:
         log("%s", warning, level=30)
     return path

@@ -454,20 +454,18 @@ def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bo
             version, _names(gone),
             "this run's version does not replace it (allow_dropped_classes lets it)" if held
             else "once this version is promoted, @champion no longer predicts them", level=30)
-    basis = (f"the class list changed from champion v{version}'s "
-             f"({class_change(champion.get('class_names'), classes)}); ")
-    if held:
-        basis += "not promoted while it lacks classes the champion predicts"
-    else:
-        basis += "promoted on the gate alone" + (" (allow_dropped_classes)" if gone and kept
-                                                 else "")
-    result = {"champion_version": version, "champion_accuracy": None, "basis": basis}
-    if held:
-        result["held"] = (f"champion v{version} predicts classes this data lacks (gone: "
-                          f"{_names(gone)}): not promoted, so @champion keeps predicting them; "
-                          "put their folders back, or train with allow_dropped_classes "
-                          "(--allow-dropped-classes) to promote a version without them")
-    return result
+    changed = (f"the class list changed from champion v{version}'s "
+               f"({class_change(champion.get('class_names'), classes)}); ")
+    result = {"champion_version": version, "champion_accuracy": None}
+    if not held:
+        allowed = " (allow_dropped_classes)" if gone and kept else ""
+        return {**result, "basis": f"{changed}promoted on the gate alone{allowed}"}
+    return {**result, "basis": f"{changed}not promoted while it lacks classes the champion "
+                               "predicts",
+            "held": (f"champion v{version} predicts classes this data lacks (gone: "
+                     f"{_names(gone)}): not promoted, so @champion keeps predicting them; put "
+                     "their folders back, or train with allow_dropped_classes "
+                     "(--allow-dropped-classes) to promote a version without them")}
 
 
 @task(name="evaluate-model")
