@@ -206,7 +206,8 @@ def train_and_register(params: TrainParams = TrainParams()):
             champion = champion_info_task(params.model_name)
             comparison = compare_with_champion_task(champion, data_info, str(workdir),
                                                     str(home / "predictions"),
-                                                    params.allow_dropped_classes)
+                                                    params.allow_dropped_classes,
+                                                    evaluation["files"]["predictions"])
         with timer.phase("registration"):
             registration = register_model_task(run_id, record["export_dir"], trained,
                                                data_info, evaluation["metrics"], comparison,

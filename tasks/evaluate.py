@@ -360,7 +360,8 @@ def evaluate_model(export_dir: Union[Path, Callable[[], Path]], data_info: Datas
         metrics["serving_latency_ms"] = round(latency_ms(
             lambda p: model.classify_raw([Path(p).read_bytes()]), paths[:latency_images]), 3)
     preds.insert(0, "path", paths)
-    preds.insert(1, "true_label", [class_names[i] for i in y_true])
+    preds.insert(1, "sha256", shas)
+    preds.insert(2, "true_label", [class_names[i] for i in y_true])
     files = {
         "per_class": out_dir / "per_class.csv",
         "confusion": out_dir / "confusion.csv",
@@ -407,15 +408,20 @@ def _names(items: list, shown: int = 10) -> str:
 
 def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                           workdir: Path, records_dir: Optional[Path] = None,
-                          allow_dropped: bool = False) -> dict:
+                          allow_dropped: bool = False,
+                          predictions: Optional[Path] = None) -> dict:
     """What the new version is compared with. Same classes: the champion is downloaded and
     evaluated on this run's test split with the challenger's code path (``evaluate_model``);
     with ``records_dir``, only on the test images its ``prediction_record`` lacks (downloaded
-    only then). Other classes (or no champion): no figure, and ``basis`` says why. Data that
-    shares classes with the champion but lacks some of its others (a missing class folder)
-    also gets ``held``, why the version may not replace the champion, unless
-    ``allow_dropped``."""
-    from petalflow.tasks.registry import download_model
+    only then). When this run splits the data otherwise than the champion's training did
+    (another seed or test_fraction, fewer photos), some of its test images were the
+    champion's training images (``registry.learned_images``): both models are then compared
+    on the others only (``unseen_comparison``; ``predictions`` is the
+    new version's ``predictions.csv``), and ``accuracy`` is the new version's figure there.
+    Other classes (or no champion): no figure, and ``basis`` says why. Data that shares
+    classes with the champion but lacks some of its others (a missing class folder) also gets
+    ``held``, why the version may not replace the champion, unless ``allow_dropped``."""
+    from petalflow.tasks.registry import download_model, learned_images
 
     n_test = data_info["counts"].get("splits", {}).get("test")
     if champion is None:
@@ -425,6 +431,8 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
         return class_list_changed(champion, data_info["classes"], allow_dropped)
     record = prediction_record(records_dir, champion["run_id"]) \
         if records_dir is not None and champion.get("run_id") else None
+    learned = learned_images(champion["run_id"], Path(workdir) / "champion-manifest") \
+        if champion.get("run_id") else None
     folder = Path(workdir) / "champion-model"
     try:
         result = evaluate_model(lambda: Path(download_model(champion["model_uri"], folder)),
@@ -432,12 +440,56 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
                                 latency_images=0, record=record)
     finally:  # a copy of what the registry holds: no run reads it again
         shutil.rmtree(folder, ignore_errors=True)
-    return {"champion_version": champion["version"],
-            "champion_accuracy": result["metrics"]["test_accuracy"],
-            "champion_metrics": result["metrics"],
-            # test images the champion had classified before (its prediction record): not run
-            "champion_predictions_recorded": result["recorded"],
-            "basis": f"this run's test split ({n_test} images)"}
+    version = champion["version"]
+    whole = {"champion_version": version,
+             "champion_accuracy": result["metrics"]["test_accuracy"],
+             "champion_metrics": result["metrics"],
+             # test images the champion had classified before (its prediction record): not run
+             "champion_predictions_recorded": result["recorded"],
+             "basis": f"this run's test split ({n_test} images)"}
+    if learned is None:
+        return {**whole, "basis": f"this run's test split ({n_test} images; champion "
+                                  f"v{version}'s run does not say which images it learned from)"}
+    if predictions is None or not learned.intersection(split_shas(data_info, "test")):
+        return whole
+    return {**whole, **unseen_comparison(Path(predictions),
+                                         Path(result["files"]["predictions"]), learned,
+                                         version, n_test)}
+
+
+def unseen_comparison(predictions: Path, champion_predictions: Path, learned: frozenset,
+                      version: str, n_test: int) -> dict:
+    """The comparison on the test images the champion was not trained on (sha256 not in
+    ``learned``; each image once): how many (``compared_images``), the new version's accuracy
+    there (``accuracy``) and the champion's, from both evaluations' ``predictions.csv``; the
+    ``basis`` names them. None of them: no like-for-like figure, and the version is ``held``
+    (not promoted: the champion is kept without a figure that says it is worse)."""
+    def correct(path: Path) -> pd.Series:
+        rows = pd.read_csv(path, usecols=["sha256", "true_label", "label"], dtype=str,
+                           keep_default_na=False).drop_duplicates("sha256")
+        rows = rows[~rows["sha256"].isin(learned)]
+        return (rows["label"] == rows["true_label"]).set_axis(rows["sha256"])
+
+    new, old = correct(predictions), correct(champion_predictions)
+    why = (f"this run splits the data otherwise than champion v{version}'s training did: "
+           "another seed or test_fraction, or fewer photos")
+    if new.empty:
+        basis = f"no test image that champion v{version} was not trained on ({why})"
+        return {"champion_accuracy": None, "compared_images": 0, "basis": basis,
+                "held": (f"no like-for-like figure: all {n_test} test images were champion "
+                         f"v{version}'s training images ({why}); not promoted, the champion is "
+                         "kept; train with its seed and test_fraction to compare them")}
+    old = old.reindex(new.index, fill_value=False)
+    basis = (f"the {len(new)} of this run's {n_test} test images that champion v{version} was "
+             "not trained on")
+    low, high = accuracy_interval(int(new.sum()), len(new))
+    log("%s: %d of this run's %d test images were its training images, so the two models are "
+        "compared on the other %d%s", why, n_test - len(new), n_test, len(new),
+        "; too few to tell two models apart: train with the champion's seed and test_fraction "
+        "to compare them on a whole test split" if high - low > WIDE_INTERVAL else "",
+        level=30)
+    return {"champion_accuracy": float(old.mean()), "accuracy": float(new.mean()),
+            "compared_images": len(new), "basis": basis}
 
 
 def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bool) -> dict:
@@ -501,10 +553,12 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
 @task(name="evaluate-champion", **MLFLOW_RETRY)
 def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
                                 workdir: str, records_dir: Optional[str] = None,
-                                allow_dropped: bool = False) -> dict:
+                                allow_dropped: bool = False,
+                                predictions: Optional[str] = None) -> dict:
     result = compare_with_champion(champion, data_info, Path(workdir),
-                                   Path(records_dir) if records_dir else None, allow_dropped)
-    if result.get("champion_accuracy") is not None:  # a champion model was loaded and run
+                                   Path(records_dir) if records_dir else None, allow_dropped,
+                                   Path(predictions) if predictions else None)
+    if "champion_metrics" in result:  # a champion model was evaluated
         release_memory()
     return result
 

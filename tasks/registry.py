@@ -621,6 +621,23 @@ def champion_info(model_name: str) -> Optional[dict]:
     }
 
 
+def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
+    """The sha256 of the images the model of MLflow run ``run_id`` was trained on: its run's
+    manifest (``dataset/manifest.csv``, logged by ``start_run``), rows of the train split (the
+    val split is only measured, never fitted); None when the run holds no manifest."""
+    import pandas as pd
+
+    try:
+        path = mlflow_client().download_artifacts(run_id, "dataset/manifest.csv", str(dest))
+    except Exception as exc:  # noqa: BLE001 - MlflowException; "could not ask" propagates
+        if is_missing(exc):
+            return None
+        raise
+    rows = pd.read_csv(path, usecols=["sha256", "status", "split"], dtype=str,
+                       keep_default_na=False)
+    return frozenset(rows.loc[(rows["status"] == "ok") & (rows["split"] == "train"), "sha256"])
+
+
 def download_model(model_uri: str, dest: Path) -> str:
     """Download a registered petalflow model and return its SavedModel folder (for evaluating
     the champion with the same code as the challenger)."""
@@ -635,9 +652,12 @@ PRECISION = 6  # accuracies are stored (tags) and compared at this many decimals
 
 def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Optional[float],
                  min_improvement: float = 0.0, basis: str = "",
-                 majority: Optional[dict] = None, held: str = "") -> tuple:
+                 majority: Optional[dict] = None, held: str = "",
+                 compared: Optional[float] = None) -> tuple:
     """(alias, reason). ``champion_accuracy`` is the champion's accuracy on the *same* test
-    split (None: no champion, or one with other classes, which ``basis`` then says). The new
+    images as ``compared``, the new version's (default ``accuracy``; ``basis`` says which
+    images when they are not the whole test split), or None: no champion, or one with other
+    classes, which ``basis`` then says. The new
     version becomes champion when it passes the gate and, against a champion, beats it by more
     than 0 and by at least ``min_improvement``; both figures are rounded to the same precision
     first, so a tie is a tie and keeps the champion. The gate is ``min_accuracy`` and, with
@@ -650,13 +670,14 @@ def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Option
         return CHALLENGER, f"test accuracy {acc:.4f} is below --min-accuracy {min_accuracy}"
     if champion_accuracy is not None:
         champ = round(float(champion_accuracy), PRECISION)
-        margin = round(acc - champ, PRECISION)
+        mine = acc if compared is None else round(float(compared), PRECISION)
+        margin = round(mine - champ, PRECISION)
         on = f" on {basis}" if basis else ""
         if margin <= 0:
-            return CHALLENGER, (f"test accuracy {acc:.4f} does not beat the champion's "
+            return CHALLENGER, (f"test accuracy {mine:.4f} does not beat the champion's "
                                 f"{champ:.4f}{on}")
         if margin < min_improvement:
-            return CHALLENGER, (f"test accuracy {acc:.4f} beats the champion's {champ:.4f}{on} "
+            return CHALLENGER, (f"test accuracy {mine:.4f} beats the champion's {champ:.4f}{on} "
                                 f"by {margin:.4f}, less than --min-improvement {min_improvement}")
     if majority is not None and acc <= round(float(majority["accuracy"]), PRECISION):
         return CHALLENGER, (f"test accuracy {acc:.4f} does not beat answering "
@@ -668,7 +689,7 @@ def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Option
     if champion_accuracy is None:
         why = basis or "first model to pass the gate"
         return CHAMPION, f"{why} ({acc:.4f} >= {min_accuracy})"
-    return CHAMPION, f"test accuracy {acc:.4f} beats the champion's {champ:.4f}{on}"
+    return CHAMPION, f"test accuracy {mine:.4f} beats the champion's {champ:.4f}{on}"
 
 
 def register_model(
@@ -726,6 +747,9 @@ def register_model(
         version_tags["champion_compared"] = str(comparison["champion_version"])
         version_tags["champion_accuracy_same_split"] = (
             f"{comparison['champion_accuracy']:.{PRECISION}f}")
+        if comparison.get("accuracy") is not None:  # on the images the champion did not see
+            version_tags["compared_accuracy"] = f"{comparison['accuracy']:.{PRECISION}f}"
+            version_tags["compared_images"] = str(comparison["compared_images"])
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
 
@@ -750,7 +774,8 @@ def register_model(
             basis = "the champion's stored figure (its own test split)" if champion else ""
         alias, reason = decide_alias(accuracy, cfg.min_accuracy, champion_acc,
                                      cfg.min_improvement, basis, majority,
-                                     (comparison or {}).get("held", ""))
+                                     (comparison or {}).get("held", ""),
+                                     (comparison or {}).get("accuracy"))
         # The decision and the champion it was made against: a run on the same data with the
         # same parameters and gate would repeat it (``unchanged_since_champion``).
         client.set_model_version_tag(name, version, "alias_reason", reason[:DESCRIPTION_LIMIT])

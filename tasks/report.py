@@ -100,7 +100,8 @@ def _comparison_lines(summary: dict) -> list[str]:
             "",
             "| model | test accuracy |",
             "|---|---|",
-            f"| this version (v{summary['model_version']}) | {acc:.4f} |",
+            f"| this version (v{summary['model_version']}) | "
+            f"{comparison.get('accuracy', acc):.4f} |",
             f"| champion v{comparison.get('champion_version')} | {champ:.4f} |",
         ]
     lines += ["", f"**Decision: {summary['alias']}** — {summary['alias_reason']}", ""]

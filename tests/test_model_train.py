@@ -1587,6 +1587,57 @@ def test_a_changed_class_list_says_which_classes_went_and_came(caplog):
         "the class list changed from champion v3's (new: sunflowers); promoted on the gate alone")
 
 
+def test_a_champion_is_not_credited_with_the_images_it_was_trained_on(tmp_path, caplog):
+    """A run with another seed tests on images the champion was trained on: a champion that
+    knows its 40 training images and half of the 20 others scored 0.83 against a challenger's
+    0.75 on all 60 and kept its alias. On the 20 it was not trained on it scores 0.50 against
+    the challenger's 0.75: promoted, the reason naming the images. When every test image was
+    a training image there is no like-for-like figure: held, saying what to do."""
+    import pandas as pd
+
+    from petalflow.tasks.evaluate import unseen_comparison
+    from petalflow.tasks.registry import CHALLENGER, CHAMPION, decide_alias
+
+    shas = [f"{i:064x}" for i in range(60)]
+    learned = frozenset(shas[:40])
+
+    def predictions(name: str, right) -> Path:
+        rows = pd.DataFrame({"path": [f"{s[-4:]}.jpg" for s in shas], "sha256": shas,
+                             "true_label": "a", "label": ["a" if right(i) else "b"
+                                                          for i in range(60)]})
+        rows.to_csv(tmp_path / name, index=False)
+        return tmp_path / name
+
+    challenger = predictions("new.csv", lambda i: i % 4 != 0)  # 0.75 everywhere
+    champion = predictions("old.csv", lambda i: i < 40 or i % 2 == 0)  # 50/60 = 0.83
+    with caplog.at_level("WARNING", logger="petalflow"):
+        result = unseen_comparison(challenger, champion, learned, "1", 60)
+    basis = "the 20 of this run's 60 test images that champion v1 was not trained on"
+    assert result == {"champion_accuracy": 0.5, "accuracy": 0.75, "compared_images": 20,
+                      "basis": basis}
+    assert [r.getMessage() for r in caplog.records] == [
+        "this run splits the data otherwise than champion v1's training did: another seed or "
+        "test_fraction, or fewer photos: 40 of this run's 60 test images were its training "
+        "images, so the two models are compared on the other 20; too few to tell two models "
+        "apart: train with the champion's seed and test_fraction to compare them on a whole "
+        "test split"]
+    assert decide_alias(0.75, 0.5, 50 / 60) == (
+        CHALLENGER, "test accuracy 0.7500 does not beat the champion's 0.8333")  # as before
+    assert decide_alias(0.75, 0.5, result["champion_accuracy"], basis=result["basis"],
+                        compared=result["accuracy"]) == (
+        CHAMPION, f"test accuracy 0.7500 beats the champion's 0.5000 on {basis}")
+
+    none_left = unseen_comparison(challenger, champion, frozenset(shas), "1", 60)
+    assert none_left["champion_accuracy"] is None and none_left["compared_images"] == 0
+    alias, reason = decide_alias(0.75, 0.5, None, basis=none_left["basis"],
+                                 held=none_left["held"])
+    assert (alias, reason) == (CHALLENGER, (
+        "no like-for-like figure: all 60 test images were champion v1's training images (this "
+        "run splits the data otherwise than champion v1's training did: another seed or "
+        "test_fraction, or fewer photos); not promoted, the champion is kept; train with its "
+        "seed and test_fraction to compare them (test accuracy 0.7500 >= 0.5)"))
+
+
 def test_the_test_accuracy_comes_with_its_interval_and_a_small_split_is_said_to_be_one():
     """A 58-photo dataset was judged on 9 test images ("1.0000 >= 0.5", champion) with nothing
     saying that one image is 0.11 of accuracy. The metrics hold the 95 % (Wilson) interval,

@@ -537,6 +537,50 @@ def test_a_tie_keeps_the_champion_and_min_improvement_is_honoured(workspace, tin
         "model_version"]
 
 
+def test_the_champion_is_compared_only_on_test_images_it_did_not_learn_from(
+        workspace, tiny_backbone, prefect_harness):
+    """Another seed (or test_fraction) splits the same photos anew, and most of the new test
+    split had been the champion's training and validation images. It was evaluated on all of
+    them: by hand with the flowers, champion v1 (0.862 on its own held-out photos) scored
+    0.9378 on the split of a run with another seed, whose model (0.8133) "did not beat" it, as
+    no model trained with another seed could. Both are now compared on the test images the
+    champion was not trained on (its run's manifest says which), and the reason says so."""
+    import pandas as pd
+
+    from petalflow.flows.train_flow import train_and_register
+
+    def rows(manifest) -> pd.DataFrame:
+        return pd.read_csv(manifest, keep_default_na=False, dtype=str)
+
+    def accuracy(predictions: Path, shas: set) -> float:
+        table = rows(predictions)
+        table = table[table["sha256"].isin(shas)]
+        return float((table["label"] == table["true_label"]).mean())
+
+    with revalidating_server() as site:
+        url = site.put("/s.tgz", _archive(workspace, "s", per_class=30, seed=0))
+        first = train_and_register(_params(url, tiny_backbone))
+        other = train_and_register(_params(url, tiny_backbone, seed=7))
+    client = _client()
+    learned_from = rows(client.download_artifacts(first["mlflow_run_id"], "dataset/manifest.csv",
+                                                  str(workspace)))
+    learned = set(learned_from.loc[learned_from["split"] == "train", "sha256"])
+    test = set(rows(other["manifest"]).query("split == 'test'")["sha256"])
+    unseen = test - learned
+    assert 0 < len(unseen) < len(test), (len(unseen), len(test))
+    comparison = other["comparison"]
+    assert comparison["compared_images"] == len(unseen)
+    workdir = Path(other["workdir"])
+    assert comparison["champion_accuracy"] == accuracy(
+        workdir / "champion-evaluation" / "predictions.csv", unseen)
+    assert comparison["accuracy"] == accuracy(workdir / "evaluation" / "predictions.csv", unseen)
+    basis = (f"the {len(unseen)} of this run's {len(test)} test images that champion v1 was "
+             "not trained on")
+    assert comparison["basis"] == basis
+    assert basis in other["alias_reason"]
+    assert f"{comparison['champion_accuracy']:.4f}" in other["alias_reason"]
+
+
 class _FailAliasReads(http.server.BaseHTTPRequestHandler):
     """A proxy in front of a real MLflow server that answers 503 to reads of a model alias
     (what an overloaded or restarting registry does) and passes everything else through."""
