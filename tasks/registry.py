@@ -624,7 +624,8 @@ def champion_info(model_name: str) -> Optional[dict]:
 def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
     """The sha256 of the images the model of MLflow run ``run_id`` was trained on: its run's
     manifest (``dataset/manifest.csv``, logged by ``start_run``), rows of the train split (the
-    val split is only measured, never fitted); None when the run holds no manifest."""
+    val split is only measured, never fitted); None when the run holds no manifest, or one
+    without those columns."""
     import pandas as pd
 
     try:
@@ -633,8 +634,11 @@ def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
         if is_missing(exc):
             return None
         raise
-    rows = pd.read_csv(path, usecols=["sha256", "status", "split"], dtype=str,
-                       keep_default_na=False)
+    try:
+        rows = pd.read_csv(path, usecols=["sha256", "status", "split"], dtype=str,
+                           keep_default_na=False)
+    except ValueError:  # columns missing: not a manifest this code wrote
+        return None
     return frozenset(rows.loc[(rows["status"] == "ok") & (rows["split"] == "train"), "sha256"])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -67,6 +68,10 @@ ERROR_UNDECODABLE = "undecodable image"
 # bytes, which read as "undecodable image" before.
 ERROR_NOT_BASE64 = ("not base64: the 'image' column takes each image file's bytes "
                     "base64-encoded (not a path, not raw bytes)")
+# TensorFlow Serving's REST convention for binary data, {"b64": "<base64>"}, as a client
+# written for it sends each image (`{"instances": [{"image": {"b64": ...}}]}`): MLflow hands
+# such a cell over as the dict's repr (in-process callers, as the dict).
+_B64_OBJECT = re.compile(r"""^\{\s*(['"])b64\1\s*:\s*(['"])([^'"]*)\2\s*\}$""")
 # A row whose cell is empty, None or NaN (a missing image in the caller's table).
 ERROR_EMPTY = "empty: no image in this row"
 # A row in a format the model cannot decode says which (by the file's first bytes) instead of
@@ -408,7 +413,7 @@ class ImageClassifier:
         if all(isinstance(v, (bytes, bytearray)) for v in values):
             # pyfunc schema enforcement may hand bytes over for a string column: still base64.
             values = [bytes(v).decode("ascii", "replace") for v in values]
-        values = ["" if v is None or (isinstance(v, float) and v != v) else str(v).strip()
+        values = ["" if v is None or (isinstance(v, float) and v != v) else _unwrapped(v)
                   for v in values]  # None and NaN: a missing cell
         if (params or {}).get("output", "predictions") == "drift":
             raw = [_b64decode(v) for v in values]
@@ -670,12 +675,20 @@ def _load_pyfunc(data_path: str) -> ImageClassifier:
     return ImageClassifier(data_path)
 
 
+def _unwrapped(value) -> str:
+    """A cell as the base64 text it holds: TensorFlow Serving's ``{"b64": ...}`` unwrapped."""
+    if isinstance(value, dict) and list(value) == ["b64"]:
+        value = value["b64"]
+    text = str(value).strip()
+    found = _B64_OBJECT.match(text) if text.startswith("{") else None
+    return found.group(3) if found else text
+
+
 def _b64decode(value: str, limit: Optional[int] = None) -> Optional[bytes]:
     """Bytes of a base64 image as the serving signature accepts it (standard or URL-safe, with
     or without a data: prefix); None when it is not base64. With ``limit``: its first
     ``limit`` bytes at most, from the start of ``value`` only (a header)."""
     import binascii
-    import re
 
     if limit is not None:
         value = value[:limit * 2]  # room for a data: prefix and line breaks

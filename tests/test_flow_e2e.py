@@ -389,7 +389,10 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
 
 
 def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
-    """`mlflow models serve -m models:/NAME@champion --env-manager local`, a real subprocess."""
+    """`mlflow models serve -m models:/NAME@champion --env-manager local`, a real subprocess:
+    MLflow's dataframe formats, and TensorFlow Serving's `instances`/`inputs` with binary data
+    wrapped as `{"b64": ...}` (a client written for TF Serving; each such row was "not
+    base64")."""
     import base64
 
     import httpx
@@ -407,7 +410,9 @@ def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
         b64.append(base64.b64encode(b"not an image").decode())
         split = {"dataframe_split": {"columns": ["image"], "data": [[v] for v in b64]}}
         records = {"dataframe_records": [{"image": v} for v in b64]}
-        for payload in (split, records):
+        tf_serving_rows = {"instances": [{"image": {"b64": v}} for v in b64]}
+        tf_serving_columns = {"inputs": {"image": [{"b64": v} for v in b64]}}
+        for payload in (split, records, tf_serving_rows, tf_serving_columns):
             resp = httpx.post(f"{url}/invocations", json=payload, timeout=60)
             assert resp.status_code == 200, resp.text
             rows = resp.json()["predictions"]

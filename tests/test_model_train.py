@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -782,6 +783,13 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     # A batch of nothing but bad rows still answers, row by row.
     bad = model.predict(pd.DataFrame({"image": ["@@not base64@@", _b64(b"nope")]}))
     assert bad["error"].tolist() == [ERROR_NOT_BASE64, "undecodable image"]
+    # TensorFlow Serving's {"b64": ...}: as a dict, its repr (what MLflow's server hands
+    # over) or its JSON.
+    wrapped = model.predict(pd.DataFrame({"image": [
+        {"b64": _b64(images["red jpeg"])}, str({"b64": _b64(images["blue gif"])}),
+        json.dumps({"b64": _b64(images["green webp"])}), str({"b64": "@@"})]}))
+    assert wrapped["label"].tolist() == ["red", "blue", "green", ""]
+    assert wrapped["error"].tolist()[3] == ERROR_NOT_BASE64
 
 
 def test_an_image_too_large_to_decode_safely_is_refused_from_its_header(exported):
