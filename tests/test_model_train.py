@@ -1646,6 +1646,28 @@ def test_a_champion_is_not_credited_with_the_images_it_was_trained_on(tmp_path, 
         "seed and test_fraction to compare them (test accuracy 0.7500 >= 0.5)"))
 
 
+def test_the_images_a_champion_was_trained_on_come_from_its_runs_manifest(workspace):
+    """The train split's usable images of the run's `dataset/manifest.csv`; a run without
+    one, or with a file of other columns there, is "unknown" (None), not a failed run."""
+    from petalflow.tasks.registry import learned_images, mlflow_client
+
+    client = mlflow_client()
+    experiment = client.create_experiment("e")
+    manifest = workspace / "m" / "manifest.csv"
+    manifest.parent.mkdir()
+    pd.DataFrame({"path": ["a/1.jpg", "a/2.jpg", "b/3.jpg", "b/4.jpg", "b/5.jpg"],
+                  "sha256": ["s1", "s2", "s3", "s4", "s5"],
+                  "status": ["ok", "ok", "quarantined", "ok", "ok"],
+                  "split": ["train", "test", "", "val", "train"]}).to_csv(manifest, index=False)
+    runs = [client.create_run(experiment).info.run_id for _ in range(3)]
+    client.log_artifact(runs[0], str(manifest), "dataset")
+    assert learned_images(runs[0], workspace / "d0") == frozenset({"s1", "s5"})
+    assert learned_images(runs[1], workspace / "d1") is None
+    manifest.write_text("path,label\na/1.jpg,a\n")
+    client.log_artifact(runs[2], str(manifest), "dataset")
+    assert learned_images(runs[2], workspace / "d2") is None
+
+
 def test_the_test_accuracy_comes_with_its_interval_and_a_small_split_is_said_to_be_one():
     """A 58-photo dataset was judged on 9 test images ("1.0000 >= 0.5", champion) with nothing
     saying that one image is 0.11 of accuracy. The metrics hold the 95 % (Wilson) interval,
