@@ -416,8 +416,8 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
     only then). When this run splits the data otherwise than the champion's training did
     (another seed or test_fraction, fewer photos), some of its test images were the
     champion's training images (``registry.learned_images``): both models are then compared
-    on the others only (``unseen_comparison``; ``predictions`` is the
-    new version's ``predictions.csv``), and ``accuracy`` is the new version's figure there.
+    on the others only (``unseen_comparison``; ``predictions`` is the new version's
+    ``predictions.csv``), and ``accuracy`` is the new version's figure there.
     Other classes (or no champion): no figure, and ``basis`` says why. Data that shares
     classes with the champion but lacks some of its others (a missing class folder) also gets
     ``held``, why the version may not replace the champion, unless ``allow_dropped``."""
@@ -453,12 +453,11 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
     if predictions is None or not learned.intersection(split_shas(data_info, "test")):
         return whole
     return {**whole, **unseen_comparison(Path(predictions),
-                                         Path(result["files"]["predictions"]), learned,
-                                         version, n_test)}
+                                         Path(result["files"]["predictions"]), learned, version)}
 
 
 def unseen_comparison(predictions: Path, champion_predictions: Path, learned: frozenset,
-                      version: str, n_test: int) -> dict:
+                      version: str) -> dict:
     """The comparison on the test images the champion was not trained on (sha256 not in
     ``learned``; each image once): how many (``compared_images``), the new version's accuracy
     there (``accuracy``) and the champion's, from both evaluations' ``predictions.csv``; the
@@ -467,24 +466,24 @@ def unseen_comparison(predictions: Path, champion_predictions: Path, learned: fr
     def correct(path: Path) -> pd.Series:
         rows = pd.read_csv(path, usecols=["sha256", "true_label", "label"], dtype=str,
                            keep_default_na=False).drop_duplicates("sha256")
-        rows = rows[~rows["sha256"].isin(learned)]
         return (rows["label"] == rows["true_label"]).set_axis(rows["sha256"])
 
-    new, old = correct(predictions), correct(champion_predictions)
+    every = correct(predictions)
+    new = every[~every.index.isin(learned)]
     why = (f"this run splits the data otherwise than champion v{version}'s training did: "
            "another seed or test_fraction, or fewer photos")
     if new.empty:
         basis = f"no test image that champion v{version} was not trained on ({why})"
         return {"champion_accuracy": None, "compared_images": 0, "basis": basis,
-                "held": (f"no like-for-like figure: all {n_test} test images were champion "
+                "held": (f"no like-for-like figure: all {len(every)} test images were champion "
                          f"v{version}'s training images ({why}); not promoted, the champion is "
                          "kept; train with its seed and test_fraction to compare them")}
-    old = old.reindex(new.index, fill_value=False)
-    basis = (f"the {len(new)} of this run's {n_test} test images that champion v{version} was "
-             "not trained on")
+    old = correct(champion_predictions).reindex(new.index, fill_value=False)
+    basis = (f"the {len(new)} of this run's {len(every)} test images that champion v{version} "
+             "was not trained on")
     low, high = accuracy_interval(int(new.sum()), len(new))
     log("%s: %d of this run's %d test images were its training images, so the two models are "
-        "compared on the other %d%s", why, n_test - len(new), n_test, len(new),
+        "compared on the other %d%s", why, len(every) - len(new), len(every), len(new),
         "; too few to tell two models apart: train with the champion's seed and test_fraction "
         "to compare them on a whole test split" if high - low > WIDE_INTERVAL else "",
         level=30)

@@ -661,14 +661,15 @@ def decide_alias(accuracy: float, min_accuracy: float, champion_accuracy: Option
     """(alias, reason). ``champion_accuracy`` is the champion's accuracy on the *same* test
     images as ``compared``, the new version's (default ``accuracy``; ``basis`` says which
     images when they are not the whole test split), or None: no champion, or one with other
-    classes, which ``basis`` then says. The new
-    version becomes champion when it passes the gate and, against a champion, beats it by more
-    than 0 and by at least ``min_improvement``; both figures are rounded to the same precision
-    first, so a tie is a tie and keeps the champion. The gate is ``min_accuracy`` and, with
-    ``majority`` (``evaluate.majority_baseline``), beating the accuracy of answering the test
-    split's most common class for every image: on 95 % "ok" photos a model that never says
-    "defect" scores 0.95, far above any --min-accuracy. ``held`` (``evaluate.class_list_changed``)
-    keeps a version that passes the gate from replacing the champion, and is the reason."""
+    classes, which ``basis`` then says. The new version becomes champion when it passes the
+    gate and, against a champion, beats it by more than 0 and by at least ``min_improvement``;
+    both figures are rounded to the same precision first, so a tie is a tie and keeps the
+    champion. The gate is ``min_accuracy`` and, with ``majority``
+    (``evaluate.majority_baseline``), beating the accuracy of answering the test split's most
+    common class for every image: on 95 % "ok" photos a model that never says "defect" scores
+    0.95, far above any --min-accuracy. ``held`` (``evaluate.class_list_changed``,
+    ``evaluate.unseen_comparison``) keeps a version that passes the gate from replacing the
+    champion, and is the reason."""
     acc = round(float(accuracy), PRECISION)
     if acc < min_accuracy:
         return CHALLENGER, f"test accuracy {acc:.4f} is below --min-accuracy {min_accuracy}"

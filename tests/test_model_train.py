@@ -1619,7 +1619,7 @@ def test_a_champion_is_not_credited_with_the_images_it_was_trained_on(tmp_path, 
     challenger = predictions("new.csv", lambda i: i % 4 != 0)  # 0.75 everywhere
     champion = predictions("old.csv", lambda i: i < 40 or i % 2 == 0)  # 50/60 = 0.83
     with caplog.at_level("WARNING", logger="petalflow"):
-        result = unseen_comparison(challenger, champion, learned, "1", 60)
+        result = unseen_comparison(challenger, champion, learned, "1")
     basis = "the 20 of this run's 60 test images that champion v1 was not trained on"
     assert result == {"champion_accuracy": 0.5, "accuracy": 0.75, "compared_images": 20,
                       "basis": basis}
@@ -1635,7 +1635,7 @@ def test_a_champion_is_not_credited_with_the_images_it_was_trained_on(tmp_path, 
                         compared=result["accuracy"]) == (
         CHAMPION, f"test accuracy 0.7500 beats the champion's 0.5000 on {basis}")
 
-    none_left = unseen_comparison(challenger, champion, frozenset(shas), "1", 60)
+    none_left = unseen_comparison(challenger, champion, frozenset(shas), "1")
     assert none_left["champion_accuracy"] is None and none_left["compared_images"] == 0
     alias, reason = decide_alias(0.75, 0.5, None, basis=none_left["basis"],
                                  held=none_left["held"])
