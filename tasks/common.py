@@ -221,6 +221,20 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def redacted(url: str) -> bool:
+    """True for a URL as ``redact_url`` records it, its credentials replaced by "***" (a user
+    and password, a secret query value): a record, which cannot download."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and (
+        parts.netloc.startswith("***@")
+        or any(item.partition("=")[2] == "***" for item in parts.query.split("&")))
+
+
 def walk_files(top: Path) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) of every folder under ``top``, in sorted order, following
     linked folders (a class folder linking a folder of photos kept elsewhere: ``os.walk`` and

@@ -16,7 +16,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
 )
 
-from petalflow.tasks.common import local_source
+from petalflow.tasks.common import local_source, redacted
 
 DEFAULT_DATA_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -305,6 +305,12 @@ class TrainParams(BaseModel):
         problem = file_url_problem(value)
         if problem:
             raise ValueError(problem)
+        if redacted(value):
+            raise ValueError(
+                "this URL holds '***' where petalflow hid its credentials when it recorded it "
+                "(MLflow's tags and parameters, the model card, a drift event's parameters): "
+                "a record cannot download; give the URL with its credentials (a retraining "
+                "on drift: set data_url in the train deployment's own parameters, README)")
         return value
 
     @field_validator("data_sha256")

@@ -359,6 +359,19 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     assert resource_id(url) == resource_id(resigned["url"])  # the watch's events: one source
     assert differs_from_champion(resigned, champion_info(MODEL)) == (
         False, f"source unchanged since the champion v1 ({first['source']['sha256'][:12]})")
+    # A retraining on drift gets the version's recorded parameters: refused before any
+    # request, saying why (it was an HTTP 401 from the server, or S3's 403).
+    from petalflow.tasks.drift import training_params_of
+
+    handed_on = training_params_of(f"models:/{MODEL}/1")
+    assert handed_on["data_url"] == shown
+    with pytest.raises(ValueError, match="holds '\\*\\*\\*' where petalflow hid its "
+                                         "credentials when it recorded it"):
+        TrainParams(**handed_on)
+    for record in (f"https://***@{host}/p.tgz", f"https://{host}/p.tgz?sig=***&a=1"):
+        with pytest.raises(ValueError, match="a record cannot download"):
+            TrainParams(data_url=record)
+    assert TrainParams(data_url=f"https://{host}/a***b.tgz?q=x***").data_url  # not a record
 
 
 def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promoted(
