@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+from petalflow.tasks.common import log, redacted
 from petalflow.tasks.params import ONE_RUN_FIELDS
 from petalflow.tasks.registry import model_said, model_version_of, parse_models_uri
 
@@ -99,9 +100,25 @@ def drift_payload(summary: dict, training_params: Optional[dict]) -> dict:
             "params": training_params}
 
 
+def refused_retraining(training_params: Optional[dict]) -> Optional[str]:
+    """Why the retraining a drift event starts with ``training_params`` will be refused, else
+    None: a data URL recorded without its credentials (``common.redacted``)."""
+    url = (training_params or {}).get("data_url")
+    if not url or not redacted(url):
+        return None
+    return (f"the retraining this drift event starts will be refused: the version's data URL "
+            f"was recorded without its credentials ({url}); set data_url in the train "
+            "deployment's own parameters and drop the drift trigger's parameters (README)")
+
+
 def emit_drift_detected(summary: dict, training_params: Optional[dict]) -> str:
-    """Emit ``petalflow.drift.detected``; returns the event id."""
+    """Emit ``petalflow.drift.detected``; returns the event id. The run's log warns first when
+    the retraining it starts will be refused (``refused_retraining``)."""
     from prefect.events import emit_event
+
+    refused = refused_retraining(training_params)
+    if refused:
+        log("%s", refused, level=30)
 
     event = emit_event(
         event=EVENT,

@@ -568,6 +568,21 @@ def test_drift_event_and_artifact_name_the_model_even_with_dots():
     assert artifact_key("drift", "team.flowers-v2") == "drift-team-flowers-v2"
 
 
+def test_a_drift_event_whose_retraining_will_be_refused_says_so():
+    """A version trained from a private URL records it without its credentials; the
+    retraining its drift event starts is refused for it: the predict run says so first."""
+    from petalflow.tasks.drift import refused_retraining
+
+    said = refused_retraining({"data_url": "https://***@host/p.tgz", "epochs": 5})
+    assert said == (
+        "the retraining this drift event starts will be refused: the version's data URL was "
+        "recorded without its credentials (https://***@host/p.tgz); set data_url in the train "
+        "deployment's own parameters and drop the drift trigger's parameters (README)")
+    assert refused_retraining({"data_url": "https://host/p.tgz?sig=***"}) is not None
+    assert refused_retraining({"data_url": "https://host/p.tgz"}) is None
+    assert refused_retraining(None) is None
+
+
 def test_a_models_requirements_are_checked_against_this_environment(tmp_path):
     """What ``petalflow predict`` warns about when loading a model: the pins this environment
     does not satisfy, packages it lacks; not options, paths, comments or other platforms'."""
