@@ -450,7 +450,7 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
     if learned is None:
         return {**whole, "basis": f"this run's test split ({n_test} images; champion "
                                   f"v{version}'s run does not say which images it learned from)"}
-    if predictions is None or not learned.intersection(split_shas(data_info, "test")):
+    if predictions is None:
         return whole
     return {**whole, **unseen_comparison(Path(predictions),
                                          Path(result["files"]["predictions"]), learned, version)}
@@ -462,7 +462,8 @@ def unseen_comparison(predictions: Path, champion_predictions: Path, learned: fr
     ``learned``; each image once): how many (``compared_images``), the new version's accuracy
     there (``accuracy``) and the champion's, from both evaluations' ``predictions.csv``; the
     ``basis`` names them. None of them: no like-for-like figure, and the version is ``held``
-    (not promoted: the champion is kept without a figure that says it is worse)."""
+    (not promoted: the champion is kept without a figure that says it is worse). Nothing
+    (``{}``: the whole split's figures stand) when no test image was a training image."""
     def correct(path: Path) -> pd.Series:
         rows = pd.read_csv(path, usecols=["sha256", "true_label", "label"], dtype=str,
                            keep_default_na=False).drop_duplicates("sha256")
@@ -470,6 +471,8 @@ def unseen_comparison(predictions: Path, champion_predictions: Path, learned: fr
 
     every = correct(predictions)
     new = every[~every.index.isin(learned)]
+    if len(new) == len(every):
+        return {}
     why = (f"this run splits the data otherwise than champion v{version}'s training did: "
            "another seed or test_fraction, or fewer photos")
     if new.empty:

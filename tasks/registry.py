@@ -223,6 +223,11 @@ def recorded_params(cfg: TrainParams, mode: str = "python") -> dict:
     return {**cfg.model_dump(mode=mode), "data_url": redact_url(cfg.data_url)}
 
 
+# The artifact folder where a training run keeps its data's manifest (``start_run``), which
+# says what images it trained on (``learned_images``).
+RUN_MANIFEST_DIR = "dataset"
+
+
 def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
               source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
@@ -249,7 +254,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
     counts = data_info["counts"]
     params += [Param("dataset_" + k, str(counts[k])) for k in ("found", "used", "quarantined")]
     client.log_batch(run_id, params=params)
-    client.log_artifact(run_id, data_info["manifest"], "dataset")
+    client.log_artifact(run_id, data_info["manifest"], RUN_MANIFEST_DIR)
     return run_id
 
 
@@ -623,13 +628,14 @@ def champion_info(model_name: str) -> Optional[dict]:
 
 def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
     """The sha256 of the images the model of MLflow run ``run_id`` was trained on: its run's
-    manifest (``dataset/manifest.csv``, logged by ``start_run``), rows of the train split (the
-    val split is only measured, never fitted); None when the run holds no manifest, or one
-    without those columns."""
+    manifest (``manifest.csv`` in ``RUN_MANIFEST_DIR``, logged by ``start_run``), rows of the
+    train split (the val split is only measured, never fitted); None when the run holds no
+    manifest, or one without those columns."""
     import pandas as pd
 
     try:
-        path = mlflow_client().download_artifacts(run_id, "dataset/manifest.csv", str(dest))
+        path = mlflow_client().download_artifacts(run_id, f"{RUN_MANIFEST_DIR}/manifest.csv",
+                                                   str(dest))
     except Exception as exc:  # noqa: BLE001 - MlflowException; "could not ask" propagates
         if is_missing(exc):
             return None

@@ -1635,6 +1635,8 @@ def test_a_champion_is_not_credited_with_the_images_it_was_trained_on(tmp_path, 
                         compared=result["accuracy"]) == (
         CHAMPION, f"test accuracy 0.7500 beats the champion's 0.5000 on {basis}")
 
+    # No test image was a training image: nothing to change (the whole split's figures).
+    assert unseen_comparison(challenger, champion, frozenset({"0" * 63 + "z"}), "1") == {}
     none_left = unseen_comparison(challenger, champion, frozenset(shas), "1")
     assert none_left["champion_accuracy"] is None and none_left["compared_images"] == 0
     alias, reason = decide_alias(0.75, 0.5, None, basis=none_left["basis"],
