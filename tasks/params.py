@@ -247,9 +247,9 @@ class TrainParams(BaseModel):
     min_improvement: float = Field(
         0.0, ge=0, le=1, title="Minimum improvement over the champion",
         description="When the champion has the same classes it is evaluated on this run's test "
-        "split; the new version takes 'champion' only if its test accuracy beats the "
-        "champion's by more than 0 and by at least this (0: strictly better; a tie keeps the "
-        "champion).",
+        "split, less the images it was trained on; the new version takes 'champion' only if "
+        "its accuracy there beats the champion's by more than 0 and by at least this (0: "
+        "strictly better; a tie keeps the champion).",
     )
     allow_dropped_classes: bool = Field(
         False, title="Allow dropping classes",
