@@ -131,9 +131,11 @@ def train_and_register(params: TrainParams = TrainParams()):
                                         expected_sha256(params))
         source = describe_source_task(params.data_url, archive)
     if source["kind"] == "http":
-        logger.info("dataset %s: %s (sha256 %s, ETag %s, Last-Modified %s)",
+        logger.info("dataset %s: %s (sha256 %s, ETag %s, Last-Modified %s%s)",
                     redact_url(params.data_url), source["outcome"], source["sha256"][:12],
-                    source.get("etag"), source.get("last_modified"))
+                    source.get("etag"), source.get("last_modified"),
+                    f"; redirected to {source['redirected_to']}"
+                    if source.get("redirected_to") else "")
     with timer.phase("scan"):
         data_root = extract_archive_task(archive, str(home / "datasets"),
                                          params.max_extract_bytes,

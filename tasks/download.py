@@ -117,10 +117,15 @@ def download_archive(
                 return target
             target.unlink()  # a corrupt copy on disk: fetch again
             known = {}
-        fetched = _fetch(url, target, known, timeout_s, on_progress, pinned=bool(sha256))
+        fetched, led_to = _fetch(url, target, known, timeout_s, on_progress,
+                                 pinned=bool(sha256))
+        # Where a redirect led (a "latest" link, a release asset's storage), as recorded.
+        where = {"redirected_to": led_to} if led_to else {}
         if fetched is None:  # 304: the copy on disk is current
+            if led_to is not False:  # False: not asked (HEAD said so): keep what was known
+                known = {key: value for key, value in known.items() if key != "redirected_to"}
             write_json(record_path, {**known, "url": url, "outcome": "not modified",
-                                      "checked_at": utc_now()})
+                                      "checked_at": utc_now(), **where})
             return target
         part, validators = fetched
         actual = sha256_file(part)
@@ -139,14 +144,43 @@ def download_archive(
         else:
             os.replace(part, target)  # atomic switch: readers see the old or the new copy
         write_json(record_path, {"url": url, "sha256": actual, **validators,
-                                  "outcome": outcome, "checked_at": utc_now()})
+                                  "outcome": outcome, "checked_at": utc_now(), **where})
         _part_record(part).unlink(missing_ok=True)
         return target
 
 
+def _shown(url: str) -> str:
+    """A URL for a message: ``redact_url``'s, and for another scheme (where a redirect may
+    lead) its scheme, host and path only."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() in ("http", "https"):
+        return redact_url(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+
+
+def _led_to(url: str, request_url) -> Optional[str]:
+    """Where the redirects from ``url`` led (``request_url``: the URL of the last request),
+    for a record or a message (``_shown``); None when there was no redirect."""
+    import httpx
+
+    at = str(request_url)
+    return None if httpx.URL(url) == httpx.URL(at) else _shown(at)
+
+
+def _request_url(exc) -> Optional[str]:
+    try:
+        return str(exc.request.url)
+    except RuntimeError:  # raised before a request was made
+        return None
+
+
 def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
            pinned: bool = False):
-    """One conditional GET of ``url``: None on 304, else (``.part`` path, validators).
+    """One conditional GET of ``url``: (None, where) on 304, else ((``.part`` path,
+    validators), where); ``where``: the URL redirects led to (``_shown``), None without a
+    redirect, False when a HEAD answer settled it without a GET.
 
     An interrupted ``.part`` is resumed with Range + If-Range (its own validators), so a source
     that changed in between is fetched whole instead of being spliced; without validators it is
@@ -171,7 +205,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
         # refuses it; object stores date every upload anew) is the date sent as before.
         same = _same_by_head(url, known, target, timeout_s)
         if same:
-            return None
+            return None, False
         if same is None:
             headers["If-Modified-Since"] = known["last_modified"]
     offset = part.stat().st_size if part.exists() else 0
@@ -184,8 +218,11 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
         with httpx.stream(
             "GET", url, headers=headers, timeout=timeout_s, follow_redirects=True
         ) as resp:
+            led_to = _led_to(url, resp.url) if resp.history else None
             if resp.status_code == 304 and known:
-                return None
+                return None, led_to
+            if led_to:  # errors say where the URL led: an expired signature, a moved file
+                shown = f"{shown} (redirected to {led_to})"
             if resp.status_code == 416:  # our .part is already complete or bogus
                 part.unlink(missing_ok=True)
                 raise TransientError(f"range not satisfiable for {shown}; restarting download")
@@ -211,9 +248,23 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
                 os.fsync(fh.fileno())
             if total is not None and done < total:
                 raise TransientError(f"connection to {shown} closed after {done}/{total} bytes")
+    except httpx.TooManyRedirects as exc:  # no network trouble: retrying changes nothing
+        raise DownloadError(
+            f"{shown} redirects in a loop (redirected again and again, last to "
+            f"{_shown(_request_url(exc) or url)}): a server that signs users in "
+            "through a browser (cookies, a sign-in page) answers so; use the URL of the archive "
+            "itself, or download it and give its path") from exc
+    except httpx.UnsupportedProtocol as exc:
+        raise DownloadError(
+            f"{shown} redirects to {_shown(_request_url(exc) or url)}, which petalflow cannot "
+            "download (http and https only): use an http(s) URL of the archive, or download "
+            "it and give its path") from exc
     except httpx.TransportError as exc:  # drops, resets, timeouts: keep the .part, resume
-        raise TransientError(f"network error downloading {shown}: {exc}") from exc
-    return part, (part_meta if resumed else validators)
+        at = _request_url(exc)
+        led_to = _led_to(url, at) if at else None
+        where = f" (redirected to {led_to})" if led_to and led_to not in shown else ""
+        raise TransientError(f"network error downloading {shown}{where}: {exc}") from exc
+    return (part, (part_meta if resumed else validators)), led_to
 
 
 def _same_by_head(url: str, known: dict, target: Path, timeout_s: float) -> Optional[bool]:
@@ -262,7 +313,8 @@ def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
 def describe_source(url: str, archive: Path) -> dict:
     """Provenance of what a run trains on, for MLflow, the summary and change detection:
     ``kind`` (http / file / folder), ``sha256`` of the archive (None for a folder), the HTTP
-    validators and outcome for a URL, and the listing fingerprint of a folder.
+    validators, outcome and where a redirect led (``redirected_to``, a "latest" link's file
+    of the day) for a URL, and the listing fingerprint of a folder.
 
     Raises ArchiveError (``WebPageNotArchive`` for a sign-in or error page) when a file is no
     tar or zip archive: the watch must not announce such bytes as new data to train on."""
@@ -275,9 +327,13 @@ def describe_source(url: str, archive: Path) -> dict:
         kind = _archive_kind(archive)
     except WebPageNotArchive as exc:
         page = share_page(url)
-        if page is None:
+        led_to = source_record(archive).get("redirected_to") if local_source(url) is None \
+            else None
+        if page is None and led_to is None:
             raise
-        raise WebPageNotArchive(f"{exc}. This URL is {page}") from None
+        said = (f". This URL is {page}" if page else "") + (
+            f". The URL redirected to {led_to}" if led_to else "")
+        raise WebPageNotArchive(f"{exc}{said}") from None
     contents = {"contents_sha256": zip_contents_digest(archive)} if kind == "zip" else {}
     if local_source(url) is not None:
         return {"kind": "file", "url": url, "sha256": sha256_file(archive), **contents}
@@ -285,7 +341,7 @@ def describe_source(url: str, archive: Path) -> dict:
     return {"kind": "http", "url": url, "sha256": record.get("sha256") or sha256_file(archive),
             "etag": record.get("etag"), "last_modified": record.get("last_modified"),
             "outcome": record.get("outcome"), "checked_at": record.get("checked_at"),
-            **contents}
+            "redirected_to": record.get("redirected_to"), **contents}
 
 
 # The page a browser shows for a file on a code or file host, and where the file itself is:

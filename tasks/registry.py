@@ -192,7 +192,8 @@ def ensure_experiment(client, name: str) -> str:
 SOURCE_TAGS = {"sha256": "archive_sha256", "etag": "source_etag",
                "last_modified": "source_last_modified", "outcome": "source_outcome",
                "listing_fingerprint": "listing_fingerprint",
-               "contents_sha256": "archive_contents_sha256"}
+               "contents_sha256": "archive_contents_sha256",
+               "redirected_to": "source_redirected_to"}
 
 
 def source_tags(source: Optional[dict], with_outcome: bool = True) -> dict:

@@ -81,6 +81,8 @@ def _source_lines(source: dict) -> list[str]:
         lines.append(f"- ETag: `{source.get('etag') or 'none sent'}`; Last-Modified: "
                      f"`{source.get('last_modified') or 'none sent'}`; this run: "
                      f"{source.get('outcome') or 'unknown'}")
+    if source.get("redirected_to"):
+        lines.append(f"- The URL redirected to `{source['redirected_to']}`")
     if source.get("listing_fingerprint"):
         lines.append(f"- Folder listing fingerprint: `{source['listing_fingerprint']}`")
     return lines

@@ -205,6 +205,13 @@ class _Revalidating(http.server.BaseHTTPRequestHandler):
         site = self.server.site
         site.requests.append((self.path, self.headers.get("If-None-Match"),
                               self.headers.get("If-Modified-Since")))
+        location = site.redirects.get(self.path)
+        if location is not None:  # a "latest" link, a release page's asset, a loop
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         body = site.files.get(self.path)
         if body is None:
             self.send_error(404)
@@ -237,10 +244,12 @@ class _Revalidating(http.server.BaseHTTPRequestHandler):
 
 
 class ChangingSite:
-    """State of a ``revalidating_server``: put new bytes behind a path with ``put``."""
+    """State of a ``revalidating_server``: put new bytes behind a path with ``put``, a 302
+    with ``redirects[path] = location``."""
 
     def __init__(self, validators: bool = True, etag: bool = True):
         self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}  # path -> Location of a 302
         self.mtimes: dict[str, float] = {}
         self.requests: list[tuple] = []
         self.body_bytes = 0

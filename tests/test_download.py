@@ -801,6 +801,96 @@ def test_server_without_validators_is_downloaded_and_compared_by_hash(tmp_path):
     assert changed.read_bytes() == new
 
 
+def test_a_url_that_redirects_is_revalidated_where_it_leads_and_records_it(tmp_path):
+    """A "latest" link (a release page's asset, a download service) answers 302 to the file
+    of the day: the copy is revalidated through the redirect (304, no body), a redirect to
+    another file downloads it, and the record says where the URL led."""
+    from petalflow.tasks.download import source_record
+    from tests.helpers import revalidating_server
+
+    old, new = _two_archives(tmp_path)
+    dest = tmp_path / "downloads"
+    with revalidating_server() as site:
+        first_file = site.put("/2026-11-28.tgz", old)
+        site.redirects["/latest.tgz"] = "/2026-11-28.tgz"
+        url = site.url + "/latest.tgz"
+        got = download_archive(url, dest)
+        assert got.name == "latest.tgz" and got.read_bytes() == old
+        assert source_record(got)["redirected_to"] == first_file
+        assert download_archive(url, dest) == got
+        assert source_record(got)["outcome"] == "not modified" and site.body_bytes == len(old)
+        next_file = site.put("/2026-12-05.tgz", new)
+        site.redirects["/latest.tgz"] = "/2026-12-05.tgz"
+        assert download_archive(url, dest).read_bytes() == new
+        record = source_record(got)
+        assert record["outcome"] == "downloaded" and record["redirected_to"] == next_file
+        assert record["url"] == url
+        # The run's provenance (the MLflow tags, the model card) says which file it was.
+        from petalflow.tasks.download import describe_source
+        from petalflow.tasks.registry import source_tags
+        from petalflow.tasks.report import _source_lines
+
+        source = describe_source(url, got)
+        assert source["redirected_to"] == next_file
+        assert source_tags(source)["source_redirected_to"] == next_file
+        assert f"- The URL redirected to `{next_file}`" in _source_lines(source)
+        # A URL that leads nowhere else records no redirect.
+        direct = download_archive(next_file, tmp_path / "direct")
+        assert "redirected_to" not in source_record(direct)
+        assert "source_redirected_to" not in source_tags(describe_source(next_file, direct))
+
+
+def test_a_redirect_that_cannot_lead_to_the_archive_fails_at_once_saying_where_it_led(tmp_path):
+    """A redirect loop (a sign-in that wants a browser's cookies), a redirect to a protocol
+    petalflow does not download, and an error status where the redirect led: each a
+    DownloadError (no retry) naming the URL given and where it led, its secrets hidden; a
+    sign-in page the URL redirected to says where. Before: httpx's bare "Exceeded maximum
+    allowed redirects." without any URL, and the ftp redirect a "network error" retried as if
+    the network were down."""
+    from petalflow.tasks.download import describe_source
+    from petalflow.tasks.errors import DownloadError, TransientError, WebPageNotArchive
+    from tests.helpers import revalidating_server
+
+    dest = tmp_path / "downloads"
+    with revalidating_server() as site:
+        site.redirects["/data.tgz"] = "/sso/login?next=/data.tgz"
+        site.redirects["/sso/login?next=/data.tgz"] = "/data.tgz"
+        with pytest.raises(DownloadError) as loop:
+            download_archive(site.url + "/data.tgz", dest)
+        assert not isinstance(loop.value, TransientError)
+        text = str(loop.value)
+        assert f"{site.url}/data.tgz redirects in a loop" in text
+        assert "/sso/login?next=/data.tgz" in text and "URL of the archive itself" in text
+
+        site.redirects["/ftp.tgz"] = "ftp://files.example.org/pub/data.tgz"
+        with pytest.raises(DownloadError, match=r"/ftp.tgz redirects to "
+                           r"ftp://files.example.org/pub/data.tgz, which petalflow cannot "
+                           r"download \(http and https only\)"):
+            download_archive(site.url + "/ftp.tgz", dest)
+
+        signed = "/bucket/data.tgz?X-Amz-Expires=60&X-Amz-Signature=abc123"
+        site.redirects["/release/data.tgz"] = signed
+        with pytest.raises(DownloadError) as gone:
+            download_archive(site.url + "/release/data.tgz", dest)
+        text = str(gone.value)
+        assert text.startswith(f"HTTP 404 from {site.url}/release/data.tgz (redirected to "
+                               f"{site.url}/bucket/data.tgz?X-Amz-Expires=60&"
+                               "X-Amz-Signature=***)")
+        assert "abc123" not in text
+
+        # A redirect to a sign-in page that answers 200: the page is refused as before, and
+        # the error says where the URL led (the sign-in's address tells whose it is).
+        site.put("/sso/login", b"<!DOCTYPE html><html><body>Sign in</body></html>")
+        site.redirects["/private.tgz"] = "/sso/login"
+        page = download_archive(site.url + "/private.tgz", dest)
+        with pytest.raises(WebPageNotArchive) as signin:
+            describe_source(site.url + "/private.tgz", page)
+        assert str(signin.value).endswith(
+            "use the URL that downloads the archive itself. The URL redirected to "
+            f"{site.url}/sso/login")
+    assert not list(dest.rglob("*.part"))
+
+
 def test_pinned_digest_means_exactly_these_bytes(tmp_path):
     from tests.helpers import revalidating_server
 
