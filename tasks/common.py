@@ -221,6 +221,26 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+# A web address written without its scheme ("example.com/photos.tgz", "localhost:8000/x"),
+# which would be read as a local path: a host name with a top-level domain, localhost or an
+# IPv4 address, an optional port, then a path ("photos.tgz" alone is a file's name).
+_SCHEMELESS_URL = re.compile(
+    r"^(?P<host>localhost|\d{1,3}(?:\.\d{1,3}){3}|(?:[a-z0-9-]+\.)+[a-z]{2,})(?::\d{1,5})?/",
+    re.IGNORECASE)
+
+
+def scheme_hint(value: str) -> str:
+    """For a path that does not exist and reads as a web address without http(s)://, the
+    clause saying which URL it may mean ("; a web address needs its scheme: https://…"; http
+    for localhost and an IP address); "" otherwise."""
+    found = _SCHEMELESS_URL.match(value)
+    if not found:
+        return ""
+    host = found.group("host").lower()
+    scheme = "http" if host == "localhost" or host[0].isdigit() else "https"
+    return f"; a web address needs its scheme: {scheme}://{value}"
+
+
 def redacted(url: str) -> bool:
     """True for a URL as ``redact_url`` records it, its credentials replaced by "***" (a user
     and password, a secret query value): a record, which cannot download."""

@@ -34,7 +34,7 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
-    set_aside, sha256_file, tree_bytes, utc_now, walk_files, write_json,
+    scheme_hint, set_aside, sha256_file, tree_bytes, utc_now, walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
@@ -92,7 +92,7 @@ def download_archive(
     source = local_source(url)
     if source is not None:
         if not source.exists():
-            raise DownloadError(f"dataset source {url!r} does not exist")
+            raise DownloadError(f"dataset source {url!r} does not exist{scheme_hint(url)}")
         if source.is_file() and sha256:
             actual = sha256_file(source)
             if actual != sha256:

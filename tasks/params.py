@@ -16,7 +16,7 @@ from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
 )
 
-from petalflow.tasks.common import local_source, redacted
+from petalflow.tasks.common import local_source, redacted, scheme_hint
 
 DEFAULT_DATA_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -342,7 +342,8 @@ class TrainParams(BaseModel):
             raise ValueError(f"{value!r} is a file, not a SavedModel folder: {what}give the "
                              "folder that holds saved_model.pb")
         if not path.is_dir():
-            raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel folder")
+            raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel "
+                             f"folder{scheme_hint(value)}")
         return value
 
     @field_validator("training_deployment")

@@ -116,6 +116,45 @@ def test_local_path_and_file_url(archive_dir, tmp_path):
         download_archive(str(tmp_path / "nope.tgz"), tmp_path / "d")
 
 
+@pytest.mark.parametrize("given, means", [
+    ("example.com/data/photos.tgz", "https://example.com/data/photos.tgz"),
+    ("www.example.org/photos.zip", "https://www.example.org/photos.zip"),
+    ("localhost:8000/photos.tgz", "http://localhost:8000/photos.tgz"),
+    ("192.168.1.20:8080/photos.tgz", "http://192.168.1.20:8080/photos.tgz"),
+    ("tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector/5",
+     "https://tfhub.dev/google/imagenet/mobilenet_v2_035_224/feature_vector/5"),
+])
+def test_a_web_address_without_its_scheme_is_said_to_need_one(tmp_path, monkeypatch, given,
+                                                              means):
+    """A web address typed or pasted without http(s):// (a form, a chat message) is read as a
+    local path, which does not exist: the dataset's error (at run time: a path may exist on
+    the worker only) and the backbone's (at validation) say which URL it may have meant. Before:
+    "dataset source 'example.com/data/photos.tgz' does not exist" alone."""
+    from pydantic import ValidationError
+
+    from petalflow.tasks.errors import DownloadError
+    from petalflow.tasks.params import TrainParams
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DownloadError) as missing:
+        download_archive(given, tmp_path / "d")
+    assert str(missing.value) == (
+        f"dataset source {given!r} does not exist; a web address needs its scheme: {means}")
+    with pytest.raises(ValidationError, match=f"a web address needs its scheme: {means}"):
+        TrainParams(backbone=given)
+
+
+def test_a_missing_path_that_is_no_web_address_gets_no_such_suggestion(tmp_path, monkeypatch):
+    from petalflow.tasks.errors import DownloadError
+
+    monkeypatch.chdir(tmp_path)
+    for given in ("photos.tgz", "data/photos", "./photos.tgz", "/srv/data/photos.tgz",
+                  "~/photos.tgz", "C:/photos.tgz"):
+        with pytest.raises(DownloadError) as missing:
+            download_archive(given, tmp_path / "d")
+        assert str(missing.value) == f"dataset source {given!r} does not exist", given
+
+
 def test_a_file_url_with_two_slashes_is_refused_not_read_as_the_current_folder(
         workspace, capsys):
     """``file://photos.tgz`` names the host "photos.tgz" and an empty path: it was read as the
