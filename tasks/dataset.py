@@ -159,13 +159,27 @@ def earlier_hashes(manifests_dir: Path, data_root: Path) -> dict:
     return found
 
 
-# Folders archivers add beside the data (macOS Finder zips carry resource forks in __MACOSX/).
-NOT_CLASS_FOLDERS = {"__MACOSX"}
+# Folders archivers, NAS systems and operating systems add beside and inside the data (by
+# their names, compared case-blind): never a class, their files never photos of one.
+SYSTEM_FOLDERS = {
+    "__macosx": "macOS Finder's resource forks",
+    "@eadir": "a Synology NAS's thumbnails and metadata",
+    "#recycle": "a NAS's recycle bin",
+    "#snapshot": "a NAS's snapshots",
+    "$recycle.bin": "Windows' recycle bin",
+    "system volume information": "Windows' system folder",
+    "lost+found": "what a file-system check recovered",
+}
+
+
+def system_folder(name: str) -> Optional[str]:
+    """What a folder named ``name`` is when an archiver or a system made it (None otherwise)."""
+    return SYSTEM_FOLDERS.get(name.casefold())
 
 
 def is_class_folder(path: Path) -> bool:
-    """A visible folder that is not archiver metadata."""
-    return path.is_dir() and not path.name.startswith(".") and path.name not in NOT_CLASS_FOLDERS
+    """A visible folder that is not archiver or system metadata."""
+    return path.is_dir() and not path.name.startswith(".") and not system_folder(path.name)
 
 
 def class_folders(data_root: Path) -> list[str]:
@@ -386,7 +400,7 @@ def _only_folders(folder: Path) -> Optional[list[str]]:
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or entry.name in NOT_CLASS_FOLDERS:
+                if entry.name.startswith(".") or system_folder(entry.name):
                     continue
                 if entry.is_dir():
                     dirs.append(entry.name)
@@ -762,8 +776,12 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None,
             row.update(status="quarantined", reason=f"unreadable file: {exc}")
             rows.append(row)
             continue
+        inside = next((part for part in Path(rel).parts[:-1] if system_folder(part)), None)
         if any(part.startswith(".") for part in Path(rel).parts):
             row.update(status="quarantined", reason="hidden file")
+        elif inside:
+            row.update(status="quarantined", reason=f"in {inside}/, {system_folder(inside)}, "
+                       "not a photo of the class")
         elif row["size"] == 0:
             row.update(status="quarantined", reason="empty file")
         elif row["sha256"] in known:
@@ -973,8 +991,9 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
 # The scan's own version, written into dataset.json: a manifest is reused (``prepare_dataset``
 # with ``unchanging``) only when the scan that wrote it was this one. Raise it with any change
 # to what the scan decides (which files are used or quarantined, the split, the counts).
-SCAN_VERSION = 3  # 2: copies of the class folders nested in the dataset (nested_copies);
-#                  3: class names in Unicode's composed form (class_label), 1-bit BMPs named
+SCAN_VERSION = 4  # 2: copies of the class folders nested in the dataset (nested_copies);
+#                  3: class names in Unicode's composed form (class_label), 1-bit BMPs named;
+#                  4: NAS and system folders (SYSTEM_FOLDERS: @eaDir, #recycle) no photos
 KNOWN = "\0known"  # scan_dataset's mark, in ``reason``, of a file whose bytes were checked before
 
 

@@ -379,6 +379,50 @@ def test_images_outside_every_class_folder_are_counted_and_named_not_silently_dr
     assert info["counts"]["loose_images"] == 0 and split_layout_note(info["counts"]) is None
 
 
+def test_a_nas_or_system_folder_is_no_class_and_its_files_are_no_photos(tmp_path):
+    """A dataset folder kept on a NAS or a removable drive holds the system's own folders: a
+    Synology NAS writes each photo's thumbnails into an ``@eaDir/`` beside it (five smaller
+    copies: in the scan they were photos of the class, and a test photo's thumbnails landed in
+    the training split), keeps deleted files in ``#recycle/`` (a class of its own, "#recycle",
+    of photos of every class), Windows its recycle bin in ``$RECYCLE.BIN/``. None is a class,
+    their files are not used, and those inside a class folder are counted as quarantined,
+    saying why."""
+    root = make_dataset(tmp_path / "d", per_class=6)
+    for photo in sorted((root / "blue").glob("*.jpg")):
+        thumbs = root / "blue" / "@eaDir" / photo.name
+        thumbs.mkdir(parents=True)
+        with Image.open(photo) as im:
+            for name, side in (("SYNOPHOTO_THUMB_M.jpg", 16), ("SYNOPHOTO_THUMB_S.jpg", 8)):
+                im.resize((side, side)).save(thumbs / name, "JPEG", quality=80)
+        (root / "blue" / "@eaDir" / f"{photo.name}@SynoEAStream").write_bytes(b"\0" * 40)
+    for label in ("red", "green"):
+        write_image(root / "#recycle" / label / "deleted.jpg", (90, 90, 90), seed=31)
+    write_image(root / "$RECYCLE.BIN" / "S-1-5-21-1004" / "$RAB12CD.jpg", (5, 5, 5), seed=32)
+    (root / "System Volume Information").mkdir()
+    (root / "System Volume Information" / "IndexerVolumeGuid").write_bytes(b"{0}")
+    write_image(root / "@eaDir" / "red@SynoResource" / "SYNOPHOTO_THUMB_M.jpg", (1, 2, 3))
+
+    info = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    counts = info["counts"]
+    assert counts["used"] == 18 and counts["splits"]["train"] == 18 - 2 * 3 * 2
+    manifest = load_manifest(info["manifest"])
+    used = manifest.loc[manifest["status"] == "ok", "path"].tolist()
+    assert not [p for p in used if "@eaDir" in p or "#recycle" in p or "RECYCLE" in p]
+    thumbs = manifest[manifest["path"].str.startswith("blue/@eaDir/")]
+    assert len(thumbs) == 6 * 3 and (thumbs["status"] == "quarantined").all()
+    assert set(thumbs["reason"]) == {
+        "in @eaDir/, a Synology NAS's thumbnails and metadata, not a photo of the class"}
+    assert counts["found"] == 18 + 18  # the class folders' files: found = used + quarantined
+    assert counts["quarantined"] == 18
+    # Wrapped in one folder beside the NAS's own: still found as the data root.
+    wrapped = tmp_path / "share"
+    shutil.copytree(root, wrapped / "photos")
+    (wrapped / "#recycle").mkdir()
+    (wrapped / "@eaDir" / "photos@SynoResource").mkdir(parents=True)
+    assert find_data_root(wrapped) == wrapped / "photos"
+
+
 def test_a_class_name_written_decomposed_and_composed_is_one_class(tmp_path):
     """"café" from a zip made on macOS (decomposed: e + U+0301) beside "café" typed elsewhere
     (composed): one class, named in the composed form, not two classes that look the same;
