@@ -255,6 +255,25 @@ def redacted(url: str) -> bool:
         or any(item.partition("=")[2] == "***" for item in parts.query.split("&")))
 
 
+# Folders archivers, NAS systems and operating systems add beside and inside the data (by
+# their names, compared case-blind): never a class, their files never photos of one, and not
+# searched for images to classify.
+SYSTEM_FOLDERS = {
+    "__macosx": "macOS Finder's resource forks",
+    "@eadir": "a Synology NAS's thumbnails and metadata",
+    "#recycle": "a NAS's recycle bin",
+    "#snapshot": "a NAS's snapshots",
+    "$recycle.bin": "Windows' recycle bin",
+    "system volume information": "Windows' system folder",
+    "lost+found": "what a file-system check recovered",
+}
+
+
+def system_folder(name: str) -> Optional[str]:
+    """What a folder named ``name`` is when an archiver or a system made it (None otherwise)."""
+    return SYSTEM_FOLDERS.get(name.casefold())
+
+
 def walk_files(top: Path) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) of every folder under ``top``, in sorted order, following
     linked folders (a class folder linking a folder of photos kept elsewhere: ``os.walk`` and

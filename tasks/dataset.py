@@ -27,7 +27,7 @@ from prefect import task
 from typing_extensions import NotRequired, TypedDict  # pydantic needs them before 3.12
 
 from petalflow.tasks.common import (
-    log, printable_name, walk_files, without_autotuning, write_json,
+    log, printable_name, system_folder, walk_files, without_autotuning, write_json,
 )
 from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
@@ -157,24 +157,6 @@ def earlier_hashes(manifests_dir: Path, data_root: Path) -> dict:
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return found
-
-
-# Folders archivers, NAS systems and operating systems add beside and inside the data (by
-# their names, compared case-blind): never a class, their files never photos of one.
-SYSTEM_FOLDERS = {
-    "__macosx": "macOS Finder's resource forks",
-    "@eadir": "a Synology NAS's thumbnails and metadata",
-    "#recycle": "a NAS's recycle bin",
-    "#snapshot": "a NAS's snapshots",
-    "$recycle.bin": "Windows' recycle bin",
-    "system volume information": "Windows' system folder",
-    "lost+found": "what a file-system check recovered",
-}
-
-
-def system_folder(name: str) -> Optional[str]:
-    """What a folder named ``name`` is when an archiver or a system made it (None otherwise)."""
-    return SYSTEM_FOLDERS.get(name.casefold())
 
 
 def is_class_folder(path: Path) -> bool:

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from petalflow.tasks.common import log, printable_name, walk_files
+from petalflow.tasks.common import log, printable_name, system_folder, walk_files
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
 from petalflow.tasks.serving import encode_bytes
@@ -54,9 +54,14 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
 
 def _visible_files(folder: Path) -> list[Path]:
     """The files under ``folder`` (linked folders followed), sorted, hidden ones (or in hidden
-    folders) left out: what a folder input is searched in."""
+    folders) and those in a system's folders (``system_folder``: a NAS's thumbnails, recycle
+    bins) left out: what a folder input is searched in."""
+    def visible(rel: Path) -> bool:
+        return not any(part.startswith(".") for part in rel.parts) and not any(
+            system_folder(part) for part in rel.parts[:-1])
+
     return sorted(f for f in (Path(d) / name for d, names in walk_files(folder) for name in names)
-                  if not any(part.startswith(".") for part in f.relative_to(folder).parts))
+                  if visible(f.relative_to(folder)))
 
 
 def no_images_message(inputs: Sequence[str]) -> str:

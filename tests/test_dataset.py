@@ -423,6 +423,27 @@ def test_a_nas_or_system_folder_is_no_class_and_its_files_are_no_photos(tmp_path
     assert find_data_root(wrapped) == wrapped / "photos"
 
 
+def test_a_folder_to_classify_on_a_nas_gives_its_photos_not_the_systems_copies(tmp_path):
+    """``petalflow predict --input`` / ``batch-predict`` on a NAS folder: the thumbnails a
+    Synology NAS keeps beside every photo (``@eaDir/``) and the recycle bins' deleted photos
+    were classified as images of their own (three rows for one photo here); a file in such a
+    folder named on its own is still classified."""
+    from petalflow.tasks.predict import iter_inputs
+
+    folder = tmp_path / "incoming"
+    for name in ("a.jpg", "b.jpg"):
+        write_image(folder / name, (200, 30, 30))
+        for thumb in ("SYNOPHOTO_THUMB_M.jpg", "SYNOPHOTO_THUMB_S.jpg"):
+            write_image(folder / "@eaDir" / name / thumb, (200, 30, 30), size=(8, 8))
+    write_image(folder / "#recycle" / "old.jpg", (1, 1, 1))
+    write_image(folder / "$Recycle.Bin" / "S-1-5-21" / "$RXYZ.jpg", (1, 1, 1))
+    write_image(folder / "week 2" / "c.jpg", (30, 30, 200))
+    assert list(iter_inputs([str(folder)])) == [folder / "a.jpg", folder / "b.jpg",
+                                                folder / "week 2" / "c.jpg"]
+    named = folder / "@eaDir" / "a.jpg" / "SYNOPHOTO_THUMB_M.jpg"
+    assert list(iter_inputs([str(named)])) == [named]
+
+
 def test_a_class_name_written_decomposed_and_composed_is_one_class(tmp_path):
     """"café" from a zip made on macOS (decomposed: e + U+0301) beside "café" typed elsewhere
     (composed): one class, named in the composed form, not two classes that look the same;
