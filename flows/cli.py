@@ -56,8 +56,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetError,
-        DownloadError, ModelNotFound, StoreNotFound, TransientError, UnusableImages,
-        WebPageNotArchive,
+        DownloadError, LinksInArchive, ModelNotFound, StoreNotFound, TransientError,
+        UnusableImages, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -91,6 +91,10 @@ def explain_failure(exc: BaseException) -> RunFailed:
                          "`tar -tf`) and put a whole copy behind --data-url; the datasets "
                          "already extracted and the registered models are as they were.",
                          EXIT_DATA)
+    if isinstance(exc, LinksInArchive):
+        return RunFailed(text, "pack the class folders again with the files their links point "
+                         "to: `tar -czhf photos.tgz photos/` (-h follows links) or `zip -r "
+                         "photos.zip photos/` (without -y).", EXIT_DATA)
     if isinstance(exc, UnusableImages):
         return RunFailed(text, "the class folders were found, but their images could not "
                          "be used, for the reason above: fix or replace those files (a format "

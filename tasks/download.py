@@ -38,8 +38,8 @@ from petalflow.tasks.common import (
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
-    ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, TransientError,
-    WebPageNotArchive, is_transient_status,
+    ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive,
+    TransientError, WebPageNotArchive, is_transient_status,
 )
 
 def _archive_name(url: str) -> str:
@@ -563,6 +563,15 @@ def _check_tar_ended(archive: Path, tar: tarfile.TarFile, members: list) -> None
     raise _damaged(archive, detail)
 
 
+def _symbolic_link(name: str, target: str) -> LinksInArchive:
+    """The error for a symbolic link in an archive: class folders of links (to photos kept
+    elsewhere) packed as they are hold no photo."""
+    return LinksInArchive(
+        f"archive member {name!r} is a symbolic link (to {target!r}), not a photo: the archive "
+        "holds the link, not the file it points to; pack the files themselves (tar -h, "
+        "--dereference; zip without -y, --symlinks)")
+
+
 def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
     """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
     toward ``max_bytes``)."""
@@ -571,15 +580,26 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
             members = tar.getmembers()
             _check_tar_ended(archive, tar, members)
             total = already
+            files: set[str] = set()  # the regular files before each member
             for member in members:
                 member.name = tar_member_name(member.name)
                 _check_member_name(member.name)
-                if member.issym() or member.islnk():
-                    raise ArchiveError(f"archive member {member.name!r} is a link; refusing")
+                if member.islnk():  # a file's second name: tar stores its bytes once
+                    member.linkname = tar_member_name(member.linkname)
+                    if member.linkname not in files:
+                        raise ArchiveError(
+                            f"archive member {member.name!r} is a hard link to "
+                            f"{member.linkname!r}, a file the archive does not hold before "
+                            "it; refusing")
+                    continue
+                if member.issym():
+                    raise _symbolic_link(member.name, member.linkname)
                 if not (member.isfile() or member.isdir()):
                     raise ArchiveError(
                         f"archive member {member.name!r} is a device or special file; refusing"
                     )
+                if member.isfile():
+                    files.add(member.name)
                 total += member.size
                 if total > max_bytes:
                     raise ArchiveError(
@@ -658,7 +678,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
                 _check_member_name(name)
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
-                    raise ArchiveError(f"archive member {name!r} is a link; refusing")
+                    raise _symbolic_link(name, zf.read(info).decode("utf-8", "replace"))
                 kind = stat.S_IFMT(mode)  # 0 when the zip records permissions only
                 if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                     raise ArchiveError(f"archive member {name!r} is a special file")

@@ -31,6 +31,11 @@ class DamagedArchive(ArchiveError):
     changed on the way or on disk (a checksum inside it disagrees). Nothing was extracted."""
 
 
+class LinksInArchive(ArchiveError):
+    """The archive holds symbolic links where photos were expected (class folders of links
+    packed as they are): it must be packed again with the files the links point to."""
+
+
 class WebPageNotArchive(ArchiveError):
     """Where the archive was expected, the URL gave a web page (a sign-in, a download
     confirmation or an error page answered with status 200): the source is wrong, not the data."""

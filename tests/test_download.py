@@ -225,6 +225,66 @@ def test_unsafe_tar_is_refused_and_nothing_written_outside(tmp_path, add, messag
     assert not (tmp_path / "escaped.txt").exists()
 
 
+def test_a_tar_of_a_folder_with_hard_links_is_extracted_whole(tmp_path):
+    """A file with two names in the packed folder (deduplicated with hard links: ``cp -l``,
+    ``jdupes -L``, a script that links each photo into its class folder) is stored by tar
+    once, then as a hard link to that member: the whole archive was refused ("is a link").
+    Such a link is that file under its second name and is extracted; one to a file the
+    archive does not hold before it stays refused (the parametrized test above)."""
+    from petalflow.tasks.dataset import prepare_dataset
+
+    folder = make_dataset(tmp_path / "photos", per_class=4)
+    photo = folder / "red" / "000.jpg"
+    os.link(photo, folder / "red" / "000-again.jpg")
+    os.link(folder / "blue" / "001.jpg", folder / "green" / "from-blue.jpg")
+    archive = tmp_path / "photos.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="photos")
+    with tarfile.open(archive) as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.islnk()) == [
+            "photos/green/from-blue.jpg", "photos/red/000.jpg"]  # tar's order: red's 2nd name
+    root = extract_archive(archive, tmp_path / "datasets")
+    for name in ("red/000.jpg", "red/000-again.jpg", "green/from-blue.jpg"):
+        assert (root / name).read_bytes() == (folder / name).read_bytes()
+    info = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "red"]
+    # The same photo under two classes is quarantined (both names), as with any copy; twice
+    # in one class, both used (one group: always in one split).
+    assert info["counts"]["quarantined"] == 2 and info["counts"]["used"] == 14 - 2
+
+
+def test_a_tar_or_zip_of_symbolic_links_is_refused_saying_how_to_pack_the_files(tmp_path):
+    """Class folders of symbolic links (to the photos kept elsewhere) packed as they are:
+    the archive holds links, not photos. Refused, saying what the link points to and how to
+    pack the files instead (before: "is a link; refusing", and the layout hint)."""
+    from petalflow.flows.cli import EXIT_DATA, explain_failure
+
+    folder = make_dataset(tmp_path / "photos", per_class=3)
+    (folder / "red" / "extra.jpg").symlink_to("../../elsewhere/extra.jpg")
+    archive = tmp_path / "photos.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="photos")
+    with pytest.raises(ArchiveError) as tarred:
+        extract_archive(archive, tmp_path / "datasets")
+    assert str(tarred.value) == (
+        "archive member 'photos/red/extra.jpg' is a symbolic link (to "
+        "'../../elsewhere/extra.jpg'), not a photo: the archive holds the link, not the file it "
+        "points to; pack the files themselves (tar -h, --dereference; zip without -y, "
+        "--symlinks)")
+    failed = explain_failure(tarred.value)
+    assert failed.code == EXIT_DATA and "layout" not in failed.hint
+    assert "tar -czhf" in failed.hint
+    zipped = tmp_path / "photos.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        info = zipfile.ZipInfo("photos/red/extra.jpg")
+        info.external_attr = (0o120777 << 16)  # a symbolic link, as zip -y stores it
+        zf.writestr(info, "../../elsewhere/extra.jpg")
+    with pytest.raises(ArchiveError, match=r"^archive member 'photos/red/extra.jpg' is a "
+                       r"symbolic link \(to '../../elsewhere/extra.jpg'\), not a photo"):
+        extract_archive(zipped, tmp_path / "datasets2")
+    assert not list((tmp_path / "datasets").rglob("*.jpg"))
+
+
 def test_zip_traversal_and_bomb_refused(tmp_path):
     evil = tmp_path / "evil.zip"
     with zipfile.ZipFile(evil, "w") as zf:
