@@ -580,10 +580,11 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
             members = tar.getmembers()
             _check_tar_ended(archive, tar, members)
             total = already
-            files: set[str] = set()  # the regular files before each member
+            files: dict[str, int] = {}  # the regular files before each member: their sizes
             for member in members:
                 member.name = tar_member_name(member.name)
                 _check_member_name(member.name)
+                size = member.size
                 if member.islnk():  # a file's second name: tar stores its bytes once
                     member.linkname = tar_member_name(member.linkname)
                     if member.linkname not in files:
@@ -591,16 +592,17 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
                             f"archive member {member.name!r} is a hard link to "
                             f"{member.linkname!r}, a file the archive does not hold before "
                             "it; refusing")
-                    continue
-                if member.issym():
+                    # Counted as a copy: the scan reads every name's bytes.
+                    size = files[member.linkname]
+                elif member.issym():
                     raise _symbolic_link(member.name, member.linkname)
-                if not (member.isfile() or member.isdir()):
+                elif not (member.isfile() or member.isdir()):
                     raise ArchiveError(
                         f"archive member {member.name!r} is a device or special file; refusing"
                     )
-                if member.isfile():
-                    files.add(member.name)
-                total += member.size
+                elif member.isfile():
+                    files[member.name] = member.size
+                total += size
                 if total > max_bytes:
                     raise ArchiveError(
                         f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
@@ -678,7 +680,8 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) ->
                 _check_member_name(name)
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
-                    raise _symbolic_link(name, zf.read(info).decode("utf-8", "replace"))
+                    with zf.open(info) as link:  # its target: a path, read no further
+                        raise _symbolic_link(name, link.read(1024).decode("utf-8", "replace"))
                 kind = stat.S_IFMT(mode)  # 0 when the zip records permissions only
                 if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                     raise ArchiveError(f"archive member {name!r} is a special file")

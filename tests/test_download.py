@@ -251,6 +251,14 @@ def test_a_tar_of_a_folder_with_hard_links_is_extracted_whole(tmp_path):
     # The same photo under two classes is quarantined (both names), as with any copy; twice
     # in one class, both used (one group: always in one split).
     assert info["counts"]["quarantined"] == 2 and info["counts"]["used"] == 14 - 2
+    # Each name counts toward the size limit as a copy would (the scan reads every name):
+    # a file linked a million times is no way past it.
+    with tarfile.open(archive) as tar:
+        stored = sum(m.size for m in tar.getmembers() if m.isfile())
+        linked = sum(tar.getmember(m.linkname).size for m in tar.getmembers() if m.islnk())
+    extract_archive(archive, tmp_path / "limit-ok", max_bytes=stored + linked)
+    with pytest.raises(ArchiveError, match="expands to more than"):
+        extract_archive(archive, tmp_path / "limit", max_bytes=stored + linked - 1)
 
 
 def test_a_tar_or_zip_of_symbolic_links_is_refused_saying_how_to_pack_the_files(tmp_path):
