@@ -82,6 +82,10 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, BackboneError):
         return RunFailed(text, "--backbone must be a TF Hub image feature-vector handle or a "
                          "local SavedModel folder; " + OFFLINE_HINT, EXIT_BACKBONE)
+    if isinstance(exc, WebPageNotArchive) and "folder's listing" in text:
+        return RunFailed(text, "--data-url must lead to one archive of the class folders (or "
+                         "be the folder's path): a file server lists a folder's files, it "
+                         "does not send them.", EXIT_SOURCE)
     if isinstance(exc, WebPageNotArchive):
         return RunFailed(text, "--data-url must lead to the archive's bytes: for a share link, "
                          "its direct-download form; open it in a browser to see the page.",

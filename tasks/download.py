@@ -429,12 +429,43 @@ READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.
                OSError)
 
 
-def _not_an_archive(name: str, head: bytes) -> ArchiveError:
+# A file server's page listing a folder: python -m http.server's, nginx's and Apache's titles.
+_LISTING_TITLE = re.compile(r"<title>\s*(?:directory listing for|index of)\s", re.IGNORECASE)
+_FOLDER_LINK = re.compile(r"""<a\s[^>]*href=["']([^"'?#/][^"'?#]*/)["']""", re.IGNORECASE)
+
+
+def listed_folders(page: str) -> Optional[list[str]]:
+    """The folders a file server's listing page links to (``name/``, each once, in order);
+    None when ``page`` is no such listing."""
+    from urllib.parse import unquote
+
+    if not _LISTING_TITLE.search(page):
+        return None
+    found = dict.fromkeys(unquote(link) for link in _FOLDER_LINK.findall(page)
+                          if not link.startswith(("../", "./")) and "://" not in link)
+    return list(found)
+
+
+def _not_an_archive(name: str, head: bytes, path: Optional[Path] = None) -> ArchiveError:
     """The error for a file that is neither tar nor zip, saying what it is when its first
     bytes tell: most often a web page where the archive was expected (a sign-in, a download
-    confirmation or an error page served with status 200)."""
+    confirmation or an error page served with status 200), or the listing of a folder on a
+    file server (read from ``path``)."""
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text:
+        folders = None
+        if path is not None:
+            with open(path, "rb") as fh:
+                folders = listed_folders(fh.read(1 << 18).decode("utf-8", "replace"))
+        if folders is not None:
+            what = (f"it lists {len(folders)} folder{'s' if len(folders) != 1 else ''}: "
+                    f"{', '.join(folders[:8])}{', ...' if len(folders) > 8 else ''}"
+                    if folders else "it lists no folder")
+            return WebPageNotArchive(
+                f"{name} is a folder's listing (a web page), not an archive: the URL is that of "
+                f"a folder on the server ({what}); petalflow downloads one archive: pack the "
+                f"class folders (tar -czf {name}.tgz {name}/) and give the archive's URL, or "
+                "the folder's path where it is mounted")
         return WebPageNotArchive(
             f"{name} is a web page (HTML), not an archive: the URL answered with a page (a "
             "sign-in, a download confirmation or an error page?) instead of the file; use the "
@@ -459,7 +490,7 @@ def _archive_kind(path: Path) -> str:
     for magic, compression, opener in COMPRESSED:
         if head.startswith(magic):
             _check_decompresses(path, compression, opener)
-    raise _not_an_archive(path.name, head)
+    raise _not_an_archive(path.name, head, path)
 
 
 def _check_decompresses(path: Path, compression: str, opener, probe: int = 1 << 16) -> None:

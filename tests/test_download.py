@@ -550,6 +550,42 @@ def test_a_share_page_url_is_answered_with_the_url_of_the_file(tmp_path, url, sa
         f"that downloads the archive itself. This URL is {says}")
 
 
+def test_the_url_of_a_served_folder_is_said_to_be_a_folder_listing(tmp_path):
+    """The URL of a folder on a file server (``python -m http.server``, nginx's or Apache's
+    index pages) answers with the listing of the folder, not its files: before, "a web page
+    (a sign-in, a download confirmation or an error page?)". Now it says it is the listing,
+    names the folders it lists and says to serve an archive of them."""
+    from petalflow.tasks.download import describe_source
+    from petalflow.tasks.errors import WebPageNotArchive
+
+    folder = make_dataset(tmp_path / "served" / "photos", per_class=2)
+    (folder / "LICENSE.txt").write_text("CC-BY")
+    with serve_directory(tmp_path / "served") as url:
+        page = download_archive(f"{url}/photos/", tmp_path / "d")
+        with pytest.raises(WebPageNotArchive) as caught:
+            describe_source(f"{url}/photos/", page)
+    assert str(caught.value).startswith(
+        "photos is a folder's listing (a web page), not an archive: the URL is that of a folder "
+        "on the server (it lists 3 folders: blue/, green/, red/); petalflow downloads one "
+        "archive: pack the class folders (tar -czf photos.tgz photos/) and give the archive's "
+        "URL, or the folder's path where it is mounted")
+    from petalflow.flows.cli import EXIT_SOURCE, explain_failure
+
+    failed = explain_failure(caught.value)
+    assert failed.code == EXIT_SOURCE and "share link" not in failed.hint
+    assert "one archive of the class folders" in failed.hint
+    # nginx's autoindex, Apache's mod_autoindex: "Index of /...".
+    nginx = tmp_path / "nginx.html"
+    nginx.write_text("<html>\r\n<head><title>Index of /data/</title></head>\r\n<body>\r\n"
+                     "<h1>Index of /data/</h1><hr><pre><a href=\"../\">../</a>\r\n"
+                     + "".join(f'<a href="{c}/">{c}/</a>  01-Dec-2026 10:00  -\r\n'
+                               for c in ("cats", "dogs", "Crème%20brûlée"))
+                     + '<a href="notes.txt">notes.txt</a>\r\n</pre><hr></body>\r\n</html>\r\n')
+    with pytest.raises(WebPageNotArchive, match=r"^nginx.html is a folder's listing .* \(it "
+                       r"lists 3 folders: cats/, dogs/, Crème brûlée/\)"):
+        describe_source("https://files.example.org/data/", nginx)
+
+
 def test_a_page_from_any_other_url_gets_no_such_suggestion(tmp_path):
     from petalflow.tasks.download import describe_source
     from petalflow.tasks.errors import WebPageNotArchive
