@@ -88,6 +88,12 @@ _FTYP_BRANDS = {  # ISO media files: the brand after "ftyp" at byte 4
 }
 _MAGIC = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\xff\x0a", "JPEG XL"),
           (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"%PDF", "PDF"), (b"8BPS", "PSD"))
+# An archive of photos where one image was expected (`petalflow predict --input photos.zip`,
+# a zip posted to the served model): named, instead of ERROR_UNDECODABLE.
+ERROR_ARCHIVE = "a {} archive, not an image: extract it and classify the images it holds"
+_ARCHIVE_MAGIC = ((b"PK\x03\x04", "zip"), (b"PK\x05\x06", "zip"), (b"\x1f\x8b", "gzip (.tgz, .gz)"),
+                  (b"7z\xbc\xaf\x27\x1c", "7-Zip"), (b"Rar!\x1a\x07", "RAR"),
+                  (b"\xfd7zXZ\x00", "xz"), (b"BZh", "bzip2"), (b"\x28\xb5\x2f\xfd", "Zstandard"))
 
 
 # Pixels an image may have: larger ones are refused from their header, never decoded (a
@@ -209,12 +215,25 @@ def unsupported_format(data: bytes) -> Optional[str]:
     return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
 
 
+def archive_format(data: bytes) -> Optional[str]:
+    """The kind of archive ``data`` is, from its first bytes (a tar: "ustar" at byte 257);
+    None: not an archive."""
+    head = bytes(data[:262])
+    if head[257:262] == b"ustar":
+        return "tar"
+    return next((name for magic, name in _ARCHIVE_MAGIC if head.startswith(magic)), None)
+
+
 def _name_failures(frame: pd.DataFrame, raw: Sequence[Optional[bytes]]) -> pd.DataFrame:
-    """``frame`` with each undecodable row of a known unsupported format saying which."""
+    """``frame`` with each undecodable row of a known unsupported format, or of an archive,
+    saying which."""
     for i in np.flatnonzero(frame["error"].to_numpy() == ERROR_UNDECODABLE):
         fmt = unsupported_format(raw[i]) if raw[i] else None
+        kind = archive_format(raw[i]) if raw[i] and not fmt else None
         if fmt:
             frame.loc[frame.index[i], "error"] = ERROR_UNSUPPORTED.format(fmt)
+        elif kind:
+            frame.loc[frame.index[i], "error"] = ERROR_ARCHIVE.format(kind)
     return frame
 
 

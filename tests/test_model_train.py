@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -1919,7 +1922,8 @@ def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
 def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_path,
                                                         monkeypatch):
     """An iPhone's HEIC photo (often named .jpg after a transfer), an AVIF, a TIFF scan, a
-    Live Photo's video: each row names the format and says to convert the file, over the
+    Live Photo's video: each row names the format and says to convert the file (an archive
+    of photos: to extract it), over the
     registered model (pyfunc, base64) and in `petalflow predict`'s CSV, instead of "undecodable
     image" (which now means a damaged file of a readable format)."""
     import base64
@@ -1937,11 +1941,29 @@ def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_
         "IMG_0002.mov": b"\0\0\0\x14ftypqt  \0\0\0\0qt  " + bytes(200),
         "cut.jpg": b"\xff\xd8\xff\xe0" + bytes(40),
     }
+    # An archive of photos given as an image (`petalflow predict --input photos.zip`, a zip
+    # posted to the served model): it says so (before: "undecodable image").
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("photos/a.jpg", files["photo.jpg"])
+    tarred = io.BytesIO()
+    with tarfile.open(fileobj=tarred, mode="w") as tar:
+        info = tarfile.TarInfo("photos/a.jpg")
+        info.size = len(files["photo.jpg"])
+        tar.addfile(info, io.BytesIO(files["photo.jpg"]))
+    files.update({"photos.zip": zipped.getvalue(), "photos.tar": tarred.getvalue(),
+                  "photos.tgz": gzip.compress(tarred.getvalue()),
+                  "photos.7z": b"7z\xbc\xaf\x27\x1c" + bytes(40)})
+
     def unsupported(fmt):
         return (f"unsupported image format {fmt} (the model reads JPEG, PNG, GIF, BMP and "
                 "WebP): convert the file first")
+
+    def archive(fmt):
+        return f"a {fmt} archive, not an image: extract it and classify the images it holds"
     expected = ["", unsupported("HEIC/HEIF"), unsupported("AVIF"), unsupported("TIFF"),
-                unsupported("MP4/QuickTime video"), "undecodable image"]
+                unsupported("MP4/QuickTime video"), "undecodable image", archive("zip"),
+                archive("tar"), archive("gzip (.tgz, .gz)"), archive("7-Zip")]
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
     got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
                                                 for b in files.values()]}))
@@ -1952,6 +1974,6 @@ def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_
         (folder / name).write_bytes(data)
     monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
     result = predict.predict_files("m", [folder / n for n in files], tmp_path / "out.csv")
-    assert (result["images"], result["errors"]) == (6, 5)
+    assert (result["images"], result["errors"]) == (10, 9)
     got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert got["error"].tolist() == expected
