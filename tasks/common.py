@@ -221,6 +221,35 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def untrusted_certificate(exc: BaseException, url: str) -> Optional[str]:
+    """The message for a TLS certificate this client did not trust at ``url``'s host (a
+    server with an organisation's own certificate authority, a self-signed, expired or other
+    host's certificate), when ``exc`` or an error it wraps (httpx's chain, urllib's
+    ``reason``) is one; None otherwise. Retrying cannot help: the caller raises it as a
+    permanent error."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+    seen: set[int] = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = exc.verify_message or exc.reason or str(exc)
+            return (f"the certificate of {host} is not trusted ({reason}): it is checked "
+                    "against the certificate authorities Python trusts; for a server with "
+                    "your organisation's own authority, set SSL_CERT_FILE to the authority's "
+                    "certificate (a PEM file) where petalflow runs (a deployment: the worker's "
+                    "environment); an expired certificate, or one for another name, is fixed "
+                    "on the server")
+        wrapped = getattr(exc, "reason", None)  # urllib's URLError
+        exc = wrapped if isinstance(wrapped, BaseException) else (exc.__cause__
+                                                                   or exc.__context__)
+    return None
+
+
 # A web address written without its scheme ("example.com/photos.tgz", "localhost:8000/x"),
 # which would be read as a local path: a host name with a top-level domain, localhost or an
 # IPv4 address, an optional port, then a path ("photos.tgz" alone is a file's name).

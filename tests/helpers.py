@@ -187,6 +187,50 @@ def serve_directory(directory: Path):
 
 
 
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) PEM files for 127.0.0.1 signed by themselves: what a server with an
+    organisation's own certificate authority presents to a client that does not trust it."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "petalflow test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@contextmanager
+def serve_directory_over_https(directory: Path, cert_file: Path, key_file: Path):
+    """``serve_directory`` over TLS with the given certificate; yields its https base URL."""
+    import ssl
+
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    with serve_handler(handler) as server:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        yield f"https://127.0.0.1:{server.server_address[1]}"
+
+
 def png_bytes(rgb=(10, 20, 30), size=(8, 8), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, rgb if mode == "RGB" else rgb[0]).save(buf, "PNG")

@@ -6,6 +6,8 @@ import gzip
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
@@ -798,6 +800,55 @@ def test_backbone_fetch_errors_say_what_to_fix_and_only_network_trouble_is_trans
     with pytest.raises(BackboneError, match="not a TF Hub SavedModel"):
         fetch_backbone(str(tmp_path / "not_a_model"), cache)
     assert not list(cache.glob("*/saved_model.pb"))  # nothing half-fetched is left to trust
+
+
+def test_a_server_whose_certificate_is_not_trusted_fails_at_once_saying_how_to_trust_it(
+        tiny_backbone, tmp_path, monkeypatch):
+    """A data or backbone server inside an organisation presents a certificate of the
+    organisation's own authority, which Python does not trust: the download was retried as a
+    network error four times (30 s) and ended with "offline, or behind a proxy?". Now it fails
+    at once, naming the host and the reason, and saying how to trust the authority
+    (SSL_CERT_FILE); with it set, both download."""
+    from petalflow.flows.cli import EXIT_BACKBONE, EXIT_SOURCE, explain_failure
+    from petalflow.tasks.errors import BackboneError, DownloadError
+    from petalflow.tasks.model import fetch_backbone
+    from tests.helpers import (
+        make_hub_tarball, self_signed_certificate, serve_directory_over_https,
+    )
+
+    served = tmp_path / "served"
+    make_tgz(make_dataset(tmp_path / "photos", per_class=2), served / "photos.tgz")
+    make_hub_tarball(tiny_backbone, served / "tiny.tar.gz")
+    cert, key = self_signed_certificate(tmp_path / "tls")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with serve_directory_over_https(served, cert, key) as url:
+        host = url.split("//")[1]
+        with pytest.raises(DownloadError) as data:
+            download_archive(f"{url}/photos.tgz", tmp_path / "d")
+        assert not isinstance(data.value, TransientError)
+        assert str(data.value).startswith(
+            f"the certificate of {host} is not trusted (self-signed certificate): ")
+        assert "set SSL_CERT_FILE to the authority's certificate" in str(data.value)
+        assert explain_failure(data.value).code == EXIT_SOURCE
+        with pytest.raises(BackboneError) as hub:
+            fetch_backbone(f"{url}/tiny.tar.gz", tmp_path / "tfhub")
+        assert str(hub.value).startswith(
+            f"the certificate of {host} is not trusted (self-signed certificate): ")
+        assert explain_failure(hub.value).code == EXIT_BACKBONE
+        assert not list((tmp_path / "d").rglob("*.part"))
+
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # as the README says
+        got = download_archive(f"{url}/photos.tgz", tmp_path / "d")
+        assert got.read_bytes() == (served / "photos.tgz").read_bytes()
+        # TF Hub makes its TLS context as it is imported: a process started with it set.
+        fetched = subprocess.run(
+            [sys.executable, "-c", "import sys; from petalflow.tasks.model import "
+             "fetch_backbone; print(fetch_backbone(sys.argv[1], sys.argv[2]))",
+             f"{url}/tiny.tar.gz", str(tmp_path / "tfhub")],
+            capture_output=True, text=True, timeout=300)
+        assert fetched.returncode == 0, fetched.stderr[-2000:]
+        assert (Path(fetched.stdout.strip().splitlines()[-1]) / "saved_model.pb").is_file()
 
 
 # --------------------------------------------------------------------------- change detection
