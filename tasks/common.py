@@ -221,12 +221,13 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def untrusted_certificate(exc: BaseException, url: str) -> Optional[str]:
+def untrusted_certificate(exc: BaseException, url: str,
+                          setting: str = "SSL_CERT_FILE") -> Optional[str]:
     """The message for a TLS certificate this client did not trust at ``url``'s host (a
     server with an organisation's own certificate authority, a self-signed, expired or other
-    host's certificate), when ``exc`` or an error it wraps (httpx's chain, urllib's
-    ``reason``) is one; None otherwise. Retrying cannot help: the caller raises it as a
-    permanent error."""
+    host's certificate), when ``exc`` or an error it wraps (httpx's or requests' chain,
+    urllib's ``reason``) is one, naming the environment ``setting`` that trusts an authority;
+    None otherwise. Retrying cannot help: the caller raises it as a permanent error."""
     import ssl
     from urllib.parse import urlsplit
 
@@ -240,7 +241,7 @@ def untrusted_certificate(exc: BaseException, url: str) -> Optional[str]:
             reason = exc.verify_message or exc.reason or str(exc)
             return (f"the certificate of {host} is not trusted ({reason}): it is checked "
                     "against the certificate authorities Python trusts; for a server with "
-                    "your organisation's own authority, set SSL_CERT_FILE to the authority's "
+                    f"your organisation's own authority, set {setting} to the authority's "
                     "certificate (a PEM file) where petalflow runs (a deployment: the worker's "
                     "environment); an expired certificate, or one for another name, is fixed "
                     "on the server")

@@ -24,7 +24,9 @@ from typing import Callable, Optional
 from prefect import task
 
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
-from petalflow.tasks.common import code_version, local_store_db, pid_alive, redact_url
+from petalflow.tasks.common import (
+    code_version, local_store_db, pid_alive, redact_url, untrusted_certificate,
+)
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
 from petalflow.tasks.params import CHAMPION, TrainParams, run_key
@@ -135,6 +137,38 @@ def create_sqlite_store(uri: str) -> None:
         part.unlink(missing_ok=True)
 
 
+_TRUSTED: set = set()  # https tracking URIs whose certificate check_server_certificate passed
+
+
+def check_server_certificate(uri: str) -> None:
+    """For an https tracking server: one request as MLflow's client makes it (its TLS
+    settings: MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_CLIENT_CERT_PATH, requests'
+    REQUESTS_CA_BUNDLE; none with MLFLOW_TRACKING_INSECURE_TLS), without its retries: a
+    certificate it does not trust raises MlflowException naming the host and the setting at
+    once, where MLflow's client retried each call 7 times (8 minutes) and the tasks would
+    have retried that again. Anything else (refused, an answer of any status) is left to
+    MLflow's calls. Once per URI and process."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if not uri.lower().startswith("https://") or uri in _TRUSTED:
+        return
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
+        return
+    with requests.Session() as session:
+        try:
+            session.get(uri.rstrip("/") + "/health", timeout=10,
+                        verify=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True,
+                        cert=os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None)
+        except requests.RequestException as exc:
+            untrusted = untrusted_certificate(exc, uri, "MLFLOW_TRACKING_SERVER_CERT_PATH")
+            if untrusted:
+                raise MlflowException(f"{untrusted} (tracking server {redact_url(uri)})") \
+                    from None
+            return
+    _TRUSTED.add(uri)
+
+
 def configure_mlflow() -> str:
     """Point the mlflow library at the tracking/registry store; return the tracking URI."""
     import mlflow
@@ -146,6 +180,7 @@ def configure_mlflow() -> str:
         opened, error = _STORE_ERROR.pop()
         if opened == uri:
             raise error
+    check_server_certificate(uri)
     mlflow.set_tracking_uri(uri)
     # The registry follows the tracking URI unless MLFLOW_REGISTRY_URI says otherwise (MLflow
     # reads that variable itself); setting it here would pin a stale registry into os.environ.
@@ -1051,6 +1086,8 @@ def is_transient_io_error(exc: BaseException) -> bool:
     import requests
     from mlflow.exceptions import RestException
 
+    if untrusted_certificate(exc, ""):  # a certificate not trusted: no retry changes that
+        return False
     for cause in _causes(exc):
         # RetryError: MLflow's own retries of a 408/429/5xx answer ran out.
         if isinstance(cause, (ConnectionError, TimeoutError, requests.ConnectionError,
