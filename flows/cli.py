@@ -52,6 +52,22 @@ class RunFailed(Exception):
         self.hint, self.code = hint, code
 
 
+def _prefect_unreachable(exc: BaseException, text: str) -> RunFailed:
+    """Prefect's "Failed to reach API at URL" (PREFECT_API_URL set to a server that is
+    stopped, is no Prefect API, or whose certificate is not trusted), saying which server,
+    why (from the error Prefect raised it from) and what to do."""
+    from petalflow.tasks.common import untrusted_certificate
+
+    url = text[len("Failed to reach API at "):].strip()
+    cause = exc.__cause__ or exc.__context__
+    why = (untrusted_certificate(exc, url, "PREFECT_API_SSL_CERT_FILE")
+           or (f"{type(cause).__name__}: {cause}" if cause is not None else "no answer"))
+    return RunFailed(f"the Prefect server at {url} (PREFECT_API_URL) could not be reached: "
+                     f"{why}",
+                     "start it (`petalflow stack up`), or fix PREFECT_API_URL (the server's "
+                     "address and /api); unset, the command runs in a temporary local server")
+
+
 def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
@@ -63,6 +79,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
 
     text = str(exc).strip() or type(exc).__name__
     name = type(exc).__name__
+    if isinstance(exc, RuntimeError) and text.startswith("Failed to reach API at "):
+        return _prefect_unreachable(exc, text)
     if isinstance(exc, ServerError):  # the command's temporary Prefect server, before the run
         return RunFailed(text, "or run against a Prefect server: set PREFECT_API_URL "
                          "(`petalflow stack up` starts one)")

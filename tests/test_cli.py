@@ -313,6 +313,47 @@ def test_an_https_mlflow_server_whose_certificate_is_not_trusted_is_named_at_onc
         assert registry.configure_mlflow() == url
 
 
+def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(
+        workspace, capsys, monkeypatch, tiny_backbone):
+    """PREFECT_API_URL set to a server that is stopped, to an address that is no Prefect API,
+    or to an https server whose certificate is not trusted: each said "RuntimeError: Failed
+    to reach API at …" and "run again with --verbose for the traceback". Now the command says
+    which server, why (from the error it was raised from) and what to do."""
+    import subprocess
+    import sys
+
+    from petalflow.temporary_server import free_port
+    from tests.helpers import self_signed_certificate, serve_directory_over_https
+
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
+    exe = Path(sys.executable).with_name("petalflow")
+
+    def train(api_url: str) -> str:  # as a user runs it, in a process of its own
+        proc = subprocess.run(
+            [str(exe), "train", "--data-url", str(workspace), "--backbone", str(tiny_backbone),
+             "--image-size", "32"], env={**os.environ, "PREFECT_API_URL": api_url},
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        return proc.stderr
+
+    stopped = f"http://127.0.0.1:{free_port()}/api"
+    err = train(stopped)
+    assert f"petalflow train: error: the Prefect server at {stopped}/ (PREFECT_API_URL) could " \
+           "not be reached: " in err
+    assert "RuntimeError" not in err and "--verbose" not in err
+    assert "hint: start it (`petalflow stack up`), or fix PREFECT_API_URL (the server's " \
+           "address and /api); unset, the command runs in a temporary local server" in err
+
+    cert, key = self_signed_certificate(workspace / "tls")
+    (workspace / "site").mkdir()
+    with serve_directory_over_https(workspace / "site", cert, key) as url:
+        err = train(f"{url}/api")
+        host = url.split("//")[1]
+        assert f"the Prefect server at {url}/api/ (PREFECT_API_URL) could not be reached: the " \
+               f"certificate of {host} is not trusted (self-signed certificate): " in err
+        assert "set PREFECT_API_SSL_CERT_FILE to the authority's certificate" in err
+
+
 def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(workspace, capsys):
     """A registered model whose versions all stayed challengers has no champion: predict and
     pull (which default to the champion) say so, list the versions and what to pass; an
