@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from petalflow.tasks.common import (
     IMPORT_LOCK, code_version, defer_full_collections, freeze_start_up, require_store,
+    require_tracking_server,
 )
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
@@ -72,8 +73,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetError,
-        DownloadError, LinksInArchive, ModelNotFound, StoreNotFound, TransientError,
-        UnusableImages, WebPageNotArchive,
+        DownloadError, LinksInArchive, ModelNotFound, StoreNotFound, TrackingServerUnreachable,
+        TransientError, UnusableImages, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -125,6 +126,9 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, (ArchiveError, DatasetError)):
         return RunFailed(text, "see the README's 'petalflow train' section for the layout "
                          "petalflow expects (one subfolder of images per class).", EXIT_DATA)
+    if isinstance(exc, TrackingServerUnreachable):
+        return RunFailed(text, "start it (`petalflow stack up`), or fix MLFLOW_TRACKING_URI; "
+                         "unset, the embedded store under mlflow/ is used.", EXIT_REGISTRY)
     if isinstance(exc, StoreNotFound):
         return RunFailed(text, "run the command in the folder `petalflow train` ran in (its "
                          "models are in mlflow/ there), or set MLFLOW_TRACKING_URI to your "
@@ -268,6 +272,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"in it, such as {args.summary_json / 'summary.json'}")
     if args.summary_json is not None and not args.summary_json.parent.exists():
         raise UsageError(f"--summary-json: folder {args.summary_json.parent} does not exist")
+    require_tracking_server()
     with _prefect_api() as server:
         code_version()  # for the run's tags: asked now, while this process is small (common.py)
         with IMPORT_LOCK:  # the side thread imports after this thread's Prefect imports

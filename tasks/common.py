@@ -90,17 +90,62 @@ def require_store(model_uri: Optional[str] = None) -> None:
     unset, the embedded store must exist in this folder. Opening it would create an empty one,
     and the command would then say that no such model is registered, when the model is in the
     store of the folder ``petalflow train`` ran in. Raises StoreNotFound, creating nothing. A
-    ``model_uri`` that is not models:/ or runs:/ (a pulled model's folder) needs no store."""
+    ``model_uri`` that is not models:/ or runs:/ (a pulled model's folder) needs no store. A
+    tracking server must answer (``require_tracking_server``)."""
     from petalflow.tasks.errors import StoreNotFound
 
     if model_uri is not None and not model_uri.startswith(("models:", "runs:")):
         return
     if os.environ.get("MLFLOW_TRACKING_URI"):
+        require_tracking_server()
         return
     store = local_store_db()
     if not store.is_file():
         raise StoreNotFound(f"no MLflow store here: {store} does not exist and "
                             "MLFLOW_TRACKING_URI is not set")
+
+
+def require_tracking_server() -> None:
+    """For a command a person runs with MLFLOW_TRACKING_URI an http(s) server: one request to
+    it (``/health``), at once and without retries, as MLflow's client would make it (requests,
+    the same proxies); raises TrackingServerUnreachable when nothing answers there (the
+    connection refused, no such host, no answer in 10 s). MLflow's client retries such a call
+    7 times: `petalflow models` said so after 8 minutes. Any answer, or a TLS failure (which
+    ``registry.check_server_certificate`` names), lets the command go on. Deployed runs keep
+    MLflow's retries: there, a server restarting is waited for."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    import requests
+
+    from petalflow.tasks.errors import TrackingServerUnreachable
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=10,
+                     verify=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True)
+    except requests.exceptions.SSLError:
+        return
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise TrackingServerUnreachable(
+            f"the MLflow tracking server at {redact_url(uri)} (MLFLOW_TRACKING_URI) could not "
+            f"be reached: {_innermost(exc)}") from None
+    except requests.RequestException:
+        return
+
+
+def _innermost(exc: BaseException) -> str:
+    """What a wrapped connection error says at its root ("ConnectionRefusedError: [Errno 111]
+    Connection refused"), not urllib3's pool and retry text around it."""
+    root, seen = exc, set()
+    while id(root) not in seen:
+        seen.add(id(root))
+        reason = getattr(root, "reason", None)  # urllib3's MaxRetryError
+        inner = reason if isinstance(reason, BaseException) else (root.__cause__
+                                                                  or root.__context__)
+        if inner is None:
+            break
+        root = inner
+    return f"{type(root).__name__}: {root}"
 
 
 def human_bytes(n: int) -> str:

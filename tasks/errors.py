@@ -59,6 +59,11 @@ class ModelNotFound(PetalflowError):
     """A models:/ URI names a registered model that exists, but not that alias or version."""
 
 
+class TrackingServerUnreachable(PetalflowError):
+    """MLFLOW_TRACKING_URI names a server that does not answer (not started, a wrong
+    address): said at once by the commands a person runs, not after MLflow's retries."""
+
+
 class StoreNotFound(PetalflowError):
     """A command that reads models found no MLflow store to read: no tracking URI, and no
     embedded store in the folder it runs in."""

@@ -313,6 +313,35 @@ def test_an_https_mlflow_server_whose_certificate_is_not_trusted_is_named_at_onc
         assert registry.configure_mlflow() == url
 
 
+def test_an_mlflow_server_that_does_not_answer_is_named_at_once(workspace, capsys,
+                                                                monkeypatch, tiny_backbone):
+    """MLFLOW_TRACKING_URI set to a server that is not running (not started yet, a typo in
+    the port): MLflow's client retried each call 7 times, so `petalflow models` said so after
+    8 minutes 15 s (by hand) in urllib3's words, and `train` would have retried that in its
+    tasks. The commands a person runs now ask the server once, at once, and say which server
+    did not answer and what to do; nothing is written."""
+    from petalflow.temporary_server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    photos = workspace / "in"
+    write_image(photos / "a.jpg", (200, 30, 30), seed=1)
+    commands = (["models"], ["pull", "--dest", "pulled"],
+                ["predict", "--input", str(photos), "--output", "p.csv"],
+                ["train", "--data-url", str(photos), "--backbone", str(tiny_backbone),
+                 "--image-size", "32"])
+    for argv in commands:
+        assert main(argv) == 6, argv
+        err = capsys.readouterr().err
+        assert f"petalflow {argv[0]}: error: the MLflow tracking server at {url} " \
+               "(MLFLOW_TRACKING_URI) could not be reached: ConnectionRefusedError: [Errno " \
+               "111] Connection refused" in err, err
+        assert "hint: start it (`petalflow stack up`), or fix MLFLOW_TRACKING_URI; " \
+               "unset, the embedded store under mlflow/ is used" in err
+        assert "Retrying" not in err and "Traceback" not in err
+    assert sorted(p.name for p in workspace.iterdir()) == ["in"]  # no output, no store
+
+
 def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(
         workspace, capsys, monkeypatch, tiny_backbone):
     """PREFECT_API_URL set to a server that is stopped, to an address that is no Prefect API,
