@@ -34,8 +34,8 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
-    scheme_hint, set_aside, sha256_file, tree_bytes, untrusted_certificate, utc_now, walk_files,
-    write_json,
+    scheme_hint, set_aside, sha256_file, system_folder, tree_bytes, untrusted_certificate,
+    utc_now, walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
 from petalflow.tasks.errors import (
@@ -289,20 +289,31 @@ def _same_by_head(url: str, known: dict, target: Path, timeout_s: float) -> Opti
             and size == target.stat().st_size)
 
 
+def _read_by_the_scan(parts: tuple) -> bool:
+    """Whether files in the folder of these relative ``parts`` can be data: not in a hidden
+    folder or a system's (``system_folder``), which the scan never uses."""
+    return not any(part.startswith(".") or system_folder(part) for part in parts)
+
+
 def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
     """(fingerprint, last change) of a folder source, from one listing that reads no file
     contents (the dataset fingerprint, which does, is computed by the scan). The fingerprint:
-    sha256 over (relative path, size, mtime) of every file below it, which changes when a
-    file is added, removed, renamed or rewritten. The last change: the latest status-change
+    sha256 over (relative path, size, mtime) of every file below it the scan may use (not
+    hidden files, nor those in hidden or system folders: a Mac's .DS_Store, a NAS's
+    thumbnails), which changes when such a file is added, removed, renamed or rewritten. The last change: the latest status-change
     time (ctime, epoch seconds) of its files and folders, which a copy sets as it writes
     (``cp -p`` and rsync keep the original mtime, not the ctime); None if none could be read."""
     digest = hashlib.sha256()
     folder = Path(folder)
     changed = []
     for dirpath, filenames in walk_files(folder):
+        if not _read_by_the_scan(Path(dirpath).relative_to(folder).parts):
+            continue
         with contextlib.suppress(OSError):
             changed.append(os.stat(dirpath).st_ctime)  # an entry added, removed or renamed
         for name in filenames:
+            if name.startswith("."):
+                continue
             path = Path(dirpath) / name
             try:
                 st = path.stat()

@@ -1110,6 +1110,15 @@ def test_folder_listing_fingerprint_changes_with_the_folder(tmp_path):
     before = describe_source(str(src), src)
     assert before["kind"] == "folder" and before["sha256"] is None
     assert describe_source(str(src), src) == before
+    # What the scan never reads is no change of the data: a Mac's .DS_Store rewritten as a
+    # person browses a shared folder, the thumbnails a NAS makes beside each photo. Each
+    # announced a change (and started a training that had nothing to do).
+    (src / ".DS_Store").write_bytes(b"Bud1" + bytes(60))
+    (src / "red" / "._000.jpg").write_bytes(b"\0\5\26\7")
+    write_image(src / "red" / "@eaDir" / "000.jpg" / "SYNOPHOTO_THUMB_M.jpg", (1, 2, 3))
+    write_image(src / "#recycle" / "red" / "old.jpg", (1, 2, 3))
+    assert describe_source(str(src), src)["listing_fingerprint"] == before[
+        "listing_fingerprint"]
     (src / "red" / "extra.jpg").write_bytes((src / "red" / "000.jpg").read_bytes())
     assert describe_source(str(src), src)["listing_fingerprint"] != before[
         "listing_fingerprint"]
