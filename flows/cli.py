@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from petalflow.tasks.common import (
     IMPORT_LOCK, code_version, defer_full_collections, freeze_start_up, require_store,
-    require_tracking_server,
+    require_tracking_server, untrusted_certificate,
 )
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
@@ -57,8 +57,6 @@ def _prefect_unreachable(exc: BaseException, text: str) -> RunFailed:
     """Prefect's "Failed to reach API at URL" (PREFECT_API_URL set to a server that is
     stopped, is no Prefect API, or whose certificate is not trusted), saying which server,
     why (from the error Prefect raised it from) and what to do."""
-    from petalflow.tasks.common import untrusted_certificate
-
     url = text[len("Failed to reach API at "):].strip()
     cause = exc.__cause__ or exc.__context__
     why = (untrusted_certificate(exc, url, "PREFECT_API_SSL_CERT_FILE")

@@ -133,18 +133,22 @@ def require_tracking_server() -> None:
         return
 
 
+def error_chain(exc: Optional[BaseException]) -> Iterator[BaseException]:
+    """``exc`` and the errors it wraps, outermost first: the ``reason`` urllib's URLError and
+    urllib3's MaxRetryError hold, else what it was raised from or while handling."""
+    seen: set[int] = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else (exc.__cause__
+                                                                 or exc.__context__)
+
+
 def _innermost(exc: BaseException) -> str:
     """What a wrapped connection error says at its root ("ConnectionRefusedError: [Errno 111]
     Connection refused"), not urllib3's pool and retry text around it."""
-    root, seen = exc, set()
-    while id(root) not in seen:
-        seen.add(id(root))
-        reason = getattr(root, "reason", None)  # urllib3's MaxRetryError
-        inner = reason if isinstance(reason, BaseException) else (root.__cause__
-                                                                  or root.__context__)
-        if inner is None:
-            break
-        root = inner
+    *_, root = error_chain(exc)
     return f"{type(root).__name__}: {root}"
 
 
@@ -273,27 +277,27 @@ def untrusted_certificate(exc: BaseException, url: str,
     host's certificate), when ``exc`` or an error it wraps (httpx's or requests' chain,
     urllib's ``reason``) is one, naming the environment ``setting`` that trusts an authority;
     None otherwise. Retrying cannot help: the caller raises it as a permanent error."""
-    import ssl
     from urllib.parse import urlsplit
 
+    error = certificate_error(exc)
+    if error is None:
+        return None
     parts = urlsplit(url)
     host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    reason = error.verify_message or error.reason or str(error)
+    return (f"the certificate of {host} is not trusted ({reason}): it is checked against the "
+            "certificate authorities Python trusts; for a server with your organisation's own "
+            f"authority, set {setting} to the authority's certificate (a PEM file) where "
+            "petalflow runs (a deployment: the worker's environment); an expired certificate, "
+            "or one for another name, is fixed on the server")
 
-    seen: set[int] = set()
-    while isinstance(exc, BaseException) and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            reason = exc.verify_message or exc.reason or str(exc)
-            return (f"the certificate of {host} is not trusted ({reason}): it is checked "
-                    "against the certificate authorities Python trusts; for a server with "
-                    f"your organisation's own authority, set {setting} to the authority's "
-                    "certificate (a PEM file) where petalflow runs (a deployment: the worker's "
-                    "environment); an expired certificate, or one for another name, is fixed "
-                    "on the server")
-        wrapped = getattr(exc, "reason", None)  # urllib's URLError
-        exc = wrapped if isinstance(wrapped, BaseException) else (exc.__cause__
-                                                                   or exc.__context__)
-    return None
+
+def certificate_error(exc: Optional[BaseException]):
+    """The ``ssl.SSLCertVerificationError`` in ``exc``'s chain (``error_chain``), or None."""
+    import ssl
+
+    return next((e for e in error_chain(exc) if isinstance(e, ssl.SSLCertVerificationError)),
+                None)
 
 
 # A web address written without its scheme ("example.com/photos.tgz", "localhost:8000/x"),

@@ -25,7 +25,8 @@ from prefect import task
 
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
 from petalflow.tasks.common import (
-    code_version, local_store_db, pid_alive, redact_url, untrusted_certificate,
+    certificate_error, code_version, local_store_db, pid_alive, redact_url,
+    untrusted_certificate,
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
@@ -1086,7 +1087,7 @@ def is_transient_io_error(exc: BaseException) -> bool:
     import requests
     from mlflow.exceptions import RestException
 
-    if untrusted_certificate(exc, ""):  # a certificate not trusted: no retry changes that
+    if certificate_error(exc) is not None:  # a certificate not trusted: no retry changes it
         return False
     for cause in _causes(exc):
         # RetryError: MLflow's own retries of a 408/429/5xx answer ran out.
