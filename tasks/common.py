@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 CHUNK = 1 << 20
 
@@ -105,10 +105,33 @@ def require_store(model_uri: Optional[str] = None) -> None:
                             "MLFLOW_TRACKING_URI is not set")
 
 
+_ANSWERED: set = set()  # tracking server URIs that answered ask_tracking_server, TLS checked
+
+
+def ask_tracking_server(uri: str) -> Optional[BaseException]:
+    """One request to an http(s) tracking server (``/health``), at once and without retries,
+    as MLflow's client makes it (requests, the same proxies, its TLS settings:
+    MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_CLIENT_CERT_PATH, REQUESTS_CA_BUNDLE):
+    None when it answered (any status; once per URI and process, then remembered), else the
+    error requests raised. ``require_tracking_server`` and the certificate check before
+    MLflow's first call (``registry.check_server_certificate``) read it."""
+    import requests
+
+    if uri in _ANSWERED:
+        return None
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=10,
+                     verify=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True,
+                     cert=os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None)
+    except requests.RequestException as exc:
+        return exc
+    _ANSWERED.add(uri)
+    return None
+
+
 def require_tracking_server() -> None:
-    """For a command a person runs with MLFLOW_TRACKING_URI an http(s) server: one request to
-    it (``/health``), at once and without retries, as MLflow's client would make it (requests,
-    the same proxies); raises TrackingServerUnreachable when nothing answers there (the
+    """For a command a person runs with MLFLOW_TRACKING_URI an http(s) server: raises
+    TrackingServerUnreachable when nothing answers there (``ask_tracking_server``: the
     connection refused, no such host, no answer in 10 s). MLflow's client retries such a call
     7 times: `petalflow models` said so after 8 minutes. Any answer, or a TLS failure (which
     ``registry.check_server_certificate`` names), lets the command go on. Deployed runs keep
@@ -120,17 +143,12 @@ def require_tracking_server() -> None:
 
     from petalflow.tasks.errors import TrackingServerUnreachable
 
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=10,
-                     verify=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True)
-    except requests.exceptions.SSLError:
-        return
-    except (requests.ConnectionError, requests.Timeout) as exc:
+    exc = ask_tracking_server(uri)
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)) and not isinstance(
+            exc, requests.exceptions.SSLError):
         raise TrackingServerUnreachable(
             f"the MLflow tracking server at {redact_url(uri)} (MLFLOW_TRACKING_URI) could not "
-            f"be reached: {_innermost(exc)}") from None
-    except requests.RequestException:
-        return
+            f"be reached: {_innermost(exc)}")
 
 
 def error_chain(exc: Optional[BaseException]) -> Iterator[BaseException]:
@@ -270,7 +288,7 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def untrusted_certificate(exc: BaseException, url: str,
+def untrusted_certificate(exc: Optional[BaseException], url: str,
                           setting: str = "SSL_CERT_FILE") -> Optional[str]:
     """The message for a TLS certificate this client did not trust at ``url``'s host (a
     server with an organisation's own certificate authority, a self-signed, expired or other
@@ -351,6 +369,13 @@ SYSTEM_FOLDERS = {
 def system_folder(name: str) -> Optional[str]:
     """What a folder named ``name`` is when an archiver or a system made it (None otherwise)."""
     return SYSTEM_FOLDERS.get(name.casefold())
+
+
+def unread_folder(parts: Sequence[str]) -> bool:
+    """Whether the folder of these relative path ``parts`` is one whose files are never data:
+    hidden, or inside a hidden or system folder (``system_folder``). The scan quarantines such
+    files; a folder's listing and `petalflow predict`'s search leave them out."""
+    return any(part.startswith(".") or system_folder(part) for part in parts)
 
 
 def walk_files(top: Path) -> Iterator[tuple[str, list[str]]]:

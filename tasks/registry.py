@@ -25,8 +25,8 @@ from prefect import task
 
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
 from petalflow.tasks.common import (
-    certificate_error, code_version, local_store_db, pid_alive, redact_url,
-    untrusted_certificate,
+    ask_tracking_server, certificate_error, code_version, error_chain, local_store_db,
+    pid_alive, redact_url, untrusted_certificate,
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
@@ -138,36 +138,23 @@ def create_sqlite_store(uri: str) -> None:
         part.unlink(missing_ok=True)
 
 
-_TRUSTED: set = set()  # https tracking URIs whose certificate check_server_certificate passed
-
-
 def check_server_certificate(uri: str) -> None:
-    """For an https tracking server: one request as MLflow's client makes it (its TLS
-    settings: MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_CLIENT_CERT_PATH, requests'
-    REQUESTS_CA_BUNDLE; none with MLFLOW_TRACKING_INSECURE_TLS), without its retries: a
-    certificate it does not trust raises MlflowException naming the host and the setting at
-    once, where MLflow's client retried each call 7 times (8 minutes) and the tasks would
-    have retried that again. Anything else (refused, an answer of any status) is left to
-    MLflow's calls. Once per URI and process."""
-    import requests
+    """For an https tracking server: one request as MLflow's client makes it, without its
+    retries (``common.ask_tracking_server``): a certificate it does not trust raises
+    MlflowException naming the host and the setting at once, where MLflow's client retried
+    each call 7 times (8 minutes) and the tasks would have retried that again. Anything else
+    (refused, an answer of any status) is left to MLflow's calls; none with
+    MLFLOW_TRACKING_INSECURE_TLS."""
     from mlflow.exceptions import MlflowException
 
-    if not uri.lower().startswith("https://") or uri in _TRUSTED:
+    if not uri.lower().startswith("https://"):
         return
     if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
         return
-    with requests.Session() as session:
-        try:
-            session.get(uri.rstrip("/") + "/health", timeout=10,
-                        verify=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True,
-                        cert=os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None)
-        except requests.RequestException as exc:
-            untrusted = untrusted_certificate(exc, uri, "MLFLOW_TRACKING_SERVER_CERT_PATH")
-            if untrusted:
-                raise MlflowException(f"{untrusted} (tracking server {redact_url(uri)})") \
-                    from None
-            return
-    _TRUSTED.add(uri)
+    untrusted = untrusted_certificate(ask_tracking_server(uri), uri,
+                                      "MLFLOW_TRACKING_SERVER_CERT_PATH")
+    if untrusted:
+        raise MlflowException(f"{untrusted} (tracking server {redact_url(uri)})")
 
 
 def configure_mlflow() -> str:
@@ -1067,15 +1054,6 @@ _TRANSIENT_MLFLOW_ERRORS = {"TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED",
 _HTTP_STATUS = re.compile(r"failed with error code (\d{3})")
 
 
-def _causes(exc: BaseException):
-    """``exc`` and what it was raised from or while handling, innermost last."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
 def is_transient_io_error(exc: BaseException) -> bool:
     """Whether a failure of MLflow's or Prefect's client is one of I/O that may pass: the
     connection refused, dropped or timed out (MLflow raises its own exception while handling
@@ -1089,7 +1067,7 @@ def is_transient_io_error(exc: BaseException) -> bool:
 
     if certificate_error(exc) is not None:  # a certificate not trusted: no retry changes it
         return False
-    for cause in _causes(exc):
+    for cause in error_chain(exc):
         # RetryError: MLflow's own retries of a 408/429/5xx answer ran out.
         if isinstance(cause, (ConnectionError, TimeoutError, requests.ConnectionError,
                               requests.Timeout, requests.exceptions.ChunkedEncodingError,
