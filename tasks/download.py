@@ -34,7 +34,7 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
-    scheme_hint, set_aside, sha256_file, system_folder, tree_bytes, untrusted_certificate,
+    scheme_hint, set_aside, sha256_file, tree_bytes, unread_folder, untrusted_certificate,
     utc_now, walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
@@ -123,8 +123,7 @@ def download_archive(
         # Where a redirect led (a "latest" link, a release asset's storage), as recorded.
         where = {"redirected_to": led_to} if led_to else {}
         if fetched is None:  # 304: the copy on disk is current
-            if led_to is not False:  # False: not asked (HEAD said so): keep what was known
-                known = {key: value for key, value in known.items() if key != "redirected_to"}
+            known = {key: value for key, value in known.items() if key != "redirected_to"}
             write_json(record_path, {**known, "url": url, "outcome": "not modified",
                                       "checked_at": utc_now(), **where})
             return target
@@ -181,7 +180,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
            pinned: bool = False):
     """One conditional GET of ``url``: (None, where) on 304, else ((``.part`` path,
     validators), where); ``where``: the URL redirects led to (``_shown``), None without a
-    redirect, False when a HEAD answer settled it without a GET.
+    redirect (when a HEAD answer settled it without a GET: the one ``known`` records).
 
     An interrupted ``.part`` is resumed with Range + If-Range (its own validators), so a source
     that changed in between is fetched whole instead of being spliced; without validators it is
@@ -206,7 +205,7 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
         # refuses it; object stores date every upload anew) is the date sent as before.
         same = _same_by_head(url, known, target, timeout_s)
         if same:
-            return None, False
+            return None, known.get("redirected_to")
         if same is None:
             headers["If-Modified-Since"] = known["last_modified"]
     offset = part.stat().st_size if part.exists() else 0
@@ -289,12 +288,6 @@ def _same_by_head(url: str, known: dict, target: Path, timeout_s: float) -> Opti
             and size == target.stat().st_size)
 
 
-def _read_by_the_scan(parts: tuple) -> bool:
-    """Whether files in the folder of these relative ``parts`` can be data: not in a hidden
-    folder or a system's (``system_folder``), which the scan never uses."""
-    return not any(part.startswith(".") or system_folder(part) for part in parts)
-
-
 def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
     """(fingerprint, last change) of a folder source, from one listing that reads no file
     contents (the dataset fingerprint, which does, is computed by the scan). The fingerprint:
@@ -307,7 +300,7 @@ def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
     folder = Path(folder)
     changed = []
     for dirpath, filenames in walk_files(folder):
-        if not _read_by_the_scan(Path(dirpath).relative_to(folder).parts):
+        if unread_folder(Path(dirpath).relative_to(folder).parts):
             continue
         with contextlib.suppress(OSError):
             changed.append(os.stat(dirpath).st_ctime)  # an entry added, removed or renamed
