@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from petalflow.tasks.common import log, printable_name, system_folder, walk_files
+from petalflow.tasks.common import log, printable_name, unread_folder, walk_files
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
 from petalflow.tasks.serving import encode_bytes
@@ -57,8 +57,7 @@ def _visible_files(folder: Path) -> list[Path]:
     folders) and those in a system's folders (``system_folder``: a NAS's thumbnails, recycle
     bins) left out: what a folder input is searched in."""
     def visible(rel: Path) -> bool:
-        return not any(part.startswith(".") for part in rel.parts) and not any(
-            system_folder(part) for part in rel.parts[:-1])
+        return not rel.name.startswith(".") and not unread_folder(rel.parts[:-1])
 
     return sorted(f for f in (Path(d) / name for d, names in walk_files(folder) for name in names)
                   if visible(f.relative_to(folder)))
