@@ -178,11 +178,20 @@ def base_url(server) -> str:
 
 
 @contextmanager
-def serve_directory(directory: Path):
-    """A real HTTP server on a free loopback port serving ``directory``; yields its base URL."""
+def serve_directory(directory: Path, tls: Optional[tuple[Path, Path]] = None):
+    """A real HTTP server on a free loopback port serving ``directory``; yields its base URL.
+    ``tls``: (certificate, key) PEM files, served over HTTPS with them."""
     handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
     with serve_handler(handler) as server:
-        yield base_url(server)
+        if tls is None:
+            yield base_url(server)
+            return
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        yield f"https://127.0.0.1:{server.server_address[1]}"
 
 
 
@@ -216,19 +225,6 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
                                            serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     return cert_file, key_file
-
-
-@contextmanager
-def serve_directory_over_https(directory: Path, cert_file: Path, key_file: Path):
-    """``serve_directory`` over TLS with the given certificate; yields its https base URL."""
-    import ssl
-
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(directory), **kw)  # noqa: E731
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_file, key_file)
-    with serve_handler(handler) as server:
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-        yield f"https://127.0.0.1:{server.server_address[1]}"
 
 
 def png_bytes(rgb=(10, 20, 30), size=(8, 8), mode="RGB") -> bytes:

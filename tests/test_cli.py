@@ -280,14 +280,14 @@ def test_an_https_mlflow_server_whose_certificate_is_not_trusted_is_named_at_onc
     import requests
 
     from petalflow.tasks import registry
-    from tests.helpers import self_signed_certificate, serve_directory_over_https
+    from tests.helpers import self_signed_certificate, serve_directory
 
     cert, key = self_signed_certificate(workspace / "tls")
     (workspace / "site").mkdir()
     for name in ("MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_TRACKING_INSECURE_TLS",
                  "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         monkeypatch.delenv(name, raising=False)
-    with serve_directory_over_https(workspace / "site", cert, key) as url:
+    with serve_directory(workspace / "site", tls=(cert, key)) as url:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         host = url.split("//")[1]
         for argv in (["models"], ["pull", "--dest", "pulled"]):
@@ -352,7 +352,7 @@ def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(
     import sys
 
     from petalflow.temporary_server import free_port
-    from tests.helpers import self_signed_certificate, serve_directory_over_https
+    from tests.helpers import self_signed_certificate, serve_directory
 
     monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
     exe = Path(sys.executable).with_name("petalflow")
@@ -375,7 +375,7 @@ def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(
 
     cert, key = self_signed_certificate(workspace / "tls")
     (workspace / "site").mkdir()
-    with serve_directory_over_https(workspace / "site", cert, key) as url:
+    with serve_directory(workspace / "site", tls=(cert, key)) as url:
         err = train(f"{url}/api")
         host = url.split("//")[1]
         assert f"the Prefect server at {url}/api/ (PREFECT_API_URL) could not be reached: the " \

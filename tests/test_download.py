@@ -812,9 +812,7 @@ def test_a_server_whose_certificate_is_not_trusted_fails_at_once_saying_how_to_t
     from petalflow.flows.cli import EXIT_BACKBONE, EXIT_SOURCE, explain_failure
     from petalflow.tasks.errors import BackboneError, DownloadError
     from petalflow.tasks.model import fetch_backbone
-    from tests.helpers import (
-        make_hub_tarball, self_signed_certificate, serve_directory_over_https,
-    )
+    from tests.helpers import make_hub_tarball, self_signed_certificate
 
     served = tmp_path / "served"
     make_tgz(make_dataset(tmp_path / "photos", per_class=2), served / "photos.tgz")
@@ -822,7 +820,7 @@ def test_a_server_whose_certificate_is_not_trusted_fails_at_once_saying_how_to_t
     cert, key = self_signed_certificate(tmp_path / "tls")
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
-    with serve_directory_over_https(served, cert, key) as url:
+    with serve_directory(served, tls=(cert, key)) as url:
         host = url.split("//")[1]
         with pytest.raises(DownloadError) as data:
             download_archive(f"{url}/photos.tgz", tmp_path / "d")
