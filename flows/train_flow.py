@@ -29,7 +29,7 @@ from prefect import flow, get_run_logger
 
 from petalflow.tasks.common import petalflow_home, redact_url
 from petalflow.tasks.dataset import (
-    dataset_summary, orientation_note, prepare_dataset_task, split_layout_note,
+    dataset_line, dataset_summary, orientation_note, prepare_dataset_task, split_layout_note,
 )
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
@@ -146,8 +146,7 @@ def train_and_register(params: TrainParams = TrainParams()):
             unchanging=source["kind"] != "folder",  # an extracted archive, never changed
         )
     counts = data_info["counts"]
-    logger.info("dataset: %d classes, %d files found, %d used, %d quarantined",
-                len(data_info["classes"]), counts["found"], counts["used"], counts["quarantined"])
+    logger.info(dataset_line(data_info))
     turned_note = orientation_note(counts)
     if turned_note:
         logger.info(turned_note)

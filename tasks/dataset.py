@@ -49,6 +49,9 @@ class DatasetCounts(TypedDict):
     turned: int
     exif_unreadable: int
     quarantine_reasons: dict[str, str]  # relative path -> reason
+    # How many files each kind of reason quarantined (``reason_kind``), most first. Not in the
+    # descriptions earlier versions wrote (``reasons_by_kind`` counts those).
+    quarantined_by_reason: NotRequired[dict[str, int]]
     empty_class_folders: list[str]  # folders without a single image: skipped, reported
     # A dataset delivered already split (train/, test/, ... each holding the class folders): the
     # split folders whose class folders were merged, and those without class folders (unused).
@@ -74,12 +77,20 @@ class DatasetInfo(TypedDict):
     counts: DatasetCounts
 
 
+SHOWN_REASONS = 20  # quarantined files named in the summary and the model card
+
+
 def dataset_summary(info: DatasetInfo) -> dict:
-    """What the run's summary and model card say about the data (no paths)."""
+    """What the run's summary and model card say about the data (no paths): the count of
+    quarantined files per kind of reason and at most ``SHOWN_REASONS`` of them by name (a
+    photo export holds a metadata file per photo: listing each made the printed summary as
+    long as the dataset; the manifest keeps every file's reason)."""
     counts = info["counts"]
     return {"fingerprint": info["fingerprint"], "classes": info["classes"],
             **{k: counts[k] for k in ("found", "used", "quarantined", "splits",
-                                      "quarantine_reasons", "empty_class_folders")},
+                                      "empty_class_folders")},
+            "quarantined_by_reason": reasons_by_kind(counts),
+            "quarantine_reasons": shown_reasons(counts["quarantine_reasons"]),
             **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders",
                                               "nested_copies", "loose_image_examples")},
             "loose_images": counts.get("loose_images", 0)}
@@ -91,6 +102,67 @@ MANIFEST_COLUMNS = ["path", "label", "sha256", "size", "width", "height", "orien
                     "status", "reason"]
 MIN_PER_SPLIT = 1
 COPY_OF = "copy of "  # the reason of a file in a nested copy of the class folders (scan_dataset)
+SAME_IMAGE = "same image found under labels "  # the reason of bytes found in two classes
+NOT_A_PHOTO = "not a photo: "  # the reason of a file kept beside photos (companion_file)
+
+
+def reason_kind(reason: str) -> str:
+    """A quarantine reason without its file's details, to count files by ("undecodable image:
+    JPEG cut short ..." -> "undecodable image"; "copy of red/003.jpg" -> "copy of a file of
+    the same class"; "not a photo: a video (.mov)" -> "not a photo: a video")."""
+    if reason.startswith(COPY_OF):
+        return "copy of a file of the same class"
+    if reason.startswith(SAME_IMAGE):
+        return "same image found under two labels"
+    if reason.startswith(NOT_A_PHOTO):
+        return reason.split(" (")[0]
+    return reason.split(":")[0].split("(")[0].strip()
+
+
+def reasons_by_kind(counts: dict) -> dict[str, int]:
+    """Quarantined files per kind of reason, most first (the counts' own, or counted from
+    every file's reason for a description an earlier version wrote)."""
+    if "quarantined_by_reason" in counts:
+        return dict(counts["quarantined_by_reason"])
+    tally: dict[str, int] = {}
+    for reason in counts.get("quarantine_reasons", {}).values():
+        tally[reason_kind(reason)] = tally.get(reason_kind(reason), 0) + 1
+    return dict(sorted(tally.items(), key=lambda item: (-item[1], item[0])))
+
+
+def shown_reasons(reasons: dict[str, str], limit: int = SHOWN_REASONS) -> dict[str, str]:
+    """At most ``limit`` of the quarantined files (path -> reason), sorted by path, taken in
+    turn from each kind of reason, so a broken photo is named beside a thousand sidecars."""
+    if len(reasons) <= limit:
+        return dict(reasons)
+    by_kind: dict[str, list[str]] = {}
+    for path in sorted(reasons):
+        by_kind.setdefault(reason_kind(reasons[path]), []).append(path)
+    chosen: list[str] = []
+    for depth in range(limit):
+        for paths in by_kind.values():
+            if depth < len(paths) and len(chosen) < limit:
+                chosen.append(paths[depth])
+        if len(chosen) >= limit:
+            break
+    return {path: reasons[path] for path in sorted(chosen)}
+
+
+def dataset_line(info: DatasetInfo, kinds: int = 3) -> str:
+    """The log's line about the data: classes, files found, used and quarantined, and what
+    the quarantined files were (the ``kinds`` commonest reasons)."""
+    counts = info["counts"]
+    line = (f"dataset: {len(info['classes'])} classes, {counts['found']} files found, "
+            f"{counts['used']} used, {counts['quarantined']} quarantined")
+    tally = list(reasons_by_kind(counts).items())
+    if not tally:
+        return line
+    parts = [f"{n} {kind}" for kind, n in tally[:kinds]]
+    rest = tally[kinds:]
+    if rest:
+        parts.append(f"{sum(n for _, n in rest)} more, for {len(rest)} other "
+                     f"reason{'s' if len(rest) > 1 else ''}: the model card lists them")
+    return f"{line} ({'; '.join(parts)})"
 
 
 def _sha256_bytes(path: Path) -> tuple[str, int]:
@@ -443,8 +515,7 @@ def split_layout_note(counts: dict) -> Optional[str]:
                      "(unlabeled images) and is not used")
     copies = counts.get("nested_copies") or []
     if copies:
-        again = sum(reason.startswith(COPY_OF)
-                    for reason in counts.get("quarantine_reasons", {}).values())
+        again = reasons_by_kind(counts).get(reason_kind(COPY_OF), 0)
         notes.append(f"{', '.join(f'{s}/' for s in copies)} "
                      f"{'holds' if len(copies) == 1 else 'hold'} the class folders again (a "
                      "copy of the dataset inside it): its files count for the classes their "
@@ -589,6 +660,32 @@ def _refuse_undecodable_names(paths: list[str]) -> None:
             "names petalflow decodes)")
 
 
+# Files that operating systems, photo exports, editors and phones keep beside photos (by name
+# or suffix, compared case-blind): never photos, and quarantined as what they are, not as
+# "not an image file" (a download gone wrong looks so).
+COMPANION_NAMES = {
+    "thumbs.db": "Windows' thumbnail cache (Thumbs.db)",
+    "ehthumbs.db": "Windows Media Center's thumbnail cache (ehthumbs.db)",
+    "desktop.ini": "Windows' folder settings (desktop.ini)",
+    "zbthumbnail.info": "ACDSee's thumbnail cache (ZbThumbnail.info)",
+}
+COMPANION_SUFFIXES = {
+    ".json": "photo metadata (.json, as Google Takeout writes beside each photo)",
+    ".xmp": "an editor's metadata sidecar (.xmp)",
+    ".aae": "Apple Photos' edit record (.aae)",
+    **{suffix: f"a video ({suffix})" for suffix in (
+        ".mov", ".mp4", ".m4v", ".3gp", ".avi", ".mkv", ".webm", ".mts", ".wmv")},
+}
+
+
+def companion_file(name: str) -> Optional[str]:
+    """"not a photo: <what it is>" for a file kept beside photos (``COMPANION_NAMES``,
+    ``COMPANION_SUFFIXES``), else None."""
+    name = name.lower()
+    what = COMPANION_NAMES.get(name) or COMPANION_SUFFIXES.get(os.path.splitext(name)[1])
+    return NOT_A_PHOTO + what if what else None
+
+
 def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
     """(reason or None, width, height, EXIF orientation) from the file header alone, without
     decoding pixels. The orientation is PIL's reading of a JPEG's EXIF (1 for other formats or
@@ -599,6 +696,9 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
 
     # Only the header is read here and MAX_PIXELS (lower) is enforced below, so PIL's own
     # decompression-bomb refusal is lifted for this call to report the real size.
+    companion = companion_file(path.name)
+    if companion:
+        return companion, 0, 0, 1
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
@@ -811,7 +911,7 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None,
         for idx in ok.index[ok["sha256"].isin(conflicted)]:
             others = sorted(set(ok.loc[ok["sha256"] == ok.loc[idx, "sha256"], "label"]))
             manifest.loc[idx, ["status", "reason"]] = [
-                "quarantined", f"same image found under labels {', '.join(others)}"
+                "quarantined", SAME_IMAGE + ", ".join(others)
             ]
     manifest.loc[manifest["status"] != "ok", ["width", "height"]] = 0
     manifest.loc[manifest["status"] != "ok", "orientation"] = 1
@@ -820,10 +920,13 @@ def scan_dataset(data_root: Path, known: Optional[dict] = None,
 
 def _image_files(rows: pd.DataFrame) -> pd.Series:
     """Which manifest rows are images (usable or not): usable, recognised by PIL, or named
-    like an image; not notes, hidden files or empty files with other names."""
-    recognised = (rows["status"] == "ok") | ~rows["reason"].isin(
+    like an image; not notes, files kept beside photos, hidden files or empty files with other
+    names."""
+    recognised = (rows["status"] == "ok") | ~(rows["reason"].isin(
         ["not an image file", "hidden file", "empty file"])
-    return recognised | rows["path"].map(lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        | rows["reason"].str.startswith(NOT_A_PHOTO).astype(bool))
+    return recognised | rows["path"].map(
+        lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES).astype(bool)
 
 
 def image_free_folders(manifest: pd.DataFrame) -> list[str]:
@@ -967,6 +1070,8 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
     counts["quarantine_reasons"] = {
         row.path: row.reason for row in quarantined.itertuples(index=False)
     }
+    counts["quarantined_by_reason"] = reasons_by_kind(
+        {"quarantine_reasons": counts["quarantine_reasons"]})
     return counts
 
 

@@ -6,7 +6,6 @@ files the stages wrote; publishing them (MLflow, Prefect artifacts) is done by t
 from __future__ import annotations
 
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +13,9 @@ import pandas as pd
 from prefect import task
 
 from petalflow.tasks.common import redact_url
-from petalflow.tasks.dataset import load_manifest, split_layout_note
+from petalflow.tasks.dataset import (
+    SHOWN_REASONS, load_manifest, reasons_by_kind, split_layout_note,
+)
 from petalflow.tasks.drift import drift_line
 from petalflow.tasks.registry import model_said
 
@@ -140,11 +141,14 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         _table(class_counts(summary["manifest"])),
         "",
     ]
-    reasons = Counter(_reason_kind(r) for r in ds.get("quarantine_reasons", {}).values())
+    reasons = reasons_by_kind(ds)
     if reasons:
         lines += ["### Quarantined files by reason", "",
-                  _table(pd.DataFrame(sorted(reasons.items()), columns=["reason", "files"])), ""]
-        examples = list(ds["quarantine_reasons"].items())[:20]
+                  _table(pd.DataFrame(list(reasons.items()), columns=["reason", "files"])), ""]
+        examples = list(ds["quarantine_reasons"].items())[:SHOWN_REASONS]
+        if len(examples) < ds["quarantined"]:
+            lines += [f"{len(examples)} of the {ds['quarantined']} quarantined files (every "
+                      "file's reason is in the run's manifest):", ""]
         lines += [f"- `{p}`: {r}" for p, r in examples]
         lines.append("")
     if ds.get("empty_class_folders"):
@@ -227,11 +231,6 @@ def _edge_lines(summary: dict) -> list[str]:
             f"`petalflow pull --model models:/{summary['model_name']}/{summary['model_version']} "
             "--format tflite --dest DIR` fetches the int8 model with labels.txt and edge.json.",
             ""]
-
-
-def _reason_kind(reason: str) -> str:
-    """A reason without its file-specific details ("undecodable image: ..." -> kind)."""
-    return reason.split(":")[0].split("(")[0].strip()
 
 
 def run_result(summary: dict, links: Optional[dict] = None) -> str:

@@ -1047,3 +1047,78 @@ def test_files_changed_just_before_a_scan_are_read_again_by_the_next(tmp_path):
     assert hashes.sha256(fresh, "fresh.jpg") == (hashlib.sha256(fresh.read_bytes()).hexdigest(),
                                                 fresh.stat().st_size)
     assert hashes.recorded == {} and hashes.read == 1
+
+
+def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(tmp_path):
+    """A Google Photos export (Google Takeout) writes a ``.json`` beside every photo and a
+    ``metadata.json`` per album; Windows leaves ``Thumbs.db`` and ``desktop.ini``, editors
+    ``.xmp`` sidecars, an iPhone ``.AAE`` edit records and a Live Photo's ``.MOV``. Each was
+    "not an image file", as a broken download would be, and the summary printed by
+    ``petalflow train`` listed every quarantined file (a 100,000-photo export: 100,000 lines).
+    They are named for what they are; the log line says what the quarantined files are; the
+    summary and the model card give the count per reason and at most 20 files, every reason
+    among them (a broken photo is not hidden behind the metadata); the manifest keeps all."""
+    from petalflow.tasks.dataset import dataset_line, dataset_summary
+    from petalflow.tasks.report import model_card
+
+    root = make_dataset(tmp_path / "Takeout" / "Google Photos", per_class=6)
+    for label in ("red", "green", "blue"):
+        folder = root / label
+        for photo in sorted(folder.glob("*.jpg")):
+            (folder / f"{photo.name}.json").write_text('{"title": "%s"}' % photo.name)
+        (folder / "metadata.json").write_text('{"title": "%s"}' % label)
+    (root / "red" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + b"\0" * 60)
+    (root / "red" / "desktop.ini").write_text("[.ShellClassInfo]\n")
+    (root / "green" / "000.xmp").write_text("<x:xmpmeta/>")
+    (root / "green" / "IMG_0001.AAE").write_text("<plist/>")
+    (root / "blue" / "IMG_0002.MOV").write_bytes(b"\0\0\0\x14ftypqt  " + b"\0" * 40)
+    (root / "blue" / "notes.txt").write_text("taken in May")
+    good = write_image(tmp_path / "big.jpg", (40, 40, 220), size=(64, 64), noise=60).read_bytes()
+    (root / "blue" / "zz_broken.jpg").write_bytes(good[: len(good) * 7 // 10])
+
+    info = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "red"] and info["counts"]["used"] == 18
+    m = load_manifest(info["manifest"])
+    takeout = "not a photo: photo metadata (.json, as Google Takeout writes beside each photo)"
+    assert _status(m, "red/000.jpg.json") == ("quarantined", takeout)
+    assert _status(m, "red/metadata.json") == ("quarantined", takeout)
+    assert _status(m, "red/Thumbs.db") == (
+        "quarantined", "not a photo: Windows' thumbnail cache (Thumbs.db)")
+    assert _status(m, "red/desktop.ini") == (
+        "quarantined", "not a photo: Windows' folder settings (desktop.ini)")
+    assert _status(m, "green/000.xmp") == (
+        "quarantined", "not a photo: an editor's metadata sidecar (.xmp)")
+    assert _status(m, "green/IMG_0001.AAE") == (
+        "quarantined", "not a photo: Apple Photos' edit record (.aae)")
+    assert _status(m, "blue/IMG_0002.MOV") == ("quarantined", "not a photo: a video (.mov)")
+    assert _status(m, "blue/notes.txt") == ("quarantined", "not an image file")
+    assert _status(m, "blue/zz_broken.jpg")[1].startswith("undecodable image: JPEG cut short")
+
+    counts = info["counts"]
+    assert counts["quarantined"] == 3 * 7 + 7 and len(counts["quarantine_reasons"]) == 28
+    assert counts["quarantined_by_reason"] == {
+        "not a photo: photo metadata": 21, "not a photo: Windows' thumbnail cache": 1,
+        "not a photo: Windows' folder settings": 1, "not a photo: an editor's metadata sidecar": 1,
+        "not a photo: Apple Photos' edit record": 1, "not a photo: a video": 1,
+        "not an image file": 1, "undecodable image": 1}
+    assert list(counts["quarantined_by_reason"])[0] == "not a photo: photo metadata"
+    assert dataset_line(info) == (
+        "dataset: 3 classes, 46 files found, 18 used, 28 quarantined (21 not a photo: photo "
+        "metadata; 1 not a photo: Apple Photos' edit record; 1 not a photo: Windows' folder "
+        "settings; 5 more, for 5 other reasons: the model card lists them)")
+
+    summary = dataset_summary(info)
+    shown = summary["quarantine_reasons"]
+    assert len(shown) == 20 and set(shown.items()) <= set(counts["quarantine_reasons"].items())
+    assert "blue/zz_broken.jpg" in shown and "blue/IMG_0002.MOV" in shown  # every reason
+    assert summary["quarantined_by_reason"] == counts["quarantined_by_reason"]
+    assert summary["quarantined"] == 28
+    card = model_card({
+        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
+        "dataset": summary, "manifest": info["manifest"], "comparison": {},
+        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
+    }, str(tmp_path / "no-evaluation"))
+    assert "| not a photo: photo metadata | 21 |" in card
+    assert "| undecodable image | 1 |" in card
+    assert "20 of the 28 quarantined files (every file's reason is in the run's manifest)" in card
+    assert "- `blue/zz_broken.jpg`: undecodable image: JPEG cut short" in card
