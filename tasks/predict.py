@@ -23,7 +23,7 @@ import pandas as pd
 from petalflow.tasks.common import log, printable_name, unread_folder, walk_files
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
-from petalflow.tasks.serving import encode_bytes
+from petalflow.tasks.serving import decodable_start, encode_bytes
 
 BatchHook = Callable[[int, int], None]  # (rows written so far, files in the job)
 
@@ -229,14 +229,25 @@ def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:
     return frame
 
 
+# Bytes read of a file that does not begin as an image the model decodes (a video, an archive,
+# a disk image named on the command line or matched by a glob): its first bytes are what the
+# model names it by (``serving.unsupported_format``, ``archive_format``), and its row is an
+# error either way; reading it whole held all of it in memory (a 3 GB video: 3 GB).
+NOT_IMAGE_BYTES = 1 << 18
+
+
 def read_files(paths: Sequence[Path]) -> tuple[list[bytes], list[str]]:
-    """Each file's bytes, and why each file that cannot be read could not ("unreadable file:
-    ...", as the scan quarantines such a file; "" for the others). An unreadable file's bytes
-    are empty: the model reports it as an error row, and the row then says why."""
+    """Each file's bytes (of a file that does not begin as a JPEG, PNG, GIF, BMP or WebP, the
+    first ``NOT_IMAGE_BYTES``), and why each file that cannot be read could not ("unreadable
+    file: ...", as the scan quarantines such a file; "" for the others). An unreadable file's
+    bytes are empty: the model reports it as an error row, and the row then says why."""
     data, unread = [], []
     for path in paths:
         try:
-            data.append(Path(path).read_bytes())
+            with open(path, "rb") as fh:
+                whole = decodable_start(fh.read(12))
+                fh.seek(0)
+                data.append(fh.read() if whole else fh.read(NOT_IMAGE_BYTES))
             unread.append("")
         except OSError as exc:
             data.append(b"")

@@ -152,6 +152,14 @@ def header_size(data: bytes) -> Optional[tuple[int, int]]:
     return None
 
 
+def decodable_start(head: bytes) -> bool:
+    """Whether a file that begins with ``head`` (its first 12 bytes or more) is, by its
+    signature, in a format the model decodes: JPEG, PNG, GIF, BMP or WebP."""
+    head = bytes(head[:12])
+    return (head.startswith((b"\xff\xd8", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM"))
+            or (head.startswith(b"RIFF") and head[8:12] == b"WEBP"))
+
+
 def too_large(data: Optional[bytes]) -> Optional[str]:
     """ERROR_TOO_LARGE for an image whose header says it has more than MAX_PIXELS pixels."""
     size = header_size(data) if data else None

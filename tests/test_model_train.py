@@ -1977,3 +1977,44 @@ def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_
     assert (result["images"], result["errors"]) == (10, 9)
     got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert got["error"].tolist() == expected
+
+
+def test_a_large_file_that_is_no_image_is_not_read_into_memory(trained, tmp_path, monkeypatch):
+    """`petalflow predict --input 'share/*'` (a glob) or a file named on the command line may
+    be a video, an archive or a disk image of gigabytes: each was read whole into memory (a
+    batch of them, all at once) to be told it is no image. Only its first bytes are read, and
+    its row says what it is as before; an image is read whole, whatever its name."""
+    from petalflow.tasks import predict
+
+    folder = tmp_path / "share"
+    folder.mkdir()
+    gigabytes = 3 << 30
+    starts = {"holiday.mov": b"\0\0\0\x14ftypqt  \0\0\0\0qt  ",
+              "photos.zip": b"PK\x03\x04\x14\0\0\0\x08\0",
+              "disk.img": b"\0" * 16}
+    for name, start in starts.items():
+        with open(folder / name, "wb") as fh:  # sparse: 3 GiB on the file system, no blocks
+            fh.write(start)
+            fh.truncate(gigabytes)
+    photo = write_image(folder / "rose.jpg", (200, 30, 30), size=(64, 64), noise=40)
+    disguised = folder / "scan.dat"  # a PNG under another name is an image: read whole
+    write_image(tmp_path / "p.png", (30, 200, 30), fmt="PNG", size=(64, 64), noise=40)
+    disguised.write_bytes((tmp_path / "p.png").read_bytes())
+    names = sorted(starts) + ["rose.jpg", "scan.dat"]
+    data, unread = predict.read_files([folder / n for n in names])
+    assert [len(d) for d in data[:3]] == [predict.NOT_IMAGE_BYTES] * 3
+    assert data[3] == photo.read_bytes() and data[4] == disguised.read_bytes()
+    assert unread == [""] * 5
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
+    result = predict.predict_files("m", [folder / n for n in names], tmp_path / "out.csv")
+    assert (result["images"], result["errors"]) == (5, 3)
+    got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False).set_index("path")["error"]
+    assert got.to_dict() == {
+        str(folder / "disk.img"): "undecodable image",
+        str(folder / "holiday.mov"): ("unsupported image format MP4/QuickTime video (the model "
+                                      "reads JPEG, PNG, GIF, BMP and WebP): convert the file "
+                                      "first"),
+        str(folder / "photos.zip"): ("a zip archive, not an image: extract it and classify the "
+                                     "images it holds"),
+        str(folder / "rose.jpg"): "", str(folder / "scan.dat"): ""}
