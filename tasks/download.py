@@ -37,7 +37,7 @@ from petalflow.tasks.common import (
     scheme_hint, set_aside, sha256_file, tree_bytes, unread_folder, untrusted_certificate,
     utc_now, walk_files, write_json,
 )
-from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, find_data_root
+from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive,
     TransientError, WebPageNotArchive, is_transient_status,
@@ -293,7 +293,8 @@ def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
     contents (the dataset fingerprint, which does, is computed by the scan). The fingerprint:
     sha256 over (relative path, size, mtime) of every file below it the scan may use (not
     hidden files, nor those in hidden or system folders: a Mac's .DS_Store, a NAS's
-    thumbnails), which changes when such a file is added, removed, renamed or rewritten. The last change: the latest status-change
+    thumbnails; nor the files kept beside photos, ``companion_file``: an editor's .xmp
+    rewritten when a photo is rated, Windows' Thumbs.db), which changes when such a file is added, removed, renamed or rewritten. The last change: the latest status-change
     time (ctime, epoch seconds) of its files and folders, which a copy sets as it writes
     (``cp -p`` and rsync keep the original mtime, not the ctime); None if none could be read."""
     digest = hashlib.sha256()
@@ -305,7 +306,7 @@ def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
         with contextlib.suppress(OSError):
             changed.append(os.stat(dirpath).st_ctime)  # an entry added, removed or renamed
         for name in filenames:
-            if name.startswith("."):
+            if name.startswith(".") or companion_file(name):
                 continue
             path = Path(dirpath) / name
             try:

@@ -1115,6 +1115,12 @@ def test_folder_listing_fingerprint_changes_with_the_folder(tmp_path):
     (src / "red" / "._000.jpg").write_bytes(b"\0\5\26\7")
     write_image(src / "red" / "@eaDir" / "000.jpg" / "SYNOPHOTO_THUMB_M.jpg", (1, 2, 3))
     write_image(src / "#recycle" / "red" / "old.jpg", (1, 2, 3))
+    # Nor the files kept beside the photos: an editor rewrites a photo's .xmp sidecar when it
+    # is rated, Windows its Thumbs.db when the folder is opened, a phone syncs .AAE records.
+    (src / "red" / "000.xmp").write_text("<x:xmpmeta rating='5'/>")
+    (src / "red" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0" + bytes(60))
+    (src / "green" / "000.jpg.json").write_text('{"title": "000.jpg"}')
+    (src / "green" / "IMG_0001.AAE").write_text("<plist/>")
     assert describe_source(str(src), src)["listing_fingerprint"] == before[
         "listing_fingerprint"]
     (src / "red" / "extra.jpg").write_bytes((src / "red" / "000.jpg").read_bytes())
