@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from petalflow.tasks.common import (
     IMPORT_LOCK, code_version, defer_full_collections, freeze_start_up, require_store,
-    require_tracking_server, untrusted_certificate,
+    require_tracking_server, tls_problem,
 )
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
@@ -59,7 +59,7 @@ def _prefect_unreachable(exc: BaseException, text: str) -> RunFailed:
     why (from the error Prefect raised it from) and what to do."""
     url = text[len("Failed to reach API at "):].strip()
     cause = exc.__cause__ or exc.__context__
-    why = (untrusted_certificate(exc, url, "PREFECT_API_SSL_CERT_FILE")
+    why = (tls_problem(exc, url, "PREFECT_API_SSL_CERT_FILE")
            or (f"{type(cause).__name__}: {cause}" if cause is not None else "no answer"))
     return RunFailed(f"the Prefect server at {url} (PREFECT_API_URL) could not be reached: "
                      f"{why}",

@@ -288,20 +288,28 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def untrusted_certificate(exc: Optional[BaseException], url: str,
-                          setting: str = "SSL_CERT_FILE") -> Optional[str]:
-    """The message for a TLS certificate this client did not trust at ``url``'s host (a
-    server with an organisation's own certificate authority, a self-signed, expired or other
-    host's certificate), when ``exc`` or an error it wraps (httpx's or requests' chain,
-    urllib's ``reason``) is one, naming the environment ``setting`` that trusts an authority;
-    None otherwise. Retrying cannot help: the caller raises it as a permanent error."""
+def tls_problem(exc: Optional[BaseException], url: str,
+                setting: str = "SSL_CERT_FILE") -> Optional[str]:
+    """The message for a TLS failure no retry changes at ``url``'s host, when ``exc`` or an
+    error it wraps (httpx's or requests' chain, urllib's ``reason``) is one (``tls_failure``):
+    a certificate this client did not trust (a server with an organisation's own certificate
+    authority, a self-signed, expired or other host's certificate), naming the environment
+    ``setting`` that trusts an authority; or a server that does not answer in TLS at all (an
+    https:// URL of a plain-HTTP server), giving the http:// URL. None otherwise: the caller
+    raises it as a permanent error."""
+    import ssl
     from urllib.parse import urlsplit
 
-    error = certificate_error(exc)
+    error = tls_failure(exc)
     if error is None:
         return None
     parts = urlsplit(url)
     host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    if not isinstance(error, ssl.SSLCertVerificationError):
+        plain = redact_url(parts._replace(scheme="http").geturl())
+        return (f"the server at {host} did not answer in TLS ({error.reason}: an https:// "
+                f"URL of a server that speaks plain HTTP, or a port that is not the web "
+                f"server's): a plain-HTTP server's URL begins http://, {plain}")
     reason = error.verify_message or error.reason or str(error)
     return (f"the certificate of {host} is not trusted ({reason}): it is checked against the "
             "certificate authorities Python trusts; for a server with your organisation's own "
@@ -310,11 +318,21 @@ def untrusted_certificate(exc: Optional[BaseException], url: str,
             "or one for another name, is fixed on the server")
 
 
-def certificate_error(exc: Optional[BaseException]):
-    """The ``ssl.SSLCertVerificationError`` in ``exc``'s chain (``error_chain``), or None."""
+# What OpenSSL says when a server's first bytes are no TLS record: it answered in plain HTTP
+# (an https:// URL of an http-only server) or speaks another protocol on that port. Retried,
+# each took the retries' time (38 s for a dataset) and ended "offline, or behind a proxy?".
+NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                     "UNKNOWN_PROTOCOL", "HTTP_REQUEST"})
+
+
+def tls_failure(exc: Optional[BaseException]):
+    """The ``ssl`` error in ``exc``'s chain (``error_chain``) that no retry changes: an
+    ``ssl.SSLCertVerificationError``, or an ``ssl.SSLError`` saying the server does not speak
+    TLS (``NOT_TLS``); None otherwise."""
     import ssl
 
-    return next((e for e in error_chain(exc) if isinstance(e, ssl.SSLCertVerificationError)),
+    return next((e for e in error_chain(exc) if isinstance(e, ssl.SSLCertVerificationError)
+                 or (isinstance(e, ssl.SSLError) and getattr(e, "reason", None) in NOT_TLS)),
                 None)
 
 

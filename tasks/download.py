@@ -34,7 +34,7 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
-    scheme_hint, set_aside, sha256_file, tree_bytes, unread_folder, untrusted_certificate,
+    scheme_hint, set_aside, sha256_file, tree_bytes, unread_folder, tls_problem,
     utc_now, walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
@@ -261,9 +261,9 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
             "it and give its path") from exc
     except httpx.TransportError as exc:  # drops, resets, timeouts: keep the .part, resume
         at = _request_url(exc)
-        untrusted = untrusted_certificate(exc, at or url)
-        if untrusted:
-            raise DownloadError(untrusted) from exc
+        refused = tls_problem(exc, at or url)
+        if refused:
+            raise DownloadError(refused) from exc
         led_to = _led_to(url, at) if at else None
         where = f" (redirected to {led_to})" if led_to and led_to not in shown else ""
         raise TransientError(f"network error downloading {shown}{where}: {exc}") from exc

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
-from petalflow.tasks.common import log, untrusted_certificate
+from petalflow.tasks.common import log, tls_problem
 from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 
 
@@ -59,9 +59,9 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
             raise BackboneError(
                 f"HTTP {exc.code} fetching backbone {handle}; check --backbone") from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as exc:
-            untrusted = untrusted_certificate(exc, handle)
-            if untrusted:
-                raise BackboneError(f"{untrusted} (backbone {handle})") from exc
+            refused = tls_problem(exc, handle)
+            if refused:
+                raise BackboneError(f"{refused} (backbone {handle})") from exc
             raise TransientError(f"network error fetching backbone {handle}: {exc}") from exc
         except Exception as exc:  # a download that is not a model archive, a bad tar...
             raise BackboneError(f"cannot fetch backbone {handle}: {exc}") from exc

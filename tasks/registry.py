@@ -25,8 +25,8 @@ from prefect import task
 
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
 from petalflow.tasks.common import (
-    ask_tracking_server, certificate_error, code_version, error_chain, local_store_db,
-    pid_alive, redact_url, untrusted_certificate,
+    ask_tracking_server, tls_failure, code_version, error_chain, local_store_db,
+    pid_alive, redact_url, tls_problem,
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
@@ -142,7 +142,8 @@ def check_server_certificate(uri: str) -> None:
     """For an https tracking server: one request as MLflow's client makes it, without its
     retries (``common.ask_tracking_server``): a certificate it does not trust raises
     MlflowException naming the host and the setting at once, where MLflow's client retried
-    each call 7 times (8 minutes) and the tasks would have retried that again. Anything else
+    each call 7 times (8 minutes) and the tasks would have retried that again; so does a
+    server that does not answer in TLS (an https:// URI of a plain-HTTP server). Anything else
     (refused, an answer of any status) is left to MLflow's calls; none with
     MLFLOW_TRACKING_INSECURE_TLS."""
     from mlflow.exceptions import MlflowException
@@ -151,10 +152,10 @@ def check_server_certificate(uri: str) -> None:
         return
     if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
         return
-    untrusted = untrusted_certificate(ask_tracking_server(uri), uri,
+    refused = tls_problem(ask_tracking_server(uri), uri,
                                       "MLFLOW_TRACKING_SERVER_CERT_PATH")
-    if untrusted:
-        raise MlflowException(f"{untrusted} (tracking server {redact_url(uri)})")
+    if refused:
+        raise MlflowException(f"{refused} (tracking server {redact_url(uri)})")
 
 
 def configure_mlflow() -> str:
@@ -1065,7 +1066,7 @@ def is_transient_io_error(exc: BaseException) -> bool:
     import requests
     from mlflow.exceptions import RestException
 
-    if certificate_error(exc) is not None:  # a certificate not trusted: no retry changes it
+    if tls_failure(exc) is not None:  # a certificate not trusted, no TLS: no retry changes it
         return False
     for cause in error_chain(exc):
         # RetryError: MLflow's own retries of a 408/429/5xx answer ran out.

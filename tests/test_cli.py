@@ -313,6 +313,40 @@ def test_an_https_mlflow_server_whose_certificate_is_not_trusted_is_named_at_onc
         assert registry.configure_mlflow() == url
 
 
+def test_an_https_uri_of_a_plain_http_mlflow_server_is_named_at_once(workspace, capsys,
+                                                                      monkeypatch):
+    """MLFLOW_TRACKING_URI=https://… of a server that speaks plain HTTP (MLflow's own server
+    does unless put behind a proxy): MLflow's client retried each call 7 times and the tasks
+    counted it as network trouble. Now at once: the server did not answer in TLS, and the
+    http:// URI (exit 6)."""
+    import requests
+
+    from petalflow.tasks import registry
+    from tests.helpers import serve_directory
+
+    (workspace / "site").mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_INSECURE_TLS", raising=False)
+    with serve_directory(workspace / "site") as url:
+        host = url.split("//")[1]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://{host}")
+        for argv in (["models"], ["pull", "--dest", "pulled"]):
+            assert main(argv) == 6, argv
+            err = capsys.readouterr().err
+            assert (f"petalflow {argv[0]}: error: MLflow: the server at {host} did not answer "
+                    "in TLS (WRONG_VERSION_NUMBER: an https:// URL of a server that speaks "
+                    "plain HTTP, or a port that is not the web server's): a plain-HTTP "
+                    f"server's URL begins http://, http://{host} (tracking server "
+                    f"https://{host})") in err, err
+            assert "Traceback" not in err and "Retrying" not in err
+        assert not (workspace / "pulled").exists()
+        try:
+            requests.get(f"https://{host}", timeout=10)
+        except requests.exceptions.SSLError as exc:
+            assert not registry.is_transient_io_error(exc)
+        else:
+            raise AssertionError("a plain-HTTP server answered in TLS")
+
+
 def test_an_mlflow_server_that_does_not_answer_is_named_at_once(workspace, capsys,
                                                                 monkeypatch, tiny_backbone):
     """MLFLOW_TRACKING_URI set to a server that is not running (not started yet, a typo in
@@ -381,6 +415,14 @@ def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(
         assert f"the Prefect server at {url}/api/ (PREFECT_API_URL) could not be reached: the " \
                f"certificate of {host} is not trusted (self-signed certificate): " in err
         assert "set PREFECT_API_SSL_CERT_FILE to the authority's certificate" in err
+    # https:// of a server that speaks plain HTTP (Prefect's own server does): said so, with
+    # the http:// URL.
+    with serve_directory(workspace / "site") as url:
+        host = url.split("//")[1]
+        err = train(f"https://{host}/api")
+        assert f"the Prefect server at https://{host}/api/ (PREFECT_API_URL) could not be " \
+               f"reached: the server at {host} did not answer in TLS (" in err, err
+        assert f"a plain-HTTP server's URL begins http://, http://{host}/api/" in err
 
 
 def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(workspace, capsys):

@@ -849,6 +849,41 @@ def test_a_server_whose_certificate_is_not_trusted_fails_at_once_saying_how_to_t
         assert (Path(fetched.stdout.strip().splitlines()[-1]) / "saved_model.pb").is_file()
 
 
+def test_an_https_url_of_a_plain_http_server_fails_at_once_giving_its_http_url(
+        tiny_backbone, tmp_path):
+    """An internal file server that speaks plain HTTP, written https:// (browsers add it, and
+    habit): OpenSSL's "wrong version number" was retried as a network error for 38 s and
+    ended "offline, or behind a proxy?". Now at once, saying the server did not answer in TLS
+    and giving the http:// URL (its secrets hidden), for the data and the backbone."""
+    from petalflow.flows.cli import EXIT_BACKBONE, EXIT_SOURCE, explain_failure
+    from petalflow.tasks.errors import BackboneError, DownloadError
+    from petalflow.tasks.model import fetch_backbone
+    from tests.helpers import make_hub_tarball
+
+    served = tmp_path / "served"
+    make_tgz(make_dataset(tmp_path / "photos", per_class=2), served / "photos.tgz")
+    make_hub_tarball(tiny_backbone, served / "tiny.tar.gz")
+    with serve_directory(served) as url:
+        host = url.split("//")[1]
+        https = f"https://{host}"
+        with pytest.raises(DownloadError) as data:
+            download_archive(f"{https}/photos.tgz?token=s3cret", tmp_path / "d")
+        assert not isinstance(data.value, TransientError)
+        assert str(data.value) == (
+            f"the server at {host} did not answer in TLS (WRONG_VERSION_NUMBER: an https:// URL "
+            "of a server that speaks plain HTTP, or a port that is not the web server's): a "
+            f"plain-HTTP server's URL begins http://, http://{host}/photos.tgz?token=***")
+        assert explain_failure(data.value).code == EXIT_SOURCE
+        with pytest.raises(BackboneError) as hub:
+            fetch_backbone(f"{https}/tiny.tar.gz", tmp_path / "tfhub")
+        assert str(hub.value).startswith(f"the server at {host} did not answer in TLS (")
+        assert f"http://{host}/tiny.tar.gz (backbone {https}/tiny.tar.gz)" in str(hub.value)
+        assert explain_failure(hub.value).code == EXIT_BACKBONE
+        assert not list((tmp_path / "d").rglob("*.part"))
+        assert download_archive(f"{url}/photos.tgz", tmp_path / "d").read_bytes() == (
+            served / "photos.tgz").read_bytes()
+
+
 # --------------------------------------------------------------------------- change detection
 
 
