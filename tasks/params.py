@@ -58,11 +58,29 @@ _OBJECT_STORE_HINTS = {
 
 def unquoted(value: str) -> str:
     """A value as typed or pasted, without surrounding spaces and one pair of matching quotes
-    around it (a URL or path copied from a shell command into the UI's form)."""
+    around it (a URL or path copied from a shell command into the UI's form) or of angle
+    brackets (a link quoted by a chat or an e-mail: <https://…>)."""
     value = value.strip()
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+    if len(value) >= 2 and (value[0] + value[-1]) in ("''", '""', "<>"):
         value = value[1:-1].strip()
     return value
+
+
+# A web address whose "://" was mistyped: "http:/host/x" (one slash), "https:host/x",
+# "http:///host/x" (three: no host), "http//host/x" (no colon).
+_MISTYPED_URL = re.compile(r"^(?P<scheme>https?)(?::/?|:/{3,}|/{2,3})(?=[^/])", re.IGNORECASE)
+
+
+def mistyped_url(value: str) -> Optional[str]:
+    """Why ``value`` is refused when it reads as a web address with its "://" mistyped (and
+    names no existing file or folder), with the URL it means; None otherwise. Taken as a
+    local path, it failed the run after its start-up: "does not exist"."""
+    found = _MISTYPED_URL.match(value)
+    if not found or Path(value).expanduser().exists():
+        return None
+    meant = f"{found.group('scheme')}://{value[found.end():]}"
+    return (f"{value!r} is not a well-formed URL: a web address begins http:// or https:// "
+            f"(a colon, two slashes): {meant}")
 
 
 def file_url_problem(value: str) -> Optional[str]:
@@ -300,6 +318,8 @@ class TrainParams(BaseModel):
         value = unquoted(value)
         if not value:
             raise ValueError("must be an http(s):// or file:// URL or a local path")
+        if problem := mistyped_url(value):
+            raise ValueError(problem)
         if "://" in value and not value.lower().startswith(_URL_SCHEMES):
             raise ValueError(unsupported_scheme(value))
         problem = file_url_problem(value)
@@ -330,6 +350,8 @@ class TrainParams(BaseModel):
         value = unquoted(value)
         if not value:
             raise ValueError("must be a TF Hub handle (URL) or a local SavedModel folder")
+        if problem := mistyped_url(value):
+            raise ValueError(problem)
         if "://" in value:
             return value
         path = Path(value).expanduser()

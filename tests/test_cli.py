@@ -67,6 +67,33 @@ def test_urls_and_paths_pasted_with_their_quotes_are_taken_without_them(tmp_path
     assert predict.model_uri == "models:/m@champion"
     with pytest.raises(ValueError, match="must be an http"):
         TrainParams(data_url='""')
+    # In angle brackets, as a chat or an e-mail quotes a link.
+    assert TrainParams(data_url="<https://example.org/photos.tgz>").data_url == (
+        "https://example.org/photos.tgz")
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("http:/127.0.0.1:8761/photos.tgz", "http://127.0.0.1:8761/photos.tgz"),
+    ("https:example.org/photos.tgz", "https://example.org/photos.tgz"),
+    ("HTTPS:///example.org/photos.tgz", "HTTPS://example.org/photos.tgz"),
+    ("http//example.org/photos.tgz", "http://example.org/photos.tgz"),
+])
+def test_a_url_with_its_slashes_mistyped_is_refused_saying_what_it_means(typed, meant,
+                                                                          tmp_path,
+                                                                          monkeypatch):
+    """"http:/host/photos.tgz" (one slash lost in typing) was taken as a local path and the
+    run failed after its start-up with "dataset source … does not exist"; three slashes
+    reached the server as no host. Refused in the form and the command line, with the URL it
+    means, for the data and the backbone; a local folder of that name is still a path."""
+    monkeypatch.chdir(tmp_path)
+    for field in ("data_url", "backbone"):
+        with pytest.raises(ValueError) as refused:
+            TrainParams(**{field: typed})
+        assert (f"{typed!r} is not a well-formed URL: a web address begins http:// or "
+                f"https:// (a colon, two slashes): {meant}") in str(refused.value)
+    if typed.startswith("http//"):  # a folder of that name is a path, as before
+        write_image(tmp_path / "http" / "example.org" / "red" / "a.jpg", COLOURS["red"])
+        assert TrainParams(data_url="http//example.org").data_url == "http//example.org"
 
 
 def test_a_folder_as_the_summary_file_is_refused_before_work(workspace, capsys):
