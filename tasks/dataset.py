@@ -570,7 +570,9 @@ def labels_file_hint(data_root: Path, names: set[str]) -> Optional[str]:
 def labels_elsewhere(data_root: Path, manifest: pd.DataFrame) -> Optional[str]:
     """For a dataset without two class folders: where its labels seem to be instead, when
     images lie in its folder itself with a label at the start of their names (Kaggle's
-    dogs-vs-cats train.zip: cat.0.jpg, dog.0.jpg) or a table names its images; else None."""
+    dogs-vs-cats train.zip: cat.0.jpg, dog.0.jpg) or a table names its images; or, images
+    lying there without either, that it looks like one class's folder (``one_class_folder``);
+    else None."""
     loose = loose_images(data_root)
     labelled = labels_in_names(loose)
     if labelled:
@@ -579,7 +581,27 @@ def labels_elsewhere(data_root: Path, manifest: pd.DataFrame) -> Optional[str]:
                 f"names begin with a label ({shown}): move each image into a folder named "
                 f"after it ({', '.join(f'{label}/' for label, _ in labelled[:3])}"
                 f"{', ...' if len(labelled) > 3 else ''})")
-    return labels_file_hint(data_root, {Path(p).name for p in manifest["path"]} | set(loose))
+    return (labels_file_hint(data_root, {Path(p).name for p in manifest["path"]} | set(loose))
+            or (one_class_folder(data_root, len(loose)) if loose else None))
+
+
+def one_class_folder(data_root: Path, images: int) -> str:
+    """For ``images`` lying in ``data_root`` itself without class folders (the path of one
+    class's folder given as the dataset: flowers/roses): say so, naming the folder above
+    when it holds folders of images (the class folders), as a local folder's parent does
+    and an extracted archive's does not."""
+    message = (f"the {images} images lie in {data_root} itself, with no class folder: a folder "
+               "of one class? Give the folder that holds one subfolder per class")
+    parent = Path(data_root).parent
+    try:
+        classes = sorted(p.name for p in parent.iterdir()
+                         if p.is_dir() and not p.name.startswith(".") and loose_images(p))
+    except OSError:
+        return message
+    if len(classes) < 2:
+        return message
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    return f"{message}: {parent} (it holds {len(classes)}: {shown})"
 
 
 def class_label(folder_name: str) -> str:

@@ -254,6 +254,29 @@ def test_one_class_is_a_clear_error(tmp_path):
         split_dataset(scan_dataset(root), 0.15, 0.15, 0)
 
 
+def test_one_class_folder_given_as_the_dataset_says_to_give_the_folder_above(tmp_path):
+    """The path of one class's folder typed into the form (flowers/roses instead of flowers):
+    "found 0 (none); put each class's images in its own subfolder" (they are). Now it says the
+    images lie in the folder itself, as in one class's folder, and names the folder above when
+    that holds the class folders; an extracted archive's folder, which has no such parent, is
+    told only the first part."""
+    root = make_dataset(tmp_path / "flowers", per_class=4)
+    with pytest.raises(DatasetError) as exc:
+        prepare_dataset(root / "red", tmp_path / "out", 0.25, 0.25, 0)
+    assert str(exc.value) == (
+        f"need at least 2 classes with usable images, found 0 (none): the 4 images lie in "
+        f"{root / 'red'} itself, with no class folder: a folder of one class? Give the folder "
+        f"that holds one subfolder per class: {root} (it holds 3: blue, green, red)")
+    alone = make_dataset(tmp_path / "extracted" / "abc123", per_class=3,
+                         colours={"photos": (1, 2, 3)}) / "photos"
+    with pytest.raises(DatasetError) as exc:
+        prepare_dataset(alone, tmp_path / "out2", 0.25, 0.25, 0)
+    assert str(exc.value) == (
+        f"need at least 2 classes with usable images, found 0 (none): the 3 images lie in "
+        f"{alone} itself, with no class folder: a folder of one class? Give the folder that "
+        "holds one subfolder per class")
+
+
 def test_a_dataset_of_tiffs_says_its_images_are_unusable_not_that_the_layout_is_wrong(tmp_path):
     """UC Merced's land-use photos are TIFFs in one folder per class: every file quarantined.
     The error says so, with the reason and a file, not "put each class's images in its own
