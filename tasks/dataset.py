@@ -716,11 +716,11 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
     decoder would turn, and training skips reading EXIF for it (``reads_exif``)."""
     from PIL import Image, UnidentifiedImageError
 
-    # Only the header is read here and MAX_PIXELS (lower) is enforced below, so PIL's own
-    # decompression-bomb refusal is lifted for this call to report the real size.
-    companion = companion_file(path.name)
+    companion = companion_file(path.name)  # by its name: not opened
     if companion:
         return companion, 0, 0, 1
+    # Only the header is read here and MAX_PIXELS (lower) is enforced below, so PIL's own
+    # decompression-bomb refusal is lifted for this call to report the real size.
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(path) as im:
@@ -946,7 +946,7 @@ def _image_files(rows: pd.DataFrame) -> pd.Series:
     names."""
     recognised = (rows["status"] == "ok") | ~(rows["reason"].isin(
         ["not an image file", "hidden file", "empty file"])
-        | rows["reason"].str.startswith(NOT_A_PHOTO).astype(bool))
+        | rows["reason"].str.startswith(NOT_A_PHOTO, na=False).astype(bool))
     return recognised | rows["path"].map(
         lambda p: Path(p).suffix.lower() in IMAGE_SUFFIXES).astype(bool)
 

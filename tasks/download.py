@@ -294,7 +294,8 @@ def folder_listing(folder: Path) -> tuple[str, Optional[float]]:
     sha256 over (relative path, size, mtime) of every file below it the scan may use (not
     hidden files, nor those in hidden or system folders: a Mac's .DS_Store, a NAS's
     thumbnails; nor the files kept beside photos, ``companion_file``: an editor's .xmp
-    rewritten when a photo is rated, Windows' Thumbs.db), which changes when such a file is added, removed, renamed or rewritten. The last change: the latest status-change
+    rewritten when a photo is rated, Windows' Thumbs.db), which changes when such a file is
+    added, removed, renamed or rewritten. The last change: the latest status-change
     time (ctime, epoch seconds) of its files and folders, which a copy sets as it writes
     (``cp -p`` and rsync keep the original mtime, not the ctime); None if none could be read."""
     digest = hashlib.sha256()
