@@ -48,7 +48,12 @@ class DatasetCounts(TypedDict):
     # read. Both 0: training need not read any EXIF.
     turned: int
     exif_unreadable: int
-    quarantine_reasons: dict[str, str]  # relative path -> reason
+    # Relative path -> reason of at most SHOWN_REASONS quarantined files, every kind of reason
+    # among them (``shown_reasons``; the manifest has every file's). This description crosses
+    # to the training flow as its parameter (stored by Prefect's API, shown in its UI) and
+    # into the summary: per-file data here grew them with the data (a photo export holds a
+    # metadata file per photo). Descriptions earlier versions wrote hold every file's.
+    quarantine_reasons: dict[str, str]
     # How many files each kind of reason quarantined (``reason_kind``), most first. Not in the
     # descriptions earlier versions wrote (``reasons_by_kind`` counts those).
     quarantined_by_reason: NotRequired[dict[str, int]]
@@ -1075,7 +1080,8 @@ def dataset_fingerprint(manifest: pd.DataFrame) -> str:
 
 
 def dataset_counts(manifest: pd.DataFrame) -> dict:
-    """found / used / quarantined counts, per split and the quarantine reasons."""
+    """found / used / quarantined counts, per split, the quarantined files per kind of reason
+    and at most ``SHOWN_REASONS`` of them by name: a size that does not grow with the data."""
     used = manifest[manifest["status"] == "ok"]
     counts = {
         "found": int(len(manifest)),
@@ -1089,11 +1095,9 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
         counts["turned"] = int((used["orientation"] > 1).sum())
         counts["exif_unreadable"] = int((used["orientation"] == 0).sum())
     quarantined = manifest[manifest["status"] != "ok"]
-    counts["quarantine_reasons"] = {
-        row.path: row.reason for row in quarantined.itertuples(index=False)
-    }
-    counts["quarantined_by_reason"] = reasons_by_kind(
-        {"quarantine_reasons": counts["quarantine_reasons"]})
+    reasons = {row.path: row.reason for row in quarantined.itertuples(index=False)}
+    counts["quarantined_by_reason"] = reasons_by_kind({"quarantine_reasons": reasons})
+    counts["quarantine_reasons"] = shown_reasons(reasons)
     return counts
 
 
@@ -1264,6 +1268,10 @@ def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
         if "loose_images" not in info["counts"]:  # written before they were counted
             loose = loose_images(data_root)
             info["counts"].update(loose_images=len(loose), loose_image_examples=loose[:5])
+        if "quarantined_by_reason" not in info["counts"]:  # every file's reason, as before
+            info["counts"].update(quarantined_by_reason=reasons_by_kind(info["counts"]),
+                                  quarantine_reasons=shown_reasons(
+                                      info["counts"]["quarantine_reasons"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     log("scan: %s was scanned before (an extracted archive does not change): its manifest "

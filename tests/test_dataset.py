@@ -953,8 +953,11 @@ def test_an_extracted_archive_scanned_before_is_not_scanned_again(tmp_path, monk
     write_image(root / "cover.jpg", (9, 9, 9))  # (the folder's own date kept: the same one)
     os.utime(root, ns=(folder.st_atime_ns, folder.st_mtime_ns))
     written = json.loads((tmp_path / "m1" / "dataset.json").read_text())
-    for key in ("loose_images", "loose_image_examples"):
+    for key in ("loose_images", "loose_image_examples", "quarantined_by_reason"):
         del written["counts"][key]
+    # ... and before quarantined files were counted per reason: every file's reason listed.
+    written["counts"]["quarantine_reasons"] = {f"red/{i:02d}.xmp": "not an image file"
+                                               for i in range(25)}
     (tmp_path / "m1" / "dataset.json").write_text(json.dumps(written))
     with monkeypatch.context() as patched:
         patched.setattr(dataset, "scan_dataset", no_scan)
@@ -962,8 +965,11 @@ def test_an_extracted_archive_scanned_before_is_not_scanned_again(tmp_path, monk
                                         unchanging=True)
     assert older["counts"]["loose_images"] == 1
     assert older["counts"]["loose_image_examples"] == ["cover.jpg"]
+    assert older["counts"]["quarantined_by_reason"] == {"not an image file": 25}
+    assert len(older["counts"]["quarantine_reasons"]) == dataset.SHOWN_REASONS
     # A job from an earlier flow (a training worker updated first) has no such counts.
     del older["counts"]["loose_images"], older["counts"]["loose_image_examples"]
+    del older["counts"]["quarantined_by_reason"]
     TrainingJob(dataset=older, params=TrainParams(), workdir="w", run_id="r")
     (root / "cover.jpg").unlink()
 
@@ -1118,7 +1124,7 @@ def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(
     assert _status(m, "blue/zz_broken.jpg")[1].startswith("undecodable image: JPEG cut short")
 
     counts = info["counts"]
-    assert counts["quarantined"] == 3 * 7 + 7 and len(counts["quarantine_reasons"]) == 28
+    assert counts["quarantined"] == 3 * 7 + 7 and (m["status"] == "quarantined").sum() == 28
     assert counts["quarantined_by_reason"] == {
         "not a photo: photo metadata": 21, "not a photo: Windows' thumbnail cache": 1,
         "not a photo: Windows' folder settings": 1, "not a photo: an editor's metadata sidecar": 1,
@@ -1132,7 +1138,8 @@ def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(
 
     summary = dataset_summary(info)
     shown = summary["quarantine_reasons"]
-    assert len(shown) == 20 and set(shown.items()) <= set(counts["quarantine_reasons"].items())
+    assert shown == counts["quarantine_reasons"] and len(shown) == 20
+    assert set(shown.items()) <= set(zip(m["path"], m["reason"]))
     assert "blue/zz_broken.jpg" in shown and "blue/IMG_0002.MOV" in shown  # every reason
     assert summary["quarantined_by_reason"] == counts["quarantined_by_reason"]
     assert summary["quarantined"] == 28
@@ -1145,3 +1152,10 @@ def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(
     assert "| undecodable image | 1 |" in card
     assert "20 of the 28 quarantined files (every file's reason is in the run's manifest)" in card
     assert "- `blue/zz_broken.jpg`: undecodable image: JPEG cut short" in card
+    # The description crosses to the training flow as its parameter (kept by Prefect's API,
+    # shown in its UI) and into the summary: ten times the metadata files, the same size.
+    for i in range(10 * 28):
+        (root / "red" / f"extra{i:04d}.jpg.json").write_text("{}")
+    grown = prepare_dataset(root, tmp_path / "out2", 0.25, 0.25, 0)
+    assert grown["counts"]["quarantined"] == 28 + 280
+    assert len(json.dumps(grown)) < len(json.dumps(info)) + 100
