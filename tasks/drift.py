@@ -52,10 +52,20 @@ def drift_line(drift: Optional[dict]) -> str:
             f"{drift['image_drift']:.3f}) on {drift['images']} images: {said}")
 
 
+EVENT_INPUTS = 20  # of a job's inputs, named in its drift event (``drift_payload``)
+
+
+def inputs_said(inputs: list) -> str:
+    """A job's inputs for its artifacts: the first three and how many more (a shell's glob
+    names every file: 30,000 of them made the artifacts a list of files)."""
+    shown = ", ".join(f"`{item}`" for item in inputs[:3])
+    return shown + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+
+
 def drift_markdown(summary: dict) -> str:
     """The artifact: the score, its parts, the threshold and what was compared."""
     drift = summary.get("drift") or {}
-    inputs = ", ".join(f"`{item}`" for item in summary["inputs"])
+    inputs = inputs_said(summary["inputs"])
     model = model_said(summary["model_uri"], summary.get("model_version_uri"))
     if not drift.get("available"):
         return (f"# Drift\n\nNot measured for `{model}`: "
@@ -92,10 +102,12 @@ def model_resource(model_uri: str) -> str:
 
 def drift_payload(summary: dict, training_params: Optional[dict]) -> dict:
     """The event's payload: ``model_version_uri`` is the version that classified the images
-    (``model_uri``'s alias may name another by now), ``params`` its training parameters."""
+    (``model_uri``'s alias may name another by now), ``params`` its training parameters; the
+    first ``EVENT_INPUTS`` inputs and their count (a shell's glob names every file: 30,000
+    made the event larger than Prefect's limit, 1.5 MB, and the job failed emitting it)."""
     return {"model_uri": summary["model_uri"],
             "model_version_uri": summary.get("model_version_uri", summary["model_uri"]),
-            "inputs": summary["inputs"],
+            "inputs": summary["inputs"][:EVENT_INPUTS], "inputs_count": len(summary["inputs"]),
             "output": summary["output"], "drift": summary["drift"],
             "params": training_params}
 

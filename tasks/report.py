@@ -16,7 +16,7 @@ from petalflow.tasks.common import redact_url
 from petalflow.tasks.dataset import (
     SHOWN_REASONS, load_manifest, reasons_by_kind, split_layout_note,
 )
-from petalflow.tasks.drift import drift_line
+from petalflow.tasks.drift import drift_line, inputs_said
 from petalflow.tasks.registry import model_said
 
 
@@ -348,7 +348,7 @@ def announce_result(summary: dict) -> None:
 
 def prediction_markdown(summary: dict) -> str:
     """The batch-predict artifact: how many images, errors, output, images per label."""
-    inputs = ", ".join(f"`{item}`" for item in summary["inputs"])
+    inputs = inputs_said(summary["inputs"])
     counts = pd.DataFrame(list(summary["labels"].items()), columns=["label", "count"])
     return (f"# Batch prediction\n\n{summary['images']} images from {inputs} with "
             f"`{model_said(summary['model_uri'], summary.get('model_version_uri'))}`: "

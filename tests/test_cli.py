@@ -750,6 +750,35 @@ def test_drift_event_and_artifact_name_the_model_even_with_dots():
     assert artifact_key("drift", "team.flowers-v2") == "drift-team-flowers-v2"
 
 
+def test_a_prediction_job_of_many_named_files_fits_its_event_and_artifacts():
+    """`petalflow predict --input photos/*.jpg`: the shell names every file (30,000 here).
+    The drift event's payload listed each: over Prefect's event size limit (1.5 MB) emitting
+    it raised EventTooLarge and the job failed after classifying every image; the drift and
+    prediction artifacts listed each too. They now name the first few and how many."""
+    from prefect.events import Event
+    from prefect.settings import get_current_settings
+
+    from petalflow.tasks.drift import EVENT, drift_markdown, drift_payload
+    from petalflow.tasks.report import prediction_markdown
+
+    inputs = [f"/data/incoming/2026-11-28/camera-07/IMG_{i:06d}.jpg" for i in range(30000)]
+    drift = {"available": True, "drift_score": 0.4, "threshold": 0.25, "feature_drift": 0.4,
+             "image_drift": 0.1, "images": 256, "min_images": 20, "drifted": True}
+    summary = {"model_uri": "models:/m@champion", "model_version_uri": "models:/m/3",
+               "inputs": inputs, "output": "p.csv", "drift": drift, "images": 30000,
+               "errors": 0, "labels": {"a": 30000}}
+    payload = drift_payload(summary, {"data_url": "https://host/p.tgz"})
+    assert payload["inputs"] == inputs[:20] and payload["inputs_count"] == 30000
+    event = Event(event=EVENT, resource={"prefect.resource.id": "petalflow.model.m"},
+                  payload=payload)
+    assert event.size_bytes < get_current_settings().server.events.maximum_size_bytes / 100
+    shown = ("`/data/incoming/2026-11-28/camera-07/IMG_000000.jpg`, "
+             "`/data/incoming/2026-11-28/camera-07/IMG_000001.jpg`, "
+             "`/data/incoming/2026-11-28/camera-07/IMG_000002.jpg` and 29997 more")
+    for markdown in (drift_markdown(summary), prediction_markdown(summary)):
+        assert shown in markdown and len(markdown) < 2000
+
+
 def test_a_drift_event_whose_retraining_will_be_refused_says_so():
     """A version trained from a private URL records it without its credentials; the
     retraining its drift event starts is refused for it: the predict run says so first."""
