@@ -250,9 +250,13 @@ def params_from_args(model: type[BaseModel], args: argparse.Namespace):
             option = cli_option(loc[0]) + "".join(  # --sweep[0].epochs: where inside a list
                 f"[{part}]" if part.isdigit() else f".{part}" for part in loc[1:]) \
                 if loc else "options"
+            got = err["input"]
+            if isinstance(got, list) and len(got) > 5:  # a shell glob's thousands of files
+                got = f"{got[:5]!r} and {len(got) - 5} more"
+            elif loc and not isinstance(got, dict):
+                got = repr(got)
             problems.append(f"{option}: {err['msg']}" + (
-                f" (got {err['input']!r})" if loc and not isinstance(err["input"], dict) else ""
-            ))
+                f" (got {got})" if loc and not isinstance(got, dict) else ""))
         raise UsageError("invalid option(s):\n  " + "\n  ".join(problems)) from None
 
 
@@ -372,6 +376,32 @@ def _result(state, verbose: bool):
     return state.result()
 
 
+# The most bytes of inputs handed to the flow as they are: a flow run's parameters hold at
+# most 512 KiB in Prefect's API (more: "422 Unprocessable Entity" as the run was created).
+INLINE_INPUTS_BYTES = 128 * 1024
+
+
+@contextmanager
+def _inputs_listed(params: PredictParams):
+    """``params`` as they are, or, when their inputs are longer than ``INLINE_INPUTS_BYTES``
+    (a shell glob's thousands of files), with the inputs in a list file the flow reads
+    (``@FILE``), removed when the run is over."""
+    if len(json.dumps(params.input)) <= INLINE_INPUTS_BYTES:
+        yield params
+        return
+    import tempfile
+
+    from petalflow.tasks.common import LIST_PREFIX
+
+    fd, name = tempfile.mkstemp(prefix="petalflow-inputs-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("".join(f"{item}\n" for item in params.input))
+        yield params.model_copy(update={"input": [LIST_PREFIX + name]})
+    finally:
+        os.unlink(name)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """The batch-predict flow, run here (a temporary Prefect server unless PREFECT_API_URL is
     set); the files are checked before anything starts."""
@@ -384,7 +414,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--input: {no_images_message(params.input)}")
     uri = model_uri_of(params)
     require_store(uri)
-    with _prefect_api() as server:
+    with _prefect_api() as server, _inputs_listed(params) as params:
         with IMPORT_LOCK:  # the preload imports after this thread's Prefect imports
             preload_model(uri)  # TensorFlow's import and the model load overlap the run's start
             _import_run_stack("petalflow.flows.predict_flow")

@@ -396,6 +396,35 @@ def unread_folder(parts: Sequence[str]) -> bool:
     return any(part.startswith(".") or system_folder(part) for part in parts)
 
 
+# An input item "@photos.txt" names a text file of inputs (files, folders, patterns), one per
+# line: a user's own list, and how `petalflow predict` hands the flow a shell glob's thousands
+# of files (a flow run's parameters hold at most 512 KiB in Prefect's API).
+LIST_PREFIX = "@"
+
+
+def input_list(item: str) -> Optional[Path]:
+    """The list file an input item names ("@photos.txt"), or None: a file, folder or pattern
+    (one whose name begins with "@" and exists is that file)."""
+    if not item.startswith(LIST_PREFIX) or Path(item).expanduser().exists():
+        return None
+    return Path(item[len(LIST_PREFIX):]).expanduser()
+
+
+def read_input_list(path: Path) -> list[str]:
+    """The inputs a list file names: one per line, blank lines and # comments skipped."""
+    return [line.rstrip("\r") for line in Path(path).read_text(encoding="utf-8").split("\n")
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def expand_input_lists(inputs: Sequence[str]) -> list[str]:
+    """``inputs`` with each list file (``input_list``) replaced by the inputs it names."""
+    expanded: list[str] = []
+    for item in inputs:
+        listed = input_list(item)
+        expanded.extend(read_input_list(listed) if listed is not None else [item])
+    return expanded
+
+
 def walk_files(top: Path) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) of every folder under ``top``, in sorted order, following
     linked folders (a class folder linking a folder of photos kept elsewhere: ``os.walk`` and

@@ -16,7 +16,9 @@ from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
 )
 
-from petalflow.tasks.common import local_source, redacted, scheme_hint
+from petalflow.tasks.common import (
+    expand_input_lists, input_list, local_source, redacted, scheme_hint,
+)
 
 DEFAULT_DATA_URL = (
     "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -54,6 +56,13 @@ _OBJECT_STORE_HINTS = {
     "wasb": "an Azure Blob Storage SAS URL",
     "wasbs": "an Azure Blob Storage SAS URL",
 }
+
+
+def _some(items: list[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``items`` (repr) and how many more: an error about a list of
+    thousands of files stays one line."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(repr(item) for item in items[:shown]) + more
 
 
 def unquoted(value: str) -> str:
@@ -546,7 +555,8 @@ class PredictParams(BaseModel):
     input: list[str] = Field(
         default_factory=list, title="Images",
         description="Image files, folders (searched recursively) or glob patterns (at least "
-        "one); file:/// URLs are read as the paths they name.",
+        "one); file:/// URLs are read as the paths they name; @FILE: a text file naming "
+        "them, one per line.",
     )
     input_folder: Optional[str] = Field(
         None, title="Input folder (old name)",
@@ -622,17 +632,21 @@ class PredictParams(BaseModel):
 
         value = [item if Path(item).exists() else _file_url_path(unquoted(item))
                  for item in value]
-        urls = [item for item in value if "://" in item and not Path(item).exists()]
+        lists = [listed for item in value if (listed := input_list(item)) is not None]
+        absent = [str(listed) for listed in lists if not listed.is_file()]
+        if absent:
+            raise ValueError("no such list file (@FILE: a text file naming one image file, "
+                             "folder or pattern per line): " + _some(absent))
+        named = expand_input_lists(value)  # what the list files name, checked alike
+        urls = [item for item in named if "://" in item and not Path(item).exists()]
         if urls:
-            raise ValueError("images are read from files, not URLs: "
-                             + ", ".join(repr(u) for u in urls)
+            raise ValueError("images are read from files, not URLs: " + _some(urls)
                              + "; download them first (curl -O URL), or post them to a "
                              "served model (README: Serving over REST)")
-        missing = [item for item in value if not Path(item).expanduser().exists()
+        missing = [item for item in named if not Path(item).expanduser().exists()
                    and not glob.glob(str(Path(item).expanduser()), recursive=True)]
         if missing:
-            raise ValueError("not a file, folder or matching pattern: "
-                             + ", ".join(repr(m) for m in missing))
+            raise ValueError("not a file, folder or matching pattern: " + _some(missing))
         return value
 
     @field_validator("output")

@@ -20,7 +20,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from petalflow.tasks.common import log, printable_name, unread_folder, walk_files
+from petalflow.tasks.common import (
+    expand_input_lists, log, printable_name, unread_folder, walk_files,
+)
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
 from petalflow.tasks.serving import decodable_start, encode_bytes
@@ -31,11 +33,12 @@ BatchHook = Callable[[int, int], None]  # (rows written so far, files in the job
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
     """Files named, image files under folders (recursively, sorted, hidden ones skipped;
     links to missing files included, reported as unreadable like the scan quarantines them)
-    and glob matches; raises FileNotFoundError for an item that matches nothing."""
+    and glob matches, of ``inputs`` and of the list files among them (``@FILE``:
+    ``common.input_list``); raises FileNotFoundError for an item that matches nothing."""
     def listed(p: Path) -> bool:  # a file, or a link to a missing one (a row saying so)
         return p.is_file() or (p.is_symlink() and not p.exists())
 
-    for item in inputs:
+    for item in expand_input_lists(inputs):
         path = Path(item).expanduser()
         if path.is_dir():
             for sub in _visible_files(path):
@@ -466,4 +469,5 @@ def predict_images(params, on_batch: Optional[BatchHook] = None) -> dict:
     uri = model_uri_of(params)
     result = predict_files(uri, files, Path(params.output), params.batch_size, fmt=params.format,
                            top_k=params.top_k, on_batch=on_batch, drift=params.drift)
-    return {"model_uri": uri, "inputs": list(params.input), "output": params.output, **result}
+    return {"model_uri": uri, "inputs": expand_input_lists(params.input),
+            "output": params.output, **result}

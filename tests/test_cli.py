@@ -691,6 +691,70 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
     assert legacy.input == [str(workspace)]
 
 
+def test_predict_on_thousands_of_files_named_by_the_shell(workspace, monkeypatch, capsys,
+                                                          prefect_harness):
+    """`petalflow predict --input photos/*.jpg`: the shell names every file. Past ~7,000 of
+    them (paths of 75 characters) the run's parameters were larger than Prefect takes for a
+    flow run (512 KiB), and the command failed at its start with "PrefectHTTPStatusError:
+    Client error '422 Unprocessable Entity' …" (by hand: 21,000 files, 1.6 MB). The command
+    now hands the flow such a list in a file (``--input @LIST``, removed after the run), and
+    every file is classified; a list of one's own works the same way, its missing files named
+    before any work."""
+    from petalflow.flows import cli
+    from petalflow.tasks.predict import iter_inputs
+
+    folder = workspace / "uploads-from-the-warehouse-camera-number-seven-2026-11-28"
+    folder.mkdir()
+    (folder / "base.jpg").write_bytes(b"not really")
+    names = []
+    for i in range(8000):
+        os.link(folder / "base.jpg", folder / f"IMG_{i:06d}.jpg")
+        names.append(str(folder / f"IMG_{i:06d}.jpg"))
+    assert len(json.dumps(names)) > 512 * 1024
+    seen = {}
+
+    def fake_job(params, on_batch=None):
+        seen["params"], seen["files"] = params, [str(f) for f in iter_inputs(params.input)]
+        seen["list_there"] = Path(params.input[0][1:]).is_file()
+        on_batch(1, 1)
+        return {"images": len(seen["files"]), "errors": 0, "drift": None, "labels": {},
+                "inputs": params.input, "output": params.output, "model_uri": "models:/m/1"}
+
+    monkeypatch.setattr("petalflow.tasks.predict.predict_images", fake_job)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    out = workspace / "p.csv"
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", *names,
+                     "--output", str(out)]) == 0
+    assert seen["files"] == names and seen["list_there"]
+    [listed] = seen["params"].input
+    assert listed.startswith("@") and not Path(listed[1:]).exists()  # removed after the run
+    # A list of one's own: one path per line, blank lines and # comments skipped.
+    own = workspace / "todo.txt"
+    own.write_text(f"# picked by hand\n{names[5]}\n\n{names[7]}\n")
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", f"@{own}",
+                     "--output", str(out)]) == 0
+    assert seen["files"] == [names[5], names[7]]
+    capsys.readouterr()
+    own.write_text(f"{names[5]}\n{folder / 'IMG_999999.jpg'}\n")
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", f"@{own}",
+                     "--output", str(out)]) == 2
+    assert ("  --input: Value error, not a file, folder or matching pattern: "
+            f"{str(folder / 'IMG_999999.jpg')!r} (got ['@{own}'])") in capsys.readouterr().err
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", f"@{workspace / 'no.txt'}",
+                     "--output", str(out)]) == 2
+    assert ("--input: Value error, no such list file (@FILE: a text file naming one image "
+            f"file, folder or pattern per line): '{workspace / 'no.txt'}'"
+            ) in capsys.readouterr().err
+    # Thousands named, some missing: the error is one line, not the list.
+    (folder / "IMG_000003.jpg").unlink()
+    (folder / "IMG_000004.jpg").unlink()
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", *names, "--output",
+                     str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (f"not a file, folder or matching pattern: {names[3]!r}, {names[4]!r} (got "
+            f"{names[:5]!r} and 7995 more)") in err and len(err) < 2000
+
+
 def test_predict_writes_the_format_its_output_is_named_for(workspace, capsys):
     """`--output preds.json` wrote CSV into the .json file; `--output -` wrote a file named
     "-". The format follows the output's name unless --format says otherwise (.json: a JSON
