@@ -572,12 +572,13 @@ def labels_file_hint(data_root: Path, names: set[str]) -> Optional[str]:
     return None
 
 
-def labels_elsewhere(data_root: Path, manifest: pd.DataFrame) -> Optional[str]:
+def labels_elsewhere(data_root: Path, manifest: pd.DataFrame,
+                     archive: bool = False) -> Optional[str]:
     """For a dataset without two class folders: where its labels seem to be instead, when
     images lie in its folder itself with a label at the start of their names (Kaggle's
     dogs-vs-cats train.zip: cat.0.jpg, dog.0.jpg) or a table names its images; or, images
-    lying there without either, that it looks like one class's folder (``one_class_folder``);
-    else None."""
+    lying there without either, that it looks like one class's folder (``one_class_folder``;
+    ``archive``: ``data_root`` is an archive's extraction); else None."""
     loose = loose_images(data_root)
     labelled = labels_in_names(loose)
     if labelled:
@@ -587,14 +588,21 @@ def labels_elsewhere(data_root: Path, manifest: pd.DataFrame) -> Optional[str]:
                 f"after it ({', '.join(f'{label}/' for label, _ in labelled[:3])}"
                 f"{', ...' if len(labelled) > 3 else ''})")
     return (labels_file_hint(data_root, {Path(p).name for p in manifest["path"]} | set(loose))
-            or (one_class_folder(data_root, len(loose)) if loose else None))
+            or (one_class_folder(data_root, len(loose), archive) if loose else None))
 
 
-def one_class_folder(data_root: Path, images: int) -> str:
+def one_class_folder(data_root: Path, images: int, archive: bool = False) -> str:
     """For ``images`` lying in ``data_root`` itself without class folders (the path of one
-    class's folder given as the dataset: flowers/roses): say so, naming the folder above
-    when it holds folders of images (the class folders), as a local folder's parent does
-    and an extracted archive's does not."""
+    class's folder given as the dataset: flowers/roses; an archive of it): say so, naming
+    the folder above when it holds folders of images (the class folders), as a local
+    folder's parent does; of an archive, its folder's name and what to pack."""
+    if archive:  # the extraction's own folder is named by the archive's digest
+        name = Path(data_root).name
+        where = ("at the archive's top level" if re.fullmatch(r"[0-9a-f]{64}", name)
+                 else f"in the archive's {name}/ itself")
+        return (f"the {images} images lie {where}, with no class folder: an archive of one "
+                "class's folder? Pack the folder that holds one subfolder per class (tar -czf "
+                "dataset.tgz dataset/)")
     message = (f"the {images} images lie in {data_root} itself, with no class folder: a folder "
                "of one class? Give the folder that holds one subfolder per class")
     parent = Path(data_root).parent
@@ -1173,7 +1181,7 @@ def prepare_dataset(
         log("scan: %d of %d files read (the others unchanged since an earlier scan of %s)",
             hashes.read, len(manifest), data_root)
     usable = class_names(manifest)
-    if len(usable) < 2 and (labels := labels_elsewhere(data_root, manifest)):
+    if len(usable) < 2 and (labels := labels_elsewhere(data_root, manifest, unchanging)):
         raise _too_few_classes(manifest, usable, labels)
     manifest = split_dataset(manifest, val_fraction, test_fraction, seed)
     manifest_path = out_dir / "manifest.csv"

@@ -275,6 +275,22 @@ def test_one_class_folder_given_as_the_dataset_says_to_give_the_folder_above(tmp
         f"need at least 2 classes with usable images, found 0 (none): the 3 images lie in "
         f"{alone} itself, with no class folder: a folder of one class? Give the folder that "
         "holds one subfolder per class")
+    # An archive of one class's folder (roses.tgz): its extraction's path means nothing to
+    # the person who packed it; the archive's folder is named, and what to pack.
+    with pytest.raises(DatasetError) as exc:
+        prepare_dataset(alone, tmp_path / "out3", 0.25, 0.25, 0, unchanging=True)
+    assert str(exc.value) == (
+        "need at least 2 classes with usable images, found 0 (none): the 3 images lie in the "
+        "archive's photos/ itself, with no class folder: an archive of one class's folder? "
+        "Pack the folder that holds one subfolder per class (tar -czf dataset.tgz dataset/)")
+    top = make_dataset(tmp_path / "extracted" / ("ab" * 32), per_class=3,
+                       colours={"x": (1, 2, 3)}) / "x"
+    for photo in top.iterdir():
+        photo.rename(top.parent / photo.name)
+    top.rmdir()
+    with pytest.raises(DatasetError, match="the 3 images lie at the archive's top level, with "
+                       "no class folder: an archive of one class's folder"):
+        prepare_dataset(top.parent, tmp_path / "out4", 0.25, 0.25, 0, unchanging=True)
 
 
 def test_a_dataset_of_tiffs_says_its_images_are_unusable_not_that_the_layout_is_wrong(tmp_path):
