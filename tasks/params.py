@@ -451,12 +451,16 @@ class TrainParams(BaseModel):
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          # as `du -h` / `ls -lh` print sizes (powers of 1024), and Kubernetes writes them
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(value) -> int:
-    """Bytes in ``value``: "20 GiB", "500MB", "1.5 TiB", "1048576" (at least 1 KiB)."""
+    """Bytes in ``value``: "20 GiB", "500MB", "1.5 TiB", "20G" (as du -h prints it), "1048576"
+    (at least 1 KiB)."""
     match = _SIZE.match(str(value))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:

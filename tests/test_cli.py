@@ -637,6 +637,9 @@ def test_extraction_limit_is_a_size_in_human_units(workspace, capsys):
     assert TrainParams(max_extract_size="500MB").max_extract_bytes == 500_000_000
     assert TrainParams(max_extract_size="1.5 TiB").max_extract_bytes == int(1.5 * 2**40)
     assert parse_size("1048576") == 1048576
+    # As `du -h`, `df -h` and `ls -lh` print sizes (powers of 1024), and Kubernetes writes them.
+    assert [parse_size(v) for v in ("20G", "500M", "1.5T", "64K", "20Gi", "512Mi")] == [
+        20 * 2**30, 500 * 2**20, int(1.5 * 2**40), 64 * 2**10, 20 * 2**30, 512 * 2**20]
     assert main(["train", "--max-extract-size", "lots"]) == 2
     err = capsys.readouterr().err
     assert "--max-extract-size" in err and "20 GiB, 500 MB" in err
