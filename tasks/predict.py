@@ -72,7 +72,7 @@ def no_images_message(inputs: Sequence[str]) -> str:
     message = ("no image files found: a folder's images are found by their names "
                f"({', '.join(sorted(IMAGE_SUFFIXES))})")
     others = []
-    for item in inputs:
+    for item in expand_input_lists(inputs):
         path = Path(item).expanduser()
         if not path.is_dir():
             continue

@@ -255,6 +255,11 @@ def test_predict_on_a_folder_of_files_without_image_names_says_how_to_classify_t
             "found by their names (.avif, .bmp, .gif, .heic, .heif, .jfif, .jpe, .jpeg, .jpg, "
             f".jxl, .png, .tif, .tiff, .webp); {folder} holds 3 other files (img1, img2, img3): "
             "rename them, or give them as files (--input FILE...)") in err
+    # The same folder named in a list file (--input @FILE): the same explanation.
+    (workspace / "list.txt").write_text(f"{folder}\n")
+    assert main(["predict", "--input", f"@{workspace / 'list.txt'}", "--output",
+                 str(workspace / "p.csv")]) == 2
+    assert f"{folder} holds 3 other files (img1, img2, img3)" in capsys.readouterr().err
 
 
 def test_predict_with_a_model_that_does_not_exist_says_so_and_writes_nothing(
