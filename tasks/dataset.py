@@ -1112,9 +1112,10 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
 # The scan's own version, written into dataset.json: a manifest is reused (``prepare_dataset``
 # with ``unchanging``) only when the scan that wrote it was this one. Raise it with any change
 # to what the scan decides (which files are used or quarantined, the split, the counts).
-SCAN_VERSION = 4  # 2: copies of the class folders nested in the dataset (nested_copies);
+SCAN_VERSION = 5  # 2: copies of the class folders nested in the dataset (nested_copies);
 #                  3: class names in Unicode's composed form (class_label), 1-bit BMPs named;
-#                  4: NAS and system folders (SYSTEM_FOLDERS: @eaDir, #recycle) no photos
+#                  4: NAS and system folders (SYSTEM_FOLDERS: @eaDir, #recycle) no photos;
+#                  5: WebPs with an alpha channel decoded (serving.decode_rgb)
 KNOWN = "\0known"  # scan_dataset's mark, in ``reason``, of a file whose bytes were checked before
 
 

@@ -188,9 +188,10 @@ def _decode_pixels(image_bytes, image_size: int = 0):
             functools.partial(tf.io.decode_jpeg, image_bytes, channels=3, ratio=ratio)
             for ratio in (1,) + JPEG_SCALES])
 
-    def other():
-        return tf.io.decode_image(image_bytes, channels=3, expand_animations=False,
-                                  dtype=tf.uint8)
+    def other():  # (a WebP with an alpha channel too: serving.decode_rgb)
+        from petalflow.tasks.serving import decode_rgb
+
+        return decode_rgb(image_bytes)
 
     img = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
     img.set_shape([None, None, 3])

@@ -480,6 +480,38 @@ def file_statistics(paths: Sequence[str]) -> np.ndarray:
         tf.constant([str(p) for p in paths], tf.string)).map(tf.io.read_file))
 
 
+def decode_rgb(data):
+    """The uint8 RGB pixels [h, w, 3] of an encoded PNG, GIF (its first frame), BMP or WebP,
+    as TensorFlow's ``decode_image`` gives them with 3 channels (the training decoder's and this
+    file's, one function). A still WebP with an alpha channel (a product photo on a transparent
+    background, a web page's image), which TensorFlow refuses 3 channels ("Number of channels
+    requested does not match input"), is decoded with its 4 and the alpha dropped, as a PNG's
+    is. An animated WebP stays an error: decoded with its own channels, TensorFlow 2.21
+    corrupts its heap (the process aborts)."""
+    import tensorflow as tf
+
+    head = tf.strings.join([tf.strings.substr(data, 0, 32), "\0" * 32])  # any length: 32+
+
+    def text(at: int, n: int):
+        return tf.strings.substr(head, at, n)
+
+    def byte(at: int):
+        return tf.cast(tf.io.decode_raw(text(at, 1), tf.uint8)[0], tf.int32)
+
+    # The RIFF container's first chunk: VP8X's flags (alpha 0x10, animation 0x02) at byte
+    # 20; VP8L's alpha bit is bit 28 of the 32 bits after its signature byte (byte 24, 0x10).
+    webp = tf.logical_and(tf.equal(text(0, 4), "RIFF"), tf.equal(text(8, 4), "WEBP"))
+    alpha = tf.logical_or(
+        tf.logical_and(tf.equal(text(12, 4), "VP8X"),
+                       tf.equal(tf.bitwise.bitwise_and(byte(20), 0x12), 0x10)),
+        tf.logical_and(tf.equal(text(12, 4), "VP8L"),
+                       tf.not_equal(tf.bitwise.bitwise_and(byte(24), 0x10), 0)))
+    return tf.cond(
+        tf.logical_and(webp, alpha),
+        lambda: tf.io.decode_image(data, channels=4, expand_animations=False)[..., :3],
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False))
+
+
 def _statistics(encoded) -> np.ndarray:
     """The statistics rows of a dataset of encoded images, decoded in parallel, one image per
     core (one eager decode after another in a Python loop: 0.85 s for 500 photos, 0.21 s so
@@ -497,7 +529,7 @@ def _statistics(encoded) -> np.ndarray:
                     tf.image.extract_jpeg_shape(data)[:2])
 
         def other():  # over STATS_PIXELS: every step-th pixel of every step-th row
-            rgb = tf.io.decode_image(data, channels=3, expand_animations=False)
+            rgb = decode_rgb(data)
             size = tf.shape(rgb)[:2]
             step = tf.maximum(1, tf.cast(tf.math.sqrt(
                 tf.cast(size[0], tf.float64) * tf.cast(size[1], tf.float64) / STATS_PIXELS),

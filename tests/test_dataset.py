@@ -63,6 +63,11 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     Image.new("L", (16, 16), 90).save(root / "blue" / "gray.jpg", "JPEG")
     Image.fromarray(np.full((9, 9), 40000, np.uint16)).save(root / "blue" / "deep16.png")
     Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "blue" / "pic.webp", "WEBP")
+    # WebPs with an alpha channel (a transparent background), lossy and lossless: TensorFlow
+    # refused them 3 channels ("Number of channels requested does not match input").
+    Image.new("RGBA", (16, 16), (1, 2, 3, 0)).save(root / "blue" / "clear.webp", "WEBP")
+    Image.new("RGBA", (16, 16), (1, 2, 3, 9)).save(root / "blue" / "clear_ll.webp", "WEBP",
+                                                   lossless=True)
     frames = [Image.new("RGB", (16, 16), (c, 2, 3)) for c in (10, 200)]
     frames[0].save(root / "blue" / "moving.webp", "WEBP", save_all=True, append_images=frames[1:])
     Image.new("RGB", (16, 16), (1, 2, 3)).save(root / "blue" / "scan.tiff", "TIFF")
@@ -85,10 +90,10 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
         "quarantined", "undecodable image: WebP Animation must be 4 channel RGBA")
     for used in ("green/png_named.jpg", "green/gif.jpg", "green/nested/deep.bmp",
                  "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png", "blue/pic.webp",
-                 "green/motion.jpg"):
+                 "green/motion.jpg", "blue/clear.webp", "blue/clear_ll.webp"):
         assert _status(m, used) == ("ok", ""), used
     counts = dataset_counts(m)
-    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 15
+    assert counts["found"] == counts["used"] + counts["quarantined"] == 12 + 17
     assert counts["quarantined"] == 7
     assert "LICENSE.txt" not in set(m["path"])
     ok = m[m["status"] == "ok"]

@@ -2018,3 +2018,51 @@ def test_a_large_file_that_is_no_image_is_not_read_into_memory(trained, tmp_path
         str(folder / "photos.zip"): ("a zip archive, not an image: extract it and classify the "
                                      "images it holds"),
         str(folder / "rose.jpg"): "", str(folder / "scan.dat"): ""}
+
+
+def test_a_webp_with_a_transparent_background_is_classified(trained, data_info, tmp_path,
+                                                            monkeypatch):
+    """A product photo or a web page's image saved as WebP with an alpha channel: the served
+    model answered "undecodable image" (TensorFlow refuses such a WebP 3 channels) and its
+    drift statistics could not be read. It is classified as the same photo without its alpha
+    is (as a PNG's alpha is dropped), over the pyfunc model and `petalflow predict` with
+    drift; an animated WebP stays an error, saying why."""
+    import base64
+
+    from petalflow.tasks import predict
+    from petalflow.tasks.dataset import split_files
+
+    with Image.open(split_files(data_info, "test")[0][0]) as im:
+        rgb = im.convert("RGB")
+    alpha = rgb.copy()  # nearly opaque (an opaque alpha channel is not stored)
+    alpha.putalpha(Image.new("L", rgb.size, 254))
+    corner = rgb.copy()  # a transparent corner
+    corner.putalpha(Image.new("L", rgb.size, 255))
+    corner.paste((0, 0, 0, 0), (0, 0, 8, 8))
+    encoded = {}
+    for name, image, options in (("plain.png", rgb, {}), ("clear.webp", alpha, {"lossless": True}),
+                                 ("clear_lossy.webp", corner, {"quality": 90})):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG" if name.endswith(".png") else "WEBP", **options)
+        encoded[name] = buffer.getvalue()
+    assert all(encoded[n][12:16] in (b"VP8X", b"VP8L") for n in ("clear.webp",
+                                                                  "clear_lossy.webp"))
+    frames = io.BytesIO()
+    rgb.save(frames, "WEBP", save_all=True, append_images=[rgb.rotate(90)])
+    encoded["moving.webp"] = frames.getvalue()
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
+                                                for b in encoded.values()]}))
+    assert got["error"].tolist()[:3] == ["", "", ""]
+    assert got["error"].tolist()[3] == "undecodable image"
+    assert got["label"].tolist()[1] == got["label"].tolist()[0]  # lossless: the same pixels
+    assert got["probability"].tolist()[1] == pytest.approx(got["probability"].tolist()[0])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in encoded.items():
+        (folder / name).write_bytes(data)
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
+    result = predict.predict_files("m", sorted(folder.iterdir()), tmp_path / "out.csv",
+                                   drift=True)
+    assert (result["images"], result["errors"]) == (4, 1)
+    assert result["drift"]["available"] and result["drift"]["images"] == 3
