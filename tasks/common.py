@@ -404,8 +404,10 @@ LIST_PREFIX = "@"
 
 def input_list(item: str) -> Optional[Path]:
     """The list file an input item names ("@photos.txt"), or None: a file, folder or pattern
-    (one whose name begins with "@" and exists is that file)."""
-    if not item.startswith(LIST_PREFIX) or Path(item).expanduser().exists():
+    (one whose name begins with "@" and exists, or matches, is that)."""
+    import glob
+
+    if not item.startswith(LIST_PREFIX) or glob.glob(str(Path(item).expanduser())):
         return None
     return Path(item[len(LIST_PREFIX):]).expanduser()
 

@@ -742,6 +742,12 @@ def test_predict_on_thousands_of_files_named_by_the_shell(workspace, monkeypatch
     assert cli.main(["predict", "--model", "models:/m/1", "--input", f"@{own}",
                      "--output", str(out)]) == 0
     assert seen["files"] == [names[5], names[7]]
+    # A folder or pattern whose name begins with "@" is that folder or pattern.
+    (workspace / "@2x").mkdir()
+    os.link(folder / "base.jpg", workspace / "@2x" / "icon.jpg")
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", "@2x/*.jpg",
+                     "--output", str(out)]) == 0
+    assert seen["files"] == ["@2x/icon.jpg"]
     capsys.readouterr()
     own.write_text(f"{names[5]}\n{folder / 'IMG_999999.jpg'}\n")
     assert cli.main(["predict", "--model", "models:/m/1", "--input", f"@{own}",
