@@ -251,12 +251,10 @@ def params_from_args(model: type[BaseModel], args: argparse.Namespace):
                 f"[{part}]" if part.isdigit() else f".{part}" for part in loc[1:]) \
                 if loc else "options"
             got = err["input"]
-            if isinstance(got, list) and len(got) > 5:  # a shell glob's thousands of files
-                got = f"{got[:5]!r} and {len(got) - 5} more"
-            elif loc and not isinstance(got, dict):
-                got = repr(got)
+            shown = (f"{got[:5]!r} and {len(got) - 5} more"  # a shell glob's thousands of files
+                     if isinstance(got, list) and len(got) > 5 else repr(got))
             problems.append(f"{option}: {err['msg']}" + (
-                f" (got {got})" if loc and not isinstance(got, dict) else ""))
+                f" (got {shown})" if loc and not isinstance(got, dict) else ""))
         raise UsageError("invalid option(s):\n  " + "\n  ".join(problems)) from None
 
 

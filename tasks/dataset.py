@@ -124,15 +124,20 @@ def reason_kind(reason: str) -> str:
     return reason.split(":")[0].split("(")[0].strip()
 
 
+def count_by_kind(reasons: dict[str, str]) -> dict[str, int]:
+    """Files per kind of reason (``reason_kind``) of ``reasons`` (path -> reason), most first."""
+    tally: dict[str, int] = {}
+    for reason in reasons.values():
+        tally[reason_kind(reason)] = tally.get(reason_kind(reason), 0) + 1
+    return dict(sorted(tally.items(), key=lambda item: (-item[1], item[0])))
+
+
 def reasons_by_kind(counts: dict) -> dict[str, int]:
     """Quarantined files per kind of reason, most first (the counts' own, or counted from
     every file's reason for a description an earlier version wrote)."""
     if "quarantined_by_reason" in counts:
         return dict(counts["quarantined_by_reason"])
-    tally: dict[str, int] = {}
-    for reason in counts.get("quarantine_reasons", {}).values():
-        tally[reason_kind(reason)] = tally.get(reason_kind(reason), 0) + 1
-    return dict(sorted(tally.items(), key=lambda item: (-item[1], item[0])))
+    return count_by_kind(counts.get("quarantine_reasons", {}))
 
 
 def shown_reasons(reasons: dict[str, str], limit: int = SHOWN_REASONS) -> dict[str, str]:
@@ -1104,7 +1109,7 @@ def dataset_counts(manifest: pd.DataFrame) -> dict:
         counts["exif_unreadable"] = int((used["orientation"] == 0).sum())
     quarantined = manifest[manifest["status"] != "ok"]
     reasons = {row.path: row.reason for row in quarantined.itertuples(index=False)}
-    counts["quarantined_by_reason"] = reasons_by_kind({"quarantine_reasons": reasons})
+    counts["quarantined_by_reason"] = count_by_kind(reasons)
     counts["quarantine_reasons"] = shown_reasons(reasons)
     return counts
 

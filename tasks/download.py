@@ -34,8 +34,8 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
-    scheme_hint, set_aside, sha256_file, tree_bytes, unread_folder, tls_problem,
-    utc_now, walk_files, write_json,
+    scheme_hint, set_aside, sha256_file, tls_problem, tree_bytes, unread_folder, utc_now,
+    walk_files, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (

@@ -463,11 +463,11 @@ def model_uri_of(params) -> str:
 def predict_images(params, on_batch: Optional[BatchHook] = None) -> dict:
     """The prediction job (``PredictParams`` in, summary out) that the ``batch-predict`` flow
     runs (``petalflow predict`` runs that flow)."""
-    files = list(iter_inputs(params.input))
+    inputs = expand_input_lists(params.input)  # list files (@FILE) read once
+    files = list(iter_inputs(inputs))
     if not files:  # a scheduled run on an empty folder writes an empty table, and says why
-        log("%s", no_images_message(params.input), level=30)
+        log("%s", no_images_message(inputs), level=30)
     uri = model_uri_of(params)
     result = predict_files(uri, files, Path(params.output), params.batch_size, fmt=params.format,
                            top_k=params.top_k, on_batch=on_batch, drift=params.drift)
-    return {"model_uri": uri, "inputs": expand_input_lists(params.input),
-            "output": params.output, **result}
+    return {"model_uri": uri, "inputs": inputs, "output": params.output, **result}

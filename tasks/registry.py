@@ -25,8 +25,8 @@ from prefect import task
 
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
 from petalflow.tasks.common import (
-    ask_tracking_server, tls_failure, code_version, error_chain, local_store_db,
-    pid_alive, redact_url, tls_problem,
+    ask_tracking_server, code_version, error_chain, local_store_db, pid_alive, redact_url,
+    tls_failure, tls_problem,
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
@@ -152,8 +152,7 @@ def check_server_certificate(uri: str) -> None:
         return
     if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
         return
-    refused = tls_problem(ask_tracking_server(uri), uri,
-                                      "MLFLOW_TRACKING_SERVER_CERT_PATH")
+    refused = tls_problem(ask_tracking_server(uri), uri, "MLFLOW_TRACKING_SERVER_CERT_PATH")
     if refused:
         raise MlflowException(f"{refused} (tracking server {redact_url(uri)})")
 
