@@ -491,15 +491,24 @@ def status(stack: Stack) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="petalflow stack", description=__doc__.splitlines()[0],
+    # The help's description: the module docstring's opening sentence and its example commands
+    # (its first two paragraphs), as written.
+    ap = argparse.ArgumentParser(prog="petalflow stack",
+                                 description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
     ap.add_argument("action", choices=("up", "down", "deploy", "status"))
-    ap.add_argument("--host", default=os.environ.get("PETALFLOW_STACK_HOST", "127.0.0.1"))
+    ap.add_argument("--host", default=os.environ.get("PETALFLOW_STACK_HOST", "127.0.0.1"),
+                    help="the address every server binds to (default 127.0.0.1)")
     ap.add_argument("--prefect-port", type=int,
-                    default=int(os.environ.get("PETALFLOW_PREFECT_PORT", 4200)))
+                    default=int(os.environ.get("PETALFLOW_PREFECT_PORT", 4200)),
+                    help="the Prefect server's port (default 4200)")
     ap.add_argument("--mlflow-port", type=int,
-                    default=int(os.environ.get("PETALFLOW_MLFLOW_PORT", 5000)))
-    ap.add_argument("--stack-dir", type=Path, default=Path(".petalflow/stack"))
+                    default=int(os.environ.get("PETALFLOW_MLFLOW_PORT", 5000)),
+                    help="the MLflow server's port (default 5000)")
+    ap.add_argument("--stack-dir", type=Path, default=Path(".petalflow/stack"),
+                    help="where the stack keeps its state, logs, pids and env file (default "
+                         ".petalflow/stack)")
     ap.add_argument("--gpu-workers", type=int, default=1,
                     help="gpu pool workers (one training each; a sweep's candidates spread "
                          "over them)")

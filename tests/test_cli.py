@@ -131,10 +131,11 @@ def test_unknown_option_and_bad_boolean(capsys):
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "pull", "models"])
+@pytest.mark.parametrize("command", ["train", "predict", "pull", "models", "stack"])
 def test_every_command_prints_its_help(command, capsys):
     """Options and their help come from the parameter models' descriptions: any of them (a
-    literal % sign among them) must still print."""
+    literal % sign among them) must still print. ``stack``'s says what it runs in whole
+    sentences and shows its commands, and every option says what it is."""
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0
@@ -144,6 +145,17 @@ def test_every_command_prints_its_help(command, capsys):
     assert "PydanticUndefined" not in out
     if command == "train":
         assert "(default: []) A JSON list" in " ".join(out.split())
+    if command == "stack":
+        said = " ".join(out.split())
+        assert ("the ``cpu`` and ``gpu`` process work pools with one worker each, and the "
+                "deployments of deployment.yaml.") in said
+        assert "petalflow stack down # stop all cleanly" in said
+        # An option without help is a line of its own not followed by an indented help line.
+        lines = out.split("options:")[1].splitlines() + [""]
+        unexplained = [line.strip() for line, after in zip(lines, lines[1:])
+                       if line.startswith("  --") and "  " not in line.strip()
+                       and not after.startswith(" " * 10)]
+        assert not unexplained, f"options without help: {unexplained}"
 
 
 def test_balance_classes_is_on_unless_turned_off(workspace, monkeypatch):
