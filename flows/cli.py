@@ -424,13 +424,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             forget_preloaded(uri)
     summary = _result(state, args.verbose)
     from petalflow.tasks.drift import drift_line
+    from petalflow.tasks.report import prediction_line
 
-    n, errors = summary["images"], summary["errors"]
-    from petalflow.tasks.registry import model_said
-
-    used = model_said(summary["model_uri"], summary.get("model_version_uri"))
-    print(f"classified {n - errors} of {n} images ({errors} errors) with {used} -> "
-          f"{params.output}")
+    n = summary["images"]
+    print(prediction_line(summary, params.output))
     if params.drift:
         print(drift_line(summary.get("drift")))
     first, done = summary.get("first_written_at"), summary.get("finished_at")

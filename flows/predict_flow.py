@@ -85,9 +85,18 @@ def report_drift_task(summary: dict) -> Optional[str]:
 
 
 @flow(name="batch-predict", log_prints=True)
-def batch_predict(params: PredictParams) -> dict:
+def batch_predict(params: PredictParams):
+    """Ends with a state whose message says how many images were classified and where the
+    table went (its absolute path); the summary is the run's result."""
+    from prefect import get_run_logger
+    from prefect.states import Completed
+
+    from petalflow.tasks.report import prediction_line
+
     summary = predict_images_task(params)
     publish_predictions_task(summary)
     if params.drift:
         summary["drift_event"] = report_drift_task(summary)
-    return summary
+    message = prediction_line(summary)
+    get_run_logger().info(message)
+    return Completed(message=message, data=summary)

@@ -185,7 +185,11 @@ class SweepCandidate(BaseModel):
 
 
 class TrainParams(BaseModel):
-    """Everything one train-and-register run needs; frozen so a run cannot drift mid-way."""
+    """Everything one training run needs: the data, the backbone, how to train, and when the
+    new version becomes the champion."""
+
+    # (The docstring is the form's heading in the Prefect UI. Frozen: a run cannot drift
+    # mid-way.)
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -544,15 +548,19 @@ def model_folder_problem(folder: Path) -> Optional[str]:
 
 
 class PredictParams(BaseModel):
-    """The one typed, validated parameter model of the batch-predict flow; ``petalflow
-    predict`` builds its options from it (the same way ``train`` does from TrainParams)."""
+    """What to classify, with which model, and where the predictions go."""
+
+    # (The docstring is the form's heading in the Prefect UI.) The one typed, validated
+    # parameter model of the batch-predict flow; ``petalflow predict`` builds its options from
+    # it (the same way ``train`` does from TrainParams).
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model_uri: Optional[str] = Field(
         None, title="Model URI",
         description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a local model "
-        "folder. Empty: models:/<model_name>@champion.",
+        "folder. None (the default): the champion of the registered model named below "
+        "(models:/NAME@champion).",
     )
     model_name: str = Field(DEFAULT_MODEL_NAME, title="Registered model name",
                             description="Used for the default model URI.")
@@ -569,7 +577,10 @@ class PredictParams(BaseModel):
     )
     output: str = Field(..., title="Output file",
                         description="Where the predictions go (CSV or JSON): a file, whose "
-                        "folder must exist.")
+                        "folder must exist. A relative path starts from the run's working "
+                        "folder: where petalflow predict runs, or for a deployment's run the "
+                        "folder it was deployed from, on its worker's machine; the run's "
+                        "final message gives the whole path.")
     format: Literal["auto", "csv", "json", "jsonl"] = Field(
         "auto", title="Format",
         description="csv, json (an array of objects) or jsonl (one object per line); auto: "

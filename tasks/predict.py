@@ -468,6 +468,9 @@ def predict_images(params, on_batch: Optional[BatchHook] = None) -> dict:
     if not files:  # a scheduled run on an empty folder writes an empty table, and says why
         log("%s", no_images_message(inputs), level=30)
     uri = model_uri_of(params)
-    result = predict_files(uri, files, Path(params.output), params.batch_size, fmt=params.format,
+    # Where the table went, as an absolute path: a deployment run's relative output lies in its
+    # worker's working directory, which the person who typed it in the UI does not see.
+    output = Path(params.output).absolute()
+    result = predict_files(uri, files, output, params.batch_size, fmt=params.format,
                            top_k=params.top_k, on_batch=on_batch, drift=params.drift)
-    return {"model_uri": uri, "inputs": inputs, "output": params.output, **result}
+    return {"model_uri": uri, "inputs": inputs, "output": str(output), **result}

@@ -346,6 +346,16 @@ def announce_result(summary: dict) -> None:
     )
 
 
+def prediction_line(summary: dict, output: Optional[str] = None) -> str:
+    """What a prediction job did, in one line: the final state's message of a batch-predict run
+    (with the output's absolute path) and what ``petalflow predict`` prints (with the output
+    as it was typed)."""
+    n, errors = summary["images"], summary["errors"]
+    used = model_said(summary["model_uri"], summary.get("model_version_uri"))
+    return (f"classified {n - errors} of {n} images ({errors} errors) with {used} -> "
+            f"{output or summary['output']}")
+
+
 def prediction_markdown(summary: dict) -> str:
     """The batch-predict artifact: how many images, errors, output, images per label."""
     inputs = inputs_said(summary["inputs"])

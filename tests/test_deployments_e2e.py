@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -324,7 +325,6 @@ def test_an_export_job_emits_the_event_with_the_stock_cli_and_a_train_run_follow
 
         # The README's other way: one HTTP call to the Prefect API.
         import datetime
-        import uuid
 
         before = _run_ids(stack, train["id"])
         posted = _api(stack, "POST", "/events", json=[{
@@ -346,21 +346,41 @@ CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
-def _field(page, title: str):
-    """The input under a run-form field's label, found by its title as a person reads it."""
-    return page.locator(
-        f"xpath=//*[normalize-space(text())='{title} (Optional)']"
-        "/following::*[self::input or self::textarea][1]")
+def _field(page, title: str, optional: bool = True):
+    """The input under a run-form field's label, found by its title as a person reads it (the
+    form adds "(Optional)" to the title of a field with a default)."""
+    label = f"{title} (Optional)" if optional else title
+    return page.locator(f"xpath=//*[normalize-space(text())='{label}']"
+                        "/following::*[self::input or self::textarea][1]")
 
 
-def _open_custom_run_form(page, ui: str) -> None:
+def _open_custom_run_form(page, ui: str, deployment: str = "train",
+                          first_field: str = "Dataset URL or path") -> None:
     page.goto(f"{ui}/deployments", wait_until="networkidle")
-    page.get_by_role("link", name="train", exact=True).first.click()
+    page.get_by_role("link", name=deployment, exact=True).first.click()
     run_button = page.get_by_role("button", name="Run", exact=True)
     run_button.wait_for(timeout=30_000)
     run_button.click()
     page.get_by_text("Custom run", exact=True).click()
-    _field(page, "Dataset URL or path").wait_for(timeout=30_000)
+    _field(page, first_field).wait_for(timeout=30_000)
+
+
+def _add_list_item(page, title: str, value: str) -> None:
+    """Click the list field's "Add item" and type ``value`` into the box it adds."""
+    boxes = page.locator("textarea")
+    before = boxes.count()
+    page.locator(f"xpath=//*[normalize-space(text())='{title} (Optional)']"
+                 "/following::button[normalize-space(.)='Add item'][1]").click()
+    deadline = time.time() + 30
+    while boxes.count() == before and time.time() < deadline:
+        page.wait_for_timeout(200)
+    _field(page, title).fill(value)
+
+
+def _launch_chromium(pw):
+    return pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
 
 
 def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_backbone):
@@ -382,9 +402,7 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
     before = _run_ids(stack, train["id"])
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with serve_directory(served) as url, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _launch_chromium(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         try:
             # A bad value typed into the form is refused: no run is created.
@@ -425,6 +443,78 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
         finally:
             browser.close()
     assert len(client.search_model_versions(f"name='{MODEL}'")) == versions_before + 1
+
+
+def test_browser_classifies_a_folder_from_the_batch_predict_form(stack, tmp_path):
+    """Runs after a training test (a version exists; it is made champion if no version passed
+    the gate on the tests' tiny data). A person opens batch-predict's run form,
+    adds a folder to Images ("Add item", then typing), types a file name as the output and
+    submits: the run classifies the folder with the champion and writes the table in the
+    folder the deployment was deployed from (its worker's working folder); the run's final
+    message, its log and its artifact give the table's whole path, as the form's help says.
+    The form reads as written: the default model is named (a placeholder in angle brackets
+    was swallowed by the UI's markdown: "Empty: models:/@champion")."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium package is required (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import COLOURS, write_image
+
+    folder = tmp_path / "incoming"
+    for i, name in enumerate(sorted(COLOURS)):
+        write_image(folder / f"{name}.jpg", COLOURS[name], seed=90 + i)
+    client = _mlflow(stack)
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert versions, "no version registered: run after a training test"
+    if "champion" not in client.get_registered_model(MODEL).aliases:
+        client.set_registered_model_alias(MODEL, "champion",
+                                          max(int(v.version) for v in versions))
+    ui = stack.prefect_api[: -len("/api")]
+    dep = _deployment(stack, "batch-predict", "batch-predict")
+    (step,) = dep["pull_steps"]
+    workdir = Path(step["prefect.deployments.steps.set_working_directory"]["directory"])
+    name = f"ui-predictions-{uuid.uuid4().hex[:8]}.csv"
+    written = workdir / name
+    before = _run_ids(stack, dep["id"])
+    with sync_playwright() as pw:
+        browser = _launch_chromium(pw)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            _open_custom_run_form(page, ui, "batch-predict", first_field="Registered model name")
+            said = " ".join(page.inner_text("body").split())
+            assert ("None (the default): the champion of the registered model named below "
+                    "(models:/NAME@champion).") in said
+            assert "the run's final message gives the whole path" in said
+            _add_list_item(page, "Images", str(folder))
+            _field(page, "Output file", optional=False).fill(name)
+            page.get_by_role("button", name="Submit").click()
+            new = _new_runs(stack, dep["id"], before, timeout_s=60)
+            assert len(new) == 1, "the UI's Submit created no run"
+            sent = new[0]["parameters"]["params"]
+            assert sent["input"] == [str(folder)] and sent["output"] == name
+            final = _wait_final(stack, new[0]["id"])
+            message = final["state"]["message"]
+            assert final["state"]["type"] == "COMPLETED", message
+            assert message.startswith(f"classified 3 of 3 images (0 errors) with "
+                                      f"models:/{MODEL}@champion (version "), message
+            assert message.endswith(f" -> {written}"), message
+            import pandas as pd
+
+            table = pd.read_csv(written, keep_default_na=False)
+            assert len(table) == 3 and (table["error"] == "").all()
+            logs = _api(stack, "POST", "/logs/filter", json={
+                "logs": {"flow_run_id": {"any_": [new[0]["id"]]}}}).json()
+            assert message in [entry["message"] for entry in logs]
+            arts = _api(stack, "POST", "/artifacts/filter", json={
+                "artifacts": {"flow_run_id": {"any_": [new[0]["id"]]},
+                              "key": {"any_": ["batch-predict-summary"]}}}).json()
+            assert len(arts) == 1 and f"Output: `{written}`." in arts[0]["data"], arts
+        except Exception:
+            page.screenshot(path=str(tmp_path / "ui-failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+            written.unlink(missing_ok=True)
 
 
 def _stop_workers(st: Stack) -> None:
