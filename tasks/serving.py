@@ -431,6 +431,11 @@ class ImageClassifier:
                 raise ValueError("input needs a column 'image' with base64-encoded image files")
             values = model_input["image"].tolist()
             index = model_input.index
+            if values and all(isinstance(v, (list, tuple, np.ndarray)) for v in values):
+                # {"image": [b64, …]} from Python (REST's "inputs" format): MLflow's schema
+                # enforcement hands it over as one row holding the list; a row per image.
+                values, index = [x for v in values for x in np.atleast_1d(
+                    np.asarray(v, dtype=object))], None
         elif isinstance(model_input, dict) and "image" in model_input:
             values, index = list(np.atleast_1d(model_input["image"])), None
         else:

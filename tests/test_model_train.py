@@ -1919,6 +1919,30 @@ def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
     assert missing["error"].tolist() == ["empty: no image in this row"] * 3 + [""]
 
 
+def test_a_python_dict_of_image_lists_gives_a_row_per_image(trained, data_info, tmp_path):
+    """Another team's Python code calls the registered model as MLflow's REST ``inputs`` format
+    reads: ``model.predict({"image": [b64, b64, …]})``. MLflow's schema enforcement makes that
+    one row holding the list, which was answered with one "not base64" row for the whole
+    batch; each image now gets its own row, as the REST call and a DataFrame give."""
+    import base64
+
+    from petalflow.tasks.dataset import split_files
+
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    paths = split_files(data_info, "test")[0][:3]
+    encoded = [base64.b64encode(Path(path).read_bytes()).decode() for path in paths]
+    expected = model.predict(pd.DataFrame({"image": encoded}))
+    assert (expected["error"] == "").all()
+    for given in ({"image": encoded}, {"image": tuple(encoded)},
+                  {"image": [{"b64": value} for value in encoded]}):
+        got = model.predict(given)
+        assert got["label"].tolist() == expected["label"].tolist(), given
+        assert got["probability"].tolist() == pytest.approx(expected["probability"].tolist())
+    one = model.predict({"image": [encoded[0]]})
+    assert one["label"].tolist() == expected["label"].tolist()[:1]
+    assert model.predict({"image": []}).empty
+
+
 def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_path,
                                                         monkeypatch):
     """An iPhone's HEIC photo (often named .jpg after a transfer), an AVIF, a TIFF scan, a
