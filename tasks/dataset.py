@@ -718,11 +718,23 @@ COMPANION_SUFFIXES = {
 }
 
 
+# Google Takeout's names: "<photo name>.json", "<photo name>.supplemental-metadata.json" (cut
+# short to fit 51 characters: ".supplemental-met.json"), "<photo name>(1).json", and an
+# album's "metadata.json"; a .json by another name is a JSON file of the dataset's own
+# (labels.json, annotations.json), not said to be Takeout's.
+_TAKEOUT_JSON = re.compile(
+    r"\.(?:" + "|".join(s.lstrip(".") for s in sorted(IMAGE_SUFFIXES | {
+        ".heic", ".heif", ".mov", ".mp4"})) + r")(?:\(\d+\))?(?:\.[a-z-]*)?(?:\(\d+\))?\.json$")
+
+
 def companion_file(name: str) -> Optional[str]:
     """"not a photo: <what it is>" for a file kept beside photos (``COMPANION_NAMES``,
     ``COMPANION_SUFFIXES``), else None."""
     name = name.lower()
     what = COMPANION_NAMES.get(name) or COMPANION_SUFFIXES.get(os.path.splitext(name)[1])
+    if what and name.endswith(".json") and name != "metadata.json" and not _TAKEOUT_JSON.search(
+            name):
+        what = "a JSON file (.json)"
     return NOT_A_PHOTO + what if what else None
 
 

@@ -1099,6 +1099,30 @@ def test_files_changed_just_before_a_scan_are_read_again_by_the_next(tmp_path):
     assert hashes.recorded == {} and hashes.read == 1
 
 
+@pytest.mark.parametrize("name, said", [
+    ("IMG_0001.jpg.json", "photo metadata (.json, as Google Takeout writes beside each photo)"),
+    ("IMG_0001.JPG.supplemental-metadata.json", "photo metadata (.json, as Google Takeout "
+                                                "writes beside each photo)"),
+    ("IMG_0001.jpg.supplemental-met.json", "photo metadata (.json, as Google Takeout writes "
+                                           "beside each photo)"),
+    ("IMG_0001.jpg(1).json", "photo metadata (.json, as Google Takeout writes beside each "
+                             "photo)"),
+    ("IMG_0002.HEIC.json", "photo metadata (.json, as Google Takeout writes beside each photo)"),
+    ("metadata.json", "photo metadata (.json, as Google Takeout writes beside each photo)"),
+    ("labels.json", "a JSON file (.json)"),
+    ("annotations.json", "a JSON file (.json)"),
+    ("IMG_0001.json", "a JSON file (.json)"),
+])
+def test_a_json_file_is_said_to_be_takeouts_only_by_takeouts_names(name, said):
+    """A dataset's own labels.json or annotations.json in a class folder is quarantined as a
+    JSON file, not as "photo metadata, as Google Takeout writes beside each photo"; Takeout's
+    names (the photo's name and .json, its supplemental-metadata forms, an album's
+    metadata.json) keep that wording."""
+    from petalflow.tasks.dataset import companion_file
+
+    assert companion_file(name) == "not a photo: " + said
+
+
 def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(tmp_path):
     """A Google Photos export (Google Takeout) writes a ``.json`` beside every photo and a
     ``metadata.json`` per album; Windows leaves ``Thumbs.db`` and ``desktop.ini``, editors
