@@ -428,8 +428,14 @@ NOT_ARCHIVES = (
     (b"\xff\xd8\xff", "one JPEG image"),
     (b"\x89PNG\r\n\x1a\n", "one PNG image"),
     (b"%PDF", "a PDF document"),
+    (b"PAR1", "a Parquet table (how Hugging Face publishes datasets: images and labels in "
+              "columns)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (arrays, not image files)"),
 )
 REPACK = "pack the class folders as .tar.gz or .zip"
+# What to do with a file that holds its images in a table or arrays, not as image files.
+AS_FILES = ("save each image as a file in a folder named after its label, and pack the folders "
+            "as .tar.gz or .zip")
 # The compressions a tar comes in: its first bytes, the module that reads it.
 COMPRESSED = ((b"\x1f\x8b", "gzip", gzip.GzipFile), (b"BZh", "bzip2", bz2.BZ2File),
               (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile))
@@ -482,9 +488,32 @@ def _not_an_archive(name: str, head: bytes, path: Optional[Path] = None) -> Arch
             "URL that downloads the archive itself")
     for magic, kind in NOT_ARCHIVES:
         if head.startswith(magic):
-            return ArchiveError(f"{name} is {kind}, not a tar or zip archive: {REPACK}")
+            todo = AS_FILES if magic in (b"PAR1", b"\x89HDF\r\n\x1a\n") else REPACK
+            return ArchiveError(f"{name} is {kind}, not a tar or zip archive: {todo}")
+    begins = _text_start(head)
+    if begins is not None:
+        return ArchiveError(
+            f"{name} is a text file (it begins {begins!r}), not a tar or zip archive: the URL "
+            "of a labels table or a list of files? petalflow downloads one archive of class "
+            f"folders: {REPACK}")
     return ArchiveError(
         f"{name} is neither a tar (.tar/.tgz/.tar.gz/.tar.bz2/.tar.xz) nor a zip archive")
+
+
+def _text_start(head: bytes) -> Optional[str]:
+    """The first line (at most 40 characters) of ``head`` when it reads as text: UTF-8 with
+    no control characters but line breaks and tabs; else None."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # a multi-byte character cut by the end of ``head``
+            text = head[:-3].decode("utf-8") if len(head) > 3 else ""
+        except UnicodeDecodeError:
+            return None
+    text = text.lstrip("\ufeff")
+    if not text.strip() or any(c < " " and c not in "\t\r\n" for c in text):
+        return None
+    return text.strip().splitlines()[0][:40]
 
 
 def _archive_kind(path: Path) -> str:

@@ -321,7 +321,7 @@ def test_truncated_and_non_archives_are_refused(tmp_path):
     with pytest.raises(ArchiveError):
         extract_archive(cut, tmp_path / "datasets")
     text = tmp_path / "notes.tgz"
-    text.write_text("not an archive")
+    text.write_bytes(bytes(range(1, 200)))
     with pytest.raises(ArchiveError, match="neither a tar"):
         extract_archive(text, tmp_path / "datasets")
     # What a file that is not an archive is, when its first bytes tell.
@@ -336,13 +336,42 @@ def test_truncated_and_non_archives_are_refused(tmp_path):
         "one.tgz": (gzip.compress(b"just some text"), "is gzip-compressed, but not a tar archive "
                     "inside, not a tar or zip archive"),
         "photo.tgz": ((src / "red" / "000.jpg").read_bytes(), "is one JPEG image, not a tar"),
+        # A Hugging Face dataset's table (its "Download" link), arrays in HDF5, the labels
+        # table's URL given for the archive's.
+        "train-00000-of-00001.parquet": (_hugging_face_parquet(src), (
+            "is a Parquet table (how Hugging Face publishes datasets: images and labels in "
+            "columns), not a tar or zip archive: save each image as a file in a folder named "
+            "after its label, and pack the folders as .tar.gz or .zip")),
+        "images.h5": (b"\x89HDF\r\n\x1a\n\x00\x00", "is an HDF5 file (arrays, not image "
+                      "files), not a tar or zip archive: save each image as a file"),
+        "labels.csv": ("\ufeffimage,label\n000.jpg,r\u00f8d\n".encode() * 40, (
+            "is a text file (it begins 'image,label'), not a tar or zip archive: the URL of "
+            "a labels table or a list of files? petalflow downloads one archive of class "
+            "folders: pack the class folders as .tar.gz or .zip")),
     }
     for name, (head, says) in kinds.items():
-        (tmp_path / name).write_bytes(head + bytes(600))
+        (tmp_path / name).write_bytes(head + (b"" if name.endswith(".csv") else bytes(600)))
         with pytest.raises(ArchiveError) as refused:
             extract_archive(tmp_path / name, tmp_path / "datasets")
         assert str(refused.value).startswith(f"{name} {says}"), str(refused.value)
     assert [p for p in (tmp_path / "datasets").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def _hugging_face_parquet(src: Path) -> bytes:
+    """A table as Hugging Face's hub serves an image dataset: an ``image`` struct column
+    (bytes, path) and a ``label`` column."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    photos = sorted(src.rglob("*.jpg"))
+    table = pa.table({
+        "image": [{"bytes": p.read_bytes(), "path": p.name} for p in photos],
+        "label": [sorted({q.parent.name for q in photos}).index(p.parent.name) for p in photos]})
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    return out.getvalue()
 
 
 def _changed_byte(data: bytes, at: int) -> bytes:
