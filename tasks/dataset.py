@@ -69,6 +69,10 @@ class DatasetCounts(TypedDict):
     # descriptions earlier versions wrote (a reused scan gets them from its folder).
     loose_images: NotRequired[int]
     loose_image_examples: NotRequired[list[str]]
+    # When every class's images lie in subfolders of its folder (a folder of datasets given as
+    # the dataset has that shape): (class folder, subfolder count, the first few) of the first
+    # few classes (classes_of_subfolders). Not in descriptions earlier versions wrote.
+    classes_of_subfolders: NotRequired[list[tuple[str, int, list[str]]]]
 
 
 class DatasetInfo(TypedDict):
@@ -97,7 +101,8 @@ def dataset_summary(info: DatasetInfo) -> dict:
             "quarantined_by_reason": reasons_by_kind(counts),
             "quarantine_reasons": shown_reasons(counts["quarantine_reasons"]),
             **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders",
-                                              "nested_copies", "loose_image_examples")},
+                                              "nested_copies", "loose_image_examples",
+                                              "classes_of_subfolders")},
             "loose_images": counts.get("loose_images", 0)}
 
 
@@ -523,6 +528,16 @@ def split_layout_note(counts: dict) -> Optional[str]:
     if unlabeled:
         notes.append(f"{', '.join(f'{s}/' for s in unlabeled)} holds no class folders "
                      "(unlabeled images) and is not used")
+    nested = counts.get("classes_of_subfolders") or []
+    if nested:
+        shown = "; ".join(f"{name}/: {count}, {', '.join(f'{s}/' for s in examples)}"
+                          f"{', …' if count > len(examples) else ''}"
+                          for name, count, examples in nested)
+        more = len(counts.get("classes") or nested) - len(nested)
+        notes.append(f"every class's images lie in subfolders of its folder ({shown}"
+                     f"{f'; {more} more' if more > 0 else ''}): each class is trained as one, "
+                     "its subfolders merged; if the subfolders are the classes, give one of "
+                     "these folders as the dataset")
     copies = counts.get("nested_copies") or []
     if copies:
         again = reasons_by_kind(counts).get(reason_kind(COPY_OF), 0)
@@ -532,6 +547,27 @@ def split_layout_note(counts: dict) -> Optional[str]:
                      f"folders are named after, and the {again} with the bytes of a file of the "
                      "same class outside it are quarantined as copies")
     return "; ".join(notes) or None
+
+
+NESTED_SHOWN = (6, 3)  # classes, and subfolders of each, named in the note
+
+
+def classes_of_subfolders(manifest: pd.DataFrame) -> list[tuple[str, int, list[str]]]:
+    """(class folder, its subfolders holding images, the first ``NESTED_SHOWN[1]``) of the
+    first ``NESTED_SHOWN[0]`` classes when every class (2 or more) has its used images in 2 or
+    more subfolders of its folder and none in the folder itself: a folder of datasets given as
+    the dataset (data/flowers/daisy/…, data/pets/cat/…) has that shape, and so has a dataset
+    whose every class is organised in subfolders (by date, by breed). Else []."""
+    used = manifest.loc[manifest["status"] == "ok", "path"].astype(str).str.split("/")
+    if used.empty or (used.str.len() < 3).any():
+        return []
+    folders: dict[str, set[str]] = {}
+    for parts in used:
+        folders.setdefault(parts[0], set()).add(parts[1])
+    if len(folders) < 2 or any(len(subs) < 2 for subs in folders.values()):
+        return []
+    return [(name, len(subs), sorted(subs)[:NESTED_SHOWN[1]])
+            for name, subs in sorted(folders.items())[:NESTED_SHOWN[0]]]
 
 
 def loose_images(data_root: Path) -> list[str]:
@@ -1214,6 +1250,8 @@ def prepare_dataset(
         set(candidate_classes(data_root, parents)) - set(class_names(manifest)))
     counts["split_folders"], counts["unlabeled_split_folders"] = split_folders(data_root)
     counts["nested_copies"] = copy_folders(data_root, parents)
+    if not counts["split_folders"]:  # (paths then begin with the split's folder)
+        counts["classes_of_subfolders"] = classes_of_subfolders(manifest)
     loose = loose_images(data_root)
     counts["loose_images"], counts["loose_image_examples"] = len(loose), loose[:5]
     info: DatasetInfo = {

@@ -558,6 +558,43 @@ def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tm
             "images) and is not used.") in report
 
 
+def test_a_folder_of_datasets_given_as_the_dataset_is_said_to_be_one(tmp_path):
+    """A folder holding two datasets (data/flowers/daisy/…, data/pets/cat/…) given as the
+    dataset trained "flowers vs pets", each a class of merged subfolders, and the log said
+    only "2 classes". The log's note and the model card now say every class's images lie in
+    subfolders of its folder, name them, and say what to give if the subfolders are the
+    classes. Classes of which only some are organised in subfolders (a class of dated folders
+    beside flat ones) get no such note."""
+    from petalflow.tasks.dataset import dataset_summary, split_layout_note
+    from petalflow.tasks.report import model_card
+
+    data = tmp_path / "data"
+    make_dataset(data / "flowers", per_class=4)
+    make_dataset(data / "pets", per_class=4, colours={"cat": (200, 200, 30), "dog": (30, 200, 200)},
+                 seed=5)
+    info = prepare_dataset(data, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["flowers", "pets"]
+    said = ("every class's images lie in subfolders of its folder (flowers/: 3, blue/, green/, "
+            "red/; pets/: 2, cat/, dog/): each class is trained as one, its subfolders merged; "
+            "if the subfolders are the classes, give one of these folders as the dataset")
+    assert split_layout_note(info["counts"]) == said
+    summary = dataset_summary(info)
+    assert split_layout_note(summary) == said
+    card = model_card({
+        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
+        "dataset": summary, "manifest": info["manifest"], "comparison": {},
+        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
+    }, str(tmp_path / "no-evaluation"))
+    assert said[0].upper() + said[1:] + "." in card
+    # One class of dated subfolders beside flat classes: a layout of its own, no note.
+    root = make_dataset(tmp_path / "flat", per_class=4)
+    for i, year in enumerate(("2019", "2020")):
+        write_image(root / "purple" / year / "a.jpg", (120 + 10 * i, 0, 120), seed=i)
+        write_image(root / "purple" / year / "b.jpg", (120 + 10 * i, 10, 120), seed=9 + i)
+    flat = prepare_dataset(root, tmp_path / "out2", 0.25, 0.25, 0)
+    assert "purple" in flat["classes"] and split_layout_note(flat["counts"]) is None
+
+
 def test_a_copy_of_the_class_folders_inside_the_dataset_is_no_class(tmp_path):
     """A flowers zip holding flowers/daisy/... and flowers/flowers/daisy/... again: the
     inner flowers/ was a sixth class holding every photo, each photo was then "the same image
