@@ -768,8 +768,8 @@ def companion_file(name: str) -> Optional[str]:
     ``COMPANION_SUFFIXES``), else None."""
     name = name.lower()
     what = COMPANION_NAMES.get(name) or COMPANION_SUFFIXES.get(os.path.splitext(name)[1])
-    if what and name.endswith(".json") and name != "metadata.json" and not _TAKEOUT_JSON.search(
-            name):
+    takeouts = name == "metadata.json" or _TAKEOUT_JSON.search(name)
+    if what and name.endswith(".json") and not takeouts:
         what = "a JSON file (.json)"
     return NOT_A_PHOTO + what if what else None
 

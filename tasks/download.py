@@ -417,25 +417,26 @@ def _check_member_name(name: str) -> None:
         raise ArchiveError(f"archive member {name!r} points outside the archive ('..')")
 
 
-# What a file that is not an archive often is, by its first bytes: named in the error.
-NOT_ARCHIVES = (
-    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
-    (b"Rar!\x1a\x07", "a RAR archive"),
-    (b"\x28\xb5\x2f\xfd", "Zstandard-compressed (.zst)"),
-    (b"\x1f\x8b", "gzip-compressed, but not a tar archive inside"),
-    (b"BZh", "bzip2-compressed, but not a tar archive inside"),
-    (b"\xfd7zXZ\x00", "xz-compressed, but not a tar archive inside"),
-    (b"\xff\xd8\xff", "one JPEG image"),
-    (b"\x89PNG\r\n\x1a\n", "one PNG image"),
-    (b"%PDF", "a PDF document"),
-    (b"PAR1", "a Parquet table (how Hugging Face publishes datasets: images and labels in "
-              "columns)"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (arrays, not image files)"),
-)
 REPACK = "pack the class folders as .tar.gz or .zip"
 # What to do with a file that holds its images in a table or arrays, not as image files.
 AS_FILES = ("save each image as a file in a folder named after its label, and pack the folders "
             "as .tar.gz or .zip")
+# What a file that is not an archive often is, by its first bytes, and what to do: named in
+# the error.
+NOT_ARCHIVES = (
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", REPACK),
+    (b"Rar!\x1a\x07", "a RAR archive", REPACK),
+    (b"\x28\xb5\x2f\xfd", "Zstandard-compressed (.zst)", REPACK),
+    (b"\x1f\x8b", "gzip-compressed, but not a tar archive inside", REPACK),
+    (b"BZh", "bzip2-compressed, but not a tar archive inside", REPACK),
+    (b"\xfd7zXZ\x00", "xz-compressed, but not a tar archive inside", REPACK),
+    (b"\xff\xd8\xff", "one JPEG image", REPACK),
+    (b"\x89PNG\r\n\x1a\n", "one PNG image", REPACK),
+    (b"%PDF", "a PDF document", REPACK),
+    (b"PAR1", "a Parquet table (how Hugging Face publishes datasets: images and labels in "
+              "columns)", AS_FILES),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (arrays, not image files)", AS_FILES),
+)
 # The compressions a tar comes in: its first bytes, the module that reads it.
 COMPRESSED = ((b"\x1f\x8b", "gzip", gzip.GzipFile), (b"BZh", "bzip2", bz2.BZ2File),
               (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile))
@@ -486,9 +487,8 @@ def _not_an_archive(name: str, head: bytes, path: Optional[Path] = None) -> Arch
             f"{name} is a web page (HTML), not an archive: the URL answered with a page (a "
             "sign-in, a download confirmation or an error page?) instead of the file; use the "
             "URL that downloads the archive itself")
-    for magic, kind in NOT_ARCHIVES:
+    for magic, kind, todo in NOT_ARCHIVES:
         if head.startswith(magic):
-            todo = AS_FILES if magic in (b"PAR1", b"\x89HDF\r\n\x1a\n") else REPACK
             return ArchiveError(f"{name} is {kind}, not a tar or zip archive: {todo}")
     begins = _text_start(head)
     if begins is not None:
