@@ -356,6 +356,15 @@ def scheme_hint(value: str) -> str:
     return f"; a web address needs its scheme: {scheme}://{value}"
 
 
+def where_relative(paths: list[str]) -> str:
+    """" (relative paths start from <the working folder>)" when one of ``paths`` is relative
+    (said where a path is not found: a deployment's run starts from its worker's working
+    folder, which whoever typed the path in the UI does not see); else ""."""
+    if all(Path(p).expanduser().is_absolute() for p in paths):
+        return ""
+    return f" (relative paths start from {os.getcwd()})"
+
+
 def redacted(url: str) -> bool:
     """True for a URL as ``redact_url`` records it, its credentials replaced by "***" (a user
     and password, a secret query value): a record, which cannot download."""

@@ -35,7 +35,7 @@ from prefect.tasks import exponential_backoff
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
     scheme_hint, set_aside, sha256_file, tls_problem, tree_bytes, unread_folder, utc_now,
-    walk_files, write_json,
+    walk_files, where_relative, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (
@@ -93,7 +93,8 @@ def download_archive(
     source = local_source(url)
     if source is not None:
         if not source.exists():
-            raise DownloadError(f"dataset source {url!r} does not exist{scheme_hint(url)}")
+            raise DownloadError(f"dataset source {url!r} does not exist"
+                                f"{scheme_hint(url) or where_relative([str(source)])}")
         if source.is_file() and sha256:
             actual = sha256_file(source)
             if actual != sha256:

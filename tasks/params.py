@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from petalflow.tasks.common import (
-    expand_input_lists, input_list, local_source, redacted, scheme_hint,
+    expand_input_lists, input_list, local_source, redacted, scheme_hint, where_relative,
 )
 
 DEFAULT_DATA_URL = (
@@ -378,7 +378,7 @@ class TrainParams(BaseModel):
                              "folder that holds saved_model.pb")
         if not path.is_dir():
             raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel "
-                             f"folder{scheme_hint(value)}")
+                             f"folder{scheme_hint(value) or where_relative([value])}")
         return value
 
     @field_validator("training_deployment")
@@ -661,7 +661,8 @@ class PredictParams(BaseModel):
         missing = [item for item in named if not Path(item).expanduser().exists()
                    and not glob.glob(str(Path(item).expanduser()), recursive=True)]
         if missing:
-            raise ValueError("not a file, folder or matching pattern: " + _some(missing))
+            raise ValueError("not a file, folder or matching pattern: " + _some(missing)
+                             + where_relative(missing))
         return value
 
     @field_validator("output")
@@ -676,5 +677,6 @@ class PredictParams(BaseModel):
             raise ValueError(f"{value!r} is a folder: give a file name in it, such as "
                              f"{str(Path(value) / 'predictions.csv')!r}")
         if not path.parent.is_dir():
-            raise ValueError(f"folder {str(path.parent)!r} does not exist")
+            raise ValueError(f"folder {str(path.parent)!r} does not exist"
+                             + where_relative([value]))
         return value

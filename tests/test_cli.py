@@ -205,6 +205,17 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
     err = capsys.readouterr().err
     assert "images are read from files, not URLs: 'https://example.org/photos/rose.jpg'" in err
     assert "curl -O" in err and not out.exists()
+    # Relative paths that are not there: where relative paths start is said (a deployment's
+    # run starts from its worker's working folder, which whoever typed them in the UI does not
+    # see).
+    assert main(["predict", "--input", "incoming", "--output", "p.csv"]) == 2
+    assert (f"not a file, folder or matching pattern: 'incoming' (relative paths start from "
+            f"{os.getcwd()})") in capsys.readouterr().err
+    assert main(["predict", "--input", str(workspace), "--output", "out/p.csv"]) == 2
+    assert (f"folder 'out' does not exist (relative paths start from {os.getcwd()})"
+            in capsys.readouterr().err)
+    assert main(["predict", "--input", str(workspace / "none"), "--output", str(out)]) == 2
+    assert "relative paths" not in capsys.readouterr().err
 
 
 def test_predict_refuses_a_model_folder_that_is_no_mlflow_model_naming_what_it_is(

@@ -147,14 +147,22 @@ def test_a_web_address_without_its_scheme_is_said_to_need_one(tmp_path, monkeypa
 
 
 def test_a_missing_path_that_is_no_web_address_gets_no_such_suggestion(tmp_path, monkeypatch):
+    """...but a relative one is said to start from the working folder (a deployment's run
+    starts from its worker's, which whoever typed the path in the UI does not see)."""
+    import os
+
     from petalflow.tasks.errors import DownloadError
 
     monkeypatch.chdir(tmp_path)
-    for given in ("photos.tgz", "data/photos", "./photos.tgz", "/srv/data/photos.tgz",
-                  "~/photos.tgz", "C:/photos.tgz"):
+    here = f" (relative paths start from {os.getcwd()})"
+    for given, relative in (("photos.tgz", True), ("data/photos", True),
+                            ("./photos.tgz", True), ("/srv/data/photos.tgz", False),
+                            ("~/photos.tgz", False), ("C:/photos.tgz", True),
+                            ("file:///srv/photos.tgz", False)):
         with pytest.raises(DownloadError) as missing:
             download_archive(given, tmp_path / "d")
-        assert str(missing.value) == f"dataset source {given!r} does not exist", given
+        assert str(missing.value) == (f"dataset source {given!r} does not exist"
+                                      + (here if relative else "")), given
 
 
 def test_a_file_url_with_two_slashes_is_refused_not_read_as_the_current_folder(
