@@ -533,8 +533,9 @@ def model_folder_problem(folder: Path) -> Optional[str]:
     if (folder / "MLmodel").is_file():
         return None
     if not folder.exists():
-        return ("no such folder: give a model folder (`petalflow pull --dest DIR` saves one) "
-                "or a model URI such as models:/NAME@champion")
+        return (f"no such folder{where_relative([str(folder)])}: give a model folder "
+                "(`petalflow pull --dest DIR` saves one) or a model URI such as "
+                "models:/NAME@champion")
     if not folder.is_dir():
         return "a file, not a folder: give the folder holding the model's MLmodel file"
     inside = sorted(p.parent for p in folder.glob("*/MLmodel"))

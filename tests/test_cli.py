@@ -238,7 +238,9 @@ def test_predict_refuses_a_model_folder_that_is_no_mlflow_model_naming_what_it_i
                         "`petalflow pull` saved, or a model URI such as models:/NAME@champion",
         str(workspace / "nope"): "no such folder: give a model folder (`petalflow pull --dest "
                                  "DIR` saves one) or a model URI such as models:/NAME@champion",
-        "petalflow-classifier": "no such folder",  # a name is not a URI
+        # A name is not a URI; a relative folder starts from the working folder.
+        "petalflow-classifier": f"no such folder (relative paths start from {os.getcwd()}): "
+                                "give a model folder",
         str(hub): "a TensorFlow SavedModel, not an MLflow model",
         (hub / "saved_model.pb").as_uri(): "a file, not a folder",
         str(pulled): f"no MLmodel file in this folder; the model is in {pulled / 'model'}: "
