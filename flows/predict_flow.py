@@ -84,10 +84,11 @@ def report_drift_task(summary: dict) -> Optional[str]:
     return None
 
 
+# Ends with a state whose message says how many images were classified and where the table
+# went (its absolute path); the summary is the run's result. (No docstring: it would be the
+# flow's description in the UI.)
 @flow(name="batch-predict", log_prints=True)
 def batch_predict(params: PredictParams):
-    """Ends with a state whose message says how many images were classified and where the
-    table went (its absolute path); the summary is the run's result."""
     from prefect import get_run_logger
     from prefect.states import Completed
 

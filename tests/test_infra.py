@@ -4,6 +4,7 @@ GPU job template rendered with the job variables a user sets."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -37,6 +38,36 @@ def test_deployment_yaml_declares_the_deployments_and_pools():
         path, func = dep["entrypoint"].split(":")
         assert (REPO / path).exists() and f"def {func}(" in (REPO / path).read_text()
         assert dep["enforce_parameter_schema"] is True
+
+
+def test_texts_the_prefect_ui_renders_as_markdown_hold_no_html_like_placeholders():
+    """The Prefect UI renders deployment descriptions and the run form's help (the parameter
+    models' docstrings and field descriptions) as markdown, dropping anything that reads as an
+    HTML tag: "models:/<model_name>@champion" showed as "models:/@champion". None may hold one
+    (placeholders are written NAME)."""
+    from petalflow.tasks.params import PredictParams, TrainParams
+
+    spec = yaml.safe_load((REPO / "deployment.yaml").read_text())
+    texts = {f"deployment {d['name']}": d.get("description", "") for d in spec["deployments"]}
+
+    def collect(schema, where):
+        for key, value in schema.items():
+            if key in ("description", "title") and isinstance(value, str):
+                texts[f"{where}.{key}"] = value
+            elif isinstance(value, dict):
+                collect(value, f"{where}.{key}")
+
+    for model in (TrainParams, PredictParams):
+        collect(model.model_json_schema(), model.__name__)
+    from petalflow.flows.predict_flow import batch_predict
+    from petalflow.flows.train_flow import train_and_register, train_model_flow
+    from petalflow.flows.watch_flow import watch_data
+
+    for flow in (train_and_register, train_model_flow, batch_predict, watch_data):
+        texts[f"flow {flow.name}"] = flow.description or ""
+    tag = re.compile(r"<[A-Za-z_/][^>]*>")
+    found = {where: tag.findall(text) for where, text in texts.items() if tag.search(text)}
+    assert not found, found
 
 
 def test_environment_defaults_are_set_once_per_entry_point():
