@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,18 @@ def _status(manifest, path):
     row = manifest[manifest["path"] == path].iloc[0]
     return row["status"], row["reason"]
 
+
+
+def _card(info, summary: dict, tmp_path: Path) -> str:
+    """The model card of a version trained on ``info``'s data (``summary``: its
+    ``dataset_summary``), without an evaluation folder."""
+    from petalflow.tasks.report import model_card
+
+    return model_card({
+        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
+        "dataset": summary, "manifest": info["manifest"], "comparison": {},
+        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
+    }, str(tmp_path / "no-evaluation"))
 
 
 def test_decodability_is_reported_per_file_across_check_batches(tmp_path, monkeypatch):
@@ -526,7 +539,6 @@ def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tm
     classes are the class folders, merged across the splits (not "train" vs "Valid"); the
     unlabeled test/ is not used, and the run report says both."""
     from petalflow.tasks.dataset import dataset_summary
-    from petalflow.tasks.report import model_card
 
     root = tmp_path / "d"
     make_dataset(root / "train", per_class=6)
@@ -548,11 +560,7 @@ def test_a_dataset_delivered_already_split_is_classified_by_its_class_folders(tm
     assert not m["path"].str.startswith("test/").any()
     summary = dataset_summary(info)
     assert summary["split_folders"] == ["Valid", "train"]
-    report = model_card({
-        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
-        "dataset": summary, "manifest": info["manifest"], "comparison": {},
-        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
-    }, str(tmp_path / "no-evaluation"))
+    report = _card(info, summary, tmp_path)
     assert ("The dataset comes already split (Valid/, train/): each class is its folders in "
             "all of them, split again by petalflow; test/ holds no class folders (unlabeled "
             "images) and is not used.") in report
@@ -566,7 +574,6 @@ def test_a_folder_of_datasets_given_as_the_dataset_is_said_to_be_one(tmp_path):
     classes. Classes of which only some are organised in subfolders (a class of dated folders
     beside flat ones) get no such note."""
     from petalflow.tasks.dataset import dataset_summary, split_layout_note
-    from petalflow.tasks.report import model_card
 
     data = tmp_path / "data"
     make_dataset(data / "flowers", per_class=4)
@@ -580,11 +587,7 @@ def test_a_folder_of_datasets_given_as_the_dataset_is_said_to_be_one(tmp_path):
     assert split_layout_note(info["counts"]) == said
     summary = dataset_summary(info)
     assert split_layout_note(summary) == said
-    card = model_card({
-        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
-        "dataset": summary, "manifest": info["manifest"], "comparison": {},
-        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
-    }, str(tmp_path / "no-evaluation"))
+    card = _card(info, summary, tmp_path)
     assert said[0].upper() + said[1:] + "." in card
     # One class of dated subfolders beside flat classes: a layout of its own, no note.
     root = make_dataset(tmp_path / "flat", per_class=4)
@@ -603,7 +606,6 @@ def test_a_copy_of_the_class_folders_inside_the_dataset_is_no_class(tmp_path):
     folders are named after; those that are a file of the same class outside it again are
     quarantined as copies (not decoded, not used twice), others are used."""
     from petalflow.tasks.dataset import dataset_summary
-    from petalflow.tasks.report import model_card
 
     root = make_dataset(tmp_path / "flowers", per_class=6)
     shutil.copytree(root, tmp_path / "copy")
@@ -635,11 +637,7 @@ def test_a_copy_of_the_class_folders_inside_the_dataset_is_no_class(tmp_path):
     assert split_layout_note(counts) == note
     summary = dataset_summary(info)
     assert summary["nested_copies"] == ["flowers"]
-    report = model_card({
-        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
-        "dataset": summary, "manifest": info["manifest"], "comparison": {},
-        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
-    }, str(tmp_path / "no-evaluation"))
+    report = _card(info, summary, tmp_path)
     assert note[0].upper() + note[1:] + "." in report
     # The copy inside a wrapper of its own (flowers/flowers/flowers/red) is found the same way.
     (root / "flowers").rename(tmp_path / "inner")
@@ -1170,7 +1168,6 @@ def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(
     summary and the model card give the count per reason and at most 20 files, every reason
     among them (a broken photo is not hidden behind the metadata); the manifest keeps all."""
     from petalflow.tasks.dataset import dataset_line, dataset_summary
-    from petalflow.tasks.report import model_card
 
     root = make_dataset(tmp_path / "Takeout" / "Google Photos", per_class=6)
     for label in ("red", "green", "blue"):
@@ -1225,11 +1222,7 @@ def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(
     assert "blue/zz_broken.jpg" in shown and "blue/IMG_0002.MOV" in shown  # every reason
     assert summary["quarantined_by_reason"] == counts["quarantined_by_reason"]
     assert summary["quarantined"] == 28
-    card = model_card({
-        "model_name": "m", "model_version": "1", "alias": "champion", "alias_reason": "first",
-        "dataset": summary, "manifest": info["manifest"], "comparison": {},
-        "test_metrics": {"test_accuracy": 1.0, "test_images": 6, "test_macro_f1": 1.0},
-    }, str(tmp_path / "no-evaluation"))
+    card = _card(info, summary, tmp_path)
     assert "| not a photo: photo metadata | 21 |" in card
     assert "| undecodable image | 1 |" in card
     assert "20 of the 28 quarantined files (every file's reason is in the run's manifest)" in card
