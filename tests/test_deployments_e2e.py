@@ -90,6 +90,20 @@ def _wait_final(st: Stack, flow_run_id: str, timeout_s: float = 420) -> dict:
     raise AssertionError(f"flow run {flow_run_id} did not finish:\n{logs}")
 
 
+def _logged(st: Stack, flow_run_id: str, until: str, timeout_s: float = 60) -> list[str]:
+    """The run's log messages once `until` is among them (or the timeout passes). A flow run's
+    process sends its logs in batches, the last at exit, after the run's final state is set:
+    a run seen COMPLETED may not have its last lines on the server yet."""
+    deadline = time.time() + timeout_s
+    while True:
+        logs = _api(st, "POST", "/logs/filter", json={
+            "logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_DESC"}).json()
+        messages = [entry["message"] for entry in logs]
+        if until in messages or time.time() > deadline:
+            return messages
+        time.sleep(1)
+
+
 def _children(st: Stack, parent_id: str) -> list[dict]:
     task_runs = _api(st, "POST", "/task_runs/filter", json={
         "flow_runs": {"id": {"any_": [parent_id]}}}).json()
@@ -502,9 +516,7 @@ def test_browser_classifies_a_folder_from_the_batch_predict_form(stack, tmp_path
 
             table = pd.read_csv(written, keep_default_na=False)
             assert len(table) == 3 and (table["error"] == "").all()
-            logs = _api(stack, "POST", "/logs/filter", json={
-                "logs": {"flow_run_id": {"any_": [new[0]["id"]]}}}).json()
-            assert message in [entry["message"] for entry in logs]
+            assert message in _logged(stack, new[0]["id"], until=message)
             arts = _api(stack, "POST", "/artifacts/filter", json={
                 "artifacts": {"flow_run_id": {"any_": [new[0]["id"]]},
                               "key": {"any_": ["batch-predict-summary"]}}}).json()
