@@ -130,6 +130,38 @@ def unsupported_scheme(value: str) -> str:
             "or a local path")
 
 
+def unset_or(unset: str, given: str):
+    """``json_schema_extra`` for an Optional field: the Prefect UI's run form renders its
+    ``anyOf`` as a switch labelled by each branch's title ("str | None" without one, the None
+    side saying only 'Property is type "None"'); these name the choices as the form's user
+    reads them, the unset one first (the default's)."""
+
+    def extra(schema: dict) -> None:
+        given_side, unset_side = schema["anyOf"]  # Optional[X]: [X's schema, null]
+        schema["anyOf"] = [{**unset_side, "title": unset}, {**given_side, "title": given}]
+
+    return extra
+
+
+def in_declared_order(schema: dict) -> None:
+    """``json_schema_extra`` of a form's model: each field's ``position``, its place in the
+    model. The Prefect UI orders a run form's fields by it, else as the stored schema lists
+    them, and a server on PostgreSQL stores it as jsonb, whose objects list their keys
+    shortest first: train's form opened on Seed, Force retraining and Sweep, with the dataset
+    URL seventh."""
+    for position, field in enumerate(schema.get("properties", {}).values()):
+        field["position"] = position
+
+
+FORM = ConfigDict(frozen=True, extra="forbid", json_schema_extra=in_declared_order)
+
+
+def _changed(title: str, **limits):
+    """A sweep candidate's field: unset, the run's own value; set, this candidate's."""
+    return Field(None, title=title, json_schema_extra=unset_or("As the run's", "This candidate's"),
+                 **limits)
+
+
 MAX_SWEEP = 16  # candidates in one sweep: each is a training (a gpu run when deployed)
 
 
@@ -165,19 +197,18 @@ class SweepCandidate(BaseModel):
     """One configuration of a sweep: the training fields it changes; every other field is the
     run's own."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = FORM
 
-    backbone: Optional[str] = Field(None, title="Backbone (TF Hub handle)")
-    image_size: Optional[int] = Field(None, ge=32, le=1024, title="Image size (px)")
-    epochs: Optional[int] = Field(None, ge=1, le=500, title="Epochs")
-    batch_size: Optional[int] = Field(None, ge=1, le=4096, title="Batch size")
-    learning_rate: Optional[float] = Field(None, gt=0, le=1.0, title="Learning rate")
-    augment: Optional[bool] = Field(None, title="Augment")
-    balance_classes: Optional[bool] = Field(None, title="Balance classes")
-    fine_tune_layers: Optional[int] = Field(None, ge=0, le=1000, title="Fine-tune layers")
-    fine_tune_epochs: Optional[int] = Field(None, ge=1, le=100, title="Fine-tune epochs")
-    fine_tune_learning_rate: Optional[float] = Field(None, gt=0, le=0.1,
-                                                     title="Fine-tune learning rate")
+    backbone: Optional[str] = _changed("Backbone (TF Hub handle)")
+    image_size: Optional[int] = _changed("Image size (px)", ge=32, le=1024)
+    epochs: Optional[int] = _changed("Epochs", ge=1, le=500)
+    batch_size: Optional[int] = _changed("Batch size", ge=1, le=4096)
+    learning_rate: Optional[float] = _changed("Learning rate", gt=0, le=1.0)
+    augment: Optional[bool] = _changed("Augment")
+    balance_classes: Optional[bool] = _changed("Balance classes")
+    fine_tune_layers: Optional[int] = _changed("Fine-tune layers", ge=0, le=1000)
+    fine_tune_epochs: Optional[int] = _changed("Fine-tune epochs", ge=1, le=100)
+    fine_tune_learning_rate: Optional[float] = _changed("Fine-tune learning rate", gt=0, le=0.1)
 
     def changes(self) -> dict:
         """The fields this candidate sets."""
@@ -191,7 +222,7 @@ class TrainParams(BaseModel):
     # (The docstring is the form's heading in the Prefect UI. Frozen: a run cannot drift
     # mid-way.)
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = FORM
 
     data_url: str = Field(
         DEFAULT_DATA_URL,
@@ -200,13 +231,13 @@ class TrainParams(BaseModel):
         "a folder with one subfolder per class.",
     )
     data_sha256: Optional[str] = Field(
-        None,
+        None, json_schema_extra=unset_or("Not pinned", "Pinned to a digest"),
         title="Dataset sha256",
         description="Pin the archive to exactly these bytes (64 hex digits, or a line "
-        "`sha256sum` prints): a mismatch fails "
-        "the run without retrying, and a pinned copy on disk is reused without asking the "
-        "server. Empty (the default): the URL is revalidated every run and new data is "
-        "trained on; TensorFlow's flower_photos.tgz is checked against its published digest.",
+        "`sha256sum` prints): a mismatch fails the run without retrying, and a pinned copy on "
+        "disk is reused without asking the server. Unset (the default; 'Not pinned' in the "
+        "Prefect UI's form): the URL is revalidated every run and new data is trained on; "
+        "TensorFlow's flower_photos.tgz is checked against its published digest.",
     )
     backbone: str = Field(
         DEFAULT_BACKBONE,
@@ -555,13 +586,13 @@ class PredictParams(BaseModel):
     # parameter model of the batch-predict flow; ``petalflow predict`` builds its options from
     # it (the same way ``train`` does from TrainParams).
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = FORM
 
     model_uri: Optional[str] = Field(
-        None, title="Model URI",
+        None, json_schema_extra=unset_or("The champion", "Another model"), title="Model URI",
         description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or a local model "
-        "folder. None (the default): the champion of the registered model named below "
-        "(models:/NAME@champion).",
+        "folder. Unset (the default; 'The champion' in the Prefect UI's form): the champion "
+        "of the registered model named below (models:/NAME@champion).",
     )
     model_name: str = Field(DEFAULT_MODEL_NAME, title="Registered model name",
                             description="Used for the default model URI.")
@@ -572,7 +603,8 @@ class PredictParams(BaseModel):
         "them, one per line.",
     )
     input_folder: Optional[str] = Field(
-        None, title="Input folder (old name)",
+        None, json_schema_extra=unset_or("Not used", "A folder"),
+        title="Input folder (old name)",
         description="What batch-predict took before Images: one folder, added to Images. "
         "Kept so existing calls keep working; use Images.",
     )

@@ -391,6 +391,18 @@ def _add_list_item(page, title: str, value: str) -> None:
     _field(page, title).fill(value)
 
 
+def _choose(page, title: str, choice: str) -> None:
+    """Click ``choice`` on an Optional field's switch (its choices are named by the parameter
+    model, ``params.unset_or``) and wait for the input that choice brings."""
+    boxes = page.locator("input, textarea")
+    before = boxes.count()
+    page.locator(f"xpath=//*[normalize-space(text())='{title} (Optional)']"
+                 f"/following::button[normalize-space(.)='{choice}'][1]").click()
+    deadline = time.time() + 30
+    while boxes.count() == before and time.time() < deadline:
+        page.wait_for_timeout(200)
+
+
 def _launch_chromium(pw):
     return pw.chromium.launch(executable_path=CHROMIUM, args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -427,8 +439,18 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
             assert "/run" in page.url
             assert _run_ids(stack, train["id"]) == before, "a run was created with epochs=0"
 
-            # A fresh form: only the dataset URL and the backbone change.
+            # A fresh form: only the dataset URL and the backbone change. Its fields come in
+            # TrainParams' order (on this PostgreSQL-backed server, without their positions,
+            # shortest name first: Seed, Force retraining, Sweep, ..., the dataset URL seventh).
             _open_custom_run_form(page, ui)
+            from petalflow.tasks.params import TrainParams
+
+            titles = [f"{field.title} (Optional)" for field in TrainParams.model_fields.values()]
+            shown = [label for label in page.locator(
+                "xpath=//*[substring(normalize-space(text()),"
+                " string-length(normalize-space(text())) - 9) = '(Optional)']"
+            ).all_inner_texts() if label.strip() in titles]
+            assert [label.strip() for label in shown] == titles
             _field(page, "Dataset URL or path").fill(f"{url}/ui.tgz")
             _field(page, "Backbone (TF Hub handle)").fill(str(any_size_backbone))
             page.screenshot(path=str(SCREENSHOTS / "ui-run-form.png"))
@@ -461,8 +483,10 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
 
 def test_browser_classifies_a_folder_from_the_batch_predict_form(stack, tmp_path):
     """Runs after a training test (a version exists; it is made champion if no version passed
-    the gate on the tests' tiny data). A person opens batch-predict's run form,
-    adds a folder to Images ("Add item", then typing), types a file name as the output and
+    the gate on the tests' tiny data). A person opens batch-predict's run form, switches
+    Model URI from "The champion" to "Another model" and types the champion's URI (the switch
+    said "str | None" before its choices were named), adds a folder to Images ("Add item",
+    then typing), types a file name as the output and
     submits: the run classifies the folder with the champion and writes the table in the
     folder the deployment was deployed from (its worker's working folder); the run's final
     message, its log and its artifact give the table's whole path, as the form's help says.
@@ -496,9 +520,12 @@ def test_browser_classifies_a_folder_from_the_batch_predict_form(stack, tmp_path
         try:
             _open_custom_run_form(page, ui, "batch-predict", first_field="Registered model name")
             said = " ".join(page.inner_text("body").split())
-            assert ("None (the default): the champion of the registered model named below "
-                    "(models:/NAME@champion).") in said
+            assert ("Unset (the default; 'The champion' in the Prefect UI's form): the "
+                    "champion of the registered model named below (models:/NAME@champion).") in said
             assert "the run's final message gives the whole path" in said
+            # The model named explicitly: Model URI's switch from its default to a text box.
+            _choose(page, "Model URI", "Another model")
+            _field(page, "Model URI").fill(f"models:/{MODEL}@champion")
             _add_list_item(page, "Images", str(folder))
             _field(page, "Output file", optional=False).fill(name)
             page.get_by_role("button", name="Submit").click()
@@ -506,6 +533,7 @@ def test_browser_classifies_a_folder_from_the_batch_predict_form(stack, tmp_path
             assert len(new) == 1, "the UI's Submit created no run"
             sent = new[0]["parameters"]["params"]
             assert sent["input"] == [str(folder)] and sent["output"] == name
+            assert sent["model_uri"] == f"models:/{MODEL}@champion"
             final = _wait_final(stack, new[0]["id"])
             message = final["state"]["message"]
             assert final["state"]["type"] == "COMPLETED", message
