@@ -24,6 +24,8 @@ done nothing but imports (as it does when the command ends first).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -157,6 +159,37 @@ class TemporaryServer:
         self.process = None
 
 
+class _NoCancellations(logging.Filter):
+    """Drops a record of a cancellation (its exception a ``CancelledError``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
+
+
+def quiet_cancellations(handlers: list) -> None:
+    """Keep the server's cancellations, with their tracebacks, off ``handlers`` (the command's
+    console). Stopped as its command ends, the server cancels its services, and one still
+    writing the run's last events logged ERRORs and tracebacks (Prefect's task run recorder:
+    "Error flushing 1 events (1 to retry, 0 dropped)"; SQLAlchemy's pool: "Exception during
+    reset or similar") after the command's own last line, an error message included; nothing
+    the command needed is lost (its run is over). Prefect's services retry a write that a
+    database driver cancelled, and an event dropped after its retries still says so."""
+    for handler in handlers:
+        if not any(isinstance(f, _NoCancellations) for f in handler.filters):
+            handler.addFilter(_NoCancellations())
+
+
+def create_app():
+    """Prefect's API app (``prefect.server.api.server:create_app``, which sets up Prefect's
+    logging after uvicorn's), its services' cancellation kept off the console."""
+    from prefect.server.api.server import create_app as prefect_app
+
+    app = prefect_app()
+    quiet_cancellations(logging.getLogger().handlers)
+    return app
+
+
 def _serve(port: int, parent: int, held: bool = False) -> None:
     """The server process: Prefect's API app under uvicorn, as Prefect's launcher runs it
     (``uvicorn --factory prefect.server.api.server:create_app --log-level error --lifespan
@@ -182,10 +215,11 @@ def _serve(port: int, parent: int, held: bool = False) -> None:
     import prefect.server.api.server  # noqa: F401 - the imports (creates no file)
     import uvicorn
 
+
     freeze_start_up(collect=False)
     if held and sys.stdin.buffer.readline() != _GO:  # not needed, or the command ended
         sys.exit(0)  # nothing done
-    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1",
+    uvicorn.run("petalflow.temporary_server:create_app", factory=True, host="127.0.0.1",
                 port=port, log_level="error", lifespan="on")
 
 

@@ -98,6 +98,39 @@ def test_runs_on_the_temporary_server_send_no_heartbeats_runs_on_a_real_one_do()
                                                                   "heartbeat": 30}
 
 
+# A flow run of many tasks through the command's own wiring, the server stopped as soon as it
+# ends (the command's last moment), while the server still writes the tasks' last events.
+STOP_PROBE = """
+from prefect import flow, task
+from petalflow.flows import cli
+
+@task
+def step(i):
+    return i
+
+@flow
+def many_tasks(params: dict):
+    for i in range(40):
+        step(i)
+
+with cli._prefect_api() as server:
+    cli._run_flow(many_tasks, {}, quiet=True, server=server).result()
+print("done")
+"""
+
+
+def test_the_server_stopped_as_the_command_ends_prints_no_traceback():
+    """Stopped while its services still wrote the run's last events, the server logged ERRORs
+    with tracebacks of their cancellation after the command's last line (CI caught it under
+    `petalflow train`'s one-line error for a sign-in page): now nothing but the command's own
+    lines."""
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", STOP_PROBE], capture_output=True, text=True,
+                             env={**os.environ, "PREFECT_API_URL": ""}, timeout=300)
+        assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-3000:]
+        assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr[-3000:]
+
+
 def test_a_port_taken_before_uvicorn_binds_it_means_another_port_as_prefect_does():
     got = _probe({"PREFECT_API_URL": ""}, "busy-port")
     assert got["health"] == 200 and got["gone"] is True
