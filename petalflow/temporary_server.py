@@ -159,12 +159,10 @@ class TemporaryServer:
         self.process = None
 
 
-class _NoCancellations(logging.Filter):
-    """Drops a record of a cancellation (its exception a ``CancelledError``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return not isinstance(error, asyncio.CancelledError)
+def _not_a_cancellation(record: logging.LogRecord) -> bool:
+    """False for a record of a cancellation (its exception a ``CancelledError``)."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not isinstance(error, asyncio.CancelledError)
 
 
 def quiet_cancellations(handlers: list) -> None:
@@ -176,8 +174,7 @@ def quiet_cancellations(handlers: list) -> None:
     the command needed is lost (its run is over). Prefect's services retry a write that a
     database driver cancelled, and an event dropped after its retries still says so."""
     for handler in handlers:
-        if not any(isinstance(f, _NoCancellations) for f in handler.filters):
-            handler.addFilter(_NoCancellations())
+        handler.addFilter(_not_a_cancellation)  # (added once however often this is called)
 
 
 def create_app():
@@ -193,9 +190,10 @@ def create_app():
 def _serve(port: int, parent: int, held: bool = False) -> None:
     """The server process: Prefect's API app under uvicorn, as Prefect's launcher runs it
     (``uvicorn --factory prefect.server.api.server:create_app --log-level error --lifespan
-    on``), which also ends when the command's process ends, however it ends: a command killed
-    by a signal runs no clean-up, and Prefect's own temporary server outlived it (holding its
-    port and its database)."""
+    on``; its app through ``create_app`` here, which adds a logging filter), which also ends
+    when the command's process ends, however it ends: a command killed by a signal runs no
+    clean-up, and Prefect's own temporary server outlived it (holding its port and its
+    database)."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
@@ -214,7 +212,6 @@ def _serve(port: int, parent: int, held: bool = False) -> None:
     defer_full_collections()
     import prefect.server.api.server  # noqa: F401 - the imports (creates no file)
     import uvicorn
-
 
     freeze_start_up(collect=False)
     if held and sys.stdin.buffer.readline() != _GO:  # not needed, or the command ended
