@@ -387,28 +387,28 @@ def _open_custom_run_form(page, ui: str, deployment: str = "train",
     _field(page, first_field).wait_for(timeout=30_000)
 
 
-def _add_list_item(page, title: str, value: str) -> None:
-    """Click the list field's "Add item" and type ``value`` into the box it adds."""
-    boxes = page.locator("textarea")
+def _click_for_a_box(page, title: str, button: str) -> None:
+    """Click ``button`` under the Optional field titled ``title`` and wait for the input box
+    it brings."""
+    boxes = page.locator("input, textarea")
     before = boxes.count()
     page.locator(f"xpath=//*[normalize-space(text())='{title} (Optional)']"
-                 "/following::button[normalize-space(.)='Add item'][1]").click()
+                 f"/following::button[normalize-space(.)='{button}'][1]").click()
     deadline = time.time() + 30
     while boxes.count() == before and time.time() < deadline:
         page.wait_for_timeout(200)
+
+
+def _add_list_item(page, title: str, value: str) -> None:
+    """Click the list field's "Add item" and type ``value`` into the box it adds."""
+    _click_for_a_box(page, title, "Add item")
     _field(page, title).fill(value)
 
 
 def _choose(page, title: str, choice: str) -> None:
     """Click ``choice`` on an Optional field's switch (its choices are named by the parameter
     model, ``params.unset_or``) and wait for the input that choice brings."""
-    boxes = page.locator("input, textarea")
-    before = boxes.count()
-    page.locator(f"xpath=//*[normalize-space(text())='{title} (Optional)']"
-                 f"/following::button[normalize-space(.)='{choice}'][1]").click()
-    deadline = time.time() + 30
-    while boxes.count() == before and time.time() < deadline:
-        page.wait_for_timeout(200)
+    _click_for_a_box(page, title, choice)
 
 
 def _launch_chromium(pw):

@@ -70,18 +70,25 @@ def test_texts_the_prefect_ui_renders_as_markdown_hold_no_html_like_placeholders
     assert not found, found
 
 
-def test_the_run_forms_optional_fields_name_their_choices():
-    """The Prefect UI renders an Optional field of a run form (its ``anyOf``) as a switch
-    labelled by each branch's title, else by its type: "str | None", the None side saying only
-    'Property is type "None"' (batch-predict's Model URI, train's Dataset sha256, each field of a
-    sweep candidate). Every such field of the forms people fill names its choices, the unset
-    one (the default) first. (train-model's form, filled by the train flow, is left as is.)"""
+def _forms_people_fill() -> dict:
+    """The parameter schemas Prefect stores for the run forms people fill (train,
+    batch-predict, watch-data), by flow name."""
     from prefect.utilities.callables import parameter_schema
 
     from petalflow.flows.predict_flow import batch_predict
     from petalflow.flows.train_flow import train_and_register
     from petalflow.flows.watch_flow import watch_data
 
+    return {flow.name: parameter_schema(flow.fn).model_dump_for_openapi()
+            for flow in (train_and_register, batch_predict, watch_data)}
+
+
+def test_the_run_forms_optional_fields_name_their_choices():
+    """The Prefect UI renders an Optional field of a run form (its ``anyOf``) as a switch
+    labelled by each branch's title, else by its type: "str | None", the None side saying only
+    'Property is type "None"' (batch-predict's Model URI, train's Dataset sha256, each field of a
+    sweep candidate). Every such field of the forms people fill names its choices, the unset
+    one (the default) first. (train-model's form, filled by the train flow, is left as is.)"""
     switches = {}
 
     def collect(schema, where):
@@ -95,8 +102,8 @@ def test_the_run_forms_optional_fields_name_their_choices():
             for i, value in enumerate(schema):
                 collect(value, f"{where}[{i}]")
 
-    for flow in (train_and_register, batch_predict, watch_data):
-        collect(parameter_schema(flow.fn).model_dump_for_openapi(), flow.name)
+    for flow_name, schema in _forms_people_fill().items():
+        collect(schema, flow_name)
     assert switches["batch-predict.definitions.PredictParams.properties.model_uri"] == [
         ("null", "The champion"), ("string", "Another model")]
     unnamed = {where: branches for where, branches in switches.items()
@@ -109,22 +116,16 @@ def test_the_run_forms_list_their_fields_as_the_models_declare_them():
     schema lists them; a Prefect server on PostgreSQL stores the schema as jsonb, which lists
     keys shortest first (train's form opened on Seed, Force retraining, Sweep; the dataset URL
     seventh). Every field of the forms people fill has its place in its model as position."""
-    from prefect.utilities.callables import parameter_schema
-
-    from petalflow.flows.predict_flow import batch_predict
-    from petalflow.flows.train_flow import train_and_register
-    from petalflow.flows.watch_flow import watch_data
     from petalflow.tasks.params import PredictParams, SweepCandidate, TrainParams
 
     declared = {model.__name__: list(model.model_fields)
                 for model in (TrainParams, PredictParams, SweepCandidate)}
-    for flow in (train_and_register, batch_predict, watch_data):
-        definitions = parameter_schema(flow.fn).model_dump_for_openapi()["definitions"]
-        for name, definition in definitions.items():
+    for flow_name, schema in _forms_people_fill().items():
+        for name, definition in schema["definitions"].items():
             fields = definition["properties"]
             shuffled = dict(sorted(fields.items(), key=lambda item: (len(item[0]), item[0])))
             ordered = sorted(shuffled, key=lambda key: shuffled[key]["position"])
-            assert ordered == declared[name], (flow.name, name)
+            assert ordered == declared[name], (flow_name, name)
 
 
 def test_environment_defaults_are_set_once_per_entry_point():
