@@ -381,17 +381,47 @@ def evaluate_model(export_dir: Union[Path, Callable[[], Path]], data_info: Datas
     return result
 
 
-def class_change(before: Optional[list], after: list, shown: int = 10) -> str:
+def class_change(before: Optional[list], after: list, shown: int = 10,
+                 moved: Optional[dict] = None) -> str:
     """What changed between two class lists, for a reason a user reads: "gone: roses; new:
-    lilies" (up to ``shown`` names each, then how many more); the order alone: "same classes,
+    lilies" (up to ``shown`` names each, then how many more), and where the photos of classes
+    that went lie now (``moved``, from ``moved_classes``); the order alone: "same classes,
     another order"; ``before`` unknown (a version registered without its classes): "its
     classes unknown"."""
     if not before:
         return "its classes unknown"
     gone, new = _not_in(before, after), _not_in(after, before)
     parts = ([f"gone: {_names(gone, shown)}"] if gone else []) + (
-        [f"new: {_names(new, shown)}"] if new else [])
+        [f"new: {_names(new, shown)}"] if new else []) + (
+        [f"photos moved: {_moves(moved, shown)}"] if moved else [])
     return "; ".join(parts) or "same classes, another order"
+
+
+MOVED_SHARE = 0.5  # a class's photos count as moved when more than this share lie in one class
+
+
+def moved_classes(before: pd.DataFrame, after: pd.DataFrame, gone: Sequence[str]) -> dict:
+    """Where the photos of classes that are gone lie now: ``{class: (class now, its photos
+    there, its photos)}`` for each of ``gone`` more than half of whose photos (``before``: the
+    champion's data, ``sha256`` and ``label`` of the images it used) are in one class of this
+    data (``after``, likewise): a class folder renamed ("roses" to "rose") or merged into
+    another. A class whose photos were deleted, or spread over several classes, is left
+    out."""
+    now = after.drop_duplicates("sha256").set_index("sha256")["label"]
+    moved = {}
+    for name in gone:
+        shas = before.loc[before["label"] == name, "sha256"].drop_duplicates()
+        where = now.reindex(shas).dropna().value_counts()
+        if not where.empty and where.iloc[0] > MOVED_SHARE * len(shas):
+            moved[name] = (str(where.index[0]), int(where.iloc[0]), len(shas))
+    return moved
+
+
+def _moves(moved: dict, shown: int = 10) -> str:
+    """``moved_classes``' result as "roses -> rose (all 300 photos)", "tulips -> daisy (280 of
+    its 300 photos)", up to ``shown``."""
+    return _names([f"{old} -> {new} ({f'all {n}' if n == total else f'{n} of its {total}'} "
+                   "photos)" for old, (new, n, total) in moved.items()], shown)
 
 
 def _not_in(items: Sequence, others: Sequence) -> list:
@@ -428,7 +458,8 @@ def compare_with_champion(champion: Optional[dict], data_info: DatasetInfo,
         return {"champion_version": None, "champion_accuracy": None,
                 "basis": "first model to pass the gate"}
     if champion.get("class_names") != data_info["classes"]:
-        return class_list_changed(champion, data_info["classes"], allow_dropped)
+        return class_list_changed(champion, data_info["classes"], allow_dropped,
+                                  _moved_from_champion(champion, data_info, workdir))
     record = prediction_record(records_dir, champion["run_id"]) \
         if records_dir is not None and champion.get("run_id") else None
     learned = learned_images(champion["run_id"], Path(workdir) / "champion-manifest") \
@@ -494,32 +525,63 @@ def unseen_comparison(predictions: Path, champion_predictions: Path, learned: fr
             "compared_images": len(new), "basis": basis}
 
 
-def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bool) -> dict:
+def _moved_from_champion(champion: dict, data_info: DatasetInfo, workdir: Path) -> dict:
+    """``moved_classes`` for the classes of the champion this data lacks: its run's manifest
+    against this run's; nothing when no class went, or either manifest is not at hand (a
+    version registered without its run's manifest)."""
+    from petalflow.tasks.registry import run_manifest
+
+    gone = _not_in(champion.get("class_names") or (), data_info["classes"])
+    if not gone or not champion.get("run_id") or not data_info.get("manifest"):
+        return {}
+    before = run_manifest(champion["run_id"], Path(workdir) / "champion-manifest",
+                          ["sha256", "status", "label"])
+    if before is None:
+        return {}
+    after = load_manifest(Path(data_info["manifest"]))
+    return moved_classes(before[before["status"] == "ok"], after[after["status"] == "ok"], gone)
+
+
+def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bool,
+                       moved: Optional[dict] = None) -> dict:
     """``compare_with_champion`` for data whose class list is not the champion's: promoted on
     the gate alone, except that data lacking some of the champion's classes while keeping
-    others is ``held`` (not promoted) unless ``allow_dropped``; the run's log says which."""
+    others is ``held`` (not promoted) unless ``allow_dropped``; the run's log says which.
+    ``moved`` (``moved_classes``): where the photos of classes that went lie now, said in the
+    log and the reasons (a renamed folder is no class to put back)."""
     version = champion["version"]
     known = champion.get("class_names") or ()
     gone = _not_in(known, classes)
     kept = len(known) > len(gone)
     held = bool(gone) and kept and not allow_dropped
+    moved = {name: where for name, where in (moved or {}).items() if name in gone}
     if gone:
-        log("classes the champion (v%s) predicts are not in the data any more: %s; %s",
-            version, _names(gone),
+        log("classes the champion (v%s) predicts are not in the data any more: %s%s; %s",
+            version, _names(gone), f"; photos moved: {_moves(moved)}" if moved else "",
             "this run's version does not replace it (allow_dropped_classes lets it)" if held
             else "once this version is promoted, @champion no longer predicts them", level=30)
     changed = (f"the class list changed from champion v{version}'s "
-               f"({class_change(champion.get('class_names'), classes)}); ")
+               f"({class_change(champion.get('class_names'), classes, moved=moved)}); ")
     result = {"champion_version": version, "champion_accuracy": None}
     if not held:
         allowed = " (allow_dropped_classes)" if gone and kept else ""
         return {**result, "basis": f"{changed}promoted on the gate alone{allowed}"}
+    lacking = (f"champion v{version} predicts classes this data lacks (gone: {_names(gone)}): "
+               "not promoted, so @champion keeps predicting them; ")
+    allow = "train with allow_dropped_classes (--allow-dropped-classes) to promote a version"
+    rest = _not_in(gone, list(moved))
+    if not moved:
+        advice = f"put their folders back, or {allow} without them"
+    elif not rest:
+        advice = (f"their photos are in other class folders now, {_moves(moved)}: if you "
+                  f"renamed or merged those folders, {allow} with the classes as they are now, "
+                  "or put the folders back as they were")
+    else:
+        advice = (f"the photos of some are in other class folders now, {_moves(moved)}; put "
+                  f"the others' folders back ({_names(rest)}), or {allow} without them")
     return {**result, "basis": f"{changed}not promoted while it lacks classes the champion "
                                "predicts",
-            "held": (f"champion v{version} predicts classes this data lacks (gone: "
-                     f"{_names(gone)}): not promoted, so @champion keeps predicting them; put "
-                     "their folders back, or train with allow_dropped_classes "
-                     "(--allow-dropped-classes) to promote a version without them")}
+            "held": lacking + advice}
 
 
 @task(name="evaluate-model")

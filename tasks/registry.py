@@ -655,6 +655,16 @@ def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
     manifest (``manifest.csv`` in ``RUN_MANIFEST_DIR``, logged by ``start_run``), rows of the
     train split (the val split is only measured, never fitted); None when the run holds no
     manifest, or one without those columns."""
+    rows = run_manifest(run_id, dest, ["sha256", "status", "split"])
+    if rows is None:
+        return None
+    return frozenset(rows.loc[(rows["status"] == "ok") & (rows["split"] == "train"), "sha256"])
+
+
+def run_manifest(run_id: str, dest: Path, columns: list[str]):
+    """``columns`` of the manifest MLflow run ``run_id`` logged (``start_run``), as strings;
+    None when the run holds no manifest, or one without those columns (not one this code
+    wrote). An error asking the store propagates."""
     import pandas as pd
 
     try:
@@ -665,11 +675,9 @@ def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
             return None
         raise
     try:
-        rows = pd.read_csv(path, usecols=["sha256", "status", "split"], dtype=str,
-                           keep_default_na=False)
+        return pd.read_csv(path, usecols=columns, dtype=str, keep_default_na=False)
     except ValueError:  # columns missing: not a manifest this code wrote
         return None
-    return frozenset(rows.loc[(rows["status"] == "ok") & (rows["split"] == "train"), "sha256"])
 
 
 def download_model(model_uri: str, dest: Path) -> str:

@@ -1598,6 +1598,56 @@ def test_a_changed_class_list_says_which_classes_went_and_came(caplog):
         "the class list changed from champion v3's (new: sunflowers); promoted on the gate alone")
 
 
+def test_a_class_whose_photos_are_in_another_folder_now_is_said_to_be_moved(caplog):
+    """A class folder renamed ("roses" to "rose") got the advice of a lost folder: "put their
+    folders back". The photos of a class that went are looked up (by sha256) in the new data:
+    when more than half lie in one class, the log, the reason and the class change say so,
+    and what to do: renamed or merged, allow_dropped_classes; the others still "put back"."""
+    from petalflow.tasks.evaluate import class_list_changed, moved_classes
+
+    def rows(**classes):
+        return pd.DataFrame([(sha, label) for label, shas in classes.items() for sha in shas],
+                            columns=["sha256", "label"])
+
+    before = rows(daisy=["d1", "d2"], roses=["r1", "r2", "r3"], tulips=["t1", "t2", "t3", "t4"],
+                  lilies=["l1", "l2"])
+    # roses renamed; tulips' photos mostly merged into daisy; lilies split half and half.
+    after = rows(daisy=["d1", "d2", "t1", "t2", "t3", "l1"], rose=["r1", "r2", "r3", "r3"],
+                 iris=["t4", "l2"])
+    gone = ["lilies", "roses", "tulips", "orchids"]
+    assert moved_classes(before, after, gone) == {"roses": ("rose", 3, 3),
+                                                  "tulips": ("daisy", 3, 4)}
+    champion = {"version": "3", "class_names": ["daisy", "roses", "tulips"]}
+    with caplog.at_level("WARNING", logger="petalflow"):
+        renamed = class_list_changed(champion, ["daisy", "rose", "tulips"], False,
+                                     {"roses": ("rose", 3, 3)})
+    assert [r.getMessage() for r in caplog.records] == [
+        "classes the champion (v3) predicts are not in the data any more: roses; photos moved: "
+        "roses -> rose (all 3 photos); this run's version does not replace it "
+        "(allow_dropped_classes lets it)"]
+    assert renamed["held"] == (
+        "champion v3 predicts classes this data lacks (gone: roses): not promoted, so @champion "
+        "keeps predicting them; their photos are in other class folders now, roses -> rose "
+        "(all 3 photos): if you renamed or merged those folders, train with "
+        "allow_dropped_classes (--allow-dropped-classes) to promote a version with the classes "
+        "as they are now, or put the folders back as they were")
+    assert renamed["basis"] == ("the class list changed from champion v3's (gone: roses; new: "
+                                "rose; photos moved: roses -> rose (all 3 photos)); not promoted "
+                                "while it lacks classes the champion predicts")
+    some = class_list_changed(champion, ["daisy", "rose"], False, {"roses": ("rose", 3, 3)})
+    assert some["held"].endswith(
+        "(gone: roses, tulips): not promoted, so @champion keeps predicting them; the photos of "
+        "some are in other class folders now, roses -> rose (all 3 photos); put the others' "
+        "folders back (tulips), or train with allow_dropped_classes (--allow-dropped-classes) "
+        "to promote a version without them"), some["held"]
+    allowed = class_list_changed(champion, ["daisy", "rose"], True,
+                                 {"roses": ("rose", 3, 3), "tulips": ("daisy", 3, 4)})
+    assert allowed == {"champion_version": "3", "champion_accuracy": None, "basis": (
+        "the class list changed from champion v3's (gone: roses, tulips; new: rose; photos "
+        "moved: roses -> rose (all 3 photos), tulips -> daisy (3 of its 4 photos)); promoted on "
+        "the gate alone (allow_dropped_classes)")}
+
+
 def test_a_champion_is_not_credited_with_the_images_it_was_trained_on(tmp_path, caplog):
     """A run with another seed tests on images the champion was trained on: a champion that
     knows its 40 training images and half of the 20 others scored 0.83 against a challenger's

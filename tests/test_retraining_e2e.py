@@ -488,6 +488,41 @@ def test_a_class_gone_from_the_data_behind_the_url_does_not_take_it_from_the_cha
         "green", "red"]
 
 
+def test_a_class_folder_renamed_behind_the_url_is_said_to_be_renamed_not_lost(
+        workspace, tiny_backbone, prefect_harness):
+    """The same photos behind the URL, the folder "blue" renamed "navy": the version was held
+    with the advice for a lost folder ("put their folders back"). The reason now says where
+    the class's photos are (looked up in the champion run's manifest) and that a renamed folder
+    is promoted with allow_dropped_classes, whose run's reason names the move too."""
+    from petalflow.flows.train_flow import train_and_register
+
+    src = make_dataset(workspace / "src", per_class=12, seed=0)
+    first_archive = make_tgz(src, workspace / "first.tgz").read_bytes()
+    (src / "blue").rename(src / "navy")
+    renamed = make_tgz(src, workspace / "renamed.tgz").read_bytes()
+    with revalidating_server() as site:
+        url = site.put("/p.tgz", first_archive)
+        first = train_and_register(_params(url, tiny_backbone))
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        site.put("/p.tgz", renamed)
+        held = train_and_register(_params(url, tiny_backbone))
+        assert (held["model_version"], held["alias"]) == ("2", "challenger")
+        assert held["alias_reason"].startswith(
+            "champion v1 predicts classes this data lacks (gone: blue): not promoted, so "
+            "@champion keeps predicting them; their photos are in other class folders now, "
+            "blue -> navy (all 12 photos): if you renamed or merged those folders, train with "
+            "allow_dropped_classes (--allow-dropped-classes) to promote a version with the "
+            "classes as they are now, or put the folders back as they were (test accuracy "), \
+            held["alias_reason"]
+        allowed = train_and_register(_params(url, tiny_backbone, allow_dropped_classes=True))
+    assert (allowed["model_version"], allowed["alias"]) == ("3", "champion")
+    assert allowed["alias_reason"].startswith(
+        "the class list changed from champion v1's (gone: blue; new: navy; photos moved: blue "
+        "-> navy (all 12 photos)); promoted on the gate alone (allow_dropped_classes) ("), \
+        allowed["alias_reason"]
+    assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == "3"
+
+
 def test_the_champion_runs_only_on_test_images_it_has_not_classified_before(
         workspace, tiny_backbone, prefect_harness, monkeypatch):
     """Every retraining ran the champion over the whole test split to compare like with like,
