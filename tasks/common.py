@@ -288,6 +288,34 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+# Query parameters a presigned URL gets anew each time it is signed: when, and for how long
+# (AWS and Google Cloud Storage Signature V4 and V2; an Azure SAS's start and expiry), and the
+# parameters whose presence says a URL is presigned.
+SIGNING_TIME_KEYS = frozenset({"x-amz-date", "x-amz-expires", "x-goog-date", "x-goog-expires",
+                               "expires", "st", "se"})
+SIGNATURE_KEYS = frozenset({"x-amz-signature", "x-goog-signature", "signature", "sig"})
+
+
+def source_url(url: Optional[str]) -> Optional[str]:
+    """What names a dataset source (its download folder, its extraction record, the watch's
+    events and state, the champion's source compared): ``redact_url``'s form, and for a
+    presigned URL without the parameters each signing sets anew (``SIGNING_TIME_KEYS``), so
+    the same object signed again is the same source, revalidated rather than downloaded
+    again. Anything but an http(s) URL is returned as it is."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    redacted = redact_url(url)
+    if not redacted or urlsplit(redacted).scheme.lower() not in ("http", "https"):
+        return redacted
+    parts = urlsplit(redacted)
+    items = parts.query.split("&") if parts.query else []
+    names = [item.partition("=")[0].lower() for item in items]
+    if not SIGNATURE_KEYS.intersection(names):
+        return redacted
+    kept = [item for item, name in zip(items, names) if name not in SIGNING_TIME_KEYS]
+    return urlunsplit(parts._replace(query="&".join(kept)))
+
+
 def tls_problem(exc: Optional[BaseException], url: str,
                 setting: str = "SSL_CERT_FILE") -> Optional[str]:
     """The message for a TLS failure no retry changes at ``url``'s host, when ``exc`` or an

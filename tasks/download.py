@@ -23,6 +23,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -34,8 +35,8 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
-    scheme_hint, set_aside, sha256_file, tls_problem, tree_bytes, unread_folder, utc_now,
-    walk_files, where_relative, write_json,
+    scheme_hint, set_aside, sha256_file, source_url, tls_problem, tree_bytes, unread_folder,
+    utc_now, walk_files, where_relative, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (
@@ -104,9 +105,14 @@ def download_archive(
                 )
         return source.resolve()
 
+    expiry = signature_expiry(url)
+    if expiry is not None and expiry[0] > time.time():
+        log("the dataset URL is presigned: its signature expires %s (in %s); after that, runs "
+            "that download it (a schedule, watch-data) fail with HTTP 403 until they are "
+            "given a new URL", _utc(expiry[0]), _span(expiry[0] - time.time()), level=30)
     # Keyed by the URL without its secrets: a presigned URL's next signature is the same source
     # (revalidated, not downloaded again into a folder of its own).
-    key = sha256 or hashlib.sha256(redact_url(url).encode()).hexdigest()[:24]
+    key = sha256 or hashlib.sha256(source_url(url).encode()).hexdigest()[:24]
     target_dir = Path(downloads_dir) / key
     target = target_dir / _archive_name(url)
     record_path = target_dir / SOURCE_RECORD
@@ -230,7 +236,12 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
             if is_transient_status(resp.status_code):
                 raise TransientError(f"HTTP {resp.status_code} from {shown}")
             if resp.status_code >= 400 or resp.status_code == 304:
-                raise DownloadError(f"HTTP {resp.status_code} from {shown}; check the dataset URL")
+                said = _server_says(resp) if resp.status_code >= 400 else ""
+                expired = expired_signature(url)
+                raise DownloadError(f"HTTP {resp.status_code} from {shown}"
+                                    + (f" ({said})" if said else "")
+                                    + (f": {expired}" if expired else
+                                       "; check the dataset URL"))
             validators = _validators(resp.headers)
             resumed = resp.status_code == 206 and offset > 0
             if not resumed:
@@ -269,6 +280,87 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
         where = f" (redirected to {led_to})" if led_to and led_to not in shown else ""
         raise TransientError(f"network error downloading {shown}{where}: {exc}") from exc
     return (part, (part_meta if resumed else validators)), led_to
+
+
+def signature_expiry(url: str) -> Optional[tuple[float, Optional[float]]]:
+    """When a presigned URL stops working, from its own query: (epoch seconds, how long it was
+    signed for, or None where the URL does not say). AWS Signature V4 and Google Cloud
+    Storage V4 (``X-Amz-Date``/``X-Goog-Date`` plus ``X-Amz-Expires``/``X-Goog-Expires``
+    seconds), AWS and Google V2 (``Expires``, epoch seconds, beside a ``Signature``), an Azure
+    SAS (``se``, an ISO 8601 time, beside ``sig``). None for any other URL, or values that do
+    not parse."""
+    from datetime import datetime, timezone
+    from urllib.parse import parse_qsl, urlsplit
+
+    if urlsplit(url).scheme.lower() not in ("http", "https"):
+        return None
+    query = {key.lower(): value for key, value in parse_qsl(urlsplit(url).query)}
+    try:
+        for prefix in ("x-amz-", "x-goog-"):
+            if query.get(prefix + "date") and query.get(prefix + "expires"):
+                signed = datetime.strptime(query[prefix + "date"], "%Y%m%dT%H%M%SZ")
+                valid = float(query[prefix + "expires"])
+                return signed.replace(tzinfo=timezone.utc).timestamp() + valid, valid
+        if query.get("expires") and "signature" in query:
+            return float(query["expires"]), None
+        if query.get("se") and "sig" in query:
+            ends = datetime.fromisoformat(query["se"])
+            return (ends if ends.tzinfo else ends.replace(tzinfo=timezone.utc)).timestamp(), None
+    except (ValueError, OverflowError):
+        return None
+    return None
+
+
+def expired_signature(url: str, now: Optional[float] = None) -> Optional[str]:
+    """Why a presigned URL whose signature expired (``signature_expiry``) is refused, and what
+    to do; None for a URL still valid at ``now`` (default: now), or not presigned."""
+    found = signature_expiry(url)
+    now = time.time() if now is None else now
+    if found is None or found[0] > now:
+        return None
+    ends, valid = found
+    signed = f"; it was signed for {_span(valid)}" if valid else ""
+    return (f"the URL's signature expired {_utc(ends)} ({_span(now - ends)} ago{signed}): "
+            "presign the archive again and give the new URL; a schedule or watch-data needs one "
+            "still valid when it runs (give the deployment's data_url a new URL before each "
+            "expiry, or a URL that does not expire)")
+
+
+def _utc(epoch: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
+
+
+def _span(seconds: float) -> str:
+    """A duration as people say it: "7 days", "5 hours", "90 minutes"."""
+    units = (("day", 86400), ("hour", 3600), ("minute", 60))
+    unit, size = next((unit, size) for unit, size in units
+                      if seconds >= 2 * size or unit == "minute")
+    n = max(1, round(seconds / size))
+    return f"{n} {unit}{'s' if n != 1 else ''}"
+
+
+_ERROR_BODY = 4096  # bytes of an error answer read for what the server says
+
+
+def _server_says(resp) -> str:
+    """An object store's own reason in an error answer (S3's, Google Cloud Storage's and Azure's
+    XML ``<Code>`` and ``<Message>``: "AccessDenied: Request has expired"), from its first
+    ``_ERROR_BODY`` bytes; "" for any other answer (an HTML page, nothing)."""
+    body = b""
+    try:
+        for block in resp.iter_raw():
+            body += block
+            if len(body) >= _ERROR_BODY:
+                break
+    except Exception:  # noqa: BLE001 - the status alone is the error then
+        return ""
+    text = body[:_ERROR_BODY].decode("utf-8", "replace")
+    found = [re.search(rf"<{tag}>\s*([^<]{{1,300}}?)\s*</{tag}>", text)
+             for tag in ("Code", "Message")]
+    return ": ".join(m[1] for m in found if m)
 
 
 def _same_by_head(url: str, known: dict, target: Path, timeout_s: float) -> Optional[bool]:
@@ -913,9 +1005,10 @@ _HELD: dict[str, list] = {}  # holder -> open files whose shared locks mark extr
 
 def source_identity(url: str) -> str:
     """What a dataset source is called in the extraction records: its URL without secrets (a
-    presigned URL's next signature is the same source), a local path resolved."""
+    presigned URL signed again is the same source: ``common.source_url``), a local path
+    resolved."""
     path = local_source(url)
-    return str(path.resolve()) if path is not None else redact_url(url)
+    return str(path.resolve()) if path is not None else source_url(url)
 
 
 def _source_record(datasets_dir: Path, source: str) -> Path:

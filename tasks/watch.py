@@ -16,7 +16,7 @@ from typing import Optional
 
 from prefect import task
 
-from petalflow.tasks.common import read_json, redact_url, utc_now, write_json
+from petalflow.tasks.common import read_json, redact_url, source_url, utc_now, write_json
 from petalflow.tasks.params import TrainParams
 
 EVENT = "petalflow.dataset.changed"
@@ -25,8 +25,8 @@ RESOURCE_PREFIX = "petalflow.dataset."
 
 def resource_id(data_url: str) -> str:
     """The event's resource id for a dataset source: stable per URL or path (a presigned
-    URL's signatures are one source: its secrets are left out, ``redact_url``)."""
-    return RESOURCE_PREFIX + hashlib.sha256(redact_url(data_url).encode()).hexdigest()[:16]
+    URL signed again is one source: ``source_url``)."""
+    return RESOURCE_PREFIX + hashlib.sha256(source_url(data_url).encode()).hexdigest()[:16]
 
 
 def source_state(source: dict) -> Optional[str]:
@@ -43,9 +43,9 @@ def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool,
         # a freshly started stack must not start a heavy training on the default data.
         return False, "no champion yet: train a first model; the watch follows changes after it"
     # Versions record the URL without its secrets (``redact_url``; older ones as given): a
-    # presigned URL whose signature changed still names the same source.
+    # presigned URL signed again still names the same source (``source_url``).
     trained_url = champion.get("data_url")
-    if trained_url is None or redact_url(trained_url) != redact_url(source["url"]):
+    if trained_url is None or source_url(trained_url) != source_url(source["url"]):
         return True, (f"the champion v{champion['version']} was trained on "
                       f"{redact_url(trained_url)}")
     trained_on = champion.get("archive_sha256") or champion.get("listing_fingerprint")

@@ -89,6 +89,120 @@ def test_an_archive_stored_with_content_encoding_gzip_is_saved_as_stored(tmp_pat
         ["blue", "green", "red"]
 
 
+def _presigned(base: str, signed_at: float, signature: str, valid_s: int = 604800) -> str:
+    """An S3 presigned GET URL's query (Signature V4) as `aws s3 presign` writes it."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(signed_at))
+    return (f"{base}/bucket/photos.tgz?X-Amz-Algorithm=AWS4-HMAC-SHA256&"
+            f"X-Amz-Credential=AKIDSECRET%2F{stamp[:8]}%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date={stamp}&X-Amz-Expires="
+            f"{valid_s}&X-Amz-SignedHeaders=host&X-Amz-Signature={signature}")
+
+
+def test_a_presigned_url_signed_again_is_one_source_and_its_expiry_is_said(tmp_path, caplog):
+    """An object store's presigned URL (`aws s3 presign`, which petalflow's own hint for s3://
+    suggests, 7 days) is signed anew with a new date and signature: each signing was another
+    source, downloaded whole into a folder of its own (the watch announced a change that was
+    none). And once it expired, every scheduled run failed "HTTP 403 …; check the dataset URL",
+    S3's own reason dropped. Now: one source, revalidated (304); each run says when the URL
+    expires; an expired one is refused saying so, what S3 said, and what to do, the copy on
+    disk kept."""
+    import calendar
+    import http.server
+    from urllib.parse import parse_qs, urlsplit
+
+    from petalflow.tasks.common import source_url
+    from petalflow.tasks.download import signature_expiry
+    from petalflow.tasks.watch import resource_id
+    from tests.helpers import base_url, serve_handler
+
+    data = make_tgz(make_dataset(tmp_path / "src", per_class=3), tmp_path / "p.tgz").read_bytes()
+    etag = '"%s"' % hashlib.md5(data).hexdigest()
+    answers = []
+
+    class S3(http.server.BaseHTTPRequestHandler):  # checks a V4 query's date, as S3 does
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):  # noqa: N802 - a URL presigned for GET is refused for HEAD
+            self.send_response(403)
+            self.end_headers()
+
+        def do_GET(self):  # noqa: N802
+            q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
+            signed = calendar.timegm(time.strptime(q["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+            if signed + int(q["X-Amz-Expires"]) < time.time():
+                body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied'
+                        b'</Code><Message>Request has expired</Message><X-Amz-Expires>604800'
+                        b'</X-Amz-Expires></Error>')
+                answers.append(403)
+                self.send_response(403)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            same = self.headers.get("If-None-Match") == etag
+            answers.append(304 if same else 200)
+            self.send_response(304 if same else 200)
+            self.send_header("ETag", etag)
+            self.send_header("Content-Length", "0" if same else str(len(data)))
+            self.end_headers()
+            if not same:
+                self.wfile.write(data)
+
+    now = time.time()
+    dest = tmp_path / "downloads"
+    with serve_handler(S3) as server:
+        base = base_url(server)
+        first = _presigned(base, now - 3600, "f00d1")
+        resigned = _presigned(base, now - 60, "beef2")
+        expired = _presigned(base, now - 9 * 86400, "dead3")
+        with caplog.at_level("WARNING", logger="petalflow"):
+            copy = download_archive(first, dest)
+        assert [r.getMessage() for r in caplog.records] == [
+            "the dataset URL is presigned: its signature expires "
+            + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now - 3600 + 604800))
+            + " (in 7 days); after that, runs that download it (a schedule, watch-data) fail "
+            "with HTTP 403 until they are given a new URL"]
+        assert download_archive(resigned, dest) == copy  # the same folder, revalidated
+        with pytest.raises(DownloadError) as refused:
+            download_archive(expired, dest)
+    assert answers == [200, 304, 403]
+    assert copy.read_bytes() == data and [p.name for p in dest.iterdir()] == [copy.parent.name]
+    shown_query = ("X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***&X-Amz-Date="
+                   + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now - 9 * 86400))
+                   + "&X-Amz-Expires=604800&X-Amz-SignedHeaders=***&X-Amz-Signature=***")
+    assert str(refused.value) == (
+        f"HTTP 403 from {base}/bucket/photos.tgz?{shown_query} (AccessDenied: Request has "
+        "expired): the URL's signature expired "
+        + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(now - 9 * 86400 + 604800))
+        + " (2 days ago; it was signed for 7 days): presign the archive again and give the new "
+        "URL; a schedule or watch-data needs one still valid when it runs (give the "
+        "deployment's data_url a new URL before each expiry, or a URL that does not expire)")
+    # The watch's events and state: one source too.
+    assert resource_id(first) == resource_id(resigned) == resource_id(expired)
+    assert source_url(first) == (f"{base}/bucket/photos.tgz?X-Amz-Algorithm=AWS4-HMAC-SHA256&"
+                                 "X-Amz-Credential=***&X-Amz-SignedHeaders=***&"
+                                 "X-Amz-Signature=***")
+    # Google Cloud Storage V4 and V2, AWS V2, an Azure SAS; parameters of the same names in a
+    # URL that is not presigned are part of what it names.
+    gcs = ("https://storage.googleapis.com/b/p.tgz?X-Goog-Algorithm=GOOG4-RSA-SHA256&"
+           "X-Goog-Credential=sa%40p.iam.gserviceaccount.com%2F20261120%2Fauto%2Fstorage%2F"
+           "goog4_request&X-Goog-Date=20261120T100000Z&X-Goog-Expires=86400&"
+           "X-Goog-SignedHeaders=host&X-Goog-Signature=0a1b")
+    signed = calendar.timegm((2026, 11, 20, 10, 0, 0))
+    assert signature_expiry(gcs) == (signed + 86400.0, 86400.0)
+    v2 = "https://b.s3.amazonaws.com/p.tgz?AWSAccessKeyId=AKID&Expires=1796000000&Signature=x"
+    assert signature_expiry(v2) == (1796000000.0, None)
+    assert source_url(v2) == "https://b.s3.amazonaws.com/p.tgz?AWSAccessKeyId=***&Signature=***"
+    sas = ("https://acct.blob.core.windows.net/c/p.zip?sv=2022-11-02&st=2026-11-20T10%3A00%3A00Z"
+           "&se=2026-11-27T10%3A00%3A00Z&sr=b&sp=r&sig=abc%3D")
+    assert signature_expiry(sas) == (signed + 7 * 86400.0, None)
+    assert source_url(sas) == ("https://acct.blob.core.windows.net/c/p.zip?sv=2022-11-02&sr=b&"
+                               "sp=r&sig=***")
+    assert signature_expiry("https://x.org/p.tgz?Expires=3") is None
+    assert source_url("https://x.org/p.tgz?expires=3&se=4") == "https://x.org/p.tgz?expires=3&se=4"
+
+
 def test_404_is_a_permanent_error(archive_dir, tmp_path):
     with serve_directory(archive_dir) as url:
         with pytest.raises(DownloadError, match="HTTP 404"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -326,17 +327,23 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
 
     data = _archive(workspace, "d", per_class=12, seed=0)
     with revalidating_server() as site:
-        query = "X-Amz-Credential=AKIDSECRET1&X-Amz-Expires=3600&X-Amz-Signature=f00dSECRET2"
+        signed_at = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() - 60))
+        query = (f"X-Amz-Credential=AKIDSECRET1&X-Amz-Date={signed_at}&X-Amz-Expires=3600&"
+                 "X-Amz-Signature=f00dSECRET2")
         site.put(f"/private/photos.tgz?{query}", data)  # the test server matches the query too
         host = site.url.split("://", 1)[1]
         url = f"http://alice:hunter2SECRET3@{host}/private/photos.tgz?{query}"
         first = train_and_register(_params(url, tiny_backbone))
-        # Signed again (presigned URLs expire): the same source, revalidated, not downloaded.
-        site.put(f"/private/photos.tgz?{query.replace('f00dSECRET2', 'beefSECRET4')}", data)
-        again = train_and_register(_params(url.replace("f00dSECRET2", "beefSECRET4"),
-                                           tiny_backbone))
+        # Signed again (presigned URLs expire): a new date and signature, the same source,
+        # revalidated, not downloaded.
+        resigned_at = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time()))
+        resigned_query = query.replace("f00dSECRET2", "beefSECRET4").replace(signed_at,
+                                                                             resigned_at)
+        site.put(f"/private/photos.tgz?{resigned_query}", data)
+        again = train_and_register(_params(url.replace(query, resigned_query), tiny_backbone))
         assert (again["status"], again["source"]["outcome"]) == ("nothing to do", "not modified")
-        # An expired signature: the error (the flow's state, the Prefect UI) names no secret.
+        # A signature the server refuses: the error (the flow's state, the Prefect UI) names
+        # no secret.
         with pytest.raises(DownloadError) as expired:
             train_and_register(_params(url.replace("f00dSECRET2", "deadSECRET5"), tiny_backbone))
     assert (first["model_version"], first["alias"]) == ("1", "champion")
@@ -350,12 +357,12 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     assert str(expired.value).startswith("HTTP 404 from http://***@")
     for secret in ("AKIDSECRET1", "f00dSECRET2", "hunter2SECRET3", "alice", "deadSECRET5"):
         assert secret not in recorded, secret
-    shown = (f"http://***@{host}/private/photos.tgz?X-Amz-Credential=***&X-Amz-Expires=3600&"
-             "X-Amz-Signature=***")
+    shown = (f"http://***@{host}/private/photos.tgz?X-Amz-Credential=***&X-Amz-Date={signed_at}"
+             "&X-Amz-Expires=3600&X-Amz-Signature=***")
     assert mv.tags["data_url"] == run.data.params["data_url"] == shown
     assert json.loads(mv.tags["params"])["data_url"] == shown
     assert f"- Source: `{shown}` (http)" in mv.description
-    resigned = {**first["source"], "url": url.replace("f00dSECRET2", "beefSECRET4")}
+    resigned = {**first["source"], "url": url.replace(query, resigned_query)}
     assert resource_id(url) == resource_id(resigned["url"])  # the watch's events: one source
     assert differs_from_champion(resigned, champion_info(MODEL)) == (
         False, f"source unchanged since the champion v1 ({first['source']['sha256'][:12]})")
