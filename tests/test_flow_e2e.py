@@ -255,9 +255,12 @@ def test_aliases_follow_the_quality_gate(workspace, tiny_backbone, prefect_harne
         best = run("good")
         assert (best["model_version"], best["alias"]) == ("2", "champion")
         assert best["previous_champion"] == "1"
+        # The same photos under other folder names: the reason says where they went.
         assert best["alias_reason"].startswith(
             "the class list changed from champion v1's (gone: other-blue, other-green, "
-            "other-red; new: blue, green, red); promoted on the gate alone ("), best["alias_reason"]
+            "other-red; new: blue, green, red; photos moved: other-blue -> blue (all 12 "
+            "photos), other-green -> green (all 12 photos), other-red -> red (all 12 photos)); "
+            "promoted on the gate alone ("), best["alias_reason"]
         gated = run("noise", min_accuracy=0.9, seed=7)
         assert (gated["model_version"], gated["alias"]) == ("3", "challenger")
         assert "below --min-accuracy" in gated["alias_reason"]
