@@ -1087,6 +1087,90 @@ def prune_extractions(datasets_dir: Path) -> list[tuple[str, int]]:
     return removed
 
 
+# --------------------------------------------------------------------------- sources not used
+
+UNUSED_SOURCE_DAYS = 45  # more than a month: a monthly schedule keeps its copy between runs
+
+
+def utc_at(epoch: float) -> str:
+    """``utc_now``'s form of the time ``epoch``."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(
+        timespec="seconds")
+
+
+def _days_old(stamp: Optional[str], now: float) -> Optional[float]:
+    """How many days before ``now`` the ISO time ``stamp`` (``utc_now``'s) lies; None when it
+    is missing or unreadable."""
+    import datetime
+
+    try:
+        then = datetime.datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return None
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=datetime.timezone.utc)
+    return (now - then.timestamp()) / 86400
+
+
+def forget_unused_sources(datasets_dir: Path, downloads_dir: Path,
+                          days: float = UNUSED_SOURCE_DAYS,
+                          now: Optional[float] = None) -> list[tuple[str, int]]:
+    """Let go of the sources no run has used for ``days``: a URL people stopped giving (a
+    dated archive each week, a dataset retired) kept its downloaded copy and its extraction
+    for ever, since only an archive replaced behind the same URL made one unused. A download
+    is used when a run (a training, or ``watch-data`` revalidating it) checked it; an
+    extraction record when a training extracted or reused it, or its URL's download was
+    checked. Unused records are removed (``prune_extractions`` then removes an extraction no
+    other source uses, never one a run holds), and unused download folders emptied but for
+    the lock a download waits on (a run waiting on it downloads anew). A source given again
+    later is downloaded and extracted again. Returns (download folder, bytes) of each copy
+    removed."""
+    now = time.time() if now is None else now
+
+    def unused(stamp: Optional[str]) -> bool:
+        age = _days_old(stamp, now)
+        return age is not None and age > days
+
+    def last_checked(folder: Path) -> Optional[str]:
+        # A copy never completed (a .part, no record): when one of its files last changed.
+        changed = [entry.stat().st_mtime for entry in folder.iterdir() if entry.name != ".lock"]
+        return (read_json(folder / SOURCE_RECORD).get("checked_at")
+                or (utc_at(max(changed)) if changed else None))
+
+    downloads_dir = Path(downloads_dir)
+    folders = [folder for folder in sorted(downloads_dir.iterdir())
+               if not folder.name.startswith(".") and folder.is_dir()] \
+        if downloads_dir.is_dir() else []
+    used, removed = set(), []  # the sources whose downloads are in use, the copies removed
+    for folder in folders:
+        url = read_json(folder / SOURCE_RECORD).get("url")
+        try:
+            with file_lock(folder / ".lock", wait=False) as free:
+                # (Under the lock: no run checks the copy meanwhile.)
+                if not free or not unused(last_checked(folder)):
+                    if url:  # checked lately, or being downloaded now
+                        used.add(source_identity(url))
+                    continue
+                entries = [entry for entry in folder.iterdir() if entry.name != ".lock"]
+                size = sum(tree_bytes(entry) if entry.is_dir() else entry.stat().st_size
+                           for entry in entries)
+                for entry in entries:
+                    (shutil.rmtree if entry.is_dir() else os.unlink)(entry)
+        except OSError as exc:  # housekeeping: never fails the run that does it
+            log("downloads: could not remove %s (%s)", folder, exc, level=30)
+            continue
+        if entries:
+            removed.append((folder.name, size))
+    records = Path(datasets_dir) / SOURCES
+    for path in sorted(records.glob("*.json")) if records.is_dir() else []:
+        record = read_json(path)
+        if unused(record.get("at")) and record.get("source") not in used:
+            path.unlink(missing_ok=True)
+    return removed
+
+
 # --------------------------------------------------------------------------- Prefect tasks
 
 

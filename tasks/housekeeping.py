@@ -1,7 +1,9 @@
-"""What a run leaves on disk that later runs do not need: dataset extractions no source uses
-any more (``download.prune_extractions``), their manifests (``dataset.prune_manifests``), the
-feature caches of data no manifest describes (``train.prune_feature_caches``) and the working
-folders of trainings whose run ended (``train.prune_attempts``: their models are in MLflow).
+"""What a run leaves on disk that later runs do not need: the downloads and extraction records
+of sources no run used for weeks (``download.forget_unused_sources``), dataset extractions no
+source uses any more (``download.prune_extractions``), their manifests
+(``dataset.prune_manifests``), the feature caches of data no manifest describes
+(``train.prune_feature_caches``) and the working folders of trainings whose run ended
+(``train.prune_attempts``: their models are in MLflow).
 Done by the training flow's last task; a run's own extraction is held until then
 (``download.extract_archive``'s ``holder``), and flow hooks let go of it and end the run's
 trainings when the run fails, crashes or is cancelled."""
@@ -14,7 +16,9 @@ from prefect import task
 
 from petalflow.tasks.common import log, petalflow_home
 from petalflow.tasks.dataset import described_shas, prune_manifests
-from petalflow.tasks.download import prune_extractions, release_extractions
+from petalflow.tasks.download import (
+    UNUSED_SOURCE_DAYS, forget_unused_sources, prune_extractions, release_extractions,
+)
 from petalflow.tasks.train import (
     FEATURE_BANKS, attempt_name, compact_feature_banks, end_attempts, prune_attempts,
     prune_feature_caches,
@@ -26,16 +30,18 @@ def prune_home(home: Path, keep_attempts: str = "") -> dict:
     training attempts whose runs ended but those called ``keep_attempts`` (this run's):
     returns the names removed per folder and the bytes freed."""
     home = Path(home)
+    downloads = forget_unused_sources(home / "datasets", home / "downloads")
     extractions = prune_extractions(home / "datasets")
     manifests, fingerprints = prune_manifests(home / "manifests")
     features = prune_feature_caches(home / "features", fingerprints)
     banks = compact_feature_banks(home / "features" / FEATURE_BANKS,
                                   described_shas(home / "manifests"))
     runs = prune_attempts(home / "runs", keep_attempts)
-    return {"datasets": [name for name, _ in extractions], "manifests": manifests,
+    return {"downloads": [name for name, _ in downloads],
+            "datasets": [name for name, _ in extractions], "manifests": manifests,
             "features": [name for name, _ in features], "runs": [name for name, _ in runs],
             "feature_bank_rows": sum(rows for _, rows, _ in banks),
-            "bytes": sum(size for _, size in extractions + features + runs)
+            "bytes": sum(size for _, size in downloads + extractions + features + runs)
             + sum(size for _, _, size in banks)}
 
 
@@ -59,13 +65,15 @@ def prune_home_task(home: str) -> dict:
 
     end_run(Path(home), str(flow_run.id))
     removed = prune_home(Path(home), attempt_name(flow_run.id))
-    names = [name[:12] for name in removed["datasets"] + removed["features"]] + [
+    names = [f"downloads/{name}" for name in removed["downloads"]] + [
+        name[:12] for name in removed["datasets"] + removed["features"]] + [
         f"runs/{name}" for name in removed["runs"]]
     if names or removed["feature_bank_rows"]:
-        log("removed %d dataset extraction(s) and %d feature cache(s) of data no source "
-            "uses any more, %d training folder(s) of ended runs and %d feature bank row(s) of "
-            "images no data holds now (%.1f MiB freed)%s",
-            len(removed["datasets"]), len(removed["features"]), len(removed["runs"]),
-            removed["feature_bank_rows"], removed["bytes"] / 2**20,
-            ": " + ", ".join(names) if names else "")
+        log("removed %d download(s) of sources no run used for %d days, %d dataset "
+            "extraction(s) and %d feature cache(s) of data no source uses any more, %d "
+            "training folder(s) of ended runs and %d feature bank row(s) of images no data "
+            "holds now (%.1f MiB freed)%s",
+            len(removed["downloads"]), UNUSED_SOURCE_DAYS, len(removed["datasets"]),
+            len(removed["features"]), len(removed["runs"]), removed["feature_bank_rows"],
+            removed["bytes"] / 2**20, ": " + ", ".join(names) if names else "")
     return removed

@@ -167,8 +167,71 @@ def test_prune_home_after_the_data_changed_behind_its_url(tmp_path):
     assert sorted(p.name for p in (home / "manifests").iterdir()) == ["m2"]
     assert sorted(p.name for p in (home / "features").iterdir()) == ["c2"]
     assert Path(infos[1]["manifest"]).is_file()
-    assert prune_home(home) == {"datasets": [], "manifests": 0, "features": [], "runs": [],
-                                "feature_bank_rows": 0, "bytes": 0}
+    assert prune_home(home) == {"downloads": [], "datasets": [], "manifests": 0, "features": [],
+                                "runs": [], "feature_bank_rows": 0, "bytes": 0}
+
+
+def test_sources_no_run_used_for_weeks_are_let_go(tmp_path):
+    """A deployment whose data_url moves to a dated archive each week (or a dataset retired)
+    kept every archive it ever downloaded and each one's extraction for ever: only an archive
+    replaced behind the same URL made one unused. The copies and extraction records of
+    sources no run used for UNUSED_SOURCE_DAYS go with the run's housekeeping; a source
+    watch-data still revalidates stays, as do one being downloaded and one just used; a
+    source given again is downloaded again."""
+    import json
+    import os
+    import time
+
+    from petalflow.tasks.common import file_lock
+    from petalflow.tasks.download import UNUSED_SOURCE_DAYS, download_archive, utc_at
+    from petalflow.tasks.housekeeping import prune_home
+    from tests.helpers import serve_directory
+
+    home = tmp_path / "home"
+    served = tmp_path / "served"
+    for week in (1, 2, 3, 4):
+        make_tgz(make_dataset(tmp_path / f"w{week}", per_class=2, seed=week),
+                 served / f"photos-w{week}.tgz")
+    old = utc_at(time.time() - (UNUSED_SOURCE_DAYS + 1) * 86400)
+
+    def age(path: Path, key: str) -> None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: old}))
+
+    with serve_directory(served) as base:
+        urls = [f"{base}/photos-w{week}.tgz" for week in (1, 2, 3, 4)]
+        copies = [download_archive(url, home / "downloads") for url in urls]
+        shas = [_sha(copy) for copy in copies]
+        for url, copy in zip(urls, copies):
+            extract_archive(copy, home / "datasets", source=url)
+        # Week 1: nobody since. Week 2: trained long ago, watch-data revalidates it each
+        # hour. Week 3: unused, but a download of it is under way. Week 4: this week's.
+        age(copies[0].parent / "source.json", "checked_at")
+        age(copies[2].parent / "source.json", "checked_at")
+        for record in (home / "datasets" / ".sources").glob("*.json"):
+            if json.loads(record.read_text())["source"] != urls[3]:
+                age(record, "at")
+        broken = home / "downloads" / "never-completed"  # a .part of a URL never given again
+        broken.mkdir()
+        (broken / "photos.tgz.part").write_bytes(b"x" * 100)
+        os.utime(broken / "photos.tgz.part", (time.time() - 50 * 86400,) * 2)
+        with file_lock(copies[2].parent / ".lock"):
+            removed = prune_home(home)
+        assert removed["downloads"] == sorted([copies[0].parent.name, "never-completed"])
+        assert removed["datasets"] == [shas[0]]
+        assert removed["bytes"] >= len((served / "photos-w1.tgz").read_bytes()) + 100
+        assert not copies[0].exists() and [p.name for p in copies[0].parent.iterdir()] == [
+            ".lock"]  # the lock a download may wait on stays
+        assert copies[1].is_file() and copies[2].is_file() and copies[3].is_file()
+        assert _extractions(home / "datasets") == sorted(shas[1:])
+        assert [p.name for p in broken.iterdir()] == [".lock"]
+        # Week 3's once its download is over; then nothing left to remove, and none said.
+        later = prune_home(home)
+        assert (later["downloads"], later["datasets"]) == ([copies[2].parent.name], [shas[2]])
+        assert prune_home(home)["downloads"] == []
+        # Given again: downloaded and extracted anew.
+        again = download_archive(urls[0], home / "downloads")
+        assert again == copies[0] and again.read_bytes() == (served / "photos-w1.tgz").read_bytes()
+        assert extract_archive(again, home / "datasets", source=urls[0]).is_dir()
 
 
 def test_only_the_prediction_records_used_last_are_kept(tmp_path):
