@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -500,9 +501,15 @@ def local_source(url: str) -> Optional[Path]:
 
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second (for the records petalflow writes)."""
+    return utc_at(time.time())
+
+
+def utc_at(epoch: float) -> str:
+    """``utc_now``'s form of the time ``epoch`` (epoch seconds)."""
     import datetime
 
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(
+        timespec="seconds")
 
 
 def read_json(path: Path) -> dict:

@@ -36,7 +36,7 @@ from prefect.tasks import exponential_backoff
 from petalflow.tasks.common import (
     CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
     scheme_hint, set_aside, sha256_file, source_url, tls_problem, tree_bytes, unread_folder,
-    utc_now, walk_files, where_relative, write_json,
+    utc_at, utc_now, walk_files, where_relative, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (
@@ -292,9 +292,10 @@ def signature_expiry(url: str) -> Optional[tuple[float, Optional[float]]]:
     from datetime import datetime, timezone
     from urllib.parse import parse_qsl, urlsplit
 
-    if urlsplit(url).scheme.lower() not in ("http", "https"):
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
         return None
-    query = {key.lower(): value for key, value in parse_qsl(urlsplit(url).query)}
+    query = {key.lower(): value for key, value in parse_qsl(parts.query)}
     try:
         for prefix in ("x-amz-", "x-goog-"):
             if query.get(prefix + "date") and query.get(prefix + "expires"):
@@ -311,11 +312,11 @@ def signature_expiry(url: str) -> Optional[tuple[float, Optional[float]]]:
     return None
 
 
-def expired_signature(url: str, now: Optional[float] = None) -> Optional[str]:
+def expired_signature(url: str) -> Optional[str]:
     """Why a presigned URL whose signature expired (``signature_expiry``) is refused, and what
-    to do; None for a URL still valid at ``now`` (default: now), or not presigned."""
+    to do; None for a URL still valid now, or not presigned."""
     found = signature_expiry(url)
-    now = time.time() if now is None else now
+    now = time.time()
     if found is None or found[0] > now:
         return None
     ends, valid = found
@@ -1092,14 +1093,6 @@ def prune_extractions(datasets_dir: Path) -> list[tuple[str, int]]:
 UNUSED_SOURCE_DAYS = 45  # more than a month: a monthly schedule keeps its copy between runs
 
 
-def utc_at(epoch: float) -> str:
-    """``utc_now``'s form of the time ``epoch``."""
-    import datetime
-
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).isoformat(
-        timespec="seconds")
-
-
 def _days_old(stamp: Optional[str], now: float) -> Optional[float]:
     """How many days before ``now`` the ISO time ``stamp`` (``utc_now``'s) lies; None when it
     is missing or unreadable."""
@@ -1115,8 +1108,7 @@ def _days_old(stamp: Optional[str], now: float) -> Optional[float]:
 
 
 def forget_unused_sources(datasets_dir: Path, downloads_dir: Path,
-                          days: float = UNUSED_SOURCE_DAYS,
-                          now: Optional[float] = None) -> list[tuple[str, int]]:
+                          days: float = UNUSED_SOURCE_DAYS) -> list[tuple[str, int]]:
     """Let go of the sources no run has used for ``days``: a URL people stopped giving (a
     dated archive each week, a dataset retired) kept its downloaded copy and its extraction
     for ever, since only an archive replaced behind the same URL made one unused. A download
@@ -1127,17 +1119,16 @@ def forget_unused_sources(datasets_dir: Path, downloads_dir: Path,
     the lock a download waits on (a run waiting on it downloads anew). A source given again
     later is downloaded and extracted again. Returns (download folder, bytes) of each copy
     removed."""
-    now = time.time() if now is None else now
+    now = time.time()
 
     def unused(stamp: Optional[str]) -> bool:
         age = _days_old(stamp, now)
         return age is not None and age > days
 
-    def last_checked(folder: Path) -> Optional[str]:
+    def last_checked(folder: Path, record: dict) -> Optional[str]:
         # A copy never completed (a .part, no record): when one of its files last changed.
         changed = [entry.stat().st_mtime for entry in folder.iterdir() if entry.name != ".lock"]
-        return (read_json(folder / SOURCE_RECORD).get("checked_at")
-                or (utc_at(max(changed)) if changed else None))
+        return record.get("checked_at") or (utc_at(max(changed)) if changed else None)
 
     downloads_dir = Path(downloads_dir)
     folders = [folder for folder in sorted(downloads_dir.iterdir())
@@ -1145,13 +1136,13 @@ def forget_unused_sources(datasets_dir: Path, downloads_dir: Path,
         if downloads_dir.is_dir() else []
     used, removed = set(), []  # the sources whose downloads are in use, the copies removed
     for folder in folders:
-        url = read_json(folder / SOURCE_RECORD).get("url")
         try:
             with file_lock(folder / ".lock", wait=False) as free:
                 # (Under the lock: no run checks the copy meanwhile.)
-                if not free or not unused(last_checked(folder)):
-                    if url:  # checked lately, or being downloaded now
-                        used.add(source_identity(url))
+                record = read_json(folder / SOURCE_RECORD)
+                if not free or not unused(last_checked(folder, record)):
+                    if record.get("url"):  # checked lately, or being downloaded now
+                        used.add(source_identity(record["url"]))
                     continue
                 entries = [entry for entry in folder.iterdir() if entry.name != ".lock"]
                 size = sum(tree_bytes(entry) if entry.is_dir() else entry.stat().st_size

@@ -554,7 +554,7 @@ def class_list_changed(champion: dict, classes: Sequence[str], allow_dropped: bo
     gone = _not_in(known, classes)
     kept = len(known) > len(gone)
     held = bool(gone) and kept and not allow_dropped
-    moved = {name: where for name, where in (moved or {}).items() if name in gone}
+    moved = moved or {}
     if gone:
         log("classes the champion (v%s) predicts are not in the data any more: %s%s; %s",
             version, _names(gone), f"; photos moved: {_moves(moved)}" if moved else "",

@@ -182,8 +182,8 @@ def test_sources_no_run_used_for_weeks_are_let_go(tmp_path):
     import os
     import time
 
-    from petalflow.tasks.common import file_lock
-    from petalflow.tasks.download import UNUSED_SOURCE_DAYS, download_archive, utc_at
+    from petalflow.tasks.common import file_lock, utc_at
+    from petalflow.tasks.download import UNUSED_SOURCE_DAYS, download_archive
     from petalflow.tasks.housekeeping import prune_home
     from tests.helpers import serve_directory
 
