@@ -37,21 +37,23 @@ def watch_data(params: TrainParams = TrainParams()):
     champion = champion_info_task(params.model_name)
     check = check_source_task(source, champion, str(home / "watch"))
     result = {**check, "data_url": params.data_url, "event_id": None}
-    if not check["changed"]:
-        message = f"unchanged: {check['reason']}"
-    elif check["announced_at"]:
-        message = (f"changed ({check['reason']}); already announced at {check['announced_at']}, "
-                   "not announced again")
-    elif check["settling"]:
-        message = f"changed ({check['reason']}); not announced yet: {check['settling']}"
-    else:
+    if check["changed"] and not check["announced_at"] and not check["settling"]:
         # Extracted as the training's first step extracts it (found in place there): an
         # archive the training could not open (damaged, cut short by an upload in progress,
         # password-protected) fails this run, announced to no training.
         extract_archive_task(archive, str(home / "datasets"), params.max_extract_bytes,
                              source_identity(params.data_url))
-        result["event_id"] = announce_change_task(params, source, check["reason"],
-                                                  str(home / "watch"))
+        # A watch run beside this one may have announced it meanwhile: then announced_at.
+        result.update(announce_change_task(params, source, check["reason"],
+                                           str(home / "watch")))
+    if not check["changed"]:
+        message = f"unchanged: {check['reason']}"
+    elif result["announced_at"]:
+        message = (f"changed ({check['reason']}); already announced at {result['announced_at']}, "
+                   "not announced again")
+    elif check["settling"]:
+        message = f"changed ({check['reason']}); not announced yet: {check['settling']}"
+    else:
         message = f"changed ({check['reason']}); emitted petalflow.dataset.changed"
     get_run_logger().info(message)
     return Completed(message=message, data=result)

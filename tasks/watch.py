@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from prefect import task
 
-from petalflow.tasks.common import read_json, redact_url, source_url, utc_now, write_json
+from petalflow.tasks.common import (
+    file_lock, read_json, redact_url, source_url, utc_now, write_json,
+)
 from petalflow.tasks.params import TrainParams
 
 EVENT = "petalflow.dataset.changed"
@@ -101,6 +103,23 @@ def remember_announcement(watch_dir: Path, source: dict, event_id: str) -> None:
                       "announced_at": utc_now()})
 
 
+def announce_once(watch_dir: Path, source: dict,
+                  emit: Callable[[], str]) -> tuple[Optional[str], Optional[str]]:
+    """Announce this source state once, also when watch runs overlap (a schedule's runs do
+    when a check takes longer than its interval; a worker runs several at once): under a lock
+    per source, a run that finds the state announced meanwhile emits nothing. Returns
+    (event id, None) when this run emitted, else (None, when it was announced)."""
+    path = _state_file(watch_dir, source["url"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path.with_suffix(".lock")):
+        announced = already_announced(watch_dir, source)
+        if announced:
+            return None, announced
+        event_id = emit()
+        remember_announcement(watch_dir, source, event_id)
+        return event_id, None
+
+
 def event_payload(params: TrainParams) -> dict:
     """The train flow's parameters for the triggered run: those that differ from the
     defaults, plus the data URL."""
@@ -136,7 +155,9 @@ def check_source_task(source: dict, champion: Optional[dict], watch_dir: str) ->
 
 
 @task(name="announce-change")
-def announce_change_task(params: TrainParams, source: dict, reason: str, watch_dir: str) -> str:
-    event_id = emit_dataset_changed(params, source, reason)
-    remember_announcement(Path(watch_dir), source, event_id)
-    return event_id
+def announce_change_task(params: TrainParams, source: dict, reason: str,
+                         watch_dir: str) -> dict:
+    """Thin wrapper: {"event_id", "announced_at"} (one of them None) for the watch flow."""
+    event_id, announced = announce_once(
+        Path(watch_dir), source, lambda: emit_dataset_changed(params, source, reason))
+    return {"event_id": event_id, "announced_at": announced}

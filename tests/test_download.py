@@ -1340,6 +1340,42 @@ def test_a_changed_folder_is_announced_once_nothing_in_it_changed_for_a_while(tm
     assert still_changing({"kind": "http", "last_change": now}, now) is None
 
 
+def test_watch_runs_that_overlap_announce_a_change_once(tmp_path):
+    """A schedule's watch runs overlap when a check takes longer than the interval (the
+    worker runs several at once): both found the change not announced yet, and both emitted
+    it, starting two trainings on the same data. The announcement is made under a lock per
+    source: the later run finds it announced and says when."""
+    import threading
+
+    from petalflow.tasks.watch import already_announced, announce_once
+
+    watch_dir = tmp_path / "watch"
+    source = {"kind": "http", "url": "http://example.org/photos.tgz", "sha256": "a" * 64}
+    assert already_announced(watch_dir, source) is None  # what both runs' checks found
+    emitted, results, both_in = [], [], threading.Barrier(2)
+
+    def emit():
+        emitted.append(threading.current_thread().name)
+        time.sleep(0.5)  # the event's round trip to the server
+        return f"event-{len(emitted)}"
+
+    def watch_run():
+        both_in.wait()
+        results.append(announce_once(watch_dir, source, emit))
+
+    runs = [threading.Thread(target=watch_run, name=f"run-{i}") for i in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(emitted) == 1, emitted
+    announced = already_announced(watch_dir, source)
+    assert sorted(results, key=str) == sorted([("event-1", None), (None, announced)], key=str)
+    # Other bytes behind the URL are a new state: announced again.
+    assert announce_once(watch_dir, {**source, "sha256": "b" * 64}, emit) == ("event-2", None)
+    assert len(list(watch_dir.glob("*.json"))) == 1  # one record per source
+
+
 def test_wrong_image_size_is_refused_naming_both(tiny_backbone, any_size_backbone, tmp_path):
     from petalflow.tasks.download import fetch_backbone_task
     from petalflow.tasks.errors import BackboneError
