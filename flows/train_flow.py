@@ -43,7 +43,7 @@ from petalflow.tasks.housekeeping import end_failed_run, prune_home_task
 from petalflow.tasks.params import TrainParams, expected_sha256, run_key, training_target
 from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, log_timings_task, register_model_task,
-    start_run_task, unchanged_since_champion_task,
+    start_run_task, training_turn, unchanged_since_champion_task,
 )
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
 from petalflow.tasks.timing import PhaseTimer
@@ -154,6 +154,18 @@ def train_and_register(params: TrainParams = TrainParams()):
     if split_note:
         logger.info(split_note)
     dataset = dataset_summary(data_info)
+    # One training of this model at a time: a run that finds another one training it waits
+    # (saying which), then checks below whether anything is new.
+    with training_turn(home, params.model_name, _run_label()) as waited:
+        if waited:
+            timer.add("queued", waited)
+        return _train(params, home, timer, data_info, dataset, source, candidates, backbones)
+
+
+def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, dataset: dict,
+           source: dict, candidates: list, backbones: dict):
+    """The rest of ``train_and_register``, in this model's training turn: "nothing to do", or
+    the MLflow run, the training step(s), evaluation and registration."""
     if not params.force:
         with timer.phase("tracking"):
             same = unchanged_since_champion_task(params, data_info)
@@ -250,6 +262,14 @@ def _finish(summary: dict, home: Path, evaluation_dir: Optional[str] = None):
     message = state_message(summary)
     get_run_logger().info(message)
     return Completed(message=message, data=summary)
+
+
+def _run_label() -> str:
+    """This flow run, as another run waiting for its training turn is told."""
+    from prefect.runtime import flow_run
+
+    return (f"flow run {flow_run.name!r} ({flow_run.id})" if flow_run.id
+            else f"process {os.getpid()}")
 
 
 def _attempt_name() -> str:

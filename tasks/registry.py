@@ -10,6 +10,7 @@ accuracy, otherwise it is tagged ``challenger``.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -25,8 +26,8 @@ from prefect import task
 
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
 from petalflow.tasks.common import (
-    ask_tracking_server, code_version, error_chain, local_store_db, pid_alive, redact_url,
-    tls_failure, tls_problem,
+    ask_tracking_server, code_version, error_chain, holder_lock, local_store_db, log, pid_alive,
+    redact_url, tls_failure, tls_problem, utc_now,
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
@@ -834,6 +835,35 @@ def register_model(
         "previous_champion": str(champion.version) if champion is not None else None,
         "previous_champion_accuracy": champion_acc,
     }
+
+
+def training_lock_path(home: Path, model_name: str) -> Path:
+    """The lock a training of ``model_name`` in this tracking store holds (``training_turn``),
+    under ``home``/locks: the model's name (made file-safe) and a hash of the store and name."""
+    key = hashlib.sha256(f"{tracking_uri()}\n{model_name}".encode()).hexdigest()[:12]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:60]
+    return Path(home) / "locks" / f"train-{safe}-{key}.lock"
+
+
+@contextmanager
+def training_turn(home: Path, model_name: str, holder: str):
+    """One training of a registered model at a time (per PETALFLOW_HOME and tracking store),
+    held from the check "anything new to train?" to the registration. Without it two runs on the
+    same data (the weekly schedule and a watch-data event, Run clicked twice) both trained, and
+    the later one ended as challenger ("the champion changed during this run"). A run that finds
+    another one training the model says which and waits for it, then makes that check itself:
+    on the same data it ends "nothing to do". A cancelled run's or a killed worker's turn ends
+    with its process. Yields the seconds waited."""
+    def waiting(other: str) -> None:
+        log("model %r: another training of it is running (%s); this run waits for it to end, "
+            "then checks again whether there is anything new to train", model_name, other)
+
+    with holder_lock(training_lock_path(home, model_name), f"{holder}, since {utc_now()}",
+                     waiting) as waited:
+        if waited:
+            log("model %r: the other training ended; this run waited %.1f s and goes on",
+                model_name, waited)
+        yield waited
 
 
 def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Optional[dict]:

@@ -2,7 +2,8 @@
 and the summary's ``timings``).
 
 Phases: start-up (process start to flow start, when the ``petalflow`` command started the run),
-backbone (fetch + load), download, scan (extract + scan/split), tracking (MLflow: the store opened,
+backbone (fetch + load), download, scan (extract + scan/split), queued (waiting while another run
+trained the same model; only when it did), tracking (MLflow: the store opened,
 and created with its schema on first use, unless the ``petalflow`` command did that during its
 start-up; the champion's check; the run started), training
 hand-off (starting the training step: a process on the gpu pool when deployed), features,
@@ -18,7 +19,7 @@ import time
 from typing import Iterator, Optional
 
 STARTED_ENV = "PETALFLOW_STARTED_AT"  # set by the CLI at process start (epoch seconds)
-PHASES = ("start-up", "backbone", "download", "scan", "tracking", "training hand-off", "features",
+PHASES = ("start-up", "backbone", "download", "scan", "queued", "tracking", "training hand-off", "features",
           "epochs", "export", "edge export", "evaluation", "registration")
 
 

@@ -391,6 +391,59 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     assert not (workspace / "mlruns").exists()
 
 
+
+def test_two_trainings_of_one_model_at_once_train_it_once(workspace, tiny_backbone):
+    """The README's command in two terminals at once (deployed: the weekly schedule and a
+    watch-data event, or Run clicked twice): both trained the same data, and the later one
+    ended as challenger. Now a run waits while another one trains the model, saying which,
+    then checks for itself: one trains, the other ends "nothing to do" on the champion the
+    first registered. To make them overlap, a run (this test) holds the model's turn while
+    both start."""
+    import time
+
+    from petalflow.tasks.common import holder_lock
+    from petalflow.tasks.registry import training_lock_path
+
+    _serve_dataset(workspace, make_dataset, "twice", per_class=12)
+    exe = Path(sys.executable).with_name("petalflow")
+    lock = training_lock_path(workspace / "home", MODEL)
+    procs, consoles = [], [workspace / "a.log", workspace / "b.log"]
+    with serve_directory(workspace / "served") as url, contextlib.ExitStack() as stack:
+        stack.enter_context(holder_lock(lock, "flow run 'the-first-one'", lambda _: None))
+        for name, console in zip("ab", consoles):
+            out = stack.enter_context(open(console, "w"))
+            procs.append(subprocess.Popen(
+                [str(exe), "train", "--data-url", f"{url}/twice.tgz", "--backbone",
+                 str(tiny_backbone), "--image-size", "32", "--epochs", "6", "--batch-size", "8",
+                 "--learning-rate", "0.05", "--val-fraction", "0.2", "--test-fraction", "0.2",
+                 "--min-accuracy", "0.8", "--summary-json", str(workspace / f"{name}.json")],
+                stdout=out, stderr=subprocess.STDOUT, text=True,
+                env={**os.environ, "PREFECT_API_URL": "", "COLUMNS": "400"}))
+        waiting = (f"model '{MODEL}': another training of it is running (flow run "
+                   "'the-first-one'); this run waits for it to end")
+        deadline = time.monotonic() + 400
+        while not all(waiting in " ".join(c.read_text().split()) for c in consoles):
+            assert all(p.poll() is None for p in procs), [c.read_text()[-3000:] for c in consoles]
+            assert time.monotonic() < deadline, [c.read_text()[-3000:] for c in consoles]
+            time.sleep(1)
+        # The turn is released: one of them trains, the other waits for it in turn.
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0, [c.read_text()[-3000:] for c in consoles]
+    summaries = [json.loads((workspace / f"{name}.json").read_text()) for name in "ab"]
+    [trained] = [s for s in summaries if s["status"] == "trained"]
+    [again] = [s for s in summaries if s["status"] == "nothing to do"]
+    assert trained["alias"] == "champion" and trained["model_version"] == "1"
+    assert again["model_version"] == "1" and again["alias"] == "champion"
+    assert again["alias_reason"] == "unchanged data and parameters; champion kept"
+    # Its wait has a number, and it waited for the training, not only for this test.
+    assert again["timings"]["queued"] > trained["timings"]["queued"] > 0
+    console = " ".join(consoles[summaries.index(again)].read_text().split())
+    assert "the other training ended; this run waited" in console
+    assert "nothing to do: champion v1 of" in console
+    assert len(_client().search_model_versions(f"name='{MODEL}'")) == 1
+    assert lock.read_text() == ""
+
+
 def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
     """`mlflow models serve -m models:/NAME@champion --env-manager local`, a real subprocess:
     MLflow's dataframe formats, and TensorFlow Serving's `instances`/`inputs` with binary data

@@ -342,3 +342,72 @@ def test_the_feature_bank_holds_what_current_data_needs_as_data_rolls(tmp_path):
     # Once nobody reads it, the next run's housekeeping compacts the busy bank too.
     assert prune_home(home)["feature_bank_rows"] == 16
     assert sorted(_bank_rows(banks / "busy")) == live[:2]
+
+
+def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_path,
+                                                                             monkeypatch):
+    """Two trainings of one model at once (the weekly schedule and a watch-data event, or Run
+    clicked twice) both trained, and the later one ended as challenger. The later one now
+    waits for the other's turn, told which run holds it; another model's training does not
+    wait; a killed holder's turn ends with its process."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from petalflow.tasks import registry
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    said: list = []
+    monkeypatch.setattr(registry, "log", lambda message, *args, **kw: said.append(message % args))
+    home = tmp_path / "home"
+    lock = registry.training_lock_path(home, "flowers/v2 ünï")
+    assert lock.parent == home / "locks" and lock.name.startswith("train-flowers_v2_")
+    assert registry.training_lock_path(home, "flowers/v2 ünï") == lock
+    assert registry.training_lock_path(home, "flowers/v2 uni") != lock
+
+    first_in, first_go, order = threading.Event(), threading.Event(), []
+
+    def first():
+        with registry.training_turn(home, "flowers/v2 ünï", "flow run 'first-run'") as waited:
+            order.append(("first", waited))
+            first_in.set()
+            first_go.wait(30)
+            order.append(("first ends", None))
+
+    worker = threading.Thread(target=first)
+    worker.start()
+    assert first_in.wait(30)
+    assert "flow run 'first-run', since " in lock.read_text()
+    # Another model trains at once.
+    with registry.training_turn(home, "cats", "flow run 'cats'") as waited:
+        assert waited == 0.0
+    threading.Timer(1.0, first_go.set).start()
+    with registry.training_turn(home, "flowers/v2 ünï", "flow run 'second-run'") as waited:
+        order.append(("second", waited))
+        assert "flow run 'second-run', since " in lock.read_text()
+    worker.join(30)
+    assert [o[0] for o in order] == ["first", "first ends", "second"]
+    assert order[0][1] == 0.0 and order[2][1] >= 0.5
+    assert len(said) == 2, said
+    assert said[0].startswith("model 'flowers/v2 ünï': another training of it is running "
+                              "(flow run 'first-run', since ")
+    assert "waits for it to end, then checks again whether there is anything new" in said[0]
+    assert said[1].startswith("model 'flowers/v2 ünï': the other training ended; this run "
+                              "waited ")
+    assert lock.read_text() == ""  # nobody holds it
+
+    # A holder killed mid-training (a cancelled run, a dead worker): the turn is free again.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('flow run killed'); f.flush(); "
+         "print('held', flush=True); time.sleep(600)", str(lock)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    said.clear()
+    threading.Timer(1.0, holder.kill).start()
+    began = time.monotonic()
+    with registry.training_turn(home, "flowers/v2 ünï", "flow run 'third'") as waited:
+        assert waited >= 0.5 and time.monotonic() - began < 30
+    holder.wait(30)
+    assert "(flow run killed)" in said[0]
