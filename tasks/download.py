@@ -6,8 +6,8 @@ with an HTTP Range request. Only network failures raise ``TransientError`` (the 
 those); a checksum mismatch or a 4xx answer fails at once.
 
 ``extract_archive`` unpacks a .tar/.tgz/.zip into a staging folder and renames it into place. It
-refuses absolute paths, ``..``, links, devices and archives larger than a limit, and never writes
-outside its staging folder.
+refuses absolute paths, ``..``, links, devices, archives larger than a limit and archives of more
+files than it allows (``max_entries``), and never writes outside its staging folder.
 """
 
 from __future__ import annotations
@@ -736,12 +736,41 @@ def _symbolic_link(name: str, target: str) -> LinksInArchive:
         "--dereference; zip without -y, --symlinks)")
 
 
-def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
+ENTRY_BYTES = 4096  # the least a file or folder takes on disk: one block
+MIN_ENTRIES = 10_000
+
+
+def max_entries(max_bytes: int) -> int:
+    """How many files and folders an extraction may create: one per 4 KiB of ``max_bytes`` (the
+    least each takes on disk), at least 10,000. The byte limit alone let an archive of millions
+    of empty files (a few MB compressed) through: it used up the disk's inodes, and the list of
+    its members the memory, before any byte counted."""
+    return max(MIN_ENTRIES, max_bytes // ENTRY_BYTES)
+
+
+def _too_many_entries(limit: int, max_bytes: int) -> ArchiveError:
+    return ArchiveError(
+        f"archive holds more than {limit:,} files and folders (one per 4 KiB of the "
+        f"{human_bytes(max_bytes)} extraction limit, the least each takes on disk); refusing "
+        "(raise --max-extract-size if this is expected)")
+
+
+def _tree_entries(root: Path) -> int:
+    """The files and folders under ``root``."""
+    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(root))
+
+def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0,
+                 entries: int = 0) -> None:
     """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
-    toward ``max_bytes``)."""
+    toward ``max_bytes``), ``entries``: files and folders (toward ``max_entries``)."""
+    limit = max_entries(max_bytes)
     try:
         with tarfile.open(archive, "r:*", tarinfo=_EndCheckedTarInfo) as tar:
-            members = tar.getmembers()
+            members = []
+            for member in tar:  # read one by one: a bomb of empty members stops at the limit
+                members.append(member)
+                if entries + len(members) > limit:
+                    raise _too_many_entries(limit, max_bytes)
             _check_tar_ended(archive, tar, members)
             total = already
             files: dict[str, int] = {}  # the regular files before each member: their sizes
@@ -832,11 +861,15 @@ def _check_zip_readable(name: str, members: list) -> None:
             "Deflate method)")
 
 
-def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0) -> None:
+def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0,
+                 entries: int = 0) -> None:
     """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
-    toward ``max_bytes``)."""
+    toward ``max_bytes``), ``entries``: files and folders (toward ``max_entries``)."""
+    limit = max_entries(max_bytes)
     try:
         with zipfile.ZipFile(archive) as zf:
+            if entries + len(zf.infolist()) > limit:
+                raise _too_many_entries(limit, max_bytes)
             members = [(info, zip_member_name(info)) for info in zf.infolist()]
             _check_zip_readable(archive.name, members)
             declared = already
@@ -906,6 +939,7 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
     if not inner:
         return
     used = tree_bytes(root) - sum(p.stat().st_size for p in inner)
+    entries = _tree_entries(root) - len(inner)
     for archive in inner:
         kind = _archive_kind(archive)
         low = archive.name.lower()
@@ -913,8 +947,10 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
         dest = archive.with_name(stem or "contents")
         while dest.exists():
             dest = dest.with_name(dest.name + "-contents")
-        (_extract_zip if kind == "zip" else _extract_tar)(archive, dest, max_bytes, used)
+        (_extract_zip if kind == "zip" else _extract_tar)(archive, dest, max_bytes, used,
+                                                          entries)
         used += tree_bytes(dest)
+        entries += _tree_entries(dest) + 1
         archive.unlink()
 
 

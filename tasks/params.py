@@ -352,8 +352,9 @@ class TrainParams(BaseModel):
     )
     max_extract_size: str = Field(
         "20 GiB", title="Extraction size limit",
-        description="Refuse archives whose members add up to more than this (zip bombs): a "
-        "size such as 20 GiB, 500 MB or 1.5 TiB, or a number of bytes.",
+        description="Refuse archives whose members add up to more than this (zip bombs), or "
+        "that hold more files and folders than one per 4 KiB of it: a size such as 20 GiB, "
+        "500 MB or 1.5 TiB, or a number of bytes.",
     )
 
     @field_validator("data_url")

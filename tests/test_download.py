@@ -435,6 +435,56 @@ def test_zip_traversal_and_bomb_refused(tmp_path):
     assert [p for p in (tmp_path / "datasets2").iterdir() if not p.name.endswith(".lock")] == []
 
 
+
+def test_an_archive_of_millions_of_empty_files_is_refused_by_their_count(tmp_path):
+    """The byte limit alone let an archive of empty files through (each counted 0 bytes): a
+    few MB of .tgz held millions of them, which used up the disk's inodes and, as a list of
+    members, the memory. Now an extraction creates at most one file or folder per 4 KiB of
+    the limit (at least 10,000), counted as the tar is read, across archives in the archive
+    too; nothing is left extracted."""
+    import io
+    import tarfile
+
+    from petalflow.tasks.download import max_entries
+
+    assert max_entries(20 * 1024**3) == 5_242_880 and max_entries(1_000_000) == 10_000
+
+    def empty_files(archive: Path, n: int, top: str = "photos") -> Path:
+        with tarfile.open(archive, "w:gz") as tar:
+            for i in range(n):
+                tar.addfile(tarfile.TarInfo(f"{top}/c{i % 3}/{i}.jpg"), io.BytesIO(b""))
+        return archive
+
+    many = empty_files(tmp_path / "many.tgz", 50_000)
+    assert many.stat().st_size < 400_000
+    message = (r"^archive holds more than 10,000 files and folders \(one per 4 KiB of the "
+               r"1000000 bytes \(976\.6 KiB\) extraction limit, the least each takes on "
+               r"disk\); refusing \(raise "
+               r"--max-extract-size if this is expected\)$")
+    with pytest.raises(ArchiveError, match=message):
+        extract_archive(many, tmp_path / "datasets", max_bytes=1_000_000)
+    left = [p for p in (tmp_path / "datasets").rglob("*") if not p.name.endswith(".lock")]
+    assert left == []
+    # The same in a zip, and in archives inside a zip (each under the limit, not together).
+    zipped = tmp_path / "many.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for i in range(10_001):
+            zf.writestr(f"photos/c{i % 3}/{i}.jpg", b"")
+    with pytest.raises(ArchiveError, match=message):
+        extract_archive(zipped, tmp_path / "datasets2", max_bytes=1_000_000)
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        for part in ("a", "b"):
+            zf.write(empty_files(tmp_path / f"{part}.tgz", 6_000, top=part), f"{part}.tgz")
+    with pytest.raises(ArchiveError, match=message):
+        extract_archive(outer, tmp_path / "datasets3", max_bytes=1_000_000)
+    left = [p for p in (tmp_path / "datasets3").rglob("*") if not p.name.endswith(".lock")]
+    assert left == []
+    # Under the limit, the same kind of archive extracts.
+    root = extract_archive(empty_files(tmp_path / "fine.tgz", 9_000), tmp_path / "datasets4",
+                           max_bytes=1_000_000)
+    assert sum(1 for _ in root.rglob("*.jpg")) == 9_000
+
 def test_truncated_and_non_archives_are_refused(tmp_path):
     src = make_dataset(tmp_path / "src", per_class=3)
     good = make_tgz(src, tmp_path / "good.tgz")
