@@ -450,33 +450,48 @@ def up(stack: Stack) -> None:
 
 
 def down(stack: Stack, timeout_s: float = 30) -> list[str]:
-    """Stop workers first, then the servers: SIGTERM to each process group, SIGKILL if needed."""
+    """Stop the workers (all at once), then the servers (MLflow, Prefect, PostgreSQL, one after
+    another): SIGTERM to each process group, SIGKILL to one still running ``timeout_s`` later.
+    The names stopped, a killed one with "(killed: ...)" after its name."""
     stopped = []
-    for name in [*_started_workers(stack), *reversed(SERVERS)]:
-        pidfile = stack.pids / f"{name}.pid"
-        if not pidfile.exists():
-            continue
-        pid = int(pidfile.read_text())
-        # Each service leads its own process group (servers fork workers): stop the group, and
-        # wait until no member is left, so the port is really free when this returns.
+    for names in (_started_workers(stack), *([name] for name in reversed(SERVERS))):
+        groups = {}
+        for name in names:
+            pidfile = stack.pids / f"{name}.pid"
+            if pidfile.exists():
+                groups[name] = int(pidfile.read_text())
+        killed = _stop_groups(groups, timeout_s)
+        for name in groups:
+            (stack.pids / f"{name}.pid").unlink(missing_ok=True)
+            stopped.append(f"{name} (killed: still running {timeout_s:g} s after SIGTERM)"
+                           if name in killed else name)
+    return stopped
+
+
+def _stop_groups(groups: dict[str, int], timeout_s: float) -> set[str]:
+    """SIGTERM to each process group (each service leads its own: servers fork workers), wait
+    until no member of any is left, so their ports are really free when this returns; SIGKILL
+    to those still running after ``timeout_s``, whose names are returned."""
+    def running(pid: int) -> bool:
+        return _alive(pid) or _group_alive(pid)
+
+    for pid in groups.values():
         try:
             os.killpg(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.time() + timeout_s
-        while (_alive(pid) or _group_alive(pid)) and time.time() < deadline:
-            time.sleep(0.2)
-        if _alive(pid) or _group_alive(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            while _group_alive(pid) and time.time() < deadline + 10:
-                time.sleep(0.2)
-        pidfile.unlink(missing_ok=True)
-        stopped.append(name)
-    return stopped
-
+    deadline = time.time() + timeout_s
+    while any(running(pid) for pid in groups.values()) and time.time() < deadline:
+        time.sleep(0.2)
+    killed = {name for name, pid in groups.items() if running(pid)}
+    for name in killed:
+        try:
+            os.killpg(groups[name], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while any(_group_alive(groups[name]) for name in killed) and time.time() < deadline + 10:
+        time.sleep(0.2)
+    return killed
 
 def status(stack: Stack) -> dict:
     """running/stopped per service: the servers, the workers this stack starts and any other

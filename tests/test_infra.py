@@ -301,3 +301,48 @@ def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path):
     create_sqlite_store(uri)
     create_sqlite_store("http://127.0.0.1:5000")
     assert db.stat().st_mtime_ns == before
+
+
+def test_stack_down_stops_the_workers_together_and_names_the_ones_it_killed(tmp_path):
+    """`petalflow stack down` stopped one service after another, waiting up to 30 s for each
+    to go, so two workers still finishing a run took a minute before the servers were even
+    asked. The workers are now asked together, then the servers in turn (MLflow, Prefect, so
+    nothing is left talking to a stopped server); one still running after the wait is killed
+    and its name says so."""
+    import subprocess
+    import sys
+
+    from petalflow.stack import Stack, _group_alive, down
+
+    st = Stack(stack_dir=tmp_path / "stack")
+    st.pids.mkdir(parents=True)
+    script = ("import signal, sys, time\n"
+              "def term(*_):\n"
+              "    with open(sys.argv[1], 'a') as fh:\n"
+              "        fh.write(f'{time.time()}\\n')\n"
+              "    if sys.argv[2] == 'quits':\n"
+              "        sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, term)\n"
+              "print('ready', flush=True)\n"
+              "while True:\n"
+              "    time.sleep(0.05)\n")
+    kinds = {"worker-cpu": "stubborn", "worker-gpu": "stubborn", "mlflow-server": "quits",
+             "prefect-server": "quits"}
+    pids = {}
+    for name, kind in kinds.items():
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / f"{name}.term"),
+                                 kind], start_new_session=True, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        (st.pids / f"{name}.pid").write_text(str(proc.pid))
+        pids[name] = proc.pid
+    assert down(st, timeout_s=2) == [
+        "worker-cpu (killed: still running 2 s after SIGTERM)",
+        "worker-gpu (killed: still running 2 s after SIGTERM)",
+        "mlflow-server", "prefect-server"]
+    assert not any(_group_alive(pid) for pid in pids.values())
+    assert not list(st.pids.glob("*.pid"))
+    asked = {name: float((tmp_path / f"{name}.term").read_text().split()[0]) for name in kinds}
+    assert abs(asked["worker-cpu"] - asked["worker-gpu"]) < 1.0, asked  # together, not 2 s apart
+    assert asked["mlflow-server"] >= max(asked["worker-cpu"], asked["worker-gpu"]) + 1.5, asked
+    assert asked["prefect-server"] >= asked["mlflow-server"], asked
+    assert down(st) == []  # nothing left to stop
