@@ -839,8 +839,12 @@ def register_model(
 
 def training_lock_path(home: Path, model_name: str) -> Path:
     """The lock a training of ``model_name`` in this tracking store holds (``training_turn``),
-    under ``home``/locks: the model's name (made file-safe) and a hash of the store and name."""
-    key = hashlib.sha256(f"{tracking_uri()}\n{model_name}".encode()).hexdigest()[:12]
+    under ``home``/locks: the model's name (made file-safe) and a hash of the store and name.
+    A SQLite store named by a relative path counts as its absolute one (the same database)."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    key = hashlib.sha256(f"{uri}\n{model_name}".encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:60]
     return Path(home) / "locks" / f"train-{safe}-{key}.lock"
 

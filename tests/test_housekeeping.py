@@ -365,6 +365,14 @@ def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_
     assert lock.parent == home / "locks" and lock.name.startswith("train-flowers_v2_")
     assert registry.training_lock_path(home, "flowers/v2 ünï") == lock
     assert registry.training_lock_path(home, "flowers/v2 uni") != lock
+    # One SQLite store, named relatively or absolutely, is one store.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow/mlflow.db")
+    relative = registry.training_lock_path(home, "cats")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    assert registry.training_lock_path(home, "cats") == relative
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert registry.training_lock_path(home, "cats") != relative
 
     first_in, first_go, order = threading.Event(), threading.Event(), []
 
