@@ -493,6 +493,7 @@ def _stop_groups(groups: dict[str, int], timeout_s: float) -> set[str]:
         time.sleep(0.2)
     return killed
 
+
 def status(stack: Stack) -> dict:
     """running/stopped per service: the servers, the workers this stack starts and any other
     worker it started earlier (``--gpu-workers``/``--cpu-workers`` at ``up``)."""

@@ -220,35 +220,25 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-
 @contextlib.contextmanager
 def holder_lock(path: Path, holder: str, on_wait: Callable[[str], None]) -> Iterator[float]:
     """``file_lock`` that says who holds it: while a process holds it, the file holds its
     ``holder`` text; a process that finds it held calls ``on_wait`` with that text, then waits
     for it. Yields the seconds it waited (0.0 when the lock was free). A killed holder's lock is
     released by the system; its text is overwritten by the next holder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    with contextlib.ExitStack() as held:
         waited = 0.0
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not held.enter_context(file_lock(path, wait=False)):
             began = time.perf_counter()
-            fh.seek(0)
-            on_wait(fh.read().strip() or "a process that has not said which yet")
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            on_wait(path.read_text().strip() or "a process that has not said which yet")
+            held.enter_context(file_lock(path))
             waited = time.perf_counter() - began
+        path.write_text(holder)
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(holder)
-            fh.flush()
             yield waited
         finally:
-            fh.seek(0)
-            fh.truncate()
-            fh.flush()
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            path.write_text("")
+
 
 REMOVING = ".removing-"  # the prefix of a folder ``set_aside`` for deletion
 

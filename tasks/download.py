@@ -759,6 +759,7 @@ def _tree_entries(root: Path) -> int:
     """The files and folders under ``root``."""
     return sum(len(dirs) + len(files) for _, dirs, files in os.walk(root))
 
+
 def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0,
                  entries: int = 0) -> None:
     """Extract ``archive`` into ``dest``; ``already``: bytes extracted before (they count
@@ -868,9 +869,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0,
     limit = max_entries(max_bytes)
     try:
         with zipfile.ZipFile(archive) as zf:
-            if entries + len(zf.infolist()) > limit:
+            infos = zf.infolist()
+            if entries + len(infos) > limit:
                 raise _too_many_entries(limit, max_bytes)
-            members = [(info, zip_member_name(info)) for info in zf.infolist()]
+            members = [(info, zip_member_name(info)) for info in infos]
             _check_zip_readable(archive.name, members)
             declared = already
             for info, name in members:

@@ -19,8 +19,8 @@ import time
 from typing import Iterator, Optional
 
 STARTED_ENV = "PETALFLOW_STARTED_AT"  # set by the CLI at process start (epoch seconds)
-PHASES = ("start-up", "backbone", "download", "scan", "queued", "tracking", "training hand-off", "features",
-          "epochs", "export", "edge export", "evaluation", "registration")
+PHASES = ("start-up", "backbone", "download", "scan", "queued", "tracking", "training hand-off",
+          "features", "epochs", "export", "edge export", "evaluation", "registration")
 
 
 def process_started_at() -> float:
