@@ -565,8 +565,9 @@ def test_browser_classifies_a_folder_from_the_batch_predict_form(stack, tmp_path
             written.unlink(missing_ok=True)
 
 
-def _stop_workers(st: Stack) -> None:
-    """Kill both workers and the flow processes they started, as a dead machine would."""
+def _freeze_workers(st: Stack) -> list[int]:
+    """Stop (SIGSTOP) both workers and the flow processes they started, all at once: nothing
+    they run moves on from here. Returns their pids for ``_kill``."""
     import os
     import signal
 
@@ -577,7 +578,20 @@ def _stop_workers(st: Stack) -> None:
         pidfile = st.pids / f"worker-{pool}.pid"
         victims += descendant_pids(int(pidfile.read_text()))
         pidfile.unlink()
-    for pid in victims:  # all at once, no chance to clean up: like pulling the plug
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    return victims
+
+
+def _kill(victims: list[int]) -> None:
+    """Kill them, no chance to clean up: like pulling the plug."""
+    import os
+    import signal
+
+    for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -594,20 +608,27 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
     gpu = _deployment(stack, "train-model", "train-gpu")
     with serve_directory(served) as url:
         # Not forced: a forced retrain starts fresh, this rerun must resume the killed attempt.
-        params = _tiny_params(f"{url}/z.tgz", archive, tiny_backbone, epochs=60,
+        params = _tiny_params(f"{url}/z.tgz", archive, tiny_backbone, epochs=150,
                               min_accuracy=0.0)
         parent_id = _started(_run_button(stack, train["id"], params))
+        attempts = f"*/run-{parent_id}"
         deadline = time.time() + 240
         child = None
-        while time.time() < deadline:  # wait until training has run a few epochs
+        while time.time() < deadline:  # wait until training has saved an epoch's checkpoint
             kids = [c for c in _children(stack, parent_id) if c["deployment_id"] == gpu["id"]]
             if kids and kids[0]["state"]["type"] == "RUNNING" and list(
-                    (stack.petalflow_home / "runs").glob(f"*/run-{parent_id}/checkpoints/ckpt-*")):
+                    (stack.petalflow_home / "runs").glob(f"{attempts}/checkpoints/checkpoint")):
                 child = kids[0]
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert child is not None, "training never started"
-        _stop_workers(stack)
+        # Frozen at once, then killed: a fast machine must not finish the epochs in between.
+        victims = _freeze_workers(stack)
+        ended = list((stack.petalflow_home / "runs").glob(f"{attempts}/train.json"))
+        _kill(victims)
+        assert not ended, "the training ended before the workers died: give it more epochs"
+        index = next((stack.petalflow_home / "runs").glob(f"{attempts}/checkpoints/checkpoint"))
+        last = re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', index.read_text(), re.M)
         crashed = {}
         deadline = time.time() + 180
         while time.time() < deadline and len(crashed) < 2:
@@ -626,7 +647,8 @@ def test_dead_worker_run_is_crashed_and_a_rerun_succeeds(stack, tmp_path, tiny_b
     record = next(p for p in (stack.petalflow_home / "runs").rglob("train.json")
                   if rerun in str(p))
     resumed = json.loads(record.read_text())
-    assert resumed["resumed_from_epoch"] >= 1 and resumed["seeded_from"]
+    assert resumed["seeded_from"], resumed  # from the killed attempt's checkpoints
+    assert resumed["resumed_from_epoch"] == int(last.group(1)) >= 1, resumed
 
 
 def test_a_run_left_pending_by_a_dead_worker_is_crashed(stack):
