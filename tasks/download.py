@@ -755,9 +755,14 @@ def _too_many_entries(limit: int, max_bytes: int) -> ArchiveError:
         "(raise --max-extract-size if this is expected)")
 
 
-def _tree_entries(root: Path) -> int:
-    """The files and folders under ``root``."""
-    return sum(len(dirs) + len(files) for _, dirs, files in os.walk(root))
+def _tree_size(root: Path) -> tuple[int, int]:
+    """The bytes of the files under ``root`` and the count of its files and folders, in one
+    walk."""
+    size = entries = 0
+    for dirpath, dirs, files in os.walk(root):
+        entries += len(dirs) + len(files)
+        size += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return size, entries
 
 
 def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0,
@@ -940,8 +945,9 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
     inner = _inner_archives(root)
     if not inner:
         return
-    used = tree_bytes(root) - sum(p.stat().st_size for p in inner)
-    entries = _tree_entries(root) - len(inner)
+    used, entries = _tree_size(root)
+    used -= sum(p.stat().st_size for p in inner)
+    entries -= len(inner)
     for archive in inner:
         kind = _archive_kind(archive)
         low = archive.name.lower()
@@ -951,8 +957,8 @@ def _open_inner_archives(root: Path, max_bytes: int) -> None:
             dest = dest.with_name(dest.name + "-contents")
         (_extract_zip if kind == "zip" else _extract_tar)(archive, dest, max_bytes, used,
                                                           entries)
-        used += tree_bytes(dest)
-        entries += _tree_entries(dest) + 1
+        size, count = _tree_size(dest)
+        used, entries = used + size, entries + count + 1
         archive.unlink()
 
 
