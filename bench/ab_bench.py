@@ -2,7 +2,8 @@
 with another checkout's (an earlier commit), alternating, so both see the same spell of a noisy
 machine. Each run is cold (fresh PETALFLOW_HOME and MLflow store, the archive over local HTTP),
 measured like ``run_bench.py`` (wall time, peak RSS of the process tree), with the train run's
-phase table, test accuracy and the ``--timing`` line of predict (first prediction).
+phase table, test accuracy and the ``--timing`` line of predict (first prediction, images/s
+after it).
 
     git worktree add ../petalflow-old <commit>
     .venv/bin/python bench/ab_bench.py --old ../petalflow-old --archive flower_photos_1500.tgz \
@@ -126,10 +127,12 @@ def _pair(cmd: list, url: str, sha: str, backbone: Path, work: Path, env: dict,
     predict = measure(cmd + ["predict", "--model", "models:/petalflow-classifier/1",
                              "--input", photos, "--output", str(work / "p.csv"), "--timing"],
                       work, env, work / "predict.log")
-    first = re.search(r"first prediction written ([\d.]+) s",
-                      (work / "predict.log").read_text())
+    log = (work / "predict.log").read_text()
+    first = re.search(r"first prediction written ([\d.]+) s", log)
+    after = re.search(r"timing: first prediction.*\(([\d.]+) images/s", log)
     row = {"train": train, "predict": predict,
            "first_prediction_s": float(first[1]) if first else None,
+           "images_per_s_after_first": float(after[1]) if after else None,
            "test_accuracy": summary["test_metrics"]["test_accuracy"],
            "timings": summary["timings"], "edge": summary.get("edge")}
     if retrain:
