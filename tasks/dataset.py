@@ -32,7 +32,8 @@ from petalflow.tasks.common import (
 from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 # Larger images are quarantined: decoding one would take gigabytes (the served model's limit).
-from petalflow.tasks.serving import MAX_PIXELS
+from petalflow.tasks.serving import (MAX_PIXELS, TAIL_BYTES, UNDECODABLE_ANIMATED_WEBP,
+                                     animated_webp, cut_short)
 
 
 class DatasetCounts(TypedDict):
@@ -864,7 +865,7 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
     good = {int(i) for batch in ds.as_numpy_iterator() for i in batch}
     reasons: list[Optional[str]] = [None] * len(paths)
     for idx in set(range(len(paths))) - good:
-        reasons[idx] = cut_short(paths[idx])
+        reasons[idx] = why_refused(paths[idx])
         if reasons[idx]:  # said without decoding it again (TensorFlow's log line, twice)
             continue
         try:
@@ -875,30 +876,24 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
     return reasons
 
 
-# (format, its signature, what its last bytes hold when whole): a file that begins as one of
-# these and does not end so was cut short.
-ENDINGS = (("JPEG", b"\xff\xd8\xff", b"\xff\xd9"), ("PNG", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"))
-
-
-def cut_short(path: str) -> Optional[str]:
-    """"undecodable image: JPEG cut short (...)" for a JPEG or PNG file that does not end as
-    one does (its end-of-image marker, its IEND chunk; trailing zeros and line ends
-    allowed): TensorFlow says only "Invalid JPEG data or crop window" of the commonest bad
-    image, a copy or download cut short. None otherwise (its decoder's message is the reason).
-    Asked only of files the decoder refused: a whole photo may carry data after its end (a
-    phone's motion photo, its video)."""
+def why_refused(path: str) -> Optional[str]:
+    """What a file the decoder refused shows of why, said without decoding it again
+    (TensorFlow's log line, twice): "undecodable image: JPEG cut short (...)" for a JPEG or PNG
+    that does not end as one does (TensorFlow says only "Invalid JPEG data or crop window" of
+    the commonest bad image, a copy or download cut short), "undecodable image: animated WebP
+    (...)" (TensorFlow: "WebP Animation must be 4 channel RGBA"); the served model's words
+    (``serving.cut_short``, ``serving.animated_webp``). None otherwise (its decoder's message is
+    the reason)."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            fh.seek(max(0, os.fstat(fh.fileno()).st_size - 64))
-            tail = fh.read().rstrip(b"\x00\r\n")
+            head = fh.read(32)
+            fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
+            tail = fh.read()
     except OSError:
         return None
-    for name, signature, ending in ENDINGS:
-        if head.startswith(signature) and not tail.endswith(ending):
-            return (f"undecodable image: {name} cut short (the file ends before its image "
-                    "data does: a copy or download that did not finish?)")
-    return None
+    if animated_webp(head):
+        return UNDECODABLE_ANIMATED_WEBP
+    return cut_short(head, tail)
 
 
 def _tf_message(exc: Exception) -> str:

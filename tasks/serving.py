@@ -232,16 +232,77 @@ def archive_format(data: bytes) -> Optional[str]:
     return next((name for magic, name in _ARCHIVE_MAGIC if head.startswith(magic)), None)
 
 
+# Why an image the decoder refused could not be read, when its bytes show it: said after
+# ERROR_UNDECODABLE (the kind a caller counts by stays its first words), as the training scan's
+# quarantine reasons say it. A bare ERROR_UNDECODABLE is left for an image damaged inside.
+# (format, its signature, what its last bytes hold when whole)
+_ENDINGS = (("JPEG", b"\xff\xd8\xff", b"\xff\xd9"),
+            ("PNG", b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"))
+TAIL_BYTES = 64  # of a file, read to tell whether it was cut short
+UNDECODABLE_CUT_SHORT = (ERROR_UNDECODABLE + ": {} cut short (the file ends before its image "
+                         "data does: a copy or download that did not finish?)")
+# TensorFlow 2.21 refuses an animated WebP 3 channels ("WebP Animation must be 4 channel
+# RGBA", which reads as if an RGBA file would do) and corrupts its heap decoding it with its
+# own (``decode_rgb``); an animated GIF is read as its first frame.
+UNDECODABLE_ANIMATED_WEBP = (ERROR_UNDECODABLE + ": animated WebP (the model reads still "
+                             "images; TensorFlow cannot decode an animated WebP): save one "
+                             "frame as a still WebP, PNG or JPEG first")
+UNDECODABLE_EMPTY_FILE = ERROR_UNDECODABLE + ": empty file (0 bytes)"
+UNDECODABLE_NOT_AN_IMAGE = (ERROR_UNDECODABLE + ": not an image (its first bytes are those of "
+                            "no format the model reads: JPEG, PNG, GIF, BMP or WebP)")
+
+
+def animated_webp(head: bytes) -> bool:
+    """Whether a file beginning with ``head`` (21 bytes or more) is an animated WebP: its
+    extended header (VP8X) has the animation flag."""
+    head = bytes(head[:21])
+    return (head.startswith(b"RIFF") and head[8:16] == b"WEBPVP8X" and len(head) == 21
+            and bool(head[20] & 0x02))
+
+
+def cut_short(head: bytes, tail: bytes) -> Optional[str]:
+    """UNDECODABLE_CUT_SHORT for a JPEG or PNG file beginning with ``head`` whose last bytes,
+    ``tail`` (its last TAIL_BYTES or more), do not end as such a file does (its end-of-image
+    marker, its IEND chunk; trailing zeros and line ends allowed): TensorFlow says only
+    "Invalid JPEG data or crop window" of the commonest bad image, a copy or download cut
+    short. None otherwise. Ask it only of a file the decoder refused: a whole photo may carry
+    data after its end (a phone's motion photo, its video)."""
+    tail = bytes(tail[-TAIL_BYTES:]).rstrip(b"\x00\r\n")
+    for name, signature, ending in _ENDINGS:
+        if bytes(head[:8]).startswith(signature) and not tail.endswith(ending):
+            return UNDECODABLE_CUT_SHORT.format(name)
+    return None
+
+
+def why_undecodable(data: bytes) -> Optional[str]:
+    """What the bytes of a file the decoder refused show of why (``ERROR_UNDECODABLE: ...``):
+    empty, not an image, an animated WebP, a JPEG or PNG cut short; None when they show
+    nothing (an image damaged inside). A format the model cannot decode, or an archive, is
+    named by ``unsupported_format`` and ``archive_format`` before this is asked."""
+    if not data:
+        return UNDECODABLE_EMPTY_FILE
+    if not decodable_start(data):
+        return UNDECODABLE_NOT_AN_IMAGE
+    if animated_webp(data):
+        return UNDECODABLE_ANIMATED_WEBP
+    return cut_short(data[:8], data[-TAIL_BYTES:])
+
+
 def _name_failures(frame: pd.DataFrame, raw: Sequence[Optional[bytes]]) -> pd.DataFrame:
     """``frame`` with each undecodable row of a known unsupported format, or of an archive,
-    saying which."""
+    saying which, and otherwise what its bytes show of why (``why_undecodable``); ``raw``
+    None: a row whose bytes are not at hand, left as it is."""
     for i in np.flatnonzero(frame["error"].to_numpy() == ERROR_UNDECODABLE):
+        if raw[i] is None:
+            continue
         fmt = unsupported_format(raw[i]) if raw[i] else None
         kind = archive_format(raw[i]) if raw[i] and not fmt else None
         if fmt:
             frame.loc[frame.index[i], "error"] = ERROR_UNSUPPORTED.format(fmt)
         elif kind:
             frame.loc[frame.index[i], "error"] = ERROR_ARCHIVE.format(kind)
+        else:
+            frame.loc[frame.index[i], "error"] = why_undecodable(raw[i]) or ERROR_UNDECODABLE
     return frame
 
 

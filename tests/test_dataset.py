@@ -91,16 +91,19 @@ def test_bad_files_are_quarantined_with_reasons_and_counted(tmp_path):
     assert _status(m, "red/notes.txt") == ("quarantined", "not an image file")
     assert _status(m, "red/.DS_Store") == ("quarantined", "hidden file")
     # A copy cut short, the commonest bad image, is called that (TensorFlow said "Invalid
-    # JPEG data or crop window"); other damage keeps the decoder's message (the animated WebP
-    # below).
+    # JPEG data or crop window"); other damage keeps the decoder's message (below).
     assert _status(m, "red/truncated.jpg") == (
         "quarantined", "undecodable image: JPEG cut short (the file ends before its image data "
         "does: a copy or download that did not finish?)")
     assert _status(m, "green/cut.png")[1].startswith("undecodable image: PNG cut short (")
     assert _status(m, "blue/scan.tiff")[1].startswith("unsupported image format TIFF")
-    # TensorFlow decodes still WebP images, not animated ones: its reason, without op names.
+    # TensorFlow decodes still WebP images, not animated ones, saying "WebP Animation must be
+    # 4 channel RGBA" (as if an RGBA file would do): the reason says what the file is, in the
+    # served model's words.
     assert _status(m, "blue/moving.webp") == (
-        "quarantined", "undecodable image: WebP Animation must be 4 channel RGBA")
+        "quarantined", "undecodable image: animated WebP (the model reads still images; "
+        "TensorFlow cannot decode an animated WebP): save one frame as a still WebP, PNG or "
+        "JPEG first")
     for used in ("green/png_named.jpg", "green/gif.jpg", "green/nested/deep.bmp",
                  "blue/cmyk.jpg", "blue/gray.jpg", "blue/deep16.png", "blue/pic.webp",
                  "green/motion.jpg", "blue/clear.webp", "blue/clear_ll.webp"):

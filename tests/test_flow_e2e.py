@@ -25,6 +25,9 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
+# What the served model says of bytes that are no image (the README's words).
+NOT_AN_IMAGE = ("undecodable image: not an image (its first bytes are those of no format the "
+                "model reads: JPEG, PNG, GIF, BMP or WebP)")
 
 
 def _params(url: str, archive: Path, backbone, **kw) -> TrainParams:
@@ -170,7 +173,7 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch, capsys):
                                    "prob_red"]
     assert table.loc[str(folder / "a.jpg"), "label"] == "red"
     assert table.loc[str(folder / "sub" / "b.png"), "label"] == "blue"
-    assert table.loc[str(folder / "broken.jpg"), "error"] == "undecodable image"
+    assert table.loc[str(folder / "broken.jpg"), "error"] == NOT_AN_IMAGE
 
 
 def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, tmp_path, monkeypatch):
@@ -473,7 +476,7 @@ def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
             assert resp.status_code == 200, resp.text
             rows = resp.json()["predictions"]
             assert [r["label"] for r in rows] == ["red", "blue", ""]
-            assert rows[2]["error"] == "undecodable image"
+            assert rows[2]["error"] == NOT_AN_IMAGE
             probs = [rows[0][f"prob_{c}"] for c in COLOURS]
             assert rows[0]["probability"] == pytest.approx(max(probs))
             assert abs(sum(rows[0][f"prob_{c}"] for c in COLOURS) - 1.0) < 1e-4
@@ -784,7 +787,7 @@ def test_a_bare_environment_built_from_the_models_requirements_serves_it(trained
             {"image": base64.b64encode(red.read_bytes()).decode()},
             {"image": base64.b64encode(b"not an image").decode()}]}).json()["predictions"]
         assert [r["label"] for r in rows] == ["red", ""]
-        assert rows[1]["error"] == "undecodable image"
+        assert rows[1]["error"] == NOT_AN_IMAGE
         assert set(rows[0]) == {"label", "probability", "error", "prob_blue", "prob_green",
                                 "prob_red"}
 

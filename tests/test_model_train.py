@@ -20,6 +20,16 @@ from petalflow.tasks.params import TrainParams
 from petalflow.tasks.train import RUN_ENDED, train_model
 from tests.helpers import COLOURS, make_dataset, write_image
 
+# What the served model says of a row it could not decode, by what the bytes show (the
+# README's words; its error kind, "undecodable image", first).
+NOT_AN_IMAGE = ("undecodable image: not an image (its first bytes are those of no format the "
+                "model reads: JPEG, PNG, GIF, BMP or WebP)")
+CUT_SHORT = ("undecodable image: {} cut short (the file ends before its image data does: a copy "
+             "or download that did not finish?)")
+ANIMATED_WEBP = ("undecodable image: animated WebP (the model reads still images; TensorFlow "
+                 "cannot decode an animated WebP): save one frame as a still WebP, PNG or JPEG "
+                 "first")
+
 
 @pytest.fixture(scope="module")
 def data_info(tmp_path_factory):
@@ -773,7 +783,7 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     assert got["blue gif"]["label"] == "blue"
     assert got["blue bmp"]["label"] == "blue"
     assert got["green webp"]["label"] == "green"
-    assert got["garbage"]["label"] == "" and got["garbage"]["error"] == "undecodable image"
+    assert got["garbage"]["label"] == "" and got["garbage"]["error"] == NOT_AN_IMAGE
     assert got["red png gray"]["error"] == ""  # grayscale converted, classified
     ok = frame[frame["error"] == ""]
     np.testing.assert_allclose(ok[["prob_blue", "prob_green", "prob_red"]].sum(axis=1), 1.0,
@@ -785,7 +795,7 @@ def test_exported_model_classifies_bytes_and_reports_bad_rows(exported):
     assert raw["label"].tolist() == ["red", "", "blue"]
     # A batch of nothing but bad rows still answers, row by row.
     bad = model.predict(pd.DataFrame({"image": ["@@not base64@@", _b64(b"nope")]}))
-    assert bad["error"].tolist() == [ERROR_NOT_BASE64, "undecodable image"]
+    assert bad["error"].tolist() == [ERROR_NOT_BASE64, NOT_AN_IMAGE]
     # TensorFlow Serving's {"b64": ...}: as a dict, its repr (what MLflow's server hands
     # over) or its JSON.
     wrapped = model.predict(pd.DataFrame({"image": [
@@ -934,7 +944,7 @@ def test_a_large_request_runs_in_bounded_calls_with_the_same_rows(exported, monk
     assert calls == [2, 2, 1]
     pd.testing.assert_frame_equal(chunked, whole)
     assert chunked.index.tolist() == [10, 11, 12, 13, 14]
-    assert chunked["error"].tolist() == ["", "", "undecodable image", "", ""]
+    assert chunked["error"].tolist() == ["", "", NOT_AN_IMAGE, "", ""]
     raw = [serving._b64decode(v) for v in values]
     pd.testing.assert_frame_equal(model.predict_bytes(raw), whole.reset_index(drop=True))
 
@@ -1268,7 +1278,7 @@ def test_a_prediction_job_takes_drift_features_from_its_classification_pass(
     got, want = pd.read_csv(tmp_path / "fused.csv"), pd.read_csv(tmp_path / "before.csv")
     assert list(got.columns) == list(want.columns)
     assert got["label"].fillna("").tolist() == want["label"].fillna("").tolist()
-    assert got["error"].fillna("").tolist()[5] == "undecodable image"
+    assert got["error"].fillna("").tolist()[5] == NOT_AN_IMAGE
     probs = [c for c in got.columns if c.startswith("prob")]
     np.testing.assert_allclose(got[probs].to_numpy(), want[probs].to_numpy(), atol=1e-6)
 
@@ -1917,7 +1927,7 @@ def test_a_link_to_a_missing_photo_is_a_row_saying_it_cannot_be_read(
     got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
     assert got["path"].tolist() == [f"{folder}/{n}.jpg" for n in "abc"]
     assert got["error"].tolist() == ["", "unreadable file: No such file or directory",
-                                     "undecodable image"]
+                                     "undecodable image: empty file (0 bytes)"]
 
 
 def test_a_prediction_job_on_a_folder_without_image_names_says_why_its_table_is_empty(
@@ -1960,7 +1970,7 @@ def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
                   "(not a path, not raw bytes)")
     got = model.predict(pd.DataFrame({"image": [path, encoded,
                                                 base64.b64encode(b"plain text").decode()]}))
-    assert got["error"].tolist() == [not_base64, "", "undecodable image"]
+    assert got["error"].tolist() == [not_base64, "", NOT_AN_IMAGE]
     assert got["label"].iloc[1] in data_info["classes"]
     raw = model.predict(pd.DataFrame({"image": [photo, encoded.encode()]}))
     assert raw["error"].tolist() == [not_base64, ""]
@@ -2036,7 +2046,7 @@ def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_
     def archive(fmt):
         return f"a {fmt} archive, not an image: extract it and classify the images it holds"
     expected = ["", unsupported("HEIC/HEIF"), unsupported("AVIF"), unsupported("TIFF"),
-                unsupported("MP4/QuickTime video"), "undecodable image", archive("zip"),
+                unsupported("MP4/QuickTime video"), CUT_SHORT.format("JPEG"), archive("zip"),
                 archive("tar"), archive("gzip (.tgz, .gz)"), archive("7-Zip")]
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
     got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
@@ -2085,7 +2095,7 @@ def test_a_large_file_that_is_no_image_is_not_read_into_memory(trained, tmp_path
     assert (result["images"], result["errors"]) == (5, 3)
     got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False).set_index("path")["error"]
     assert got.to_dict() == {
-        str(folder / "disk.img"): "undecodable image",
+        str(folder / "disk.img"): NOT_AN_IMAGE,
         str(folder / "holiday.mov"): ("unsupported image format MP4/QuickTime video (the model "
                                       "reads JPEG, PNG, GIF, BMP and WebP): convert the file "
                                       "first"),
@@ -2128,7 +2138,7 @@ def test_a_webp_with_a_transparent_background_is_classified(trained, data_info, 
     got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
                                                 for b in encoded.values()]}))
     assert got["error"].tolist()[:3] == ["", "", ""]
-    assert got["error"].tolist()[3] == "undecodable image"
+    assert got["error"].tolist()[3] == ANIMATED_WEBP
     assert got["label"].tolist()[1] == got["label"].tolist()[0]  # lossless: the same pixels
     assert got["probability"].tolist()[1] == pytest.approx(got["probability"].tolist()[0])
     folder = tmp_path / "in"
@@ -2140,3 +2150,63 @@ def test_a_webp_with_a_transparent_background_is_classified(trained, data_info, 
                                    drift=True)
     assert (result["images"], result["errors"]) == (4, 1)
     assert result["drift"]["available"] and result["drift"]["images"] == 3
+    got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False).set_index("path")["error"]
+    assert got[str(folder / "moving.webp")] == ANIMATED_WEBP
+
+
+def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_info, tmp_path,
+                                                               monkeypatch):
+    """Every image the decoder refused answered "undecodable image", whether it was an empty
+    file, a text file named .jpg, a copy cut short or an animated WebP (TensorFlow's own words
+    for that one, "WebP Animation must be 4 channel RGBA", read as if an RGBA file would do):
+    the user could not tell which to fix how. The row now says what its bytes show, after
+    "undecodable image" (the error's kind, first), as the training scan says it; an image
+    damaged inside, which its bytes do not explain, keeps the bare words. Over the pyfunc
+    model, raw bytes and `petalflow predict`'s files alike."""
+    import base64
+
+    from petalflow.tasks import predict
+    from petalflow.tasks.dataset import split_files
+
+    photo = Path(split_files(data_info, "test")[0][0]).read_bytes()
+    png = io.BytesIO()
+    Image.open(io.BytesIO(photo)).save(png, "PNG")
+    sos = photo.index(b"\xff\xda")
+    frames = io.BytesIO()
+    still = Image.open(io.BytesIO(photo)).convert("RGB")
+    still.save(frames, "WEBP", save_all=True, append_images=[still.rotate(90)])
+    files = {
+        "photo.jpg": photo,
+        # a phone's motion photo: the JPEG whole, then its video; classified
+        "motion.jpg": photo + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4,
+        "empty.jpg": b"",
+        "notes.jpg": b"this is not an image\n",
+        "cut.jpg": photo[: len(photo) * 2 // 3],
+        "cut.png": png.getvalue()[:-300],
+        "padded_cut.jpg": photo[: len(photo) // 2] + bytes(100),  # zeros after: still cut
+        "moving.webp": frames.getvalue(),
+        # its header damaged (no image data after it), its end marker there: nothing its
+        # bytes tell
+        "damaged.jpg": photo[: sos - 10] + b"\xff\xd9",
+    }
+    expected = ["", "", "undecodable image: empty file (0 bytes)", NOT_AN_IMAGE,
+                CUT_SHORT.format("JPEG"), CUT_SHORT.format("PNG"), CUT_SHORT.format("JPEG"),
+                ANIMATED_WEBP, "undecodable image"]
+    model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
+    raw = model.get_raw_model()
+    assert raw.predict_bytes(list(files.values()))["error"].tolist() == expected
+    features = raw.predict_with_features(list(files.values()))[0]
+    assert features["error"].tolist() == expected
+    # base64 rows: an empty one is a missing cell, as before
+    got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
+                                                for b in files.values()]}))
+    assert got["error"].tolist() == expected[:2] + ["empty: no image in this row"] + expected[3:]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
+    result = predict.predict_files("m", [folder / n for n in files], tmp_path / "out.csv")
+    assert (result["images"], result["errors"]) == (9, 7)
+    got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
+    assert got["error"].tolist() == expected
