@@ -2012,7 +2012,6 @@ def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_
     image" (which now means a damaged file of a readable format)."""
     import base64
 
-    from petalflow.tasks import predict
     from petalflow.tasks.dataset import split_files
 
     tiff = io.BytesIO()
@@ -2052,15 +2051,22 @@ def test_the_model_names_an_image_format_it_cannot_read(trained, data_info, tmp_
     got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
                                                 for b in files.values()]}))
     assert got["error"].tolist() == expected
+    assert _errors_of_files(model, files, tmp_path, monkeypatch) == ((10, 9), expected)
+
+
+def _errors_of_files(model, files: dict, tmp_path, monkeypatch) -> tuple:
+    """``files`` (name -> bytes) written into a folder and classified by ``model`` as
+    `petalflow predict` does: ((images, errors) of its result, each row's error, in order)."""
+    from petalflow.tasks import predict
+
     folder = tmp_path / "in"
     folder.mkdir()
     for name, data in files.items():
         (folder / name).write_bytes(data)
     monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
     result = predict.predict_files("m", [folder / n for n in files], tmp_path / "out.csv")
-    assert (result["images"], result["errors"]) == (10, 9)
     got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
-    assert got["error"].tolist() == expected
+    return (result["images"], result["errors"]), got["error"].tolist()
 
 
 def test_a_large_file_that_is_no_image_is_not_read_into_memory(trained, tmp_path, monkeypatch):
@@ -2165,7 +2171,6 @@ def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_in
     model, raw bytes and `petalflow predict`'s files alike."""
     import base64
 
-    from petalflow.tasks import predict
     from petalflow.tasks.dataset import split_files
 
     photo = Path(split_files(data_info, "test")[0][0]).read_bytes()
@@ -2201,12 +2206,4 @@ def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_in
     got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
                                                 for b in files.values()]}))
     assert got["error"].tolist() == expected[:2] + ["empty: no image in this row"] + expected[3:]
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name, data in files.items():
-        (folder / name).write_bytes(data)
-    monkeypatch.setattr(predict, "load_model", lambda uri: (model, uri))
-    result = predict.predict_files("m", [folder / n for n in files], tmp_path / "out.csv")
-    assert (result["images"], result["errors"]) == (9, 7)
-    got = pd.read_csv(tmp_path / "out.csv", keep_default_na=False)
-    assert got["error"].tolist() == expected
+    assert _errors_of_files(model, files, tmp_path, monkeypatch) == ((9, 7), expected)
