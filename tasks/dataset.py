@@ -33,7 +33,7 @@ from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 # Larger images are quarantined: decoding one would take gigabytes (the served model's limit).
 from petalflow.tasks.serving import (MAX_PIXELS, TAIL_BYTES, UNDECODABLE_ANIMATED_WEBP,
-                                     animated_webp, cut_short)
+                                     animated_webp, cut_short, unsupported_format, web_page)
 
 
 class DatasetCounts(TypedDict):
@@ -799,8 +799,7 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
             orientation = _exif_orientation(im) if fmt == "JPEG" else 1
     except UnidentifiedImageError:
         if path.suffix.lower() in IMAGE_SUFFIXES:  # named as an image: a format PIL cannot read
-            return (f"unsupported image format ({path.suffix} file; supported: "
-                    f"{', '.join(SUPPORTED_FORMATS)})"), 0, 0, 1
+            return _named_as_an_image(path), 0, 0, 1
         return "not an image file", 0, 0, 1
     except Exception as exc:  # noqa: BLE001 - any header failure means unusable
         return f"unreadable image header: {exc}", 0, 0, 1
@@ -822,6 +821,26 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
         return ("1-bit (black and white) BMP: TensorFlow's decoder reads 24/32-bit and 8-bit "
                 "grey BMPs; save it as a PNG or a 24-bit BMP"), 0, 0, 1
     return None, width, height, orientation
+
+
+def _named_as_an_image(path: Path) -> str:
+    """The reason of a file named as an image that PIL cannot read: its format by its first
+    bytes, as the served model names it (an iPhone's HEIC, even renamed .jpg: HEIC/HEIF), a web
+    page saved under a photo's name (a download that got an error page), else an unsupported
+    format named by the file's suffix."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+    except OSError:
+        head = b""
+    fmt = unsupported_format(head)
+    if fmt:
+        return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})"
+    if web_page(head):
+        return (f"not an image file: a web page (HTML) named {path.suffix}, a download that got "
+                "an error or sign-in page instead?")
+    return (f"unsupported image format ({path.suffix} file; supported: "
+            f"{', '.join(SUPPORTED_FORMATS)})")
 
 
 def _exif_orientation(im) -> int:

@@ -43,6 +43,8 @@ from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive,
     TransientError, WebPageNotArchive, is_transient_status,
 )
+from petalflow.tasks.serving import web_page
+
 
 def _archive_name(url: str) -> str:
     name = Path(unquote(urlparse(url).path)).name
@@ -562,8 +564,7 @@ def _not_an_archive(name: str, head: bytes, path: Optional[Path] = None) -> Arch
     bytes tell: most often a web page where the archive was expected (a sign-in, a download
     confirmation or an error page served with status 200), or the listing of a folder on a
     file server (read from ``path``)."""
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text:
+    if web_page(head):
         folders = None
         if path is not None:
             with open(path, "rb") as fh:

@@ -248,6 +248,10 @@ UNDECODABLE_ANIMATED_WEBP = (ERROR_UNDECODABLE + ": animated WebP (the model rea
                              "images; TensorFlow cannot decode an animated WebP): save one "
                              "frame as a still WebP, PNG or JPEG first")
 UNDECODABLE_EMPTY_FILE = ERROR_UNDECODABLE + ": empty file (0 bytes)"
+# A download that got an error or sign-in page instead of the photo, saved under the photo's
+# name: common in photos fetched from a list of URLs (a scraper, wget -i).
+UNDECODABLE_WEB_PAGE = (ERROR_UNDECODABLE + ": a web page (HTML), not an image: a download "
+                        "that got an error or sign-in page instead?")
 UNDECODABLE_NOT_AN_IMAGE = (ERROR_UNDECODABLE + ": not an image (its first bytes are those of "
                             "no format the model reads: JPEG, PNG, GIF, BMP or WebP)")
 
@@ -258,6 +262,13 @@ def animated_webp(head: bytes) -> bool:
     head = bytes(head[:21])
     return (head.startswith(b"RIFF") and head[8:16] == b"WEBPVP8X" and len(head) == 21
             and bool(head[20] & 0x02))
+
+
+def web_page(head: bytes) -> bool:
+    """Whether a file beginning with ``head`` (its first kilobyte, say) is an HTML page: it
+    starts (after a byte-order mark and white space) as one does, or has an ``<html`` tag."""
+    text = bytes(head).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text
 
 
 def cut_short(head: bytes, tail: bytes) -> Optional[str]:
@@ -276,11 +287,13 @@ def cut_short(head: bytes, tail: bytes) -> Optional[str]:
 
 def why_undecodable(data: bytes) -> Optional[str]:
     """What the bytes of a file the decoder refused show of why (``ERROR_UNDECODABLE: ...``):
-    empty, not an image, an animated WebP, a JPEG or PNG cut short; None when they show
+    empty, a web page, not an image, an animated WebP, a JPEG or PNG cut short; None when they show
     nothing (an image damaged inside). A format the model cannot decode, or an archive, is
     named by ``unsupported_format`` and ``archive_format`` before this is asked."""
     if not data:
         return UNDECODABLE_EMPTY_FILE
+    if web_page(data):
+        return UNDECODABLE_WEB_PAGE
     if not decodable_start(data):
         return UNDECODABLE_NOT_AN_IMAGE
     if animated_webp(data):

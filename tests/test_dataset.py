@@ -384,24 +384,52 @@ def test_every_class_too_small_to_split_is_named_at_once(tmp_path):
 
 def test_a_class_of_photos_in_a_format_pil_cannot_read_says_why_it_is_unusable(tmp_path):
     """iPhone photos (HEIC): each quarantined as an unsupported image format (not "not an image
-    file"), and the class's error says what happened to its files."""
+    file"), named by its bytes as the served model names it (HEIC/HEIF, also when renamed
+    .jpg; it was "(.HEIC file ...)", and a renamed one "(.jpg file ...)"), and the class's
+    error says what happened to its files."""
     root = make_dataset(tmp_path / "d", per_class=5)
     (root / "iphone").mkdir()
     for i in range(4):
-        (root / "iphone" / f"IMG_{i}.HEIC").write_bytes(
+        (root / "iphone" / f"IMG_{i}.{'jpg' if i == 3 else 'HEIC'}").write_bytes(
             b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(100 + i))
     (root / "iphone" / "notes.txt").write_text("from my phone")
     m = scan_dataset(root)
-    assert _status(m, "iphone/IMG_0.HEIC") == (
-        "quarantined", "unsupported image format (.HEIC file; supported: JPEG, PNG, GIF, BMP, "
-                       "WEBP)")
+    heic = "unsupported image format HEIC/HEIF (supported: JPEG, PNG, GIF, BMP, WEBP)"
+    assert _status(m, "iphone/IMG_0.HEIC") == _status(m, "iphone/IMG_3.jpg") == (
+        "quarantined", heic)
     assert _status(m, "iphone/notes.txt") == ("quarantined", "not an image file")
     with pytest.raises(DatasetError) as exc:
         split_dataset(m, 0.2, 0.2, 0)
     assert ("class 'iphone' has 0 distinct usable images; at least 3 are needed to split it "
             "into train/val/test (val_fraction=0.2, test_fraction=0.2). 5 of its files were "
-            "quarantined, 4 of them: unsupported image format (.HEIC file; supported: JPEG, "
-            "PNG, GIF, BMP, WEBP). Add images or remove the class folder.") == str(exc.value)
+            f"quarantined, 4 of them: {heic}. Add images or remove the class folder."
+            ) == str(exc.value)
+
+
+def test_a_web_page_saved_under_a_photos_name_is_called_that(tmp_path):
+    """Photos fetched from a list of URLs (a scraper, wget -i) include the error or sign-in
+    pages some URLs answered, saved under the photo's name: each was quarantined as an
+    "unsupported image format (.jpg file ...)", which sends the user looking for a converter.
+    It is called a web page, its kind "not an image file"; a file named as an image that is
+    neither a page nor a format the served model names keeps the words by its suffix."""
+    from petalflow.tasks.dataset import count_by_kind
+
+    root = make_dataset(tmp_path / "d", per_class=4)
+    (root / "red" / "0042.jpg").write_bytes(
+        b"\xef\xbb\xbf\n<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>")
+    (root / "red" / "0043.png").write_bytes(b"<HTML><BODY>Please sign in</BODY></HTML>")
+    (root / "blue" / "odd.jpg").write_bytes(b"\x00\x01 some format nobody knows" * 4)
+    m = scan_dataset(root)
+    page = ("quarantined", "not an image file: a web page (HTML) named {}, a download that got "
+                           "an error or sign-in page instead?")
+    assert _status(m, "red/0042.jpg") == (page[0], page[1].format(".jpg"))
+    assert _status(m, "red/0043.png") == (page[0], page[1].format(".png"))
+    assert _status(m, "blue/odd.jpg") == (
+        "quarantined", "unsupported image format (.jpg file; supported: JPEG, PNG, GIF, BMP, "
+                       "WEBP)")
+    reasons = dict(zip(m["path"], m["reason"]))
+    assert count_by_kind({k: v for k, v in reasons.items() if v}) == {
+        "not an image file": 2, "unsupported image format": 1}
 
 
 def test_empty_class_folder_is_ignored_and_reported(tmp_path):

@@ -2163,7 +2163,8 @@ def test_a_webp_with_a_transparent_background_is_classified(trained, data_info, 
 def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_info, tmp_path,
                                                                monkeypatch):
     """Every image the decoder refused answered "undecodable image", whether it was an empty
-    file, a text file named .jpg, a copy cut short or an animated WebP (TensorFlow's own words
+    file, a text file named .jpg, an error page saved as a photo, a copy cut short or an
+    animated WebP (TensorFlow's own words
     for that one, "WebP Animation must be 4 channel RGBA", read as if an RGBA file would do):
     the user could not tell which to fix how. The row now says what its bytes show, after
     "undecodable image" (the error's kind, first), as the training scan says it; an image
@@ -2186,6 +2187,8 @@ def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_in
         "motion.jpg": photo + b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4,
         "empty.jpg": b"",
         "notes.jpg": b"this is not an image\n",
+        # a download that got an error page, saved under the photo's name
+        "page.jpg": b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head></html>",
         "cut.jpg": photo[: len(photo) * 2 // 3],
         "cut.png": png.getvalue()[:-300],
         "padded_cut.jpg": photo[: len(photo) // 2] + bytes(100),  # zeros after: still cut
@@ -2195,7 +2198,8 @@ def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_in
         "damaged.jpg": photo[: sos - 10] + b"\xff\xd9",
     }
     expected = ["", "", "undecodable image: empty file (0 bytes)", NOT_AN_IMAGE,
-                CUT_SHORT.format("JPEG"), CUT_SHORT.format("PNG"), CUT_SHORT.format("JPEG"),
+                "undecodable image: a web page (HTML), not an image: a download that got an "
+                "error or sign-in page instead?", CUT_SHORT.format("JPEG"), CUT_SHORT.format("PNG"), CUT_SHORT.format("JPEG"),
                 ANIMATED_WEBP, "undecodable image"]
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
     raw = model.get_raw_model()
@@ -2206,4 +2210,4 @@ def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_in
     got = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode()
                                                 for b in files.values()]}))
     assert got["error"].tolist() == expected[:2] + ["empty: no image in this row"] + expected[3:]
-    assert _errors_of_files(model, files, tmp_path, monkeypatch) == ((9, 7), expected)
+    assert _errors_of_files(model, files, tmp_path, monkeypatch) == ((10, 8), expected)
