@@ -33,7 +33,8 @@ from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 # Larger images are quarantined: decoding one would take gigabytes (the served model's limit).
 from petalflow.tasks.serving import (MAX_PIXELS, TAIL_BYTES, UNDECODABLE_ANIMATED_WEBP,
-                                     animated_webp, cut_short, unsupported_format, web_page)
+                                     animated_webp, cut_short, text_start, unsupported_format,
+                                     web_page)
 
 
 class DatasetCounts(TypedDict):
@@ -826,8 +827,8 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
 def _named_as_an_image(path: Path) -> str:
     """The reason of a file named as an image that PIL cannot read: its format by its first
     bytes, as the served model names it (an iPhone's HEIC, even renamed .jpg: HEIC/HEIF), a web
-    page saved under a photo's name (a download that got an error page), else an unsupported
-    format named by the file's suffix."""
+    page saved under a photo's name (a download that got an error page), text, else an
+    unsupported format named by the file's suffix."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(1024)
@@ -839,6 +840,9 @@ def _named_as_an_image(path: Path) -> str:
     if web_page(head):
         return (f"not an image file: a web page (HTML) named {path.suffix}, a download that got "
                 "an error or sign-in page instead?")
+    begins = text_start(head)
+    if begins is not None:
+        return f"not an image file: text named {path.suffix} (it begins {begins!r})"
     return (f"unsupported image format ({path.suffix} file; supported: "
             f"{', '.join(SUPPORTED_FORMATS)})")
 

@@ -43,7 +43,7 @@ from petalflow.tasks.errors import (
     ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive,
     TransientError, WebPageNotArchive, is_transient_status,
 )
-from petalflow.tasks.serving import web_page
+from petalflow.tasks.serving import text_start, web_page
 
 
 def _archive_name(url: str) -> str:
@@ -585,7 +585,7 @@ def _not_an_archive(name: str, head: bytes, path: Optional[Path] = None) -> Arch
     for magic, kind, todo in NOT_ARCHIVES:
         if head.startswith(magic):
             return ArchiveError(f"{name} is {kind}, not a tar or zip archive: {todo}")
-    begins = _text_start(head)
+    begins = text_start(head)
     if begins is not None:
         return ArchiveError(
             f"{name} is a text file (it begins {begins!r}), not a tar or zip archive: the URL "
@@ -593,22 +593,6 @@ def _not_an_archive(name: str, head: bytes, path: Optional[Path] = None) -> Arch
             f"folders: {REPACK}")
     return ArchiveError(
         f"{name} is neither a tar (.tar/.tgz/.tar.gz/.tar.bz2/.tar.xz) nor a zip archive")
-
-
-def _text_start(head: bytes) -> Optional[str]:
-    """The first line (at most 40 characters) of ``head`` when it reads as text: UTF-8 with
-    no control characters but line breaks and tabs; else None."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        try:  # a multi-byte character cut by the end of ``head``
-            text = head[:-3].decode("utf-8") if len(head) > 3 else ""
-        except UnicodeDecodeError:
-            return None
-    text = text.lstrip("\ufeff")
-    if not text.strip() or any(c < " " and c not in "\t\r\n" for c in text):
-        return None
-    return text.strip().splitlines()[0][:40]
 
 
 def _archive_kind(path: Path) -> str:

@@ -271,6 +271,22 @@ def web_page(head: bytes) -> bool:
     return text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text
 
 
+def text_start(head: bytes) -> Optional[str]:
+    """The first line (at most 40 characters) of ``head`` when it reads as text: UTF-8 with
+    no control characters but line breaks and tabs; else None."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        try:  # a multi-byte character cut by the end of ``head``
+            text = head[:-3].decode("utf-8") if len(head) > 3 else ""
+        except UnicodeDecodeError:
+            return None
+    text = text.lstrip("\ufeff")
+    if not text.strip() or any(c < " " and c not in "\t\r\n" for c in text):
+        return None
+    return text.strip().splitlines()[0][:40]
+
+
 def cut_short(head: bytes, tail: bytes) -> Optional[str]:
     """UNDECODABLE_CUT_SHORT for a JPEG or PNG file beginning with ``head`` whose last bytes,
     ``tail`` (its last TAIL_BYTES or more), do not end as such a file does (its end-of-image

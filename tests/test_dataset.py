@@ -410,8 +410,9 @@ def test_a_web_page_saved_under_a_photos_name_is_called_that(tmp_path):
     """Photos fetched from a list of URLs (a scraper, wget -i) include the error or sign-in
     pages some URLs answered, saved under the photo's name: each was quarantined as an
     "unsupported image format (.jpg file ...)", which sends the user looking for a converter.
-    It is called a web page, its kind "not an image file"; a file named as an image that is
-    neither a page nor a format the served model names keeps the words by its suffix."""
+    It is called a web page, and a text file named as a photo text, their kind "not an image
+    file"; a file named as an image that is none of these nor a format the served model names
+    keeps the words by its suffix."""
     from petalflow.tasks.dataset import count_by_kind
 
     root = make_dataset(tmp_path / "d", per_class=4)
@@ -419,6 +420,7 @@ def test_a_web_page_saved_under_a_photos_name_is_called_that(tmp_path):
         b"\xef\xbb\xbf\n<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>")
     (root / "red" / "0043.png").write_bytes(b"<HTML><BODY>Please sign in</BODY></HTML>")
     (root / "blue" / "odd.jpg").write_bytes(b"\x00\x01 some format nobody knows" * 4)
+    (root / "blue" / "caption.jpg").write_text("A blue sky, taken in 2019\nby me")
     m = scan_dataset(root)
     page = ("quarantined", "not an image file: a web page (HTML) named {}, a download that got "
                            "an error or sign-in page instead?")
@@ -427,9 +429,12 @@ def test_a_web_page_saved_under_a_photos_name_is_called_that(tmp_path):
     assert _status(m, "blue/odd.jpg") == (
         "quarantined", "unsupported image format (.jpg file; supported: JPEG, PNG, GIF, BMP, "
                        "WEBP)")
+    assert _status(m, "blue/caption.jpg") == (
+        "quarantined", "not an image file: text named .jpg (it begins 'A blue sky, taken in "
+                       "2019')")
     reasons = dict(zip(m["path"], m["reason"]))
     assert count_by_kind({k: v for k, v in reasons.items() if v}) == {
-        "not an image file": 2, "unsupported image format": 1}
+        "not an image file": 3, "unsupported image format": 1}
 
 
 def test_empty_class_folder_is_ignored_and_reported(tmp_path):
