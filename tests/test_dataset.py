@@ -422,16 +422,14 @@ def test_a_web_page_saved_under_a_photos_name_is_called_that(tmp_path):
     (root / "blue" / "odd.jpg").write_bytes(b"\x00\x01 some format nobody knows" * 4)
     (root / "blue" / "caption.jpg").write_text("A blue sky, taken in 2019\nby me")
     m = scan_dataset(root)
-    page = ("quarantined", "not an image file: a web page (HTML) named {}, a download that got "
-                           "an error or sign-in page instead?")
-    assert _status(m, "red/0042.jpg") == (page[0], page[1].format(".jpg"))
-    assert _status(m, "red/0043.png") == (page[0], page[1].format(".png"))
-    assert _status(m, "blue/odd.jpg") == (
-        "quarantined", "unsupported image format (.jpg file; supported: JPEG, PNG, GIF, BMP, "
-                       "WEBP)")
-    assert _status(m, "blue/caption.jpg") == (
-        "quarantined", "not an image file: text named .jpg (it begins 'A blue sky, taken in "
-                       "2019')")
+    page = ("not an image file: a web page (HTML) named {}, a download that got an error or "
+            "sign-in page instead?")
+    names = ("red/0042.jpg", "red/0043.png", "blue/odd.jpg", "blue/caption.jpg")
+    assert {name: _status(m, name) for name in names} == {name: ("quarantined", reason) for
+                                                          name, reason in zip(names, (
+        page.format(".jpg"), page.format(".png"),
+        "unsupported image format (.jpg file; supported: JPEG, PNG, GIF, BMP, WEBP)",
+        "not an image file: text named .jpg (it begins 'A blue sky, taken in 2019')"))}
     reasons = dict(zip(m["path"], m["reason"]))
     assert count_by_kind({k: v for k, v in reasons.items() if v}) == {
         "not an image file": 3, "unsupported image format": 1}
