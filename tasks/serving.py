@@ -267,7 +267,7 @@ def animated_webp(head: bytes) -> bool:
 def web_page(head: bytes) -> bool:
     """Whether a file beginning with ``head`` (its first kilobyte, say) is an HTML page: it
     starts (after a byte-order mark and white space) as one does, or has an ``<html`` tag."""
-    text = bytes(head).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    text = bytes(head[:1024]).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     return text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text
 
 
@@ -303,15 +303,13 @@ def cut_short(head: bytes, tail: bytes) -> Optional[str]:
 
 def why_undecodable(data: bytes) -> Optional[str]:
     """What the bytes of a file the decoder refused show of why (``ERROR_UNDECODABLE: ...``):
-    empty, a web page, not an image, an animated WebP, a JPEG or PNG cut short; None when they show
-    nothing (an image damaged inside). A format the model cannot decode, or an archive, is
-    named by ``unsupported_format`` and ``archive_format`` before this is asked."""
+    empty, a web page, not an image, an animated WebP, a JPEG or PNG cut short; None when
+    they show nothing (an image damaged inside). A format the model cannot decode, or an
+    archive, is named by ``unsupported_format`` and ``archive_format`` before this is asked."""
     if not data:
         return UNDECODABLE_EMPTY_FILE
-    if web_page(data):
-        return UNDECODABLE_WEB_PAGE
-    if not decodable_start(data):
-        return UNDECODABLE_NOT_AN_IMAGE
+    if not decodable_start(data):  # (an image's own bytes may hold "<html": it stays one)
+        return UNDECODABLE_WEB_PAGE if web_page(data) else UNDECODABLE_NOT_AN_IMAGE
     if animated_webp(data):
         return UNDECODABLE_ANIMATED_WEBP
     return cut_short(data[:8], data[-TAIL_BYTES:])

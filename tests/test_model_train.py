@@ -2199,8 +2199,9 @@ def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_in
     }
     expected = ["", "", "undecodable image: empty file (0 bytes)", NOT_AN_IMAGE,
                 "undecodable image: a web page (HTML), not an image: a download that got an "
-                "error or sign-in page instead?", CUT_SHORT.format("JPEG"), CUT_SHORT.format("PNG"), CUT_SHORT.format("JPEG"),
-                ANIMATED_WEBP, "undecodable image"]
+                "error or sign-in page instead?", CUT_SHORT.format("JPEG"),
+                CUT_SHORT.format("PNG"), CUT_SHORT.format("JPEG"), ANIMATED_WEBP,
+                "undecodable image"]
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
     raw = model.get_raw_model()
     assert raw.predict_bytes(list(files.values()))["error"].tolist() == expected
