@@ -32,9 +32,8 @@ from petalflow.tasks.common import (
 from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 # Larger images are quarantined: decoding one would take gigabytes (the served model's limit).
-from petalflow.tasks.serving import (MAX_PIXELS, TAIL_BYTES, UNDECODABLE_ANIMATED_WEBP,
-                                     animated_webp, cut_short, text_start, unsupported_format,
-                                     web_page)
+from petalflow.tasks.serving import (MAX_PIXELS, TAIL_BYTES, text_start, unsupported_format,
+                                     web_page, why_undecodable)
 
 
 class DatasetCounts(TypedDict):
@@ -116,6 +115,9 @@ MIN_PER_SPLIT = 1
 COPY_OF = "copy of "  # the reason of a file in a nested copy of the class folders (scan_dataset)
 SAME_IMAGE = "same image found under labels "  # the reason of bytes found in two classes
 NOT_A_PHOTO = "not a photo: "  # the reason of a file kept beside photos (companion_file)
+# The reason of a file in a format the scan names (by PIL, or by its bytes as the served model
+# names it) that TensorFlow cannot decode.
+UNSUPPORTED_FORMAT = f"unsupported image format {{}} (supported: {', '.join(SUPPORTED_FORMATS)})"
 
 
 def reason_kind(reason: str) -> str:
@@ -807,8 +809,7 @@ def _header_check(path: Path) -> tuple[Optional[str], int, int, int]:
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     if fmt not in SUPPORTED_FORMATS:
-        return (f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})",
-                0, 0, 1)
+        return UNSUPPORTED_FORMAT.format(fmt), 0, 0, 1
     if width * height > MAX_PIXELS:
         return (f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})", width, height,
                 orientation)
@@ -836,7 +837,7 @@ def _named_as_an_image(path: Path) -> str:
         head = b""
     fmt = unsupported_format(head)
     if fmt:
-        return f"unsupported image format {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})"
+        return UNSUPPORTED_FORMAT.format(fmt)
     if web_page(head):
         return (f"not an image file: a web page (HTML) named {path.suffix}, a download that got "
                 "an error or sign-in page instead?")
@@ -901,22 +902,19 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
 
 def why_refused(path: str) -> Optional[str]:
     """What a file the decoder refused shows of why, said without decoding it again
-    (TensorFlow's log line, twice): "undecodable image: JPEG cut short (...)" for a JPEG or PNG
-    that does not end as one does (TensorFlow says only "Invalid JPEG data or crop window" of
-    the commonest bad image, a copy or download cut short), "undecodable image: animated WebP
-    (...)" (TensorFlow: "WebP Animation must be 4 channel RGBA"); the served model's words
-    (``serving.cut_short``, ``serving.animated_webp``). None otherwise (its decoder's message is
-    the reason)."""
+    (TensorFlow's log line, twice), in the served model's words (``serving.why_undecodable``):
+    "undecodable image: JPEG cut short (...)" for a JPEG or PNG that does not end as one does
+    (TensorFlow says only "Invalid JPEG data or crop window" of the commonest bad image, a
+    copy or download cut short), "undecodable image: animated WebP (...)" (TensorFlow: "WebP
+    Animation must be 4 channel RGBA"). None otherwise (its decoder's message is the reason)."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(32)
+            head = fh.read(1024)
             fh.seek(max(0, os.fstat(fh.fileno()).st_size - TAIL_BYTES))
             tail = fh.read()
     except OSError:
         return None
-    if animated_webp(head):
-        return UNDECODABLE_ANIMATED_WEBP
-    return cut_short(head, tail)
+    return why_undecodable(head, tail)
 
 
 def _tf_message(exc: Exception) -> str:

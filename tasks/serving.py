@@ -301,18 +301,20 @@ def cut_short(head: bytes, tail: bytes) -> Optional[str]:
     return None
 
 
-def why_undecodable(data: bytes) -> Optional[str]:
+def why_undecodable(head: bytes, tail: bytes) -> Optional[str]:
     """What the bytes of a file the decoder refused show of why (``ERROR_UNDECODABLE: ...``):
     empty, a web page, not an image, an animated WebP, a JPEG or PNG cut short; None when
-    they show nothing (an image damaged inside). A format the model cannot decode, or an
-    archive, is named by ``unsupported_format`` and ``archive_format`` before this is asked."""
-    if not data:
+    they show nothing (an image damaged inside). ``head``: its first bytes (a kilobyte, or
+    all of them), ``tail``: its last TAIL_BYTES (or all of them). A format the model cannot
+    decode, or an archive, is named by ``unsupported_format`` and ``archive_format`` before
+    this is asked."""
+    if not head:
         return UNDECODABLE_EMPTY_FILE
-    if not decodable_start(data):  # (an image's own bytes may hold "<html": it stays one)
-        return UNDECODABLE_WEB_PAGE if web_page(data) else UNDECODABLE_NOT_AN_IMAGE
-    if animated_webp(data):
+    if not decodable_start(head):  # (an image's own bytes may hold "<html": it stays one)
+        return UNDECODABLE_WEB_PAGE if web_page(head) else UNDECODABLE_NOT_AN_IMAGE
+    if animated_webp(head):
         return UNDECODABLE_ANIMATED_WEBP
-    return cut_short(data[:8], data[-TAIL_BYTES:])
+    return cut_short(head, tail)
 
 
 def _name_failures(frame: pd.DataFrame, raw: Sequence[Optional[bytes]]) -> pd.DataFrame:
@@ -320,16 +322,17 @@ def _name_failures(frame: pd.DataFrame, raw: Sequence[Optional[bytes]]) -> pd.Da
     saying which, and otherwise what its bytes show of why (``why_undecodable``); ``raw``
     None: a row whose bytes are not at hand, left as it is."""
     for i in np.flatnonzero(frame["error"].to_numpy() == ERROR_UNDECODABLE):
-        if raw[i] is None:
+        data = raw[i]
+        if data is None:
             continue
-        fmt = unsupported_format(raw[i]) if raw[i] else None
-        kind = archive_format(raw[i]) if raw[i] and not fmt else None
+        fmt = unsupported_format(data)
+        kind = None if fmt else archive_format(data)
         if fmt:
             frame.loc[frame.index[i], "error"] = ERROR_UNSUPPORTED.format(fmt)
         elif kind:
             frame.loc[frame.index[i], "error"] = ERROR_ARCHIVE.format(kind)
         else:
-            frame.loc[frame.index[i], "error"] = why_undecodable(raw[i]) or ERROR_UNDECODABLE
+            frame.loc[frame.index[i], "error"] = why_undecodable(data, data) or ERROR_UNDECODABLE
     return frame
 
 
