@@ -64,10 +64,19 @@ RESOLUTION_SPREAD = 1.0
 # drift statistics of big lossless images).
 STATS_PIXELS = 1_000_000
 ERROR_UNDECODABLE = "undecodable image"
-# A row of the pyfunc input that is not base64 at all: most often a file path or the file's raw
-# bytes, which read as "undecodable image" before.
+# A row of the pyfunc input that is not base64 at all: most often a file path, which read as
+# "undecodable image" before. (From Python, a file's bytes as they are are taken too: no image
+# file is base64 text, so they cannot be mistaken for it.)
 ERROR_NOT_BASE64 = ("not base64: the 'image' column takes each image file's bytes "
-                    "base64-encoded (not a path, not raw bytes)")
+                    "base64-encoded (from Python, the bytes as they are also do), not a path")
+# A cell holding an image already decoded (a numpy array of pixels, a PIL image), which Python
+# callers pass: the model decodes files itself (EXIF orientation included), and an array does
+# not say its channel order (OpenCV's is BGR) or value range. One row, saying so; a 64x64x3
+# array was taken for a list of 64 rows before.
+ERROR_PIXELS = ("decoded pixels ({}), not an image file: the 'image' column takes each image "
+                "file's bytes, base64-encoded; encode the pixels as a PNG first")
+ERROR_PIL_IMAGE = ("a PIL image ({}), not an image file: the 'image' column takes each image "
+                   "file's bytes, base64-encoded; save it as a PNG or JPEG first")
 # TensorFlow Serving's REST convention for binary data, {"b64": "<base64>"}, as a client
 # written for it sends each image (`{"instances": [{"image": {"b64": ...}}]}`): MLflow hands
 # such a cell over as the dict's repr (in-process callers, as the dict).
@@ -522,28 +531,25 @@ class ImageClassifier:
                 raise ValueError("input needs a column 'image' with base64-encoded image files")
             values = model_input["image"].tolist()
             index = model_input.index
-            if values and all(isinstance(v, (list, tuple, np.ndarray)) for v in values):
+            if values and all(_image_list(v) for v in values):
                 # {"image": [b64, …]} from Python (REST's "inputs" format): MLflow's schema
                 # enforcement hands it over as one row holding the list; a row per image.
-                values, index = [x for v in values for x in np.atleast_1d(
-                    np.asarray(v, dtype=object))], None
+                values, index = [x for v in values for x in v], None
         elif isinstance(model_input, dict) and "image" in model_input:
             values, index = list(np.atleast_1d(model_input["image"])), None
         else:
             values, index = list(np.atleast_1d(model_input)), None
         if not values:
             return pd.DataFrame({c: [] for c in self.columns})
-        if all(isinstance(v, (bytes, bytearray)) for v in values):
-            # pyfunc schema enforcement may hand bytes over for a string column: still base64.
-            values = [bytes(v).decode("ascii", "replace") for v in values]
-        values = ["" if v is None or (isinstance(v, float) and v != v) else _unwrapped(v)
-                  for v in values]  # None and NaN: a missing cell
+        cells = [_cell(v) for v in values]
+        values = [text for text, _ in cells]
         if (params or {}).get("output", "predictions") == "drift":
             raw = [_b64decode(v) for v in values]
             return pd.DataFrame([self.drift([r for r in raw if r is not None])])
         sent = list(values)
         headers = [_b64_header(v) if v else None for v in values]
         refused = _refuse_before_decoding(sent, headers, "@")
+        refused.update({i: reason for i, (_, reason) in enumerate(cells) if reason})
         frame = self._in_calls(
             sent, lambda rows: self._serve_b64(image=tf.constant(rows, tf.string)))
         # (refused rows keep their reason: their whole base64 is not decoded to name it)
@@ -828,6 +834,40 @@ def _load_pyfunc(data_path: str) -> ImageClassifier:
     """MLflow pyfunc loader hook: ``data_path`` is the model's SavedModel folder."""
     import_tensorflow_without_keras()
     return ImageClassifier(data_path)
+
+
+def _image_list(value) -> bool:
+    """Whether a cell holds a list of images (one row per image), not one image's pixels."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.dtype.kind in "OUS"
+    return isinstance(value, (list, tuple)) and all(
+        v is None or isinstance(v, (str, bytes, bytearray, dict, float)) for v in value)
+
+
+def _cell(value) -> tuple[str, Optional[str]]:
+    """(the base64 text a cell holds for the serving signature, "" for a missing one; the
+    reason it holds no image file, or None). An image file's own bytes are taken as they are
+    (base64 handed over as bytes, as schema enforcement may, stays base64)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "", None  # None and NaN: a missing cell
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        text = data.decode("ascii", "replace")
+        if data.isascii() and (text.lstrip().startswith("{")
+                               or _b64decode(text.strip(), 1 << 10) is not None):
+            return _unwrapped(text), None
+        return base64.b64encode(data).decode("ascii"), None
+    if isinstance(value, (np.ndarray, list, tuple)):
+        try:
+            pixels = np.asarray(value)
+        except ValueError:  # ragged lists
+            pixels = np.zeros(0)
+        if pixels.size and pixels.dtype.kind in "biuf":
+            return "", ERROR_PIXELS.format(
+                "x".join(str(n) for n in pixels.shape) + " " + pixels.dtype.name)
+    elif type(value).__module__.split(".")[0] == "PIL" and hasattr(value, "mode"):
+        return "", ERROR_PIL_IMAGE.format(f"{value.mode} {value.size[0]}x{value.size[1]}")
+    return _unwrapped(value), None
 
 
 def _unwrapped(value) -> str:

@@ -1952,28 +1952,46 @@ def test_a_prediction_job_on_a_folder_without_image_names_says_why_its_table_is_
     assert f"{folder} holds 1 other file (photo1): rename them" in caplog.text
 
 
-def test_the_registered_model_says_a_path_or_raw_bytes_are_not_base64(
+def test_the_registered_model_takes_a_files_bytes_and_names_a_path_or_pixels(
         trained, data_info, tmp_path):
-    """Another team's code hands the registered model (pyfunc, as `mlflow.pyfunc.load_model`
-    gives it) a file path or the file's raw bytes in the 'image' column: each such row says it
-    is not base64 and what the column takes, instead of "undecodable image"; a base64 row
-    beside them is classified, and base64 of a file that is no image stays undecodable."""
-    import base64
-
+    """Another team's Python code hands the registered model (pyfunc, as
+    `mlflow.pyfunc.load_model` gives it) what it has at hand in the 'image' column. The file's
+    bytes as they are (bytes, bytearray; in a DataFrame or a dict of lists) are classified as
+    their base64 is (they were refused as "not base64" before). A file path says it is not
+    base64 and what the column takes; an image already decoded — a numpy array of pixels (a
+    64x64x3 array was taken for a list of 64 rows before), a PIL image — is one row saying what
+    it is and what to send instead; the rows beside them are classified, one row per input."""
     from petalflow.tasks.dataset import split_files
 
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
     path = split_files(data_info, "test")[0][0]
     photo = Path(path).read_bytes()
     encoded = base64.b64encode(photo).decode()
+    expected = model.predict(pd.DataFrame({"image": [encoded]}))
+    assert expected["error"].tolist() == [""]
+    for given in (pd.DataFrame({"image": [photo, bytearray(photo), encoded.encode()]}),
+                  {"image": [photo, photo, photo]}):
+        got = model.predict(given)
+        assert got["error"].tolist() == [""] * 3
+        assert got["label"].tolist() == expected["label"].tolist() * 3
+        assert got["probability"].tolist() == pytest.approx(
+            expected["probability"].tolist() * 3)
     not_base64 = ("not base64: the 'image' column takes each image file's bytes base64-encoded "
-                  "(not a path, not raw bytes)")
-    got = model.predict(pd.DataFrame({"image": [path, encoded,
-                                                base64.b64encode(b"plain text").decode()]}))
-    assert got["error"].tolist() == [not_base64, "", NOT_AN_IMAGE]
-    assert got["label"].iloc[1] in data_info["classes"]
-    raw = model.predict(pd.DataFrame({"image": [photo, encoded.encode()]}))
-    assert raw["error"].tolist() == [not_base64, ""]
+                  "(from Python, the bytes as they are also do), not a path")
+    picture = Image.open(io.BytesIO(photo))
+    pixels = np.asarray(picture.convert("RGB").resize((64, 48)))
+    got = model.predict(pd.DataFrame({"image": [
+        path, encoded, base64.b64encode(b"plain text").decode(), pixels, picture, photo,
+        pixels[..., 0].tolist()]}))
+    decoded = "not an image file: the 'image' column takes each image file's bytes, base64-encoded"
+    assert got["error"].tolist() == [
+        not_base64, "", NOT_AN_IMAGE,
+        f"decoded pixels (48x64x3 uint8), {decoded}; encode the pixels as a PNG first",
+        f"a PIL image ({picture.mode} {picture.width}x{picture.height}), {decoded}; "
+        "save it as a PNG or JPEG first",
+        "", f"decoded pixels (48x64 int64), {decoded}; encode the pixels as a PNG first"]
+    assert got["label"].tolist() == ["", expected["label"][0], "", "", "", expected["label"][0],
+                                     ""]
     # A missing cell (None, NaN, empty) says so rather than "undecodable image".
     missing = model.predict(pd.DataFrame({"image": [None, float("nan"), " ", encoded]}))
     assert missing["error"].tolist() == ["empty: no image in this row"] * 3 + [""]
