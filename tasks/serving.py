@@ -846,10 +846,14 @@ def _image_list(value) -> bool:
 
 def _cell(value) -> tuple[str, Optional[str]]:
     """(the base64 text a cell holds for the serving signature, "" for a missing one; the
-    reason it holds no image file, or None). An image file's own bytes are taken as they are
-    (base64 handed over as bytes, as schema enforcement may, stays base64)."""
+    reason it holds no image file, or None). An image file's own bytes are taken as they are,
+    also as a uint8 vector (base64 handed over as bytes, as schema enforcement may, stays
+    base64)."""
     if value is None or (isinstance(value, float) and value != value):
         return "", None  # None and NaN: a missing cell
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
+            value.ndim == 1 or value.shape[1:] == (1,)):
+        value = value.tobytes()  # a file's bytes as an array: np.fromfile, cv2.imencode's
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         text = data.decode("ascii", "replace")

@@ -1956,11 +1956,12 @@ def test_the_registered_model_takes_a_files_bytes_and_names_a_path_or_pixels(
         trained, data_info, tmp_path):
     """Another team's Python code hands the registered model (pyfunc, as
     `mlflow.pyfunc.load_model` gives it) what it has at hand in the 'image' column. The file's
-    bytes as they are (bytes, bytearray; in a DataFrame or a dict of lists) are classified as
-    their base64 is (they were refused as "not base64" before). A file path says it is not
-    base64 and what the column takes; an image already decoded — a numpy array of pixels (a
-    64x64x3 array was taken for a list of 64 rows before), a PIL image — is one row saying what
-    it is and what to send instead; the rows beside them are classified, one row per input."""
+    bytes as they are (bytes, bytearray, a uint8 vector; in a DataFrame or a dict of lists) are
+    classified as their base64 is (they were refused as "not base64" before). A file path says
+    it is not base64 and what the column takes; an image already decoded — a numpy array of
+    pixels (a 64x64x3 array was taken for a list of 64 rows before), a PIL image — is one row
+    saying what it is and what to send instead; the rows beside them are classified, one row
+    per input."""
     from petalflow.tasks.dataset import split_files
 
     model = _pyfunc_model(trained["export_dir"], tmp_path / "mlflow")
@@ -1969,8 +1970,10 @@ def test_the_registered_model_takes_a_files_bytes_and_names_a_path_or_pixels(
     encoded = base64.b64encode(photo).decode()
     expected = model.predict(pd.DataFrame({"image": [encoded]}))
     assert expected["error"].tolist() == [""]
+    as_array = np.frombuffer(photo, np.uint8)  # np.fromfile's; cv2.imencode's is [n, 1]
     for given in (pd.DataFrame({"image": [photo, bytearray(photo), encoded.encode()]}),
-                  {"image": [photo, photo, photo]}):
+                  {"image": [photo, photo, photo]},
+                  pd.DataFrame({"image": [as_array, as_array.reshape(-1, 1), photo]})):
         got = model.predict(given)
         assert got["error"].tolist() == [""] * 3
         assert got["label"].tolist() == expected["label"].tolist() * 3
