@@ -856,10 +856,12 @@ def _cell(value) -> tuple[str, Optional[str]]:
         value = value.tobytes()  # a file's bytes as an array: np.fromfile, cv2.imencode's
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
-        text = data.decode("ascii", "replace")
-        if data.isascii() and (text.lstrip().startswith("{")
-                               or _b64decode(text.strip(), 1 << 10) is not None):
-            return _unwrapped(text), None
+        # base64 text, or a file's bytes: an image's header holds bytes base64 cannot (JPEG's
+        # first 0xFF, PNG's 0x89, the NULs of a BMP's or GIF's sizes)
+        if data.isascii():
+            text = data.decode("ascii").lstrip()
+            if text.startswith("{") or _b64decode(text, 1 << 10) is not None:
+                return _unwrapped(text), None
         return base64.b64encode(data).decode("ascii"), None
     if isinstance(value, (np.ndarray, list, tuple)):
         try:
