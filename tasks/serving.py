@@ -849,8 +849,8 @@ def _cell(value) -> tuple[str, Optional[str]]:
     reason it holds no image file, or None). An image file's own bytes are taken as they are,
     also as a uint8 vector (base64 handed over as bytes, as schema enforcement may, stays
     base64)."""
-    if value is None or (isinstance(value, float) and value != value):
-        return "", None  # None and NaN: a missing cell
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+        return "", None  # None, NaN and pandas' NA (a "string" column's): a missing cell
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and (
             value.ndim == 1 or value.shape[1:] == (1,)):
         value = value.tobytes()  # a file's bytes as an array: np.fromfile, cv2.imencode's

@@ -1995,9 +1995,12 @@ def test_the_registered_model_takes_a_files_bytes_and_names_a_path_or_pixels(
         "", f"decoded pixels (48x64 int64), {decoded}; encode the pixels as a PNG first"]
     assert got["label"].tolist() == ["", expected["label"][0], "", "", "", expected["label"][0],
                                      ""]
-    # A missing cell (None, NaN, empty) says so rather than "undecodable image".
+    # A missing cell (None, NaN, empty; pandas' NA in a "string" column) says so rather than
+    # "undecodable image" ("not base64" for NA before).
     missing = model.predict(pd.DataFrame({"image": [None, float("nan"), " ", encoded]}))
     assert missing["error"].tolist() == ["empty: no image in this row"] * 3 + [""]
+    typed = model.predict(pd.DataFrame({"image": pd.array([encoded, None], dtype="string")}))
+    assert typed["error"].tolist() == ["", "empty: no image in this row"]
 
 
 def test_a_python_dict_of_image_lists_gives_a_row_per_image(trained, data_info, tmp_path):
