@@ -536,9 +536,9 @@ class ImageClassifier:
                 # enforcement hands it over as one row holding the list; a row per image.
                 values, index = [x for v in values for x in v], None
         elif isinstance(model_input, dict) and "image" in model_input:
-            values, index = list(np.atleast_1d(model_input["image"])), None
+            values, index = _rows(model_input["image"]), None
         else:
-            values, index = list(np.atleast_1d(model_input)), None
+            values, index = _rows(model_input), None
         if not values:
             return pd.DataFrame({c: [] for c in self.columns})
         cells = [_cell(v) for v in values]
@@ -842,6 +842,16 @@ def _image_list(value) -> bool:
         return value.ndim == 1 and value.dtype.kind in "OUS"
     return isinstance(value, (list, tuple)) and all(
         v is None or isinstance(v, (str, bytes, bytearray, dict, float)) for v in value)
+
+
+def _rows(given) -> list:
+    """The cells of an input given as a list or a vector (one cell otherwise: one image's
+    pixels are one row). Not through a numpy array of bytes, whose items lose their trailing
+    NULs (a BMP's last pixels, black, read "undecodable image") and are padded to the longest
+    file in memory."""
+    if isinstance(given, (list, tuple, pd.Series)) or _image_list(given):
+        return list(given)
+    return [given]
 
 
 def _cell(value) -> tuple[str, Optional[str]]:

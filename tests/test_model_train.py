@@ -2001,6 +2001,17 @@ def test_the_registered_model_takes_a_files_bytes_and_names_a_path_or_pixels(
     assert missing["error"].tolist() == ["empty: no image in this row"] * 3 + [""]
     typed = model.predict(pd.DataFrame({"image": pd.array([encoded, None], dtype="string")}))
     assert typed["error"].tolist() == ["", "empty: no image in this row"]
+    # The model itself (`get_raw_model()`) given a dict or a list of files' bytes: each file
+    # whole (a BMP whose last pixels are black ends in NULs, which a numpy array of bytes
+    # drops: "undecodable image" before).
+    dark_top = np.full((40, 40, 3), 200, np.uint8)
+    dark_top[:2] = 0
+    bmp = io.BytesIO()
+    Image.fromarray(dark_top).save(bmp, "BMP")
+    assert bmp.getvalue().endswith(b"\0\0\0\0")
+    inner = model.get_raw_model()
+    for given in ({"image": [bmp.getvalue(), photo]}, [bmp.getvalue(), photo]):
+        assert inner.predict(given)["error"].tolist() == ["", ""]
 
 
 def test_a_python_dict_of_image_lists_gives_a_row_per_image(trained, data_info, tmp_path):
