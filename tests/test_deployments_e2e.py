@@ -87,7 +87,20 @@ def _wait_final(st: Stack, flow_run_id: str, timeout_s: float = 420) -> dict:
             return run
         time.sleep(2)
     logs = "\n".join(p.read_text()[-3000:] for p in st.logs.glob("*.log"))
-    raise AssertionError(f"flow run {flow_run_id} did not finish:\n{logs}")
+    raise AssertionError(f"flow run {flow_run_id} did not finish; {_unfinished(st)}\n{logs}")
+
+
+def _unfinished(st: Stack) -> str:
+    """What else is queued or running, per deployment and state: what a run waits behind."""
+    import collections
+
+    names = {d["id"]: d["name"] for d in _api(st, "POST", "/deployments/filter", json={}).json()}
+    runs = _api(st, "POST", "/flow_runs/filter", json={"flow_runs": {"state": {"type": {
+        "not_any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}}).json()
+    counts = collections.Counter((names.get(r["deployment_id"], "(none)"), r["state"]["name"])
+                                 for r in runs)
+    return "unfinished runs: " + (", ".join(f"{n} {d} {s}" for (d, s), n in sorted(
+        counts.items())) or "none")
 
 
 def _logged(st: Stack, flow_run_id: str, until: str, timeout_s: float = 60) -> list[str]:
@@ -258,6 +271,30 @@ def _new_runs(st: Stack, deployment_id: str, before: set, timeout_s: float = 120
     return []
 
 
+def _delete_schedule(st: Stack, deployment_id: str, schedule_id: str,
+                     quiet_s: float = 8, timeout_s: float = 120) -> None:
+    """Delete a schedule, then any run it left Scheduled, until none has appeared for
+    `quiet_s` (four scheduler loops). Prefect's scheduler reads a deployment's next runs in one
+    transaction and inserts them in another (PrefectHQ/prefect#17703): a schedule deleted in
+    between, its Scheduled runs with it, gets them all back, 100 of a 5-s interval, which then
+    run against a server the test has stopped and hold the cpu pool's slots ahead of every
+    later test's runs. A run deleted as the worker takes it is only gone, not waited for."""
+    _api(st, "DELETE", f"/deployments/{deployment_id}/schedules/{schedule_id}")
+    deadline = time.time() + timeout_s
+    quiet_since = time.time()
+    while time.time() - quiet_since < quiet_s and time.time() < deadline:
+        left = [r for r in _api(st, "POST", "/flow_runs/filter", json={
+            "deployments": {"id": {"any_": [deployment_id]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+                # this schedule's runs only (the scheduler's key names it), not the others'
+                if schedule_id in (r.get("idempotency_key") or "")]
+        for run in left:
+            _api(st, "DELETE", f"/flow_runs/{run['id']}")
+        if left:
+            quiet_since = time.time()
+        time.sleep(1)
+
+
 def _run_ids(st: Stack, deployment_id: str) -> set:
     return {r["id"] for r in _api(st, "POST", "/flow_runs/filter", json={
         "deployments": {"id": {"any_": [deployment_id]}}}).json()}
@@ -289,7 +326,7 @@ def test_schedule_fires_watch_data_whose_event_trains_a_new_version(stack, tmp_p
             assert fired, "the schedule created no watch-data run"
             _wait_final(stack, sorted(fired, key=lambda r: r["expected_start_time"])[0]["id"])
         finally:
-            _api(stack, "DELETE", f"/deployments/{watch['id']}/schedules/{schedule_id}")
+            _delete_schedule(stack, watch["id"], schedule_id)
         # Runs the schedule started may overlap (the cpu worker runs two at once): the one
         # that sees the change first announces it, the others say it was announced.
         started = [r for r in _api(stack, "POST", "/flow_runs/filter", json={
