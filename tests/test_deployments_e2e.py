@@ -23,6 +23,7 @@ from tests.helpers import free_port, make_dataset, make_tgz, many_colours, prefe
 
 pytestmark = pytest.mark.e2e
 MODEL = "petalflow-classifier"
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 
@@ -83,7 +84,7 @@ def _wait_final(st: Stack, flow_run_id: str, timeout_s: float = 420) -> dict:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         run = _api(st, "GET", f"/flow_runs/{flow_run_id}").json()
-        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        if run["state"]["type"] in FINAL_STATES:
             return run
         time.sleep(2)
     logs = "\n".join(p.read_text()[-3000:] for p in st.logs.glob("*.log"))
@@ -96,7 +97,7 @@ def _unfinished(st: Stack) -> str:
 
     names = {d["id"]: d["name"] for d in _api(st, "POST", "/deployments/filter", json={}).json()}
     runs = _api(st, "POST", "/flow_runs/filter", json={"flow_runs": {"state": {"type": {
-        "not_any_": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"]}}}}).json()
+        "not_any_": list(FINAL_STATES)}}}}).json()
     counts = collections.Counter((names.get(r["deployment_id"], "(none)"), r["state"]["name"])
                                  for r in runs)
     return "unfinished runs: " + (", ".join(f"{n} {d} {s}" for (d, s), n in sorted(
