@@ -153,7 +153,10 @@ def in_declared_order(schema: dict) -> None:
         field["position"] = position
 
 
-FORM = ConfigDict(frozen=True, extra="forbid", json_schema_extra=in_declared_order)
+# allow_inf_nan: "nan" typed for a rate is named as not a number ("less than or equal to 1"
+# before: NaN fails every comparison).
+FORM = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False,
+                  json_schema_extra=in_declared_order)
 
 
 def _changed(title: str, **limits):

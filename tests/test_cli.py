@@ -36,6 +36,8 @@ from tests.helpers import COLOURS, write_image
         (["--min-accuracy", "1.5"], "--min-accuracy: Input should be less than or equal to 1"),
         (["--fine-tune-layers", "-1"], "--fine-tune-layers"),
         (["--learning-rate", "0"], "--learning-rate: Input should be greater than 0"),
+        (["--learning-rate", "nan"], "--learning-rate: Input should be a finite number"),
+        (["--min-improvement", "inf"], "--min-improvement: Input should be a finite number"),
     ],
 )
 def test_bad_train_options_are_refused_before_work(workspace, capsys, argv, needle):
