@@ -559,7 +559,10 @@ def cli_option(field: str) -> str:
 
 
 # The prediction file's format when none is given, by its name's suffix (else csv).
-OUTPUT_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+OUTPUT_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv",
+                  ".parquet": "parquet", ".pq": "parquet"}
+# Names of formats not written: refused, not filled with CSV.
+SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
 
 
 def model_folder_problem(folder: Path) -> Optional[str]:
@@ -613,15 +616,17 @@ class PredictParams(BaseModel):
         "Kept so existing calls keep working; use Images.",
     )
     output: str = Field(..., title="Output file",
-                        description="Where the predictions go (CSV or JSON): a file, whose "
-                        "folder must exist. A relative path starts from the run's working "
-                        "folder: where petalflow predict runs, or for a deployment's run the "
-                        "folder it was deployed from, on its worker's machine; the run's "
-                        "final message gives the whole path.")
-    format: Literal["auto", "csv", "json", "jsonl"] = Field(
+                        description="Where the predictions go (CSV, TSV, JSON or Parquet): a "
+                        "file, whose folder must exist. A relative path starts from the run's "
+                        "working folder: where petalflow predict runs, or for a deployment's "
+                        "run the folder it was deployed from, on its worker's machine; the "
+                        "run's final message gives the whole path.")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet"] = Field(
         "auto", title="Format",
-        description="csv, json (an array of objects) or jsonl (one object per line); auto: "
-        "from the output's name (.json: json; .jsonl, .ndjson: jsonl; anything else: csv).",
+        description="csv, tsv (tab-separated), json (an array of objects), jsonl (one object "
+        "per line) or parquet; auto: from the output's name (.tsv: tsv; .json: json; .jsonl, "
+        ".ndjson: jsonl; .parquet, .pq: parquet; anything else: csv; a spreadsheet's .xlsx, "
+        ".xls or .ods is refused).",
     )
     top_k: int = Field(0, ge=0, le=100, title="Top k",
                        description="Also write the k best labels and their probabilities.")
@@ -716,4 +721,8 @@ class PredictParams(BaseModel):
         if not path.parent.is_dir():
             raise ValueError(f"folder {str(path.parent)!r} does not exist"
                              + where_relative([value]))
+        if path.suffix.lower() in SPREADSHEET_SUFFIXES:  # a CSV named .xlsx: Excel refuses it
+            raise ValueError(f"a {path.suffix} spreadsheet is not written (CSV, TSV, JSON or "
+                             "Parquet are): name the file .csv, which spreadsheet programs "
+                             "open, or .parquet")
         return value

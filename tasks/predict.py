@@ -271,24 +271,32 @@ def classifier_with_features(model):
 
 
 class _Writer:
-    """Streams rows to CSV, a JSON array or JSON lines, into ``<output>.part`` renamed when
+    """Streams rows to CSV, TSV, a JSON array, JSON lines or Parquet (a row group per batch,
+    every batch in the first one's column types), into ``<output>.part`` renamed when
     complete."""
 
     def __init__(self, output: Path, fmt: str):
         self.output, self.fmt = output, fmt
         self.tmp = output.with_name(output.name + ".part")
-        self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
+        if fmt == "parquet":
+            self.fh = open(self.tmp, "wb")
+        else:
+            self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
         self.csv = None
+        self.parquet = None
         self.first = True
         if fmt == "json":
             self.fh.write("[\n")
 
     def write(self, frame: pd.DataFrame) -> None:
-        if self.fmt == "csv":
+        if self.fmt in ("csv", "tsv"):
             if self.csv is None:
-                self.csv = csv.writer(self.fh)
+                self.csv = csv.writer(self.fh, delimiter="\t" if self.fmt == "tsv" else ",")
                 self.csv.writerow(frame.columns)
             self.csv.writerows(frame.itertuples(index=False))
+            return
+        if self.fmt == "parquet":
+            self._write_parquet(frame)
             return
         for record in frame.to_dict(orient="records"):
             clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
@@ -300,9 +308,21 @@ class _Writer:
             self.fh.write(("" if self.first else ",\n") + line)
             self.first = False
 
+    def _write_parquet(self, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.parquet is None:
+            schema = pa.Table.from_pandas(frame, preserve_index=False).schema
+            self.parquet = pq.ParquetWriter(self.fh, schema.remove_metadata())
+        self.parquet.write_table(
+            pa.Table.from_pandas(frame, schema=self.parquet.schema, preserve_index=False))
+
     def close(self) -> None:
         if self.fmt == "json":
             self.fh.write("\n]\n")
+        if self.parquet is not None:
+            self.parquet.close()
         self.fh.close()
         os.replace(self.tmp, self.output)
 

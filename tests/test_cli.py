@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -826,6 +827,53 @@ def test_predict_writes_the_format_its_output_is_named_for(workspace, capsys):
     assert ("--output: Value error, '-' (standard output) is not supported: give a file, such as "
             "'predictions.csv'") in err
     assert not (workspace / "-").exists()
+
+
+def test_predict_writes_tsv_and_parquet_and_refuses_a_spreadsheet_name(workspace, capsys):
+    """`--output preds.parquet` wrote CSV into the .parquet file, and preds.tsv comma-separated
+    values. Parquet gets one row group per batch, every batch in the first one's column types
+    (a later batch's columns may come as other dtypes); a spreadsheet's name is refused before
+    any work, as a CSV named .xlsx is a file Excel refuses to open."""
+    import pyarrow.parquet as pq
+
+    from petalflow.tasks.params import PredictParams
+    from petalflow.tasks.predict import _Writer
+
+    (workspace / "a.jpg").write_bytes(b"x")
+
+    def fmt(output, **kw):
+        return PredictParams(input=[str(workspace)], output=str(workspace / output), **kw).format
+
+    assert [fmt(n) for n in ("p.tsv", "p.TSV", "p.parquet", "p.pq")] == \
+        ["tsv", "tsv", "parquet", "parquet"]
+    assert fmt("p.parquet", format="csv") == "csv"
+    first = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "label": ["rose", ""],
+                          "probability": np.array([0.9, 0.0], np.float32),
+                          "error": ["", "undecodable image"]})
+    later = pd.DataFrame({"path": pd.Series(["c.jpg"], dtype=object),
+                          "label": pd.Series(["tulip"], dtype=object),
+                          "probability": [1.0], "error": pd.Series([""], dtype=object)})
+    for name in ("p.parquet", "p.tsv"):
+        writer = _Writer(workspace / name, fmt(name))
+        writer.write(first)
+        writer.write(later)
+        writer.close()
+    table = pq.read_table(workspace / "p.parquet")
+    assert pq.ParquetFile(workspace / "p.parquet").metadata.num_row_groups == 2
+    assert table.column("path").to_pylist() == ["a.jpg", "b.jpg", "c.jpg"]
+    assert table.column("error").to_pylist() == ["", "undecodable image", ""]
+    assert table.column("probability").to_pylist() == pytest.approx([0.9, 0.0, 1.0])
+    assert str(table.schema.field("probability").type) == "float"  # float32, as written first
+    lines = (workspace / "p.tsv").read_text().splitlines()
+    assert lines[0] == "path\tlabel\tprobability\terror"
+    assert lines[2] == "b.jpg\t\t0.0\tundecodable image"
+    for name in ("p.xlsx", "p.XLS", "p.ods"):
+        out = workspace / name
+        assert main(["predict", "--input", str(workspace), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert (f"--output: Value error, a {Path(name).suffix} spreadsheet is not written "
+                "(CSV, TSV, JSON or Parquet are): name the file .csv") in err
+        assert not out.exists() and not (workspace / "home").exists()
 
 
 def test_predict_refuses_bad_options_naming_them(workspace, capsys):

@@ -497,6 +497,15 @@ def test_predict_cli_json_top_k_glob_and_pull(trained, tmp_path, monkeypatch, ca
     assert rows["red"]["label"] == rows["red"]["top1_label"] == "red"
     assert rows["green"]["top1_label"] == "green" and rows["green"]["top2_label"] != "green"
     assert rows["red"]["top1_probability"] >= rows["red"]["top2_probability"]
+    # Named .parquet, without --format: Parquet, the same rows and columns.
+    out_parquet = tmp_path / "p.parquet"
+    assert main(["predict", "--input", str(folder), "--output", str(out_parquet),
+                 "--top-k", "2"]) == 0
+    table = pd.read_parquet(out_parquet).set_index("path")
+    assert list(table.columns) == list(rows["red"])[1:]
+    for stem, row in rows.items():
+        assert table.loc[row["path"], "label"] == row["label"] == stem
+        assert table.loc[row["path"], "probability"] == pytest.approx(row["probability"])
 
     dest = tmp_path / "offline"
     capsys.readouterr()
