@@ -563,6 +563,19 @@ OUTPUT_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".tsv"
                   ".parquet": "parquet", ".pq": "parquet"}
 # Names of formats not written: refused, not filled with CSV.
 SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".ods")
+# A prediction file named NAME.<format>.gz is written gzip-compressed; other compressions'
+# names are refused, not filled with uncompressed bytes.
+OTHER_COMPRESSIONS = (".bz2", ".xz", ".zst", ".zip", ".7z", ".lz4", ".tgz")
+PARQUET_GZ = "Parquet is compressed already: name the file .parquet, without .gz"
+
+
+def output_suffix(output: str) -> tuple[str, bool]:
+    """(the suffix that names the format, whether the file is gzip-compressed) of a prediction
+    file's name: ``p.csv.gz`` -> (".csv", True)."""
+    path = Path(output)
+    if path.suffix.lower() == ".gz":
+        return Path(path.stem).suffix.lower(), True
+    return path.suffix.lower(), False
 
 
 def model_folder_problem(folder: Path) -> Optional[str]:
@@ -626,7 +639,8 @@ class PredictParams(BaseModel):
         description="csv, tsv (tab-separated), json (an array of objects), jsonl (one object "
         "per line) or parquet; auto: from the output's name (.tsv: tsv; .json: json; .jsonl, "
         ".ndjson: jsonl; .parquet, .pq: parquet; anything else: csv; a spreadsheet's .xlsx, "
-        ".xls or .ods is refused).",
+        ".xls or .ods is refused). A name ending .gz (predictions.csv.gz) is written "
+        "gzip-compressed, its format named by the suffix before .gz.",
     )
     top_k: int = Field(0, ge=0, le=100, title="Top k",
                        description="Also write the k best labels and their probabilities.")
@@ -654,9 +668,11 @@ class PredictParams(BaseModel):
             object.__setattr__(self, "input_folder", None)
         if not self.input:
             raise ValueError("input: give at least one image file, folder or pattern")
+        suffix, compressed = output_suffix(self.output)
         if self.format == "auto":
-            suffix = Path(self.output).suffix.lower()
             object.__setattr__(self, "format", OUTPUT_FORMATS.get(suffix, "csv"))
+        if compressed and self.format == "parquet":
+            raise ValueError("output: " + PARQUET_GZ)
         return self
 
     @field_validator("model_uri")
@@ -721,8 +737,14 @@ class PredictParams(BaseModel):
         if not path.parent.is_dir():
             raise ValueError(f"folder {str(path.parent)!r} does not exist"
                              + where_relative([value]))
-        if path.suffix.lower() in SPREADSHEET_SUFFIXES:  # a CSV named .xlsx: Excel refuses it
-            raise ValueError(f"a {path.suffix} spreadsheet is not written (CSV, TSV, JSON or "
+        suffix = output_suffix(value)[0]
+        if suffix in SPREADSHEET_SUFFIXES:  # a CSV named .xlsx: Excel refuses it
+            raise ValueError(f"a {suffix} spreadsheet is not written (CSV, TSV, JSON or "
                              "Parquet are): name the file .csv, which spreadsheet programs "
                              "open, or .parquet")
+        if suffix in (".parquet", ".pq") and path.suffix.lower() == ".gz":
+            raise ValueError(PARQUET_GZ)
+        if path.suffix.lower() in OTHER_COMPRESSIONS:
+            raise ValueError(f"{path.suffix} compression is not written: name the file .gz "
+                             "(e.g. predictions.csv.gz) for gzip, or leave it uncompressed")
         return value

@@ -271,15 +271,26 @@ def classifier_with_features(model):
 
 
 class _Writer:
-    """Streams rows to CSV, TSV, a JSON array, JSON lines or Parquet (a row group per batch,
-    every batch in the first one's column types), into ``<output>.part`` renamed when
-    complete."""
+    """Streams rows to CSV, TSV, a JSON array, JSON lines (gzip-compressed when the output's
+    name ends .gz) or Parquet (a row group per batch, every batch in the first one's column
+    types), into ``<output>.part`` renamed when complete."""
 
     def __init__(self, output: Path, fmt: str):
+        from petalflow.tasks.params import output_suffix
+
         self.output, self.fmt = output, fmt
         self.tmp = output.with_name(output.name + ".part")
+        self.raw = None  # the file under a gzip stream
         if fmt == "parquet":
             self.fh = open(self.tmp, "wb")
+        elif output_suffix(str(output))[1]:  # NAME.csv.gz: gzip, its header naming NAME.csv
+            import gzip
+            import io
+
+            self.raw = open(self.tmp, "wb")
+            self.fh = io.TextIOWrapper(
+                gzip.GzipFile(filename=str(output), mode="wb", compresslevel=6,
+                              fileobj=self.raw), encoding="utf-8", newline="")
         else:
             self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
         self.csv = None
@@ -323,8 +334,18 @@ class _Writer:
             self.fh.write("\n]\n")
         if self.parquet is not None:
             self.parquet.close()
-        self.fh.close()
+        self._close_files()
         os.replace(self.tmp, self.output)
+
+    def discard(self) -> None:
+        """The job failed: no file, not even a part of one."""
+        self._close_files()
+        self.tmp.unlink(missing_ok=True)
+
+    def _close_files(self) -> None:
+        self.fh.close()  # a gzip stream writes its end here
+        if self.raw is not None:
+            self.raw.close()
 
 
 DRIFT_SAMPLE = 256  # images of a prediction job that drift is measured on (seeded sample)
@@ -414,8 +435,7 @@ def predict_files(
             if on_batch:
                 on_batch(rows, len(files))
     except BaseException:
-        writer.fh.close()
-        writer.tmp.unlink(missing_ok=True)
+        writer.discard()
         raise
     writer.close()
     finished_at = time.time()

@@ -867,12 +867,54 @@ def test_predict_writes_tsv_and_parquet_and_refuses_a_spreadsheet_name(workspace
     lines = (workspace / "p.tsv").read_text().splitlines()
     assert lines[0] == "path\tlabel\tprobability\terror"
     assert lines[2] == "b.jpg\t\t0.0\tundecodable image"
-    for name in ("p.xlsx", "p.XLS", "p.ods"):
+    for name, suffix in (("p.xlsx", ".xlsx"), ("p.XLS", ".xls"), ("p.ods", ".ods"),
+                         ("p.xlsx.gz", ".xlsx")):
         out = workspace / name
         assert main(["predict", "--input", str(workspace), "--output", str(out)]) == 2
         err = capsys.readouterr().err
-        assert (f"--output: Value error, a {Path(name).suffix} spreadsheet is not written "
+        assert (f"--output: Value error, a {suffix} spreadsheet is not written "
                 "(CSV, TSV, JSON or Parquet are): name the file .csv") in err
+        assert not out.exists() and not (workspace / "home").exists()
+
+
+def test_predict_output_named_gz_is_gzip_and_other_compressions_are_refused(workspace, capsys):
+    """preds.csv.gz held plain CSV (anything else was CSV, uncompressed whatever its name):
+    NAME.<format>.gz is that format, gzip-compressed; .bz2, .xz,
+    .zip... are refused rather than filled with uncompressed bytes, and so is .parquet.gz."""
+    import gzip
+
+    from petalflow.tasks.params import PredictParams
+    from petalflow.tasks.predict import _Writer
+
+    (workspace / "a.jpg").write_bytes(b"x")
+
+    def fmt(output, **kw):
+        return PredictParams(input=[str(workspace)], output=str(workspace / output), **kw).format
+
+    assert [fmt(n) for n in ("p.csv.gz", "p.JSONL.gz", "p.json.gz", "p.tsv.gz", "p.gz")] == \
+        ["csv", "jsonl", "json", "tsv", "csv"]
+    frame = pd.DataFrame({"label": ["a", "b"], "probability": [0.9, 0.8]})
+    for name in ("p.csv.gz", "p.jsonl.gz"):
+        writer = _Writer(workspace / name, fmt(name))
+        writer.write(frame.iloc[:1])
+        writer.fh.flush()  # as predict_files does after every batch
+        writer.write(frame.iloc[1:])
+        writer.close()
+    with gzip.open(workspace / "p.csv.gz", "rt", newline="") as fh:  # gzip itself
+        assert fh.read() == "label,probability\r\na,0.9\r\nb,0.8\r\n"
+    assert pd.read_csv(workspace / "p.csv.gz").equals(frame)
+    with open(workspace / "p.csv.gz", "rb") as fh:  # the name gunzip -N gives it back
+        assert fh.read(10 + len(b"p.csv\0"))[10:] == b"p.csv\0"
+    assert pd.read_json(workspace / "p.jsonl.gz", lines=True).equals(frame)
+    for name, needle in (
+            ("p.csv.bz2", "--output: Value error, .bz2 compression is not written: name the "
+                          "file .gz (e.g. predictions.csv.gz) for gzip"),
+            ("p.zip", "--output: Value error, .zip compression is not written"),
+            ("p.parquet.gz", "--output: Value error, Parquet is compressed already: name the "
+                             "file .parquet")):
+        out = workspace / name
+        assert main(["predict", "--input", str(workspace), "--output", str(out)]) == 2
+        assert needle in capsys.readouterr().err
         assert not out.exists() and not (workspace / "home").exists()
 
 
@@ -1196,3 +1238,35 @@ def test_predict_takes_file_urls_for_its_images_and_output(workspace, capsys):
     assert main(["predict", "--input", "file://a.jpg", "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert "'file://a.jpg' names the host 'a.jpg', not a file" in err and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["p.csv", "p.csv.gz", "p.parquet", "p.json"])
+def test_a_prediction_job_that_fails_midway_leaves_no_file_nor_part(tmp_path, monkeypatch,
+                                                                     name):
+    """The model fails on the second batch (a worker's memory, a broken file system): neither
+    the output nor its .part is left, whatever the format (a gzip stream's file under it
+    closed too), and the error is the model's."""
+    from petalflow.tasks import predict
+
+    class FailsSecondTime:
+        calls = 0
+
+        def predict(self, frame):
+            FailsSecondTime.calls += 1
+            if FailsSecondTime.calls == 2:
+                raise RuntimeError("the model's own failure")
+            n = len(frame)
+            return pd.DataFrame({"label": ["red"] * n, "probability": [0.9] * n,
+                                 "error": [""] * n})
+
+    monkeypatch.setattr(predict, "load_model", lambda uri: (FailsSecondTime(), uri))
+    files = []
+    for i in range(predict.FIRST_BATCH + 3):
+        files.append(tmp_path / f"{i}.jpg")
+        files[-1].write_bytes(b"x")
+    out = tmp_path / name
+    fmt = {"p.parquet": "parquet", "p.json": "json"}.get(name, "csv")
+    with pytest.raises(RuntimeError, match="the model's own failure"):
+        predict.predict_files("models:/m/1", files, out, batch_size=64, fmt=fmt)
+    assert FailsSecondTime.calls == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".jpg")) == []
