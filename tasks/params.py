@@ -737,12 +737,12 @@ class PredictParams(BaseModel):
         if not path.parent.is_dir():
             raise ValueError(f"folder {str(path.parent)!r} does not exist"
                              + where_relative([value]))
-        suffix = output_suffix(value)[0]
+        suffix, compressed = output_suffix(value)
         if suffix in SPREADSHEET_SUFFIXES:  # a CSV named .xlsx: Excel refuses it
             raise ValueError(f"a {suffix} spreadsheet is not written (CSV, TSV, JSON or "
                              "Parquet are): name the file .csv, which spreadsheet programs "
                              "open, or .parquet")
-        if suffix in (".parquet", ".pq") and path.suffix.lower() == ".gz":
+        if compressed and OUTPUT_FORMATS.get(suffix) == "parquet":
             raise ValueError(PARQUET_GZ)
         if path.suffix.lower() in OTHER_COMPRESSIONS:
             raise ValueError(f"{path.suffix} compression is not written: name the file .gz "

@@ -323,11 +323,12 @@ class _Writer:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if self.parquet is None:
-            schema = pa.Table.from_pandas(frame, preserve_index=False).schema
-            self.parquet = pq.ParquetWriter(self.fh, schema.remove_metadata())
-        self.parquet.write_table(
-            pa.Table.from_pandas(frame, schema=self.parquet.schema, preserve_index=False))
+        if self.parquet is None:  # the first batch's types are the file's
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            self.parquet = pq.ParquetWriter(self.fh, table.schema.remove_metadata())
+        else:
+            table = pa.Table.from_pandas(frame, schema=self.parquet.schema, preserve_index=False)
+        self.parquet.write_table(table)
 
     def close(self) -> None:
         if self.fmt == "json":
