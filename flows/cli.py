@@ -71,8 +71,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetError,
-        DownloadError, LinksInArchive, ModelNotFound, StoreNotFound, TrackingServerUnreachable,
-        TransientError, UnusableImages, WebPageNotArchive,
+        DownloadError, LinksInArchive, ModelNotFound, OutputNotWritable, StoreNotFound,
+        TrackingServerUnreachable, TransientError, UnusableImages, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -134,6 +134,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, ModelNotFound):
         return RunFailed(text, "`petalflow models --model-name NAME` lists a model's versions "
                          "and aliases.", EXIT_REGISTRY)
+    if isinstance(exc, OutputNotWritable):
+        return RunFailed(text, "nothing was classified, and no file was left there.")
     module = type(exc).__module__
     if module.startswith(("mlflow", "requests")) or name in ("MlflowException", "RestException"):
         return RunFailed(f"MLflow: {text}", "check MLFLOW_TRACKING_URI (unset: the embedded "

@@ -69,5 +69,10 @@ class StoreNotFound(PetalflowError):
     embedded store in the folder it runs in."""
 
 
+class OutputNotWritable(PetalflowError):
+    """The predictions file cannot be created where it was asked for (a folder the user cannot
+    write, a read-only disk, a system folder): said before any image is classified."""
+
+
 class DestinationInUse(PetalflowError):
     """A folder to save a pulled model into is a file, or holds files that are not a model."""

@@ -734,6 +734,9 @@ class PredictParams(BaseModel):
         if path.is_dir():  # found after classifying every image, when the file took its place
             raise ValueError(f"{value!r} is a folder: give a file name in it, such as "
                              f"{str(Path(value) / 'predictions.csv')!r}")
+        if path.parent.is_file():  # "notes.txt/predictions.csv"
+            raise ValueError(f"{str(path.parent)!r} is a file, not a folder: give a file "
+                             "name in an existing folder")
         if not path.parent.is_dir():
             raise ValueError(f"folder {str(path.parent)!r} does not exist"
                              + where_relative([value]))

@@ -278,21 +278,29 @@ class _Writer:
     def __init__(self, output: Path, fmt: str):
         from petalflow.tasks.params import output_suffix
 
+        from petalflow.tasks.errors import OutputNotWritable
+
         self.output, self.fmt = output, fmt
         self.tmp = output.with_name(output.name + ".part")
         self.raw = None  # the file under a gzip stream
-        if fmt == "parquet":
-            self.fh = open(self.tmp, "wb")
-        elif output_suffix(str(output))[1]:  # NAME.csv.gz: gzip, its header naming NAME.csv
-            import gzip
-            import io
+        try:
+            if fmt == "parquet":
+                self.fh = open(self.tmp, "wb")
+            elif output_suffix(str(output))[1]:  # NAME.csv.gz: gzip, its header naming NAME.csv
+                import gzip
+                import io
 
-            self.raw = open(self.tmp, "wb")
-            self.fh = io.TextIOWrapper(
-                gzip.GzipFile(filename=str(output), mode="wb", compresslevel=6,
-                              fileobj=self.raw), encoding="utf-8", newline="")
-        else:
-            self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
+                self.raw = open(self.tmp, "wb")
+                self.fh = io.TextIOWrapper(
+                    gzip.GzipFile(filename=str(output), mode="wb", compresslevel=6,
+                                  fileobj=self.raw), encoding="utf-8", newline="")
+            else:
+                self.fh = open(self.tmp, "w", newline="", encoding="utf-8")
+        except OSError as exc:  # the user's output, not the .part file Python would name
+            raise OutputNotWritable(
+                f"cannot write the predictions file {str(output)!r} "
+                f"({exc.strerror or exc}): give a file in a folder you can write to"
+            ) from None
         self.csv = None
         self.parquet = None
         self.first = True
@@ -391,7 +399,13 @@ def predict_files(
     import random
     import time
 
-    model, pinned = load_model(model_uri)
+    # The file first: one that cannot be written is said before the model's load.
+    writer = _Writer(Path(output), fmt)
+    try:
+        model, pinned = load_model(model_uri)
+    except BaseException:
+        writer.discard()
+        raise
     fused = classifier_with_features(model)
     first_written_at = None
     rows = errors = classified = 0
@@ -400,7 +414,6 @@ def predict_files(
     # probabilities when the classification pass gives the features.
     sample: list[tuple[Path, Optional[np.ndarray], Optional[np.ndarray]]] = []
     rng = random.Random(0)
-    writer = _Writer(Path(output), fmt)
     try:
         for start, stop in batch_bounds(len(files), batch_size):
             chunk = files[start:stop]

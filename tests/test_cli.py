@@ -219,6 +219,11 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
             in capsys.readouterr().err)
     assert main(["predict", "--input", str(workspace / "none"), "--output", str(out)]) == 2
     assert "relative paths" not in capsys.readouterr().err
+    # A file where the folder should be: said to be a file, not "does not exist".
+    (workspace / "notes.txt").write_text("not a folder")
+    assert main(["predict", "--input", str(workspace), "--output", "notes.txt/p.csv"]) == 2
+    assert ("'notes.txt' is a file, not a folder: give a file name in an existing folder"
+            in capsys.readouterr().err)
 
 
 def test_predict_refuses_a_model_folder_that_is_no_mlflow_model_naming_what_it_is(
@@ -1270,3 +1275,45 @@ def test_a_prediction_job_that_fails_midway_leaves_no_file_nor_part(tmp_path, mo
         predict.predict_files("models:/m/1", files, out, batch_size=64, fmt=fmt)
     assert FailsSecondTime.calls == 2
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".jpg")) == []
+
+
+@pytest.mark.parametrize("name", ["p.csv", "p.csv.gz", "p.parquet"])
+def test_an_output_that_cannot_be_created_is_said_before_the_model_loads(tmp_path, monkeypatch,
+                                                                         name):
+    """--output in a folder where no file can be created (here /proc, refused to everyone,
+    root included): the job stops before the model's load, naming the user's file, not the
+    .part file Python would name; the CLI says it with what was left (nothing)."""
+    from petalflow.flows.cli import explain_failure
+    from petalflow.tasks import predict
+    from petalflow.tasks.errors import OutputNotWritable
+
+    loads = []
+    monkeypatch.setattr(predict, "load_model", lambda uri: loads.append(uri))
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    out = Path("/proc") / name
+    fmt = "parquet" if name.endswith(".parquet") else "csv"
+    with pytest.raises(OutputNotWritable) as caught:
+        predict.predict_files("models:/m/1", [image], out, fmt=fmt)
+    assert str(caught.value) == (f"cannot write the predictions file '{out}' (No such file or "
+                                 "directory): give a file in a folder you can write to")
+    assert loads == [] and not out.with_name(name + ".part").exists()
+    failed = explain_failure(caught.value)
+    assert (str(failed), failed.hint) == (str(caught.value), "nothing was classified, and no "
+                                          "file was left there.")
+
+
+def test_a_model_that_fails_to_load_leaves_no_file_nor_part(tmp_path, monkeypatch):
+    """The output is opened before the model's load: a load that fails (a version deleted
+    meanwhile, a broken model) removes it again, and the error is the load's."""
+    from petalflow.tasks import predict
+
+    def fails(uri):
+        raise RuntimeError("the load's own failure")
+
+    monkeypatch.setattr(predict, "load_model", fails)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    with pytest.raises(RuntimeError, match="the load's own failure"):
+        predict.predict_files("models:/m/1", [image], tmp_path / "p.csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
