@@ -224,11 +224,12 @@ def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:
     probs = frame[prob_cols].to_numpy()
     order = (-probs).argsort(axis=1, kind="stable")[:, :k]
     ok = (frame["error"] == "").to_numpy()
+    # In the prob_ columns' own type (float32 as the model gives them): a Parquet file's
+    # columns of probabilities are all one type.
+    best = np.where(ok[:, None], np.take_along_axis(probs, order, axis=1), 0)
     for i in range(k):
         frame[f"top{i + 1}_label"] = [names[j] if good else "" for j, good in zip(order[:, i], ok)]
-        frame[f"top{i + 1}_probability"] = [
-            float(probs[r, j]) if good else 0.0 for r, (j, good) in enumerate(zip(order[:, i], ok))
-        ]
+        frame[f"top{i + 1}_probability"] = best[:, i].astype(probs.dtype, copy=False)
     return frame
 
 

@@ -1317,3 +1317,22 @@ def test_a_model_that_fails_to_load_leaves_no_file_nor_part(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="the load's own failure"):
         predict.predict_files("models:/m/1", [image], tmp_path / "p.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+
+
+def test_top_k_probabilities_are_in_the_models_own_type():
+    """The top<i>_probability columns came out float64 beside float32 prob_ columns (as the
+    model gives them): a Parquet file's probabilities were of two types. Now the prob_
+    columns' type; a row in error gets an empty label and 0."""
+    from petalflow.tasks.predict import add_top_k
+
+    frame = pd.DataFrame({"label": ["b", "", "a"], "probability": np.float32([0.7, 0, 0.6]),
+                          "error": ["", "undecodable image", ""],
+                          "prob_a": np.float32([0.1, np.nan, 0.6]),
+                          "prob_b": np.float32([0.7, np.nan, 0.3]),
+                          "prob_c": np.float32([0.2, np.nan, 0.1])})
+    out = add_top_k(frame, 2)
+    assert [out[f"top{i}_probability"].dtype for i in (1, 2)] == [np.float32, np.float32]
+    assert out["top1_label"].tolist() == ["b", "", "a"]
+    assert out["top2_label"].tolist() == ["c", "", "b"]
+    assert out["top1_probability"].tolist() == [np.float32(0.7), 0.0, np.float32(0.6)]
+    assert out["top2_probability"].tolist() == [np.float32(0.2), 0.0, np.float32(0.3)]
