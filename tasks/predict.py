@@ -277,9 +277,8 @@ class _Writer:
     types), into ``<output>.part`` renamed when complete."""
 
     def __init__(self, output: Path, fmt: str):
-        from petalflow.tasks.params import output_suffix
-
         from petalflow.tasks.errors import OutputNotWritable
+        from petalflow.tasks.params import output_suffix
 
         self.output, self.fmt = output, fmt
         self.tmp = output.with_name(output.name + ".part")
@@ -400,14 +399,6 @@ def predict_files(
     import random
     import time
 
-    # The file first: one that cannot be written is said before the model's load.
-    writer = _Writer(Path(output), fmt)
-    try:
-        model, pinned = load_model(model_uri)
-    except BaseException:
-        writer.discard()
-        raise
-    fused = classifier_with_features(model)
     first_written_at = None
     rows = errors = classified = 0
     labels: Counter[str] = Counter()
@@ -415,7 +406,11 @@ def predict_files(
     # probabilities when the classification pass gives the features.
     sample: list[tuple[Path, Optional[np.ndarray], Optional[np.ndarray]]] = []
     rng = random.Random(0)
+    # The file first: one that cannot be written is said before the model's load.
+    writer = _Writer(Path(output), fmt)
     try:
+        model, pinned = load_model(model_uri)
+        fused = classifier_with_features(model)
         for start, stop in batch_bounds(len(files), batch_size):
             chunk = files[start:stop]
             data, unread = read_files(chunk)
