@@ -875,17 +875,19 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
 
     if not paths:
         return []
+    plain = tf.autograph.experimental.do_not_convert  # TensorFlow ops only: AutoGraph's
+    # conversion of these lambdas (parsing this file's source) was ~0.3 s of every scan
     ds = tf.data.Dataset.from_tensor_slices(
         (tf.range(len(paths), dtype=tf.int64), tf.constant(paths))
     )
     ds = ds.map(
-        lambda i, p: (i, decoded_shape(tf.io.read_file(p))),
+        plain(lambda i, p: (i, decoded_shape(tf.io.read_file(p)))),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False,
     ).ignore_errors()
     # The indices that came out, in batches: one Python step per image cost more than the
     # decoding (6,000 photos: 5.4 s -> BENCHMARKS.md).
-    ds = without_autotuning(ds.map(lambda i, _shape: i).batch(CHECK_BATCH))
+    ds = without_autotuning(ds.map(plain(lambda i, _shape: i)).batch(CHECK_BATCH))
     good = {int(i) for batch in ds.as_numpy_iterator() for i in batch}
     reasons: list[Optional[str]] = [None] * len(paths)
     for idx in set(range(len(paths))) - good:
