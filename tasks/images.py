@@ -42,7 +42,7 @@ def exif_window(image_bytes):
     return tf.strings.substr(image_bytes, 0, EXIF_WINDOW)
 
 
-def _plain(fn):
+def plain(fn):
     """``fn`` as it is when a graph is traced, not converted by AutoGraph (it is plain
     TensorFlow operations; converting them added ~0.4 s to the serving export)."""
     import tensorflow as tf
@@ -57,7 +57,7 @@ def exif_orientations(windows):
     marker segments of a JPEG, its TIFF header (either byte order), tag 0x0112 among the first
     ``_EXIF_ENTRIES`` of IFD0, all within the first ``EXIF_WINDOW`` bytes. 1 ("as stored") for
     other formats, no EXIF there, damaged EXIF or a value outside 1-8; never raises."""
-    return _plain(_orientations)(windows)
+    return plain(_orientations)(windows)
 
 
 def _orientations(windows):
@@ -119,7 +119,7 @@ def upright_images(images, orientations):
     """``images`` [n, s, s, 3] float32 (square) turned as their EXIF ``orientations`` [n] (1-8)
     say they are displayed (what ``PIL.ImageOps.exif_transpose`` does): transposed for 5-8,
     then mirrored. The batch is passed through untouched when none needs turning."""
-    return _plain(_upright)(images, orientations)
+    return plain(_upright)(images, orientations)
 
 
 def _upright(images, orientations):
@@ -155,7 +155,7 @@ def decode_image(image_bytes, image_size: int):
     those of the same photos at their small size, 0.987 shrunk smoothly). Images at most twice
     the square's size decode as before.
     """
-    return _plain(_decode_image)(image_bytes, image_size)
+    return plain(_decode_image)(image_bytes, image_size)
 
 
 def _decode_image(image_bytes, image_size: int):
@@ -174,7 +174,7 @@ def decode_pixels(image_bytes, image_size: int = 0):
     scales (``JPEG_SCALES``) that keeps ``image_size`` pixels on its shorter side (0: its
     smallest). Which scale does not change whether a JPEG decodes: every scale reads all of its
     coded data (checked on cut-short and damaged files)."""
-    return _plain(_decode_pixels)(image_bytes, image_size)
+    return plain(_decode_pixels)(image_bytes, image_size)
 
 
 def _decode_pixels(image_bytes, image_size: int = 0):
