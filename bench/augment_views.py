@@ -15,6 +15,16 @@ not used.
     .venv/bin/python bench/augment_views.py --data-root flower_photos \
         --backbone mobilenet_v2_035_224_feature_vector --views 0,1,2 --mirror \
         --split-seeds 1,2,3,42 --seeds 5 --json views.json
+
+With ``--policies``, the rows are instead plain features alone and plain features plus one
+augmented copy made with each policy ``ROTATION:ZOOM_LOW-ZOOM_HIGH:CONTRAST`` (the settings of
+``tasks/inputs.py``: rotation as a fraction of a full turn, the scale range — below 1 zooms in —
+and the contrast factor's half-width), to choose the augmentation's settings the same way:
+
+    .venv/bin/python bench/augment_views.py --data-root flower_photos \
+        --backbone mobilenet_v2_035_224_feature_vector --split-seeds 1,2,3,4,5,6,42 \
+        --policies 0.1:0.9-1.1:0.1,0:0.9-1.1:0.1,0.03:0.9-1.1:0.1,0:0.8-1.0:0.1,0:1-1:0,0.03:0.8-1.0:0.1 \
+        --seeds 5 --json policies.json
 """
 
 from __future__ import annotations
@@ -40,9 +50,13 @@ def main() -> None:
     ap.add_argument("--split-seeds", default="1,2,3,42")
     ap.add_argument("--report-seed", type=int, default=42)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--policies", default=None,
+                    help="comma-separated ROTATION:ZOOM_LOW-ZOOM_HIGH:CONTRAST; one augmented "
+                         "copy per policy instead of --views/--mirror")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     views = [int(v) for v in args.views.split(",")]
+    policies = [parse_policy(p) for p in args.policies.split(",")] if args.policies else []
     split_seeds = [int(s) for s in args.split_seeds.split(",")]
 
     from petalflow.tasks.common import ENV_DEFAULTS
@@ -51,6 +65,7 @@ def main() -> None:
         os.environ.setdefault(key, value)
     import tensorflow as tf
 
+    from petalflow.tasks import inputs
     from petalflow.tasks.dataset import prepare_dataset, split_files
     from petalflow.tasks.features import FeatureExtractor
     from petalflow.tasks.inputs import image_dataset
@@ -58,6 +73,7 @@ def main() -> None:
     from petalflow.tasks.params import TrainParams
     from petalflow.tasks.train import augmented_copy, cached_features
 
+    defaults = (inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST)
     k = keras()
     base = TrainParams(backbone=str(Path(args.backbone).resolve()))
     extract = FeatureExtractor(load_backbone(base.backbone), base.image_size)
@@ -78,18 +94,36 @@ def main() -> None:
                 feats[split] = cached_features(extract, paths, labels, cfg,
                                                Path(tmp) / f"{split}.npz")[:2]
             paths, labels = split_files(info, "train")
-            started = time.time()
-            copies = [augmented_copy(extract, paths, labels, cfg, Path(tmp), view)[0]
-                      for view in range(max(views))]
-            seconds[f"split {split_seed}: augmented copies"] = round(time.time() - started, 2)
-            started = time.time()
-            mirror = mirrored(paths) if args.mirror else None
-            seconds[f"split {split_seed}: mirrored copy"] = round(time.time() - started, 2)
+            by_policy = {}
+            for policy in policies:  # each its own cache folder: same seed, other settings
+                inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST = policy
+                folder = Path(tmp) / f"policy{len(by_policy)}"
+                folder.mkdir()
+                started = time.time()
+                by_policy[policy_name(policy)] = augmented_copy(extract, paths, labels, cfg,
+                                                                folder, 0)[0]
+                seconds[f"split {split_seed}: {policy_name(policy)}"] = round(
+                    time.time() - started, 2)
+            inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST = defaults
+            copies, mirror = [], None
+            if not policies:
+                started = time.time()
+                copies = [augmented_copy(extract, paths, labels, cfg, Path(tmp), view)[0]
+                          for view in range(max(views))]
+                seconds[f"split {split_seed}: augmented copies"] = round(time.time() - started,
+                                                                         2)
+            if args.mirror and not policies:
+                started = time.time()
+                mirror = mirrored(paths)
+                seconds[f"split {split_seed}: mirrored copy"] = round(time.time() - started, 2)
 
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = (feats[s] for s in
                                                                ("train", "val", "test"))
         variants = {str(n): [train_x, *copies[:n]] for n in views}
-        if args.mirror:
+        if policies:
+            variants = {"0": [train_x]} | {f"1 ({name})": [train_x, copy]
+                                           for name, copy in by_policy.items()}
+        elif args.mirror:
             variants["mirror"] = [train_x, mirror]
             variants["mirror + 1"] = [train_x, mirror, *copies[:1]]
         for name, parts in variants.items():
@@ -133,6 +167,18 @@ def main() -> None:
                                          "report_seed": args.report_seed, "rows": rows,
                                          "summary": summary, "feature_seconds": seconds},
                                         indent=2))
+
+
+def parse_policy(text: str) -> tuple:
+    """'0.1:0.9-1.1:0.1' -> (0.1, (0.9, 1.1), 0.1): rotation, zoom range, contrast."""
+    rotation, zoom, contrast = text.split(":")
+    low, high = zoom.split("-")
+    return float(rotation), (float(low), float(high)), float(contrast)
+
+
+def policy_name(policy: tuple) -> str:
+    rotation, (low, high), contrast = policy
+    return f"rotation {rotation:g}, zoom {low:g}-{high:g}, contrast {contrast:g}"
 
 
 if __name__ == "__main__":
