@@ -94,38 +94,36 @@ def main() -> None:
                 feats[split] = cached_features(extract, paths, labels, cfg,
                                                Path(tmp) / f"{split}.npz")[:2]
             paths, labels = split_files(info, "train")
-            by_policy = {}
-            for policy in policies:  # each its own cache folder: same seed, other settings
-                inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST = policy
-                folder = Path(tmp) / f"policy{len(by_policy)}"
-                folder.mkdir()
-                started = time.time()
-                by_policy[policy_name(policy)] = augmented_copy(extract, paths, labels, cfg,
-                                                                folder, 0)[0]
-                seconds[f"split {split_seed}: {policy_name(policy)}"] = round(
-                    time.time() - started, 2)
-            inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST = defaults
-            copies, mirror = [], None
-            if not policies:
+            train_x = feats["train"][0]
+            if policies:
+                variants = {"0": [train_x]}
+                for n, policy in enumerate(policies):  # each its own cache folder: same seed
+                    inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST = policy
+                    folder = Path(tmp) / f"policy{n}"
+                    folder.mkdir()
+                    started = time.time()
+                    copy = augmented_copy(extract, paths, labels, cfg, folder, 0)[0]
+                    seconds[f"split {split_seed}: {policy_name(policy)}"] = round(
+                        time.time() - started, 2)
+                    variants[f"1 ({policy_name(policy)})"] = [train_x, copy]
+                inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST = defaults
+            else:
                 started = time.time()
                 copies = [augmented_copy(extract, paths, labels, cfg, Path(tmp), view)[0]
                           for view in range(max(views))]
                 seconds[f"split {split_seed}: augmented copies"] = round(time.time() - started,
                                                                          2)
-            if args.mirror and not policies:
-                started = time.time()
-                mirror = mirrored(paths)
-                seconds[f"split {split_seed}: mirrored copy"] = round(time.time() - started, 2)
+                variants = {str(n): [train_x, *copies[:n]] for n in views}
+                if args.mirror:
+                    started = time.time()
+                    mirror = mirrored(paths)
+                    seconds[f"split {split_seed}: mirrored copy"] = round(
+                        time.time() - started, 2)
+                    variants["mirror"] = [train_x, mirror]
+                    variants["mirror + 1"] = [train_x, mirror, *copies[:1]]
 
         (train_x, train_y), (val_x, val_y), (test_x, test_y) = (feats[s] for s in
                                                                ("train", "val", "test"))
-        variants = {str(n): [train_x, *copies[:n]] for n in views}
-        if policies:
-            variants = {"0": [train_x]} | {f"1 ({name})": [train_x, copy]
-                                           for name, copy in by_policy.items()}
-        elif args.mirror:
-            variants["mirror"] = [train_x, mirror]
-            variants["mirror + 1"] = [train_x, mirror, *copies[:1]]
         for name, parts in variants.items():
             x, y = np.concatenate(parts), np.tile(train_y, len(parts))
             val, test = [], []
