@@ -2,8 +2,8 @@
 
 From one folder-per-class archive (the 1x data) it builds larger archives: 2x adds a mirrored
 copy of every photo (re-encoded JPEG q90), 4x adds two more re-encodings (q85 plain and
-mirrored), 8x four more (q80 and q75, plain and mirrored); every copy has its own bytes, so the
-scan keeps them all. For each size it runs, in one invocation and back to back:
+mirrored), 8x four more (q80 and q75, plain and mirrored), 16x eight more (q70 down to q55,
+plain and mirrored); every copy has its own bytes, so the scan keeps them all. For each size it runs, in one invocation and back to back:
   petalflow: ``petalflow train`` (cold: fresh PETALFLOW_HOME and MLflow store, archive served over
   local HTTP, augmentation off) then ``petalflow predict`` on the test split's images;
   baseline: ``bench/baseline.py`` (every image decoded into one float32 array, model.fit) on the
@@ -42,6 +42,8 @@ COPIES = {  # (quality, mirrored) of the extra copies each scale adds, in order
     4: [(90, True), (85, False), (85, True)],
     8: [(90, True), (85, False), (85, True), (80, False), (80, True), (75, False), (75, True)],
 }
+# 16x: eight more (q70 down to q55, plain and mirrored)
+COPIES[16] = COPIES[8] + [(q, m) for q in (70, 65, 60, 55) for m in (False, True)]
 
 
 def scaled_archive(archive: Path, scale: int, out: Path) -> Path:
