@@ -29,6 +29,7 @@ from petalflow.tasks.dataset import (
 from petalflow.tasks.common import (
     file_lock, log, release_memory, remove_set_aside, set_aside, write_json,
 )
+from petalflow.tasks.features import aligned, aligned_empty, shared_tensor
 from petalflow.tasks.params import TrainParams
 
 EpochHook = Callable[[int, int, dict], None]
@@ -200,7 +201,7 @@ def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
                 if list(data["paths"]) == list(paths):
                     log("features (%s): %d images from the cache %s", cache.stem, len(paths),
                         cache.parent)
-                    return data["features"], data["labels"], True, 0
+                    return aligned(data["features"]), data["labels"], True, 0
         if bank is None or shas is None or augment_seed is not None:
             features = _compute_features(extract, paths, cfg, cache.stem, augment_seed, exif)
             banked = 0
@@ -296,7 +297,7 @@ def _features_with_bank(extract, paths, shas, cfg: TrainParams, name: str, bank:
                 if missing else None)
     if found:
         dim = computed.shape[1] if computed is not None else len(next(iter(found.values())))
-        features = np.empty((len(paths), dim), np.float32)
+        features = aligned_empty(len(paths), dim)
         for sha, row in found.items():
             features[wanted[sha]] = row
         if missing:
@@ -408,7 +409,7 @@ def _compute_features(extract, paths, cfg: TrainParams, name: str,
     for batch in ds:
         rows = extract(batch)
         if done == 0:
-            features = np.empty((len(paths), rows.shape[1]), np.float32)
+            features = aligned_empty(len(paths), rows.shape[1])
         features[done:done + len(rows)] = rows
         done += len(rows)
         now = time.time()
@@ -777,22 +778,24 @@ def _train(
                                           view, exif)
             views.append(x)
             reused += [name] if hit else []
-        fit_x = train_x if len(views) == 1 else np.concatenate(views)
+        fit_x = train_x if len(views) == 1 else np.concatenate(
+            views, out=aligned_empty(sum(map(len, views)), train_x.shape[1]))
         fit_y = np.tile(train_y, len(views))
         lap("train_features")
         if not cfg.fine_tune_layers:
             # Every feature is computed; the export reuses the backbone the engine froze (frozen
             # now when every feature came from the cache), and the loaded backbone is freed
             # (unless the TensorFlow engine runs on it) before the epochs, where with many
-            # images the step's peak can be (the features held for fitting, and Keras's copy
-            # of them), not only before the export.
+            # images the step's peak can be (the features held for fitting), not only before
+            # the export.
             extract.frozen_backbone()
             if not frozen_reused:  # for the next training with this backbone
                 _save_frozen_backbone(extract.frozen, frozen_dir)
         head.compile(optimizer=head_opt, loss=loss, metrics=["accuracy"])
-        record(head.fit(fit_x, fit_y, batch_size=cfg.batch_size, epochs=cfg.epochs,
-                        initial_epoch=start, shuffle=True, callbacks=[cb], verbose=0,
-                        class_weight=weights))
+        # The features handed to Keras as a tensor over their own memory: not copied into one.
+        record(head.fit(shared_tensor(fit_x), fit_y, batch_size=cfg.batch_size,
+                        epochs=cfg.epochs, initial_epoch=start, shuffle=True, callbacks=[cb],
+                        verbose=0, class_weight=weights))
 
     lap("train_head")
     tuned_layers: list[str] = []

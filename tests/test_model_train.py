@@ -1357,6 +1357,73 @@ def test_cpu_training_computes_features_through_tflite_as_tensorflow_would(
     assert cached["features"]["engine"] is None  # all from the cache: nothing converted
 
 
+def test_features_held_where_a_tensor_can_share_them_are_not_copied_into_one():
+    """``shared_tensor`` hands TensorFlow the features' own memory (a buffer aligned as its
+    tensors need, ``aligned_empty``/``aligned``); anything else is given back as it is, for
+    Keras to convert as before."""
+    import tensorflow as tf
+
+    from petalflow.tasks.features import (
+        TENSOR_ALIGNMENT, aligned, aligned_empty, shared_tensor,
+    )
+
+    features = aligned_empty(5, 3)
+    assert features.shape == (5, 3) and features.dtype == np.float32
+    assert features.ctypes.data % TENSOR_ALIGNMENT == 0
+    features[...] = np.arange(15, dtype=np.float32).reshape(5, 3)
+    tensor = shared_tensor(features)
+    assert isinstance(tensor, tf.Tensor) and tensor.dtype == tf.float32
+    features[2, 1] = 99.0  # the tensor reads the array's memory: not a copy
+    assert tensor.numpy()[2, 1] == 99.0
+    assert aligned(features) is features
+
+    raw = np.empty(16 + TENSOR_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % TENSOR_ALIGNMENT + 4  # 4 bytes off: not aligned
+    misaligned = raw[start:start + 12].view(np.float32).reshape(1, 3)
+    misaligned[...] = [1.0, 2.0, 3.0]
+    assert shared_tensor(misaligned) is misaligned  # converted by Keras, as before
+    copy = aligned(misaligned)
+    assert copy.ctypes.data % TENSOR_ALIGNMENT == 0
+    np.testing.assert_array_equal(copy, misaligned)
+    wider = np.ones((2, 3))  # float64
+    assert shared_tensor(wider) is wider
+
+
+def test_the_head_is_fitted_on_the_features_memory_computed_cached_or_augmented(
+        tmp_path, tiny_backbone, data_info, monkeypatch):
+    """``Model.fit`` converts NumPy input into a tensor, a copy of every training feature (with
+    many images the training step's peak). The head's fit is given a tensor over the
+    features' own memory: computed, read from the cache, and joined to augmented copies."""
+    import tensorflow as tf
+
+    import petalflow.tasks.train as train_module
+    from petalflow.tasks.features import shared_tensor
+
+    given = []
+
+    def spy(array):
+        tensor = shared_tensor(array)
+        given.append((isinstance(tensor, tf.Tensor), tuple(tensor.shape), array.shape))
+        return tensor
+
+    monkeypatch.setattr(train_module, "shared_tensor", spy)
+    features = tmp_path / "features"
+    computed = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False),
+                           tmp_path / "w1", features_dir=features)
+    cached = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False,
+                                         learning_rate=0.01), tmp_path / "w2",
+                         features_dir=features)
+    augmented = train_model(data_info, _cfg(tiny_backbone, epochs=1, edge_export=False,
+                                            augment=True), tmp_path / "w3",
+                            features_dir=features)
+    assert computed["features"]["reused"] == []
+    assert cached["features"]["reused"] == ["val", "train"]
+    assert "train" in augmented["features"]["reused"]
+    assert [(is_tensor, shape == array_shape) for is_tensor, shape, array_shape in given] == [
+        (True, True)] * 3
+    assert given[2][2][0] == 2 * given[0][2][0]  # the plain features and one augmented copy
+
+
 @pytest.mark.parametrize("released", [False, True])
 def test_a_backbone_tflite_cannot_convert_gets_its_features_from_tensorflow(
         tmp_path, tiny_backbone, data_info, caplog, released):
