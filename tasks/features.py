@@ -38,9 +38,9 @@ def _shareable(array: np.ndarray) -> bool:
 
 
 def aligned(array: np.ndarray) -> np.ndarray:
-    """``array`` (features [n, dim]) in a buffer a TensorFlow tensor can share: itself when it
-    is one, else a float32 copy in one."""
-    if _shareable(array):
+    """``array`` (float32 features [n, dim]) in a buffer a TensorFlow tensor can share: itself
+    when it is one (or is no such features array), else a copy in one."""
+    if _shareable(array) or array.dtype != np.float32 or array.ndim != 2:
         return array
     copy = aligned_empty(*array.shape)
     copy[...] = array

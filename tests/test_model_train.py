@@ -1386,7 +1386,9 @@ def test_features_held_where_a_tensor_can_share_them_are_not_copied_into_one():
     assert copy.ctypes.data % TENSOR_ALIGNMENT == 0
     np.testing.assert_array_equal(copy, misaligned)
     wider = np.ones((2, 3))  # float64
-    assert shared_tensor(wider) is wider
+    assert shared_tensor(wider) is wider and aligned(wider) is wider
+    flat = np.ones(3, np.float32)  # no features array: as it is
+    assert aligned(flat) is flat
 
 
 def test_the_head_is_fitted_on_the_features_memory_computed_cached_or_augmented(
