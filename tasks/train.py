@@ -201,7 +201,7 @@ def cached_features(extract, paths, labels, cfg: TrainParams, cache: Path,
                 if list(data["paths"]) == list(paths):
                     log("features (%s): %d images from the cache %s", cache.stem, len(paths),
                         cache.parent)
-                    return aligned(data["features"]), data["labels"], True, 0
+                    return data["features"], data["labels"], True, 0
         if bank is None or shas is None or augment_seed is not None:
             features = _compute_features(extract, paths, cfg, cache.stem, augment_seed, exif)
             banked = 0
@@ -771,9 +771,12 @@ def _train(
         reused += ["train"] if hit else []
         counts["from_earlier"] += banked
         counts["computed"] += 0 if hit else len(train_paths) - banked
+        copies = AUGMENTED_VIEWS if cfg.augment else 0
+        if not copies:  # fitted on as they are: where a tensor can share them (a cache's are not)
+            train_x = aligned(train_x)
         train_features = train_x
         views = [train_x]  # with augmentation, + AUGMENTED_VIEWS augmented copies, each cached
-        for view in range(AUGMENTED_VIEWS if cfg.augment else 0):
+        for view in range(copies):
             x, hit, name = augmented_copy(extract, train_paths, train_y, cfg, features_dir,
                                           view, exif)
             views.append(x)
