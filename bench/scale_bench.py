@@ -3,7 +3,8 @@
 From one folder-per-class archive (the 1x data) it builds larger archives: 2x adds a mirrored
 copy of every photo (re-encoded JPEG q90), 4x adds two more re-encodings (q85 plain and
 mirrored), 8x four more (q80 and q75, plain and mirrored), 16x eight more (q70 down to q55,
-plain and mirrored); every copy has its own bytes, so the scan keeps them all. For each size it runs, in one invocation and back to back:
+plain and mirrored); every copy has its own bytes, so the scan keeps them all. For each size it
+runs, in one invocation and back to back:
   petalflow: ``petalflow train`` (cold: fresh PETALFLOW_HOME and MLflow store, archive served over
   local HTTP, augmentation off) then ``petalflow predict`` on the test split's images;
   baseline: ``bench/baseline.py`` (every image decoded into one float32 array, model.fit) on the
