@@ -176,8 +176,16 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         frame = pd.read_csv(confusion, index_col=0, dtype=str, keep_default_na=False)
         lines += ["## Confusion matrix", "", f"![confusion matrix]({image_url})", "",
                   *confusion_markdown(frame.astype(int)), ""]
+    advice = _advice(summary)
+    if advice:
+        lines += ["## Training", "", f"Epochs: {advice}.", ""]
     lines += _edge_lines(summary)
     return "\n".join(lines)
+
+
+def _advice(summary: dict) -> Optional[str]:
+    """What the head's validation loss said about its number of epochs (``epochs_advice``)."""
+    return (summary.get("training") or {}).get("advice")
 
 
 def shortened_card(card: str, limit: int) -> str:
@@ -258,6 +266,8 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
             f"{interval_words(summary['test_metrics'])}, "
             f"macro F1 {summary['test_metrics']['test_macro_f1']:.4f}",
         ]
+        if _advice(summary):
+            lines.append(f"- Epochs: {_advice(summary)}")
     ds = summary["dataset"]
     lines.append(f"- Data: {ds['found']} files found, {ds['used']} used, "
                  f"{ds['quarantined']} quarantined; fingerprint `{ds['fingerprint'][:12]}`")

@@ -616,6 +616,38 @@ def prune_attempts(runs_dir: Path, keep: str) -> list[tuple[str, int]]:
     return removed
 
 
+# The head's validation loss at its epochs (``epochs_advice``): still falling by this share at
+# the last epoch, the head had not finished learning; this share above its lowest at the last
+# epoch, it had been overfitting since that epoch.
+STILL_FALLING = 0.02
+OVERFITTING = 0.10
+
+
+def epochs_advice(val_loss: list, epochs: int) -> Optional[str]:
+    """What the head's validation loss over its ``epochs`` (``val_loss``, one per epoch) says
+    about their number, when it says something: still falling at the last epoch by more than
+    ``STILL_FALLING`` (more epochs would likely help), or at the last epoch more than
+    ``OVERFITTING`` above its lowest, reached at least two epochs earlier (fewer would do as
+    well or better); else None. The default 5 epochs on the flowers say neither (BENCHMARKS.md,
+    "How many epochs")."""
+    losses = [float(v) for v in val_loss[:epochs]]
+    if len(losses) < max(epochs, 2) or not all(np.isfinite(losses)):
+        return None
+    last, before = losses[-1], losses[-2]
+    lowest = min(losses)
+    best = losses.index(lowest) + 1
+    if last == lowest and last < before * (1 - STILL_FALLING):
+        return (f"the validation loss was still falling at the last of the {epochs} epochs "
+                f"({before:.4f} -> {last:.4f}): the head had not finished learning; more "
+                f"epochs than {epochs} (epochs on cached features cost little) would likely "
+                "raise its accuracy")
+    if best <= epochs - 2 and last > lowest * (1 + OVERFITTING):
+        return (f"the validation loss was lowest at epoch {best} of {epochs} ({lowest:.4f}) "
+                f"and {last:.4f} at the last: the head overfitted after epoch {best}; about "
+                f"{best} epochs would likely do as well or better")
+    return None
+
+
 def train_model(
     data_info: DatasetInfo, cfg: TrainParams, workdir: Path,
     on_epoch_end: Optional[EpochHook] = None, backbone_path: Optional[str] = None,
@@ -874,6 +906,10 @@ def _train(
         "epochs": total,
         "resumed_from_epoch": resumed_from,
         "history": history,
+        # Only for a training that ran every head epoch here (a resumed one lacks the first),
+        # and whose head epochs were all it had (fine-tuning trains on after them).
+        "advice": None if resumed_from or cfg.fine_tune_layers else epochs_advice(
+            history.get("val_loss", []), cfg.epochs),
         "fine_tuned_layers": tuned_layers,
         "class_weights": {classes[c]: w for c, w in weights.items()} if weights else None,
         "features": {"dir": str(features_dir), "reused": reused, **counts, "engine": engine,
@@ -909,5 +945,7 @@ def train_model_task(job: TrainingJob) -> dict:
                          backbone_path=job.backbone_path, resume_killed=not cfg.force,
                          features_dir=job.features_dir)
     update_progress_artifact(progress_id, progress=100.0)
+    if record.get("advice"):
+        log("training: %s", record["advice"], level=30)
     log_training(job.run_id, record)
     return record

@@ -1061,3 +1061,38 @@ def test_a_sweep_trains_each_candidate_and_registers_the_best(tmp_path, tiny_bac
 
     again = train_and_register(params)
     assert again["status"] == "nothing to do"
+
+
+def test_a_head_still_learning_at_its_last_epoch_is_said_to_need_more(
+        workspace, tiny_backbone, prefect_harness, caplog):
+    """Three epochs where the tiny backbone's features need many: the run's log warns, and the
+    summary, the result artifact, train.json and the model card (the version's description)
+    say the head had not finished learning."""
+    import logging
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from petalflow.flows.train_flow import train_and_register
+
+    archive = _serve_dataset(workspace, make_dataset, "learning", per_class=12)
+    caplog.set_level(logging.WARNING)
+    with serve_directory(workspace / "served") as url:
+        summary = train_and_register(_params(f"{url}/learning.tgz", archive, tiny_backbone,
+                                             epochs=3, learning_rate=0.3, min_accuracy=0.0,
+                                             edge_export=False, model_name="learning"))
+    advice = summary["training"]["advice"]
+    assert advice.startswith("the validation loss was still falling at the last of the 3 "
+                             "epochs (") and advice.endswith("would likely raise its accuracy")
+    assert [r.levelname for r in caplog.records
+            if r.getMessage() == f"training: {advice}"] == ["WARNING"]
+    client = _client()
+    assert f"## Training\n\nEpochs: {advice}." in client.get_model_version(
+        "learning", summary["model_version"]).description
+    recorded = client.download_artifacts(summary["mlflow_run_id"], "training/train.json",
+                                         str(workspace / "recorded"))
+    assert json.loads(Path(recorded).read_text())["advice"] == advice
+    with get_client(sync_client=True) as prefect:
+        result = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["train-result-learning"])))
+    assert f"- Epochs: {advice}\n" in result[0].data

@@ -2316,3 +2316,52 @@ def test_a_row_the_model_cannot_decode_says_what_its_bytes_show(trained, data_in
                                                 for b in files.values()]}))
     assert got["error"].tolist() == expected[:2] + ["empty: no image in this row"] + expected[3:]
     assert _errors_of_files(model, files, tmp_path, monkeypatch) == ((10, 8), expected)
+
+
+def test_the_validation_loss_says_when_the_head_needed_more_or_fewer_epochs():
+    """``epochs_advice`` on validation losses measured on real data (BENCHMARKS.md, "How many
+    epochs"): the flowers' default 5 epochs say nothing; 15 overfit after epoch 3; 150 classes
+    of 4 training photos were still learning at their fifth epoch."""
+    from petalflow.tasks.train import epochs_advice
+
+    flowers = [0.4431, 0.3725, 0.3670, 0.3710, 0.3777, 0.3744, 0.3757, 0.3814, 0.3829, 0.3964,
+               0.4060, 0.3940, 0.4059, 0.4075, 0.4079]
+    assert epochs_advice(flowers[:5], 5) is None
+    assert epochs_advice(flowers, 15) == (
+        "the validation loss was lowest at epoch 3 of 15 (0.3670) and 0.4079 at the last: the "
+        "head overfitted after epoch 3; about 3 epochs would likely do as well or better")
+    many_classes = [4.3725, 3.5052, 3.1117, 2.8661, 2.6959]
+    assert epochs_advice(many_classes, 5) == (
+        "the validation loss was still falling at the last of the 5 epochs (2.8661 -> 2.6959): "
+        "the head had not finished learning; more epochs than 5 (epochs on cached features "
+        "cost little) would likely raise its accuracy")
+    # A last epoch barely lower (1 %), or higher but by less than a tenth: nothing to say.
+    assert epochs_advice([1.2, 1.0, 0.99], 3) is None
+    assert epochs_advice([1.0, 0.9, 0.95, 0.98], 4) is None
+    # The lowest one epoch before the last is noise, not overfitting.
+    assert epochs_advice([1.0, 0.9, 0.5, 0.6], 4) is None
+    # One epoch, a history shorter than the epochs (a resumed training), a NaN loss.
+    assert epochs_advice([1.0], 1) is None
+    assert epochs_advice(many_classes[2:], 5) is None
+    assert epochs_advice([1.0, float("nan"), 0.5], 3) is None
+
+
+def test_a_training_whose_validation_loss_still_falls_records_the_advice(
+        tmp_path, tiny_backbone, data_info):
+    """Three epochs where the tiny backbone's features need many: the head is still learning,
+    and the training's record (train.json; the summary's ``training``) says so; fine-tuned,
+    the head's epochs are not all its training, and it says nothing."""
+    record = train_model(data_info, _cfg(tiny_backbone, epochs=3, learning_rate=0.3,
+                                         edge_export=False),
+                         tmp_path / "a", features_dir=tmp_path / "features")
+    losses = record["history"]["val_loss"]
+    assert losses[2] < 0.98 * losses[1]
+    assert record["advice"].startswith("the validation loss was still falling at the last of "
+                                       f"the 3 epochs ({losses[1]:.4f} -> {losses[2]:.4f})")
+    assert json.loads((tmp_path / "a" / "train.json").read_text())["advice"] == record["advice"]
+    tuned = train_model(data_info, _cfg(tiny_backbone, epochs=3, learning_rate=0.3,
+                                        fine_tune_layers=1, fine_tune_epochs=1,
+                                        edge_export=False),
+                        tmp_path / "b", features_dir=tmp_path / "features")
+    assert tuned["history"]["val_loss"][:3] == pytest.approx(losses, rel=1e-3)
+    assert tuned["advice"] is None
