@@ -252,7 +252,11 @@ class TrainParams(BaseModel):
         224, ge=32, le=1024, title="Image size (px)",
         description="Square side the images are resized to; must match what the backbone expects.",
     )
-    epochs: int = Field(5, ge=1, le=500, title="Epochs", description="Epochs of head training.")
+    epochs: int = Field(
+        5, ge=1, le=500, title="Epochs",
+        description="Epochs of head training. The run warns when the validation loss says they "
+        "were too few (still falling at the last) or too many (overfitting since an earlier one).",
+    )
     batch_size: int = Field(32, ge=1, le=4096, title="Batch size", description="Images per batch.")
     learning_rate: float = Field(
         0.003, gt=0, le=1.0, title="Learning rate", description="Adam learning rate of the head."
