@@ -266,8 +266,9 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
             f"{interval_words(summary['test_metrics'])}, "
             f"macro F1 {summary['test_metrics']['test_macro_f1']:.4f}",
         ]
-        if _advice(summary):
-            lines.append(f"- Epochs: {_advice(summary)}")
+        advice = _advice(summary)
+        if advice:
+            lines.append(f"- Epochs: {advice}")
     ds = summary["dataset"]
     lines.append(f"- Data: {ds['found']} files found, {ds['used']} used, "
                  f"{ds['quarantined']} quarantined; fingerprint `{ds['fingerprint'][:12]}`")
