@@ -104,6 +104,24 @@ def test_candidates_rank_by_validation_accuracy_and_failures_go_last():
         rank_candidates([{"epochs": 1}], [{"error": "boom"}], ["a"])
 
 
+def test_the_same_count_of_correct_images_ties_in_float32_and_float64():
+    """10 of 12 validation images right: Keras's float32 metric (a fine-tuned candidate) reads
+    0.8333333134651184, a head on cached features 0.8333333333333334. They tie, and the lower
+    validation loss ranks first (the fine-tuned one ranked last of four such ties before)."""
+    import numpy as np
+
+    from petalflow.tasks.sweep import rank_candidates
+
+    keras_acc = float(np.float32(10) / np.float32(12))
+    assert keras_acc < 10 / 12
+    rows = rank_candidates(
+        [{"augment": True}, {"fine_tune_layers": 10}, {"epochs": 9}],
+        [{"history": {"val_accuracy": [10 / 12], "val_loss": [0.42]}},
+         {"history": {"val_accuracy": [keras_acc], "val_loss": [0.40]}},
+         {"history": {"val_accuracy": [11 / 12], "val_loss": [0.90]}}], ["a", "b", "c"])
+    assert [r["candidate"] for r in rows] == [3, 2, 1]
+
+
 def test_feature_cache_is_keyed_by_what_features_depend_on(tmp_path, tiny_backbone,
                                                           any_size_backbone):
     from petalflow.tasks.train import feature_cache_dir
