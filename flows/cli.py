@@ -93,9 +93,9 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, DownloadError):
         return RunFailed(text, "check --data-url (the URL or path of a .tgz/.tar/.zip archive or "
                          "of a folder with one subfolder per class).", EXIT_SOURCE)
-    if isinstance(exc, BackboneError) and "--image-size" in text:
-        return RunFailed(text, "the backbone decides the image size; pass the --image-size "
-                         "it takes.", EXIT_BACKBONE)
+    if isinstance(exc, BackboneError) and " images but " in text:
+        return RunFailed(text, "the backbone decides the image size; give the size it takes.",
+                         EXIT_BACKBONE)
     if isinstance(exc, BackboneError):
         return RunFailed(text, "--backbone must be a TF Hub image feature-vector handle or a "
                          "local SavedModel folder; " + OFFLINE_HINT, EXIT_BACKBONE)

@@ -40,7 +40,9 @@ from petalflow.tasks.evaluate import (
     compare_with_champion_task, evaluate_edge_task, evaluate_model_task,
 )
 from petalflow.tasks.housekeeping import end_failed_run, prune_home_task
-from petalflow.tasks.params import TrainParams, expected_sha256, run_key, training_target
+from petalflow.tasks.params import (
+    TrainParams, expected_sha256, image_size_set_by, run_key, training_target,
+)
 from petalflow.tasks.registry import (
     champion_info_task, finish_run_task, log_timings_task, register_model_task,
     start_run_task, training_turn, unchanged_since_champion_task,
@@ -125,7 +127,8 @@ def train_and_register(params: TrainParams = TrainParams()):
     candidates = params.candidates()
     with timer.phase("backbone"):
         backbones = {(c.backbone, c.image_size): fetch_backbone_task(
-            c.backbone, str(home / "tfhub"), c.image_size) for c in candidates}
+            c.backbone, str(home / "tfhub"), c.image_size,
+            image_size_set_by(params, c.backbone, c.image_size)) for c in candidates}
     with timer.phase("download"):
         archive = download_archive_task(params.data_url, str(home / "downloads"),
                                         expected_sha256(params))

@@ -1223,10 +1223,11 @@ def describe_source_task(url: str, archive: str) -> dict:
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=_retry_only_transient,
 )
-def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] = None) -> str:
+def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] = None,
+                        image_size_set_by: Optional[list[str]] = None) -> str:
     """The backbone's local SavedModel folder; refuses at once an ``image_size`` it does not
-    take (a BackboneError is not retried), and warns when it looks like a classification
-    model."""
+    take (a BackboneError is not retried; ``image_size_set_by``: the sweep candidates that
+    set it, named in the error), and warns when it looks like a classification model."""
     from petalflow.tasks.model import (
         check_image_size, classification_warning, fetch_backbone, serving_signature,
     )
@@ -1234,7 +1235,7 @@ def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] =
     path = fetch_backbone(handle, Path(cache_dir))
     signature = serving_signature(Path(path))
     if image_size is not None:
-        check_image_size(signature, handle, image_size)
+        check_image_size(signature, handle, image_size, image_size_set_by)
     warning = classification_warning(signature, handle)
     if warning:
         log("%s", warning, level=30)

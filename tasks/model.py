@@ -132,16 +132,25 @@ def classification_warning(signature, handle: str) -> Optional[str]:
             "Hub and Kaggle its handle says feature_vector where this one says classification)")
 
 
-def check_image_size(signature, handle: str, image_size: int) -> None:
-    """Refuse an --image-size the backbone (its ``serving_signature``) does not take, naming
-    both (BackboneError)."""
+def check_image_size(signature, handle: str, image_size: int,
+                     set_by: Optional[list[str]] = None) -> None:
+    """Refuse an image size the backbone (its ``serving_signature``) does not take, naming
+    both and where the size was set (BackboneError): --image-size, or ``set_by``, the sweep
+    candidates that set it (``image_size_set_by``)."""
     from petalflow.tasks.errors import BackboneError
 
     declared = _input_size(signature)
-    if declared is not None and declared != image_size:
+    if declared is None or declared == image_size:
+        return
+    if not set_by:
         raise BackboneError(
             f"backbone {handle} takes {declared}x{declared} images but --image-size is "
             f"{image_size}; set --image-size {declared} (image_size in the run form)")
+    raise BackboneError(
+        f"backbone {handle} takes {declared}x{declared} images but {', '.join(set_by)} "
+        f"set{'s' if len(set_by) == 1 else ''} image_size {image_size}; give "
+        f"{'it' if len(set_by) == 1 else 'them'} image_size {declared} (the Sweep field in "
+        "the run form), or none to use --image-size")
 
 
 def load_backbone(handle: str, trainable: bool = False):

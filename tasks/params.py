@@ -515,6 +515,18 @@ def parse_size(value) -> int:
     return size
 
 
+def image_size_set_by(params: TrainParams, backbone: str, image_size: int) -> list[str]:
+    """The sweep candidates that set ``image_size`` themselves for ``backbone`` ("sweep[2]"),
+    so that a size the backbone does not take is blamed on them, not on --image-size; empty
+    when the run's own size is the one (no sweep, or a candidate that sets none)."""
+    using = [(i, c) for i, c in enumerate(params.sweep)
+             if (c.backbone or params.backbone) == backbone
+             and (c.image_size or params.image_size) == image_size]
+    if not using or any(c.image_size is None for _, c in using):
+        return []
+    return [f"sweep[{i}]" for i, _ in using]
+
+
 def expected_sha256(params: TrainParams) -> Optional[str]:
     """The digest the archive must have: the user's pin, else the published digest of a
     well-known archive (applied at run time, so the run form's default stays empty)."""

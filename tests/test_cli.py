@@ -667,6 +667,38 @@ def test_cli_failure_prints_one_message_and_no_traceback(workspace, tiny_backbon
     assert (workspace / "mlflow" / "mlflow.db").is_file()
 
 
+def test_a_sweep_candidates_image_size_the_backbone_refuses_names_it_before_any_download(
+        workspace, tiny_backbone):
+    """`petalflow train --sweep` with a candidate whose image_size the backbone does not take:
+    exit 5 within seconds, the message names that candidate (the user typed no --image-size
+    of that value), a hint, no traceback, and the data behind the URL is not fetched."""
+    import subprocess
+    import sys
+
+    from tests.helpers import make_dataset, make_tgz, serve_directory
+
+    served = workspace / "served"
+    served.mkdir()
+    make_tgz(make_dataset(workspace / "photos"), served / "data.tgz")
+    exe = Path(sys.executable).with_name("petalflow")
+    with serve_directory(served) as url:
+        proc = subprocess.run(
+            [str(exe), "train", "--data-url", f"{url}/data.tgz", "--backbone",
+             str(tiny_backbone), "--image-size", "32",
+             "--sweep", '[{"learning_rate": 0.01}, {"image_size": 64}]'],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "PREFECT_API_URL": ""})
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.count(
+        f"petalflow train: error: backbone {tiny_backbone} takes 32x32 images but sweep[1] "
+        "sets image_size 64; give it image_size 32") == 1
+    assert "--image-size is" not in proc.stderr
+    assert "hint: the backbone decides the image size; give the size it takes." in proc.stderr
+    downloads = workspace / "home" / "downloads"
+    assert not downloads.exists() or not any(downloads.rglob("*.tgz*"))
+
+
 def test_extraction_limit_is_a_size_in_human_units(workspace, capsys):
     from petalflow.tasks.params import parse_size
 

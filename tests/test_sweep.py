@@ -38,6 +38,41 @@ def test_a_bad_sweep_candidate_is_refused_naming_it(tiny_backbone):
         TrainParams(sweep=[{"model_name": "other"}])  # not a training field
 
 
+def test_an_image_size_the_backbone_refuses_is_blamed_on_who_set_it(tiny_backbone,
+                                                                      other_backbone):
+    """A sweep candidate's image_size the backbone does not take names that candidate, not
+    --image-size (which the user may not have typed at all); the run's own size still names
+    --image-size, also when a candidate sets the same size."""
+    from petalflow.tasks.errors import BackboneError
+    from petalflow.tasks.model import check_image_size, serving_signature
+    from petalflow.tasks.params import image_size_set_by
+
+    tiny, other = str(tiny_backbone), str(other_backbone)
+    swept = TrainParams(backbone=tiny, image_size=32, sweep=[
+        {"image_size": 48}, {"learning_rate": 0.01}, {"image_size": 48, "epochs": 2},
+        {"backbone": other, "image_size": 48}, {"backbone": other}])
+    assert image_size_set_by(swept, tiny, 48) == ["sweep[0]", "sweep[2]"]
+    assert image_size_set_by(swept, other, 48) == ["sweep[3]"]
+    assert image_size_set_by(swept, tiny, 32) == []  # the run's own (sweep[1])
+    assert image_size_set_by(swept, other, 32) == []  # the run's own (sweep[4])
+    assert image_size_set_by(TrainParams(backbone=tiny, image_size=48), tiny, 48) == []
+    both = TrainParams(backbone=tiny, image_size=48, sweep=[{"image_size": 48, "epochs": 2},
+                                                             {"epochs": 3}])
+    assert image_size_set_by(both, tiny, 48) == []
+
+    signature = serving_signature(tiny_backbone)
+    with pytest.raises(BackboneError) as many:
+        check_image_size(signature, tiny, 48, ["sweep[0]", "sweep[2]"])
+    assert str(many.value) == (
+        f"backbone {tiny} takes 32x32 images but sweep[0], sweep[2] set image_size 48; give "
+        "them image_size 32 (the Sweep field in the run form), or none to use --image-size")
+    with pytest.raises(BackboneError, match=r"but sweep\[3\] sets image_size 48; give it "):
+        check_image_size(signature, other, 48, ["sweep[3]"])
+    with pytest.raises(BackboneError, match=r"but --image-size is 48; set --image-size 32"):
+        check_image_size(signature, tiny, 48, [])
+    check_image_size(signature, tiny, 32, ["sweep[0]"])  # a size it takes: nothing to say
+
+
 def test_cli_takes_the_sweep_as_json():
     from petalflow.flows.cli import UsageError, build_parser, params_from_args
 
