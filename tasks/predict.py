@@ -6,6 +6,7 @@ memory stays bounded however large the folder.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 from collections import Counter
@@ -348,6 +349,13 @@ class _Writer:
 
     def discard(self) -> None:
         """The job failed: no file, not even a part of one."""
+        if self.parquet is not None:
+            # Closed before its file: left open, it wrote its footer to the closed file when
+            # collected, and Python printed "Exception ignored in ... ParquetWriter.__del__"
+            # after the job's own error.
+            with contextlib.suppress(OSError, ValueError):
+                self.parquet.close()
+            self.parquet = None
         self._close_files()
         self.tmp.unlink(missing_ok=True)
 
