@@ -215,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="Download a registered model for offline use.",
                           allow_abbrev=False)
     pull.add_argument("--model", default=None,
-                      help=f"Model URI (default: models:/{DEFAULT_MODEL_NAME}@champion).")
-    pull.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+                      help="Model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/... "
+                           "(default: the champion of --model-name, "
+                           f"models:/{DEFAULT_MODEL_NAME}@champion).")
+    pull.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                      help="The registered model whose champion is pulled when --model is not "
+                           f"given (default: {DEFAULT_MODEL_NAME}).")
     pull.add_argument("--dest", type=Path, required=True,
                       help="Folder to save the model in; use it later as --model DIR.")
     pull.add_argument("--format", choices=("mlflow", "tflite"), default="mlflow",
@@ -227,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(pull)
     models = sub.add_parser("models", help="List a registered model's versions and aliases.",
                             allow_abbrev=False)
-    models.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
+    models.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                        help=f"The registered model to list (default: {DEFAULT_MODEL_NAME}).")
     _add_common_options(models)
     return parser
 

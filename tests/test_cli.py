@@ -153,12 +153,13 @@ def test_every_command_prints_its_help(command, capsys):
         assert ("the ``cpu`` and ``gpu`` process work pools with one worker each, and the "
                 "deployments of deployment.yaml.") in said
         assert "petalflow stack down # stop all cleanly" in said
-        # An option without help is a line of its own not followed by an indented help line.
-        lines = out.split("options:")[1].splitlines() + [""]
-        unexplained = [line.strip() for line, after in zip(lines, lines[1:])
-                       if line.startswith("  --") and "  " not in line.strip()
-                       and not after.startswith(" " * 10)]
-        assert not unexplained, f"options without help: {unexplained}"
+    # Every option says what it is (pull's and models' --model-name said nothing). An option
+    # without help is a line of its own not followed by an indented help line.
+    lines = out.split("options:")[1].splitlines() + [""]
+    unexplained = [line.strip() for line, after in zip(lines, lines[1:])
+                   if line.startswith("  --") and "  " not in line.strip()
+                   and not after.startswith(" " * 10)]
+    assert not unexplained, f"options without help: {unexplained}"
 
 
 def test_balance_classes_is_on_unless_turned_off(workspace, monkeypatch):
