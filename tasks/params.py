@@ -519,12 +519,13 @@ def image_size_set_by(params: TrainParams, backbone: str, image_size: int) -> li
     """The sweep candidates that set ``image_size`` themselves for ``backbone`` ("sweep[2]"),
     so that a size the backbone does not take is blamed on them, not on --image-size; empty
     when the run's own size is the one (no sweep, or a candidate that sets none)."""
-    using = [(i, c) for i, c in enumerate(params.sweep)
-             if (c.backbone or params.backbone) == backbone
-             and (c.image_size or params.image_size) == image_size]
-    if not using or any(c.image_size is None for _, c in using):
+    # Compared as each candidate is trained (its handle as validation leaves it: unquoted, a
+    # saved_model.pb's folder), which is what the flow fetches.
+    using = [i for i, full in enumerate(params.candidates() if params.sweep else [])
+             if (full.backbone, full.image_size) == (backbone, image_size)]
+    if not using or any(params.sweep[i].image_size is None for i in using):
         return []
-    return [f"sweep[{i}]" for i, _ in using]
+    return [f"sweep[{i}]" for i in using]
 
 
 def expected_sha256(params: TrainParams) -> Optional[str]:

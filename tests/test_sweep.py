@@ -53,6 +53,10 @@ def test_an_image_size_the_backbone_refuses_is_blamed_on_who_set_it(tiny_backbon
         {"backbone": other, "image_size": 48}, {"backbone": other}])
     assert image_size_set_by(swept, tiny, 48) == ["sweep[0]", "sweep[2]"]
     assert image_size_set_by(swept, other, 48) == ["sweep[3]"]
+    # A handle as typed (quoted, its saved_model.pb) is the one the flow fetches.
+    pasted = TrainParams(backbone=tiny, image_size=32, sweep=[
+        {"backbone": f"'{other}/saved_model.pb'", "image_size": 48}])
+    assert image_size_set_by(pasted, pasted.candidate(0).backbone, 48) == ["sweep[0]"]
     assert image_size_set_by(swept, tiny, 32) == []  # the run's own (sweep[1])
     assert image_size_set_by(swept, other, 32) == []  # the run's own (sweep[4])
     assert image_size_set_by(TrainParams(backbone=tiny, image_size=48), tiny, 48) == []
