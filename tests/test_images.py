@@ -160,8 +160,10 @@ def test_a_large_photo_is_shrunk_smoothly_and_small_ones_decode_as_before(fmt):
     assert _quadrant_speckle(plain.numpy() / 255) > 0.05  # what it was
 
     @tf.function
-    def before(data):  # the decoding before large images were shrunk smoothly
-        img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    def before(data):  # the decoding before large images were shrunk smoothly (JPEGs with the
+        # accurate IDCT: test_a_jpeg_decodes_to_pillows_pixels_...)
+        img = (tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE") if fmt == "JPEG"
+               else tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8))
         img = tf.image.resize(img, [32, 32], method="bilinear", antialias=False)
         return tf.clip_by_value(img / 255.0, 0.0, 1.0)
 
@@ -195,3 +197,25 @@ def test_a_large_jpeg_decoded_at_a_smaller_scale_is_checked_as_strictly():
         for size in (32, 224):
             with pytest.raises(tf.errors.InvalidArgumentError):
                 decode_image(tf.constant(bad), size)
+
+
+@pytest.mark.parametrize("width, height, size", [(60, 40, 32), (300, 200, 32), (1000, 700, 64),
+                                                 (241, 240, 120)])
+def test_a_jpeg_decodes_to_pillows_pixels_at_the_scale_pillows_draft_picks(width, height, size):
+    """A JPEG's pixels are the ones Pillow (and OpenCV, browsers: libjpeg's accurate IDCT)
+    decodes, also at the reduced DCT scale training reads a large one at, which Pillow's
+    ``draft`` picks by the same rule: someone feeding an edge model from Pillow gives it the
+    pixels it was trained and evaluated on. With TensorFlow's default fast IDCT they were up to
+    several levels off (~1 on average)."""
+    from petalflow.tasks.images import decode_pixels
+
+    noise = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, "JPEG", quality=85)
+    data = buf.getvalue()
+    photo = Image.open(io.BytesIO(data))
+    photo.draft("RGB", (size, size))
+    expected = np.asarray(photo.convert("RGB"))
+    pixels = decode_pixels(data, size).numpy()
+    assert pixels.shape == expected.shape
+    assert np.array_equal(pixels, expected)
