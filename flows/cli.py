@@ -465,8 +465,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"--model: {exc}") from None
         print(f"saved the {args.quantization} TFLite model of {model_said(uri, pinned)} to "
-              f"{path} (labels.txt and edge.json beside it: input float32 [1, S, S, 3] in "
-              "[0, 1], output class probabilities in labels.txt order)")
+              f"{path} (labels.txt, edge.json and edge_input.py beside it: input float32 "
+              "[1, S, S, 3] in [0, 1], edge_input.model_input(path, S) makes it from an image "
+              "file; output class probabilities in labels.txt order)")
         return 0
     try:
         path = pull_model(pinned, args.dest)

@@ -7,7 +7,9 @@ so callers need no scale or zero point). Both take one image ``[1, S, S, 3]`` fl
 (decoded RGB, resized to S x S with bilinear resampling, antialiased when a side shrinks more
 than 2x, no crop) and return the class
 probabilities ``[1, classes]`` in the order of ``labels.txt``. ``edge.json`` describes that
-contract and, after ``evaluate_edge``, each model's test-split accuracy, size and latency.
+contract and, after ``evaluate_edge``, each model's test-split accuracy, size and latency;
+``edge_input.py`` (a copy of ``tasks/edge_input.py``: numpy and Pillow only) makes that input
+from an image file as training decodes it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ FORMATS = ("float16", "int8")
 # gave the same mean accuracy as 100 (0.850) for 1.6 s less conversion; 10 and 25 gave 0.846.
 CALIBRATION_IMAGES = 50
 LATENCY_IMAGES = 50  # test files timed one at a time, for every model (and the SavedModel)
+
+
+EDGE_INPUT = "edge_input.py"  # beside the models: their input from a file, without TensorFlow
+
+
+def write_edge_input(out_dir: Path) -> Path:
+    """``edge_input.py`` in ``out_dir``: a copy of this package's ``edge_input`` module."""
+    import shutil
+
+    target = Path(out_dir) / EDGE_INPUT
+    shutil.copyfile(Path(__file__).with_name(EDGE_INPUT), target)
+    return target
 
 
 def model_file(fmt: str) -> str:
@@ -113,12 +127,15 @@ def export_tflite(network, class_names: Sequence[str], image_size: int, out_dir:
                        "size_bytes": (out_dir / model_file(fmt)).stat().st_size}
 
     write_labels(out_dir, class_names)
+    write_edge_input(out_dir)
     description = {
         "input": {"shape": [1, image_size, image_size, 3], "dtype": "float32",
                   "range": [0.0, 1.0], "color": "RGB",
                   "resize": "bilinear to the square size, aspect ratio not kept; antialiased "
                             "when a side shrinks more than 2x (tf.image.resize antialias=True)",
-                  "orientation": "upright: a JPEG turned as its EXIF Orientation says first"},
+                  "orientation": "upright: a JPEG turned as its EXIF Orientation says first",
+                  "from_a_file": f"{EDGE_INPUT} beside the model: model_input(path, size), "
+                                 "training's decoding with numpy and Pillow only"},
         "output": {"shape": [1, len(class_names)], "dtype": "float32",
                    "meaning": "class probabilities in labels.txt order"},
         "labels": list(class_names),

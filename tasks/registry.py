@@ -364,12 +364,13 @@ def _not_a_file(dest: Path) -> Path:
 
 
 def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
-    """Download a version's edge model ``fmt`` (float16 or int8) with labels.txt and edge.json
-    into ``dest`` (each file moved in whole: no half-written model); returns the .tflite file.
-    The version is found from a models:/ or runs:/ URI."""
+    """Download a version's edge model ``fmt`` (float16 or int8) with labels.txt, edge.json
+    and edge_input.py into ``dest`` (each file moved in whole: no half-written model); returns
+    the .tflite file. The version is found from a models:/ or runs:/ URI. A version made
+    before edge_input.py travelled with the models gets this petalflow's."""
     import mlflow
 
-    from petalflow.tasks.edge import FORMATS, model_file
+    from petalflow.tasks.edge import EDGE_INPUT, FORMATS, model_file, write_edge_input
 
     if fmt not in FORMATS:
         raise ValueError(f"no edge format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -386,7 +387,10 @@ def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
     import tempfile
 
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
-        for name in (model_file(fmt), "labels.txt", "edge.json"):
+        for name in (model_file(fmt), "labels.txt", "edge.json", EDGE_INPUT):
+            if name == EDGE_INPUT and name not in names:
+                os.replace(write_edge_input(Path(tmp)), dest / name)
+                continue
             got = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=f"{EDGE_ARTIFACTS}/{name}", dst_path=tmp)
             os.replace(got, dest / name)

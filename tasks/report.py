@@ -237,7 +237,9 @@ def _edge_lines(summary: dict) -> list[str]:
             _table(pd.DataFrame(rows)), "",
             "Latency: ms per image file (decode, resize, classify), batch 1, one thread. "
             f"`petalflow pull --model models:/{summary['model_name']}/{summary['model_version']} "
-            "--format tflite --dest DIR` fetches the int8 model with labels.txt and edge.json.",
+            "--format tflite --dest DIR` fetches the int8 model with labels.txt, edge.json and "
+            "edge_input.py (`model_input(path, size)`: its input from an image file, with numpy "
+            "and Pillow only).",
             ""]
 
 

@@ -872,6 +872,10 @@ def test_every_version_carries_edge_models_that_pull_fetches(trained, tmp_path, 
     assert labels == sorted(COLOURS)
     contract = json.loads((dest / "edge.json").read_text())
     assert contract["input"]["shape"] == [1, 32, 32, 3]
+    assert contract["input"]["from_a_file"].startswith("edge_input.py beside the model")
+    from petalflow.tasks import edge_input
+
+    assert (dest / "edge_input.py").read_bytes() == Path(edge_input.__file__).read_bytes()
     photo = write_image(tmp_path / "blue.jpg", COLOURS["blue"], seed=4242)
     interpreter = tf.lite.Interpreter(model_path=str(model_path))
     interpreter.allocate_tensors()
@@ -884,6 +888,74 @@ def test_every_version_carries_edge_models_that_pull_fetches(trained, tmp_path, 
     assert main(["pull", "--format", "tflite", "--quantization", "float16", "--dest",
                  str(dest)]) == 0
     assert (dest / "model_float16.tflite").is_file()
+
+
+def test_the_readmes_edge_snippet_runs_without_tensorflow(trained, tmp_path, monkeypatch):
+    """Another team's device code: a fresh venv with only ai-edge-litert and Pillow (from the
+    package index; no TensorFlow, no petalflow) runs the README's snippet on the pulled int8
+    model and edge_input.py: it prints the SavedModel's label, and the model gets training's
+    pixels (the same probabilities as TensorFlow's interpreter on training's decoding)."""
+    import re
+
+    import tensorflow as tf
+
+    from petalflow.flows.cli import main
+    from petalflow.tasks.images import decode_upright
+    from petalflow.tasks.serving import ImageClassifier
+
+    tmp, summary = trained
+    monkeypatch.chdir(tmp)
+    work = tmp_path / "device"
+    work.mkdir()
+    assert main(["pull", "--format", "tflite", "--dest", str(work / "edge-model")]) == 0
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+                   if "from edge_input import model_input" in block)
+    (work / "snippet.py").write_text(snippet)
+    photo = write_image(work / "photo.jpg", COLOURS["green"], size=(48, 40), seed=4343)
+
+    venv = tmp_path / "litert"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                          "--disable-pip-version-check", "ai-edge-litert", "pillow"],
+                         capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    probe = ("import importlib.util as u, sys; sys.path.insert(0, 'edge-model'); "
+             "import edge_input; print([m for m in ('tensorflow', 'petalflow', 'tasks') "
+             "if u.find_spec(m) or m in sys.modules])")
+    assert subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=120).stdout.strip() == "[]"
+    ran = subprocess.run([str(venv / "bin" / "python"), "snippet.py"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    saved = ImageClassifier(str(next((tmp / "home" / "runs").rglob("export"))))
+    label = saved.predict_bytes([photo.read_bytes()])["label"][0]
+    assert ran.stdout.strip() == label
+
+    # The float16 model (the int8 one's output moves in 1/256 steps): the same probabilities
+    # as TensorFlow's interpreter given training's decoding, from the same pixels.
+    assert main(["pull", "--format", "tflite", "--quantization", "float16", "--dest",
+                 str(work / "edge-model")]) == 0
+    dump = ("import sys, numpy as np; sys.path.insert(0, 'edge-model'); "
+            "from edge_input import model_input; "
+            "from ai_edge_litert.interpreter import Interpreter; "
+            "x = model_input('photo.jpg', 32); np.save('pixels.npy', x); "
+            "i = Interpreter(model_path='edge-model/model_float16.tflite'); i.allocate_tensors(); "
+            "i.set_tensor(i.get_input_details()[0]['index'], x); "
+            "i.invoke(); print(i.get_tensor(i.get_output_details()[0]['index'])[0].tolist())")
+    litert = subprocess.run([str(venv / "bin" / "python"), "-c", dump], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert litert.returncode == 0, litert.stderr[-3000:]
+    training = decode_upright(tf.constant(photo.read_bytes()), 32).numpy()[None]
+    assert np.array_equal(np.load(work / "pixels.npy"), training)
+    interpreter = tf.lite.Interpreter(
+        model_path=str(work / "edge-model" / "model_float16.tflite"))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], training)
+    interpreter.invoke()
+    expected = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0]
+    assert json.loads(litert.stdout) == expected.tolist()
 
 
 def _events(name: str, since: str, at_least: int = 1) -> list[dict]:

@@ -570,11 +570,13 @@ def test_edge_models_run_in_the_stock_interpreter_and_agree_with_the_savedmodel(
 
 def test_readme_edge_snippet_names_classes_whose_names_hold_spaces(trained, data_info, tmp_path,
                                                                   capsys, monkeypatch):
-    """The README's Python for an edge model, run as written (only the image size is the tiny
-    backbone's), on a pulled model whose classes hold spaces and accents (Fruits-360's "Apple
-    Braeburn"): it prints the whole name of the SavedModel's label for the photo."""
+    """The README's Python for an edge model, run as written (with TensorFlow's interpreter,
+    which its comment offers; test_flow_e2e runs it with ai-edge-litert), on a pulled model
+    whose classes hold spaces and accents (Fruits-360's "Apple Braeburn"): it prints the whole
+    name of the SavedModel's label for the photo."""
     import re
     import shutil
+    import sys
     from pathlib import Path
 
     from petalflow.tasks.edge import write_labels
@@ -583,8 +585,9 @@ def test_readme_edge_snippet_names_classes_whose_names_hold_spaces(trained, data
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Edge models (TensorFlow Lite)", 1)[1]
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert "(224, 224)" in snippet
-    snippet = snippet.replace("(224, 224)", "(32, 32)")
+    litert = "from ai_edge_litert.interpreter import Interpreter"
+    assert litert in snippet
+    snippet = snippet.replace(litert, "import tensorflow as tf; Interpreter = tf.lite.Interpreter")
     names = ["deep blue", "gr\u00fcn green", "red"]  # the tiny model's classes, renamed
     edge = tmp_path / "edge-model"
     shutil.copytree(trained["edge_dir"], edge)
@@ -594,9 +597,13 @@ def test_readme_edge_snippet_names_classes_whose_names_hold_spaces(trained, data
     assert len(data_info["classes"]) == len(names)
     expected = names[data_info["classes"].index(saved["label"][0])]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the snippet puts edge-model/ first
+    monkeypatch.delitem(sys.modules, "edge_input", raising=False)
     capsys.readouterr()
     exec(compile(snippet, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == expected
+    assert sys.modules["edge_input"].__file__ == str(edge / "edge_input.py")
+    monkeypatch.delitem(sys.modules, "edge_input")
 
 
 def test_the_served_model_loads_and_predicts_in_a_process_that_never_imports_keras(

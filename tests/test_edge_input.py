@@ -1,0 +1,81 @@
+"""edge_input: an edge model's input made with numpy and Pillow only is training's."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import phone_jpeg
+
+
+def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _training(data: bytes, size: int) -> np.ndarray:
+    """What training decodes (``images.decode_upright``) for these bytes."""
+    import tensorflow as tf
+
+    from petalflow.tasks.images import decode_upright
+
+    return decode_upright(tf.constant(data), size).numpy()
+
+
+@pytest.mark.parametrize("what, data, size", [
+    ("a small JPEG", _encoded(_noise(60, 40), "JPEG", quality=85), 32),
+    ("a JPEG read at 1/4 scale", _encoded(_noise(256, 250, seed=1), "JPEG", quality=90), 60),
+    ("a grey JPEG", _encoded(_noise(50, 60, "L", seed=2), "JPEG"), 32),
+    ("a PNG with alpha", _encoded(_noise(40, 50, "RGBA", seed=3), "PNG"), 32),
+    ("a palette GIF", _encoded(_noise(30, 30, seed=4).convert("P"), "GIF"), 32),
+    ("a BMP enlarged", _encoded(_noise(20, 16, seed=5), "BMP"), 32),
+    ("a JPEG stored upside down", phone_jpeg(_noise(60, 40, seed=6), 3), 32),
+])
+def test_the_pixels_are_trainings_bit_for_bit(what, data, size):
+    from petalflow.tasks.edge_input import model_input
+
+    got = model_input(io.BytesIO(data), size)
+    assert got.shape == (1, size, size, 3) and got.dtype == np.float32
+    assert np.array_equal(got[0], _training(data, size)), what
+
+
+@pytest.mark.parametrize("what, data, size", [
+    ("a phone's photo, shrunk smoothly after a 1/8 scale decode",
+     _encoded(_noise(1600, 1200, seed=7), "JPEG", quality=90), 64),
+    ("a PNG over twice the size", _encoded(_noise(400, 150, seed=8), "PNG"), 32),
+    ("a grey JPEG over twice the size", _encoded(_noise(50, 70, "L", seed=2), "JPEG"), 32),
+    ("a JPEG stored sideways", phone_jpeg(_noise(90, 60, seed=9), 6), 32),
+])
+def test_the_pixels_are_trainings_within_the_order_of_the_sums(what, data, size):
+    """Smoothed shrinking sums more pixels than TensorFlow in another order, and a photo
+    stored sideways is turned before the resize here, after it in training: a few units in
+    the last place of float32 (2e-6 is ~16 of them at 1.0; a level of 255 is 0.004)."""
+    from petalflow.tasks.edge_input import model_input
+
+    got = model_input(io.BytesIO(data), size)[0]
+    assert np.abs(got - _training(data, size)).max() < 2e-6, what
+
+
+def test_it_imports_nothing_but_numpy_and_pillow():
+    """It is copied beside the model for code without petalflow or TensorFlow."""
+    from petalflow.tasks import edge_input
+
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
+            "print(sorted(m for m in ('tensorflow', 'petalflow', 'tasks') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, edge_input.__file__],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
