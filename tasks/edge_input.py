@@ -9,12 +9,13 @@ training gave it (``tasks/images.py``), as its edge accuracy was measured on::
 
 As training does: a JPEG is decoded at 1/2, 1/4 or 1/8 scale when that leaves at least ``size``
 pixels on its shorter side (libjpeg's DCT scaling; Pillow's ``draft`` picks the scale by the same
-rule), with libjpeg's accurate IDCT; the image is turned upright as its EXIF Orientation says
-and made RGB (alpha dropped, grey repeated), then resized to ``size`` x ``size``, aspect ratio
-not kept: bilinear with half-pixel centres (``tf.image.resize``), or, while a side is over twice
-``size``, that filter widened to the shrink (``tf.image.resize(..., antialias=True)``). An 8-bit
-JPEG, PNG, GIF, BMP or WebP of at most twice ``size`` gives training's values bit for bit, a
-larger one within 1e-6 (the order of the sums).
+rule), with libjpeg's accurate IDCT, and made RGB (alpha dropped, grey repeated); it is resized
+to ``size`` x ``size``, aspect ratio not kept: bilinear with half-pixel centres
+(``tf.image.resize``), or, while a side is over twice ``size``, that filter widened to the
+shrink (``tf.image.resize(..., antialias=True)``); then a JPEG is turned upright as its EXIF
+Orientation says (after the resize, as training turns it). The arithmetic is TensorFlow's, in
+float32 and in its order, so an 8-bit JPEG, PNG, GIF, BMP or WebP gives training's values bit
+for bit (tests/test_edge_input.py).
 
 This module imports nothing of petalflow: it is copied as it is.
 """
@@ -22,7 +23,12 @@ This module imports nothing of petalflow: it is copied as it is.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+
+# EXIF Orientation -> (transpose, upside down, mirrored), applied in that order, as training
+# turns its squares (images.upright_images; PIL.ImageOps.exif_transpose's result).
+_TURNS = {o: (o >= 5, o in (3, 4, 7, 8), o in (2, 3, 6, 7)) for o in range(1, 9)}
 
 
 def model_input(source, size: int) -> np.ndarray:
@@ -30,12 +36,21 @@ def model_input(source, size: int) -> np.ndarray:
     ``[1, size, size, 3]`` in [0, 1]."""
     with Image.open(source) as image:
         image.draft("RGB", (size, size))  # a JPEG's DCT scale; other formats: nothing
-        pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), np.float32)
+        orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
+        pixels = np.asarray(image.convert("RGB"), np.float32)
     if max(pixels.shape[:2]) > 2 * size:
-        resized = _smooth_resize(pixels, size)
+        square = _resize(_resize(pixels, size, 0, smooth=True), size, 1, smooth=True)
     else:
-        resized = _bilinear_resize(pixels, size)
-    return np.clip(resized / np.float32(255), 0, 1)[None]
+        square = _bilinear_resize(pixels, size)
+    square = np.clip(square / np.float32(255), np.float32(0), np.float32(1))
+    transpose, upside_down, mirrored = _TURNS.get(orientation, _TURNS[1])
+    if transpose:  # turned after the resize, as training does: the same sums, in its order
+        square = square.transpose(1, 0, 2)
+    if upside_down:
+        square = square[::-1]
+    if mirrored:
+        square = square[:, ::-1]
+    return np.ascontiguousarray(square)[None]
 
 
 def _bilinear_resize(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -55,23 +70,35 @@ def _bilinear_resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return upper + (lower - upper) * fy
 
 
-def _smooth_weights(n: int, size: int) -> np.ndarray:
-    """[size, n] weights of ``tf.image.resize``'s antialiased bilinear filter shrinking n
-    pixels to ``size``: a triangle as wide as the shrink around each output pixel's centre."""
-    scale = np.float32(n / size)
-    centre = (np.arange(size, dtype=np.float32) + np.float32(0.5)) * scale
-    source = np.arange(n, dtype=np.float32)
-    weights = np.maximum(np.float32(0), np.float32(1) - np.abs(
-        (source[None, :] + np.float32(0.5) - centre[:, None]) / scale))
-    first = np.clip(np.ceil(centre - scale - np.float32(0.5)), 0, n - 1)
-    last = np.clip(np.floor(centre + scale - np.float32(0.5)), 0, n - 1)
-    index = np.arange(n)[None, :]
-    weights = np.where((index >= first[:, None]) & (index <= last[:, None]), weights, 0)
-    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _smooth_resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """``tf.image.resize(pixels, (size, size), antialias=True)``: along the rows, then the
-    columns."""
-    across = np.einsum("ow,hwc->hoc", _smooth_weights(pixels.shape[1], size), pixels)
-    return np.einsum("oh,hwc->owc", _smooth_weights(pixels.shape[0], size), across)
+def _resize(pixels: np.ndarray, size: int, axis: int, smooth: bool) -> np.ndarray:
+    """One pass of ``tf.image.resize(..., antialias=True)`` (TensorFlow's ScaleAndTranslate
+    with its triangle kernel) along ``axis`` (0: the rows, which it does first; then 1):
+    the weights and the sums computed as its kernels compute them, in float32, in their
+    order."""
+    f32 = np.float32
+    n = pixels.shape[axis]
+    scale = f32(size) / f32(n)
+    inv_scale = f32(1.0 / float(scale))
+    kernel_scale = max(inv_scale, f32(1)) if smooth else f32(1)
+    one_over = f32(1) / kernel_scale
+    span = min(2 * int(np.ceil(float(kernel_scale))) + 1, n)
+    sample = (np.arange(size, dtype=f32) + f32(0.5)) * inv_scale
+    first = np.clip(np.ceil(sample - kernel_scale - f32(0.5)), 0, n - 1).astype(int)
+    last = np.clip(np.floor(sample + kernel_scale - f32(0.5)), 0, n - 1).astype(int) + 1
+    weights = np.zeros((size, span), f32)
+    total = np.zeros(size, f32)
+    for i in range(span):
+        inside = first + i < last
+        position = (first + i).astype(f32) + f32(0.5) - sample
+        distance = np.abs(position * one_over)
+        weight = np.where(inside & (distance < f32(1)), f32(1) - distance, f32(0)).astype(f32)
+        weights[:, i] = weight
+        total = total + weight
+    weights = weights * (f32(1) / total)[:, None]
+    moved = np.moveaxis(pixels, axis, 0)
+    out = np.zeros((size,) + moved.shape[1:], f32)
+    for i in range(span):
+        index = np.minimum(first + i, n - 1)  # past the span: weight 0, adds nothing
+        w = weights[:, i].reshape((size,) + (1,) * (moved.ndim - 1))
+        out = out + w * moved[index]
+    return np.moveaxis(out, 0, axis)
