@@ -14,8 +14,8 @@ to ``size`` x ``size``, aspect ratio not kept: bilinear with half-pixel centres
 (``tf.image.resize``), or, while a side is over twice ``size``, that filter widened to the
 shrink (``tf.image.resize(..., antialias=True)``); then a JPEG is turned upright as its EXIF
 Orientation says (after the resize, as training turns it). The arithmetic is TensorFlow's, in
-float32 and in its order, so an 8-bit JPEG, PNG, GIF, BMP or WebP gives training's values bit
-for bit (tests/test_edge_input.py).
+float32 and in its order, so a JPEG, PNG (16-bit too), GIF, BMP or WebP gives training's values
+bit for bit (tests/test_edge_input.py).
 
 This module imports nothing of petalflow: it is copied as it is.
 """
@@ -37,7 +37,11 @@ def model_input(source, size: int) -> np.ndarray:
     with Image.open(source) as image:
         image.draft("RGB", (size, size))  # a JPEG's DCT scale; other formats: nothing
         orientation = image.getexif().get(0x0112, 1) if image.format == "JPEG" else 1
-        pixels = np.asarray(image.convert("RGB"), np.float32)
+        if image.mode.startswith("I"):  # a 16-bit grey PNG: its high byte, as TensorFlow
+            grey = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255)  # (Pillow clips)
+            pixels = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+        else:
+            pixels = np.asarray(image.convert("RGB"), np.float32)
     if max(pixels.shape[:2]) > 2 * size:
         square = _resize(_resize(pixels, size, 0, smooth=True), size, 1, smooth=True)
     else:

@@ -46,6 +46,12 @@ def _training(data: bytes, size: int) -> np.ndarray:
      _encoded(_noise(1600, 1200, seed=7), "JPEG", quality=90), 64),
     ("a PNG over twice the size", _encoded(_noise(400, 150, seed=8), "PNG"), 32),
     ("a grey JPEG over twice the size", _encoded(_noise(50, 70, "L", seed=2), "JPEG"), 32),
+    ("a lossy WebP with alpha", _encoded(_noise(40, 30, "RGBA", seed=10), "WEBP", quality=80), 32),
+    ("a grey PNG with alpha", _encoded(_noise(40, 30, "RGBA", seed=11).convert("LA"), "PNG"), 32),
+    ("a palette PNG with a transparent colour",
+     _encoded(_noise(40, 30, seed=12).convert("P"), "PNG", transparency=0), 32),
+    ("a 16-bit grey PNG", _encoded(Image.fromarray(np.random.default_rng(13).integers(
+        0, 65536, (30, 40)).astype(np.uint16)), "PNG"), 32),
 ])
 def test_the_pixels_are_trainings_bit_for_bit(what, data, size):
     """numpy and Pillow give the values TensorFlow's decoding gives, bit for bit: the same
