@@ -9,23 +9,16 @@ artifact ``sweep-<model>`` and ``sweep/ranking.json`` in the parent MLflow run.
 
 from __future__ import annotations
 
-import struct
 from typing import Optional
 
 from prefect import task
+
+from petalflow.tasks.registry import PRECISION
 
 
 def _final(history: dict, name: str) -> Optional[float]:
     values = history.get(name) or []
     return float(values[-1]) if values else None
-
-
-def _as_float32(value: float) -> float:
-    """``value`` rounded to float32. A fine-tuned candidate's validation accuracy is Keras's
-    float32 metric (10 of 12: 0.83333331), a head's on cached features an exact fraction
-    (0.83333333...): compared as they are, the same count of correct images ranked the
-    fine-tuned one below, whatever its validation loss."""
-    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def rank_candidates(changes: list[dict], records: list[dict], run_ids: list[str]) -> list[dict]:
@@ -51,7 +44,12 @@ def rank_candidates(changes: list[dict], records: list[dict], run_ids: list[str]
         raise RuntimeError("every sweep candidate failed: " + "; ".join(
             f"candidate {r['candidate']}: {r['error'] or 'no validation accuracy'}"
             for r in rows))
-    ok.sort(key=lambda r: (-_as_float32(r["val_accuracy"]), r["val_loss"]
+    # At the precision accuracies are compared at (registry.PRECISION, as the champion
+    # decision compares them): a fine-tuned candidate's is Keras's float32 metric (10 of 12:
+    # 0.83333331), a head's on cached features an exact fraction (0.83333333...); compared as
+    # they are, the same count of correct images ranked the fine-tuned one below, whatever
+    # its validation loss.
+    ok.sort(key=lambda r: (-round(r["val_accuracy"], PRECISION), r["val_loss"]
                            if r["val_loss"] is not None else float("inf"), r["candidate"]))
     for rank, row in enumerate(ok, 1):
         row["rank"] = rank
