@@ -43,7 +43,7 @@ def model_input(source, size: int) -> np.ndarray:
         else:
             pixels = np.asarray(image.convert("RGB"), np.float32)
     if max(pixels.shape[:2]) > 2 * size:
-        square = _resize(_resize(pixels, size, 0, smooth=True), size, 1, smooth=True)
+        square = _smooth_resize(_smooth_resize(pixels, size, 0), size, 1)
     else:
         square = _bilinear_resize(pixels, size)
     square = np.clip(square / np.float32(255), np.float32(0), np.float32(1))
@@ -74,7 +74,7 @@ def _bilinear_resize(pixels: np.ndarray, size: int) -> np.ndarray:
     return upper + (lower - upper) * fy
 
 
-def _resize(pixels: np.ndarray, size: int, axis: int, smooth: bool) -> np.ndarray:
+def _smooth_resize(pixels: np.ndarray, size: int, axis: int) -> np.ndarray:
     """One pass of ``tf.image.resize(..., antialias=True)`` (TensorFlow's ScaleAndTranslate
     with its triangle kernel) along ``axis`` (0: the rows, which it does first; then 1):
     the weights and the sums computed as its kernels compute them, in float32, in their
@@ -83,7 +83,7 @@ def _resize(pixels: np.ndarray, size: int, axis: int, smooth: bool) -> np.ndarra
     n = pixels.shape[axis]
     scale = f32(size) / f32(n)
     inv_scale = f32(1.0 / float(scale))
-    kernel_scale = max(inv_scale, f32(1)) if smooth else f32(1)
+    kernel_scale = max(inv_scale, f32(1))
     one_over = f32(1) / kernel_scale
     span = min(2 * int(np.ceil(float(kernel_scale))) + 1, n)
     sample = (np.arange(size, dtype=f32) + f32(0.5)) * inv_scale
