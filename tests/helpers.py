@@ -39,6 +39,23 @@ _STORED = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
            8: Image.Transpose.ROTATE_270}
 
 
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    """``image`` saved as ``fmt`` (JPEG, PNG, WEBP, ...) with Pillow's ``options``."""
+    buf = io.BytesIO()
+    image.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def training_pixels(data: bytes, size: int = 32) -> np.ndarray:
+    """What training decodes for these bytes (``images.decode_upright``): float32 [size,
+    size, 3] in [0, 1]."""
+    import tensorflow as tf
+
+    from petalflow.tasks.images import decode_upright
+
+    return decode_upright(tf.constant(data), size).numpy()
+
+
 def quadrants(size=(64, 32)) -> Image.Image:
     """An image that looks different every way it is turned or mirrored: four colours."""
     w, h = size

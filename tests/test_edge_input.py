@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import phone_jpeg
+from tests.helpers import encoded, phone_jpeg, training_pixels
 
 
 def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -20,37 +20,22 @@ def _noise(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.I
     return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
 
 
-def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **options)
-    return buf.getvalue()
-
-
-def _training(data: bytes, size: int) -> np.ndarray:
-    """What training decodes (``images.decode_upright``) for these bytes."""
-    import tensorflow as tf
-
-    from petalflow.tasks.images import decode_upright
-
-    return decode_upright(tf.constant(data), size).numpy()
-
-
 @pytest.mark.parametrize("what, data, size", [
-    ("a small JPEG", _encoded(_noise(60, 40), "JPEG", quality=85), 32),
-    ("a JPEG read at 1/4 scale", _encoded(_noise(256, 250, seed=1), "JPEG", quality=90), 60),
-    ("a grey JPEG", _encoded(_noise(50, 60, "L", seed=2), "JPEG"), 32),
-    ("a PNG with alpha", _encoded(_noise(40, 50, "RGBA", seed=3), "PNG"), 32),
-    ("a palette GIF", _encoded(_noise(30, 30, seed=4).convert("P"), "GIF"), 32),
-    ("a BMP enlarged", _encoded(_noise(20, 16, seed=5), "BMP"), 32),
+    ("a small JPEG", encoded(_noise(60, 40), "JPEG", quality=85), 32),
+    ("a JPEG read at 1/4 scale", encoded(_noise(256, 250, seed=1), "JPEG", quality=90), 60),
+    ("a grey JPEG", encoded(_noise(50, 60, "L", seed=2), "JPEG"), 32),
+    ("a PNG with alpha", encoded(_noise(40, 50, "RGBA", seed=3), "PNG"), 32),
+    ("a palette GIF", encoded(_noise(30, 30, seed=4).convert("P"), "GIF"), 32),
+    ("a BMP enlarged", encoded(_noise(20, 16, seed=5), "BMP"), 32),
     ("a phone's photo, shrunk smoothly after a 1/8 scale decode",
-     _encoded(_noise(1600, 1200, seed=7), "JPEG", quality=90), 64),
-    ("a PNG over twice the size", _encoded(_noise(400, 150, seed=8), "PNG"), 32),
-    ("a grey JPEG over twice the size", _encoded(_noise(50, 70, "L", seed=2), "JPEG"), 32),
-    ("a lossy WebP with alpha", _encoded(_noise(40, 30, "RGBA", seed=10), "WEBP", quality=80), 32),
-    ("a grey PNG with alpha", _encoded(_noise(40, 30, "RGBA", seed=11).convert("LA"), "PNG"), 32),
+     encoded(_noise(1600, 1200, seed=7), "JPEG", quality=90), 64),
+    ("a PNG over twice the size", encoded(_noise(400, 150, seed=8), "PNG"), 32),
+    ("a grey JPEG over twice the size", encoded(_noise(50, 70, "L", seed=2), "JPEG"), 32),
+    ("a lossy WebP with alpha", encoded(_noise(40, 30, "RGBA", seed=10), "WEBP", quality=80), 32),
+    ("a grey PNG with alpha", encoded(_noise(40, 30, "RGBA", seed=11).convert("LA"), "PNG"), 32),
     ("a palette PNG with a transparent colour",
-     _encoded(_noise(40, 30, seed=12).convert("P"), "PNG", transparency=0), 32),
-    ("a 16-bit grey PNG", _encoded(Image.fromarray(np.random.default_rng(13).integers(
+     encoded(_noise(40, 30, seed=12).convert("P"), "PNG", transparency=0), 32),
+    ("a 16-bit grey PNG", encoded(Image.fromarray(np.random.default_rng(13).integers(
         0, 65536, (30, 40)).astype(np.uint16)), "PNG"), 32),
 ])
 def test_the_pixels_are_trainings_bit_for_bit(what, data, size):
@@ -61,7 +46,7 @@ def test_the_pixels_are_trainings_bit_for_bit(what, data, size):
 
     got = model_input(io.BytesIO(data), size)
     assert got.shape == (1, size, size, 3) and got.dtype == np.float32
-    assert np.array_equal(got[0], _training(data, size)), what
+    assert np.array_equal(got[0], training_pixels(data, size)), what
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -73,7 +58,7 @@ def test_a_phones_photo_is_turned_as_its_exif_says_after_the_resize(orientation,
     from petalflow.tasks.edge_input import model_input
 
     data = phone_jpeg(_noise(width, height, seed=orientation), orientation)
-    assert np.array_equal(model_input(io.BytesIO(data), size)[0], _training(data, size))
+    assert np.array_equal(model_input(io.BytesIO(data), size)[0], training_pixels(data, size))
 
 
 def test_it_imports_nothing_but_numpy_and_pillow():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from tests.helpers import phone_jpeg, quadrants
+from tests.helpers import encoded, phone_jpeg, quadrants, training_pixels
 
 
 def exif_orientation(data):
@@ -20,14 +20,6 @@ def exif_orientation(data):
     return exif_orientations(tf.reshape(data, [1]))[0]
 
 
-def _decode(data: bytes, size: int = 32) -> np.ndarray:
-    import tensorflow as tf
-
-    from petalflow.tasks.images import decode_upright
-
-    return decode_upright(tf.constant(data), size).numpy()
-
-
 @pytest.mark.parametrize("byte_order", ["II", "MM"])
 def test_a_photo_stored_sideways_is_decoded_upright_as_exif_says(byte_order):
     """Each of the 8 EXIF orientations, in either TIFF byte order: the decoded pixels are the
@@ -37,20 +29,20 @@ def test_a_photo_stored_sideways_is_decoded_upright_as_exif_says(byte_order):
 
 
     upright = quadrants()
-    expected = _decode(phone_jpeg(upright, None))
+    expected = training_pixels(phone_jpeg(upright, None))
     for orientation in range(1, 9):
         data = phone_jpeg(upright, orientation, byte_order)
         shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
         assert np.abs(np.asarray(shown, float) - np.asarray(upright, float)).max() <= 8
         assert int(exif_orientation(tf.constant(data))) == orientation
-        got = _decode(data)
+        got = training_pixels(data)
         assert np.abs(got - expected).max() < 0.05, orientation
         if orientation > 1:  # what the stored pixels alone give: another picture
             stored = Image.open(io.BytesIO(data))
             stored.getexif().clear()
             plain = io.BytesIO()
             stored.save(plain, "JPEG", quality=100, subsampling=0)
-            assert np.abs(_decode(plain.getvalue()) - expected).max() > 0.5, orientation
+            assert np.abs(training_pixels(plain.getvalue()) - expected).max() > 0.5, orientation
 
 
 def test_exif_after_other_segments_is_found_and_in_a_served_graph_too():
@@ -122,9 +114,7 @@ def _noisy(size: tuple, seed: int = 0) -> Image.Image:
 
 
 def _encoded(image: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
-    return buf.getvalue()
+    return encoded(image, fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
 
 
 def _quadrant_speckle(decoded: np.ndarray) -> float:
@@ -210,9 +200,7 @@ def test_a_jpeg_decodes_to_pillows_pixels_at_the_scale_pillows_draft_picks(width
     from petalflow.tasks.images import decode_pixels
 
     noise = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(noise).save(buf, "JPEG", quality=85)
-    data = buf.getvalue()
+    data = encoded(Image.fromarray(noise), "JPEG", quality=85)
     photo = Image.open(io.BytesIO(data))
     photo.draft("RGB", (size, size))
     expected = np.asarray(photo.convert("RGB"))
