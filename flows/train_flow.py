@@ -125,10 +125,11 @@ def train_and_register(params: TrainParams = TrainParams()):
     # The backbone first (each one a sweep uses): a wrong handle or image size is refused
     # before any data is fetched.
     candidates = params.candidates()
+    set_by = image_size_set_by(params, candidates)
     with timer.phase("backbone"):
         backbones = {(c.backbone, c.image_size): fetch_backbone_task(
-            c.backbone, str(home / "tfhub"), c.image_size,
-            image_size_set_by(params, c.backbone, c.image_size)) for c in candidates}
+            c.backbone, str(home / "tfhub"), c.image_size, set_by[c.backbone, c.image_size])
+            for c in candidates}
     with timer.phase("download"):
         archive = download_archive_task(params.data_url, str(home / "downloads"),
                                         expected_sha256(params))

@@ -515,17 +515,19 @@ def parse_size(value) -> int:
     return size
 
 
-def image_size_set_by(params: TrainParams, backbone: str, image_size: int) -> list[str]:
-    """The sweep candidates that set ``image_size`` themselves for ``backbone`` ("sweep[2]"),
-    so that a size the backbone does not take is blamed on them, not on --image-size; empty
-    when the run's own size is the one (no sweep, or a candidate that sets none)."""
-    # Compared as each candidate is trained (its handle as validation leaves it: unquoted, a
-    # saved_model.pb's folder), which is what the flow fetches.
-    using = [i for i, full in enumerate(params.candidates() if params.sweep else [])
-             if (full.backbone, full.image_size) == (backbone, image_size)]
-    if not using or any(params.sweep[i].image_size is None for i in using):
-        return []
-    return [f"sweep[{i}]" for i in using]
+def image_size_set_by(params: TrainParams,
+                      candidates: list[TrainParams]) -> dict[tuple[str, int], list[str]]:
+    """For each (backbone, image size) the ``candidates`` (``params.candidates()``) train
+    with, the sweep candidates that set that size themselves ("sweep[2]"), so that a size the
+    backbone does not take is blamed on them, not on --image-size; empty when the run's own
+    size is the one (no sweep, or a candidate that sets none). Keyed as each candidate is
+    trained (its handle as validation leaves it: unquoted, a saved_model.pb's folder), which
+    is what the flow fetches."""
+    using: dict[tuple[str, int], list[int]] = {}
+    for i, full in enumerate(candidates):
+        using.setdefault((full.backbone, full.image_size), []).append(i)
+    return {key: [] if not params.sweep or any(params.sweep[i].image_size is None for i in which)
+            else [f"sweep[{i}]" for i in which] for key, which in using.items()}
 
 
 def expected_sha256(params: TrainParams) -> Optional[str]:

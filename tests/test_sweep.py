@@ -51,18 +51,21 @@ def test_an_image_size_the_backbone_refuses_is_blamed_on_who_set_it(tiny_backbon
     swept = TrainParams(backbone=tiny, image_size=32, sweep=[
         {"image_size": 48}, {"learning_rate": 0.01}, {"image_size": 48, "epochs": 2},
         {"backbone": other, "image_size": 48}, {"backbone": other}])
-    assert image_size_set_by(swept, tiny, 48) == ["sweep[0]", "sweep[2]"]
-    assert image_size_set_by(swept, other, 48) == ["sweep[3]"]
+    def set_by(params: TrainParams) -> dict:
+        return image_size_set_by(params, params.candidates())
+
+    assert set_by(swept) == {
+        (tiny, 48): ["sweep[0]", "sweep[2]"], (other, 48): ["sweep[3]"],
+        (tiny, 32): [],  # the run's own (sweep[1])
+        (other, 32): []}  # the run's own (sweep[4])
     # A handle as typed (quoted, its saved_model.pb) is the one the flow fetches.
     pasted = TrainParams(backbone=tiny, image_size=32, sweep=[
         {"backbone": f"'{other}/saved_model.pb'", "image_size": 48}])
-    assert image_size_set_by(pasted, pasted.candidate(0).backbone, 48) == ["sweep[0]"]
-    assert image_size_set_by(swept, tiny, 32) == []  # the run's own (sweep[1])
-    assert image_size_set_by(swept, other, 32) == []  # the run's own (sweep[4])
-    assert image_size_set_by(TrainParams(backbone=tiny, image_size=48), tiny, 48) == []
+    assert set_by(pasted) == {(other, 48): ["sweep[0]"]}
+    assert set_by(TrainParams(backbone=tiny, image_size=48)) == {(tiny, 48): []}
     both = TrainParams(backbone=tiny, image_size=48, sweep=[{"image_size": 48, "epochs": 2},
                                                              {"epochs": 3}])
-    assert image_size_set_by(both, tiny, 48) == []
+    assert set_by(both) == {(tiny, 48): []}
 
     signature = serving_signature(tiny_backbone)
     with pytest.raises(BackboneError) as many:
