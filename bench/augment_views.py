@@ -25,6 +25,10 @@ and the contrast factor's half-width), to choose the augmentation's settings the
         --backbone mobilenet_v2_035_224_feature_vector --split-seeds 1,2,3,4,5,6,42 \
         --policies 0.1:0.9-1.1:0.1,0:0.9-1.1:0.1,0.03:0.9-1.1:0.1,0:0.8-1.0:0.1,0:1-1:0,0.03:0.8-1.0:0.1 \
         --seeds 5 --json policies.json
+
+With ``--flip-average``, every row also has a flip-averaged twin: the same heads scored on the
+mean of their probabilities for each validation and test photo and for its mirror image
+(flip test-time averaging; the mirrored photos' features computed as ``--mirror``'s are).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ def main() -> None:
     ap.add_argument("--policies", default=None,
                     help="comma-separated ROTATION:ZOOM_LOW-ZOOM_HIGH:CONTRAST; one augmented "
                          "copy per policy instead of --views/--mirror")
+    ap.add_argument("--flip-average", action="store_true",
+                    help="also score every head with flip test-time averaging: the mean of its "
+                         "probabilities for each validation and test photo and its mirror image")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     views = [int(v) for v in args.views.split(",")]
@@ -93,6 +100,10 @@ def main() -> None:
                 paths, labels = split_files(info, split)
                 feats[split] = cached_features(extract, paths, labels, cfg,
                                                Path(tmp) / f"{split}.npz")[:2]
+            flipped = {}
+            if args.flip_average:
+                for split in ("val", "test"):
+                    flipped[split] = mirrored(split_files(info, split)[0])
             paths, labels = split_files(info, "train")
             train_x = feats["train"][0]
             if policies:
@@ -126,7 +137,7 @@ def main() -> None:
                                                                ("train", "val", "test"))
         for name, parts in variants.items():
             x, y = np.concatenate(parts), np.tile(train_y, len(parts))
-            val, test = [], []
+            val, test, val_flip, test_flip = [], [], [], []
             for seed in range(1, args.seeds + 1):
                 k.utils.set_random_seed(seed)
                 head = build_head(train_x.shape[1], len(info["classes"]), seed=seed)
@@ -137,9 +148,20 @@ def main() -> None:
                 val.append(float(np.mean(np.argmax(head.predict(val_x, verbose=0), 1) == val_y)))
                 test.append(float(np.mean(np.argmax(head.predict(test_x, verbose=0), 1)
                                           == test_y)))
+                if flipped:
+                    for out, xs, ys, key in ((val_flip, val_x, val_y, "val"),
+                                             (test_flip, test_x, test_y, "test")):
+                        p = (head.predict(xs, verbose=0)
+                             + head.predict(flipped[key], verbose=0)) / 2
+                        out.append(float(np.mean(np.argmax(p, 1) == ys)))
             rows.append({"split_seed": split_seed, "copies": name,
                          "val_mean": round(float(np.mean(val)), 4),
                          "test_mean": round(float(np.mean(test)), 4), "val": val, "test": test})
+            if flipped:
+                rows.append({"split_seed": split_seed, "copies": name + ", flip-averaged",
+                             "val_mean": round(float(np.mean(val_flip)), 4),
+                             "test_mean": round(float(np.mean(test_flip)), 4),
+                             "val": val_flip, "test": test_flip})
             print(json.dumps(rows[-1]), flush=True)
 
     names = list(dict.fromkeys(r["copies"] for r in rows))
