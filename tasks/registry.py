@@ -298,6 +298,8 @@ def log_training(run_id: str, record: dict) -> None:
     client = mlflow_client()
     client.set_tag(run_id, "petalflow.device", record["device"])
     client.log_metric(run_id, "train_seconds", record["seconds"])
+    for name, value in (record.get("validation") or {}).items():  # the trained model's
+        client.log_metric(run_id, f"final_{name}", float(value))
     client.log_text(run_id, json.dumps(record, indent=2), "training/train.json")
 
 

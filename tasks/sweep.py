@@ -16,8 +16,12 @@ from prefect import task
 from petalflow.tasks.registry import PRECISION
 
 
-def _final(history: dict, name: str) -> Optional[float]:
-    values = history.get(name) or []
+def _final(record: dict, name: str) -> Optional[float]:
+    """The trained model's validation figure ``name``: the record's ``validation`` (with
+    ``average_weights`` the averaged head's, not the last epoch's), else the last epoch's."""
+    if (value := (record.get("validation") or {}).get(name)) is not None:
+        return float(value)
+    values = (record.get("history") or {}).get(name) or []
     return float(values[-1]) if values else None
 
 
@@ -27,12 +31,11 @@ def rank_candidates(changes: list[dict], records: list[dict], run_ids: list[str]
     every candidate failed."""
     rows = []
     for i, (change, record, run_id) in enumerate(zip(changes, records, run_ids)):
-        history = record.get("history") or {}
         rows.append({
             "candidate": i + 1,
             "changes": ", ".join(f"{k}={v}" for k, v in sorted(change.items())),
-            "val_accuracy": _final(history, "val_accuracy"),
-            "val_loss": _final(history, "val_loss"),
+            "val_accuracy": _final(record, "val_accuracy"),
+            "val_loss": _final(record, "val_loss"),
             "epochs": record.get("epochs"),
             "seconds": record.get("seconds"),
             "mlflow_run_id": run_id,

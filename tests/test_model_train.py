@@ -89,13 +89,13 @@ def test_backbone_stays_frozen(tmp_path, tiny_backbone, data_info, augment):
     assert record["history"]["loss"][-1] < record["history"]["loss"][0]
 
 
-def _probabilities(export_dir, data_info) -> np.ndarray:
+def _probabilities(export_dir, data_info, split: str = "test") -> np.ndarray:
     import tensorflow as tf
 
     from petalflow.tasks.dataset import split_files
 
-    raw = [Path(p).read_bytes() for p in split_files(data_info, "test")[0]]
-    out = tf.saved_model.load(export_dir).signatures["classify_bytes"](
+    raw = [Path(p).read_bytes() for p in split_files(data_info, split)[0]]
+    out = tf.saved_model.load(str(export_dir)).signatures["classify_bytes"](
         image_bytes=tf.constant(raw))
     return np.stack([out[f"prob_{c}"].numpy() for c in data_info["classes"]], axis=1)
 
@@ -489,7 +489,8 @@ def test_export_computes_what_the_trained_keras_model_computes(trained, tiny_bac
                                                               data_info):
     """The export holds the network frozen (weights as constants, no variables): its
     probabilities and features are the backbone's (frozen: its own weights) + the trained
-    head's, restored from the run's last checkpoint, on the same decoded test images."""
+    head's (the average of its last steps' weights, ``average_weights``), restored from the
+    run's last checkpoint, on the same decoded test images."""
     from pathlib import Path
 
     import tensorflow as tf
@@ -497,14 +498,17 @@ def test_export_computes_what_the_trained_keras_model_computes(trained, tiny_bac
     from petalflow.tasks.dataset import split_files
     from petalflow.tasks.images import decode_image
     from petalflow.tasks.model import build_head, load_backbone
+    from petalflow.tasks.train import WeightAverage
 
     backbone = load_backbone(str(tiny_backbone))
     head = build_head(int(backbone(tf.zeros([1, 32, 32, 3])).shape[-1]),
                       len(data_info["classes"]))
     workdir = Path(trained["export_dir"]).parent
-    status = tf.train.Checkpoint(head=head).restore(
+    average = WeightAverage(head)  # the head is its weights' average over its last steps
+    status = tf.train.Checkpoint(head=head, head_average=average.state).restore(
         tf.train.latest_checkpoint(str(workdir / "checkpoints"))).expect_partial()
     status.assert_existing_objects_matched()
+    assert average.apply()
     paths, _ = split_files(data_info, "test")
     raw = [Path(p).read_bytes() for p in paths]
     images = tf.stack([decode_image(r, 32) for r in raw])
@@ -2372,3 +2376,84 @@ def test_a_training_whose_validation_loss_still_falls_records_the_advice(
                         tmp_path / "b", features_dir=tmp_path / "features")
     assert tuned["history"]["val_loss"][:3] == pytest.approx(losses, rel=1e-3)
     assert tuned["advice"] is None
+
+
+def test_averaging_starts_after_the_first_60_percent_of_the_heads_steps():
+    from petalflow.tasks.train import averaging_start
+
+    assert averaging_start(5, 33) == 99  # the last 2 of 5 epochs: steps 100-165
+    assert averaging_start(10, 10) == 60
+    assert averaging_start(1, 1) == 0  # one step: it is the average
+    assert averaging_start(1, 2) == 1  # at least the last step
+
+
+def test_the_head_is_the_mean_of_its_weights_after_each_step_of_its_last_epochs():
+    """``WeightAverage``: after fitting, ``apply`` puts into the head the mean of the weights
+    it had after each of the steps after ``averaging_start`` (recorded here step by step),
+    once: a second ``apply`` changes nothing."""
+    from petalflow.tasks.model import build_head, keras
+    from petalflow.tasks.train import WeightAverage, averaging_start
+
+    k = keras()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+    head = build_head(6, 2, seed=1)
+    head.compile(optimizer=k.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+    average = WeightAverage(head)
+    steps = []
+
+    class Record(k.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            steps.append([w.numpy().copy() for w in head.trainable_weights])
+
+    head.fit(x, y, batch_size=8, epochs=5, shuffle=True, verbose=0,
+             callbacks=[average.callback(5, 5), Record()])
+    start = averaging_start(5, 5)
+    assert start == 15 and len(steps) == 25
+    mean = [np.mean([s[i] for s in steps[start:]], axis=0) for i in range(2)]
+    assert not np.allclose(mean[0], steps[-1][0])
+    assert average.apply()
+    for got, want in zip(head.trainable_weights, mean):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert not average.apply()
+
+
+def test_the_trained_models_validation_is_recorded_and_a_kill_after_the_last_epoch_loses_nothing(
+        tmp_path, tiny_backbone, data_info):
+    """The record's ``validation`` (the sweep ranks candidates on it) is that of the model the
+    run exports, the averaged head, while the epochs' figures are the last step's; a training
+    killed after its last epoch's checkpoint, before the average was put into the head,
+    exports the same model when resumed. Without ``average_weights`` the head is the last
+    step's."""
+    from petalflow.tasks.dataset import split_files
+
+    cfg = _cfg(tiny_backbone, epochs=4, edge_export=False)
+    whole = train_model(data_info, cfg, tmp_path / "runs" / "a", features_dir=tmp_path / "f")
+    labels = np.asarray(split_files(data_info, "val")[1])
+    probs = _probabilities(whole["export_dir"], data_info, "val")
+    loss = float(np.mean(-np.log(probs[np.arange(len(labels)), labels])))
+    assert whole["averaged_steps"] > 0
+    assert whole["validation"]["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert whole["validation"]["val_accuracy"] == pytest.approx(
+        float(np.mean(probs.argmax(1) == labels)))
+    assert whole["history"]["val_loss"][-1] != pytest.approx(loss, rel=1e-4)
+
+    key = tmp_path / "runs" / "b"
+    with pytest.raises(Interrupt):
+        train_model(data_info, cfg, key / "run-1", on_epoch_end=_killed_after(4),
+                    features_dir=tmp_path / "f")
+    resumed = train_model(data_info, cfg, key / "run-2", features_dir=tmp_path / "f")
+    assert resumed["resumed_from_epoch"] == 4
+    np.testing.assert_allclose(_probabilities(resumed["export_dir"], data_info, "val"), probs,
+                               atol=1e-6)
+    assert resumed["validation"] == pytest.approx(whole["validation"], rel=1e-5)
+
+    plain = train_model(data_info, cfg.model_copy(update={"average_weights": False}),
+                        tmp_path / "runs" / "c", features_dir=tmp_path / "f")
+    assert plain["averaged_steps"] == 0
+    assert plain["history"]["loss"] == pytest.approx(whole["history"]["loss"], rel=1e-5)
+    assert plain["validation"]["val_loss"] == pytest.approx(plain["history"]["val_loss"][-1],
+                                                            rel=1e-5)
+    assert not np.allclose(_probabilities(plain["export_dir"], data_info, "val"), probs,
+                           atol=1e-4)

@@ -146,6 +146,22 @@ def test_candidates_rank_by_validation_accuracy_and_failures_go_last():
         rank_candidates([{"epochs": 1}], [{"error": "boom"}], ["a"])
 
 
+def test_candidates_rank_by_the_trained_models_validation_not_the_last_epochs():
+    """With ``average_weights`` the model is the averaged head, whose validation figures
+    (``validation``) are not the last epoch's (the last step's head): the ranking and its
+    rows take the model's; a record without them (a fine-tuned one's are its last epoch's)
+    falls back to the history."""
+    from petalflow.tasks.sweep import rank_candidates
+
+    rows = rank_candidates(
+        [{"epochs": 3}, {"epochs": 4}],
+        [{"history": {"val_accuracy": [0.9], "val_loss": [0.3]},
+          "validation": {"val_accuracy": 0.7, "val_loss": 0.6}},
+         {"history": {"val_accuracy": [0.8], "val_loss": [0.5]}}], ["a", "b"])
+    assert [(r["candidate"], r["val_accuracy"], r["val_loss"]) for r in rows] == [
+        (2, 0.8, 0.5), (1, 0.7, 0.6)]
+
+
 def test_the_same_count_of_correct_images_ties_in_float32_and_float64():
     """10 of 12 validation images right: Keras's float32 metric (a fine-tuned candidate) reads
     0.8333333134651184, a head on cached features 0.8333333333333334. They tie, and the lower
