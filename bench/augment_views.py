@@ -29,6 +29,10 @@ and the contrast factor's half-width), to choose the augmentation's settings the
 With ``--flip-average``, every row also has a flip-averaged twin: the same heads scored on the
 mean of their probabilities for each validation and test photo and for its mirror image
 (flip test-time averaging; the mirrored photos' features computed as ``--mirror``'s are).
+The rows without it are heads as ``--no-average-weights`` trains them (the last step's weights);
+with ``--average-weights``, each also has a twin scored with the same fit's weights averaged
+over its last epochs' steps, as ``petalflow train`` trains the head by default
+(``tasks.train.WeightAverage``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ def main() -> None:
     ap.add_argument("--flip-average", action="store_true",
                     help="also score every head with flip test-time averaging: the mean of its "
                          "probabilities for each validation and test photo and its mirror image")
+    ap.add_argument("--average-weights", action="store_true",
+                    help="also score every head with its weights averaged over the steps of its "
+                         "last epochs, as average_weights trains it (tasks.train.WeightAverage), "
+                         "from the same fit")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     views = [int(v) for v in args.views.split(",")]
@@ -78,7 +86,7 @@ def main() -> None:
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import build_head, keras, load_backbone
     from petalflow.tasks.params import TrainParams
-    from petalflow.tasks.train import augmented_copy, cached_features
+    from petalflow.tasks.train import WeightAverage, augmented_copy, cached_features
 
     defaults = (inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST)
     k = keras()
@@ -137,26 +145,41 @@ def main() -> None:
                                                                ("train", "val", "test"))
         for name, parts in variants.items():
             x, y = np.concatenate(parts), np.tile(train_y, len(parts))
-            val, test, val_flip, test_flip = [], [], [], []
+            val, test, val_flip, test_flip, val_avg, test_avg = [], [], [], [], [], []
+
+            def accuracy(head, xs, ys) -> float:
+                return float(np.mean(np.argmax(head.predict(xs, verbose=0), 1) == ys))
+
             for seed in range(1, args.seeds + 1):
                 k.utils.set_random_seed(seed)
                 head = build_head(train_x.shape[1], len(info["classes"]), seed=seed)
                 head.compile(optimizer=k.optimizers.Adam(cfg.learning_rate),
                              loss="sparse_categorical_crossentropy")
+                average = WeightAverage(head) if args.average_weights else None
+                steps = -(-len(x) // cfg.batch_size)
                 head.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, shuffle=True,
-                         verbose=0)
-                val.append(float(np.mean(np.argmax(head.predict(val_x, verbose=0), 1) == val_y)))
-                test.append(float(np.mean(np.argmax(head.predict(test_x, verbose=0), 1)
-                                          == test_y)))
+                         verbose=0,
+                         callbacks=[average.callback(cfg.epochs, steps)] if average else [])
+                val.append(accuracy(head, val_x, val_y))
+                test.append(accuracy(head, test_x, test_y))
                 if flipped:
                     for out, xs, ys, key in ((val_flip, val_x, val_y, "val"),
                                              (test_flip, test_x, test_y, "test")):
                         p = (head.predict(xs, verbose=0)
                              + head.predict(flipped[key], verbose=0)) / 2
                         out.append(float(np.mean(np.argmax(p, 1) == ys)))
+                if average:  # the same fit, its weights averaged as average_weights does
+                    average.apply()
+                    val_avg.append(accuracy(head, val_x, val_y))
+                    test_avg.append(accuracy(head, test_x, test_y))
             rows.append({"split_seed": split_seed, "copies": name,
                          "val_mean": round(float(np.mean(val)), 4),
                          "test_mean": round(float(np.mean(test)), 4), "val": val, "test": test})
+            if val_avg:
+                rows.append({"split_seed": split_seed, "copies": name + ", weights averaged",
+                             "val_mean": round(float(np.mean(val_avg)), 4),
+                             "test_mean": round(float(np.mean(test_avg)), 4),
+                             "val": val_avg, "test": test_avg})
             if flipped:
                 rows.append({"split_seed": split_seed, "copies": name + ", flip-averaged",
                              "val_mean": round(float(np.mean(val_flip)), 4),
