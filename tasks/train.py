@@ -166,11 +166,11 @@ AUGMENTED_VIEWS = 1
 AVERAGED_SHARE = 0.4
 
 
-def averaging_start(epochs: int, steps_per_epoch: int) -> int:
+def averaging_start(epochs: int, steps_per_epoch: int, share: float = AVERAGED_SHARE) -> int:
     """How many of the head's ``epochs * steps_per_epoch`` training steps come before the
-    averaged ones: the steps after it (at least the last one) are averaged."""
+    averaged last ``share`` of them: the steps after it (at least the last one) are averaged."""
     total = epochs * steps_per_epoch
-    return max(0, min(total - 1, int(round(total * (1 - AVERAGED_SHARE)))))
+    return max(0, min(total - 1, int(round(total * (1 - share)))))
 
 
 class WeightAverage:
@@ -188,10 +188,10 @@ class WeightAverage:
         self.state.count = tf.Variable(0, dtype=tf.int64, trainable=False)  # steps averaged
         self.state.applied = tf.Variable(False, trainable=False)
 
-    def callback(self, epochs: int, steps_per_epoch: int):
+    def callback(self, epochs: int, steps_per_epoch: int, share: float = AVERAGED_SHARE):
         from petalflow.tasks.model import keras
 
-        start = averaging_start(epochs, steps_per_epoch)
+        start = averaging_start(epochs, steps_per_epoch, share)
         state, weights = self.state, self.weights
 
         class Average(keras().callbacks.Callback):
