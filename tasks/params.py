@@ -283,8 +283,9 @@ class TrainParams(BaseModel):
         description="The head's weights are the average of those it had after each training "
         "step of its last 40 % of epochs (the last 2 of 5), not only the last step's: the "
         "last batches' noise averages out (+0.7 points of accuracy on the flowers' other "
-        "splits, BENCHMARKS.md: weight averaging). The epochs' validation figures are the "
-        "last step's; the log's 'weights averaged' line gives the averaged head's.",
+        "splits, BENCHMARKS.md: weight averaging); kept only when its validation loss is not "
+        "higher than the last step's weights' (a head still learning fast keeps those). The "
+        "epochs' validation figures are the last step's; a log line gives the model's.",
     )
     val_fraction: float = Field(
         0.15, gt=0, lt=0.5, title="Validation fraction",

@@ -159,7 +159,8 @@ AUGMENTED_VIEWS = 1
 
 
 # ``average_weights``: the head's weights are the running mean of those after each training step
-# of its last AVERAGED_SHARE of epochs (the last 2 of 5), not the last step's alone. Chosen by
+# of its last AVERAGED_SHARE of epochs (the last 2 of 5), not the last step's alone, unless its
+# validation loss is higher than the last step's weights' (``WeightAverage.apply``). Chosen by
 # measurement (BENCHMARKS.md, "Weight averaging of the head"; flowers, splits 1-6, 5 head seeds):
 # the mean over the last 20 %, 40 %, 60 % of the steps 0.8670, 0.8690, 0.8685 against 0.8616
 # for the last step's weights (with an augmented copy 0.8706, 0.8701, 0.8707 against 0.8672).
@@ -210,15 +211,27 @@ class WeightAverage:
 
         return Average()
 
-    def apply(self) -> bool:
-        """Put the average into the head (once: a resumed training that finds it applied
-        leaves the head, fine-tuned since perhaps, alone). Whether it did."""
+    def apply(self, validate: Callable[[], dict]) -> Optional[dict]:
+        """Put the average into the head, unless its validation loss (``validate``: the head's
+        ``val_loss`` and ``val_accuracy``) is higher than the last step's weights': a head
+        still learning fast is behind its last step on average. Once: a resumed training
+        that finds it decided leaves the head, fine-tuned since perhaps, alone (None).
+        Returns the decision: ``used``, the averaged head's figures, the last step's
+        (``last_step``) and the steps averaged."""
         if bool(self.state.applied.numpy()) or int(self.state.count.numpy()) == 0:
-            return False
+            return None
+        last_step = validate()
+        as_trained = [w.numpy() for w in self.weights]
         for weight, average in zip(self.weights, self.state.average):
             weight.assign(average)
+        averaged = validate()
+        used = averaged["val_loss"] <= last_step["val_loss"]
+        if not used:
+            for weight, value in zip(self.weights, as_trained):
+                weight.assign(value)
         self.state.applied.assign(True)
-        return True
+        return {"used": bool(used), "steps": int(self.state.count.numpy()), **averaged,
+                "last_step": last_step}
 
 
 def augmented_view_file(seed: int, view: int) -> str:
@@ -901,20 +914,24 @@ def _train(
         record(head.fit(shared_tensor(fit_x), fit_y, batch_size=cfg.batch_size,
                         epochs=cfg.epochs, initial_epoch=start, shuffle=True,
                         callbacks=callbacks, verbose=0, class_weight=weights))
-    averaged = bool(averager and averager.apply())
-    # The trained head's validation figures (the epochs' are the learning curve's: with
-    # average_weights, the last step's head, not the averaged one the model holds); the sweep
-    # ranks candidates on them.
-    head_validation = (_validate_on_features(head, val_x, val_y)()
-                       if averaged or not cfg.fine_tune_layers else {})
-    validation = {} if cfg.fine_tune_layers else head_validation
-    if averaged:
-        last = {n: history[n][-1] for n in ("val_loss", "val_accuracy") if history.get(n)}
-        log("head: its weights averaged over its last %d training steps (average_weights): "
-            "val_loss=%.4f, val_accuracy=%.4f%s", int(averager.state.count.numpy()),
-            head_validation["val_loss"], head_validation["val_accuracy"],
-            f" (the last step's: val_loss={last['val_loss']:.4f}, "
-            f"val_accuracy={last['val_accuracy']:.4f})" if len(last) == 2 else "")
+    # With average_weights, the head's weights averaged over its last steps, if that is not
+    # worse on validation (``WeightAverage.apply``).
+    validate_head = _validate_on_features(head, val_x, val_y)
+    averaging = averager.apply(validate_head) if averager else None
+    # The trained head's validation figures (the epochs' are the learning curve's, the last
+    # step's head); the sweep ranks candidates on them. Fine-tuned, the last epoch's.
+    validation = {} if cfg.fine_tune_layers else validate_head()
+    if averaging:
+        def said(f: dict) -> str:
+            return f"val_loss={f['val_loss']:.4f}, val_accuracy={f['val_accuracy']:.4f}"
+
+        steps, last = averaging["steps"], said(averaging["last_step"])
+        log(f"head: its weights averaged over its last {steps} training steps "
+            f"(average_weights): {said(averaging)} (the last step's: {last})"
+            if averaging["used"] else
+            f"head: the last step's weights kept (average_weights): averaged over its last "
+            f"{steps} training steps they scored {said(averaging)}, the last step's {last}: "
+            "the head was still learning")
 
     lap("train_head")
     tuned_layers: list[str] = []
@@ -994,7 +1011,8 @@ def _train(
         # fine-tuning, else the last fine-tuning epoch's.
         "validation": validation or {n: history[n][-1] for n in ("val_loss", "val_accuracy")
                                      if history.get(n)},
-        "averaged_steps": int(averager.state.count.numpy()) if averaged else 0,
+        # What average_weights decided in this process (None: off, or decided before).
+        "weight_average": averaging,
         # Only for a training that ran every head epoch here (a resumed one lacks the first),
         # and whose head epochs were all it had (fine-tuning trains on after them).
         "advice": None if resumed_from or cfg.fine_tune_layers else epochs_advice(

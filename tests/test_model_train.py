@@ -489,8 +489,7 @@ def test_export_computes_what_the_trained_keras_model_computes(trained, tiny_bac
                                                               data_info):
     """The export holds the network frozen (weights as constants, no variables): its
     probabilities and features are the backbone's (frozen: its own weights) + the trained
-    head's (the average of its last steps' weights, ``average_weights``), restored from the
-    run's last checkpoint, on the same decoded test images."""
+    head's, restored from the run's last checkpoint, on the same decoded test images."""
     from pathlib import Path
 
     import tensorflow as tf
@@ -498,17 +497,17 @@ def test_export_computes_what_the_trained_keras_model_computes(trained, tiny_bac
     from petalflow.tasks.dataset import split_files
     from petalflow.tasks.images import decode_image
     from petalflow.tasks.model import build_head, load_backbone
-    from petalflow.tasks.train import WeightAverage
 
     backbone = load_backbone(str(tiny_backbone))
     head = build_head(int(backbone(tf.zeros([1, 32, 32, 3])).shape[-1]),
                       len(data_info["classes"]))
     workdir = Path(trained["export_dir"]).parent
-    average = WeightAverage(head)  # the head is its weights' average over its last steps
-    status = tf.train.Checkpoint(head=head, head_average=average.state).restore(
+    # A head still learning at its last step keeps that step's weights (average_weights; the
+    # averaged head's export: test_the_trained_models_validation_is_recorded_…).
+    assert not trained["weight_average"]["used"]
+    status = tf.train.Checkpoint(head=head).restore(
         tf.train.latest_checkpoint(str(workdir / "checkpoints"))).expect_partial()
     status.assert_existing_objects_matched()
-    assert average.apply()
     paths, _ = split_files(data_info, "test")
     raw = [Path(p).read_bytes() for p in paths]
     images = tf.stack([decode_image(r, 32) for r in raw])
@@ -2390,7 +2389,9 @@ def test_averaging_starts_after_the_first_60_percent_of_the_heads_steps():
 def test_the_head_is_the_mean_of_its_weights_after_each_step_of_its_last_epochs():
     """``WeightAverage``: after fitting, ``apply`` puts into the head the mean of the weights
     it had after each of the steps after ``averaging_start`` (recorded here step by step),
-    once: a second ``apply`` changes nothing."""
+    when that mean's validation loss is not higher than the last step's weights'; else the
+    head keeps the last step's weights exactly. It decides once: a second ``apply`` changes
+    nothing."""
     from petalflow.tasks.model import build_head, keras
     from petalflow.tasks.train import WeightAverage, averaging_start
 
@@ -2398,62 +2399,114 @@ def test_the_head_is_the_mean_of_its_weights_after_each_step_of_its_last_epochs(
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 6)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
-    head = build_head(6, 2, seed=1)
-    head.compile(optimizer=k.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
-    average = WeightAverage(head)
-    steps = []
-
-    class Record(k.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            steps.append([w.numpy().copy() for w in head.trainable_weights])
-
-    head.fit(x, y, batch_size=8, epochs=5, shuffle=True, verbose=0,
-             callbacks=[average.callback(5, 5), Record()])
     start = averaging_start(5, 5)
-    assert start == 15 and len(steps) == 25
-    mean = [np.mean([s[i] for s in steps[start:]], axis=0) for i in range(2)]
-    assert not np.allclose(mean[0], steps[-1][0])
-    assert average.apply()
-    for got, want in zip(head.trainable_weights, mean):
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
-    assert not average.apply()
+    assert start == 15
+    for averaged_loss, used in ((0.4, True), (0.6, False)):
+        head = build_head(6, 2, seed=1)
+        head.compile(optimizer=k.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+        average = WeightAverage(head)
+        steps, seen = [], []
+
+        class Record(k.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                steps.append([w.numpy().copy() for w in head.trainable_weights])
+
+        def validate():  # the last step's weights score 0.5, the average averaged_loss
+            seen.append([w.numpy().copy() for w in head.trainable_weights])
+            return {"val_loss": 0.5 if len(seen) == 1 else averaged_loss, "val_accuracy": 0.9}
+
+        head.fit(x, y, batch_size=8, epochs=5, shuffle=True, verbose=0,
+                 callbacks=[average.callback(5, 5), Record()])
+        assert len(steps) == 25
+        mean = [np.mean([s[i] for s in steps[start:]], axis=0) for i in range(2)]
+        assert not np.allclose(mean[0], steps[-1][0])
+        decision = average.apply(validate)
+        assert decision == {"used": used, "steps": 10, "val_loss": averaged_loss,
+                            "val_accuracy": 0.9, "last_step": {"val_loss": 0.5,
+                                                               "val_accuracy": 0.9}}
+        for got, want in zip(seen[0], steps[-1]):  # the last step's weights, then the mean
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(seen[1], mean):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(head.trainable_weights, mean if used else steps[-1]):
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+        assert average.apply(validate) is None and len(seen) == 2
+
+
+@pytest.fixture(scope="module")
+def noisy_data_info(tmp_path_factory):
+    """Colour classes with every third photo in the next class's folder: the head's loss
+    stops falling and its last steps' weights scatter around where it settles."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("noisy")
+    root = make_dataset(tmp / "photos", per_class=20)
+    names = sorted(p.name for p in root.iterdir())
+    for c, name in enumerate(names):
+        for f in sorted((root / name).iterdir())[::3]:
+            shutil.move(f, root / names[(c + 1) % len(names)] / f"moved-{name}-{f.name}")
+    return prepare_dataset(root, tmp / "manifest", 0.2, 0.2, seed=0)
 
 
 def test_the_trained_models_validation_is_recorded_and_a_kill_after_the_last_epoch_loses_nothing(
-        tmp_path, tiny_backbone, data_info):
-    """The record's ``validation`` (the sweep ranks candidates on it) is that of the model the
-    run exports, the averaged head, while the epochs' figures are the last step's; a training
-    killed after its last epoch's checkpoint, before the average was put into the head,
-    exports the same model when resumed. Without ``average_weights`` the head is the last
-    step's."""
+        tmp_path, tiny_backbone, noisy_data_info):
+    """On data whose head settles early (labels partly wrong, a high learning rate) the
+    averaged head scores a lower validation loss and is the model: the record's
+    ``validation`` (the sweep ranks candidates on it) is the exported model's, while the
+    epochs' figures are the last step's; a training killed after its last epoch's checkpoint,
+    before the average was decided, exports the same model when resumed. Without
+    ``average_weights`` the head is the last step's."""
     from petalflow.tasks.dataset import split_files
 
-    cfg = _cfg(tiny_backbone, epochs=4, edge_export=False)
+    data_info = noisy_data_info
+    cfg = _cfg(tiny_backbone, epochs=20, batch_size=4, learning_rate=1.0, edge_export=False)
     whole = train_model(data_info, cfg, tmp_path / "runs" / "a", features_dir=tmp_path / "f")
     labels = np.asarray(split_files(data_info, "val")[1])
     probs = _probabilities(whole["export_dir"], data_info, "val")
     loss = float(np.mean(-np.log(probs[np.arange(len(labels)), labels])))
-    assert whole["averaged_steps"] > 0
+    decision = whole["weight_average"]
+    assert decision["used"] and decision["steps"] > 0
+    assert decision["val_loss"] < decision["last_step"]["val_loss"]
     assert whole["validation"]["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert whole["validation"]["val_loss"] == pytest.approx(decision["val_loss"], rel=1e-5)
     assert whole["validation"]["val_accuracy"] == pytest.approx(
         float(np.mean(probs.argmax(1) == labels)))
-    assert whole["history"]["val_loss"][-1] != pytest.approx(loss, rel=1e-4)
+    assert whole["history"]["val_loss"][-1] == pytest.approx(
+        decision["last_step"]["val_loss"], rel=1e-5)
 
     key = tmp_path / "runs" / "b"
     with pytest.raises(Interrupt):
-        train_model(data_info, cfg, key / "run-1", on_epoch_end=_killed_after(4),
+        train_model(data_info, cfg, key / "run-1", on_epoch_end=_killed_after(20),
                     features_dir=tmp_path / "f")
     resumed = train_model(data_info, cfg, key / "run-2", features_dir=tmp_path / "f")
-    assert resumed["resumed_from_epoch"] == 4
+    assert resumed["resumed_from_epoch"] == 20
     np.testing.assert_allclose(_probabilities(resumed["export_dir"], data_info, "val"), probs,
                                atol=1e-6)
     assert resumed["validation"] == pytest.approx(whole["validation"], rel=1e-5)
 
     plain = train_model(data_info, cfg.model_copy(update={"average_weights": False}),
                         tmp_path / "runs" / "c", features_dir=tmp_path / "f")
-    assert plain["averaged_steps"] == 0
+    assert plain["weight_average"] is None
     assert plain["history"]["loss"] == pytest.approx(whole["history"]["loss"], rel=1e-5)
     assert plain["validation"]["val_loss"] == pytest.approx(plain["history"]["val_loss"][-1],
                                                             rel=1e-5)
     assert not np.allclose(_probabilities(plain["export_dir"], data_info, "val"), probs,
                            atol=1e-4)
+
+
+def test_a_head_still_learning_keeps_its_last_steps_weights(tmp_path, tiny_backbone,
+                                                           data_info):
+    """Colour classes the tiny backbone separates slowly: the head's loss still falls at its
+    last step, its average over the last steps lags behind it (a higher validation loss),
+    so the model keeps the last step's weights: the same model as ``--no-average-weights``."""
+    cfg = _cfg(tiny_backbone, edge_export=False)
+    run = train_model(data_info, cfg, tmp_path / "a", features_dir=tmp_path / "f")
+    decision = run["weight_average"]
+    assert not decision["used"] and decision["steps"] > 0
+    assert decision["val_loss"] > decision["last_step"]["val_loss"]
+    assert run["validation"]["val_loss"] == pytest.approx(decision["last_step"]["val_loss"],
+                                                          rel=1e-5)
+    plain = train_model(data_info, cfg.model_copy(update={"average_weights": False}),
+                        tmp_path / "b", features_dir=tmp_path / "f")
+    np.testing.assert_allclose(_probabilities(run["export_dir"], data_info),
+                               _probabilities(plain["export_dir"], data_info), atol=1e-6)
