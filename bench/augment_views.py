@@ -86,7 +86,9 @@ def main() -> None:
     from petalflow.tasks.inputs import image_dataset
     from petalflow.tasks.model import build_head, keras, load_backbone
     from petalflow.tasks.params import TrainParams
-    from petalflow.tasks.train import WeightAverage, augmented_copy, cached_features
+    from petalflow.tasks.train import (
+        WeightAverage, _validate_on_features, augmented_copy, cached_features,
+    )
 
     defaults = (inputs.ROTATION, inputs.ZOOM, inputs.CONTRAST)
     k = keras()
@@ -169,7 +171,7 @@ def main() -> None:
                              + head.predict(flipped[key], verbose=0)) / 2
                         out.append(float(np.mean(np.argmax(p, 1) == ys)))
                 if average:  # the same fit, its weights averaged as average_weights does
-                    average.apply()
+                    average.apply(_validate_on_features(head, val_x, val_y))
                     val_avg.append(accuracy(head, val_x, val_y))
                     test_avg.append(accuracy(head, test_x, test_y))
             rows.append({"split_seed": split_seed, "copies": name,

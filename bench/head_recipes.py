@@ -11,6 +11,8 @@ scored on the validation and test photos. Recipes (``--recipes``, comma-separate
 - ``last``: the last step's weights (``--no-average-weights``);
 - ``tail:F``: the mean of the weights after each step of the last fraction F of the steps
   (a running mean updated after every step, as ``tasks.train.WeightAverage`` keeps it);
+- ``checked:F``: as ``tail:F``, kept only if its validation loss is not higher than the last
+  step's weights' (what ``average_weights`` does: ``WeightAverage.apply``);
 - ``ema:M``: Keras's exponential moving average of the weights (``use_ema``, momentum M);
 - ``cosine``: the learning rate decayed to 0 over the steps (cosine), the last step's weights;
 - ``seeds:K``: K heads trained apart (seeds 1..K: their own initialisation, dropout and order
@@ -34,6 +36,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -81,7 +84,7 @@ def main() -> None:
                     scores.append(score(averaged, d))
                 else:
                     for seed in range(1, args.seeds + 1):
-                        scores.append(score(train(k, x, y, seed, recipe, classes), d))
+                        scores.append(score(train(k, x, y, seed, recipe, classes, d), d))
                 per_split[s] = np.mean(scores, axis=0).tolist()  # [validation, test]
             row = {"features": features, "recipe": recipe,
                    "choice_mean": round(float(np.mean([per_split[s] for s in choice])), 4),
@@ -141,10 +144,10 @@ def score(head, d: dict) -> list:
             for s in ("val", "test")]
 
 
-def train(k, x, y, seed: int, recipe: str, classes: int, epochs: int = 5, batch: int = 32,
-          rate: float = 3e-3):
+def train(k, x, y, seed: int, recipe: str, classes: int, d: Optional[dict] = None,
+          epochs: int = 5, batch: int = 32, rate: float = 3e-3):
     from petalflow.tasks.model import build_head
-    from petalflow.tasks.train import WeightAverage
+    from petalflow.tasks.train import WeightAverage, _validate_on_features
 
     name, _, value = recipe.partition(":")
     if name in ("joint", "orders"):
@@ -160,13 +163,15 @@ def train(k, x, y, seed: int, recipe: str, classes: int, epochs: int = 5, batch:
                  }.get(name, lambda: k.optimizers.Adam(rate))()
     head.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     callbacks = []
-    if name == "tail":
+    if name in ("tail", "checked"):
         average = WeightAverage(head)
         callbacks.append(average.callback(epochs, steps, float(value)))
     head.fit(x, y, batch_size=batch, epochs=epochs, shuffle=True, verbose=0,
              callbacks=callbacks)
-    if name == "tail":
-        average.apply()
+    if name == "tail":  # the average whatever it scores: validation that always prefers it
+        average.apply(lambda: {"val_loss": 0.0})
+    if name == "checked":
+        average.apply(_validate_on_features(head, d["val_x"], d["val_y"]))
     return head
 
 
