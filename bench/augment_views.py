@@ -147,10 +147,23 @@ def main() -> None:
                                                                ("train", "val", "test"))
         for name, parts in variants.items():
             x, y = np.concatenate(parts), np.tile(train_y, len(parts))
-            val, test, val_flip, test_flip, val_avg, test_avg = [], [], [], [], [], []
+            # (validation, test) accuracies per way of scoring the heads: the row's name suffix
+            scores = {"": ([], [])}
+            if args.average_weights:
+                scores[", weights averaged"] = ([], [])
+            if flipped:
+                scores[", flip-averaged"] = ([], [])
 
-            def accuracy(head, xs, ys) -> float:
-                return float(np.mean(np.argmax(head.predict(xs, verbose=0), 1) == ys))
+            def accuracy(head, xs, ys, mirror=None) -> float:
+                p = head.predict(xs, verbose=0)
+                if mirror is not None:
+                    p = (p + head.predict(mirror, verbose=0)) / 2
+                return float(np.mean(np.argmax(p, 1) == ys))
+
+            def score(head, suffix: str, flip: bool = False) -> None:
+                for out, xs, ys, key in zip(scores[suffix], (val_x, test_x), (val_y, test_y),
+                                            ("val", "test")):
+                    out.append(accuracy(head, xs, ys, flipped[key] if flip else None))
 
             for seed in range(1, args.seeds + 1):
                 k.utils.set_random_seed(seed)
@@ -162,32 +175,18 @@ def main() -> None:
                 head.fit(x, y, batch_size=cfg.batch_size, epochs=cfg.epochs, shuffle=True,
                          verbose=0,
                          callbacks=[average.callback(cfg.epochs, steps)] if average else [])
-                val.append(accuracy(head, val_x, val_y))
-                test.append(accuracy(head, test_x, test_y))
+                score(head, "")
                 if flipped:
-                    for out, xs, ys, key in ((val_flip, val_x, val_y, "val"),
-                                             (test_flip, test_x, test_y, "test")):
-                        p = (head.predict(xs, verbose=0)
-                             + head.predict(flipped[key], verbose=0)) / 2
-                        out.append(float(np.mean(np.argmax(p, 1) == ys)))
+                    score(head, ", flip-averaged", flip=True)
                 if average:  # the same fit, its weights averaged as average_weights does
                     average.apply(_validate_on_features(head, val_x, val_y))
-                    val_avg.append(accuracy(head, val_x, val_y))
-                    test_avg.append(accuracy(head, test_x, test_y))
-            rows.append({"split_seed": split_seed, "copies": name,
-                         "val_mean": round(float(np.mean(val)), 4),
-                         "test_mean": round(float(np.mean(test)), 4), "val": val, "test": test})
-            if val_avg:
-                rows.append({"split_seed": split_seed, "copies": name + ", weights averaged",
-                             "val_mean": round(float(np.mean(val_avg)), 4),
-                             "test_mean": round(float(np.mean(test_avg)), 4),
-                             "val": val_avg, "test": test_avg})
-            if flipped:
-                rows.append({"split_seed": split_seed, "copies": name + ", flip-averaged",
-                             "val_mean": round(float(np.mean(val_flip)), 4),
-                             "test_mean": round(float(np.mean(test_flip)), 4),
-                             "val": val_flip, "test": test_flip})
-            print(json.dumps(rows[-1]), flush=True)
+                    score(head, ", weights averaged")
+            for suffix, (val, test) in scores.items():
+                rows.append({"split_seed": split_seed, "copies": name + suffix,
+                             "val_mean": round(float(np.mean(val)), 4),
+                             "test_mean": round(float(np.mean(test)), 4),
+                             "val": val, "test": test})
+                print(json.dumps(rows[-1]), flush=True)
 
     names = list(dict.fromkeys(r["copies"] for r in rows))
     choice = [s for s in split_seeds if s != args.report_seed]
