@@ -26,7 +26,7 @@ from petalflow.tasks.common import (
     require_tracking_server, tls_problem,
 )
 from petalflow.tasks.params import (
-    CLI_HIDDEN, CLI_REQUIRED, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
+    CLI_HIDDEN, CLI_POSITIONAL, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
 )
 
 EXIT_USAGE = 2
@@ -151,8 +151,9 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
         if name in CLI_HIDDEN:
             continue
         option = cli_option(name)
-        required = field.is_required() or name in CLI_REQUIRED
+        required = field.is_required()
         default = "required" if required else \
+            "or given as the command's arguments" if name in CLI_POSITIONAL else \
             f"default: {field.get_default(call_default_factory=True)}"
         # argparse formats help with %: a description's own % signs are literal.
         help_text = f"{field.description} ({default})".replace("%", "%%")
@@ -169,6 +170,9 @@ def add_params_options(p: argparse.ArgumentParser, model: type[BaseModel]) -> No
         elif get_origin(field.annotation) is list:
             p.add_argument(option, dest=name, nargs="+", default=None, help=help_text,
                            required=required)
+            if name in CLI_POSITIONAL:
+                p.add_argument(f"{name}_arguments", nargs="*", default=[],
+                               metavar=field.title.upper(), help=f"the same as {option}")
         else:
             # Values stay strings here; the model validates and converts them, so every
             # entry point (CLI, UI, API) refuses the same values with the same message.
@@ -242,6 +246,10 @@ def params_from_args(model: type[BaseModel], args: argparse.Namespace):
     option(s)."""
     given = {name: getattr(args, name) for name in model.model_fields
              if getattr(args, name, None) is not None}
+    for name in CLI_POSITIONAL & set(model.model_fields):
+        arguments = getattr(args, f"{name}_arguments", None)
+        if arguments:  # petalflow predict photos/ --output p.csv
+            given[name] = [*arguments, *given.get(name, [])]
     for name, value in list(given.items()):
         if _is_model_list(model.model_fields[name].annotation):
             try:
@@ -410,6 +418,10 @@ def _inputs_listed(params: PredictParams):
 def cmd_predict(args: argparse.Namespace) -> int:
     """The batch-predict flow, run here (a temporary Prefect server unless PREFECT_API_URL is
     set); the files are checked before anything starts."""
+    if not args.input and not args.input_arguments:
+        raise UsageError("no images given: name the image files, folders or patterns to "
+                         "classify, e.g. petalflow predict photos/ --output predictions.csv "
+                         "(or --input photos/)")
     params = params_from_args(PredictParams, args)
     from petalflow.tasks.predict import (
         forget_preloaded, iter_inputs, model_uri_of, no_images_message, preload_model,
@@ -641,7 +653,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return stack_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "predict" and not any(a.startswith("-") for a in extra):
+        args.input_arguments += extra  # images named after an option: photos/ --output p.csv b/
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if command_line and not getattr(args, "verbose", False):
         filter_native_stderr()
     try:

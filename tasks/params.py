@@ -567,11 +567,11 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
 
 
 # CLI spellings that differ from the field name (the rest: ``--field-name``); fields the CLI
-# leaves out (an old name another option covers); fields the CLI requires though the flow's
-# schema does not (the flow also accepts the old name instead).
+# leaves out (an old name another option covers); list fields also given as the command's
+# arguments (``petalflow predict photos/ --output p.csv``), the option then not needed.
 _CLI_NAMES = {"model_uri": "--model"}
 CLI_HIDDEN = {"input_folder"}
-CLI_REQUIRED = {"input"}
+CLI_POSITIONAL = {"input"}
 
 
 def training_target(params: TrainParams, from_deployment: bool) -> Optional[str]:

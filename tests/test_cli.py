@@ -197,6 +197,10 @@ def test_augment_flag_and_defaults_parse(workspace, monkeypatch):
 
 def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys):
     out = workspace / "p.csv"
+    assert main(["predict", "--output", str(out)]) == 2
+    assert ("no images given: name the image files, folders or patterns to classify, e.g. "
+            "petalflow predict photos/ --output predictions.csv (or --input photos/)"
+            in capsys.readouterr().err)
     assert main(["predict", "--input", str(workspace / "nothing*.jpg"), "--output", str(out)]) == 2
     assert "--input" in capsys.readouterr().err
     assert main(["predict", "--input", str(workspace), "--output",
@@ -760,6 +764,14 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
                                            input=[str(workspace / "a.jpg")], output=str(out),
                                            format="json", top_k=2)
     assert seen["flow"] == "batch-predict"
+    # The images also as the command's arguments (README), with --input or without.
+    (workspace / "b.jpg").write_bytes(b"not really")
+    assert cli.main(["predict", str(workspace / "a.jpg"), "--output", str(out),
+                     "--input", str(workspace / "b.jpg"), "--model", "models:/m/1"]) == 0
+    assert seen["params"].input == [str(workspace / "a.jpg"), str(workspace / "b.jpg")]
+    assert cli.main(["predict", str(workspace / "a.jpg"), "--output", str(out),
+                     str(workspace / "b.jpg"), "--model", "models:/m/1"]) == 0
+    assert seen["params"].input == [str(workspace / "a.jpg"), str(workspace / "b.jpg")]
     # What batch-predict took before ``input`` still validates the same way.
     legacy = PredictParams(input_folder=str(workspace), output=str(out))
     assert legacy.input == [str(workspace)]

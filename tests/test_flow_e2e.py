@@ -164,7 +164,8 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch, capsys):
     (folder / "notes.txt").write_text("not an image: skipped, not a row")
     out = tmp_path / "pred.csv"
     assert not out.exists()
-    assert main(["predict", "--input", str(folder), "--output", str(out)]) == 0
+    # The README's form: the images as the command's arguments (or --input).
+    assert main(["predict", str(folder), "--output", str(out)]) == 0
     # Which version classified them: the alias moves with every promotion.
     assert (f"classified 2 of 4 images (2 errors) with models:/{MODEL}@champion (version "
             f"{summary['model_version']}) -> {out}\n") in capsys.readouterr().out
