@@ -21,6 +21,15 @@ scored on the validation and test photos. Recipes (``--recipes``, comma-separate
   own initialisation and dropout, the same order), averaged;
 - ``orders:K``: as ``joint:K``, each head on its own order of the photos.
 
+Recipes for the augmented copy (run on plain + augmented only):
+
+- ``cleantail:F``: the first epochs on plain + augmented, the last fraction F of the epochs on
+  the plain features alone, their steps averaged (checked as ``checked``);
+- ``pick:F``: each epoch, each photo once, its plain or its augmented features drawn at random
+  (as many steps as plain features alone), the last fraction F of the steps averaged (checked);
+- ``weighted:W``: plain + augmented, the augmented features' loss weighted W, the last 40 %
+  of the steps averaged (checked).
+
 The choice is made on the splits other than ``--report-seed`` (42, the split BENCHMARKS.md
 reports accuracies on), validation and test photos together.
 
@@ -69,6 +78,8 @@ def main() -> None:
     for features in ("plain", "plain + 1 augmented copy"):
         for recipe in args.recipes.split(","):
             per_split = {}
+            if features == "plain" and recipe.split(":")[0] in AUGMENTED_ONLY:
+                continue
             for s in split_seeds:
                 d = data[s]
                 x = d["train_x"] if features == "plain" else np.concatenate(
@@ -144,12 +155,17 @@ def score(head, d: dict) -> list:
             for s in ("val", "test")]
 
 
+AUGMENTED_ONLY = ("cleantail", "pick", "weighted")
+
+
 def train(k, x, y, seed: int, recipe: str, classes: int, d: Optional[dict] = None,
           epochs: int = 5, batch: int = 32, rate: float = 3e-3):
     from petalflow.tasks.model import build_head
     from petalflow.tasks.train import WeightAverage, _validate_on_features
 
     name, _, value = recipe.partition(":")
+    if name in AUGMENTED_ONLY:
+        return augmented_recipe(k, d, seed, name, float(value), classes, epochs, batch, rate)
     if name in ("joint", "orders"):
         return side_by_side(k, x, y, seed, int(value), classes, name == "orders", epochs,
                             batch, rate)
@@ -172,6 +188,42 @@ def train(k, x, y, seed: int, recipe: str, classes: int, d: Optional[dict] = Non
         average.apply(lambda: {"val_loss": 0.0})
     if name == "checked":
         average.apply(_validate_on_features(head, d["val_x"], d["val_y"]))
+    return head
+
+
+def augmented_recipe(k, d: dict, seed: int, name: str, value: float, classes: int,
+                     epochs: int, batch: int, rate: float):
+    """The ``cleantail``, ``pick`` and ``weighted`` recipes (module docstring)."""
+    from petalflow.tasks.model import build_head
+    from petalflow.tasks.train import AVERAGED_SHARE, WeightAverage, _validate_on_features
+
+    k.utils.set_random_seed(seed)
+    plain, augmented, y = d["train_x"], d["aug_x"], d["train_y"]
+    head = build_head(plain.shape[1], classes, seed=seed)
+    head.compile(optimizer=k.optimizers.Adam(rate), loss="sparse_categorical_crossentropy")
+    average = WeightAverage(head)
+    both_x, both_y = np.concatenate([plain, augmented]), np.tile(y, 2)
+    if name == "cleantail":
+        clean = max(1, int(round(epochs * value)))
+        if epochs > clean:
+            head.fit(both_x, both_y, batch_size=batch, epochs=epochs - clean, shuffle=True,
+                     verbose=0)
+        head.fit(plain, y, batch_size=batch, epochs=clean, shuffle=True, verbose=0,
+                 callbacks=[average.callback(clean, -(-len(plain) // batch), 1.0)])
+    elif name == "pick":
+        rng = np.random.default_rng(seed)
+        callback = average.callback(epochs, -(-len(plain) // batch), value)
+        for epoch in range(epochs):
+            take = rng.random(len(plain)) < 0.5
+            x = np.where(take[:, None], augmented, plain)
+            head.fit(x, y, batch_size=batch, epochs=epoch + 1, initial_epoch=epoch,
+                     shuffle=True, verbose=0, callbacks=[callback])
+    else:  # weighted
+        weights = np.concatenate([np.ones(len(plain)), np.full(len(plain), value)])
+        head.fit(both_x, both_y, sample_weight=weights, batch_size=batch, epochs=epochs,
+                 shuffle=True, verbose=0,
+                 callbacks=[average.callback(epochs, -(-len(both_x) // batch), AVERAGED_SHARE)])
+    average.apply(_validate_on_features(head, d["val_x"], d["val_y"]))
     return head
 
 
