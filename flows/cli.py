@@ -612,13 +612,22 @@ def _warm_imports(*modules: str, then: Optional[Callable[[], None]] = None) -> N
     import importlib
     import threading
 
+    from petalflow.tasks.common import warming
+
+    imported = warming(modules)  # what the run's first imports of them wait for
+
     def work():
         try:
             with IMPORT_LOCK:
                 try:
                     for name in modules:
-                        importlib.import_module(name)
+                        try:
+                            importlib.import_module(name)
+                        finally:
+                            imported[name].set()
                 finally:
+                    for event in imported.values():  # an import failed: the run's reports it
+                        event.set()
                     if then is not None:
                         then()
         except Exception:  # noqa: BLE001 - the real import reports any problem later

@@ -564,6 +564,31 @@ def log(message: str, *args, level: int = 20) -> None:
 # initialized module 'sqlalchemy.orm.util'", seen once in ~20 `petalflow predict` runs): the
 # side thread imports only while holding this lock, which the main thread holds for its own.
 IMPORT_LOCK = threading.Lock()
+# The packages a command's side thread is importing (``flows.cli._warm_imports``), each with an
+# Event set once its import is done: ``imports_settled`` waits for it.
+_WARMING: dict[str, threading.Event] = {}
+
+
+def warming(modules) -> dict[str, threading.Event]:
+    """Say that a side thread is about to import ``modules`` (before it starts): their Events,
+    for it to set as each import is done."""
+    events = {name: threading.Event() for name in modules}
+    _WARMING.update(events)
+    return events
+
+
+def imports_settled(package: str) -> None:
+    """Wait until a command's side thread has imported ``package``, if one is importing it; at
+    once otherwise (a worker's process, a library caller, the side thread done). Called before
+    a run's first import of TensorFlow or MLflow: the train command's flow starts while its
+    side thread is still importing them, and a submodule imported on the flow's thread
+    meanwhile (``tensorflow.core.protobuf.saved_model_pb2``, the backbone's check) took the two
+    threads' module locks in opposite orders: "partially initialized module
+    'tensorflow.core.protobuf.meta_graph_pb2' ... (most likely due to a circular import)", the
+    run failed at its first task (once in 18 runs of the command here)."""
+    event = _WARMING.get(package)
+    if event is not None:
+        event.wait()
 
 
 # Python's cycle collector during a command's start-up: importing TensorFlow, Prefect and MLflow

@@ -27,7 +27,8 @@ from prefect import task
 from typing_extensions import NotRequired, TypedDict  # pydantic needs them before 3.12
 
 from petalflow.tasks.common import (
-    log, printable_name, system_folder, walk_files, without_autotuning, write_json,
+    imports_settled, log, printable_name, system_folder, walk_files, without_autotuning,
+    write_json,
 )
 from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
@@ -869,6 +870,7 @@ def check_decodable(paths: list[str]) -> list[Optional[str]]:
     Decoding runs in parallel through tf.data with errors skipped, and the indices that did not
     come out are then decoded eagerly one by one to get their error message.
     """
+    imports_settled("tensorflow")  # the command's side thread may be importing it still
     import tensorflow as tf
 
     from petalflow.tasks.images import decoded_shape, plain

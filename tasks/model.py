@@ -15,12 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
-from petalflow.tasks.common import log, tls_problem
+from petalflow.tasks.common import imports_settled, log, tls_problem
 from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 
 
 def keras():
     """tf-keras (Keras 2): the Keras that ``hub.KerasLayer`` works with."""
+    imports_settled("tensorflow_hub")  # which imports tf-keras (``common.imports_settled``)
     import tf_keras
 
     return tf_keras
@@ -44,6 +45,7 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
     if "://" not in handle:
         path = Path(handle).expanduser().resolve()
     else:
+        imports_settled("tensorflow_hub")
         import tensorflow_hub as hub
 
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -81,7 +83,9 @@ def serving_signature(saved_model_dir: Path):
     """The SavedModel's ``serving_default`` signature with one input, read from the graph's
     description only (no weights loaded); None when it has none. What ``check_image_size``
     and ``classification_warning`` read (one parse of ``saved_model.pb``, ~10 ms for
-    MobileNetV2 0.35, serves both)."""
+    MobileNetV2 0.35, serves both). The train flow's first import of TensorFlow: it waits for
+    the command's side thread's (``common.imports_settled``)."""
+    imports_settled("tensorflow")
     from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
@@ -158,6 +162,7 @@ def load_backbone(handle: str, trainable: bool = False):
 
     The layer maps float32 images [batch, size, size, 3] in [0, 1] to features [batch, dim].
     """
+    imports_settled("tensorflow_hub")
     import tensorflow_hub as hub
 
     keras()

@@ -26,8 +26,8 @@ from prefect import task
 
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
 from petalflow.tasks.common import (
-    ask_tracking_server, code_version, error_chain, holder_lock, local_store_db, log, pid_alive,
-    redact_url, tls_failure, tls_problem, utc_now,
+    ask_tracking_server, code_version, error_chain, holder_lock, imports_settled, local_store_db,
+    log, pid_alive, redact_url, tls_failure, tls_problem, utc_now,
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
@@ -160,6 +160,7 @@ def check_server_certificate(uri: str) -> None:
 
 def configure_mlflow() -> str:
     """Point the mlflow library at the tracking/registry store; return the tracking URI."""
+    imports_settled("mlflow")  # the command's side thread may be importing it still
     import mlflow
 
     _STORE_OPEN.wait()  # store_opener's function, if one is to open the stores first

@@ -1141,6 +1141,40 @@ def test_the_early_store_opening_leaves_errors_and_other_stores_to_the_run(
     assert done.wait(60)
 
 
+def test_the_runs_first_imports_of_tensorflow_and_mlflow_wait_for_the_side_thread(
+        workspace, tmp_path, monkeypatch):
+    """``petalflow train``'s flow starts while its side thread still imports MLflow, TensorFlow
+    and TF Hub; the flow's first import of a package the side thread is importing waits until
+    that import is done. (A TensorFlow submodule imported meanwhile on the flow's thread, the
+    backbone's check, took the two threads' module locks in opposite orders: "partially
+    initialized module 'tensorflow.core.protobuf.meta_graph_pb2' ... (most likely due to a
+    circular import)", and the run failed at its first task, once in 18 commands here.)"""
+    import sys
+
+    from petalflow.flows.cli import _warm_imports
+    from petalflow.tasks import common, dataset, model, registry
+
+    (tmp_path / "petalflow_slow_package.py").write_text(
+        "import time\ntime.sleep(0.5)\nDONE = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "petalflow_slow_package", raising=False)
+    _warm_imports("petalflow_slow_package")
+    common.imports_settled("petalflow_slow_package")
+    assert sys.modules["petalflow_slow_package"].DONE  # whole, not partly initialised
+    common.imports_settled("petalflow_never_imported")  # nothing importing it: at once
+    # Where the run first imports them: the backbone's check, the scan's decoding, MLflow's
+    # set-up, tf-keras.
+    waited = []
+    for module in (model, dataset, registry):
+        monkeypatch.setattr(module, "imports_settled", waited.append)
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    assert model.serving_signature(tmp_path) is None
+    assert dataset.check_decodable([]) == []
+    registry.configure_mlflow()
+    model.keras()
+    assert waited == ["tensorflow", "tensorflow", "mlflow", "tensorflow_hub"]
+
+
 def test_start_up_defers_full_collections_then_freezes_what_the_imports_made():
     """The console script's collector set-up: while it starts, no automatic full collection
     (young objects still collected); afterwards what exists is frozen out of later scans and
