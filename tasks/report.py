@@ -365,8 +365,8 @@ def prediction_line(summary: dict, output: Optional[str] = None) -> str:
     as it was typed)."""
     n, errors = summary["images"], summary["errors"]
     used = model_said(summary["model_uri"], summary.get("model_version_uri"))
-    return (f"classified {n - errors} of {n} images ({errors} errors) with {used} -> "
-            f"{output or summary['output']}")
+    return (f"classified {n - errors} of {n} image{'' if n == 1 else 's'} ({errors} "
+            f"error{'' if errors == 1 else 's'}) with {used} -> {output or summary['output']}")
 
 
 def prediction_markdown(summary: dict) -> str:

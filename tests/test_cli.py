@@ -984,6 +984,17 @@ def test_predict_refuses_bad_options_naming_them(workspace, capsys):
             f"such as {str(workspace / 'predictions.csv')!r}") in capsys.readouterr().err
 
 
+def test_the_prediction_line_counts_one_image_and_one_error_in_the_singular():
+    from petalflow.tasks.report import prediction_line
+
+    summary = {"images": 4, "errors": 1, "model_uri": "models:/m@champion",
+               "model_version_uri": "models:/m/2", "output": "/abs/p.csv"}
+    assert prediction_line(summary, "p.csv") == (
+        "classified 3 of 4 images (1 error) with models:/m@champion (version 2) -> p.csv")
+    assert prediction_line({**summary, "images": 1, "errors": 0}) == (
+        "classified 1 of 1 image (0 errors) with models:/m@champion (version 2) -> /abs/p.csv")
+
+
 def test_drift_event_and_artifact_name_the_model_even_with_dots():
     from petalflow.tasks.drift import model_name_of, model_resource
     from petalflow.tasks.report import artifact_key
