@@ -36,6 +36,7 @@ EXIT_SOURCE = 3      # dataset download: unreachable, HTTP error, checksum misma
 EXIT_DATA = 4        # archive or dataset unusable (unsafe/unreadable archive, too few images)
 EXIT_BACKBONE = 5    # backbone handle unusable or unreachable
 EXIT_REGISTRY = 6    # MLflow tracking server or registry refused or unreachable
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports a command it interrupted
 
 OFFLINE_HINT = ("offline, or behind a proxy? --data-url and --backbone take local copies: a "
                 "path, a file:// URL or a URL on your network (see the README).")
@@ -423,6 +424,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          "classify, e.g. petalflow predict photos/ --output predictions.csv "
                          "(or --input photos/)")
     params = params_from_args(PredictParams, args)
+    args.output_path = params.output  # a file:/// URL as its path (for ``interrupted_said``)
     from petalflow.tasks.predict import (
         forget_preloaded, iter_inputs, model_uri_of, no_images_message, preload_model,
     )
@@ -676,6 +678,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"petalflow {args.command}: interrupted{interrupted_said(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except RunFailed as exc:
         failed = exc
     except Exception as exc:  # noqa: BLE001 - pull and models call MLflow directly
@@ -691,6 +698,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if registry is not None:
         registry.wait_for_store(timeout_s=120)
     return failed.code
+
+
+def interrupted_said(args: argparse.Namespace) -> str:
+    """What an interrupted command (Ctrl-C) left, after "interrupted": a train run ends as
+    crashed (its MLflow run marked failed by the flow's hook) and keeps what it finished for the
+    next; predict's output is written whole or not at all (``tasks.predict``: a ``.part``
+    renamed when complete, discarded otherwise)."""
+    if args.command == "train":
+        return (": the run ended as crashed; the same command again reuses what it had done "
+                "(the download, the scan, computed features, finished epochs)")
+    if args.command == "predict" and getattr(args, "output", None):
+        output = Path(getattr(args, "output_path", args.output)).expanduser()
+        written = output.is_file() and _STARTED_AT is not None \
+            and output.stat().st_mtime >= _STARTED_AT
+        return (f": {args.output} was written whole before it" if written else
+                f": nothing was written to {args.output} (no part of a file either)")
+    return ""
 
 
 if __name__ == "__main__":  # pragma: no cover

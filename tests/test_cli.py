@@ -984,6 +984,37 @@ def test_predict_refuses_bad_options_naming_them(workspace, capsys):
             f"such as {str(workspace / 'predictions.csv')!r}") in capsys.readouterr().err
 
 
+def test_an_interrupted_predict_says_whether_its_output_was_written(workspace, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C during `petalflow predict`: one line, exit status 130, saying whether the output
+    was written (it is written whole or not at all), not Python's traceback."""
+    from petalflow.flows import cli
+
+    (workspace / "a.jpg").write_bytes(b"not really")
+    out = workspace / "p.csv"
+    out.write_text("an older table, left as it was\n")
+    os.utime(out, (0, 0))
+
+    def interrupted(write: bool):
+        def cmd(args):
+            args.output_path = str(out)
+            if write:
+                out.write_text("label\n")
+            raise KeyboardInterrupt
+
+        return cmd
+
+    monkeypatch.setattr(cli, "cmd_predict", interrupted(False))
+    assert cli.main(["predict", str(workspace / "a.jpg"), "--output", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"petalflow predict: interrupted: nothing was written to {out} (no part of "
+                   "a file either)\n")
+    monkeypatch.setattr(cli, "cmd_predict", interrupted(True))
+    assert cli.main(["predict", str(workspace / "a.jpg"), "--output", str(out)]) == 130
+    assert capsys.readouterr().err == (
+        f"petalflow predict: interrupted: {out} was written whole before it\n")
+
+
 def test_the_prediction_line_counts_one_image_and_one_error_in_the_singular():
     from petalflow.tasks.report import prediction_line
 

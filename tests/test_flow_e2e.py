@@ -462,6 +462,56 @@ def test_two_trainings_of_one_model_at_once_train_it_once(workspace, tiny_backbo
     assert lock.read_text() == ""
 
 
+def test_ctrl_c_ends_the_train_command_in_one_line_and_the_next_run_reuses_its_work(
+        workspace, tiny_backbone):
+    """Ctrl-C in the terminal (SIGINT) while `petalflow train` runs: it printed Prefect's and
+    Python's traceback (~90 lines ending "KeyboardInterrupt") and died of the signal. Now one
+    line says it was interrupted and what is kept, exit status 130 (as a shell reports an
+    interrupted command), and the same command again reuses the download and the scan. To
+    interrupt it at a known point, a run (this test) holds the model's turn: the command has
+    downloaded and scanned, and waits for it."""
+    import signal
+    import time
+
+    from petalflow.tasks.common import holder_lock
+    from petalflow.tasks.registry import training_lock_path
+
+    _serve_dataset(workspace, make_dataset, "ctrlc", per_class=12)
+    exe = Path(sys.executable).with_name("petalflow")
+    lock = training_lock_path(workspace / "home", MODEL)
+    console = workspace / "interrupted.log"
+    env = {**os.environ, "PREFECT_API_URL": "", "COLUMNS": "400"}
+    with serve_directory(workspace / "served") as url:
+        command = [str(exe), "train", "--data-url", f"{url}/ctrlc.tgz", "--backbone",
+                   str(tiny_backbone), "--image-size", "32", "--epochs", "6", "--batch-size",
+                   "8", "--learning-rate", "0.05", "--val-fraction", "0.2", "--test-fraction",
+                   "0.2", "--min-accuracy", "0.8"]
+        with holder_lock(lock, "flow run 'the-first-one'", lambda _: None), \
+                open(console, "w") as out:
+            proc = subprocess.Popen(  # with Ctrl-C's default action, as a terminal starts it
+                command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            deadline = time.monotonic() + 400
+            while "this run waits for it to end" not in " ".join(console.read_text().split()):
+                assert proc.poll() is None, console.read_text()[-3000:]
+                assert time.monotonic() < deadline, console.read_text()[-3000:]
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130, console.read_text()[-3000:]
+        text = console.read_text()
+        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+        assert text.rstrip().splitlines()[-1] == (
+            "petalflow train: interrupted: the run ended as crashed; the same command again "
+            "reuses what it had done (the download, the scan, computed features, finished "
+            "epochs)")
+        again = subprocess.run(command + ["--summary-json", str(workspace / "again.json")],
+                               capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = " ".join((again.stdout + again.stderr).split())
+    assert ": not modified (sha256" in said and "its manifest is reused" in said
+    assert json.loads((workspace / "again.json").read_text())["alias"] == "champion"
+
+
 def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
     """`mlflow models serve -m models:/NAME@champion --env-manager local`, a real subprocess:
     MLflow's dataframe formats, and TensorFlow Serving's `instances`/`inputs` with binary data
