@@ -272,6 +272,17 @@ def classifier_with_features(model):
     return raw if getattr(raw, "gives_features", False) else None
 
 
+def shortest_floats(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its float32 columns (the probabilities, as the model gives them) as the
+    numbers their shortest decimal names, for the text formats: 0.94918954, not float64's
+    0.9491895437240601 (digits float32 does not have; a 3-class CSV of 304 photos: 43,196 ->
+    32,729 bytes). Parquet keeps float32."""
+    columns = [c for c in frame.columns if frame[c].dtype == np.float32]
+    if not columns:
+        return frame
+    return frame.assign(**{c: [float(str(v)) for v in frame[c].to_numpy()] for c in columns})
+
+
 class _Writer:
     """Streams rows to CSV, TSV, a JSON array, JSON lines (gzip-compressed when the output's
     name ends .gz) or Parquet (a row group per batch, every batch in the first one's column
@@ -309,6 +320,8 @@ class _Writer:
             self.fh.write("[\n")
 
     def write(self, frame: pd.DataFrame) -> None:
+        if self.fmt != "parquet":
+            frame = shortest_floats(frame)
         if self.fmt in ("csv", "tsv"):
             if self.csv is None:
                 self.csv = csv.writer(self.fh, delimiter="\t" if self.fmt == "tsv" else ",")

@@ -1449,6 +1449,29 @@ def test_a_model_that_fails_to_load_leaves_no_file_nor_part(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
 
 
+def test_text_outputs_write_probabilities_with_the_digits_float32_has(tmp_path):
+    """A CSV's and a JSON file's probabilities read 0.94918954, not float64's
+    0.9491895437240601 (digits the model's float32 does not have); the same numbers, as float32;
+    Parquet keeps float32."""
+    from petalflow.tasks.predict import _Writer
+
+    frame = pd.DataFrame({"label": ["b", ""], "probability": np.float32([0.9491895437240601, 0]),
+                          "error": ["", "undecodable image"],
+                          "prob_a": np.float32([0.050810456, 0]),
+                          "prob_b": np.float32([0.9491895437240601, 0])})
+    for fmt in ("csv", "json", "parquet"):
+        writer = _Writer(tmp_path / f"p.{fmt}", fmt)
+        writer.write(frame)
+        writer.close()
+    text = (tmp_path / "p.csv").read_text()
+    assert text.splitlines()[1] == "b,0.94918954,,0.050810456,0.94918954"
+    assert '"probability": 0.94918954' in (tmp_path / "p.json").read_text()
+    for read in (pd.read_csv(tmp_path / "p.csv", keep_default_na=False),
+                 pd.read_json(tmp_path / "p.json")):
+        assert read["prob_b"].astype(np.float32).tolist() == frame["prob_b"].tolist()
+    assert pd.read_parquet(tmp_path / "p.parquet")["prob_b"].dtype == np.float32
+
+
 def test_top_k_probabilities_are_in_the_models_own_type():
     """The top<i>_probability columns came out float64 beside float32 prob_ columns (as the
     model gives them): a Parquet file's probabilities were of two types. Now the prob_
