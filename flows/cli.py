@@ -299,6 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             _warm_imports("mlflow", "tensorflow", "tensorflow_hub", then=store_opener())
         from petalflow.flows.train_flow import train_and_register
 
+        args.run_started = True  # for ``interrupted_said``
         state = _run_flow(train_and_register, params, quiet=not args.verbose, server=server)
     summary = _result(state, args.verbose)
     text = json.dumps(summary, indent=2, ensure_ascii=False)
@@ -705,6 +706,8 @@ def interrupted_said(args: argparse.Namespace) -> str:
     crashed (its MLflow run marked failed by the flow's hook) and keeps what it finished for the
     next; predict's output is written whole or not at all (``tasks.predict``: a ``.part``
     renamed when complete, discarded otherwise)."""
+    if args.command == "train" and not getattr(args, "run_started", False):
+        return " before its run started"
     if args.command == "train":
         return (": the run ended as crashed; the same command again reuses what it had done "
                 "(the download, the scan, computed features, finished epochs)")

@@ -987,7 +987,8 @@ def test_predict_refuses_bad_options_naming_them(workspace, capsys):
 def test_an_interrupted_predict_says_whether_its_output_was_written(workspace, monkeypatch,
                                                                      capsys):
     """Ctrl-C during `petalflow predict`: one line, exit status 130, saying whether the output
-    was written (it is written whole or not at all), not Python's traceback."""
+    was written (it is written whole or not at all), not Python's traceback; during `petalflow
+    train` before its run started, that."""
     from petalflow.flows import cli
 
     (workspace / "a.jpg").write_bytes(b"not really")
@@ -1013,6 +1014,14 @@ def test_an_interrupted_predict_says_whether_its_output_was_written(workspace, m
     assert cli.main(["predict", str(workspace / "a.jpg"), "--output", str(out)]) == 130
     assert capsys.readouterr().err == (
         f"petalflow predict: interrupted: {out} was written whole before it\n")
+    # A train command interrupted before its flow run started (the e2e test interrupts one
+    # whose run has started) says only that.
+    def train_interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", train_interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err == "petalflow train: interrupted before its run started\n"
 
 
 def test_the_prediction_line_counts_one_image_and_one_error_in_the_singular():
