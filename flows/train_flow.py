@@ -27,7 +27,7 @@ from typing import Optional
 
 from prefect import flow, get_run_logger
 
-from petalflow.tasks.common import petalflow_home, redact_url
+from petalflow.tasks.common import petalflow_home, redact_url, redacted_source
 from petalflow.tasks.dataset import (
     dataset_line, dataset_summary, orientation_note, prepare_dataset_task, split_layout_note,
 )
@@ -175,7 +175,8 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
             same = unchanged_since_champion_task(params, data_info)
         if same is not None:
             summary = {"status": "nothing to do", **same,
-                       "dataset": dataset, "source": source, "timings": timer.table()}
+                       "dataset": dataset, "source": redacted_source(source),
+                       "timings": timer.table()}
             return _finish(summary, home=home)
     fingerprint = data_info["fingerprint"]
     key = run_key(params, fingerprint)
@@ -244,7 +245,7 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
         "test_metrics": evaluation["metrics"],
         "edge": edge_summary(edge, evaluation["metrics"]["test_accuracy"]) if edge else None,
         "dataset": dataset,
-        "source": source,
+        "source": redacted_source(source),
         "training": {**{k: record[k] for k in ("device", "epochs", "resumed_from_epoch",
                                                "seeded_from", "seconds", "features")},
                      "validation": record.get("validation"),

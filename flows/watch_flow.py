@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from petalflow.tasks.common import petalflow_home
+from petalflow.tasks.common import petalflow_home, redact_url
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, source_identity,
 )
@@ -36,7 +36,7 @@ def watch_data(params: TrainParams = TrainParams()):
     source = describe_source_task(params.data_url, archive)
     champion = champion_info_task(params.model_name)
     check = check_source_task(source, champion, str(home / "watch"))
-    result = {**check, "data_url": params.data_url, "event_id": None}
+    result = {**check, "data_url": redact_url(params.data_url), "event_id": None}
     if check["changed"] and not check["announced_at"] and not check["settling"]:
         # Extracted as the training's first step extracts it (found in place there): an
         # archive the training could not open (damaged, cut short by an upload in progress,

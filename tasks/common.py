@@ -309,6 +309,13 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def redacted_source(source: Optional[dict]) -> Optional[dict]:
+    """A source description (``download.describe_source``) as a run's summary shows it (the
+    command prints it, ``--summary-json`` writes it, Prefect keeps it as the run's result): its
+    URL as ``redact_url`` records it (where a redirect led is recorded so already)."""
+    return {**source, "url": redact_url(source.get("url"))} if source else source
+
+
 # Query parameters a presigned URL gets anew each time it is signed: when, and for how long
 # (AWS and Google Cloud Storage Signature V4 and V2; an Azure SAS's start and expiry), and the
 # parameters whose presence says a URL is presigned.

@@ -346,6 +346,20 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
         # no secret.
         with pytest.raises(DownloadError) as expired:
             train_and_register(_params(url.replace("f00dSECRET2", "deadSECRET5"), tiny_backbone))
+        # A public link that redirects to the presigned URL (a release page's asset): the
+        # summary (printed by the command, the run's result) and the run's tags name where it
+        # led without the signature.
+        # The watch's result (the Prefect UI's) names the source without them too.
+        from petalflow.flows.watch_flow import watch_data
+
+        watched = watch_data(_params(url.replace(query, resigned_query), tiny_backbone))
+        assert watched["changed"] is False
+        site.redirects["/latest.tgz"] = f"{site.url}/private/photos.tgz?{resigned_query}"
+        redirected = train_and_register(_params(f"{site.url}/latest.tgz", tiny_backbone,
+                                                force=True))
+    assert redirected["source"]["redirected_to"].endswith("&X-Amz-Signature=***")
+    assert _client().get_run(redirected["mlflow_run_id"]).data.tags[
+        "petalflow.source_redirected_to"] == redirected["source"]["redirected_to"]
     assert (first["model_version"], first["alias"]) == ("1", "champion")
     client = _client()
     mv = client.get_model_version(MODEL, "1")
@@ -354,8 +368,12 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
                            Path(client.download_artifacts(first["mlflow_run_id"],
                                                           "model_card.md")).read_text()])
     recorded += run_result(first) + str(expired.value)  # the Prefect UI's result, the error
+    # What the command prints and --summary-json writes (the source's URL was as given).
+    recorded += json.dumps([first, again, redirected, watched])
+    recorded += json.dumps(_client().get_run(redirected["mlflow_run_id"]).data.tags)
     assert str(expired.value).startswith("HTTP 404 from http://***@")
-    for secret in ("AKIDSECRET1", "f00dSECRET2", "hunter2SECRET3", "alice", "deadSECRET5"):
+    for secret in ("AKIDSECRET1", "f00dSECRET2", "hunter2SECRET3", "alice", "deadSECRET5",
+                   "beefSECRET4"):
         assert secret not in recorded, secret
     shown = (f"http://***@{host}/private/photos.tgz?X-Amz-Credential=***&X-Amz-Date={signed_at}"
              "&X-Amz-Expires=3600&X-Amz-Signature=***")
