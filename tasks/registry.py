@@ -768,15 +768,15 @@ def register_model(
 
     client = mlflow_client()
     name = cfg.model_name
-    try:
-        client.create_registered_model(name, description="petalflow image classifier")
-    except Exception:  # noqa: BLE001 - it exists already
-        pass
     mv = _version_for_run(client, name, run_id)
     if mv is None:
+        # MLflow creates the registered model with its first version (created beforehand, it
+        # printed "Registered model 'NAME' already exists" on a model's first run).
         with mlflow.start_run(run_id=run_id):
             info = log_model(Path(export_dir), data_info["classes"], name)
         mv = client.get_model_version(name, str(info.registered_model_version))
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description="petalflow image classifier")
     version = str(mv.version)
     accuracy = float(metrics["test_accuracy"])
     version_tags = {

@@ -374,6 +374,8 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     if not list(Path("/dev").glob("nvidia[0-9]*")):
         assert "cuInit" not in console and "training on CPU" in console
     assert "features (train):" in console
+    # A model's first version: MLflow's own lines say it was created, not that it existed.
+    assert "already exists" not in console and "Successfully registered model" in console
     # The README's line for average_weights' decision, with the summary's figures: on these
     # photos the tiny backbone's head is still learning at its last step, and keeps it.
     training = json.loads(summary_path.read_text())["training"]
