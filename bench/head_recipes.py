@@ -164,8 +164,9 @@ def train(k, x, y, seed: int, recipe: str, classes: int, d: Optional[dict] = Non
     from petalflow.tasks.train import WeightAverage, _validate_on_features
 
     name, _, value = recipe.partition(":")
-    if name in AUGMENTED_ONLY:
-        return augmented_recipe(k, d, seed, name, float(value), classes, epochs, batch, rate)
+    if name in AUGMENTED_ONLY:  # x, y: the plain and augmented features, as main made them
+        return augmented_recipe(k, x, y, d, seed, name, float(value), classes, epochs, batch,
+                                rate)
     if name in ("joint", "orders"):
         return side_by_side(k, x, y, seed, int(value), classes, name == "orders", epochs,
                             batch, rate)
@@ -191,9 +192,10 @@ def train(k, x, y, seed: int, recipe: str, classes: int, d: Optional[dict] = Non
     return head
 
 
-def augmented_recipe(k, d: dict, seed: int, name: str, value: float, classes: int,
-                     epochs: int, batch: int, rate: float):
-    """The ``cleantail``, ``pick`` and ``weighted`` recipes (module docstring)."""
+def augmented_recipe(k, both_x, both_y, d: dict, seed: int, name: str, value: float,
+                     classes: int, epochs: int, batch: int, rate: float):
+    """The ``cleantail``, ``pick`` and ``weighted`` recipes (module docstring); ``both_x``,
+    ``both_y``: the plain features followed by the augmented copy's, and their labels."""
     from petalflow.tasks.model import build_head
     from petalflow.tasks.train import AVERAGED_SHARE, WeightAverage, _validate_on_features
 
@@ -202,7 +204,6 @@ def augmented_recipe(k, d: dict, seed: int, name: str, value: float, classes: in
     head = build_head(plain.shape[1], classes, seed=seed)
     head.compile(optimizer=k.optimizers.Adam(rate), loss="sparse_categorical_crossentropy")
     average = WeightAverage(head)
-    both_x, both_y = np.concatenate([plain, augmented]), np.tile(y, 2)
     if name == "cleantail":
         clean = max(1, int(round(epochs * value)))
         if epochs > clean:
