@@ -22,11 +22,12 @@ from typing import Callable, Literal, Optional, Sequence, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from petalflow.tasks.common import (
-    IMPORT_LOCK, code_version, defer_full_collections, freeze_start_up, require_store,
+    IMPORT_LOCK, code_version, counted, defer_full_collections, freeze_start_up, require_store,
     require_tracking_server, tls_problem,
 )
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_POSITIONAL, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
+    unquoted,
 )
 
 EXIT_USAGE = 2
@@ -223,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/... "
                            "(default: the champion of --model-name, "
                            f"models:/{DEFAULT_MODEL_NAME}@champion).")
-    pull.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+    pull.add_argument("--model-name", default=DEFAULT_MODEL_NAME, type=unquoted,
                       help="The registered model whose champion is pulled when --model is not "
                            f"given (default: {DEFAULT_MODEL_NAME}).")
     pull.add_argument("--dest", type=Path, required=True,
@@ -236,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(pull)
     models = sub.add_parser("models", help="List a registered model's versions and aliases.",
                             allow_abbrev=False)
-    models.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+    models.add_argument("--model-name", default=DEFAULT_MODEL_NAME, type=unquoted,
                         help=f"The registered model to list (default: {DEFAULT_MODEL_NAME}).")
     _add_common_options(models)
     return parser
@@ -456,7 +457,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.timing and first:
         started = _STARTED_AT or first
         print(f"timing: first prediction written {first - started:.1f} s after the "
-              f"command started; {n} images in {done - started:.1f} s "
+              f"command started; {counted(n, 'image')} in {done - started:.1f} s "
               f"({n / max(done - first, 1e-9):.1f} images/s once the first was written)")
     return 0
 

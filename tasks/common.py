@@ -171,6 +171,11 @@ def _innermost(exc: BaseException) -> str:
     return f"{type(root).__name__}: {root}"
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, in the plural unless ``n`` is 1: "1 image", "0 images", "3 files"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def human_bytes(n: int) -> str:
     """``21474836480`` -> ``21474836480 bytes (20 GiB)``: exact, and readable."""
     value, unit = float(n), "bytes"

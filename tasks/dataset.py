@@ -27,8 +27,8 @@ from prefect import task
 from typing_extensions import NotRequired, TypedDict  # pydantic needs them before 3.12
 
 from petalflow.tasks.common import (
-    imports_settled, log, printable_name, system_folder, walk_files, without_autotuning,
-    write_json,
+    counted, imports_settled, log, printable_name, system_folder, walk_files,
+    without_autotuning, write_json,
 )
 from petalflow.tasks.errors import DatasetError, UnusableImages
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
@@ -629,12 +629,17 @@ def labels_elsewhere(data_root: Path, manifest: pd.DataFrame,
     labelled = labels_in_names(loose)
     if labelled:
         shown = ", ".join(f"{name}: {label}" for label, name in labelled[:3])
-        return (f"the {len(loose)} images lie in the dataset folder itself, and their file "
-                f"names begin with a label ({shown}): move each image into a folder named "
-                f"after it ({', '.join(f'{label}/' for label, _ in labelled[:3])}"
+        return (f"the {counted(len(loose), 'image')} {_lie(len(loose))} in the dataset "
+                f"folder itself, and their file names begin with a label ({shown}): move each "
+                f"image into a folder named after it "
+                f"({', '.join(f'{label}/' for label, _ in labelled[:3])}"
                 f"{', ...' if len(labelled) > 3 else ''})")
     return (labels_file_hint(data_root, {Path(p).name for p in manifest["path"]} | set(loose))
             or (one_class_folder(data_root, len(loose), archive) if loose else None))
+
+
+def _lie(n: int) -> str:
+    return "lies" if n == 1 else "lie"
 
 
 def one_class_folder(data_root: Path, images: int, archive: bool = False) -> str:
@@ -646,11 +651,12 @@ def one_class_folder(data_root: Path, images: int, archive: bool = False) -> str
         name = Path(data_root).name
         where = ("at the archive's top level" if re.fullmatch(r"[0-9a-f]{64}", name)
                  else f"in the archive's {name}/ itself")
-        return (f"the {images} images lie {where}, with no class folder: an archive of one "
-                "class's folder? Pack the folder that holds one subfolder per class (tar -czf "
-                "dataset.tgz dataset/)")
-    message = (f"the {images} images lie in {data_root} itself, with no class folder: a folder "
-               "of one class? Give the folder that holds one subfolder per class")
+        return (f"the {counted(images, 'image')} {_lie(images)} {where}, with no class "
+                "folder: an archive of one class's folder? Pack the folder that holds one "
+                "subfolder per class (tar -czf dataset.tgz dataset/)")
+    message = (f"the {counted(images, 'image')} {_lie(images)} in {data_root} itself, with "
+               "no class folder: a folder of one class? Give the folder that holds one "
+               "subfolder per class")
     parent = Path(data_root).parent
     try:
         classes = sorted(p.name for p in parent.iterdir()
@@ -1128,9 +1134,9 @@ def _too_small_to_split(manifest: pd.DataFrame, small: dict[str, int], val_fract
     if len(small) == 1:
         [(label, n)] = small.items()
         return DatasetError(
-            f"class {label!r} has {n} distinct usable images; at least {need} are needed to "
-            f"split it into train/val/test ({settings}).{_why_unusable(manifest, label)} Add "
-            "images or remove the class folder.")
+            f"class {label!r} has {counted(n, 'distinct usable image')}; at least {need} are "
+            f"needed to split it into train/val/test ({settings})."
+            f"{_why_unusable(manifest, label)} Add images or remove the class folder.")
     ranked = sorted(small.items(), key=lambda item: (item[1], item[0]))
     shown = ", ".join(f"{label!r} ({n})" for label, n in ranked[:10])
     more = f" and {len(ranked) - 10} more" if len(ranked) > 10 else ""

@@ -34,9 +34,9 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
-    CHUNK, file_lock, human_bytes, local_source, log, read_json, redact_url, remove_set_aside,
-    scheme_hint, set_aside, sha256_file, source_url, tls_problem, tree_bytes, unread_folder,
-    utc_at, utc_now, walk_files, where_relative, write_json,
+    CHUNK, counted, file_lock, human_bytes, local_source, log, read_json, redact_url,
+    remove_set_aside, scheme_hint, set_aside, sha256_file, source_url, tls_problem, tree_bytes,
+    unread_folder, utc_at, utc_now, walk_files, where_relative, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (
@@ -835,7 +835,7 @@ def _check_zip_readable(name: str, members: list) -> None:
     locked = [member for info, member in files if info.flag_bits & 0x1]
     if locked:
         raise ArchiveError(
-            f"{name} is password-protected ({len(locked)} of its {len(files)} files "
+            f"{name} is password-protected ({len(locked)} of its {counted(len(files), 'file')} "
             f"{'is' if len(locked) == 1 else 'are'} encrypted, e.g. {locked[0]!r}): petalflow "
             "takes no password; extract it yourself and give the folder as the data URL, or "
             "pack the class folders again without a password")

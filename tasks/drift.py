@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from petalflow.tasks.common import log, redacted
+from petalflow.tasks.common import counted, log, redacted
 from petalflow.tasks.params import ONE_RUN_FIELDS
 from petalflow.tasks.registry import model_said, model_version_of, parse_models_uri
 
@@ -49,7 +49,7 @@ def drift_line(drift: Optional[dict]) -> str:
     said = VERDICT_LINE[verdict(drift)].format(**drift)
     return (f"drift: score {drift['drift_score']:.3f} (threshold {drift['threshold']:.2f}; "
             f"features {drift['feature_drift']:.3f}, image statistics "
-            f"{drift['image_drift']:.3f}) on {drift['images']} images: {said}")
+            f"{drift['image_drift']:.3f}) on {counted(drift['images'], 'image')}: {said}")
 
 
 EVENT_INPUTS = 20  # of a job's inputs, named in its drift event (``drift_payload``)
@@ -73,7 +73,7 @@ def drift_markdown(summary: dict) -> str:
     said = VERDICT_MARKDOWN[verdict(drift)].format(**drift)
     return "\n".join([
         "# Drift", "",
-        f"{drift['images']} images from {inputs} compared with what `{model}` "
+        f"{counted(drift['images'], 'image')} from {inputs} compared with what `{model}` "
         f"was trained on: drift score **{drift['drift_score']:.3f}** (threshold "
         f"{drift['threshold']:.2f}), {said}.", "",
         *(["Compared with training photos in this batch's own class mix (the share of its "

@@ -453,11 +453,20 @@ class TrainParams(BaseModel):
     @field_validator("model_name")
     @classmethod
     def _check_model_name(cls, value: str) -> str:
+        value = unquoted(value)  # "flowers " pasted into the form names the model flowers
         if not _MODEL_NAME.match(value):
             raise ValueError(
                 "must start with a letter or digit and use only letters, digits, '.', '_', '-' "
                 "(at most 100 characters)"
             )
+        return value
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _check_experiment_name(cls, value: str) -> str:
+        value = unquoted(value)  # " exp " would be an experiment of its own beside "exp"
+        if not value:
+            raise ValueError("must name an MLflow experiment")
         return value
 
     @model_validator(mode="after")
@@ -704,6 +713,16 @@ class PredictParams(BaseModel):
         if compressed and self.format == "parquet":
             raise ValueError("output: " + PARQUET_GZ)
         return self
+
+    @field_validator("model_name")
+    @classmethod
+    def _name_as_registered(cls, value: str) -> str:
+        """Any name MLflow registered (other tools allow more than train does), without the
+        spaces or quotes a paste brings along."""
+        value = unquoted(value)
+        if not value:
+            raise ValueError("must name a registered model")
+        return value
 
     @field_validator("model_uri")
     @classmethod

@@ -12,7 +12,7 @@ from typing import Optional
 import pandas as pd
 from prefect import task
 
-from petalflow.tasks.common import redact_url
+from petalflow.tasks.common import counted, redact_url
 from petalflow.tasks.dataset import (
     SHOWN_REASONS, load_manifest, reasons_by_kind, split_layout_note,
 )
@@ -365,16 +365,17 @@ def prediction_line(summary: dict, output: Optional[str] = None) -> str:
     as it was typed)."""
     n, errors = summary["images"], summary["errors"]
     used = model_said(summary["model_uri"], summary.get("model_version_uri"))
-    return (f"classified {n - errors} of {n} image{'' if n == 1 else 's'} ({errors} "
-            f"error{'' if errors == 1 else 's'}) with {used} -> {output or summary['output']}")
+    return (f"classified {n - errors} of {counted(n, 'image')} ({counted(errors, 'error')}) "
+            f"with {used} -> {output or summary['output']}")
 
 
 def prediction_markdown(summary: dict) -> str:
     """The batch-predict artifact: how many images, errors, output, images per label."""
     inputs = inputs_said(summary["inputs"])
     counts = pd.DataFrame(list(summary["labels"].items()), columns=["label", "count"])
-    return (f"# Batch prediction\n\n{summary['images']} images from {inputs} with "
+    return (f"# Batch prediction\n\n{counted(summary['images'], 'image')} from {inputs} with "
             f"`{model_said(summary['model_uri'], summary.get('model_version_uri'))}`: "
             f"{summary['images'] - summary['errors']} classified, "
-            f"{summary['errors']} errors. Output: `{summary['output']}`.\n\n" + _table(counts)
+            f"{counted(summary['errors'], 'error')}. Output: `{summary['output']}`.\n\n"
+            + _table(counts)
             + "\n\n" + drift_line(summary.get("drift")) + "\n")

@@ -12,7 +12,7 @@ import pytest
 
 from pydantic import ValidationError
 
-from petalflow.flows.cli import main
+from petalflow.flows.cli import build_parser, main
 from petalflow.tasks.params import TrainParams, run_key
 from tests.helpers import COLOURS, write_image
 
@@ -1033,6 +1033,47 @@ def test_the_prediction_line_counts_one_image_and_one_error_in_the_singular():
         "classified 3 of 4 images (1 error) with models:/m@champion (version 2) -> p.csv")
     assert prediction_line({**summary, "images": 1, "errors": 0}) == (
         "classified 1 of 1 image (0 errors) with models:/m@champion (version 2) -> /abs/p.csv")
+
+
+def test_one_image_is_counted_in_the_singular_in_the_drift_line_and_the_artifact():
+    """`petalflow predict a.jpg` printed "drift: score … on 1 images"; the batch-predict
+    artifact began "1 images from …", with "1 errors"."""
+    from petalflow.tasks.drift import drift_line, drift_markdown
+    from petalflow.tasks.report import prediction_markdown
+
+    drift = {"available": True, "images": 1, "min_images": 20, "drift_score": 0.6,
+             "threshold": 0.25, "feature_drift": 0.0, "image_drift": 0.6, "drifted": False}
+    assert " on 1 image: too few images to tell" in drift_line(drift)
+    assert drift_markdown({"drift": drift, "inputs": ["a.jpg"], "model_uri": "models:/m/1"}
+                          ).startswith("# Drift\n\n1 image from ")
+    summary = {"images": 1, "errors": 1, "inputs": ["a.jpg"], "labels": {},
+               "model_uri": "models:/m/1", "output": "/abs/p.csv", "drift": None}
+    assert "\n\n1 image from " in prediction_markdown(summary)
+    assert ": 0 classified, 1 error. Output: " in prediction_markdown(summary)
+    assert " on 2 images: " in drift_line({**drift, "images": 2})
+
+
+def test_model_and_experiment_names_are_taken_without_the_spaces_a_paste_brings(
+        tmp_path, workspace, capsys):
+    """A model name pasted into the UI's form or a command with a space after it was refused
+    by train ("must start with a letter or digit…", not saying why) and not found by predict,
+    models and pull; an experiment name with spaces around it made an experiment of its own."""
+    from petalflow.tasks.params import PredictParams
+
+    params = TrainParams(model_name="flowers ", experiment_name=" flowers-exp ")
+    assert (params.model_name, params.experiment_name) == ("flowers", "flowers-exp")
+    assert TrainParams(model_name="'flowers'").model_name == "flowers"
+    with pytest.raises(ValueError, match="experiment_name\n  Value error, must name an MLflow"):
+        TrainParams(experiment_name="  ")
+    image = write_image(tmp_path / "a.jpg", COLOURS["red"])
+    assert PredictParams(input=[str(image)], output=str(tmp_path / "p.csv"),
+                         model_name=" Team Model ").model_name == "Team Model"
+    with pytest.raises(ValueError, match="model_name\n  Value error, must name a registered"):
+        PredictParams(input=[str(image)], output=str(tmp_path / "p.csv"), model_name=" ")
+    parser = build_parser()
+    assert parser.parse_args(["models", "--model-name", "flowers "]).model_name == "flowers"
+    assert parser.parse_args(["pull", "--model-name", " flowers", "--dest", "m"]
+                             ).model_name == "flowers"
 
 
 def test_drift_event_and_artifact_name_the_model_even_with_dots():
