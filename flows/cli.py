@@ -504,8 +504,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     if table.empty:
         print(unregistered_name_reason(args.model_name))
         return 1
+    shown = table.drop(columns="alias_reason")  # accuracy as the registration lines say it
+    shown["test_accuracy"] = shown["test_accuracy"].map(
+        lambda value: "" if pd.isna(value) else f"{value:.4f}")
     with pd.option_context("display.width", 160, "display.max_columns", 10):
-        print(table.drop(columns="alias_reason").to_string(index=False))
+        print(shown.to_string(index=False))
     # Why each version that holds an alias got one when it was registered (an alias moved by
     # hand since, in MLflow's UI, keeps the reason of its registration).
     reasons = [f"v{row.version}, {row.aliases}; at registration: {row.alias_reason}"

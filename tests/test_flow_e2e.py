@@ -721,6 +721,11 @@ def test_models_command_lists_versions(trained, monkeypatch, capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "champion" in out and "test_accuracy" in out
+    # The table's accuracy has the registration line's four digits (six before).
+    accuracy = _summary["test_metrics"]["test_accuracy"]
+    row = next(line for line in out.splitlines()
+               if line.split()[:2] == ["1", "champion"])  # version 1's row of the table
+    assert f" {accuracy:.4f} " in row and f"{accuracy:.6f}" not in out
 
 
 def test_registered_model_carries_its_loader_and_pins_its_requirements(trained, monkeypatch):
