@@ -27,11 +27,14 @@ folder must be reachable by that user.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +73,9 @@ class Stack:
     # postgresql://user:password@host:port URL of a server to use.
     database: str = "sqlite"
     workers: dict = field(default_factory=lambda: {"cpu": 1, "gpu": 1})  # workers per pool
+    # Where each service's log stood when this process started it (its logs are appended to):
+    # a start's error is looked for after that.
+    log_starts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def postgres_dir(self) -> Path:
@@ -160,6 +166,7 @@ def _start(stack: Stack, name: str, cmd: list[str], cwd: Optional[Path] = None,
     if pidfile.exists() and _alive(int(pidfile.read_text())):
         return int(pidfile.read_text())
     log = open(stack.logs / f"{name}.log", "ab")
+    stack.log_starts[name] = log.tell()
     proc = subprocess.Popen(cmd, cwd=cwd or stack.repo, env={**stack.env(), **(extra_env or {})},
                             stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True,
@@ -215,7 +222,9 @@ def _wait(what: str, check, timeout_s: float, stack: Stack, name: str) -> None:
     pid = int((stack.pids / f"{name}.pid").read_text())
     while time.time() < deadline:
         if not _alive(pid):
-            raise RuntimeError(f"{what} exited; see {stack.logs / (name + '.log')}")
+            said = _log_error(stack, name)
+            raise RuntimeError(f"{what} exited as it started{': ' + said if said else ''} "
+                               f"(its log: {stack.logs / (name + '.log')})")
         try:
             if check():
                 return
@@ -224,6 +233,73 @@ def _wait(what: str, check, timeout_s: float, stack: Stack, name: str) -> None:
         time.sleep(0.5)
     raise TimeoutError(f"{what} not healthy after {timeout_s:.0f}s; see "
                        f"{stack.logs / (name + '.log')}")
+
+
+_ERROR_LINE = re.compile(r"error|exception|denied|refused|in use|not found|fatal", re.I)
+_STAMP = re.compile(r"^\s*\d{4}[/-]\d\d[/-]\d\d[ T][\d:.,]+\s*")  # a log line's date and time
+
+
+def _log_error(stack: Stack, name: str) -> str:
+    """The last line of ``name``'s log, written since this process started it, that reads as
+    an error ("" when none does)."""
+    try:
+        with open(stack.logs / f"{name}.log", "rb") as fh:
+            fh.seek(stack.log_starts.get(name, 0))
+            text = fh.read()[-65536:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [" ".join(_STAMP.sub("", line).split()) for line in text.splitlines()
+             if _ERROR_LINE.search(line)]
+    return lines[-1][:300] if lines else ""
+
+
+def _bind_problem(host: str, port: int) -> Optional[str]:
+    """Why a server could not listen on ``host``:``port`` (None when it could): binds a socket
+    there a moment, as the server would (SO_REUSEADDR: a port a stopped server left in
+    TIME_WAIT is free)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"{host} is no address of this machine ({exc.strerror})"
+    family, _type, _proto, _name, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "in use by another program"
+            return f"cannot be listened on: {exc.strerror}"
+    return None
+
+
+def _free_port_after(host: str, port: int) -> Optional[int]:
+    return next((p for p in range(port + 1, min(port + 50, 65536))
+                 if _bind_problem(host, p) is None), None)
+
+
+def port_problems(stack: Stack) -> list[str]:
+    """What stops ``up`` before it starts anything: the two servers given one port, or a port
+    another program holds (the Prefect or MLflow server of another stack, say, whose health
+    check would pass for this one's). A server this stack folder already runs keeps its port."""
+    if stack.prefect_port == stack.mlflow_port:
+        return [f"--prefect-port and --mlflow-port are both {stack.prefect_port}: the two "
+                "servers need a port each"]
+    running = status(stack)
+    problems = []
+    for name, what, port, option in (
+            ("prefect-server", "the Prefect server's", stack.prefect_port, "--prefect-port"),
+            ("mlflow-server", "the MLflow server's", stack.mlflow_port, "--mlflow-port")):
+        if running.get(name) == "running":
+            continue
+        why = _bind_problem(stack.host, port)
+        if why:
+            free = _free_port_after(stack.host, port) if "in use" in why else None
+            problems.append(
+                f"port {port} on {stack.host} ({what}, {option}) is {why}: stop that program, "
+                f"or give the server another port" + (f" ({option} {free} is free)"
+                                                      if free else ""))
+    return problems
 
 
 def prefect_client(stack: Stack):
@@ -440,23 +516,52 @@ def write_env_file(stack: Stack) -> Path:
 
 
 def up(stack: Stack) -> None:
-    start_database(stack)
-    start_prefect_server(stack)
-    start_mlflow_server(stack)
-    start_workers(stack)  # they create the pools, which `prefect deploy` needs
-    create_zombie_automation(stack)
-    deploy(stack)
-    write_env_file(stack)
+    """Start every service, each after the last is healthy, then deploy. When a step fails (a
+    server exits, a health check times out, a command fails, Ctrl-C) the services this call
+    started are stopped again, so no half stack is left behind; the exception says which
+    (its note), and services that were running before stay.
+    """
+    before = {name for name, state in status(stack).items() if state == "running"}
+    try:
+        start_database(stack)
+        start_prefect_server(stack)
+        start_mlflow_server(stack)
+        start_workers(stack)  # they create the pools, which `prefect deploy` needs
+        create_zombie_automation(stack)
+        deploy(stack)
+        write_env_file(stack)
+    except BaseException as exc:
+        now = status(stack)
+        started = [name for name, state in now.items()
+                   if state == "running" and name not in before]
+        for name, state in now.items():  # a service that exited at its start leaves its pid
+            if state == "stopped" and name not in before:
+                (stack.pids / f"{name}.pid").unlink(missing_ok=True)
+        stopped = stop(stack, started)
+        kept = sorted(before & set(now))
+        exc.add_note("; ".join(
+            (["stopped what this start had started: " + ", ".join(stopped)] if stopped
+             else ["nothing this start began is left running"])
+            + (["still running from before it: " + ", ".join(kept)] if kept else [])))
+        raise
 
 
 def down(stack: Stack, timeout_s: float = 30) -> list[str]:
-    """Stop the workers (all at once), then the servers (MLflow, Prefect, PostgreSQL, one after
-    another): SIGTERM to each process group, SIGKILL to one still running ``timeout_s`` later.
-    The names stopped, a killed one with "(killed: ...)" after its name."""
+    """Stop every service of the stack (``stop``)."""
+    return stop(stack, [*_started_workers(stack), *SERVERS], timeout_s)
+
+
+def stop(stack: Stack, names: list[str], timeout_s: float = 30) -> list[str]:
+    """Stop the services ``names`` that have a pid file: the workers (all at once), then the
+    servers (MLflow, Prefect, PostgreSQL, one after another): SIGTERM to each process group,
+    SIGKILL to one still running ``timeout_s`` later. The names stopped, a killed one with
+    "(killed: ...)" after its name."""
     stopped = []
-    for names in (_started_workers(stack), *([name] for name in reversed(SERVERS))):
+    workers = [name for name in names if name not in SERVERS]
+    servers = [[name] for name in reversed(SERVERS) if name in names]
+    for batch in (workers, *servers):
         groups = {}
-        for name in names:
+        for name in batch:
             pidfile = stack.pids / f"{name}.pid"
             if pidfile.exists():
                 groups[name] = int(pidfile.read_text())
@@ -504,6 +609,19 @@ def status(stack: Stack) -> dict:
     return out
 
 
+def _failure(exc: BaseException) -> str:
+    """A failed start in a line: a command's own last error line (stderr) with its name."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        said = [line.strip() for line in (exc.stderr or exc.output or "").splitlines()
+                if line.strip()]
+        command = " ".join(Path(str(exc.cmd[0])).name.split() + [str(a) for a in exc.cmd[1:3]])
+        return (f"`{command} …` failed (exit status {exc.returncode})"
+                + (f": {said[-1]}" if said else ""))
+    if isinstance(exc, subprocess.TimeoutExpired):
+        return f"`{Path(str(exc.cmd[0])).name} …` did not finish in {exc.timeout:g} s"
+    return str(exc)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     import argparse
 
@@ -542,7 +660,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                   database=args.database,
                   workers={"cpu": max(args.cpu_workers, 1), "gpu": max(args.gpu_workers, 1)})
     if args.action == "up":
-        up(stack)
+        problems = port_problems(stack)
+        for problem in problems:
+            print(f"petalflow stack up: error: {problem}", file=sys.stderr)
+        if problems:
+            return 2
+        try:
+            up(stack)
+        except KeyboardInterrupt as exc:
+            print("petalflow stack up: interrupted; " + "; ".join(getattr(exc, "__notes__", [])),
+                  file=sys.stderr)
+            return 130
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            print(f"petalflow stack up: error: {_failure(exc)}", file=sys.stderr)
+            for note in getattr(exc, "__notes__", []):
+                print(note, file=sys.stderr)
+            return 1
         print(f"Prefect UI   http://{stack.host}:{stack.prefect_port}\n"
               f"MLflow UI    {stack.mlflow_uri}\nlogs         {stack.logs}\n"
               f"shell setup  source {stack.stack_dir / 'env'}")

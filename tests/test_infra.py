@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import jsonschema
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -346,3 +347,98 @@ def test_stack_down_stops_the_workers_together_and_names_the_ones_it_killed(tmp_
     assert asked["mlflow-server"] >= max(asked["worker-cpu"], asked["worker-gpu"]) + 1.5, asked
     assert asked["prefect-server"] >= asked["mlflow-server"], asked
     assert down(st) == []  # nothing left to stop
+
+
+def test_stack_up_refuses_a_port_another_program_holds_before_starting_anything(tmp_path,
+                                                                               capsys):
+    """`petalflow stack up` with MLflow's port held by another program started the Prefect
+    server, then failed with a traceback ("RuntimeError: MLflow server exited; see …"),
+    leaving that server running; had the port been another stack's MLflow server, its health
+    check would have passed and this stack would have used that server. The ports are now
+    checked first: refused, naming the option and a free port, and nothing is started."""
+    import socket
+
+    from petalflow.stack import main
+    from tests.helpers import free_port
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    stack_dir = tmp_path / "stack"
+    try:
+        assert main(["up", "--stack-dir", str(stack_dir), "--prefect-port", str(free_port()),
+                     "--mlflow-port", str(port)]) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err
+    assert err.startswith(f"petalflow stack up: error: port {port} on 127.0.0.1 (the MLflow "
+                          "server's, --mlflow-port) is in use by another program: stop that "
+                          "program, or give the server another port (--mlflow-port "), err
+    assert err.rstrip().endswith(" is free)") and len(err.strip().splitlines()) == 1
+    assert not stack_dir.exists()  # no log, no pid file: nothing was started
+    same = free_port()
+    assert main(["up", "--stack-dir", str(stack_dir), "--prefect-port", str(same),
+                 "--mlflow-port", str(same)]) == 2
+    assert (f"--prefect-port and --mlflow-port are both {same}: the two servers need a port "
+            "each") in capsys.readouterr().err
+    assert not stack_dir.exists()
+
+
+@pytest.mark.e2e
+def test_a_stack_start_that_fails_or_is_interrupted_stops_what_it_had_started(tmp_path):
+    """Real servers. Ctrl-C while `petalflow stack up` waits for the MLflow server: one line,
+    exit status 130, and the Prefect and MLflow servers it had started are stopped (a
+    traceback before, and both left running). A server that exits as it starts (its port
+    taken after the check): the error quotes its log's line, and what the start had started
+    is stopped, so the next `stack up` begins clean."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from petalflow.stack import Stack, _bind_problem, status, up
+    from tests.helpers import free_port
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    stack_dir = tmp_path / "stack"
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("petalflow")), "stack", "up", "--stack-dir",
+         str(stack_dir), "--prefect-port", str(prefect_port), "--mlflow-port",
+         str(mlflow_port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (stack_dir / "pids" / "mlflow-server.pid").exists():  # Prefect is healthy
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert err == ("petalflow stack up: interrupted; stopped what this start had started: "
+                   "mlflow-server, prefect-server\n"), err
+    stack = Stack(stack_dir=stack_dir, prefect_port=prefect_port, mlflow_port=mlflow_port,
+                  mlflow_dir=tmp_path / "mlflow", petalflow_home=tmp_path / "home")
+    assert set(status(stack).values()) == {"stopped"} and not list(stack.pids.glob("*.pid"))
+    assert _bind_problem("127.0.0.1", prefect_port) is None
+    assert _bind_problem("127.0.0.1", mlflow_port) is None
+
+    held = socket.socket()  # another program takes MLflow's port after the check
+    held.bind(("127.0.0.1", mlflow_port))
+    held.listen()
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            up(stack)
+    finally:
+        held.close()
+    said = str(failed.value)
+    assert said.startswith("MLflow server exited as it started: ERROR: [Errno 98] error while "
+                           f"attempting to bind on address ('127.0.0.1', {mlflow_port}): "
+                           "address already in use (its log: "), said
+    assert failed.value.__notes__ == ["stopped what this start had started: prefect-server"]
+    assert set(status(stack).values()) == {"stopped"} and not list(stack.pids.glob("*.pid"))
+    assert _bind_problem("127.0.0.1", prefect_port) is None
