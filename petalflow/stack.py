@@ -680,7 +680,19 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"MLflow UI    {stack.mlflow_uri}\nlogs         {stack.logs}\n"
               f"shell setup  source {stack.stack_dir / 'env'}")
     elif args.action == "deploy":
-        print(deploy(stack))
+        try:
+            httpx.get(f"{stack.prefect_api}/health", timeout=10).raise_for_status()
+        except httpx.HTTPError as exc:
+            print(f"petalflow stack deploy: error: no Prefect server answers at "
+                  f"{stack.prefect_api} ({exc.__class__.__name__}): start the stack first "
+                  "(petalflow stack up), or give the port it runs on (--prefect-port)",
+                  file=sys.stderr)
+            return 1
+        try:
+            print(deploy(stack))
+        except subprocess.SubprocessError as exc:
+            print(f"petalflow stack deploy: error: {_failure(exc)}", file=sys.stderr)
+            return 1
     elif args.action == "down":
         print("stopped: " + (", ".join(down(stack)) or "nothing was running"))
     else:

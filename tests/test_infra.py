@@ -383,6 +383,13 @@ def test_stack_up_refuses_a_port_another_program_holds_before_starting_anything(
     assert (f"--prefect-port and --mlflow-port are both {same}: the two servers need a port "
             "each") in capsys.readouterr().err
     assert not stack_dir.exists()
+    # `stack deploy` with no server there: said in a line (a CalledProcessError's traceback
+    # before, naming no reason).
+    assert main(["deploy", "--stack-dir", str(stack_dir), "--prefect-port", str(same)]) == 1
+    assert capsys.readouterr().err == (
+        f"petalflow stack deploy: error: no Prefect server answers at http://127.0.0.1:{same}/api"
+        " (ConnectError): start the stack first (petalflow stack up), or give the port it runs "
+        "on (--prefect-port)\n")
 
 
 @pytest.mark.e2e
