@@ -680,9 +680,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"MLflow UI    {stack.mlflow_uri}\nlogs         {stack.logs}\n"
               f"shell setup  source {stack.stack_dir / 'env'}")
     elif args.action == "deploy":
-        try:
-            httpx.get(f"{stack.prefect_api}/health", timeout=10).raise_for_status()
-        except httpx.HTTPError as exc:
+        try:  # any answer will do: with an auth string set, a 401 is a server too
+            httpx.get(f"{stack.prefect_api}/health", timeout=10)
+        except httpx.TransportError as exc:
             print(f"petalflow stack deploy: error: no Prefect server answers at "
                   f"{stack.prefect_api} ({exc.__class__.__name__}): start the stack first "
                   "(petalflow stack up), or give the port it runs on (--prefect-port)",
