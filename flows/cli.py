@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_options(pred)
     pull = sub.add_parser("pull", help="Download a registered model for offline use.",
                           allow_abbrev=False)
-    pull.add_argument("--model", default=None,
+    pull.add_argument("--model", default=None, type=unquoted,
                       help="Model URI: models:/NAME@ALIAS, models:/NAME/VERSION or runs:/... "
                            "(default: the champion of --model-name, "
                            f"models:/{DEFAULT_MODEL_NAME}@champion).")

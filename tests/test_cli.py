@@ -1074,6 +1074,8 @@ def test_model_and_experiment_names_are_taken_without_the_spaces_a_paste_brings(
     assert parser.parse_args(["models", "--model-name", "flowers "]).model_name == "flowers"
     assert parser.parse_args(["pull", "--model-name", " flowers", "--dest", "m"]
                              ).model_name == "flowers"
+    assert parser.parse_args(["pull", "--model", "'models:/flowers/2' ", "--dest", "m"]
+                             ).model == "models:/flowers/2"
 
 
 def test_drift_event_and_artifact_name_the_model_even_with_dots():
