@@ -449,3 +449,20 @@ def test_a_stack_start_that_fails_or_is_interrupted_stops_what_it_had_started(tm
     assert failed.value.__notes__ == ["stopped what this start had started: prefect-server"]
     assert set(status(stack).values()) == {"stopped"} and not list(stack.pids.glob("*.pid"))
     assert _bind_problem("127.0.0.1", prefect_port) is None
+
+
+def test_a_stack_start_that_fails_at_once_says_why_and_exits_1(tmp_path, capsys):
+    """A database server that refuses the connection: the error in a line (createdb's own
+    words), what the start left running (nothing), exit status 1; no traceback."""
+    from petalflow.stack import main
+    from tests.helpers import free_port
+
+    closed = free_port()  # nothing listens there
+    assert main(["up", "--stack-dir", str(tmp_path / "stack"), "--prefect-port",
+                 str(free_port()), "--mlflow-port", str(free_port()), "--database",
+                 f"postgresql://nobody@127.0.0.1:{closed}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("petalflow stack up: error: createdb prefect: createdb: error: "
+                          f'connection to server at "127.0.0.1", port {closed} failed: '
+                          "Connection refused"), err
+    assert err.endswith("\nnothing this start began is left running\n") and "Traceback" not in err
