@@ -652,13 +652,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="sqlite (default), postgres (a private PostgreSQL cluster in the stack "
                          "folder) or postgresql://USER:PASSWORD@HOST:PORT (your server)")
     args = ap.parse_args(argv)
+    for option, count, pool in (("--gpu-workers", args.gpu_workers, "gpu"),
+                                ("--cpu-workers", args.cpu_workers, "cpu")):
+        if count < 1:
+            ap.error(f"{option} {count}: at least 1 ({POOLS[pool]} run on the {pool} pool's "
+                     "workers" + ("; on a machine without a GPU the gpu worker trains on the "
+                                  "CPU)" if pool == "gpu" else ")"))
     if args.database not in ("sqlite", "postgres") and not args.database.startswith(
             "postgresql://"):
         ap.error(f"--database: {args.database!r} is not sqlite, postgres or a postgresql:// URL")
     stack = Stack(stack_dir=args.stack_dir.resolve(), host=args.host,
                   prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
                   database=args.database,
-                  workers={"cpu": max(args.cpu_workers, 1), "gpu": max(args.gpu_workers, 1)})
+                  workers={"cpu": args.cpu_workers, "gpu": args.gpu_workers})
     if args.action == "up":
         problems = port_problems(stack)
         for problem in problems:

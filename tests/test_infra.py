@@ -213,6 +213,11 @@ def test_stack_options_database_urls_and_worker_names(capsys):
     assert exited.value.code == 2
     assert "--database: 'mysql://db/x' is not sqlite, postgres or a postgresql:// URL" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # was taken as 1 without a word
+        main(["up", "--gpu-workers", "0"])
+    assert exited.value.code == 2
+    assert ("--gpu-workers 0: at least 1 (training run on the gpu pool's workers; on a machine "
+            "without a GPU the gpu worker trains on the CPU)") in capsys.readouterr().err
     given = Stack(database="postgresql://user:secret@db.internal:5432/")
     assert given.database_url("mlflow") == "postgresql://user:secret@db.internal:5432/mlflow"
     assert given.database_url("prefect", "asyncpg") == \
