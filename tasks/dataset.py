@@ -180,8 +180,8 @@ def dataset_line(info: DatasetInfo, kinds: int = 3) -> str:
     parts = [f"{n} {kind}" for kind, n in tally[:kinds]]
     rest = tally[kinds:]
     if rest:
-        parts.append(f"{sum(n for _, n in rest)} more, for {len(rest)} other "
-                     f"reason{'s' if len(rest) > 1 else ''}: the model card lists them")
+        parts.append(f"{sum(n for _, n in rest)} more, for "
+                     f"{counted(len(rest), 'other reason')}: the model card lists them")
     return f"{line} ({'; '.join(parts)})"
 
 
@@ -510,7 +510,7 @@ def orientation_note(counts: dict) -> Optional[str]:
     turned = counts.get("turned") or 0
     if not turned:
         return None
-    return (f"{turned} photo{'s' if turned > 1 else ''} stored turned (EXIF Orientation, as "
+    return (f"{counted(turned, 'photo')} stored turned (EXIF Orientation, as "
             "phones store portrait photos): decoded upright, in training as in serving")
 
 
@@ -1119,7 +1119,7 @@ def _too_few_classes(manifest: pd.DataFrame, usable: list[str],
     example = images.loc[images["reason"] == top, "path"].iloc[0]
     share = f", {count} of them: " if count < len(images) else ": "
     return UnusableImages(
-        f"{found}: the {len(images)} image file{'s' if len(images) > 1 else ''} in "
+        f"{found}: the {counted(len(images), 'image file')} in "
         f"{named} {'were' if len(images) > 1 else 'was'} quarantined{share}{top}; "
         f"e.g. {example}")
 

@@ -342,7 +342,7 @@ def _span(seconds: float) -> str:
     unit, size = next((unit, size) for unit, size in units
                       if seconds >= 2 * size or unit == "minute")
     n = max(1, round(seconds / size))
-    return f"{n} {unit}{'s' if n != 1 else ''}"
+    return counted(n, unit)
 
 
 _ERROR_BODY = 4096  # bytes of an error answer read for what the server says
@@ -570,7 +570,7 @@ def _not_an_archive(name: str, head: bytes, path: Optional[Path] = None) -> Arch
             with open(path, "rb") as fh:
                 folders = listed_folders(fh.read(1 << 18).decode("utf-8", "replace"))
         if folders is not None:
-            what = (f"it lists {len(folders)} folder{'s' if len(folders) != 1 else ''}: "
+            what = (f"it lists {counted(len(folders), 'folder')}: "
                     f"{', '.join(folders[:8])}{', ...' if len(folders) > 8 else ''}"
                     if folders else "it lists no folder")
             return WebPageNotArchive(
@@ -703,7 +703,7 @@ def _check_tar_ended(archive: Path, tar: tarfile.TarFile, members: list) -> None
     end = getattr(tar, "petalflow_end", None)
     if end is None or isinstance(end, tarfile.EOFHeaderError):
         return
-    where = f"after {len(members)} member{'s' if len(members) != 1 else ''}"
+    where = f"after {counted(len(members), 'member')}"
     if isinstance(end, tarfile.InvalidHeaderError):
         detail = f"the header at byte {tar.offset}, {where}, is not a tar header: {end}"
     else:
@@ -846,8 +846,8 @@ def _check_zip_readable(name: str, members: list) -> None:
         windows = "; Windows Explorer writes it for large files" if method == 9 else ""
         raise ArchiveError(
             f"{name} uses a compression Python's zip reader does not read "
-            f"({ZIP_METHOD_NAMES.get(method, 'unknown')}, method {method}; {len(unread)} "
-            f"file{'' if len(unread) == 1 else 's'}, e.g. {unread[0][1]!r}{windows}): pack the "
+            f"({ZIP_METHOD_NAMES.get(method, 'unknown')}, method {method}; "
+            f"{counted(len(unread), 'file')}, e.g. {unread[0][1]!r}{windows}): pack the "
             "class folders again as .tar.gz, or as .zip with Deflate (zip -r, or 7-Zip with the "
             "Deflate method)")
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from petalflow.tasks.common import (
-    expand_input_lists, log, printable_name, unread_folder, walk_files,
+    counted, expand_input_lists, log, printable_name, unread_folder, walk_files,
 )
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
@@ -80,8 +80,7 @@ def no_images_message(inputs: Sequence[str]) -> str:
         files = _visible_files(path)
         if files:
             shown = ", ".join(f.name for f in files[:3]) + (", ..." if len(files) > 3 else "")
-            others.append(f"{item} holds {len(files)} other file"
-                          f"{'s' if len(files) > 1 else ''} ({shown})")
+            others.append(f"{item} holds {counted(len(files), 'other file')} ({shown})")
     if others:
         message += "; " + "; ".join(others) + (": rename them, or give them as files "
                                                "(--input FILE...)")
