@@ -614,7 +614,7 @@ def _failure(exc: BaseException) -> str:
     if isinstance(exc, subprocess.CalledProcessError):
         said = [line.strip() for line in (exc.stderr or exc.output or "").splitlines()
                 if line.strip()]
-        command = " ".join(Path(str(exc.cmd[0])).name.split() + [str(a) for a in exc.cmd[1:3]])
+        command = " ".join([Path(str(exc.cmd[0])).name, *map(str, exc.cmd[1:3])])
         return (f"`{command} …` failed (exit status {exc.returncode})"
                 + (f": {said[-1]}" if said else ""))
     if isinstance(exc, subprocess.TimeoutExpired):
