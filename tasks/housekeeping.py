@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import task
 
-from petalflow.tasks.common import log, petalflow_home
+from petalflow.tasks.common import counted, log, petalflow_home
 from petalflow.tasks.dataset import described_shas, prune_manifests
 from petalflow.tasks.download import (
     UNUSED_SOURCE_DAYS, forget_unused_sources, prune_extractions, release_extractions,
@@ -45,6 +45,28 @@ def prune_home(home: Path, keep_attempts: str = "") -> dict:
             + sum(size for _, _, size in banks)}
 
 
+def removed_sentence(removed: dict) -> str:
+    """What ``prune_home`` removed, in one sentence naming only what there was ("removed 1
+    training folder of ended runs (3.6 MiB freed)"); "" when it removed nothing."""
+    groups = [
+        ([counted(len(removed["downloads"]), "download")],
+         f"of sources no run used for {UNUSED_SOURCE_DAYS} days"),
+        ([counted(len(removed["datasets"]), "dataset extraction"),
+          counted(len(removed["features"]), "feature cache")], "of data no source uses any more"),
+        ([counted(len(removed["runs"]), "training folder")], "of ended runs"),
+        ([counted(removed["feature_bank_rows"], "feature bank row")],
+         "of images no data holds now"),
+    ]
+    said = []
+    for counts, what in groups:
+        some = [count for count in counts if not count.startswith("0 ")]
+        if some:
+            said.append(" and ".join(some) + " " + what)
+    if not said:
+        return ""
+    return f"removed {'; '.join(said)} ({removed['bytes'] / 2**20:.1f} MiB freed)"
+
+
 def end_run(home: Path, flow_run_id: str) -> None:
     """The run is over: it holds its extraction no longer, and its finished trainings are
     done with (``train.end_attempts``)."""
@@ -68,12 +90,7 @@ def prune_home_task(home: str) -> dict:
     names = [f"downloads/{name}" for name in removed["downloads"]] + [
         name[:12] for name in removed["datasets"] + removed["features"]] + [
         f"runs/{name}" for name in removed["runs"]]
-    if names or removed["feature_bank_rows"]:
-        log("removed %d download(s) of sources no run used for %d days, %d dataset "
-            "extraction(s) and %d feature cache(s) of data no source uses any more, %d "
-            "training folder(s) of ended runs and %d feature bank row(s) of images no data "
-            "holds now (%.1f MiB freed)%s",
-            len(removed["downloads"]), UNUSED_SOURCE_DAYS, len(removed["datasets"]),
-            len(removed["features"]), len(removed["runs"]), removed["feature_bank_rows"],
-            removed["bytes"] / 2**20, ": " + ", ".join(names) if names else "")
+    said = removed_sentence(removed)
+    if said:
+        log("%s", said + (": " + ", ".join(names) if names else ""))
     return removed

@@ -419,3 +419,21 @@ def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_
         assert waited >= 0.5 and time.monotonic() - began < 30
     holder.wait(30)
     assert "(flow run killed)" in said[0]
+
+
+def test_the_removal_line_names_only_what_was_removed_in_the_singular_or_plural():
+    """The line every training run ends with said "removed 0 download(s) … 1 training
+    folder(s) …": it now names what there was, counted."""
+    from petalflow.tasks.housekeeping import removed_sentence
+
+    nothing = {"downloads": [], "datasets": [], "manifests": 0, "features": [], "runs": [],
+               "feature_bank_rows": 0, "bytes": 0}
+    assert removed_sentence(nothing) == ""
+    one_run = dict(nothing, runs=["r1"], bytes=int(3.6 * 2**20))
+    assert removed_sentence(one_run) == "removed 1 training folder of ended runs (3.6 MiB freed)"
+    several = dict(nothing, downloads=["a"], datasets=["d1"], features=["f1", "f2"],
+                   runs=["r1", "r2"], feature_bank_rows=1, bytes=10 * 2**20)
+    assert removed_sentence(several) == (
+        "removed 1 download of sources no run used for 45 days; 1 dataset extraction and 2 "
+        "feature caches of data no source uses any more; 2 training folders of ended runs; "
+        "1 feature bank row of images no data holds now (10.0 MiB freed)")
