@@ -840,8 +840,10 @@ def _train(
     resumed_from = 0
     if manager.latest_checkpoint:
         # CheckpointManager records a checkpoint only after its files are complete, so a
-        # checkpoint half-written when the process died is never the latest one.
-        ckpt.restore(manager.latest_checkpoint)
+        # checkpoint half-written when the process died is never the latest one. Optimizer
+        # slots are restored as the optimizer creates them, at its first step: resumed after
+        # the last epoch, there is none, and TensorFlow would warn of each unused value.
+        ckpt.restore(manager.latest_checkpoint).expect_partial()
         resumed_from = int(epoch_var.numpy())
 
     # Features depend only on data, split and backbone: shared (written atomically, locked).
