@@ -38,6 +38,7 @@ EXIT_DATA = 4        # archive or dataset unusable (unsafe/unreadable archive, t
 EXIT_BACKBONE = 5    # backbone handle unusable or unreachable
 EXIT_REGISTRY = 6    # MLflow tracking server or registry refused or unreachable
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports a command it interrupted
+EXIT_TERMINATED = 143   # SIGTERM (`kill`, `timeout`, systemd, a container's stop), likewise
 
 OFFLINE_HINT = ("offline, or behind a proxy? --data-url and --backbone take local copies: a "
                 "path, a file:// URL or a URL on your network (see the README).")
@@ -45,6 +46,17 @@ OFFLINE_HINT = ("offline, or behind a proxy? --data-url and --backbone take loca
 
 class UsageError(Exception):
     """A bad option or argument: reported before any work starts."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``on_sigterm``): ends the command as Ctrl-C's KeyboardInterrupt does."""
+
+
+def on_sigterm(signum, frame) -> None:
+    """The console script's SIGTERM handler. During a flow run Prefect's own handler is in
+    place: it ends the run as crashed, then sends the signal again to the handler it replaced,
+    this one, so the command ends with one line (``main``) rather than dying of the signal."""
+    raise Terminated()
 
 
 class RunFailed(Exception):
@@ -534,6 +546,9 @@ def has_nvidia_device() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*"))
 
 
+_STDERR_RESTORE: list = []
+
+
 def filter_native_stderr() -> None:
     """Route file descriptor 2 through a filter that drops TensorFlow's start-up banner (and
     the CUDA probe's errors on a machine without an NVIDIA device); Python's own stderr keeps
@@ -566,6 +581,7 @@ def filter_native_stderr() -> None:
     import atexit
 
     atexit.register(restore)
+    _STDERR_RESTORE.append(restore)  # also before an early end (``end_before_side_threads``)
 
 
 def _environment_defaults() -> None:
@@ -648,6 +664,35 @@ def _warm_imports(*modules: str, then: Optional[Callable[[], None]] = None) -> N
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The console script. Called with ``argv`` (tests, other Python code), it leaves the
     process's stderr alone; as the ``petalflow`` command it filters TensorFlow's native noise."""
+    code = _main(argv)
+    if argv is None:
+        end_before_side_threads(code)
+    return code
+
+
+# Side threads that may be inside TensorFlow's native code when a command ends early
+# (interrupted, or failed at once): loading the model to classify with, importing TensorFlow.
+_NATIVE_SIDE_THREADS = ("preload-model", "warm-imports")
+
+
+def end_before_side_threads(code: int) -> None:
+    """Ends the process at once with ``code`` while a side thread still runs TensorFlow's
+    native code (Ctrl-C while `petalflow predict` loads its model): as Python shuts down it
+    unwinds such threads' stacks, TensorFlow's C++ code catches that and the process aborted
+    ("FATAL: exception not rethrown", SIGABRT) after its last line. Logs are flushed first;
+    the command has already said how it ended and stopped its temporary server."""
+    import threading
+
+    if any(t.is_alive() and t.name in _NATIVE_SIDE_THREADS for t in threading.enumerate()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for restore in _STDERR_RESTORE:
+            restore()
+        os._exit(code)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     command_line = argv is None
     global _STARTED_AT
     if command_line:  # the command started with its process
@@ -676,6 +721,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if command_line and not getattr(args, "verbose", False):
         filter_native_stderr()
+    if command_line:
+        import signal
+
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         commands = {"train": cmd_train, "predict": cmd_predict, "pull": cmd_pull,
                     "models": cmd_models}
@@ -683,11 +732,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"petalflow {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         if getattr(args, "verbose", False):
             raise
-        print(f"petalflow {args.command}: interrupted{interrupted_said(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"petalflow {args.command}: {ended}{interrupted_said(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
     except RunFailed as exc:
         failed = exc
     except Exception as exc:  # noqa: BLE001 - pull and models call MLflow directly
@@ -706,7 +756,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def interrupted_said(args: argparse.Namespace) -> str:
-    """What an interrupted command (Ctrl-C) left, after "interrupted": a train run ends as
+    """What an interrupted command (Ctrl-C, SIGTERM) left, after "interrupted": a train run ends as
     crashed (its MLflow run marked failed by the flow's hook) and keeps what it finished for the
     next; predict's output is written whole or not at all (``tasks.predict``: a ``.part``
     renamed when complete, discarded otherwise)."""

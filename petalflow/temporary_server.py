@@ -105,7 +105,7 @@ class TemporaryServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "petalflow.temporary_server", str(self.port),
              str(os.getpid())] + ([_HOLD] if held else []), env=env,
-            stdin=subprocess.PIPE if held else None)
+            stdin=subprocess.PIPE if held else None, start_new_session=True)
 
     def release(self, startup_timeout_s: float) -> None:
         """Let a held server start (``prelaunch``)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -1541,3 +1543,26 @@ def test_top_k_probabilities_are_in_the_models_own_type():
     assert out["top2_label"].tolist() == ["c", "", "b"]
     assert out["top1_probability"].tolist() == [np.float32(0.7), 0.0, np.float32(0.6)]
     assert out["top2_probability"].tolist() == [np.float32(0.2), 0.0, np.float32(0.3)]
+
+
+def test_a_command_ending_while_a_side_thread_is_in_tensorflow_ends_at_once_with_its_status(
+        tmp_path):
+    """Ctrl-C (or SIGTERM) while `petalflow predict` loads its model on a side thread: as
+    Python shut down it unwound that thread inside TensorFlow's C++ code, which aborted the
+    process after its last line ("FATAL: exception not rethrown", SIGABRT instead of 130), in
+    about one try of eight in that second. Such an end now leaves the process at once, its
+    status and output kept; without such a thread the command returns as before."""
+    script = (
+        "import sys, threading, time\n"
+        "from petalflow.flows.cli import end_before_side_threads\n"
+        "end_before_side_threads(5)\n"  # no side thread: returns
+        "print('returned', flush=True)\n"
+        "threading.Thread(target=time.sleep, args=(600,), name='preload-model',\n"
+        "                 daemon=True).start()\n"
+        "print('last line')\n"  # buffered (a pipe): flushed before the end
+        "end_before_side_threads(130)\n"
+        "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # not the side thread's 600 s
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["returned", "last line"]

@@ -471,7 +471,13 @@ def test_ctrl_c_ends_the_train_command_in_one_line_and_the_next_run_reuses_its_w
     line says it was interrupted and what is kept, exit status 130 (as a shell reports an
     interrupted command), and the same command again reuses the download and the scan. To
     interrupt it at a known point, a run (this test) holds the model's turn: the command has
-    downloaded and scanned, and waits for it."""
+    downloaded and scanned, and waits for it.
+
+    The signal goes to the command's process group, as a terminal sends Ctrl-C (and `timeout`,
+    systemd or a closed terminal send theirs): it reached the temporary Prefect server too,
+    which stopped, and the command then retried its API calls for about four minutes before
+    failing with "ConnectError: [Errno 111] Connection refused". SIGTERM the same way ends it
+    with one line too, exit status 143 (it died of the signal, without a word)."""
     import signal
     import time
 
@@ -481,31 +487,38 @@ def test_ctrl_c_ends_the_train_command_in_one_line_and_the_next_run_reuses_its_w
     _serve_dataset(workspace, make_dataset, "ctrlc", per_class=12)
     exe = Path(sys.executable).with_name("petalflow")
     lock = training_lock_path(workspace / "home", MODEL)
-    console = workspace / "interrupted.log"
     env = {**os.environ, "PREFECT_API_URL": "", "COLUMNS": "400"}
+    kept = (": the run ended as crashed; the same command again reuses what it had done (the "
+            "download, the scan, computed features, finished epochs)")
     with serve_directory(workspace / "served") as url:
         command = [str(exe), "train", "--data-url", f"{url}/ctrlc.tgz", "--backbone",
                    str(tiny_backbone), "--image-size", "32", "--epochs", "6", "--batch-size",
                    "8", "--learning-rate", "0.05", "--val-fraction", "0.2", "--test-fraction",
                    "0.2", "--min-accuracy", "0.8"]
-        with holder_lock(lock, "flow run 'the-first-one'", lambda _: None), \
-                open(console, "w") as out:
-            proc = subprocess.Popen(  # with Ctrl-C's default action, as a terminal starts it
-                command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-            deadline = time.monotonic() + 400
-            while "this run waits for it to end" not in " ".join(console.read_text().split()):
-                assert proc.poll() is None, console.read_text()[-3000:]
-                assert time.monotonic() < deadline, console.read_text()[-3000:]
-                time.sleep(0.5)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=120) == 130, console.read_text()[-3000:]
-        text = console.read_text()
-        assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
-        assert text.rstrip().splitlines()[-1] == (
-            "petalflow train: interrupted: the run ended as crashed; the same command again "
-            "reuses what it had done (the download, the scan, computed features, finished "
-            "epochs)")
+        for sent, status, said in ((signal.SIGINT, 130, "interrupted"),
+                                   (signal.SIGTERM, 143, "terminated (SIGTERM)")):
+            console = workspace / f"{sent.name}.log"
+            with holder_lock(lock, "flow run 'the-first-one'", lambda _: None), \
+                    open(console, "w") as out:
+                proc = subprocess.Popen(  # with Ctrl-C's default action, as a terminal starts
+                    command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                    start_new_session=True,  # its own process group, as a shell's job
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                deadline = time.monotonic() + 400
+                while "this run waits for it to end" not in " ".join(console.read_text().split()):
+                    assert proc.poll() is None, console.read_text()[-3000:]
+                    assert time.monotonic() < deadline, console.read_text()[-3000:]
+                    time.sleep(0.5)
+                os.killpg(proc.pid, sent)
+                try:
+                    assert proc.wait(timeout=60) == status, console.read_text()[-3000:]
+                finally:
+                    if proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+            text = console.read_text()
+            assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+            assert "ConnectError" not in text, text[-3000:]
+            assert text.rstrip().splitlines()[-1] == f"petalflow train: {said}{kept}"
         again = subprocess.run(command + ["--summary-json", str(workspace / "again.json")],
                                capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
