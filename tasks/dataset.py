@@ -168,6 +168,22 @@ def shown_reasons(reasons: dict[str, str], limit: int = SHOWN_REASONS) -> dict[s
     return {path: reasons[path] for path in sorted(chosen)}
 
 
+# Kinds of reason that name the file ("hidden file", "undecodable image"): counted in the
+# plural. The others read as what the files are ("not a photo: a video", "unsupported image
+# format TIFF") and keep their words.
+_COUNTABLE_KIND = re.compile(r"^(hidden|empty|undecodable|unreadable) [a-z ]+$")
+
+
+def kind_counted(n: int, kind: str) -> str:
+    """``n`` files of a kind of quarantine reason: "2 hidden files", "1 empty file", "3
+    copies of a file of the same class", "21 not a photo: photo metadata"."""
+    if _COUNTABLE_KIND.match(kind):
+        return counted(n, kind)
+    if kind.startswith("copy of ") and n != 1:
+        return f"{n} copies of {kind[len('copy of '):]}"
+    return f"{n} {kind}"
+
+
 def dataset_line(info: DatasetInfo, kinds: int = 3) -> str:
     """The log's line about the data: classes, files found, used and quarantined, and what
     the quarantined files were (the ``kinds`` commonest reasons)."""
@@ -177,7 +193,7 @@ def dataset_line(info: DatasetInfo, kinds: int = 3) -> str:
     tally = list(reasons_by_kind(counts).items())
     if not tally:
         return line
-    parts = [f"{n} {kind}" for kind, n in tally[:kinds]]
+    parts = [kind_counted(n, kind) for kind, n in tally[:kinds]]
     rest = tally[kinds:]
     if rest:
         parts.append(f"{sum(n for _, n in rest)} more, for "

@@ -1268,3 +1268,20 @@ def test_files_exported_beside_the_photos_are_named_and_the_summary_stays_short(
     grown = prepare_dataset(root, tmp_path / "out2", 0.25, 0.25, 0)
     assert grown["counts"]["quarantined"] == 28 + 280
     assert len(json.dumps(grown)) < len(json.dumps(info)) + 100
+
+
+def test_the_data_line_counts_quarantined_files_in_the_plural():
+    """The log's line about the data read "7 quarantined (2 hidden file; 2 undecodable image;
+    1 empty file; …)"."""
+    from petalflow.tasks.dataset import dataset_line
+
+    info = {"classes": ["a", "b", "c"], "counts": {
+        "found": 132, "used": 120, "quarantined": 12, "quarantined_by_reason": {
+            "hidden file": 3, "undecodable image": 2, "copy of a file of the same class": 2,
+            "empty file": 1, "not a photo: photo metadata": 2, "unreadable file": 2}}}
+    assert dataset_line(info, kinds=4) == (
+        "dataset: 3 classes, 132 files found, 120 used, 12 quarantined (3 hidden files; 2 "
+        "undecodable images; 2 copies of a file of the same class; 1 empty file; 4 more, for "
+        "2 other reasons: the model card lists them)")
+    assert dataset_line(info, kinds=6).endswith(
+        "; 2 not a photo: photo metadata; 2 unreadable files)")
