@@ -49,17 +49,16 @@ def removed_sentence(removed: dict) -> str:
     """What ``prune_home`` removed, in one sentence naming only what there was ("removed 1
     training folder of ended runs (3.6 MiB freed)"); "" when it removed nothing."""
     groups = [
-        ([counted(len(removed["downloads"]), "download")],
+        ([(len(removed["downloads"]), "download")],
          f"of sources no run used for {UNUSED_SOURCE_DAYS} days"),
-        ([counted(len(removed["datasets"]), "dataset extraction"),
-          counted(len(removed["features"]), "feature cache")], "of data no source uses any more"),
-        ([counted(len(removed["runs"]), "training folder")], "of ended runs"),
-        ([counted(removed["feature_bank_rows"], "feature bank row")],
-         "of images no data holds now"),
+        ([(len(removed["datasets"]), "dataset extraction"),
+          (len(removed["features"]), "feature cache")], "of data no source uses any more"),
+        ([(len(removed["runs"]), "training folder")], "of ended runs"),
+        ([(removed["feature_bank_rows"], "feature bank row")], "of images no data holds now"),
     ]
     said = []
     for counts, what in groups:
-        some = [count for count in counts if not count.startswith("0 ")]
+        some = [counted(n, noun) for n, noun in counts if n]
         if some:
             said.append(" and ".join(some) + " " + what)
     if not said:
