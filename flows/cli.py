@@ -22,8 +22,8 @@ from typing import Callable, Literal, Optional, Sequence, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from petalflow.tasks.common import (
-    IMPORT_LOCK, code_version, counted, defer_full_collections, freeze_start_up, require_store,
-    require_tracking_server, tls_problem,
+    IMPORT_LOCK, MODEL_PRELOAD_THREAD, code_version, counted, defer_full_collections,
+    freeze_start_up, require_store, require_tracking_server, tls_problem,
 )
 from petalflow.tasks.params import (
     CLI_HIDDEN, CLI_POSITIONAL, DEFAULT_MODEL_NAME, PredictParams, TrainParams, cli_option,
@@ -628,6 +628,12 @@ def _import_run_stack(flow_module: str) -> None:
     importlib.import_module("prefect.task_engine")
 
 
+# Side threads that may be inside TensorFlow's native code when a command ends early
+# (interrupted, or failed at once): loading the model to classify with, importing TensorFlow.
+_WARM_IMPORTS_THREAD = "warm-imports"
+_NATIVE_SIDE_THREADS = (MODEL_PRELOAD_THREAD, _WARM_IMPORTS_THREAD)
+
+
 def _warm_imports(*modules: str, then: Optional[Callable[[], None]] = None) -> None:
     """Import ``modules`` on a side thread while Prefect's temporary server starts (a
     subprocess): on a small machine this hides several seconds of start-up. ``then`` (which
@@ -658,7 +664,7 @@ def _warm_imports(*modules: str, then: Optional[Callable[[], None]] = None) -> N
         finally:
             freeze_start_up()
 
-    threading.Thread(target=work, name="warm-imports", daemon=True).start()
+    threading.Thread(target=work, name=_WARM_IMPORTS_THREAD, daemon=True).start()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -668,11 +674,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv is None:
         end_before_side_threads(code)
     return code
-
-
-# Side threads that may be inside TensorFlow's native code when a command ends early
-# (interrupted, or failed at once): loading the model to classify with, importing TensorFlow.
-_NATIVE_SIDE_THREADS = ("preload-model", "warm-imports")
 
 
 def end_before_side_threads(code: int) -> None:
@@ -735,9 +736,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except (KeyboardInterrupt, Terminated) as exc:
         if getattr(args, "verbose", False):
             raise
-        ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated (SIGTERM)"
+        ended, code = (("interrupted", EXIT_INTERRUPTED) if isinstance(exc, KeyboardInterrupt)
+                       else ("terminated (SIGTERM)", EXIT_TERMINATED))
         print(f"petalflow {args.command}: {ended}{interrupted_said(args)}", file=sys.stderr)
-        return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else EXIT_TERMINATED
+        return code
     except RunFailed as exc:
         failed = exc
     except Exception as exc:  # noqa: BLE001 - pull and models call MLflow directly

@@ -576,6 +576,9 @@ def log(message: str, *args, level: int = 20) -> None:
 # initialized module 'sqlalchemy.orm.util'", seen once in ~20 `petalflow predict` runs): the
 # side thread imports only while holding this lock, which the main thread holds for its own.
 IMPORT_LOCK = threading.Lock()
+# The side thread `petalflow predict` loads its model on (``predict``); the console script
+# ends at once while it still runs (``cli.end_before_side_threads``).
+MODEL_PRELOAD_THREAD = "preload-model"
 # The packages a command's side thread is importing (``flows.cli._warm_imports``), each with an
 # Event set once its import is done: ``imports_settled`` waits for it.
 _WARMING: dict[str, threading.Event] = {}

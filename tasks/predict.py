@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from petalflow.tasks.common import (
-    counted, expand_input_lists, log, printable_name, unread_folder, walk_files,
+    MODEL_PRELOAD_THREAD, counted, expand_input_lists, log, printable_name, unread_folder,
+    walk_files,
 )
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
@@ -120,7 +121,7 @@ def preload_model(model_uri: str) -> None:
             future.set_result(model)
 
     _PRELOADED[model_uri] = future
-    threading.Thread(target=work, name="preload-model", daemon=True).start()
+    threading.Thread(target=work, name=MODEL_PRELOAD_THREAD, daemon=True).start()
 
 
 def forget_preloaded(model_uri: str) -> None:

@@ -1552,12 +1552,14 @@ def test_a_command_ending_while_a_side_thread_is_in_tensorflow_ends_at_once_with
     process after its last line ("FATAL: exception not rethrown", SIGABRT instead of 130), in
     about one try of eight in that second. Such an end now leaves the process at once, its
     status and output kept; without such a thread the command returns as before."""
+    from petalflow.tasks.common import MODEL_PRELOAD_THREAD
+
     script = (
         "import sys, threading, time\n"
         "from petalflow.flows.cli import end_before_side_threads\n"
         "end_before_side_threads(5)\n"  # no side thread: returns
         "print('returned', flush=True)\n"
-        "threading.Thread(target=time.sleep, args=(600,), name='preload-model',\n"
+        f"threading.Thread(target=time.sleep, args=(600,), name={MODEL_PRELOAD_THREAD!r},\n"
         "                 daemon=True).start()\n"
         "print('last line')\n"  # buffered (a pipe): flushed before the end
         "end_before_side_threads(130)\n"
