@@ -426,6 +426,25 @@ def where_relative(paths: list[str]) -> str:
     return f" (relative paths start from {os.getcwd()})"
 
 
+def not_a_saved_model(folder: Path) -> str:
+    """Why ``folder``, given as a SavedModel, is none, and where the SavedModel is when it is
+    near: the folder that holds ``folder`` (its ``variables/`` given), or those a level or two
+    inside it (a folder of backbones, a TF Hub download extracted into ``NAME/1/``)."""
+    folder = Path(folder)
+    for parent in list(folder.parents)[:2]:
+        if (parent / "saved_model.pb").is_file():
+            return f"no saved_model.pb in it; it is inside the SavedModel folder {parent}: give that"
+    import itertools
+
+    found = sorted(str(pb.parent) for pb in itertools.islice(itertools.chain(
+        folder.glob("*/saved_model.pb"), folder.glob("*/*/saved_model.pb")), 50))
+    if not found:
+        return "no saved_model.pb in it, nor in its subfolders"
+    shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    return (f"no saved_model.pb in it; the SavedModel folder{'s' if len(found) > 1 else ''} "
+            f"inside it: {shown}: give {'one of them' if len(found) > 1 else 'that'}")
+
+
 def redacted(url: str) -> bool:
     """True for a URL as ``redact_url`` records it, its credentials replaced by "***" (a user
     and password, a secret query value): a record, which cannot download."""

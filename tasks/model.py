@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
-from petalflow.tasks.common import imports_settled, log, tls_problem
+from petalflow.tasks.common import imports_settled, log, not_a_saved_model, tls_problem
 from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 
 
@@ -75,7 +75,7 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
                 os.environ["TFHUB_CACHE_DIR"] = previous_cache
     if not (path / "saved_model.pb").is_file():
         raise BackboneError(
-            f"backbone {handle} is not a TF Hub SavedModel (no saved_model.pb in {path})")
+            f"backbone {handle} is not a TF Hub SavedModel ({path}: {not_a_saved_model(path)})")
     return str(path)
 
 

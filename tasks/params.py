@@ -17,7 +17,8 @@ from pydantic import (
 )
 
 from petalflow.tasks.common import (
-    expand_input_lists, input_list, local_source, redacted, scheme_hint, where_relative,
+    expand_input_lists, input_list, local_source, not_a_saved_model, redacted, scheme_hint,
+    where_relative,
 )
 
 DEFAULT_DATA_URL = (
@@ -429,6 +430,9 @@ class TrainParams(BaseModel):
         if not path.is_dir():
             raise ValueError(f"{value!r} is neither a URL nor an existing SavedModel "
                              f"folder{scheme_hint(value) or where_relative([value])}")
+        if not (path / "saved_model.pb").is_file():
+            raise ValueError(f"{value!r} is no SavedModel folder: "
+                             f"{not_a_saved_model(path.resolve())}")
         return value
 
     @field_validator("training_deployment")

@@ -129,6 +129,43 @@ def test_a_backbone_given_by_its_saved_model_pb_or_as_keras_weights(tmp_path, ti
         TrainParams(backbone=str(make_hub_tarball(tiny_backbone, tmp_path / "backbone.tgz")))
 
 
+def test_a_backbone_folder_near_a_saved_model_names_it_before_any_work(workspace, tiny_backbone,
+                                                                       capsys):
+    """The folder above backbones (a TF Hub download extracted into NAME/1/, a folder of
+    several), a SavedModel's own variables/ folder, or a folder of none, is refused as the
+    options are read (exit 2), naming the SavedModel folders near it: before, the run started,
+    fetched the data and failed with "no saved_model.pb in …" (exit 5)."""
+    import shutil
+
+    models = workspace / "models"
+    shutil.copytree(tiny_backbone, models / "mobilenet" / "1")
+    shutil.copytree(tiny_backbone, models / "efficientnet")
+    with pytest.raises(ValueError) as refused:
+        TrainParams(backbone=str(models))
+    assert (f"{str(models)!r} is no SavedModel folder: no saved_model.pb in it; the SavedModel "
+            f"folders inside it: {models / 'efficientnet'}, {models / 'mobilenet' / '1'}: give "
+            "one of them") in str(refused.value)
+    with pytest.raises(ValueError) as refused:
+        TrainParams(backbone=str(models / "mobilenet"))
+    assert (f"no saved_model.pb in it; the SavedModel folder inside it: "
+            f"{models / 'mobilenet' / '1'}: give that") in str(refused.value)
+    assert TrainParams(backbone=str(models / "mobilenet" / "1")).backbone == str(
+        models / "mobilenet" / "1")
+
+    variables = models / "efficientnet" / "variables"
+    assert variables.is_dir()
+    empty = workspace / "empty"
+    empty.mkdir()
+    assert main(["train", "--backbone", str(variables), "--data-url", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert (f"--backbone: Value error, {str(variables)!r} is no SavedModel folder: no "
+            f"saved_model.pb in it; it is inside the SavedModel folder {models / 'efficientnet'}: "
+            "give that") in err
+    assert main(["train", "--backbone", str(empty), "--data-url", str(empty)]) == 2
+    assert (f"{str(empty)!r} is no SavedModel folder: no saved_model.pb in it, nor in its "
+            "subfolders") in capsys.readouterr().err
+
+
 def test_unknown_option_and_bad_boolean(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--epoch", "3"])
