@@ -751,9 +751,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(f"hint: {failed.hint}", file=sys.stderr)
     # A run that failed at once (its data) ends once the side thread has made the MLflow store
     # it was making (a new store appears only whole): it is there, as the README says.
+    # Ctrl-C (or SIGTERM) during that wait, the error already said, ends it at once with the
+    # failure's status: the store is made whole or not at all (``create_sqlite_store``), and
+    # the next command removes a part one.
     registry = sys.modules.get("petalflow.tasks.registry")
     if registry is not None:
-        registry.wait_for_store(timeout_s=120)
+        try:
+            registry.wait_for_store(timeout_s=120)
+        except (KeyboardInterrupt, Terminated):
+            pass
     return failed.code
 
 

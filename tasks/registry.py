@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -125,6 +126,11 @@ def create_sqlite_store(uri: str) -> None:
     # process's life, and would answer from that one (its file gone) for the same name.
     part = db.with_name(f".{db.name}.{os.getpid()}-{os.urandom(4).hex()}{_CREATING}")
     part_uri = f"sqlite:///{part}" + (f"?{query}" if query else "")
+    # MLflow's "Creating initial MLflow database tables..." / "Updating database tables": the
+    # store is petalflow's to make; those lines came after a failed command's error.
+    said = logging.getLogger("mlflow.store.db.utils")
+    level = said.level
+    said.setLevel(logging.WARNING)
     try:
         # The tracking store's creation writes the whole schema (the registry's tables too).
         mlflow.MlflowClient(tracking_uri=part_uri).search_experiments(max_results=1)
@@ -136,6 +142,7 @@ def create_sqlite_store(uri: str) -> None:
             if not db.exists():
                 os.replace(part, db)
     finally:
+        said.setLevel(level)
         part.unlink(missing_ok=True)
 
 

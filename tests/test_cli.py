@@ -1063,6 +1063,35 @@ def test_an_interrupted_predict_says_whether_its_output_was_written(workspace, m
     assert capsys.readouterr().err == "petalflow train: interrupted before its run started\n"
 
 
+def test_ctrl_c_after_a_failed_command_said_its_error_ends_the_wait_for_the_store(
+        workspace, monkeypatch, capsys):
+    """A train that fails at once (its data) said its error, then waited a second or two for
+    the side thread making the MLflow store: Ctrl-C there, as a person presses it when the
+    prompt does not come back, gave Python's traceback and exit status 1. It now ends the wait,
+    with the failure's status and only its error said."""
+    from petalflow.flows import cli
+    from petalflow.tasks import registry
+    from petalflow.tasks.errors import DatasetError
+
+    def fails_on_its_data(args):
+        raise DatasetError("need at least 2 classes with usable images, found 0 (none)")
+
+    waited = []
+
+    def interrupted_wait(timeout_s):
+        waited.append(timeout_s)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", fails_on_its_data)
+    monkeypatch.setattr(registry, "wait_for_store", interrupted_wait)
+    assert cli.main(["train"]) == cli.EXIT_DATA
+    assert waited, "the command did not wait for the store"
+    err = capsys.readouterr().err
+    assert err.startswith("petalflow train: error: need at least 2 classes with usable images, "
+                          "found 0 (none)\nhint: ")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
 def test_the_prediction_line_counts_one_image_and_one_error_in_the_singular():
     from petalflow.tasks.report import prediction_line
 

@@ -309,6 +309,26 @@ def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path):
     assert db.stat().st_mtime_ns == before
 
 
+def test_making_the_store_says_nothing(tmp_path):
+    """The store is petalflow's to make: MLflow's "Creating initial MLflow database tables..."
+    and "Updating database tables" lines came after a failed command's error (the side
+    thread makes the store while the command fails on its data)."""
+    import os
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow" / "mlflow.db"
+    made = subprocess.run(
+        [sys.executable, "-c", "import sys\n"
+         "from petalflow.tasks.registry import create_sqlite_store\n"
+         "create_sqlite_store(sys.argv[1])\n", f"sqlite:///{db}"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+        capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert db.is_file()
+    assert "database tables" not in made.stderr + made.stdout, made.stderr
+
+
 def test_stack_down_stops_the_workers_together_and_names_the_ones_it_killed(tmp_path):
     """`petalflow stack down` stopped one service after another, waiting up to 30 s for each
     to go, so two workers still finishing a run took a minute before the servers were even
