@@ -224,10 +224,10 @@ def add_top_k(frame: pd.DataFrame, k: int) -> pd.DataFrame:
     k = min(k, len(prob_cols))
     probs = frame[prob_cols].to_numpy()
     order = (-probs).argsort(axis=1, kind="stable")[:, :k]
-    ok = (frame["error"] == "").to_numpy()
+    ok = ~failed_rows(frame)
     # In the prob_ columns' own type (float32 as the model gives them): a Parquet file's
     # columns of probabilities are all one type.
-    best = np.where(ok[:, None], np.take_along_axis(probs, order, axis=1), 0)
+    best = np.where(ok[:, None], np.take_along_axis(probs, order, axis=1), np.nan)
     for i in range(k):
         frame[f"top{i + 1}_label"] = [names[j] if good else "" for j, good in zip(order[:, i], ok)]
         frame[f"top{i + 1}_probability"] = best[:, i].astype(probs.dtype, copy=False)
@@ -270,6 +270,11 @@ def classifier_with_features(model):
     except (AttributeError, NotImplementedError):  # loaders without MLflow's hook
         return None
     return raw if getattr(raw, "gives_features", False) else None
+
+
+def failed_rows(frame: pd.DataFrame) -> np.ndarray:
+    """Which rows are in error (an ``error`` said): they have no label nor probabilities."""
+    return (frame["error"] != "").to_numpy()
 
 
 def shortest_floats(frame: pd.DataFrame) -> pd.DataFrame:
@@ -326,7 +331,11 @@ class _Writer:
             if self.csv is None:
                 self.csv = csv.writer(self.fh, delimiter="\t" if self.fmt == "tsv" else ",")
                 self.csv.writerow(frame.columns)
-            self.csv.writerows(frame.itertuples(index=False))
+            rows = frame.itertuples(index=False)
+            if failed_rows(frame).any():  # a row in error: its probabilities' cells empty
+                rows = (["" if isinstance(v, float) and math.isnan(v) else v for v in row]
+                        for row in rows)
+            self.csv.writerows(rows)
             return
         if self.fmt == "parquet":
             self._write_parquet(frame)
@@ -444,6 +453,10 @@ def predict_files(
             frame = frame.reset_index(drop=True)
             # A file that could not be read says so, not "undecodable image".
             frame.loc[np.array([bool(u) for u in unread]), "error"] = [u for u in unread if u]
+            failed = failed_rows(frame)
+            if failed.any():  # no probabilities, not 0 (a mean over the column skips them)
+                frame.loc[failed, ["probability", *(c for c in frame.columns
+                                                    if c.startswith(PROB_PREFIX))]] = np.nan
             if top_k:
                 frame = add_top_k(frame, top_k)
             # A name that is not UTF-8 is still classified; its path is written escaped.
@@ -451,7 +464,7 @@ def predict_files(
             writer.write(frame)
             writer.fh.flush()
             first_written_at = first_written_at or time.time()
-            ok = (frame["error"] == "").to_numpy()
+            ok = ~failed_rows(frame)
             for row in np.flatnonzero(ok):
                 classified += 1
                 item = (chunk[row], None if features is None else features[row].copy(),

@@ -1592,13 +1592,42 @@ def test_text_outputs_write_probabilities_with_the_digits_float32_has(tmp_path):
     assert pd.read_parquet(tmp_path / "p.parquet")["prob_b"].dtype == np.float32
 
 
+def test_a_row_in_error_has_no_probabilities_in_any_format(tmp_path):
+    """An image that could not be classified had probability 0.0 and a 0.0 in every prob_
+    column, a distribution summing to 0 that a mean over the column counted. Its cells are
+    now empty: blank in a CSV or TSV (pandas reads NaN), null in JSON, JSON lines and
+    Parquet; the other rows are as they were."""
+    from petalflow.tasks.predict import _Writer
+
+    frame = pd.DataFrame({"label": ["b", ""], "probability": np.float32([0.75, np.nan]),
+                          "error": ["", "undecodable image"],
+                          "prob_a": np.float32([0.25, np.nan]),
+                          "prob_b": np.float32([0.75, np.nan])})
+    for fmt in ("csv", "tsv", "json", "jsonl", "parquet"):
+        writer = _Writer(tmp_path / f"p.{fmt}", fmt)
+        writer.write(frame)
+        writer.close()
+    assert (tmp_path / "p.csv").read_text().splitlines()[1:] == [
+        "b,0.75,,0.25,0.75", ",,undecodable image,,"]
+    assert (tmp_path / "p.tsv").read_text().splitlines()[2] == "\t\tundecodable image\t\t"
+    bad = {"label": "", "probability": None, "error": "undecodable image", "prob_a": None,
+           "prob_b": None}
+    assert json.loads((tmp_path / "p.json").read_text())[1] == bad
+    assert json.loads((tmp_path / "p.jsonl").read_text().splitlines()[1]) == bad
+    for read in (pd.read_csv(tmp_path / "p.csv", keep_default_na=False, na_values=[""]),
+                 pd.read_parquet(tmp_path / "p.parquet")):
+        assert read["probability"].mean() == pytest.approx(0.75)
+        assert read[["probability", "prob_a", "prob_b"]].iloc[1].isna().all()
+
+
 def test_top_k_probabilities_are_in_the_models_own_type():
     """The top<i>_probability columns came out float64 beside float32 prob_ columns (as the
     model gives them): a Parquet file's probabilities were of two types. Now the prob_
-    columns' type; a row in error gets an empty label and 0."""
+    columns' type; a row in error gets an empty label and no probability (NaN: an empty cell,
+    null; it got 0)."""
     from petalflow.tasks.predict import add_top_k
 
-    frame = pd.DataFrame({"label": ["b", "", "a"], "probability": np.float32([0.7, 0, 0.6]),
+    frame = pd.DataFrame({"label": ["b", "", "a"], "probability": np.float32([0.7, np.nan, 0.6]),
                           "error": ["", "undecodable image", ""],
                           "prob_a": np.float32([0.1, np.nan, 0.6]),
                           "prob_b": np.float32([0.7, np.nan, 0.3]),
@@ -1607,8 +1636,10 @@ def test_top_k_probabilities_are_in_the_models_own_type():
     assert [out[f"top{i}_probability"].dtype for i in (1, 2)] == [np.float32, np.float32]
     assert out["top1_label"].tolist() == ["b", "", "a"]
     assert out["top2_label"].tolist() == ["c", "", "b"]
-    assert out["top1_probability"].tolist() == [np.float32(0.7), 0.0, np.float32(0.6)]
-    assert out["top2_probability"].tolist() == [np.float32(0.2), 0.0, np.float32(0.3)]
+    for i, best in ((1, [0.7, 0.6]), (2, [0.2, 0.3])):
+        probabilities = out[f"top{i}_probability"]
+        assert probabilities[[0, 2]].tolist() == np.float32(best).tolist()
+        assert np.isnan(probabilities[1])
 
 
 def test_a_command_ending_while_a_side_thread_is_in_tensorflow_ends_at_once_with_its_status(

@@ -179,6 +179,11 @@ def test_predict_cli_writes_csv(trained, tmp_path, monkeypatch, capsys):
     assert table.loc[str(folder / "a.jpg"), "label"] == "red"
     assert table.loc[str(folder / "sub" / "b.png"), "label"] == "blue"
     assert table.loc[str(folder / "broken.jpg"), "error"] == NOT_AN_IMAGE
+    # Rows in error have no probabilities: empty cells (they were 0.0).
+    for failed in ("broken.jpg", "scan.tiff"):
+        assert table.loc[str(folder / failed), ["label", "probability", "prob_blue",
+                                                "prob_green", "prob_red"]].tolist() == [""] * 5
+    assert float(table.loc[str(folder / "a.jpg"), "probability"]) > 0.3
 
 
 def test_an_alias_is_pinned_to_the_version_it_names_and_said(trained, tmp_path, monkeypatch):
