@@ -332,7 +332,7 @@ class _Writer:
                 self.csv = csv.writer(self.fh, delimiter="\t" if self.fmt == "tsv" else ",")
                 self.csv.writerow(frame.columns)
             rows = frame.itertuples(index=False)
-            if failed_rows(frame).any():  # a row in error: its probabilities' cells empty
+            if frame.isna().to_numpy().any():  # a row in error: its probabilities' cells empty
                 rows = (["" if isinstance(v, float) and math.isnan(v) else v for v in row]
                         for row in rows)
             self.csv.writerows(rows)
