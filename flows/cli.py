@@ -84,9 +84,10 @@ def _prefect_unreachable(exc: BaseException, text: str) -> RunFailed:
 def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
-        ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetError,
-        DownloadError, LinksInArchive, ModelNotFound, OutputNotWritable, StoreNotFound,
-        TrackingServerUnreachable, TransientError, UnusableImages, WebPageNotArchive,
+        ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
+        DatasetError, DownloadError, LinksInArchive, ModelNotFound, OutputNotWritable,
+        StoreNotFound, TrackingServerUnreachable, TransientError, UnusableImages,
+        WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -130,6 +131,11 @@ def explain_failure(exc: BaseException) -> RunFailed:
         return RunFailed(text, "pack the class folders again with the files their links point "
                          "to: `tar -czhf photos.tgz photos/` (-h follows links) or `zip -r "
                          "photos.zip photos/` (without -y).", EXIT_DATA)
+    if isinstance(exc, DatasetChanged):
+        return RunFailed(text, "data that people or a sync client write into while runs read "
+                         "it: let watch-data start the runs (it announces a folder once "
+                         "nothing in it has changed for 2 minutes), or train on an archive "
+                         "of it; nothing was registered, the champion is as it was.", EXIT_DATA)
     if isinstance(exc, UnusableImages):
         return RunFailed(text, "the class folders were found, but their images could not "
                          "be used, for the reason above: fix or replace those files (a format "

@@ -11,6 +11,7 @@ Class order is the sorted class folder names; it travels with the model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -19,7 +20,7 @@ import shutil
 import time
 import unicodedata
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -1388,6 +1389,54 @@ def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
 def load_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest CSV back with the right dtypes (empty strings stay strings)."""
     return pd.read_csv(path, keep_default_na=False, dtype={"label": str, "path": str, "split": str})
+
+
+def changed_since_scan(info: DatasetInfo) -> Optional[str]:
+    """What is gone or changed among the files the scan used (their size differs from the
+    manifest's), said for a run that failed reading them; None when every one is as scanned.
+    Only asked after a failure: a stat per file."""
+    used = load_manifest(Path(info["manifest"]))
+    used = used[used["status"] == "ok"]
+    root = Path(info["data_root"])
+    gone, changed = [], []
+    for rel, size in zip(used["path"], used["size"]):
+        try:
+            if (root / rel).stat().st_size != int(size):
+                changed.append(rel)
+        except OSError:
+            gone.append(rel)
+    if not gone and not changed:
+        return None
+
+    def named(paths: list[str], what: str) -> str:
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        return f"{counted(len(paths), 'file')} {what} ({', '.join(paths[:3])}{more})"
+
+    parts = [named(gone, "is gone" if len(gone) == 1 else "are gone") if gone else "",
+             named(changed, "changed") if changed else ""]
+    return (f"the dataset changed during the run: of the files it scanned in {root}, "
+            f"{' and '.join(p for p in parts if p)}, removed, moved or rewritten while the run "
+            "read them; run again: the next run scans the data as it is then")
+
+
+@contextlib.contextmanager
+def unchanged_data(info: DatasetInfo) -> Iterator[None]:
+    """Runs a stage that reads the scanned files (training, evaluation): a failure while files
+    it reads are gone or changed since the scan (a folder source someone curates, a sync client
+    writing into it) is ``DatasetChanged`` saying which, not TensorFlow's NotFoundError or a
+    decoding error about one file; any other failure is raised as it is."""
+    from petalflow.tasks.errors import DatasetChanged
+
+    try:
+        yield
+    except Exception as exc:
+        try:
+            problem = changed_since_scan(info)
+        except Exception:  # noqa: BLE001 - the manifest itself gone: the failure as it was
+            problem = None
+        if problem is None:
+            raise
+        raise DatasetChanged(problem) from exc
 
 
 def reads_exif(data_info: DatasetInfo) -> bool:

@@ -45,6 +45,11 @@ class DatasetError(PetalflowError):
     """The dataset cannot be trained on as it is (too few classes or images)."""
 
 
+class DatasetChanged(DatasetError):
+    """Files the scan used are gone or changed since: the data (a folder source, or the
+    extracted copy of an archive) changed while the run used it."""
+
+
 class UnusableImages(DatasetError):
     """The class folders were found, but too few of them hold an image petalflow can use: their
     image files were all quarantined (a format TensorFlow cannot decode, such as TIFF or HEIC;

@@ -18,7 +18,9 @@ import pandas as pd
 from prefect import task
 
 from petalflow.tasks.common import log, release_memory
-from petalflow.tasks.dataset import DatasetInfo, load_manifest, reads_exif, split_files, split_shas
+from petalflow.tasks.dataset import (
+    DatasetInfo, load_manifest, reads_exif, split_files, split_shas, unchanged_data,
+)
 from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
 
@@ -322,6 +324,12 @@ def evaluate_model(export_dir: Union[Path, Callable[[], Path]], data_info: Datas
     not run again, and it is written back with this split's. ``export_dir`` may be what
     fetches the model's folder (a download), called only when some image must be run.
     """
+    with unchanged_data(data_info):  # a test file gone since the scan: said so
+        return _evaluate_model(export_dir, data_info, out_dir, latency_images, record)
+
+
+def _evaluate_model(export_dir: Union[Path, Callable[[], Path]], data_info: DatasetInfo,
+                    out_dir: Path, latency_images: int, record: Optional[Path]) -> dict:
     from petalflow.tasks.serving import ImageClassifier, output_columns
 
     out_dir = Path(out_dir)
@@ -634,8 +642,9 @@ def evaluate_edge_models(edge_dir: Path, export_dir: Path, data_info: DatasetInf
     from petalflow.tasks.edge import evaluate_edge
 
     paths, y = split_files(data_info, "test")
-    return evaluate_edge(Path(edge_dir), Path(export_dir), paths, y, image_size,
-                         savedmodel_latency_ms, reads_exif(data_info))
+    with unchanged_data(data_info):
+        return evaluate_edge(Path(edge_dir), Path(export_dir), paths, y, image_size,
+                             savedmodel_latency_ms, reads_exif(data_info))
 
 
 @task(name="evaluate-edge-models")

@@ -25,7 +25,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict
 
 from petalflow.tasks.dataset import (
-    DatasetInfo, load_manifest, reads_exif, split_files, split_shas,
+    DatasetInfo, load_manifest, reads_exif, split_files, split_shas, unchanged_data,
 )
 from petalflow.tasks.common import (
     file_lock, log, release_memory, remove_set_aside, set_aside, write_json,
@@ -753,8 +753,9 @@ def train_model(
     with _workdir_lock(workdir):
         (workdir / RUN_ENDED).unlink(missing_ok=True)  # its run is retried: needed again
         seeded = seed_from_abandoned_attempt(workdir) if resume_killed else None
-        record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path,
-                        Path(features_dir) if features_dir else workdir.parent / "features")
+        with unchanged_data(data_info):  # a photo gone since the scan: said so
+            record = _train(data_info, cfg, workdir, on_epoch_end, backbone_path,
+                            Path(features_dir) if features_dir else workdir.parent / "features")
         # The frozen network, the features and the edge export's converters are garbage now
         # (the backbone and Keras's state were let go before the export, the serving export's
         # graph after it, in _train).

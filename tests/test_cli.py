@@ -658,7 +658,11 @@ def test_known_failures_get_one_message_a_hint_and_their_exit_status():
     assert hub.code == EXIT_BACKBONE
     assert explain_failure(BackboneError("not a SavedModel")).code == EXIT_BACKBONE
     assert explain_failure(DatasetError("need at least 2 classes")).code == EXIT_DATA
-    from petalflow.tasks.errors import UnusableImages
+    from petalflow.tasks.errors import DatasetChanged, UnusableImages
+
+    changed = explain_failure(DatasetChanged("the dataset changed during the run: …"))
+    assert changed.code == EXIT_DATA and "let watch-data start the runs" in changed.hint
+    assert "layout" not in changed.hint  # the layout is right; the data moved under the run
 
     tiffs = explain_failure(UnusableImages("need at least 2 classes with usable images, found "
                                            "0 (none): the 12 image files in a, b were "

@@ -2553,3 +2553,43 @@ def test_a_training_resumed_after_its_last_epoch_logs_no_checkpoint_warnings(
     assert resumed["resumed_from_epoch"] == 3
     assert Path(resumed["export_dir"], "saved_model.pb").is_file()
     assert "checkpoint" not in caplog.text, caplog.text[:2000]
+
+
+def test_photos_gone_or_changed_since_the_scan_fail_the_run_saying_so(tmp_path, tiny_backbone,
+                                                                      exported):
+    """A folder source someone curates while a run reads it (a photo removed, another rewritten
+    by a sync client after the scan): the training failed with TensorFlow's NotFoundError
+    about one file ("…/daisy/x.jpg; No such file or directory", exit status 1). The training
+    and the evaluation now fail with DatasetChanged naming what is gone and what changed; a
+    failure with the data as scanned is raised as it was."""
+    from petalflow.tasks.dataset import load_manifest, unchanged_data
+    from petalflow.tasks.errors import DatasetChanged
+    from petalflow.tasks.evaluate import evaluate_model
+
+    root = make_dataset(tmp_path / "photos", per_class=12)
+    info = prepare_dataset(root, tmp_path / "manifest", 0.2, 0.2, seed=0)
+    with pytest.raises(ValueError, match="not about the data"), unchanged_data(info):
+        raise ValueError("not about the data")
+    used = load_manifest(Path(info["manifest"]))
+    used = used[used["status"] == "ok"]
+    train = used[used["split"] == "train"]["path"].tolist()
+    kept = {rel: (root / rel).read_bytes() for rel in train[:2]}
+    (root / train[0]).unlink()
+    with open(root / train[1], "r+b") as photo:
+        photo.truncate(40)
+    with pytest.raises(DatasetChanged) as failed:
+        train_model(info, _cfg(tiny_backbone, edge_export=False), tmp_path / "run",
+                    features_dir=tmp_path / "features")
+    assert str(failed.value) == (
+        f"the dataset changed during the run: of the files it scanned in {root}, 1 file is gone "
+        f"({train[0]}) and 1 file changed ({train[1]}), removed, moved or rewritten while the "
+        "run read them; run again: the next run scans the data as it is then")
+
+    for rel, data in kept.items():  # the training photos as scanned; test photos gone
+        (root / rel).write_bytes(data)
+    test = used[used["split"] == "test"]["path"].tolist()
+    for rel in test[:5]:
+        (root / rel).unlink()
+    with pytest.raises(DatasetChanged, match=r"in \S+, 5 files are gone \([^)]* and 2 more\), "
+                       "removed"):
+        evaluate_model(Path(exported), info, tmp_path / "evaluation")
