@@ -571,6 +571,30 @@ def split_layout_note(counts: dict) -> Optional[str]:
     return "; ".join(notes) or None
 
 
+def alike_class_names(classes: list[str]) -> list[list[str]]:
+    """Groups of class names that differ only in case, spaces, '_' or '-' (``Cat`` and
+    ``cat``, ``sun_flowers`` and ``Sunflowers``): folders that a case-insensitive system (a
+    Mac, Windows) would have merged, or two contributors' names for one class; each is trained
+    as a class of its own."""
+    groups: dict[str, list[str]] = {}
+    for name in classes:
+        groups.setdefault(re.sub(r"[\s_\-]+", "", name.casefold()), []).append(name)
+    return [sorted(g) for _, g in sorted(groups.items()) if len(g) > 1]
+
+
+def alike_names_note(classes: list[str], shown: int = 5) -> Optional[str]:
+    """One sentence for the log (a warning) and the model card when some classes' names are
+    alike (``alike_class_names``); else None."""
+    alike = alike_class_names(classes)
+    if not alike:
+        return None
+    named = "; ".join(", ".join(group) for group in alike[:shown])
+    more = f"; {len(alike) - shown} more" if len(alike) > shown else ""
+    return (f"class folders whose names differ only in case, spaces, '_' or '-' ({named}{more}) "
+            "are trained as different classes, and the model must tell them apart: if each "
+            "group is one class, put its images in one folder")
+
+
 NESTED_SHOWN = (6, 3)  # classes, and subfolders of each, named in the note
 
 

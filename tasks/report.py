@@ -14,7 +14,7 @@ from prefect import task
 
 from petalflow.tasks.common import counted, redact_url
 from petalflow.tasks.dataset import (
-    SHOWN_REASONS, load_manifest, reasons_by_kind, split_layout_note,
+    SHOWN_REASONS, alike_names_note, load_manifest, reasons_by_kind, split_layout_note,
 )
 from petalflow.tasks.drift import drift_line, inputs_said
 from petalflow.tasks.registry import model_said
@@ -153,9 +153,9 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         lines.append("")
     if ds.get("empty_class_folders"):
         lines += [f"Skipped folders without images: {', '.join(ds['empty_class_folders'])}", ""]
-    split_note = split_layout_note(ds)
-    if split_note:
-        lines += [split_note[0].upper() + split_note[1:] + ".", ""]
+    for note in (split_layout_note(ds), alike_names_note(ds.get("classes") or [])):
+        if note:
+            lines += [note[0].upper() + note[1:] + ".", ""]
     lines += _comparison_lines(summary)
     lines += [
         "## Test metrics",

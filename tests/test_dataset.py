@@ -1285,3 +1285,35 @@ def test_the_data_line_counts_quarantined_files_in_the_plural():
         "2 other reasons: the model card lists them)")
     assert dataset_line(info, kinds=6).endswith(
         "; 2 not a photo: photo metadata; 2 unreadable files)")
+
+
+def test_class_folders_whose_names_differ_only_in_case_or_separators_are_said(tmp_path):
+    """`Circle/` and `circle/`, `Square/` and `square_/` (folders a Mac or Windows would have
+    merged, or two contributors' names for one class) were trained as four classes without a
+    word: on drawn shapes, accuracy 0.615 against 0.963 with each pair merged. The log warns
+    and the model card says so, naming them; names merely alike are left alone."""
+    from petalflow.tasks.dataset import alike_class_names, alike_names_note
+
+    classes = ["Circle", "Square", "Triangle", "circle", "square_", "sun flowers",
+               "Sun-Flowers", "sunflower"]
+    assert alike_class_names(classes) == [["Circle", "circle"], ["Square", "square_"],
+                                          ["Sun-Flowers", "sun flowers"]]
+    assert alike_names_note(classes) == (
+        "class folders whose names differ only in case, spaces, '_' or '-' (Circle, circle; "
+        "Square, square_; Sun-Flowers, sun flowers) are trained as different classes, and the "
+        "model must tell them apart: if each group is one class, put its images in one folder")
+    assert alike_names_note(["cat", "cats", "dog"]) is None
+    many = [name for i in range(7) for name in (f"c{i}", f"C{i}")]
+    assert alike_names_note(many).split("(")[1].startswith(
+        "C0, c0; C1, c1; C2, c2; C3, c3; C4, c4; 2 more)")
+    # A scanned dataset's model card says so.
+    from petalflow.tasks.dataset import dataset_summary
+
+    root = make_dataset(tmp_path / "d", per_class=6)
+    for i in range(6):  # another contributor's blue photos
+        write_image(root / "Blue" / f"IMG_{i}.jpg", COLOURS["blue"], seed=900 + i)
+    info = prepare_dataset(root, tmp_path / "m", 0.2, 0.2, seed=0)
+    card = _card(info, dataset_summary(info), tmp_path)
+    assert ("Class folders whose names differ only in case, spaces, '_' or '-' (Blue, blue) "
+            "are trained as different classes") in card
+
