@@ -97,7 +97,20 @@ def require_store(model_uri: Optional[str] = None) -> None:
 
     if model_uri is not None and not model_uri.startswith(("models:", "runs:")):
         return
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        from petalflow.mlflow_artifacts import sqlite_database
+
+        db = sqlite_database(uri)
+        if db is not None and db.name != ":memory:" and not db.is_file():
+            # Opened, it would be created empty here (the README's relative
+            # sqlite:///mlflow/mlflow.db exported, then the command run in another folder).
+            relative = "" if db.is_absolute() else \
+                f"; its relative path starts from {os.getcwd()}"
+            raise StoreNotFound(
+                f"no MLflow store at {db.resolve()} (MLFLOW_TRACKING_URI={uri}{relative}), and "
+                "none was created there; an absolute URI names the store from any folder: "
+                "sqlite:////path/to/mlflow/mlflow.db")
         require_tracking_server()
         return
     store = local_store_db()

@@ -379,6 +379,37 @@ def test_reading_models_in_a_folder_without_a_store_says_where_they_are_and_crea
     assert sorted(p.name for p in workspace.iterdir()) == ["in"]  # no store, no output
 
 
+def test_a_sqlite_tracking_uri_naming_no_store_is_refused_and_creates_none(
+        workspace, capsys, monkeypatch):
+    """The README's `export MLFLOW_TRACKING_URI=sqlite:///mlflow/mlflow.db`, then predict,
+    pull or models in another folder (the path is relative): MLflow created an empty store
+    there (mlflow/mlflow.db, ~1 MB) and the command said no model was registered in it. It now
+    says there is no store at that path, where a relative one starts from and how to name it
+    from anywhere, and creates nothing; an absolute URI to a store that exists is used."""
+    from tests.helpers import write_image
+
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow/mlflow.db")
+    commands = (["predict", "--input", str(workspace / "in"), "--output", "p.csv"],
+                ["pull", "--dest", "pulled"], ["models"])
+    for argv in commands:
+        assert main(argv) == 6, argv
+        err = capsys.readouterr().err
+        assert (f"petalflow {argv[0]}: error: no MLflow store at "
+                f"{workspace.resolve() / 'mlflow' / 'mlflow.db'} (MLFLOW_TRACKING_URI="
+                "sqlite:///mlflow/mlflow.db; its relative path starts from "
+                f"{workspace}), and none was created there; an absolute URI names the "
+                "store from any folder: sqlite:////path/to/mlflow/mlflow.db\n") in err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in workspace.iterdir()) == ["in"]  # no store, no output
+    elsewhere = workspace / "elsewhere" / "gone.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
+    assert main(["models"]) == 6
+    assert (f"no MLflow store at {elsewhere} (MLFLOW_TRACKING_URI=sqlite:///{elsewhere}), and "
+            "none was created there") in capsys.readouterr().err
+    assert not (workspace / "elsewhere").exists()
+
+
 def test_an_https_mlflow_server_whose_certificate_is_not_trusted_is_named_at_once(
         workspace, capsys, monkeypatch):
     """Another team's MLflow server over HTTPS with their organisation's own certificate
@@ -799,7 +830,11 @@ def test_predict_options_are_generated_from_the_flows_parameter_model(workspace,
                 "output": params.output, "model_uri": params.model_uri}
 
     monkeypatch.setattr("petalflow.tasks.predict.predict_images", fake_job)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    store = f"sqlite:///{workspace / 'mlflow.db'}"
+    from petalflow.tasks.registry import create_sqlite_store
+
+    create_sqlite_store(store)  # a store (the fake job never opens it)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     out = workspace / "p.json"
     assert cli.main(["predict", "--model", "models:/m/1", "--input", str(workspace / "a.jpg"),
                      "--output", str(out), "--format", "json", "--top-k", "2"]) == 0
@@ -850,7 +885,11 @@ def test_predict_on_thousands_of_files_named_by_the_shell(workspace, monkeypatch
                 "inputs": params.input, "output": params.output, "model_uri": "models:/m/1"}
 
     monkeypatch.setattr("petalflow.tasks.predict.predict_images", fake_job)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'mlflow.db'}")
+    store = f"sqlite:///{workspace / 'mlflow.db'}"
+    from petalflow.tasks.registry import create_sqlite_store
+
+    create_sqlite_store(store)  # a store (the fake job never opens it)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     out = workspace / "p.csv"
     assert cli.main(["predict", "--model", "models:/m/1", "--input", *names,
                      "--output", str(out)]) == 0
@@ -1398,6 +1437,9 @@ def test_the_command_never_imports_prefects_server_module(workspace):
             "'prefect.flow_engine', 'prefect.task_engine', 'prefect.server.api.server') "
             "if m in sys.modules]]))")
     store = f"sqlite:///{workspace / 'mlflow.db'}"  # a store, where no such model is registered
+    from petalflow.tasks.registry import create_sqlite_store
+
+    create_sqlite_store(store)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=workspace, env={**os.environ, "PREFECT_API_URL": "",
                                              "MLFLOW_TRACKING_URI": store}, timeout=300)
