@@ -1159,10 +1159,33 @@ def _too_few_classes(manifest: pd.DataFrame, usable: list[str],
     top, count = next(iter(images["reason"].value_counts().items()))
     example = images.loc[images["reason"] == top, "path"].iloc[0]
     share = f", {count} of them: " if count < len(images) else ": "
+    copies = _copies_of_one_dataset(manifest) if top.startswith(SAME_IMAGE) else ""
     return UnusableImages(
         f"{found}: the {counted(len(images), 'image file')} in "
         f"{named} {'were' if len(images) > 1 else 'was'} quarantined{share}{top}; "
-        f"e.g. {example}")
+        f"e.g. {example}{copies}")
+
+
+def _copies_of_one_dataset(manifest: pd.DataFrame, shown: int = 5) -> str:
+    """"; A and B hold the same subfolders (…): …" when the class folders (2 or more) hold
+    subfolders with images under the same names: two copies or exports of one dataset
+    (``export 2025-11/Circle/``, ``export 2025-12/Circle/``), whose classes are the
+    subfolders, given together; else ""."""
+    subfolders: dict[str, set[str]] = {}
+    for parts in manifest["path"].astype(str).str.split("/"):
+        if len(parts) >= 3:
+            subfolders.setdefault(parts[0], set()).add(parts[1])
+    if len(subfolders) < 2:
+        return ""
+    shared = sorted(set.intersection(*subfolders.values()))
+    if not shared:
+        return ""
+    tops = sorted(subfolders)
+    more = lambda names: ", …" if len(names) > shown else ""  # noqa: E731
+    return (f"; {', '.join(tops[:shown])}{more(tops)} hold the same subfolders "
+            f"({', '.join(shared[:shown])}{more(shared)}): copies or exports of one dataset, "
+            "whose classes are those subfolders? Give one of them as the dataset (its folder, "
+            "or an archive of it alone)")
 
 
 def _too_small_to_split(manifest: pd.DataFrame, small: dict[str, int], val_fraction: float,

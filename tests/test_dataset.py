@@ -1317,3 +1317,42 @@ def test_class_folders_whose_names_differ_only_in_case_or_separators_are_said(tm
     assert ("Class folders whose names differ only in case, spaces, '_' or '-' (Blue, blue) "
             "are trained as different classes") in card
 
+
+
+def test_two_exports_of_one_dataset_given_together_are_named_as_such(tmp_path):
+    """An archive of two exports of one dataset (`export 2025-11/Circle/…` and
+    `export 2025-12/Circle/…`, the later one holding the earlier's photos and more): the
+    export folders are the classes, the earlier one's photos all lie in the later one too, so
+    they are quarantined and one class is left. The error said only that (and its hint spoke
+    of formats TensorFlow cannot decode); it now names the shared subfolders and what to give."""
+    import shutil
+
+    from petalflow.flows.cli import EXIT_DATA, explain_failure
+    from petalflow.tasks.errors import UnusableImages
+
+    root = tmp_path / "data"
+    make_dataset(root / "export 2025-11", per_class=6)
+    shutil.copytree(root / "export 2025-11", root / "export 2025-12")
+    for name, rgb in COLOURS.items():  # and new photos beside them
+        for i in range(3):
+            write_image(root / "export 2025-12" / name / f"new_{i}.jpg", rgb, seed=500 + i)
+    with pytest.raises(UnusableImages) as refused:
+        prepare_dataset(root, tmp_path / "m", 0.2, 0.2, seed=0)
+    message = str(refused.value)
+    assert message.startswith("need at least 2 classes with usable images, found 1 (export "
+                              "2025-12): the 18 image files in export 2025-11 were quarantined: "
+                              "same image found under labels export 2025-11, export 2025-12")
+    assert message.endswith(
+        "; export 2025-11, export 2025-12 hold the same subfolders (blue, green, red): copies "
+        "or exports of one dataset, whose classes are those subfolders? Give one of them as "
+        "the dataset (its folder, or an archive of it alone)")
+    said = explain_failure(refused.value)
+    assert said.code == EXIT_DATA and said.hint.startswith("a photo has one label")
+    # The same photos in two class folders of a plain dataset: no such sentence.
+    plain = make_dataset(tmp_path / "plain", per_class=6)
+    shutil.rmtree(plain / "green")
+    shutil.rmtree(plain / "blue")
+    shutil.copytree(plain / "red", plain / "rouge")
+    with pytest.raises(UnusableImages) as refused:
+        prepare_dataset(plain, tmp_path / "m2", 0.2, 0.2, seed=0)
+    assert "hold the same subfolders" not in str(refused.value)
