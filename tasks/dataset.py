@@ -1180,10 +1180,11 @@ def _copies_of_one_dataset(manifest: pd.DataFrame, shown: int = 5) -> str:
     shared = sorted(set.intersection(*subfolders.values()))
     if not shared:
         return ""
-    tops = sorted(subfolders)
-    more = lambda names: ", …" if len(names) > shown else ""  # noqa: E731
-    return (f"; {', '.join(tops[:shown])}{more(tops)} hold the same subfolders "
-            f"({', '.join(shared[:shown])}{more(shared)}): copies or exports of one dataset, "
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:shown]) + (", …" if len(names) > shown else "")
+
+    return (f"; {listed(sorted(subfolders))} hold the same subfolders "
+            f"({listed(shared)}): copies or exports of one dataset, "
             "whose classes are those subfolders? Give one of them as the dataset (its folder, "
             "or an archive of it alone)")
 
