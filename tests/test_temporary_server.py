@@ -175,13 +175,16 @@ def test_a_server_that_cannot_start_fails_the_command_clearly_and_writes_nothing
     image = workspace / "in" / "a.jpg"
     write_image(image, (200, 30, 30), seed=1)
     before = image.read_bytes()
+    from petalflow.tasks.registry import create_sqlite_store
+
+    store = f"sqlite:///{workspace / 'mlflow.db'}"
+    create_sqlite_store(store)  # a model store
     exe = Path(sys.executable).with_name("petalflow")
     proc = subprocess.run(
         [str(exe), "predict", "--input", str(workspace / "in"), "--output",
          str(workspace / "p.csv"), "--model-name", "any"],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PREFECT_API_URL": "",
-             "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",  # a model store
+        env={**os.environ, "PREFECT_API_URL": "", "MLFLOW_TRACKING_URI": store,
              "PREFECT_SERVER_DATABASE_CONNECTION_URL":
                  f"sqlite+aiosqlite:///{tmp_path}/no/such/folder/prefect.db"})
     assert proc.returncode == 1, proc.stderr[-3000:]
