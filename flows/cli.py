@@ -136,7 +136,9 @@ def explain_failure(exc: BaseException) -> RunFailed:
                          "it: let watch-data start the runs (it announces a folder once "
                          "nothing in it has changed for 2 minutes), or train on an archive "
                          "of it; nothing was registered, the champion is as it was.", EXIT_DATA)
-    if isinstance(exc, UnusableImages) and "same image found under labels" in text:
+    from petalflow.tasks.dataset import SAME_IMAGE
+
+    if isinstance(exc, UnusableImages) and SAME_IMAGE in text:
         return RunFailed(text, "a photo has one label: the same photo in two class folders is "
                          "left out of both; remove it from the folder it does not belong "
                          "to.", EXIT_DATA)

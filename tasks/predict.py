@@ -464,7 +464,7 @@ def predict_files(
             writer.write(frame)
             writer.fh.flush()
             first_written_at = first_written_at or time.time()
-            ok = ~failed_rows(frame)
+            ok = ~failed
             for row in np.flatnonzero(ok):
                 classified += 1
                 item = (chunk[row], None if features is None else features[row].copy(),
