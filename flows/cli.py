@@ -86,8 +86,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
         DatasetError, DownloadError, LinksInArchive, ModelNotFound, OutputNotWritable,
-        StoreNotFound, TrackingServerUnreachable, TransientError, UnusableImages,
-        WebPageNotArchive,
+        StoreNotFound, TrackingServerUnreachable, TrainingHandoffError, TransientError,
+        UnusableImages, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 
@@ -162,6 +162,9 @@ def explain_failure(exc: BaseException) -> RunFailed:
                          "and aliases.", EXIT_REGISTRY)
     if isinstance(exc, OutputNotWritable):
         return RunFailed(text, "nothing was classified, and no file was left there.")
+    if isinstance(exc, TrainingHandoffError):
+        return RunFailed(text, "without --training-deployment (or with `local`) `petalflow "
+                         "train` trains in its own process.")
     module = type(exc).__module__
     if module.startswith(("mlflow", "requests")) or name in ("MlflowException", "RestException"):
         return RunFailed(f"MLflow: {text}", "check MLFLOW_TRACKING_URI (unset: the embedded "

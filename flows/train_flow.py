@@ -40,6 +40,7 @@ from petalflow.tasks.edge import edge_summary
 from petalflow.tasks.evaluate import (
     compare_with_champion_task, evaluate_edge_task, evaluate_model_task,
 )
+from petalflow.tasks.handoff import training_handoff_task, wait_for_training_runs
 from petalflow.tasks.housekeeping import end_failed_run, prune_home_task
 from petalflow.tasks.params import (
     TrainParams, expected_sha256, image_size_set_by, run_key, training_target,
@@ -65,17 +66,14 @@ def train_model_flow(job: TrainingJob) -> dict:
     return train_model_task(job)
 
 
-def run_trainings(jobs: list[TrainingJob]) -> list[dict]:
-    """Each job's training record (train.json), in order. In this process the jobs train one
-    after another; handed to the deployment ``training_deployment`` names (``training_target``:
-    ``auto`` means train-gpu when this run is itself deployed) they all start at once and run
-    as the pool's workers allow. A failed job raises, unless it is one candidate of several:
-    then its record is ``{"error": why}``."""
-    from prefect.runtime import deployment
-
-    target = training_target(jobs[0].params, from_deployment=deployment.id is not None)
+def run_trainings(jobs: list[TrainingJob], handoff: Optional[dict]) -> list[dict]:
+    """Each job's training record (train.json), in order. In this process (``handoff`` None)
+    the jobs train one after another; handed to the deployment ``handoff`` names
+    (``handoff.training_handoff``) they all start at once and run as the pool's workers allow.
+    A failed job raises, unless it is one candidate of several: then its record is
+    ``{"error": why}``."""
     records = []
-    if target is None:
+    if handoff is None:
         for job in jobs:
             try:
                 records.append(train_model_flow(job))
@@ -86,9 +84,10 @@ def run_trainings(jobs: list[TrainingJob]) -> list[dict]:
         return records
     from prefect.deployments import run_deployment
 
+    target = handoff["name"]
     runs = [run_deployment(name=target, parameters={"job": job.model_dump(mode="json")},
                            timeout=0, as_subflow=True) for job in jobs]
-    for job, run in zip(jobs, wait_for_flow_runs([run.id for run in runs])):
+    for job, run in zip(jobs, wait_for_training_runs([run.id for run in runs], handoff)):
         if run.state is not None and run.state.is_completed():
             records.append(json.loads((Path(job.workdir) / "train.json").read_text()))
             continue
@@ -100,22 +99,6 @@ def run_trainings(jobs: list[TrainingJob]) -> list[dict]:
     return records
 
 
-def wait_for_flow_runs(ids: list, poll_s: float = 2.0) -> list:
-    """The flow runs ``ids`` (in that order), once every one of them is in a final state; one
-    request per poll."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    only = FlowRunFilter(id=FlowRunFilterId(any_=list(ids)))
-    with get_client(sync_client=True) as client:
-        while True:
-            runs = {run.id: run for run in client.read_flow_runs(flow_run_filter=only)}
-            if len(runs) == len(ids) and all(
-                    run.state is not None and run.state.is_final() for run in runs.values()):
-                return [runs[i] for i in ids]
-            time.sleep(poll_s)
-
-
 @flow(name="train-and-register", log_prints=True,
       on_failure=[end_failed_run], on_crashed=[end_failed_run],
       on_cancellation=[end_failed_run])
@@ -125,6 +108,9 @@ def train_and_register(params: TrainParams = TrainParams()):
     timer = PhaseTimer()
     # The backbone first (each one a sweep uses): a wrong handle or image size is refused
     # before any data is fetched.
+    # Where training runs, before any work: a training deployment the server does not have
+    # fails the run here, not after the download.
+    handoff = training_handoff_task(_training_target(params), _own_run_id())
     candidates = params.candidates()
     set_by = image_size_set_by(params, candidates)
     with timer.phase("backbone"):
@@ -167,11 +153,12 @@ def train_and_register(params: TrainParams = TrainParams()):
     with training_turn(home, params.model_name, _run_label()) as waited:
         if waited:
             timer.add("queued", waited)
-        return _train(params, home, timer, data_info, dataset, source, candidates, backbones)
+        return _train(params, home, timer, data_info, dataset, source, candidates, backbones,
+                      handoff)
 
 
 def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, dataset: dict,
-           source: dict, candidates: list, backbones: dict):
+           source: dict, candidates: list, backbones: dict, handoff: Optional[dict]):
     """The rest of ``train_and_register``, in this model's training turn: "nothing to do", or
     the MLflow run, the training step(s), evaluation and registration."""
     if not params.force:
@@ -204,7 +191,7 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
                 features_dir=str(feature_cache_dir(home / "features", c, fingerprint,
                                                    backbone_path))))
         training_started = time.perf_counter()
-        records = run_trainings(jobs)
+        records = run_trainings(jobs, handoff)
         best = 0
         if params.sweep:
             sweep = rank_candidates([c.changes() for c in params.sweep], records,
@@ -274,6 +261,21 @@ def _finish(summary: dict, home: Path, evaluation_dir: Optional[str] = None):
     message = state_message(summary)
     get_run_logger().info(message)
     return Completed(message=message, data=summary)
+
+
+def _training_target(params: TrainParams) -> Optional[str]:
+    """The deployment ``params`` hand the training step to (``auto``: train-gpu when this run
+    comes from a deployment), or None."""
+    from prefect.runtime import deployment
+
+    return training_target(params, from_deployment=deployment.id is not None)
+
+
+def _own_run_id():
+    """This flow run's id (None outside a run)."""
+    from prefect.runtime import flow_run
+
+    return flow_run.id
 
 
 def _run_label() -> str:

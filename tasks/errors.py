@@ -81,3 +81,8 @@ class OutputNotWritable(PetalflowError):
 
 class DestinationInUse(PetalflowError):
     """A folder to save a pulled model into is a file, or holds files that are not a model."""
+
+
+class TrainingHandoffError(PetalflowError):
+    """The deployment the training step is handed to (``training_deployment``) cannot take it:
+    it is not deployed on the run's Prefect server, or no worker of its pool came online."""

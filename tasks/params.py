@@ -442,6 +442,12 @@ class TrainParams(BaseModel):
         if value not in ("auto", "local") and not _DEPLOYMENT_NAME.match(value):
             raise ValueError("must be auto, local or a deployment name such as "
                              "train-model/train-gpu")
+        flow_name = value.split("/")[0]
+        if "/" in value and flow_name != DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]:
+            raise ValueError(
+                f"{value} is a deployment of the {flow_name} flow; the training step is a run "
+                f"of the train-model flow: name one of its deployments, such as "
+                f"{DEFAULT_TRAINING_DEPLOYMENT}")
         return value
 
     @field_validator("max_extract_size")

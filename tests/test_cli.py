@@ -805,6 +805,11 @@ def test_training_hand_off_is_an_explicit_parameter():
     assert training_target(named, from_deployment=False) == "train-model/train-big-gpu"
     with pytest.raises(ValidationError, match="deployment name"):
         TrainParams(training_deployment="gpu please")
+    # The training step is a run of train-model: another flow's deployment cannot take it.
+    with pytest.raises(ValidationError, match="train-and-register/train is a deployment of the "
+                       "train-and-register flow; the training step is a run of the train-model "
+                       "flow"):
+        TrainParams(training_deployment="train-and-register/train")
     # Where training runs does not change what is trained: same run key, same checkpoints.
     assert run_key(local, "f") == run_key(TrainParams(), "f")
 

@@ -1258,3 +1258,88 @@ def test_a_head_still_learning_at_its_last_epoch_is_said_to_need_more(
         result = prefect.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["train-result-learning"])))
     assert f"- Epochs: {advice}\n" in result[0].data
+
+
+def test_training_handed_to_a_deployment_no_worker_takes_fails_saying_so_and_keeps_the_champion(
+        workspace, tiny_backbone, prefect_harness, monkeypatch):
+    """The training step handed to a deployment of a pool with no worker online (a gpu worker
+    stopped, its machine down): before, the run waited for ever with the training run `Late`,
+    saying nothing and holding its model's turn. Now its log says so at once, and after the
+    limit it cancels the training run and fails saying why; the champion stays. A deployment
+    the server does not have fails the run before anything is downloaded."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, LogFilter
+
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks import handoff
+    from petalflow.tasks.errors import TrainingHandoffError
+
+    archive = _serve_dataset(workspace, make_dataset, "good", per_class=12)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="unmanned", type="process"))
+        flow_id = client.create_flow_from_name("train-model")
+        deployment_id = client.create_deployment(flow_id=flow_id, name="unmanned",
+                                                 work_pool_name="unmanned")
+    with serve_directory(workspace / "served") as url:
+        def params(**kw):
+            return _params(f"{url}/good.tgz", archive, tiny_backbone, **kw)
+
+        with pytest.raises(TrainingHandoffError) as missing:
+            train_and_register(params(training_deployment="train-model/unmaned"))
+        assert str(missing.value).startswith(
+            "training_deployment train-model/unmaned: no such deployment on the Prefect server "
+            "this run reports to ("), missing.value
+        assert "its deployments of the train-model flow: train-model/unmanned (pool " \
+               "unmanned)" in str(missing.value)
+        assert not (workspace / "home" / "downloads").exists()
+
+        first = train_and_register(params())  # in this process
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        monkeypatch.setattr(handoff, "NO_WORKER_LIMIT_S", 6)
+        with pytest.raises(TrainingHandoffError) as unmanned:
+            train_and_register(params(training_deployment="train-model/unmanned", force=True))
+    text = str(unmanned.value)
+    assert text.startswith("the training step, handed to train-model/unmanned (run "), text
+    assert ("never started: no worker of pool 'unmanned' took it in 6 s (no worker of it is "
+            "online); nothing was trained: start a worker of pool 'unmanned' where training "
+            "should run (`prefect worker start --pool unmanned --limit 1`") in text
+    assert text.endswith("nothing was registered: the champion is as it was")
+    with get_client(sync_client=True) as client:
+        (child,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id])))
+        assert child.state.is_cancelled()  # it will not start when a worker comes
+        assert child.state.message.startswith("no worker of pool 'unmanned' took it in 6 s")
+        # The parent's log, as the UI shows it, said why it waited as soon as it did.
+        logs = [entry.message for entry in client.read_logs(log_filter=LogFilter())]
+    said = [m for m in logs if m.startswith(f"training run {child.name} (train-model/unmanned) "
+                                            "waits for a worker of pool 'unmanned'")]
+    assert said and "Without one within 6 s this run cancels it and fails" in said[0], said
+    versions = _client().search_model_versions(f"name='{MODEL}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == "1"
+
+
+def test_a_training_deployment_on_the_runs_own_pool_trains_in_the_run(prefect_harness):
+    """A run on pool P that hands its training to a deployment on P could wait for a slot it
+    holds itself (two such runs on a pool of two slots waited for each other for ever): such a
+    deployment trains in the run's process; one on another pool is handed to."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from petalflow.tasks.handoff import training_handoff
+
+    with get_client(sync_client=True) as client:
+        for pool in ("same-cpu", "other-gpu"):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        training = client.create_flow_from_name("train-model")
+        for pool in ("same-cpu", "other-gpu"):
+            client.create_deployment(flow_id=training, name=f"on-{pool}", work_pool_name=pool)
+        parent = client.create_deployment(
+            flow_id=client.create_flow_from_name("train-and-register"), name="train-on-cpu",
+            work_pool_name="same-cpu")
+        run = client.create_flow_run_from_deployment(parent)
+    assert training_handoff("train-model/on-same-cpu", run.id) is None
+    assert training_handoff("train-model/on-other-gpu", run.id) == {
+        "name": "train-model/on-other-gpu", "pool": "other-gpu"}
+    assert training_handoff(None, run.id) is None

@@ -1,0 +1,173 @@
+"""The training step handed to a deployment (the train parameter ``training_deployment``):
+which deployment takes it, checked before any work, and waiting for its runs, saying why one
+does not start.
+
+A run of a deployment starts only when a worker of its work pool takes it. Prefect leaves a run
+no worker takes ``Late`` for ever, and the run that handed its training over waited with it,
+saying nothing, holding its model's training turn and a worker slot of its own pool: a gpu
+worker that was stopped (its machine down, never started) left scheduled retraining hanging,
+one more run each week. Here the waiting run says so as soon as the pool has no worker online,
+and after ``NO_WORKER_LIMIT_S`` without one it cancels the training run and fails saying why.
+A training deployment on the run's own pool is not handed to at all: the run is already on
+such a worker, and its training could wait for a slot the run itself holds (two runs on a
+pool of two slots, each waiting for the other's)."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from prefect import task
+
+from petalflow.tasks.common import log
+from petalflow.tasks.errors import TrainingHandoffError
+
+TRAINING_FLOW = "train-model"
+# How long a handed-over training may wait while its pool has no worker online before the
+# run cancels it and fails (a worker restarting, a GPU machine rebooting, fit well inside).
+NO_WORKER_LIMIT_S = 15 * 60
+# A training run waiting this long for a busy pool's worker is said to wait (once).
+BUSY_NOTE_S = 60.0
+
+
+def start_worker_advice(pool: str) -> str:
+    """What makes a run of ``pool`` start, or the run train without it."""
+    return (f"start a worker of pool {pool!r} where training should run (`prefect worker start "
+            f"--pool {pool} --limit 1`; `petalflow stack up` starts one), or set the run's "
+            "training_deployment to local to train in the run's own process")
+
+
+def _pool_said(status) -> str:
+    """A work pool's status, as a reason no run of it starts."""
+    value = getattr(status, "value", status)
+    if value == "PAUSED":
+        return "the pool is paused (`prefect work-pool resume` resumes it)"
+    return "no worker of it is online"
+
+
+def training_handoff(target: Optional[str], flow_run_id=None) -> Optional[dict]:
+    """The deployment that trains (``{"name": "train-model/...", "pool": ...}``), or None to
+    train in this process: ``target`` (``params.training_target``) read from the Prefect server
+    before any work. A deployment the server does not have fails the run at once, naming the
+    ones it has; one on the work pool of this run (``flow_run_id``) trains here instead."""
+    if target is None:
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(target)
+        except ObjectNotFound:
+            raise TrainingHandoffError(_missing(client, target, flow_run_id)) from None
+        own_pool = client.read_flow_run(flow_run_id).work_pool_name if flow_run_id else None
+    pool = deployment.work_pool_name
+    if own_pool is not None and pool == own_pool:
+        log("training_deployment %s is on this run's own work pool (%r): the training step runs "
+            "in this run's process (a run of it would wait for a slot of that pool, which this "
+            "run may hold itself)", target, pool)
+        return None
+    return {"name": target, "pool": pool}
+
+
+def _missing(client, target: str, flow_run_id) -> str:
+    """Why ``target`` cannot take the training step: not on this server; what is."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    there = client.read_deployments(flow_filter=FlowFilter(
+        name=FlowFilterName(any_=[TRAINING_FLOW])))
+    listed = ", ".join(f"{TRAINING_FLOW}/{d.name} (pool {d.work_pool_name})"
+                       for d in sorted(there, key=lambda d: d.name)) or "none"
+    where = f"the Prefect server this run reports to ({PREFECT_API_URL.value()})"
+    if flow_run_id is None or client.read_flow_run(flow_run_id).deployment_id is None:
+        where += (" (a run not started from a deployment, such as `petalflow train` without "
+                  "PREFECT_API_URL, reports to a temporary server of its own, which has no "
+                  "deployments)")
+    return (f"training_deployment {target}: no such deployment on {where}; its deployments of "
+            f"the {TRAINING_FLOW} flow: {listed}. Deploy it (`prefect deploy --prefect-file "
+            "deployment.yaml --name train-gpu` deploys train-model/train-gpu), name one of those, "
+            "or set training_deployment to local to train in the run's own process; nothing "
+            "was downloaded or trained")
+
+
+def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> list:
+    """The flow runs ``ids`` (in that order) once every one of them is in a final state.
+
+    While some wait for a worker (scheduled, not taken) and the deployment's pool has none
+    online, the log says so at once; after ``NO_WORKER_LIMIT_S`` of that they are cancelled
+    (their state message says why). If none of ``ids`` had started, this raises
+    ``TrainingHandoffError``; otherwise (a sweep's candidates) the others are waited for and
+    the cancelled ones end as they are. A run that waits for a busy pool is said once, after
+    ``BUSY_NOTE_S``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.objects import StateType, WorkPoolStatus
+
+    no_worker_limit_s = NO_WORKER_LIMIT_S
+    only = FlowRunFilter(id=FlowRunFilterId(any_=list(ids)))
+    pool, name = handoff["pool"], handoff["name"]
+    unmanned_since: Optional[float] = None
+    waiting_since: dict = {}
+    told_busy: set = set()
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = {run.id: run for run in client.read_flow_runs(flow_run_filter=only)}
+            if len(runs) == len(ids) and all(
+                    run.state is not None and run.state.is_final() for run in runs.values()):
+                return [runs[i] for i in ids]
+            waiting = [run for run in runs.values()
+                       if run.state is not None and run.state.type == StateType.SCHEDULED]
+            status = client.read_work_pool(pool).status if waiting and pool else None
+            now = time.monotonic()
+            if status is None or status == WorkPoolStatus.READY:
+                if unmanned_since is not None:
+                    log("a worker of pool %r is online now; the training waits no longer for "
+                        "one", pool)
+                unmanned_since = None
+                for run in waiting:
+                    since = waiting_since.setdefault(run.id, now)
+                    if now - since >= BUSY_NOTE_S and run.id not in told_busy:
+                        told_busy.add(run.id)
+                        log("training run %s (%s) has waited %.0f s for a free worker of pool "
+                            "%r: its workers are busy with other runs (one training each)",
+                            run.name, name, now - since, pool)
+            elif unmanned_since is None:
+                unmanned_since = now
+                log("training run %s (%s) waits for a worker of pool %r, and %s: %s. Without "
+                    "one within %s this run cancels it and fails (the data prepared "
+                    "so far is kept for the next run)",
+                    ", ".join(run.name for run in waiting), name, pool, _pool_said(status),
+                    start_worker_advice(pool), _duration(no_worker_limit_s), level=30)
+            elif now - unmanned_since >= no_worker_limit_s:
+                why = (f"no worker of pool {pool!r} took it in "
+                       f"{_duration(now - unmanned_since)} ({_pool_said(status)}); nothing was "
+                       f"trained: {start_worker_advice(pool)}")
+                _cancel(client, waiting, why)
+                if len(waiting) == len(ids):
+                    names = ", ".join(run.name for run in waiting)
+                    raise TrainingHandoffError(
+                        f"the training step, handed to {name} (run {names}), never started: "
+                        f"{why}; it was cancelled after {_duration(now - started)}, and "
+                        "nothing was registered: the champion is as it was")
+                unmanned_since = None
+            time.sleep(poll_s)
+
+
+@task(name="training-handoff")
+def training_handoff_task(target: Optional[str], flow_run_id=None) -> Optional[dict]:
+    """Thin wrapper; no retries: a deployment that is not there stays so."""
+    return training_handoff(target, flow_run_id)
+
+
+def _cancel(client, runs: list, why: str) -> None:
+    """Cancel runs no worker took, with ``why`` as their state message."""
+    from prefect.states import Cancelled
+
+    for run in runs:
+        client.set_flow_run_state(run.id, Cancelled(message=why), force=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} s"
