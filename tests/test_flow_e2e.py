@@ -1343,3 +1343,68 @@ def test_a_training_deployment_on_the_runs_own_pool_trains_in_the_run(prefect_ha
     assert training_handoff("train-model/on-other-gpu", run.id) == {
         "name": "train-model/on-other-gpu", "pool": "other-gpu"}
     assert training_handoff(None, run.id) is None
+
+
+def test_waiting_for_handed_over_trainings_says_why_and_gives_up_only_on_those_no_worker_takes(
+        prefect_harness, monkeypatch, caplog):
+    """A training run waiting behind a busy pool (a worker online) is said once and waited for;
+    of a sweep's runs, one no worker takes is cancelled after the limit while the one already
+    training is waited for to its end."""
+    import logging
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Completed, Running
+
+    from petalflow.tasks import handoff
+
+    caplog.set_level(logging.INFO, logger="petalflow")
+    monkeypatch.setattr(handoff, "BUSY_NOTE_S", 1.0)
+    monkeypatch.setattr(handoff, "NO_WORKER_LIMIT_S", 3)
+    with get_client(sync_client=True) as client:
+        training = client.create_flow_from_name("train-model")
+        for pool in ("busy-gpu", "empty-gpu"):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        busy = client.create_deployment(flow_id=training, name="busy", work_pool_name="busy-gpu")
+        empty = client.create_deployment(flow_id=training, name="empty",
+                                         work_pool_name="empty-gpu")
+        client.send_worker_heartbeat("busy-gpu", "a-worker-busy-with-another-run")
+        queued = client.create_flow_run_from_deployment(busy)
+
+        def finish_once_said():  # the other training ends; this one is taken and completes
+            while not any("has waited" in r.getMessage() for r in caplog.records):
+                threading.Event().wait(0.2)
+            client.set_flow_run_state(queued.id, Completed(), force=True)
+
+        threading.Thread(target=finish_once_said, daemon=True).start()
+        (done,) = handoff.wait_for_training_runs(
+            [queued.id], {"name": "train-model/busy", "pool": "busy-gpu"}, poll_s=0.3)
+        assert done.state.is_completed()
+        said = [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith(
+            f"training run {queued.name} (train-model/busy) has waited "), said
+        assert said[0].endswith("s for a free worker of pool 'busy-gpu': its workers are busy "
+                                "with other runs (one training each)")
+        assert not any("no worker of it is online" in r.getMessage() for r in caplog.records)
+
+        training_one = client.create_flow_run_from_deployment(empty)
+        client.set_flow_run_state(training_one.id, Running(), force=True)
+        never_taken = client.create_flow_run_from_deployment(empty)
+
+        def finish_once_cancelled():
+            while not client.read_flow_run(never_taken.id).state.is_cancelled():
+                threading.Event().wait(0.2)
+            client.set_flow_run_state(training_one.id, Completed(), force=True)
+
+        threading.Thread(target=finish_once_cancelled, daemon=True).start()
+        first, second = handoff.wait_for_training_runs(
+            [training_one.id, never_taken.id], {"name": "train-model/empty", "pool": "empty-gpu"},
+            poll_s=0.3)
+    assert first.state.is_completed()
+    assert second.state.is_cancelled()
+    assert second.state.message.startswith("no worker of pool 'empty-gpu' took it in ")
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage().split(",")[0] for r in warned] == [
+        f"training run {never_taken.name} (train-model/empty) waits for a worker of pool "
+        "'empty-gpu'"]
