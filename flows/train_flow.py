@@ -106,11 +106,12 @@ def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
     timer = PhaseTimer()
-    # The backbone first (each one a sweep uses): a wrong handle or image size is refused
-    # before any data is fetched.
     # Where training runs, before any work: a training deployment the server does not have
     # fails the run here, not after the download.
-    handoff = training_handoff_task(_training_target(params), _own_run_id())
+    target = _training_target(params)
+    handoff = training_handoff_task(target, _own_run_id()) if target else None
+    # The backbone first (each one a sweep uses): a wrong handle or image size is refused
+    # before any data is fetched.
     candidates = params.candidates()
     set_by = image_size_set_by(params, candidates)
     with timer.phase("backbone"):
