@@ -356,8 +356,9 @@ class TrainParams(BaseModel):
         "auto", title="Where training runs",
         description="auto: when this run itself comes from a deployment, the training step "
         "runs as a run of the train-model/train-gpu deployment (the gpu pool), otherwise in "
-        "this process; local: always in this process; or a deployment name "
-        "(flow-name/deployment-name) to hand the training step to.",
+        "this process; local: always in this process; or the name of a deployment of the "
+        "train-model flow to hand the training step to (train-model/train-gpu-big, or "
+        "train-gpu-big).",
     )
     sweep: list[SweepCandidate] = Field(
         default_factory=list, max_length=MAX_SWEEP, title="Sweep",
@@ -438,12 +439,15 @@ class TrainParams(BaseModel):
     @field_validator("training_deployment")
     @classmethod
     def _check_training_deployment(cls, value: str) -> str:
-        value = value.strip()
+        value = re.sub(r"\s*/\s*", "/", value.strip())  # "train-model / train-gpu", as the UI shows it
+        training_flow = DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]
+        if value not in ("auto", "local") and re.fullmatch(r"[^/\s]+", value):
+            value = f"{training_flow}/{value}"  # a deployment's own name: train-gpu
         if value not in ("auto", "local") and not _DEPLOYMENT_NAME.match(value):
             raise ValueError("must be auto, local or a deployment name such as "
                              "train-model/train-gpu")
         flow_name = value.split("/")[0]
-        if "/" in value and flow_name != DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]:
+        if "/" in value and flow_name != training_flow:
             raise ValueError(
                 f"{value} is a deployment of the {flow_name} flow; the training step is a run "
                 f"of the train-model flow: name one of its deployments, such as "

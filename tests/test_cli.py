@@ -810,6 +810,10 @@ def test_training_hand_off_is_an_explicit_parameter():
                        "train-and-register flow; the training step is a run of the train-model "
                        "flow"):
         TrainParams(training_deployment="train-and-register/train")
+    # A deployment's own name, or the name as the UI lists it, names train-model's deployment.
+    for typed in ("train-big-gpu", " train-model / train-big-gpu "):
+        assert TrainParams(training_deployment=typed).training_deployment == \
+            "train-model/train-big-gpu"
     # Where training runs does not change what is trained: same run key, same checkpoints.
     assert run_key(local, "f") == run_key(TrainParams(), "f")
 
