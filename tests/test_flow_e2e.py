@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1269,7 +1270,9 @@ def test_training_handed_to_a_deployment_no_worker_takes_fails_saying_so_and_kee
     the server does not have fails the run before anything is downloaded."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId, LogFilter
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterDeploymentId, LogFilter, LogFilterFlowRunId,
+    )
 
     from petalflow.flows.train_flow import train_and_register
     from petalflow.tasks import handoff
@@ -1311,9 +1314,16 @@ def test_training_handed_to_a_deployment_no_worker_takes_fails_saying_so_and_kee
         assert child.state.is_cancelled()  # it will not start when a worker comes
         assert child.state.message.startswith("no worker of pool 'unmanned' took it in 6 s")
         # The parent's log, as the UI shows it, said why it waited as soon as it did.
-        logs = [entry.message for entry in client.read_logs(log_filter=LogFilter())]
-    said = [m for m in logs if m.startswith(f"training run {child.name} (train-model/unmanned) "
-                                            "waits for a worker of pool 'unmanned'")]
+        parent = client.read_task_run(child.parent_task_run_id).flow_run_id
+        only = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent]))
+        for _ in range(50):  # the run's logs reach the server in batches
+            said = [entry.message for entry in client.read_logs(log_filter=only)
+                    if entry.message.startswith(f"training run {child.name} (train-model/"
+                                                "unmanned) waits for a worker of pool "
+                                                "'unmanned'")]
+            if said:
+                break
+            time.sleep(0.2)
     assert said and "Without one within 6 s this run cancels it and fails" in said[0], said
     versions = _client().search_model_versions(f"name='{MODEL}'")
     assert [str(v.version) for v in versions] == ["1"]
