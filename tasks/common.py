@@ -515,8 +515,9 @@ def input_list(item: str) -> Optional[Path]:
 
 
 def read_input_list(path: Path) -> list[str]:
-    """The inputs a list file names: one per line, blank lines and # comments skipped."""
-    return [line.rstrip("\r") for line in Path(path).read_text(encoding="utf-8").split("\n")
+    """The inputs a list file names: one per line, blank lines and # comments skipped (a
+    byte-order mark and CRLF line ends, as Windows' Notepad saves it, are no part of a name)."""
+    return [line.rstrip("\r") for line in Path(path).read_text(encoding="utf-8-sig").split("\n")
             if line.strip() and not line.lstrip().startswith("#")]
 
 

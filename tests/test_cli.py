@@ -911,6 +911,11 @@ def test_predict_on_thousands_of_files_named_by_the_shell(workspace, monkeypatch
     assert cli.main(["predict", "--model", "models:/m/1", "--input", f"@{own}",
                      "--output", str(out)]) == 0
     assert seen["files"] == [names[5], names[7]]
+    # Saved by Windows Notepad: a byte-order mark before the first path, CRLF line ends.
+    own.write_bytes(f"{names[5]}\r\n{names[7]}\r\n".encode("utf-8-sig"))
+    assert cli.main(["predict", "--model", "models:/m/1", "--input", f"@{own}",
+                     "--output", str(out)]) == 0
+    assert seen["files"] == [names[5], names[7]]
     # A folder or pattern whose name begins with "@" is that folder or pattern.
     (workspace / "@2x").mkdir()
     os.link(folder / "base.jpg", workspace / "@2x" / "icon.jpg")
