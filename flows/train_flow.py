@@ -46,7 +46,7 @@ from petalflow.tasks.params import (
     TrainParams, expected_sha256, image_size_set_by, run_key, training_target,
 )
 from petalflow.tasks.registry import (
-    champion_info_task, finish_run_task, log_timings_task, register_model_task,
+    champion_info_task, failure_text, finish_run_task, log_timings_task, register_model_task,
     start_run_task, training_turn, unchanged_since_champion_task,
 )
 from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
@@ -198,7 +198,8 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
             sweep = rank_candidates([c.changes() for c in params.sweep], records,
                                     [job.run_id for job in jobs])
             for job, rec in zip(jobs, records):
-                finish_run_task(job.run_id, "FAILED" if "error" in rec else "FINISHED")
+                finish_run_task(job.run_id, "FAILED" if "error" in rec else "FINISHED",
+                                rec.get("error"))
             publish_sweep_task(run_id, params.model_name, sweep)
             best = sweep[0]["candidate"] - 1
         record, trained = records[best], jobs[best].params
@@ -225,8 +226,8 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
                                                majority=evaluation["majority"])
         timings = timer.table()
         log_timings_task(run_id, timings)
-    except BaseException:
-        finish_run_task(run_id, "FAILED")
+    except BaseException as exc:
+        finish_run_task(run_id, "FAILED", failure_text(exc))
         raise
     finish_run_task(run_id)
     summary = {

@@ -327,6 +327,13 @@ def redact_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def redact_urls_in(text: str) -> str:
+    """``text`` with every http(s) URL in it as ``redact_url`` records it (an error message
+    recorded where others read it)."""
+    return re.sub(r"https?://[^\s'\"<>)]+", lambda m: redact_url(m.group(0)), text,
+                  flags=re.IGNORECASE)
+
+
 def redacted_source(source: Optional[dict]) -> Optional[dict]:
     """A source description (``download.describe_source``) as a run's summary shows it (the
     command prints it, ``--summary-json`` writes it, Prefect keeps it as the run's result): its

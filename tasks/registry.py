@@ -28,7 +28,7 @@ from prefect import task
 from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
 from petalflow.tasks.common import (
     ask_tracking_server, code_version, error_chain, holder_lock, imports_settled, local_store_db,
-    log, pid_alive, redact_url, tls_failure, tls_problem, utc_now,
+    log, pid_alive, redact_url, redact_urls_in, tls_failure, tls_problem, utc_now,
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import is_transient_status
@@ -526,8 +526,27 @@ def log_model_card(summary: dict, card: str, description: str) -> None:
                                 description=description)
 
 
-def finish_run(run_id: str, status: str = "FINISHED") -> None:
-    mlflow_client().set_terminated(run_id, status=status)
+FAILURE_TAG = "petalflow.failure"
+
+
+def finish_run(run_id: str, status: str = "FINISHED", why: Optional[str] = None) -> None:
+    """End the MLflow run with ``status``; a failed one records ``why`` (its error, URLs
+    redacted) as a tag and as the run's description, where the MLflow UI shows it."""
+    client = mlflow_client()
+    if why:
+        why = redact_urls_in(why)[:4000]
+        client.set_tag(run_id, FAILURE_TAG, why)
+        client.set_tag(run_id, "mlflow.note.content", f"**{status.capitalize()}:** {why}")
+    client.set_terminated(run_id, status=status)
+
+
+def failure_text(exc: BaseException) -> str:
+    """How a run's failure is recorded: its error's kind and message; an interruption (Ctrl-C,
+    a cancelled flow run) as such."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or type(exc).__name__ in (
+            "TerminationSignal", "CancelledError", "Abort"):
+        return "interrupted (Ctrl-C, a signal, or the flow run cancelled) before it ended"
+    return f"{type(exc).__name__}: {str(exc).strip() or type(exc).__name__}"
 
 
 # --------------------------------------------------------------------------- model logging
@@ -1182,5 +1201,5 @@ def log_timings_task(run_id: str, timings: dict) -> None:
 
 
 @task(name="finish-mlflow-run", **MLFLOW_RETRY)
-def finish_run_task(run_id: str, status: str = "FINISHED") -> None:
-    finish_run(run_id, status)
+def finish_run_task(run_id: str, status: str = "FINISHED", why: Optional[str] = None) -> None:
+    finish_run(run_id, status, why)

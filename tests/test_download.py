@@ -1509,3 +1509,13 @@ def test_a_password_protected_or_deflate64_zip_is_refused_saying_what_to_do(tmp_
             extract_archive(archive, target)
         assert str(refused.value) == message
         assert [p for p in target.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_urls_in_an_error_message_are_recorded_without_their_secrets():
+    from petalflow.tasks.common import redact_urls_in
+
+    text = ("HTTP 403 from https://ann:s3cret@data.example.com/photos.tgz?X-Amz-Signature=abc&"
+            "v=2 ('https://host/x?token=t1'); see http://docs.example.com/help.")
+    assert redact_urls_in(text) == (
+        "HTTP 403 from https://***@data.example.com/photos.tgz?X-Amz-Signature=***&v=2 "
+        "('https://host/x?token=***'); see http://docs.example.com/help.")

@@ -1327,6 +1327,12 @@ def test_training_handed_to_a_deployment_no_worker_takes_fails_saying_so_and_kee
     assert said and "Without one within 6 s this run cancels it and fails" in said[0], said
     versions = _client().search_model_versions(f"name='{MODEL}'")
     assert [str(v.version) for v in versions] == ["1"]
+    # The MLflow run says why it failed, where the MLflow UI shows it (its description).
+    (failed,) = _client().search_runs(
+        [_client().get_experiment_by_name("petalflow").experiment_id],
+        "attributes.status = 'FAILED'")
+    assert failed.data.tags["petalflow.failure"] == f"TrainingHandoffError: {text}"
+    assert failed.data.tags["mlflow.note.content"] == f"**Failed:** TrainingHandoffError: {text}"
     assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
