@@ -813,4 +813,6 @@ class PredictParams(BaseModel):
         if path.suffix.lower() in OTHER_COMPRESSIONS:
             raise ValueError(f"{path.suffix} compression is not written: name the file .gz "
                              "(e.g. predictions.csv.gz) for gzip, or leave it uncompressed")
-        return value
+        # "~/predictions.csv" typed in the form (no shell expands it): the file in the home
+        # folder, as the images' "~/photos" are, not a folder named "~" under the working one.
+        return str(path) if value.startswith("~") else value

@@ -1540,6 +1540,12 @@ def test_predict_takes_file_urls_for_its_images_and_output(workspace, capsys):
     assert params.input == [str(folder), str(folder / "*.jpg")]
     assert params.output == str(workspace / "p.csv") and params.format == "csv"
     assert PredictParams(input_folder=url, output="p.csv").input == [str(folder)]  # old name
+    # "~/p.csv" typed into the form (no shell expands it) is in the home folder, as images are.
+    home = workspace / "home-of-the-user"
+    home.mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOME", str(home))
+        assert PredictParams(input=[url], output="~/p.csv").output == str(home / "p.csv")
     out = workspace / "q.csv"
     assert main(["predict", "--input", "file://a.jpg", "--output", str(out)]) == 2
     err = capsys.readouterr().err
