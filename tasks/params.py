@@ -66,6 +66,31 @@ def _some(items: list[str], shown: int = 5) -> str:
     return ", ".join(repr(item) for item in items[:shown]) + more
 
 
+def _other_case(patterns: list[str]) -> str:
+    """What a pattern that matches nothing matches in another case ("photos/*.jpg" beside a
+    camera's IMG_0001.JPG: a pattern is case-sensitive), said with what to give instead; else
+    "". Only a pattern whose folder part is a folder is looked into."""
+    import fnmatch
+    import glob
+
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if not glob.has_magic(path.name) or glob.has_magic(str(path.parent)) \
+                or not path.parent.is_dir():
+            continue
+        wanted = path.name.lower()
+        found = sorted(entry.name for entry in path.parent.iterdir()
+                       if fnmatch.fnmatchcase(entry.name.lower(), wanted))
+        if found:
+            folder = str(Path(pattern).parent)
+            names = f"{len(found)} name{'s' if len(found) > 1 else ''}"
+            return (f"; a pattern is case-sensitive, and {names} in {folder!r} "
+                    f"match {pattern!r} in another case ({_some(found, 3)}): write the pattern "
+                    f"in their case, or give the folder {folder!r} (its images are found "
+                    "whatever the case of their names)")
+    return ""
+
+
 def unquoted(value: str) -> str:
     """A value as typed or pasted, without surrounding spaces and one pair of matching quotes
     around it (a URL or path copied from a shell command into the UI's form) or of angle
@@ -783,7 +808,7 @@ class PredictParams(BaseModel):
                    and not glob.glob(str(Path(item).expanduser()), recursive=True)]
         if missing:
             raise ValueError("not a file, folder or matching pattern: " + _some(missing)
-                             + where_relative(missing))
+                             + where_relative(missing) + _other_case(missing))
         return value
 
     @field_validator("output")

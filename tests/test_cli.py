@@ -263,6 +263,19 @@ def test_predict_refuses_missing_inputs_before_loading_a_model(workspace, capsys
             in capsys.readouterr().err)
     assert main(["predict", "--input", str(workspace / "none"), "--output", str(out)]) == 2
     assert "relative paths" not in capsys.readouterr().err
+    # A camera's IMG_0001.JPG under a pattern typed in lower case: said, with what to give.
+    camera = workspace / "camera"
+    camera.mkdir()
+    for name in ("IMG_0001.JPG", "IMG_0002.JPG", "notes.txt"):
+        (camera / name).write_bytes(b"")
+    assert main(["predict", "--input", "camera/*.jpg", "--output", str(out)]) == 2
+    assert ("not a file, folder or matching pattern: 'camera/*.jpg' (relative paths start "
+            f"from {os.getcwd()}); a pattern is case-sensitive, and 2 names in 'camera' match "
+            "'camera/*.jpg' in another case ('IMG_0001.JPG', 'IMG_0002.JPG'): write the pattern "
+            "in their case, or give the folder 'camera' (its images are found whatever the case "
+            "of their names)") in capsys.readouterr().err
+    assert main(["predict", "--input", "camera/*.png", "--output", str(out)]) == 2
+    assert "case-sensitive" not in capsys.readouterr().err and not out.exists()
     # A file where the folder should be: said to be a file, not "does not exist".
     (workspace / "notes.txt").write_text("not a folder")
     assert main(["predict", "--input", str(workspace), "--output", "notes.txt/p.csv"]) == 2
