@@ -126,7 +126,7 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> lis
                     log("a worker of pool %r is online now; the training waits no longer for "
                         "one", pool)
                 unmanned_since = None
-                for run in waiting:
+                for run in waiting if pool else []:  # a served deployment has no pool
                     since = waiting_since.setdefault(run.id, now)
                     if now - since >= BUSY_NOTE_S and run.id not in told_busy:
                         told_busy.add(run.id)
