@@ -21,8 +21,9 @@ from prefect import task
 
 from petalflow.tasks.common import log
 from petalflow.tasks.errors import TrainingHandoffError
+from petalflow.tasks.params import DEFAULT_TRAINING_DEPLOYMENT
 
-TRAINING_FLOW = "train-model"
+TRAINING_FLOW = DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]  # train-model
 # How long a handed-over training may wait while its pool has no worker online before the
 # run cancels it and fails (a worker restarting, a GPU machine rebooting, fit well inside).
 NO_WORKER_LIMIT_S = 15 * 60
@@ -37,11 +38,11 @@ def start_worker_advice(pool: str) -> str:
             "training_deployment to local to train in the run's own process")
 
 
-def _pool_said(status) -> str:
+def _pool_said(status, pool: str) -> str:
     """A work pool's status, as a reason no run of it starts."""
     value = getattr(status, "value", status)
     if value == "PAUSED":
-        return "the pool is paused (`prefect work-pool resume` resumes it)"
+        return f"the pool is paused (`prefect work-pool resume {pool}` resumes it)"
     return "no worker of it is online"
 
 
@@ -138,12 +139,13 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> lis
                 log("training run %s (%s) waits for a worker of pool %r, and %s: %s. Without "
                     "one within %s this run cancels it and fails (the data prepared "
                     "so far is kept for the next run)",
-                    ", ".join(run.name for run in waiting), name, pool, _pool_said(status),
-                    start_worker_advice(pool), _duration(no_worker_limit_s), level=30)
+                    ", ".join(run.name for run in waiting), name, pool,
+                    _pool_said(status, pool), start_worker_advice(pool),
+                    _duration(no_worker_limit_s), level=30)
             elif now - unmanned_since >= no_worker_limit_s:
                 why = (f"no worker of pool {pool!r} took it in "
-                       f"{_duration(now - unmanned_since)} ({_pool_said(status)}); nothing was "
-                       f"trained: {start_worker_advice(pool)}")
+                       f"{_duration(now - unmanned_since)} ({_pool_said(status, pool)}); "
+                       f"nothing was trained: {start_worker_advice(pool)}")
                 _cancel(client, waiting, why)
                 if len(waiting) == len(ids):
                     names = ", ".join(run.name for run in waiting)

@@ -464,8 +464,9 @@ class TrainParams(BaseModel):
     @field_validator("training_deployment")
     @classmethod
     def _check_training_deployment(cls, value: str) -> str:
-        value = re.sub(r"\s*/\s*", "/", value.strip())  # "train-model / train-gpu", as the UI shows it
-        training_flow = DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]
+        # "train-model / train-gpu", as the UI lists it
+        value = re.sub(r"\s*/\s*", "/", value.strip())
+        training_flow = DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]  # train-model
         if value not in ("auto", "local") and re.fullmatch(r"[^/\s]+", value):
             value = f"{training_flow}/{value}"  # a deployment's own name: train-gpu
         if value not in ("auto", "local") and not _DEPLOYMENT_NAME.match(value):
