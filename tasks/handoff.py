@@ -21,9 +21,8 @@ from prefect import task
 
 from petalflow.tasks.common import log
 from petalflow.tasks.errors import TrainingHandoffError
-from petalflow.tasks.params import DEFAULT_TRAINING_DEPLOYMENT
+from petalflow.tasks.params import TRAINING_FLOW
 
-TRAINING_FLOW = DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]  # train-model
 # How long a handed-over training may wait while its pool has no worker online before the
 # run cancels it and fails (a worker restarting, a GPU machine rebooting, fit well inside).
 NO_WORKER_LIMIT_S = 15 * 60
@@ -57,13 +56,14 @@ def training_handoff(target: Optional[str], flow_run_id=None) -> Optional[dict]:
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id) if flow_run_id else None
         try:
             deployment = client.read_deployment_by_name(target)
         except ObjectNotFound:
-            raise TrainingHandoffError(_missing(client, target, flow_run_id)) from None
-        own_pool = client.read_flow_run(flow_run_id).work_pool_name if flow_run_id else None
+            deployed = run is not None and run.deployment_id is not None
+            raise TrainingHandoffError(_missing(client, target, deployed)) from None
     pool = deployment.work_pool_name
-    if own_pool is not None and pool == own_pool:
+    if run is not None and run.work_pool_name is not None and pool == run.work_pool_name:
         log("training_deployment %s is on this run's own work pool (%r): the training step runs "
             "in this run's process (a run of it would wait for a slot of that pool, which this "
             "run may hold itself)", target, pool)
@@ -71,8 +71,9 @@ def training_handoff(target: Optional[str], flow_run_id=None) -> Optional[dict]:
     return {"name": target, "pool": pool}
 
 
-def _missing(client, target: str, flow_run_id) -> str:
-    """Why ``target`` cannot take the training step: not on this server; what is."""
+def _missing(client, target: str, deployed: bool) -> str:
+    """Why ``target`` cannot take the training step: not on this server; what is (``deployed``:
+    whether the run asking was started from a deployment)."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
     from prefect.settings import PREFECT_API_URL
 
@@ -81,7 +82,7 @@ def _missing(client, target: str, flow_run_id) -> str:
     listed = ", ".join(f"{TRAINING_FLOW}/{d.name} (pool {d.work_pool_name})"
                        for d in sorted(there, key=lambda d: d.name)) or "none"
     where = f"the Prefect server this run reports to ({PREFECT_API_URL.value()})"
-    if flow_run_id is None or client.read_flow_run(flow_run_id).deployment_id is None:
+    if not deployed:
         where += (" (a run not started from a deployment, such as `petalflow train` without "
                   "PREFECT_API_URL, reports to a temporary server of its own, which has no "
                   "deployments)")

@@ -36,6 +36,7 @@ DEFAULT_BACKBONE = "https://tfhub.dev/google/tf2-preview/mobilenet_v2/feature_ve
 DEFAULT_MODEL_NAME = "petalflow-classifier"
 CHAMPION = "champion"  # the registry alias of the version that predictions use by default
 DEFAULT_TRAINING_DEPLOYMENT = "train-model/train-gpu"
+TRAINING_FLOW = DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]  # the training step's flow
 
 # A digest as checksum tools print it (or alone), which is what gets pasted: `sha256sum` ("HEX  name",
 # "HEX *name"), registries ("sha256:HEX"), `shasum -a 256 --tag` ("SHA256 (name) = HEX"),
@@ -466,17 +467,16 @@ class TrainParams(BaseModel):
     def _check_training_deployment(cls, value: str) -> str:
         # "train-model / train-gpu", as the UI lists it
         value = re.sub(r"\s*/\s*", "/", value.strip())
-        training_flow = DEFAULT_TRAINING_DEPLOYMENT.split("/")[0]  # train-model
         if value not in ("auto", "local") and re.fullmatch(r"[^/\s]+", value):
-            value = f"{training_flow}/{value}"  # a deployment's own name: train-gpu
+            value = f"{TRAINING_FLOW}/{value}"  # a deployment's own name: train-gpu
         if value not in ("auto", "local") and not _DEPLOYMENT_NAME.match(value):
             raise ValueError("must be auto, local or a deployment name such as "
                              "train-model/train-gpu")
         flow_name = value.split("/")[0]
-        if "/" in value and flow_name != training_flow:
+        if "/" in value and flow_name != TRAINING_FLOW:
             raise ValueError(
                 f"{value} is a deployment of the {flow_name} flow; the training step is a run "
-                f"of the train-model flow: name one of its deployments, such as "
+                f"of the {TRAINING_FLOW} flow: name one of its deployments, such as "
                 f"{DEFAULT_TRAINING_DEPLOYMENT}")
         return value
 

@@ -543,8 +543,7 @@ def finish_run(run_id: str, status: str = "FINISHED", why: Optional[str] = None)
 def failure_text(exc: BaseException) -> str:
     """How a run's failure is recorded: its error's kind and message; an interruption (Ctrl-C,
     a cancelled flow run) as such."""
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or type(exc).__name__ in (
-            "TerminationSignal", "CancelledError", "Abort"):
+    if not isinstance(exc, Exception):  # KeyboardInterrupt, Prefect's TerminationSignal, ...
         return "interrupted (Ctrl-C, a signal, or the flow run cancelled) before it ended"
     return f"{type(exc).__name__}: {str(exc).strip() or type(exc).__name__}"
 
