@@ -85,7 +85,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
-        DatasetError, DownloadError, LinksInArchive, ModelNotFound, OutputNotWritable,
+        DatasetError, DownloadError, FollowChampionError, LinksInArchive, ModelNotFound,
+        OutputNotWritable,
         StoreNotFound, TrackingServerUnreachable, TrainingHandoffError, TransientError,
         UnusableImages, WebPageNotArchive,
     )
@@ -165,6 +166,9 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, TrainingHandoffError):
         return RunFailed(text, "without --training-deployment (or with `local`) `petalflow "
                          "train` trains in its own process.")
+    if isinstance(exc, FollowChampionError):
+        return RunFailed(text, "without --follow-champion `petalflow train` trains on "
+                         "--data-url with the options given.")
     module = type(exc).__module__
     if module.startswith(("mlflow", "requests")) or name in ("MlflowException", "RestException"):
         return RunFailed(f"MLflow: {text}", "check MLFLOW_TRACKING_URI (unset: the embedded "

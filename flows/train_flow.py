@@ -1,13 +1,14 @@
 """train-and-register: from a dataset URL to a registered, usable MLflow model.
 
 Inputs: one ``TrainParams`` (dataset URL/sha256, TF Hub backbone, training options, model name,
-quality gate, ``force``). Steps: download -> extract -> scan/split (quarantine bad files) ->
-"nothing to do" if the champion was trained on the same data with the same parameters (unless
-``force``) -> fetch the backbone into the shared TF Hub cache -> MLflow run -> train (the
-``train-model`` flow; resumable, per-epoch metrics) -> evaluate on the test split -> register a
-version; ``champion`` moves only if it passes the gate and beats the current champion. Output: the
-run summary (MLflow run id, model name/version, alias decision, test metrics, dataset counts).
-Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
+quality gate, ``force``; with ``follow_champion`` the data and training settings are the current
+champion's, and a model without one trains nothing). Steps: download -> extract -> scan/split
+(quarantine bad files) -> "nothing to do" if the champion was trained on the same data with the
+same parameters (unless ``force``) -> fetch the backbone into the shared TF Hub cache -> MLflow run
+-> train (the ``train-model`` flow; resumable, per-epoch metrics) -> evaluate on the test split ->
+register a version; ``champion`` moves only if it passes the gate and beats the current champion.
+Output: the run summary (MLflow run id, model name/version, alias decision, test metrics, dataset
+counts). Files live under ``$PETALFLOW_HOME`` (``./.petalflow``).
 
 Run it with ``petalflow train [options]`` (ephemeral Prefect: everything in one process) or deploy
 it with ``prefect deploy --prefect-file deployment.yaml --all``: then the parent runs on the ``cpu``
@@ -46,10 +47,12 @@ from petalflow.tasks.params import (
     TrainParams, expected_sha256, image_size_set_by, run_key, training_target,
 )
 from petalflow.tasks.registry import (
-    champion_info_task, failure_text, finish_run_task, log_timings_task, register_model_task,
-    start_run_task, training_turn, unchanged_since_champion_task,
+    champion_info_task, failure_text, finish_run_task, followed_champion_task, log_timings_task,
+    register_model_task, start_run_task, training_turn, unchanged_since_champion_task,
 )
-from petalflow.tasks.report import publish_result_task, start_progress_task, state_message
+from petalflow.tasks.report import (
+    nothing_to_follow, publish_result_task, start_progress_task, state_message,
+)
 from petalflow.tasks.timing import PhaseTimer
 from petalflow.tasks.sweep import publish_sweep_task, rank_candidates
 from petalflow.tasks.train import (
@@ -106,6 +109,12 @@ def train_and_register(params: TrainParams = TrainParams()):
     logger = get_run_logger()
     home = petalflow_home()
     timer = PhaseTimer()
+    if params.follow_champion:
+        # The champion's data and training settings (a schedule keeping it current).
+        following = followed_champion_task(params)
+        if following is None:
+            return _finish(nothing_to_follow(params.model_name), home=home)
+        params = following
     # Where training runs, before any work: a training deployment the server does not have
     # fails the run here, not after the download.
     target = _training_target(params)

@@ -86,3 +86,9 @@ class DestinationInUse(PetalflowError):
 class TrainingHandoffError(PetalflowError):
     """The deployment the training step is handed to (``training_deployment``) cannot take it:
     it is not deployed on the run's Prefect server, or no worker of its pool came online."""
+
+
+class FollowChampionError(PetalflowError):
+    """A run that follows the champion (``follow_champion``) cannot train with what the
+    champion recorded: no parameters, or ones this machine cannot use (a URL recorded without
+    its credentials, a backbone folder it lacks)."""

@@ -261,6 +261,15 @@ class TrainParams(BaseModel):
         description="http(s):// or file:// URL, or a local path, of a .tgz/.tar/.zip archive or of "
         "a folder with one subfolder per class.",
     )
+    follow_champion: bool = Field(
+        False, title="Follow the champion",
+        description="On: train on the data and with the training settings of the current "
+        "champion (the parameters its version recorded), so that a schedule keeps the "
+        "registered model current on the data it was trained on, wherever that is; the "
+        "fields below from the dataset to the sweep are then the champion's, and setting "
+        "one is refused (turn this off to train on other data). With no champion yet the run "
+        "trains nothing. retrain-weekly and watch-data run with it on.",
+    )
     data_sha256: Optional[str] = Field(
         None, json_schema_extra=unset_or("Not pinned", "Pinned to a digest"),
         title="Dataset sha256",
@@ -510,6 +519,19 @@ class TrainParams(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _followed_fields_unset(self) -> "TrainParams":
+        if self.follow_champion:
+            given = [name for name in TrainParams.model_fields if name not in OWN_RUN_FIELDS
+                     and getattr(self, name) != TrainParams.model_fields[name].get_default(
+                         call_default_factory=True)]
+            if given:
+                raise ValueError(
+                    f"follow_champion is on, so the data and the training settings are the "
+                    f"champion's: {', '.join(given)} would not be used; turn follow_champion "
+                    "off to train with them")
+        return self
+
+    @model_validator(mode="after")
     def _check_fractions(self) -> "TrainParams":
         if self.val_fraction + self.test_fraction >= 0.8:
             raise ValueError(
@@ -599,6 +621,31 @@ def expected_sha256(params: TrainParams) -> Optional[str]:
 # Decisions about one run, not how to train: recorded with the version, but not handed on to
 # a retraining started from it (a drift event's parameters), and not part of the run key.
 ONE_RUN_FIELDS = ("force", "allow_dropped_classes")
+# What a run that follows the champion keeps of its own parameters: which model, where it is
+# logged and trained, its limits and its decisions. The rest (the data, how to train) is the
+# champion's.
+OWN_RUN_FIELDS = ("follow_champion", "model_name", "experiment_name", "min_accuracy",
+                  "min_improvement", *ONE_RUN_FIELDS, "training_deployment", "max_extract_size")
+
+
+def followed(params: TrainParams, recorded: dict, version: str) -> TrainParams:
+    """``params`` following the champion: its own ``OWN_RUN_FIELDS``, the rest as the champion
+    (version ``version``) recorded them (its ``params`` tag; a field it predates keeps its
+    default). Raises ValueError, naming the version, when those cannot be trained with here (a
+    URL recorded without its credentials, a backbone folder this machine lacks)."""
+    taken = {k: v for k, v in recorded.items()
+             if k in TrainParams.model_fields and k not in OWN_RUN_FIELDS}
+    try:
+        return TrainParams.model_validate(
+            {**params.model_dump(include=set(OWN_RUN_FIELDS) - {"follow_champion"}), **taken})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(
+            f"follow_champion: the champion v{version} of {params.model_name} was trained with "
+            f"{where or 'parameters'} {first['input']!r}, which cannot be used here: "
+            f"{first['msg'].removeprefix('Value error, ')}; turn follow_champion off and give "
+            "the data URL and settings to train with") from None
 
 
 def run_key(cfg: TrainParams, fingerprint: str) -> str:
@@ -610,7 +657,7 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
     relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "min_improvement",
                                        "experiment_name", "data_url", "data_sha256",
                                        "max_extract_size", *ONE_RUN_FIELDS,
-                                       "training_deployment"})
+                                       "training_deployment", "follow_champion"})
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -31,8 +31,8 @@ from petalflow.tasks.common import (
     log, pid_alive, redact_url, redact_urls_in, tls_failure, tls_problem, utc_now,
 )
 from petalflow.tasks.dataset import DatasetInfo
-from petalflow.tasks.errors import is_transient_status
-from petalflow.tasks.params import CHAMPION, TrainParams, run_key
+from petalflow.tasks.errors import FollowChampionError, is_transient_status
+from petalflow.tasks.params import CHAMPION, TrainParams, followed, run_key
 
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
@@ -683,6 +683,29 @@ def champion_info(model_name: str) -> Optional[dict]:
     }
 
 
+def followed_champion(params: TrainParams) -> Optional[TrainParams]:
+    """``params`` as a run that follows the champion trains (``params.followed``), or None
+    when ``params.model_name`` has no champion. Raises FollowChampionError when the champion's
+    recorded parameters cannot be trained with here (none recorded, a URL without its
+    credentials, a backbone folder this machine lacks): nothing is guessed."""
+    mv, _ = current_champion(mlflow_client(), params.model_name)
+    if mv is None:
+        return None
+    raw = mv.tags.get("params")
+    if not raw:
+        raise FollowChampionError(
+            f"follow_champion: the champion v{mv.version} of {params.model_name} records no "
+            "training parameters (its version tag 'params'): turn follow_champion off and give "
+            "the data URL and settings to train with")
+    try:
+        cfg = followed(params, json.loads(raw), str(mv.version))
+    except ValueError as exc:
+        raise FollowChampionError(str(exc)) from None
+    log("following the champion v%s of %s: its data %s, backbone %s", mv.version,
+        params.model_name, redact_url(cfg.data_url), cfg.backbone)
+    return cfg
+
+
 def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
     """The sha256 of the images the model of MLflow run ``run_id`` was trained on: its run's
     manifest (``manifest.csv`` in ``RUN_MANIFEST_DIR``, logged by ``start_run``), rows of the
@@ -1187,6 +1210,11 @@ def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_inf
 @task(name="read-champion", **MLFLOW_RETRY)
 def champion_info_task(model_name: str) -> Optional[dict]:
     return champion_info(model_name)
+
+
+@task(name="follow-champion", **MLFLOW_RETRY)
+def followed_champion_task(params: TrainParams) -> Optional[TrainParams]:
+    return followed_champion(params)
 
 
 @task(name="check-unchanged", **MLFLOW_RETRY)

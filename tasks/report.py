@@ -249,6 +249,8 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
 
     status = summary["status"]
     lines = [f"# {summary['model_name']}: {status}", ""]
+    if status == NO_CHAMPION:
+        return "\n".join([*lines, f"Nothing was trained: {summary['reason']}.", ""])
     if status == "nothing to do" and summary.get("alias") == "challenger":
         lines += [f"Nothing was trained: {summary['alias_reason']}. Set **force** to retrain "
                   "anyway.", ""]
@@ -289,8 +291,22 @@ def run_result(summary: dict, links: Optional[dict] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+NO_CHAMPION = "no champion"  # the status of a run that follows the champion when there is none
+
+
+def nothing_to_follow(model_name: str) -> dict:
+    """The summary of a run that follows the champion (``follow_champion``) of a model that
+    has none yet: nothing to retrain, and how to train the first model."""
+    return {"status": NO_CHAMPION, "model_name": model_name, "model_version": None,
+            "reason": (f"{model_name} has no champion to follow yet: train its first model "
+                       "with follow_champion off and its data URL (the train deployment, "
+                       "petalflow train); runs that follow the champion then keep it current")}
+
+
 def state_message(summary: dict) -> str:
     """The final state's message: what ``prefect deployment run --watch`` and the UI show."""
+    if summary["status"] == NO_CHAMPION:
+        return f"nothing to do: {summary['reason']}"
     if summary["status"] == "nothing to do" and summary.get("alias") == "challenger":
         return f"nothing to do: {summary['alias_reason']} (set force to retrain)"
     if summary["status"] == "nothing to do":

@@ -39,11 +39,11 @@ def source_state(source: dict) -> Optional[str]:
 
 def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool, str]:
     """(changed, reason): does ``source`` differ from what the champion was trained on?"""
-    state = source_state(source)
     if champion is None:
         # The first model is trained on purpose (the `train` deployment, `petalflow train`):
         # a freshly started stack must not start a heavy training on the default data.
         return False, "no champion yet: train a first model; the watch follows changes after it"
+    state = source_state(source)
     # Versions record the URL without its secrets (``redact_url``; older ones as given): a
     # presigned URL signed again still names the same source (``source_url``).
     trained_url = champion.get("data_url")
@@ -145,8 +145,9 @@ def emit_dataset_changed(params: TrainParams, source: dict, reason: str) -> str:
 
 
 @task(name="check-source")
-def check_source_task(source: dict, champion: Optional[dict], watch_dir: str) -> dict:
-    """Thin wrapper: {"changed", "reason", "announced_at", "settling"} for the watch flow."""
+def check_source_task(source: Optional[dict], champion: Optional[dict], watch_dir: str) -> dict:
+    """Thin wrapper: {"changed", "reason", "announced_at", "settling"} for the watch flow
+    (``source`` None: not looked at, as there is no champion to compare it with)."""
     changed, reason = differs_from_champion(source, champion)
     announced = already_announced(Path(watch_dir), source) if changed else None
     settling = still_changing(source, time.time()) if changed and not announced else None

@@ -396,3 +396,22 @@ def many_class_card(tmp: Path, n: int) -> tuple[dict, Path]:
         "test_metrics": {"test_accuracy": 0.857, "test_images": 2 * n, "test_macro_f1": 0.85},
     }
     return summary, evaluation
+
+
+def prefect_events(name: str, since: str, at_least: int = 1) -> list[dict]:
+    """Events of that name stored by the Prefect server since ``since`` (ISO time); they
+    arrive asynchronously, so this waits up to 30 s for ``at_least`` of them."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.time() + 30
+    while True:
+        with get_client(sync_client=True) as client:
+            found = client.request("POST", "/events/filter", json={
+                "filter": {"event": {"name": [name]}, "any_resource": None,
+                           "occurred": {"since": since}},
+                "limit": 50}).json()["events"]
+        if len(found) >= at_least or time.time() > deadline:
+            return found
+        time.sleep(1)

@@ -157,6 +157,14 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
     assert bad.status_code in (409, 422), bad.text
     assert "epochs" in bad.text
 
+    # Quick run of retrain-weekly as it is deployed (its own parameters, the schedule's):
+    # following the champion, before there is one it trains nothing (it trained the flowers).
+    idle = _wait_final(stack, _started(_run_button(stack, weekly["id"], {})))
+    assert idle["parameters"] == {"params": {"follow_champion": True}}
+    assert idle["state"]["type"] == "COMPLETED", idle["state"]
+    assert idle["state"]["message"].startswith(
+        f"nothing to do: {MODEL} has no champion to follow yet"), idle["state"]
+
     with serve_directory(served) as url:
         params = _tiny_params(f"{url}/photos.tgz", archive, tiny_backbone)
         created = _run_button(stack, train["id"], params)
@@ -205,6 +213,10 @@ def test_ui_run_trains_on_gpu_pool_and_schedule_skips_unchanged_data(stack, tmp_
         assert rerun["state"]["message"].startswith("nothing to do")
         assert rerun["state"]["type"] == "COMPLETED", rerun["state"]
         assert not _children(stack, rerun["id"]), "no training subflow on unchanged data"
+        # As the schedule runs it: the champion's own data (this URL) and settings, unchanged.
+        own = _wait_final(stack, _started(_run_button(stack, weekly["id"], {})))
+        assert own["state"]["type"] == "COMPLETED", own["state"]
+        assert own["state"]["message"].startswith("nothing to do: champion v1"), own["state"]
         assert len(client.search_model_versions(f"name='{MODEL}'")) == 1
 
         # A manual and a scheduled training at once: the gpu trainings take turns.

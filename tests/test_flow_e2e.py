@@ -21,7 +21,7 @@ from PIL import Image
 from petalflow.tasks.params import TrainParams
 from tests.helpers import (
     COLOURS, free_port, make_dataset, make_hub_tarball, make_random_label_dataset, make_tgz,
-    serve_directory, write_image,
+    prefect_events, serve_directory, write_image,
 )
 
 pytestmark = pytest.mark.e2e
@@ -1049,25 +1049,6 @@ def test_the_readmes_edge_snippet_runs_without_tensorflow(trained, tmp_path, mon
     assert json.loads(litert.stdout) == expected.tolist()
 
 
-def _events(name: str, since: str, at_least: int = 1) -> list[dict]:
-    """Events of that name stored by the Prefect server since ``since`` (ISO time); they
-    arrive asynchronously, so this waits up to 30 s for ``at_least`` of them."""
-    import time
-
-    from prefect.client.orchestration import get_client
-
-    deadline = time.time() + 30
-    while True:
-        with get_client(sync_client=True) as client:
-            found = client.request("POST", "/events/filter", json={
-                "filter": {"event": {"name": [name]}, "any_resource": None,
-                           "occurred": {"since": since}},
-                "limit": 50}).json()["events"]
-        if len(found) >= at_least or time.time() > deadline:
-            return found
-        time.sleep(1)
-
-
 def _grayscale_rotated(src: Path, dest: Path) -> Path:
     from PIL import Image
 
@@ -1103,13 +1084,13 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     assert calm["drift"]["available"] and not calm["drift"]["drifted"]
     assert calm["drift"]["drift_score"] < calm["drift"]["threshold"]
     assert calm["drift"]["images"] == 21 and calm["drift_event"] is None
-    assert _events("petalflow.drift.detected", since) == []
+    assert prefect_events("petalflow.drift.detected", since) == []
     one_class = make_dataset(tmp_path / "one", per_class=21, seed=8,
                              colours={"red": COLOURS["red"]})
     reds = batch_predict(PredictParams(input=[str(one_class)], output=str(tmp_path / "r.csv")))
     assert reds["labels"] == {"red": 21}
     assert reds["drift"]["class_mix"] and not reds["drift"]["drifted"], reds["drift"]
-    assert reds["drift_event"] is None and _events("petalflow.drift.detected", since) == []
+    assert reds["drift_event"] is None and prefect_events("petalflow.drift.detected", since) == []
 
     # Three of the shifted photos: a score over the threshold, but too few for a verdict (a
     # few photos like the training ones score that high by chance): no event.
@@ -1118,7 +1099,7 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     assert small["drift"]["images"] == 3 and small["drift"]["min_images"] == 20
     assert small["drift"]["drift_score"] > small["drift"]["threshold"]
     assert not small["drift"]["drifted"] and small["drift_event"] is None
-    assert _events("petalflow.drift.detected", since) == []
+    assert prefect_events("petalflow.drift.detected", since) == []
 
     alarm = batch_predict(PredictParams(input=[str(shifted)], output=str(tmp_path / "s.csv")))
     champion = f"models:/{MODEL}/{summary['model_version']}"
@@ -1126,7 +1107,7 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     assert alarm["model_version_uri"] == champion
     drift = alarm["drift"]
     assert drift["drifted"] and drift["drift_score"] > drift["threshold"]
-    events = _events("petalflow.drift.detected", since)
+    events = prefect_events("petalflow.drift.detected", since)
     assert [e["id"] for e in events] == [alarm["drift_event"]]
     payload = events[0]["payload"]
     assert events[0]["resource"]["prefect.resource.id"] == f"petalflow.model.{MODEL}"
@@ -1151,7 +1132,7 @@ def test_batch_predict_measures_drift_and_announces_it_over_the_threshold(
     assert main(["predict", "--input", str(shifted), "--output", str(tmp_path / "c.csv")]) == 0
     assert f"drift: score {drift['drift_score']:.3f}" in capsys.readouterr().out
     # ... and announces it the same way: it ran the batch-predict flow.
-    assert len(_events("petalflow.drift.detected", since, at_least=2)) == 2
+    assert len(prefect_events("petalflow.drift.detected", since, at_least=2)) == 2
 
 
 def test_a_sweep_trains_each_candidate_and_registers_the_best(tmp_path, tiny_backbone,

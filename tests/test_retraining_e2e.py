@@ -16,8 +16,8 @@ import pytest
 from petalflow.tasks.params import TrainParams
 from petalflow.tasks.train import RUN_ENDED, attempt_name
 from tests.helpers import (
-    COLOURS, base_url, free_port, make_dataset, make_tgz, revalidating_server, serve_handler,
-    write_image,
+    COLOURS, base_url, free_port, make_dataset, make_tgz, prefect_events, revalidating_server,
+    serve_handler, write_image,
 )
 
 pytestmark = pytest.mark.e2e
@@ -235,6 +235,69 @@ def test_a_damaged_archive_behind_the_url_fails_the_run_saying_so_and_keeps_the_
     assert fixed["status"] == "trained" and fixed["model_version"] == "2"
     assert fixed["source"]["outcome"] == "downloaded"
     assert fixed["dataset"]["used"] == 45
+
+
+def test_runs_that_follow_the_champion_retrain_and_watch_its_own_data_with_its_settings(
+        workspace, tiny_backbone, prefect_harness):
+    """retrain-weekly and watch-data as deployed (follow_champion): they ran on the form's
+    defaults, the flowers' URL, whatever the champion had been trained on: a model trained
+    from the UI on the user's archive got a flowers training by itself (watch-data within 15
+    minutes, the schedule every Monday), and its own data was never watched nor retrained.
+    They now follow the champion: its data URL and its training settings; nothing before
+    there is a champion; one whose recorded URL cannot download fails saying so."""
+    from datetime import datetime, timezone
+
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.flows.watch_flow import watch_data
+    from petalflow.tasks.errors import FollowChampionError
+
+    as_deployed = TrainParams(follow_champion=True)
+    since = datetime.now(timezone.utc).isoformat()
+    home = workspace / "home"
+    with revalidating_server() as site:
+        url = site.put("/mine/photos.tgz", _archive(workspace, "v1", per_class=12, seed=0))
+        idle = train_and_register(as_deployed)
+        assert idle["status"] == "no champion"
+        assert idle["reason"].startswith(f"{MODEL} has no champion to follow yet: train its "
+                                         "first model with follow_champion off")
+        assert watch_data(as_deployed)["reason"] == (
+            "no champion yet: train a first model; the watch follows changes after it")
+        assert not list((home / "downloads").glob("*")), "nothing is downloaded"
+        assert not _client().search_registered_models()
+        # The first model, from the train form: the user's archive and settings.
+        first = train_and_register(_params(url, tiny_backbone, epochs=4, seed=7))
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        asked = len(site.requests)
+        unchanged = train_and_register(as_deployed)
+        assert (unchanged["status"], unchanged["model_version"]) == ("nothing to do", "1")
+        assert watch_data(as_deployed)["reason"].startswith("source unchanged since the "
+                                                            "champion v1")
+        assert len(site.requests) == asked + 2  # each revalidated the user's URL
+        site.put("/mine/photos.tgz", _archive(workspace, "v2", per_class=15, seed=4))
+        announced = watch_data(as_deployed)
+        assert announced["changed"] is True and announced["data_url"] == url
+        [event] = [e for e in prefect_events("petalflow.dataset.changed", since)
+                   if e["id"] == announced["event_id"]]
+        told = event["payload"]["params"]  # what the train deployment's trigger runs
+        assert (told["data_url"], told["epochs"], told["seed"], told["backbone"]) == (
+            url, 4, 7, str(tiny_backbone))
+        assert "follow_champion" not in told
+        second = train_and_register(as_deployed)
+        assert second["status"] == "trained" and second["model_version"] == "2"
+        recorded = json.loads(_client().get_model_version(MODEL, "2").tags["params"])
+        assert (recorded["data_url"], recorded["epochs"], recorded["seed"],
+                recorded["image_size"]) == (url, 4, 7, 32)
+        # A champion whose URL was recorded without its credentials cannot be followed.
+        secret = url.replace("http://", "http://user:pw@")
+        train_and_register(_params(secret, tiny_backbone, model_name="private"))
+        downloads = sorted(p.name for p in (home / "downloads").iterdir())
+        with pytest.raises(FollowChampionError) as failed:
+            train_and_register(TrainParams(follow_champion=True, model_name="private"))
+    assert str(failed.value).startswith(
+        "follow_champion: the champion v1 of private was trained with data_url "
+        f"'{secret.replace('user:pw', '***')}', which cannot be used here: this URL holds '***'")
+    assert sorted(p.name for p in (home / "downloads").iterdir()) == downloads
+    assert len(_client().search_model_versions("name='private'")) == 1
 
 
 def test_a_folder_zipped_anew_on_every_download_is_announced_only_when_its_files_change(
