@@ -265,10 +265,12 @@ class TrainParams(BaseModel):
         False, title="Follow the champion",
         description="On: train on the data and with the training settings of the current "
         "champion (the parameters its version recorded), so that a schedule keeps the "
-        "registered model current on the data it was trained on, wherever that is; the "
-        "fields below from the dataset to the sweep are then the champion's, and setting "
-        "one is refused (turn this off to train on other data). With no champion yet the run "
-        "trains nothing. retrain-weekly and watch-data run with it on.",
+        "registered model current on the data it was trained on, wherever that is. The "
+        "form's data and training fields (dataset URL and sha256, backbone, image size, "
+        "epochs ... sweep) are then the champion's, and setting one is refused (turn this off "
+        "to train on other data); the model name, the gate, force, where training runs and "
+        "the extraction limit stay this run's. With no champion yet the run trains nothing. "
+        "retrain-weekly and watch-data run with it on.",
     )
     data_sha256: Optional[str] = Field(
         None, json_schema_extra=unset_or("Not pinned", "Pinned to a digest"),
