@@ -511,6 +511,13 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
             assert [label.strip() for label in shown] == titles
             _field(page, "Dataset URL or path").fill(f"{url}/ui.tgz")
             _field(page, "Backbone (TF Hub handle)").fill(str(any_size_backbone))
+            # The screenshot once the form shows both values (it caught the backbone's box
+            # before its redraw, showing the default).
+            from playwright.sync_api import expect
+
+            expect(_field(page, "Dataset URL or path")).to_have_value(f"{url}/ui.tgz")
+            expect(_field(page, "Backbone (TF Hub handle)")).to_have_value(str(any_size_backbone))
+            page.wait_for_timeout(1000)
             page.screenshot(path=str(SCREENSHOTS / "ui-run-form.png"))
             page.get_by_role("button", name="Submit").click()
             new = _new_runs(stack, train["id"], before, timeout_s=60)
