@@ -637,17 +637,26 @@ def followed(params: TrainParams, recorded: dict, version: str) -> TrainParams:
     URL recorded without its credentials, a backbone folder this machine lacks)."""
     taken = {k: v for k, v in recorded.items()
              if k in TrainParams.model_fields and k not in OWN_RUN_FIELDS}
+    champion = f"follow_champion: the champion v{version} of {params.model_name}"
+    advice = "turn follow_champion off and give the data URL and settings to train with"
     try:
-        return TrainParams.model_validate(
+        cfg = TrainParams.model_validate(
             {**params.model_dump(include=set(OWN_RUN_FIELDS) - {"follow_champion"}), **taken})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise ValueError(
-            f"follow_champion: the champion v{version} of {params.model_name} was trained with "
-            f"{where or 'parameters'} {first['input']!r}, which cannot be used here: "
-            f"{first['msg'].removeprefix('Value error, ')}; turn follow_champion off and give "
-            "the data URL and settings to train with") from None
+            f"{champion} was trained with {where or 'parameters'} {first['input']!r}, which "
+            f"cannot be used here: {first['msg'].removeprefix('Value error, ')}; {advice}"
+        ) from None
+    path = Path(cfg.data_url).expanduser()
+    if "://" not in cfg.data_url and not path.is_absolute() and not path.exists():
+        # Recorded as typed: relative to the folder that training ran in, maybe not this one.
+        raise ValueError(
+            f"{champion} was trained on {cfg.data_url!r}, a path relative to the folder that "
+            f"training ran in, and {Path.cwd()} (where this run's relative paths start) holds "
+            f"no {cfg.data_url!r}: run this from that folder, or {advice}")
+    return cfg
 
 
 def run_key(cfg: TrainParams, fingerprint: str) -> str:

@@ -54,7 +54,8 @@ def test_bad_train_options_are_refused_before_work(workspace, capsys, argv, need
     assert not (workspace / "home").exists() and not (workspace / "mlflow").exists()
 
 
-def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(tiny_backbone):
+def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
+        tiny_backbone, tmp_path, monkeypatch):
     """follow_champion (retrain-weekly's and watch-data's): the data and the training
     settings are those the champion's version recorded; which model, the gate, the run's own
     decisions and where it trains stay the run's. What cannot be trained with here is refused
@@ -86,6 +87,17 @@ def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(tin
                        r"'/gone/backbone', which cannot be used here: '/gone/backbone' is "
                        r"neither a URL nor an existing SavedModel folder"):
         followed(run, {**recorded, "backbone": "/gone/backbone"}, "4")
+    # A local path as typed where that training ran: relative to a folder this may not be.
+    with pytest.raises(ValueError) as caught:
+        followed(run, {**recorded, "data_url": "photos.zip"}, "4")
+    assert str(caught.value) == (
+        "follow_champion: the champion v4 of mine was trained on 'photos.zip', a path relative "
+        f"to the folder that training ran in, and {Path.cwd()} (where this run's relative paths "
+        "start) holds no 'photos.zip': run this from that folder, or turn follow_champion off "
+        "and give the data URL and settings to train with")
+    (tmp_path / "photos.zip").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert followed(run, {**recorded, "data_url": "photos.zip"}, "4").data_url == "photos.zip"
 
 
 def test_urls_and_paths_pasted_with_their_quotes_are_taken_without_them(tmp_path, tiny_backbone):
