@@ -225,7 +225,8 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
             headers["If-Range"] = resume_with
     try:
         with httpx.stream(
-            "GET", url, headers=headers, timeout=timeout_s, follow_redirects=True
+            "GET", url, headers=headers, timeout=timeout_s, follow_redirects=True,
+            auth=download_auth(url),
         ) as resp:
             led_to = _led_to(url, resp.url) if resp.history else None
             if resp.status_code == 304 and known:
@@ -243,7 +244,8 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
                 raise DownloadError(f"HTTP {resp.status_code} from {shown}"
                                     + (f" ({said})" if said else "")
                                     + (f": {expired}" if expired else
-                                       "; check the dataset URL"))
+                                       "; check the dataset URL"
+                                       + _credentials_advice(url, resp.status_code)))
             validators = _validators(resp.headers)
             resumed = resp.status_code == 206 and offset > 0
             if not resumed:
@@ -348,6 +350,53 @@ def _span(seconds: float) -> str:
 _ERROR_BODY = 4096  # bytes of an error answer read for what the server says
 
 
+def netrc_file() -> Optional[Path]:
+    """This machine's netrc file (``$NETRC``, else ``~/.netrc``) when there is one: the
+    credentials curl, wget, pip and git read, per host, kept out of the dataset URL (and so out
+    of a run's parameters, which Prefect's UI shows)."""
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    return path if path.is_file() else None
+
+
+def download_auth(url: str):
+    """httpx's authentication for ``url``: None when the URL carries its own credentials (they
+    are used) or the machine has no netrc file, else the netrc file's entry for the URL's host
+    (none for that host: no credentials sent). A netrc file that does not parse is a
+    DownloadError naming it."""
+    import netrc
+
+    import httpx
+
+    path = netrc_file()
+    if path is None or urlparse(url).username:
+        return None
+    try:
+        return httpx.NetRCAuth(str(path))
+    except (netrc.NetrcParseError, OSError) as exc:
+        raise DownloadError(f"cannot read the netrc file {path} (credentials for downloads): "
+                            f"{exc}") from None
+
+
+def _credentials_advice(url: str, status: int) -> str:
+    """What to do about a 401 or 403 answer, by what credentials the request carried."""
+    host = urlparse(url).hostname
+    if status not in (401, 403) or signature_expiry(url) is not None:  # presigned: its own
+        return ""
+    if urlparse(url).username:
+        return "; the server refused the credentials in the URL"
+    path = netrc_file()
+    if path is not None:
+        import netrc
+
+        with contextlib.suppress(netrc.NetrcParseError, OSError):
+            if netrc.netrc(str(path)).authenticators(host):
+                return f"; the server refused the credentials for {host} in {path}"
+    return (f"; if the archive needs credentials, give them for {host} in the netrc file of "
+            f"the machine that downloads (~/.netrc, or the file $NETRC names: `machine {host} "
+            "login USER password TOKEN`), which keeps them out of the URL and the run's "
+            "parameters")
+
+
 def _server_says(resp) -> str:
     """An object store's own reason in an error answer (S3's, Google Cloud Storage's and Azure's
     XML ``<Code>`` and ``<Message>``: "AccessDenied: Request has expired"), from its first
@@ -374,9 +423,9 @@ def _same_by_head(url: str, known: dict, target: Path, timeout_s: float) -> Opti
 
     try:
         resp = httpx.head(url, headers={"Accept-Encoding": "identity"}, timeout=timeout_s,
-                          follow_redirects=True)
+                          follow_redirects=True, auth=download_auth(url))
         size = int(resp.headers["content-length"])
-    except (httpx.HTTPError, KeyError, ValueError):
+    except (httpx.HTTPError, KeyError, ValueError, DownloadError):
         return None
     if not 200 <= resp.status_code < 300 or not target.exists():
         return None
