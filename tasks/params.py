@@ -267,7 +267,8 @@ class TrainParams(BaseModel):
         "champion (the parameters its version recorded), so that a schedule keeps the "
         "registered model current on the data it was trained on, wherever that is. The "
         "form's data and training fields (dataset URL and sha256, backbone, image size, "
-        "epochs ... sweep) are then the champion's, and setting one is refused (turn this off "
+        "epochs ... sweep) are then the champion's (the data behind its URL as it is now, "
+        "not pinned to the bytes it was trained on), and setting one is refused (turn this off "
         "to train on other data); the model name, the gate, force, where training runs and "
         "the extraction limit stay this run's. With no champion yet the run trains nothing. "
         "retrain-weekly and watch-data run with it on.",
@@ -633,10 +634,12 @@ OWN_RUN_FIELDS = ("follow_champion", "model_name", "experiment_name", "min_accur
 def followed(params: TrainParams, recorded: dict, version: str) -> TrainParams:
     """``params`` following the champion: its own ``OWN_RUN_FIELDS``, the rest as the champion
     (version ``version``) recorded them (its ``params`` tag; a field it predates keeps its
-    default). Raises ValueError, naming the version, when those cannot be trained with here (a
-    URL recorded without its credentials, a backbone folder this machine lacks)."""
+    default), but for its ``data_sha256``: a run that follows the champion takes the data
+    behind its URL as it is now (a pin would fail it on any new data, so the model could never
+    be kept current). Raises ValueError, naming the version, when those cannot be trained with
+    here (a URL recorded without its credentials, a backbone folder this machine lacks)."""
     taken = {k: v for k, v in recorded.items()
-             if k in TrainParams.model_fields and k not in OWN_RUN_FIELDS}
+             if k in TrainParams.model_fields and k not in (*OWN_RUN_FIELDS, "data_sha256")}
     champion = f"follow_champion: the champion v{version} of {params.model_name}"
     advice = "turn follow_champion off and give the data URL and settings to train with"
     try:

@@ -64,7 +64,8 @@ def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
 
     recorded = TrainParams(data_url="https://example.org/mine.tgz", backbone=str(tiny_backbone),
                            image_size=32, epochs=9, seed=7, augment=True, force=True,
-                           min_accuracy=0.9, model_name="other").model_dump(mode="json")
+                           min_accuracy=0.9, model_name="other",
+                           data_sha256="a" * 64).model_dump(mode="json")
     run = TrainParams(follow_champion=True, model_name="mine", min_accuracy=0.6,
                       training_deployment="local")
     cfg = followed(run, {**recorded, "field_of_a_later_version": 1}, "4")
@@ -73,6 +74,7 @@ def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
     assert (cfg.model_name, cfg.min_accuracy, cfg.force, cfg.training_deployment) == (
         "mine", 0.6, False, "local")
     assert cfg.follow_champion is False  # what it trains is said in full: no second look-up
+    assert cfg.data_sha256 is None  # the data behind the URL now: the model kept current
     # A field the champion's version predates keeps its default.
     assert followed(run, {"data_url": "https://example.org/mine.tgz"}, "1").epochs == 5
     with pytest.raises(ValueError) as caught:
