@@ -114,7 +114,7 @@ def train_and_register(params: TrainParams = TrainParams()):
         following = followed_champion_task(params)
         if following is None:
             return _finish(nothing_to_follow(params.model_name), home=home)
-        params = following
+        params = following[0]
     # Where training runs, before any work: a training deployment the server does not have
     # fails the run here, not after the download.
     target = _training_target(params)

@@ -30,17 +30,20 @@ from petalflow.tasks.watch import announce_change_task, check_source_task
 @flow(name="watch-data", log_prints=True)
 def watch_data(params: TrainParams = TrainParams()):
     home = petalflow_home()
+    champion = None
     if params.follow_champion:
-        # The champion's own source (and settings, for the training it announces).
+        # The champion's own source (and settings, for the training it announces); before
+        # there is a champion, the challenger's.
         following = followed_champion_task(params)
         if following is None:
             return _done({**check_source_task(None, None, str(home / "watch")),
                           "data_url": None, "event_id": None})
-        params = following
+        params, champion = following
     archive = download_archive_task(params.data_url, str(home / "downloads"),
                                     expected_sha256(params))
     source = describe_source_task(params.data_url, archive)
-    champion = champion_info_task(params.model_name)
+    if champion is None:
+        champion = champion_info_task(params.model_name)
     check = check_source_task(source, champion, str(home / "watch"))
     result = {**check, "data_url": redact_url(params.data_url), "event_id": None}
     if check["changed"] and not check["announced_at"] and not check["settling"]:

@@ -263,15 +263,16 @@ class TrainParams(BaseModel):
     )
     follow_champion: bool = Field(
         False, title="Follow the champion",
-        description="On: train on the data and with the training settings of the current "
-        "champion (the parameters its version recorded), so that a schedule keeps the "
-        "registered model current on the data it was trained on, wherever that is. The "
-        "form's data and training fields (dataset URL and sha256, backbone, image size, "
-        "epochs ... sweep) are then the champion's (the data behind its URL as it is now, "
-        "not pinned to the bytes it was trained on), and setting one is refused (turn this off "
-        "to train on other data); the model name, the gate, force, where training runs and "
-        "the extraction limit stay this run's. With no champion yet the run trains nothing. "
-        "retrain-weekly and watch-data run with it on.",
+        description="On: train on the data and with the settings of the current champion "
+        "(the parameters its version recorded: dataset URL, backbone, image size, epochs ... "
+        "sweep, the quality gate, the MLflow experiment), so that a schedule keeps the "
+        "registered model current on the data it was trained on, wherever that is; the data "
+        "is taken as it is now behind that URL, not pinned to the bytes it was trained on. "
+        "Setting one of those fields here is refused (turn this off to train with other data "
+        "or settings); the model name, force, allow_dropped_classes, where training runs and "
+        "the extraction limit stay this run's. Before there is a champion the challenger is "
+        "followed (a version below the gate: its data may grow until one passes); with "
+        "neither the run trains nothing. retrain-weekly and watch-data run with it on.",
     )
     data_sha256: Optional[str] = Field(
         None, json_schema_extra=unset_or("Not pinned", "Pinned to a digest"),
@@ -529,9 +530,9 @@ class TrainParams(BaseModel):
                          call_default_factory=True)]
             if given:
                 raise ValueError(
-                    f"follow_champion is on, so the data and the training settings are the "
-                    f"champion's: {', '.join(given)} would not be used; turn follow_champion "
-                    "off to train with them")
+                    f"follow_champion is on, so the data and the settings are those the "
+                    f"champion was trained with: {', '.join(given)} would not be used; turn "
+                    "follow_champion off to train with them")
         return self
 
     @model_validator(mode="after")
@@ -625,22 +626,22 @@ def expected_sha256(params: TrainParams) -> Optional[str]:
 # a retraining started from it (a drift event's parameters), and not part of the run key.
 ONE_RUN_FIELDS = ("force", "allow_dropped_classes")
 # What a run that follows the champion keeps of its own parameters: which model, where it is
-# logged and trained, its limits and its decisions. The rest (the data, how to train) is the
-# champion's.
-OWN_RUN_FIELDS = ("follow_champion", "model_name", "experiment_name", "min_accuracy",
-                  "min_improvement", *ONE_RUN_FIELDS, "training_deployment", "max_extract_size")
+# trained, its limit and its one-run decisions. The rest (the data, how to train, the gate, the
+# MLflow experiment) is the champion's: the settings the user trained that model with.
+OWN_RUN_FIELDS = ("follow_champion", "model_name", *ONE_RUN_FIELDS, "training_deployment",
+                  "max_extract_size")
 
 
 def followed(params: TrainParams, recorded: dict, version: str) -> TrainParams:
-    """``params`` following the champion: its own ``OWN_RUN_FIELDS``, the rest as the champion
-    (version ``version``) recorded them (its ``params`` tag; a field it predates keeps its
+    """``params`` following the champion: its own ``OWN_RUN_FIELDS``, the rest as the version
+    it follows (``version``: "the champion v3") recorded them (its ``params`` tag; a field it predates keeps its
     default), but for its ``data_sha256``: a run that follows the champion takes the data
     behind its URL as it is now (a pin would fail it on any new data, so the model could never
     be kept current). Raises ValueError, naming the version, when those cannot be trained with
     here (a URL recorded without its credentials, a backbone folder this machine lacks)."""
     taken = {k: v for k, v in recorded.items()
              if k in TrainParams.model_fields and k not in (*OWN_RUN_FIELDS, "data_sha256")}
-    champion = f"follow_champion: the champion v{version} of {params.model_name}"
+    champion = f"follow_champion: {version} of {params.model_name}"
     advice = "turn follow_champion off and give the data URL and settings to train with"
     try:
         cfg = TrainParams.model_validate(

@@ -665,10 +665,14 @@ def champion_info(model_name: str) -> Optional[dict]:
     URI, the source it was trained on), or None when there is none."""
     client = mlflow_client()
     mv, accuracy = current_champion(client, model_name)
-    if mv is None:
-        return None
+    return None if mv is None else version_info(mv, accuracy, model_name)
+
+
+def version_info(mv, accuracy: Optional[float], model_name: str, alias: str = CHAMPION) -> dict:
+    """A registered version as plain data: ``champion_info``'s fields and its ``alias``."""
     classes = mv.tags.get("class_names")
     return {
+        "alias": alias,
         "version": str(mv.version),
         "model_uri": f"models:/{model_name}/{mv.version}",
         "class_names": json.loads(classes) if classes else None,
@@ -683,27 +687,39 @@ def champion_info(model_name: str) -> Optional[dict]:
     }
 
 
-def followed_champion(params: TrainParams) -> Optional[TrainParams]:
-    """``params`` as a run that follows the champion trains (``params.followed``), or None
-    when ``params.model_name`` has no champion. Raises FollowChampionError when the champion's
+def followed_champion(params: TrainParams) -> Optional[tuple[TrainParams, dict]]:
+    """What a run that follows the champion trains (``params.followed``) and the version it
+    follows (``version_info``): the champion, or before there is one the challenger (a model
+    none of whose versions has passed the gate yet: the data may grow until one does); None
+    when ``params.model_name`` has neither. Raises FollowChampionError when the version's
     recorded parameters cannot be trained with here (none recorded, a URL without its
     credentials, a backbone folder this machine lacks): nothing is guessed."""
-    mv, _ = current_champion(mlflow_client(), params.model_name)
+    client = mlflow_client()
+    mv, accuracy = current_champion(client, params.model_name)
+    alias = CHAMPION
     if mv is None:
-        return None
+        try:
+            mv, alias = client.get_model_version_by_alias(params.model_name, CHALLENGER), \
+                CHALLENGER
+        except Exception as exc:  # noqa: BLE001 - as current_champion: only "none" is None
+            if is_missing(exc):
+                return None
+            raise
+        accuracy = None
     raw = mv.tags.get("params")
     if not raw:
         raise FollowChampionError(
-            f"follow_champion: the champion v{mv.version} of {params.model_name} records no "
+            f"follow_champion: the {alias} v{mv.version} of {params.model_name} records no "
             "training parameters (its version tag 'params'): turn follow_champion off and give "
             "the data URL and settings to train with")
     try:
-        cfg = followed(params, json.loads(raw), str(mv.version))
+        cfg = followed(params, json.loads(raw), f"the {alias} v{mv.version}")
     except ValueError as exc:
         raise FollowChampionError(str(exc)) from None
-    log("following the champion v%s of %s: its data %s, backbone %s", mv.version,
-        params.model_name, redact_url(cfg.data_url), cfg.backbone)
-    return cfg
+    log("following the %s v%s of %s%s: its data %s, backbone %s", alias, mv.version,
+        params.model_name, "" if alias == CHAMPION else " (no version has passed the gate yet)",
+        redact_url(cfg.data_url), cfg.backbone)
+    return cfg, version_info(mv, accuracy, params.model_name, alias)
 
 
 def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
@@ -1213,7 +1229,7 @@ def champion_info_task(model_name: str) -> Optional[dict]:
 
 
 @task(name="follow-champion", **MLFLOW_RETRY)
-def followed_champion_task(params: TrainParams) -> Optional[TrainParams]:
+def followed_champion_task(params: TrainParams) -> Optional[tuple[TrainParams, dict]]:
     return followed_champion(params)
 
 

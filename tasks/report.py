@@ -296,9 +296,10 @@ NO_CHAMPION = "no champion"  # the status of a run that follows the champion whe
 
 def nothing_to_follow(model_name: str) -> dict:
     """The summary of a run that follows the champion (``follow_champion``) of a model that
-    has none yet: nothing to retrain, and how to train the first model."""
+    has none yet, nor a challenger: nothing to retrain, and how to train the first model."""
     return {"status": NO_CHAMPION, "model_name": model_name, "model_version": None,
-            "reason": (f"{model_name} has no champion to follow yet: train its first model "
+            "reason": (f"{model_name} has no champion to follow yet (nor a challenger, "
+                       "a version below the gate): train its first model "
                        "with follow_champion off and its data URL (the train deployment, "
                        "petalflow train); runs that follow the champion then keep it current")}
 

@@ -38,30 +38,29 @@ def source_state(source: dict) -> Optional[str]:
 
 
 def differs_from_champion(source: dict, champion: Optional[dict]) -> tuple[bool, str]:
-    """(changed, reason): does ``source`` differ from what the champion was trained on?"""
+    """(changed, reason): does ``source`` differ from what the champion (``champion_info``;
+    a followed challenger's ``version_info``: its ``alias`` says which) was trained on?"""
     if champion is None:
         # The first model is trained on purpose (the `train` deployment, `petalflow train`):
         # a freshly started stack must not start a heavy training on the default data.
         return False, "no champion yet: train a first model; the watch follows changes after it"
     state = source_state(source)
+    which = f"the {champion.get('alias', 'champion')} v{champion['version']}"
     # Versions record the URL without its secrets (``redact_url``; older ones as given): a
     # presigned URL signed again still names the same source (``source_url``).
     trained_url = champion.get("data_url")
     if trained_url is None or source_url(trained_url) != source_url(source["url"]):
-        return True, (f"the champion v{champion['version']} was trained on "
-                      f"{redact_url(trained_url)}")
+        return True, f"{which} was trained on {redact_url(trained_url)}"
     trained_on = champion.get("archive_sha256") or champion.get("listing_fingerprint")
     if trained_on is None:
-        return True, f"the champion v{champion['version']} records no source digest"
+        return True, f"{which} records no source digest"
     contents = source.get("contents_sha256")
     if trained_on != state and contents and contents == champion.get("archive_contents_sha256"):
         return False, ("the archive's bytes changed, its files did not (the same names, sizes "
-                       f"and CRC-32s as the champion v{champion['version']}'s): zipped again, "
-                       "nothing to retrain")
+                       f"and CRC-32s as {which}'s): zipped again, nothing to retrain")
     if trained_on != state:
-        return True, (f"source is {state[:12]}, the champion v{champion['version']} was trained "
-                      f"on {trained_on[:12]}")
-    return False, f"source unchanged since the champion v{champion['version']} ({state[:12]})"
+        return True, f"source is {state[:12]}, {which} was trained on {trained_on[:12]}"
+    return False, f"source unchanged since {which} ({state[:12]})"
 
 
 QUIET_S = 120.0  # a changed folder is announced once nothing in it changed for this long

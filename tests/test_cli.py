@@ -42,8 +42,9 @@ from tests.helpers import COLOURS, write_image
         (["--learning-rate", "nan"], "--learning-rate: Input should be a finite number"),
         (["--min-improvement", "inf"], "--min-improvement: Input should be a finite number"),
         (["--follow-champion", "--epochs", "3", "--data-url", "other.tgz"],
-         "follow_champion is on, so the data and the training settings are the champion's: "
-         "data_url, epochs would not be used; turn follow_champion off to train with them"),
+         "follow_champion is on, so the data and the settings are those the champion was "
+         "trained with: data_url, epochs would not be used; turn follow_champion off to train "
+         "with them"),
     ],
 )
 def test_bad_train_options_are_refused_before_work(workspace, capsys, argv, needle):
@@ -56,29 +57,30 @@ def test_bad_train_options_are_refused_before_work(workspace, capsys, argv, need
 
 def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
         tiny_backbone, tmp_path, monkeypatch):
-    """follow_champion (retrain-weekly's and watch-data's): the data and the training
-    settings are those the champion's version recorded; which model, the gate, the run's own
-    decisions and where it trains stay the run's. What cannot be trained with here is refused
-    naming the version, nothing guessed."""
+    """follow_champion (retrain-weekly's and watch-data's): the data, the training settings
+    and the gate are those the champion's version recorded (but for its sha256 pin); which
+    model, the run's own decisions and where it trains stay the run's. What cannot be trained
+    with here is refused naming the version, nothing guessed."""
     from petalflow.tasks.params import followed
 
     recorded = TrainParams(data_url="https://example.org/mine.tgz", backbone=str(tiny_backbone),
                            image_size=32, epochs=9, seed=7, augment=True, force=True,
                            min_accuracy=0.9, model_name="other",
                            data_sha256="a" * 64).model_dump(mode="json")
-    run = TrainParams(follow_champion=True, model_name="mine", min_accuracy=0.6,
-                      training_deployment="local")
-    cfg = followed(run, {**recorded, "field_of_a_later_version": 1}, "4")
+    run = TrainParams(follow_champion=True, model_name="mine", training_deployment="local")
+    cfg = followed(run, {**recorded, "field_of_a_later_version": 1}, "the champion v4")
     assert (cfg.data_url, cfg.backbone, cfg.image_size, cfg.epochs, cfg.seed, cfg.augment) == (
         "https://example.org/mine.tgz", str(tiny_backbone), 32, 9, 7, True)
-    assert (cfg.model_name, cfg.min_accuracy, cfg.force, cfg.training_deployment) == (
-        "mine", 0.6, False, "local")
+    assert cfg.min_accuracy == 0.9  # the gate the user trained that model with
+    assert (cfg.model_name, cfg.force, cfg.training_deployment) == ("mine", False, "local")
     assert cfg.follow_champion is False  # what it trains is said in full: no second look-up
     assert cfg.data_sha256 is None  # the data behind the URL now: the model kept current
     # A field the champion's version predates keeps its default.
-    assert followed(run, {"data_url": "https://example.org/mine.tgz"}, "1").epochs == 5
+    assert followed(run, {"data_url": "https://example.org/mine.tgz"},
+                    "the champion v1").epochs == 5
     with pytest.raises(ValueError) as caught:
-        followed(run, {**recorded, "data_url": "https://***@example.org/mine.tgz"}, "4")
+        followed(run, {**recorded, "data_url": "https://***@example.org/mine.tgz"},
+                 "the champion v4")
     assert str(caught.value).startswith(
         "follow_champion: the champion v4 of mine was trained with data_url "
         "'https://***@example.org/mine.tgz', which cannot be used here: this URL holds '***' "
@@ -88,10 +90,10 @@ def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
     with pytest.raises(ValueError, match=r"the champion v4 of mine was trained with backbone "
                        r"'/gone/backbone', which cannot be used here: '/gone/backbone' is "
                        r"neither a URL nor an existing SavedModel folder"):
-        followed(run, {**recorded, "backbone": "/gone/backbone"}, "4")
+        followed(run, {**recorded, "backbone": "/gone/backbone"}, "the champion v4")
     # A local path as typed where that training ran: relative to a folder this may not be.
     with pytest.raises(ValueError) as caught:
-        followed(run, {**recorded, "data_url": "photos.zip"}, "4")
+        followed(run, {**recorded, "data_url": "photos.zip"}, "the champion v4")
     assert str(caught.value) == (
         "follow_champion: the champion v4 of mine was trained on 'photos.zip', a path relative "
         f"to the folder that training ran in, and {Path.cwd()} (where this run's relative paths "
@@ -99,7 +101,8 @@ def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
         "and give the data URL and settings to train with")
     (tmp_path / "photos.zip").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
-    assert followed(run, {**recorded, "data_url": "photos.zip"}, "4").data_url == "photos.zip"
+    assert followed(run, {**recorded, "data_url": "photos.zip"},
+                    "the champion v4").data_url == "photos.zip"
 
 
 def test_urls_and_paths_pasted_with_their_quotes_are_taken_without_them(tmp_path, tiny_backbone):

@@ -16,8 +16,8 @@ import pytest
 from petalflow.tasks.params import TrainParams
 from petalflow.tasks.train import RUN_ENDED, attempt_name
 from tests.helpers import (
-    COLOURS, base_url, free_port, make_dataset, make_tgz, prefect_events, revalidating_server,
-    serve_handler, write_image,
+    COLOURS, base_url, free_port, make_dataset, make_random_label_dataset, make_tgz,
+    prefect_events, revalidating_server, serve_handler, write_image,
 )
 
 pytestmark = pytest.mark.e2e
@@ -243,8 +243,9 @@ def test_runs_that_follow_the_champion_retrain_and_watch_its_own_data_with_its_s
     defaults, the flowers' URL, whatever the champion had been trained on: a model trained
     from the UI on the user's archive got a flowers training by itself (watch-data within 15
     minutes, the schedule every Monday), and its own data was never watched nor retrained.
-    They now follow the champion: its data URL and its training settings; nothing before
-    there is a champion; one whose recorded URL cannot download fails saying so."""
+    They now follow the champion: its data URL and its training settings; before there is
+    one, the challenger (a first model below the gate); nothing with neither; one whose
+    recorded URL cannot download fails saying so."""
     from datetime import datetime, timezone
 
     from petalflow.flows.train_flow import train_and_register
@@ -258,8 +259,9 @@ def test_runs_that_follow_the_champion_retrain_and_watch_its_own_data_with_its_s
         url = site.put("/mine/photos.tgz", _archive(workspace, "v1", per_class=12, seed=0))
         idle = train_and_register(as_deployed)
         assert idle["status"] == "no champion"
-        assert idle["reason"].startswith(f"{MODEL} has no champion to follow yet: train its "
-                                         "first model with follow_champion off")
+        assert idle["reason"].startswith(
+            f"{MODEL} has no champion to follow yet (nor a challenger, a version below the "
+            "gate): train its first model with follow_champion off")
         assert watch_data(as_deployed)["reason"] == (
             "no champion yet: train a first model; the watch follows changes after it")
         assert not list((home / "downloads").glob("*")), "nothing is downloaded"
@@ -287,6 +289,23 @@ def test_runs_that_follow_the_champion_retrain_and_watch_its_own_data_with_its_s
         recorded = json.loads(_client().get_model_version(MODEL, "2").tags["params"])
         assert (recorded["data_url"], recorded["epochs"], recorded["seed"],
                 recorded["image_size"]) == (url, 4, 7, 32)
+        # A first model below its gate (a challenger, no champion yet) is followed, so that
+        # the data behind its URL may grow until a version passes (with the gate it set).
+        noise = make_random_label_dataset(workspace / "noise", per_class=20)
+        growing = site.put("/growing.tgz",
+                           make_tgz(noise, workspace / "noise.tgz").read_bytes())
+        below = train_and_register(_params(growing, tiny_backbone, model_name="growing",
+                                           min_accuracy=0.9, seed=7))
+        assert (below["model_version"], below["alias"]) == ("1", "challenger")
+        following_it = TrainParams(follow_champion=True, model_name="growing")
+        assert watch_data(following_it)["reason"].startswith(
+            "source unchanged since the challenger v1")
+        same = train_and_register(following_it)
+        assert (same["status"], same["alias"]) == ("nothing to do", "challenger")
+        site.put("/growing.tgz", _archive(workspace, "learnable", per_class=12, seed=5))
+        passed = train_and_register(following_it)
+        assert (passed["model_version"], passed["alias"]) == ("2", "champion")
+        assert passed["alias_reason"].endswith(">= 0.9)"), passed["alias_reason"]
         # A champion whose URL was recorded without its credentials cannot be followed.
         secret = url.replace("http://", "http://user:pw@")
         train_and_register(_params(secret, tiny_backbone, model_name="private"))
