@@ -86,9 +86,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
         DatasetError, DownloadError, FollowChampionError, LinksInArchive, ModelNotFound,
-        OutputNotWritable,
-        StoreNotFound, TrackingServerUnreachable, TrainingHandoffError, TransientError,
-        UnusableImages, WebPageNotArchive,
+        OutputNotWritable, StoreNotFound, TrackingServerUnreachable, TrainingHandoffError,
+        TransientError, UnusableImages, WebPageNotArchive,
     )
     from petalflow.temporary_server import ServerError
 

@@ -634,11 +634,12 @@ OWN_RUN_FIELDS = ("follow_champion", "model_name", *ONE_RUN_FIELDS, "training_de
 
 def followed(params: TrainParams, recorded: dict, version: str) -> TrainParams:
     """``params`` following the champion: its own ``OWN_RUN_FIELDS``, the rest as the version
-    it follows (``version``: "the champion v3") recorded them (its ``params`` tag; a field it predates keeps its
-    default), but for its ``data_sha256``: a run that follows the champion takes the data
-    behind its URL as it is now (a pin would fail it on any new data, so the model could never
-    be kept current). Raises ValueError, naming the version, when those cannot be trained with
-    here (a URL recorded without its credentials, a backbone folder this machine lacks)."""
+    it follows (``version``: "the champion v3") recorded them (its ``params`` tag; a field it
+    predates keeps its default), but for its ``data_sha256``: a run that follows the champion
+    takes the data behind its URL as it is now (a pin would fail it on any new data, so the
+    model could never be kept current). Raises ValueError, naming the version, when those
+    cannot be trained with here (a URL recorded without its credentials, a relative path or a
+    backbone folder this machine lacks)."""
     taken = {k: v for k, v in recorded.items()
              if k in TrainParams.model_fields and k not in (*OWN_RUN_FIELDS, "data_sha256")}
     champion = f"follow_champion: {version} of {params.model_name}"

@@ -644,16 +644,25 @@ def is_missing(exc: Exception) -> bool:
     return code == "INVALID_PARAMETER_VALUE" and "not found" in str(exc).lower()
 
 
-def current_champion(client, name: str):
-    """(version, test_accuracy) of the current champion, or (None, None) when the model or its
-    alias does not exist. Any other error (server down, refused credentials, a 5xx) propagates:
-    "could not ask" is not "there is none", or a registry hiccup would promote a worse model."""
+def version_by_alias(client, name: str, alias: str):
+    """The version of registered model ``name`` holding ``alias``, or None when the model or
+    the alias does not exist. Any other error (server down, refused credentials, a 5xx)
+    propagates: "could not ask" is not "there is none", or a registry hiccup would promote a
+    worse model."""
     try:
-        mv = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, alias)
     except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException/RestException
         if is_missing(exc):
-            return None, None
+            return None
         raise
+
+
+def current_champion(client, name: str):
+    """(version, test_accuracy) of the current champion, or (None, None) when there is none
+    (``version_by_alias``)."""
+    mv = version_by_alias(client, name, CHAMPION)
+    if mv is None:
+        return None, None
     acc = mv.tags.get("test_accuracy")
     if acc is None and mv.run_id:
         acc = client.get_run(mv.run_id).data.metrics.get("test_accuracy")
@@ -698,14 +707,9 @@ def followed_champion(params: TrainParams) -> Optional[tuple[TrainParams, dict]]
     mv, accuracy = current_champion(client, params.model_name)
     alias = CHAMPION
     if mv is None:
-        try:
-            mv, alias = client.get_model_version_by_alias(params.model_name, CHALLENGER), \
-                CHALLENGER
-        except Exception as exc:  # noqa: BLE001 - as current_champion: only "none" is None
-            if is_missing(exc):
-                return None
-            raise
-        accuracy = None
+        mv, alias = version_by_alias(client, params.model_name, CHALLENGER), CHALLENGER
+        if mv is None:
+            return None
     raw = mv.tags.get("params")
     if not raw:
         raise FollowChampionError(
@@ -956,12 +960,9 @@ def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Option
                 "model_uri": f"models:/{cfg.model_name}/{champion.version}",
                 "champion_accuracy": accuracy, "alias": CHAMPION,
                 "alias_reason": "unchanged data and parameters; champion kept"}
-    try:
-        challenger = client.get_model_version_by_alias(cfg.model_name, CHALLENGER)
-    except Exception as exc:  # noqa: BLE001 - as current_champion: only "none" is None
-        if is_missing(exc):
-            return None
-        raise
+    challenger = version_by_alias(client, cfg.model_name, CHALLENGER)
+    if challenger is None:
+        return None
     tags = challenger.tags
     try:
         recorded = json.loads(tags.get("params", "{}"))
