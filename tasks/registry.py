@@ -287,8 +287,61 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
     counts = data_info["counts"]
     params += [Param("dataset_" + k, str(counts[k])) for k in ("found", "used", "quarantined")]
     client.log_batch(run_id, params=params)
+    client.log_inputs(run_id, datasets=split_inputs(data_info, cfg.data_url))
     client.log_artifact(run_id, data_info["manifest"], RUN_MANIFEST_DIR)
     return run_id
+
+
+# The manifest's splits as MLflow dataset inputs, each with the context MLflow's UI shows.
+SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))
+ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
+
+
+def dataset_name(data_url: str) -> str:
+    """The name a training's data has among MLflow's datasets: the archive's or the folder's
+    name as the URL or path gives it, without an archive's suffix (``…/flower_photos.tgz`` ->
+    ``flower_photos``)."""
+    from urllib.parse import unquote, urlsplit
+
+    path = unquote(urlsplit(data_url).path) if "://" in data_url else data_url
+    name = Path(path.rstrip("/\\")).name
+    for suffix in ARCHIVE_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return name or "dataset"
+
+
+def split_inputs(data_info: DatasetInfo, data_url: str) -> list:
+    """The run's dataset inputs (MLflow's "Datasets used"): one per split of the manifest's
+    usable images (its files' paths, labels and sha256), named by ``dataset_name``, the source
+    the URL as recorded (``redact_url``) or the path, the digest that of the split's images and
+    labels (the same photos give the same digest whatever their paths), tagged with the split's
+    context (``SPLIT_CONTEXTS``)."""
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from petalflow.tasks.dataset import load_manifest
+
+    manifest = load_manifest(Path(data_info["manifest"]))
+    used = manifest[manifest["status"] == "ok"]
+    recorded = redact_url(data_url)
+    source = (HTTPDatasetSource(recorded) if recorded.lower().startswith(("http://", "https://"))
+              else get_dataset_source_from_json(json.dumps({"uri": recorded}), "local"))
+    inputs = []
+    for split, context in SPLIT_CONTEXTS:
+        rows = used.loc[used["split"] == split, ["path", "label", "sha256"]].reset_index(drop=True)
+        if rows.empty:
+            continue
+        digest = hashlib.sha256("".join(sorted(
+            f"{sha} {label}\n" for sha, label in zip(rows["sha256"], rows["label"]))).encode())
+        dataset = from_pandas(rows, source=source, name=dataset_name(data_url),
+                              targets="label", digest=digest.hexdigest()[:12])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(),
+                                   [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+    return inputs
 
 
 def log_epoch(run_id: str, epoch: int, metrics: dict) -> None:

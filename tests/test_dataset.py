@@ -1356,3 +1356,45 @@ def test_two_exports_of_one_dataset_given_together_are_named_as_such(tmp_path):
     with pytest.raises(UnusableImages) as refused:
         prepare_dataset(plain, tmp_path / "m2", 0.2, 0.2, seed=0)
     assert "hold the same subfolders" not in str(refused.value)
+
+
+def test_each_split_is_an_mlflow_dataset_input_named_after_the_source(tmp_path):
+    """MLflow's "Datasets used" of a training run: a split's digest follows its images and
+    labels (a renamed file is the same data, a relabelled one is not), its source is the URL
+    as recorded, without credentials, or the path."""
+    from petalflow.tasks.registry import dataset_name, split_inputs
+
+    assert [dataset_name(u) for u in (
+        "https://h/x/flower_photos.tgz", "https://h/api/download?id=3", "photos/",
+        "file:///data/my%20photos.tar.gz", "/data/set.zip", ".zip")] == [
+        "flower_photos", "download", "photos", "my photos", "set", ".zip"]
+    info = prepare_dataset(make_dataset(tmp_path / "d", per_class=10), tmp_path / "m",
+                           0.2, 0.2, 0)
+
+    def described(manifest_path, url):
+        found = {}
+        for item in split_inputs({**info, "manifest": str(manifest_path)}, url):
+            (tag,) = item.tags
+            assert tag.key == "mlflow.data.context"
+            found[tag.value] = item.dataset
+        return found
+
+    first = described(info["manifest"], "https://alice:SECRET@h/d/photos.tgz?sig=SECRET2")
+    assert sorted(first) == ["test", "training", "validation"]
+    assert {json.loads(d.source)["url"] for d in first.values()} == {
+        "https://***@h/d/photos.tgz?sig=***"}
+    assert [json.loads(first[c].profile)["num_rows"] for c in ("training", "validation",
+                                                               "test")] == [
+        info["counts"]["splits"][s] for s in ("train", "val", "test")]
+    manifest = load_manifest(Path(info["manifest"]))
+    renamed, relabelled = tmp_path / "renamed.csv", tmp_path / "relabelled.csv"
+    manifest.assign(path="x/" + manifest["path"]).to_csv(renamed, index=False)
+    test_row = manifest.index[manifest["split"] == "test"][0]
+    manifest.loc[test_row, "label"] = "other"
+    manifest.to_csv(relabelled, index=False)
+    local = described(renamed, "photos")
+    assert {json.loads(d.source)["uri"] for d in local.values()} == {"photos"}
+    assert {c: d.digest for c, d in local.items()} == {c: d.digest for c, d in first.items()}
+    changed = described(relabelled, "photos")
+    assert changed["test"].digest != first["test"].digest
+    assert changed["training"].digest == first["training"].digest

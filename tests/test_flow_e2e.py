@@ -137,6 +137,20 @@ def test_mlflow_run_holds_metrics_artifacts_and_provenance(trained, monkeypatch)
     assert mv.tags["dataset_fingerprint"] == summary["dataset"]["fingerprint"]
     assert json.loads(mv.tags["class_names"]) == sorted(COLOURS)
     assert mv.tags["code_version"]
+    # MLflow's "Datasets used": each split's usable images, named after the archive, its
+    # source the URL, and the run's own split (the corrupt image in none of them).
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "training", "validation"]
+    assert {d.name for d in inputs.values()} == {"photos"}
+    assert {json.loads(d.source)["url"] for d in inputs.values()} == {run.data.params["data_url"]}
+    rows = {c: json.loads(d.profile)["num_rows"] for c, d in inputs.items()}
+    assert rows == {"training": summary["dataset"]["splits"]["train"],
+                    "validation": summary["dataset"]["splits"]["val"],
+                    "test": summary["test_metrics"]["test_images"]}
+    assert sum(rows.values()) == summary["dataset"]["used"] == 36
+    schema = json.loads(inputs["test"].schema)["mlflow_colspec"]
+    assert [c["name"] for c in schema] == ["path", "label", "sha256"]
 
 
 def test_prefect_artifacts_show_progress_and_evaluation(trained):

@@ -449,6 +449,8 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     recorded = json.dumps([mv.tags, mv.description, run.data.tags, run.data.params,
                            Path(client.download_artifacts(first["mlflow_run_id"],
                                                           "model_card.md")).read_text()])
+    sources = {d.dataset.source for d in run.inputs.dataset_inputs}  # "Datasets used"
+    recorded += json.dumps(sorted(sources))
     recorded += run_result(first) + str(expired.value)  # the Prefect UI's result, the error
     # What the command prints and --summary-json writes (the source's URL was as given).
     recorded += json.dumps([first, again, redirected, watched])
@@ -460,6 +462,7 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     shown = (f"http://***@{host}/private/photos.tgz?X-Amz-Credential=***&X-Amz-Date={signed_at}"
              "&X-Amz-Expires=3600&X-Amz-Signature=***")
     assert mv.tags["data_url"] == run.data.params["data_url"] == shown
+    assert sources == {json.dumps({"url": shown})}
     assert json.loads(mv.tags["params"])["data_url"] == shown
     assert f"- Source: `{shown}` (http)" in mv.description
     resigned = {**first["source"], "url": url.replace(query, resigned_query)}
