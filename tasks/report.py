@@ -38,9 +38,16 @@ def mlflow_links(tracking_uri: str, run_id: Optional[str], experiment_id: Option
     if version:
         links["Model version"] = f"{base}/#/models/{model_name}/versions/{version}"
     if run_id:
-        links["Confusion matrix"] = (f"{base}/get-artifact?path=evaluation%2Fconfusion.png"
-                                     f"&run_uuid={run_id}")
+        links["Confusion matrix"] = (
+            f"{base}/{ui_artifact_url(run_id, 'evaluation/confusion.png')}")
     return links
+
+
+def ui_artifact_url(run_id: str, path: str) -> str:
+    """Where the MLflow UI fetches a run's artifact, relative to the UI's own address."""
+    from urllib.parse import quote
+
+    return f"get-artifact?path={quote(path, safe='')}&run_uuid={run_id}"
 
 
 def run_links(summary: dict) -> dict:
@@ -340,10 +347,14 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     name = summary["model_name"]
     links = run_links(summary)
     if summary["status"] == "trained" and evaluation_dir:
-        # In MLflow the card sits beside evaluation/ (a relative link); elsewhere the image is
-        # linked where it can be fetched: the tracking server, else the file on disk.
+        # The run's model_card.md sits beside evaluation/ (a relative link); the version's
+        # description, shown by the MLflow UI, links the image as that UI fetches a run's
+        # artifacts (relative to where the UI is served: a server, `mlflow ui` on the store);
+        # the Prefect artifact where it can be fetched: the tracking server, else the file.
         card = model_card(summary, evaluation_dir, links)
-        log_model_card(summary, card, shortened_card(card, DESCRIPTION_LIMIT))
+        shown = model_card(summary, evaluation_dir, links, ui_artifact_url(
+            summary["mlflow_run_id"], "evaluation/confusion.png"))
+        log_model_card(summary, card, shortened_card(shown, DESCRIPTION_LIMIT))
         image = links.get("Confusion matrix") or (
             Path(evaluation_dir, "confusion.png").resolve().as_uri())
         create_markdown_artifact(markdown=model_card(summary, evaluation_dir, links, image),

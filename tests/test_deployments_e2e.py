@@ -538,6 +538,22 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
             page.get_by_text("train-result-petalflow-classifier").first.click()
             page.get_by_text("Registered version").first.wait_for(timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "ui-run-result.png"), full_page=True)
+
+            # Whoever pulls the model opens its version in the MLflow UI: the model card's
+            # confusion matrix is shown (the image loads), and the run names its data.
+            version = re.search(r" v(\d+) ", final["state"]["message"]).group(1)
+            page.goto(f"{stack.mlflow_uri}/#/models/{MODEL}/versions/{version}")
+            image = page.locator("img[src*='confusion.png']")
+            image.wait_for(timeout=60_000)
+            page.wait_for_function("img => img.complete", arg=image.element_handle(),
+                                   timeout=30_000)
+            assert image.evaluate("img => img.naturalWidth") > 0, image.get_attribute("src")
+            run = client.get_run(client.get_model_version(MODEL, version).run_id)
+            page.goto(f"{stack.mlflow_uri}/#/experiments/{run.info.experiment_id}/runs/"
+                      f"{run.info.run_id}")
+            page.get_by_text("Datasets", exact=True).first.wait_for(timeout=60_000)
+            shown = page.get_by_text(re.compile(r"^ui \([0-9a-f]{12}\)$")).first
+            shown.wait_for(timeout=30_000)
         except Exception:
             page.screenshot(path=str(tmp_path / "ui-failure.png"), full_page=True)
             raise

@@ -118,6 +118,11 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
                    "Confusion matrix", "Champion comparison", changed["alias_reason"]):
         assert needle in text, needle
     assert mv.description.startswith("# Model card")
+    # Its confusion matrix: beside the file, evaluation/; in the MLflow UI, where that UI
+    # fetches the run's artifacts (the browser test sees it load).
+    assert "![confusion matrix](evaluation/confusion.png)" in text
+    assert ("![confusion matrix](get-artifact?path=evaluation%2Fconfusion.png&run_uuid="
+            f"{changed['mlflow_run_id']})") in mv.description
 
 
 def test_data_that_rolls_behind_the_url_keeps_the_feature_bank_to_what_it_needs(
