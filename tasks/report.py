@@ -26,41 +26,35 @@ def artifact_key(prefix: str, model_name: str) -> str:
     return f"{prefix}-{slug}"[:100]
 
 
-def mlflow_links(tracking_uri: str, run_id: Optional[str], experiment_id: Optional[str],
+def mlflow_links(base: str, run_id: Optional[str], experiment_id: Optional[str],
                  model_name: str, version: Optional[str]) -> dict:
-    """Links into the MLflow UI when the tracking store is a server (http/https), else {}."""
-    if not tracking_uri.lower().startswith(("http://", "https://")):
-        return {}
-    base = tracking_uri.rstrip("/")
+    """Links into the MLflow UI at ``base``: its address, or "." for links relative to a page
+    of that UI (they work whatever address the reader opened it at)."""
+    base = base.rstrip("/")
     links = {}
     if run_id and experiment_id:
         links["MLflow run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
     if version:
         links["Model version"] = f"{base}/#/models/{model_name}/versions/{version}"
-    if run_id:
-        links["Confusion matrix"] = (
-            f"{base}/{ui_artifact_url(run_id, 'evaluation/confusion.png')}")
+    if run_id:  # where the UI fetches a run's artifacts
+        links["Confusion matrix"] = (f"{base}/get-artifact?path=evaluation%2Fconfusion.png"
+                                     f"&run_uuid={run_id}")
     return links
 
 
-def ui_artifact_url(run_id: str, path: str) -> str:
-    """Where the MLflow UI fetches a run's artifact, relative to the UI's own address."""
-    from urllib.parse import quote
-
-    return f"get-artifact?path={quote(path, safe='')}&run_uuid={run_id}"
-
-
-def run_links(summary: dict) -> dict:
-    """Links to the run and the model version in the MLflow UI (a tracking server only)."""
+def run_links(summary: dict, relative: bool = False) -> dict:
+    """Links to the run, the model version and the confusion matrix in the MLflow UI: at the
+    tracking server's address (none without a server), or, ``relative``, from a page of
+    whichever UI shows the store (a version's description: a server, `mlflow ui`)."""
     from petalflow.tasks.registry import mlflow_client, tracking_uri
 
     uri = tracking_uri()
+    if not (relative or uri.lower().startswith(("http://", "https://"))):
+        return {}
     run_id = summary.get("mlflow_run_id")
-    experiment_id = None
-    if run_id and uri.lower().startswith(("http://", "https://")):
-        experiment_id = mlflow_client().get_run(run_id).info.experiment_id
-    return mlflow_links(uri, run_id, experiment_id, summary["model_name"],
-                        summary.get("model_version"))
+    experiment_id = mlflow_client().get_run(run_id).info.experiment_id if run_id else None
+    return mlflow_links("." if relative else uri, run_id, experiment_id,
+                        summary["model_name"], summary.get("model_version"))
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -348,12 +342,12 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     links = run_links(summary)
     if summary["status"] == "trained" and evaluation_dir:
         # The run's model_card.md sits beside evaluation/ (a relative link); the version's
-        # description, shown by the MLflow UI, links the image as that UI fetches a run's
-        # artifacts (relative to where the UI is served: a server, `mlflow ui` on the store);
-        # the Prefect artifact where it can be fetched: the tracking server, else the file.
+        # description is read in the MLflow UI, whose links and image are relative to it
+        # (they work at any address, and in `mlflow ui` on the SQLite store); the Prefect
+        # artifact's image where it can be fetched: the tracking server, else the file.
         card = model_card(summary, evaluation_dir, links)
-        shown = model_card(summary, evaluation_dir, links, ui_artifact_url(
-            summary["mlflow_run_id"], "evaluation/confusion.png"))
+        in_ui = run_links(summary, relative=True)
+        shown = model_card(summary, evaluation_dir, in_ui, in_ui["Confusion matrix"])
         log_model_card(summary, card, shortened_card(shown, DESCRIPTION_LIMIT))
         image = links.get("Confusion matrix") or (
             Path(evaluation_dir, "confusion.png").resolve().as_uri())

@@ -121,8 +121,11 @@ def test_changed_archive_behind_the_same_url_is_retrained(workspace, tiny_backbo
     # Its confusion matrix: beside the file, evaluation/; in the MLflow UI, where that UI
     # fetches the run's artifacts (the browser test sees it load).
     assert "![confusion matrix](evaluation/confusion.png)" in text
-    assert ("![confusion matrix](get-artifact?path=evaluation%2Fconfusion.png&run_uuid="
+    assert ("![confusion matrix](./get-artifact?path=evaluation%2Fconfusion.png&run_uuid="
             f"{changed['mlflow_run_id']})") in mv.description
+    assert f"- [MLflow run](./#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})" \
+        in mv.description  # a page of whichever UI shows the store; not in the file
+    assert "[MLflow run]" not in text
 
 
 def test_data_that_rolls_behind_the_url_keeps_the_feature_bank_to_what_it_needs(
