@@ -539,15 +539,19 @@ def test_browser_starts_a_run_from_the_prefect_ui(stack, tmp_path, any_size_back
             page.get_by_text("Registered version").first.wait_for(timeout=30_000)
             page.screenshot(path=str(SCREENSHOTS / "ui-run-result.png"), full_page=True)
 
-            # Whoever pulls the model opens its version in the MLflow UI: the model card's
-            # confusion matrix is shown (the image loads), and the run names its data.
+            # Whoever pulls the model opens its version in the MLflow UI, at an address of
+            # their own (not the workers' 127.0.0.1): the model card's confusion matrix is
+            # shown (the image loads), its links lead there, and the run names its data.
             version = re.search(r" v(\d+) ", final["state"]["message"]).group(1)
-            page.goto(f"{stack.mlflow_uri}/#/models/{MODEL}/versions/{version}")
+            theirs = stack.mlflow_uri.replace("127.0.0.1", "localhost")
+            page.goto(f"{theirs}/#/models/{MODEL}/versions/{version}")
             image = page.locator("img[src*='confusion.png']")
             image.wait_for(timeout=60_000)
             page.wait_for_function("img => img.complete", arg=image.element_handle(),
                                    timeout=30_000)
             assert image.evaluate("img => img.naturalWidth") > 0, image.get_attribute("src")
+            link = page.get_by_role("link", name="MLflow run").first.evaluate("a => a.href")
+            assert link.startswith(f"{theirs}/#/experiments/"), link
             run = client.get_run(client.get_model_version(MODEL, version).run_id)
             page.goto(f"{stack.mlflow_uri}/#/experiments/{run.info.experiment_id}/runs/"
                       f"{run.info.run_id}")
