@@ -36,6 +36,9 @@ from petalflow.tasks.params import CHAMPION, TrainParams, followed, run_key
 
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
+# What MLflow's UI shows as a training run's and its logged model's source ("Logged from"),
+# rather than the file that started the process (Prefect's engine.py under a worker).
+SOURCE_NAME = "petalflow train"
 
 
 def tracking_uri() -> str:
@@ -274,7 +277,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
         "petalflow.backbone": cfg.backbone,
         "petalflow.class_names": class_names_tag(data_info["classes"]),
         "petalflow.code_version": code_version(),
-        "mlflow.source.name": "petalflow train",
+        "mlflow.source.name": SOURCE_NAME,
     }
     tags.update({f"petalflow.{k}": v for k, v in source_tags(source).items()})
     if parent_run_id:
@@ -654,6 +657,7 @@ def log_model(export_dir: Path, class_names: list[str], registered_model_name: s
             name=MODEL_ARTIFACT,
             registered_model_name=registered_model_name,
             input_example=pd.DataFrame({"image": [_tiny_png_base64()]}),
+            tags={"mlflow.source.name": SOURCE_NAME},
             **pyfunc_arguments(Path(export_dir), class_names, Path(tmp)),
         )
 

@@ -151,6 +151,12 @@ def test_mlflow_run_holds_metrics_artifacts_and_provenance(trained, monkeypatch)
     assert sum(rows.values()) == summary["dataset"]["used"] == 36
     schema = json.loads(inputs["test"].schema)["mlflow_colspec"]
     assert [c["name"] for c in schema] == ["path", "label", "sha256"]
+    # The run's and its logged model's source, as the MLflow UI shows them.
+    import mlflow
+
+    logged = mlflow.get_logged_model(mv.source.rsplit("/", 1)[1])
+    assert run.data.tags["mlflow.source.name"] == logged.tags["mlflow.source.name"] == (
+        "petalflow train")
 
 
 def test_prefect_artifacts_show_progress_and_evaluation(trained):
