@@ -15,6 +15,7 @@ pool of two slots, each waiting for the other's)."""
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 from prefect import task
@@ -113,7 +114,7 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> lis
     waiting_since: dict = {}
     told_busy: set = set()
     started = time.monotonic()
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client, _ended_with_this_run(client, ids):
         while True:
             runs = {run.id: run for run in client.read_flow_runs(flow_run_filter=only)}
             if len(runs) == len(ids) and all(
@@ -156,6 +157,38 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> lis
                         "nothing was registered: the champion is as it was")
                 unmanned_since = None
             time.sleep(poll_s)
+
+
+# The state message of a training run cancelled because the run that handed it over ended.
+ENDED_FIRST = ("cancelled: the run that handed this training over ended before it (cancelled, "
+               "interrupted or failed), so nothing it trained would be registered")
+
+
+@contextmanager
+def _ended_with_this_run(client, ids: list):
+    """Training runs ``ids`` end with the run waiting for them: when the wait ends with an
+    exception but the training runs' own (cancelled from the UI, a signal, Ctrl-C, an error),
+    those not in a final state are cancelled (a running one by its worker, one not taken yet at
+    once), not left to train on for nobody, holding a GPU worker."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    try:
+        yield
+    except TrainingHandoffError:
+        raise  # the runs no worker took are cancelled already, the others waited for
+    except BaseException:
+        for run_id in ids:
+            try:
+                state = client.read_flow_run(run_id).state
+                if state is not None and state.type == StateType.SCHEDULED:
+                    client.set_flow_run_state(run_id, Cancelled(message=ENDED_FIRST),
+                                              force=True)
+                elif state is None or not state.is_final():
+                    client.set_flow_run_state(run_id, Cancelling(message=ENDED_FIRST))
+            except Exception as exc:  # noqa: BLE001 - the run's own error is what it ends with
+                log("could not cancel training run %s: %s", run_id, exc, level=30)
+        raise
 
 
 @task(name="training-handoff")

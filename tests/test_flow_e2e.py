@@ -1425,3 +1425,42 @@ def test_waiting_for_handed_over_trainings_says_why_and_gives_up_only_on_those_n
     assert [r.getMessage().split(",")[0] for r in warned] == [
         f"training run {never_taken.name} (train-model/empty) waits for a worker of pool "
         "'empty-gpu'"]
+
+
+def test_handed_over_trainings_end_with_the_run_that_waits_for_them(prefect_harness):
+    """The run waiting for its handed-over trainings ends first (cancelled from the UI: its
+    worker's SIGTERM; Ctrl-C; an error): before, the trainings went on (a hung one holding its
+    GPU worker for ever) for a model nothing would register. Now a training already running is
+    set Cancelling (its worker stops it) and one no worker took yet is Cancelled; both say why.
+    Ones already ended stay as they ended."""
+    import _thread
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Completed, Running
+
+    from petalflow.tasks import handoff
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="ending-gpu", type="process"))
+        client.send_worker_heartbeat("ending-gpu", "a-worker")
+        deployment = client.create_deployment(
+            flow_id=client.create_flow_from_name("train-model"), name="ending",
+            work_pool_name="ending-gpu")
+        running, waiting, done = (client.create_flow_run_from_deployment(deployment)
+                                  for _ in range(3))
+        client.set_flow_run_state(running.id, Running(), force=True)
+        client.set_flow_run_state(done.id, Completed(), force=True)
+        threading.Timer(1.5, _thread.interrupt_main).start()  # Ctrl-C while it waits
+        with pytest.raises(KeyboardInterrupt):
+            handoff.wait_for_training_runs(
+                [running.id, waiting.id, done.id],
+                {"name": "train-model/ending", "pool": "ending-gpu"}, poll_s=0.3)
+        ended = {run.id: client.read_flow_run(run.id).state for run in (running, waiting, done)}
+    assert ended[running.id].type == StateType.CANCELLING
+    assert ended[waiting.id].type == StateType.CANCELLED
+    for run in (running, waiting):
+        assert ended[run.id].message == handoff.ENDED_FIRST
+    assert ended[done.id].is_completed()
