@@ -13,7 +13,9 @@ from typing import Optional
 
 from petalflow.tasks.common import counted, log, redacted
 from petalflow.tasks.params import ONE_RUN_FIELDS
-from petalflow.tasks.registry import model_said, model_version_of, parse_models_uri
+from petalflow.tasks.registry import (
+    mlflow_client, model_said, model_version_of, parse_models_uri, version_tags,
+)
 
 EVENT = "petalflow.drift.detected"
 
@@ -150,7 +152,7 @@ def training_params_of(model_uri: str) -> Optional[dict]:
     on drift trains only on changed data, and decides on its own classes."""
     if parse_models_uri(model_uri) is None:
         return None
-    raw = (model_version_of(model_uri).tags or {}).get("params")
+    raw = version_tags(mlflow_client(), model_version_of(model_uri)).get("params")
     if not raw:
         return None
     return {k: v for k, v in json.loads(raw).items() if k not in ONE_RUN_FIELDS}

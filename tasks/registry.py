@@ -278,7 +278,14 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
         "petalflow.class_names": class_names_tag(data_info["classes"]),
         "petalflow.code_version": code_version(),
         "mlflow.source.name": SOURCE_NAME,
+        # What a version registered from this run's model records (``register_model``), for
+        # one registered by hand (``version_tags``): the request and its key.
+        "petalflow.request_key": run_key(cfg, data_info["fingerprint"]),
     }
+    request = json.dumps(recorded_params(cfg, mode="json"), separators=(",", ":"),
+                         ensure_ascii=False)
+    if len(request) <= RUN_TAG_CHARS:
+        tags["petalflow.params"] = request
     tags.update({f"petalflow.{k}": v for k, v in source_tags(source).items()})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # MLflow's own nesting tag
@@ -714,15 +721,48 @@ def version_by_alias(client, name: str, alias: str):
         raise
 
 
+def version_tags(client, mv) -> dict:
+    """What a registered version records (the tags ``register_model`` sets): its own tags; for
+    a version registered by hand from a petalflow training run's model (the MLflow UI's
+    "Register model", ``mlflow.register_model``), which has none of them, what its run
+    recorded: data and source, backbone, classes, test accuracy, and (runs from this one on)
+    the training request and its key. A version of any other run: its own tags."""
+    tags = dict(mv.tags or {})
+    if "params" in tags or not mv.run_id:
+        return tags
+    try:
+        run = client.get_run(mv.run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException/RestException
+        if is_missing(exc) or "RESOURCE_DOES_NOT_EXIST" in str(exc):
+            return tags
+        raise
+    recorded = run.data.tags
+    if "petalflow.dataset_fingerprint" not in recorded:
+        return tags
+    found = {key: recorded.get(f"petalflow.{key}") for key in (
+        "dataset_fingerprint", "data_url", "backbone", "params", "request_key", "code_version",
+        *(tag for key, tag in SOURCE_TAGS.items() if key != "outcome"))}
+    found["image_size"] = run.data.params.get("image_size")
+    accuracy = run.data.metrics.get("test_accuracy")
+    found["test_accuracy"] = f"{accuracy:.{PRECISION}f}" if accuracy is not None else None
+    classes = recorded.get("petalflow.class_names")  # cut short for hundreds of classes
+    found["class_names"] = classes if classes and classes.startswith("[") else None
+    if found["class_names"] is None and mv.source:
+        import mlflow
+
+        metadata = mlflow.models.get_model_info(mv.source).metadata or {}
+        if metadata.get("class_names"):
+            found["class_names"] = json.dumps(metadata["class_names"], ensure_ascii=False)
+    return {**{k: v for k, v in found.items() if v is not None}, **tags}
+
+
 def current_champion(client, name: str):
     """(version, test_accuracy) of the current champion, or (None, None) when there is none
     (``version_by_alias``)."""
     mv = version_by_alias(client, name, CHAMPION)
     if mv is None:
         return None, None
-    acc = mv.tags.get("test_accuracy")
-    if acc is None and mv.run_id:
-        acc = client.get_run(mv.run_id).data.metrics.get("test_accuracy")
+    acc = version_tags(client, mv).get("test_accuracy")
     return mv, (float(acc) if acc is not None else None)
 
 
@@ -731,24 +771,27 @@ def champion_info(model_name: str) -> Optional[dict]:
     URI, the source it was trained on), or None when there is none."""
     client = mlflow_client()
     mv, accuracy = current_champion(client, model_name)
-    return None if mv is None else version_info(mv, accuracy, model_name)
+    return None if mv is None else version_info(version_tags(client, mv), mv, accuracy,
+                                                model_name)
 
 
-def version_info(mv, accuracy: Optional[float], model_name: str, alias: str = CHAMPION) -> dict:
-    """A registered version as plain data: ``champion_info``'s fields and its ``alias``."""
-    classes = mv.tags.get("class_names")
+def version_info(tags: dict, mv, accuracy: Optional[float], model_name: str,
+                 alias: str = CHAMPION) -> dict:
+    """A registered version (``tags``: its ``version_tags``) as plain data: ``champion_info``'s
+    fields and its ``alias``."""
+    classes = tags.get("class_names")
     return {
         "alias": alias,
         "version": str(mv.version),
         "model_uri": f"models:/{model_name}/{mv.version}",
         "class_names": json.loads(classes) if classes else None,
         "stored_test_accuracy": accuracy,
-        "dataset_fingerprint": mv.tags.get("dataset_fingerprint"),
-        "data_url": mv.tags.get("data_url"),
-        "archive_sha256": mv.tags.get("archive_sha256"),
-        "listing_fingerprint": mv.tags.get("listing_fingerprint"),
-        "archive_contents_sha256": mv.tags.get("archive_contents_sha256"),
-        "run_key": mv.tags.get("run_key"),
+        "dataset_fingerprint": tags.get("dataset_fingerprint"),
+        "data_url": tags.get("data_url"),
+        "archive_sha256": tags.get("archive_sha256"),
+        "listing_fingerprint": tags.get("listing_fingerprint"),
+        "archive_contents_sha256": tags.get("archive_contents_sha256"),
+        "run_key": tags.get("run_key"),
         "run_id": mv.run_id,
     }
 
@@ -767,7 +810,8 @@ def followed_champion(params: TrainParams) -> Optional[tuple[TrainParams, dict]]
         mv, alias = version_by_alias(client, params.model_name, CHALLENGER), CHALLENGER
         if mv is None:
             return None
-    raw = mv.tags.get("params")
+    tags = version_tags(client, mv)
+    raw = tags.get("params")
     if not raw:
         raise FollowChampionError(
             f"follow_champion: the {alias} v{mv.version} of {params.model_name} records no "
@@ -780,7 +824,7 @@ def followed_champion(params: TrainParams) -> Optional[tuple[TrainParams, dict]]
     log("following the %s v%s of %s%s: its data %s, backbone %s", alias, mv.version,
         params.model_name, "" if alias == CHAMPION else " (no version has passed the gate yet)",
         redact_url(cfg.data_url), cfg.backbone)
-    return cfg, version_info(mv, accuracy, params.model_name, alias)
+    return cfg, version_info(tags, mv, accuracy, params.model_name, alias)
 
 
 def learned_images(run_id: str, dest: Path) -> Optional[frozenset]:
@@ -1011,8 +1055,9 @@ def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Option
     champion, accuracy = current_champion(client, cfg.model_name)
     key = run_key(cfg, data_info["fingerprint"])
     # request_key: what the run asked for (a sweep); versions from before sweeps have run_key.
+    recorded = version_tags(client, champion) if champion is not None else {}
     if champion is not None and (
-            champion.tags.get("request_key") or champion.tags.get("run_key")) == key:
+            recorded.get("request_key") or recorded.get("run_key")) == key:
         return {"model_name": cfg.model_name, "model_version": str(champion.version),
                 "model_uri": f"models:/{cfg.model_name}/{champion.version}",
                 "champion_accuracy": accuracy, "alias": CHAMPION,
@@ -1020,7 +1065,7 @@ def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Option
     challenger = version_by_alias(client, cfg.model_name, CHALLENGER)
     if challenger is None:
         return None
-    tags = challenger.tags
+    tags = version_tags(client, challenger)
     try:
         recorded = json.loads(tags.get("params", "{}"))
     except ValueError:
@@ -1060,17 +1105,18 @@ def list_model_versions(name: str):
     for alias, version in alias_map.items():
         aliases_of.setdefault(str(version), []).append(alias)
     for mv in client.search_model_versions(f"name='{name}'"):
+        tags = version_tags(client, mv)
         rows.append({
             "version": int(mv.version),
             "aliases": ",".join(sorted(aliases_of.get(str(mv.version), []))),
-            "test_accuracy": float(mv.tags["test_accuracy"]) if "test_accuracy" in mv.tags
+            "test_accuracy": float(tags["test_accuracy"]) if "test_accuracy" in tags
             else None,
-            "classes": len(json.loads(mv.tags["class_names"])) if "class_names" in mv.tags
+            "classes": len(json.loads(tags["class_names"])) if "class_names" in tags
             else None,
             "created": pd.to_datetime(mv.creation_timestamp, unit="ms", utc=True),
-            "dataset_fingerprint": mv.tags.get("dataset_fingerprint", "")[:12],
+            "dataset_fingerprint": tags.get("dataset_fingerprint", "")[:12],
             "run_id": mv.run_id,
-            "alias_reason": mv.tags.get("alias_reason", ""),
+            "alias_reason": tags.get("alias_reason", ""),
         })
     columns = ["version", "aliases", "test_accuracy", "classes", "created",
                "dataset_fingerprint", "run_id", "alias_reason"]

@@ -901,3 +901,48 @@ def test_models_trained_through_the_stacks_server_are_used_and_trained_on_withou
             "mlflow-artifacts:/")
     finally:
         down(st)
+
+
+def test_a_version_registered_by_hand_from_a_training_run_is_the_champion_its_run_describes(
+        workspace, tiny_backbone, prefect_harness):
+    """A user registers a training run's model by hand (the MLflow UI's "Register model",
+    ``mlflow.register_model``) and makes that version the champion. It carries none of the
+    tags petalflow sets when it registers. Before: the next run on the same data retrained
+    anyway and promoted its version over the hand-picked one on the gate alone ("the class list
+    changed from champion v2's (its classes unknown)"), a followed run failed ("records no
+    training parameters") and `petalflow models` showed no accuracy or classes. Now its run's
+    record stands in for the tags."""
+    import mlflow
+
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.registry import champion_info, list_model_versions
+
+    data = _archive(workspace, "d", per_class=12, seed=0)
+    newer = _archive(workspace, "e", per_class=15, seed=1)
+    with revalidating_server() as site:
+        url = site.put("/d.tgz", data)
+        first = train_and_register(_params(url, tiny_backbone, epochs=4))
+        client = _client()
+        by_hand = mlflow.register_model(client.get_model_version(MODEL, "1").source, MODEL)
+        assert str(by_hand.version) == "2" and not {"params", "class_names"} & set(by_hand.tags)
+        client.set_registered_model_alias(MODEL, "champion", "2")
+        same = train_and_register(_params(url, tiny_backbone, epochs=4))
+        followed = train_and_register(TrainParams(follow_champion=True))
+        info = champion_info(MODEL)
+        site.put("/d.tgz", newer)
+        changed = train_and_register(TrainParams(follow_champion=True))
+    assert (same["status"], same["model_version"]) == ("nothing to do", "2")
+    assert (followed["status"], followed["model_version"]) == ("nothing to do", "2")
+    assert info["class_names"] == sorted(COLOURS) and info["data_url"] == url
+    assert info["stored_test_accuracy"] == pytest.approx(
+        first["test_metrics"]["test_accuracy"], abs=1e-6)
+    # New data behind the URL: trained with v2's settings, compared with v2 on the same split.
+    assert changed["status"] == "trained" and changed["model_version"] == "3"
+    assert changed["comparison"]["champion_version"] == "2"
+    assert changed["comparison"]["champion_accuracy"] is not None
+    assert "classes unknown" not in changed["alias_reason"]
+    assert json.loads(_client().get_model_version(MODEL, "3").tags["params"])["epochs"] == 4
+    listed = list_model_versions(MODEL).set_index("version")
+    assert listed.loc[2, "classes"] == len(COLOURS)
+    assert listed.loc[2, "test_accuracy"] == pytest.approx(
+        first["test_metrics"]["test_accuracy"], abs=1e-6)
