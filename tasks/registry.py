@@ -304,6 +304,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
 
 # The manifest's splits as MLflow dataset inputs, each with the context MLflow's UI shows.
 SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))
+DATASET_NAME_CHARS = 250  # MLflow's SQL stores keep 500
 ARCHIVE_SUFFIXES = (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tbz2", ".txz", ".tar", ".zip")
 
 
@@ -317,8 +318,9 @@ def dataset_name(data_url: str) -> str:
     name = Path(path.rstrip("/\\")).name
     for suffix in ARCHIVE_SUFFIXES:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)]
-    return name or "dataset"
+            name = name[:-len(suffix)]
+            break
+    return (name or "dataset")[:DATASET_NAME_CHARS]
 
 
 def split_inputs(data_info: DatasetInfo, data_url: str) -> list:

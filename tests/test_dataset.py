@@ -1368,6 +1368,7 @@ def test_each_split_is_an_mlflow_dataset_input_named_after_the_source(tmp_path):
         "https://h/x/flower_photos.tgz", "https://h/api/download?id=3", "photos/",
         "file:///data/my%20photos.tar.gz", "/data/set.zip", ".zip")] == [
         "flower_photos", "download", "photos", "my photos", "set", ".zip"]
+    assert dataset_name("https://h/" + "x" * 400 + ".zip") == "x" * 250
     info = prepare_dataset(make_dataset(tmp_path / "d", per_class=10), tmp_path / "m",
                            0.2, 0.2, 0)
 
