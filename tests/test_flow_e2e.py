@@ -1427,15 +1427,13 @@ def test_waiting_for_handed_over_trainings_says_why_and_gives_up_only_on_those_n
         "'empty-gpu'"]
 
 
-def test_handed_over_trainings_end_with_the_run_that_waits_for_them(prefect_harness):
+def test_handed_over_trainings_end_with_the_run_that_waits_for_them(prefect_harness,
+                                                                    monkeypatch):
     """The run waiting for its handed-over trainings ends first (cancelled from the UI: its
     worker's SIGTERM; Ctrl-C; an error): before, the trainings went on (a hung one holding its
     GPU worker for ever) for a model nothing would register. Now a training already running is
     set Cancelling (its worker stops it) and one no worker took yet is Cancelled; both say why.
     Ones already ended stay as they ended."""
-    import _thread
-    import threading
-
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import StateType
@@ -1453,7 +1451,18 @@ def test_handed_over_trainings_end_with_the_run_that_waits_for_them(prefect_harn
                                   for _ in range(3))
         client.set_flow_run_state(running.id, Running(), force=True)
         client.set_flow_run_state(done.id, Completed(), force=True)
-        threading.Timer(1.5, _thread.interrupt_main).start()  # Ctrl-C while it waits
+        class Interrupted:  # Ctrl-C arrives during the wait's second pause (whatever
+            monotonic = staticmethod(time.monotonic)  # SIGINT handler an earlier test left)
+            pauses = 0
+
+            @classmethod
+            def sleep(cls, seconds: float) -> None:
+                cls.pauses += 1
+                if cls.pauses == 2:
+                    raise KeyboardInterrupt
+                time.sleep(seconds)
+
+        monkeypatch.setattr(handoff, "time", Interrupted)
         with pytest.raises(KeyboardInterrupt):
             handoff.wait_for_training_runs(
                 [running.id, waiting.id, done.id],
