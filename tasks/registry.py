@@ -259,6 +259,13 @@ def recorded_params(cfg: TrainParams, mode: str = "python") -> dict:
     return {**cfg.model_dump(mode=mode), "data_url": redact_url(cfg.data_url)}
 
 
+def params_record(cfg: TrainParams) -> str:
+    """``recorded_params`` as the JSON a version's ``params`` tag (and its run's
+    ``petalflow.params``) holds."""
+    return json.dumps(recorded_params(cfg, mode="json"), separators=(",", ":"),
+                      ensure_ascii=False)
+
+
 # The artifact folder where a training run keeps its data's manifest (``start_run``), which
 # says what images it trained on (``learned_images``).
 RUN_MANIFEST_DIR = "dataset"
@@ -282,8 +289,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
         # one registered by hand (``version_tags``): the request and its key.
         "petalflow.request_key": run_key(cfg, data_info["fingerprint"]),
     }
-    request = json.dumps(recorded_params(cfg, mode="json"), separators=(",", ":"),
-                         ensure_ascii=False)
+    request = params_record(cfg)
     if len(request) <= RUN_TAG_CHARS:
         tags["petalflow.params"] = request
     tags.update({f"petalflow.{k}": v for k, v in source_tags(source).items()})
@@ -342,6 +348,7 @@ def split_inputs(data_info: DatasetInfo, data_url: str) -> list:
     recorded = redact_url(data_url)
     source = (HTTPDatasetSource(recorded) if recorded.lower().startswith(("http://", "https://"))
               else get_dataset_source_from_json(json.dumps({"uri": recorded}), "local"))
+    name = dataset_name(data_url)
     inputs = []
     for split, context in SPLIT_CONTEXTS:
         rows = used.loc[used["split"] == split, ["path", "label", "sha256"]].reset_index(drop=True)
@@ -349,7 +356,7 @@ def split_inputs(data_info: DatasetInfo, data_url: str) -> list:
             continue
         digest = hashlib.sha256("".join(sorted(
             f"{sha} {label}\n" for sha, label in zip(rows["sha256"], rows["label"]))).encode())
-        dataset = from_pandas(rows, source=source, name=dataset_name(data_url),
+        dataset = from_pandas(rows, source=source, name=name,
                               targets="label", digest=digest.hexdigest()[:12])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(),
                                    [InputTag(MLFLOW_DATASET_CONTEXT, context)]))
@@ -728,25 +735,26 @@ def version_tags(client, mv) -> dict:
     a version registered by hand from a petalflow training run's model (the MLflow UI's
     "Register model", ``mlflow.register_model``), which has none of them, what its run
     recorded: data and source, backbone, classes, test accuracy, and (runs from this one on)
-    the training request and its key. A version of any other run: its own tags."""
+    the training request and its key. A version of any other run: its own tags, and its run's
+    test accuracy where the version has none."""
     tags = dict(mv.tags or {})
     if "params" in tags or not mv.run_id:
         return tags
     try:
         run = client.get_run(mv.run_id)
     except Exception as exc:  # noqa: BLE001 - MLflow raises MlflowException/RestException
-        if is_missing(exc) or "RESOURCE_DOES_NOT_EXIST" in str(exc):
+        if is_missing(exc):
             return tags
         raise
+    accuracy = run.data.metrics.get("test_accuracy")
+    found = {"test_accuracy": f"{accuracy:.{PRECISION}f}" if accuracy is not None else None}
     recorded = run.data.tags
     if "petalflow.dataset_fingerprint" not in recorded:
-        return tags
-    found = {key: recorded.get(f"petalflow.{key}") for key in (
+        return {**{k: v for k, v in found.items() if v is not None}, **tags}
+    found.update({key: recorded.get(f"petalflow.{key}") for key in (
         "dataset_fingerprint", "data_url", "backbone", "params", "request_key", "code_version",
-        *(tag for key, tag in SOURCE_TAGS.items() if key != "outcome"))}
+        *(tag for key, tag in SOURCE_TAGS.items() if key != "outcome"))})
     found["image_size"] = run.data.params.get("image_size")
-    accuracy = run.data.metrics.get("test_accuracy")
-    found["test_accuracy"] = f"{accuracy:.{PRECISION}f}" if accuracy is not None else None
     classes = recorded.get("petalflow.class_names")  # cut short for hundreds of classes
     found["class_names"] = classes if classes and classes.startswith("[") else None
     if found["class_names"] is None and mv.source:
@@ -957,8 +965,7 @@ def register_model(
         "backbone": cfg.backbone,
         "image_size": str(cfg.image_size),
         "class_names": json.dumps(data_info["classes"], ensure_ascii=False),
-        "params": json.dumps(recorded_params(request or cfg, mode="json"), separators=(",", ":"),
-                             ensure_ascii=False),
+        "params": params_record(request or cfg),
         "run_key": run_key(cfg, data_info["fingerprint"]),
         "request_key": run_key(request or cfg, data_info["fingerprint"]),
         "code_version": code_version(),

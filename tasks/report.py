@@ -42,19 +42,18 @@ def mlflow_links(base: str, run_id: Optional[str], experiment_id: Optional[str],
     return links
 
 
-def run_links(summary: dict, relative: bool = False) -> dict:
+def run_links(summary: dict) -> tuple[dict, dict]:
     """Links to the run, the model version and the confusion matrix in the MLflow UI: at the
-    tracking server's address (none without a server), or, ``relative``, from a page of
-    whichever UI shows the store (a version's description: a server, `mlflow ui`)."""
+    tracking server's address (none without a server), and relative to a page of whichever UI
+    shows the store (a version's description: a server, `mlflow ui`)."""
     from petalflow.tasks.registry import mlflow_client, tracking_uri
 
     uri = tracking_uri()
-    if not (relative or uri.lower().startswith(("http://", "https://"))):
-        return {}
     run_id = summary.get("mlflow_run_id")
     experiment_id = mlflow_client().get_run(run_id).info.experiment_id if run_id else None
-    return mlflow_links("." if relative else uri, run_id, experiment_id,
-                        summary["model_name"], summary.get("model_version"))
+    found = (run_id, experiment_id, summary["model_name"], summary.get("model_version"))
+    served = uri.lower().startswith(("http://", "https://"))
+    return (mlflow_links(uri, *found) if served else {}), mlflow_links(".", *found)
 
 
 def _table(frame: pd.DataFrame) -> str:
@@ -339,14 +338,13 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     from petalflow.tasks.registry import DESCRIPTION_LIMIT, log_model_card
 
     name = summary["model_name"]
-    links = run_links(summary)
+    links, in_ui = run_links(summary)
     if summary["status"] == "trained" and evaluation_dir:
         # The run's model_card.md sits beside evaluation/ (a relative link); the version's
         # description is read in the MLflow UI, whose links and image are relative to it
         # (they work at any address, and in `mlflow ui` on the SQLite store); the Prefect
         # artifact's image where it can be fetched: the tracking server, else the file.
         card = model_card(summary, evaluation_dir, links)
-        in_ui = run_links(summary, relative=True)
         shown = model_card(summary, evaluation_dir, in_ui, in_ui["Confusion matrix"])
         log_model_card(summary, card, shortened_card(shown, DESCRIPTION_LIMIT))
         image = links.get("Confusion matrix") or (
