@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -599,6 +600,63 @@ def _stop_groups(groups: dict[str, int], timeout_s: float) -> set[str]:
     return killed
 
 
+def _lock_holder(fh) -> str:
+    """Who holds the stack folder's lock, as its holder wrote it: "`petalflow stack up` (pid
+    123)" (or "another `petalflow stack` command" in the moment before it writes that)."""
+    fh.seek(0)
+    words = fh.read().split()
+    if len(words) == 2 and words[1].isdigit():
+        return f"`petalflow stack {words[0]}` (pid {words[1]})"
+    return "another `petalflow stack` command"
+
+
+@contextmanager
+def one_command_at_a_time(stack: Stack, action: str, say,
+                          stop_a_start: bool = False) -> Iterator[None]:
+    """Hold the stack folder's lock (``lock``: an flock, released when this process ends,
+    however it ends) while ``action`` starts or stops services. Two ``stack up`` at once each
+    started a worker per pool and kept one pid file of the two, so ``down`` left a worker per
+    pool running (polling for ever, and taking runs when the stack came back). A command that
+    finds the lock held says so (``say``) and waits for it; with ``stop_a_start`` (``down``) a
+    ``stack up`` in progress is first sent SIGTERM, on which it stops what it had started (a
+    start that hangs does not keep the stack from being stopped)."""
+    import fcntl
+
+    stack.stack_dir.mkdir(parents=True, exist_ok=True)
+    with open(stack.stack_dir / "lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fh)
+            pid = re.search(r"`petalflow stack up` \(pid (\d+)\)", holder)
+            if stop_a_start and pid:
+                say(f"stopping the {holder} in progress on {stack.stack_dir} first")
+                try:
+                    os.kill(int(pid.group(1)), signal.SIGTERM)
+                except OSError:  # gone meanwhile, or another user's: wait for it
+                    pass
+            else:
+                say(f"waiting for the {holder} in progress on {stack.stack_dir} to end")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            except KeyboardInterrupt as exc:
+                exc.add_note("it was still waiting: nothing was started or stopped")
+                raise
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{action} {os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def status(stack: Stack) -> dict:
     """running/stopped per service: the servers, the workers this stack starts and any other
     worker it started earlier (``--gpu-workers``/``--cpu-workers`` at ``up``)."""
@@ -665,18 +723,68 @@ def main(argv: Optional[list[str]] = None) -> int:
                   prefect_port=args.prefect_port, mlflow_port=args.mlflow_port,
                   database=args.database,
                   workers={"cpu": args.cpu_workers, "gpu": args.gpu_workers})
+    if args.action == "status":
+        print(json.dumps(status(stack), indent=2))
+        return 0
+
+    # What is refused at once is refused before the lock, creating nothing (the stack folder
+    # included); a start checks its ports again once it holds the lock.
+    if args.action == "up" and _port_refusal(stack):
+        return 2
+    if args.action == "deploy" and _no_server_refusal(stack):
+        return 1
+    if args.action == "down" and not stack.stack_dir.exists():  # a start creates it first
+        print("stopped: nothing was running")
+        return 0
+
+    def say(line: str) -> None:
+        print(f"petalflow stack {args.action}: {line}", file=sys.stderr, flush=True)
+
+    # SIGTERM (what `stack down` sends a start in progress, and a service manager's stop) ends
+    # a start as Ctrl-C does: what it had started is stopped.
+    before = signal.getsignal(signal.SIGTERM)
     if args.action == "up":
-        problems = port_problems(stack)
-        for problem in problems:
-            print(f"petalflow stack up: error: {problem}", file=sys.stderr)
-        if problems:
+        signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with one_command_at_a_time(stack, args.action, say, stop_a_start=args.action == "down"):
+            return _act(args.action, stack)
+    except KeyboardInterrupt as exc:
+        print(f"petalflow stack {args.action}: interrupted" + "".join(
+            "; " + note for note in getattr(exc, "__notes__", [])), file=sys.stderr)
+        return 130
+    finally:
+        if args.action == "up" and before is not None:  # None: not set from Python
+            signal.signal(signal.SIGTERM, before)
+
+
+def _port_refusal(stack: Stack) -> bool:
+    """``port_problems``, each said in a line; whether there were any."""
+    problems = port_problems(stack)
+    for problem in problems:
+        print(f"petalflow stack up: error: {problem}", file=sys.stderr)
+    return bool(problems)
+
+
+def _no_server_refusal(stack: Stack) -> bool:
+    """Whether no Prefect server answers at the stack's API (said in a line)."""
+    try:  # any answer will do: with an auth string set, a 401 is a server too
+        httpx.get(f"{stack.prefect_api}/health", timeout=10)
+    except httpx.TransportError as exc:
+        print(f"petalflow stack deploy: error: no Prefect server answers at "
+              f"{stack.prefect_api} ({exc.__class__.__name__}): start the stack first "
+              "(petalflow stack up), or give the port it runs on (--prefect-port)",
+              file=sys.stderr)
+        return True
+    return False
+
+
+def _act(action: str, stack: Stack) -> int:
+    """``main``'s action, run while it holds the stack folder's lock."""
+    if action == "up":
+        if _port_refusal(stack):
             return 2
         try:
             up(stack)
-        except KeyboardInterrupt as exc:
-            print("petalflow stack up: interrupted; " + "; ".join(getattr(exc, "__notes__", [])),
-                  file=sys.stderr)
-            return 130
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             print(f"petalflow stack up: error: {_failure(exc)}", file=sys.stderr)
             for note in getattr(exc, "__notes__", []):
@@ -685,22 +793,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"Prefect UI   http://{stack.host}:{stack.prefect_port}\n"
               f"MLflow UI    {stack.mlflow_uri}\nlogs         {stack.logs}\n"
               f"shell setup  source {stack.stack_dir / 'env'}")
-    elif args.action == "deploy":
-        try:  # any answer will do: with an auth string set, a 401 is a server too
-            httpx.get(f"{stack.prefect_api}/health", timeout=10)
-        except httpx.TransportError as exc:
-            print(f"petalflow stack deploy: error: no Prefect server answers at "
-                  f"{stack.prefect_api} ({exc.__class__.__name__}): start the stack first "
-                  "(petalflow stack up), or give the port it runs on (--prefect-port)",
-                  file=sys.stderr)
-            return 1
+    elif action == "deploy":
         try:
             print(deploy(stack))
         except subprocess.SubprocessError as exc:
             print(f"petalflow stack deploy: error: {_failure(exc)}", file=sys.stderr)
             return 1
-    elif args.action == "down":
-        print("stopped: " + (", ".join(down(stack)) or "nothing was running"))
     else:
-        print(json.dumps(status(stack), indent=2))
+        print("stopped: " + (", ".join(down(stack)) or "nothing was running"))
     return 0
+

@@ -476,6 +476,85 @@ def test_a_stack_start_that_fails_or_is_interrupted_stops_what_it_had_started(tm
     assert _bind_problem("127.0.0.1", prefect_port) is None
 
 
+def _stack_processes(stack_dir: Path) -> list[str]:
+    """The command lines of the processes running with the stack folder's PREFECT_HOME: its
+    servers and workers (and their children)."""
+    home = f"PREFECT_HOME={stack_dir / 'prefect'}"
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and home in (proc / "environ").read_bytes().decode(
+                    errors="replace").split("\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found
+
+
+def test_stack_commands_at_once_leave_one_stack_that_down_stops_whole(tmp_path):
+    """Real servers. Two `petalflow stack up` on one stack folder at once (two terminals; a
+    service manager and a person): each started a worker per pool and kept one pid file of the
+    two, so `stack down` left a worker per pool running, polling for ever. Now the second says
+    it waits for the first, then finds the stack up. `stack down` during a start stops that
+    start first (SIGTERM: it ends as on Ctrl-C), then everything: no process is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import free_port
+
+    stack_dir = tmp_path / "stack"
+    command = [str(Path(sys.executable).with_name("petalflow")), "stack"]
+    ports = ["--stack-dir", str(stack_dir), "--prefect-port", str(free_port()),
+             "--mlflow-port", str(free_port())]
+
+    def start(action: str) -> subprocess.Popen:
+        return subprocess.Popen([*command, action, *ports], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+    def wait_for(path: Path, proc: subprocess.Popen, text: str = None) -> None:
+        deadline = time.time() + 120
+        while not (path.exists() and (text is None or path.read_text() == text)):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+
+    procs = []
+    try:
+        first = start("up")
+        procs.append(first)
+        wait_for(stack_dir / "pids" / "prefect-server.pid", first)  # starting
+        second = start("up")
+        procs.append(second)
+        out1, err1 = first.communicate(timeout=300)
+        out2, err2 = second.communicate(timeout=300)
+        assert first.returncode == 0 and second.returncode == 0, (err1, err2)
+        assert out1.startswith("Prefect UI") and out2.startswith("Prefect UI"), (out1, out2)
+        workers = sorted(cmd.split("--pool ")[1].split()[0]
+                         for cmd in _stack_processes(stack_dir) if " worker start " in cmd)
+        assert workers == ["cpu", "gpu"], workers  # ["cpu", "cpu", "gpu", "gpu"] before
+        assert err2.startswith(f"petalflow stack up: waiting for the `petalflow stack up` (pid "
+                               f"{first.pid}) in progress on {stack_dir} to end\n"), err2
+
+        third = start("up")  # a start in progress (all running already: it redeploys)
+        procs.append(third)
+        wait_for(stack_dir / "lock", third, f"up {third.pid}\n")
+        down = subprocess.run([*command, "down", *ports], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300)
+        out3, err3 = third.communicate(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert down.returncode == 0, down.stderr
+    assert down.stderr == (f"petalflow stack down: stopping the `petalflow stack up` (pid "
+                           f"{third.pid}) in progress on {stack_dir} first\n"), down.stderr
+    assert down.stdout.startswith("stopped: worker-cpu"), down.stdout
+    assert third.returncode == 130 and err3.startswith("petalflow stack up: interrupted; "), err3
+    assert _stack_processes(stack_dir) == []
+
+
 def test_a_stack_start_that_fails_at_once_says_why_and_exits_1(tmp_path, capsys):
     """A database server that refuses the connection: the error in a line (createdb's own
     words), what the start left running (nothing), exit status 1; no traceback."""
