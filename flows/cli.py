@@ -37,6 +37,7 @@ EXIT_SOURCE = 3      # dataset download: unreachable, HTTP error, checksum misma
 EXIT_DATA = 4        # archive or dataset unusable (unsafe/unreadable archive, too few images)
 EXIT_BACKBONE = 5    # backbone handle unusable or unreachable
 EXIT_REGISTRY = 6    # MLflow tracking server or registry refused or unreachable
+EXIT_NO_SPACE = 7    # a disk the run writes to is full (or over its quota)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports a command it interrupted
 EXIT_TERMINATED = 143   # SIGTERM (`kill`, `timeout`, systemd, a container's stop), likewise
 
@@ -85,16 +86,26 @@ def explain_failure(exc: BaseException) -> RunFailed:
     """The one message, hint and exit status for a failed run's exception."""
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
-        DatasetError, DownloadError, FollowChampionError, LinksInArchive, ModelNotFound,
+        DatasetError, DiskFull, DownloadError, FollowChampionError, LinksInArchive, ModelNotFound,
         OutputNotWritable, StoreNotFound, TrackingServerUnreachable, TrainingHandoffError,
         TransientError, UnusableImages, WebPageNotArchive,
     )
+    from petalflow.tasks.space import disk_full, no_space
     from petalflow.temporary_server import ServerError
 
     text = str(exc).strip() or type(exc).__name__
     name = type(exc).__name__
     if isinstance(exc, RuntimeError) and text.startswith("Failed to reach API at "):
         return _prefect_unreachable(exc, text)
+    if not isinstance(exc, DiskFull) and no_space(exc):  # raised outside a step that says so
+        exc = disk_full("")
+        text = str(exc)
+    if isinstance(exc, DiskFull):
+        return RunFailed(text, "free space on that disk, or point what it holds at a bigger "
+                         "one (PETALFLOW_HOME: downloads, datasets, features and runs, caches "
+                         "the next run makes again; MLFLOW_TRACKING_URI: the model store; "
+                         "TMPDIR; predict's --output), then run the command again (a training "
+                         "goes on from what it had done).", EXIT_NO_SPACE)
     if isinstance(exc, ServerError):  # the command's temporary Prefect server, before the run
         return RunFailed(text, "or run against a Prefect server: set PREFECT_API_URL "
                          "(`petalflow stack up` starts one)")

@@ -14,6 +14,7 @@ temporary server).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 from prefect import flow, task
@@ -32,6 +33,7 @@ def predict_images_task(params: PredictParams) -> dict:
 
     from petalflow.tasks.common import log
     from petalflow.tasks.predict import predict_images
+    from petalflow.tasks.space import disk_full_said
 
     last = [time.monotonic()]
 
@@ -40,7 +42,9 @@ def predict_images_task(params: PredictParams) -> dict:
             last[0] = time.monotonic()
             log("classified %d of %d images", done, total)
 
-    return predict_images(params, on_batch=progress)
+    with disk_full_said("writing the predictions",
+                        (Path(params.output).expanduser().absolute().parent, "the predictions")):
+        return predict_images(params, on_batch=progress)
 
 
 @task(name="publish-predictions")

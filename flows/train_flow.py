@@ -236,7 +236,9 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
         timings = timer.table()
         log_timings_task(run_id, timings)
     except BaseException as exc:
-        finish_run_task(run_id, "FAILED", failure_text(exc))
+        # The run fails with its own error: one recording it cannot write (the store's disk
+        # full, its server gone) is logged as the task's failure, not raised in its place.
+        finish_run_task(run_id, "FAILED", failure_text(exc), return_state=True)
         raise
     finish_run_task(run_id)
     summary = {

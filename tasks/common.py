@@ -285,8 +285,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     the new one, never half of it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def printable_name(path) -> str:

@@ -32,6 +32,7 @@ from petalflow.tasks.common import (
     without_autotuning, write_json,
 )
 from petalflow.tasks.errors import DatasetError, UnusableImages
+from petalflow.tasks.space import disk_full_said
 from petalflow.tasks.images import IMAGE_SUFFIXES, SUPPORTED_FORMATS
 # Larger images are quarantined: decoding one would take gigabytes (the served model's limit).
 from petalflow.tasks.serving import (MAX_PIXELS, TAIL_BYTES, text_start, unsupported_format,
@@ -1525,5 +1526,6 @@ def prepare_dataset_task(
     data_root: str, out_dir: str, val_fraction: float, test_fraction: float, seed: int,
     unchanging: bool = False,
 ) -> DatasetInfo:
-    return prepare_dataset(Path(data_root), Path(out_dir), val_fraction, test_fraction, seed,
-                           unchanging)
+    with disk_full_said("scanning the dataset", (Path(out_dir), "the dataset's manifest")):
+        return prepare_dataset(Path(data_root), Path(out_dir), val_fraction, test_fraction,
+                               seed, unchanging)

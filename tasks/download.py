@@ -44,6 +44,7 @@ from petalflow.tasks.errors import (
     TransientError, WebPageNotArchive, is_transient_status,
 )
 from petalflow.tasks.serving import text_start, web_page
+from petalflow.tasks.space import check_space, disk_full_said, no_space
 
 
 def _archive_name(url: str) -> str:
@@ -248,20 +249,29 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
                                        + _credentials_advice(url, resp.status_code)))
             validators = _validators(resp.headers)
             resumed = resp.status_code == 206 and offset > 0
-            if not resumed:
-                write_json(part_meta_path, validators)
-            mode = "ab" if resumed else "wb"
             done = offset if resumed else 0
             total = resp.headers.get("content-length")
             total = int(total) + done if total is not None else None
-            with open(part, mode) as fh:
-                for block in resp.iter_raw():  # as received: a drop keeps every byte
-                    fh.write(block)
-                    done += len(block)
-                    if on_progress:
-                        on_progress(done, total)
-                fh.flush()
-                os.fsync(fh.fileno())
+            if total is not None:
+                check_space(part.parent, total - done, f"downloading {target.name}",
+                            "the download")
+            if not resumed:
+                write_json(part_meta_path, validators)
+            mode = "ab" if resumed else "wb"
+            try:
+                with open(part, mode) as fh:
+                    for block in resp.iter_raw():  # as received: a drop keeps every byte
+                        fh.write(block)
+                        done += len(block)
+                        if on_progress:
+                            on_progress(done, total)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:  # a .part that filled the disk is not kept to resume
+                if no_space(exc):
+                    part.unlink(missing_ok=True)
+                    part_meta_path.unlink(missing_ok=True)
+                raise
             if total is not None and done < total:
                 raise TransientError(f"connection to {shown} closed after {done}/{total} bytes")
     except httpx.TooManyRedirects as exc:  # no network trouble: retrying changes nothing
@@ -841,10 +851,14 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0,
                         f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
                         "--max-extract-size if this is expected)"
                     )
+            check_space(dest, total - already, f"extracting {archive.name}",
+                        "the extracted datasets")
             # filter="data" is the second line of defence (strips modes, refuses escapes).
             tar.extractall(dest, members=members, filter="data")
             _read_to_end(tar.fileobj)
     except READ_ERRORS as exc:
+        if no_space(exc):  # the disk's: said by the task, once the staging folder is gone
+            raise
         raise _read_error(archive, exc) from exc
 
 
@@ -929,6 +943,8 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0,
                         f"archive expands to more than {human_bytes(max_bytes)}; refusing (raise "
                         "--max-extract-size if this is expected)"
                     )
+            check_space(dest, declared - already, f"extracting {archive.name}",
+                        "the extracted datasets")
             written = already
             root = dest.resolve()
             for info, name in members:
@@ -950,6 +966,8 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0,
     except zipfile.LargeZipFile as exc:
         raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
     except READ_ERRORS as exc:
+        if no_space(exc):  # the disk's: said by the task, once the staging folder is gone
+            raise
         raise _read_error(archive, exc) from exc
 
 
@@ -1257,7 +1275,8 @@ def _retry_only_transient(task, task_run, state) -> bool:
     retry_condition_fn=_retry_only_transient,
 )
 def download_archive_task(url: str, downloads_dir: str, sha256: Optional[str] = None) -> str:
-    return str(download_archive(url, Path(downloads_dir), sha256))
+    with disk_full_said("downloading the dataset", (Path(downloads_dir), "the downloads")):
+        return str(download_archive(url, Path(downloads_dir), sha256))
 
 
 @task(name="describe-source")
@@ -1298,6 +1317,8 @@ def extract_archive_task(archive: str, datasets_dir: str, max_bytes: int,
     held in use by this flow run until it ends (``housekeeping``)."""
     from prefect.runtime import flow_run
 
-    return str(extract_archive(Path(archive), Path(datasets_dir), max_bytes, source=source,
-                               holder=str(flow_run.id)))
+    with disk_full_said(f"extracting {Path(archive).name}",
+                        (Path(datasets_dir), "the extracted datasets")):
+        return str(extract_archive(Path(archive), Path(datasets_dir), max_bytes, source=source,
+                                   holder=str(flow_run.id)))
 

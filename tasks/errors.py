@@ -92,3 +92,8 @@ class FollowChampionError(PetalflowError):
     """A run that follows the champion (``follow_champion``) cannot train with what the
     champion recorded: no parameters, or ones this machine cannot use (a URL recorded without
     its credentials, a backbone folder it lacks)."""
+
+
+class DiskFull(PetalflowError):
+    """A disk a step writes to is full (or over its quota): named, with its free space. Not
+    retried: freeing space is the user's to do."""

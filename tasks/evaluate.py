@@ -23,6 +23,7 @@ from petalflow.tasks.dataset import (
 )
 from petalflow.tasks.edge import LATENCY_IMAGES, latency_ms
 from petalflow.tasks.registry import MLFLOW_RETRY
+from petalflow.tasks.space import disk_full_said
 
 # Test images per call of the SavedModel. Its memory grows with the rows of a call (serving.py,
 # CALL_ROWS): at 8 the evaluation stays below the freeze's peak instead of setting the train
@@ -603,12 +604,13 @@ def evaluate_model_task(export_dir: str, data_info: DatasetInfo, out_dir: str,
     from petalflow.tasks.registry import log_evaluation
 
     record = prediction_record(Path(records_dir), run_id) if records_dir else None
-    result = evaluate_model(Path(export_dir), data_info, Path(out_dir), record=record)
-    release_memory()  # the loaded model is garbage now: keep the process's peak low
-    warning = few_test_images(result["metrics"])
-    if warning:
-        log("evaluation: %s", warning, level=30)
-    log_evaluation(run_id, result)
+    with disk_full_said("evaluating the model", (Path(out_dir), "the evaluation")):
+        result = evaluate_model(Path(export_dir), data_info, Path(out_dir), record=record)
+        release_memory()  # the loaded model is garbage now: keep the process's peak low
+        warning = few_test_images(result["metrics"])
+        if warning:
+            log("evaluation: %s", warning, level=30)
+        log_evaluation(run_id, result)
     create_markdown_artifact(
         markdown=Path(result["files"]["report"]).read_text(), key="test-evaluation",
         description="Test-set accuracy, per-class metrics and confusion matrix",
@@ -627,9 +629,10 @@ def compare_with_champion_task(champion: Optional[dict], data_info: DatasetInfo,
                                 workdir: str, records_dir: Optional[str] = None,
                                 allow_dropped: bool = False,
                                 predictions: Optional[str] = None) -> dict:
-    result = compare_with_champion(champion, data_info, Path(workdir),
-                                   Path(records_dir) if records_dir else None, allow_dropped,
-                                   Path(predictions) if predictions else None)
+    with disk_full_said("evaluating the champion", (Path(workdir), "the run's folder")):
+        result = compare_with_champion(champion, data_info, Path(workdir),
+                                       Path(records_dir) if records_dir else None,
+                                       allow_dropped, Path(predictions) if predictions else None)
     if "champion_metrics" in result:  # a champion model was evaluated
         release_memory()
     return result
@@ -654,8 +657,9 @@ def evaluate_edge_task(edge_dir: str, export_dir: str, data_info: DatasetInfo,
     """Thin wrapper: logs the edge models and their figures to the MLflow run."""
     from petalflow.tasks.registry import log_edge
 
-    description = evaluate_edge_models(Path(edge_dir), Path(export_dir), data_info, image_size,
-                                       savedmodel_latency_ms)
-    release_memory()
-    log_edge(run_id, edge_dir, description)
+    with disk_full_said("evaluating the edge models", (Path(edge_dir), "the edge models")):
+        description = evaluate_edge_models(Path(edge_dir), Path(export_dir), data_info,
+                                           image_size, savedmodel_latency_ms)
+        release_memory()
+        log_edge(run_id, edge_dir, description)
     return description

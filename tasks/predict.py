@@ -378,7 +378,9 @@ class _Writer:
             with contextlib.suppress(OSError, ValueError):
                 self.parquet.close()
             self.parquet = None
-        self._close_files()
+        # A full disk fails the close's last write too: the part file goes all the same.
+        with contextlib.suppress(OSError, ValueError):
+            self._close_files()
         self.tmp.unlink(missing_ok=True)
 
     def _close_files(self) -> None:

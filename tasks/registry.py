@@ -32,6 +32,7 @@ from petalflow.tasks.common import (
 )
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import FollowChampionError, is_transient_status
+from petalflow.tasks.space import disk_full_said
 from petalflow.tasks.params import CHAMPION, TrainParams, followed, run_key
 
 CHALLENGER = "challenger"
@@ -1323,7 +1324,8 @@ MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
 @task(name="start-mlflow-run", **MLFLOW_RETRY)
 def start_run_task(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
                    source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
-    return start_run(cfg, data_info, run_name, source, parent_run_id)
+    with disk_full_said("starting the MLflow run"):
+        return start_run(cfg, data_info, run_name, source, parent_run_id)
 
 
 @task(name="register-model", **MLFLOW_RETRY)
@@ -1332,8 +1334,9 @@ def register_model_task(run_id: str, export_dir: str, cfg: TrainParams, data_inf
                         source: Optional[dict] = None, edge: Optional[dict] = None,
                         request: Optional[TrainParams] = None,
                         majority: Optional[dict] = None) -> dict:
-    return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison, source,
-                          edge, request, majority)
+    with disk_full_said("registering the model"):
+        return register_model(run_id, Path(export_dir), cfg, data_info, metrics, comparison,
+                              source, edge, request, majority)
 
 
 @task(name="read-champion", **MLFLOW_RETRY)
@@ -1353,9 +1356,11 @@ def unchanged_since_champion_task(cfg: TrainParams, data_info: DatasetInfo) -> O
 
 @task(name="log-timings", **MLFLOW_RETRY)
 def log_timings_task(run_id: str, timings: dict) -> None:
-    log_timings(run_id, timings)
+    with disk_full_said("logging the timings"):
+        log_timings(run_id, timings)
 
 
 @task(name="finish-mlflow-run", **MLFLOW_RETRY)
 def finish_run_task(run_id: str, status: str = "FINISHED", why: Optional[str] = None) -> None:
-    finish_run(run_id, status, why)
+    with disk_full_said("ending the MLflow run"):
+        finish_run(run_id, status, why)

@@ -336,6 +336,7 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
     from prefect.artifacts import create_markdown_artifact
 
     from petalflow.tasks.registry import DESCRIPTION_LIMIT, log_model_card
+    from petalflow.tasks.space import disk_full_said
 
     name = summary["model_name"]
     links, in_ui = run_links(summary)
@@ -346,7 +347,8 @@ def publish_result_task(summary: dict, evaluation_dir: Optional[str] = None) -> 
         # artifact's image where it can be fetched: the tracking server, else the file.
         card = model_card(summary, evaluation_dir, links)
         shown = model_card(summary, evaluation_dir, in_ui, in_ui["Confusion matrix"])
-        log_model_card(summary, card, shortened_card(shown, DESCRIPTION_LIMIT))
+        with disk_full_said("logging the model card"):
+            log_model_card(summary, card, shortened_card(shown, DESCRIPTION_LIMIT))
         image = links.get("Confusion matrix") or (
             Path(evaluation_dir, "confusion.png").resolve().as_uri())
         create_markdown_artifact(markdown=model_card(summary, evaluation_dir, links, image),

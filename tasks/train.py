@@ -32,6 +32,7 @@ from petalflow.tasks.common import (
 )
 from petalflow.tasks.features import aligned, aligned_empty, shared_tensor
 from petalflow.tasks.params import TrainParams
+from petalflow.tasks.space import disk_full_said
 
 EpochHook = Callable[[int, int, dict], None]
 
@@ -142,8 +143,12 @@ def use_mixed_precision() -> bool:
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: no half file left taking its space
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 PROGRESS_EVERY_S = 5.0
@@ -989,15 +994,20 @@ def _train(
     backbone = head = extract = classifier = cb = train_ds = ckpt = manager = frozen = None
     k.backend.clear_session()  # Keras's global state holds the fine-tuning model it built
     release_memory()
-    export_serving_model(
-        network, classes, cfg.image_size, staging,
-        metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
-    )
-    # Features cached before training are the final ones only if the backbone never changed.
-    reusable = train_features if not cfg.fine_tune_layers else None
-    write_json(staging / DRIFT_REFERENCE,
-               training_drift_reference(network, train_paths, train_y, len(classes), cfg,
-                                        reusable, exif))
+    try:
+        export_serving_model(
+            network, classes, cfg.image_size, staging,
+            metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
+        )
+        # Features cached before training are the final ones only if the backbone never
+        # changed.
+        reusable = train_features if not cfg.fine_tune_layers else None
+        write_json(staging / DRIFT_REFERENCE,
+                   training_drift_reference(network, train_paths, train_y, len(classes), cfg,
+                                            reusable, exif))
+    except BaseException:  # a full disk: the half export does not keep its space
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(staging, export_dir)
     release_memory()  # the export's traced serving graph is garbage now
@@ -1061,11 +1071,12 @@ def train_model_task(job: TrainingJob) -> dict:
         log("epoch %d/%d (%s): %s", epoch, total, metrics.get("phase"),
             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
 
-    record = train_model(job.dataset, cfg, Path(job.workdir), on_epoch_end=on_epoch_end,
-                         backbone_path=job.backbone_path, resume_killed=not cfg.force,
-                         features_dir=job.features_dir)
-    update_progress_artifact(progress_id, progress=100.0)
-    if record.get("advice"):
-        log("training: %s", record["advice"], level=30)
-    log_training(job.run_id, record)
+    with disk_full_said("training", (Path(job.workdir), "the run's checkpoints and export")):
+        record = train_model(job.dataset, cfg, Path(job.workdir), on_epoch_end=on_epoch_end,
+                             backbone_path=job.backbone_path, resume_killed=not cfg.force,
+                             features_dir=job.features_dir)
+        update_progress_artifact(progress_id, progress=100.0)
+        if record.get("advice"):
+            log("training: %s", record["advice"], level=30)
+        log_training(job.run_id, record)
     return record
