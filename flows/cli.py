@@ -90,17 +90,16 @@ def explain_failure(exc: BaseException) -> RunFailed:
         OutputNotWritable, StoreNotFound, TrackingServerUnreachable, TrainingHandoffError,
         TransientError, UnusableImages, WebPageNotArchive,
     )
-    from petalflow.tasks.space import disk_full, no_space
+    from petalflow.tasks.space import DISK_FULL, disk_full, no_space
     from petalflow.temporary_server import ServerError
 
     text = str(exc).strip() or type(exc).__name__
     name = type(exc).__name__
     if isinstance(exc, RuntimeError) and text.startswith("Failed to reach API at "):
         return _prefect_unreachable(exc, text)
-    if not isinstance(exc, DiskFull) and no_space(exc):  # raised outside a step that says so
-        exc = disk_full("")
-        text = str(exc)
-    if isinstance(exc, DiskFull):
+    if isinstance(exc, DiskFull) or no_space(exc):
+        if DISK_FULL not in text:  # raised outside a step that says which disk
+            text = str(disk_full(""))
         return RunFailed(text, "free space on that disk, or point what it holds at a bigger "
                          "one (PETALFLOW_HOME: downloads, datasets, features and runs, caches "
                          "the next run makes again; MLFLOW_TRACKING_URI: the model store; "

@@ -21,9 +21,13 @@ from typing import Iterator, Optional
 from petalflow.tasks.common import error_chain, local_store_db, petalflow_home
 from petalflow.tasks.errors import DiskFull
 
+# DiskFull's own words: a training run on the gpu pool that failed so is quoted by the run
+# that handed it over.
+DISK_FULL = "no space left on the disk"
 # How the disk's being full reads where no OSError carries the errno: TensorFlow's file
-# errors, SQLite's (an MLflow store), a tracking server's answer.
-_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+# errors, SQLite's (an MLflow store), a tracking server's answer, DiskFull quoted.
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "database or disk is full",
+               DISK_FULL)
 
 
 def no_space(exc: Optional[BaseException]) -> bool:
@@ -107,7 +111,7 @@ def disk_full(doing: str, own: tuple = (), needed: Optional[int] = None,
     step needed there, if known)."""
     where, free, total = fullest(own, at)
     return DiskFull(
-        "no space left on the disk" + (f" while {doing}" if doing else "")
+        DISK_FULL + (f" while {doing}" if doing else "")
         + (f" ({short_size(needed)} needed)" if needed else "")
         + f": the disk of {where} has {short_size(free)} free of {short_size(total)}")
 

@@ -103,6 +103,39 @@ def test_the_disk_named_is_the_one_checked_or_else_the_fullest(small_disk, monke
             raise ValueError("not the disk")
 
 
+def test_the_command_says_a_full_disk_with_exit_status_7_wherever_it_was_raised(
+        monkeypatch, tmp_path):
+    """The command's line and status for a full disk: a step's DiskFull as it is; a training
+    run on the gpu pool that failed so, as the run that handed it over quotes it (that
+    worker's disk, not this machine's); one raised outside any step (the store's creation),
+    naming the fullest of this machine's places."""
+    from petalflow.flows.cli import EXIT_NO_SPACE, explain_failure
+    from petalflow.tasks.errors import DiskFull
+
+    monkeypatch.setenv("PETALFLOW_HOME", str(tmp_path / "home"))
+    step = DiskFull("no space left on the disk while training: the disk of PETALFLOW_HOME "
+                    "(/w) has 0 bytes free of 1.0 GiB")
+    said = explain_failure(step)
+    assert (said.code, str(said)) == (EXIT_NO_SPACE, str(step))
+    assert said.hint.startswith("free space on that disk, or point what it holds at a bigger")
+    quoted = RuntimeError(f"training run a-b (train-model/train-gpu) ended Failed: Flow run "
+                          f"encountered an exception: DiskFull: {step}")
+    assert (explain_failure(quoted).code, str(explain_failure(quoted))) == (EXIT_NO_SPACE,
+                                                                            str(quoted))
+    import sqlite3
+
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as exc:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full") from exc
+    except RuntimeError as outside:
+        said = explain_failure(outside)
+    assert said.code == EXIT_NO_SPACE
+    assert str(said).startswith("no space left on the disk: the disk of "), str(said)
+    assert explain_failure(OSError(errno.EACCES, "Permission denied")).code != EXIT_NO_SPACE
+
+
 def _archive(tmp: Path, name: str, seed: int, ballast_kib: int = 0) -> bytes:
     """An archive of class folders; ``ballast_kib``: a file of random bytes beside them (an
     export's other files), so its size, packed and unpacked, is known."""
