@@ -90,7 +90,7 @@ def explain_failure(exc: BaseException) -> RunFailed:
         OutputNotWritable, StoreNotFound, TrackingServerUnreachable, TrainingHandoffError,
         TransientError, UnusableImages, WebPageNotArchive,
     )
-    from petalflow.tasks.space import DISK_FULL, disk_full, no_space
+    from petalflow.tasks.space import DISK_FULL, disk_full_from, no_space
     from petalflow.temporary_server import ServerError
 
     text = str(exc).strip() or type(exc).__name__
@@ -99,7 +99,7 @@ def explain_failure(exc: BaseException) -> RunFailed:
         return _prefect_unreachable(exc, text)
     if isinstance(exc, DiskFull) or no_space(exc):
         if DISK_FULL not in text:  # raised outside a step that says which disk
-            text = str(disk_full(""))
+            text = str(disk_full_from(exc))
         return RunFailed(text, "free space on that disk, or point what it holds at a bigger "
                          "one (PETALFLOW_HOME: downloads, datasets, features and runs, caches "
                          "the next run makes again; MLFLOW_TRACKING_URI: the model store; "
@@ -503,13 +503,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from petalflow.tasks.errors import DestinationInUse
     from petalflow.tasks.params import champion_uri
-    from petalflow.tasks.registry import model_said, pinned_model_uri, pull_edge, pull_model
+    from petalflow.tasks.registry import pinned_model_uri
+    from petalflow.tasks.space import disk_full_said
 
     uri = args.model or champion_uri(args.model_name)
     require_store(uri)
     pinned = pinned_model_uri(uri)  # the version an alias names: pulled, and said
+    with disk_full_said("pulling the model",
+                        (Path(args.dest).expanduser().absolute().parent, "--dest")):
+        return _pull(args, uri, pinned)
+
+
+def _pull(args: argparse.Namespace, uri: str, pinned: str) -> int:
+    from petalflow.tasks.errors import DestinationInUse
+    from petalflow.tasks.registry import model_said, pull_edge, pull_model
+
     if args.format == "tflite":
         try:
             path = pull_edge(pinned, args.dest, args.quantization)

@@ -113,7 +113,8 @@ def disk_full(doing: str, own: tuple = (), needed: Optional[int] = None,
     return DiskFull(
         DISK_FULL + (f" while {doing}" if doing else "")
         + (f" ({short_size(needed)} needed)" if needed else "")
-        + f": the disk of {where} has {short_size(free)} free of {short_size(total)}")
+        + f": the disk of {where} has {short_size(free)} free of {short_size(total)}"
+        + ("" if needed else " now that the step stopped"))
 
 
 def check_space(folder: Path, needed: int, doing: str, name: str) -> None:
@@ -135,7 +136,12 @@ def disk_full_said(doing: str, *extra: tuple[Path, str]) -> Iterator[None]:
     except Exception as exc:
         if not no_space(exc):
             raise
-        named = next((c.filename for c in error_chain(exc)
-                      if isinstance(c, OSError) and isinstance(c.filename, str)), None)
-        raise disk_full(doing, tuple(extra),
-                        at=Path(named).absolute().parent if named else None) from exc
+        raise disk_full_from(exc, doing, tuple(extra)) from exc
+
+
+def disk_full_from(exc: BaseException, doing: str = "", own: tuple = ()) -> DiskFull:
+    """``disk_full`` for an error that says a disk is full: the disk of the file it names,
+    if it names one."""
+    named = next((c.filename for c in error_chain(exc)
+                  if isinstance(c, OSError) and isinstance(c.filename, str)), None)
+    return disk_full(doing, own, at=Path(named).absolute().parent if named else None)

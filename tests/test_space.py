@@ -93,7 +93,7 @@ def test_the_disk_named_is_the_one_checked_or_else_the_fullest(small_disk, monke
         with disk_full_said("training", (home / "runs" / "r", "the run's folder")):
             raise RuntimeError("saving: No space left on device")
     assert str(said.value) == ("no space left on the disk while training: the disk of TMPDIR "
-                               f"({tmp}) has 0 bytes free of 64.0 KiB")
+                               f"({tmp}) has 0 bytes free of 64.0 KiB now that the step stopped")
     with pytest.raises(DiskFull) as named:  # the OSError names its file: that file's disk
         with disk_full_said("training", (home / "runs" / "r", "the run's folder")):
             raise OSError(errno.ENOSPC, "No space left on device", str(home / "runs" / "x"))
@@ -210,3 +210,12 @@ def test_a_full_disk_is_named_with_its_free_space_and_loses_nothing(
     assert err.startswith("petalflow predict: error: no space left on the disk while writing "
                           f"the predictions: the disk of the predictions ({out}) has "), err
     assert sorted(p.name for p in out.iterdir()) == ["other-files.bin"]
+
+    # `petalflow pull` into a disk too small for the model: that disk is named (the
+    # fullest of the others, a disk with room, was before), and nothing is left there
+    small_dest = small_disk("small-dest", 64)
+    assert main(["pull", "--dest", str(small_dest / "model")]) == EXIT_NO_SPACE
+    err = capsys.readouterr().err
+    assert err.startswith("petalflow pull: error: no space left on the disk while pulling the "
+                          f"model: the disk of --dest ({small_dest}) has "), err
+    assert list(small_dest.iterdir()) == []
