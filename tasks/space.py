@@ -95,7 +95,12 @@ def fullest(own: tuple = (), at: Optional[Path] = None) -> tuple[str, int, int]:
         except OSError:
             continue
         disks.setdefault(device, [[], usage.free, usage.total])[0].append((path, name, is_own))
-    chosen = _existing(Path(at)).stat().st_dev if at is not None else None
+    if not disks:  # none could be read (gone, or not ours to read)
+        return "", 0, 0
+    try:
+        chosen = _existing(Path(at)).stat().st_dev if at is not None else None
+    except OSError:
+        chosen = None
     on_disk, free, total = disks[chosen] if chosen in disks else min(
         disks.values(), key=lambda entry: entry[1])
     known = [path for path, _name, is_own in on_disk if not is_own]
@@ -109,12 +114,13 @@ def disk_full(doing: str, own: tuple = (), needed: Optional[int] = None,
     """The error for a disk found full while ``doing`` ("" when not known; ``own``: the step's
     own folders, and ``at`` the one known full, as in ``fullest``; ``needed``: the bytes the
     step needed there, if known)."""
+    said = (DISK_FULL + (f" while {doing}" if doing else "")
+            + (f" ({short_size(needed)} needed)" if needed else ""))
     where, free, total = fullest(own, at)
-    return DiskFull(
-        DISK_FULL + (f" while {doing}" if doing else "")
-        + (f" ({short_size(needed)} needed)" if needed else "")
-        + f": the disk of {where} has {short_size(free)} free of {short_size(total)}"
-        + ("" if needed else " now that the step stopped"))
+    if not where:
+        return DiskFull(said)
+    return DiskFull(f"{said}: the disk of {where} has {short_size(free)} free of "
+                    f"{short_size(total)}" + ("" if needed else " now that the step stopped"))
 
 
 def check_space(folder: Path, needed: int, doing: str, name: str) -> None:
