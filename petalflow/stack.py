@@ -45,7 +45,7 @@ from typing import Iterator, Optional
 
 import httpx
 
-from petalflow.tasks.common import ENV_DEFAULTS
+from petalflow.tasks.common import ENV_DEFAULTS, holder_lock
 from petalflow.temporary_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -600,57 +600,37 @@ def _stop_groups(groups: dict[str, int], timeout_s: float) -> set[str]:
     return killed
 
 
-def _lock_holder(fh) -> str:
-    """Who holds the stack folder's lock, as its holder wrote it: "`petalflow stack up` (pid
-    123)" (or "another `petalflow stack` command" in the moment before it writes that)."""
-    fh.seek(0)
-    words = fh.read().split()
-    if len(words) == 2 and words[1].isdigit():
-        return f"`petalflow stack {words[0]}` (pid {words[1]})"
-    return "another `petalflow stack` command"
-
-
 @contextmanager
 def one_command_at_a_time(stack: Stack, action: str, say,
                           stop_a_start: bool = False) -> Iterator[None]:
-    """Hold the stack folder's lock (``lock``: an flock, released when this process ends,
-    however it ends) while ``action`` starts or stops services. Two ``stack up`` at once each
-    started a worker per pool and kept one pid file of the two, so ``down`` left a worker per
-    pool running (polling for ever, and taking runs when the stack came back). A command that
-    finds the lock held says so (``say``) and waits for it; with ``stop_a_start`` (``down``) a
-    ``stack up`` in progress is first sent SIGTERM, on which it stops what it had started (a
-    start that hangs does not keep the stack from being stopped)."""
-    import fcntl
-
-    stack.stack_dir.mkdir(parents=True, exist_ok=True)
-    with open(stack.stack_dir / "lock", "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _lock_holder(fh)
-            pid = re.search(r"`petalflow stack up` \(pid (\d+)\)", holder)
-            if stop_a_start and pid:
-                say(f"stopping the {holder} in progress on {stack.stack_dir} first")
-                try:
-                    os.kill(int(pid.group(1)), signal.SIGTERM)
-                except OSError:  # gone meanwhile, or another user's: wait for it
-                    pass
-            else:
-                say(f"waiting for the {holder} in progress on {stack.stack_dir} to end")
+    """Hold the stack folder's lock (``lock``, a ``holder_lock``: released when this process
+    ends, however it ends) while ``action`` starts or stops services. Two ``stack up`` at once
+    each started a worker per pool and kept one pid file of the two, so ``down`` left a worker
+    per pool running (polling for ever, and taking runs when the stack came back). A command
+    that finds the lock held says so (``say``) and waits for it; with ``stop_a_start``
+    (``down``) a ``stack up`` in progress is first sent SIGTERM, on which it stops what it had
+    started (a start that hangs does not keep the stack from being stopped)."""
+    def on_wait(holder: str) -> None:
+        start = re.search(r"`petalflow stack up` \(pid (\d+)\)", holder)
+        if stop_a_start and start:
+            say(f"stopping {holder} in progress on {stack.stack_dir} first")
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            except KeyboardInterrupt as exc:
-                exc.add_note("it was still waiting: nothing was started or stopped")
-                raise
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{action} {os.getpid()}\n")
-        fh.flush()
-        try:
+                os.kill(int(start.group(1)), signal.SIGTERM)
+            except OSError:  # gone meanwhile, or another user's: wait for it
+                pass
+        else:
+            say(f"waiting for {holder} in progress on {stack.stack_dir} to end")
+
+    acting = False
+    try:
+        with holder_lock(stack.stack_dir / "lock",
+                         f"the `petalflow stack {action}` (pid {os.getpid()})", on_wait):
+            acting = True
             yield
-        finally:
-            fh.seek(0)
-            fh.truncate()
+    except KeyboardInterrupt as exc:
+        if not acting:
+            exc.add_note("it was still waiting: nothing was started or stopped")
+        raise
 
 
 def _interrupt(signum, frame):

@@ -479,16 +479,10 @@ def test_a_stack_start_that_fails_or_is_interrupted_stops_what_it_had_started(tm
 def _stack_processes(stack_dir: Path) -> list[str]:
     """The command lines of the processes running with the stack folder's PREFECT_HOME: its
     servers and workers (and their children)."""
+    from tests.helpers import running_processes
+
     home = f"PREFECT_HOME={stack_dir / 'prefect'}"
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and home in (proc / "environ").read_bytes().decode(
-                    errors="replace").split("\0"):
-                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue
-    return found
+    return [cmd for _pid, cmd, env, _cwd in running_processes() if home in env]
 
 
 def test_stack_commands_at_once_leave_one_stack_that_down_stops_whole(tmp_path):
@@ -539,7 +533,7 @@ def test_stack_commands_at_once_leave_one_stack_that_down_stops_whole(tmp_path):
 
         third = start("up")  # a start in progress (all running already: it redeploys)
         procs.append(third)
-        wait_for(stack_dir / "lock", third, f"up {third.pid}\n")
+        wait_for(stack_dir / "lock", third, f"the `petalflow stack up` (pid {third.pid})")
         down = subprocess.run([*command, "down", *ports], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300)
         out3, err3 = third.communicate(timeout=60)
