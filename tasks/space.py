@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from petalflow.mlflow_artifacts import sqlite_database
 from petalflow.tasks.common import error_chain, local_store_db, petalflow_home
 from petalflow.tasks.errors import DiskFull
 
@@ -68,10 +69,9 @@ def places() -> list[tuple[Path, str]]:
     there on the way)."""
     found = [(petalflow_home(), "PETALFLOW_HOME")]
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        found.append((local_store_db().parent, "the MLflow store"))
-    elif uri.startswith("sqlite:///"):
-        found.append((Path(uri[len("sqlite:///"):].split("?")[0]).parent, "the MLflow store"))
+    db = sqlite_database(uri) if uri else local_store_db()
+    if db is not None:
+        found.append((db.parent, "the MLflow store"))
     elif uri.startswith("file:") or "://" not in uri:
         found.append((Path(uri.removeprefix("file://").removeprefix("file:")),
                       "the MLflow store"))
