@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.helpers import export_tiny_backbone  # noqa: E402
+from tests.helpers import export_tiny_backbone, running_processes  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,22 +68,14 @@ def _left_running(root: str) -> list[tuple[int, int, str, str]]:
     process group, command line, the test that was running when it started: pytest's
     PYTEST_CURRENT_TEST, which a started process inherits)."""
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        proc = Path("/proc") / entry
-        try:
-            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:  # exited meanwhile, or not ours to read
-            continue
+    for pid, cmd, env, cwd in running_processes():
         if root in cmd or cwd.startswith(root) or any(root in var for var in env):
             test = next((v.split("=", 1)[1] for v in env
                          if v.startswith("PYTEST_CURRENT_TEST=")), "?")
-            found.append((int(entry), os.getpgid(int(entry)), cmd.strip(), test))
+            try:
+                found.append((pid, os.getpgid(pid), cmd, test))
+            except OSError:  # exited meanwhile
+                continue
     return found
 
 

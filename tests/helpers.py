@@ -11,7 +11,7 @@ import threading
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -415,3 +415,22 @@ def prefect_events(name: str, since: str, at_least: int = 1) -> list[dict]:
         if len(found) >= at_least or time.time() > deadline:
             return found
         time.sleep(1)
+
+
+def running_processes() -> Iterator[tuple[int, str, list[str], str]]:
+    """(pid, command line, environment as NAME=VALUE strings, working folder) of every process
+    running on this machine but this one; zombies, processes that exit meanwhile and those not
+    ours to read are skipped."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        proc = Path("/proc") / entry
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            env = (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        yield int(entry), cmd.strip(), env, cwd
