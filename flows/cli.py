@@ -87,8 +87,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
         DatasetError, DiskFull, DownloadError, FollowChampionError, LinksInArchive, ModelNotFound,
-        OutputNotWritable, StoreNotFound, TrackingServerUnreachable, TrainingHandoffError,
-        TransientError, UnusableImages, WebPageNotArchive,
+        OutputNotWritable, ServerBusy, StoreNotFound, TrackingServerUnreachable,
+        TrainingHandoffError, TransientError, UnusableImages, WebPageNotArchive,
     )
     from petalflow.tasks.space import DISK_FULL, disk_full_from, no_space
     from petalflow.temporary_server import ServerError
@@ -111,6 +111,12 @@ def explain_failure(exc: BaseException) -> RunFailed:
     if isinstance(exc, ChecksumMismatch):
         return RunFailed(text, "the archive behind the URL is not the one pinned: drop "
                          "--data-sha256 to follow the URL, or fix the URL.", EXIT_SOURCE)
+    if isinstance(exc, ServerBusy) or (isinstance(exc, TransientError)
+                                       and text.startswith("HTTP ")):
+        return RunFailed(text, "the server is up but refused for now (a rate limit, an "
+                         "overload, maintenance): run the command again later; what the run "
+                         "had done is reused.",
+                         EXIT_BACKBONE if "backbone" in text else EXIT_SOURCE)
     if isinstance(exc, (DownloadError, TransientError)) and "backbone" in text:
         return RunFailed(text, OFFLINE_HINT, EXIT_BACKBONE)
     if isinstance(exc, TransientError):

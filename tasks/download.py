@@ -40,7 +40,7 @@ from petalflow.tasks.common import (
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (
-    ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive,
+    ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive, ServerBusy,
     TransientError, WebPageNotArchive, is_transient_status,
 )
 from petalflow.tasks.serving import text_start, web_page
@@ -238,7 +238,8 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
                 part.unlink(missing_ok=True)
                 raise TransientError(f"range not satisfiable for {shown}; restarting download")
             if is_transient_status(resp.status_code):
-                raise TransientError(f"HTTP {resp.status_code} from {shown}")
+                raise refused_for_now(resp.status_code, resp.headers.get("retry-after"),
+                                      f"from {shown}", _server_says(resp))
             if resp.status_code >= 400 or resp.status_code == 304:
                 said = _server_says(resp) if resp.status_code >= 400 else ""
                 expired = expired_signature(url)
@@ -359,6 +360,61 @@ def _span(seconds: float) -> str:
 
 _ERROR_BODY = 4096  # bytes of an error answer read for what the server says
 
+# The longest Retry-After a run waits for (a rate limit's minute, a restart): a longer one ends
+# the run at once, saying when to try again (a schedule or watch-data tries at its next turn).
+RETRY_AFTER_MAX_S = 300.0
+
+
+def retry_after_s(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """The seconds a Retry-After header asks to wait (delta-seconds or an HTTP date, RFC 9110);
+    None when there is none or it does not parse."""
+    from datetime import timezone
+    from email.utils import parsedate_to_datetime
+
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _wait_words(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else _span(round(seconds / 60) * 60)
+
+
+def refused_for_now(code: int, retry_after: Optional[str], what: str,
+                    said: str = "") -> Exception:
+    """The error for a server's answer worth retrying (408, 429, 5xx: ``is_transient_status``)
+    to a request ``what`` names ("from URL"). Where it asks to wait (Retry-After) up to
+    RETRY_AFTER_MAX_S, that wait is made here, before the TransientError the task retries, so
+    the retry comes when the server said; a longer one is ServerBusy at once (not retried),
+    saying when to try again. ``said``: the server's own words for it."""
+    from http import HTTPStatus
+
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "server error" if code >= 500 else "refused"
+    text = f"HTTP {code} ({phrase}) {what}" + (f": {said}" if said else "")
+    wait = retry_after_s(retry_after)
+    if wait is None:
+        return TransientError(text)
+    if wait > RETRY_AFTER_MAX_S:
+        return ServerBusy(
+            f"{text}; the server asks to be asked again in {_wait_words(wait)} (Retry-After), "
+            f"after {_utc(time.time() + wait)}, longer than a run waits "
+            f"({_wait_words(RETRY_AFTER_MAX_S)}): try again after then (a schedule or "
+            "watch-data tries again at its next turn)")
+    log("%s; the server asks to be asked again in %s (Retry-After): waiting", text,
+        _wait_words(wait), level=30)
+    time.sleep(wait)
+    return TransientError(f"{text}; waited the {_wait_words(wait)} it asked for (Retry-After)")
+
 
 def netrc_file() -> Optional[Path]:
     """This machine's netrc file (``$NETRC``, else ``~/.netrc``) when there is one: the
@@ -409,7 +465,8 @@ def _credentials_advice(url: str, status: int) -> str:
 
 def _server_says(resp) -> str:
     """An object store's own reason in an error answer (S3's, Google Cloud Storage's and Azure's
-    XML ``<Code>`` and ``<Message>``: "AccessDenied: Request has expired"), from its first
+    XML ``<Code>`` and ``<Message>``: "AccessDenied: Request has expired"; an API's JSON
+    ``message`` or ``error``: GitHub's, Hugging Face's "rate limit exceeded"), from its first
     ``_ERROR_BODY`` bytes; "" for any other answer (an HTML page, nothing)."""
     body = b""
     try:
@@ -422,6 +479,9 @@ def _server_says(resp) -> str:
     text = body[:_ERROR_BODY].decode("utf-8", "replace")
     found = [re.search(rf"<{tag}>\s*([^<]{{1,300}}?)\s*</{tag}>", text)
              for tag in ("Code", "Message")]
+    if not any(found):
+        found = [re.match(r'\s*\{.*?"(?:message|error)"\s*:\s*"([^"\\]{1,300})"', text,
+                          re.DOTALL)]
     return ": ".join(m[1] for m in found if m)
 
 

@@ -18,6 +18,11 @@ class DownloadError(PetalflowError):
     """A download failed for a reason retrying cannot fix (404, 403, bad URL)."""
 
 
+class ServerBusy(PetalflowError):
+    """The server refused for now (429, 503...) and asked, with Retry-After, to be asked again
+    later than a run waits for: not retried within the run."""
+
+
 class ChecksumMismatch(PetalflowError):
     """The downloaded bytes are not the archive that was asked for."""
 

@@ -57,7 +57,10 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
             path = Path(hub.resolve(handle))
         except urllib.error.HTTPError as exc:
             if is_transient_status(exc.code):
-                raise TransientError(f"HTTP {exc.code} fetching backbone {handle}") from exc
+                from petalflow.tasks.download import refused_for_now
+
+                raise refused_for_now(exc.code, (exc.headers or {}).get("Retry-After"),
+                                      f"fetching backbone {handle}") from exc
             raise BackboneError(
                 f"HTTP {exc.code} fetching backbone {handle}; check --backbone") from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as exc:

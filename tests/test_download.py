@@ -1596,3 +1596,131 @@ def test_urls_in_an_error_message_are_recorded_without_their_secrets():
     assert redact_urls_in(text) == (
         "HTTP 403 from https://***@data.example.com/photos.tgz?X-Amz-Signature=***&v=2 "
         "('https://host/x?token=***'); see http://docs.example.com/help.")
+
+
+class _RateLimited:
+    """A server that answers the first ``refusals`` requests with ``code`` and Retry-After
+    ``wait`` (and an API's JSON reason, as GitHub and Hugging Face send), then serves
+    ``data``; ``asked``: the time of each request."""
+
+    def __init__(self, data: bytes, code: int, wait: str, refusals: int = 1):
+        import http.server
+
+        self.asked: list[float] = []
+        limiter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):  # noqa: N802 - http.server API
+                self.send_response(405)
+                self.end_headers()
+
+            def do_GET(self):  # noqa: N802
+                limiter.asked.append(time.monotonic())
+                if len(limiter.asked) <= refusals:
+                    body = b'{"message": "API rate limit exceeded for 127.0.0.1"}'
+                    self.send_response(code)
+                    self.send_header("Retry-After", wait)
+                    self.send_header("Content-Type", "application/json")
+                else:
+                    body = data
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.handler = Handler
+
+
+def test_retry_after_is_read_in_seconds_or_as_a_date():
+    from email.utils import formatdate
+
+    from petalflow.tasks.download import retry_after_s
+
+    now = time.time()
+    assert retry_after_s("120") == 120.0
+    assert retry_after_s(formatdate(now + 3600, usegmt=True), now) == pytest.approx(3600, abs=1)
+    assert retry_after_s(formatdate(now - 60, usegmt=True), now) == 0.0  # already past
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
+
+
+def test_a_server_that_asks_to_wait_is_asked_again_when_it_said(tmp_path, prefect_harness,
+                                                                 caplog):
+    """A rate-limited data server (429 with Retry-After: 3) was asked again after Prefect's
+    own 2, 4, 8 and 16 s, all inside the limit: five refusals in 30 s, then the run failed
+    "HTTP 429 from URL" with the hint to check for a proxy. The run now waits what the server
+    asked before the task's retry, and says why, in the server's words."""
+    from prefect import flow
+
+    from petalflow.tasks.download import download_archive_task
+    from tests.helpers import base_url, serve_handler
+
+    data = make_tgz(make_dataset(tmp_path / "src", per_class=3), tmp_path / "p.tgz").read_bytes()
+    server = _RateLimited(data, 429, "3")
+
+    @flow
+    def fetch(url: str):
+        return download_archive_task(url, str(tmp_path / "dl"))
+
+    with serve_handler(server.handler) as http:
+        got = fetch(f"{base_url(http)}/photos.tgz")
+    assert Path(got).read_bytes() == data
+    assert len(server.asked) == 2 and server.asked[1] - server.asked[0] >= 3
+    said = [r.getMessage() for r in caplog.records if "Retry-After" in r.getMessage()]
+    assert said and "HTTP 429 (Too Many Requests)" in said[0]
+    assert "API rate limit exceeded for 127.0.0.1" in said[0] and "3 s" in said[0]
+
+
+def test_a_server_that_asks_to_wait_longer_than_a_run_ends_it_saying_when(tmp_path,
+                                                                           prefect_harness):
+    """Retry-After beyond what a run waits (here a date two hours on, as a maintenance page
+    sends it): the run ends at the first answer, saying when to try again; nothing is
+    retried, nothing half-written is left, the command exits 3 with a hint that the server
+    is up (not "offline, or behind a proxy?")."""
+    from email.utils import formatdate
+
+    from prefect import flow
+
+    from petalflow.flows.cli import EXIT_SOURCE, explain_failure
+    from petalflow.tasks.download import download_archive_task
+    from petalflow.tasks.errors import ServerBusy
+    from tests.helpers import base_url, serve_handler
+
+    data = make_tgz(make_dataset(tmp_path / "src", per_class=3), tmp_path / "p.tgz").read_bytes()
+    server = _RateLimited(data, 503, formatdate(time.time() + 7200, usegmt=True))
+
+    @flow
+    def fetch(url: str):
+        return download_archive_task(url, str(tmp_path / "dl"))
+
+    with serve_handler(server.handler) as http:
+        state = fetch(f"{base_url(http)}/photos.tgz", return_state=True)
+    assert state.is_failed() and len(server.asked) == 1
+    with pytest.raises(ServerBusy) as busy:
+        state.result()
+    text = str(busy.value)
+    assert text.startswith("HTTP 503 (Service Unavailable) from http://127.0.0.1:")
+    assert "API rate limit exceeded" in text and "in 2 hours (Retry-After), after " in text
+    assert not [p for p in (tmp_path / "dl").rglob("*") if p.is_file()
+                and not p.name.startswith(".")]
+    failed = explain_failure(busy.value)
+    assert failed.code == EXIT_SOURCE and "the server is up but refused for now" in failed.hint
+
+
+def test_a_backbone_server_that_asks_to_wait_too_long_is_said_as_such(tmp_path):
+    """TF Hub's and Kaggle's model servers rate-limit too: the backbone's fetch reads
+    Retry-After the same way, and the command exits with the backbone's status."""
+    from petalflow.flows.cli import EXIT_BACKBONE, explain_failure
+    from petalflow.tasks.errors import ServerBusy
+    from petalflow.tasks.model import fetch_backbone
+    from tests.helpers import base_url, serve_handler
+
+    server = _RateLimited(b"", 429, "86400")
+    with serve_handler(server.handler) as http:
+        with pytest.raises(ServerBusy, match=r"HTTP 429 \(Too Many Requests\) fetching "
+                           r"backbone .* in 24 hours \(Retry-After\)") as busy:
+            fetch_backbone(f"{base_url(http)}/tiny.tar.gz", tmp_path / "tfhub")
+    assert explain_failure(busy.value).code == EXIT_BACKBONE
