@@ -441,6 +441,26 @@ def scheme_hint(value: str) -> str:
     return f"; a web address needs its scheme: {scheme}://{value}"
 
 
+def special_file(path) -> Optional[str]:
+    """What ``path`` is when it exists and is neither a file nor a folder (links followed):
+    "a pipe (what a shell's <(command) or `| ... /dev/stdin` gives)", "a socket", "a
+    device"; None otherwise. Such a thing can be read once at most: the runs read an archive
+    or an image more than once, and a schedule reads a dataset again where it was recorded."""
+    import stat
+
+    try:
+        mode = os.stat(Path(path).expanduser()).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a pipe (what a shell's <(command) or `| ... /dev/stdin` gives)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return None
+
+
 def where_relative(paths: list[str]) -> str:
     """" (relative paths start from <the working folder>)" when one of ``paths`` is relative
     (said where a path is not found: a deployment's run starts from its worker's working

@@ -18,7 +18,7 @@ from pydantic import (
 
 from petalflow.tasks.common import (
     expand_input_lists, input_list, local_source, not_a_saved_model, redacted, scheme_hint,
-    where_relative,
+    special_file, where_relative,
 )
 
 DEFAULT_DATA_URL = (
@@ -429,6 +429,14 @@ class TrainParams(BaseModel):
         problem = file_url_problem(value)
         if problem:
             raise ValueError(problem)
+        kind = None if value.lower().startswith(("http://", "https://")) else \
+            special_file(local_source(value))
+        if kind:
+            raise ValueError(
+                f"{value!r} is {kind}, not an archive file or a folder: a run reads the "
+                "archive more than once, and scheduled retraining reads it again where it was "
+                "recorded; save it to a file first (curl -o photos.tgz URL), or give its "
+                "http(s) URL")
         if redacted(value):
             raise ValueError(
                 "this URL holds '***' where petalflow hid its credentials when it recorded it "
@@ -873,6 +881,11 @@ class PredictParams(BaseModel):
         if missing:
             raise ValueError("not a file, folder or matching pattern: " + _some(missing)
                              + where_relative(missing) + _other_case(missing))
+        special = [f"{item!r} is {kind}" for item in named if (kind := special_file(item))]
+        if special:
+            raise ValueError("; ".join(special[:3]) + ", not an image file: a job reads each "
+                             "image more than once (to classify it, to measure drift); save "
+                             "it to a file first (curl -o photo.jpg URL), or give its folder")
         return value
 
     @field_validator("output")

@@ -1798,3 +1798,36 @@ def test_a_command_ending_while_a_side_thread_is_in_tensorflow_ends_at_once_with
                           timeout=120, cwd=tmp_path)  # not the side thread's 600 s
     assert done.returncode == 130, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["returned", "last line"]
+
+
+def test_a_pipe_given_as_data_or_images_is_refused_before_anything_starts(workspace,
+                                                                           tiny_backbone):
+    """`petalflow train --data-url <(curl -s URL)` and `petalflow predict <(curl -s URL)` (a
+    shell's process substitution: a pipe named /dev/fd/63), `cat x | petalflow predict
+    /dev/stdin`: training failed after its start-up with `FileNotFoundError: [Errno 2] No such
+    file or directory: '/proc/N/fd/pipe:[M]'` (exit 1, "run again with --verbose"), predict
+    said "no image files found: a folder's images are found by their names". A pipe can be read
+    once; the runs read an archive or an image more than once (and a schedule reads the data
+    again where it was recorded): refused as such, exit 2, nothing created."""
+    import shlex
+
+    from tests.helpers import make_dataset, make_tgz
+
+    exe = shlex.quote(str(Path(sys.executable).with_name("petalflow")))
+    archive = make_tgz(make_dataset(workspace / "src", per_class=2), workspace / "p.tgz")
+    image = next((workspace / "src").rglob("*.jpg"))
+    commands = {
+        "train": f"{exe} train --data-url <(cat {archive}) --backbone {tiny_backbone}",
+        "predict": f"{exe} predict <(cat {image}) --output p.csv",
+        "stdin": f"cat {image} | {exe} predict /dev/stdin --output p.csv",
+    }
+    for name, command in commands.items():
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                              timeout=120, cwd=workspace)
+        assert done.returncode == 2, (name, done.stderr)
+        what = "an archive file or a folder" if name == "train" else "an image file"
+        assert (f"is a pipe (what a shell's <(command) or `| ... /dev/stdin` gives), not {what}"
+                in done.stderr), (name, done.stderr)
+        assert "save it to a file first (curl -o " in done.stderr
+    assert not (workspace / "home").exists() and not (workspace / "p.csv").exists()
+    assert not (workspace / "mlflow").exists()
