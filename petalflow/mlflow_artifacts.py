@@ -65,3 +65,81 @@ def served_artifacts_repository(artifact_uri: str, tracking_uri: Optional[str] =
 
     return LocalArtifactRepository(path.as_uri(), tracking_uri=tracking_uri,
                                    registry_uri=registry_uri)
+
+
+_RELOCATED: set = set()  # database files relocate_artifacts has looked at in this process
+
+
+def _local_location(location: Optional[str]) -> Optional[Path]:
+    """The folder a ``file:`` URI or an absolute path names, else None (``mlflow-artifacts:``,
+    a cloud store's URI)."""
+    if not location:
+        return None
+    if location.startswith("file:"):
+        return Path(unquote(urlparse(location).path))
+    return Path(location) if location.startswith("/") else None
+
+
+def relocate_artifacts(tracking_uri: Optional[str]) -> list[tuple[str, str]]:
+    """Once per process and store: for a SQLite store whose folder was moved or copied (the
+    project folder renamed, moved out of Downloads, copied to another machine), the records
+    that still name its artifacts where they were are rewritten to name them where they are,
+    ``<the database's folder>/artifacts``; the (old, new) locations rewritten, [] for none.
+
+    MLflow records absolute ``file:`` locations (an experiment's, each run's, each logged
+    model's and model version's): moved, every registered model failed to load ("No such
+    artifact: ''") and new runs wrote into the old place (a copy: into the original's folder,
+    recreated if gone). An experiment's location is taken as the store's own when it is a
+    folder named ``artifacts`` other than this one and the experiment has no runs or one of its
+    runs' folders is here; any other location (a folder of the user's choosing, a server's
+    ``mlflow-artifacts:``) is left as it is. One transaction: all or nothing."""
+    import sqlite3
+
+    db = sqlite_database(tracking_uri)
+    if db is None or db.name == ":memory:" or not db.is_file():
+        return []
+    db = db.resolve()
+    root = db.parent / "artifacts"
+    if db in _RELOCATED or not root.is_dir():
+        return []
+    _RELOCATED.add(db)
+    new = root.as_uri()
+    moved: list[tuple[str, str]] = []
+    con = sqlite3.connect(str(db), timeout=60)
+    try:
+        with con:
+            for exp_id, location in con.execute(
+                    "SELECT experiment_id, artifact_location FROM experiments").fetchall():
+                old = _local_location(location)
+                if old is None or old.name != "artifacts" or old == root \
+                        or (old.exists() and old.resolve() == root):
+                    continue
+                runs = [r for (r,) in con.execute(
+                    "SELECT run_uuid FROM runs WHERE experiment_id = ?", (exp_id,))]
+                if runs and not any((root / run).is_dir() for run in runs):
+                    continue
+                prefix = location.rstrip("/")
+                head = len(prefix) + 1  # the prefix and the "/" after it
+                con.execute("UPDATE experiments SET artifact_location = ? "
+                            "WHERE experiment_id = ?", (new, exp_id))
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                            "WHERE substr(artifact_uri, 1, ?) = ?", (new, head, head, prefix + "/"))
+                con.execute("UPDATE logged_models SET artifact_location = ? || "
+                            "substr(artifact_location, ?) WHERE substr(artifact_location, 1, ?) "
+                            "= ?", (new, head, head, prefix + "/"))
+                for column in ("storage_location", "source"):
+                    con.execute(f"UPDATE model_versions SET {column} = ? || substr({column}, ?) "
+                                f"WHERE substr({column}, 1, ?) = ?",
+                                (new, head, head, prefix + "/"))
+                moved.append((prefix, new))
+    except sqlite3.Error:  # a store MLflow has not made (no such table) or cannot open now
+        return []
+    finally:
+        con.close()
+    return moved
+
+
+def relocation_said(store: Path, old: str, new: str) -> str:
+    """What a command says for each location ``relocate_artifacts`` rewrote."""
+    return (f"the MLflow store {store} was moved or copied: its records named its artifacts "
+            f"at {old}; they now name them where they are, {new}")

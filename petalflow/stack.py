@@ -412,6 +412,12 @@ def write_mlflow_auth_config(stack: Stack) -> Path:
 
 def start_mlflow_server(stack: Stack, timeout_s: float = 120) -> None:
     stack.mlflow_dir.mkdir(parents=True, exist_ok=True)
+    if not stack.database_url("mlflow"):  # SQLite: its records follow a moved stack folder
+        from petalflow.mlflow_artifacts import relocate_artifacts, relocation_said
+
+        for old, new in relocate_artifacts(f"sqlite:///{stack.mlflow_dir / 'mlflow.db'}"):
+            print(f"petalflow stack up: {relocation_said(stack.mlflow_dir, old, new)}",
+                  file=sys.stderr, flush=True)
     auth, extra = [], {}
     if stack.mlflow_auth:
         write_mlflow_auth_config(stack)

@@ -25,7 +25,9 @@ from typing import Callable, Optional
 
 from prefect import task
 
-from petalflow.mlflow_artifacts import sqlite_database, store_artifacts_dir
+from petalflow.mlflow_artifacts import (
+    relocate_artifacts, relocation_said, sqlite_database, store_artifacts_dir,
+)
 from petalflow.tasks.common import (
     ask_tracking_server, code_version, error_chain, holder_lock, imports_settled, local_store_db,
     log, pid_alive, redact_url, redact_urls_in, tls_failure, tls_problem, utc_now,
@@ -105,14 +107,18 @@ _CREATING = ".creating"  # a new SQLite store's file while MLflow creates its sc
 
 def create_sqlite_store(uri: str) -> None:
     """Create the SQLite store ``uri`` names, if its file does not exist yet, whole or not at
-    all. MLflow creates a new store's schema by running every migration it ships (~0.75 s),
+    all (one that exists: its artifacts' records follow its folder, ``relocate_artifacts``). MLflow creates a new store's schema by running every migration it ships (~0.75 s),
     each committed on its own: a command that ended meanwhile (a run that failed at once on
     its data, Ctrl-C, a kill) left a store that every later command refused ("table jobs
     already exists", or "out-of-date database schema"). The schema is created in a file
     beside it, put in place when complete; one a killed command left there is removed. Any
     other URI, or a store that exists, is left to MLflow."""
     db = sqlite_database(uri)
-    if db is None or db.name == ":memory:" or db.exists():
+    if db is None or db.name == ":memory:":
+        return
+    if db.exists():
+        for old, new in relocate_artifacts(uri):
+            log("%s", relocation_said(db.parent.resolve(), old, new), level=30)
         return
     import mlflow
 

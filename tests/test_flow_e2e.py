@@ -436,6 +436,33 @@ def test_cli_train_runs_the_flow_end_to_end(workspace, tiny_backbone):
     assert list((workspace / "mlflow" / "artifacts").rglob("MLmodel"))
     assert not (workspace / "mlruns").exists()
 
+    # The project folder moved (renamed, out of Downloads): MLflow's records named the
+    # artifacts where they were, and every command failed "MLflow: No such artifact: ''".
+    # Now the next command says the store moved; the model classifies and trains on from
+    # there, and nothing is written where it was.
+    project = workspace / "moved"
+    project.mkdir()
+    (workspace / "mlflow").rename(project / "mlflow")
+    image = next((workspace / "cli-src").rglob("*.jpg"))
+    env = {**os.environ, "PREFECT_API_URL": "", "PETALFLOW_HOME": str(workspace / "home")}
+    proc = subprocess.run([str(exe), "predict", str(image), "--output", "p.csv"], cwd=project,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"the MLflow store {project / 'mlflow'} was moved or copied: its records named its "
+            f"artifacts at {(workspace / 'mlflow' / 'artifacts').as_uri()}; they now name them "
+            f"where they are, {(project / 'mlflow' / 'artifacts').as_uri()}") in proc.stderr
+    assert pd.read_csv(project / "p.csv")["error"].isna().all()
+    with serve_directory(workspace / "served") as url:
+        proc = subprocess.run(
+            [str(exe), "train", "--data-url", f"{url}/cli.tgz", "--backbone", str(tiny_backbone),
+             "--image-size", "32", "--epochs", "2", "--force", "--summary-json", "again.json"],
+            cwd=project, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((project / "again.json").read_text())
+    assert (project / "mlflow" / "artifacts" / again["mlflow_run_id"]).is_dir()
+    assert "moved or copied" not in proc.stderr  # said once, by the first command
+    assert not (workspace / "mlflow").exists()
+
 
 
 def test_two_trainings_of_one_model_at_once_train_it_once(workspace, tiny_backbone):

@@ -255,6 +255,67 @@ def test_mlflow_artifacts_uris_map_to_the_sqlite_stores_own_folder_only(tmp_path
             get_artifact_repository(uri, tracking_uri=tracking)  # MLflow's refusal, as before
 
 
+def test_a_moved_or_copied_sqlite_store_names_its_artifacts_where_they_are(tmp_path):
+    """MLflow records absolute file: locations (an experiment's, each run's, logged model's and
+    model version's): once the project folder was moved, every registered model failed to load
+    ("MLflow: No such artifact: ''") and new runs wrote into the old place; a copy read and
+    wrote the original's. Opening a store rewrites the locations of its own artifacts folder,
+    once, all or nothing; an experiment kept elsewhere on purpose (another folder's name, or
+    an "artifacts" folder holding none of its runs) and MLflow's Default are left alone."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from petalflow.mlflow_artifacts import relocate_artifacts
+    from petalflow.tasks.registry import artifact_location, create_sqlite_store
+
+    first = tmp_path / "first" / "mlflow"
+    uri = f"sqlite:///{first / 'mlflow.db'}"
+    create_sqlite_store(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    own = client.create_experiment("petalflow", artifact_location=artifact_location(uri))
+    chosen = client.create_experiment("chosen", artifact_location=(tmp_path / "kept").as_uri())
+    other = tmp_path / "elsewhere" / "artifacts"
+    elsewhere = client.create_experiment("elsewhere", artifact_location=other.as_uri())
+    (tmp_path / "note.txt").write_text("a model")
+    runs = {}
+    for exp in (own, chosen, elsewhere):
+        run = client.create_run(exp)
+        client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"), "model")
+        runs[exp] = run.info.run_id
+    client.create_registered_model("m")
+    client.create_model_version("m", f"runs:/{runs[own]}/model", runs[own])
+    before = {exp: client.get_run(run).info.artifact_uri for exp, run in runs.items()}
+    assert before[own].startswith(first.as_uri() + "/artifacts/")
+
+    moved = tmp_path / "moved" / "mlflow"
+    moved.parent.mkdir()
+    first.rename(moved)
+    new_uri = f"sqlite:///{moved / 'mlflow.db'}"
+    said = relocate_artifacts(new_uri)
+    assert said == [(f"{first.as_uri()}/artifacts", f"{moved.as_uri()}/artifacts")]
+    assert relocate_artifacts(new_uri) == []  # once per process and store
+    client = MlflowClient(tracking_uri=new_uri, registry_uri=new_uri)
+    assert client.get_experiment(own).artifact_location == f"{moved.as_uri()}/artifacts"
+    run = client.get_run(runs[own])
+    assert run.info.artifact_uri == before[own].replace(first.as_uri(), moved.as_uri())
+    assert client.download_artifacts(runs[own], "model/note.txt", str(tmp_path))
+    version = client.get_model_version("m", "1")
+    assert version.source == f"runs:/{runs[own]}/model"  # a runs: URI follows the run
+    for exp in (chosen, elsewhere):  # not this store's folder: as they were
+        assert client.get_run(runs[exp]).info.artifact_uri == before[exp]
+    assert not first.exists()  # nothing written at the old place
+
+    # A copy of the moved folder, the original still there: the copy names its own files.
+    copy = tmp_path / "copy" / "mlflow"
+    shutil.copytree(moved, copy)
+    copy_uri = f"sqlite:///{copy / 'mlflow.db'}"
+    assert relocate_artifacts(copy_uri) == [(f"{moved.as_uri()}/artifacts",
+                                             f"{copy.as_uri()}/artifacts")]
+    copied = MlflowClient(tracking_uri=copy_uri).get_run(runs[own]).info.artifact_uri
+    assert copied.startswith(copy.as_uri() + "/artifacts/")
+
+
 def test_a_new_sqlite_store_is_created_whole_or_not_at_all(tmp_path):
     """`petalflow train` creates the embedded store on a side thread as it starts. A command
     that ended while MLflow was creating the schema (its run failed at once on its data, a
