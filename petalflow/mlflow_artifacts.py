@@ -80,6 +80,15 @@ def _local_location(location: Optional[str]) -> Optional[Path]:
     return Path(location) if location.startswith("/") else None
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    import os
+
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def relocate_artifacts(tracking_uri: Optional[str]) -> list[tuple[str, str]]:
     """Once per process and store: for a SQLite store whose folder was moved or copied (the
     project folder renamed, moved out of Downloads, copied to another machine), the records
@@ -91,7 +100,8 @@ def relocate_artifacts(tracking_uri: Optional[str]) -> list[tuple[str, str]]:
     artifact: ''") and new runs wrote into the old place (a copy: into the original's folder,
     recreated if gone). An experiment's location is taken as the store's own when it is a
     folder named ``artifacts`` other than this one and the experiment has no runs or one of its
-    runs' folders is here; any other location (a folder of the user's choosing, a server's
+    runs' folders is here, unless that folder's database is this one seen at another path (a
+    bind mount); any other location (a folder of the user's choosing, a server's
     ``mlflow-artifacts:``) is left as it is. One transaction: all or nothing."""
     import sqlite3
 
@@ -112,8 +122,9 @@ def relocate_artifacts(tracking_uri: Optional[str]) -> list[tuple[str, str]]:
                     "SELECT experiment_id, artifact_location FROM experiments").fetchall():
                 old = _local_location(location)
                 if old is None or old.name != "artifacts" or old == root \
-                        or (old.exists() and old.resolve() == root):
-                    continue
+                        or (old.exists() and old.resolve() == root) \
+                        or _same_file(old.parent / db.name, db):
+                    continue  # not the store's folder, or this store seen at another path
                 runs = [r for (r,) in con.execute(
                     "SELECT run_uuid FROM runs WHERE experiment_id = ?", (exp_id,))]
                 if runs and not any((root / run).is_dir() for run in runs):

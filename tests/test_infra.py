@@ -262,6 +262,7 @@ def test_a_moved_or_copied_sqlite_store_names_its_artifacts_where_they_are(tmp_p
     wrote the original's. Opening a store rewrites the locations of its own artifacts folder,
     once, all or nothing; an experiment kept elsewhere on purpose (another folder's name, or
     an "artifacts" folder holding none of its runs) and MLflow's Default are left alone."""
+    import os
     import shutil
 
     from mlflow import MlflowClient
@@ -306,6 +307,12 @@ def test_a_moved_or_copied_sqlite_store_names_its_artifacts_where_they_are(tmp_p
         assert client.get_run(runs[exp]).info.artifact_uri == before[exp]
     assert not first.exists()  # nothing written at the old place
 
+    # The same store seen at another path (a bind mount, here a hard link of its database
+    # beside a copy of its files): left as it is, as the other path's processes read it.
+    seen = tmp_path / "seen" / "mlflow"
+    shutil.copytree(moved / "artifacts", seen / "artifacts")
+    os.link(moved / "mlflow.db", seen / "mlflow.db")
+    assert relocate_artifacts(f"sqlite:///{seen / 'mlflow.db'}") == []
     # A copy of the moved folder, the original still there: the copy names its own files.
     copy = tmp_path / "copy" / "mlflow"
     shutil.copytree(moved, copy)
