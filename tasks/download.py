@@ -49,7 +49,52 @@ from petalflow.tasks.space import check_space, disk_full_said, no_space
 
 def _archive_name(url: str) -> str:
     name = Path(unquote(urlparse(url).path)).name
-    return name if name and name not in {".", ".."} else "archive"
+    # Room for the ".part" and ".part.json" names of its download beside it.
+    return fitting_name(name, NAME_MAX - 16) if name and name not in {".", ".."} else "archive"
+
+
+# The longest file or folder name, in bytes, that Linux file systems take (ext4, XFS, Btrfs,
+# tmpfs: NAME_MAX). Windows and macOS take 255 characters, so a name written there in Chinese
+# or Japanese can be three times as long in UTF-8 bytes.
+NAME_MAX = 255
+
+
+def fitting_name(name: str, limit: int = NAME_MAX) -> str:
+    """``name`` (a member's path, "/"-separated) with each part longer than ``limit`` bytes of
+    UTF-8 shortened to fit: its beginning, "~", 8 hex digits of the whole part's sha256 (two
+    long names that begin alike stay two), then its extension. Parts that fit are kept."""
+    parts = []
+    for part in name.split("/"):
+        raw = part.encode("utf-8", "surrogateescape")
+        if len(raw) <= limit:
+            parts.append(part)
+            continue
+        stem, dot, ext = part.rpartition(".")
+        suffix = f".{ext}" if dot and stem and 0 < len(ext.encode()) <= 16 else ""
+        tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
+        room = limit - len(tag) - len(suffix.encode())
+        head = (stem if suffix else part).encode("utf-8", "surrogateescape")[:room]
+        parts.append(head.decode("utf-8", "ignore") + tag + suffix)
+    return "/".join(parts)
+
+
+def _said_shortened(archive: Path, shortened: list[tuple[str, str]]) -> None:
+    """The warning for the member names ``fitting_name`` shortened (a class folder's name is
+    its label: said apart)."""
+    if not shortened:
+        return
+    folders = sorted({a.split("/")[i] for a, b in shortened
+                      for i, (x, y) in enumerate(zip(a.split("/")[:-1], b.split("/")[:-1]))
+                      if x != y})
+    old, new = shortened[0]
+    old, new = old.rsplit("/", 1)[-1], new.rsplit("/", 1)[-1]
+    log("%s: %s longer than a file name can be here (%d bytes) shortened to fit, e.g. '%s' -> "
+        "'%s'%s", archive.name, counted(len(shortened), "name"), NAME_MAX,
+        old if len(old) <= 60 else f"{old[:40]}...{old[-16:]}",
+        new if len(new) <= 60 else f"{new[:20]}...{new[-16:]}",
+        (f"; folders among them ({', '.join(repr(f[:40] + '...') for f in folders[:3])}): a "
+         "class named by such a folder is named by its shortened name") if folders else "",
+        level=30)
 
 
 SOURCE_RECORD = "source.json"
@@ -884,12 +929,17 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0,
             _check_tar_ended(archive, tar, members)
             total = already
             files: dict[str, int] = {}  # the regular files before each member: their sizes
+            shortened = []
             for member in members:
                 member.name = tar_member_name(member.name)
                 _check_member_name(member.name)
+                fitted = fitting_name(member.name)
+                if fitted != member.name:
+                    shortened.append((member.name, fitted))
+                    member.name = fitted
                 size = member.size
                 if member.islnk():  # a file's second name: tar stores its bytes once
-                    member.linkname = tar_member_name(member.linkname)
+                    member.linkname = fitting_name(tar_member_name(member.linkname))
                     if member.linkname not in files:
                         raise ArchiveError(
                             f"archive member {member.name!r} is a hard link to "
@@ -916,6 +966,7 @@ def _extract_tar(archive: Path, dest: Path, max_bytes: int, already: int = 0,
             # filter="data" is the second line of defence (strips modes, refuses escapes).
             tar.extractall(dest, members=members, filter="data")
             _read_to_end(tar.fileobj)
+            _said_shortened(archive, shortened)
     except READ_ERRORS as exc:
         if no_space(exc):  # the disk's: said by the task, once the staging folder is gone
             raise
@@ -990,6 +1041,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0,
             declared = already
             for info, name in members:
                 _check_member_name(name)
+            shortened = [(name, fitted) for _, name in members
+                         if (fitted := fitting_name(name)) != name]
+            members = [(info, fitting_name(name)) for info, name in members]
+            for info, name in members:
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):
                     with zf.open(info) as link:  # its target: a path, read no further
@@ -1023,6 +1078,7 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0,
                                 f"archive expands to more than {human_bytes(max_bytes)}; refusing"
                             )
                         dst.write(block)
+            _said_shortened(archive, shortened)
     except zipfile.LargeZipFile as exc:
         raise ArchiveError(f"cannot read archive {archive.name}: {exc}") from exc
     except READ_ERRORS as exc:

@@ -1724,3 +1724,47 @@ def test_a_backbone_server_that_asks_to_wait_too_long_is_said_as_such(tmp_path):
                            r"backbone .* in 24 hours \(Retry-After\)") as busy:
             fetch_backbone(f"{base_url(http)}/tiny.tar.gz", tmp_path / "tfhub")
     assert explain_failure(busy.value).code == EXIT_BACKBONE
+
+
+def test_names_longer_than_a_file_name_can_be_are_shortened_to_fit(tmp_path, caplog):
+    """A zip or tar made on Windows or macOS, where a name takes 255 characters (a photo named
+    in Japanese: 93 characters, 279 bytes of UTF-8), failed the training: "cannot extract
+    archive photos.zip: [Errno 36] File name too long", with the hint to check the layout.
+    Such names are shortened to fit (their beginning, a digest of the whole, the extension),
+    distinct when they begin alike, and said once; a class folder's too."""
+    from petalflow.tasks.download import NAME_MAX, _archive_name, fitting_name
+
+    long = "春の庭で撮影した白いデイジーの花と青い空と緑の葉っぱの写真です" * 3
+    assert len(long.encode()) > NAME_MAX
+    jpeg = write_image(tmp_path / "one.jpg", (200, 200, 40)).read_bytes()
+    names = [f"photos/daisy/{long}{i}.jpg" for i in range(2)] + [
+        "photos/roses/1.jpg", "photos/roses/2.jpg", f"photos/{'tulpe' * 60}/1.jpg",
+        f"photos/{'tulpe' * 60}/2.jpg"]
+    zipped = tmp_path / "photos.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for name in names:
+            zf.writestr(zipfile.ZipInfo(name, (2024, 1, 1, 0, 0, 0)), jpeg)
+    tarred = tmp_path / "photos.tgz"
+    with tarfile.open(tarred, "w:gz") as tf:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(jpeg)
+            tf.addfile(info, io.BytesIO(jpeg))
+    for archive in (zipped, tarred):
+        caplog.clear()
+        root = extract_archive(archive, tmp_path / f"ds-{archive.suffix}")
+        files = sorted(p.relative_to(root) for p in root.rglob("*.jpg"))
+        assert len(files) == len(names)
+        assert all(len(part.encode()) <= NAME_MAX for f in files for part in f.parts)
+        daisies = [f.name for f in files if f.parts[0] == "daisy"]
+        assert len(set(daisies)) == 2 and all(d.endswith(".jpg") for d in daisies)
+        assert daisies[0].startswith(long[:40])
+        [tulip] = {f.parts[0] for f in files} - {"daisy", "roses"}
+        assert tulip == fitting_name("tulpe" * 60) and tulip.startswith("tulpe")
+        said = [r.getMessage() for r in caplog.records if "shortened to fit" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith(
+            f"{archive.name}: 4 names longer than a file name can be here (255 bytes)")
+        assert "a class named by such a folder is named by its shortened name" in said[0]
+    # A download whose URL ends in such a name: its copy and its .part fit too.
+    name = _archive_name(f"https://example.org/{'x' * 300}.tgz")
+    assert name.endswith(".tgz") and len((name + ".part.json").encode()) <= NAME_MAX
