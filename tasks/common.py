@@ -441,6 +441,82 @@ def scheme_hint(value: str) -> str:
     return f"; a web address needs its scheme: {scheme}://{value}"
 
 
+def utc_minute(epoch: float) -> str:
+    """``epoch`` (seconds) as a time to the minute, in UTC: "2026-12-05 16:08 UTC"."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
+        "%Y-%m-%d %H:%M UTC")
+
+
+def span_words(seconds: float) -> str:
+    """A duration as people say it: "7 days", "5 hours", "90 minutes"."""
+    units = (("day", 86400), ("hour", 3600), ("minute", 60))
+    unit, size = next((unit, size) for unit, size in units
+                      if seconds >= 2 * size or unit == "minute")
+    n = max(1, round(seconds / size))
+    return counted(n, unit)
+
+
+# The longest Retry-After a run waits for (a rate limit's minute, a restart): a longer one ends
+# the run at once, saying when to try again (a schedule or watch-data tries at its next turn).
+RETRY_AFTER_MAX_S = 300.0
+
+
+def retry_after_s(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """The seconds a Retry-After header asks to wait (delta-seconds or an HTTP date, RFC 9110);
+    None when there is none or it does not parse."""
+    from datetime import timezone
+    from email.utils import parsedate_to_datetime
+
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _wait_words(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else span_words(round(seconds / 60) * 60)
+
+
+def refused_for_now(code: int, retry_after: Optional[str], what: str,
+                    said: str = "") -> Exception:
+    """The error for a server's answer worth retrying (408, 429, 5xx: ``is_transient_status``)
+    to a request ``what`` names ("from URL"). Where it asks to wait (Retry-After) up to
+    RETRY_AFTER_MAX_S, that wait is made here, before the TransientError the task retries, so
+    the retry comes when the server said; a longer one is ServerBusy at once (not retried),
+    saying when to try again. ``said``: the server's own words for it."""
+    from http import HTTPStatus
+
+    from petalflow.tasks import errors
+
+    try:
+        phrase = HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "server error" if code >= 500 else "refused"
+    text = f"HTTP {code} ({phrase}) {what}" + (f": {said}" if said else "")
+    wait = retry_after_s(retry_after)
+    if wait is None:
+        return errors.TransientError(text)
+    if wait > RETRY_AFTER_MAX_S:
+        return errors.ServerBusy(
+            f"{text}; the server asks to be asked again in {_wait_words(wait)} (Retry-After), "
+            f"after {utc_minute(time.time() + wait)}, longer than a run waits "
+            f"({_wait_words(RETRY_AFTER_MAX_S)}): try again after then (a schedule or "
+            "watch-data tries again at its next turn)")
+    log("%s; the server asks to be asked again in %s (Retry-After): waiting", text,
+        _wait_words(wait), level=30)
+    time.sleep(wait)
+    return errors.TransientError(
+        f"{text}; waited the {_wait_words(wait)} it asked for (Retry-After)")
+
+
 def special_file(path) -> Optional[str]:
     """What ``path`` is when it exists and is neither a file nor a folder (links followed):
     "a pipe (what a shell's <(command) or `| ... /dev/stdin` gives)", "a socket", "a

@@ -35,12 +35,13 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, counted, file_lock, human_bytes, local_source, log, read_json, redact_url,
-    remove_set_aside, scheme_hint, set_aside, sha256_file, source_url, tls_problem, tree_bytes,
-    unread_folder, utc_at, utc_now, walk_files, where_relative, write_json,
+    refused_for_now, remove_set_aside, scheme_hint, set_aside, sha256_file, source_url,
+    span_words, tls_problem, tree_bytes, unread_folder, utc_at, utc_minute, utc_now, walk_files,
+    where_relative, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (
-    ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive, ServerBusy,
+    ArchiveError, ChecksumMismatch, DamagedArchive, DownloadError, LinksInArchive,
     TransientError, WebPageNotArchive, is_transient_status,
 )
 from petalflow.tasks.serving import text_start, web_page
@@ -157,7 +158,7 @@ def download_archive(
     if expiry is not None and expiry[0] > time.time():
         log("the dataset URL is presigned: its signature expires %s (in %s); after that, runs "
             "that download it (a schedule, watch-data) fail with HTTP 403 until they are "
-            "given a new URL", _utc(expiry[0]), _span(expiry[0] - time.time()), level=30)
+            "given a new URL", utc_minute(expiry[0]), span_words(expiry[0] - time.time()), level=30)
     # Keyed by the URL without its secrets: a presigned URL's next signature is the same source
     # (revalidated, not downloaded again into a folder of its own).
     key = sha256 or hashlib.sha256(source_url(url).encode()).hexdigest()[:24]
@@ -380,85 +381,15 @@ def expired_signature(url: str) -> Optional[str]:
     if found is None or found[0] > now:
         return None
     ends, valid = found
-    signed = f"; it was signed for {_span(valid)}" if valid else ""
-    return (f"the URL's signature expired {_utc(ends)} ({_span(now - ends)} ago{signed}): "
+    signed = f"; it was signed for {span_words(valid)}" if valid else ""
+    return (f"the URL's signature expired {utc_minute(ends)} "
+            f"({span_words(now - ends)} ago{signed}): "
             "presign the archive again and give the new URL; a schedule or watch-data needs one "
             "still valid when it runs (give the deployment's data_url a new URL before each "
             "expiry, or a URL that does not expire)")
 
 
-def _utc(epoch: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M UTC")
-
-
-def _span(seconds: float) -> str:
-    """A duration as people say it: "7 days", "5 hours", "90 minutes"."""
-    units = (("day", 86400), ("hour", 3600), ("minute", 60))
-    unit, size = next((unit, size) for unit, size in units
-                      if seconds >= 2 * size or unit == "minute")
-    n = max(1, round(seconds / size))
-    return counted(n, unit)
-
-
 _ERROR_BODY = 4096  # bytes of an error answer read for what the server says
-
-# The longest Retry-After a run waits for (a rate limit's minute, a restart): a longer one ends
-# the run at once, saying when to try again (a schedule or watch-data tries at its next turn).
-RETRY_AFTER_MAX_S = 300.0
-
-
-def retry_after_s(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
-    """The seconds a Retry-After header asks to wait (delta-seconds or an HTTP date, RFC 9110);
-    None when there is none or it does not parse."""
-    from datetime import timezone
-    from email.utils import parsedate_to_datetime
-
-    value = (value or "").strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def _wait_words(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else _span(round(seconds / 60) * 60)
-
-
-def refused_for_now(code: int, retry_after: Optional[str], what: str,
-                    said: str = "") -> Exception:
-    """The error for a server's answer worth retrying (408, 429, 5xx: ``is_transient_status``)
-    to a request ``what`` names ("from URL"). Where it asks to wait (Retry-After) up to
-    RETRY_AFTER_MAX_S, that wait is made here, before the TransientError the task retries, so
-    the retry comes when the server said; a longer one is ServerBusy at once (not retried),
-    saying when to try again. ``said``: the server's own words for it."""
-    from http import HTTPStatus
-
-    try:
-        phrase = HTTPStatus(code).phrase
-    except ValueError:
-        phrase = "server error" if code >= 500 else "refused"
-    text = f"HTTP {code} ({phrase}) {what}" + (f": {said}" if said else "")
-    wait = retry_after_s(retry_after)
-    if wait is None:
-        return TransientError(text)
-    if wait > RETRY_AFTER_MAX_S:
-        return ServerBusy(
-            f"{text}; the server asks to be asked again in {_wait_words(wait)} (Retry-After), "
-            f"after {_utc(time.time() + wait)}, longer than a run waits "
-            f"({_wait_words(RETRY_AFTER_MAX_S)}): try again after then (a schedule or "
-            "watch-data tries again at its next turn)")
-    log("%s; the server asks to be asked again in %s (Retry-After): waiting", text,
-        _wait_words(wait), level=30)
-    time.sleep(wait)
-    return TransientError(f"{text}; waited the {_wait_words(wait)} it asked for (Retry-After)")
 
 
 def netrc_file() -> Optional[Path]:

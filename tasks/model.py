@@ -15,7 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
-from petalflow.tasks.common import imports_settled, log, not_a_saved_model, tls_problem
+from petalflow.tasks.common import (
+    imports_settled, log, not_a_saved_model, refused_for_now, tls_problem,
+)
 from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 
 
@@ -57,8 +59,6 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
             path = Path(hub.resolve(handle))
         except urllib.error.HTTPError as exc:
             if is_transient_status(exc.code):
-                from petalflow.tasks.download import refused_for_now
-
                 raise refused_for_now(exc.code, (exc.headers or {}).get("Retry-After"),
                                       f"fetching backbone {handle}") from exc
             raise BackboneError(

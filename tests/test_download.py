@@ -1638,7 +1638,7 @@ class _RateLimited:
 def test_retry_after_is_read_in_seconds_or_as_a_date():
     from email.utils import formatdate
 
-    from petalflow.tasks.download import retry_after_s
+    from petalflow.tasks.common import retry_after_s
 
     now = time.time()
     assert retry_after_s("120") == 120.0
