@@ -972,9 +972,10 @@ def _extract_zip(archive: Path, dest: Path, max_bytes: int, already: int = 0,
             declared = already
             for info, name in members:
                 _check_member_name(name)
-            shortened = [(name, fitted) for _, name in members
-                         if (fitted := fitting_name(name)) != name]
-            members = [(info, fitting_name(name)) for info, name in members]
+            fitted = [(info, fitting_name(name)) for info, name in members]
+            shortened = [(name, new) for (_, name), (_, new) in zip(members, fitted)
+                         if new != name]
+            members = fitted
             for info, name in members:
                 mode = info.external_attr >> 16
                 if stat.S_ISLNK(mode):

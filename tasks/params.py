@@ -429,9 +429,8 @@ class TrainParams(BaseModel):
         problem = file_url_problem(value)
         if problem:
             raise ValueError(problem)
-        kind = None if value.lower().startswith(("http://", "https://")) else \
-            special_file(local_source(value))
-        if kind:
+        source = local_source(value)  # None for an http(s) URL
+        if source is not None and (kind := special_file(source)):
             raise ValueError(
                 f"{value!r} is {kind}, not an archive file or a folder: a run reads the "
                 "archive more than once, and scheduled retraining reads it again where it was "

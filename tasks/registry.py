@@ -107,12 +107,13 @@ _CREATING = ".creating"  # a new SQLite store's file while MLflow creates its sc
 
 def create_sqlite_store(uri: str) -> None:
     """Create the SQLite store ``uri`` names, if its file does not exist yet, whole or not at
-    all (one that exists: its artifacts' records follow its folder, ``relocate_artifacts``). MLflow creates a new store's schema by running every migration it ships (~0.75 s),
+    all. MLflow creates a new store's schema by running every migration it ships (~0.75 s),
     each committed on its own: a command that ended meanwhile (a run that failed at once on
     its data, Ctrl-C, a kill) left a store that every later command refused ("table jobs
     already exists", or "out-of-date database schema"). The schema is created in a file
-    beside it, put in place when complete; one a killed command left there is removed. Any
-    other URI, or a store that exists, is left to MLflow."""
+    beside it, put in place when complete; one a killed command left there is removed. A
+    store that exists has its artifacts' records follow its folder (``relocate_artifacts``:
+    moved or copied) and is otherwise left to MLflow, as is any other URI."""
     db = sqlite_database(uri)
     if db is None or db.name == ":memory:":
         return
