@@ -31,7 +31,7 @@ from prefect import flow, get_run_logger
 from petalflow.tasks.common import petalflow_home, redact_url, redacted_source
 from petalflow.tasks.dataset import (
     alike_names_note, dataset_line, dataset_summary, orientation_note, prepare_dataset_task,
-    split_layout_note,
+    split_layout_note, tucked_classes_note,
 )
 from petalflow.tasks.download import (
     describe_source_task, download_archive_task, extract_archive_task, fetch_backbone_task,
@@ -154,9 +154,9 @@ def train_and_register(params: TrainParams = TrainParams()):
     split_note = split_layout_note(counts)
     if split_note:
         logger.info(split_note)
-    alike_note = alike_names_note(data_info["classes"])
-    if alike_note:
-        logger.warning(alike_note)
+    for warned in (tucked_classes_note(counts), alike_names_note(data_info["classes"])):
+        if warned:
+            logger.warning(warned)
     dataset = dataset_summary(data_info)
     # One training of this model at a time: a run that finds another one training it waits
     # (saying which), then checks below whether anything is new.

@@ -77,6 +77,10 @@ class DatasetCounts(TypedDict):
     # the dataset has that shape): (class folder, subfolder count, the first few) of the first
     # few classes (classes_of_subfolders). Not in descriptions earlier versions wrote.
     classes_of_subfolders: NotRequired[list[tuple[str, int, list[str]]]]
+    # Classes whose images all lie in one subfolder of their folder while other classes hold
+    # theirs directly (photos/more/tulips/ beside photos/roses/): (class folder, subfolder) of
+    # the first few (classes_in_one_subfolder). Not in descriptions earlier versions wrote.
+    classes_in_one_subfolder: NotRequired[list[tuple[str, str]]]
 
 
 class DatasetInfo(TypedDict):
@@ -106,7 +110,8 @@ def dataset_summary(info: DatasetInfo) -> dict:
             "quarantine_reasons": shown_reasons(counts["quarantine_reasons"]),
             **{k: counts.get(k, []) for k in ("split_folders", "unlabeled_split_folders",
                                               "nested_copies", "loose_image_examples",
-                                              "classes_of_subfolders")},
+                                              "classes_of_subfolders",
+                                              "classes_in_one_subfolder")},
             "loose_images": counts.get("loose_images", 0)}
 
 
@@ -615,6 +620,42 @@ def classes_of_subfolders(manifest: pd.DataFrame) -> list[tuple[str, int, list[s
         return []
     return [(name, len(subs), sorted(subs)[:NESTED_SHOWN[1]])
             for name, subs in sorted(folders.items())[:NESTED_SHOWN[0]]]
+
+
+def classes_in_one_subfolder(manifest: pd.DataFrame) -> list[tuple[str, str]]:
+    """(class folder, its one subfolder) of the first ``NESTED_SHOWN[0]`` classes whose used
+    images all lie in one subfolder of their folder, when another class holds its images in
+    its folder itself: class folders at mixed depths (photos/roses/ beside photos/more/tulips/,
+    a folder dropped into another, a download extracted into a folder of its own), whose class
+    is named after the outer folder ("more"), as Keras' ``image_dataset_from_directory`` names
+    it. Classes that each keep their images in a subfolder (cats/images/) are not this."""
+    used = manifest.loc[manifest["status"] == "ok", "path"].astype(str).str.split("/")
+    inner: dict[str, set[Optional[str]]] = {}
+    for parts in used:
+        inner.setdefault(parts[0], set()).add(parts[1] if len(parts) > 2 else None)
+    if not any(None in subs for subs in inner.values()):
+        return []
+    return [(name, next(iter(subs))) for name, subs in sorted(inner.items())
+            if len(subs) == 1 and None not in subs][:NESTED_SHOWN[0]]
+
+
+def tucked_classes_note(counts: dict) -> Optional[str]:
+    """One sentence for the log (a warning) and the model card naming the classes of
+    ``classes_in_one_subfolder``; else None."""
+    tucked = counts.get("classes_in_one_subfolder") or []
+    if not tucked:
+        return None
+    if len(tucked) == 1:
+        (name, inner), = tucked
+        return (f"{name}/ holds its images only in its subfolder {inner}/, while the other "
+                f"classes hold theirs in their own folders: it is trained as the class "
+                f"\"{class_label(name)}\"; if {inner} is the class, move {inner}/ up beside the "
+                "other class folders")
+    named = ", ".join(f"{name}/ only in {inner}/" for name, inner in tucked)
+    return (f"{len(tucked)} class folders hold their images only in one subfolder ({named}), "
+            "while other classes hold theirs in their own folders: each is trained as the "
+            "class its outer folder names; if the subfolders are the classes, move them up "
+            "beside the other class folders")
 
 
 def loose_images(data_root: Path) -> list[str]:
@@ -1344,6 +1385,7 @@ def prepare_dataset(
     counts["nested_copies"] = copy_folders(data_root, parents)
     if not counts["split_folders"]:  # (paths then begin with the split's folder)
         counts["classes_of_subfolders"] = classes_of_subfolders(manifest)
+        counts["classes_in_one_subfolder"] = classes_in_one_subfolder(manifest)
     loose = loose_images(data_root)
     counts["loose_images"], counts["loose_image_examples"] = len(loose), loose[:5]
     info: DatasetInfo = {
@@ -1424,6 +1466,10 @@ def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
         if "loose_images" not in info["counts"]:  # written before they were counted
             loose = loose_images(data_root)
             info["counts"].update(loose_images=len(loose), loose_image_examples=loose[:5])
+        if ("classes_in_one_subfolder" not in info["counts"]  # written before they were
+                and not info["counts"].get("split_folders")):  # counted; (see the scan)
+            info["counts"]["classes_in_one_subfolder"] = classes_in_one_subfolder(
+                load_manifest(Path(written["manifest"])))
         if "quarantined_by_reason" not in info["counts"]:  # every file's reason, as before
             info["counts"].update(quarantined_by_reason=reasons_by_kind(info["counts"]),
                                   quarantine_reasons=shown_reasons(

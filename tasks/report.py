@@ -15,6 +15,7 @@ from prefect import task
 from petalflow.tasks.common import counted, redact_url
 from petalflow.tasks.dataset import (
     SHOWN_REASONS, alike_names_note, load_manifest, reasons_by_kind, split_layout_note,
+    tucked_classes_note,
 )
 from petalflow.tasks.drift import drift_line, inputs_said
 from petalflow.tasks.registry import model_said
@@ -153,7 +154,8 @@ def model_card(summary: dict, evaluation_dir: str, links: Optional[dict] = None,
         lines.append("")
     if ds.get("empty_class_folders"):
         lines += [f"Skipped folders without images: {', '.join(ds['empty_class_folders'])}", ""]
-    for note in (split_layout_note(ds), alike_names_note(ds.get("classes") or [])):
+    for note in (split_layout_note(ds), tucked_classes_note(ds),
+                 alike_names_note(ds.get("classes") or [])):
         if note:
             lines += [note[0].upper() + note[1:] + ".", ""]
     lines += _comparison_lines(summary)

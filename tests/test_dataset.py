@@ -632,6 +632,49 @@ def test_a_folder_of_datasets_given_as_the_dataset_is_said_to_be_one(tmp_path):
     assert "purple" in flat["classes"] and split_layout_note(flat["counts"]) is None
 
 
+def test_a_class_whose_images_all_lie_in_one_subfolder_is_named_with_it(tmp_path):
+    """Class folders at mixed depths (photos/roses/*.jpg beside photos/more/tulips/*.jpg: a
+    folder moved into another by a slip of the mouse, or a download extracted into its own
+    folder) train "more", the folder holding the images' folder, as Keras'
+    image_dataset_from_directory labels it; the log said only "3 classes" and the served
+    model answered "more" for tulips. The log's warning, the summary and the model card now
+    name such a class and its one subfolder. Classes that each hold their images in one
+    subfolder of their own (cats/images/, dogs/images/) are a layout of their own: no note."""
+    from petalflow.tasks.dataset import dataset_summary, tucked_classes_note
+
+    root = make_dataset(tmp_path / "photos", per_class=4)
+    (root / "red").rename(tmp_path / "red")
+    (root / "more").mkdir()
+    (tmp_path / "red").rename(root / "more" / "red")
+    info = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0)
+    assert info["classes"] == ["blue", "green", "more"]  # labelled as before
+    said = ("more/ holds its images only in its subfolder red/, while the other classes hold "
+            "theirs in their own folders: it is trained as the class \"more\"; if red is the "
+            "class, move red/ up beside the other class folders")
+    assert tucked_classes_note(info["counts"]) == said
+    summary = dataset_summary(info)
+    assert [tuple(c) for c in summary["classes_in_one_subfolder"]] == [("more", "red")]
+    assert tucked_classes_note(summary) == said
+    assert said[0].upper() + said[1:] + "." in _card(info, summary, tmp_path)
+    # A reused scan (an extracted archive's), also one written before these were counted.
+    described = tmp_path / "out" / "dataset.json"
+    written = json.loads(described.read_text())
+    del written["counts"]["classes_in_one_subfolder"]
+    described.write_text(json.dumps(written))
+    again = prepare_dataset(root, tmp_path / "out", 0.25, 0.25, 0, unchanging=True)
+    assert again["counts"]["found"] == info["counts"]["found"]
+    assert tucked_classes_note(again["counts"]) == said
+
+    each = make_dataset(tmp_path / "each", per_class=4)
+    for name in ("blue", "green", "red"):
+        (each / name).rename(tmp_path / f"{name}-images")
+        (each / name).mkdir()
+        (tmp_path / f"{name}-images").rename(each / name / "images")
+    flat = prepare_dataset(each, tmp_path / "out2", 0.25, 0.25, 0)
+    assert flat["classes"] == ["blue", "green", "red"]
+    assert tucked_classes_note(flat["counts"]) is None
+
+
 def test_a_copy_of_the_class_folders_inside_the_dataset_is_no_class(tmp_path):
     """A flowers zip holding flowers/daisy/... and flowers/flowers/daisy/... again: the
     inner flowers/ was a sixth class holding every photo, each photo was then "the same image
