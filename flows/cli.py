@@ -88,7 +88,8 @@ def explain_failure(exc: BaseException) -> RunFailed:
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
         DatasetError, DiskFull, DownloadError, FollowChampionError, LinksInArchive, ModelNotFound,
         OutputNotWritable, ServerBusy, StoreNotFound, TrackingServerUnreachable,
-        TrainingHandoffError, TransientError, UnusableImages, WebPageNotArchive,
+        TrainingHandoffError, TrainingTimeLimit, TransientError, UnusableImages,
+        WebPageNotArchive,
     )
     from petalflow.tasks.space import DISK_FULL, disk_full_from, no_space
     from petalflow.temporary_server import ServerError
@@ -178,6 +179,11 @@ def explain_failure(exc: BaseException) -> RunFailed:
                          "and aliases.", EXIT_REGISTRY)
     if isinstance(exc, OutputNotWritable):
         return RunFailed(text, "nothing was classified, and no file was left there.")
+    if isinstance(exc, TrainingTimeLimit):
+        return RunFailed(text, "a training that hung stops at the same point again: the "
+                         "run's last log lines (--verbose) say where; one that was only slow "
+                         "(more data, more epochs, a slower machine) needs a larger "
+                         "--max-training-hours.")
     if isinstance(exc, TrainingHandoffError):
         return RunFailed(text, "without --training-deployment (or with `local`) `petalflow "
                          "train` trains in its own process.")

@@ -41,7 +41,9 @@ from petalflow.tasks.edge import edge_summary
 from petalflow.tasks.evaluate import (
     compare_with_champion_task, evaluate_edge_task, evaluate_model_task,
 )
-from petalflow.tasks.handoff import training_handoff_task, wait_for_training_runs
+from petalflow.tasks.handoff import (
+    ended_training_error, time_limit_error, training_handoff_task, wait_for_training_runs,
+)
 from petalflow.tasks.housekeeping import end_failed_run, prune_home_task
 from petalflow.tasks.params import (
     TrainParams, expected_sha256, image_size_set_by, run_key, training_target,
@@ -69,20 +71,27 @@ def train_model_flow(job: TrainingJob) -> dict:
     return train_model_task(job)
 
 
-def run_trainings(jobs: list[TrainingJob], handoff: Optional[dict]) -> list[dict]:
+def run_trainings(jobs: list[TrainingJob], handoff: Optional[dict],
+                  max_hours: float) -> list[dict]:
     """Each job's training record (train.json), in order. In this process (``handoff`` None)
     the jobs train one after another; handed to the deployment ``handoff`` names
     (``handoff.training_handoff``) they all start at once and run as the pool's workers allow.
-    A failed job raises, unless it is one candidate of several: then its record is
-    ``{"error": why}``."""
+    Each may run ``max_hours`` (Prefect's flow timeout here; handed over, the waiting run
+    cancels it). A failed job raises, unless it is one candidate of several: then its record
+    is ``{"error": why}``."""
+    from prefect.flow_engine import FlowRunTimeoutError
+
     records = []
     if handoff is None:
+        timed = train_model_flow.with_options(timeout_seconds=max_hours * 3600)
         for job in jobs:
             try:
-                records.append(train_model_flow(job))
+                records.append(timed(job))
             except Exception as exc:  # noqa: BLE001 - one candidate of a sweep
+                if isinstance(exc, FlowRunTimeoutError):
+                    exc = time_limit_error(max_hours, "the training step")
                 if len(jobs) == 1:
-                    raise
+                    raise exc from None
                 records.append({"error": f"{type(exc).__name__}: {exc}"})
         return records
     from prefect.deployments import run_deployment
@@ -90,15 +99,15 @@ def run_trainings(jobs: list[TrainingJob], handoff: Optional[dict]) -> list[dict
     target = handoff["name"]
     runs = [run_deployment(name=target, parameters={"job": job.model_dump(mode="json")},
                            timeout=0, as_subflow=True) for job in jobs]
-    for job, run in zip(jobs, wait_for_training_runs([run.id for run in runs], handoff)):
+    for job, run in zip(jobs, wait_for_training_runs([run.id for run in runs], handoff,
+                                                     max_hours=max_hours)):
         if run.state is not None and run.state.is_completed():
             records.append(json.loads((Path(job.workdir) / "train.json").read_text()))
             continue
-        why = f"training run {run.name} ({target}) ended {run.state_name}" + (
-            f": {run.state.message}" if run.state and run.state.message else "")
+        why = ended_training_error(run, target, max_hours)
         if len(jobs) == 1:
-            raise RuntimeError(why)
-        records.append({"error": why})
+            raise why
+        records.append({"error": str(why)})
     return records
 
 
@@ -201,7 +210,7 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
                 features_dir=str(feature_cache_dir(home / "features", c, fingerprint,
                                                    backbone_path))))
         training_started = time.perf_counter()
-        records = run_trainings(jobs, handoff)
+        records = run_trainings(jobs, handoff, params.max_training_hours)
         best = 0
         if params.sweep:
             sweep = rank_candidates([c.changes() for c in params.sweep], records,

@@ -93,6 +93,11 @@ class TrainingHandoffError(PetalflowError):
     it is not deployed on the run's Prefect server, or no worker of its pool came online."""
 
 
+class TrainingTimeLimit(PetalflowError):
+    """The training step ran longer than the run's ``max_training_hours`` and was stopped (a
+    hung training, or more data than the limit was set for): nothing was registered."""
+
+
 class FollowChampionError(PetalflowError):
     """A run that follows the champion (``follow_champion``) cannot train with what the
     champion recorded: no parameters, or ones this machine cannot use (a URL recorded without

@@ -10,7 +10,9 @@ one more run each week. Here the waiting run says so as soon as the pool has no 
 and after ``NO_WORKER_LIMIT_S`` without one it cancels the training run and fails saying why.
 A training deployment on the run's own pool is not handed to at all: the run is already on
 such a worker, and its training could wait for a slot the run itself holds (two runs on a
-pool of two slots, each waiting for the other's)."""
+pool of two slots, each waiting for the other's). A training run that has been running longer
+than the run's ``max_training_hours`` is cancelled (its worker stops its process, hung or
+not), and the run fails saying so (``TrainingTimeLimit``)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Optional
 from prefect import task
 
 from petalflow.tasks.common import log
-from petalflow.tasks.errors import TrainingHandoffError
+from petalflow.tasks.errors import TrainingHandoffError, TrainingTimeLimit
 from petalflow.tasks.params import TRAINING_FLOW
 
 # How long a handed-over training may wait while its pool has no worker online before the
@@ -29,6 +31,48 @@ from petalflow.tasks.params import TRAINING_FLOW
 NO_WORKER_LIMIT_S = 15 * 60
 # A training run waiting this long for a busy pool's worker is said to wait (once).
 BUSY_NOTE_S = 60.0
+# How long a training run cancelled for its time limit is given to stop (its worker kills its
+# process) before it is marked cancelled all the same, so that the run waiting for it ends (a
+# worker that is gone or hung itself never reports it).
+CANCEL_GRACE_S = 5 * 60
+# The state message of a training run stopped for running longer than its limit begins so.
+OVER_TIME = "stopped: it ran longer than max_training_hours"
+
+
+def hours_said(hours: float) -> str:
+    """``24`` -> ``24 hours``; ``0.5`` -> ``0.5 hours = 30 minutes``."""
+    said = f"{hours:g} hour{'' if hours == 1 else 's'}"
+    return said if hours >= 1 else f"{said} = {_duration(hours * 3600)}"
+
+
+def over_time_said(hours: float) -> str:
+    """The state message of a training run stopped for running longer than ``hours``."""
+    return (f"{OVER_TIME} ({hours_said(hours)}) allows: hung (a stalled GPU driver or "
+            "network disk), or more data than the limit was set for; nothing it trained is "
+            "registered")
+
+
+def time_limit_error(hours: float, what: str) -> TrainingTimeLimit:
+    """The run's error when its training step (``what``: "the training step", "the training
+    step, handed to train-model/train-gpu (run X),") ran longer than ``hours``."""
+    return TrainingTimeLimit(
+        f"{what} ran longer than max_training_hours ({hours_said(hours)}) allows and was "
+        "stopped; nothing was registered: the champion is as it was, and the runs of this "
+        "model waiting for its turn go on. Data that takes longer to train needs a larger "
+        "max_training_hours (--max-training-hours); the data prepared and the features "
+        "computed so far are kept for the next run")
+
+
+def ended_training_error(run, target: str, max_hours: float) -> Exception:
+    """Why a handed-over training run that did not complete failed the run:
+    ``TrainingTimeLimit`` for one stopped for running longer than ``max_hours``, else a
+    RuntimeError quoting its state."""
+    message = run.state.message if run.state is not None else None
+    if _stopped_over_time(run.id):
+        return time_limit_error(max_hours, f"the training step, handed to {target} (run "
+                                           f"{run.name}),")
+    return RuntimeError(f"training run {run.name} ({target}) ended {run.state_name}"
+                        + (f": {message}" if message else ""))
 
 
 def start_worker_advice(pool: str) -> str:
@@ -94,8 +138,24 @@ def _missing(client, target: str, deployed: bool) -> str:
             "was downloaded or trained")
 
 
-def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> list:
+def _stopped_over_time(flow_run_id) -> bool:
+    """Whether the run was cancelled for its time limit: one of its states carries
+    ``over_time_said``'s message (the one it ends in is its worker's: "Flow run was cancelled
+    successfully")."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return any((state.message or "").startswith(OVER_TIME)
+                   for state in client.read_flow_run_states(flow_run_id))
+
+
+def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0,
+                           max_hours: Optional[float] = None) -> list:
     """The flow runs ``ids`` (in that order) once every one of them is in a final state.
+
+    One that has been running for ``max_hours`` (counted from when this wait first sees it
+    running) is set Cancelling with ``over_time_said`` as its message (its worker stops its
+    process); one its worker has not stopped ``CANCEL_GRACE_S`` after that is set Cancelled.
 
     While some wait for a worker (scheduled, not taken) and the deployment's pool has none
     online, the log says so at once; after ``NO_WORKER_LIMIT_S`` of that they are cancelled
@@ -112,6 +172,8 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> lis
     pool, name = handoff["pool"], handoff["name"]
     unmanned_since: Optional[float] = None
     waiting_since: dict = {}
+    running_since: dict = {}
+    stopped_at: dict = {}
     told_busy: set = set()
     started = time.monotonic()
     with get_client(sync_client=True) as client, _ended_with_this_run(client, ids):
@@ -120,6 +182,8 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> lis
             if len(runs) == len(ids) and all(
                     run.state is not None and run.state.is_final() for run in runs.values()):
                 return [runs[i] for i in ids]
+            if max_hours is not None:
+                _stop_over_time(client, runs.values(), max_hours, running_since, stopped_at)
             waiting = [run for run in runs.values()
                        if run.state is not None and run.state.type == StateType.SCHEDULED]
             status = client.read_work_pool(pool).status if waiting and pool else None
@@ -157,6 +221,36 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0) -> lis
                         "nothing was registered: the champion is as it was")
                 unmanned_since = None
             time.sleep(poll_s)
+
+
+def _stop_over_time(client, runs, max_hours: float, running_since: dict,
+                    stopped_at: dict) -> None:
+    """``wait_for_training_runs``' time limit, one look at ``runs``: those running for
+    ``max_hours`` are set Cancelling; those still not ended ``CANCEL_GRACE_S`` after that,
+    Cancelled."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Cancelling
+
+    now = time.monotonic()
+    for run in runs:
+        if run.state is None or run.state.is_final():
+            continue
+        if run.id in stopped_at:
+            if now - stopped_at[run.id] >= CANCEL_GRACE_S:
+                client.set_flow_run_state(run.id, Cancelled(message=(
+                    f"{over_time_said(max_hours)} (its worker had not stopped it "
+                    f"{_duration(CANCEL_GRACE_S)} after it was cancelled)")), force=True)
+                stopped_at[run.id] = float("inf")
+            continue
+        if run.state.type != StateType.RUNNING:
+            continue
+        since = running_since.setdefault(run.id, now)
+        if now - since >= max_hours * 3600:
+            log("training run %s has run for %s, longer than max_training_hours (%s) allows: "
+                "it is cancelled (its worker stops it)", run.name, _duration(now - since),
+                hours_said(max_hours), level=30)
+            client.set_flow_run_state(run.id, Cancelling(message=over_time_said(max_hours)))
+            stopped_at[run.id] = now
 
 
 # The state message of a training run cancelled because the run that handed it over ended.

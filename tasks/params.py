@@ -269,10 +269,11 @@ class TrainParams(BaseModel):
         "registered model current on the data it was trained on, wherever that is; the data "
         "is taken as it is now behind that URL, not pinned to the bytes it was trained on. "
         "Setting one of those fields here is refused (turn this off to train with other data "
-        "or settings); the model name, force, allow_dropped_classes, where training runs and "
-        "the extraction limit stay this run's. Before there is a champion the challenger is "
-        "followed (a version below the gate: its data may grow until one passes); with "
-        "neither the run trains nothing. retrain-weekly and watch-data run with it on.",
+        "or settings); the model name, force, allow_dropped_classes, where training runs, "
+        "the extraction limit and the training time limit stay this run's. Before there is a "
+        "champion the challenger is followed (a version below the gate: its data may grow "
+        "until one passes); with neither the run trains nothing. retrain-weekly and "
+        "watch-data run with it on.",
     )
     data_sha256: Optional[str] = Field(
         None, json_schema_extra=unset_or("Not pinned", "Pinned to a digest"),
@@ -408,6 +409,14 @@ class TrainParams(BaseModel):
         "training deployment, one per GPU worker (in this process, one after another, when "
         "training is local); each is a nested MLflow run; the best on validation accuracy is "
         "evaluated on the test split and registered. Empty: train the one configuration above.",
+    )
+    max_training_hours: float = Field(
+        24.0, gt=0, le=720, title="Training time limit (hours)",
+        description="Stop a training step that runs longer than this (a sweep: each "
+        "candidate), so that a hung training (a stalled GPU driver or network disk) ends "
+        "instead of holding its model's turn, which later runs of the model, scheduled ones "
+        "included, wait for: the run fails saying so, nothing is registered and the champion "
+        "stays. In hours: 0.5 is half an hour; raise it for data that takes longer.",
     )
     max_extract_size: str = Field(
         "20 GiB", title="Extraction size limit",
@@ -636,7 +645,7 @@ ONE_RUN_FIELDS = ("force", "allow_dropped_classes")
 # trained, its limit and its one-run decisions. The rest (the data, how to train, the gate, the
 # MLflow experiment) is the champion's: the settings the user trained that model with.
 OWN_RUN_FIELDS = ("follow_champion", "model_name", *ONE_RUN_FIELDS, "training_deployment",
-                  "max_extract_size")
+                  "max_extract_size", "max_training_hours")
 
 
 def followed(params: TrainParams, recorded: dict, version: str) -> TrainParams:
@@ -679,7 +688,8 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
 
     relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "min_improvement",
                                        "experiment_name", "data_url", "data_sha256",
-                                       "max_extract_size", *ONE_RUN_FIELDS,
+                                       "max_extract_size", "max_training_hours",
+                                       *ONE_RUN_FIELDS,
                                        "training_deployment", "follow_champion"})
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -642,6 +642,59 @@ def test_browser_classifies_a_folder_from_the_batch_predict_form(stack, tmp_path
             written.unlink(missing_ok=True)
 
 
+def test_a_training_over_its_time_limit_is_stopped_by_its_worker_and_the_next_run_goes_on(
+        stack, tmp_path, tiny_backbone):
+    """A hung training held its model's turn for ever: the runs of the model after it (the
+    weekly schedule's) waited behind it, each holding a cpu worker slot. Started as the UI's
+    Run button does, a training on the gpu pool running longer than max_training_hours (here
+    11 s, against 500 epochs) is cancelled by the run that handed it over; the gpu worker
+    stops its process; the run fails saying so, and a run of the same model that was waiting
+    for its turn trains and registers."""
+    src = make_dataset(tmp_path / "src", per_class=12, seed=7)
+    archive = make_tgz(src, tmp_path / "served" / "slow.tgz")
+    train = _deployment(stack, "train-and-register", "train")
+    gpu = _deployment(stack, "train-model", "train-gpu")
+    with serve_directory(tmp_path / "served") as url:
+        slow = _tiny_params(f"{url}/slow.tgz", archive, tiny_backbone, model_name="slow",
+                            epochs=500, max_training_hours=0.003, edge_export=False)
+        slow_id = _started(_run_button(stack, train["id"], slow))
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            kids = [c for c in _children(stack, slow_id) if c["deployment_id"] == gpu["id"]]
+            if kids and kids[0]["state"]["type"] == "RUNNING":
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the training never started; {_unfinished(stack)}")
+        after = _tiny_params(f"{url}/slow.tgz", archive, tiny_backbone, model_name="slow",
+                             edge_export=False, min_accuracy=0.0)
+        after_id = _started(_run_button(stack, train["id"], after))
+        stopped = _wait_final(stack, slow_id)
+        done = _wait_final(stack, after_id)
+    assert stopped["state"]["type"] == "FAILED", stopped["state"]
+    assert ("TrainingTimeLimit: the training step, handed to train-model/train-gpu (run "
+            in stopped["state"]["message"]), stopped["state"]
+    assert ("ran longer than max_training_hours (0.003 hours = 11 s) allows and was stopped; "
+            "nothing was registered" in stopped["state"]["message"]), stopped["state"]
+    (child,) = [c for c in _children(stack, slow_id) if c["deployment_id"] == gpu["id"]]
+    assert child["state"]["type"] == "CANCELLED", child["state"]
+    told = [s["message"] for s in _api(stack, "GET", "/flow_run_states/",
+                                       params={"flow_run_id": child["id"]}).json()]
+    assert any((m or "").startswith("stopped: it ran longer than max_training_hours (0.003 "
+                                    "hours = 11 s) allows") for m in told), told
+    assert not list((stack.petalflow_home / "runs").glob(f"*/run-{slow_id}/train.json")), \
+        "the training ran to its end: give it more epochs"
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    deadline = time.time() + 30  # the run's logs reach the server in batches
+    while not any(m.startswith("model 'slow': another training of it is running")
+                  for m in _logged(stack, after_id, until="", timeout_s=0)):
+        assert time.time() < deadline, "the next run did not wait for the stopped one's turn"
+        time.sleep(1)
+    versions = _mlflow(stack).search_model_versions("name='slow'")
+    assert [(str(v.version), v.run_id) for v in versions] == [
+        ("1", _mlflow(stack).get_model_version_by_alias("slow", "champion").run_id)]
+
+
 def _freeze_workers(st: Stack) -> list[int]:
     """Stop (SIGSTOP) both workers and the flow processes they started, all at once: nothing
     they run moves on from here. Returns their pids for ``_kill``."""

@@ -1364,6 +1364,116 @@ def test_training_handed_to_a_deployment_no_worker_takes_fails_saying_so_and_kee
     assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
+def test_a_training_longer_than_its_time_limit_is_stopped_and_keeps_the_champion(
+        workspace, tiny_backbone, prefect_harness):
+    """A training that does not end (a stalled GPU driver, a network disk that stopped
+    answering) held its model's training turn for ever: every later run of the model, the
+    weekly schedule's included, waited behind it. A training step now runs at most
+    max_training_hours (here 2 s against 500 epochs): the run fails saying so, its MLflow run
+    is FAILED with why, nothing is registered and the champion stays; the next run of the
+    model trains."""
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.errors import TrainingTimeLimit
+
+    archive = _serve_dataset(workspace, make_dataset, "good", per_class=12)
+    with serve_directory(workspace / "served") as url:
+        def params(**kw):
+            return _params(f"{url}/good.tgz", archive, tiny_backbone, **kw)
+
+        first = train_and_register(params())
+        assert (first["model_version"], first["alias"]) == ("1", "champion")
+        started = time.monotonic()
+        with pytest.raises(TrainingTimeLimit) as stopped:
+            train_and_register(params(epochs=500, force=True, max_training_hours=0.0005))
+        took = time.monotonic() - started
+        text = str(stopped.value)
+        assert text.startswith("the training step ran longer than max_training_hours (0.0005 "
+                               "hours = 2 s) allows and was stopped; nothing was registered: "
+                               "the champion is as it was"), text
+        assert "a larger max_training_hours (--max-training-hours)" in text
+        assert took < 60, took  # stopped, not trained to its end
+        versions = _client().search_model_versions(f"name='{MODEL}'")
+        assert [str(v.version) for v in versions] == ["1"]
+        (failed,) = _client().search_runs(
+            [_client().get_experiment_by_name("petalflow").experiment_id],
+            "attributes.status = 'FAILED'")
+        assert failed.data.tags["petalflow.failure"] == f"TrainingTimeLimit: {text}"
+        assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == "1"
+        # The model's turn was released with the run: the next one trains.
+        again = train_and_register(params(epochs=7))
+        assert again["model_version"] == "2", again
+
+
+def test_a_handed_over_training_over_its_time_limit_is_cancelled_and_said(prefect_harness,
+                                                                          monkeypatch):
+    """Handed over to a training deployment, a training running longer than the run's
+    max_training_hours is set Cancelling (its worker stops its process, hung or not) with a
+    message saying why, and the run's error says so; one whose worker does not stop it (the
+    worker gone or hung itself) is marked Cancelled after CANCEL_GRACE_S, so the waiting run
+    ends all the same. (The worker's part is played through the API here, as a worker marks a
+    run it stopped; test_deployments_e2e has a real one.)"""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Running
+
+    from petalflow.tasks import handoff
+    from petalflow.tasks.errors import TrainingTimeLimit
+
+    monkeypatch.setattr(handoff, "CANCEL_GRACE_S", 2)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="slow-gpu", type="process"))
+        client.send_worker_heartbeat("slow-gpu", "a-worker")
+        deployment = client.create_deployment(
+            flow_id=client.create_flow_from_name("train-model"), name="slow",
+            work_pool_name="slow-gpu")
+        stops, ignores = (client.create_flow_run_from_deployment(deployment) for _ in range(2))
+        for run in (stops, ignores):
+            client.set_flow_run_state(run.id, Running(), force=True)
+
+        def worker_stops_it():  # as a process worker does: kills it, marks it Cancelled
+            while client.read_flow_run(stops.id).state.type != StateType.CANCELLING:
+                threading.Event().wait(0.2)
+            client.set_flow_run_state(stops.id, Cancelled(
+                message="Flow run was cancelled successfully."), force=True)
+
+        threading.Thread(target=worker_stops_it, daemon=True).start()
+        started = time.monotonic()
+        first, second = handoff.wait_for_training_runs(
+            [stops.id, ignores.id], {"name": "train-model/slow", "pool": "slow-gpu"},
+            poll_s=0.3, max_hours=1 / 3600)
+        took = time.monotonic() - started
+        told = [state.message for state in client.read_flow_run_states(stops.id)]
+    assert 1 <= took < 20, took
+    said = ("stopped: it ran longer than max_training_hours (0.000277778 hours = 1 s) allows: "
+            "hung (a stalled GPU driver or network disk), or more data than the limit was set "
+            "for; nothing it trained is registered")
+    assert first.state.is_cancelled() and said in told, told
+    assert second.state.is_cancelled()
+    assert second.state.message == said + (" (its worker had not stopped it 2 s after it was "
+                                           "cancelled)")
+    error = handoff.ended_training_error(first, "train-model/slow", 1 / 3600)
+    assert isinstance(error, TrainingTimeLimit)
+    assert str(error).startswith(f"the training step, handed to train-model/slow (run "
+                                 f"{first.name}), ran longer than max_training_hours "
+                                 "(0.000277778 hours = 1 s) allows and was stopped"), error
+    assert isinstance(handoff.ended_training_error(second, "train-model/slow", 1 / 3600),
+                      TrainingTimeLimit)
+    # A training run cancelled for another reason (the UI's Cancel) is said as it ended.
+    with get_client(sync_client=True) as client:
+        elsewhere = client.create_flow_run_from_deployment(deployment)
+        client.set_flow_run_state(elsewhere.id, Running(), force=True)
+        client.set_flow_run_state(elsewhere.id, Cancelled(message="cancelled from the UI"),
+                                  force=True)
+        elsewhere = client.read_flow_run(elsewhere.id)
+    other = handoff.ended_training_error(elsewhere, "train-model/slow", 1 / 3600)
+    assert type(other) is RuntimeError and str(other) == (
+        f"training run {elsewhere.name} (train-model/slow) ended Cancelled: cancelled from the "
+        "UI"), other
+
+
 def test_a_training_deployment_on_the_runs_own_pool_trains_in_the_run(prefect_harness):
     """A run on pool P that hands its training to a deployment on P could wait for a slot it
     holds itself (two such runs on a pool of two slots waited for each other for ever): such a
