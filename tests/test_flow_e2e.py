@@ -1353,14 +1353,19 @@ def test_training_handed_to_a_deployment_no_worker_takes_fails_saying_so_and_kee
                 break
             time.sleep(0.2)
     assert said and "Without one within 6 s this run cancels it and fails" in said[0], said
+    _failed_keeping_the_champion(f"TrainingHandoffError: {text}")
+
+
+def _failed_keeping_the_champion(why: str) -> None:
+    """The one FAILED MLflow run says ``why`` where the MLflow UI shows it (its description),
+    and nothing was registered after version 1, the champion."""
     versions = _client().search_model_versions(f"name='{MODEL}'")
     assert [str(v.version) for v in versions] == ["1"]
-    # The MLflow run says why it failed, where the MLflow UI shows it (its description).
     (failed,) = _client().search_runs(
         [_client().get_experiment_by_name("petalflow").experiment_id],
         "attributes.status = 'FAILED'")
-    assert failed.data.tags["petalflow.failure"] == f"TrainingHandoffError: {text}"
-    assert failed.data.tags["mlflow.note.content"] == f"**Failed:** TrainingHandoffError: {text}"
+    assert failed.data.tags["petalflow.failure"] == why
+    assert failed.data.tags["mlflow.note.content"] == f"**Failed:** {why}"
     assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == "1"
 
 
@@ -1392,16 +1397,20 @@ def test_a_training_longer_than_its_time_limit_is_stopped_and_keeps_the_champion
                                "the champion is as it was"), text
         assert "a larger max_training_hours (--max-training-hours)" in text
         assert took < 60, took  # stopped, not trained to its end
-        versions = _client().search_model_versions(f"name='{MODEL}'")
-        assert [str(v.version) for v in versions] == ["1"]
-        (failed,) = _client().search_runs(
-            [_client().get_experiment_by_name("petalflow").experiment_id],
-            "attributes.status = 'FAILED'")
-        assert failed.data.tags["petalflow.failure"] == f"TrainingTimeLimit: {text}"
-        assert str(_client().get_model_version_by_alias(MODEL, "champion").version) == "1"
+        _failed_keeping_the_champion(f"TrainingTimeLimit: {text}")
         # The model's turn was released with the run: the next one trains.
         again = train_and_register(params(epochs=7))
         assert again["model_version"] == "2", again
+
+
+def _manned_training_deployment(client, name: str):
+    """A train-model deployment ``name`` on a pool ``<name>-gpu`` with a worker online."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    client.create_work_pool(WorkPoolCreate(name=f"{name}-gpu", type="process"))
+    client.send_worker_heartbeat(f"{name}-gpu", "a-worker")
+    return client.create_deployment(flow_id=client.create_flow_from_name("train-model"),
+                                    name=name, work_pool_name=f"{name}-gpu")
 
 
 def test_a_handed_over_training_over_its_time_limit_is_cancelled_and_said(prefect_harness,
@@ -1415,7 +1424,6 @@ def test_a_handed_over_training_over_its_time_limit_is_cancelled_and_said(prefec
     import threading
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import StateType
     from prefect.states import Cancelled, Running
 
@@ -1424,11 +1432,7 @@ def test_a_handed_over_training_over_its_time_limit_is_cancelled_and_said(prefec
 
     monkeypatch.setattr(handoff, "CANCEL_GRACE_S", 2)
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="slow-gpu", type="process"))
-        client.send_worker_heartbeat("slow-gpu", "a-worker")
-        deployment = client.create_deployment(
-            flow_id=client.create_flow_from_name("train-model"), name="slow",
-            work_pool_name="slow-gpu")
+        deployment = _manned_training_deployment(client, "slow")
         stops, ignores = (client.create_flow_run_from_deployment(deployment) for _ in range(2))
         for run in (stops, ignores):
             client.set_flow_run_state(run.id, Running(), force=True)
@@ -1572,18 +1576,13 @@ def test_handed_over_trainings_end_with_the_run_that_waits_for_them(prefect_harn
     set Cancelling (its worker stops it) and one no worker took yet is Cancelled; both say why.
     Ones already ended stay as they ended."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import StateType
     from prefect.states import Completed, Running
 
     from petalflow.tasks import handoff
 
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="ending-gpu", type="process"))
-        client.send_worker_heartbeat("ending-gpu", "a-worker")
-        deployment = client.create_deployment(
-            flow_id=client.create_flow_from_name("train-model"), name="ending",
-            work_pool_name="ending-gpu")
+        deployment = _manned_training_deployment(client, "ending")
         running, waiting, done = (client.create_flow_run_from_deployment(deployment)
                                   for _ in range(3))
         client.set_flow_run_state(running.id, Running(), force=True)
