@@ -89,7 +89,7 @@ def run_trainings(jobs: list[TrainingJob], handoff: Optional[dict],
                 records.append(timed(job))
             except Exception as exc:  # noqa: BLE001 - one candidate of a sweep
                 if isinstance(exc, FlowRunTimeoutError):
-                    exc = time_limit_error(max_hours, "the training step")
+                    exc = time_limit_error(max_hours, "the training step", len(jobs) == 1)
                 if len(jobs) == 1:
                     raise exc from None
                 records.append({"error": f"{type(exc).__name__}: {exc}"})
@@ -104,7 +104,7 @@ def run_trainings(jobs: list[TrainingJob], handoff: Optional[dict],
         if run.state is not None and run.state.is_completed():
             records.append(json.loads((Path(job.workdir) / "train.json").read_text()))
             continue
-        why = ended_training_error(run, target, max_hours)
+        why = ended_training_error(run, target, max_hours, len(jobs) == 1)
         if len(jobs) == 1:
             raise why
         records.append({"error": str(why)})

@@ -52,25 +52,29 @@ def over_time_said(hours: float) -> str:
             "registered")
 
 
-def time_limit_error(hours: float, what: str) -> TrainingTimeLimit:
-    """The run's error when its training step (``what``: "the training step", "the training
-    step, handed to train-model/train-gpu (run X),") ran longer than ``hours``."""
+def time_limit_error(hours: float, what: str, whole_run: bool = True) -> TrainingTimeLimit:
+    """The error when a training step (``what``: "the training step", "the training step,
+    handed to train-model/train-gpu (run X),") ran longer than ``hours``: the run's
+    (``whole_run``), or one sweep candidate's, whose run goes on with the others."""
+    said = f"{what} ran longer than max_training_hours ({hours_said(hours)}) allows and was stopped"
+    if not whole_run:
+        return TrainingTimeLimit(said)
     return TrainingTimeLimit(
-        f"{what} ran longer than max_training_hours ({hours_said(hours)}) allows and was "
-        "stopped; nothing was registered: the champion is as it was, and the runs of this "
+        f"{said}; nothing was registered: the champion is as it was, and the runs of this "
         "model waiting for its turn go on. Data that takes longer to train needs a larger "
         "max_training_hours (--max-training-hours); the data prepared and the features "
         "computed so far are kept for the next run")
 
 
-def ended_training_error(run, target: str, max_hours: float) -> Exception:
-    """Why a handed-over training run that did not complete failed the run:
-    ``TrainingTimeLimit`` for one stopped for running longer than ``max_hours``, else a
-    RuntimeError quoting its state."""
+def ended_training_error(run, target: str, max_hours: float,
+                         whole_run: bool = True) -> Exception:
+    """Why a handed-over training run that did not complete failed the run (``whole_run``)
+    or its sweep candidate: ``TrainingTimeLimit`` for one stopped for running longer than
+    ``max_hours``, else a RuntimeError quoting its state."""
     message = run.state.message if run.state is not None else None
     if _stopped_over_time(run.id):
         return time_limit_error(max_hours, f"the training step, handed to {target} (run "
-                                           f"{run.name}),")
+                                           f"{run.name}),", whole_run)
     return RuntimeError(f"training run {run.name} ({target}) ended {run.state_name}"
                         + (f": {message}" if message else ""))
 
