@@ -1466,8 +1466,9 @@ def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
         if "loose_images" not in info["counts"]:  # written before they were counted
             loose = loose_images(data_root)
             info["counts"].update(loose_images=len(loose), loose_image_examples=loose[:5])
-        if ("classes_in_one_subfolder" not in info["counts"]  # written before they were
-                and not info["counts"].get("split_folders")):  # counted; (see the scan)
+        # Written before these were counted (and, as the scan does, not for split folders).
+        if ("classes_in_one_subfolder" not in info["counts"]
+                and not info["counts"].get("split_folders")):
             info["counts"]["classes_in_one_subfolder"] = classes_in_one_subfolder(
                 load_manifest(Path(written["manifest"])))
         if "quarantined_by_reason" not in info["counts"]:  # every file's reason, as before
