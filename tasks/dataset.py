@@ -604,35 +604,38 @@ def alike_names_note(classes: list[str], shown: int = 5) -> Optional[str]:
 NESTED_SHOWN = (6, 3)  # classes, and subfolders of each, named in the note
 
 
-def classes_of_subfolders(manifest: pd.DataFrame) -> list[tuple[str, int, list[str]]]:
+def subfolders_by_class(manifest: pd.DataFrame) -> dict[str, set[Optional[str]]]:
+    """For each class folder of the manifest's used images, the subfolders of it they lie in
+    (None for those in the folder itself)."""
+    used = manifest.loc[manifest["status"] == "ok", "path"].astype(str).str.split("/")
+    inner: dict[str, set[Optional[str]]] = {}
+    for parts in used:
+        inner.setdefault(parts[0], set()).add(parts[1] if len(parts) > 2 else None)
+    return inner
+
+
+def classes_of_subfolders(folders: dict[str, set[Optional[str]]]
+                          ) -> list[tuple[str, int, list[str]]]:
     """(class folder, its subfolders holding images, the first ``NESTED_SHOWN[1]``) of the
     first ``NESTED_SHOWN[0]`` classes when every class (2 or more) has its used images in 2 or
     more subfolders of its folder and none in the folder itself: a folder of datasets given as
     the dataset (data/flowers/daisy/…, data/pets/cat/…) has that shape, and so has a dataset
-    whose every class is organised in subfolders (by date, by breed). Else []."""
-    used = manifest.loc[manifest["status"] == "ok", "path"].astype(str).str.split("/")
-    if used.empty or (used.str.len() < 3).any():
-        return []
-    folders: dict[str, set[str]] = {}
-    for parts in used:
-        folders.setdefault(parts[0], set()).add(parts[1])
-    if len(folders) < 2 or any(len(subs) < 2 for subs in folders.values()):
+    whose every class is organised in subfolders (by date, by breed). Else [].
+    ``folders``: ``subfolders_by_class`` of the manifest."""
+    if len(folders) < 2 or any(None in subs or len(subs) < 2 for subs in folders.values()):
         return []
     return [(name, len(subs), sorted(subs)[:NESTED_SHOWN[1]])
             for name, subs in sorted(folders.items())[:NESTED_SHOWN[0]]]
 
 
-def classes_in_one_subfolder(manifest: pd.DataFrame) -> list[tuple[str, str]]:
+def classes_in_one_subfolder(inner: dict[str, set[Optional[str]]]) -> list[tuple[str, str]]:
     """(class folder, its one subfolder) of the first ``NESTED_SHOWN[0]`` classes whose used
     images all lie in one subfolder of their folder, when another class holds its images in
     its folder itself: class folders at mixed depths (photos/roses/ beside photos/more/tulips/,
     a folder dropped into another, a download extracted into a folder of its own), whose class
     is named after the outer folder ("more"), as Keras' ``image_dataset_from_directory`` names
-    it. Classes that each keep their images in a subfolder (cats/images/) are not this."""
-    used = manifest.loc[manifest["status"] == "ok", "path"].astype(str).str.split("/")
-    inner: dict[str, set[Optional[str]]] = {}
-    for parts in used:
-        inner.setdefault(parts[0], set()).add(parts[1] if len(parts) > 2 else None)
+    it. Classes that each keep their images in a subfolder (cats/images/) are not this.
+    ``inner``: ``subfolders_by_class`` of the manifest."""
     if not any(None in subs for subs in inner.values()):
         return []
     return [(name, next(iter(subs))) for name, subs in sorted(inner.items())
@@ -1384,8 +1387,9 @@ def prepare_dataset(
     counts["split_folders"], counts["unlabeled_split_folders"] = split_folders(data_root)
     counts["nested_copies"] = copy_folders(data_root, parents)
     if not counts["split_folders"]:  # (paths then begin with the split's folder)
-        counts["classes_of_subfolders"] = classes_of_subfolders(manifest)
-        counts["classes_in_one_subfolder"] = classes_in_one_subfolder(manifest)
+        inner = subfolders_by_class(manifest)
+        counts["classes_of_subfolders"] = classes_of_subfolders(inner)
+        counts["classes_in_one_subfolder"] = classes_in_one_subfolder(inner)
     loose = loose_images(data_root)
     counts["loose_images"], counts["loose_image_examples"] = len(loose), loose[:5]
     info: DatasetInfo = {
@@ -1470,7 +1474,7 @@ def _earlier_scan(data_root: Path, out_dir: Path) -> Optional[DatasetInfo]:
         if ("classes_in_one_subfolder" not in info["counts"]
                 and not info["counts"].get("split_folders")):
             info["counts"]["classes_in_one_subfolder"] = classes_in_one_subfolder(
-                load_manifest(Path(written["manifest"])))
+                subfolders_by_class(load_manifest(Path(written["manifest"]))))
         if "quarantined_by_reason" not in info["counts"]:  # every file's reason, as before
             info["counts"].update(quarantined_by_reason=reasons_by_kind(info["counts"]),
                                   quarantine_reasons=shown_reasons(

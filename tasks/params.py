@@ -686,11 +686,10 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
     import hashlib
     import json
 
-    relevant = cfg.model_dump(exclude={"model_name", "min_accuracy", "min_improvement",
-                                       "experiment_name", "data_url", "data_sha256",
-                                       "max_extract_size", "max_training_hours",
-                                       *ONE_RUN_FIELDS,
-                                       "training_deployment", "follow_champion"})
+    # Not the run's own fields (its model, limits, decisions), nor the gate, the experiment or
+    # where the data is (the fingerprint says what it is).
+    relevant = cfg.model_dump(exclude={*OWN_RUN_FIELDS, "min_accuracy", "min_improvement",
+                                       "experiment_name", "data_url", "data_sha256"})
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
