@@ -42,15 +42,17 @@ from petalflow.tasks.evaluate import (
     compare_with_champion_task, evaluate_edge_task, evaluate_model_task,
 )
 from petalflow.tasks.handoff import (
-    ended_training_error, time_limit_error, training_handoff_task, wait_for_training_runs,
+    ended_training_error, ends_with_its_parent, time_limit_error, training_handoff_task,
+    wait_for_training_runs,
 )
 from petalflow.tasks.housekeeping import end_failed_run, prune_home_task
 from petalflow.tasks.params import (
     TrainParams, expected_sha256, image_size_set_by, run_key, training_target,
 )
 from petalflow.tasks.registry import (
-    champion_info_task, failure_text, finish_run_task, followed_champion_task, log_timings_task,
-    register_model_task, start_run_task, training_turn, unchanged_since_champion_task,
+    Turn, champion_info_task, end_abandoned_runs_task, failure_text, finish_run_task,
+    followed_champion_task, log_timings_task, register_model_task, start_run_task, training_turn,
+    unchanged_since_champion_task,
 )
 from petalflow.tasks.report import (
     nothing_to_follow, publish_result_task, start_progress_task, state_message,
@@ -67,8 +69,10 @@ def train_model_flow(job: TrainingJob) -> dict:
     """The training step as its own flow, so a deployment (``train-gpu``) can run it on the GPU
     work pool: reads the dataset description and the backbone's local copy (both on the shared
     PETALFLOW_HOME), writes checkpoints, the exported model and train.json under
-    ``job.workdir`` and returns the training record."""
-    return train_model_task(job)
+    ``job.workdir`` and returns the training record. Run from its deployment, it stops when
+    the run that handed it over has ended (``ends_with_its_parent``)."""
+    with ends_with_its_parent(job.params.max_training_hours):
+        return train_model_task(job)
 
 
 def run_trainings(jobs: list[TrainingJob], handoff: Optional[dict],
@@ -169,17 +173,21 @@ def train_and_register(params: TrainParams = TrainParams()):
     dataset = dataset_summary(data_info)
     # One training of this model at a time: a run that finds another one training it waits
     # (saying which), then checks below whether anything is new.
-    with training_turn(home, params.model_name, _run_label()) as waited:
-        if waited:
-            timer.add("queued", waited)
+    with training_turn(home, params.model_name, _run_label()) as turn:
+        if turn.waited:
+            timer.add("queued", turn.waited)
         return _train(params, home, timer, data_info, dataset, source, candidates, backbones,
-                      handoff)
+                      handoff, turn)
 
 
 def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, dataset: dict,
-           source: dict, candidates: list, backbones: dict, handoff: Optional[dict]):
+           source: dict, candidates: list, backbones: dict, handoff: Optional[dict],
+           turn: Turn):
     """The rest of ``train_and_register``, in this model's training turn: "nothing to do", or
     the MLflow run, the training step(s), evaluation and registration."""
+    if turn.left_by:  # the training before was killed: the MLflow runs it left RUNNING end
+        with timer.phase("tracking"):
+            end_abandoned_runs_task(params.experiment_name, turn.left_by, _run_label())
     if not params.force:
         with timer.phase("tracking"):
             same = unchanged_since_champion_task(params, data_info)
@@ -191,7 +199,8 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
     fingerprint = data_info["fingerprint"]
     key = run_key(params, fingerprint)
     with timer.phase("tracking"):
-        run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source)
+        run_id = start_run_task(params, data_info, run_name=f"train-{key[:8]}", source=source,
+                                turn=turn.holder)
     sweep = None
     try:
         # One job per configuration; a sweep's candidates are nested MLflow runs and each
@@ -201,7 +210,8 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
         for i, c in enumerate(candidates):
             backbone_path = backbones[(c.backbone, c.image_size)]
             candidate_run = start_run_task(c, data_info, run_name=f"candidate-{i + 1}",
-                                           source=source, parent_run_id=run_id) \
+                                           source=source, parent_run_id=run_id,
+                                           turn=turn.holder) \
                 if params.sweep else run_id
             jobs.append(TrainingJob(
                 dataset=data_info, params=c, run_id=candidate_run,

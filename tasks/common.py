@@ -239,11 +239,13 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def holder_lock(path: Path, holder: str, on_wait: Callable[[str], None]) -> Iterator[float]:
+def holder_lock(path: Path, holder: str, on_wait: Callable[[str], None],
+                on_left: Optional[Callable[[str], None]] = None) -> Iterator[float]:
     """``file_lock`` that says who holds it: while a process holds it, the file holds its
     ``holder`` text; a process that finds it held calls ``on_wait`` with that text, then waits
     for it. Yields the seconds it waited (0.0 when the lock was free). A killed holder's lock is
-    released by the system; its text is overwritten by the next holder."""
+    released by the system, its text is not (a holder that ends empties it): the next holder
+    calls ``on_left`` with it, then writes its own."""
     with contextlib.ExitStack() as held:
         waited = 0.0
         if not held.enter_context(file_lock(path, wait=False)):
@@ -251,6 +253,9 @@ def holder_lock(path: Path, holder: str, on_wait: Callable[[str], None]) -> Iter
             on_wait(path.read_text().strip() or "a process that has not said which yet")
             held.enter_context(file_lock(path))
             waited = time.perf_counter() - began
+        left = path.read_text().strip()
+        if left and on_left is not None:
+            on_left(left)
         path.write_text(holder)
         try:
             yield waited

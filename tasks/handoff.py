@@ -37,6 +37,15 @@ BUSY_NOTE_S = 60.0
 CANCEL_GRACE_S = 5 * 60
 # The state message of a training run stopped for running longer than its limit begins so.
 OVER_TIME = "stopped: it ran longer than max_training_hours"
+# How often a handed-over training run looks whether the run that handed it over still waits
+# for it (``ends_with_its_parent``).
+PARENT_POLL_S = 10.0
+# A handed-over training run stops itself this long after its max_training_hours: later than
+# the run waiting for it stops it (at max_training_hours, then CANCEL_GRACE_S for its worker),
+# so it acts only when that run is gone without its end being known (its machine lost).
+BACKSTOP_S = CANCEL_GRACE_S + 5 * 60
+# The state message of a training run that stopped because the run that handed it over ended.
+PARENT_ENDED = "cancelled: the run that handed this training over ended before it"
 
 
 def hours_said(hours: float) -> str:
@@ -255,6 +264,78 @@ def _stop_over_time(client, runs, max_hours: float, running_since: dict,
                 hours_said(max_hours), level=30)
             client.set_flow_run_state(run.id, Cancelling(message=over_time_said(max_hours)))
             stopped_at[run.id] = now
+
+
+@contextmanager
+def ends_with_its_parent(max_hours: float, poll_s: float = PARENT_POLL_S):
+    """The body of a handed-over training run (a ``train-model`` run of a deployment, started
+    by a train run that waits for it), stopped when nobody waits for it any more.
+
+    The run that handed it over cancels it when it ends itself (``_ended_with_this_run``), but
+    a run killed outright (the out-of-memory killer, its machine or worker gone) does nothing:
+    Prefect marks it Crashed (its worker, or the missing heartbeats), and cancels the subflow
+    runs of a cancelled run only, not of a crashed one. Its training trained on for nobody
+    (nothing it makes is registered), holding a gpu worker; hung, for ever. Here a thread looks
+    every ``poll_s`` at that run: once it has ended, or once this run has run ``max_hours``
+    plus ``BACKSTOP_S`` (that run gone without its end being known), this run sets itself
+    Cancelling, saying why, and its worker stops its process, as the UI's Cancel does. Outside
+    a deployment run (the training in the run's own process) it does nothing."""
+    import threading
+
+    from prefect.context import FlowRunContext
+    from prefect.runtime import flow_run
+
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    parent_id = flow_run.parent_flow_run_id if run is not None and run.deployment_id else None
+    if parent_id is None:
+        yield
+        return
+    from prefect.logging import get_run_logger
+
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_parent, name="petalflow-parent-watch", daemon=True,
+        args=(run.id, parent_id, max_hours, poll_s, done, get_run_logger()))
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _watch_parent(run_id, parent_id, max_hours: float, poll_s: float, done,
+                  logger) -> None:
+    """``ends_with_its_parent``'s thread, until ``done`` or this run is cancelled."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    deadline = time.monotonic() + max_hours * 3600 + BACKSTOP_S
+    with get_client(sync_client=True) as client:
+        while not done.wait(poll_s):
+            try:
+                parent = client.read_flow_run(parent_id)
+            except Exception as exc:  # noqa: BLE001 - the server away for a while: look again
+                logger.debug("could not read the run that handed this training over: %s", exc)
+                continue
+            if parent.state is not None and parent.state.is_final():
+                said = (f"{PARENT_ENDED} ({parent.name} ended {parent.state.name}"
+                        + (f": {parent.state.message}" if parent.state.message else "")
+                        + "), so nothing it trains would be registered; it is stopped to "
+                        "free its worker")
+            elif time.monotonic() >= deadline:
+                said = (f"{over_time_said(max_hours)}; the run that handed it over "
+                        f"({parent.name}, {parent.state_name}) had not stopped it "
+                        f"{_duration(BACKSTOP_S)} after that")
+            else:
+                continue
+            try:
+                client.set_flow_run_state(run_id, Cancelling(message=said))
+            except Exception as exc:  # noqa: BLE001 - the server away for a while: again
+                logger.debug("could not cancel this training run: %s", exc)
+                continue
+            logger.warning("%s", said)
+            return
 
 
 # The state message of a training run cancelled because the run that handed it over ended.

@@ -10,6 +10,7 @@ accuracy, otherwise it is tagged ``challenger``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -280,10 +281,13 @@ RUN_MANIFEST_DIR = "dataset"
 
 
 def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
-              source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
+              source: Optional[dict] = None, parent_run_id: Optional[str] = None,
+              turn: Optional[str] = None) -> str:
     """Create the MLflow run of this training; log parameters and provenance (dataset
     fingerprint, data URL, the archive's sha256 and the server's validators, backbone, classes,
-    code version). A sweep candidate's run is nested under ``parent_run_id``."""
+    code version). A sweep candidate's run is nested under ``parent_run_id``. ``turn``: the
+    text of the training turn it is made in (``TURN_TAG``: the next turn ends it if its
+    training is killed, ``end_abandoned_runs``)."""
     client = mlflow_client()
     exp_id = ensure_experiment(client, cfg.experiment_name)
     tags = {
@@ -303,6 +307,8 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
     tags.update({f"petalflow.{k}": v for k, v in source_tags(source).items()})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # MLflow's own nesting tag
+    if turn:
+        tags[TURN_TAG] = turn_tag(turn)
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     from mlflow.entities import Param
@@ -1042,6 +1048,24 @@ def training_lock_path(home: Path, model_name: str) -> Path:
     return Path(home) / "locks" / f"train-{safe}-{key}.lock"
 
 
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """A training's turn (``training_turn``): the seconds it waited for it, the text it holds
+    it with (``turn_tag`` of it tags its MLflow runs), and the text a killed holder left."""
+
+    waited: float
+    holder: str
+    left_by: Optional[str] = None
+
+
+TURN_TAG = "petalflow.turn"  # the MLflow run tag naming the training turn it was made in
+
+
+def turn_tag(holder: str) -> str:
+    """The ``TURN_TAG`` value of the runs made in the turn held with the text ``holder``."""
+    return hashlib.sha256(holder.encode()).hexdigest()[:16]
+
+
 @contextmanager
 def training_turn(home: Path, model_name: str, holder: str):
     """One training of a registered model at a time (per PETALFLOW_HOME and tracking store),
@@ -1050,17 +1074,46 @@ def training_turn(home: Path, model_name: str, holder: str):
     the later one ended as challenger ("the champion changed during this run"). A run that finds
     another one training the model says which and waits for it, then makes that check itself:
     on the same data it ends "nothing to do". A cancelled run's or a killed worker's turn ends
-    with its process. Yields the seconds waited."""
+    with its process; a killed one's is said by the next (``Turn.left_by``). Yields a ``Turn``."""
     def waiting(other: str) -> None:
         log("model %r: another training of it is running (%s); this run waits for it to end, "
             "then checks again whether there is anything new to train", model_name, other)
 
-    with holder_lock(training_lock_path(home, model_name), f"{holder}, since {utc_now()}",
-                     waiting) as waited:
+    left: list = []
+
+    def killed(other: str) -> None:
+        left.append(other)
+        log("model %r: the training before this one (%s) ended without ending its turn: its "
+            "process was killed (the out-of-memory killer, its machine or worker gone)",
+            model_name, other, level=30)
+
+    text = f"{holder}, since {utc_now()}"
+    with holder_lock(training_lock_path(home, model_name), text, waiting, killed) as waited:
         if waited:
             log("model %r: the other training ended; this run waited %.1f s and goes on",
                 model_name, waited)
-        yield waited
+        yield Turn(waited, text, left[0] if left else None)
+
+
+def end_abandoned_runs(experiment_name: str, left_by: str, by: str) -> list[str]:
+    """The MLflow runs of ``experiment_name`` that a killed training (its turn's text
+    ``left_by``) left RUNNING, ended KILLED, saying so (``finish_run``) and naming the run that
+    found them (``by``). Returns their ids."""
+    client = mlflow_client()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{TURN_TAG}` = '{turn_tag(left_by)}' and attributes.status = 'RUNNING'")
+    why = (f"its training was killed before it ended this run (the out-of-memory killer, its "
+           f"machine or worker gone: {left_by}); nothing of it was registered. Ended by {by}")
+    for run in runs:
+        finish_run(run.info.run_id, "KILLED", why)
+    ended = [run.info.run_id for run in runs]
+    if ended:
+        log("the MLflow runs it left RUNNING are ended KILLED, saying why: %s", ", ".join(ended))
+    return ended
 
 
 def unchanged_since_champion(cfg: TrainParams, data_info: DatasetInfo) -> Optional[dict]:
@@ -1330,9 +1383,15 @@ MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=[3, 10, 30],
 
 @task(name="start-mlflow-run", **MLFLOW_RETRY)
 def start_run_task(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] = None,
-                   source: Optional[dict] = None, parent_run_id: Optional[str] = None) -> str:
+                   source: Optional[dict] = None, parent_run_id: Optional[str] = None,
+                   turn: Optional[str] = None) -> str:
     with disk_full_said("starting the MLflow run"):
-        return start_run(cfg, data_info, run_name, source, parent_run_id)
+        return start_run(cfg, data_info, run_name, source, parent_run_id, turn)
+
+
+@task(name="end-abandoned-runs", **MLFLOW_RETRY)
+def end_abandoned_runs_task(experiment_name: str, left_by: str, by: str) -> list[str]:
+    return end_abandoned_runs(experiment_name, left_by, by)
 
 
 @task(name="register-model", **MLFLOW_RETRY)

@@ -695,6 +695,72 @@ def test_a_training_over_its_time_limit_is_stopped_by_its_worker_and_the_next_ru
         ("1", _mlflow(stack).get_model_version_by_alias("slow", "champion").run_id)]
 
 
+def test_a_training_whose_run_was_killed_stops_and_the_next_run_ends_its_mlflow_run(
+        stack, tmp_path, tiny_backbone):
+    """The out-of-memory killer ends the process of a run that handed its training over (its
+    worker lives on). Prefect marks that run Crashed but lets its training run go on: it
+    trained on for nobody (nothing it makes is registered), holding the gpu worker, and its
+    MLflow run stayed RUNNING for ever. Now the training run sees its run ended and cancels
+    itself, saying why; its worker stops it; the model's next run (started as the UI's Run
+    button does) says the training before it was killed, ends its MLflow run KILLED, trains
+    on the freed gpu worker and registers."""
+    from petalflow.stack import descendant_pids
+
+    src = make_dataset(tmp_path / "src", per_class=80, seed=9)  # minutes of training
+    archive = make_tgz(src, tmp_path / "served" / "killed.tgz")
+    train = _deployment(stack, "train-and-register", "train")
+    gpu = _deployment(stack, "train-model", "train-gpu")
+    with serve_directory(tmp_path / "served") as url:
+        doomed = _tiny_params(f"{url}/killed.tgz", archive, tiny_backbone, model_name="killed",
+                              epochs=500, augment=True, batch_size=2, edge_export=False)
+        doomed_id = _started(_run_button(stack, train["id"], doomed))
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            kids = [c for c in _children(stack, doomed_id) if c["deployment_id"] == gpu["id"]]
+            if kids and kids[0]["state"]["type"] == "RUNNING":
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the training never started; {_unfinished(stack)}")
+        (child,) = kids
+        worker = int((stack.pids / "worker-cpu.pid").read_text())
+        _kill([pid for pid in descendant_pids(worker) if pid != worker])  # the run's process
+        crashed = _wait_final(stack, doomed_id, timeout_s=120)
+        stopped = _wait_final(stack, child["id"], timeout_s=120)
+        assert not list((stack.petalflow_home / "runs").glob(f"*/run-{doomed_id}/train.json")), \
+            "the training ran to its end: give it more epochs"
+        after = _tiny_params(f"{url}/killed.tgz", archive, tiny_backbone, model_name="killed",
+                             edge_export=False, min_accuracy=0.0)
+        after_id = _started(_run_button(stack, train["id"], after))
+        done = _wait_final(stack, after_id)
+    assert crashed["state"]["type"] == "CRASHED", crashed["state"]
+    assert stopped["state"]["type"] == "CANCELLED", stopped["state"]
+    told = [s["message"] or "" for s in _api(stack, "GET", "/flow_run_states/",
+                                             params={"flow_run_id": child["id"]}).json()]
+    said = (f"cancelled: the run that handed this training over ended before it "
+            f"({crashed['name']} ended Crashed: ")
+    assert any(m.startswith(said) for m in told), told
+    assert any(m.startswith(said) for m in _logged(stack, child["id"], until="", timeout_s=0))
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    logged = _logged(stack, after_id, until="", timeout_s=0)
+    assert any(m.startswith(f"model 'killed': the training before this one (flow run "
+                            f"{crashed['name']!r} ({doomed_id}), since ") and m.endswith(
+        ") ended without ending its turn: its process was killed (the out-of-memory killer, "
+        "its machine or worker gone)") for m in logged), logged
+    client = _mlflow(stack)
+    registered = client.get_model_version_by_alias("killed", "champion")
+    runs = client.search_runs([client.get_run(registered.run_id).info.experiment_id],
+                              "params.model_name = 'killed'")
+    (left,) = [r for r in runs if r.info.run_id != registered.run_id]
+    assert left.info.status == "KILLED", left.info
+    assert left.data.tags["petalflow.failure"].startswith(
+        f"its training was killed before it ended this run (the out-of-memory killer, its "
+        f"machine or worker gone: flow run {crashed['name']!r} ({doomed_id}), since "), left.data
+    assert left.data.tags["petalflow.failure"].endswith(
+        f"nothing of it was registered. Ended by flow run {done['name']!r} ({after_id})")
+    assert registered.version == "1"
+
+
 def _freeze_workers(st: Stack) -> list[int]:
     """Stop (SIGSTOP) both workers and the flow processes they started, all at once: nothing
     they run moves on from here. Returns their pids for ``_kill``."""

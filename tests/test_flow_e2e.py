@@ -8,6 +8,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -578,6 +579,66 @@ def test_ctrl_c_ends_the_train_command_in_one_line_and_the_next_run_reuses_its_w
     said = " ".join((again.stdout + again.stderr).split())
     assert ": not modified (sha256" in said and "its manifest is reused" in said
     assert json.loads((workspace / "again.json").read_text())["alias"] == "champion"
+
+
+def test_a_killed_train_command_has_its_mlflow_run_ended_killed_by_the_next_one(
+        workspace, tiny_backbone):
+    """`kill -9` (the out-of-memory killer's signal) ends `petalflow train` mid-training: no
+    handler runs, and its MLflow run stayed RUNNING for ever in the MLflow UI. The next
+    `petalflow train` of the model warns that the training before it was killed, ends that run
+    KILLED saying why, then trains and registers."""
+    import signal
+    import time
+
+    _serve_dataset(workspace, make_dataset, "killed", per_class=40)
+    exe = Path(sys.executable).with_name("petalflow")
+    env = {**os.environ, "PREFECT_API_URL": "", "COLUMNS": "400"}
+    with serve_directory(workspace / "served") as url:
+        command = [str(exe), "train", "--data-url", f"{url}/killed.tgz", "--backbone",
+                   str(tiny_backbone), "--image-size", "32", "--batch-size", "8",
+                   "--learning-rate", "0.05", "--val-fraction", "0.2", "--test-fraction", "0.2",
+                   "--min-accuracy", "0"]
+        console = workspace / "killed.log"
+        with open(console, "w") as out:
+            proc = subprocess.Popen(command + ["--epochs", "500", "--augment"], stdout=out,
+                                    stderr=subprocess.STDOUT, text=True, env=env)
+            try:
+                deadline = time.monotonic() + 400
+                while "epoch 2/500" not in console.read_text():
+                    assert proc.poll() is None, console.read_text()[-3000:]
+                    assert time.monotonic() < deadline, console.read_text()[-3000:]
+                    time.sleep(0.2)
+                os.kill(proc.pid, signal.SIGKILL)
+                assert proc.wait(timeout=60) == -signal.SIGKILL
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        (left,) = _client().search_runs(
+            [_client().get_experiment_by_name("petalflow").experiment_id])
+        assert left.info.status == "RUNNING"  # what the kill left
+        again = subprocess.run(command + ["--epochs", "3", "--summary-json",
+                                          str(workspace / "again.json")],
+                               capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = " ".join((again.stdout + again.stderr).split())
+    killed = re.search(r"model 'petalflow-classifier': the training before this one \((flow "
+                       r"run '[^']+' \([0-9a-f-]+\), since [^)]+)\) ended without ending its "
+                       r"turn: its process was killed \(the out-of-memory killer, its machine "
+                       r"or worker gone\)", said)
+    assert killed, said[-3000:]
+    assert (f"the MLflow runs it left RUNNING are ended KILLED, saying why: "
+            f"{left.info.run_id}") in said
+    summary = json.loads((workspace / "again.json").read_text())
+    assert summary["alias"] == "champion"
+    ended = _client().get_run(left.info.run_id)
+    assert ended.info.status == "KILLED", ended.info
+    assert ended.data.tags["petalflow.failure"].startswith(
+        "its training was killed before it ended this run (the out-of-memory killer, its "
+        f"machine or worker gone: {killed.group(1)}); nothing of it was registered. Ended by "
+        "flow run '"), ended.data.tags
+    assert ended.data.tags["mlflow.note.content"].startswith("**Killed:** its training was "
+                                                             "killed")
+    assert _client().get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
 def test_mlflow_models_serve_classifies_posted_images(trained, tmp_path):
@@ -1480,6 +1541,73 @@ def test_a_handed_over_training_over_its_time_limit_is_cancelled_and_said(prefec
     assert type(other) is RuntimeError and str(other) == (
         f"training run {elsewhere.name} (train-model/slow) ended Cancelled: cancelled from the "
         "UI"), other
+
+
+def test_a_handed_over_training_stops_itself_once_its_run_has_ended_or_long_after_its_limit(
+        prefect_harness, monkeypatch):
+    """A training run handed over (``ends_with_its_parent``' thread) sets itself Cancelling,
+    saying why, once the run that handed it over has ended (Crashed: killed outright, which
+    cancels none of its subflow runs), and, when that run's end is never known (it shows
+    Running, its machine gone), BACKSTOP_S after its max_training_hours. (test_deployments_e2e
+    has the whole of it with a real worker and a killed run.)"""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed, Running
+
+    from petalflow.tasks import handoff
+
+    class Said:  # the run logger's part
+        def __init__(self):
+            self.lines = []
+
+        def warning(self, message, *args):
+            self.lines.append(message % args)
+
+        def debug(self, message, *args):
+            pass
+
+    monkeypatch.setattr(handoff, "BACKSTOP_S", 1)
+    with get_client(sync_client=True) as client:
+        deployment = _manned_training_deployment(client, "orphan")
+        parent, orphan, outlived = (client.create_flow_run_from_deployment(deployment)
+                                    for _ in range(3))
+        for run in (parent, orphan, outlived):
+            client.set_flow_run_state(run.id, Running(), force=True)
+        said = Said()
+        started = time.monotonic()
+        # The run that handed it over shows Running: stopped 1 s (BACKSTOP_S) after its limit.
+        handoff._watch_parent(outlived.id, parent.id, 1 / 3600, 0.2, threading.Event(), said)
+        took = time.monotonic() - started
+        assert 2 <= took < 20, took
+        assert client.read_flow_run(outlived.id).state.type == StateType.CANCELLING
+        over = client.read_flow_run(outlived.id).state.message
+        assert over == (
+            "stopped: it ran longer than max_training_hours (0.000277778 hours = 1 s) allows: "
+            "hung (a stalled GPU driver or network disk), or more data than the limit was set "
+            f"for; nothing it trained is registered; the run that handed it over ({parent.name}, "
+            "Running) had not stopped it 1 s after that"), over
+        # That run killed (its worker marks it Crashed): stopped at the next look.
+        client.set_flow_run_state(parent.id, Crashed(
+            message="Flow run infrastructure exited with non-zero status code -9."), force=True)
+        started = time.monotonic()
+        handoff._watch_parent(orphan.id, parent.id, 24, 0.2, threading.Event(), said)
+        assert time.monotonic() - started < 10
+        state = client.read_flow_run(orphan.id).state
+    assert state.type == StateType.CANCELLING
+    assert state.message == (
+        f"cancelled: the run that handed this training over ended before it ({parent.name} "
+        "ended Crashed: Flow run infrastructure exited with non-zero status code -9.), so "
+        "nothing it trains would be registered; it is stopped to free its worker"), state
+    assert said.lines == [over, state.message]
+    # A training that ends first ends the watch, which changes nothing.
+    done = threading.Event()
+    done.set()
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(outlived.id, Running(), force=True)
+        handoff._watch_parent(outlived.id, parent.id, 24, 0.2, done, said)
+        assert client.read_flow_run(outlived.id).state.type == StateType.RUNNING
 
 
 def test_a_training_deployment_on_the_runs_own_pool_trains_in_the_run(prefect_harness):

@@ -377,8 +377,8 @@ def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_
     first_in, first_go, order = threading.Event(), threading.Event(), []
 
     def first():
-        with registry.training_turn(home, "flowers/v2 ünï", "flow run 'first-run'") as waited:
-            order.append(("first", waited))
+        with registry.training_turn(home, "flowers/v2 ünï", "flow run 'first-run'") as turn:
+            order.append(("first", turn.waited))
             first_in.set()
             first_go.wait(30)
             order.append(("first ends", None))
@@ -388,11 +388,12 @@ def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_
     assert first_in.wait(30)
     assert "flow run 'first-run', since " in lock.read_text()
     # Another model trains at once.
-    with registry.training_turn(home, "cats", "flow run 'cats'") as waited:
-        assert waited == 0.0
+    with registry.training_turn(home, "cats", "flow run 'cats'") as turn:
+        assert turn.waited == 0.0 and turn.left_by is None
     threading.Timer(1.0, first_go.set).start()
-    with registry.training_turn(home, "flowers/v2 ünï", "flow run 'second-run'") as waited:
-        order.append(("second", waited))
+    with registry.training_turn(home, "flowers/v2 ünï", "flow run 'second-run'") as turn:
+        order.append(("second", turn.waited))
+        assert turn.left_by is None  # the first ended its turn
         assert "flow run 'second-run', since " in lock.read_text()
     worker.join(30)
     assert [o[0] for o in order] == ["first", "first ends", "second"]
@@ -415,10 +416,16 @@ def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_
     said.clear()
     threading.Timer(1.0, holder.kill).start()
     began = time.monotonic()
-    with registry.training_turn(home, "flowers/v2 ünï", "flow run 'third'") as waited:
-        assert waited >= 0.5 and time.monotonic() - began < 30
+    with registry.training_turn(home, "flowers/v2 ünï", "flow run 'third'") as turn:
+        assert turn.waited >= 0.5 and time.monotonic() - began < 30
+        # Its text stays in the lock: the next holder is told that it was killed.
+        assert turn.left_by == "flow run killed"
+        assert turn.holder.startswith("flow run 'third', since ")
     holder.wait(30)
     assert "(flow run killed)" in said[0]
+    assert said[1] == ("model 'flowers/v2 ünï': the training before this one (flow run killed) "
+                        "ended without ending its turn: its process was killed (the "
+                        "out-of-memory killer, its machine or worker gone)")
 
 
 def test_the_removal_line_names_only_what_was_removed_in_the_singular_or_plural():
