@@ -308,6 +308,7 @@ def _watch_parent(run_id, parent_id, max_hours: float, poll_s: float, done,
                   logger) -> None:
     """``ends_with_its_parent``'s thread, until ``done`` or this run is cancelled."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
     from prefect.states import Cancelling
 
     deadline = time.monotonic() + max_hours * 3600 + BACKSTOP_S
@@ -330,11 +331,12 @@ def _watch_parent(run_id, parent_id, max_hours: float, poll_s: float, done,
             else:
                 continue
             try:
-                client.set_flow_run_state(run_id, Cancelling(message=said))
+                result = client.set_flow_run_state(run_id, Cancelling(message=said))
             except Exception as exc:  # noqa: BLE001 - the server away for a while: again
                 logger.debug("could not cancel this training run: %s", exc)
                 continue
-            logger.warning("%s", said)
+            if result.status == SetStateStatus.ACCEPT:  # else it was ended by then
+                logger.warning("%s", said)
             return
 
 

@@ -1554,7 +1554,7 @@ def test_a_handed_over_training_stops_itself_once_its_run_has_ended_or_long_afte
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.objects import StateType
-    from prefect.states import Crashed, Running
+    from prefect.states import Cancelled, Crashed, Running
 
     from petalflow.tasks import handoff
 
@@ -1608,6 +1608,11 @@ def test_a_handed_over_training_stops_itself_once_its_run_has_ended_or_long_afte
         client.set_flow_run_state(outlived.id, Running(), force=True)
         handoff._watch_parent(outlived.id, parent.id, 24, 0.2, done, said)
         assert client.read_flow_run(outlived.id).state.type == StateType.RUNNING
+        # One ended meanwhile (its worker marked it cancelled) stays as it is, unsaid.
+        client.set_flow_run_state(outlived.id, Cancelled(message="by its worker"), force=True)
+        handoff._watch_parent(outlived.id, parent.id, 24, 0.2, threading.Event(), said)
+        assert client.read_flow_run(outlived.id).state.message == "by its worker"
+    assert len(said.lines) == 2, said.lines
 
 
 def test_a_training_deployment_on_the_runs_own_pool_trains_in_the_run(prefect_harness):
