@@ -138,6 +138,18 @@ def _tiny_params(url: str, archive: Path, backbone: Path, **overrides) -> dict:
     }}
 
 
+def _running_training(st: Stack, parent_id: str, gpu_id: str) -> dict:
+    """The training run (of deployment ``gpu_id``) that run ``parent_id`` handed its training
+    to, once it is Running."""
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        kids = [c for c in _children(st, parent_id) if c["deployment_id"] == gpu_id]
+        if kids and kids[0]["state"]["type"] == "RUNNING":
+            return kids[0]
+        time.sleep(0.5)
+    raise AssertionError(f"the training never started; {_unfinished(st)}")
+
+
 def _mlflow(st: Stack):
     import mlflow
 
@@ -658,14 +670,7 @@ def test_a_training_over_its_time_limit_is_stopped_by_its_worker_and_the_next_ru
         slow = _tiny_params(f"{url}/slow.tgz", archive, tiny_backbone, model_name="slow",
                             epochs=500, max_training_hours=0.003, edge_export=False)
         slow_id = _started(_run_button(stack, train["id"], slow))
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            kids = [c for c in _children(stack, slow_id) if c["deployment_id"] == gpu["id"]]
-            if kids and kids[0]["state"]["type"] == "RUNNING":
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"the training never started; {_unfinished(stack)}")
+        _running_training(stack, slow_id, gpu["id"])
         after = _tiny_params(f"{url}/slow.tgz", archive, tiny_backbone, model_name="slow",
                              edge_export=False, min_accuracy=0.0)
         after_id = _started(_run_button(stack, train["id"], after))
@@ -714,17 +719,14 @@ def test_a_training_whose_run_was_killed_stops_and_the_next_run_ends_its_mlflow_
         doomed = _tiny_params(f"{url}/killed.tgz", archive, tiny_backbone, model_name="killed",
                               epochs=500, augment=True, batch_size=2, edge_export=False)
         doomed_id = _started(_run_button(stack, train["id"], doomed))
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            kids = [c for c in _children(stack, doomed_id) if c["deployment_id"] == gpu["id"]]
-            if kids and kids[0]["state"]["type"] == "RUNNING":
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"the training never started; {_unfinished(stack)}")
-        (child,) = kids
+        child = _running_training(stack, doomed_id, gpu["id"])
+        # Its process only (not a scheduled watch-data run beside it), as that killer picks.
         worker = int((stack.pids / "worker-cpu.pid").read_text())
-        _kill([pid for pid in descendant_pids(worker) if pid != worker])  # the run's process
+        mark = f"PREFECT__FLOW_RUN_ID={doomed_id}".encode()
+        doomed_pids = [pid for pid in descendant_pids(worker) if pid != worker
+                       and mark in _environ(pid)]
+        assert doomed_pids, "the run's process was not found"
+        _kill(doomed_pids)
         crashed = _wait_final(stack, doomed_id, timeout_s=120)
         stopped = _wait_final(stack, child["id"], timeout_s=120)
         assert not list((stack.petalflow_home / "runs").glob(f"*/run-{doomed_id}/train.json")), \
@@ -759,6 +761,14 @@ def test_a_training_whose_run_was_killed_stops_and_the_next_run_ends_its_mlflow_
     assert left.data.tags["petalflow.failure"].endswith(
         f"nothing of it was registered. Ended by flow run {done['name']!r} ({after_id})")
     assert registered.version == "1"
+
+
+def _environ(pid: int) -> bytes:
+    """A process's environment (empty once it has ended)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return b""
 
 
 def _freeze_workers(st: Stack) -> list[int]:
