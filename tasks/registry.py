@@ -1106,10 +1106,15 @@ def end_abandoned_runs(experiment_name: str, left_by: str, by: str) -> list[str]
     runs = client.search_runs(
         [experiment.experiment_id],
         f"tags.`{TURN_TAG}` = '{turn_tag(left_by)}' and attributes.status = 'RUNNING'")
-    why = (f"its training was killed before it ended this run (the out-of-memory killer, its "
-           f"machine or worker gone: {left_by}); nothing of it was registered. Ended by {by}")
     for run in runs:
-        finish_run(run.info.run_id, "KILLED", why)
+        # Killed between its registration and the end of its run, it has a version.
+        made = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        registered = ("it had registered " + ", ".join(f"{v.name} version {v.version}"
+                                                        for v in made)
+                      if made else "nothing of it was registered")
+        finish_run(run.info.run_id, "KILLED", (
+            f"its run was killed before it ended (the out-of-memory killer, its machine or "
+            f"worker gone: {left_by}); {registered}. Ended by {by}"))
     ended = [run.info.run_id for run in runs]
     if ended:
         log("the MLflow runs it left RUNNING are ended KILLED, saying why: %s", ", ".join(ended))

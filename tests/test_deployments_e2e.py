@@ -756,7 +756,7 @@ def test_a_training_whose_run_was_killed_stops_and_the_next_run_ends_its_mlflow_
     (left,) = [r for r in runs if r.info.run_id != registered.run_id]
     assert left.info.status == "KILLED", left.info
     assert left.data.tags["petalflow.failure"].startswith(
-        f"its training was killed before it ended this run (the out-of-memory killer, its "
+        f"its run was killed before it ended (the out-of-memory killer, its "
         f"machine or worker gone: flow run {crashed['name']!r} ({doomed_id}), since "), left.data
     assert left.data.tags["petalflow.failure"].endswith(
         f"nothing of it was registered. Ended by flow run {done['name']!r} ({after_id})")

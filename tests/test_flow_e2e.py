@@ -633,11 +633,10 @@ def test_a_killed_train_command_has_its_mlflow_run_ended_killed_by_the_next_one(
     ended = _client().get_run(left.info.run_id)
     assert ended.info.status == "KILLED", ended.info
     assert ended.data.tags["petalflow.failure"].startswith(
-        "its training was killed before it ended this run (the out-of-memory killer, its "
+        "its run was killed before it ended (the out-of-memory killer, its "
         f"machine or worker gone: {killed.group(1)}); nothing of it was registered. Ended by "
         "flow run '"), ended.data.tags
-    assert ended.data.tags["mlflow.note.content"].startswith("**Killed:** its training was "
-                                                             "killed")
+    assert ended.data.tags["mlflow.note.content"].startswith("**Killed:** its run was killed")
     assert _client().get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 

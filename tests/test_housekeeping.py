@@ -428,6 +428,46 @@ def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_
                         "out-of-memory killer, its machine or worker gone)")
 
 
+def test_the_runs_a_killed_training_left_running_are_ended_killed_saying_what_it_registered(
+        workspace, monkeypatch):
+    """The MLflow runs made in a killed training's turn (its text left in the lock) and still
+    RUNNING are ended KILLED, saying why and whether it had registered a version (killed
+    between its registration and the end of its run); those of other turns, and its ended
+    ones, are left as they are."""
+    from petalflow.tasks import registry
+
+    said = []
+    monkeypatch.setattr(registry, "log", lambda message, *args, **kw: said.append(message % args))
+    client = registry.mlflow_client()
+    exp = registry.ensure_experiment(client, "petalflow")
+    left_by = "flow run 'gone-fox' (1234), since 2026-12-05T00:00:00+00:00"
+    turn = {registry.TURN_TAG: registry.turn_tag(left_by)}
+    plain, made, finished = (client.create_run(exp, tags=turn).info.run_id for _ in range(3))
+    client.set_terminated(finished, status="FINISHED")
+    other = client.create_run(exp, tags={
+        registry.TURN_TAG: registry.turn_tag("flow run 'alive' (99), since now")}).info.run_id
+    (workspace / "model").mkdir()
+    client.create_registered_model("cats")
+    client.create_model_version("cats", str(workspace / "model"), run_id=made)
+
+    ended = registry.end_abandoned_runs("petalflow", left_by, "flow run 'next-owl' (5678)")
+    assert sorted(ended) == sorted([plain, made])
+    assert said == [f"the MLflow runs it left RUNNING are ended KILLED, saying why: "
+                    f"{', '.join(ended)}"]
+    why = ("its run was killed before it ended (the out-of-memory killer, its machine or worker "
+           f"gone: {left_by}); ")
+    runs = {run_id: client.get_run(run_id) for run_id in (plain, made, finished, other)}
+    assert runs[plain].info.status == runs[made].info.status == "KILLED"
+    assert runs[plain].data.tags["petalflow.failure"] == (
+        why + "nothing of it was registered. Ended by flow run 'next-owl' (5678)")
+    assert runs[made].data.tags["petalflow.failure"] == (
+        why + "it had registered cats version 1. Ended by flow run 'next-owl' (5678)")
+    assert runs[made].data.tags["mlflow.note.content"].startswith("**Killed:** its run was")
+    assert runs[finished].info.status == "FINISHED"
+    assert runs[other].info.status == "RUNNING"  # another turn's: maybe still at work
+    assert registry.end_abandoned_runs("no-such-experiment", left_by, "x") == []
+
+
 def test_the_removal_line_names_only_what_was_removed_in_the_singular_or_plural():
     """The line every training run ends with said "removed 0 download(s) … 1 training
     folder(s) …": it now names what there was, counted."""
