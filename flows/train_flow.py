@@ -187,7 +187,7 @@ def _train(params: TrainParams, home: Path, timer: PhaseTimer, data_info: dict, 
     the MLflow run, the training step(s), evaluation and registration."""
     if turn.left_by:  # the training before was killed: the MLflow runs it left RUNNING end
         with timer.phase("tracking"):
-            end_abandoned_runs_task(params.experiment_name, turn.left_by, _run_label())
+            end_abandoned_runs_task(turn.left_by, _run_label())
     if not params.force:
         with timer.phase("tracking"):
             same = unchanged_since_champion_task(params, data_info)

@@ -1095,17 +1095,21 @@ def training_turn(home: Path, model_name: str, holder: str):
         yield Turn(waited, text, left[0] if left else None)
 
 
-def end_abandoned_runs(experiment_name: str, left_by: str, by: str) -> list[str]:
-    """The MLflow runs of ``experiment_name`` that a killed training (its turn's text
-    ``left_by``) left RUNNING, ended KILLED, saying so (``finish_run``) and naming the run that
-    found them (``by``). Returns their ids."""
+def end_abandoned_runs(left_by: str, by: str) -> list[str]:
+    """The MLflow runs that a killed training (its turn's text ``left_by``) left RUNNING, in any
+    experiment (the next run of the model may log to another), ended KILLED, saying so
+    (``finish_run``) and naming the run that found them (``by``). Returns their ids."""
     client = mlflow_client()
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return []
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.`{TURN_TAG}` = '{turn_tag(left_by)}' and attributes.status = 'RUNNING'")
+    runs, token = [], None
+    while True:  # the active experiments, a page at a time
+        page = client.search_experiments(max_results=100, page_token=token)
+        if page:
+            runs += client.search_runs(
+                [e.experiment_id for e in page],
+                f"tags.`{TURN_TAG}` = '{turn_tag(left_by)}' and attributes.status = 'RUNNING'")
+        token = page.token
+        if not token:
+            break
     for run in runs:
         # Killed between its registration and the end of its run, it has a version.
         made = client.search_model_versions(f"run_id = '{run.info.run_id}'")
@@ -1395,8 +1399,8 @@ def start_run_task(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[
 
 
 @task(name="end-abandoned-runs", **MLFLOW_RETRY)
-def end_abandoned_runs_task(experiment_name: str, left_by: str, by: str) -> list[str]:
-    return end_abandoned_runs(experiment_name, left_by, by)
+def end_abandoned_runs_task(left_by: str, by: str) -> list[str]:
+    return end_abandoned_runs(left_by, by)
 
 
 @task(name="register-model", **MLFLOW_RETRY)

@@ -431,7 +431,7 @@ def test_a_second_training_of_a_model_waits_for_the_first_and_is_told_which(tmp_
 def test_the_runs_a_killed_training_left_running_are_ended_killed_saying_what_it_registered(
         workspace, monkeypatch):
     """The MLflow runs made in a killed training's turn (its text left in the lock) and still
-    RUNNING are ended KILLED, saying why and whether it had registered a version (killed
+    RUNNING, in any experiment, are ended KILLED, saying why and whether it had registered a version (killed
     between its registration and the end of its run); those of other turns, and its ended
     ones, are left as they are."""
     from petalflow.tasks import registry
@@ -449,9 +449,12 @@ def test_the_runs_a_killed_training_left_running_are_ended_killed_saying_what_it
     (workspace / "model").mkdir()
     client.create_registered_model("cats")
     client.create_model_version("cats", str(workspace / "model"), run_id=made)
+    # The killed run logged to another experiment than the next run of the model does.
+    elsewhere = client.create_run(registry.ensure_experiment(client, "before-the-rename"),
+                                  tags=turn).info.run_id
 
-    ended = registry.end_abandoned_runs("petalflow", left_by, "flow run 'next-owl' (5678)")
-    assert sorted(ended) == sorted([plain, made])
+    ended = registry.end_abandoned_runs(left_by, "flow run 'next-owl' (5678)")
+    assert sorted(ended) == sorted([plain, made, elsewhere])
     assert said == [f"the MLflow runs it left RUNNING are ended KILLED, saying why: "
                     f"{', '.join(ended)}"]
     why = ("its run was killed before it ended (the out-of-memory killer, its machine or worker "
@@ -465,7 +468,8 @@ def test_the_runs_a_killed_training_left_running_are_ended_killed_saying_what_it
     assert runs[made].data.tags["mlflow.note.content"].startswith("**Killed:** its run was")
     assert runs[finished].info.status == "FINISHED"
     assert runs[other].info.status == "RUNNING"  # another turn's: maybe still at work
-    assert registry.end_abandoned_runs("no-such-experiment", left_by, "x") == []
+    assert client.get_run(elsewhere).info.status == "KILLED"
+    assert registry.end_abandoned_runs(left_by, "x") == []  # none left
 
 
 def test_the_removal_line_names_only_what_was_removed_in_the_singular_or_plural():
