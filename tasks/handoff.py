@@ -341,8 +341,8 @@ def _watch_parent(run_id, parent_id, max_hours: float, poll_s: float, done,
 
 
 # The state message of a training run cancelled because the run that handed it over ended.
-ENDED_FIRST = ("cancelled: the run that handed this training over ended before it (cancelled, "
-               "interrupted or failed), so nothing it trained would be registered")
+ENDED_FIRST = (f"{PARENT_ENDED} (cancelled, interrupted or failed), so nothing it trained "
+               "would be registered")
 
 
 @contextmanager

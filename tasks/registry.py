@@ -1100,13 +1100,12 @@ def end_abandoned_runs(left_by: str, by: str) -> list[str]:
     experiment (the next run of the model may log to another), ended KILLED, saying so
     (``finish_run``) and naming the run that found them (``by``). Returns their ids."""
     client = mlflow_client()
+    left = f"tags.`{TURN_TAG}` = '{turn_tag(left_by)}' and attributes.status = 'RUNNING'"
     runs, token = [], None
     while True:  # the active experiments, a page at a time
         page = client.search_experiments(max_results=100, page_token=token)
         if page:
-            runs += client.search_runs(
-                [e.experiment_id for e in page],
-                f"tags.`{TURN_TAG}` = '{turn_tag(left_by)}' and attributes.status = 'RUNNING'")
+            runs += client.search_runs([e.experiment_id for e in page], left)
         token = page.token
         if not token:
             break
