@@ -189,15 +189,18 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
+def short_size(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``."""
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def human_bytes(n: int) -> str:
-    """``21474836480`` -> ``21474836480 bytes (20 GiB)``: exact, and readable."""
-    value, unit = float(n), "bytes"
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    shown = f"{value:.0f}" if value == int(value) else f"{value:.1f}"
-    return f"{n} bytes ({shown} {unit})" if unit != "bytes" else f"{n} bytes"
+    """``21474836480`` -> ``21474836480 bytes (20.0 GiB)``: exact, and readable."""
+    return f"{n} bytes" if abs(n) < 1024 else f"{n} bytes ({short_size(n)})"
 
 
 def sha256_file(path: Path) -> str:
@@ -486,7 +489,9 @@ def retry_after_s(value: Optional[str], now: Optional[float] = None) -> Optional
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _wait_words(seconds: float) -> str:
+def wait_words(seconds: float) -> str:
+    """A wait or limit as a message gives it: "45 s" under two minutes, else ``span_words``
+    to the minute ("10 minutes", "3 hours")."""
     return f"{seconds:.0f} s" if seconds < 120 else span_words(round(seconds / 60) * 60)
 
 
@@ -511,15 +516,15 @@ def refused_for_now(code: int, retry_after: Optional[str], what: str,
         return errors.TransientError(text)
     if wait > RETRY_AFTER_MAX_S:
         return errors.ServerBusy(
-            f"{text}; the server asks to be asked again in {_wait_words(wait)} (Retry-After), "
+            f"{text}; the server asks to be asked again in {wait_words(wait)} (Retry-After), "
             f"after {utc_minute(time.time() + wait)}, longer than a run waits "
-            f"({_wait_words(RETRY_AFTER_MAX_S)}): try again after then (a schedule or "
+            f"({wait_words(RETRY_AFTER_MAX_S)}): try again after then (a schedule or "
             "watch-data tries again at its next turn)")
     log("%s; the server asks to be asked again in %s (Retry-After): waiting", text,
-        _wait_words(wait), level=30)
+        wait_words(wait), level=30)
     time.sleep(wait)
     return errors.TransientError(
-        f"{text}; waited the {_wait_words(wait)} it asked for (Retry-After)")
+        f"{text}; waited the {wait_words(wait)} it asked for (Retry-After)")
 
 
 def special_file(path) -> Optional[str]:

@@ -22,7 +22,7 @@ from typing import Optional
 
 from prefect import task
 
-from petalflow.tasks.common import log
+from petalflow.tasks.common import log, wait_words
 from petalflow.tasks.errors import TrainingHandoffError, TrainingTimeLimit
 from petalflow.tasks.params import TRAINING_FLOW
 
@@ -51,7 +51,7 @@ PARENT_ENDED = "cancelled: the run that handed this training over ended before i
 def hours_said(hours: float) -> str:
     """``24`` -> ``24 hours``; ``0.5`` -> ``0.5 hours = 30 minutes``."""
     said = f"{hours:g} hour{'' if hours == 1 else 's'}"
-    return said if hours >= 1 else f"{said} = {_duration(hours * 3600)}"
+    return said if hours >= 1 else f"{said} = {wait_words(hours * 3600)}"
 
 
 def over_time_said(hours: float) -> str:
@@ -220,17 +220,17 @@ def wait_for_training_runs(ids: list, handoff: dict, poll_s: float = 2.0,
                     "so far is kept for the next run)",
                     ", ".join(run.name for run in waiting), name, pool,
                     _pool_said(status, pool), start_worker_advice(pool),
-                    _duration(no_worker_limit_s), level=30)
+                    wait_words(no_worker_limit_s), level=30)
             elif now - unmanned_since >= no_worker_limit_s:
                 why = (f"no worker of pool {pool!r} took it in "
-                       f"{_duration(now - unmanned_since)} ({_pool_said(status, pool)}); "
+                       f"{wait_words(now - unmanned_since)} ({_pool_said(status, pool)}); "
                        f"nothing was trained: {start_worker_advice(pool)}")
                 _cancel(client, waiting, why)
                 if len(waiting) == len(ids):
                     names = ", ".join(run.name for run in waiting)
                     raise TrainingHandoffError(
                         f"the training step, handed to {name} (run {names}), never started: "
-                        f"{why}; it was cancelled after {_duration(now - started)}, and "
+                        f"{why}; it was cancelled after {wait_words(now - started)}, and "
                         "nothing was registered: the champion is as it was")
                 unmanned_since = None
             time.sleep(poll_s)
@@ -252,7 +252,7 @@ def _stop_over_time(client, runs, max_hours: float, running_since: dict,
             if now - stopped_at[run.id] >= CANCEL_GRACE_S:
                 client.set_flow_run_state(run.id, Cancelled(message=(
                     f"{over_time_said(max_hours)} (its worker had not stopped it "
-                    f"{_duration(CANCEL_GRACE_S)} after it was cancelled)")), force=True)
+                    f"{wait_words(CANCEL_GRACE_S)} after it was cancelled)")), force=True)
                 stopped_at[run.id] = float("inf")
             continue
         if run.state.type != StateType.RUNNING:
@@ -260,7 +260,7 @@ def _stop_over_time(client, runs, max_hours: float, running_since: dict,
         since = running_since.setdefault(run.id, now)
         if now - since >= max_hours * 3600:
             log("training run %s has run for %s, longer than max_training_hours (%s) allows: "
-                "it is cancelled (its worker stops it)", run.name, _duration(now - since),
+                "it is cancelled (its worker stops it)", run.name, wait_words(now - since),
                 hours_said(max_hours), level=30)
             client.set_flow_run_state(run.id, Cancelling(message=over_time_said(max_hours)))
             stopped_at[run.id] = now
@@ -327,7 +327,7 @@ def _watch_parent(run_id, parent_id, max_hours: float, poll_s: float, done,
             elif time.monotonic() >= deadline:
                 said = (f"{over_time_said(max_hours)}; the run that handed it over "
                         f"({parent.name}, {parent.state_name}) had not stopped it "
-                        f"{_duration(BACKSTOP_S)} after that")
+                        f"{wait_words(BACKSTOP_S)} after that")
             else:
                 continue
             try:
@@ -384,7 +384,3 @@ def _cancel(client, runs: list, why: str) -> None:
 
     for run in runs:
         client.set_flow_run_state(run.id, Cancelled(message=why), force=True)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} s"

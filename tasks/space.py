@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from petalflow.mlflow_artifacts import sqlite_database
-from petalflow.tasks.common import error_chain, local_store_db, petalflow_home
+from petalflow.tasks.common import error_chain, local_store_db, petalflow_home, short_size
 from petalflow.tasks.errors import DiskFull
 
 # DiskFull's own words: a training run on the gpu pool that failed so is quoted by the run
@@ -39,15 +39,6 @@ def no_space(exc: Optional[BaseException]) -> bool:
         if any(words in str(cause) for words in _FULL_WORDS):
             return True
     return False
-
-
-def short_size(n: float) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _existing(path: Path) -> Path:

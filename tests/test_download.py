@@ -1647,6 +1647,21 @@ def test_retry_after_is_read_in_seconds_or_as_a_date():
     assert retry_after_s(None) is None and retry_after_s("soon") is None
 
 
+def test_waits_and_sizes_are_written_one_way_in_every_message():
+    """One wording for a wait or limit (Retry-After, a training's time limit, a worker's grace)
+    and for a size (extraction limits, a full disk)."""
+    from petalflow.tasks.common import human_bytes, short_size, wait_words
+    from petalflow.tasks.handoff import hours_said
+
+    assert [wait_words(s) for s in (1, 45.4, 119, 120, 600, 7200, 3 * 86400)] == [
+        "1 s", "45 s", "119 s", "2 minutes", "10 minutes", "2 hours", "3 days"]
+    assert [hours_said(h) for h in (24, 1, 0.5, 1 / 3600)] == [
+        "24 hours", "1 hour", "0.5 hours = 30 minutes", "0.000277778 hours = 1 s"]
+    assert [human_bytes(n) for n in (0, 1023, 1000000, 20 * 1024**3)] == [
+        "0 bytes", "1023 bytes", "1000000 bytes (976.6 KiB)", "21474836480 bytes (20.0 GiB)"]
+    assert short_size(5 * 1024**4) == "5.0 TiB"
+
+
 def test_a_server_that_asks_to_wait_is_asked_again_when_it_said(tmp_path, prefect_harness,
                                                                  caplog):
     """A rate-limited data server (429 with Retry-After: 3) was asked again after Prefect's
