@@ -381,6 +381,68 @@ def source_url(url: Optional[str]) -> Optional[str]:
     return urlunsplit(parts._replace(query="&".join(kept)))
 
 
+def netrc_file() -> Optional[Path]:
+    """This machine's netrc file (``$NETRC``, else ``~/.netrc``) when there is one: the
+    credentials curl, wget, pip and git read, per host, kept out of the dataset URL (and so out
+    of a run's parameters, which Prefect's UI shows)."""
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    return path if path.is_file() else None
+
+
+def url_authorization(url: str) -> tuple[str, Optional[str]]:
+    """(``url`` without a user and password, the ``Authorization`` header for it): basic
+    authentication with the URL's own credentials, else with the netrc file's entry for its
+    host, else None. For clients that do not read either (urllib: TF Hub's downloads). A netrc
+    file that does not parse is a ValueError naming it."""
+    import base64
+    import netrc
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return url, None
+    bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+    if parts.username is not None:
+        login, password = unquote(parts.username), unquote(parts.password or "")
+    else:
+        path = netrc_file()
+        try:
+            found = netrc.netrc(str(path)).authenticators(parts.hostname) if path else None
+        except (netrc.NetrcParseError, OSError) as exc:
+            raise ValueError(f"cannot read the netrc file {path} (credentials for downloads): "
+                             f"{exc}") from None
+        if not found:
+            return bare, None
+        login, password = found[0], found[2]
+    token = base64.b64encode(f"{login}:{password}".encode()).decode()
+    return bare, f"Basic {token}"
+
+
+def credentials_advice(url: str, status: int, what: str) -> str:
+    """What to do about a 401 or 403 answer to ``url`` (``what`` it is: "the archive"), by
+    what credentials the request carried; "" for other answers and presigned URLs (their
+    signature is their credential)."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    names = {item.partition("=")[0].lower() for item in parts.query.split("&")}
+    if status not in (401, 403) or SIGNATURE_KEYS.intersection(names):
+        return ""
+    host = parts.hostname
+    if parts.username:
+        return "; the server refused the credentials in the URL"
+    path = netrc_file()
+    if path is not None:
+        with contextlib.suppress(netrc.NetrcParseError, OSError):
+            if netrc.netrc(str(path)).authenticators(host):
+                return f"; the server refused the credentials for {host} in {path}"
+    return (f"; if {what} needs credentials, give them for {host} in the netrc file of "
+            f"the machine that downloads (~/.netrc, or the file $NETRC names: `machine {host} "
+            "login USER password TOKEN`), which keeps them out of the URL and the run's "
+            "parameters")
+
+
 def tls_problem(exc: Optional[BaseException], url: str,
                 setting: str = "SSL_CERT_FILE") -> Optional[str]:
     """The message for a TLS failure no retry changes at ``url``'s host, when ``exc`` or an

@@ -34,7 +34,8 @@ from prefect import task
 from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
-    CHUNK, counted, file_lock, human_bytes, local_source, log, read_json, redact_url,
+    CHUNK, counted, credentials_advice, file_lock, human_bytes, local_source, log, netrc_file,
+    read_json, redact_url,
     refused_for_now, remove_set_aside, scheme_hint, set_aside, sha256_file, source_url,
     span_words, tls_problem, tree_bytes, unread_folder, utc_at, utc_minute, utc_now, walk_files,
     where_relative, write_json,
@@ -293,7 +294,8 @@ def _fetch(url: str, target: Path, known: dict, timeout_s: float, on_progress,
                                     + (f" ({said})" if said else "")
                                     + (f": {expired}" if expired else
                                        "; check the dataset URL"
-                                       + _credentials_advice(url, resp.status_code)))
+                                       + credentials_advice(url, resp.status_code,
+                                                            "the archive")))
             validators = _validators(resp.headers)
             resumed = resp.status_code == 206 and offset > 0
             done = offset if resumed else 0
@@ -392,14 +394,6 @@ def expired_signature(url: str) -> Optional[str]:
 _ERROR_BODY = 4096  # bytes of an error answer read for what the server says
 
 
-def netrc_file() -> Optional[Path]:
-    """This machine's netrc file (``$NETRC``, else ``~/.netrc``) when there is one: the
-    credentials curl, wget, pip and git read, per host, kept out of the dataset URL (and so out
-    of a run's parameters, which Prefect's UI shows)."""
-    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
-    return path if path.is_file() else None
-
-
 def download_auth(url: str):
     """httpx's authentication for ``url``: None when the URL carries its own credentials (they
     are used) or the machine has no netrc file, else the netrc file's entry for the URL's host
@@ -417,26 +411,6 @@ def download_auth(url: str):
     except (netrc.NetrcParseError, OSError) as exc:
         raise DownloadError(f"cannot read the netrc file {path} (credentials for downloads): "
                             f"{exc}") from None
-
-
-def _credentials_advice(url: str, status: int) -> str:
-    """What to do about a 401 or 403 answer, by what credentials the request carried."""
-    host = urlparse(url).hostname
-    if status not in (401, 403) or signature_expiry(url) is not None:  # presigned: its own
-        return ""
-    if urlparse(url).username:
-        return "; the server refused the credentials in the URL"
-    path = netrc_file()
-    if path is not None:
-        import netrc
-
-        with contextlib.suppress(netrc.NetrcParseError, OSError):
-            if netrc.netrc(str(path)).authenticators(host):
-                return f"; the server refused the credentials for {host} in {path}"
-    return (f"; if the archive needs credentials, give them for {host} in the netrc file of "
-            f"the machine that downloads (~/.netrc, or the file $NETRC names: `machine {host} "
-            "login USER password TOKEN`), which keeps them out of the URL and the run's "
-            "parameters")
 
 
 def _server_says(resp) -> str:
@@ -1351,8 +1325,8 @@ def fetch_backbone_task(handle: str, cache_dir: str, image_size: Optional[int] =
     path = fetch_backbone(handle, Path(cache_dir))
     signature = serving_signature(Path(path))
     if image_size is not None:
-        check_image_size(signature, handle, image_size, image_size_set_by)
-    warning = classification_warning(signature, handle)
+        check_image_size(signature, redact_url(handle), image_size, image_size_set_by)
+    warning = classification_warning(signature, redact_url(handle))
     if warning:
         log("%s", warning, level=30)
     return path

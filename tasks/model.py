@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from petalflow.tasks.common import (
-    imports_settled, log, not_a_saved_model, refused_for_now, tls_problem,
+    credentials_advice, imports_settled, log, not_a_saved_model, redact_url, redact_urls_in,
+    refused_for_now, tls_problem, url_authorization,
 )
 from petalflow.tasks.serving import ERROR_UNDECODABLE, PROB_PREFIX, output_columns  # noqa: F401
 
@@ -34,7 +35,10 @@ BACKBONE_FETCH_TIMEOUT_S = 60  # per socket operation; TF Hub's own download has
 
 def fetch_backbone(handle: str, cache_dir: Path) -> str:
     """The local SavedModel folder of a TF Hub handle, downloading it into ``cache_dir`` first
-    when it is a URL (TF Hub's own resolver: atomic, locked, reused by every later run).
+    when it is a URL (TF Hub's own resolver: atomic, locked, reused by every later run). A
+    private server's credentials come from the URL or, kept out of it, the machine's netrc
+    file (``common.url_authorization``), sent to that host only; messages name the URL
+    without them (``redact_url``).
 
     Network trouble raises TransientError (the task retries it); a handle that does not exist
     or is not a SavedModel raises BackboneError (no retry).
@@ -44,9 +48,14 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
 
     from petalflow.tasks.errors import BackboneError, TransientError, is_transient_status
 
+    shown = redact_url(handle)
     if "://" not in handle:
         path = Path(handle).expanduser().resolve()
     else:
+        try:
+            bare, authorization = url_authorization(handle)
+        except ValueError as exc:
+            raise BackboneError(f"{exc} (backbone {shown})") from None
         imports_settled("tensorflow_hub")
         import tensorflow_hub as hub
 
@@ -56,20 +65,23 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(BACKBONE_FETCH_TIMEOUT_S)
         try:
-            path = Path(hub.resolve(handle))
+            path = Path(hub.resolve(bare) if authorization is None
+                        else _authorized_resolver(authorization)(bare))
         except urllib.error.HTTPError as exc:
             if is_transient_status(exc.code):
                 raise refused_for_now(exc.code, (exc.headers or {}).get("Retry-After"),
-                                      f"fetching backbone {handle}") from exc
+                                      f"fetching backbone {shown}") from exc
             raise BackboneError(
-                f"HTTP {exc.code} fetching backbone {handle}; check --backbone") from exc
+                f"HTTP {exc.code} fetching backbone {shown}; check --backbone"
+                + credentials_advice(handle, exc.code, "the backbone")) from exc
         except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout) as exc:
-            refused = tls_problem(exc, handle)
+            refused = tls_problem(exc, bare)
             if refused:
-                raise BackboneError(f"{refused} (backbone {handle})") from exc
-            raise TransientError(f"network error fetching backbone {handle}: {exc}") from exc
+                raise BackboneError(f"{refused} (backbone {shown})") from exc
+            raise TransientError(f"network error fetching backbone {shown}: {exc}") from exc
         except Exception as exc:  # a download that is not a model archive, a bad tar...
-            raise BackboneError(f"cannot fetch backbone {handle}: {exc}") from exc
+            raise BackboneError(f"cannot fetch backbone {shown}: {redact_urls_in(str(exc))}") \
+                from exc
         finally:
             socket.setdefaulttimeout(previous)
             if previous_cache is None:
@@ -78,8 +90,26 @@ def fetch_backbone(handle: str, cache_dir: Path) -> str:
                 os.environ["TFHUB_CACHE_DIR"] = previous_cache
     if not (path / "saved_model.pb").is_file():
         raise BackboneError(
-            f"backbone {handle} is not a TF Hub SavedModel ({path}: {not_a_saved_model(path)})")
+            f"backbone {shown} is not a TF Hub SavedModel ({path}: {not_a_saved_model(path)})")
     return str(path)
+
+
+def _authorized_resolver(authorization: str):
+    """TF Hub's resolver of compressed models over HTTP(S) (what ``hub.resolve`` uses for a
+    URL), sending ``authorization`` with its request: not with a redirect's, which may lead to
+    another host (an object store's signed URL), as curl and httpx do."""
+    import urllib.request
+
+    from tensorflow_hub.compressed_module_resolver import HttpCompressedFileResolver
+
+    class Authorized(HttpCompressedFileResolver):
+        def _call_urlopen(self, request):
+            if isinstance(request, str):
+                request = urllib.request.Request(request)
+            request.add_unredirected_header("Authorization", authorization)
+            return super()._call_urlopen(request)
+
+    return Authorized()
 
 
 def serving_signature(saved_model_dir: Path):

@@ -18,7 +18,7 @@ from pydantic import (
 
 from petalflow.tasks.common import (
     expand_input_lists, input_list, local_source, not_a_saved_model, redacted, scheme_hint,
-    special_file, where_relative,
+    source_url, special_file, where_relative,
 )
 
 DEFAULT_DATA_URL = (
@@ -446,11 +446,9 @@ class TrainParams(BaseModel):
                 "recorded; save it to a file first (curl -o photos.tgz URL), or give its "
                 "http(s) URL")
         if redacted(value):
-            raise ValueError(
-                "this URL holds '***' where petalflow hid its credentials when it recorded it "
-                "(MLflow's tags and parameters, the model card, a drift event's parameters): "
-                "a record cannot download; give the URL with its credentials (a retraining "
-                "on drift: set data_url in the train deployment's own parameters, README)")
+            raise ValueError(recorded_url_refused(
+                "give the URL with its credentials (a retraining on drift: set data_url in the "
+                "train deployment's own parameters, README)"))
         return value
 
     @field_validator("data_sha256")
@@ -472,6 +470,10 @@ class TrainParams(BaseModel):
             raise ValueError("must be a TF Hub handle (URL) or a local SavedModel folder")
         if problem := mistyped_url(value):
             raise ValueError(problem)
+        if "://" in value and redacted(value):
+            raise ValueError(recorded_url_refused(
+                "give the URL with its credentials, or keep them in the netrc file of the "
+                "machine that trains (README)"))
         if "://" in value:
             return value
         path = Path(value).expanduser()
@@ -632,6 +634,13 @@ def image_size_set_by(params: TrainParams,
             else [f"sweep[{i}]" for i in which] for key, which in using.items()}
 
 
+def recorded_url_refused(advice: str) -> str:
+    """Why a URL as petalflow records it (``common.redact_url``) is refused, then ``advice``."""
+    return ("this URL holds '***' where petalflow hid its credentials when it recorded it "
+            "(MLflow's tags and parameters, the model card, a drift event's parameters): a "
+            f"record cannot download; {advice}")
+
+
 def expected_sha256(params: TrainParams) -> Optional[str]:
     """The digest the archive must have: the user's pin, else the published digest of a
     well-known archive (applied at run time, so the run form's default stays empty)."""
@@ -690,6 +699,10 @@ def run_key(cfg: TrainParams, fingerprint: str) -> str:
     # where the data is (the fingerprint says what it is).
     relevant = cfg.model_dump(exclude={*OWN_RUN_FIELDS, "min_accuracy", "min_improvement",
                                        "experiment_name", "data_url", "data_sha256"})
+    # A backbone URL without the credentials or signing time it may carry: the same model.
+    for one in (relevant, *relevant["sweep"]):
+        if one.get("backbone"):
+            one["backbone"] = source_url(one["backbone"])
     blob = json.dumps({"fingerprint": fingerprint, **relevant}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

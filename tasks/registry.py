@@ -263,9 +263,13 @@ def class_names_tag(classes: list[str]) -> str:
 
 def recorded_params(cfg: TrainParams, mode: str = "python") -> dict:
     """``cfg`` as MLflow records it (run parameters, the version's ``params`` tag): its data
-    URL without the secrets it may carry (``common.redact_url``): other teams read the
-    registry."""
-    return {**cfg.model_dump(mode=mode), "data_url": redact_url(cfg.data_url)}
+    URL and backbone URLs without the secrets they may carry (``common.redact_url``): other
+    teams read the registry."""
+    dumped = cfg.model_dump(mode=mode)
+    sweep = [{**c, "backbone": redact_url(c["backbone"])} if c.get("backbone") else c
+             for c in dumped.get("sweep") or []]
+    return {**dumped, "data_url": redact_url(cfg.data_url),
+            "backbone": redact_url(cfg.backbone), "sweep": sweep}
 
 
 def params_record(cfg: TrainParams) -> str:
@@ -293,7 +297,7 @@ def start_run(cfg: TrainParams, data_info: DatasetInfo, run_name: Optional[str] 
     tags = {
         "petalflow.dataset_fingerprint": data_info["fingerprint"],
         "petalflow.data_url": redact_url(cfg.data_url),
-        "petalflow.backbone": cfg.backbone,
+        "petalflow.backbone": redact_url(cfg.backbone),
         "petalflow.class_names": class_names_tag(data_info["classes"]),
         "petalflow.code_version": code_version(),
         "mlflow.source.name": SOURCE_NAME,
@@ -847,7 +851,7 @@ def followed_champion(params: TrainParams) -> Optional[tuple[TrainParams, dict]]
         raise FollowChampionError(str(exc)) from None
     log("following the %s v%s of %s%s: its data %s, backbone %s", alias, mv.version,
         params.model_name, "" if alias == CHAMPION else " (no version has passed the gate yet)",
-        redact_url(cfg.data_url), cfg.backbone)
+        redact_url(cfg.data_url), redact_url(cfg.backbone))
     return cfg, version_info(tags, mv, accuracy, params.model_name, alias)
 
 
@@ -976,7 +980,7 @@ def register_model(
         "test_accuracy": f"{accuracy:.{PRECISION}f}",
         "dataset_fingerprint": data_info["fingerprint"],
         "data_url": redact_url(cfg.data_url),
-        "backbone": cfg.backbone,
+        "backbone": redact_url(cfg.backbone),
         "image_size": str(cfg.image_size),
         "class_names": json.dumps(data_info["classes"], ensure_ascii=False),
         "params": params_record(request or cfg),

@@ -28,7 +28,7 @@ from petalflow.tasks.dataset import (
     DatasetInfo, load_manifest, reads_exif, split_files, split_shas, unchanged_data,
 )
 from petalflow.tasks.common import (
-    file_lock, log, release_memory, remove_set_aside, set_aside, write_json,
+    file_lock, log, redact_url, release_memory, remove_set_aside, set_aside, write_json,
 )
 from petalflow.tasks.features import aligned, aligned_empty, shared_tensor
 from petalflow.tasks.params import TrainParams
@@ -67,7 +67,7 @@ def feature_cache_dir(root: Path, params: TrainParams, fingerprint: str,
 
     from petalflow.tasks.images import DECODER
 
-    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(backbone_path),
+    blob = json.dumps({**_backbone_identity(params.backbone, backbone_path),
                        "image_size": params.image_size, "fingerprint": fingerprint,
                        "split": [params.val_fraction, params.test_fraction, params.seed],
                        "decoder": DECODER},
@@ -75,16 +75,19 @@ def feature_cache_dir(root: Path, params: TrainParams, fingerprint: str,
     return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _backbone_files(backbone_path: Optional[str]) -> dict:
-    """The hashes of a local backbone copy's graph and variable index (None: no local copy)."""
-    from petalflow.tasks.common import sha256_file
+def _backbone_identity(handle: str, backbone_path: Optional[str]) -> dict:
+    """What identifies a backbone in a cache's key: its handle (a URL without the credentials
+    or the signing time it may carry, ``common.source_url``: the same model fetched with another
+    password or signed again is the same backbone) and the hashes of its local copy's graph and
+    variable index (None: no local copy)."""
+    from petalflow.tasks.common import sha256_file, source_url
 
     files = {}
     if backbone_path:
         for name in ("saved_model.pb", "variables/variables.index"):
             path = Path(backbone_path) / name
             files[name] = sha256_file(path) if path.is_file() else None
-    return files
+    return {"backbone": source_url(handle), "files": files}
 
 
 FROZEN_BACKBONES = "frozen-backbones"  # beside the feature caches
@@ -105,8 +108,8 @@ def frozen_backbone_dir(root: Path, params: TrainParams, backbone_path: Optional
 
     import tensorflow as tf
 
-    blob = json.dumps({"backbone": params.backbone,
-                       "files": _backbone_files(local_backbone(params, backbone_path)),
+    blob = json.dumps({**_backbone_identity(params.backbone,
+                                            local_backbone(params, backbone_path)),
                        "image_size": params.image_size, "tensorflow": tf.__version__},
                       sort_keys=True)
     return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -351,7 +354,7 @@ def feature_bank_dir(root: Path, params: TrainParams, backbone_path: Optional[st
 
     from petalflow.tasks.images import DECODER
 
-    blob = json.dumps({"backbone": params.backbone, "files": _backbone_files(backbone_path),
+    blob = json.dumps({**_backbone_identity(params.backbone, backbone_path),
                        "image_size": params.image_size, "decoder": DECODER}, sort_keys=True)
     return Path(root) / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -997,7 +1000,8 @@ def _train(
     try:
         export_serving_model(
             network, classes, cfg.image_size, staging,
-            metadata={"backbone": cfg.backbone, "fingerprint": data_info["fingerprint"]},
+            metadata={"backbone": redact_url(cfg.backbone),
+                      "fingerprint": data_info["fingerprint"]},
         )
         # Features cached before training are the final ones only if the backbone never
         # changed.

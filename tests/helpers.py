@@ -337,6 +337,55 @@ def revalidating_server(validators: bool = True, etag: bool = True):
         yield server.site
 
 
+class _Private(http.server.BaseHTTPRequestHandler):
+    """Serves ``server.files`` {path: bytes} (the query ignored), those under ``/private/``
+    only with ``server.authorization``; a path in ``server.redirects`` answers 302 to its URL.
+    Records (path, Authorization header) per request in ``server.seen``."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        server = self.server
+        server.seen.append((self.path, self.headers.get("Authorization")))
+        path = self.path.split("?", 1)[0]
+        if path in server.redirects:
+            self.send_response(302)
+            self.send_header("Location", server.redirects[path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if path.startswith("/private/") and (self.headers.get("Authorization")
+                                             != server.authorization):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="models"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        body = server.files.get(path)
+        if body is None:
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextmanager
+def private_server(files: dict, login: str, password: str):
+    """A real HTTP server on a free loopback port whose ``/private/`` files need basic
+    authentication as ``login``:``password`` (``_Private``); yields the server (``seen``,
+    ``redirects``, its URL ``base_url(server)``)."""
+    import base64
+
+    with serve_handler(_Private) as server:
+        server.files, server.redirects, server.seen = dict(files), {}, []
+        server.authorization = "Basic " + base64.b64encode(
+            f"{login}:{password}".encode()).decode()
+        yield server
+
+
 RETRYABLE_STATUS = {429, 502, 503}
 
 

@@ -87,6 +87,13 @@ def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
         "where petalflow hid its credentials")
     assert str(caught.value).endswith("turn follow_champion off and give the data URL and "
                                       "settings to train with")
+    with pytest.raises(ValueError, match=(
+            r"the champion v4 of mine was trained with backbone 'https://\*\*\*@models.example."
+            r"org/b.tar.gz', which cannot be used here: this URL holds '\*\*\*' where petalflow "
+            r"hid its credentials when it recorded it .*: a record cannot download; give the URL "
+            r"with its credentials, or keep them in the netrc file of the machine that trains")):
+        followed(run, {**recorded, "backbone": "https://***@models.example.org/b.tar.gz"},
+                 "the champion v4")
     with pytest.raises(ValueError, match=r"the champion v4 of mine was trained with backbone "
                        r"'/gone/backbone', which cannot be used here: '/gone/backbone' is "
                        r"neither a URL nor an existing SavedModel folder"):
@@ -103,6 +110,41 @@ def test_a_run_following_the_champion_trains_with_what_the_champion_recorded(
     monkeypatch.chdir(tmp_path)
     assert followed(run, {**recorded, "data_url": "photos.zip"},
                     "the champion v4").data_url == "photos.zip"
+
+
+def test_a_backbone_urls_secrets_are_recorded_nowhere_and_name_the_same_training(tiny_backbone,
+                                                                                 tmp_path):
+    """A private backbone's URL (a password, a presigned query) is recorded without its secrets
+    (MLflow's parameters and the version's ``params`` tag, a sweep's candidates too), and the
+    same model fetched with another password or signed again is the same training (run key)
+    and the same features (their cache's key)."""
+    from petalflow.tasks.params import run_key
+    from petalflow.tasks.registry import params_record, recorded_params
+    from petalflow.tasks.train import feature_cache_dir
+
+    def url(password: str, signed: str) -> str:
+        return (f"https://bob:{password}@models.example.org/b.tar.gz?X-Amz-Date={signed}"
+                "&X-Amz-Expires=3600&X-Amz-Signature=" + password[::-1])
+
+    signings = (("hunter2", "20261206T010000Z"), ("swordfish", "20261207T090000Z"))
+    first, later = (TrainParams(data_url="https://example.org/p.tgz", backbone=url(p, d),
+                                sweep=[{"epochs": 3}, {"backbone": url(p, d), "epochs": 4}])
+                    for p, d in signings)
+    recorded = recorded_params(first)
+    shown = ("https://***@models.example.org/b.tar.gz?X-Amz-Date=20261206T010000Z"
+             "&X-Amz-Expires=3600&X-Amz-Signature=***")
+    assert recorded["backbone"] == recorded["sweep"][1]["backbone"] == shown
+    assert recorded["sweep"][0] == first.model_dump()["sweep"][0]
+    for secret in ("hunter2", "2retnuh"):
+        assert secret not in params_record(first) + json.dumps(recorded, default=str)
+    assert run_key(first, "f" * 16) == run_key(later, "f" * 16)
+    assert run_key(first, "f" * 16) != run_key(first.model_copy(update={"backbone": str(
+        tiny_backbone)}), "f" * 16)
+    copy = str(tiny_backbone)
+    assert (feature_cache_dir(tmp_path, first, "f", copy)
+            == feature_cache_dir(tmp_path, later, "f", copy))
+    with pytest.raises(ValidationError, match="a record cannot download"):
+        TrainParams(backbone=shown)
 
 
 def test_urls_and_paths_pasted_with_their_quotes_are_taken_without_them(tmp_path, tiny_backbone):

@@ -1080,6 +1080,63 @@ def test_backbone_fetch_errors_say_what_to_fix_and_only_network_trouble_is_trans
     assert not list(cache.glob("*/saved_model.pb"))  # nothing half-fetched is left to trust
 
 
+def test_a_private_backbone_is_fetched_with_the_urls_or_the_netrc_files_credentials(
+        tiny_backbone, tmp_path, monkeypatch):
+    """A backbone on a private server (an organisation's own model store): TF Hub's resolver
+    (urllib) reads neither a URL's user and password nor the netrc file, so a URL with them
+    failed as "Name or service not known", retried as a network error four times (30 s), and
+    printed the password in every message. Now the URL's credentials, else the netrc file's
+    for its host, are sent to that host only (not on to where it redirects); a 401 says where
+    to put them, or that those given were refused; no message holds the password."""
+    from petalflow.tasks.errors import BackboneError
+    from petalflow.tasks.model import fetch_backbone
+    from tests.helpers import base_url, make_hub_tarball, private_server
+
+    tarball = make_hub_tarball(tiny_backbone, tmp_path / "tiny.tar.gz").read_bytes()
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))  # no file there yet
+    caches = (tmp_path / f"tfhub{i}" for i in range(10))  # a fetched model is cached: a new one
+    with private_server({"/private/tiny.tar.gz": tarball, "/tiny.tar.gz": tarball},
+                        "bob", "pa ss:w0rd") as private, \
+            private_server({"/tiny.tar.gz": tarball}, "-", "-") as store:
+        host = base_url(private).split("://")[1]
+        url = f"{base_url(private)}/private/tiny.tar.gz"
+        with pytest.raises(BackboneError) as refused:
+            fetch_backbone(url, tmp_path / "refused")
+        assert not list((tmp_path / "refused").glob("*/saved_model.pb"))  # nothing cached
+        assert str(refused.value) == (
+            f"HTTP 401 fetching backbone {url}; check --backbone; if the backbone needs "
+            "credentials, give them for 127.0.0.1 in the netrc file of the machine that "
+            "downloads (~/.netrc, or the file $NETRC names: `machine 127.0.0.1 login USER "
+            "password TOKEN`), which keeps them out of the URL and the run's parameters")
+        # The URL's own (a password with a space and a colon, percent-encoded in the URL).
+        with pytest.raises(BackboneError) as wrong:
+            fetch_backbone(f"http://bob:WRONG@{host}/private/tiny.tar.gz", next(caches))
+        assert str(wrong.value) == (
+            f"HTTP 401 fetching backbone http://***@{host}/private/tiny.tar.gz; check "
+            "--backbone; the server refused the credentials in the URL")
+        fetched = Path(fetch_backbone(f"http://bob:pa%20ss%3Aw0rd@{host}/private/tiny.tar.gz",
+                                      next(caches)))
+        assert (fetched / "saved_model.pb").is_file()
+        netrc.write_text("machine 127.0.0.1 login bob password WRONG\n")
+        with pytest.raises(BackboneError, match=(
+                f"check --backbone; the server refused the credentials for 127.0.0.1 in "
+                f"{netrc}$")):
+            fetch_backbone(url, next(caches))
+        netrc.write_text('machine 127.0.0.1 login bob password "pa ss:w0rd"\n')
+        assert (Path(fetch_backbone(url, next(caches))) / "saved_model.pb").is_file()
+        # Redirected to another host (an object store's signed URL): not sent on there.
+        private.redirects["/private/moved.tar.gz"] = f"{base_url(store)}/tiny.tar.gz"
+        private.seen.clear()
+        moved = fetch_backbone(f"{base_url(private)}/private/moved.tar.gz", next(caches))
+        assert (Path(moved) / "saved_model.pb").is_file()
+        assert private.seen[0][1] and store.seen == [(store.seen[0][0], None)], store.seen
+        netrc.write_text("machine\n")
+        with pytest.raises(BackboneError, match=f"cannot read the netrc file {netrc}"):
+            fetch_backbone(url, next(caches))
+    assert "w0rd" not in str(refused.value) + str(wrong.value)
+
+
 def test_a_server_whose_certificate_is_not_trusted_fails_at_once_saying_how_to_trust_it(
         tiny_backbone, tmp_path, monkeypatch):
     """A data or backbone server inside an organisation presents a certificate of the

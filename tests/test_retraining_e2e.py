@@ -492,6 +492,56 @@ def test_secrets_in_the_data_url_stay_out_of_the_registry_and_the_model_card(
     assert TrainParams(data_url=f"https://{host}/a***b.tgz?q=x***").data_url  # not a record
 
 
+def test_a_private_backbones_credentials_are_used_and_recorded_nowhere(
+        workspace, tiny_backbone, prefect_harness):
+    """A backbone on a private server, its URL holding a user, a password and a presigned
+    query: the training fetches it with them (it failed with "Name or service not known"
+    after four retries, the password in every message), and nothing other teams read of the
+    version holds them: its tags and parameters, its run's, the model card, the model's own
+    files and what the command prints. Signed again, it is the same training. A retraining
+    handed the version's recorded parameters is refused saying why."""
+    from petalflow.flows.train_flow import train_and_register
+    from petalflow.tasks.drift import training_params_of
+    from petalflow.tasks.report import run_result
+    from tests.helpers import make_hub_tarball, private_server
+
+    tarball = make_hub_tarball(tiny_backbone, workspace / "tiny.tar.gz").read_bytes()
+    src = make_dataset(workspace / "photos", per_class=12)
+    secrets = ("hunter2SECRET6", "AKIDSECRET7", "f00dSECRET8", "beefSECRET9")
+    with private_server({"/private/tiny.tar.gz": tarball}, "bob", secrets[0]) as server:
+        host = base_url(server).split("://")[1]
+        query = f"X-Amz-Credential={secrets[1]}&X-Amz-Signature={secrets[2]}"
+        backbone = f"http://bob:{secrets[0]}@{host}/private/tiny.tar.gz?{query}"
+        first = train_and_register(_params(str(src), backbone))
+        again = train_and_register(_params(str(src), backbone.replace(secrets[2], secrets[3])))
+    assert (first["model_version"], first["alias"]) == ("1", "champion")
+    assert again["status"] == "nothing to do", again["status"]
+    fetched = [path for path, _ in server.seen]
+    assert len(fetched) == 2 and all(auth == server.authorization for _, auth in server.seen)
+    shown = (f"http://***@{host}/private/tiny.tar.gz?X-Amz-Credential=***"
+             "&X-Amz-Signature=***")
+    import mlflow
+
+    client = _client()
+    mv = client.get_model_version(MODEL, "1")
+    run = client.get_run(first["mlflow_run_id"])
+    assert mv.tags["backbone"] == run.data.params["backbone"] == shown
+    assert run.data.tags["petalflow.backbone"] == json.loads(mv.tags["params"])["backbone"]
+    model = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/1",
+                                                     dst_path=str(workspace / "pulled")))
+    assert mlflow.models.get_model_info(f"models:/{MODEL}/1").metadata["backbone"] == shown
+    recorded = json.dumps([mv.tags, mv.description, run.data.tags, run.data.params, first,
+                           again, run_result(first)])
+    recorded += Path(client.download_artifacts(first["mlflow_run_id"],
+                                               "model_card.md")).read_text()
+    files = b"".join(path.read_bytes() for path in model.rglob("*") if path.is_file())
+    for secret in secrets:
+        assert secret not in recorded and secret.encode() not in files, secret
+    with pytest.raises(ValueError, match="holds '\\*\\*\\*' where petalflow hid its "
+                                         "credentials when it recorded it"):
+        TrainParams(**training_params_of(f"models:/{MODEL}/1"))
+
+
 def test_better_than_the_stored_figure_but_worse_on_the_same_split_is_not_promoted(
         workspace, tiny_backbone, prefect_harness):
     """The champion's stored accuracy was measured on another split (here: a figure far below
