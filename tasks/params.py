@@ -146,15 +146,19 @@ def _file_url_path(value: str) -> str:
     return str(local_source(value)) if value.lower().startswith("file:") else value
 
 
-def unsupported_scheme(value: str) -> str:
+def unsupported_scheme(value: str, allowed: str = "http://, https://, file://") -> str:
     """Why a URL with a scheme petalflow does not download is refused, and what to give."""
     scheme = value.split("://", 1)[0].lower()
     hint = _OBJECT_STORE_HINTS.get(scheme)
     if hint:
         return (f"{scheme}:// is not downloaded directly ({value!r}): give its https URL, "
                 f"presigned for a private object ({hint}), or a path where it is mounted")
-    return (f"unsupported URL scheme in {value!r}; allowed: http://, https://, file://, "
-            "or a local path")
+    return f"unsupported URL scheme in {value!r}; allowed: {allowed}, or a local path"
+
+
+# A backbone's URL schemes: what TF Hub's resolvers fetch (gs://: with Google Cloud's own
+# credentials), and file:// read as the path it names.
+_BACKBONE_SCHEMES = ("http", "https", "gs")
 
 
 def unset_or(unset: str, given: str):
@@ -474,8 +478,13 @@ class TrainParams(BaseModel):
             raise ValueError(recorded_url_refused(
                 "give the URL with its credentials, or keep them in the netrc file of the "
                 "machine that trains (README)"))
-        if "://" in value:
-            return value
+        scheme = value.split("://", 1)[0].lower() if "://" in value else None
+        if scheme in _BACKBONE_SCHEMES:
+            return scheme + value[len(scheme):]  # HTTPS:// as TF Hub's resolvers match it
+        if scheme == "file":  # a file manager's "copy link": the folder it names
+            value = _file_url_path(value)
+        elif scheme is not None:
+            raise ValueError(unsupported_scheme(value, "http://, https://, gs://, file://"))
         path = Path(value).expanduser()
         if path.name == "saved_model.pb" and path.is_file():  # the SavedModel's own file
             return str(Path(value).parent)

@@ -225,6 +225,35 @@ def test_a_backbone_given_by_its_saved_model_pb_or_as_keras_weights(tmp_path, ti
         TrainParams(backbone=str(make_hub_tarball(tiny_backbone, tmp_path / "backbone.tgz")))
 
 
+def test_a_backbone_url_is_one_tf_hub_fetches_and_a_file_url_is_its_folder(workspace,
+                                                                          tiny_backbone, capsys):
+    """A file manager's "copy link" of a SavedModel folder (file:///…) was taken as a URL and
+    failed once the run had started ("is not a TF Hub SavedModel (file:/…: no saved_model.pb in
+    it)", exit 5) though it is one; an s3:// or ftp:// URL failed there too ("File system
+    scheme 's3' not implemented"). Now a file URL is the folder it names, and a scheme TF Hub
+    does not fetch is refused as the options are read (exit 2), an object store's with how to
+    presign it; gs:// (TF Hub's own) and HTTPS:// in capitals are taken."""
+    assert TrainParams(backbone=tiny_backbone.as_uri()).backbone == str(tiny_backbone)
+    assert TrainParams(backbone=(tiny_backbone / "saved_model.pb").as_uri()).backbone == str(
+        tiny_backbone)
+    assert TrainParams(backbone="gs://models/m.tar.gz").backbone == "gs://models/m.tar.gz"
+    assert TrainParams(backbone="HTTPS://Models.example.org/m.tar.gz").backbone == (
+        "https://Models.example.org/m.tar.gz")
+    empty = workspace / "empty"
+    empty.mkdir()
+    assert main(["train", "--backbone", "s3://models/m.tar.gz", "--data-url", str(empty)]) == 2
+    assert ("--backbone: Value error, s3:// is not downloaded directly ('s3://models/m.tar.gz'): "
+            "give its https URL, presigned for a private object (aws s3 presign "
+            "s3://BUCKET/KEY --expires-in 604800), or a path where it is mounted"
+            ) in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"unsupported URL scheme in 'ftp://host/m.tar.gz'; "
+                       r"allowed: http://, https://, gs://, file://, or a local path"):
+        TrainParams(backbone="ftp://host/m.tar.gz")
+    with pytest.raises(ValueError, match=r"'file://models/m' names the host 'models', not a "
+                       "file: a file URL takes three slashes"):
+        TrainParams(backbone="file://models/m")
+
+
 def test_a_backbone_folder_near_a_saved_model_names_it_before_any_work(workspace, tiny_backbone,
                                                                        capsys):
     """The folder above backbones (a TF Hub download extracted into NAME/1/, a folder of
