@@ -87,7 +87,7 @@ def explain_failure(exc: BaseException) -> RunFailed:
     from petalflow.tasks.errors import (
         ArchiveError, BackboneError, ChecksumMismatch, DamagedArchive, DatasetChanged,
         DatasetError, DiskFull, DownloadError, FollowChampionError, LinksInArchive, ModelNotFound,
-        OutputNotWritable, ServerBusy, StoreNotFound, TrackingServerUnreachable,
+        ModelUnreachable, OutputNotWritable, ServerBusy, StoreNotFound, TrackingServerUnreachable,
         TrainingHandoffError, TrainingTimeLimit, TransientError, UnusableImages,
         WebPageNotArchive,
     )
@@ -174,6 +174,10 @@ def explain_failure(exc: BaseException) -> RunFailed:
         return RunFailed(text, "run the command in the folder `petalflow train` ran in (its "
                          "models are in mlflow/ there), or set MLFLOW_TRACKING_URI to your "
                          "tracking server.", EXIT_REGISTRY)
+    if isinstance(exc, ModelUnreachable):
+        return RunFailed(text, "offline, or behind a proxy? `petalflow pull --model URI --dest "
+                         "DIR` on a machine that reaches it saves a folder to give as --model.",
+                         EXIT_REGISTRY)
     if isinstance(exc, ModelNotFound):
         return RunFailed(text, "`petalflow models --model-name NAME` lists a model's versions "
                          "and aliases.", EXIT_REGISTRY)
@@ -515,11 +519,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from petalflow.tasks.params import champion_uri
+    from petalflow.tasks.params import champion_uri, model_uri_problem
     from petalflow.tasks.registry import pinned_model_uri
     from petalflow.tasks.space import disk_full_said
 
     uri = args.model or champion_uri(args.model_name)
+    if problem := model_uri_problem(uri):
+        raise UsageError(f"--model: {problem}")
     require_store(uri)
     pinned = pinned_model_uri(uri)  # the version an alias names: pulled, and said
     with disk_full_said("pulling the model",

@@ -69,6 +69,11 @@ class ModelNotFound(PetalflowError):
     """A models:/ URI names a registered model that exists, but not that alias or version."""
 
 
+class ModelUnreachable(PetalflowError):
+    """A model URI naming another store (ftp://, s3://, gs://, …) whose host could not be
+    found or reached."""
+
+
 class TrackingServerUnreachable(PetalflowError):
     """MLFLOW_TRACKING_URI names a server that does not answer (not started, a wrong
     address): said at once by the commands a person runs, not after MLflow's retries."""

@@ -779,6 +779,40 @@ def model_folder_problem(folder: Path) -> Optional[str]:
             "pull` saved, or a model URI such as models:/NAME@champion")
 
 
+def model_uri_problem(value: str) -> Optional[str]:
+    """What is wrong with a model URI MLflow would take for another thing, with what to give;
+    None for any other (MLflow resolves it): ``models:/NAME`` with no version or alias is a
+    logged model's id to MLflow 3 (``models:/m-<32 hex digits>``), so the registered model NAME
+    was "no model named ''"; an http(s) URL of a file (an archive of a model) reached MLflow's
+    artifact proxy client ("not enough values to unpack")."""
+    from urllib.parse import urlsplit
+
+    if value.startswith("models:/"):
+        rest = value[len("models:/"):]
+        name, at, alias = rest.partition("@")
+        if not at:
+            name, slash, alias = rest.rpartition("/")
+            if not slash:
+                name = rest
+        if not (name and (alias or not (at or slash))):
+            return (f"{value!r} is cut short: give models:/NAME@ALIAS or "
+                    "models:/NAME/VERSION")
+        if at or slash:
+            return None
+        if re.fullmatch(r"m-[0-9a-f]{32}", rest):  # a logged model's id (MLflow 3)
+            return None
+        return (f"{value!r} names no version or alias of the registered model {rest!r}: give "
+                f"models:/{rest}@champion (its champion), models:/{rest}/latest or "
+                f"models:/{rest}/N (version N)")
+    if value.lower().startswith(("http://", "https://")) and "/mlflow-artifacts/" not in (
+            urlsplit(value).path):
+        return (f"{value!r} is a web address, not an MLflow model URI: for a model on another "
+                "MLflow server, set MLFLOW_TRACKING_URI to that server and give "
+                "models:/NAME@ALIAS; for an archive of a model folder, download and extract it "
+                "and give the folder that holds its MLmodel file")
+    return None
+
+
 class PredictParams(BaseModel):
     """What to classify, with which model, and where the predictions go."""
 
@@ -874,6 +908,8 @@ class PredictParams(BaseModel):
         if not value:
             return None
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", value) and not value.startswith("file:"):
+            if problem := model_uri_problem(value):
+                raise ValueError(problem)
             return value  # models:/, runs:/, s3://, ...: MLflow resolves them
         reason = model_folder_problem(Path(_file_url_path(value)).expanduser())
         if reason:

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from petalflow.tasks.common import (
-    MODEL_PRELOAD_THREAD, counted, expand_input_lists, log, printable_name, unread_folder,
-    walk_files,
+    MODEL_PRELOAD_THREAD, counted, expand_input_lists, log, printable_name, redact_url,
+    unread_folder, walk_files,
 )
 from petalflow.tasks.images import IMAGE_SUFFIXES
 from petalflow.tasks.model import PROB_PREFIX
@@ -160,7 +160,16 @@ def _load_model(model_uri: str):
     configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
     pinned = pinned_model_uri(model_uri)
     with explaining_missing(model_uri):
-        return _load_checked(pinned), pinned
+        try:
+            return _load_checked(pinned), pinned
+        except OSError as exc:  # a host not found or not answering: socket's, urllib's
+            if model_uri.startswith(("models:/", "runs:/")):
+                raise  # the tracking server's: said as such by the command
+            from petalflow.tasks.errors import ModelUnreachable
+
+            raise ModelUnreachable(
+                f"cannot fetch the model {redact_url(model_uri)}: {exc}; check the URI, or "
+                "download the model and give its folder") from exc
 
 
 def _load_checked(model_uri: str):

@@ -454,6 +454,50 @@ def test_predict_refuses_a_model_folder_that_is_no_mlflow_model_naming_what_it_i
                          output=str(out)).model_uri is None
 
 
+def test_a_model_uri_mlflow_reads_as_another_thing_is_refused_saying_what_to_give(
+        workspace, capsys):
+    """`--model models:/NAME` (no version or alias) is a logged model's id to MLflow 3: predict
+    failed after the run had started with "no model named '' is registered"; an http(s) URL of
+    a model's archive reached MLflow's artifact-proxy client ("ValueError: not enough values
+    to unpack", exit 1); a model on a host that does not answer said "gaierror: [Errno -2]
+    Name or service not known" (exit 1). Now the first two are refused as the options are
+    read (exit 2; `pull` too), and the last says which model could not be fetched (exit 6)."""
+    from petalflow.flows.cli import EXIT_REGISTRY
+    from petalflow.tasks.params import PredictParams
+    from tests.helpers import free_port, write_image
+
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    out = workspace / "p.csv"
+    cases = {
+        "models:/flowers": "'models:/flowers' names no version or alias of the registered model "
+                           "'flowers': give models:/flowers@champion (its champion), "
+                           "models:/flowers/latest or models:/flowers/N (version N)",
+        "models:/flowers/": "'models:/flowers/' is cut short: give models:/NAME@ALIAS or "
+                            "models:/NAME/VERSION",
+        "https://example.org/model.tar.gz": "'https://example.org/model.tar.gz' is a web "
+                                            "address, not an MLflow model URI: for a model on "
+                                            "another MLflow server, set MLFLOW_TRACKING_URI",
+    }
+    for model, message in cases.items():
+        assert main(["predict", "--model", model, "--input", str(workspace / "in"),
+                     "--output", str(out)]) == 2, model
+        assert f"--model: Value error, {message}" in capsys.readouterr().err
+        assert main(["pull", "--model", model, "--dest", str(workspace / "m")]) == 2, model
+        assert f"--model: {message}" in capsys.readouterr().err
+    for model in ("models:/m-0123456789abcdef0123456789abcdef", "models:/a/b/3",
+                  "http://h:5000/api/2.0/mlflow-artifacts/artifacts/1/r/artifacts/model"):
+        assert PredictParams(model_uri=model, input=[str(workspace / "in")],
+                             output=str(out)).model_uri == model
+    gone = f"ftp://127.0.0.1:{free_port()}/models/flowers"
+    assert main(["predict", "--model", gone, "--input", str(workspace / "in"),
+                 "--output", str(out)]) == EXIT_REGISTRY
+    err = capsys.readouterr().err
+    assert (f"error: cannot fetch the model {gone}: [Errno 111] Connection refused; check the "
+            "URI, or download the model and give its folder\nhint: offline, or behind a "
+            "proxy?") in err, err
+    assert not out.exists() and not (workspace / "m").exists()
+
+
 def test_predict_on_a_folder_of_files_without_image_names_says_how_to_classify_them(
         workspace, capsys):
     """Images saved without an extension (a web API's downloads, a content-addressed store):
