@@ -143,6 +143,26 @@ def ask_tracking_server(uri: str) -> Optional[BaseException]:
     return None
 
 
+def tracking_uri_problem(uri: str) -> Optional[str]:
+    """What is wrong with a tracking URI that MLflow would read as another thing, naming the
+    address meant; None for any other: the MLflow UI's page address copied from a browser
+    (``http://host:5000/#/models``: MLflow's calls went to ``/#/models/api/2.0/…``, the
+    server answered its web page, and the error quoted that page's HTML) or a server's
+    ``host:port`` without ``http://`` (MLflow read it as a file store's folder and said that
+    store is in maintenance mode)."""
+    from urllib.parse import urlsplit
+
+    said = f"MLFLOW_TRACKING_URI={redact_url(uri)}"
+    if uri.lower().startswith(("http://", "https://")) and "#" in uri:
+        server = urlsplit(uri)._replace(fragment="").geturl()
+        return (f"{said} is the address of a page of the MLflow UI (the part from '#' names "
+                f"the page): give the server's own address, {redact_url(server)}")
+    if re.fullmatch(r"[A-Za-z0-9.-]+:[0-9]{1,5}(/.*)?", uri):
+        return (f"{said} has no scheme, so MLflow would read it as a folder of files: the "
+                f"server's address is http://{uri}")
+    return None
+
+
 def require_tracking_server() -> None:
     """For a command a person runs with MLFLOW_TRACKING_URI an http(s) server: raises
     TrackingServerUnreachable when nothing answers there (``ask_tracking_server``: the
@@ -150,12 +170,14 @@ def require_tracking_server() -> None:
     7 times: `petalflow models` said so after 8 minutes. Any answer, or a TLS failure (which
     ``registry.check_server_certificate`` names), lets the command go on. Deployed runs keep
     MLflow's retries: there, a server restarting is waited for."""
+    from petalflow.tasks.errors import TrackingServerUnreachable
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if problem := tracking_uri_problem(uri):
+        raise TrackingServerUnreachable(problem)
     if not uri.lower().startswith(("http://", "https://")):
         return
     import requests
-
-    from petalflow.tasks.errors import TrackingServerUnreachable
 
     exc = ask_tracking_server(uri)
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)) and not isinstance(

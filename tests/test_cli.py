@@ -592,6 +592,51 @@ def test_a_sqlite_tracking_uri_naming_no_store_is_refused_and_creates_none(
     assert not (workspace / "elsewhere").exists()
 
 
+def test_a_tracking_uri_copied_from_the_mlflow_ui_or_without_http_names_the_server_meant(
+        workspace, capsys, monkeypatch):
+    """MLFLOW_TRACKING_URI copied from the browser's address bar on the MLflow UI
+    (http://host:5000/#/models): MLflow's calls went to the UI's page and `petalflow models`
+    failed quoting its HTML; a server's host:port without http:// was read by MLflow as a file
+    store's folder ("The filesystem tracking backend … is in maintenance mode"). Each command
+    a person runs now says the address meant, at once, and creates nothing."""
+    import http.server
+
+    from tests.helpers import base_url, serve_handler, write_image
+
+    class Ui(http.server.BaseHTTPRequestHandler):  # the MLflow UI's page on every path
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802 - http.server API
+            page = b"<!doctype html><html><title>MLflow</title></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+    write_image(workspace / "in" / "a.jpg", (200, 30, 30), seed=1)
+    commands = (["predict", "--input", str(workspace / "in"), "--output", "p.csv"],
+                ["pull", "--dest", "pulled"], ["models"],
+                ["train", "--data-url", str(workspace / "in")])
+    with serve_handler(Ui) as server:
+        server_url = base_url(server)
+        hostport = server_url.split("://")[1]
+        for uri, said in (
+                (f"{server_url}/#/models/flowers", f"is the address of a page of the MLflow UI "
+                 f"(the part from '#' names the page): give the server's own address, "
+                 f"{server_url}/"),
+                (hostport, "has no scheme, so MLflow would read it as a folder of files: the "
+                 f"server's address is http://{hostport}")):
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            for argv in commands:
+                assert main(argv) == 6, argv
+                err = capsys.readouterr().err
+                assert f"petalflow {argv[0]}: error: MLFLOW_TRACKING_URI={uri} {said}\n" in err
+                assert "html" not in err and "Traceback" not in err
+    assert sorted(p.name for p in workspace.iterdir()) == ["in"]  # no store, no output
+
+
 def test_an_https_mlflow_server_whose_certificate_is_not_trusted_is_named_at_once(
         workspace, capsys, monkeypatch):
     """Another team's MLflow server over HTTPS with their organisation's own certificate
