@@ -72,14 +72,26 @@ def _prefect_unreachable(exc: BaseException, text: str) -> RunFailed:
     """Prefect's "Failed to reach API at URL" (PREFECT_API_URL set to a server that is
     stopped, is no Prefect API, or whose certificate is not trusted), saying which server,
     why (from the error Prefect raised it from) and what to do."""
+    from urllib.parse import urlsplit
+
     url = text[len("Failed to reach API at "):].strip()
     cause = exc.__cause__ or exc.__context__
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    api = f"{parts.scheme}://{parts.netloc}/api"
+    status = getattr(getattr(cause, "response", None), "status_code", None)
+    hint = ("start it (`petalflow stack up`), or fix PREFECT_API_URL (the server's address and "
+            "/api); unset, the command runs in a temporary local server")
+    if "://" not in url:
+        return RunFailed(f"PREFECT_API_URL={url} has no scheme: give {api}", hint)
+    if status == 404 and parts.path.rstrip("/") != "/api":
+        # The UI's address (http://host:4200, …/dashboard, a run's page) copied instead.
+        return RunFailed(f"PREFECT_API_URL={url} is no Prefect API (it answered 404 to "
+                         f"{url.rstrip('/')}/admin/version): a Prefect server's API is at "
+                         f"/api, {api}", hint)
     why = (tls_problem(exc, url, "PREFECT_API_SSL_CERT_FILE")
            or (f"{type(cause).__name__}: {cause}" if cause is not None else "no answer"))
     return RunFailed(f"the Prefect server at {url} (PREFECT_API_URL) could not be reached: "
-                     f"{why}",
-                     "start it (`petalflow stack up`), or fix PREFECT_API_URL (the server's "
-                     "address and /api); unset, the command runs in a temporary local server")
+                     f"{why}", hint)
 
 
 def explain_failure(exc: BaseException) -> RunFailed:

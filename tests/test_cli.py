@@ -748,7 +748,10 @@ def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(
     """PREFECT_API_URL set to a server that is stopped, to an address that is no Prefect API,
     or to an https server whose certificate is not trusted: each said "RuntimeError: Failed
     to reach API at …" and "run again with --verbose for the traceback". Now the command says
-    which server, why (from the error it was raised from) and what to do."""
+    which server, why (from the error it was raised from) and what to do. The UI's address
+    copied from the browser, or the API's without http://, said "404 Not Found for url
+    '…/dashboard/admin/version'" or "Request URL is missing an 'http://' or 'https://'
+    protocol": now the address meant."""
     import subprocess
     import sys
 
@@ -790,6 +793,15 @@ def test_a_prefect_server_that_does_not_answer_is_named_with_what_to_do(
         assert f"the Prefect server at https://{host}/api/ (PREFECT_API_URL) could not be " \
                f"reached: the server at {host} did not answer in TLS (" in err, err
         assert f"a plain-HTTP server's URL begins http://, http://{host}/api/" in err
+        # The Prefect UI's address copied from the browser (its dashboard), and the API's
+        # address without http://: said as such, with the address meant.
+        err = train(f"{url}/dashboard")
+        assert (f"error: PREFECT_API_URL={url}/dashboard/ is no Prefect API (it answered 404 "
+                f"to {url}/dashboard/admin/version): a Prefect server's API is at /api, "
+                f"{url}/api\n") in err, err
+        err = train(f"{host}/api")
+        assert f"error: PREFECT_API_URL={host}/api/ has no scheme: give http://{host}/api\n" \
+            in err, err
 
 
 def test_a_model_without_that_alias_or_version_is_explained_not_a_traceback(workspace, capsys):
