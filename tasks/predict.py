@@ -160,9 +160,13 @@ def _load_model(model_uri: str):
     configure_mlflow()  # points MLflow at MLFLOW_TRACKING_URI or the embedded store
     pinned = pinned_model_uri(model_uri)
     with explaining_missing(model_uri):
+        import socket
+        import urllib.error
+
         try:
             return _load_checked(pinned), pinned
-        except OSError as exc:  # a host not found or not answering: socket's, urllib's
+        # A host not found or not answering (socket's errors, urllib's); not a full disk.
+        except (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError) as exc:
             if model_uri.startswith(("models:/", "runs:/")):
                 raise  # the tracking server's: said as such by the command
             from petalflow.tasks.errors import ModelUnreachable
