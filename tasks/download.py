@@ -35,10 +35,9 @@ from prefect.tasks import exponential_backoff
 
 from petalflow.tasks.common import (
     CHUNK, counted, credentials_advice, file_lock, human_bytes, local_source, log, netrc_file,
-    read_json, redact_url,
-    refused_for_now, remove_set_aside, scheme_hint, set_aside, sha256_file, source_url,
-    span_words, tls_problem, tree_bytes, unread_folder, utc_at, utc_minute, utc_now, walk_files,
-    where_relative, write_json,
+    read_json, redact_url, refused_for_now, remove_set_aside, scheme_hint, set_aside,
+    sha256_file, source_url, span_words, tls_problem, tree_bytes, unread_folder, utc_at,
+    utc_minute, utc_now, walk_files, where_relative, write_json,
 )
 from petalflow.tasks.dataset import ARCHIVE_SUFFIXES, companion_file, find_data_root
 from petalflow.tasks.errors import (

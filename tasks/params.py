@@ -474,11 +474,11 @@ class TrainParams(BaseModel):
             raise ValueError("must be a TF Hub handle (URL) or a local SavedModel folder")
         if problem := mistyped_url(value):
             raise ValueError(problem)
-        if "://" in value and redacted(value):
+        scheme = value.split("://", 1)[0].lower() if "://" in value else None
+        if scheme and redacted(value):
             raise ValueError(recorded_url_refused(
                 "give the URL with its credentials, or keep them in the netrc file of the "
                 "machine that trains (README)"))
-        scheme = value.split("://", 1)[0].lower() if "://" in value else None
         if scheme in _BACKBONE_SCHEMES:
             return scheme + value[len(scheme):]  # HTTPS:// as TF Hub's resolvers match it
         if scheme == "file":  # a file manager's "copy link": the folder it names
@@ -779,6 +779,19 @@ def model_folder_problem(folder: Path) -> Optional[str]:
             "pull` saved, or a model URI such as models:/NAME@champion")
 
 
+def parse_models_uri(model_uri: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
+    """(name, alias, version) of models:/NAME@ALIAS or models:/NAME/VERSION (the one not
+    given is None); None for any other URI."""
+    if not model_uri.startswith("models:/"):
+        return None
+    rest = model_uri[len("models:/"):]
+    name, at, alias = rest.partition("@")
+    if at:
+        return name, alias, None
+    name, _, version = rest.rpartition("/")
+    return name, None, version
+
+
 def model_uri_problem(value: str) -> Optional[str]:
     """What is wrong with a model URI MLflow would take for another thing, with what to give;
     None for any other (MLflow resolves it): ``models:/NAME`` with no version or alias is a
@@ -787,23 +800,20 @@ def model_uri_problem(value: str) -> Optional[str]:
     artifact proxy client ("not enough values to unpack")."""
     from urllib.parse import urlsplit
 
-    if value.startswith("models:/"):
+    parsed = parse_models_uri(value)
+    if parsed is not None:
         rest = value[len("models:/"):]
-        name, at, alias = rest.partition("@")
-        if not at:
-            name, slash, alias = rest.rpartition("/")
-            if not slash:
-                name = rest
-        if not (name and (alias or not (at or slash))):
+        if rest and "@" not in rest and "/" not in rest:  # no version or alias
+            if re.fullmatch(r"m-[0-9a-f]{32}", rest):  # a logged model's id (MLflow 3)
+                return None
+            return (f"{value!r} names no version or alias of the registered model {rest!r}: "
+                    f"give models:/{rest}@champion (its champion), models:/{rest}/latest or "
+                    f"models:/{rest}/N (version N)")
+        name, alias, version = parsed
+        if not (name and (alias or version)):
             return (f"{value!r} is cut short: give models:/NAME@ALIAS or "
                     "models:/NAME/VERSION")
-        if at or slash:
-            return None
-        if re.fullmatch(r"m-[0-9a-f]{32}", rest):  # a logged model's id (MLflow 3)
-            return None
-        return (f"{value!r} names no version or alias of the registered model {rest!r}: give "
-                f"models:/{rest}@champion (its champion), models:/{rest}/latest or "
-                f"models:/{rest}/N (version N)")
+        return None
     if value.lower().startswith(("http://", "https://")) and "/mlflow-artifacts/" not in (
             urlsplit(value).path):
         return (f"{value!r} is a web address, not an MLflow model URI: for a model on another "

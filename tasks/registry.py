@@ -36,7 +36,7 @@ from petalflow.tasks.common import (
 from petalflow.tasks.dataset import DatasetInfo
 from petalflow.tasks.errors import FollowChampionError, is_transient_status
 from petalflow.tasks.space import disk_full_said
-from petalflow.tasks.params import CHAMPION, TrainParams, followed, run_key
+from petalflow.tasks.params import CHAMPION, TrainParams, followed, parse_models_uri, run_key
 
 CHALLENGER = "challenger"
 MODEL_ARTIFACT = "model"
@@ -495,19 +495,6 @@ def pull_edge(model_uri: str, dest: Path, fmt: str) -> Path:
                 run_id=run_id, artifact_path=f"{EDGE_ARTIFACTS}/{name}", dst_path=tmp)
             os.replace(got, dest / name)
     return dest / model_file(fmt)
-
-
-def parse_models_uri(model_uri: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
-    """(name, alias, version) of models:/NAME@ALIAS or models:/NAME/VERSION (the one not
-    given is None); None for any other URI."""
-    if not model_uri.startswith("models:/"):
-        return None
-    rest = model_uri[len("models:/"):]
-    name, at, alias = rest.partition("@")
-    if at:
-        return name, alias, None
-    name, _, version = rest.rpartition("/")
-    return name, None, version
 
 
 def model_version_of(model_uri: str):

@@ -216,49 +216,14 @@ def test_credentials_come_from_the_netrc_file_and_stay_on_their_host(archive_dir
     download sends them to that host only (not to a host it is redirected to, such as an
     object store's signed URL), the URL's own credentials win, and a 401 says where to put
     them, or that those given were refused."""
-    import base64
-    import http.server
-
-    from tests.helpers import base_url, serve_handler
+    from tests.helpers import base_url, private_server
 
     body = (archive_dir / "data.tgz").read_bytes()
-    seen = []  # (server, Authorization header)
-
-    class Private(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            seen.append(("private", self.headers.get("Authorization")))
-            if self.path == "/moved.tgz":
-                self.send_response(302)
-                self.send_header("Location", f"{elsewhere}/data.tgz")
-                self.end_headers()
-                return
-            good = "Basic " + base64.b64encode(b"reader:s3cret").decode()
-            if self.headers.get("Authorization") != good:
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="photos"')
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    class Store(Private):
-        def do_GET(self):
-            seen.append(("store", self.headers.get("Authorization")))
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
     netrc = tmp_path / "netrc"
     monkeypatch.setenv("NETRC", str(netrc))  # no file there yet
-    with serve_handler(Private) as private, serve_handler(Store) as store:
-        url, elsewhere = f"{base_url(private)}/data.tgz", base_url(store)
+    with private_server({"/private/data.tgz": body}, "reader", "s3cret") as private, \
+            private_server({"/data.tgz": body}, "-", "-") as store:
+        url = f"{base_url(private)}/private/data.tgz"
         with pytest.raises(DownloadError) as refused:
             download_archive(url, tmp_path / "d1")
         assert str(refused.value) == (
@@ -276,11 +241,12 @@ def test_credentials_come_from_the_netrc_file_and_stay_on_their_host(archive_dir
         assert download_archive(with_own, tmp_path / "d3").read_bytes() == body
         netrc.write_text("machine 127.0.0.1 login reader password s3cret\n")
         assert download_archive(url, tmp_path / "d4").read_bytes() == body
-        seen.clear()
-        assert download_archive(f"{base_url(private)}/moved.tgz",
+        private.redirects["/private/moved.tgz"] = f"{base_url(store)}/data.tgz"
+        private.seen.clear()
+        assert download_archive(f"{base_url(private)}/private/moved.tgz",
                                 tmp_path / "d5").read_bytes() == body
-        assert [who for who, _ in seen] == ["private", "store"]
-        assert seen[0][1] and seen[1][1] is None, seen  # not sent on to the other host
+        assert len(private.seen) == 1 and len(store.seen) == 1, (private.seen, store.seen)
+        assert private.seen[0][1] and store.seen[0][1] is None  # not sent on to the other host
         netrc.write_text("machine\n")
         with pytest.raises(DownloadError, match=f"cannot read the netrc file {netrc}"):
             download_archive(url, tmp_path / "d6")
